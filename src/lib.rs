@@ -1,0 +1,21 @@
+//! distcore: the coordination plane of PyTorch's `torch.distributed` without
+//! PyTorch — key-value stores, the `Work` completion handle and remote
+//! references — as a Rust library with a C ABI (`include/distcore.h`).
+//!
+//! The Rust core knows nothing of C; [`ffi`] is the only module with raw
+//! pointers and `extern "C"` functions.
+
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod ffi;
+pub mod profiler;
+pub mod store;
+pub mod timeout;
+pub mod work;
+
+pub use error::{Error, Result, Status};
+pub use work::{OpType, Work};
+
+/// The version of distcore, as `major.minor.patch`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,150 @@
+//! Key-value stores with PyTorch's `c10d::Store` surface, and the helpers
+//! built on any store.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+pub mod background;
+pub mod elastic;
+pub mod hash;
+pub(crate) mod kv;
+pub mod prefix;
+
+pub use hash::HashStore;
+pub use prefix::PrefixStore;
+
+/// PyTorch's `Store`: a key-value store shared by the workers of a job.
+///
+/// Every implementation is safe to share between threads. Timeouts follow
+/// [`crate::timeout`]: `None` means the store's own timeout, a zero duration
+/// waits forever.
+pub trait Store: Send + Sync {
+    /// Sets `key` to `value`, waking the waiters of `key`.
+    fn set(&self, key: &str, value: &[u8]) -> Result<()>;
+
+    /// The value of `key`, waiting up to the store's timeout for it to exist.
+    fn get(&self, key: &str) -> Result<Vec<u8>>;
+
+    /// Adds `delta` to the integer stored (as decimal text) at `key`, a
+    /// missing key counting as 0; returns the new value.
+    fn add(&self, key: &str, delta: i64) -> Result<i64>;
+
+    /// Atomically replaces the value of `key` with `desired` if it equals
+    /// `expected` (a missing key matches an empty `expected`); returns the
+    /// value now stored, or `expected` when the key is missing and `expected`
+    /// is not empty.
+    fn compare_set(&self, key: &str, expected: &[u8], desired: &[u8]) -> Result<Vec<u8>>;
+
+    /// Deletes `key`; returns whether it existed. Queues are untouched.
+    fn delete_key(&self, key: &str) -> Result<bool>;
+
+    /// Whether every key exists (as a value or a non-empty queue), without waiting.
+    fn check(&self, keys: &[&str]) -> Result<bool>;
+
+    /// Blocks until every key exists, or fails with a timeout error.
+    fn wait(&self, keys: &[&str], timeout: Option<Duration>) -> Result<()>;
+
+    /// The number of keys holding values (queues not counted).
+    fn num_keys(&self) -> Result<i64>;
+
+    /// Appends `value` to the value of `key` (creating it).
+    fn append(&self, key: &str, value: &[u8]) -> Result<()>;
+
+    /// The values of every key, in order, waiting for all of them to exist.
+    fn multi_get(&self, keys: &[&str]) -> Result<Vec<Vec<u8>>>;
+
+    /// Sets each key to the value at the same index.
+    fn multi_set(&self, keys: &[&str], values: &[&[u8]]) -> Result<()>;
+
+    /// Pushes `value` at the back of the queue `key`, waking one waiter.
+    fn queue_push(&self, key: &str, value: &[u8]) -> Result<()>;
+
+    /// Pops the front of the queue `key`. With `block`, waits up to the
+    /// store's timeout for an element; without, an empty queue fails with
+    /// [`crate::Status::QueueEmpty`].
+    fn queue_pop(&self, key: &str, block: bool) -> Result<Vec<u8>>;
+
+    /// The number of elements in the queue `key`.
+    fn queue_len(&self, key: &str) -> Result<i64>;
+
+    /// Every key holding a value, as the user named it.
+    fn list_keys(&self) -> Result<Vec<String>>;
+
+    /// Blocks until `world_size` callers have entered the barrier `key`.
+    fn barrier(&self, key: &str, world_size: i64, timeout: Option<Duration>) -> Result<()>;
+
+    /// The default timeout of blocking calls.
+    fn timeout(&self) -> Duration;
+
+    /// Changes the default timeout of blocking calls.
+    fn set_timeout(&self, timeout: Duration);
+
+    /// A new handle on the same store (for a network store, a new connection).
+    fn clone_store(&self) -> Result<Arc<dyn Store>>;
+}
+
+/// Sets a store's timeout for a scope and restores the previous one when
+/// dropped (c10d's `StoreTimeoutGuard`).
+pub struct TimeoutGuard<S>
+where
+    S: Deref,
+    S::Target: Store,
+{
+    store: S,
+    previous: Duration,
+}
+
+impl<S> TimeoutGuard<S>
+where
+    S: Deref,
+    S::Target: Store,
+{
+    /// Sets `timeout` on `store` until the guard drops.
+    pub fn new(store: S, timeout: Duration) -> Self {
+        let previous = store.timeout();
+        store.set_timeout(timeout);
+        TimeoutGuard { store, previous }
+    }
+
+    /// The store the guard holds.
+    pub fn store(&self) -> &S::Target {
+        &self.store
+    }
+}
+
+impl<S> Drop for TimeoutGuard<S>
+where
+    S: Deref,
+    S::Target: Store,
+{
+    fn drop(&mut self) {
+        self.store.set_timeout(self.previous);
+    }
+}
+
+/// The timeout error of a wait on `keys`, in PyTorch's TCPStore wording.
+pub(crate) fn wait_timeout_error(timeout: Duration, keys: &[&str]) -> Error {
+    Error::timeout(format!(
+        "wait timeout after {}ms, keys: {}",
+        timeout.as_millis(),
+        keys.join(", ")
+    ))
+}
+
+/// Checks that `multi_set` got one value per key.
+pub(crate) fn check_multi_set_lengths(keys: &[&str], values: &[&[u8]]) -> Result<()> {
+    if keys.len() != values.len() {
+        return Err(Error::invalid_argument(format!(
+            "multi_set: {} keys but {} values",
+            keys.len(),
+            values.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod conformance;
