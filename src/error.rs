@@ -1,5 +1,6 @@
 //! The one error type of distcore and the status codes it maps to at the C ABI.
 
+use std::ffi::CStr;
 use std::fmt;
 
 /// The kind of a failure: what a C caller sees as a `dc_status` code.
@@ -65,23 +66,28 @@ impl Status {
         self as i32
     }
 
+    /// A short, static description of the status, NUL-terminated for C.
+    pub fn describe_c(self) -> &'static CStr {
+        match self {
+            Status::Ok => c"success",
+            Status::InvalidArgument => c"invalid argument",
+            Status::Timeout => c"timed out",
+            Status::Network => c"network error",
+            Status::QueueEmpty => c"queue empty",
+            Status::NotSupported => c"not supported",
+            Status::Remote => c"remote error",
+            Status::ShutDown => c"shut down",
+            Status::Aborted => c"aborted",
+            Status::Protocol => c"protocol error",
+            Status::Io => c"I/O error",
+            Status::InvalidState => c"invalid state",
+            Status::Internal => c"internal error",
+        }
+    }
+
     /// A short, static description of the status.
     pub fn describe(self) -> &'static str {
-        match self {
-            Status::Ok => "success",
-            Status::InvalidArgument => "invalid argument",
-            Status::Timeout => "timed out",
-            Status::Network => "network error",
-            Status::QueueEmpty => "queue empty",
-            Status::NotSupported => "not supported",
-            Status::Remote => "remote error",
-            Status::ShutDown => "shut down",
-            Status::Aborted => "aborted",
-            Status::Protocol => "protocol error",
-            Status::Io => "I/O error",
-            Status::InvalidState => "invalid state",
-            Status::Internal => "internal error",
-        }
+        self.describe_c().to_str().unwrap_or("")
     }
 }
 

@@ -1,0 +1,458 @@
+//! `dc_store_*`: the C face of every [`crate::store::Store`], the in-process
+//! stores and the async variants of the blocking calls.
+
+use std::ffi::c_char;
+use std::sync::Arc;
+
+use super::buf::{dc_buf, dc_buf_array};
+use super::work::dc_work;
+use super::{
+    arg_bytes, arg_duration, arg_out, arg_ref, arg_slice, arg_str, arg_strs, arg_timeout,
+    boundary, dc_status, drop_handle, give, to_millis,
+};
+use crate::error::Result;
+use crate::store::{background, HashStore, PrefixStore, Store, TimeoutGuard};
+
+/// A handle on a store (HashStore, PrefixStore, and later TCPStore and
+/// FileStore). Thread-safe: one handle may be used from many threads. Free
+/// with `dc_store_free`; stores built on it keep what they need alive.
+pub struct dc_store {
+    pub(crate) store: Arc<dyn Store>,
+}
+
+/// A scoped store timeout: `dc_store_timeout_guard_free` restores the
+/// timeout the store had before `dc_store_timeout_guard_new`.
+pub struct dc_store_timeout_guard {
+    _guard: TimeoutGuard<Arc<dyn Store>>,
+}
+
+pub(crate) unsafe fn store_arg<'a>(store: *const dc_store) -> Result<&'a Arc<dyn Store>> {
+    // SAFETY: forwarded contract.
+    Ok(&unsafe { arg_ref(store, "store") }?.store)
+}
+
+/// Creates an empty in-process store (c10d's HashStore), shared by every
+/// thread that uses the handle or its clones. Default timeout 300 s.
+#[no_mangle]
+pub unsafe extern "C" fn dc_hash_store_new(out: *mut *mut dc_store) -> dc_status {
+    boundary("dc_hash_store_new", || {
+        give(unsafe { arg_out(out, "out") }?, dc_store { store: Arc::new(HashStore::new()) });
+        Ok(())
+    })
+}
+
+/// Creates a view of `store` where every key `k` is `prefix + "/" + k`
+/// (c10d's PrefixStore). The new handle keeps `store`'s store alive.
+#[no_mangle]
+pub unsafe extern "C" fn dc_prefix_store_new(
+    prefix: *const c_char,
+    store: *const dc_store,
+    out: *mut *mut dc_store,
+) -> dc_status {
+    boundary("dc_prefix_store_new", || {
+        let prefix = unsafe { arg_str(prefix, "prefix") }?;
+        let store = unsafe { store_arg(store) }?.clone();
+        let out = unsafe { arg_out(out, "out") }?;
+        give(out, dc_store { store: Arc::new(PrefixStore::new(prefix, store)) });
+        Ok(())
+    })
+}
+
+/// Creates a new handle on the same store (c10d's Store::clone; for a
+/// network store, a new connection).
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_clone(store: *const dc_store, out: *mut *mut dc_store) -> dc_status {
+    boundary("dc_store_clone", || {
+        let store = unsafe { store_arg(store) }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        give(out, dc_store { store: store.clone_store()? });
+        Ok(())
+    })
+}
+
+/// Releases a store handle. NULL does nothing.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_free(store: *mut dc_store) {
+    unsafe { drop_handle("dc_store_free", store) }
+}
+
+/// Sets `key` to the `len` bytes at `value`, waking the waiters of `key`.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_set(
+    store: *const dc_store,
+    key: *const c_char,
+    value: *const u8,
+    len: usize,
+) -> dc_status {
+    boundary("dc_store_set", || {
+        let store = unsafe { store_arg(store) }?;
+        store.set(unsafe { arg_str(key, "key") }?, unsafe { arg_bytes(value, len, "value") }?)
+    })
+}
+
+/// Writes the value of `key` into `out`, waiting up to the store's timeout
+/// for the key (DC_ERR_TIMEOUT, "wait timeout after Nms, keys: key").
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_get(store: *const dc_store, key: *const c_char, out: *mut dc_buf) -> dc_status {
+    boundary("dc_store_get", || {
+        let store = unsafe { store_arg(store) }?;
+        let key = unsafe { arg_str(key, "key") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = dc_buf::from_bytes(&store.get(key)?);
+        Ok(())
+    })
+}
+
+/// Adds `delta` to the integer at `key` (stored as decimal text; a missing
+/// key counts as 0) and writes the new value. DC_ERR_INVALID_ARGUMENT if the
+/// value is not an integer.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_add(
+    store: *const dc_store,
+    key: *const c_char,
+    delta: i64,
+    out: *mut i64,
+) -> dc_status {
+    boundary("dc_store_add", || {
+        let store = unsafe { store_arg(store) }?;
+        let key = unsafe { arg_str(key, "key") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = store.add(key, delta)?;
+        Ok(())
+    })
+}
+
+/// Replaces the value of `key` with `desired` if it equals `expected` (a
+/// missing key matches an empty `expected`), and writes the value now stored
+/// (or `expected` when the key is missing and `expected` is not empty).
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_compare_set(
+    store: *const dc_store,
+    key: *const c_char,
+    expected: *const u8,
+    expected_len: usize,
+    desired: *const u8,
+    desired_len: usize,
+    out: *mut dc_buf,
+) -> dc_status {
+    boundary("dc_store_compare_set", || {
+        let store = unsafe { store_arg(store) }?;
+        let key = unsafe { arg_str(key, "key") }?;
+        let expected = unsafe { arg_bytes(expected, expected_len, "expected") }?;
+        let desired = unsafe { arg_bytes(desired, desired_len, "desired") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = dc_buf::from_bytes(&store.compare_set(key, expected, desired)?);
+        Ok(())
+    })
+}
+
+/// Deletes `key` and writes whether it existed. Queues are not touched.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_delete_key(
+    store: *const dc_store,
+    key: *const c_char,
+    out_deleted: *mut bool,
+) -> dc_status {
+    boundary("dc_store_delete_key", || {
+        let store = unsafe { store_arg(store) }?;
+        let key = unsafe { arg_str(key, "key") }?;
+        let out = unsafe { arg_out(out_deleted, "out_deleted") }?;
+        *out = store.delete_key(key)?;
+        Ok(())
+    })
+}
+
+/// Writes whether all `count` keys exist (as values or non-empty queues),
+/// without waiting.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_check(
+    store: *const dc_store,
+    keys: *const *const c_char,
+    count: usize,
+    out: *mut bool,
+) -> dc_status {
+    boundary("dc_store_check", || {
+        let store = unsafe { store_arg(store) }?;
+        let keys = unsafe { arg_strs(keys, count, "keys") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = store.check(&keys)?;
+        Ok(())
+    })
+}
+
+/// Blocks until all `count` keys exist, for at most `timeout_ms`
+/// (DC_TIMEOUT_DEFAULT: the store's timeout; 0: forever).
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_wait(
+    store: *const dc_store,
+    keys: *const *const c_char,
+    count: usize,
+    timeout_ms: i64,
+) -> dc_status {
+    boundary("dc_store_wait", || {
+        let store = unsafe { store_arg(store) }?;
+        let keys = unsafe { arg_strs(keys, count, "keys") }?;
+        store.wait(&keys, arg_timeout(timeout_ms)?)
+    })
+}
+
+/// Writes the number of keys holding values (queues are not counted).
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_num_keys(store: *const dc_store, out: *mut i64) -> dc_status {
+    boundary("dc_store_num_keys", || {
+        let store = unsafe { store_arg(store) }?;
+        *unsafe { arg_out(out, "out") }? = store.num_keys()?;
+        Ok(())
+    })
+}
+
+/// Appends the `len` bytes at `value` to the value of `key` (creating it).
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_append(
+    store: *const dc_store,
+    key: *const c_char,
+    value: *const u8,
+    len: usize,
+) -> dc_status {
+    boundary("dc_store_append", || {
+        let store = unsafe { store_arg(store) }?;
+        store.append(unsafe { arg_str(key, "key") }?, unsafe { arg_bytes(value, len, "value") }?)
+    })
+}
+
+/// Writes the values of `count` keys into `out_values` (an array of `count`
+/// dc_buf the caller provides and later frees one by one), waiting up to the
+/// store's timeout for all of them. Nothing is written on failure.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_multi_get(
+    store: *const dc_store,
+    keys: *const *const c_char,
+    count: usize,
+    out_values: *mut dc_buf,
+) -> dc_status {
+    boundary("dc_store_multi_get", || {
+        let store = unsafe { store_arg(store) }?;
+        let keys = unsafe { arg_strs(keys, count, "keys") }?;
+        // Checked like an input slice; written only after the values arrive.
+        unsafe { arg_slice(out_values.cast_const(), count, "out_values") }?;
+        let values = store.multi_get(&keys)?;
+        for (i, value) in values.iter().enumerate() {
+            // SAFETY: `out_values` has `count` == `values.len()` elements.
+            unsafe { out_values.add(i).write(dc_buf::from_bytes(value)) };
+        }
+        Ok(())
+    })
+}
+
+/// Sets `keys[i]` to the `value_lens[i]` bytes at `values[i]`, for `count` keys.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_multi_set(
+    store: *const dc_store,
+    keys: *const *const c_char,
+    values: *const *const u8,
+    value_lens: *const usize,
+    count: usize,
+) -> dc_status {
+    boundary("dc_store_multi_set", || {
+        let store = unsafe { store_arg(store) }?;
+        let keys = unsafe { arg_strs(keys, count, "keys") }?;
+        let ptrs = unsafe { arg_slice(values, count, "values") }?;
+        let lens = unsafe { arg_slice(value_lens, count, "value_lens") }?;
+        let values = ptrs
+            .iter()
+            .zip(lens)
+            .map(|(&p, &len)| unsafe { arg_bytes(p, len, "values") })
+            .collect::<Result<Vec<_>>>()?;
+        store.multi_set(&keys, &values)
+    })
+}
+
+/// Pushes the `len` bytes at `value` onto the back of the queue `key`,
+/// waking one waiter.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_queue_push(
+    store: *const dc_store,
+    key: *const c_char,
+    value: *const u8,
+    len: usize,
+) -> dc_status {
+    boundary("dc_store_queue_push", || {
+        let store = unsafe { store_arg(store) }?;
+        store.queue_push(unsafe { arg_str(key, "key") }?, unsafe { arg_bytes(value, len, "value") }?)
+    })
+}
+
+/// Pops the front of the queue `key` into `out`. With `block`, waits up to
+/// the store's timeout (DC_ERR_TIMEOUT); without, an empty queue is
+/// DC_ERR_QUEUE_EMPTY.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_queue_pop(
+    store: *const dc_store,
+    key: *const c_char,
+    block: bool,
+    out: *mut dc_buf,
+) -> dc_status {
+    boundary("dc_store_queue_pop", || {
+        let store = unsafe { store_arg(store) }?;
+        let key = unsafe { arg_str(key, "key") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = dc_buf::from_bytes(&store.queue_pop(key, block)?);
+        Ok(())
+    })
+}
+
+/// Writes the number of elements in the queue `key`.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_queue_len(store: *const dc_store, key: *const c_char, out: *mut i64) -> dc_status {
+    boundary("dc_store_queue_len", || {
+        let store = unsafe { store_arg(store) }?;
+        let key = unsafe { arg_str(key, "key") }?;
+        *unsafe { arg_out(out, "out") }? = store.queue_len(key)?;
+        Ok(())
+    })
+}
+
+/// Writes every key holding a value into `out` (free with
+/// `dc_buf_array_free`); each buffer is NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_list_keys(store: *const dc_store, out: *mut dc_buf_array) -> dc_status {
+    boundary("dc_store_list_keys", || {
+        let store = unsafe { store_arg(store) }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = dc_buf_array::from_items(&store.list_keys()?);
+        Ok(())
+    })
+}
+
+/// Blocks until `world_size` callers have entered the barrier `key`, for at
+/// most `timeout_ms` (DC_TIMEOUT_DEFAULT: the store's timeout; 0: forever).
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_barrier(
+    store: *const dc_store,
+    key: *const c_char,
+    world_size: i64,
+    timeout_ms: i64,
+) -> dc_status {
+    boundary("dc_store_barrier", || {
+        let store = unsafe { store_arg(store) }?;
+        store.barrier(unsafe { arg_str(key, "key") }?, world_size, arg_timeout(timeout_ms)?)
+    })
+}
+
+/// Writes the store's default timeout in ms (0: forever).
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_get_timeout(store: *const dc_store, out_ms: *mut i64) -> dc_status {
+    boundary("dc_store_get_timeout", || {
+        let store = unsafe { store_arg(store) }?;
+        *unsafe { arg_out(out_ms, "out_ms") }? = to_millis(store.timeout());
+        Ok(())
+    })
+}
+
+/// Sets the store's default timeout in ms (0: forever; negative is invalid).
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_set_timeout(store: *const dc_store, timeout_ms: i64) -> dc_status {
+    boundary("dc_store_set_timeout", || {
+        let store = unsafe { store_arg(store) }?;
+        store.set_timeout(arg_duration(timeout_ms)?);
+        Ok(())
+    })
+}
+
+/// Sets the store's timeout to `timeout_ms` until the returned guard is
+/// freed, which restores the previous one (c10d's StoreTimeoutGuard).
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_timeout_guard_new(
+    store: *const dc_store,
+    timeout_ms: i64,
+    out: *mut *mut dc_store_timeout_guard,
+) -> dc_status {
+    boundary("dc_store_timeout_guard_new", || {
+        let store = unsafe { store_arg(store) }?.clone();
+        let timeout = arg_duration(timeout_ms)?;
+        let out = unsafe { arg_out(out, "out") }?;
+        give(out, dc_store_timeout_guard { _guard: TimeoutGuard::new(store, timeout) });
+        Ok(())
+    })
+}
+
+/// Restores the timeout the store had before the guard, and frees the
+/// guard. NULL does nothing.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_timeout_guard_free(guard: *mut dc_store_timeout_guard) {
+    unsafe { drop_handle("dc_store_timeout_guard_free", guard) }
+}
+
+/// Gives the caller a new work for a background operation.
+fn give_work(out: &mut *mut dc_work, work: Result<crate::work::Work>) -> Result<()> {
+    give(out, dc_work { work: work? });
+    Ok(())
+}
+
+/// Starts `dc_store_get` in the background: the work completes with the
+/// value as its result (`dc_work_result`) or with the get's error.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_get_async(
+    store: *const dc_store,
+    key: *const c_char,
+    out: *mut *mut dc_work,
+) -> dc_status {
+    boundary("dc_store_get_async", || {
+        let store = unsafe { store_arg(store) }?.clone();
+        let key = unsafe { arg_str(key, "key") }?.to_owned();
+        give_work(unsafe { arg_out(out, "out") }?, background::get_async(store, key))
+    })
+}
+
+/// Starts `dc_store_wait` in the background; the work completes when the
+/// keys exist (no result) or with the wait's error.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_wait_async(
+    store: *const dc_store,
+    keys: *const *const c_char,
+    count: usize,
+    timeout_ms: i64,
+    out: *mut *mut dc_work,
+) -> dc_status {
+    boundary("dc_store_wait_async", || {
+        let store = unsafe { store_arg(store) }?.clone();
+        let keys = unsafe { arg_strs(keys, count, "keys") }?;
+        let keys = keys.into_iter().map(str::to_owned).collect();
+        let timeout = arg_timeout(timeout_ms)?;
+        give_work(unsafe { arg_out(out, "out") }?, background::wait_async(store, keys, timeout))
+    })
+}
+
+/// Starts a blocking `dc_store_queue_pop` in the background; the work's
+/// result is the element.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_queue_pop_async(
+    store: *const dc_store,
+    key: *const c_char,
+    out: *mut *mut dc_work,
+) -> dc_status {
+    boundary("dc_store_queue_pop_async", || {
+        let store = unsafe { store_arg(store) }?.clone();
+        let key = unsafe { arg_str(key, "key") }?.to_owned();
+        give_work(unsafe { arg_out(out, "out") }?, background::queue_pop_async(store, key))
+    })
+}
+
+/// Starts `dc_store_barrier` in the background; the work completes when the
+/// barrier releases (no result) or with its error.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_barrier_async(
+    store: *const dc_store,
+    key: *const c_char,
+    world_size: i64,
+    timeout_ms: i64,
+    out: *mut *mut dc_work,
+) -> dc_status {
+    boundary("dc_store_barrier_async", || {
+        let store = unsafe { store_arg(store) }?.clone();
+        let key = unsafe { arg_str(key, "key") }?.to_owned();
+        let timeout = arg_timeout(timeout_ms)?;
+        let work = background::barrier_async(store, key, world_size, timeout);
+        give_work(unsafe { arg_out(out, "out") }?, work)
+    })
+}

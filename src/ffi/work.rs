@@ -1,0 +1,394 @@
+//! `dc_work_*`: the C face of [`crate::work::Work`], and the profiler hooks.
+
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::sync::Arc;
+
+use super::buf::dc_buf;
+use super::{
+    arg_bytes, arg_opt_str, arg_out, arg_ref, arg_timeout, boundary, dc_status, drop_handle,
+    give, to_millis, UserData, DC_OK,
+};
+use crate::error::{Error, Result, Status};
+use crate::profiler::{set_profiler_hooks, ProfilerHooks};
+use crate::work::{OpType, Work};
+
+/// The completion handle of an asynchronous operation (c10d's Work).
+/// Thread-safe; free with `dc_work_free` (the operation itself goes on).
+pub struct dc_work {
+    pub(crate) work: Work,
+}
+
+/// Called once when a work completes, on the thread that completes it (or
+/// at once, on the calling thread, if it already had). `work` is a borrowed
+/// view valid during the call only: do not free it.
+pub type dc_work_callback = Option<unsafe extern "C" fn(work: *const dc_work, user_data: *mut c_void)>;
+
+/// Profiler begin hook: a work titled `title` was created; the returned
+/// token is passed to the end hook. Runs on the creating thread.
+pub type dc_profiler_begin_fn = Option<unsafe extern "C" fn(title: *const c_char, user_data: *mut c_void) -> u64>;
+
+/// Profiler end hook: the span `begin` returned `token` for has ended (the
+/// work finished or was freed unfinished). Runs on that thread, once per begin.
+pub type dc_profiler_end_fn =
+    Option<unsafe extern "C" fn(title: *const c_char, token: u64, user_data: *mut c_void)>;
+
+unsafe fn work_arg<'a>(work: *const dc_work) -> Result<&'a Work> {
+    // SAFETY: forwarded contract.
+    Ok(&unsafe { arg_ref(work, "work") }?.work)
+}
+
+/// An error from a caller-given status and message; `DC_OK` is no error.
+unsafe fn error_arg(status: dc_status, message: *const c_char) -> Result<Option<Error>> {
+    if status == DC_OK {
+        return Ok(None);
+    }
+    let status = Status::from_code(status)
+        .ok_or_else(|| Error::invalid_argument(format!("unknown status code {status}")))?;
+    // SAFETY: forwarded contract.
+    let message = unsafe { arg_opt_str(message, "error_message") }?.unwrap_or(status.describe());
+    Ok(Some(Error::new(status, message)))
+}
+
+/// Creates a pending work of `rank` performing `op_type` (a `dc_op_type`,
+/// c10d's OpType numbers: DC_OP_TYPE_BROADCAST = 0 ... DC_OP_TYPE_UNKNOWN = 100). `profiling_title`
+/// may be NULL; with one, the profiler begin hook runs now and the end hook
+/// at finish. `timeout_ms` < 0 means none; otherwise it is what
+/// `dc_work_timeout` reports and the default of `dc_work_wait`.
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_new(
+    rank: i32,
+    op_type: i32,
+    profiling_title: *const c_char,
+    timeout_ms: i64,
+    out: *mut *mut dc_work,
+) -> dc_status {
+    boundary("dc_work_new", || {
+        let out = unsafe { arg_out(out, "out") }?;
+        let op_type = OpType::from_code(op_type)
+            .ok_or_else(|| Error::invalid_argument(format!("unknown op type {op_type}")))?;
+        let title = unsafe { arg_opt_str(profiling_title, "profiling_title") }?;
+        let timeout = u64::try_from(timeout_ms).ok().map(std::time::Duration::from_millis);
+        give(out, dc_work { work: Work::new(rank, op_type, title, timeout) });
+        Ok(())
+    })
+}
+
+/// Creates a pending work that wraps a future (c10d's create_from_future):
+/// rank -1, op type UNKNOWN, completed by `dc_work_finish_with_result` or
+/// `dc_work_finish`.
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_new_future(out: *mut *mut dc_work) -> dc_status {
+    boundary("dc_work_new_future", || {
+        give(unsafe { arg_out(out, "out") }?, dc_work { work: Work::from_future() });
+        Ok(())
+    })
+}
+
+/// Releases a work handle. NULL does nothing. Pending waiters and callbacks
+/// are unaffected.
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_free(work: *mut dc_work) {
+    unsafe { drop_handle("dc_work_free", work) }
+}
+
+/// Writes whether the work has completed (successfully or not).
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_is_completed(work: *const dc_work, out: *mut bool) -> dc_status {
+    boundary("dc_work_is_completed", || {
+        let work = unsafe { work_arg(work) }?;
+        *unsafe { arg_out(out, "out") }? = work.is_completed();
+        Ok(())
+    })
+}
+
+/// Writes whether the work completed without an error (false while pending).
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_is_success(work: *const dc_work, out: *mut bool) -> dc_status {
+    boundary("dc_work_is_success", || {
+        let work = unsafe { work_arg(work) }?;
+        *unsafe { arg_out(out, "out") }? = work.is_success();
+        Ok(())
+    })
+}
+
+/// Writes the error of a failed work: its status into `out_status` (DC_OK
+/// when the work has not failed) and, if `out_message` is not NULL, its
+/// message into a new buffer (empty when there is none).
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_error(
+    work: *const dc_work,
+    out_status: *mut dc_status,
+    out_message: *mut dc_buf,
+) -> dc_status {
+    boundary("dc_work_error", || {
+        let work = unsafe { work_arg(work) }?;
+        let out_status = unsafe { arg_out(out_status, "out_status") }?;
+        let error = work.error();
+        *out_status = error.as_ref().map_or(DC_OK, |e| e.status().code());
+        // SAFETY: NULL or a valid buffer per the contract.
+        if let Some(out_message) = unsafe { out_message.as_mut() } {
+            *out_message = dc_buf::from_bytes(error.as_ref().map_or("", |e| e.message()).as_bytes());
+        }
+        Ok(())
+    })
+}
+
+/// Blocks until the work completes, for at most `timeout_ms`
+/// (DC_TIMEOUT_DEFAULT: the work's timeout, or forever without one; 0:
+/// forever). Returns DC_OK, the work's own error (every time it is waited
+/// on), or DC_ERR_TIMEOUT "Operation timed out!".
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_wait(work: *const dc_work, timeout_ms: i64) -> dc_status {
+    boundary("dc_work_wait", || {
+        let work = unsafe { work_arg(work) }?;
+        work.wait(arg_timeout(timeout_ms)?)
+    })
+}
+
+/// Completes the work: successfully when `error_status` is DC_OK, else failed
+/// with that status and `error_message` (NULL: the status's description).
+/// Waiters wake, callbacks run on this thread, the fd becomes readable.
+/// DC_ERR_INVALID_STATE if the work had already completed.
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_finish(
+    work: *const dc_work,
+    error_status: dc_status,
+    error_message: *const c_char,
+) -> dc_status {
+    boundary("dc_work_finish", || {
+        let work = unsafe { work_arg(work) }?;
+        work.finish(unsafe { error_arg(error_status, error_message) }?)
+    })
+}
+
+/// Completes the work like `dc_work_finish`, then returns `error_status`
+/// (with its message as the last error): c10d's finishAndThrow.
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_finish_and_throw(
+    work: *const dc_work,
+    error_status: dc_status,
+    error_message: *const c_char,
+) -> dc_status {
+    boundary("dc_work_finish_and_throw", || {
+        let work = unsafe { work_arg(work) }?;
+        work.finish_and_throw(unsafe { error_arg(error_status, error_message) }?)
+    })
+}
+
+/// Completes the work successfully with a copy of `len` bytes at `data` as
+/// its result. DC_ERR_INVALID_STATE if it had already completed.
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_finish_with_result(
+    work: *const dc_work,
+    data: *const u8,
+    len: usize,
+) -> dc_status {
+    boundary("dc_work_finish_with_result", || {
+        let work = unsafe { work_arg(work) }?;
+        work.finish_with_result(unsafe { arg_bytes(data, len, "data") }?.to_vec())
+    })
+}
+
+/// Fails a pending work with DC_ERR_ABORTED ("Work aborted"); a completed
+/// work is left as it is.
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_abort(work: *const dc_work) -> dc_status {
+    boundary("dc_work_abort", || {
+        unsafe { work_arg(work) }?.abort();
+        Ok(())
+    })
+}
+
+/// Waits for the work's device streams; CPU works have none, so this returns
+/// at once (c10d's base Work::synchronize).
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_synchronize(work: *const dc_work) -> dc_status {
+    boundary("dc_work_synchronize", || {
+        unsafe { work_arg(work) }?.synchronize();
+        Ok(())
+    })
+}
+
+/// Writes the rank a receive work got its data from. DC_ERR_NOT_SUPPORTED
+/// for works that are not receives (c10d's message), DC_ERR_INVALID_STATE
+/// before the source is known.
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_source_rank(work: *const dc_work, out: *mut i32) -> dc_status {
+    boundary("dc_work_source_rank", || {
+        let work = unsafe { work_arg(work) }?;
+        *unsafe { arg_out(out, "out") }? = work.source_rank()?;
+        Ok(())
+    })
+}
+
+/// Records the rank a receive work (op type RECV or RECVANYSOURCE) got its
+/// data from.
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_set_source_rank(work: *const dc_work, rank: i32) -> dc_status {
+    boundary("dc_work_set_source_rank", || {
+        unsafe { work_arg(work) }?.set_source_rank(rank)
+    })
+}
+
+/// Writes a copy of the result bytes of a completed work into `out`. A
+/// failed work returns its error; a work completed without a result
+/// DC_ERR_NOT_SUPPORTED "result() not implemented."; a pending one
+/// DC_ERR_INVALID_STATE.
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_result(work: *const dc_work, out: *mut dc_buf) -> dc_status {
+    boundary("dc_work_result", || {
+        let work = unsafe { work_arg(work) }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = dc_buf::from_bytes(&work.result()?);
+        Ok(())
+    })
+}
+
+/// Writes the seconds from the work's creation to its completion;
+/// DC_ERR_INVALID_STATE while pending.
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_duration(work: *const dc_work, out_seconds: *mut f64) -> dc_status {
+    boundary("dc_work_duration", || {
+        let work = unsafe { work_arg(work) }?;
+        *unsafe { arg_out(out_seconds, "out_seconds") }? = work.duration()?;
+        Ok(())
+    })
+}
+
+/// Writes the work's sequence number: process-wide, increasing with creation.
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_sequence_number(work: *const dc_work, out: *mut u64) -> dc_status {
+    boundary("dc_work_sequence_number", || {
+        let work = unsafe { work_arg(work) }?;
+        *unsafe { arg_out(out, "out") }? = work.sequence_number();
+        Ok(())
+    })
+}
+
+/// Writes the rank the work was created with (-1 for a future work).
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_rank(work: *const dc_work, out: *mut i32) -> dc_status {
+    boundary("dc_work_rank", || {
+        let work = unsafe { work_arg(work) }?;
+        *unsafe { arg_out(out, "out") }? = work.rank();
+        Ok(())
+    })
+}
+
+/// Writes the work's op type (c10d's OpType number).
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_op_type(work: *const dc_work, out: *mut i32) -> dc_status {
+    boundary("dc_work_op_type", || {
+        let work = unsafe { work_arg(work) }?;
+        *unsafe { arg_out(out, "out") }? = work.op_type() as i32;
+        Ok(())
+    })
+}
+
+/// Writes the timeout the work was created with, in ms (-1 when none).
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_timeout(work: *const dc_work, out_ms: *mut i64) -> dc_status {
+    boundary("dc_work_timeout", || {
+        let work = unsafe { work_arg(work) }?;
+        *unsafe { arg_out(out_ms, "out_ms") }? = work.timeout().map_or(-1, to_millis);
+        Ok(())
+    })
+}
+
+/// c10d's name of an op type ("ALLREDUCE", "_ALLGATHER_BASE", ...), static;
+/// NULL for a number that is not an op type.
+#[no_mangle]
+pub extern "C" fn dc_op_type_name(op_type: i32) -> *const c_char {
+    static NAMES: once_cell::sync::Lazy<Vec<(i32, CString)>> = once_cell::sync::Lazy::new(|| {
+        (0..=100)
+            .filter_map(OpType::from_code)
+            .map(|t| (t as i32, CString::new(t.name()).unwrap_or_default()))
+            .collect()
+    });
+    NAMES
+        .iter()
+        .find(|(code, _)| *code == op_type)
+        .map_or(std::ptr::null(), |(_, name)| name.as_ptr())
+}
+
+/// Runs `callback(work_view, user_data)` once the work completes: on the
+/// completing thread, or at once on this thread if it already has.
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_add_done_callback(
+    work: *const dc_work,
+    callback: dc_work_callback,
+    user_data: *mut c_void,
+) -> dc_status {
+    boundary("dc_work_add_done_callback", || {
+        let work = unsafe { work_arg(work) }?;
+        let callback = callback.ok_or_else(|| Error::invalid_argument("callback must not be NULL"))?;
+        let user_data = UserData(user_data);
+        work.add_done_callback(Box::new(move |done: &Work| {
+            let view = dc_work { work: done.clone() };
+            let user_data = user_data;
+            // SAFETY: the caller gave a valid function; `view` lives for the call.
+            unsafe { callback(&view, user_data.0) };
+        }));
+        Ok(())
+    })
+}
+
+/// Writes a file descriptor that becomes readable once the work completes
+/// (an eventfd; it stays readable). For poll/epoll/libuv/asyncio: do not
+/// read or close it; it lives as long as the work.
+#[no_mangle]
+pub unsafe extern "C" fn dc_work_fd(work: *const dc_work, out_fd: *mut c_int) -> dc_status {
+    boundary("dc_work_fd", || {
+        let work = unsafe { work_arg(work) }?;
+        *unsafe { arg_out(out_fd, "out_fd") }? = work.ready_fd()?;
+        Ok(())
+    })
+}
+
+struct CProfilerHooks {
+    begin: unsafe extern "C" fn(*const c_char, *mut c_void) -> u64,
+    end: unsafe extern "C" fn(*const c_char, u64, *mut c_void),
+    user_data: UserData,
+}
+
+impl ProfilerHooks for CProfilerHooks {
+    fn begin(&self, title: &str) -> u64 {
+        let title = CString::new(title).unwrap_or_default();
+        // SAFETY: the caller gave valid functions for as long as they are installed.
+        unsafe { (self.begin)(title.as_ptr(), self.user_data.0) }
+    }
+
+    fn end(&self, title: &str, token: u64) {
+        let title = CString::new(title).unwrap_or_default();
+        // SAFETY: as above.
+        unsafe { (self.end)(title.as_ptr(), token, self.user_data.0) }
+    }
+}
+
+/// Installs process-wide profiler hooks: `begin` runs when a work with a
+/// profiling title is created, `end` exactly once when it finishes (or is
+/// freed unfinished). Both NULL removes the hooks; spans already begun still
+/// end on the hooks that began them, so keep those callable. One NULL
+/// without the other is DC_ERR_INVALID_ARGUMENT.
+#[no_mangle]
+pub unsafe extern "C" fn dc_set_profiler_hooks(
+    begin: dc_profiler_begin_fn,
+    end: dc_profiler_end_fn,
+    user_data: *mut c_void,
+) -> dc_status {
+    boundary("dc_set_profiler_hooks", || match (begin, end) {
+        (None, None) => {
+            set_profiler_hooks(None);
+            Ok(())
+        }
+        (Some(begin), Some(end)) => {
+            set_profiler_hooks(Some(Arc::new(CProfilerHooks {
+                begin,
+                end,
+                user_data: UserData(user_data),
+            })));
+            Ok(())
+        }
+        _ => Err(Error::invalid_argument("begin and end must both be set or both be NULL")),
+    })
+}
