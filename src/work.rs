@@ -374,9 +374,7 @@ impl Work {
         let finished_at = self.inner.state.lock().finished_at;
         finished_at
             .map(|at| (at - self.inner.created_at).as_secs_f64())
-            .ok_or_else(|| {
-                Error::invalid_state("getDuration() called before the work completed")
-            })
+            .ok_or_else(|| Error::invalid_state("getDuration() called before the work completed"))
     }
 
     /// Runs `callback` once the work completes, on the finishing thread; at

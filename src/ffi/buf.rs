@@ -51,7 +51,10 @@ pub struct dc_buf_array {
 impl dc_buf_array {
     /// An array of copies of `items`.
     pub(crate) fn from_items<T: AsRef<[u8]>>(items: &[T]) -> dc_buf_array {
-        let bufs: Box<[dc_buf]> = items.iter().map(|i| dc_buf::from_bytes(i.as_ref())).collect();
+        let bufs: Box<[dc_buf]> = items
+            .iter()
+            .map(|i| dc_buf::from_bytes(i.as_ref()))
+            .collect();
         let len = bufs.len();
         dc_buf_array {
             items: Box::into_raw(bufs).cast::<dc_buf>(),

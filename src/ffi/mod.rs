@@ -170,7 +170,9 @@ pub(crate) unsafe fn arg_opt_str<'a>(ptr: *const c_char, name: &str) -> Result<O
 /// `len` bytes at `data`; NULL is allowed only with `len == 0`.
 pub(crate) unsafe fn arg_bytes<'a>(data: *const u8, len: usize, name: &str) -> Result<&'a [u8]> {
     if len > isize::MAX as usize {
-        return Err(Error::invalid_argument(format!("{name}: length {len} is too large")));
+        return Err(Error::invalid_argument(format!(
+            "{name}: length {len} is too large"
+        )));
     }
     if len == 0 {
         return Ok(&[]);
@@ -183,9 +185,15 @@ pub(crate) unsafe fn arg_bytes<'a>(data: *const u8, len: usize, name: &str) -> R
 }
 
 /// `count` elements at `items`; NULL is allowed only with `count == 0`.
-pub(crate) unsafe fn arg_slice<'a, T>(items: *const T, count: usize, name: &str) -> Result<&'a [T]> {
+pub(crate) unsafe fn arg_slice<'a, T>(
+    items: *const T,
+    count: usize,
+    name: &str,
+) -> Result<&'a [T]> {
     if count > isize::MAX as usize / std::mem::size_of::<T>().max(1) {
-        return Err(Error::invalid_argument(format!("{name}: count {count} is too large")));
+        return Err(Error::invalid_argument(format!(
+            "{name}: count {count} is too large"
+        )));
     }
     if count == 0 {
         return Ok(&[]);

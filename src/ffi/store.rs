@@ -7,8 +7,8 @@ use std::sync::Arc;
 use super::buf::{dc_buf, dc_buf_array};
 use super::work::dc_work;
 use super::{
-    arg_bytes, arg_duration, arg_out, arg_ref, arg_slice, arg_str, arg_strs, arg_timeout,
-    boundary, dc_status, drop_handle, give, to_millis,
+    arg_bytes, arg_duration, arg_out, arg_ref, arg_slice, arg_str, arg_strs, arg_timeout, boundary,
+    dc_status, drop_handle, give, to_millis,
 };
 use crate::error::Result;
 use crate::store::{background, HashStore, PrefixStore, Store, TimeoutGuard};
@@ -36,7 +36,12 @@ pub(crate) unsafe fn store_arg<'a>(store: *const dc_store) -> Result<&'a Arc<dyn
 #[no_mangle]
 pub unsafe extern "C" fn dc_hash_store_new(out: *mut *mut dc_store) -> dc_status {
     boundary("dc_hash_store_new", || {
-        give(unsafe { arg_out(out, "out") }?, dc_store { store: Arc::new(HashStore::new()) });
+        give(
+            unsafe { arg_out(out, "out") }?,
+            dc_store {
+                store: Arc::new(HashStore::new()),
+            },
+        );
         Ok(())
     })
 }
@@ -53,7 +58,12 @@ pub unsafe extern "C" fn dc_prefix_store_new(
         let prefix = unsafe { arg_str(prefix, "prefix") }?;
         let store = unsafe { store_arg(store) }?.clone();
         let out = unsafe { arg_out(out, "out") }?;
-        give(out, dc_store { store: Arc::new(PrefixStore::new(prefix, store)) });
+        give(
+            out,
+            dc_store {
+                store: Arc::new(PrefixStore::new(prefix, store)),
+            },
+        );
         Ok(())
     })
 }
@@ -61,11 +71,19 @@ pub unsafe extern "C" fn dc_prefix_store_new(
 /// Creates a new handle on the same store (c10d's Store::clone; for a
 /// network store, a new connection).
 #[no_mangle]
-pub unsafe extern "C" fn dc_store_clone(store: *const dc_store, out: *mut *mut dc_store) -> dc_status {
+pub unsafe extern "C" fn dc_store_clone(
+    store: *const dc_store,
+    out: *mut *mut dc_store,
+) -> dc_status {
     boundary("dc_store_clone", || {
         let store = unsafe { store_arg(store) }?;
         let out = unsafe { arg_out(out, "out") }?;
-        give(out, dc_store { store: store.clone_store()? });
+        give(
+            out,
+            dc_store {
+                store: store.clone_store()?,
+            },
+        );
         Ok(())
     })
 }
@@ -86,14 +104,20 @@ pub unsafe extern "C" fn dc_store_set(
 ) -> dc_status {
     boundary("dc_store_set", || {
         let store = unsafe { store_arg(store) }?;
-        store.set(unsafe { arg_str(key, "key") }?, unsafe { arg_bytes(value, len, "value") }?)
+        store.set(unsafe { arg_str(key, "key") }?, unsafe {
+            arg_bytes(value, len, "value")
+        }?)
     })
 }
 
 /// Writes the value of `key` into `out`, waiting up to the store's timeout
 /// for the key (DC_ERR_TIMEOUT, "wait timeout after Nms, keys: key").
 #[no_mangle]
-pub unsafe extern "C" fn dc_store_get(store: *const dc_store, key: *const c_char, out: *mut dc_buf) -> dc_status {
+pub unsafe extern "C" fn dc_store_get(
+    store: *const dc_store,
+    key: *const c_char,
+    out: *mut dc_buf,
+) -> dc_status {
     boundary("dc_store_get", || {
         let store = unsafe { store_arg(store) }?;
         let key = unsafe { arg_str(key, "key") }?;
@@ -201,7 +225,8 @@ pub unsafe extern "C" fn dc_store_wait(
 pub unsafe extern "C" fn dc_store_num_keys(store: *const dc_store, out: *mut i64) -> dc_status {
     boundary("dc_store_num_keys", || {
         let store = unsafe { store_arg(store) }?;
-        *unsafe { arg_out(out, "out") }? = store.num_keys()?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = store.num_keys()?;
         Ok(())
     })
 }
@@ -216,7 +241,9 @@ pub unsafe extern "C" fn dc_store_append(
 ) -> dc_status {
     boundary("dc_store_append", || {
         let store = unsafe { store_arg(store) }?;
-        store.append(unsafe { arg_str(key, "key") }?, unsafe { arg_bytes(value, len, "value") }?)
+        store.append(unsafe { arg_str(key, "key") }?, unsafe {
+            arg_bytes(value, len, "value")
+        }?)
     })
 }
 
@@ -278,7 +305,9 @@ pub unsafe extern "C" fn dc_store_queue_push(
 ) -> dc_status {
     boundary("dc_store_queue_push", || {
         let store = unsafe { store_arg(store) }?;
-        store.queue_push(unsafe { arg_str(key, "key") }?, unsafe { arg_bytes(value, len, "value") }?)
+        store.queue_push(unsafe { arg_str(key, "key") }?, unsafe {
+            arg_bytes(value, len, "value")
+        }?)
     })
 }
 
@@ -303,11 +332,16 @@ pub unsafe extern "C" fn dc_store_queue_pop(
 
 /// Writes the number of elements in the queue `key`.
 #[no_mangle]
-pub unsafe extern "C" fn dc_store_queue_len(store: *const dc_store, key: *const c_char, out: *mut i64) -> dc_status {
+pub unsafe extern "C" fn dc_store_queue_len(
+    store: *const dc_store,
+    key: *const c_char,
+    out: *mut i64,
+) -> dc_status {
     boundary("dc_store_queue_len", || {
         let store = unsafe { store_arg(store) }?;
         let key = unsafe { arg_str(key, "key") }?;
-        *unsafe { arg_out(out, "out") }? = store.queue_len(key)?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = store.queue_len(key)?;
         Ok(())
     })
 }
@@ -315,7 +349,10 @@ pub unsafe extern "C" fn dc_store_queue_len(store: *const dc_store, key: *const 
 /// Writes every key holding a value into `out` (free with
 /// `dc_buf_array_free`); each buffer is NUL-terminated.
 #[no_mangle]
-pub unsafe extern "C" fn dc_store_list_keys(store: *const dc_store, out: *mut dc_buf_array) -> dc_status {
+pub unsafe extern "C" fn dc_store_list_keys(
+    store: *const dc_store,
+    out: *mut dc_buf_array,
+) -> dc_status {
     boundary("dc_store_list_keys", || {
         let store = unsafe { store_arg(store) }?;
         let out = unsafe { arg_out(out, "out") }?;
@@ -335,23 +372,34 @@ pub unsafe extern "C" fn dc_store_barrier(
 ) -> dc_status {
     boundary("dc_store_barrier", || {
         let store = unsafe { store_arg(store) }?;
-        store.barrier(unsafe { arg_str(key, "key") }?, world_size, arg_timeout(timeout_ms)?)
+        store.barrier(
+            unsafe { arg_str(key, "key") }?,
+            world_size,
+            arg_timeout(timeout_ms)?,
+        )
     })
 }
 
 /// Writes the store's default timeout in ms (0: forever).
 #[no_mangle]
-pub unsafe extern "C" fn dc_store_get_timeout(store: *const dc_store, out_ms: *mut i64) -> dc_status {
+pub unsafe extern "C" fn dc_store_get_timeout(
+    store: *const dc_store,
+    out_ms: *mut i64,
+) -> dc_status {
     boundary("dc_store_get_timeout", || {
         let store = unsafe { store_arg(store) }?;
-        *unsafe { arg_out(out_ms, "out_ms") }? = to_millis(store.timeout());
+        let out_ms = unsafe { arg_out(out_ms, "out_ms") }?;
+        *out_ms = to_millis(store.timeout());
         Ok(())
     })
 }
 
 /// Sets the store's default timeout in ms (0: forever; negative is invalid).
 #[no_mangle]
-pub unsafe extern "C" fn dc_store_set_timeout(store: *const dc_store, timeout_ms: i64) -> dc_status {
+pub unsafe extern "C" fn dc_store_set_timeout(
+    store: *const dc_store,
+    timeout_ms: i64,
+) -> dc_status {
     boundary("dc_store_set_timeout", || {
         let store = unsafe { store_arg(store) }?;
         store.set_timeout(arg_duration(timeout_ms)?);
@@ -371,7 +419,12 @@ pub unsafe extern "C" fn dc_store_timeout_guard_new(
         let store = unsafe { store_arg(store) }?.clone();
         let timeout = arg_duration(timeout_ms)?;
         let out = unsafe { arg_out(out, "out") }?;
-        give(out, dc_store_timeout_guard { _guard: TimeoutGuard::new(store, timeout) });
+        give(
+            out,
+            dc_store_timeout_guard {
+                _guard: TimeoutGuard::new(store, timeout),
+            },
+        );
         Ok(())
     })
 }
@@ -400,7 +453,10 @@ pub unsafe extern "C" fn dc_store_get_async(
     boundary("dc_store_get_async", || {
         let store = unsafe { store_arg(store) }?.clone();
         let key = unsafe { arg_str(key, "key") }?.to_owned();
-        give_work(unsafe { arg_out(out, "out") }?, background::get_async(store, key))
+        give_work(
+            unsafe { arg_out(out, "out") }?,
+            background::get_async(store, key),
+        )
     })
 }
 
@@ -419,7 +475,10 @@ pub unsafe extern "C" fn dc_store_wait_async(
         let keys = unsafe { arg_strs(keys, count, "keys") }?;
         let keys = keys.into_iter().map(str::to_owned).collect();
         let timeout = arg_timeout(timeout_ms)?;
-        give_work(unsafe { arg_out(out, "out") }?, background::wait_async(store, keys, timeout))
+        give_work(
+            unsafe { arg_out(out, "out") }?,
+            background::wait_async(store, keys, timeout),
+        )
     })
 }
 
@@ -434,7 +493,10 @@ pub unsafe extern "C" fn dc_store_queue_pop_async(
     boundary("dc_store_queue_pop_async", || {
         let store = unsafe { store_arg(store) }?.clone();
         let key = unsafe { arg_str(key, "key") }?.to_owned();
-        give_work(unsafe { arg_out(out, "out") }?, background::queue_pop_async(store, key))
+        give_work(
+            unsafe { arg_out(out, "out") }?,
+            background::queue_pop_async(store, key),
+        )
     })
 }
 

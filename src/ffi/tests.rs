@@ -90,14 +90,20 @@ fn a_panic_inside_an_extern_function_is_internal_with_a_message() {
         data: ptr::null_mut(),
         len: 0,
     };
-    assert_eq!(unsafe { dc_store_get(&store, c"k".as_ptr(), &mut buf) }, DC_ERR_INTERNAL);
+    assert_eq!(
+        unsafe { dc_store_get(&store, c"k".as_ptr(), &mut buf) },
+        DC_ERR_INTERNAL
+    );
     assert!(buf.data.is_null());
 }
 
 #[test]
 fn null_arguments_are_invalid_not_crashes() {
     let mut store = ptr::null_mut();
-    assert_eq!(unsafe { dc_hash_store_new(ptr::null_mut()) }, DC_ERR_INVALID_ARGUMENT);
+    assert_eq!(
+        unsafe { dc_hash_store_new(ptr::null_mut()) },
+        DC_ERR_INVALID_ARGUMENT
+    );
     assert_eq!(last_error(), "out must not be NULL");
     assert_eq!(unsafe { dc_hash_store_new(&mut store) }, DC_OK);
     assert_eq!(
@@ -122,7 +128,10 @@ fn null_arguments_are_invalid_not_crashes() {
         unsafe { dc_store_set(store, bad_utf8.as_ptr().cast(), ptr::null(), 0) },
         DC_ERR_INVALID_ARGUMENT
     );
-    assert_eq!(unsafe { dc_store_wait(store, ptr::null(), 0, -5) }, DC_ERR_INVALID_ARGUMENT);
+    assert_eq!(
+        unsafe { dc_store_wait(store, ptr::null(), 0, -5) },
+        DC_ERR_INVALID_ARGUMENT
+    );
     unsafe { dc_store_free(store) };
     unsafe { dc_store_free(ptr::null_mut()) };
     unsafe { dc_work_free(ptr::null_mut()) };
@@ -132,7 +141,11 @@ fn null_arguments_are_invalid_not_crashes() {
 
 #[test]
 fn status_strings_and_version() {
-    let s = |c| unsafe { CStr::from_ptr(dc_status_str(c)) }.to_str().unwrap();
+    let s = |c| {
+        unsafe { CStr::from_ptr(dc_status_str(c)) }
+            .to_str()
+            .unwrap()
+    };
     assert_eq!(s(DC_ERR_TIMEOUT), "timed out");
     assert_eq!(s(999), "unknown status");
     let v = unsafe { CStr::from_ptr(dc_version()) }.to_str().unwrap();
@@ -162,14 +175,23 @@ unsafe extern "C" fn count_callback(work: *const dc_work, user_data: *mut c_void
 #[test]
 fn work_through_the_abi() {
     let mut work = ptr::null_mut();
-    assert_eq!(unsafe { dc_work_new(0, 999, ptr::null(), -1, &mut work) }, DC_ERR_INVALID_ARGUMENT);
-    assert_eq!(unsafe { dc_work_new(2, 13, ptr::null(), 250, &mut work) }, DC_OK);
+    assert_eq!(
+        unsafe { dc_work_new(0, 999, ptr::null(), -1, &mut work) },
+        DC_ERR_INVALID_ARGUMENT
+    );
+    assert_eq!(
+        unsafe { dc_work_new(2, 13, ptr::null(), 250, &mut work) },
+        DC_OK
+    );
     let mut ms = 0;
     assert_eq!(unsafe { dc_work_timeout(work, &mut ms) }, DC_OK);
     assert_eq!(ms, 250);
     let calls = AtomicUsize::new(0);
     let ud = &calls as *const AtomicUsize as *mut c_void;
-    assert_eq!(unsafe { dc_work_add_done_callback(work, Some(count_callback), ud) }, DC_OK);
+    assert_eq!(
+        unsafe { dc_work_add_done_callback(work, Some(count_callback), ud) },
+        DC_OK
+    );
     assert_eq!(unsafe { dc_work_wait(work, 10) }, DC_ERR_TIMEOUT);
     assert_eq!(last_error(), "Operation timed out!");
     assert_eq!(unsafe { dc_work_set_source_rank(work, 4) }, DC_OK);
@@ -185,12 +207,18 @@ fn work_through_the_abi() {
     unsafe { dc_buf_free(&mut msg) };
     assert_eq!(unsafe { dc_work_error(work, &mut status, &mut msg) }, DC_OK);
     assert_eq!(status, DC_ERR_REMOTE);
-    assert_eq!(unsafe { std::slice::from_raw_parts(msg.data, msg.len) }, b"boom");
+    assert_eq!(
+        unsafe { std::slice::from_raw_parts(msg.data, msg.len) },
+        b"boom"
+    );
     unsafe { dc_buf_free(&mut msg) };
     let mut src = 0;
     assert_eq!(unsafe { dc_work_source_rank(work, &mut src) }, DC_OK);
     assert_eq!(src, 4);
-    assert_eq!(unsafe { dc_work_finish(work, 77, ptr::null()) }, DC_ERR_INVALID_ARGUMENT);
+    assert_eq!(
+        unsafe { dc_work_finish(work, 77, ptr::null()) },
+        DC_ERR_INVALID_ARGUMENT
+    );
     unsafe { dc_work_free(work) };
     let name = unsafe { CStr::from_ptr(dc_op_type_name(5)) };
     assert_eq!(name.to_str().unwrap(), "_ALLGATHER_BASE");

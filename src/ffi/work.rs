@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use super::buf::dc_buf;
 use super::{
-    arg_bytes, arg_opt_str, arg_out, arg_ref, arg_timeout, boundary, dc_status, drop_handle,
-    give, to_millis, UserData, DC_OK,
+    arg_bytes, arg_opt_str, arg_out, arg_ref, arg_timeout, boundary, dc_status, drop_handle, give,
+    to_millis, UserData, DC_OK,
 };
 use crate::error::{Error, Result, Status};
 use crate::profiler::{set_profiler_hooks, ProfilerHooks};
@@ -21,11 +21,13 @@ pub struct dc_work {
 /// Called once when a work completes, on the thread that completes it (or
 /// at once, on the calling thread, if it already had). `work` is a borrowed
 /// view valid during the call only: do not free it.
-pub type dc_work_callback = Option<unsafe extern "C" fn(work: *const dc_work, user_data: *mut c_void)>;
+pub type dc_work_callback =
+    Option<unsafe extern "C" fn(work: *const dc_work, user_data: *mut c_void)>;
 
 /// Profiler begin hook: a work titled `title` was created; the returned
 /// token is passed to the end hook. Runs on the creating thread.
-pub type dc_profiler_begin_fn = Option<unsafe extern "C" fn(title: *const c_char, user_data: *mut c_void) -> u64>;
+pub type dc_profiler_begin_fn =
+    Option<unsafe extern "C" fn(title: *const c_char, user_data: *mut c_void) -> u64>;
 
 /// Profiler end hook: the span `begin` returned `token` for has ended (the
 /// work finished or was freed unfinished). Runs on that thread, once per begin.
@@ -67,8 +69,15 @@ pub unsafe extern "C" fn dc_work_new(
         let op_type = OpType::from_code(op_type)
             .ok_or_else(|| Error::invalid_argument(format!("unknown op type {op_type}")))?;
         let title = unsafe { arg_opt_str(profiling_title, "profiling_title") }?;
-        let timeout = u64::try_from(timeout_ms).ok().map(std::time::Duration::from_millis);
-        give(out, dc_work { work: Work::new(rank, op_type, title, timeout) });
+        let timeout = u64::try_from(timeout_ms)
+            .ok()
+            .map(std::time::Duration::from_millis);
+        give(
+            out,
+            dc_work {
+                work: Work::new(rank, op_type, title, timeout),
+            },
+        );
         Ok(())
     })
 }
@@ -79,7 +88,12 @@ pub unsafe extern "C" fn dc_work_new(
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_new_future(out: *mut *mut dc_work) -> dc_status {
     boundary("dc_work_new_future", || {
-        give(unsafe { arg_out(out, "out") }?, dc_work { work: Work::from_future() });
+        give(
+            unsafe { arg_out(out, "out") }?,
+            dc_work {
+                work: Work::from_future(),
+            },
+        );
         Ok(())
     })
 }
@@ -96,7 +110,8 @@ pub unsafe extern "C" fn dc_work_free(work: *mut dc_work) {
 pub unsafe extern "C" fn dc_work_is_completed(work: *const dc_work, out: *mut bool) -> dc_status {
     boundary("dc_work_is_completed", || {
         let work = unsafe { work_arg(work) }?;
-        *unsafe { arg_out(out, "out") }? = work.is_completed();
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = work.is_completed();
         Ok(())
     })
 }
@@ -106,7 +121,8 @@ pub unsafe extern "C" fn dc_work_is_completed(work: *const dc_work, out: *mut bo
 pub unsafe extern "C" fn dc_work_is_success(work: *const dc_work, out: *mut bool) -> dc_status {
     boundary("dc_work_is_success", || {
         let work = unsafe { work_arg(work) }?;
-        *unsafe { arg_out(out, "out") }? = work.is_success();
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = work.is_success();
         Ok(())
     })
 }
@@ -127,7 +143,8 @@ pub unsafe extern "C" fn dc_work_error(
         *out_status = error.as_ref().map_or(DC_OK, |e| e.status().code());
         // SAFETY: NULL or a valid buffer per the contract.
         if let Some(out_message) = unsafe { out_message.as_mut() } {
-            *out_message = dc_buf::from_bytes(error.as_ref().map_or("", |e| e.message()).as_bytes());
+            *out_message =
+                dc_buf::from_bytes(error.as_ref().map_or("", |e| e.message()).as_bytes());
         }
         Ok(())
     })
@@ -216,7 +233,8 @@ pub unsafe extern "C" fn dc_work_synchronize(work: *const dc_work) -> dc_status 
 pub unsafe extern "C" fn dc_work_source_rank(work: *const dc_work, out: *mut i32) -> dc_status {
     boundary("dc_work_source_rank", || {
         let work = unsafe { work_arg(work) }?;
-        *unsafe { arg_out(out, "out") }? = work.source_rank()?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = work.source_rank()?;
         Ok(())
     })
 }
@@ -247,10 +265,14 @@ pub unsafe extern "C" fn dc_work_result(work: *const dc_work, out: *mut dc_buf) 
 /// Writes the seconds from the work's creation to its completion;
 /// DC_ERR_INVALID_STATE while pending.
 #[no_mangle]
-pub unsafe extern "C" fn dc_work_duration(work: *const dc_work, out_seconds: *mut f64) -> dc_status {
+pub unsafe extern "C" fn dc_work_duration(
+    work: *const dc_work,
+    out_seconds: *mut f64,
+) -> dc_status {
     boundary("dc_work_duration", || {
         let work = unsafe { work_arg(work) }?;
-        *unsafe { arg_out(out_seconds, "out_seconds") }? = work.duration()?;
+        let out_seconds = unsafe { arg_out(out_seconds, "out_seconds") }?;
+        *out_seconds = work.duration()?;
         Ok(())
     })
 }
@@ -260,7 +282,8 @@ pub unsafe extern "C" fn dc_work_duration(work: *const dc_work, out_seconds: *mu
 pub unsafe extern "C" fn dc_work_sequence_number(work: *const dc_work, out: *mut u64) -> dc_status {
     boundary("dc_work_sequence_number", || {
         let work = unsafe { work_arg(work) }?;
-        *unsafe { arg_out(out, "out") }? = work.sequence_number();
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = work.sequence_number();
         Ok(())
     })
 }
@@ -270,7 +293,8 @@ pub unsafe extern "C" fn dc_work_sequence_number(work: *const dc_work, out: *mut
 pub unsafe extern "C" fn dc_work_rank(work: *const dc_work, out: *mut i32) -> dc_status {
     boundary("dc_work_rank", || {
         let work = unsafe { work_arg(work) }?;
-        *unsafe { arg_out(out, "out") }? = work.rank();
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = work.rank();
         Ok(())
     })
 }
@@ -280,7 +304,8 @@ pub unsafe extern "C" fn dc_work_rank(work: *const dc_work, out: *mut i32) -> dc
 pub unsafe extern "C" fn dc_work_op_type(work: *const dc_work, out: *mut i32) -> dc_status {
     boundary("dc_work_op_type", || {
         let work = unsafe { work_arg(work) }?;
-        *unsafe { arg_out(out, "out") }? = work.op_type() as i32;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = work.op_type() as i32;
         Ok(())
     })
 }
@@ -290,7 +315,8 @@ pub unsafe extern "C" fn dc_work_op_type(work: *const dc_work, out: *mut i32) ->
 pub unsafe extern "C" fn dc_work_timeout(work: *const dc_work, out_ms: *mut i64) -> dc_status {
     boundary("dc_work_timeout", || {
         let work = unsafe { work_arg(work) }?;
-        *unsafe { arg_out(out_ms, "out_ms") }? = work.timeout().map_or(-1, to_millis);
+        let out_ms = unsafe { arg_out(out_ms, "out_ms") }?;
+        *out_ms = work.timeout().map_or(-1, to_millis);
         Ok(())
     })
 }
@@ -321,7 +347,8 @@ pub unsafe extern "C" fn dc_work_add_done_callback(
 ) -> dc_status {
     boundary("dc_work_add_done_callback", || {
         let work = unsafe { work_arg(work) }?;
-        let callback = callback.ok_or_else(|| Error::invalid_argument("callback must not be NULL"))?;
+        let callback =
+            callback.ok_or_else(|| Error::invalid_argument("callback must not be NULL"))?;
         let user_data = UserData(user_data);
         work.add_done_callback(Box::new(move |done: &Work| {
             let view = dc_work { work: done.clone() };
@@ -340,7 +367,8 @@ pub unsafe extern "C" fn dc_work_add_done_callback(
 pub unsafe extern "C" fn dc_work_fd(work: *const dc_work, out_fd: *mut c_int) -> dc_status {
     boundary("dc_work_fd", || {
         let work = unsafe { work_arg(work) }?;
-        *unsafe { arg_out(out_fd, "out_fd") }? = work.ready_fd()?;
+        let out_fd = unsafe { arg_out(out_fd, "out_fd") }?;
+        *out_fd = work.ready_fd()?;
         Ok(())
     })
 }
@@ -389,6 +417,8 @@ pub unsafe extern "C" fn dc_set_profiler_hooks(
             })));
             Ok(())
         }
-        _ => Err(Error::invalid_argument("begin and end must both be set or both be NULL")),
+        _ => Err(Error::invalid_argument(
+            "begin and end must both be set or both be NULL",
+        )),
     })
 }

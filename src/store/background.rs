@@ -9,15 +9,20 @@ use super::Store;
 use crate::error::Result;
 use crate::work::Work;
 
-/// Runs `op` on a new thread; the returned work completes with its outcome.
-pub fn spawn_op(op: impl FnOnce() -> Result<Vec<u8>> + Send + 'static) -> Result<Work> {
+/// Runs `op` on a new thread; the returned work completes with its outcome:
+/// its error, or success with the result bytes it returned, if any.
+pub fn spawn_op(op: impl FnOnce() -> Result<Option<Vec<u8>>> + Send + 'static) -> Result<Work> {
     let work = Work::from_future();
     let finisher = work.clone();
     std::thread::Builder::new()
         .name("dc-store-async".into())
         .spawn(move || {
             // The work is pending and only this thread finishes it.
-            let _ = finisher.finish_with(op());
+            let _ = match op() {
+                Ok(Some(result)) => finisher.finish_with_result(result),
+                Ok(None) => finisher.finish(None),
+                Err(error) => finisher.finish(Some(error)),
+            };
         })
         .map_err(|e| crate::error::Error::internal(format!("spawning a thread: {e}")))?;
     Ok(work)
@@ -25,20 +30,24 @@ pub fn spawn_op(op: impl FnOnce() -> Result<Vec<u8>> + Send + 'static) -> Result
 
 /// `store.get(key)` in the background; the work's result is the value.
 pub fn get_async(store: Arc<dyn Store>, key: String) -> Result<Work> {
-    spawn_op(move || store.get(&key))
+    spawn_op(move || store.get(&key).map(Some))
 }
 
 /// `store.wait(keys, timeout)` in the background; the work has no result.
-pub fn wait_async(store: Arc<dyn Store>, keys: Vec<String>, timeout: Option<Duration>) -> Result<Work> {
+pub fn wait_async(
+    store: Arc<dyn Store>,
+    keys: Vec<String>,
+    timeout: Option<Duration>,
+) -> Result<Work> {
     spawn_op(move || {
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        store.wait(&keys, timeout).map(|()| Vec::new())
+        store.wait(&keys, timeout).map(|()| None)
     })
 }
 
 /// `store.queue_pop(key, true)` in the background; the result is the element.
 pub fn queue_pop_async(store: Arc<dyn Store>, key: String) -> Result<Work> {
-    spawn_op(move || store.queue_pop(&key, true))
+    spawn_op(move || store.queue_pop(&key, true).map(Some))
 }
 
 /// `store.barrier(key, world_size, timeout)` in the background.
@@ -48,7 +57,7 @@ pub fn barrier_async(
     world_size: i64,
     timeout: Option<Duration>,
 ) -> Result<Work> {
-    spawn_op(move || store.barrier(&key, world_size, timeout).map(|()| Vec::new()))
+    spawn_op(move || store.barrier(&key, world_size, timeout).map(|()| None))
 }
 
 #[cfg(test)]
@@ -70,7 +79,8 @@ mod tests {
     #[test]
     fn async_wait_reports_the_timeout() {
         let store: Arc<dyn Store> = Arc::new(HashStore::new());
-        let work = wait_async(store, vec!["never".into()], Some(Duration::from_millis(20))).unwrap();
+        let work =
+            wait_async(store, vec!["never".into()], Some(Duration::from_millis(20))).unwrap();
         let e = work.wait(Some(Duration::from_secs(30))).unwrap_err();
         assert_eq!(e.status(), Status::Timeout);
     }

@@ -38,7 +38,10 @@ fn add_and_counters(s: Arc<dyn Store>) {
     assert_eq!(s.add("cnt", -2).unwrap(), 3);
     assert_eq!(s.get("cnt").unwrap(), b"3");
     s.set("text", b"abc").unwrap();
-    assert_eq!(s.add("text", 1).unwrap_err().status(), Status::InvalidArgument);
+    assert_eq!(
+        s.add("text", 1).unwrap_err().status(),
+        Status::InvalidArgument
+    );
 }
 
 fn compare_set_cases(s: Arc<dyn Store>) {
@@ -147,15 +150,25 @@ fn timeouts(s: Arc<dyn Store>) {
         .wait(&["never"], Some(Duration::from_millis(100)))
         .unwrap_err();
     assert_eq!(e.status(), Status::Timeout);
-    assert!(e.message().starts_with("wait timeout after 100ms, keys: "), "{}", e.message());
+    assert!(
+        e.message().starts_with("wait timeout after 100ms, keys: "),
+        "{}",
+        e.message()
+    );
     assert!(e.message().contains("never"));
     assert!(start.elapsed() >= Duration::from_millis(100));
     {
         let guard = TimeoutGuard::new(&*s, Duration::from_millis(50));
         assert_eq!(guard.store().timeout(), Duration::from_millis(50));
         assert_eq!(s.get("missing").unwrap_err().status(), Status::Timeout);
-        assert_eq!(s.queue_pop("empty-q", true).unwrap_err().status(), Status::Timeout);
-        assert_eq!(s.multi_get(&["missing"]).unwrap_err().status(), Status::Timeout);
+        assert_eq!(
+            s.queue_pop("empty-q", true).unwrap_err().status(),
+            Status::Timeout
+        );
+        assert_eq!(
+            s.multi_get(&["missing"]).unwrap_err().status(),
+            Status::Timeout
+        );
     }
     assert_eq!(s.timeout(), Duration::from_secs(300));
 }

@@ -118,7 +118,9 @@ fn detect_missing_ranks(
     let gate = format!("{key_prefix}{TRACING_GATE}");
     if rank != 0 {
         return match store.wait(&[&gate], None) {
-            Ok(()) => Ok(Some(vec!["[<check rank 0 (0) for missing rank info>]".into()])),
+            Ok(()) => Ok(Some(vec![
+                "[<check rank 0 (0) for missing rank info>]".into()
+            ])),
             Err(e) if e.status() == Status::Timeout => Ok(None),
             Err(e) => Err(e),
         };
@@ -196,7 +198,14 @@ mod tests {
             3,
             |s, rank| {
                 let data = format!("data{rank}");
-                synchronize(&*s, data.as_bytes(), rank, 3, "sync/", Duration::from_secs(30))
+                synchronize(
+                    &*s,
+                    data.as_bytes(),
+                    rank,
+                    3,
+                    "sync/",
+                    Duration::from_secs(30),
+                )
             },
             &store,
         );

@@ -79,7 +79,9 @@ impl Store for HashStore {
     fn get(&self, key: &str) -> Result<Vec<u8>> {
         let table = self.lock_when_present(&[key], self.timeout())?;
         // Present as a non-empty queue only: PyTorch's GET replies empty.
-        Ok(table.get(key.as_bytes()).map_or_else(Vec::new, |v| v.to_vec()))
+        Ok(table
+            .get(key.as_bytes())
+            .map_or_else(Vec::new, |v| v.to_vec()))
     }
 
     fn add(&self, key: &str, delta: i64) -> Result<i64> {
@@ -118,7 +120,11 @@ impl Store for HashStore {
         let table = self.lock_when_present(keys, self.timeout())?;
         Ok(keys
             .iter()
-            .map(|k| table.get(k.as_bytes()).map_or_else(Vec::new, |v| v.to_vec()))
+            .map(|k| {
+                table
+                    .get(k.as_bytes())
+                    .map_or_else(Vec::new, |v| v.to_vec())
+            })
             .collect())
     }
 

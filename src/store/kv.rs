@@ -88,7 +88,10 @@ impl KvTable {
     }
 
     pub(crate) fn queue_push(&mut self, key: &[u8], value: Value) {
-        self.queues.entry(key.to_vec()).or_default().push_back(value);
+        self.queues
+            .entry(key.to_vec())
+            .or_default()
+            .push_back(value);
     }
 
     pub(crate) fn queue_pop(&mut self, key: &[u8]) -> Option<Value> {
@@ -135,11 +138,23 @@ mod tests {
     #[test]
     fn compare_set_cases() {
         let mut t = KvTable::default();
-        assert_eq!(t.compare_set(b"k", b"x", b"y"), (Value::from(&b"x"[..]), false));
+        assert_eq!(
+            t.compare_set(b"k", b"x", b"y"),
+            (Value::from(&b"x"[..]), false)
+        );
         assert!(t.get(b"k").is_none());
-        assert_eq!(t.compare_set(b"k", b"", b"a"), (Value::from(&b"a"[..]), true));
-        assert_eq!(t.compare_set(b"k", b"zz", b"b"), (Value::from(&b"a"[..]), false));
-        assert_eq!(t.compare_set(b"k", b"a", b"b"), (Value::from(&b"b"[..]), true));
+        assert_eq!(
+            t.compare_set(b"k", b"", b"a"),
+            (Value::from(&b"a"[..]), true)
+        );
+        assert_eq!(
+            t.compare_set(b"k", b"zz", b"b"),
+            (Value::from(&b"a"[..]), false)
+        );
+        assert_eq!(
+            t.compare_set(b"k", b"a", b"b"),
+            (Value::from(&b"b"[..]), true)
+        );
     }
 
     #[test]

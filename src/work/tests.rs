@@ -13,7 +13,10 @@ fn pending() -> Work {
 fn op_types_have_c10d_numbers_and_names() {
     assert_eq!(OpType::from_code(0), Some(OpType::Broadcast));
     assert_eq!(OpType::from_code(15), Some(OpType::Barrier));
-    assert_eq!(OpType::from_code(20), Some(OpType::AllgatherIntoTensorCoalesced));
+    assert_eq!(
+        OpType::from_code(20),
+        Some(OpType::AllgatherIntoTensorCoalesced)
+    );
     assert_eq!(OpType::from_code(100), Some(OpType::Unknown));
     assert_eq!(OpType::from_code(21), None);
     assert_eq!(OpType::AllgatherBase.name(), "_ALLGATHER_BASE");
@@ -35,7 +38,10 @@ fn finish_success_then_wait_and_state() {
     w.wait(None).unwrap();
     w.wait(Some(Duration::from_millis(1))).unwrap();
     assert!(w.duration().unwrap() >= 0.0);
-    assert_eq!(w.result().unwrap_err().message(), "result() not implemented.");
+    assert_eq!(
+        w.result().unwrap_err().message(),
+        "result() not implemented."
+    );
     assert_eq!(w.finish(None).unwrap_err().status(), Status::InvalidState);
 }
 
@@ -66,7 +72,9 @@ fn wait_times_out_with_pytorch_message() {
 #[test]
 fn finish_and_throw_completes_and_returns_the_error() {
     let w = pending();
-    let e = w.finish_and_throw(Some(Error::invalid_argument("bad"))).unwrap_err();
+    let e = w
+        .finish_and_throw(Some(Error::invalid_argument("bad")))
+        .unwrap_err();
     assert_eq!(e.message(), "bad");
     assert!(w.is_completed());
     let w = pending();
@@ -203,7 +211,12 @@ fn profiling_span_begins_at_creation_and_ends_once_before_waiters_wake() {
     }
     assert_eq!(hooks.ends.lock().get(title), Some(&1));
     // An unfinished work ends its span when dropped.
-    drop(Work::new(0, OpType::Allreduce, Some("work-test-dropped"), None));
+    drop(Work::new(
+        0,
+        OpType::Allreduce,
+        Some("work-test-dropped"),
+        None,
+    ));
     assert_eq!(hooks.ends.lock().get("work-test-dropped"), Some(&1));
     set_profiler_hooks(None);
 }

@@ -1,0 +1,42 @@
+/* Minimal assertions for the C tests: print where and why, then exit 1. */
+#ifndef DISTCORE_CHECK_H
+#define DISTCORE_CHECK_H
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <distcore.h>
+
+#define CHECK(cond)                                                        \
+  do {                                                                     \
+    if (!(cond)) {                                                         \
+      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__,     \
+              #cond);                                                      \
+      exit(1);                                                             \
+    }                                                                      \
+  } while (0)
+
+/* Checks that `expr` returns the status `want`. */
+#define CHECK_STATUS(expr, want)                                           \
+  do {                                                                     \
+    dc_status got_ = (expr);                                               \
+    if (got_ != (want)) {                                                  \
+      fprintf(stderr, "%s:%d: %s returned %d (%s: %s), expected %d\n",     \
+              __FILE__, __LINE__, #expr, got_, dc_status_str(got_),        \
+              dc_last_error_message(), (want));                            \
+      exit(1);                                                             \
+    }                                                                      \
+  } while (0)
+
+#define CHECK_OK(expr) CHECK_STATUS(expr, DC_OK)
+
+/* Checks that a dc_buf holds exactly the NUL-terminated text `want`. */
+#define CHECK_BUF(buf, want)                                               \
+  do {                                                                     \
+    CHECK((buf).len == strlen(want));                                      \
+    CHECK(memcmp((buf).data, (want), (buf).len) == 0);                     \
+    CHECK((buf).data[(buf).len] == 0);                                     \
+  } while (0)
+
+#endif

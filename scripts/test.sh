@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The one test command: builds everything and runs every test on a fresh
+# machine — formatting and lints, the Rust tests, the header freshness
+# check, the C/C++ tests (CMake + ctest, also under valgrind), and the Python
+# FFI tests. Installs the system packages it needs.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "system packages"
+missing=()
+for tool in cmake:cmake pkg-config:pkg-config valgrind:valgrind g++:g++ python3:python3; do
+  command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  sudo_cmd=(); [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --release --all-targets -- -D warnings
+
+step "build (regenerates include/distcore.h)"
+cargo build --release
+if git rev-parse --git-dir >/dev/null 2>&1; then
+  if ! git diff --exit-code --stat -- include/distcore.h ||
+     [ -n "$(git ls-files --others --exclude-standard include/distcore.h)" ]; then
+    echo "include/distcore.h is stale or uncommitted: commit the regenerated header" >&2
+    exit 1
+  fi
+fi
+
+step "Rust tests"
+cargo test --release
+
+step "install into build/prefix"
+scripts/install.sh "$root/build/prefix"
+
+step "C and C++ tests (find_package(distcore), ctest, valgrind)"
+rm -rf build/c-tests
+cmake -S c-tests -B build/c-tests -DCMAKE_PREFIX_PATH="$root/build/prefix" -DCMAKE_BUILD_TYPE=Debug
+cmake --build build/c-tests -j "$(nproc)"
+(cd build/c-tests && ctest --output-on-failure -j "$(nproc)")
+
+step "Python ctypes tests"
+DISTCORE_LIB="$root/build/prefix/lib/libdistcore.so" python3 -m unittest discover -s interop -p 'test_ffi_*.py' -v
+
+step "CLI demo"
+build/prefix/bin/distcore demo --workers 8
+
+echo; echo "all tests passed"
