@@ -514,7 +514,10 @@ pub unsafe extern "C" fn dc_store_barrier_async(
         let store = unsafe { store_arg(store) }?.clone();
         let key = unsafe { arg_str(key, "key") }?.to_owned();
         let timeout = arg_timeout(timeout_ms)?;
-        let work = background::barrier_async(store, key, world_size, timeout);
-        give_work(unsafe { arg_out(out, "out") }?, work)
+        let out = unsafe { arg_out(out, "out") }?;
+        give_work(
+            out,
+            background::barrier_async(store, key, world_size, timeout),
+        )
     })
 }

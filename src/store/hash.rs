@@ -14,14 +14,23 @@ struct Shared {
     table: Mutex<KvTable>,
     /// Signalled on every change that can satisfy a waiter.
     changed: Condvar,
+}
+
+/// An in-process store. Clones share the table; each handle has its own
+/// timeout (like a TCPStore clone, so threads scoping timeouts on their own
+/// handles do not race). Waits block on a condvar.
+pub struct HashStore {
+    shared: Arc<Shared>,
     timeout: Mutex<Duration>,
 }
 
-/// An in-process store. Clones share the table and the timeout, as c10d's
-/// `HashStore::clone` returns the same store. Waits block on a condvar.
-#[derive(Clone)]
-pub struct HashStore {
-    shared: Arc<Shared>,
+impl Clone for HashStore {
+    fn clone(&self) -> Self {
+        HashStore {
+            shared: self.shared.clone(),
+            timeout: Mutex::new(self.timeout()),
+        }
+    }
 }
 
 impl Default for HashStore {
@@ -37,8 +46,8 @@ impl HashStore {
             shared: Arc::new(Shared {
                 table: Mutex::new(KvTable::default()),
                 changed: Condvar::new(),
-                timeout: Mutex::new(DEFAULT_STORE_TIMEOUT),
             }),
+            timeout: Mutex::new(DEFAULT_STORE_TIMEOUT),
         }
     }
 
@@ -193,11 +202,11 @@ impl Store for HashStore {
     }
 
     fn timeout(&self) -> Duration {
-        *self.shared.timeout.lock()
+        *self.timeout.lock()
     }
 
     fn set_timeout(&self, timeout: Duration) {
-        *self.shared.timeout.lock() = timeout;
+        *self.timeout.lock() = timeout;
     }
 
     fn clone_store(&self) -> Result<Arc<dyn Store>> {
@@ -216,12 +225,14 @@ mod tests {
     }
 
     #[test]
-    fn clones_share_data_and_timeout() {
+    fn clones_share_data_but_not_timeout() {
         let a = HashStore::new();
+        a.set_timeout(Duration::from_secs(9));
         let b = a.clone_store().unwrap();
         a.set("k", b"v").unwrap();
         assert_eq!(b.get("k").unwrap(), b"v");
+        assert_eq!(b.timeout(), Duration::from_secs(9));
         b.set_timeout(Duration::from_millis(5));
-        assert_eq!(a.timeout(), Duration::from_millis(5));
+        assert_eq!(a.timeout(), Duration::from_secs(9));
     }
 }
