@@ -2,6 +2,7 @@
 import ctypes
 import select
 import threading
+import time
 import unittest
 
 import distcore_ctypes as dc
@@ -111,6 +112,10 @@ class CtypesWorkTest(unittest.TestCase):
         self.assertEqual(select.select([fd], [], [], 10)[0], [fd])
         work.wait(10000)
         self.assertEqual(work.result(), b"value")
+        # Callbacks run on the completing thread right after waiters wake.
+        deadline = time.monotonic() + 10
+        while not fired and time.monotonic() < deadline:
+            time.sleep(0.001)
         self.assertEqual(fired, [42])
 
     def test_failed_and_timed_out_work(self):
