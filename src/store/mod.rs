@@ -12,9 +12,11 @@ pub mod elastic;
 pub mod hash;
 pub(crate) mod kv;
 pub mod prefix;
+pub mod tcp;
 
 pub use hash::HashStore;
 pub use prefix::PrefixStore;
+pub use tcp::{TcpStore, TcpStoreOptions};
 
 /// PyTorch's `Store`: a key-value store shared by the workers of a job.
 ///

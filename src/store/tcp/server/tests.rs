@@ -1,0 +1,466 @@
+//! The server at the byte level, as PyTorch clients and hostile peers drive it.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::store::tcp::protocol::{Command, Encoder};
+
+fn server() -> Server {
+    Server::start(ServerOptions {
+        limits: Limits {
+            max_value_len: 1 << 20,
+            ..Limits::default()
+        },
+        ..ServerOptions::default()
+    })
+    .unwrap()
+}
+
+fn raw(server: &Server) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn validated(server: &Server) -> TcpStream {
+    let mut s = raw(server);
+    s.write_all(
+        &Encoder::request(Command::Validate)
+            .u32(VALIDATE_MAGIC)
+            .finish(),
+    )
+    .unwrap();
+    s
+}
+
+fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0; n];
+    s.read_exact(&mut buf).unwrap();
+    buf
+}
+
+fn ping(s: &mut TcpStream, nonce: u32) -> u32 {
+    s.write_all(&Encoder::request(Command::Ping).u32(nonce).finish())
+        .unwrap();
+    u32::from_le_bytes(read_n(s, 4).try_into().unwrap())
+}
+
+/// True when the server closed the connection (EOF or reset) within 10 s.
+fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+fn wait_for(server: &Server, what: impl Fn(ServerStats) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !what(server.stats()) {
+        assert!(
+            Instant::now() < deadline,
+            "stats never matched: {:?}",
+            server.stats()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn the_spec_example_byte_for_byte() {
+    let srv = server();
+    let mut s = raw(&srv);
+    let hex = |h: &str| -> Vec<u8> {
+        let h: String = h.split_whitespace().collect();
+        (0..h.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&h[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    s.write_all(&hex("00 cef7853c 0d e0080000")).unwrap();
+    assert_eq!(read_n(&mut s, 4), hex("e0080000"));
+    s.write_all(&hex("01 0300000000000000 2f6b31 0200000000000000 7631"))
+        .unwrap();
+    s.write_all(&hex("06 0100000000000000 0300000000000000 2f6b31"))
+        .unwrap();
+    assert_eq!(read_n(&mut s, 1), hex("00"));
+    s.write_all(&hex("03 0300000000000000 2f6b31")).unwrap();
+    assert_eq!(read_n(&mut s, 10), hex("0200000000000000 7631"));
+    s.write_all(&hex("04 0400000000000000 2f636e74 0500000000000000"))
+        .unwrap();
+    assert_eq!(read_n(&mut s, 8), hex("0500000000000000"));
+    s.write_all(&hex("12 0400000000000000 2f626172 0100000000000000"))
+        .unwrap();
+    assert_eq!(read_n(&mut s, 1), hex("00"));
+}
+
+#[test]
+fn pipelined_and_split_requests() {
+    let srv = server();
+    let mut s = validated(&srv);
+    let mut two = Encoder::request(Command::Ping).u32(1).finish();
+    two.extend(Encoder::request(Command::Ping).u32(2).finish());
+    s.write_all(&two).unwrap();
+    assert_eq!(read_n(&mut s, 8), [1, 0, 0, 0, 2, 0, 0, 0]);
+    let req = Encoder::request(Command::Set)
+        .bytes(b"/split")
+        .bytes(b"value")
+        .finish();
+    for byte in &req {
+        s.write_all(&[*byte]).unwrap();
+        s.flush().unwrap();
+    }
+    s.write_all(&Encoder::request(Command::Get).bytes(b"/split").finish())
+        .unwrap();
+    assert_eq!(read_n(&mut s, 13)[8..], *b"value");
+}
+
+#[test]
+fn nothing_but_validate_before_validation() {
+    let srv = server();
+    let mut s = raw(&srv);
+    s.write_all(
+        &Encoder::request(Command::Set)
+            .bytes(b"/x")
+            .bytes(b"1")
+            .finish(),
+    )
+    .unwrap();
+    s.write_all(
+        &Encoder::request(Command::Validate)
+            .u32(VALIDATE_MAGIC)
+            .finish(),
+    )
+    .unwrap();
+    s.write_all(&Encoder::request(Command::Check).keys(&["/x"]).finish())
+        .unwrap();
+    assert_eq!(read_n(&mut s, 1), [NOT_READY]);
+}
+
+#[test]
+fn bad_input_closes_only_that_connection() {
+    let srv = server();
+    let mut good = validated(&srv);
+    let bad_inputs: Vec<(&str, Vec<u8>, bool)> = vec![
+        (
+            "wrong magic",
+            Encoder::request(Command::Validate)
+                .u32(0x1234_5678)
+                .finish(),
+            false,
+        ),
+        ("unknown command", vec![0x42], true),
+        (
+            "2^63 key length",
+            Encoder::request(Command::Get).u64(1 << 63).finish(),
+            true,
+        ),
+        (
+            "value over the limit",
+            Encoder::request(Command::Set)
+                .bytes(b"/k")
+                .u64(2 << 20)
+                .finish(),
+            true,
+        ),
+        (
+            "too many keys",
+            Encoder::request(Command::Wait).u64(1 << 20).finish(),
+            true,
+        ),
+        (
+            "add to a non-integer",
+            {
+                let mut v = Encoder::request(Command::Set)
+                    .bytes(b"/t")
+                    .bytes(b"abc")
+                    .finish();
+                v.extend(Encoder::request(Command::Add).bytes(b"/t").u64(1).finish());
+                v
+            },
+            true,
+        ),
+        (
+            "extension command without HELLO",
+            Encoder::request(Command::WaitGet).keys(&["/k"]).finish(),
+            true,
+        ),
+    ];
+    for (what, bytes, validate_first) in bad_inputs {
+        let mut s = if validate_first {
+            validated(&srv)
+        } else {
+            raw(&srv)
+        };
+        s.write_all(&bytes).unwrap();
+        assert!(closed(&mut s), "{what}: connection stayed open");
+        assert_eq!(
+            ping(&mut good, 99),
+            99,
+            "{what}: the server stopped serving others"
+        );
+    }
+    // A truncated frame followed by a disconnect is simply dropped.
+    let mut s = validated(&srv);
+    s.write_all(&Encoder::request(Command::Set).bytes(b"/half").finish())
+        .unwrap();
+    drop(s);
+    good.write_all(&Encoder::request(Command::Check).keys(&["/half"]).finish())
+        .unwrap();
+    assert_eq!(read_n(&mut good, 1), [NOT_READY]);
+}
+
+#[test]
+fn waiters_wake_on_every_writing_command() {
+    let srv = server();
+    let mut w = validated(&srv);
+    let mut writer = validated(&srv);
+    let writes: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "/a",
+            Encoder::request(Command::Set)
+                .bytes(b"/a")
+                .bytes(b"1")
+                .finish(),
+        ),
+        (
+            "/b",
+            Encoder::request(Command::Add).bytes(b"/b").u64(1).finish(),
+        ),
+        (
+            "/c",
+            Encoder::request(Command::Append)
+                .bytes(b"/c")
+                .bytes(b"x")
+                .finish(),
+        ),
+        (
+            "/d",
+            Encoder::request(Command::CompareSet)
+                .bytes(b"/d")
+                .bytes(b"")
+                .bytes(b"v")
+                .finish(),
+        ),
+        (
+            "/e",
+            Encoder::request(Command::QueuePush)
+                .bytes(b"/e")
+                .bytes(b"v")
+                .finish(),
+        ),
+        (
+            "/f",
+            Encoder::request(Command::MultiSet)
+                .u64(1)
+                .bytes(b"/f")
+                .bytes(b"v")
+                .finish(),
+        ),
+    ];
+    for (key, write) in writes {
+        w.write_all(&Encoder::request(Command::Wait).keys(&[key]).finish())
+            .unwrap();
+        wait_for(&srv, |s| s.pending_waits == 1);
+        writer.write_all(&write).unwrap();
+        assert_eq!(read_n(&mut w, 1), [STOP_WAITING], "{key}");
+        // Drain replies of the writer (ADD and COMPARE_SET answer).
+        writer
+            .write_all(&Encoder::request(Command::Ping).u32(7).finish())
+            .unwrap();
+        let mut tail = Vec::new();
+        while !tail.ends_with(&[7, 0, 0, 0]) {
+            tail.extend(read_n(&mut writer, 1));
+        }
+    }
+}
+
+#[test]
+fn queue_push_wakes_one_waiter() {
+    let srv = server();
+    let mut a = validated(&srv);
+    let mut b = validated(&srv);
+    for s in [&mut a, &mut b] {
+        s.write_all(&Encoder::request(Command::Wait).keys(&["/q"]).finish())
+            .unwrap();
+    }
+    wait_for(&srv, |s| s.pending_waits == 2);
+    let mut p = validated(&srv);
+    p.write_all(
+        &Encoder::request(Command::QueuePush)
+            .bytes(b"/q")
+            .bytes(b"1")
+            .finish(),
+    )
+    .unwrap();
+    assert_eq!(read_n(&mut a, 1), [STOP_WAITING]);
+    wait_for(&srv, |s| s.pending_waits == 1);
+    p.write_all(
+        &Encoder::request(Command::QueuePush)
+            .bytes(b"/q")
+            .bytes(b"2")
+            .finish(),
+    )
+    .unwrap();
+    assert_eq!(read_n(&mut b, 1), [STOP_WAITING]);
+}
+
+#[test]
+fn cancel_and_disconnect_leave_no_waiter() {
+    let srv = server();
+    let mut s = validated(&srv);
+    s.write_all(
+        &Encoder::request(Command::Wait)
+            .keys(&["/never", "/nope"])
+            .finish(),
+    )
+    .unwrap();
+    s.write_all(
+        &Encoder::request(Command::Barrier)
+            .bytes(b"/bar")
+            .u64(5)
+            .finish(),
+    )
+    .unwrap();
+    wait_for(&srv, |st| st.pending_waits == 2);
+    s.write_all(&Encoder::request(Command::CancelWait).finish())
+        .unwrap();
+    assert_eq!(read_n(&mut s, 1), [WAIT_CANCELED]);
+    wait_for(&srv, |st| st.pending_waits == 0);
+    let mut d = validated(&srv);
+    d.write_all(&Encoder::request(Command::Wait).keys(&["/never"]).finish())
+        .unwrap();
+    wait_for(&srv, |st| st.pending_waits == 1 && st.connections == 2);
+    drop(d);
+    wait_for(&srv, |st| st.pending_waits == 0 && st.connections == 1);
+    // A later set finds nobody to wake and nothing breaks.
+    s.write_all(
+        &Encoder::request(Command::Set)
+            .bytes(b"/never")
+            .bytes(b"1")
+            .finish(),
+    )
+    .unwrap();
+    assert_eq!(ping(&mut s, 5), 5);
+}
+
+#[test]
+fn barrier_counts_arrivals_and_releases_everyone() {
+    let srv = server();
+    let mut conns: Vec<TcpStream> = (0..3).map(|_| validated(&srv)).collect();
+    for c in &mut conns[..2] {
+        c.write_all(
+            &Encoder::request(Command::Barrier)
+                .bytes(b"/b")
+                .u64(3)
+                .finish(),
+        )
+        .unwrap();
+    }
+    wait_for(&srv, |st| st.pending_waits == 2);
+    conns[2]
+        .write_all(
+            &Encoder::request(Command::Barrier)
+                .bytes(b"/b")
+                .u64(3)
+                .finish(),
+        )
+        .unwrap();
+    for c in &mut conns {
+        assert_eq!(read_n(c, 1), [STOP_WAITING]);
+    }
+    conns[0]
+        .write_all(&Encoder::request(Command::Get).bytes(b"/b").finish())
+        .unwrap();
+    assert_eq!(read_n(&mut conns[0], 9)[8], b'3');
+}
+
+#[test]
+fn hello_turns_on_wait_get_only_for_distcore_clients() {
+    let srv = server();
+    let mut s = validated(&srv);
+    assert_eq!(ping(&mut s, HELLO_NONCE), HELLO_ACK);
+    s.write_all(
+        &Encoder::request(Command::Set)
+            .bytes(b"/k")
+            .bytes(b"v")
+            .finish(),
+    )
+    .unwrap();
+    s.write_all(
+        &Encoder::request(Command::WaitGet)
+            .keys(&["/k", "/missing-later"])
+            .finish(),
+    )
+    .unwrap();
+    wait_for(&srv, |st| st.pending_waits == 1);
+    let mut other = validated(&srv);
+    other
+        .write_all(
+            &Encoder::request(Command::Set)
+                .bytes(b"/missing-later")
+                .bytes(b"w")
+                .finish(),
+        )
+        .unwrap();
+    let reply = read_n(&mut s, 1 + 9 + 9);
+    assert_eq!(reply[0], STOP_WAITING);
+    assert_eq!((reply[9], reply[18]), (b'v', b'w'));
+    let plain = Server::start(ServerOptions {
+        extensions: false,
+        ..ServerOptions::default()
+    })
+    .unwrap();
+    let mut p = validated(&plain);
+    assert_eq!(ping(&mut p, HELLO_NONCE), HELLO_NONCE);
+}
+
+#[test]
+fn queue_pop_reports_length_before_the_pop() {
+    let srv = server();
+    let mut s = validated(&srv);
+    s.write_all(&Encoder::request(Command::QueuePop).bytes(b"/q").finish())
+        .unwrap();
+    assert_eq!(read_n(&mut s, 8), 0i64.to_le_bytes());
+    s.write_all(
+        &Encoder::request(Command::QueuePush)
+            .bytes(b"/q")
+            .bytes(b"e1")
+            .finish(),
+    )
+    .unwrap();
+    s.write_all(&Encoder::request(Command::QueuePop).bytes(b"/q").finish())
+        .unwrap();
+    let reply = read_n(&mut s, 8 + 8 + 2);
+    assert_eq!(reply[..8], 1i64.to_le_bytes());
+    assert_eq!(reply[16..], *b"e1");
+}
+
+#[test]
+fn takes_over_a_listening_socket() {
+    use std::os::fd::IntoRawFd;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let srv = Server::start(ServerOptions {
+        listen_fd: Some(l.into_raw_fd()),
+        ..ServerOptions::default()
+    })
+    .unwrap();
+    assert_eq!(srv.port(), port);
+    let mut s = validated(&srv);
+    assert_eq!(ping(&mut s, 3), 3);
+}
+
+#[test]
+fn dropping_the_server_closes_its_connections() {
+    let srv = server();
+    let mut s = validated(&srv);
+    s.write_all(&Encoder::request(Command::Wait).keys(&["/never"]).finish())
+        .unwrap();
+    wait_for(&srv, |st| st.pending_waits == 1);
+    drop(srv);
+    assert!(closed(&mut s));
+}

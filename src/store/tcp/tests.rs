@@ -1,0 +1,285 @@
+//! TcpStore client + server together, in both protocol modes.
+
+use std::thread;
+
+use super::*;
+use crate::store::conformance;
+
+fn server_store() -> TcpStore {
+    TcpStore::new(TcpStoreOptions {
+        is_server: true,
+        ..TcpStoreOptions::default()
+    })
+    .unwrap()
+}
+
+fn client_of(port: u16) -> TcpStore {
+    TcpStore::new(TcpStoreOptions {
+        port,
+        ..TcpStoreOptions::default()
+    })
+    .unwrap()
+}
+
+#[test]
+fn conforms_against_a_distcore_server() {
+    conformance::run_all(&|| {
+        let s = server_store();
+        assert!(s.peer_is_distcore());
+        Arc::new(s) as Arc<dyn Store>
+    });
+}
+
+#[test]
+fn conforms_in_pytorch_mode() {
+    // A server without the extensions answers like PyTorch's: the client
+    // falls back to WAIT + GET and never sends a command it would not know.
+    conformance::run_all(&|| {
+        let server = Arc::new(
+            Server::start(ServerOptions {
+                extensions: false,
+                ..ServerOptions::default()
+            })
+            .unwrap(),
+        );
+        let mut store = client_of(server.port());
+        assert!(!store.peer_is_distcore());
+        store.server = Some(server);
+        Arc::new(store) as Arc<dyn Store>
+    });
+}
+
+#[test]
+fn keys_travel_with_a_slash_and_list_without_it() {
+    let s = server_store();
+    s.set("k1", b"v1").unwrap();
+    s.add_raw(INIT_KEY, 1).unwrap();
+    assert_eq!(s.get_raw("/k1").unwrap(), b"v1");
+    assert_eq!(s.list_keys().unwrap(), vec!["k1".to_string()]);
+    assert_eq!(s.num_keys().unwrap(), 2, "init/ counts, as in PyTorch");
+}
+
+#[test]
+fn server_waits_for_workers_then_times_out_with_pytorch_message() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            thread::spawn(move || {
+                TcpStore::new(TcpStoreOptions {
+                    port,
+                    world_size: Some(3),
+                    ..TcpStoreOptions::default()
+                })
+            })
+        })
+        .collect();
+    let master = TcpStore::new(TcpStoreOptions {
+        is_server: true,
+        port,
+        world_size: Some(3),
+        ..TcpStoreOptions::default()
+    })
+    .unwrap();
+    for w in workers {
+        w.join().unwrap().unwrap();
+    }
+    assert_eq!(master.get_raw(INIT_KEY).unwrap(), b"3");
+    let e = TcpStore::new(TcpStoreOptions {
+        is_server: true,
+        world_size: Some(3),
+        timeout: Duration::from_millis(300),
+        ..TcpStoreOptions::default()
+    })
+    .err()
+    .unwrap();
+    assert_eq!(e.status(), Status::Timeout);
+    assert_eq!(
+        e.message(),
+        "Timed out after 1 seconds waiting for clients. 1/3 clients joined."
+    );
+}
+
+#[test]
+fn multi_tenant_handles_share_one_server() {
+    let first = TcpStore::new(TcpStoreOptions {
+        is_server: true,
+        multi_tenant: true,
+        ..TcpStoreOptions::default()
+    })
+    .unwrap();
+    let port = first.port();
+    let second = TcpStore::new(TcpStoreOptions {
+        is_server: true,
+        multi_tenant: true,
+        port,
+        ..TcpStoreOptions::default()
+    })
+    .unwrap();
+    first.set("shared", b"1").unwrap();
+    assert_eq!(second.get("shared").unwrap(), b"1");
+    drop(first);
+    // The server lives while any handle does.
+    assert_eq!(client_of(port).get("shared").unwrap(), b"1");
+    drop(second);
+}
+
+#[test]
+fn wait_and_barrier_timeouts_use_pytorch_messages() {
+    let s = server_store();
+    let e = s
+        .wait(&["never"], Some(Duration::from_millis(200)))
+        .unwrap_err();
+    assert_eq!(
+        (e.status(), e.message()),
+        (Status::Timeout, "wait timeout after 200ms, keys: /never")
+    );
+    let e = s
+        .barrier("bar2", 2, Some(Duration::from_millis(100)))
+        .unwrap_err();
+    assert_eq!(
+        (e.status(), e.message()),
+        (Status::Timeout, "barrier timeout after 100ms, key: bar2")
+    );
+    // The connection stays usable after a cancelled wait.
+    s.set("after", b"ok").unwrap();
+    assert_eq!(s.get("after").unwrap(), b"ok");
+}
+
+#[test]
+fn a_value_arriving_during_cancel_is_still_returned_or_timed_out_cleanly() {
+    let s = Arc::new(server_store());
+    let writer = s.clone_store().unwrap();
+    for i in 0..50 {
+        let key = format!("race{i}");
+        let w = writer.clone_store().unwrap();
+        let k2 = key.clone();
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_micros(200 * (i % 10)));
+            w.set(&k2, b"v").unwrap();
+        });
+        s.set_timeout(Duration::from_millis(1));
+        match s.get(&key) {
+            Ok(v) => assert_eq!(v, b"v"),
+            Err(e) => assert_eq!(e.status(), Status::Timeout),
+        }
+        t.join().unwrap();
+        s.set_timeout(Duration::from_secs(30));
+        assert_eq!(
+            s.get(&key).unwrap(),
+            b"v",
+            "connection out of sync after the race"
+        );
+    }
+}
+
+#[test]
+fn a_dead_server_is_a_network_error_not_a_hang() {
+    let server = Arc::new(Server::start(ServerOptions::default()).unwrap());
+    let client = Arc::new(client_of(server.port()));
+    let waiter = {
+        let c = client.clone();
+        thread::spawn(move || {
+            let start = Instant::now();
+            (
+                c.wait(&["never"], Some(Duration::from_secs(60))),
+                start.elapsed(),
+            )
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.stats().pending_waits == 0 {
+        assert!(Instant::now() < deadline);
+        thread::sleep(Duration::from_millis(5));
+    }
+    drop(server);
+    let (result, elapsed) = waiter.join().unwrap();
+    assert_eq!(result.unwrap_err().status(), Status::Network);
+    assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    assert_eq!(client.set("x", b"1").unwrap_err().status(), Status::Network);
+}
+
+#[test]
+fn connect_retries_until_the_server_appears_then_gives_up_in_time() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    let late = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(300));
+        TcpStore::new(TcpStoreOptions {
+            is_server: true,
+            port,
+            ..TcpStoreOptions::default()
+        })
+        .unwrap()
+    });
+    let c = TcpStore::new(TcpStoreOptions {
+        port,
+        timeout: Duration::from_secs(20),
+        ..TcpStoreOptions::default()
+    })
+    .unwrap();
+    c.set("k", b"v").unwrap();
+    let server = late.join().unwrap();
+    drop(c);
+    drop(server);
+    let start = Instant::now();
+    let e = TcpStore::new(TcpStoreOptions {
+        port,
+        timeout: Duration::from_millis(700),
+        ..TcpStoreOptions::default()
+    })
+    .err()
+    .unwrap();
+    assert_eq!(e.status(), Status::Network);
+    assert!(
+        e.message().contains("timed out after 700ms"),
+        "{}",
+        e.message()
+    );
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn ipv6_and_hostnames_resolve() {
+    let s = server_store();
+    for host in ["localhost", "::1", "[::1]"] {
+        if host.contains(':') && std::net::TcpStream::connect(("::1", s.port())).is_err() {
+            continue; // no IPv6 loopback on this host
+        }
+        let c = TcpStore::new(TcpStoreOptions {
+            host: host.into(),
+            port: s.port(),
+            ..TcpStoreOptions::default()
+        })
+        .unwrap();
+        c.set(host, b"1").unwrap();
+    }
+    assert_eq!(
+        s.num_keys().unwrap(),
+        2 + i64::from(std::net::TcpStream::connect(("::1", s.port())).is_ok())
+    );
+}
+
+#[test]
+fn counters_track_each_operation() {
+    let s = server_store();
+    for _ in 0..3 {
+        s.set("k", b"v").unwrap();
+    }
+    s.get("k").unwrap();
+    let counters = s.counters();
+    let set = counters.iter().find(|c| c.op == "set").unwrap();
+    assert_eq!(set.count, 3);
+    assert!(set.mean_ms >= 0.0 && set.variance_ms >= 0.0);
+    assert_eq!(counters.iter().find(|c| c.op == "get").unwrap().count, 1);
+}
+
+#[test]
+fn large_values_round_trip() {
+    let s = server_store();
+    let value: Vec<u8> = (0..(16 << 20)).map(|i| (i % 251) as u8).collect();
+    s.set("big", &value).unwrap();
+    assert_eq!(s.get("big").unwrap(), value);
+}
