@@ -110,6 +110,24 @@ int main(void) {
   NULL_ARG(dc_store_barrier_async(s, NULL, 1, 10, &w));
   NULL_ARG(dc_store_barrier_async(s, key, 1, 10, NULL));
 
+  /* TCPStore. */
+  dc_tcp_store_options opts;
+  dc_client_counter counters[1];
+  size_t n_counters = 0;
+  uint16_t port = 0;
+  NULL_ARG(dc_tcp_store_options_init(NULL));
+  CHECK_OK(dc_tcp_store_options_init(&opts));
+  NULL_ARG(dc_tcp_store_new(NULL, &s));
+  NULL_ARG(dc_tcp_store_new(&opts, NULL));
+  opts.host = NULL;
+  NULL_ARG(dc_tcp_store_new(&opts, &s));
+  NULL_ARG(dc_tcp_store_port(NULL, &port));
+  NULL_ARG(dc_tcp_store_port(s, NULL));
+  NULL_ARG(dc_tcp_store_wait_for_workers(NULL));
+  NULL_ARG(dc_tcp_store_counters(NULL, counters, 1, &n_counters));
+  NULL_ARG(dc_tcp_store_counters(s, NULL, 1, &n_counters));
+  NULL_ARG(dc_tcp_store_counters(s, counters, 1, NULL));
+
   /* Elastic helpers. */
   NULL_ARG(dc_elastic_barrier(NULL, 1, "b", 10));
   NULL_ARG(dc_elastic_barrier(s, 1, NULL, 10));

@@ -124,6 +124,45 @@ typedef struct {
   size_t len;
 } dc_buf_array;
 
+// Options of `dc_tcp_store_new`, mirroring torch.distributed.TCPStore's
+// arguments. Initialise with `dc_tcp_store_options_init`, then change
+// what you need.
+typedef struct {
+  // Host to connect to (NUL-terminated; a name, an IPv4 or IPv6 literal).
+  const char *host;
+  // Port; for a server 0 picks a free one (read it with dc_tcp_store_port).
+  uint16_t port;
+  // Start a server in this process (PyTorch's is_master).
+  bool is_server;
+  // Number of store handles in the job, server included; < 0: unknown.
+  int64_t world_size;
+  // Count this handle in `init/`; the server then waits for world_size.
+  bool wait_for_workers;
+  // Timeout of connecting and of blocking calls, in ms (0: forever).
+  int64_t timeout_ms;
+  // Share one server among handles of this process on the same port.
+  bool multi_tenant;
+  // Serve on this already-listening socket; < 0: bind a new one.
+  int master_listen_fd;
+  // Listen only on this address (NUL-terminated IP); NULL: every
+  // interface, dual-stack when IPv6 is available.
+  const char *bind_address;
+  // Largest value the server accepts, in bytes; 0: 64 MiB.
+  uint64_t max_value_size;
+} dc_tcp_store_options;
+
+// One operation's latency statistics (PyTorch's collectClientCounters).
+typedef struct {
+  // The operation: "set", "get", "add", ... (static string).
+  const char *op;
+  // How many times it ran on this handle.
+  uint64_t count;
+  // Mean latency in milliseconds.
+  double mean_ms;
+  // Sample variance of the latency in ms².
+  double variance_ms;
+} dc_client_counter;
+
 // Called once when a work completes, on the thread that completes it (or
 // at once, on the calling thread, if it already had). `work` is a borrowed
 // view valid during the call only: do not free it.
@@ -381,6 +420,35 @@ dc_status dc_store_barrier_async(const dc_store *store,
                                  int64_t world_size,
                                  int64_t timeout_ms,
                                  dc_work **out);
+
+// Fills `opts` with the defaults: host "127.0.0.1", port 0, client, no
+// world size, wait_for_workers, 300 s timeout, not multi-tenant, no
+// listen fd, every interface, 64 MiB values.
+dc_status dc_tcp_store_options_init(dc_tcp_store_options *opts);
+
+// Creates a TCPStore handle: starts the server if `opts->is_server`,
+// connects (retrying with backoff until the timeout: DC_ERR_NETWORK after
+// it), and with a world size and wait_for_workers counts itself in; the
+// server then blocks until every worker joined (DC_ERR_TIMEOUT "Timed out
+// after N seconds waiting for clients. x/y clients joined.").
+dc_status dc_tcp_store_new(const dc_tcp_store_options *opts, dc_store **out);
+
+// Writes the port of the server the TCPStore handle talks to (the chosen
+// one when a server asked for port 0).
+dc_status dc_tcp_store_port(const dc_store *store, uint16_t *out_port);
+
+// Counts this handle in `init/` and, on the server, blocks until the world
+// size is reached (PyTorch's TCPStore::waitForWorkers). Does nothing
+// without a world size.
+dc_status dc_tcp_store_wait_for_workers(const dc_store *store);
+
+// Writes up to `capacity` per-operation latency counters of this handle
+// into `out` and their total number into `out_len` (call with capacity 0
+// to size the array).
+dc_status dc_tcp_store_counters(const dc_store *store,
+                                dc_client_counter *out,
+                                size_t capacity,
+                                size_t *out_len);
 
 // Creates a pending work of `rank` performing `op_type` (a `dc_op_type`,
 // c10d's OpType numbers: DC_OP_TYPE_BROADCAST = 0 ... DC_OP_TYPE_UNKNOWN = 100). `profiling_title`

@@ -22,6 +22,7 @@ use crate::error::{Error, Result, Status};
 pub mod buf;
 pub mod elastic;
 pub mod store;
+pub mod tcp;
 pub mod work;
 
 /// A status code: `DC_OK` (0) or one of the `DC_ERR_*` codes.

@@ -1,6 +1,7 @@
 //! Key-value stores with PyTorch's `c10d::Store` surface, and the helpers
 //! built on any store.
 
+use std::any::Any;
 use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,12 +19,24 @@ pub use hash::HashStore;
 pub use prefix::PrefixStore;
 pub use tcp::{TcpStore, TcpStoreOptions};
 
+/// Access to the concrete type behind a `dyn Store` (e.g. a TCPStore's port).
+pub trait AsAny {
+    /// `self` as `Any`, for downcasting.
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Any> AsAny for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
 /// PyTorch's `Store`: a key-value store shared by the workers of a job.
 ///
 /// Every implementation is safe to share between threads. Timeouts follow
 /// [`crate::timeout`]: `None` means the store's own timeout, a zero duration
 /// waits forever.
-pub trait Store: Send + Sync {
+pub trait Store: AsAny + Send + Sync {
     /// Sets `key` to `value`, waking the waiters of `key`.
     fn set(&self, key: &str, value: &[u8]) -> Result<()>;
 

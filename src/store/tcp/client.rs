@@ -4,6 +4,7 @@
 
 use std::io::{BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use super::protocol::{
@@ -156,6 +157,50 @@ impl Connection {
         self.broken
             .get_or_insert_with(|| error.message().to_string());
         error
+    }
+
+    /// Sends a request that has no reply, after checking that the server
+    /// has not closed the connection: without a reply to wait for, a dead
+    /// server would otherwise go unnoticed.
+    pub(crate) fn send_unanswered(&mut self, bytes: &[u8]) -> Result<()> {
+        self.check_usable()?;
+        if !self.reader.buffer().is_empty() {
+            let e = Error::new(
+                Status::Protocol,
+                format!("unexpected bytes from the TCPStore at {}", self.peer),
+            );
+            return Err(self.break_with(e));
+        }
+        let mut byte = 0u8;
+        let fd = self.reader.get_ref().as_raw_fd();
+        // SAFETY: a one-byte peek into a live local.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        let error = match n {
+            0 => Some(format!(
+                "the TCPStore at {} closed the connection",
+                self.peer
+            )),
+            n if n > 0 => Some(format!(
+                "unexpected bytes from the TCPStore at {}",
+                self.peer
+            )),
+            _ => {
+                let e = std::io::Error::last_os_error();
+                (e.kind() != ErrorKind::WouldBlock && e.kind() != ErrorKind::Interrupted)
+                    .then(|| format!("connection to the TCPStore at {}: {e}", self.peer))
+            }
+        };
+        if let Some(why) = error {
+            return Err(self.break_with(Error::network(why)));
+        }
+        self.send(bytes)
     }
 
     /// Sends a whole request.

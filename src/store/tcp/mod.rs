@@ -308,7 +308,7 @@ impl Store for TcpStore {
             .bytes(user_key(key).as_bytes())
             .bytes(value)
             .finish();
-        self.exchange("set", |c, _| c.send(&request))
+        self.exchange("set", |c, _| c.send_unanswered(&request))
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
@@ -375,7 +375,7 @@ impl Store for TcpStore {
             .bytes(user_key(key).as_bytes())
             .bytes(value)
             .finish();
-        self.exchange("append", |c, _| c.send(&request))
+        self.exchange("append", |c, _| c.send_unanswered(&request))
     }
 
     fn multi_get(&self, keys: &[&str]) -> Result<Vec<Vec<u8>>> {
@@ -394,7 +394,7 @@ impl Store for TcpStore {
             e = e.bytes(user_key(key).as_bytes()).bytes(value);
         }
         let request = e.finish();
-        self.exchange("multi_set", |c, _| c.send(&request))
+        self.exchange("multi_set", |c, _| c.send_unanswered(&request))
     }
 
     fn queue_push(&self, key: &str, value: &[u8]) -> Result<()> {
@@ -402,7 +402,7 @@ impl Store for TcpStore {
             .bytes(user_key(key).as_bytes())
             .bytes(value)
             .finish();
-        self.exchange("queue_push", |c, _| c.send(&request))
+        self.exchange("queue_push", |c, _| c.send_unanswered(&request))
     }
 
     fn queue_pop(&self, key: &str, block: bool) -> Result<Vec<u8>> {

@@ -1,0 +1,220 @@
+//! `dc_tcp_store_*`: creating TCPStore handles (server and client) and what
+//! only a TCPStore has; everything else goes through `dc_store_*`.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, CString};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::store::{dc_store, store_arg};
+use super::{arg_opt_str, arg_out, arg_ref, arg_slice, arg_str, boundary, dc_status, give};
+use once_cell::sync::Lazy;
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::store::tcp::protocol::DEFAULT_MAX_VALUE_LEN;
+use crate::store::{Store, TcpStore, TcpStoreOptions};
+use crate::timeout::DEFAULT_STORE_TIMEOUT;
+
+/// Options of `dc_tcp_store_new`, mirroring torch.distributed.TCPStore's
+/// arguments. Initialise with `dc_tcp_store_options_init`, then change
+/// what you need.
+#[repr(C)]
+pub struct dc_tcp_store_options {
+    /// Host to connect to (NUL-terminated; a name, an IPv4 or IPv6 literal).
+    pub host: *const c_char,
+    /// Port; for a server 0 picks a free one (read it with dc_tcp_store_port).
+    pub port: u16,
+    /// Start a server in this process (PyTorch's is_master).
+    pub is_server: bool,
+    /// Number of store handles in the job, server included; < 0: unknown.
+    pub world_size: i64,
+    /// Count this handle in `init/`; the server then waits for world_size.
+    pub wait_for_workers: bool,
+    /// Timeout of connecting and of blocking calls, in ms (0: forever).
+    pub timeout_ms: i64,
+    /// Share one server among handles of this process on the same port.
+    pub multi_tenant: bool,
+    /// Serve on this already-listening socket; < 0: bind a new one.
+    pub master_listen_fd: c_int,
+    /// Listen only on this address (NUL-terminated IP); NULL: every
+    /// interface, dual-stack when IPv6 is available.
+    pub bind_address: *const c_char,
+    /// Largest value the server accepts, in bytes; 0: 64 MiB.
+    pub max_value_size: u64,
+}
+
+/// One operation's latency statistics (PyTorch's collectClientCounters).
+#[repr(C)]
+pub struct dc_client_counter {
+    /// The operation: "set", "get", "add", ... (static string).
+    pub op: *const c_char,
+    /// How many times it ran on this handle.
+    pub count: u64,
+    /// Mean latency in milliseconds.
+    pub mean_ms: f64,
+    /// Sample variance of the latency in ms².
+    pub variance_ms: f64,
+}
+
+/// Fills `opts` with the defaults: host "127.0.0.1", port 0, client, no
+/// world size, wait_for_workers, 300 s timeout, not multi-tenant, no
+/// listen fd, every interface, 64 MiB values.
+#[no_mangle]
+pub unsafe extern "C" fn dc_tcp_store_options_init(opts: *mut dc_tcp_store_options) -> dc_status {
+    boundary("dc_tcp_store_options_init", || {
+        let opts = unsafe { arg_out(opts, "opts") }?;
+        *opts = dc_tcp_store_options {
+            host: c"127.0.0.1".as_ptr(),
+            port: 0,
+            is_server: false,
+            world_size: -1,
+            wait_for_workers: true,
+            timeout_ms: DEFAULT_STORE_TIMEOUT.as_millis() as i64,
+            multi_tenant: false,
+            master_listen_fd: -1,
+            bind_address: std::ptr::null(),
+            max_value_size: 0,
+        };
+        Ok(())
+    })
+}
+
+unsafe fn options_arg(opts: &dc_tcp_store_options) -> Result<TcpStoreOptions> {
+    let host = unsafe { arg_str(opts.host, "opts->host") }?.to_owned();
+    let bind_address = unsafe { arg_opt_str(opts.bind_address, "opts->bind_address") }?
+        .map(|a| {
+            a.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .map_err(|_| {
+                    Error::invalid_argument(format!("bind_address '{a}' is not an IP address"))
+                })
+        })
+        .transpose()?;
+    let timeout_ms = u64::try_from(opts.timeout_ms)
+        .map_err(|_| Error::invalid_argument("opts->timeout_ms must not be negative"))?;
+    let world_size = match opts.world_size {
+        n if n < 0 => None,
+        n => Some(
+            u32::try_from(n)
+                .map_err(|_| Error::invalid_argument("opts->world_size is too large"))?,
+        ),
+    };
+    let max_value_len = match opts.max_value_size {
+        0 => DEFAULT_MAX_VALUE_LEN,
+        n => usize::try_from(n)
+            .map_err(|_| Error::invalid_argument("opts->max_value_size is too large"))?,
+    };
+    Ok(TcpStoreOptions {
+        host,
+        port: opts.port,
+        is_server: opts.is_server,
+        world_size,
+        wait_for_workers: opts.wait_for_workers,
+        timeout: Duration::from_millis(timeout_ms),
+        multi_tenant: opts.multi_tenant,
+        master_listen_fd: (opts.master_listen_fd >= 0).then_some(opts.master_listen_fd),
+        bind_address,
+        max_value_len,
+    })
+}
+
+/// Creates a TCPStore handle: starts the server if `opts->is_server`,
+/// connects (retrying with backoff until the timeout: DC_ERR_NETWORK after
+/// it), and with a world size and wait_for_workers counts itself in; the
+/// server then blocks until every worker joined (DC_ERR_TIMEOUT "Timed out
+/// after N seconds waiting for clients. x/y clients joined.").
+#[no_mangle]
+pub unsafe extern "C" fn dc_tcp_store_new(
+    opts: *const dc_tcp_store_options,
+    out: *mut *mut dc_store,
+) -> dc_status {
+    boundary("dc_tcp_store_new", || {
+        let opts = unsafe { options_arg(arg_ref(opts, "opts")?) }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        give(
+            out,
+            dc_store {
+                store: Arc::new(TcpStore::new(opts)?),
+            },
+        );
+        Ok(())
+    })
+}
+
+fn tcp(store: &Arc<dyn Store>) -> Result<&TcpStore> {
+    (**store)
+        .as_any()
+        .downcast_ref::<TcpStore>()
+        .ok_or_else(|| Error::invalid_argument("store is not a TCPStore"))
+}
+
+/// Writes the port of the server the TCPStore handle talks to (the chosen
+/// one when a server asked for port 0).
+#[no_mangle]
+pub unsafe extern "C" fn dc_tcp_store_port(
+    store: *const dc_store,
+    out_port: *mut u16,
+) -> dc_status {
+    boundary("dc_tcp_store_port", || {
+        let store = unsafe { store_arg(store) }?;
+        let out = unsafe { arg_out(out_port, "out_port") }?;
+        let store = tcp(store)?;
+        *out = store.port();
+        Ok(())
+    })
+}
+
+/// Counts this handle in `init/` and, on the server, blocks until the world
+/// size is reached (PyTorch's TCPStore::waitForWorkers). Does nothing
+/// without a world size.
+#[no_mangle]
+pub unsafe extern "C" fn dc_tcp_store_wait_for_workers(store: *const dc_store) -> dc_status {
+    boundary("dc_tcp_store_wait_for_workers", || {
+        tcp(unsafe { store_arg(store) }?)?.wait_for_workers()
+    })
+}
+
+/// Writes up to `capacity` per-operation latency counters of this handle
+/// into `out` and their total number into `out_len` (call with capacity 0
+/// to size the array).
+#[no_mangle]
+pub unsafe extern "C" fn dc_tcp_store_counters(
+    store: *const dc_store,
+    out: *mut dc_client_counter,
+    capacity: usize,
+    out_len: *mut usize,
+) -> dc_status {
+    boundary("dc_tcp_store_counters", || {
+        let store = unsafe { store_arg(store) }?;
+        unsafe { arg_slice(out.cast_const(), capacity, "out") }?;
+        let out_len = unsafe { arg_out(out_len, "out_len") }?;
+        let store = tcp(store)?;
+        let counters = store.counters();
+        *out_len = counters.len();
+        for (i, c) in counters.iter().take(capacity).enumerate() {
+            // SAFETY: `out` has `capacity` elements and `i < capacity`.
+            unsafe {
+                out.add(i).write(dc_client_counter {
+                    op: op_name(c.op),
+                    count: c.count,
+                    mean_ms: c.mean_ms,
+                    variance_ms: c.variance_ms,
+                })
+            };
+        }
+        Ok(())
+    })
+}
+
+/// A C string for an operation name, interned for the life of the process.
+fn op_name(op: &'static str) -> *const c_char {
+    static NAMES: Lazy<Mutex<HashMap<&'static str, CString>>> = Lazy::new(Default::default);
+    let mut names = NAMES.lock();
+    names
+        .entry(op)
+        .or_insert_with(|| CString::new(op).unwrap_or_default())
+        .as_ptr()
+}
