@@ -1,43 +1,91 @@
-//! The `distcore` command line: a local demo of the coordination plane.
+//! The `distcore` command line: a standalone store server, an inspector, and
+//! a demo of workers that rendezvous, exchange data and report through Works.
 
-use std::process::ExitCode;
+use std::process::{Child, Command as Process, ExitCode};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
-use distcore::store::{elastic, HashStore, PrefixStore, Store};
-use distcore::{OpType, Work};
+use clap::{Parser, Subcommand, ValueEnum};
+use distcore::store::tcp::{Server, ServerOptions};
+use distcore::store::{background, elastic, HashStore, PrefixStore, Store, TcpStore, TcpStoreOptions};
+use distcore::{Error, OpType, Result, Work};
 
 #[derive(Parser)]
-#[command(
-    name = "distcore",
-    version,
-    about = "The coordination plane of torch.distributed, without PyTorch"
-)]
+#[command(name = "distcore", version, about = "The coordination plane of torch.distributed, without PyTorch")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum DemoStore {
+    /// Worker processes talk TCP to a TCPStore server embedded in this process.
+    Tcp,
+    /// Worker threads share an in-process HashStore.
+    Hash,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Workers (threads) rendezvous through an embedded store with
-    /// torchelastic's helpers, exchange data, and hand results back as Works.
+    /// Workers rendezvous through an embedded store with torchelastic's
+    /// helpers, exchange data, and hand results back as Works.
     Demo {
         /// Number of workers.
         #[arg(long, default_value_t = 4)]
-        workers: i64,
+        workers: u32,
+        /// Where the workers meet.
+        #[arg(long, value_enum, default_value_t = DemoStore::Tcp)]
+        store: DemoStore,
         /// Seconds any step may take before the demo fails.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Run a standalone TCPStore server (PyTorch-compatible) until SIGINT or SIGTERM.
+    Serve {
+        /// Address to listen on (default: every interface, dual-stack).
+        #[arg(long)]
+        host: Option<std::net::IpAddr>,
+        /// Port (0 picks a free one).
+        #[arg(long, default_value_t = 29500)]
+        port: u16,
+        /// Report when this many clients have counted themselves in `init/`.
+        #[arg(long)]
+        world_size: Option<u32>,
+        /// Largest value accepted, in bytes.
+        #[arg(long, default_value_t = distcore::store::tcp::protocol::DEFAULT_MAX_VALUE_LEN)]
+        max_value_size: usize,
+    },
+    /// List the keys of a TCPStore with their sizes and values.
+    Inspect {
+        /// The server, as HOST:PORT ([::1]:29500 for IPv6).
+        address: String,
+        /// Bytes of each value to show.
+        #[arg(long, default_value_t = 64)]
+        width: usize,
+    },
+    /// One worker process of `demo` (started by it).
+    #[command(hide = true)]
+    DemoWorker {
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        rank: u32,
+        #[arg(long)]
+        world: u32,
+        #[arg(long)]
         timeout: u64,
     },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let outcome = match cli.command {
-        Command::Demo { workers, timeout } => demo(workers, Duration::from_secs(timeout)),
+    let outcome = match Cli::parse().command {
+        Command::Demo { workers, store, timeout } => demo(workers, store, Duration::from_secs(timeout)),
+        Command::Serve { host, port, world_size, max_value_size } => serve(host, port, world_size, max_value_size),
+        Command::Inspect { address, width } => inspect(&address, width),
+        Command::DemoWorker { port, rank, world, timeout } => {
+            demo_worker_process(port, rank, world, Duration::from_secs(timeout))
+        }
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -48,75 +96,100 @@ fn main() -> ExitCode {
     }
 }
 
-/// One worker: joins the barrier, publishes its shard, gathers everyone's,
-/// and returns the global sum it computed (decimal text).
-fn worker(
-    store: Arc<dyn Store>,
-    rank: i64,
-    world: i64,
-    timeout: Duration,
-) -> distcore::Result<Vec<u8>> {
+/// One worker's job: join the barrier, publish a shard, gather everyone's,
+/// and return the global sum (decimal text).
+fn worker(store: Arc<dyn Store>, rank: i64, world: i64, timeout: Duration) -> Result<Vec<u8>> {
     let job: Arc<dyn Store> = Arc::new(PrefixStore::new("demo", store));
     elastic::barrier(&*job, world, "rendezvous", timeout)?;
     let shard: i64 = (1..=100).map(|i| i * (rank + 1)).sum();
-    let all = elastic::synchronize(
-        &*job,
-        shard.to_string().as_bytes(),
-        rank,
-        world,
-        "shards/",
-        timeout,
-    )?;
-    let total: i64 = all
-        .iter()
-        .map(|v| String::from_utf8_lossy(v).parse::<i64>().unwrap_or(0))
-        .sum();
-    job.add("finished", 1)?;
+    let all = elastic::synchronize(&*job, shard.to_string().as_bytes(), rank, world, "shards/", timeout)?;
+    let total: i64 = all.iter().map(|v| String::from_utf8_lossy(v).parse::<i64>().unwrap_or(0)).sum();
     Ok(total.to_string().into_bytes())
 }
 
-fn demo(workers: i64, timeout: Duration) -> distcore::Result<()> {
+fn demo_worker_process(port: u16, rank: u32, world: u32, timeout: Duration) -> Result<()> {
+    let store: Arc<dyn Store> = Arc::new(TcpStore::new(TcpStoreOptions {
+        port,
+        world_size: Some(world + 1),
+        timeout,
+        ..TcpStoreOptions::default()
+    })?);
+    let total = worker(store.clone(), i64::from(rank), i64::from(world), timeout)?;
+    store.set(&format!("demo/result/{rank}"), &total)
+}
+
+fn demo(workers: u32, kind: DemoStore, timeout: Duration) -> Result<()> {
     if workers < 1 {
-        return Err(distcore::Error::invalid_argument(
-            "--workers must be at least 1",
-        ));
+        return Err(Error::invalid_argument("--workers must be at least 1"));
     }
     let started = Instant::now();
-    let store: Arc<dyn Store> = Arc::new(HashStore::new());
-    println!(
-        "distcore {} demo: {workers} workers on an embedded HashStore",
-        distcore::VERSION
-    );
-    let works: Vec<Work> = (0..workers)
-        .map(|rank| {
-            let work = Work::new(
-                rank as i32,
-                OpType::Allgather,
-                Some("demo/worker"),
-                Some(timeout),
+    let (store, works, children): (Arc<dyn Store>, Vec<Work>, Vec<Child>) = match kind {
+        DemoStore::Hash => {
+            println!("distcore {} demo: {workers} worker threads on an embedded HashStore", distcore::VERSION);
+            let store: Arc<dyn Store> = Arc::new(HashStore::new());
+            let works = (0..workers)
+                .map(|rank| {
+                    let work = Work::new(rank as i32, OpType::Allgather, Some("demo/worker"), Some(timeout));
+                    let (finisher, store) = (work.clone(), store.clone_store()?);
+                    thread::spawn(move || {
+                        let _ = finisher.finish_with(worker(store, i64::from(rank), i64::from(workers), timeout));
+                    });
+                    Ok(work)
+                })
+                .collect::<Result<_>>()?;
+            (store, works, Vec::new())
+        }
+        DemoStore::Tcp => {
+            let server = TcpStore::new(TcpStoreOptions {
+                is_server: true,
+                bind_address: Some(std::net::Ipv4Addr::LOCALHOST.into()),
+                world_size: Some(workers + 1),
+                wait_for_workers: false,
+                timeout,
+                ..TcpStoreOptions::default()
+            })?;
+            let port = server.port();
+            println!(
+                "distcore {} demo: {workers} worker processes, TCPStore server on 127.0.0.1:{port}",
+                distcore::VERSION
             );
-            let (finisher, store) = (work.clone(), store.clone_store()?);
-            thread::spawn(move || {
-                let _ = finisher.finish_with(worker(store, rank, workers, timeout));
-            });
-            Ok(work)
-        })
-        .collect::<distcore::Result<_>>()?;
-    let expected: i64 = (1..=workers).map(|r| 5050 * r).sum();
-    for work in &works {
-        work.wait(None)?;
+            let exe = std::env::current_exe().map_err(|e| Error::internal(format!("own path: {e}")))?;
+            let children = (0..workers)
+                .map(|rank| {
+                    Process::new(&exe)
+                        .args(["demo-worker", "--port", &port.to_string(), "--rank", &rank.to_string()])
+                        .args(["--world", &workers.to_string(), "--timeout", &timeout.as_secs().to_string()])
+                        .spawn()
+                        .map_err(|e| Error::internal(format!("starting worker {rank}: {e}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            server.wait_for_workers()?;
+            println!("  all {workers} workers joined after {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+            let store: Arc<dyn Store> = Arc::new(server);
+            // Each result arrives as a Work completed by a background get.
+            let works = (0..workers)
+                .map(|rank| background::get_async(store.clone_store()?, format!("demo/result/{rank}")))
+                .collect::<Result<_>>()?;
+            (store, works, children)
+        }
+    };
+    let expected: i64 = (1..=i64::from(workers)).map(|r| 5050 * r).sum();
+    for (rank, work) in works.iter().enumerate() {
+        work.wait(Some(timeout))?;
         let total = String::from_utf8_lossy(&work.result()?).into_owned();
         println!(
-            "  rank {} (work #{}, {:.2} ms): global sum {total}",
-            work.rank(),
+            "  rank {rank} (work #{}, done after {:.2} ms): global sum {total}",
             work.sequence_number(),
             work.duration()? * 1e3
         );
         if total != expected.to_string() {
-            return Err(distcore::Error::internal(format!(
-                "rank {} computed {total}, expected {expected}",
-                work.rank()
-            )));
+            return Err(Error::internal(format!("rank {rank} computed {total}, expected {expected}")));
+        }
+    }
+    for mut child in children {
+        let status = child.wait().map_err(|e| Error::internal(format!("waiting for a worker: {e}")))?;
+        if !status.success() {
+            return Err(Error::internal(format!("a worker process failed: {status}")));
         }
     }
     println!(
@@ -125,4 +198,104 @@ fn demo(workers: i64, timeout: Duration) -> distcore::Result<()> {
         started.elapsed().as_secs_f64() * 1e3
     );
     Ok(())
+}
+
+/// Blocks SIGINT and SIGTERM in every thread (call before starting any) and
+/// returns a function that waits for one of them.
+fn block_termination_signals() -> impl FnOnce() -> i32 {
+    // SAFETY: sigset manipulation on a local set, then pthread_sigmask on
+    // the calling thread; threads started later inherit the mask.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    move || {
+        let mut signal = 0;
+        // SAFETY: waits on the set built above.
+        unsafe { libc::sigwait(&set, &mut signal) };
+        signal
+    }
+}
+
+fn serve(host: Option<std::net::IpAddr>, port: u16, world_size: Option<u32>, max_value_size: usize) -> Result<()> {
+    let wait_for_signal = block_termination_signals();
+    let server = Server::start(ServerOptions {
+        port,
+        bind_address: host,
+        limits: distcore::store::tcp::protocol::Limits {
+            max_value_len: max_value_size,
+            ..Default::default()
+        },
+        ..ServerOptions::default()
+    })?;
+    let shown = host.map_or_else(|| "[::]".to_string(), |h| h.to_string());
+    println!("distcore TCPStore server listening on {shown}:{} (SIGINT or SIGTERM stops it)", server.port());
+    if let Some(world) = world_size {
+        let port = server.port();
+        thread::spawn(move || report_workers(port, world));
+    }
+    let signal = wait_for_signal();
+    let stats = server.stats();
+    drop(server);
+    println!(
+        "distcore: signal {signal}: stopped ({} connections, {} keys at the end)",
+        stats.connections, stats.keys
+    );
+    Ok(())
+}
+
+/// Prints once `world` clients have counted themselves in `init/`.
+fn report_workers(port: u16, world: u32) {
+    let watch = || -> Result<()> {
+        let store = TcpStore::new(TcpStoreOptions { port, timeout: Duration::ZERO, ..TcpStoreOptions::default() })?;
+        let started = Instant::now();
+        loop {
+            let joined = store.joined_workers()?;
+            if joined >= i64::from(world) {
+                println!("distcore: all {world} workers joined ({:.1} s)", started.elapsed().as_secs_f64());
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    };
+    if let Err(e) = watch() {
+        eprintln!("distcore: watching init/: {e}");
+    }
+}
+
+fn inspect(address: &str, width: usize) -> Result<()> {
+    let (host, port) = address
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+        .ok_or_else(|| Error::invalid_argument(format!("'{address}' is not HOST:PORT")))?;
+    let store = TcpStore::new(TcpStoreOptions { host, port, timeout: Duration::from_secs(10), ..TcpStoreOptions::default() })?;
+    let mut keys = store.list_keys()?;
+    keys.sort();
+    println!("{} keys ({} counted by the server, init/ included)", keys.len(), store.num_keys()?);
+    for key in keys {
+        match store.try_get(&key)? {
+            Some(value) => println!("{key:<40} {:>10} B  {}", value.len(), preview(&value, width)),
+            None => println!("{key:<40} (deleted meanwhile)"),
+        }
+    }
+    Ok(())
+}
+
+/// Printable ASCII as is, other bytes as \xNN, cut at `width` bytes.
+fn preview(value: &[u8], width: usize) -> String {
+    let mut out: String = value[..value.len().min(width)]
+        .iter()
+        .map(|&b| match b {
+            b' '..=b'~' => (b as char).to_string(),
+            _ => format!("\\x{b:02x}"),
+        })
+        .collect();
+    if value.len() > width {
+        out.push('…');
+    }
+    out
 }

@@ -178,8 +178,7 @@ impl TcpStore {
         let timeout = self.timeout();
         let start = Instant::now();
         loop {
-            let joined = self.get_raw(INIT_KEY)?;
-            let joined: i64 = String::from_utf8_lossy(&joined).parse().unwrap_or(0);
+            let joined = self.joined_workers()?;
             if joined >= i64::from(world_size) {
                 return Ok(());
             }
@@ -192,6 +191,20 @@ impl TcpStore {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// The number of handles counted in `init/` so far.
+    pub fn joined_workers(&self) -> Result<i64> {
+        let joined = self.get_raw(INIT_KEY)?;
+        Ok(String::from_utf8_lossy(&joined).parse().unwrap_or(0))
+    }
+
+    /// The value of `key` if it exists, without waiting for it.
+    pub fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        if !self.check(&[key])? {
+            return Ok(None);
+        }
+        self.get_raw(&user_key(key)).map(Some)
     }
 
     /// Latency counters of this handle's operations (PyTorch's
