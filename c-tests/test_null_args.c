@@ -124,6 +124,9 @@ int main(void) {
   NULL_ARG(dc_tcp_store_port(NULL, &port));
   NULL_ARG(dc_tcp_store_port(s, NULL));
   NULL_ARG(dc_tcp_store_wait_for_workers(NULL));
+  dc_server_stats stats;
+  NULL_ARG(dc_tcp_store_server_stats(NULL, &stats));
+  NULL_ARG(dc_tcp_store_server_stats(s, NULL));
   NULL_ARG(dc_tcp_store_counters(NULL, counters, 1, &n_counters));
   NULL_ARG(dc_tcp_store_counters(s, NULL, 1, &n_counters));
   NULL_ARG(dc_tcp_store_counters(s, counters, 1, NULL));

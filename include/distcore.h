@@ -163,6 +163,16 @@ typedef struct {
   double variance_ms;
 } dc_client_counter;
 
+// A snapshot of a TCPStore server's load.
+typedef struct {
+  // Open client connections.
+  uint64_t connections;
+  // Pending WAIT and BARRIER requests.
+  uint64_t pending_waits;
+  // Keys holding values.
+  uint64_t keys;
+} dc_server_stats;
+
 // Called once when a work completes, on the thread that completes it (or
 // at once, on the calling thread, if it already had). `work` is a borrowed
 // view valid during the call only: do not free it.
@@ -449,6 +459,10 @@ dc_status dc_tcp_store_counters(const dc_store *store,
                                 dc_client_counter *out,
                                 size_t capacity,
                                 size_t *out_len);
+
+// Writes the load of the server this handle runs (DC_ERR_INVALID_ARGUMENT
+// for a handle that runs no server).
+dc_status dc_tcp_store_server_stats(const dc_store *store, dc_server_stats *out);
 
 // Creates a pending work of `rank` performing `op_type` (a `dc_op_type`,
 // c10d's OpType numbers: DC_OP_TYPE_BROADCAST = 0 ... DC_OP_TYPE_UNKNOWN = 100). `profiling_title`

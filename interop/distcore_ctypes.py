@@ -26,6 +26,17 @@ class BufArray(Structure):
     _fields_ = [("items", POINTER(Buf)), ("len", c_size_t)]
 
 
+class TcpStoreOptions(Structure):
+    _fields_ = [("host", c_char_p), ("port", ctypes.c_uint16), ("is_server", c_bool),
+                ("world_size", c_int64), ("wait_for_workers", c_bool), ("timeout_ms", c_int64),
+                ("multi_tenant", c_bool), ("master_listen_fd", c_int), ("bind_address", c_char_p),
+                ("max_value_size", c_uint64)]
+
+
+class ServerStats(Structure):
+    _fields_ = [("connections", c_uint64), ("pending_waits", c_uint64), ("keys", c_uint64)]
+
+
 WORK_CALLBACK = CFUNCTYPE(None, c_void_p, c_void_p)
 PROFILER_BEGIN = CFUNCTYPE(c_uint64, c_char_p, c_void_p)
 PROFILER_END = CFUNCTYPE(None, c_char_p, c_uint64, c_void_p)
@@ -64,6 +75,10 @@ _SIGNATURES = {
     "dc_store_get_async": ([c_void_p, c_char_p, POINTER(c_void_p)], None),
     "dc_store_wait_async": ([c_void_p, POINTER(c_char_p), c_size_t, c_int64,
                              POINTER(c_void_p)], None),
+    "dc_tcp_store_options_init": ([POINTER(TcpStoreOptions)], None),
+    "dc_tcp_store_new": ([POINTER(TcpStoreOptions), POINTER(c_void_p)], None),
+    "dc_tcp_store_port": ([c_void_p, POINTER(ctypes.c_uint16)], None),
+    "dc_tcp_store_server_stats": ([c_void_p, POINTER(ServerStats)], None),
     "dc_elastic_barrier": ([c_void_p, c_int64, c_char_p, c_int64], None),
     "dc_elastic_synchronize": ([c_void_p, c_char_p, c_size_t, c_int64, c_int64,
                                 c_char_p, c_int64, POINTER(BufArray)], None),
@@ -171,6 +186,24 @@ class Store:
         h = c_void_p()
         api.check(api.lib.dc_hash_store_new(ctypes.byref(h)))
         return cls(api, h)
+
+    @classmethod
+    def tcp(cls, api, port, host="127.0.0.1", is_server=False, world_size=-1,
+            wait_for_workers=True, timeout_ms=30000):
+        opts = TcpStoreOptions()
+        api.check(api.lib.dc_tcp_store_options_init(ctypes.byref(opts)))
+        host_bytes = host.encode()  # kept alive for the call
+        opts.host, opts.port, opts.is_server = host_bytes, port, is_server
+        opts.world_size, opts.wait_for_workers, opts.timeout_ms = world_size, wait_for_workers, timeout_ms
+        h = c_void_p()
+        api.check(api.lib.dc_tcp_store_new(ctypes.byref(opts), ctypes.byref(h)))
+        return cls(api, h)
+
+    @property
+    def port(self):
+        out = ctypes.c_uint16()
+        self.api.check(self.api.lib.dc_tcp_store_port(self.handle, ctypes.byref(out)))
+        return out.value
 
     def prefixed(self, prefix):
         h = c_void_p()

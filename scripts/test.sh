@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one test command: builds everything and runs every test on a fresh
 # machine — formatting and lints, the Rust tests, the header freshness
-# check, the C/C++ tests (CMake + ctest, also under valgrind), and the Python
-# FFI tests. Installs the system packages it needs.
+# check, the C/C++ tests (CMake + ctest, also under valgrind), the Python
+# FFI tests and the interop tests against PyTorch itself. Installs the
+# system packages and the Python packages (torch, in build/venv) it needs.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -49,6 +50,15 @@ cmake --build build/c-tests -j "$(nproc)"
 
 step "Python ctypes tests"
 DISTCORE_LIB="$root/build/prefix/lib/libdistcore.so" python3 -m unittest discover -s interop -p 'test_ffi_*.py' -v
+
+step "PyTorch interop (torch from pip, CPU, in build/venv)"
+venv="$root/build/venv"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+if ! "$venv/bin/python" -c "import torch.distributed" 2>/dev/null; then
+  "$venv/bin/pip" install -q --disable-pip-version-check torch
+fi
+DISTCORE_LIB="$root/build/prefix/lib/libdistcore.so" \
+  "$venv/bin/python" -m unittest discover -s interop -p 'test_torch_*.py' -v
 
 step "CLI demo"
 build/prefix/bin/distcore demo --workers 8

@@ -8,11 +8,17 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use distcore::store::tcp::{Server, ServerOptions};
-use distcore::store::{background, elastic, HashStore, PrefixStore, Store, TcpStore, TcpStoreOptions};
+use distcore::store::{
+    background, elastic, HashStore, PrefixStore, Store, TcpStore, TcpStoreOptions,
+};
 use distcore::{Error, OpType, Result, Work};
 
 #[derive(Parser)]
-#[command(name = "distcore", version, about = "The coordination plane of torch.distributed, without PyTorch")]
+#[command(
+    name = "distcore",
+    version,
+    about = "The coordination plane of torch.distributed, without PyTorch"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -80,12 +86,24 @@ enum Command {
 
 fn main() -> ExitCode {
     let outcome = match Cli::parse().command {
-        Command::Demo { workers, store, timeout } => demo(workers, store, Duration::from_secs(timeout)),
-        Command::Serve { host, port, world_size, max_value_size } => serve(host, port, world_size, max_value_size),
+        Command::Demo {
+            workers,
+            store,
+            timeout,
+        } => demo(workers, store, Duration::from_secs(timeout)),
+        Command::Serve {
+            host,
+            port,
+            world_size,
+            max_value_size,
+        } => serve(host, port, world_size, max_value_size),
         Command::Inspect { address, width } => inspect(&address, width),
-        Command::DemoWorker { port, rank, world, timeout } => {
-            demo_worker_process(port, rank, world, Duration::from_secs(timeout))
-        }
+        Command::DemoWorker {
+            port,
+            rank,
+            world,
+            timeout,
+        } => demo_worker_process(port, rank, world, Duration::from_secs(timeout)),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,8 +120,18 @@ fn worker(store: Arc<dyn Store>, rank: i64, world: i64, timeout: Duration) -> Re
     let job: Arc<dyn Store> = Arc::new(PrefixStore::new("demo", store));
     elastic::barrier(&*job, world, "rendezvous", timeout)?;
     let shard: i64 = (1..=100).map(|i| i * (rank + 1)).sum();
-    let all = elastic::synchronize(&*job, shard.to_string().as_bytes(), rank, world, "shards/", timeout)?;
-    let total: i64 = all.iter().map(|v| String::from_utf8_lossy(v).parse::<i64>().unwrap_or(0)).sum();
+    let all = elastic::synchronize(
+        &*job,
+        shard.to_string().as_bytes(),
+        rank,
+        world,
+        "shards/",
+        timeout,
+    )?;
+    let total: i64 = all
+        .iter()
+        .map(|v| String::from_utf8_lossy(v).parse::<i64>().unwrap_or(0))
+        .sum();
     Ok(total.to_string().into_bytes())
 }
 
@@ -125,14 +153,27 @@ fn demo(workers: u32, kind: DemoStore, timeout: Duration) -> Result<()> {
     let started = Instant::now();
     let (store, works, children): (Arc<dyn Store>, Vec<Work>, Vec<Child>) = match kind {
         DemoStore::Hash => {
-            println!("distcore {} demo: {workers} worker threads on an embedded HashStore", distcore::VERSION);
+            println!(
+                "distcore {} demo: {workers} worker threads on an embedded HashStore",
+                distcore::VERSION
+            );
             let store: Arc<dyn Store> = Arc::new(HashStore::new());
             let works = (0..workers)
                 .map(|rank| {
-                    let work = Work::new(rank as i32, OpType::Allgather, Some("demo/worker"), Some(timeout));
+                    let work = Work::new(
+                        rank as i32,
+                        OpType::Allgather,
+                        Some("demo/worker"),
+                        Some(timeout),
+                    );
                     let (finisher, store) = (work.clone(), store.clone_store()?);
                     thread::spawn(move || {
-                        let _ = finisher.finish_with(worker(store, i64::from(rank), i64::from(workers), timeout));
+                        let _ = finisher.finish_with(worker(
+                            store,
+                            i64::from(rank),
+                            i64::from(workers),
+                            timeout,
+                        ));
                     });
                     Ok(work)
                 })
@@ -153,22 +194,39 @@ fn demo(workers: u32, kind: DemoStore, timeout: Duration) -> Result<()> {
                 "distcore {} demo: {workers} worker processes, TCPStore server on 127.0.0.1:{port}",
                 distcore::VERSION
             );
-            let exe = std::env::current_exe().map_err(|e| Error::internal(format!("own path: {e}")))?;
+            let exe =
+                std::env::current_exe().map_err(|e| Error::internal(format!("own path: {e}")))?;
             let children = (0..workers)
                 .map(|rank| {
                     Process::new(&exe)
-                        .args(["demo-worker", "--port", &port.to_string(), "--rank", &rank.to_string()])
-                        .args(["--world", &workers.to_string(), "--timeout", &timeout.as_secs().to_string()])
+                        .args([
+                            "demo-worker",
+                            "--port",
+                            &port.to_string(),
+                            "--rank",
+                            &rank.to_string(),
+                        ])
+                        .args([
+                            "--world",
+                            &workers.to_string(),
+                            "--timeout",
+                            &timeout.as_secs().to_string(),
+                        ])
                         .spawn()
                         .map_err(|e| Error::internal(format!("starting worker {rank}: {e}")))
                 })
                 .collect::<Result<Vec<_>>>()?;
             server.wait_for_workers()?;
-            println!("  all {workers} workers joined after {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+            println!(
+                "  all {workers} workers joined after {:.1} ms",
+                started.elapsed().as_secs_f64() * 1e3
+            );
             let store: Arc<dyn Store> = Arc::new(server);
             // Each result arrives as a Work completed by a background get.
             let works = (0..workers)
-                .map(|rank| background::get_async(store.clone_store()?, format!("demo/result/{rank}")))
+                .map(|rank| {
+                    background::get_async(store.clone_store()?, format!("demo/result/{rank}"))
+                })
                 .collect::<Result<_>>()?;
             (store, works, children)
         }
@@ -183,13 +241,19 @@ fn demo(workers: u32, kind: DemoStore, timeout: Duration) -> Result<()> {
             work.duration()? * 1e3
         );
         if total != expected.to_string() {
-            return Err(Error::internal(format!("rank {rank} computed {total}, expected {expected}")));
+            return Err(Error::internal(format!(
+                "rank {rank} computed {total}, expected {expected}"
+            )));
         }
     }
     for mut child in children {
-        let status = child.wait().map_err(|e| Error::internal(format!("waiting for a worker: {e}")))?;
+        let status = child
+            .wait()
+            .map_err(|e| Error::internal(format!("waiting for a worker: {e}")))?;
         if !status.success() {
-            return Err(Error::internal(format!("a worker process failed: {status}")));
+            return Err(Error::internal(format!(
+                "a worker process failed: {status}"
+            )));
         }
     }
     println!(
@@ -221,7 +285,12 @@ fn block_termination_signals() -> impl FnOnce() -> i32 {
     }
 }
 
-fn serve(host: Option<std::net::IpAddr>, port: u16, world_size: Option<u32>, max_value_size: usize) -> Result<()> {
+fn serve(
+    host: Option<std::net::IpAddr>,
+    port: u16,
+    world_size: Option<u32>,
+    max_value_size: usize,
+) -> Result<()> {
     let wait_for_signal = block_termination_signals();
     let server = Server::start(ServerOptions {
         port,
@@ -233,7 +302,10 @@ fn serve(host: Option<std::net::IpAddr>, port: u16, world_size: Option<u32>, max
         ..ServerOptions::default()
     })?;
     let shown = host.map_or_else(|| "[::]".to_string(), |h| h.to_string());
-    println!("distcore TCPStore server listening on {shown}:{} (SIGINT or SIGTERM stops it)", server.port());
+    println!(
+        "distcore TCPStore server listening on {shown}:{} (SIGINT or SIGTERM stops it)",
+        server.port()
+    );
     if let Some(world) = world_size {
         let port = server.port();
         thread::spawn(move || report_workers(port, world));
@@ -251,12 +323,19 @@ fn serve(host: Option<std::net::IpAddr>, port: u16, world_size: Option<u32>, max
 /// Prints once `world` clients have counted themselves in `init/`.
 fn report_workers(port: u16, world: u32) {
     let watch = || -> Result<()> {
-        let store = TcpStore::new(TcpStoreOptions { port, timeout: Duration::ZERO, ..TcpStoreOptions::default() })?;
+        let store = TcpStore::new(TcpStoreOptions {
+            port,
+            timeout: Duration::ZERO,
+            ..TcpStoreOptions::default()
+        })?;
         let started = Instant::now();
         loop {
             let joined = store.joined_workers()?;
             if joined >= i64::from(world) {
-                println!("distcore: all {world} workers joined ({:.1} s)", started.elapsed().as_secs_f64());
+                println!(
+                    "distcore: all {world} workers joined ({:.1} s)",
+                    started.elapsed().as_secs_f64()
+                );
                 return Ok(());
             }
             thread::sleep(Duration::from_millis(50));
@@ -272,13 +351,26 @@ fn inspect(address: &str, width: usize) -> Result<()> {
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
         .ok_or_else(|| Error::invalid_argument(format!("'{address}' is not HOST:PORT")))?;
-    let store = TcpStore::new(TcpStoreOptions { host, port, timeout: Duration::from_secs(10), ..TcpStoreOptions::default() })?;
+    let store = TcpStore::new(TcpStoreOptions {
+        host,
+        port,
+        timeout: Duration::from_secs(10),
+        ..TcpStoreOptions::default()
+    })?;
     let mut keys = store.list_keys()?;
     keys.sort();
-    println!("{} keys ({} counted by the server, init/ included)", keys.len(), store.num_keys()?);
+    println!(
+        "{} keys ({} counted by the server, init/ included)",
+        keys.len(),
+        store.num_keys()?
+    );
     for key in keys {
         match store.try_get(&key)? {
-            Some(value) => println!("{key:<40} {:>10} B  {}", value.len(), preview(&value, width)),
+            Some(value) => println!(
+                "{key:<40} {:>10} B  {}",
+                value.len(),
+                preview(&value, width)
+            ),
             None => println!("{key:<40} (deleted meanwhile)"),
         }
     }

@@ -58,6 +58,17 @@ pub struct dc_client_counter {
     pub variance_ms: f64,
 }
 
+/// A snapshot of a TCPStore server's load.
+#[repr(C)]
+pub struct dc_server_stats {
+    /// Open client connections.
+    pub connections: u64,
+    /// Pending WAIT and BARRIER requests.
+    pub pending_waits: u64,
+    /// Keys holding values.
+    pub keys: u64,
+}
+
 /// Fills `opts` with the defaults: host "127.0.0.1", port 0, client, no
 /// world size, wait_for_workers, 300 s timeout, not multi-tenant, no
 /// listen fd, every interface, 64 MiB values.
@@ -217,4 +228,27 @@ fn op_name(op: &'static str) -> *const c_char {
         .entry(op)
         .or_insert_with(|| CString::new(op).unwrap_or_default())
         .as_ptr()
+}
+
+/// Writes the load of the server this handle runs (DC_ERR_INVALID_ARGUMENT
+/// for a handle that runs no server).
+#[no_mangle]
+pub unsafe extern "C" fn dc_tcp_store_server_stats(
+    store: *const dc_store,
+    out: *mut dc_server_stats,
+) -> dc_status {
+    boundary("dc_tcp_store_server_stats", || {
+        let store = unsafe { store_arg(store) }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        let server = tcp(store)?
+            .server()
+            .ok_or_else(|| Error::invalid_argument("this TCPStore handle runs no server"))?;
+        let stats = server.stats();
+        *out = dc_server_stats {
+            connections: stats.connections as u64,
+            pending_waits: stats.pending_waits as u64,
+            keys: stats.keys as u64,
+        };
+        Ok(())
+    })
 }

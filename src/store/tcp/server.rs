@@ -279,13 +279,59 @@ impl Waits {
 struct Conn {
     stream: TcpStream,
     peer: Option<SocketAddr>,
-    input: Vec<u8>,
+    input: InputBuffer,
     output: Vec<u8>,
     written: usize,
     validated: bool,
     extended: bool,
     waits: Vec<WaitId>,
     wants_writable: bool,
+}
+
+/// Bytes read from a connection and not yet parsed. Kept initialised so a
+/// read does not zero its buffer first; grows only for requests larger than
+/// it.
+#[derive(Default)]
+struct InputBuffer {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl InputBuffer {
+    const CHUNK: usize = 64 << 10;
+
+    /// Free space to read into (at least a chunk's worth).
+    fn space(&mut self) -> &mut [u8] {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if self.buf.len() - self.end < Self::CHUNK {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.buf.len() - self.end < Self::CHUNK {
+                let grown = (self.buf.len() * 2).max(self.end + Self::CHUNK);
+                self.buf.resize(grown, 0);
+            }
+        }
+        &mut self.buf[self.end..]
+    }
+
+    fn filled(&mut self, n: usize) {
+        self.end += n;
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+    }
 }
 
 /// Why a connection is being closed.
@@ -375,7 +421,7 @@ impl EventLoop {
                     self.conns[index] = Some(Conn {
                         stream,
                         peer: Some(peer),
-                        input: Vec::new(),
+                        input: InputBuffer::default(),
                         output: Vec::new(),
                         written: 0,
                         validated: false,
@@ -409,30 +455,29 @@ impl EventLoop {
         }
     }
 
-    /// Reads until the socket would block; returns whether the peer closed.
+    /// Reads what the socket holds; returns whether the peer closed.
     fn read_available(&mut self, token: Token) -> std::result::Result<bool, Close> {
         let Some(conn) = self.conn(token) else {
             return Ok(false);
         };
         loop {
-            let len = conn.input.len();
-            let want = (conn.input.capacity() - len).max(64 << 10);
-            conn.input.reserve(want);
-            conn.input.resize(len + want, 0);
-            match conn.stream.read(&mut conn.input[len..]) {
-                Ok(0) => {
-                    conn.input.truncate(len);
-                    return Ok(true);
-                }
-                Ok(n) => conn.input.truncate(len + n),
-                Err(e) => {
-                    conn.input.truncate(len);
-                    match e.kind() {
-                        io::ErrorKind::WouldBlock => return Ok(false),
-                        io::ErrorKind::Interrupted => continue,
-                        _ => return Err(Close::Io(e)),
+            let space = conn.input.space();
+            let room = space.len();
+            match conn.stream.read(space) {
+                Ok(0) => return Ok(true),
+                Ok(n) => {
+                    conn.input.filled(n);
+                    // A short read drained the socket; mio reports new data
+                    // as a new event, so skip the read that would block.
+                    if n < room {
+                        return Ok(false);
                     }
                 }
+                Err(e) => match e.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(false),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(Close::Io(e)),
+                },
             }
         }
     }
@@ -444,7 +489,7 @@ impl EventLoop {
             let Some(conn) = self.conn(token) else {
                 return Ok(());
             };
-            let parsed = parse_request(&conn.input[consumed..], &limits);
+            let parsed = parse_request(&conn.input.data()[consumed..], &limits);
             match parsed {
                 Ok(Some((request, n))) => {
                     consumed += n;
@@ -457,7 +502,7 @@ impl EventLoop {
             }
         }
         if let Some(conn) = self.conn(token) {
-            conn.input.drain(..consumed);
+            conn.input.consume(consumed);
         }
         Ok(())
     }
