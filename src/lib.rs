@@ -9,6 +9,7 @@
 
 pub mod error;
 pub mod ffi;
+pub mod logging;
 pub mod profiler;
 pub mod store;
 pub mod timeout;

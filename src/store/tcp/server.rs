@@ -81,6 +81,7 @@ const FIRST_CONN: usize = 2;
 impl Server {
     /// Binds (or takes over the listening socket) and starts the event loop.
     pub fn start(options: ServerOptions) -> Result<Server> {
+        crate::logging::init();
         let std_listener = match options.listen_fd {
             // SAFETY: the caller hands us a listening socket it no longer uses.
             Some(fd) => unsafe { std::net::TcpListener::from_raw_fd(fd) },
