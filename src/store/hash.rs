@@ -176,31 +176,6 @@ impl Store for HashStore {
             .collect())
     }
 
-    fn barrier(&self, key: &str, world_size: i64, timeout: Option<Duration>) -> Result<()> {
-        let timeout = timeout.unwrap_or_else(|| self.timeout());
-        let mut table = self.shared.table.lock();
-        table.add(key.as_bytes(), 1)?;
-        self.shared.changed.notify_all();
-        let mut failure = None;
-        let released = wait_until(
-            &self.shared.changed,
-            &mut table,
-            deadline_after(timeout),
-            |t| match t.counter(key.as_bytes()) {
-                Ok(arrived) => arrived >= world_size,
-                Err(e) => {
-                    failure = Some(e);
-                    true
-                }
-            },
-        );
-        match failure {
-            Some(e) => Err(e),
-            None if released => Ok(()),
-            None => Err(wait_timeout_error(timeout, &[key])),
-        }
-    }
-
     fn timeout(&self) -> Duration {
         *self.timeout.lock()
     }

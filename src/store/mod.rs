@@ -89,7 +89,19 @@ pub trait Store: AsAny + Send + Sync {
     fn list_keys(&self) -> Result<Vec<String>>;
 
     /// Blocks until `world_size` callers have entered the barrier `key`.
-    fn barrier(&self, key: &str, world_size: i64, timeout: Option<Duration>) -> Result<()>;
+    ///
+    /// The default is c10d's `Store::barrier`, which HashStore, FileStore
+    /// and PrefixStore use in PyTorch: count in at `key/num_members`; the
+    /// caller that makes it `world_size` sets `key/last_member` to "1";
+    /// everyone waits for `key/last_member`. TCPStore overrides it with its
+    /// BARRIER command.
+    fn barrier(&self, key: &str, world_size: i64, timeout: Option<Duration>) -> Result<()> {
+        let last_member = format!("{key}/last_member");
+        if self.add(&format!("{key}/num_members"), 1)? == world_size {
+            self.set(&last_member, b"1")?;
+        }
+        self.wait(&[&last_member], timeout)
+    }
 
     /// The default timeout of blocking calls.
     fn timeout(&self) -> Duration;

@@ -6,7 +6,9 @@ use std::time::Duration;
 use super::Store;
 use crate::error::Result;
 
-/// Every key `k` becomes `prefix + "/" + k` in the underlying store.
+/// Every key `k` becomes `prefix + "/" + k` in the underlying store. Like
+/// PyTorch's, its barrier is the generic one over its own keys (even over a
+/// TCPStore).
 /// Timeouts and key counts are those of the underlying store, as in PyTorch;
 /// `list_keys` returns only the keys under the prefix, without it.
 pub struct PrefixStore {
@@ -111,10 +113,6 @@ impl Store for PrefixStore {
             .into_iter()
             .filter_map(|k| k.strip_prefix(&prefix).map(str::to_owned))
             .collect())
-    }
-
-    fn barrier(&self, key: &str, world_size: i64, timeout: Option<Duration>) -> Result<()> {
-        self.store.barrier(&self.join(key), world_size, timeout)
     }
 
     fn timeout(&self) -> Duration {
