@@ -39,6 +39,8 @@ int main(void) {
 
   /* Stores. */
   NULL_ARG(dc_hash_store_new(NULL));
+  NULL_ARG(dc_file_store_new(NULL, -1, &s));
+  NULL_ARG(dc_file_store_new("/tmp/never-created", -1, NULL));
   NULL_ARG(dc_prefix_store_new(NULL, s, &s));
   NULL_ARG(dc_prefix_store_new("p", NULL, &s));
   NULL_ARG(dc_prefix_store_new("p", s, NULL));

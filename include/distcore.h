@@ -296,6 +296,15 @@ dc_status dc_elastic_get_all(const dc_store *store,
 // thread that uses the handle or its clones. Default timeout 300 s.
 dc_status dc_hash_store_new(dc_store **out);
 
+// Opens (creating it if needed) a FileStore at `path`, a file shared by
+// processes on this host or a shared filesystem, in PyTorch's format
+// (torch.distributed.FileStore can use the same file at once).
+// `world_size` < 0: none. The handle counts in `refcount/`; when the last
+// handle closes and `world_size` handles have closed, the file is removed.
+// DC_ERR_IO for a path that cannot be opened, DC_ERR_INVALID_ARGUMENT for
+// an existing file that is not a FileStore log (left untouched).
+dc_status dc_file_store_new(const char *path, int64_t world_size, dc_store **out);
+
 // Creates a view of `store` where every key `k` is `prefix + "/" + k`
 // (c10d's PrefixStore). The new handle keeps `store`'s store alive.
 dc_status dc_prefix_store_new(const char *prefix, const dc_store *store, dc_store **out);

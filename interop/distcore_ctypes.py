@@ -49,6 +49,7 @@ _SIGNATURES = {
     "dc_buf_free": ([POINTER(Buf)], "void"),
     "dc_buf_array_free": ([POINTER(BufArray)], "void"),
     "dc_hash_store_new": ([POINTER(c_void_p)], None),
+    "dc_file_store_new": ([c_char_p, c_int64, POINTER(c_void_p)], None),
     "dc_prefix_store_new": ([c_char_p, c_void_p, POINTER(c_void_p)], None),
     "dc_store_clone": ([c_void_p, POINTER(c_void_p)], None),
     "dc_store_free": ([c_void_p], "void"),
@@ -186,6 +187,16 @@ class Store:
         h = c_void_p()
         api.check(api.lib.dc_hash_store_new(ctypes.byref(h)))
         return cls(api, h)
+
+    @classmethod
+    def file(cls, api, path, world_size=-1):
+        h = c_void_p()
+        api.check(api.lib.dc_file_store_new(path.encode(), world_size, ctypes.byref(h)))
+        return cls(api, h)
+
+    def close(self):
+        """Releases the handle now (for stores whose closing has effects)."""
+        self.__del__()
 
     @classmethod
     def tcp(cls, api, port, host="127.0.0.1", is_server=False, world_size=-1,

@@ -62,5 +62,7 @@ DISTCORE_LIB="$root/build/prefix/lib/libdistcore.so" \
 
 step "CLI demo"
 build/prefix/bin/distcore demo --workers 8
+build/prefix/bin/distcore demo --store hash
+build/prefix/bin/distcore demo --store "file:$root/build/demo.filestore"
 
 echo; echo "all tests passed"

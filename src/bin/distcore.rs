@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
 use distcore::store::tcp::{Server, ServerOptions};
 use distcore::store::{
-    background, elastic, HashStore, PrefixStore, Store, TcpStore, TcpStoreOptions,
+    background, elastic, FileStore, HashStore, PrefixStore, Store, TcpStore, TcpStoreOptions,
 };
 use distcore::{Error, OpType, Result, Work};
 
@@ -24,12 +26,50 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+/// Where the demo's workers meet.
+#[derive(Clone)]
 enum DemoStore {
     /// Worker processes talk TCP to a TCPStore server embedded in this process.
     Tcp,
     /// Worker threads share an in-process HashStore.
     Hash,
+    /// Worker processes share a FileStore at this path.
+    File(PathBuf),
+}
+
+fn parse_demo_store(text: &str) -> std::result::Result<DemoStore, String> {
+    match text {
+        "tcp" => Ok(DemoStore::Tcp),
+        "hash" => Ok(DemoStore::Hash),
+        _ => match text.strip_prefix("file:") {
+            Some(path) if !path.is_empty() => Ok(DemoStore::File(path.into())),
+            _ => Err(format!("'{text}': expected tcp, hash or file:PATH")),
+        },
+    }
+}
+
+/// How a demo worker process reaches the store: `tcp:PORT` or `file:PATH`.
+fn connect_worker_store(spec: &str, world: u32, timeout: Duration) -> Result<Arc<dyn Store>> {
+    if let Some(port) = spec.strip_prefix("tcp:") {
+        let port = port
+            .parse()
+            .map_err(|_| Error::invalid_argument(format!("bad port in '{spec}'")))?;
+        let store = TcpStore::new(TcpStoreOptions {
+            port,
+            world_size: Some(world + 1),
+            timeout,
+            ..TcpStoreOptions::default()
+        })?;
+        return Ok(Arc::new(store));
+    }
+    if let Some(path) = spec.strip_prefix("file:") {
+        let store = FileStore::new(path, Some(world + 1))?;
+        store.set_timeout(timeout);
+        return Ok(Arc::new(store));
+    }
+    Err(Error::invalid_argument(format!(
+        "'{spec}': expected tcp:PORT or file:PATH"
+    )))
 }
 
 #[derive(Subcommand)]
@@ -40,8 +80,10 @@ enum Command {
         /// Number of workers.
         #[arg(long, default_value_t = 4)]
         workers: u32,
-        /// Where the workers meet.
-        #[arg(long, value_enum, default_value_t = DemoStore::Tcp)]
+        /// Where the workers meet: tcp (worker processes, embedded TCPStore
+        /// server), hash (worker threads, HashStore) or file:PATH (worker
+        /// processes, FileStore).
+        #[arg(long, value_parser = parse_demo_store, default_value = "tcp")]
         store: DemoStore,
         /// Seconds any step may take before the demo fails.
         #[arg(long, default_value_t = 60)]
@@ -74,7 +116,7 @@ enum Command {
     #[command(hide = true)]
     DemoWorker {
         #[arg(long)]
-        port: u16,
+        connect: String,
         #[arg(long)]
         rank: u32,
         #[arg(long)]
@@ -99,11 +141,11 @@ fn main() -> ExitCode {
         } => serve(host, port, world_size, max_value_size),
         Command::Inspect { address, width } => inspect(&address, width),
         Command::DemoWorker {
-            port,
+            connect,
             rank,
             world,
             timeout,
-        } => demo_worker_process(port, rank, world, Duration::from_secs(timeout)),
+        } => demo_worker_process(&connect, rank, world, Duration::from_secs(timeout)),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -135,15 +177,42 @@ fn worker(store: Arc<dyn Store>, rank: i64, world: i64, timeout: Duration) -> Re
     Ok(total.to_string().into_bytes())
 }
 
-fn demo_worker_process(port: u16, rank: u32, world: u32, timeout: Duration) -> Result<()> {
-    let store: Arc<dyn Store> = Arc::new(TcpStore::new(TcpStoreOptions {
-        port,
-        world_size: Some(world + 1),
-        timeout,
-        ..TcpStoreOptions::default()
-    })?);
+fn demo_worker_process(connect: &str, rank: u32, world: u32, timeout: Duration) -> Result<()> {
+    let store = connect_worker_store(connect, world, timeout)?;
     let total = worker(store.clone(), i64::from(rank), i64::from(world), timeout)?;
     store.set(&format!("demo/result/{rank}"), &total)
+}
+
+/// Starts `workers` demo worker processes reaching the store through `connect`.
+fn spawn_workers(connect: &str, workers: u32, timeout: Duration) -> Result<Vec<Child>> {
+    let exe = std::env::current_exe().map_err(|e| Error::internal(format!("own path: {e}")))?;
+    (0..workers)
+        .map(|rank| {
+            Process::new(&exe)
+                .args([
+                    "demo-worker",
+                    "--connect",
+                    connect,
+                    "--rank",
+                    &rank.to_string(),
+                ])
+                .args([
+                    "--world",
+                    &workers.to_string(),
+                    "--timeout",
+                    &timeout.as_secs().to_string(),
+                ])
+                .spawn()
+                .map_err(|e| Error::internal(format!("starting worker {rank}: {e}")))
+        })
+        .collect()
+}
+
+/// A Work per worker, completed by a background get of its result key.
+fn result_works(store: &Arc<dyn Store>, workers: u32) -> Result<Vec<Work>> {
+    (0..workers)
+        .map(|rank| background::get_async(store.clone_store()?, format!("demo/result/{rank}")))
+        .collect()
 }
 
 fn demo(workers: u32, kind: DemoStore, timeout: Duration) -> Result<()> {
@@ -151,7 +220,7 @@ fn demo(workers: u32, kind: DemoStore, timeout: Duration) -> Result<()> {
         return Err(Error::invalid_argument("--workers must be at least 1"));
     }
     let started = Instant::now();
-    let (store, works, children): (Arc<dyn Store>, Vec<Work>, Vec<Child>) = match kind {
+    let (works, store, children): (Vec<Work>, Arc<dyn Store>, Vec<Child>) = match kind {
         DemoStore::Hash => {
             println!(
                 "distcore {} demo: {workers} worker threads on an embedded HashStore",
@@ -178,7 +247,7 @@ fn demo(workers: u32, kind: DemoStore, timeout: Duration) -> Result<()> {
                     Ok(work)
                 })
                 .collect::<Result<_>>()?;
-            (store, works, Vec::new())
+            (works, store, Vec::new())
         }
         DemoStore::Tcp => {
             let server = TcpStore::new(TcpStoreOptions {
@@ -194,41 +263,26 @@ fn demo(workers: u32, kind: DemoStore, timeout: Duration) -> Result<()> {
                 "distcore {} demo: {workers} worker processes, TCPStore server on 127.0.0.1:{port}",
                 distcore::VERSION
             );
-            let exe =
-                std::env::current_exe().map_err(|e| Error::internal(format!("own path: {e}")))?;
-            let children = (0..workers)
-                .map(|rank| {
-                    Process::new(&exe)
-                        .args([
-                            "demo-worker",
-                            "--port",
-                            &port.to_string(),
-                            "--rank",
-                            &rank.to_string(),
-                        ])
-                        .args([
-                            "--world",
-                            &workers.to_string(),
-                            "--timeout",
-                            &timeout.as_secs().to_string(),
-                        ])
-                        .spawn()
-                        .map_err(|e| Error::internal(format!("starting worker {rank}: {e}")))
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let children = spawn_workers(&format!("tcp:{port}"), workers, timeout)?;
             server.wait_for_workers()?;
             println!(
                 "  all {workers} workers joined after {:.1} ms",
                 started.elapsed().as_secs_f64() * 1e3
             );
             let store: Arc<dyn Store> = Arc::new(server);
-            // Each result arrives as a Work completed by a background get.
-            let works = (0..workers)
-                .map(|rank| {
-                    background::get_async(store.clone_store()?, format!("demo/result/{rank}"))
-                })
-                .collect::<Result<_>>()?;
-            (store, works, children)
+            (result_works(&store, workers)?, store, children)
+        }
+        DemoStore::File(path) => {
+            let store = FileStore::new(&path, Some(workers + 1))?;
+            store.set_timeout(timeout);
+            println!(
+                "distcore {} demo: {workers} worker processes sharing the FileStore {}",
+                distcore::VERSION,
+                path.display()
+            );
+            let children = spawn_workers(&format!("file:{}", path.display()), workers, timeout)?;
+            let store: Arc<dyn Store> = Arc::new(store);
+            (result_works(&store, workers)?, store, children)
         }
     };
     let expected: i64 = (1..=i64::from(workers)).map(|r| 5050 * r).sum();

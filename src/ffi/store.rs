@@ -11,7 +11,7 @@ use super::{
     dc_status, drop_handle, give, to_millis,
 };
 use crate::error::Result;
-use crate::store::{background, HashStore, PrefixStore, Store, TimeoutGuard};
+use crate::store::{background, FileStore, HashStore, PrefixStore, Store, TimeoutGuard};
 
 /// A handle on a store (HashStore, PrefixStore, and later TCPStore and
 /// FileStore). Thread-safe: one handle may be used from many threads. Free
@@ -40,6 +40,39 @@ pub unsafe extern "C" fn dc_hash_store_new(out: *mut *mut dc_store) -> dc_status
             unsafe { arg_out(out, "out") }?,
             dc_store {
                 store: Arc::new(HashStore::new()),
+            },
+        );
+        Ok(())
+    })
+}
+
+/// Opens (creating it if needed) a FileStore at `path`, a file shared by
+/// processes on this host or a shared filesystem, in PyTorch's format
+/// (torch.distributed.FileStore can use the same file at once).
+/// `world_size` < 0: none. The handle counts in `refcount/`; when the last
+/// handle closes and `world_size` handles have closed, the file is removed.
+/// DC_ERR_IO for a path that cannot be opened, DC_ERR_INVALID_ARGUMENT for
+/// an existing file that is not a FileStore log (left untouched).
+#[no_mangle]
+pub unsafe extern "C" fn dc_file_store_new(
+    path: *const c_char,
+    world_size: i64,
+    out: *mut *mut dc_store,
+) -> dc_status {
+    boundary("dc_file_store_new", || {
+        let path = unsafe { arg_str(path, "path") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        let world_size = match world_size {
+            n if n < 0 => None,
+            n => Some(
+                u32::try_from(n)
+                    .map_err(|_| crate::Error::invalid_argument("world_size is too large"))?,
+            ),
+        };
+        give(
+            out,
+            dc_store {
+                store: Arc::new(FileStore::new(path, world_size)?),
             },
         );
         Ok(())

@@ -10,11 +10,13 @@ use crate::error::{Error, Result};
 
 pub mod background;
 pub mod elastic;
+pub mod file;
 pub mod hash;
 pub(crate) mod kv;
 pub mod prefix;
 pub mod tcp;
 
+pub use file::FileStore;
 pub use hash::HashStore;
 pub use prefix::PrefixStore;
 pub use tcp::{TcpStore, TcpStoreOptions};
