@@ -11,6 +11,7 @@ pub mod error;
 pub mod ffi;
 pub mod logging;
 pub mod profiler;
+pub mod rpc;
 pub mod store;
 pub mod timeout;
 pub mod work;

@@ -1,0 +1,843 @@
+//! The RPC transport: framed messages over TCP between workers, one mio
+//! I/O thread for every socket, replies matched to requests by id, timeouts,
+//! and retried sends for the RRef control messages.
+//!
+//! Frame: `u32 length` (of the rest), `u8 kind` (0 request, 1 response),
+//! `u64 id`, `u16 sender`, payload (an encoded [`Request`] or [`Response`]).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use parking_lot::Mutex;
+
+use super::message::{Request, Response, WorkerId};
+use crate::error::{Error, Result, Status};
+use crate::work::Work;
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONN: usize = 2;
+const HEADER: usize = 4 + 1 + 8 + 2;
+/// Largest frame accepted (a malformed length closes the connection).
+const MAX_FRAME: usize = 1 << 30;
+
+/// Attempts of a control message before giving up.
+const MAX_ATTEMPTS: u32 = 8;
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(20);
+
+/// A worker of the group: its id (rank), name and address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// The rank.
+    pub id: WorkerId,
+    /// The unique name.
+    pub name: String,
+    /// Where its agent listens.
+    pub addr: SocketAddr,
+}
+
+/// Receives requests on the I/O thread; must hand real work to a pool.
+pub(crate) trait RequestHandler: Send + Sync {
+    fn handle(&self, from: WorkerId, request: Request, reply: Replier);
+}
+
+/// Sends the one response to a request.
+pub(crate) struct Replier {
+    agent: Weak<Shared>,
+    token: Token,
+    id: u64,
+}
+
+impl Replier {
+    pub(crate) fn send(self, response: Response) {
+        if let Some(shared) = self.agent.upgrade() {
+            let frame = frame(1, self.id, shared.me, &response.encode());
+            shared.command(Command::Reply {
+                token: self.token,
+                frame,
+            });
+        }
+    }
+}
+
+/// Test-only message faults on the control messages: each attempt is lost
+/// (before delivery, or its acknowledgement after) with `drop` probability,
+/// delivered twice with `duplicate` probability, and delayed up to `delay`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Faults {
+    /// Probability that an attempt is lost.
+    pub drop: f64,
+    /// Probability that an attempt is delivered twice.
+    pub duplicate: f64,
+    /// Most an attempt is held back.
+    pub delay: Duration,
+}
+
+enum Command {
+    Send {
+        to: WorkerId,
+        id: u64,
+        frame: Vec<u8>,
+        work: Work,
+        timeout: Duration,
+    },
+    Reply {
+        token: Token,
+        frame: Vec<u8>,
+    },
+    At {
+        when: Instant,
+        job: Box<dyn FnOnce() + Send>,
+    },
+}
+
+struct Shared {
+    me: WorkerId,
+    peers: Mutex<HashMap<WorkerId, WorkerInfo>>,
+    commands: Mutex<VecDeque<Command>>,
+    waker: Waker,
+    next_id: AtomicU64,
+    handler: Mutex<Option<Arc<dyn RequestHandler>>>,
+    faults: Mutex<Faults>,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    fn command(&self, command: Command) {
+        self.commands.lock().push_back(command);
+        if let Err(e) = self.waker.wake() {
+            log::error!("waking the RPC I/O thread: {e}");
+        }
+    }
+}
+
+fn frame(kind: u8, id: u64, sender: WorkerId, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(HEADER + payload.len());
+    f.extend_from_slice(&((HEADER - 4 + payload.len()) as u32).to_le_bytes());
+    f.push(kind);
+    f.extend_from_slice(&id.to_le_bytes());
+    f.extend_from_slice(&sender.to_le_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The message of an RPC that ran out of time (PyTorch's wording).
+fn rpc_timeout(timeout: Duration) -> Error {
+    Error::timeout(format!(
+        "RPC ran for more than set timeout ({} ms) and will now be marked with an error",
+        timeout.as_millis()
+    ))
+}
+
+/// The RPC agent of one worker.
+pub struct Agent {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Agent {
+    /// Starts the I/O thread of worker `me` on an already-bound listener.
+    pub(crate) fn start(me: WorkerId, listener: std::net::TcpListener) -> Result<Agent> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| Error::network(format!("RPC listener: {e}")))?;
+        let poll = Poll::new().map_err(|e| Error::internal(format!("RPC poll: {e}")))?;
+        let waker = Waker::new(poll.registry(), WAKER)
+            .map_err(|e| Error::internal(format!("RPC waker: {e}")))?;
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(|e| Error::internal(format!("RPC listener: {e}")))?;
+        let shared = Arc::new(Shared {
+            me,
+            peers: Mutex::new(HashMap::new()),
+            commands: Mutex::new(VecDeque::new()),
+            waker,
+            next_id: AtomicU64::new(1),
+            handler: Mutex::new(None),
+            faults: Mutex::new(Faults::default()),
+            stopping: AtomicBool::new(false),
+        });
+        let mut io = IoLoop {
+            shared: Arc::downgrade(&shared),
+            poll,
+            listener,
+            conns: Vec::new(),
+            free: Vec::new(),
+            outbound: HashMap::new(),
+            pending: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            timers: BinaryHeap::new(),
+            timer_jobs: HashMap::new(),
+            next_timer: 0,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("dc-rpc-io-{me}"))
+            .spawn(move || io.run())
+            .map_err(|e| Error::internal(format!("spawning the RPC I/O thread: {e}")))?;
+        Ok(Agent {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// This worker's id.
+    pub fn id(&self) -> WorkerId {
+        self.shared.me
+    }
+
+    pub(crate) fn set_peers(&self, peers: Vec<WorkerInfo>) {
+        *self.shared.peers.lock() = peers.into_iter().map(|p| (p.id, p)).collect();
+    }
+
+    pub(crate) fn set_handler(&self, handler: Arc<dyn RequestHandler>) {
+        *self.shared.handler.lock() = Some(handler);
+    }
+
+    /// The worker with id `id`.
+    pub fn worker(&self, id: WorkerId) -> Option<WorkerInfo> {
+        self.shared.peers.lock().get(&id).cloned()
+    }
+
+    /// The worker named `name`.
+    pub fn worker_by_name(&self, name: &str) -> Option<WorkerInfo> {
+        self.shared
+            .peers
+            .lock()
+            .values()
+            .find(|p| p.name == name)
+            .cloned()
+    }
+
+    /// Every worker, by id.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        let mut all: Vec<_> = self.shared.peers.lock().values().cloned().collect();
+        all.sort_by_key(|w| w.id);
+        all
+    }
+
+    /// Installs test-only message faults for control messages.
+    pub fn set_faults(&self, faults: Faults) {
+        *self.shared.faults.lock() = faults;
+    }
+
+    /// Sends `request` to worker `to`; the work completes with the response
+    /// bytes, the remote error ([`Status::Remote`]), a timeout, or a network
+    /// error. `timeout` zero: none.
+    pub(crate) fn send(&self, to: WorkerId, request: &Request, timeout: Duration) -> Work {
+        send_on(&self.shared, to, request.encode(), timeout)
+    }
+
+    /// Sends a control message until it is acknowledged, retrying lost ones
+    /// with exponential backoff (receivers are idempotent, so a duplicate
+    /// delivery is harmless). The work completes with the final outcome.
+    pub(crate) fn send_with_retries(
+        &self,
+        to: WorkerId,
+        request: &Request,
+        timeout: Duration,
+    ) -> Work {
+        let result = Work::from_future();
+        attempt(
+            Arc::downgrade(&self.shared),
+            to,
+            request.encode(),
+            timeout,
+            0,
+            result.clone(),
+        );
+        result
+    }
+
+    /// Stops the I/O thread: pending requests fail with [`Status::ShutDown`],
+    /// connections close.
+    pub fn shutdown(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        let _ = self.shared.waker.wake();
+        if let Some(t) = self.thread.lock().take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+        *self.shared.handler.lock() = None;
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn send_on(shared: &Arc<Shared>, to: WorkerId, payload: Vec<u8>, timeout: Duration) -> Work {
+    let work = Work::from_future();
+    if shared.stopping.load(Ordering::SeqCst) {
+        let _ = work.finish(Some(Error::new(
+            Status::ShutDown,
+            "the RPC agent has shut down",
+        )));
+        return work;
+    }
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let frame = frame(0, id, shared.me, &payload);
+    shared.command(Command::Send {
+        to,
+        id,
+        frame,
+        work: work.clone(),
+        timeout,
+    });
+    work
+}
+
+fn retryable(e: &Error) -> bool {
+    matches!(e.status(), Status::Network | Status::Timeout)
+}
+
+/// One attempt of a retried send: held back by the injected delay, if any.
+fn attempt(
+    shared: Weak<Shared>,
+    to: WorkerId,
+    payload: Vec<u8>,
+    timeout: Duration,
+    n: u32,
+    result: Work,
+) {
+    let Some(strong) = shared.upgrade() else {
+        let _ = result.finish(Some(Error::new(
+            Status::ShutDown,
+            "the RPC agent has shut down",
+        )));
+        return;
+    };
+    let faults = *strong.faults.lock();
+    let delay = faults.delay.mul_f64(fastrand::f64());
+    if delay.is_zero() {
+        deliver(shared, to, payload, timeout, n, result, faults);
+    } else {
+        strong.command(Command::At {
+            when: Instant::now() + delay,
+            job: Box::new(move || deliver(shared, to, payload, timeout, n, result, faults)),
+        });
+    }
+}
+
+/// Sends one attempt (subject to the injected loss and duplication); on a
+/// retryable failure schedules the next attempt with exponential backoff.
+fn deliver(
+    shared: Weak<Shared>,
+    to: WorkerId,
+    payload: Vec<u8>,
+    timeout: Duration,
+    n: u32,
+    result: Work,
+    faults: Faults,
+) {
+    let Some(strong) = shared.upgrade() else {
+        let _ = result.finish(Some(Error::new(
+            Status::ShutDown,
+            "the RPC agent has shut down",
+        )));
+        return;
+    };
+    let lost_before = fastrand::f64() < faults.drop / 2.0;
+    let lost_after = !lost_before && fastrand::f64() < faults.drop / 2.0;
+    if fastrand::f64() < faults.duplicate {
+        drop(send_on(&strong, to, payload.clone(), timeout));
+    }
+    let sent = if lost_before {
+        let lost = Work::from_future();
+        let _ = lost.finish(Some(Error::network("message lost (fault injection)")));
+        lost
+    } else {
+        send_on(&strong, to, payload.clone(), timeout)
+    };
+    drop(strong);
+    sent.add_done_callback(Box::new(move |done| {
+        let outcome = match done.wait(Some(Duration::ZERO)) {
+            Ok(()) if lost_after => Err(Error::network("acknowledgement lost (fault injection)")),
+            other => other,
+        };
+        match outcome {
+            Ok(()) => {
+                let _ = result.finish(None);
+            }
+            Err(e) if retryable(&e) && n + 1 < MAX_ATTEMPTS => match shared.upgrade() {
+                Some(s) => {
+                    let backoff = FIRST_RETRY_DELAY * 2u32.pow(n.min(6));
+                    let next = shared.clone();
+                    s.command(Command::At {
+                        when: Instant::now() + backoff,
+                        job: Box::new(move || attempt(next, to, payload, timeout, n + 1, result)),
+                    });
+                }
+                None => {
+                    let _ = result.finish(Some(e));
+                }
+            },
+            Err(e) => {
+                let _ = result.finish(Some(e));
+            }
+        }
+    }));
+}
+
+struct Conn {
+    stream: TcpStream,
+    /// The worker at the other end, for outbound connections.
+    peer: Option<WorkerId>,
+    connected: bool,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    written: usize,
+    wants_writable: bool,
+}
+
+struct PendingRequest {
+    work: Work,
+    token: Token,
+    to: WorkerId,
+    timeout: Duration,
+}
+
+struct IoLoop {
+    shared: Weak<Shared>,
+    poll: Poll,
+    listener: TcpListener,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    /// Our connection to each peer we sent to.
+    outbound: HashMap<WorkerId, Token>,
+    pending: HashMap<u64, PendingRequest>,
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    timer_jobs: HashMap<u64, Box<dyn FnOnce() + Send>>,
+    next_timer: u64,
+}
+
+impl IoLoop {
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let Some(shared) = self.shared.upgrade() else {
+                break;
+            };
+            if shared.stopping.load(Ordering::SeqCst) {
+                break;
+            }
+            drop(shared);
+            let timeout = self
+                .next_wakeup()
+                .map(|at| at.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    log::error!("RPC I/O thread: poll failed: {e}");
+                    break;
+                }
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    token => {
+                        if event.is_writable() {
+                            self.on_writable(token);
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.on_readable(token);
+                        }
+                    }
+                }
+            }
+            self.run_commands();
+            self.expire();
+        }
+        self.fail_everything();
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        let d = self.deadlines.peek().map(|Reverse((at, _))| *at);
+        let t = self.timers.peek().map(|Reverse((at, _))| *at);
+        match (d, t) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn run_commands(&mut self) {
+        loop {
+            let Some(shared) = self.shared.upgrade() else {
+                return;
+            };
+            let next = shared.commands.lock().pop_front();
+            drop(shared);
+            let Some(command) = next else {
+                return;
+            };
+            match command {
+                Command::Send {
+                    to,
+                    id,
+                    frame,
+                    work,
+                    timeout,
+                } => self.start_send(to, id, frame, work, timeout),
+                Command::Reply { token, frame } => self.queue_frame(token, &frame),
+                Command::At { when, job } => {
+                    self.next_timer += 1;
+                    self.timers.push(Reverse((when, self.next_timer)));
+                    self.timer_jobs.insert(self.next_timer, job);
+                }
+            }
+        }
+    }
+
+    fn expire(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, id))) = self.deadlines.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            if let Some(p) = self.pending.remove(&id) {
+                let _ = p.work.finish(Some(rpc_timeout(p.timeout)));
+            }
+        }
+        while let Some(Reverse((at, id))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            if let Some(job) = self.timer_jobs.remove(&id) {
+                job();
+            }
+        }
+    }
+
+    fn start_send(&mut self, to: WorkerId, id: u64, frame: Vec<u8>, work: Work, timeout: Duration) {
+        let token = match self.outbound.get(&to).copied() {
+            Some(token) if self.conn(token).is_some() => token,
+            _ => match self.connect(to) {
+                Ok(token) => token,
+                Err(e) => {
+                    let _ = work.finish(Some(e));
+                    return;
+                }
+            },
+        };
+        if !timeout.is_zero() {
+            self.deadlines.push(Reverse((Instant::now() + timeout, id)));
+        }
+        self.pending.insert(
+            id,
+            PendingRequest {
+                work,
+                token,
+                to,
+                timeout,
+            },
+        );
+        self.queue_frame(token, &frame);
+    }
+
+    fn connect(&mut self, to: WorkerId) -> Result<Token> {
+        let shared = self
+            .shared
+            .upgrade()
+            .ok_or_else(|| Error::new(Status::ShutDown, "shut down"))?;
+        let peer = shared
+            .peers
+            .lock()
+            .get(&to)
+            .cloned()
+            .ok_or_else(|| Error::invalid_argument(format!("unknown worker id {to}")))?;
+        let mut stream = TcpStream::connect(peer.addr).map_err(|e| {
+            Error::network(format!(
+                "connecting to worker '{}' at {}: {e}",
+                peer.name, peer.addr
+            ))
+        })?;
+        let _ = stream.set_nodelay(true);
+        let token = self.insert_conn(&mut stream, Interest::READABLE | Interest::WRITABLE)?;
+        self.conns[token.0 - FIRST_CONN] = Some(Conn {
+            stream,
+            peer: Some(to),
+            connected: false,
+            input: Vec::new(),
+            output: Vec::new(),
+            written: 0,
+            wants_writable: true,
+        });
+        self.outbound.insert(to, token);
+        Ok(token)
+    }
+
+    fn insert_conn(&mut self, stream: &mut TcpStream, interest: Interest) -> Result<Token> {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        let token = Token(index + FIRST_CONN);
+        self.poll
+            .registry()
+            .register(stream, token, interest)
+            .map_err(|e| {
+                self.free.push(index);
+                Error::network(format!("registering a connection: {e}"))
+            })?;
+        Ok(token)
+    }
+
+    fn conn(&mut self, token: Token) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(token.0.checked_sub(FIRST_CONN)?)?
+            .as_mut()
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    if let Ok(token) = self.insert_conn(&mut stream, Interest::READABLE) {
+                        self.conns[token.0 - FIRST_CONN] = Some(Conn {
+                            stream,
+                            peer: None,
+                            connected: true,
+                            input: Vec::new(),
+                            output: Vec::new(),
+                            written: 0,
+                            wants_writable: false,
+                        });
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("RPC agent: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn queue_frame(&mut self, token: Token, frame: &[u8]) {
+        let Some(conn) = self.conn(token) else {
+            return;
+        };
+        conn.output.extend_from_slice(frame);
+        if conn.connected {
+            self.flush(token);
+        }
+    }
+
+    fn on_writable(&mut self, token: Token) {
+        let Some(conn) = self.conn(token) else {
+            return;
+        };
+        if !conn.connected {
+            match conn.stream.take_error() {
+                Ok(None) if conn.stream.peer_addr().is_ok() => conn.connected = true,
+                Ok(None) => return,
+                Ok(Some(e)) | Err(e) => {
+                    self.close(token, &format!("connect failed: {e}"));
+                    return;
+                }
+            }
+        }
+        self.flush(token);
+    }
+
+    fn flush(&mut self, token: Token) {
+        let Some(Some(conn)) = token
+            .0
+            .checked_sub(FIRST_CONN)
+            .and_then(|i| self.conns.get_mut(i))
+        else {
+            return;
+        };
+        let mut failure = None;
+        while conn.written < conn.output.len() {
+            match conn.stream.write(&conn.output[conn.written..]) {
+                Ok(0) => break,
+                Ok(n) => conn.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    failure = Some(format!("write failed: {e}"));
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            let pending = conn.written < conn.output.len();
+            if !pending {
+                conn.output.clear();
+                conn.written = 0;
+            }
+            if pending != conn.wants_writable {
+                let interest = if pending {
+                    Interest::READABLE | Interest::WRITABLE
+                } else {
+                    Interest::READABLE
+                };
+                match self
+                    .poll
+                    .registry()
+                    .reregister(&mut conn.stream, token, interest)
+                {
+                    Ok(()) => conn.wants_writable = pending,
+                    Err(e) => failure = Some(format!("reregister failed: {e}")),
+                }
+            }
+        }
+        if let Some(why) = failure {
+            self.close(token, &why);
+        }
+    }
+
+    fn on_readable(&mut self, token: Token) {
+        let mut closed = None;
+        if let Some(conn) = self.conn(token) {
+            if !conn.connected {
+                return;
+            }
+            let mut chunk = [0u8; 64 << 10];
+            loop {
+                match conn.stream.read(&mut chunk) {
+                    Ok(0) => {
+                        closed = Some("the peer closed the connection".to_string());
+                        break;
+                    }
+                    Ok(n) => conn.input.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        closed = Some(format!("read failed: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+        if let Err(why) = self.dispatch_frames(token) {
+            closed = Some(why);
+        }
+        if let Some(why) = closed {
+            self.close(token, &why);
+        }
+    }
+
+    fn dispatch_frames(&mut self, token: Token) -> std::result::Result<(), String> {
+        loop {
+            let Some(conn) = self.conn(token) else {
+                return Ok(());
+            };
+            if conn.input.len() < 4 {
+                return Ok(());
+            }
+            let len = u32::from_le_bytes(conn.input[..4].try_into().unwrap_or_default()) as usize;
+            if !(HEADER - 4..=MAX_FRAME).contains(&len) {
+                return Err(format!("bad frame length {len}"));
+            }
+            if conn.input.len() < 4 + len {
+                return Ok(());
+            }
+            let body: Vec<u8> = conn.input.drain(..4 + len).skip(4).collect();
+            let kind = body[0];
+            let id = u64::from_le_bytes(body[1..9].try_into().unwrap_or_default());
+            let sender = u16::from_le_bytes(body[9..11].try_into().unwrap_or_default());
+            let payload = &body[11..];
+            match kind {
+                0 => self.on_request(token, id, sender, payload)?,
+                1 => self.on_response(id, payload),
+                k => return Err(format!("bad frame kind {k}")),
+            }
+        }
+    }
+
+    fn on_request(
+        &mut self,
+        token: Token,
+        id: u64,
+        sender: WorkerId,
+        payload: &[u8],
+    ) -> std::result::Result<(), String> {
+        let request = Request::decode(payload).map_err(|e| e.message().to_string())?;
+        let handler = self.shared.upgrade().and_then(|s| s.handler.lock().clone());
+        let replier = Replier {
+            agent: self.shared.clone(),
+            token,
+            id,
+        };
+        match handler {
+            Some(handler) => handler.handle(sender, request, replier),
+            None => replier.send(Response::Err("the RPC agent is not ready".into())),
+        }
+        Ok(())
+    }
+
+    fn on_response(&mut self, id: u64, payload: &[u8]) {
+        let Some(pending) = self.pending.remove(&id) else {
+            return; // timed out already
+        };
+        let outcome = match Response::decode(payload) {
+            Ok(Response::Ok(bytes)) => Ok(bytes),
+            Ok(Response::Err(message)) => Err(Error::new(Status::Remote, message)),
+            Err(e) => Err(e),
+        };
+        let _ = pending.work.finish_with(outcome);
+    }
+
+    fn close(&mut self, token: Token, why: &str) {
+        let Some(mut conn) = self
+            .conns
+            .get_mut(token.0 - FIRST_CONN)
+            .and_then(Option::take)
+        else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.free.push(token.0 - FIRST_CONN);
+        if let Some(peer) = conn.peer {
+            if self.outbound.get(&peer) == Some(&token) {
+                self.outbound.remove(&peer);
+            }
+        }
+        let failed: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.token == token)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in failed {
+            if let Some(p) = self.pending.remove(&id) {
+                let name = self
+                    .shared
+                    .upgrade()
+                    .and_then(|s| s.peers.lock().get(&p.to).map(|w| w.name.clone()))
+                    .unwrap_or_else(|| p.to.to_string());
+                let _ = p.work.finish(Some(Error::network(format!(
+                    "connection to worker '{name}' lost: {why}"
+                ))));
+            }
+        }
+    }
+
+    fn fail_everything(&mut self) {
+        for (_, p) in self.pending.drain() {
+            let _ = p.work.finish(Some(Error::new(
+                Status::ShutDown,
+                "the RPC agent has shut down",
+            )));
+        }
+        self.timer_jobs.clear();
+    }
+}
