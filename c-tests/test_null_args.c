@@ -146,6 +146,40 @@ int main(void) {
   NULL_ARG(dc_elastic_get_all(s, 0, NULL, 1, &arr));
   NULL_ARG(dc_elastic_get_all(s, 0, "p", 1, NULL));
 
+  /* RPC and RRefs (no group is joined: every call fails on its NULL first). */
+  dc_rpc *rpc = NULL;
+  dc_rref *rref = NULL;
+  dc_rpc_options ro;
+  dc_rref_debug_info info;
+  const dc_rref *null_rrefs[1] = {NULL};
+  NULL_ARG(dc_rpc_options_init(NULL));
+  NULL_ARG(dc_rpc_init(NULL, "w", 0, 1, NULL, &rpc));
+  NULL_ARG(dc_rpc_init(s, NULL, 0, 1, NULL, &rpc));
+  NULL_ARG(dc_rpc_init(s, "w", 0, 1, NULL, NULL));
+  NULL_ARG(dc_rpc_register_function(NULL, "f", NULL, NULL));
+  NULL_ARG(dc_rpc_shutdown(NULL, true, 10));
+  NULL_ARG(dc_rpc_sync(NULL, "w", "f", NULL, 0, NULL, 0, 10, &buf));
+  NULL_ARG(dc_rpc_async(NULL, "w", "f", NULL, 0, NULL, 0, 10, &w));
+  NULL_ARG(dc_rpc_remote(NULL, "w", "f", NULL, 0, NULL, 0, 10, &rref));
+  NULL_ARG(dc_rpc_worker_id(NULL, "w", &i32));
+  NULL_ARG(dc_rpc_self_name(NULL, &buf));
+  NULL_ARG(dc_rpc_debug_info(NULL, &info));
+  NULL_ARG(dc_rpc_set_faults(NULL, 0, 0, 0));
+  NULL_ARG(dc_rpc_reply_set(NULL, NULL, 0));
+  NULL_ARG(dc_rpc_reply_set_error(NULL, "x"));
+  NULL_ARG(dc_rref_new(NULL, NULL, 0, &rref));
+  NULL_ARG(dc_rref_clone(NULL, &rref));
+  NULL_ARG(dc_rref_to_here(NULL, 10, &buf));
+  NULL_ARG(dc_rref_local_value(NULL, &buf));
+  NULL_ARG(dc_rref_owner_id(NULL, &i32));
+  NULL_ARG(dc_rref_owner_name(NULL, &buf));
+  NULL_ARG(dc_rref_is_owner(NULL, &flag));
+  NULL_ARG(dc_rref_confirmed_by_owner(NULL, &flag));
+  (void)ro;
+  (void)null_rrefs;
+  dc_rpc_free(NULL);
+  dc_rref_free(NULL);
+
   /* Work. */
   NULL_ARG(dc_work_new(0, 0, NULL, -1, NULL));
   NULL_ARG(dc_work_new_future(NULL));

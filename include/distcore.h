@@ -89,6 +89,18 @@ typedef int32_t dc_op_type;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// A worker of an RPC group. Thread-safe. Shut down with
+// `dc_rpc_shutdown`, then free with `dc_rpc_free`.
+typedef struct dc_rpc dc_rpc;
+
+// Where a registered function puts its result (or its error message).
+typedef struct dc_rpc_reply dc_rpc_reply;
+
+// A remote reference: on its owner (the value is local) or a user's fork.
+// Thread-safe; free with `dc_rref_free` (which, for the last handle of a
+// fork, tells the owner).
+typedef struct dc_rref dc_rref;
+
 // A handle on a store (HashStore, PrefixStore, and later TCPStore and
 // FileStore). Thread-safe: one handle may be used from many threads. Free
 // with `dc_store_free`; stores built on it keep what they need alive.
@@ -123,6 +135,59 @@ typedef struct {
   // The number of buffers.
   size_t len;
 } dc_buf_array;
+
+// A function other workers call by name. Runs on one of the RPC worker
+// threads with the argument bytes, the RRefs passed along (borrowed views,
+// all confirmed by their owners; `dc_rref_clone` one to keep it) and the
+// caller's id. Puts its result with `dc_rpc_reply_set`; returns DC_OK, or
+// an error status (the message from `dc_rpc_reply_set_error`) that the
+// caller receives as DC_ERR_REMOTE.
+typedef dc_status (*dc_rpc_function)(const uint8_t *args,
+                                     size_t len,
+                                     const dc_rref *const *rrefs,
+                                     size_t num_rrefs,
+                                     int32_t caller_id,
+                                     dc_rpc_reply *reply,
+                                     void *user_data);
+
+// A function to register at init.
+typedef struct {
+  // The name callers use (NUL-terminated).
+  const char *name;
+  // The function.
+  dc_rpc_function function;
+  // Passed to every call.
+  void *user_data;
+} dc_rpc_function_entry;
+
+// Options of `dc_rpc_init`; initialise with `dc_rpc_options_init`.
+typedef struct {
+  // Threads running functions and RRef handlers (default 4).
+  uint32_t num_worker_threads;
+  // Default timeout of calls, remote(), to_here and control messages, ms (default 60000).
+  int64_t rpc_timeout_ms;
+  // Address to listen on and advertise (default "127.0.0.1").
+  const char *listen_address;
+  // Report leaked RRefs at graceful shutdown as a warning (true, the
+  // default) or fail the shutdown with DC_ERR_INVALID_STATE listing them.
+  bool ignore_rref_leak;
+  // Functions registered before this worker becomes reachable.
+  const dc_rpc_function_entry *functions;
+  // The number of `functions`.
+  size_t num_functions;
+} dc_rpc_options;
+
+// PyTorch's RRef debug counters of one worker.
+typedef struct {
+  // OwnerRRefs held for other workers.
+  uint64_t num_owner_rrefs;
+  // RRef control messages in flight.
+  uint64_t num_pending_futures;
+  // UserRRefs not yet confirmed by their owner.
+  uint64_t num_pending_users;
+  // Forks known to this worker as an owner.
+  uint64_t num_forks;
+} dc_rref_debug_info;
 
 // Options of `dc_tcp_store_new`, mirroring torch.distributed.TCPStore's
 // arguments. Initialise with `dc_tcp_store_options_init`, then change
@@ -291,6 +356,130 @@ dc_status dc_elastic_get_all(const dc_store *store,
                              const char *prefix,
                              int64_t world_size,
                              dc_buf_array *out);
+
+// Fills `opts` with the defaults.
+dc_status dc_rpc_options_init(dc_rpc_options *opts);
+
+// Joins an RPC group of `world_size` workers through `store`: listens on an
+// ephemeral port, registers `opts->functions`, publishes `name` and its
+// address, and learns every other worker (blocks until all have joined, or
+// fails with DC_ERR_TIMEOUT after the RPC timeout). `opts` may be NULL for
+// the defaults.
+dc_status dc_rpc_init(const dc_store *store,
+                      const char *name,
+                      uint16_t rank,
+                      uint16_t world_size,
+                      const dc_rpc_options *opts,
+                      dc_rpc **out);
+
+// Registers (or replaces) a function after init. Calls may arrive before
+// this returns on other workers' view: prefer `opts->functions`.
+dc_status dc_rpc_register_function(const dc_rpc *rpc,
+                                   const char *name,
+                                   dc_rpc_function function,
+                                   void *user_data);
+
+// Stops this worker (if not already) and frees the handle. NULL does nothing.
+void dc_rpc_free(dc_rpc *rpc);
+
+// Shuts this worker down. Graceful: waits for every worker (through the
+// store), settles and deletes every RRef, waits again, stops; leaked RRefs
+// are a warning, or DC_ERR_INVALID_STATE listing them when
+// `ignore_rref_leak` was false. Not graceful: stops at once; pending calls
+// fail with DC_ERR_SHUT_DOWN. `timeout_ms`: DC_TIMEOUT_DEFAULT for the RPC
+// timeout.
+dc_status dc_rpc_shutdown(const dc_rpc *rpc, bool graceful, int64_t timeout_ms);
+
+// Calls `func` on worker `to` with the `len` bytes at `args` and `num_rrefs`
+// RRefs, and writes the reply into `out`. DC_ERR_REMOTE with the remote
+// message when the function fails there, DC_ERR_TIMEOUT after `timeout_ms`
+// (DC_TIMEOUT_DEFAULT: the RPC timeout; 0: none), DC_ERR_NETWORK when the
+// worker is unreachable.
+dc_status dc_rpc_sync(const dc_rpc *rpc,
+                      const char *to,
+                      const char *func,
+                      const uint8_t *args,
+                      size_t len,
+                      const dc_rref *const *rrefs,
+                      size_t num_rrefs,
+                      int64_t timeout_ms,
+                      dc_buf *out);
+
+// `dc_rpc_sync` without waiting: the work completes with the reply as its
+// result (`dc_work_result`) or with the call's error.
+dc_status dc_rpc_async(const dc_rpc *rpc,
+                       const char *to,
+                       const char *func,
+                       const uint8_t *args,
+                       size_t len,
+                       const dc_rref *const *rrefs,
+                       size_t num_rrefs,
+                       int64_t timeout_ms,
+                       dc_work **out);
+
+// Runs `func` on worker `to`, keeping its result there, and writes an RRef
+// to it into `out` (the OwnerRRef itself when `to` is this worker). If the
+// function fails, or the call times out, the RRef carries the error:
+// to_here and passing it on report it.
+dc_status dc_rpc_remote(const dc_rpc *rpc,
+                        const char *to,
+                        const char *func,
+                        const uint8_t *args,
+                        size_t len,
+                        const dc_rref *const *rrefs,
+                        size_t num_rrefs,
+                        int64_t timeout_ms,
+                        dc_rref **out);
+
+// Writes the id (rank) of the worker named `name`.
+dc_status dc_rpc_worker_id(const dc_rpc *rpc, const char *name, int32_t *out_id);
+
+// Writes the name of this worker into `out`.
+dc_status dc_rpc_self_name(const dc_rpc *rpc, dc_buf *out);
+
+// Writes this worker's RRef counters (all zero once nothing is shared).
+dc_status dc_rpc_debug_info(const dc_rpc *rpc, dc_rref_debug_info *out);
+
+// Testing only: the RRef control messages this worker sends are lost with
+// probability `drop`, duplicated with probability `duplicate`, and delayed
+// up to `delay_ms`. The protocol must still converge.
+dc_status dc_rpc_set_faults(const dc_rpc *rpc, double drop, double duplicate, int64_t delay_ms);
+
+// Puts the result bytes of a function call.
+dc_status dc_rpc_reply_set(dc_rpc_reply *reply, const uint8_t *data, size_t len);
+
+// Puts the error message of a failing function call (return a non-OK status).
+dc_status dc_rpc_reply_set_error(dc_rpc_reply *reply, const char *message);
+
+// Creates an RRef owned by this worker, holding a copy of the `len` bytes
+// at `data` (PyTorch's `rpc.RRef(value)`).
+dc_status dc_rref_new(const dc_rpc *rpc, const uint8_t *data, size_t len, dc_rref **out);
+
+// A new handle on the same reference (not a new fork).
+dc_status dc_rref_clone(const dc_rref *rref, dc_rref **out);
+
+// Releases an RRef handle; the last handle of a user's fork tells the
+// owner, whose value goes when its last fork does. NULL does nothing.
+void dc_rref_free(dc_rref *rref);
+
+// Writes the value into `out`: fetched from the owner (waiting up to
+// `timeout_ms`), or local on the owner. The RRef's creation error, if any.
+dc_status dc_rref_to_here(const dc_rref *rref, int64_t timeout_ms, dc_buf *out);
+
+// Writes the value of an RRef this worker owns; DC_ERR_INVALID_STATE on a user.
+dc_status dc_rref_local_value(const dc_rref *rref, dc_buf *out);
+
+// Writes the owner's worker id.
+dc_status dc_rref_owner_id(const dc_rref *rref, int32_t *out_id);
+
+// Writes the owner's worker name into `out`.
+dc_status dc_rref_owner_name(const dc_rref *rref, dc_buf *out);
+
+// Writes whether this handle is on the owner.
+dc_status dc_rref_is_owner(const dc_rref *rref, bool *out);
+
+// Writes whether the owner has confirmed this reference (true on the owner).
+dc_status dc_rref_confirmed_by_owner(const dc_rref *rref, bool *out);
 
 // Creates an empty in-process store (c10d's HashStore), shared by every
 // thread that uses the handle or its clones. Default timeout 300 s.

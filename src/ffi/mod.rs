@@ -21,6 +21,7 @@ use crate::error::{Error, Result, Status};
 
 pub mod buf;
 pub mod elastic;
+pub mod rpc;
 pub mod store;
 pub mod tcp;
 pub mod work;

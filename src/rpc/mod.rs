@@ -71,7 +71,10 @@ pub struct Rpc {
     ctx: Arc<Context>,
     core: Arc<Core>,
     options: RpcOptions,
-    shut_down: AtomicBool,
+    /// A shutdown has begun (calls still work during a graceful one).
+    shutting_down: AtomicBool,
+    /// The agent has stopped: calls fail with [`Status::ShutDown`].
+    stopped: AtomicBool,
 }
 
 /// What request handling needs, shared with the agent's handler.
@@ -147,7 +150,8 @@ impl Rpc {
             ctx,
             core,
             options,
-            shut_down: AtomicBool::new(false),
+            shutting_down: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
         }))
     }
 
@@ -192,7 +196,7 @@ impl Rpc {
     }
 
     fn check_running(&self) -> Result<()> {
-        if self.shut_down.load(Ordering::SeqCst) {
+        if self.stopped.load(Ordering::SeqCst) {
             return Err(Error::new(
                 Status::ShutDown,
                 "RPC has already been shut down",
@@ -354,7 +358,7 @@ impl Rpc {
     /// barrier again, stop, then report leaks (an error when leaks are not
     /// ignored). Not graceful: stop now; pending calls fail.
     pub fn shutdown(&self, graceful: bool, timeout: Option<Duration>) -> Result<()> {
-        if self.shut_down.swap(true, Ordering::SeqCst) {
+        if self.shutting_down.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
         let timeout = self.timeout(timeout);
@@ -363,6 +367,7 @@ impl Rpc {
         } else {
             Ok(())
         };
+        self.stopped.store(true, Ordering::SeqCst);
         self.agent.shutdown();
         outcome?;
         if graceful {
@@ -384,9 +389,8 @@ impl Rpc {
 
 impl Drop for Rpc {
     fn drop(&mut self) {
-        if !self.shut_down.swap(true, Ordering::SeqCst) {
-            self.agent.shutdown();
-        }
+        self.stopped.store(true, Ordering::SeqCst);
+        self.agent.shutdown();
     }
 }
 

@@ -1,0 +1,608 @@
+//! `dc_rpc_*` and `dc_rref_*`: the RPC agent and remote references.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::buf::dc_buf;
+use super::store::store_arg;
+use super::work::dc_work;
+use super::{
+    arg_bytes, arg_duration, arg_opt_str, arg_out, arg_ref, arg_slice, arg_str, arg_timeout,
+    boundary, dc_status, drop_handle, give, UserData, DC_OK,
+};
+use crate::error::{Error, Result, Status};
+use crate::rpc::agent::Faults;
+use crate::rpc::rref::RRef;
+use crate::rpc::{CallArgs, Rpc, RpcFunction, RpcOptions};
+
+/// A worker of an RPC group. Thread-safe. Shut down with
+/// `dc_rpc_shutdown`, then free with `dc_rpc_free`.
+pub struct dc_rpc {
+    rpc: Arc<Rpc>,
+}
+
+/// A remote reference: on its owner (the value is local) or a user's fork.
+/// Thread-safe; free with `dc_rref_free` (which, for the last handle of a
+/// fork, tells the owner).
+pub struct dc_rref {
+    rref: RRef,
+    rpc: Arc<Rpc>,
+}
+
+/// Where a registered function puts its result (or its error message).
+pub struct dc_rpc_reply {
+    result: Vec<u8>,
+    error: Option<String>,
+}
+
+/// A function other workers call by name. Runs on one of the RPC worker
+/// threads with the argument bytes, the RRefs passed along (borrowed views,
+/// all confirmed by their owners; `dc_rref_clone` one to keep it) and the
+/// caller's id. Puts its result with `dc_rpc_reply_set`; returns DC_OK, or
+/// an error status (the message from `dc_rpc_reply_set_error`) that the
+/// caller receives as DC_ERR_REMOTE.
+pub type dc_rpc_function = Option<
+    unsafe extern "C" fn(
+        args: *const u8,
+        len: usize,
+        rrefs: *const *const dc_rref,
+        num_rrefs: usize,
+        caller_id: i32,
+        reply: *mut dc_rpc_reply,
+        user_data: *mut c_void,
+    ) -> dc_status,
+>;
+
+/// A function to register at init.
+#[repr(C)]
+pub struct dc_rpc_function_entry {
+    /// The name callers use (NUL-terminated).
+    pub name: *const c_char,
+    /// The function.
+    pub function: dc_rpc_function,
+    /// Passed to every call.
+    pub user_data: *mut c_void,
+}
+
+/// Options of `dc_rpc_init`; initialise with `dc_rpc_options_init`.
+#[repr(C)]
+pub struct dc_rpc_options {
+    /// Threads running functions and RRef handlers (default 4).
+    pub num_worker_threads: u32,
+    /// Default timeout of calls, remote(), to_here and control messages, ms (default 60000).
+    pub rpc_timeout_ms: i64,
+    /// Address to listen on and advertise (default "127.0.0.1").
+    pub listen_address: *const c_char,
+    /// Report leaked RRefs at graceful shutdown as a warning (true, the
+    /// default) or fail the shutdown with DC_ERR_INVALID_STATE listing them.
+    pub ignore_rref_leak: bool,
+    /// Functions registered before this worker becomes reachable.
+    pub functions: *const dc_rpc_function_entry,
+    /// The number of `functions`.
+    pub num_functions: usize,
+}
+
+/// PyTorch's RRef debug counters of one worker.
+#[repr(C)]
+pub struct dc_rref_debug_info {
+    /// OwnerRRefs held for other workers.
+    pub num_owner_rrefs: u64,
+    /// RRef control messages in flight.
+    pub num_pending_futures: u64,
+    /// UserRRefs not yet confirmed by their owner.
+    pub num_pending_users: u64,
+    /// Forks known to this worker as an owner.
+    pub num_forks: u64,
+}
+
+/// Fills `opts` with the defaults.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rpc_options_init(opts: *mut dc_rpc_options) -> dc_status {
+    boundary("dc_rpc_options_init", || {
+        let opts = unsafe { arg_out(opts, "opts") }?;
+        let defaults = RpcOptions::default();
+        *opts = dc_rpc_options {
+            num_worker_threads: defaults.num_worker_threads as u32,
+            rpc_timeout_ms: defaults.rpc_timeout.as_millis() as i64,
+            listen_address: c"127.0.0.1".as_ptr(),
+            ignore_rref_leak: defaults.ignore_rref_leak,
+            functions: std::ptr::null(),
+            num_functions: 0,
+        };
+        Ok(())
+    })
+}
+
+/// The worker a C function belongs to, known once init returns; weak, so
+/// registered functions do not keep their worker alive.
+type RpcSlot = Arc<parking_lot::Mutex<Option<std::sync::Weak<Rpc>>>>;
+
+type CFunction = unsafe extern "C" fn(
+    *const u8,
+    usize,
+    *const *const dc_rref,
+    usize,
+    i32,
+    *mut dc_rpc_reply,
+    *mut c_void,
+) -> dc_status;
+
+/// Wraps a C function as an RpcFunction.
+fn c_function(function: CFunction, user_data: UserData, rpc: RpcSlot) -> Arc<RpcFunction> {
+    Arc::new(move |call: &CallArgs<'_>| {
+        let rpc = rpc
+            .lock()
+            .as_ref()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or_else(|| Error::new(Status::ShutDown, "RPC is shutting down"))?;
+        let views: Vec<dc_rref> = call
+            .rrefs
+            .iter()
+            .map(|r| dc_rref {
+                rref: r.clone(),
+                rpc: rpc.clone(),
+            })
+            .collect();
+        let pointers: Vec<*const dc_rref> = views.iter().map(|v| v as *const dc_rref).collect();
+        let mut reply = dc_rpc_reply {
+            result: Vec::new(),
+            error: None,
+        };
+        let user_data = user_data;
+        // SAFETY: the caller registered a valid function; every pointer
+        // handed to it lives for the call.
+        let status = unsafe {
+            function(
+                call.args.as_ptr(),
+                call.args.len(),
+                pointers.as_ptr(),
+                pointers.len(),
+                i32::from(call.caller),
+                &mut reply,
+                user_data.0,
+            )
+        };
+        if status == DC_OK {
+            Ok(reply.result)
+        } else {
+            let kind = Status::from_code(status).unwrap_or(Status::Remote);
+            Err(Error::new(
+                kind,
+                reply.error.unwrap_or_else(|| kind.describe().to_owned()),
+            ))
+        }
+    })
+}
+
+unsafe fn rpc_options(opts: &dc_rpc_options) -> Result<RpcOptions> {
+    let listen =
+        unsafe { arg_opt_str(opts.listen_address, "opts->listen_address") }?.unwrap_or("127.0.0.1");
+    let listen_address: IpAddr = listen.parse().map_err(|_| {
+        Error::invalid_argument(format!("listen_address '{listen}' is not an IP address"))
+    })?;
+    Ok(RpcOptions {
+        num_worker_threads: opts.num_worker_threads.max(1) as usize,
+        rpc_timeout: arg_duration(opts.rpc_timeout_ms)?,
+        listen_address,
+        ignore_rref_leak: opts.ignore_rref_leak,
+    })
+}
+
+/// Joins an RPC group of `world_size` workers through `store`: listens on an
+/// ephemeral port, registers `opts->functions`, publishes `name` and its
+/// address, and learns every other worker (blocks until all have joined, or
+/// fails with DC_ERR_TIMEOUT after the RPC timeout). `opts` may be NULL for
+/// the defaults.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rpc_init(
+    store: *const super::store::dc_store,
+    name: *const c_char,
+    rank: u16,
+    world_size: u16,
+    opts: *const dc_rpc_options,
+    out: *mut *mut dc_rpc,
+) -> dc_status {
+    boundary("dc_rpc_init", || {
+        let store = unsafe { store_arg(store) }?.clone();
+        let name = unsafe { arg_str(name, "name") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        let mut defaults = std::mem::MaybeUninit::<dc_rpc_options>::uninit();
+        // SAFETY: a NULL opts means the defaults, written into `defaults`.
+        let opts = match unsafe { opts.as_ref() } {
+            Some(opts) => opts,
+            None => unsafe {
+                dc_rpc_options_init(defaults.as_mut_ptr());
+                defaults.assume_init_ref()
+            },
+        };
+        let options = unsafe { rpc_options(opts) }?;
+        let entries = unsafe { arg_slice(opts.functions, opts.num_functions, "opts->functions") }?;
+        let late_rpc: RpcSlot = Arc::new(parking_lot::Mutex::new(None));
+        let mut functions: HashMap<String, Arc<RpcFunction>> = HashMap::new();
+        for entry in entries {
+            let fname = unsafe { arg_str(entry.name, "opts->functions[i].name") }?;
+            let f = entry.function.ok_or_else(|| {
+                Error::invalid_argument("opts->functions[i].function must not be NULL")
+            })?;
+            functions.insert(
+                fname.to_owned(),
+                c_function(f, UserData(entry.user_data), late_rpc.clone()),
+            );
+        }
+        let rpc = Rpc::init(store, name, rank, world_size, options, functions)?;
+        *late_rpc.lock() = Some(Arc::downgrade(&rpc));
+        give(out, dc_rpc { rpc });
+        Ok(())
+    })
+}
+
+/// Registers (or replaces) a function after init. Calls may arrive before
+/// this returns on other workers' view: prefer `opts->functions`.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rpc_register_function(
+    rpc: *const dc_rpc,
+    name: *const c_char,
+    function: dc_rpc_function,
+    user_data: *mut c_void,
+) -> dc_status {
+    boundary("dc_rpc_register_function", || {
+        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let name = unsafe { arg_str(name, "name") }?;
+        let f = function.ok_or_else(|| Error::invalid_argument("function must not be NULL"))?;
+        let weak: RpcSlot = Arc::new(parking_lot::Mutex::new(Some(Arc::downgrade(rpc))));
+        rpc.register(name, c_function(f, UserData(user_data), weak));
+        Ok(())
+    })
+}
+
+/// Stops this worker (if not already) and frees the handle. NULL does nothing.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rpc_free(rpc: *mut dc_rpc) {
+    // SAFETY: NULL or a handle from dc_rpc_init.
+    if let Some(handle) = unsafe { rpc.as_ref() } {
+        let _ = handle.rpc.shutdown(false, None);
+    }
+    unsafe { drop_handle("dc_rpc_free", rpc) }
+}
+
+/// Shuts this worker down. Graceful: waits for every worker (through the
+/// store), settles and deletes every RRef, waits again, stops; leaked RRefs
+/// are a warning, or DC_ERR_INVALID_STATE listing them when
+/// `ignore_rref_leak` was false. Not graceful: stops at once; pending calls
+/// fail with DC_ERR_SHUT_DOWN. `timeout_ms`: DC_TIMEOUT_DEFAULT for the RPC
+/// timeout.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rpc_shutdown(
+    rpc: *const dc_rpc,
+    graceful: bool,
+    timeout_ms: i64,
+) -> dc_status {
+    boundary("dc_rpc_shutdown", || {
+        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        rpc.shutdown(graceful, arg_timeout(timeout_ms)?)
+    })
+}
+
+unsafe fn rref_args(rrefs: *const *const dc_rref, count: usize) -> Result<Vec<RRef>> {
+    let ptrs = unsafe { arg_slice(rrefs, count, "rrefs") }?;
+    ptrs.iter()
+        .map(|&p| unsafe { arg_ref(p, "rrefs[i]") }.map(|r| r.rref.clone()))
+        .collect()
+}
+
+/// Calls `func` on worker `to` with the `len` bytes at `args` and `num_rrefs`
+/// RRefs, and writes the reply into `out`. DC_ERR_REMOTE with the remote
+/// message when the function fails there, DC_ERR_TIMEOUT after `timeout_ms`
+/// (DC_TIMEOUT_DEFAULT: the RPC timeout; 0: none), DC_ERR_NETWORK when the
+/// worker is unreachable.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rpc_sync(
+    rpc: *const dc_rpc,
+    to: *const c_char,
+    func: *const c_char,
+    args: *const u8,
+    len: usize,
+    rrefs: *const *const dc_rref,
+    num_rrefs: usize,
+    timeout_ms: i64,
+    out: *mut dc_buf,
+) -> dc_status {
+    boundary("dc_rpc_sync", || {
+        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let (to, func) = unsafe { (arg_str(to, "to")?, arg_str(func, "func")?) };
+        let args = unsafe { arg_bytes(args, len, "args") }?;
+        let rrefs = unsafe { rref_args(rrefs, num_rrefs) }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out =
+            dc_buf::from_bytes(&rpc.rpc_sync(to, func, args, &rrefs, arg_timeout(timeout_ms)?)?);
+        Ok(())
+    })
+}
+
+/// `dc_rpc_sync` without waiting: the work completes with the reply as its
+/// result (`dc_work_result`) or with the call's error.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rpc_async(
+    rpc: *const dc_rpc,
+    to: *const c_char,
+    func: *const c_char,
+    args: *const u8,
+    len: usize,
+    rrefs: *const *const dc_rref,
+    num_rrefs: usize,
+    timeout_ms: i64,
+    out: *mut *mut dc_work,
+) -> dc_status {
+    boundary("dc_rpc_async", || {
+        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let (to, func) = unsafe { (arg_str(to, "to")?, arg_str(func, "func")?) };
+        let args = unsafe { arg_bytes(args, len, "args") }?;
+        let rrefs = unsafe { rref_args(rrefs, num_rrefs) }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        give(
+            out,
+            dc_work {
+                work: rpc.rpc_async(to, func, args, &rrefs, arg_timeout(timeout_ms)?)?,
+            },
+        );
+        Ok(())
+    })
+}
+
+/// Runs `func` on worker `to`, keeping its result there, and writes an RRef
+/// to it into `out` (the OwnerRRef itself when `to` is this worker). If the
+/// function fails, or the call times out, the RRef carries the error:
+/// to_here and passing it on report it.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rpc_remote(
+    rpc: *const dc_rpc,
+    to: *const c_char,
+    func: *const c_char,
+    args: *const u8,
+    len: usize,
+    rrefs: *const *const dc_rref,
+    num_rrefs: usize,
+    timeout_ms: i64,
+    out: *mut *mut dc_rref,
+) -> dc_status {
+    boundary("dc_rpc_remote", || {
+        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let (to, func) = unsafe { (arg_str(to, "to")?, arg_str(func, "func")?) };
+        let args = unsafe { arg_bytes(args, len, "args") }?;
+        let rrefs = unsafe { rref_args(rrefs, num_rrefs) }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        let rref = rpc.remote(to, func, args, &rrefs, arg_timeout(timeout_ms)?)?;
+        give(
+            out,
+            dc_rref {
+                rref,
+                rpc: rpc.clone(),
+            },
+        );
+        Ok(())
+    })
+}
+
+/// Writes the id (rank) of the worker named `name`.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rpc_worker_id(
+    rpc: *const dc_rpc,
+    name: *const c_char,
+    out_id: *mut i32,
+) -> dc_status {
+    boundary("dc_rpc_worker_id", || {
+        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let name = unsafe { arg_str(name, "name") }?;
+        let out = unsafe { arg_out(out_id, "out_id") }?;
+        *out = i32::from(rpc.worker(name)?.id);
+        Ok(())
+    })
+}
+
+/// Writes the name of this worker into `out`.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rpc_self_name(rpc: *const dc_rpc, out: *mut dc_buf) -> dc_status {
+    boundary("dc_rpc_self_name", || {
+        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = dc_buf::from_bytes(rpc.worker_info().name.as_bytes());
+        Ok(())
+    })
+}
+
+/// Writes this worker's RRef counters (all zero once nothing is shared).
+#[no_mangle]
+pub unsafe extern "C" fn dc_rpc_debug_info(
+    rpc: *const dc_rpc,
+    out: *mut dc_rref_debug_info,
+) -> dc_status {
+    boundary("dc_rpc_debug_info", || {
+        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let out = unsafe { arg_out(out, "out") }?;
+        let info = rpc.debug_info();
+        *out = dc_rref_debug_info {
+            num_owner_rrefs: info.num_owner_rrefs as u64,
+            num_pending_futures: info.num_pending_futures as u64,
+            num_pending_users: info.num_pending_users as u64,
+            num_forks: info.num_forks as u64,
+        };
+        Ok(())
+    })
+}
+
+/// Testing only: the RRef control messages this worker sends are lost with
+/// probability `drop`, duplicated with probability `duplicate`, and delayed
+/// up to `delay_ms`. The protocol must still converge.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rpc_set_faults(
+    rpc: *const dc_rpc,
+    drop: f64,
+    duplicate: f64,
+    delay_ms: i64,
+) -> dc_status {
+    boundary("dc_rpc_set_faults", || {
+        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        if !(0.0..=1.0).contains(&drop) || !(0.0..=1.0).contains(&duplicate) {
+            return Err(Error::invalid_argument(
+                "probabilities must be within [0, 1]",
+            ));
+        }
+        rpc.set_faults(Faults {
+            drop,
+            duplicate,
+            delay: arg_duration(delay_ms)?,
+        });
+        Ok(())
+    })
+}
+
+/// Puts the result bytes of a function call.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rpc_reply_set(
+    reply: *mut dc_rpc_reply,
+    data: *const u8,
+    len: usize,
+) -> dc_status {
+    boundary("dc_rpc_reply_set", || {
+        let reply = unsafe { arg_out(reply, "reply") }?;
+        reply.result = unsafe { arg_bytes(data, len, "data") }?.to_vec();
+        Ok(())
+    })
+}
+
+/// Puts the error message of a failing function call (return a non-OK status).
+#[no_mangle]
+pub unsafe extern "C" fn dc_rpc_reply_set_error(
+    reply: *mut dc_rpc_reply,
+    message: *const c_char,
+) -> dc_status {
+    boundary("dc_rpc_reply_set_error", || {
+        let reply = unsafe { arg_out(reply, "reply") }?;
+        reply.error = Some(unsafe { arg_str(message, "message") }?.to_owned());
+        Ok(())
+    })
+}
+
+/// Creates an RRef owned by this worker, holding a copy of the `len` bytes
+/// at `data` (PyTorch's `rpc.RRef(value)`).
+#[no_mangle]
+pub unsafe extern "C" fn dc_rref_new(
+    rpc: *const dc_rpc,
+    data: *const u8,
+    len: usize,
+    out: *mut *mut dc_rref,
+) -> dc_status {
+    boundary("dc_rref_new", || {
+        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let data = unsafe { arg_bytes(data, len, "data") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        give(
+            out,
+            dc_rref {
+                rref: rpc.rref(data.to_vec()),
+                rpc: rpc.clone(),
+            },
+        );
+        Ok(())
+    })
+}
+
+/// A new handle on the same reference (not a new fork).
+#[no_mangle]
+pub unsafe extern "C" fn dc_rref_clone(rref: *const dc_rref, out: *mut *mut dc_rref) -> dc_status {
+    boundary("dc_rref_clone", || {
+        let rref = unsafe { arg_ref(rref, "rref") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        give(
+            out,
+            dc_rref {
+                rref: rref.rref.clone(),
+                rpc: rref.rpc.clone(),
+            },
+        );
+        Ok(())
+    })
+}
+
+/// Releases an RRef handle; the last handle of a user's fork tells the
+/// owner, whose value goes when its last fork does. NULL does nothing.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rref_free(rref: *mut dc_rref) {
+    unsafe { drop_handle("dc_rref_free", rref) }
+}
+
+/// Writes the value into `out`: fetched from the owner (waiting up to
+/// `timeout_ms`), or local on the owner. The RRef's creation error, if any.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rref_to_here(
+    rref: *const dc_rref,
+    timeout_ms: i64,
+    out: *mut dc_buf,
+) -> dc_status {
+    boundary("dc_rref_to_here", || {
+        let rref = unsafe { arg_ref(rref, "rref") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = dc_buf::from_bytes(&rref.rpc.to_here(&rref.rref, arg_timeout(timeout_ms)?)?);
+        Ok(())
+    })
+}
+
+/// Writes the value of an RRef this worker owns; DC_ERR_INVALID_STATE on a user.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rref_local_value(rref: *const dc_rref, out: *mut dc_buf) -> dc_status {
+    boundary("dc_rref_local_value", || {
+        let rref = unsafe { arg_ref(rref, "rref") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = dc_buf::from_bytes(&rref.rref.local_value()?);
+        Ok(())
+    })
+}
+
+/// Writes the owner's worker id.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rref_owner_id(rref: *const dc_rref, out_id: *mut i32) -> dc_status {
+    boundary("dc_rref_owner_id", || {
+        let rref = unsafe { arg_ref(rref, "rref") }?;
+        let out = unsafe { arg_out(out_id, "out_id") }?;
+        *out = i32::from(rref.rpc.owner_id(&rref.rref));
+        Ok(())
+    })
+}
+
+/// Writes the owner's worker name into `out`.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rref_owner_name(rref: *const dc_rref, out: *mut dc_buf) -> dc_status {
+    boundary("dc_rref_owner_name", || {
+        let rref = unsafe { arg_ref(rref, "rref") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = dc_buf::from_bytes(rref.rpc.owner_name(&rref.rref).as_bytes());
+        Ok(())
+    })
+}
+
+/// Writes whether this handle is on the owner.
+#[no_mangle]
+pub unsafe extern "C" fn dc_rref_is_owner(rref: *const dc_rref, out: *mut bool) -> dc_status {
+    boundary("dc_rref_is_owner", || {
+        let rref = unsafe { arg_ref(rref, "rref") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = rref.rref.is_owner();
+        Ok(())
+    })
+}
+
+/// Writes whether the owner has confirmed this reference (true on the owner).
+#[no_mangle]
+pub unsafe extern "C" fn dc_rref_confirmed_by_owner(
+    rref: *const dc_rref,
+    out: *mut bool,
+) -> dc_status {
+    boundary("dc_rref_confirmed_by_owner", || {
+        let rref = unsafe { arg_ref(rref, "rref") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = rref.rref.confirmed_by_owner();
+        Ok(())
+    })
+}
