@@ -37,6 +37,28 @@ class ServerStats(Structure):
     _fields_ = [("connections", c_uint64), ("pending_waits", c_uint64), ("keys", c_uint64)]
 
 
+RPC_FUNCTION = CFUNCTYPE(c_int32, POINTER(c_uint8), c_size_t, POINTER(c_void_p), c_size_t, c_int32,
+                         c_void_p, c_void_p)
+
+
+class RpcFunctionEntry(Structure):
+    _fields_ = [("name", c_char_p), ("function", RPC_FUNCTION), ("user_data", c_void_p)]
+
+
+class RpcOptions(Structure):
+    _fields_ = [("num_worker_threads", ctypes.c_uint32), ("rpc_timeout_ms", c_int64),
+                ("listen_address", c_char_p), ("ignore_rref_leak", c_bool),
+                ("functions", POINTER(RpcFunctionEntry)), ("num_functions", c_size_t)]
+
+
+class RRefDebugInfo(Structure):
+    _fields_ = [("num_owner_rrefs", c_uint64), ("num_pending_futures", c_uint64),
+                ("num_pending_users", c_uint64), ("num_forks", c_uint64)]
+
+    def as_tuple(self):
+        return (self.num_owner_rrefs, self.num_pending_futures, self.num_pending_users, self.num_forks)
+
+
 WORK_CALLBACK = CFUNCTYPE(None, c_void_p, c_void_p)
 PROFILER_BEGIN = CFUNCTYPE(c_uint64, c_char_p, c_void_p)
 PROFILER_END = CFUNCTYPE(None, c_char_p, c_uint64, c_void_p)
@@ -80,6 +102,25 @@ _SIGNATURES = {
     "dc_tcp_store_new": ([POINTER(TcpStoreOptions), POINTER(c_void_p)], None),
     "dc_tcp_store_port": ([c_void_p, POINTER(ctypes.c_uint16)], None),
     "dc_tcp_store_server_stats": ([c_void_p, POINTER(ServerStats)], None),
+    "dc_rpc_options_init": ([POINTER(RpcOptions)], None),
+    "dc_rpc_init": ([c_void_p, c_char_p, ctypes.c_uint16, ctypes.c_uint16, POINTER(RpcOptions),
+                     POINTER(c_void_p)], None),
+    "dc_rpc_free": ([c_void_p], "void"),
+    "dc_rpc_shutdown": ([c_void_p, c_bool, c_int64], None),
+    "dc_rpc_sync": ([c_void_p, c_char_p, c_char_p, c_char_p, c_size_t, POINTER(c_void_p), c_size_t,
+                     c_int64, POINTER(Buf)], None),
+    "dc_rpc_remote": ([c_void_p, c_char_p, c_char_p, c_char_p, c_size_t, POINTER(c_void_p), c_size_t,
+                       c_int64, POINTER(c_void_p)], None),
+    "dc_rpc_debug_info": ([c_void_p, POINTER(RRefDebugInfo)], None),
+    "dc_rpc_set_faults": ([c_void_p, c_double, c_double, c_int64], None),
+    "dc_rpc_reply_set": ([c_void_p, c_char_p, c_size_t], None),
+    "dc_rpc_reply_set_error": ([c_void_p, c_char_p], None),
+    "dc_rref_new": ([c_void_p, c_char_p, c_size_t, POINTER(c_void_p)], None),
+    "dc_rref_clone": ([c_void_p, POINTER(c_void_p)], None),
+    "dc_rref_free": ([c_void_p], "void"),
+    "dc_rref_to_here": ([c_void_p, c_int64, POINTER(Buf)], None),
+    "dc_rref_is_owner": ([c_void_p, POINTER(c_bool)], None),
+    "dc_rref_confirmed_by_owner": ([c_void_p, POINTER(c_bool)], None),
     "dc_elastic_barrier": ([c_void_p, c_int64, c_char_p, c_int64], None),
     "dc_elastic_synchronize": ([c_void_p, c_char_p, c_size_t, c_int64, c_int64,
                                 c_char_p, c_int64, POINTER(BufArray)], None),
@@ -330,3 +371,102 @@ class Store:
             self.handle, data, len(data), rank, world_size, key_prefix.encode(), timeout_ms,
             ctypes.byref(arr)))
         return self.api.take_array(arr)
+
+
+class RRef:
+    """Owns a dc_rref handle."""
+
+    def __init__(self, api, handle):
+        self.api, self.handle = api, handle
+
+    def __del__(self):
+        self.close()
+
+    def close(self):
+        if self.handle:
+            self.api.lib.dc_rref_free(self.handle)
+            self.handle = None
+
+    def to_here(self, timeout_ms=TIMEOUT_DEFAULT):
+        buf = Buf()
+        self.api.check(self.api.lib.dc_rref_to_here(self.handle, timeout_ms, ctypes.byref(buf)))
+        return self.api.take_buf(buf)
+
+    def is_owner(self):
+        out = c_bool()
+        self.api.check(self.api.lib.dc_rref_is_owner(self.handle, ctypes.byref(out)))
+        return out.value
+
+
+def _rref_array(rrefs):
+    arr = (c_void_p * max(len(rrefs), 1))(*[r.handle for r in rrefs])
+    return arr, len(rrefs)
+
+
+class Rpc:
+    """A worker of an RPC group. `functions` maps names to Python callables
+    taking (args: bytes, rrefs: list of borrowed RRef views) and returning bytes;
+    raising makes the call fail on the caller with the exception's text."""
+
+    def __init__(self, api, store, name, rank, world_size, functions, timeout_ms=30000):
+        self.api = api
+        self._callbacks = [RPC_FUNCTION(self._wrap(fn)) for fn in functions.values()]
+        entries = (RpcFunctionEntry * max(len(functions), 1))(
+            *[RpcFunctionEntry(n.encode(), cb, None) for n, cb in zip(functions, self._callbacks)])
+        opts = RpcOptions()
+        api.check(api.lib.dc_rpc_options_init(ctypes.byref(opts)))
+        opts.rpc_timeout_ms, opts.functions, opts.num_functions = timeout_ms, entries, len(functions)
+        h = c_void_p()
+        api.check(api.lib.dc_rpc_init(store.handle, name.encode(), rank, world_size, ctypes.byref(opts),
+                                      ctypes.byref(h)))
+        self.handle = h
+
+    def _wrap(self, fn):
+        def call(args, length, rrefs, n, caller, reply, user_data):
+            try:
+                views = [_BorrowedRRef(self.api, rrefs[i]) for i in range(n)]
+                result = fn(ctypes.string_at(args, length) if length else b"", views)
+                return self.api.lib.dc_rpc_reply_set(reply, result, len(result))
+            except Exception as e:  # becomes the caller's DC_ERR_REMOTE
+                self.api.lib.dc_rpc_reply_set_error(reply, str(e).encode())
+                return REMOTE
+        return call
+
+    def sync(self, to, func, args=b"", rrefs=(), timeout_ms=TIMEOUT_DEFAULT):
+        arr, n = _rref_array(rrefs)
+        buf = Buf()
+        self.api.check(self.api.lib.dc_rpc_sync(self.handle, to.encode(), func.encode(), args, len(args), arr, n,
+                                                timeout_ms, ctypes.byref(buf)))
+        return self.api.take_buf(buf)
+
+    def remote(self, to, func, args=b"", rrefs=(), timeout_ms=TIMEOUT_DEFAULT):
+        arr, n = _rref_array(rrefs)
+        h = c_void_p()
+        self.api.check(self.api.lib.dc_rpc_remote(self.handle, to.encode(), func.encode(), args, len(args), arr, n,
+                                                  timeout_ms, ctypes.byref(h)))
+        return RRef(self.api, h)
+
+    def rref(self, value):
+        h = c_void_p()
+        self.api.check(self.api.lib.dc_rref_new(self.handle, value, len(value), ctypes.byref(h)))
+        return RRef(self.api, h)
+
+    def debug_info(self):
+        info = RRefDebugInfo()
+        self.api.check(self.api.lib.dc_rpc_debug_info(self.handle, ctypes.byref(info)))
+        return info.as_tuple()
+
+    def shutdown(self, graceful=True, timeout_ms=TIMEOUT_DEFAULT):
+        self.api.check(self.api.lib.dc_rpc_shutdown(self.handle, graceful, timeout_ms))
+
+    def close(self):
+        if self.handle:
+            self.api.lib.dc_rpc_free(self.handle)
+            self.handle = None
+
+
+class _BorrowedRRef(RRef):
+    """An RRef argument of a function call: valid during the call only."""
+
+    def close(self):
+        self.handle = None

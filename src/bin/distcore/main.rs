@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use std::path::PathBuf;
 
+mod parameter_server;
+
 use clap::{Parser, Subcommand};
 use distcore::store::tcp::{Server, ServerOptions};
 use distcore::store::{
@@ -180,7 +182,8 @@ fn worker(store: Arc<dyn Store>, rank: i64, world: i64, timeout: Duration) -> Re
 fn demo_worker_process(connect: &str, rank: u32, world: u32, timeout: Duration) -> Result<()> {
     let store = connect_worker_store(connect, world, timeout)?;
     let total = worker(store.clone(), i64::from(rank), i64::from(world), timeout)?;
-    store.set(&format!("demo/result/{rank}"), &total)
+    store.set(&format!("demo/result/{rank}"), &total)?;
+    parameter_server::serve(store, rank as u16 + 1, world as u16 + 1, timeout)
 }
 
 /// Starts `workers` demo worker processes reaching the store through `connect`.
@@ -299,6 +302,10 @@ fn demo(workers: u32, kind: DemoStore, timeout: Duration) -> Result<()> {
                 "rank {rank} computed {total}, expected {expected}"
             )));
         }
+    }
+    if !children.is_empty() {
+        println!("RPC: a parameter server shares its parameters as RRefs with the workers");
+        parameter_server::run(store.clone_store()?, workers as u16, timeout)?;
     }
     for mut child in children {
         let status = child
