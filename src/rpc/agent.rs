@@ -280,10 +280,7 @@ impl Drop for Agent {
 fn send_on(shared: &Arc<Shared>, to: WorkerId, payload: Vec<u8>, timeout: Duration) -> Work {
     let work = Work::from_future();
     if shared.stopping.load(Ordering::SeqCst) {
-        let _ = work.finish(Some(Error::new(
-            Status::ShutDown,
-            "the RPC agent has shut down",
-        )));
+        let _ = work.finish(Some(shut_down()));
         return work;
     }
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
@@ -296,6 +293,10 @@ fn send_on(shared: &Arc<Shared>, to: WorkerId, payload: Vec<u8>, timeout: Durati
         timeout,
     });
     work
+}
+
+fn shut_down() -> Error {
+    Error::new(Status::ShutDown, "the RPC agent has shut down")
 }
 
 fn retryable(e: &Error) -> bool {
@@ -312,10 +313,7 @@ fn attempt(
     result: Work,
 ) {
     let Some(strong) = shared.upgrade() else {
-        let _ = result.finish(Some(Error::new(
-            Status::ShutDown,
-            "the RPC agent has shut down",
-        )));
+        let _ = result.finish(Some(shut_down()));
         return;
     };
     let faults = *strong.faults.lock();
@@ -342,10 +340,7 @@ fn deliver(
     faults: Faults,
 ) {
     let Some(strong) = shared.upgrade() else {
-        let _ = result.finish(Some(Error::new(
-            Status::ShutDown,
-            "the RPC agent has shut down",
-        )));
+        let _ = result.finish(Some(shut_down()));
         return;
     };
     let lost_before = fastrand::f64() < faults.drop / 2.0;
@@ -833,10 +828,7 @@ impl IoLoop {
 
     fn fail_everything(&mut self) {
         for (_, p) in self.pending.drain() {
-            let _ = p.work.finish(Some(Error::new(
-                Status::ShutDown,
-                "the RPC agent has shut down",
-            )));
+            let _ = p.work.finish(Some(shut_down()));
         }
         self.timer_jobs.clear();
     }

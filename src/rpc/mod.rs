@@ -244,9 +244,7 @@ impl Rpc {
         rrefs: &[RRef],
         timeout: Option<Duration>,
     ) -> Result<Vec<u8>> {
-        let work = self.rpc_async(to, func, args, rrefs, timeout)?;
-        work.wait(Some(Duration::ZERO))?;
-        Ok(work.result().map(|r| r.to_vec()).unwrap_or_default())
+        reply_of(&self.rpc_async(to, func, args, rrefs, timeout)?)
     }
 
     /// Runs `func` on worker `to`, keeping the result there, and returns an
@@ -321,15 +319,10 @@ impl Rpc {
                     return Err(error);
                 }
                 self.check_running()?;
-                let fetched = self.agent.send(
-                    user.owner(),
-                    &Request::Fetch {
-                        rref_id: user.rref_id(),
-                    },
-                    self.timeout(timeout),
-                );
-                fetched.wait(Some(Duration::ZERO))?;
-                Ok(fetched.result().map(|r| r.to_vec()).unwrap_or_default())
+                let fetch = Request::Fetch {
+                    rref_id: user.rref_id(),
+                };
+                reply_of(&self.agent.send(user.owner(), &fetch, self.timeout(timeout)))
             }
         }
     }
@@ -392,6 +385,12 @@ impl Drop for Rpc {
         self.stopped.store(true, Ordering::SeqCst);
         self.agent.shutdown();
     }
+}
+
+/// Waits for a reply and returns its bytes.
+fn reply_of(work: &Work) -> Result<Vec<u8>> {
+    work.wait(Some(Duration::ZERO))?;
+    Ok(work.result().map(|r| r.to_vec()).unwrap_or_default())
 }
 
 fn parse_workers(all: &[Vec<u8>]) -> Result<Vec<WorkerInfo>> {
