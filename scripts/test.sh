@@ -60,6 +60,9 @@ fi
 DISTCORE_LIB="$root/build/prefix/lib/libdistcore.so" \
   "$venv/bin/python" -m unittest discover -s interop -p 'test_torch_*.py' -v
 
+step "benchmark smoke run (benches/bench.py --quick: figures, not pass/fail)"
+"$venv/bin/python" benches/bench.py --quick
+
 step "CLI demo"
 build/prefix/bin/distcore demo --workers 8
 build/prefix/bin/distcore demo --store hash

@@ -705,7 +705,7 @@ impl IoLoop {
             if !conn.connected {
                 return;
             }
-            let mut chunk = [0u8; 64 << 10];
+            let mut chunk = vec![0u8; 256 << 10];
             loop {
                 match conn.stream.read(&mut chunk) {
                     Ok(0) => {
@@ -745,7 +745,8 @@ impl IoLoop {
             if conn.input.len() < 4 + len {
                 return Ok(());
             }
-            let body: Vec<u8> = conn.input.drain(..4 + len).skip(4).collect();
+            let body = conn.input[4..4 + len].to_vec();
+            conn.input.drain(..4 + len);
             let kind = body[0];
             let id = u64::from_le_bytes(body[1..9].try_into().unwrap_or_default());
             let sender = u16::from_le_bytes(body[9..11].try_into().unwrap_or_default());

@@ -113,6 +113,7 @@ impl Server {
             limits: options.limits,
             conns: Vec::new(),
             free: Vec::new(),
+            scratch: vec![0; SCRATCH_LEN],
             table: KvTable::default(),
             waits: Waits::default(),
             dirty: Vec::new(),
@@ -280,7 +281,8 @@ impl Waits {
 struct Conn {
     stream: TcpStream,
     peer: Option<SocketAddr>,
-    input: InputBuffer,
+    /// The start of a request whose end has not arrived yet.
+    pending: Vec<u8>,
     output: Vec<u8>,
     written: usize,
     validated: bool,
@@ -289,51 +291,10 @@ struct Conn {
     wants_writable: bool,
 }
 
-/// Bytes read from a connection and not yet parsed. Kept initialised so a
-/// read does not zero its buffer first; grows only for requests larger than
-/// it.
-#[derive(Default)]
-struct InputBuffer {
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl InputBuffer {
-    const CHUNK: usize = 64 << 10;
-
-    /// Free space to read into (at least a chunk's worth).
-    fn space(&mut self) -> &mut [u8] {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-        if self.buf.len() - self.end < Self::CHUNK {
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            }
-            if self.buf.len() - self.end < Self::CHUNK {
-                let grown = (self.buf.len() * 2).max(self.end + Self::CHUNK);
-                self.buf.resize(grown, 0);
-            }
-        }
-        &mut self.buf[self.end..]
-    }
-
-    fn filled(&mut self, n: usize) {
-        self.end += n;
-    }
-
-    fn data(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start += n;
-    }
-}
+/// The loop's read buffer, shared by every connection.
+const SCRATCH_LEN: usize = 64 << 10;
+/// A connection's leftover buffer larger than this is released once empty.
+const MAX_IDLE_PENDING: usize = 1 << 20;
 
 /// Why a connection is being closed.
 enum Close {
@@ -352,6 +313,7 @@ struct EventLoop {
     /// Connections by `token - FIRST_CONN`.
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
+    scratch: Vec<u8>,
     table: KvTable,
     waits: Waits,
     /// Connections with replies to flush after this event.
@@ -422,7 +384,7 @@ impl EventLoop {
                     self.conns[index] = Some(Conn {
                         stream,
                         peer: Some(peer),
-                        input: InputBuffer::default(),
+                        pending: Vec::new(),
                         output: Vec::new(),
                         written: 0,
                         validated: false,
@@ -443,69 +405,71 @@ impl EventLoop {
     }
 
     fn on_readable(&mut self, token: Token) {
-        let outcome = self.read_available(token).and_then(|eof| {
-            self.process_input(token)?;
-            if eof {
-                Err(Close::PeerClosed)
-            } else {
-                Ok(())
-            }
-        });
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let outcome = self.read_and_process(token, &mut scratch);
+        self.scratch = scratch;
         if let Err(reason) = outcome {
             self.close(token, reason);
         }
     }
 
-    /// Reads what the socket holds; returns whether the peer closed.
-    fn read_available(&mut self, token: Token) -> std::result::Result<bool, Close> {
-        let Some(conn) = self.conn(token) else {
-            return Ok(false);
-        };
-        loop {
-            let space = conn.input.space();
-            let room = space.len();
-            match conn.stream.read(space) {
-                Ok(0) => return Ok(true),
-                Ok(n) => {
-                    conn.input.filled(n);
-                    // A short read drained the socket; mio reports new data
-                    // as a new event, so skip the read that would block.
-                    if n < room {
-                        return Ok(false);
-                    }
-                }
-                Err(e) => match e.kind() {
-                    io::ErrorKind::WouldBlock => return Ok(false),
-                    io::ErrorKind::Interrupted => continue,
-                    _ => return Err(Close::Io(e)),
-                },
-            }
-        }
-    }
-
-    fn process_input(&mut self, token: Token) -> std::result::Result<(), Close> {
-        let limits = self.limits;
-        let mut consumed = 0;
+    /// Reads what the socket holds into the loop's scratch buffer and
+    /// handles every complete request. Only the bytes of an incomplete
+    /// request are kept on the connection, so an idle connection holds no
+    /// buffer and a busy one allocates nothing per request.
+    fn read_and_process(
+        &mut self,
+        token: Token,
+        scratch: &mut [u8],
+    ) -> std::result::Result<(), Close> {
         loop {
             let Some(conn) = self.conn(token) else {
                 return Ok(());
             };
-            let parsed = parse_request(&conn.input.data()[consumed..], &limits);
-            match parsed {
-                Ok(Some((request, n))) => {
-                    consumed += n;
-                    if let Err(reason) = self.handle(token, request) {
-                        return Err(Close::Refused(reason));
-                    }
+            let n = match conn.stream.read(scratch) {
+                Ok(0) => return Err(Close::PeerClosed),
+                Ok(n) => n,
+                Err(e) => match e.kind() {
+                    io::ErrorKind::WouldBlock => return Ok(()),
+                    io::ErrorKind::Interrupted => continue,
+                    _ => return Err(Close::Io(e)),
+                },
+            };
+            let mut pending = std::mem::take(&mut conn.pending);
+            if pending.is_empty() {
+                let consumed = self.process(token, &scratch[..n])?;
+                pending.extend_from_slice(&scratch[consumed..n]);
+            } else {
+                pending.extend_from_slice(&scratch[..n]);
+                let consumed = self.process(token, &pending)?;
+                pending.drain(..consumed);
+                if pending.is_empty() && pending.capacity() > MAX_IDLE_PENDING {
+                    pending = Vec::new();
                 }
-                Ok(None) => break,
-                Err(e) => return Err(Close::Refused(e.to_string())),
+            }
+            if let Some(conn) = self.conn(token) {
+                conn.pending = pending;
+            }
+            // A short read drained the socket; mio reports new data as a
+            // new event, so skip the read that would block.
+            if n < scratch.len() {
+                return Ok(());
             }
         }
-        if let Some(conn) = self.conn(token) {
-            conn.input.consume(consumed);
+    }
+
+    /// Handles every complete request at the start of `data`; returns the
+    /// bytes they took.
+    fn process(&mut self, token: Token, data: &[u8]) -> std::result::Result<usize, Close> {
+        let limits = self.limits;
+        let mut consumed = 0;
+        while let Some((request, n)) =
+            parse_request(&data[consumed..], &limits).map_err(|e| Close::Refused(e.to_string()))?
+        {
+            consumed += n;
+            self.handle(token, request).map_err(Close::Refused)?;
         }
-        Ok(())
+        Ok(consumed)
     }
 
     fn reply(&mut self, token: Token, bytes: impl FnOnce(&mut Vec<u8>)) {
@@ -754,6 +718,9 @@ impl EventLoop {
         if !pending {
             conn.output.clear();
             conn.written = 0;
+            if conn.output.capacity() > MAX_IDLE_PENDING {
+                conn.output = Vec::new();
+            }
         }
         if pending != conn.wants_writable {
             let interest = if pending {

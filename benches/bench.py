@@ -1,0 +1,459 @@
+"""distcore against PyTorch, measured in one run on this machine.
+
+    build/venv/bin/python benches/bench.py [--quick] [--out docs/benchmarks.md]
+
+Builds the drivers (benches/store_bench.cpp twice: distcore's C client and
+PyTorch's C++ client from the pip wheel's libtorch; benches/pingpong.c),
+starts each server in its own process on 127.0.0.1, and prints one table
+per scenario with ratios distcore/PyTorch computed pair by pair. Figures,
+not pass/fail: the only failure is a scenario that cannot run."""
+import argparse
+import os
+import platform
+import re
+import resource
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.path.join(ROOT, "build", "bench")
+PREFIX = os.path.join(ROOT, "build", "prefix")
+HERE = os.path.join(ROOT, "benches")
+CLI = os.path.join(PREFIX, "bin", "distcore")
+SERVERS = ["distcore", "torch libuv", "torch legacy"]
+QUICK_SERVERS = ["distcore", "torch libuv"]
+CLIENTS = ["distcore", "torch"]
+
+
+def ensure_python_packages(full):
+    """torch.distributed.rpc needs numpy; the plot needs matplotlib."""
+    wanted = ["numpy"] + (["matplotlib"] if full else [])
+    missing = [p for p in wanted if subprocess.run([sys.executable, "-c", f"import {p}"],
+                                                   capture_output=True).returncode]
+    if missing:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", *missing],
+                       check=True)
+
+
+def torch_dir():
+    import torch
+    return os.path.dirname(torch.__file__)
+
+
+def build():
+    os.makedirs(BUILD, exist_ok=True)
+    t = torch_dir()
+    jobs = [
+        ["cc", "-O2", "-o", f"{BUILD}/pingpong", f"{HERE}/pingpong.c", "-pthread"],
+        ["c++", "-O2", "-std=c++17", f"-I{PREFIX}/include", "-o", f"{BUILD}/bench_distcore",
+         f"{HERE}/store_bench.cpp", f"-L{PREFIX}/lib", "-ldistcore", f"-Wl,-rpath,{PREFIX}/lib", "-pthread"],
+        ["c++", "-O2", "-std=c++20", "-DWITH_TORCH", f"-I{t}/include", f"-I{t}/include/torch/csrc/api/include",
+         "-o", f"{BUILD}/bench_torch", f"{HERE}/store_bench.cpp", f"-L{t}/lib", "-ltorch_cpu", "-lc10",
+         f"-Wl,-rpath,{t}/lib", "-pthread"],
+        ["cc", "-O2", f"-I{PREFIX}/include", f"-I{ROOT}/c-tests", "-o", f"{BUILD}/dc_waiting_server",
+         f"{ROOT}/c-tests/tcp_server_main.c", f"-L{PREFIX}/lib", "-ldistcore", f"-Wl,-rpath,{PREFIX}/lib"],
+    ]
+    procs = [subprocess.Popen(j) for j in jobs]
+    if any(p.wait() for p in procs):
+        sys.exit("building the benchmark drivers failed")
+
+
+def wait_listening(port, timeout=60):
+    """Waits until something accepts connections on `port` (a server still
+    importing torch does not yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_until(proc, prefix, timeout=900):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{proc.args[0]} exited before {prefix!r}")
+        if line.startswith(prefix):
+            return line.split()
+    raise RuntimeError(f"no {prefix!r}")
+
+
+class Server:
+    """A server in its own process: `distcore serve`, or a PyTorch master."""
+
+    def __init__(self, kind, world=None, port=0):
+        self.kind = kind
+        if kind == "distcore" and world is None:
+            self.proc = subprocess.Popen([CLI, "serve", "--host", "127.0.0.1", "--port", str(port)],
+                                         stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+            self.port = int(read_until(self.proc, "distcore TCPStore")[5].rsplit(":", 1)[1])
+            self.pid = self.proc.pid
+        elif kind == "distcore":
+            self.proc = subprocess.Popen([f"{BUILD}/dc_waiting_server", str(world)], stdout=subprocess.PIPE,
+                                         stdin=subprocess.PIPE, text=True)
+            self.port = int(read_until(self.proc, "port")[1])
+            self.pid = self.proc.pid
+        else:
+            backend = kind.split()[1]
+            args = [sys.executable, f"{HERE}/torch_server.py", backend, str(port or free_port())]
+            self.port = int(args[-1])
+            if world:
+                args.append(str(world))
+            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+            if not world:
+                read_until(self.proc, "port")
+                self.pid = int(read_until(self.proc, "pid")[1])
+
+    def wait_ready(self, timeout):
+        """For a server waiting for its world: blocks until it has everyone
+        (False when `timeout` passed first)."""
+        import select
+        deadline = time.monotonic() + timeout
+        want = "joined" if self.kind == "distcore" else "port"
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            line = self.proc.stdout.readline()
+            if not line:
+                return False
+            if line.startswith(want):
+                return True
+        return False
+
+    def rss_kib(self):
+        with open(f"/proc/{self.pid}/status") as f:
+            return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            if self.kind == "distcore" and self.proc.args[0] != CLI:
+                self.proc.stdin.close()
+            else:
+                self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def driver(client, *args, stdin=None):
+    return subprocess.Popen([f"{BUILD}/bench_{client}", *map(str, args)], stdout=subprocess.PIPE,
+                            stdin=stdin, stderr=subprocess.PIPE, text=True)
+
+
+def run_driver(client, *args):
+    p = driver(client, *args)
+    out, err = p.communicate(timeout=900)
+    if p.returncode:
+        raise RuntimeError(f"bench_{client} {args}: {err.strip()[-400:]}")
+    return out
+
+
+def table(title, header, rows, note=""):
+    lines = [f"### {title}", ""]
+    if note:
+        lines += [note, ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    print(text, flush=True)
+    return text
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}" if b else "-"
+
+
+def scenario_latency(servers, ops):
+    floor = run_driver_pingpong(ops)
+    results = {}
+    for server, s in servers.items():
+        for client in CLIENTS:
+            for line in run_driver(client, "latency", "127.0.0.1", s.port, ops).splitlines():
+                op, med, p99 = line.split()
+                results[(client, server, op)] = (float(med), float(p99))
+    ops_names = ["set", "get", "add", "check", "compare_set", "multi_get16"]
+    rows = [[f"loopback floor (C ping-pong)", "-", "rtt", f"{floor[0]:.1f}", f"{floor[1]:.1f}", "-", "-"]]
+    for op in ops_names:
+        for client in CLIENTS:
+            for server in SERVERS:
+                med, p99 = results[(client, server, op)]
+                ours = results[("distcore", "distcore", op)][0]
+                ref = results[("torch", "torch libuv", op)][0]
+                is_ours = client == "distcore" and server == "distcore"
+                rows.append([f"{client} client", server, op, f"{med:.1f}", f"{p99:.1f}",
+                             ratio(ours, ref) if is_ours else "", ratio(med, floor[0])])
+    return table(f"1. Latency ({ops} sequential ops each, µs)",
+                 ["client", "server", "op", "median", "p99", "distcore pair / torch C++ + libuv", "× floor"],
+                 rows), results, floor
+
+
+def run_driver_pingpong(ops):
+    out = subprocess.run([f"{BUILD}/pingpong", str(ops)], capture_output=True, text=True, check=True).stdout
+    _, med, p99 = out.split()
+    return float(med), float(p99)
+
+
+def scenario_throughput(servers, seconds, conns, procs):
+    rows, results = [], {}
+    for server, s in servers.items():
+        for client in CLIENTS:
+            ps = [driver(client, "throughput", "127.0.0.1", s.port, conns // procs, seconds) for _ in range(procs)]
+            total = 0.0
+            for p in ps:
+                out, err = p.communicate(timeout=300)
+                m = re.search(r"ops (\d+) seconds ([\d.]+)", out)
+                if not m:
+                    raise RuntimeError(err)
+                total += int(m.group(1)) / float(m.group(2))
+            results[(client, server)] = total
+    for client in CLIENTS:
+        for server in SERVERS:
+            v = results[(client, server)]
+            rows.append([f"{client} client", server, f"{v:,.0f}", ratio(results[(client, 'distcore')], results[(client, 'torch libuv')]) if server == "distcore" else ""])
+    return table(f"2. Throughput ({conns} connections from {procs} processes, 80% get / 20% set over 1k keys, {seconds} s)",
+                 ["client", "server", "ops/s", "distcore / torch libuv (same client)"], rows), results
+
+
+RENDEZVOUS_LIMIT = 120
+
+
+def scenario_rendezvous(sizes, client="distcore"):
+    results = {}
+    for server in ["distcore", "torch libuv"]:
+        for n in sizes:
+            procs = max(1, n // 1024)
+            per = n // procs
+            s = Server(server, world=n + 1, port=free_port())
+            wait_listening(s.port)
+            cs = [driver(client, "join", "127.0.0.1", s.port, per, n + 1, stdin=subprocess.PIPE) for _ in range(procs)]
+            for c in cs:
+                read_until(c, "loaded")
+            t0 = time.monotonic()
+            for c in cs:
+                c.stdin.write("go\n")
+                c.stdin.flush()
+            ready = time.monotonic() - t0 if s.wait_ready(RENDEZVOUS_LIMIT) else None
+            if ready is None:
+                for c in cs:
+                    c.kill()
+                    c.wait()
+                s.stop()
+                results[(server, n)] = (None, n, None, None)
+                continue
+            failures = 0
+            for c in cs:
+                failures += int(read_until(c, "joined")[3])
+                c.stdin.close()
+                c.wait(60)
+            # The libuv tutorial's store barrier at the same N, on the same server.
+            bs = [driver(client, "barrier", "127.0.0.1", s.port, per, f"bar{n}", n, stdin=subprocess.PIPE) for _ in range(procs)]
+            for b in bs:
+                read_until(b, "ready")
+            t0 = time.monotonic()
+            for b in bs:
+                b.stdin.write("go\n")
+                b.stdin.flush()
+            bfail = 0
+            for b in bs:
+                bfail += int(read_until(b, "barrier")[5])
+                b.stdin.close()
+                b.wait(60)
+            barrier = time.monotonic() - t0
+            s.stop()
+            results[(server, n)] = (ready, failures, barrier, bfail)
+    rows = []
+    for n in sizes:
+        for server in ["distcore", "torch libuv"]:
+            ready, failures, barrier, bfail = results[(server, n)]
+            ours, ref = results[("distcore", n)], results[("torch libuv", n)]
+            speedup = ""
+            if server == "distcore" and None not in (ours[0], ref[0]):
+                speedup = f"{ref[0] / ours[0]:.2f}× / {ref[2] / ours[2]:.2f}×"
+            elif server == "distcore" and ref[0] is None:
+                speedup = f"> {RENDEZVOUS_LIMIT / ours[0]:.0f}× (PyTorch not ready in {RENDEZVOUS_LIMIT} s)"
+            rows.append([n, server, f"{ready:.3f}" if ready is not None else f"> {RENDEZVOUS_LIMIT} (gave up)",
+                         failures if ready is not None else "-", f"{barrier:.3f}" if barrier is not None else "-",
+                         bfail if bfail is not None else "-", speedup])
+    return table(f"3. Rendezvous ({client} clients, world size N+1, server waiting for workers)",
+                 ["N", "server", "ready (s)", "failed joins", "store barrier (s)", "barrier failures",
+                  "distcore speed-up (ready / barrier)"], rows), results
+
+
+def scenario_large(servers, sizes, reps):
+    rows, results = [], {}
+    for server, s in servers.items():
+        for mib in sizes:
+            for client in CLIENTS:
+                out = run_driver(client, "large", "127.0.0.1", s.port, mib, reps).strip()
+                results[(client, server, mib)] = out
+    for mib in sizes:
+        for client in CLIENTS:
+            for server in SERVERS:
+                out = results[(client, server, mib)]
+                rows.append([f"{mib} MiB", f"{client} client", server,
+                             out.split()[1] if out.startswith("mbps") else "refused: " + out[8:80]])
+    return table(f"4. Large values (set + get, {reps} reps, MB/s counting both directions)",
+                 ["value", "client", "server", "MB/s"], rows), results
+
+
+def scenario_footprint(conns, keys, procs=2):
+    rows, results = [], {}
+    for server in SERVERS:
+        s = Server(server)
+        base = s.rss_kib()
+        ps = [driver("distcore", "idle", "127.0.0.1", s.port, conns // procs, stdin=subprocess.PIPE) for _ in range(procs)]
+        for p in ps:
+            read_until(p, "ready", 600)
+        loader = subprocess.run([sys.executable, "-c", LOAD_KEYS, str(s.port), str(keys)], env=dict(
+            os.environ, PYTHONPATH=os.path.join(ROOT, "interop"), DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"),
+            capture_output=True, text=True)
+        if loader.returncode:
+            raise RuntimeError(loader.stderr)
+        time.sleep(0.5)
+        loaded = s.rss_kib()
+        for p in ps:
+            p.stdin.close()
+            p.wait(60)
+        s.stop()
+        results[server] = (base, loaded)
+    for server in SERVERS:
+        base, loaded = results[server]
+        rows.append([server, f"{base / 1024:.1f}", f"{loaded / 1024:.1f}", f"{(loaded - base) / 1024:.1f}",
+                     ratio(results['distcore'][1] - results['distcore'][0], loaded - base) if server != "distcore" else ""])
+    return table(f"5. Footprint ({conns} idle connections and {keys} keys of 100 B)",
+                 ["server", "RSS before (MiB)", "RSS loaded (MiB)", "growth (MiB)", "distcore growth / this"],
+                 rows, "A PyTorch server lives in a Python process with torch loaded; the growth is the comparable part."), results
+
+
+LOAD_KEYS = """
+import sys, distcore_ctypes as dc
+api = dc.Api(); s = dc.Store.tcp(api, int(sys.argv[1]))
+n = int(sys.argv[2]); v = b"v" * 100
+for start in range(0, n, 1000):
+    keys = [f"key{i}" for i in range(start, min(n, start + 1000))]
+    s.multi_set(keys, [v] * len(keys))
+"""
+
+
+def scenario_rpc(calls):
+    out = subprocess.run([sys.executable, f"{HERE}/rpc_bench.py", str(calls)], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "interop"),
+                                  DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"))
+    if out.returncode:
+        raise RuntimeError(out.stderr[-2000:])
+    results = {}
+    for line in out.stdout.splitlines():
+        system, what, med = line.split("\t")
+        results[(system, what)] = float(med)
+    rows = []
+    for what in ["rpc_sync 64 B", "rpc_sync 64 KiB", "rpc_sync 1 MiB", "remote + to_here 64 B"]:
+        d, t = results[("distcore", what)], results[("torch", what)]
+        rows.append([what, f"{d:.1f}", f"{t:.1f}", ratio(t, d)])
+    return table(f"6. RPC and RRef ({calls} calls each, median µs, both driven from Python)",
+                 ["call", "distcore", "torch.distributed.rpc (TensorPipe)", "torch / distcore"], rows), results
+
+
+def guarded(name, fn, *args):
+    """Runs a scenario; one that cannot run is reported, not fatal."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - reported in the tables
+        text = f"### {name}\n\nCould not run: {e}\n"
+        print(text, flush=True)
+        return text, {}
+
+
+def plot(rendezvous, sizes, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for server in ["distcore", "torch libuv"]:
+        points = [(n, rendezvous[(server, n)][0]) for n in sizes if rendezvous[(server, n)][0] is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=server)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("clients N (world size N+1)")
+    ax.set_ylabel("time until the server has every worker (s)")
+    ax.set_title("Rendezvous time against N")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a smoke run well under 2 minutes")
+    ap.add_argument("--out", help="write the tables (and the plot beside them) here")
+    args = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    ensure_python_packages(full=not args.quick)
+    build()
+    q = args.quick
+    started = time.monotonic()
+    command = "build/venv/bin/python benches/bench.py" + (" --quick" if q else "") + (f" --out {args.out}" if args.out else "")
+    head = (f"Run on {platform.node()} ({os.cpu_count()} cores, {platform.release()}), "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {__import__('torch').__version__}; "
+            f"reproduce with `{command}`.\n")
+    print(head)
+    sections = [head]
+    sizes = [64] if q else [256, 1024, 4096, 8192]
+    global SERVERS
+    if q:
+        SERVERS = QUICK_SERVERS
+    servers = {kind: Server(kind) for kind in SERVERS}
+    try:
+        text = guarded("1. Latency", scenario_latency, servers, 1000 if q else 20000)[0]
+        sections.append(text)
+        for conns, procs in [(16, 1)] if q else [(16, 1), (64, 4)]:
+            sections.append(guarded("2. Throughput", scenario_throughput, servers, 0.5 if q else 5, conns, procs)[0])
+        large_text = guarded("4. Large values", scenario_large, servers, [1, 8] if q else [1, 8, 64], 2 if q else 5)[0]
+    finally:
+        for s in servers.values():
+            s.stop()
+    text, rdv = guarded("3. Rendezvous", scenario_rendezvous, sizes)
+    sections.append(text)
+    if not q:
+        sections.append(guarded("3b. Rendezvous, PyTorch's client", scenario_rendezvous, [256], "torch")[0])
+    sections.append(large_text)
+    sections.append(guarded("5. Footprint", scenario_footprint, 500 if q else 10000, 5000 if q else 100000)[0])
+    sections.append(guarded("6. RPC and RRef", scenario_rpc, 100 if q else 2000)[0])
+    took = time.monotonic() - started
+    print(f"all scenarios in {took:.0f} s")
+    if args.out:
+        png = os.path.splitext(args.out)[0] + "-rendezvous.png"
+        if rdv and plot(rdv, sizes, png):
+            sections.insert(5, f"![Rendezvous time against N]({os.path.basename(png)})\n")
+        with open(args.out, "w") as f:
+            f.write("# Benchmarks: distcore against PyTorch\n\n" + "\n".join(sections) +
+                    f"\nAll scenarios took {took:.0f} s.\n")
+
+
+if __name__ == "__main__":
+    main()
