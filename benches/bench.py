@@ -309,8 +309,9 @@ def scenario_large(servers, sizes, reps):
         for client in CLIENTS:
             for server in SERVERS:
                 out = results[(client, server, mib)]
+                refusal = out[8:].splitlines()[0][:80] if not out.startswith("mbps") else ""
                 rows.append([f"{mib} MiB", f"{client} client", server,
-                             out.split()[1] if out.startswith("mbps") else "refused: " + out[8:80]])
+                             out.split()[1] if out.startswith("mbps") else "refused: " + refusal])
     return table(f"4. Large values (set + get, {reps} reps, MB/s counting both directions)",
                  ["value", "client", "server", "MB/s"], rows), results
 
@@ -319,28 +320,31 @@ def scenario_footprint(conns, keys, procs=2):
     rows, results = [], {}
     for server in SERVERS:
         s = Server(server)
-        base = s.rss_kib()
-        ps = [driver("distcore", "idle", "127.0.0.1", s.port, conns // procs, stdin=subprocess.PIPE) for _ in range(procs)]
-        for p in ps:
-            read_until(p, "ready", 600)
-        loader = subprocess.run([sys.executable, "-c", LOAD_KEYS, str(s.port), str(keys)], env=dict(
-            os.environ, PYTHONPATH=os.path.join(ROOT, "interop"), DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"),
-            capture_output=True, text=True)
-        if loader.returncode:
-            raise RuntimeError(loader.stderr)
-        time.sleep(0.5)
-        loaded = s.rss_kib()
-        for p in ps:
-            p.stdin.close()
-            p.wait(60)
-        s.stop()
-        results[server] = (base, loaded)
+        ps = []
+        try:
+            base = s.rss_kib()
+            ps = [driver("distcore", "idle", "127.0.0.1", s.port, conns // procs, stdin=subprocess.PIPE)
+                  for _ in range(procs)]
+            held = sum(int(read_until(p, "ready", 600)[1]) for p in ps)
+            loader = subprocess.run([sys.executable, "-c", LOAD_KEYS, str(s.port), str(keys)], env=dict(
+                os.environ, PYTHONPATH=os.path.join(ROOT, "interop"), DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"),
+                capture_output=True, text=True, timeout=300)
+            if loader.returncode:
+                raise RuntimeError(loader.stderr)
+            time.sleep(0.5)
+            results[server] = (base, s.rss_kib(), held)
+        finally:
+            for p in ps:
+                p.kill()
+                p.wait()
+            s.stop()
     for server in SERVERS:
-        base, loaded = results[server]
-        rows.append([server, f"{base / 1024:.1f}", f"{loaded / 1024:.1f}", f"{(loaded - base) / 1024:.1f}",
+        base, loaded, held = results[server]
+        rows.append([server, held, f"{base / 1024:.1f}", f"{loaded / 1024:.1f}", f"{(loaded - base) / 1024:.1f}",
                      ratio(results['distcore'][1] - results['distcore'][0], loaded - base) if server != "distcore" else ""])
     return table(f"5. Footprint ({conns} idle connections and {keys} keys of 100 B)",
-                 ["server", "RSS before (MiB)", "RSS loaded (MiB)", "growth (MiB)", "distcore growth / this"],
+                 ["server", "connections held", "RSS before (MiB)", "RSS loaded (MiB)", "growth (MiB)",
+                  "distcore growth / this"],
                  rows, "A PyTorch server lives in a Python process with torch loaded; the growth is the comparable part."), results
 
 
@@ -410,12 +414,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smoke run well under 2 minutes")
     ap.add_argument("--out", help="write the tables (and the plot beside them) here")
+    ap.add_argument("--only", choices=["footprint", "rpc"], help="run one scenario and print it")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     ensure_python_packages(full=not args.quick)
     build()
     q = args.quick
+    if args.only == "footprint":
+        guarded("5. Footprint", scenario_footprint, 500 if q else 10000, 5000 if q else 100000)
+        return
+    if args.only == "rpc":
+        guarded("6. RPC and RRef", scenario_rpc, 100 if q else 2000)
+        return
     started = time.monotonic()
     command = "build/venv/bin/python benches/bench.py" + (" --quick" if q else "") + (f" --out {args.out}" if args.out else "")
     head = (f"Run on {platform.node()} ({os.cpu_count()} cores, {platform.release()}), "

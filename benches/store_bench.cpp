@@ -10,7 +10,7 @@
 //   store_bench barrier    HOST PORT N PREFIX TOTAL -> "ready", waits for a line, then
 //                                                      "barrier N seconds S failures F"
 //   store_bench large      HOST PORT MIB REPS       -> "mbps X" or "refused <why>"
-//   store_bench idle       HOST PORT N              -> opens N handles, "ready", waits for stdin EOF
+//   store_bench idle       HOST PORT N              -> opens up to N handles, "ready K", waits for stdin EOF
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -275,10 +275,16 @@ static int large(const std::string& host, int port, int mib, int reps) {
   return 0;
 }
 
+// Opens up to N handles (stopping at the first that cannot connect within
+// 10 s), prints "ready K", and holds them until stdin closes.
 static int idle(const std::string& host, int port, int n) {
   std::vector<std::unique_ptr<Client>> clients;
-  for (int i = 0; i < n; i++) clients.push_back(std::make_unique<Client>(host, port));
-  std::printf("ready\n");
+  try {
+    for (int i = 0; i < n; i++) clients.push_back(std::make_unique<Client>(host, port, -1, 10000));
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "idle: stopped at %zu connections: %s\n", clients.size(), e.what());
+  }
+  std::printf("ready %zu\n", clients.size());
   std::fflush(stdout);
   char line[8];
   while (std::fgets(line, sizeof line, stdin)) {}
