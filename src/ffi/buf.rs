@@ -26,6 +26,15 @@ impl dc_buf {
         dc_buf { data, len }
     }
 
+    /// A buffer taking over `bytes` (no copy when it has room for the NUL).
+    pub(crate) fn from_vec(mut bytes: Vec<u8>) -> dc_buf {
+        let len = bytes.len();
+        bytes.reserve_exact(1);
+        bytes.push(0);
+        let data = Box::into_raw(bytes.into_boxed_slice()).cast::<u8>();
+        dc_buf { data, len }
+    }
+
     /// Releases the bytes, leaving an empty NULL buffer.
     fn release(&mut self) {
         if !self.data.is_null() {

@@ -155,7 +155,7 @@ pub unsafe extern "C" fn dc_store_get(
         let store = unsafe { store_arg(store) }?;
         let key = unsafe { arg_str(key, "key") }?;
         let out = unsafe { arg_out(out, "out") }?;
-        *out = dc_buf::from_bytes(&store.get(key)?);
+        *out = dc_buf::from_vec(store.get(key)?);
         Ok(())
     })
 }
@@ -198,7 +198,7 @@ pub unsafe extern "C" fn dc_store_compare_set(
         let expected = unsafe { arg_bytes(expected, expected_len, "expected") }?;
         let desired = unsafe { arg_bytes(desired, desired_len, "desired") }?;
         let out = unsafe { arg_out(out, "out") }?;
-        *out = dc_buf::from_bytes(&store.compare_set(key, expected, desired)?);
+        *out = dc_buf::from_vec(store.compare_set(key, expected, desired)?);
         Ok(())
     })
 }
@@ -296,9 +296,9 @@ pub unsafe extern "C" fn dc_store_multi_get(
         // Checked like an input slice; written only after the values arrive.
         unsafe { arg_slice(out_values.cast_const(), count, "out_values") }?;
         let values = store.multi_get(&keys)?;
-        for (i, value) in values.iter().enumerate() {
+        for (i, value) in values.into_iter().enumerate() {
             // SAFETY: `out_values` has `count` == `values.len()` elements.
-            unsafe { out_values.add(i).write(dc_buf::from_bytes(value)) };
+            unsafe { out_values.add(i).write(dc_buf::from_vec(value)) };
         }
         Ok(())
     })
@@ -358,7 +358,7 @@ pub unsafe extern "C" fn dc_store_queue_pop(
         let store = unsafe { store_arg(store) }?;
         let key = unsafe { arg_str(key, "key") }?;
         let out = unsafe { arg_out(out, "out") }?;
-        *out = dc_buf::from_bytes(&store.queue_pop(key, block)?);
+        *out = dc_buf::from_vec(store.queue_pop(key, block)?);
         Ok(())
     })
 }

@@ -292,7 +292,9 @@ impl Connection {
                     format!("reply length {len} is impossible"),
                 )
             })?;
-        let mut value = vec![0u8; len];
+        // Room for the NUL a C buffer adds, so handing it over copies nothing.
+        let mut value = Vec::with_capacity(len + 1);
+        value.resize(len, 0);
         if let Err(e) = self.read_exact(&mut value, timeout) {
             return Err(self.break_with(e));
         }

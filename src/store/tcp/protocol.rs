@@ -442,6 +442,8 @@ impl Encoder {
 
 /// Appends `v` as `u64 length` + bytes.
 pub fn put_bytes(out: &mut Vec<u8>, v: &[u8]) {
+    // One exact reservation instead of a chain of doublings for big values.
+    out.reserve(8 + v.len());
     out.extend_from_slice(&(v.len() as u64).to_le_bytes());
     out.extend_from_slice(v);
 }
