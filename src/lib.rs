@@ -10,6 +10,7 @@
 pub mod error;
 pub mod ffi;
 pub mod logging;
+mod outbox;
 pub mod profiler;
 pub mod rpc;
 pub mod store;

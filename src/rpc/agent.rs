@@ -7,7 +7,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -20,12 +20,15 @@ use parking_lot::Mutex;
 
 use super::message::{Request, Response, WorkerId};
 use crate::error::{Error, Result, Status};
+use crate::outbox::Outbox;
 use crate::work::Work;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const FIRST_CONN: usize = 2;
 const HEADER: usize = 4 + 1 + 8 + 2;
+/// Size of the shared read buffer.
+const SCRATCH_LEN: usize = 256 << 10;
 /// Largest frame accepted (a malformed length closes the connection).
 const MAX_FRAME: usize = 1 << 30;
 
@@ -178,6 +181,7 @@ impl Agent {
             timers: BinaryHeap::new(),
             timer_jobs: HashMap::new(),
             next_timer: 0,
+            scratch: vec![0; SCRATCH_LEN],
         };
         let thread = std::thread::Builder::new()
             .name(format!("dc-rpc-io-{me}"))
@@ -391,9 +395,7 @@ struct Conn {
     peer: Option<WorkerId>,
     connected: bool,
     input: Vec<u8>,
-    output: Vec<u8>,
-    written: usize,
-    wants_writable: bool,
+    output: Outbox,
 }
 
 struct PendingRequest {
@@ -416,6 +418,8 @@ struct IoLoop {
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     timer_jobs: HashMap<u64, Box<dyn FnOnce() + Send>>,
     next_timer: u64,
+    /// The read buffer of every connection, reused.
+    scratch: Vec<u8>,
 }
 
 impl IoLoop {
@@ -567,9 +571,7 @@ impl IoLoop {
             peer: Some(to),
             connected: false,
             input: Vec::new(),
-            output: Vec::new(),
-            written: 0,
-            wants_writable: true,
+            output: Outbox::new(true),
         });
         self.outbound.insert(to, token);
         Ok(token)
@@ -608,9 +610,7 @@ impl IoLoop {
                             peer: None,
                             connected: true,
                             input: Vec::new(),
-                            output: Vec::new(),
-                            written: 0,
-                            wants_writable: false,
+                            output: Outbox::new(false),
                         });
                     }
                 }
@@ -628,7 +628,7 @@ impl IoLoop {
         let Some(conn) = self.conn(token) else {
             return;
         };
-        conn.output.extend_from_slice(frame);
+        conn.output.buffer().extend_from_slice(frame);
         if conn.connected {
             self.flush(token);
         }
@@ -659,55 +659,28 @@ impl IoLoop {
         else {
             return;
         };
-        let mut failure = None;
-        while conn.written < conn.output.len() {
-            match conn.stream.write(&conn.output[conn.written..]) {
-                Ok(0) => break,
-                Ok(n) => conn.written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    failure = Some(format!("write failed: {e}"));
-                    break;
-                }
-            }
-        }
-        if failure.is_none() {
-            let pending = conn.written < conn.output.len();
-            if !pending {
-                conn.output.clear();
-                conn.written = 0;
-            }
-            if pending != conn.wants_writable {
-                let interest = if pending {
-                    Interest::READABLE | Interest::WRITABLE
-                } else {
-                    Interest::READABLE
-                };
-                match self
-                    .poll
-                    .registry()
-                    .reregister(&mut conn.stream, token, interest)
-                {
-                    Ok(()) => conn.wants_writable = pending,
-                    Err(e) => failure = Some(format!("reregister failed: {e}")),
-                }
-            }
-        }
-        if let Some(why) = failure {
-            self.close(token, &why);
+        if let Err(e) = conn
+            .output
+            .flush(&mut conn.stream, self.poll.registry(), token)
+        {
+            self.close(token, &format!("write failed: {e}"));
         }
     }
 
     fn on_readable(&mut self, token: Token) {
         let mut closed = None;
-        if let Some(conn) = self.conn(token) {
+        let conn = token
+            .0
+            .checked_sub(FIRST_CONN)
+            .and_then(|i| self.conns.get_mut(i))
+            .and_then(Option::as_mut);
+        if let Some(conn) = conn {
             if !conn.connected {
                 return;
             }
-            let mut chunk = vec![0u8; 256 << 10];
+            let chunk = &mut self.scratch[..];
             loop {
-                match conn.stream.read(&mut chunk) {
+                match conn.stream.read(chunk) {
                     Ok(0) => {
                         closed = Some("the peer closed the connection".to_string());
                         break;

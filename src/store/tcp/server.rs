@@ -5,7 +5,7 @@
 //! waiters of its key and a cancel or a disconnect costs what it touches.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{FromRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +23,7 @@ use super::protocol::{
     STOP_WAITING, VALIDATE_MAGIC, WAIT_CANCELED,
 };
 use crate::error::{Error, Result};
+use crate::outbox::Outbox;
 use crate::store::kv::KvTable;
 
 /// How a server gets its listening socket.
@@ -283,17 +284,16 @@ struct Conn {
     peer: Option<SocketAddr>,
     /// The start of a request whose end has not arrived yet.
     pending: Vec<u8>,
-    output: Vec<u8>,
-    written: usize,
+    output: Outbox,
     validated: bool,
     extended: bool,
     waits: Vec<WaitId>,
-    wants_writable: bool,
 }
 
 /// The loop's read buffer, shared by every connection.
 const SCRATCH_LEN: usize = 64 << 10;
-/// A connection's leftover buffer larger than this is released once empty.
+/// A connection's partial-request buffer larger than this is released once
+/// empty.
 const MAX_IDLE_PENDING: usize = 1 << 20;
 
 /// Why a connection is being closed.
@@ -385,12 +385,10 @@ impl EventLoop {
                         stream,
                         peer: Some(peer),
                         pending: Vec::new(),
-                        output: Vec::new(),
-                        written: 0,
+                        output: Outbox::new(false),
                         validated: false,
                         extended: false,
                         waits: Vec::new(),
-                        wants_writable: false,
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -474,8 +472,8 @@ impl EventLoop {
 
     fn reply(&mut self, token: Token, bytes: impl FnOnce(&mut Vec<u8>)) {
         if let Some(conn) = self.conn(token) {
-            let was_empty = conn.output.len() == conn.written;
-            bytes(&mut conn.output);
+            let was_empty = conn.output.is_empty();
+            bytes(conn.output.buffer());
             if was_empty {
                 self.dirty.push(token);
             }
@@ -699,41 +697,15 @@ impl EventLoop {
     }
 
     fn flush(&mut self, token: Token) -> io::Result<()> {
-        let Some(index) = token.0.checked_sub(FIRST_CONN) else {
+        let Some(Some(conn)) = token
+            .0
+            .checked_sub(FIRST_CONN)
+            .and_then(|i| self.conns.get_mut(i))
+        else {
             return Ok(());
         };
-        let Some(Some(conn)) = self.conns.get_mut(index) else {
-            return Ok(());
-        };
-        while conn.written < conn.output.len() {
-            match conn.stream.write(&conn.output[conn.written..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => conn.written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        let pending = conn.written < conn.output.len();
-        if !pending {
-            conn.output.clear();
-            conn.written = 0;
-            if conn.output.capacity() > MAX_IDLE_PENDING {
-                conn.output = Vec::new();
-            }
-        }
-        if pending != conn.wants_writable {
-            let interest = if pending {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            self.poll
-                .registry()
-                .reregister(&mut conn.stream, token, interest)?;
-            conn.wants_writable = pending;
-        }
-        Ok(())
+        conn.output
+            .flush(&mut conn.stream, self.poll.registry(), token)
     }
 
     fn close(&mut self, token: Token, reason: Close) {
