@@ -101,18 +101,21 @@ pub struct dc_rref_debug_info {
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_options_init(opts: *mut dc_rpc_options) -> dc_status {
     boundary("dc_rpc_options_init", || {
-        let opts = unsafe { arg_out(opts, "opts") }?;
-        let defaults = RpcOptions::default();
-        *opts = dc_rpc_options {
-            num_worker_threads: defaults.num_worker_threads as u32,
-            rpc_timeout_ms: defaults.rpc_timeout.as_millis() as i64,
-            listen_address: c"127.0.0.1".as_ptr(),
-            ignore_rref_leak: defaults.ignore_rref_leak,
-            functions: std::ptr::null(),
-            num_functions: 0,
-        };
+        *unsafe { arg_out(opts, "opts") }? = default_options();
         Ok(())
     })
+}
+
+fn default_options() -> dc_rpc_options {
+    let defaults = RpcOptions::default();
+    dc_rpc_options {
+        num_worker_threads: defaults.num_worker_threads as u32,
+        rpc_timeout_ms: defaults.rpc_timeout.as_millis() as i64,
+        listen_address: c"127.0.0.1".as_ptr(),
+        ignore_rref_leak: defaults.ignore_rref_leak,
+        functions: std::ptr::null(),
+        num_functions: 0,
+    }
 }
 
 /// The worker a C function belongs to, known once init returns; weak, so
@@ -208,15 +211,9 @@ pub unsafe extern "C" fn dc_rpc_init(
         let store = unsafe { store_arg(store) }?.clone();
         let name = unsafe { arg_str(name, "name") }?;
         let out = unsafe { arg_out(out, "out") }?;
-        let mut defaults = std::mem::MaybeUninit::<dc_rpc_options>::uninit();
-        // SAFETY: a NULL opts means the defaults, written into `defaults`.
-        let opts = match unsafe { opts.as_ref() } {
-            Some(opts) => opts,
-            None => unsafe {
-                dc_rpc_options_init(defaults.as_mut_ptr());
-                defaults.assume_init_ref()
-            },
-        };
+        let defaults = default_options();
+        // SAFETY: NULL or valid options per the module contract.
+        let opts = unsafe { opts.as_ref() }.unwrap_or(&defaults);
         let options = unsafe { rpc_options(opts) }?;
         let entries = unsafe { arg_slice(opts.functions, opts.num_functions, "opts->functions") }?;
         let late_rpc: RpcSlot = Arc::new(parking_lot::Mutex::new(None));
