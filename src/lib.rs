@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+mod bigbuf;
 pub mod error;
 pub mod ffi;
 pub mod logging;

@@ -2,7 +2,7 @@
 //! connect with retries, VALIDATE + PING, the distcore HELLO probe, framed
 //! reads with timeouts, and WAIT with PyTorch's cancel-wait handshake.
 
-use std::io::{BufReader, ErrorKind, Read, Write};
+use std::io::{BufReader, ErrorKind, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -159,10 +159,10 @@ impl Connection {
         error
     }
 
-    /// Sends a request that has no reply, after checking that the server
-    /// has not closed the connection: without a reply to wait for, a dead
-    /// server would otherwise go unnoticed.
-    pub(crate) fn send_unanswered(&mut self, bytes: &[u8]) -> Result<()> {
+    /// Sends a request that has no reply (`head` then `value`), after
+    /// checking that the server has not closed the connection: without a
+    /// reply to wait for, a dead server would otherwise go unnoticed.
+    pub(crate) fn send_unanswered(&mut self, head: &[u8], value: &[u8]) -> Result<()> {
         self.check_usable()?;
         if !self.reader.buffer().is_empty() {
             let e = Error::new(
@@ -200,13 +200,32 @@ impl Connection {
         if let Some(why) = error {
             return Err(self.break_with(Error::network(why)));
         }
-        self.send(bytes)
+        self.send_parts(head, value)
     }
 
     /// Sends a whole request.
     pub(crate) fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        self.send_parts(bytes, &[])
+    }
+
+    /// Sends a request in two parts with vectored writes, so a value goes
+    /// out from the caller's buffer without being copied into the request.
+    fn send_parts(&mut self, head: &[u8], value: &[u8]) -> Result<()> {
         self.check_usable()?;
-        let result = self.reader.get_mut().write_all(bytes);
+        let mut parts = [IoSlice::new(head), IoSlice::new(value)];
+        let mut left = &mut parts[..];
+        let stream = self.reader.get_mut();
+        let result = loop {
+            if left.iter().all(|part| part.is_empty()) {
+                break Ok(());
+            }
+            match stream.write_vectored(left) {
+                Ok(0) => break Err(std::io::Error::from(ErrorKind::WriteZero)),
+                Ok(n) => IoSlice::advance_slices(&mut left, n),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
         result.map_err(|e| {
             let error = Error::network(format!("sending to the TCPStore at {}: {e}", self.peer));
             self.break_with(error)
@@ -292,9 +311,7 @@ impl Connection {
                     format!("reply length {len} is impossible"),
                 )
             })?;
-        // Room for the NUL a C buffer adds, so handing it over copies nothing.
-        let mut value = Vec::with_capacity(len + 1);
-        value.resize(len, 0);
+        let mut value = crate::bigbuf::zeroed_vec(len);
         if let Err(e) = self.read_exact(&mut value, timeout) {
             return Err(self.break_with(e));
         }

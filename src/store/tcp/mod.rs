@@ -254,6 +254,22 @@ impl TcpStore {
         })
     }
 
+    /// Sends a reply-less `command key value` (SET, APPEND, QUEUE_PUSH); the
+    /// value goes out from the caller's buffer.
+    fn send_keyed_value(
+        &self,
+        op: &'static str,
+        command: Command,
+        key: &str,
+        value: &[u8],
+    ) -> Result<()> {
+        let head = Encoder::request(command)
+            .bytes(user_key(key).as_bytes())
+            .u64(value.len() as u64)
+            .finish();
+        self.exchange(op, |c, _| c.send_unanswered(&head, value))
+    }
+
     /// WAIT on wire keys; `Ok(false)` when the timeout passed.
     fn wait_wire(conn: &mut Connection, keys: &[String], timeout: Duration) -> Result<bool> {
         conn.send(&Encoder::request(Command::Wait).keys(keys).finish())?;
@@ -317,11 +333,7 @@ fn warn_if_backlog_too_small(world_size: Option<u32>) {
 
 impl Store for TcpStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
-        let request = Encoder::request(Command::Set)
-            .bytes(user_key(key).as_bytes())
-            .bytes(value)
-            .finish();
-        self.exchange("set", |c, _| c.send_unanswered(&request))
+        self.send_keyed_value("set", Command::Set, key, value)
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
@@ -384,11 +396,7 @@ impl Store for TcpStore {
     }
 
     fn append(&self, key: &str, value: &[u8]) -> Result<()> {
-        let request = Encoder::request(Command::Append)
-            .bytes(user_key(key).as_bytes())
-            .bytes(value)
-            .finish();
-        self.exchange("append", |c, _| c.send_unanswered(&request))
+        self.send_keyed_value("append", Command::Append, key, value)
     }
 
     fn multi_get(&self, keys: &[&str]) -> Result<Vec<Vec<u8>>> {
@@ -407,15 +415,11 @@ impl Store for TcpStore {
             e = e.bytes(user_key(key).as_bytes()).bytes(value);
         }
         let request = e.finish();
-        self.exchange("multi_set", |c, _| c.send_unanswered(&request))
+        self.exchange("multi_set", |c, _| c.send_unanswered(&request, &[]))
     }
 
     fn queue_push(&self, key: &str, value: &[u8]) -> Result<()> {
-        let request = Encoder::request(Command::QueuePush)
-            .bytes(user_key(key).as_bytes())
-            .bytes(value)
-            .finish();
-        self.exchange("queue_push", |c, _| c.send_unanswered(&request))
+        self.send_keyed_value("queue_push", Command::QueuePush, key, value)
     }
 
     fn queue_pop(&self, key: &str, block: bool) -> Result<Vec<u8>> {

@@ -387,6 +387,64 @@ pub fn parse_request(
     Ok(Some((request, c.pos)))
 }
 
+/// The start of a SET or QUEUE_PUSH whose value is still arriving: what a
+/// server needs to read the value straight into the buffer that will hold
+/// it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueHeader {
+    /// SET or QUEUE_PUSH.
+    pub command: Command,
+    /// The key.
+    pub key: Key,
+    /// The announced length of the value.
+    pub value_len: usize,
+    /// Bytes before the value: command, key and value length.
+    pub header_len: usize,
+}
+
+impl ValueHeader {
+    /// The whole request, once `value` (of `value_len` bytes) has arrived.
+    pub fn into_request(self, value: Arc<[u8]>) -> Request {
+        match self.command {
+            Command::QueuePush => Request::QueuePush {
+                key: self.key,
+                value,
+            },
+            _ => Request::Set {
+                key: self.key,
+                value,
+            },
+        }
+    }
+}
+
+/// If `buf` starts with the complete header of a SET or QUEUE_PUSH (command,
+/// key, value length), its parts; `Ok(None)` for any other request or a
+/// shorter buffer.
+pub fn parse_value_header(
+    buf: &[u8],
+    limits: &Limits,
+) -> Result<Option<ValueHeader>, ProtocolError> {
+    let command = match buf.first() {
+        Some(&byte) if byte == Command::Set as u8 => Command::Set,
+        Some(&byte) if byte == Command::QueuePush as u8 => Command::QueuePush,
+        _ => return Ok(None),
+    };
+    let mut c = Cursor {
+        buf,
+        pos: 1,
+        limits,
+    };
+    let key = field!(c.key()?);
+    let value_len = field!(c.len_field("value", limits.max_value_len)?);
+    Ok(Some(ValueHeader {
+        command,
+        key,
+        value_len,
+        header_len: c.pos,
+    }))
+}
+
 /// Builds the bytes of one request or reply.
 #[derive(Default)]
 pub struct Encoder {
@@ -524,6 +582,46 @@ mod tests {
             );
         }
         assert!(parse_request(&req, &l).unwrap().is_some());
+    }
+
+    #[test]
+    fn value_headers_of_set_and_queue_push() {
+        let l = Limits::default();
+        let set = Encoder::request(Command::Set)
+            .bytes(b"/k")
+            .bytes(b"value")
+            .finish();
+        let header = parse_value_header(&set[..19], &l).unwrap().unwrap();
+        assert_eq!(
+            header,
+            ValueHeader {
+                command: Command::Set,
+                key: b"/k".to_vec(),
+                value_len: 5,
+                header_len: 19
+            }
+        );
+        assert_eq!(
+            header.into_request(Arc::from(&b"value"[..])),
+            parse_request(&set, &l).unwrap().unwrap().0
+        );
+        assert_eq!(parse_value_header(&set[..18], &l).unwrap(), None);
+        let push = Encoder::request(Command::QueuePush)
+            .bytes(b"q")
+            .u64(3)
+            .finish();
+        let header = parse_value_header(&push, &l).unwrap().unwrap();
+        assert!(matches!(
+            header.into_request(Arc::from(&b"abc"[..])),
+            Request::QueuePush { .. }
+        ));
+        let get = Encoder::request(Command::Get).bytes(b"/k").finish();
+        assert_eq!(parse_value_header(&get, &l).unwrap(), None);
+        let too_big = Encoder::request(Command::Set)
+            .bytes(b"k")
+            .u64(1 << 40)
+            .finish();
+        assert!(parse_value_header(&too_big, &l).is_err());
     }
 
     #[test]

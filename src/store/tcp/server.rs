@@ -19,12 +19,13 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::listen::listen;
 use super::protocol::{
-    parse_request, put_bytes, Key, Limits, Request, HELLO_ACK, HELLO_NONCE, NOT_READY, READY,
-    STOP_WAITING, VALIDATE_MAGIC, WAIT_CANCELED,
+    parse_request, parse_value_header, put_bytes, Key, Limits, Request, ValueHeader, HELLO_ACK,
+    HELLO_NONCE, NOT_READY, READY, STOP_WAITING, VALIDATE_MAGIC, WAIT_CANCELED,
 };
+use crate::bigbuf::zeroed_shared;
 use crate::error::{Error, Result};
 use crate::outbox::Outbox;
-use crate::store::kv::KvTable;
+use crate::store::kv::{KvTable, Value};
 
 /// How a server gets its listening socket.
 #[derive(Debug, Clone)]
@@ -284,6 +285,8 @@ struct Conn {
     peer: Option<SocketAddr>,
     /// The start of a request whose end has not arrived yet.
     pending: Vec<u8>,
+    /// A large value being read straight into its final buffer.
+    incoming: Option<IncomingValue>,
     output: Outbox,
     validated: bool,
     extended: bool,
@@ -295,6 +298,42 @@ const SCRATCH_LEN: usize = 64 << 10;
 /// A connection's partial-request buffer larger than this is released once
 /// empty.
 const MAX_IDLE_PENDING: usize = 1 << 20;
+
+/// Values at least this long are read straight into the buffer that keeps
+/// them, instead of through the connection's partial-request buffer.
+const DIRECT_VALUE_LEN: usize = 64 << 10;
+
+/// A SET or QUEUE_PUSH whose large value is still arriving.
+struct IncomingValue {
+    header: ValueHeader,
+    /// Zero-filled, unshared until complete.
+    value: Value,
+    filled: usize,
+}
+
+impl IncomingValue {
+    /// Starts reading the value `header` announced; `arrived` is its first
+    /// part (shorter than the value).
+    fn new(header: ValueHeader, arrived: &[u8]) -> IncomingValue {
+        let mut value = zeroed_shared(header.value_len);
+        if let Some(buf) = Arc::get_mut(&mut value) {
+            buf[..arrived.len()].copy_from_slice(arrived);
+        }
+        IncomingValue {
+            header,
+            value,
+            filled: arrived.len(),
+        }
+    }
+
+    /// The part of the value still to read.
+    fn rest(&mut self) -> &mut [u8] {
+        match Arc::get_mut(&mut self.value) {
+            Some(buf) => &mut buf[self.filled..],
+            None => &mut [],
+        }
+    }
+}
 
 /// Why a connection is being closed.
 enum Close {
@@ -337,8 +376,9 @@ impl EventLoop {
                     LISTENER => self.accept(),
                     WAKER => {}
                     token => {
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.on_readable(token);
+                        let closing = event.is_read_closed() || event.is_error();
+                        if event.is_readable() || closing {
+                            self.on_readable(token, closing);
                         }
                         if event.is_writable() {
                             self.dirty.push(token);
@@ -385,6 +425,7 @@ impl EventLoop {
                         stream,
                         peer: Some(peer),
                         pending: Vec::new(),
+                        incoming: None,
                         output: Outbox::new(false),
                         validated: false,
                         extended: false,
@@ -402,29 +443,38 @@ impl EventLoop {
         }
     }
 
-    fn on_readable(&mut self, token: Token) {
+    fn on_readable(&mut self, token: Token, closing: bool) {
         let mut scratch = std::mem::take(&mut self.scratch);
-        let outcome = self.read_and_process(token, &mut scratch);
+        let outcome = self.read_and_process(token, &mut scratch, closing);
         self.scratch = scratch;
         if let Err(reason) = outcome {
             self.close(token, reason);
         }
     }
 
-    /// Reads what the socket holds into the loop's scratch buffer and
-    /// handles every complete request. Only the bytes of an incomplete
-    /// request are kept on the connection, so an idle connection holds no
-    /// buffer and a busy one allocates nothing per request.
+    /// Reads what the socket holds and handles every complete request. A
+    /// large SET / QUEUE_PUSH value goes straight into the buffer that will
+    /// keep it; everything else is read into the loop's scratch buffer and
+    /// only the bytes of an incomplete request stay on the connection, so an
+    /// idle connection holds no buffer and a busy one allocates nothing per
+    /// request. `closing`: the event said the peer shut down, so read on to
+    /// the end of the stream.
     fn read_and_process(
         &mut self,
         token: Token,
         scratch: &mut [u8],
+        closing: bool,
     ) -> std::result::Result<(), Close> {
         loop {
             let Some(conn) = self.conn(token) else {
                 return Ok(());
             };
-            let n = match conn.stream.read(scratch) {
+            let target = match conn.incoming.as_mut() {
+                Some(incoming) => incoming.rest(),
+                None => &mut *scratch,
+            };
+            let wanted = target.len();
+            let n = match conn.stream.read(target) {
                 Ok(0) => return Err(Close::PeerClosed),
                 Ok(n) => n,
                 Err(e) => match e.kind() {
@@ -433,27 +483,60 @@ impl EventLoop {
                     _ => return Err(Close::Io(e)),
                 },
             };
-            let mut pending = std::mem::take(&mut conn.pending);
-            if pending.is_empty() {
-                let consumed = self.process(token, &scratch[..n])?;
-                pending.extend_from_slice(&scratch[consumed..n]);
-            } else {
-                pending.extend_from_slice(&scratch[..n]);
-                let consumed = self.process(token, &pending)?;
-                pending.drain(..consumed);
-                if pending.is_empty() && pending.capacity() > MAX_IDLE_PENDING {
-                    pending = Vec::new();
+            match conn.incoming.as_mut() {
+                Some(incoming) => {
+                    incoming.filled += n;
+                    if incoming.filled == incoming.header.value_len {
+                        if let Some(incoming) = conn.incoming.take() {
+                            let request = incoming.header.into_request(incoming.value);
+                            self.handle(token, request).map_err(Close::Refused)?;
+                        }
+                    }
                 }
-            }
-            if let Some(conn) = self.conn(token) {
-                conn.pending = pending;
+                None => self.process_read(token, &scratch[..n])?,
             }
             // A short read drained the socket; mio reports new data as a
-            // new event, so skip the read that would block.
-            if n < scratch.len() {
+            // new event, so skip the read that would block. A shutdown
+            // the event already reported would not be reported again.
+            if n < wanted && !closing {
                 return Ok(());
             }
         }
+    }
+
+    /// Handles the complete requests in what just arrived after the
+    /// connection's pending bytes, keeping the incomplete rest.
+    fn process_read(&mut self, token: Token, data: &[u8]) -> std::result::Result<(), Close> {
+        let Some(conn) = self.conn(token) else {
+            return Ok(());
+        };
+        let mut pending = std::mem::take(&mut conn.pending);
+        if pending.is_empty() {
+            let consumed = self.process(token, data)?;
+            pending.extend_from_slice(&data[consumed..]);
+        } else {
+            pending.extend_from_slice(data);
+            let consumed = self.process(token, &pending)?;
+            pending.drain(..consumed);
+        }
+        let incoming = match parse_value_header(&pending, &self.limits) {
+            Ok(Some(header)) if header.value_len >= DIRECT_VALUE_LEN => {
+                let arrived = &pending[header.header_len..];
+                let incoming = IncomingValue::new(header, arrived);
+                pending.clear();
+                Some(incoming)
+            }
+            Ok(_) => None,
+            Err(e) => return Err(Close::Refused(e.to_string())),
+        };
+        if pending.is_empty() && pending.capacity() > MAX_IDLE_PENDING {
+            pending = Vec::new();
+        }
+        if let Some(conn) = self.conn(token) {
+            conn.pending = pending;
+            conn.incoming = incoming;
+        }
+        Ok(())
     }
 
     /// Handles every complete request at the start of `data`; returns the
@@ -470,14 +553,35 @@ impl EventLoop {
         Ok(consumed)
     }
 
-    fn reply(&mut self, token: Token, bytes: impl FnOnce(&mut Vec<u8>)) {
+    /// Queues a reply built into the connection's outbox.
+    fn reply_with(&mut self, token: Token, build: impl FnOnce(&mut Outbox)) {
         if let Some(conn) = self.conn(token) {
             let was_empty = conn.output.is_empty();
-            bytes(conn.output.buffer());
+            build(&mut conn.output);
             if was_empty {
                 self.dirty.push(token);
             }
         }
+    }
+
+    /// Queues a reply of plain bytes.
+    fn reply(&mut self, token: Token, bytes: impl FnOnce(&mut Vec<u8>)) {
+        self.reply_with(token, |o| bytes(o.buffer()));
+    }
+
+    /// Queues `prefix`, then the value of every key (empty when missing, as
+    /// PyTorch's server sends it), values shared rather than copied.
+    fn reply_values(&mut self, token: Token, prefix: &[u8], keys: &[Key]) {
+        let values: Vec<Option<Value>> = keys.iter().map(|k| self.table.get(k).cloned()).collect();
+        self.reply_with(token, |o| {
+            o.buffer().extend_from_slice(prefix);
+            for value in &values {
+                match value {
+                    Some(value) => o.put_value(value),
+                    None => put_bytes(o.buffer(), &[]),
+                }
+            }
+        });
     }
 
     /// Applies one request; `Err` closes the connection with that reason.
@@ -520,17 +624,12 @@ impl EventLoop {
                 desired,
             } => {
                 let (value, written) = self.table.compare_set(&key, &expected, &desired);
-                self.reply(token, |o| put_bytes(o, &value));
+                self.reply_with(token, |o| o.put_value(&value));
                 if written {
                     self.key_changed(&key, false);
                 }
             }
-            Request::Get { key } => {
-                let value = self.table.get(&key).cloned();
-                self.reply(token, |o| {
-                    put_bytes(o, value.as_deref().unwrap_or_default())
-                });
-            }
+            Request::Get { key } => self.reply_values(token, &[], &[key]),
             Request::Add { key, delta } => {
                 let value = self
                     .table
@@ -560,15 +659,7 @@ impl EventLoop {
                 self.table.append(&key, &value);
                 self.key_changed(&key, false);
             }
-            Request::MultiGet { keys } => {
-                let table = &self.table;
-                let values: Vec<_> = keys.iter().map(|k| table.get(k).cloned()).collect();
-                self.reply(token, |o| {
-                    for v in &values {
-                        put_bytes(o, v.as_deref().unwrap_or_default());
-                    }
-                });
-            }
+            Request::MultiGet { keys } => self.reply_values(token, &[], &keys),
             Request::MultiSet { pairs } => {
                 for (key, value) in pairs {
                     self.table.set(&key, value);
@@ -586,10 +677,10 @@ impl EventLoop {
             Request::QueuePop { key } => {
                 let before = self.table.queue_len(&key);
                 let value = self.table.queue_pop(&key);
-                self.reply(token, |o| {
-                    o.extend_from_slice(&before.to_le_bytes());
-                    if let Some(v) = &value {
-                        put_bytes(o, v);
+                self.reply_with(token, |o| {
+                    o.buffer().extend_from_slice(&before.to_le_bytes());
+                    if let Some(value) = &value {
+                        o.put_value(value);
                     }
                 });
             }
@@ -665,16 +756,7 @@ impl EventLoop {
             WaitReply::StopWaiting | WaitReply::Barrier { .. } => {
                 self.reply(token, |o| o.push(STOP_WAITING))
             }
-            WaitReply::Values(keys) => {
-                let table = &self.table;
-                let values: Vec<_> = keys.iter().map(|k| table.get(k).cloned()).collect();
-                self.reply(token, |o| {
-                    o.push(STOP_WAITING);
-                    for v in &values {
-                        put_bytes(o, v.as_deref().unwrap_or_default());
-                    }
-                });
-            }
+            WaitReply::Values(keys) => self.reply_values(token, &[STOP_WAITING], keys),
         }
     }
 

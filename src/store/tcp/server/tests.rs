@@ -464,3 +464,82 @@ fn dropping_the_server_closes_its_connections() {
     drop(srv);
     assert!(closed(&mut s));
 }
+
+fn get(s: &mut TcpStream, key: &str) -> Vec<u8> {
+    s.write_all(
+        &Encoder::request(Command::Get)
+            .bytes(key.as_bytes())
+            .finish(),
+    )
+    .unwrap();
+    let len = u64::from_le_bytes(read_n(s, 8).try_into().unwrap());
+    read_n(s, len as usize)
+}
+
+#[test]
+fn large_values_trickling_in_are_stored_whole_and_pipelined_requests_follow() {
+    let srv = server();
+    let mut writer = validated(&srv);
+    let mut reader = validated(&srv);
+    writer
+        .write_all(
+            &Encoder::request(Command::Set)
+                .bytes(b"/big")
+                .bytes(b"old")
+                .finish(),
+        )
+        .unwrap();
+    assert_eq!(get(&mut reader, "/big"), b"old");
+    let value: Vec<u8> = (0..(700 << 10)).map(|i| (i % 251) as u8).collect();
+    let mut request = Encoder::request(Command::Set)
+        .bytes(b"/big")
+        .bytes(&value)
+        .finish();
+    request.extend(
+        Encoder::request(Command::QueuePush)
+            .bytes(b"/q")
+            .bytes(&value[..DIRECT_VALUE_LEN])
+            .finish(),
+    );
+    request.extend(Encoder::request(Command::Ping).u32(9).finish());
+    // The header and the start of the value, then the rest in pieces: the
+    // old value is served until the new one is complete.
+    writer.write_all(&request[..1000]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(get(&mut reader, "/big"), b"old");
+    for piece in request[1000..].chunks(100 << 10) {
+        writer.write_all(piece).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        u32::from_le_bytes(read_n(&mut writer, 4).try_into().unwrap()),
+        9
+    );
+    assert_eq!(get(&mut reader, "/big"), value);
+    reader
+        .write_all(&Encoder::request(Command::QueuePop).bytes(b"/q").finish())
+        .unwrap();
+    assert_eq!(read_n(&mut reader, 8), 1i64.to_le_bytes());
+    let len = u64::from_le_bytes(read_n(&mut reader, 8).try_into().unwrap());
+    assert_eq!(read_n(&mut reader, len as usize), value[..DIRECT_VALUE_LEN]);
+}
+
+#[test]
+fn a_client_dying_mid_value_loses_only_its_request() {
+    let srv = server();
+    let mut writer = validated(&srv);
+    let request = Encoder::request(Command::Set)
+        .bytes(b"/half")
+        .bytes(&vec![1u8; 512 << 10])
+        .finish();
+    writer.write_all(&request[..300 << 10]).unwrap();
+    wait_for(&srv, |st| st.connections == 1);
+    drop(writer);
+    wait_for(&srv, |st| st.connections == 0);
+    let mut other = validated(&srv);
+    assert_eq!(ping(&mut other, 4), 4);
+    other
+        .write_all(&Encoder::request(Command::Check).keys(&["/half"]).finish())
+        .unwrap();
+    assert_eq!(read_n(&mut other, 1), [NOT_READY]);
+}
