@@ -6,7 +6,12 @@ Builds the drivers (benches/store_bench.cpp twice: distcore's C client and
 PyTorch's C++ client from the pip wheel's libtorch; benches/pingpong.c),
 starts each server in its own process on 127.0.0.1, and prints one table
 per scenario with ratios distcore/PyTorch computed pair by pair. Figures,
-not pass/fail: the only failure is a scenario that cannot run."""
+not pass/fail: the only failure is a scenario that cannot run.
+
+Every process it starts preloads benches/numeric_names.c: PyTorch looks up
+the name of each peer address (reverse DNS) as it connects and accepts, and
+where the resolver does not answer, as in a sandbox without network, each
+lookup waits 5 s: the figures would measure the resolver, not the store."""
 import argparse
 import os
 import platform
@@ -45,16 +50,23 @@ def torch_dir():
     return os.path.dirname(torch.__file__)
 
 
+NUMERIC_NAMES = os.path.join(BUILD, "numeric_names.so")
+ENV = dict(os.environ, LD_PRELOAD=NUMERIC_NAMES)
+
+
 def build():
     os.makedirs(BUILD, exist_ok=True)
     t = torch_dir()
     jobs = [
+        ["cc", "-O2", "-shared", "-fPIC", "-o", NUMERIC_NAMES, f"{HERE}/numeric_names.c", "-ldl"],
         ["cc", "-O2", "-o", f"{BUILD}/pingpong", f"{HERE}/pingpong.c", "-pthread"],
         ["c++", "-O2", "-std=c++17", f"-I{PREFIX}/include", "-o", f"{BUILD}/bench_distcore",
          f"{HERE}/store_bench.cpp", f"-L{PREFIX}/lib", "-ldistcore", f"-Wl,-rpath,{PREFIX}/lib", "-pthread"],
         ["c++", "-O2", "-std=c++20", "-DWITH_TORCH", f"-I{t}/include", f"-I{t}/include/torch/csrc/api/include",
          "-o", f"{BUILD}/bench_torch", f"{HERE}/store_bench.cpp", f"-L{t}/lib", "-ltorch_cpu", "-lc10",
          f"-Wl,-rpath,{t}/lib", "-pthread"],
+        ["cc", "-O2", f"-I{PREFIX}/include", "-o", f"{BUILD}/rpc_bench", f"{HERE}/rpc_bench.c",
+         f"-L{PREFIX}/lib", "-ldistcore", f"-Wl,-rpath,{PREFIX}/lib"],
         ["cc", "-O2", f"-I{PREFIX}/include", f"-I{ROOT}/c-tests", "-o", f"{BUILD}/dc_waiting_server",
          f"{ROOT}/c-tests/tcp_server_main.c", f"-L{PREFIX}/lib", "-ldistcore", f"-Wl,-rpath,{PREFIX}/lib"],
     ]
@@ -100,12 +112,12 @@ class Server:
         self.kind = kind
         if kind == "distcore" and world is None:
             self.proc = subprocess.Popen([CLI, "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                         stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+                                         stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, env=ENV)
             self.port = int(read_until(self.proc, "distcore TCPStore")[5].rsplit(":", 1)[1])
             self.pid = self.proc.pid
         elif kind == "distcore":
             self.proc = subprocess.Popen([f"{BUILD}/dc_waiting_server", str(world)], stdout=subprocess.PIPE,
-                                         stdin=subprocess.PIPE, text=True)
+                                         stdin=subprocess.PIPE, text=True, env=ENV)
             self.port = int(read_until(self.proc, "port")[1])
             self.pid = self.proc.pid
         else:
@@ -114,7 +126,7 @@ class Server:
             self.port = int(args[-1])
             if world:
                 args.append(str(world))
-            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, env=ENV)
             if not world:
                 read_until(self.proc, "port")
                 self.pid = int(read_until(self.proc, "pid")[1])
@@ -155,7 +167,7 @@ class Server:
 
 def driver(client, *args, stdin=None):
     return subprocess.Popen([f"{BUILD}/bench_{client}", *map(str, args)], stdout=subprocess.PIPE,
-                            stdin=stdin, stderr=subprocess.PIPE, text=True)
+                            stdin=stdin, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
 def run_driver(client, *args):
@@ -207,7 +219,8 @@ def scenario_latency(servers, ops):
 
 
 def run_driver_pingpong(ops):
-    out = subprocess.run([f"{BUILD}/pingpong", str(ops)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([f"{BUILD}/pingpong", str(ops)], capture_output=True, text=True, check=True,
+                         env=ENV).stdout
     _, med, p99 = out.split()
     return float(med), float(p99)
 
@@ -327,7 +340,7 @@ def scenario_footprint(conns, keys, procs=2):
                   for _ in range(procs)]
             held = sum(int(read_until(p, "ready", 600)[1]) for p in ps)
             loader = subprocess.run([sys.executable, "-c", LOAD_KEYS, str(s.port), str(keys)], env=dict(
-                os.environ, PYTHONPATH=os.path.join(ROOT, "interop"), DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"),
+                ENV, PYTHONPATH=os.path.join(ROOT, "interop"), DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"),
                 capture_output=True, text=True, timeout=300)
             if loader.returncode:
                 raise RuntimeError(loader.stderr)
@@ -358,22 +371,31 @@ for start in range(0, n, 1000):
 """
 
 
+RPC_CALLS = ["rpc_sync 64 B", "rpc_sync 64 KiB", "rpc_sync 1 MiB", "remote + to_here 64 B"]
+
+
 def scenario_rpc(calls):
-    out = subprocess.run([sys.executable, f"{HERE}/rpc_bench.py", str(calls)], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "interop"),
-                                  DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"))
-    if out.returncode:
-        raise RuntimeError(out.stderr[-2000:])
+    """distcore driven from C (the library's own cost) and from Python
+    (ctypes, a Python function on the callee, as torch runs one), against
+    torch.distributed.rpc from Python."""
     results = {}
-    for line in out.stdout.splitlines():
-        system, what, med = line.split("\t")
-        results[(system, what)] = float(med)
+    py = subprocess.run([sys.executable, f"{HERE}/rpc_bench.py", str(calls)], capture_output=True, text=True,
+                        env=dict(ENV, PYTHONPATH=os.path.join(ROOT, "interop"),
+                                 DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"), timeout=1800)
+    c = subprocess.run([f"{BUILD}/rpc_bench", str(calls)], capture_output=True, text=True, env=ENV, timeout=900)
+    for out in (py, c):
+        if out.returncode:
+            raise RuntimeError(out.stderr[-2000:])
+        for line in out.stdout.splitlines():
+            system, what, med = line.split("\t")
+            results[(system, what)] = float(med)
     rows = []
-    for what in ["rpc_sync 64 B", "rpc_sync 64 KiB", "rpc_sync 1 MiB", "remote + to_here 64 B"]:
-        d, t = results[("distcore", what)], results[("torch", what)]
-        rows.append([what, f"{d:.1f}", f"{t:.1f}", ratio(t, d)])
-    return table(f"6. RPC and RRef ({calls} calls each, median µs, both driven from Python)",
-                 ["call", "distcore", "torch.distributed.rpc (TensorPipe)", "torch / distcore"], rows), results
+    for what in RPC_CALLS:
+        dc_c, dc_py, t = (results[(s, what)] for s in ("distcore-c", "distcore", "torch"))
+        rows.append([what, f"{dc_c:.1f}", f"{dc_py:.1f}", f"{t:.1f}", ratio(t, dc_c), ratio(t, dc_py)])
+    return table(f"6. RPC and RRef ({calls} calls each, median µs, two processes on loopback)",
+                 ["call", "distcore from C", "distcore from Python (ctypes)", "torch.distributed.rpc (TensorPipe, Python)",
+                  "torch / distcore C", "torch / distcore Python"], rows), results
 
 
 def guarded(name, fn, *args):

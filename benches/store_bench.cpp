@@ -179,6 +179,7 @@ static int throughput(const std::string& host, int port, int conns, double secs)
   }
   std::atomic<bool> go{false}, stop{false};
   std::atomic<long> total{0};
+  std::atomic<int> connected{0};
   std::vector<std::thread> ts;
   for (int t = 0; t < conns; t++) {
     ts.emplace_back([&, t] {
@@ -186,7 +187,8 @@ static int throughput(const std::string& host, int port, int conns, double secs)
       Bytes v(64, 'y');
       unsigned x = 12345u + t;
       long n = 0;
-      while (!go) std::this_thread::yield();
+      connected++;
+      while (!go) std::this_thread::sleep_for(std::chrono::milliseconds(1));
       while (!stop) {
         x = x * 1103515245u + 12345u;
         std::string k = "tp/" + std::to_string((x >> 8) % 1000);
@@ -196,7 +198,8 @@ static int throughput(const std::string& host, int port, int conns, double secs)
       total += n;
     });
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  // The clock starts once every connection is up.
+  while (connected < conns) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   auto t0 = Clock::now();
   go = true;
   std::this_thread::sleep_for(std::chrono::duration<double>(secs));
