@@ -14,6 +14,7 @@ pub mod logging;
 mod outbox;
 pub mod profiler;
 pub mod rpc;
+mod sendv;
 pub mod store;
 pub mod timeout;
 pub mod work;

@@ -8,11 +8,13 @@
 //! around them, so a value is never copied to be sent.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice, Write};
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
+
+use crate::sendv::send_vectored;
 
 /// A buffer larger than this is released once it has been written out.
 const MAX_IDLE_CAPACITY: usize = 1 << 20;
@@ -105,7 +107,7 @@ impl Outbox {
                 slices[count] = IoSlice::new(&segment.bytes()[skip..]);
                 count += 1;
             }
-            match stream.write_vectored(&slices[..count]) {
+            match send_vectored(stream, &slices[..count]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,

@@ -1,6 +1,8 @@
 //! The RPC transport: framed messages over TCP between workers, one mio
-//! I/O thread for every socket, replies matched to requests by id, timeouts,
-//! and retried sends for the RRef control messages.
+//! I/O thread reading every socket, replies matched to requests by id,
+//! timeouts, and retried sends for the RRef control messages. Senders write
+//! to an idle connection themselves ([`Writer`]); the I/O thread connects,
+//! reads, and flushes what the sockets did not take at once.
 //!
 //! Frame: `u32 length` (of the rest), `u8 kind` (0 request, 1 response),
 //! `u64 id`, `u16 sender`, payload (an encoded [`Request`] or [`Response`]).
@@ -19,8 +21,8 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::Mutex;
 
 use super::message::{Request, Response, WorkerId};
+use super::writer::{Sent, Writer};
 use crate::error::{Error, Result, Status};
-use crate::outbox::Outbox;
 use crate::work::Work;
 
 const LISTENER: Token = Token(0);
@@ -52,9 +54,10 @@ pub(crate) trait RequestHandler: Send + Sync {
     fn handle(&self, from: WorkerId, request: Request, reply: Replier);
 }
 
-/// Sends the one response to a request.
+/// Sends the one response to a request, on the connection it came from.
 pub(crate) struct Replier {
     agent: Weak<Shared>,
+    writer: Arc<Writer>,
     token: Token,
     id: u64,
 }
@@ -63,10 +66,7 @@ impl Replier {
     pub(crate) fn send(self, response: Response) {
         if let Some(shared) = self.agent.upgrade() {
             let frame = frame(1, self.id, shared.me, &response.encode());
-            shared.command(Command::Reply {
-                token: self.token,
-                frame,
-            });
+            shared.write(self.token, &self.writer, &frame);
         }
     }
 }
@@ -92,14 +92,22 @@ enum Command {
         work: Work,
         timeout: Duration,
     },
-    Reply {
-        token: Token,
-        frame: Vec<u8>,
-    },
+    /// Write out what a sender left queued on this connection.
+    Flush(Token),
     At {
         when: Instant,
         job: Box<dyn FnOnce() + Send>,
     },
+}
+
+/// Deadlines of requests, and when the I/O thread will next wake up.
+#[derive(Default)]
+struct Deadlines {
+    /// (deadline, request id), soonest first; answered requests are
+    /// skipped when their deadline comes up.
+    heap: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// The I/O thread's next timed wake-up (`None`: none).
+    armed: Option<Instant>,
 }
 
 struct Shared {
@@ -107,6 +115,11 @@ struct Shared {
     peers: Mutex<HashMap<WorkerId, WorkerInfo>>,
     commands: Mutex<VecDeque<Command>>,
     waker: Waker,
+    /// Requests awaiting their response, by id.
+    pending: Mutex<HashMap<u64, PendingRequest>>,
+    deadlines: Mutex<Deadlines>,
+    /// Our established (or establishing) connection to each peer.
+    outbound: Mutex<HashMap<WorkerId, (Token, Arc<Writer>)>>,
     next_id: AtomicU64,
     handler: Mutex<Option<Arc<dyn RequestHandler>>>,
     faults: Mutex<Faults>,
@@ -116,8 +129,40 @@ struct Shared {
 impl Shared {
     fn command(&self, command: Command) {
         self.commands.lock().push_back(command);
+        self.wake();
+    }
+
+    fn wake(&self) {
         if let Err(e) = self.waker.wake() {
             log::error!("waking the RPC I/O thread: {e}");
+        }
+    }
+
+    /// Writes `frame` on a connection from this thread, asking the I/O
+    /// thread to flush whatever the socket left queued.
+    fn write(&self, token: Token, writer: &Writer, frame: &[u8]) -> Sent {
+        let sent = writer.send(frame);
+        if sent == Sent::NeedsFlush {
+            self.command(Command::Flush(token));
+        }
+        sent
+    }
+
+    /// Records request `id` as awaiting its response; wakes the I/O thread
+    /// when the request's deadline comes before its next wake-up.
+    fn expect_response(&self, id: u64, pending: PendingRequest) {
+        let timeout = pending.timeout;
+        self.pending.lock().insert(id, pending);
+        if timeout.is_zero() {
+            return;
+        }
+        let at = Instant::now() + timeout;
+        let mut deadlines = self.deadlines.lock();
+        deadlines.heap.push(Reverse((at, id)));
+        if deadlines.armed.is_none_or(|armed| at < armed) {
+            deadlines.armed = Some(at);
+            drop(deadlines);
+            self.wake();
         }
     }
 }
@@ -164,6 +209,9 @@ impl Agent {
             peers: Mutex::new(HashMap::new()),
             commands: Mutex::new(VecDeque::new()),
             waker,
+            pending: Mutex::new(HashMap::new()),
+            deadlines: Mutex::new(Deadlines::default()),
+            outbound: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             handler: Mutex::new(None),
             faults: Mutex::new(Faults::default()),
@@ -175,9 +223,6 @@ impl Agent {
             listener,
             conns: Vec::new(),
             free: Vec::new(),
-            outbound: HashMap::new(),
-            pending: HashMap::new(),
-            deadlines: BinaryHeap::new(),
             timers: BinaryHeap::new(),
             timer_jobs: HashMap::new(),
             next_timer: 0,
@@ -289,6 +334,26 @@ fn send_on(shared: &Arc<Shared>, to: WorkerId, payload: Vec<u8>, timeout: Durati
     }
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let frame = frame(0, id, shared.me, &payload);
+    let connection = shared.outbound.lock().get(&to).cloned();
+    if let Some((token, writer)) = connection {
+        shared.expect_response(
+            id,
+            PendingRequest {
+                work: work.clone(),
+                token,
+                to,
+                timeout,
+            },
+        );
+        if shared.write(token, &writer, &frame) != Sent::Closed {
+            return work;
+        }
+        // Closed under us: reconnect through the I/O thread, unless the
+        // close already failed the request.
+        if shared.pending.lock().remove(&id).is_none() {
+            return work;
+        }
+    }
     shared.command(Command::Send {
         to,
         id,
@@ -395,7 +460,7 @@ struct Conn {
     peer: Option<WorkerId>,
     connected: bool,
     input: Vec<u8>,
-    output: Outbox,
+    writer: Arc<Writer>,
 }
 
 struct PendingRequest {
@@ -411,10 +476,6 @@ struct IoLoop {
     listener: TcpListener,
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
-    /// Our connection to each peer we sent to.
-    outbound: HashMap<WorkerId, Token>,
-    pending: HashMap<u64, PendingRequest>,
-    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     timer_jobs: HashMap<u64, Box<dyn FnOnce() + Send>>,
     next_timer: u64,
@@ -432,10 +493,9 @@ impl IoLoop {
             if shared.stopping.load(Ordering::SeqCst) {
                 break;
             }
+            let wakeup = self.next_wakeup(&shared);
             drop(shared);
-            let timeout = self
-                .next_wakeup()
-                .map(|at| at.saturating_duration_since(Instant::now()));
+            let timeout = wakeup.map(|at| at.saturating_duration_since(Instant::now()));
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     log::error!("RPC I/O thread: poll failed: {e}");
@@ -462,13 +522,18 @@ impl IoLoop {
         self.fail_everything();
     }
 
-    fn next_wakeup(&self) -> Option<Instant> {
-        let d = self.deadlines.peek().map(|Reverse((at, _))| *at);
+    /// The soonest deadline or timer, recorded as the armed wake-up so
+    /// that senders wake the thread only for an earlier deadline.
+    fn next_wakeup(&self, shared: &Shared) -> Option<Instant> {
+        let mut deadlines = shared.deadlines.lock();
+        let d = deadlines.heap.peek().map(|Reverse((at, _))| *at);
         let t = self.timers.peek().map(|Reverse((at, _))| *at);
-        match (d, t) {
+        let next = match (d, t) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        }
+        };
+        deadlines.armed = next;
+        next
     }
 
     fn run_commands(&mut self) {
@@ -489,7 +554,7 @@ impl IoLoop {
                     work,
                     timeout,
                 } => self.start_send(to, id, frame, work, timeout),
-                Command::Reply { token, frame } => self.queue_frame(token, &frame),
+                Command::Flush(token) => self.flush(token),
                 Command::At { when, job } => {
                     self.next_timer += 1;
                     self.timers.push(Reverse((when, self.next_timer)));
@@ -501,13 +566,23 @@ impl IoLoop {
 
     fn expire(&mut self) {
         let now = Instant::now();
-        while let Some(Reverse((at, id))) = self.deadlines.peek().copied() {
-            if at > now {
-                break;
+        if let Some(shared) = self.shared.upgrade() {
+            let mut expired = Vec::new();
+            {
+                let mut deadlines = shared.deadlines.lock();
+                while let Some(Reverse((at, id))) = deadlines.heap.peek().copied() {
+                    if at > now {
+                        break;
+                    }
+                    deadlines.heap.pop();
+                    expired.push(id);
+                }
             }
-            self.deadlines.pop();
-            if let Some(p) = self.pending.remove(&id) {
-                let _ = p.work.finish(Some(rpc_timeout(p.timeout)));
+            for id in expired {
+                let timed_out = shared.pending.lock().remove(&id);
+                if let Some(p) = timed_out {
+                    let _ = p.work.finish(Some(rpc_timeout(p.timeout)));
+                }
             }
         }
         while let Some(Reverse((at, id))) = self.timers.peek().copied() {
@@ -521,21 +596,25 @@ impl IoLoop {
         }
     }
 
+    /// Sends a request whose sender found no open connection to `to`:
+    /// connects (unless another request did meanwhile) and queues it.
     fn start_send(&mut self, to: WorkerId, id: u64, frame: Vec<u8>, work: Work, timeout: Duration) {
-        let token = match self.outbound.get(&to).copied() {
-            Some(token) if self.conn(token).is_some() => token,
-            _ => match self.connect(to) {
-                Ok(token) => token,
+        let Some(shared) = self.shared.upgrade() else {
+            let _ = work.finish(Some(shut_down()));
+            return;
+        };
+        let existing = shared.outbound.lock().get(&to).cloned();
+        let (token, writer) = match existing {
+            Some(connection) => connection,
+            None => match self.connect(&shared, to) {
+                Ok(connection) => connection,
                 Err(e) => {
                     let _ = work.finish(Some(e));
                     return;
                 }
             },
         };
-        if !timeout.is_zero() {
-            self.deadlines.push(Reverse((Instant::now() + timeout, id)));
-        }
-        self.pending.insert(
+        shared.expect_response(
             id,
             PendingRequest {
                 work,
@@ -544,14 +623,10 @@ impl IoLoop {
                 timeout,
             },
         );
-        self.queue_frame(token, &frame);
+        self.queue_frame(token, &writer, &frame);
     }
 
-    fn connect(&mut self, to: WorkerId) -> Result<Token> {
-        let shared = self
-            .shared
-            .upgrade()
-            .ok_or_else(|| Error::new(Status::ShutDown, "shut down"))?;
+    fn connect(&mut self, shared: &Shared, to: WorkerId) -> Result<(Token, Arc<Writer>)> {
         let peer = shared
             .peers
             .lock()
@@ -565,16 +640,20 @@ impl IoLoop {
             ))
         })?;
         let _ = stream.set_nodelay(true);
+        let writer =
+            Arc::new(Writer::new(&stream, false).map_err(|e| {
+                Error::network(format!("connection to worker '{}': {e}", peer.name))
+            })?);
         let token = self.insert_conn(&mut stream, Interest::READABLE | Interest::WRITABLE)?;
         self.conns[token.0 - FIRST_CONN] = Some(Conn {
             stream,
             peer: Some(to),
             connected: false,
             input: Vec::new(),
-            output: Outbox::new(true),
+            writer: writer.clone(),
         });
-        self.outbound.insert(to, token);
-        Ok(token)
+        shared.outbound.lock().insert(to, (token, writer.clone()));
+        Ok((token, writer))
     }
 
     fn insert_conn(&mut self, stream: &mut TcpStream, interest: Interest) -> Result<Token> {
@@ -604,13 +683,20 @@ impl IoLoop {
             match self.listener.accept() {
                 Ok((mut stream, _)) => {
                     let _ = stream.set_nodelay(true);
+                    let writer = match Writer::new(&stream, true) {
+                        Ok(writer) => Arc::new(writer),
+                        Err(e) => {
+                            log::warn!("RPC agent: accepted connection unusable: {e}");
+                            continue;
+                        }
+                    };
                     if let Ok(token) = self.insert_conn(&mut stream, Interest::READABLE) {
                         self.conns[token.0 - FIRST_CONN] = Some(Conn {
                             stream,
                             peer: None,
                             connected: true,
                             input: Vec::new(),
-                            output: Outbox::new(false),
+                            writer,
                         });
                     }
                 }
@@ -624,12 +710,9 @@ impl IoLoop {
         }
     }
 
-    fn queue_frame(&mut self, token: Token, frame: &[u8]) {
-        let Some(conn) = self.conn(token) else {
-            return;
-        };
-        conn.output.buffer().extend_from_slice(frame);
-        if conn.connected {
+    /// Sends a frame from the I/O thread itself.
+    fn queue_frame(&mut self, token: Token, writer: &Writer, frame: &[u8]) {
+        if writer.send(frame) == Sent::NeedsFlush {
             self.flush(token);
         }
     }
@@ -640,7 +723,10 @@ impl IoLoop {
         };
         if !conn.connected {
             match conn.stream.take_error() {
-                Ok(None) if conn.stream.peer_addr().is_ok() => conn.connected = true,
+                Ok(None) if conn.stream.peer_addr().is_ok() => {
+                    conn.connected = true;
+                    conn.writer.set_connected();
+                }
                 Ok(None) => return,
                 Ok(Some(e)) | Err(e) => {
                     self.close(token, &format!("connect failed: {e}"));
@@ -660,7 +746,7 @@ impl IoLoop {
             return;
         };
         if let Err(e) = conn
-            .output
+            .writer
             .flush(&mut conn.stream, self.poll.registry(), token)
         {
             self.close(token, &format!("write failed: {e}"));
@@ -740,9 +826,13 @@ impl IoLoop {
         payload: &[u8],
     ) -> std::result::Result<(), String> {
         let request = Request::decode(payload).map_err(|e| e.message().to_string())?;
+        let Some(writer) = self.conn(token).map(|c| c.writer.clone()) else {
+            return Ok(());
+        };
         let handler = self.shared.upgrade().and_then(|s| s.handler.lock().clone());
         let replier = Replier {
             agent: self.shared.clone(),
+            writer,
             token,
             id,
         };
@@ -754,7 +844,11 @@ impl IoLoop {
     }
 
     fn on_response(&mut self, id: u64, payload: &[u8]) {
-        let Some(pending) = self.pending.remove(&id) else {
+        let pending = self
+            .shared
+            .upgrade()
+            .and_then(|shared| shared.pending.lock().remove(&id));
+        let Some(pending) = pending else {
             return; // timed out already
         };
         let outcome = match Response::decode(payload) {
@@ -773,36 +867,48 @@ impl IoLoop {
         else {
             return;
         };
+        // Closed first: a request registered after the scan below finds
+        // the writer closed and takes itself back.
+        conn.writer.close();
         let _ = self.poll.registry().deregister(&mut conn.stream);
         self.free.push(token.0 - FIRST_CONN);
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
         if let Some(peer) = conn.peer {
-            if self.outbound.get(&peer) == Some(&token) {
-                self.outbound.remove(&peer);
+            let mut outbound = shared.outbound.lock();
+            if outbound.get(&peer).is_some_and(|(t, _)| *t == token) {
+                outbound.remove(&peer);
             }
         }
-        let failed: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.token == token)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in failed {
-            if let Some(p) = self.pending.remove(&id) {
-                let name = self
-                    .shared
-                    .upgrade()
-                    .and_then(|s| s.peers.lock().get(&p.to).map(|w| w.name.clone()))
-                    .unwrap_or_else(|| p.to.to_string());
-                let _ = p.work.finish(Some(Error::network(format!(
-                    "connection to worker '{name}' lost: {why}"
-                ))));
-            }
+        let failed: Vec<PendingRequest> = {
+            let mut pending = shared.pending.lock();
+            let ids: Vec<u64> = pending
+                .iter()
+                .filter(|(_, p)| p.token == token)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter().filter_map(|id| pending.remove(id)).collect()
+        };
+        for p in failed {
+            let name = shared
+                .peers
+                .lock()
+                .get(&p.to)
+                .map_or_else(|| p.to.to_string(), |w| w.name.clone());
+            let _ = p.work.finish(Some(Error::network(format!(
+                "connection to worker '{name}' lost: {why}"
+            ))));
         }
     }
 
     fn fail_everything(&mut self) {
-        for (_, p) in self.pending.drain() {
-            let _ = p.work.finish(Some(shut_down()));
+        if let Some(shared) = self.shared.upgrade() {
+            let pending: Vec<PendingRequest> =
+                shared.pending.lock().drain().map(|(_, p)| p).collect();
+            for p in pending {
+                let _ = p.work.finish(Some(shut_down()));
+            }
         }
         self.timer_jobs.clear();
     }

@@ -7,6 +7,7 @@ pub mod context;
 pub mod message;
 mod pool;
 pub mod rref;
+mod writer;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

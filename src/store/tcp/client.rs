@@ -2,7 +2,7 @@
 //! connect with retries, VALIDATE + PING, the distcore HELLO probe, framed
 //! reads with timeouts, and WAIT with PyTorch's cancel-wait handshake.
 
-use std::io::{BufReader, ErrorKind, IoSlice, Read, Write};
+use std::io::{BufReader, ErrorKind, IoSlice, Read};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -11,6 +11,7 @@ use super::protocol::{
     Command, Encoder, HELLO_ACK, HELLO_NONCE, STOP_WAITING, VALIDATE_MAGIC, WAIT_CANCELED,
 };
 use crate::error::{Error, Result, Status};
+use crate::sendv::send_vectored;
 
 /// Exponential backoff of connection attempts (PyTorch's values).
 const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
@@ -219,7 +220,7 @@ impl Connection {
             if left.iter().all(|part| part.is_empty()) {
                 break Ok(());
             }
-            match stream.write_vectored(left) {
+            match send_vectored(stream, left) {
                 Ok(0) => break Err(std::io::Error::from(ErrorKind::WriteZero)),
                 Ok(n) => IoSlice::advance_slices(&mut left, n),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
