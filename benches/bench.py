@@ -3,7 +3,8 @@
     build/venv/bin/python benches/bench.py [--quick] [--out docs/benchmarks.md]
 
 Builds the drivers (benches/store_bench.cpp twice: distcore's C client and
-PyTorch's C++ client from the pip wheel's libtorch; benches/pingpong.c),
+PyTorch's C++ client from the pip wheel's libtorch; the physical floors
+benches/pingpong.c and benches/bulk.c; benches/rpc_bench.c),
 starts each server in its own process on 127.0.0.1, and prints one table
 per scenario with ratios distcore/PyTorch computed pair by pair. Figures,
 not pass/fail: the only failure is a scenario that cannot run.
@@ -65,6 +66,7 @@ def build():
         ["c++", "-O2", "-std=c++20", "-DWITH_TORCH", f"-I{t}/include", f"-I{t}/include/torch/csrc/api/include",
          "-o", f"{BUILD}/bench_torch", f"{HERE}/store_bench.cpp", f"-L{t}/lib", "-ltorch_cpu", "-lc10",
          f"-Wl,-rpath,{t}/lib", "-pthread"],
+        ["cc", "-O2", "-o", f"{BUILD}/bulk", f"{HERE}/bulk.c", "-pthread"],
         ["cc", "-O2", f"-I{PREFIX}/include", "-o", f"{BUILD}/rpc_bench", f"{HERE}/rpc_bench.c",
          f"-L{PREFIX}/lib", "-ldistcore", f"-Wl,-rpath,{PREFIX}/lib"],
         ["cc", "-O2", f"-I{PREFIX}/include", f"-I{ROOT}/c-tests", "-o", f"{BUILD}/dc_waiting_server",
@@ -312,21 +314,33 @@ def scenario_rendezvous(sizes, client="distcore"):
 
 
 def scenario_large(servers, sizes, reps):
-    rows, results = [], {}
+    rows, results, floors = [], {}, {}
+    for mib in sizes:
+        out = subprocess.run([f"{BUILD}/bulk", str(mib), str(reps)], capture_output=True, text=True, check=True,
+                             env=ENV).stdout.split()
+        floors[mib] = (float(out[1]), float(out[3]))
     for server, s in servers.items():
         for mib in sizes:
             for client in CLIENTS:
                 out = run_driver(client, "large", "127.0.0.1", s.port, mib, reps).strip()
                 results[(client, server, mib)] = out
     for mib in sizes:
+        reused, fresh = floors[mib]
+        rows.append([f"{mib} MiB", "loopback floor (C echo)", "-", f"{reused:.1f} reused / {fresh:.1f} fresh buffers", "-"])
         for client in CLIENTS:
             for server in SERVERS:
                 out = results[(client, server, mib)]
-                refusal = out[8:].splitlines()[0][:80] if not out.startswith("mbps") else ""
-                rows.append([f"{mib} MiB", f"{client} client", server,
-                             out.split()[1] if out.startswith("mbps") else "refused: " + refusal])
+                if out.startswith("mbps"):
+                    mbps = float(out.split()[1])
+                    rows.append([f"{mib} MiB", f"{client} client", server, f"{mbps:.1f}", ratio(mbps, fresh)])
+                else:
+                    rows.append([f"{mib} MiB", f"{client} client", server,
+                                 "refused: " + out[8:].splitlines()[0][:80], "-"])
     return table(f"4. Large values (set + get, {reps} reps, MB/s counting both directions)",
-                 ["value", "client", "server", "MB/s"], rows), results
+                 ["value", "client", "server", "MB/s", "/ floor with fresh buffers"], rows,
+                 "The floor echoes the value between two threads over loopback TCP, receiving into buffers "
+                 "written before (reused) or newly allocated (fresh), as a server keeping the value and a "
+                 "client returning it must."), results
 
 
 def scenario_footprint(conns, keys, procs=2):

@@ -13,13 +13,15 @@ pub(crate) type Value = Arc<[u8]>;
 /// Values and queues by key. Keys are bytes, as on the wire.
 #[derive(Default)]
 pub(crate) struct KvTable {
-    values: HashMap<Vec<u8>, Value>,
-    queues: HashMap<Vec<u8>, VecDeque<Value>>,
+    /// Keys as boxed slices: 8 bytes less per entry than a `Vec`, which
+    /// counts at 100k keys.
+    values: HashMap<Box<[u8]>, Value>,
+    queues: HashMap<Box<[u8]>, VecDeque<Value>>,
 }
 
 impl KvTable {
     pub(crate) fn set(&mut self, key: &[u8], value: Value) {
-        self.values.insert(key.to_vec(), value);
+        self.values.insert(key.into(), value);
     }
 
     pub(crate) fn get(&self, key: &[u8]) -> Option<&Value> {
@@ -88,10 +90,7 @@ impl KvTable {
     }
 
     pub(crate) fn queue_push(&mut self, key: &[u8], value: Value) {
-        self.queues
-            .entry(key.to_vec())
-            .or_default()
-            .push_back(value);
+        self.queues.entry(key.into()).or_default().push_back(value);
     }
 
     pub(crate) fn queue_pop(&mut self, key: &[u8]) -> Option<Value> {
@@ -107,8 +106,8 @@ impl KvTable {
         self.queues.get(key).map_or(0, |q| q.len() as i64)
     }
 
-    pub(crate) fn keys(&self) -> impl Iterator<Item = &Vec<u8>> {
-        self.values.keys()
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.values.keys().map(|k| &**k)
     }
 
     /// The arrival count of the barrier `key` (0 before anyone arrived).

@@ -285,8 +285,9 @@ struct Conn {
     peer: Option<SocketAddr>,
     /// The start of a request whose end has not arrived yet.
     pending: Vec<u8>,
-    /// A large value being read straight into its final buffer.
-    incoming: Option<IncomingValue>,
+    /// A large value being read straight into its final buffer (boxed:
+    /// rare, and idle connections should stay small).
+    incoming: Option<Box<IncomingValue>>,
     output: Outbox,
     validated: bool,
     extended: bool,
@@ -488,7 +489,8 @@ impl EventLoop {
                     incoming.filled += n;
                     if incoming.filled == incoming.header.value_len {
                         if let Some(incoming) = conn.incoming.take() {
-                            let request = incoming.header.into_request(incoming.value);
+                            let IncomingValue { header, value, .. } = *incoming;
+                            let request = header.into_request(value);
                             self.handle(token, request).map_err(Close::Refused)?;
                         }
                     }
@@ -522,7 +524,7 @@ impl EventLoop {
         let incoming = match parse_value_header(&pending, &self.limits) {
             Ok(Some(header)) if header.value_len >= DIRECT_VALUE_LEN => {
                 let arrived = &pending[header.header_len..];
-                let incoming = IncomingValue::new(header, arrived);
+                let incoming = Box::new(IncomingValue::new(header, arrived));
                 pending.clear();
                 Some(incoming)
             }
@@ -689,7 +691,7 @@ impl EventLoop {
                 self.reply(token, |o| o.extend_from_slice(&n.to_le_bytes()));
             }
             Request::ListKeys => {
-                let keys: Vec<Key> = self.table.keys().cloned().collect();
+                let keys: Vec<Key> = self.table.keys().map(<[u8]>::to_vec).collect();
                 self.reply(token, |o| {
                     o.extend_from_slice(&(keys.len() as i64).to_le_bytes());
                     for k in &keys {
