@@ -4,25 +4,23 @@
 //! left.
 //!
 //! Small replies are appended to an owned buffer; large shared values are
-//! queued by reference and go out with one vectored write beside the bytes
-//! around them, so a value is never copied to be sent.
+//! queued by reference and written from where they are stored, so a value
+//! is never copied to be sent.
 
 use std::collections::VecDeque;
-use std::io::{self, IoSlice};
+use std::io;
 use std::sync::Arc;
 
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
-use crate::sendv::send_vectored;
+use crate::sendv::send_bytes;
 
 /// A buffer larger than this is released once it has been written out.
 const MAX_IDLE_CAPACITY: usize = 1 << 20;
 /// Shared values at least this long are queued by reference, shorter ones
 /// copied into the buffer (one segment costs more than a small copy).
 const SHARE_THRESHOLD: usize = 64 << 10;
-/// Most segments handed to one `writev`.
-const MAX_IOVECS: usize = 64;
 
 /// One run of bytes to send.
 enum Segment {
@@ -91,23 +89,18 @@ impl Outbox {
         }
     }
 
-    /// Writes what the socket accepts now; registers for WRITABLE while
-    /// bytes are left and drops that interest once they are gone.
+    /// Writes what the socket accepts now, a segment per call (a large
+    /// value sent behind a few bytes of header would be copied into the
+    /// socket at an odd offset, markedly slower); registers for WRITABLE
+    /// while bytes are left and drops that interest once they are gone.
     pub(crate) fn flush(
         &mut self,
         stream: &mut TcpStream,
         registry: &Registry,
         token: Token,
     ) -> io::Result<()> {
-        while !self.segments.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-            let mut count = 0;
-            for (i, segment) in self.segments.iter().take(MAX_IOVECS).enumerate() {
-                let skip = if i == 0 { self.written } else { 0 };
-                slices[count] = IoSlice::new(&segment.bytes()[skip..]);
-                count += 1;
-            }
-            match send_vectored(stream, &slices[..count]) {
+        while let Some(front) = self.segments.front() {
+            match send_bytes(stream, &front.bytes()[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
