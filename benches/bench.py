@@ -388,26 +388,31 @@ for start in range(0, n, 1000):
 RPC_CALLS = ["rpc_sync 64 B", "rpc_sync 64 KiB", "rpc_sync 1 MiB", "remote + to_here 64 B"]
 
 
-def scenario_rpc(calls):
+def scenario_rpc(calls, rounds):
     """distcore driven from C (the library's own cost) and from Python
     (ctypes, a Python function on the callee, as torch runs one), against
-    torch.distributed.rpc from Python."""
-    results = {}
-    py = subprocess.run([sys.executable, f"{HERE}/rpc_bench.py", str(calls)], capture_output=True, text=True,
-                        env=dict(ENV, PYTHONPATH=os.path.join(ROOT, "interop"),
-                                 DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"), timeout=1800)
-    c = subprocess.run([f"{BUILD}/rpc_bench", str(calls)], capture_output=True, text=True, env=ENV, timeout=900)
-    for out in (py, c):
-        if out.returncode:
-            raise RuntimeError(out.stderr[-2000:])
-        for line in out.stdout.splitlines():
-            system, what, med = line.split("\t")
-            results[(system, what)] = float(med)
+    torch.distributed.rpc from Python. The systems take turns for `rounds`
+    rounds and each figure is the median of its rounds' medians, so that a
+    noisy stretch of this shared machine does not land on one system."""
+    samples = {}
+    for _ in range(rounds):
+        py = subprocess.run([sys.executable, f"{HERE}/rpc_bench.py", str(calls)], capture_output=True, text=True,
+                            env=dict(ENV, PYTHONPATH=os.path.join(ROOT, "interop"),
+                                     DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"), timeout=1800)
+        c = subprocess.run([f"{BUILD}/rpc_bench", str(calls)], capture_output=True, text=True, env=ENV, timeout=900)
+        for out in (py, c):
+            if out.returncode:
+                raise RuntimeError(out.stderr[-2000:])
+            for line in out.stdout.splitlines():
+                system, what, med = line.split("\t")
+                samples.setdefault((system, what), []).append(float(med))
+    results = {key: statistics.median(values) for key, values in samples.items()}
     rows = []
     for what in RPC_CALLS:
         dc_c, dc_py, t = (results[(s, what)] for s in ("distcore-c", "distcore", "torch"))
         rows.append([what, f"{dc_c:.1f}", f"{dc_py:.1f}", f"{t:.1f}", ratio(t, dc_c), ratio(t, dc_py)])
-    return table(f"6. RPC and RRef ({calls} calls each, median µs, two processes on loopback)",
+    return table(f"6. RPC and RRef ({calls} calls each, median µs over {rounds} alternating rounds, "
+                 "two processes on loopback)",
                  ["call", "distcore from C", "distcore from Python (ctypes)", "torch.distributed.rpc (TensorPipe, Python)",
                   "torch / distcore C", "torch / distcore Python"], rows), results
 
@@ -461,7 +466,7 @@ def main():
         guarded("5. Footprint", scenario_footprint, 500 if q else 10000, 5000 if q else 100000)
         return
     if args.only == "rpc":
-        guarded("6. RPC and RRef", scenario_rpc, 100 if q else 2000)
+        guarded("6. RPC and RRef", scenario_rpc, 100 if q else 2000, 1 if q else 3)
         return
     started = time.monotonic()
     command = "build/venv/bin/python benches/bench.py" + (" --quick" if q else "") + (f" --out {args.out}" if args.out else "")
@@ -490,7 +495,7 @@ def main():
         sections.append(guarded("3b. Rendezvous, PyTorch's client", scenario_rendezvous, [256], "torch")[0])
     sections.append(large_text)
     sections.append(guarded("5. Footprint", scenario_footprint, 500 if q else 10000, 5000 if q else 100000)[0])
-    sections.append(guarded("6. RPC and RRef", scenario_rpc, 100 if q else 2000)[0])
+    sections.append(guarded("6. RPC and RRef", scenario_rpc, 100 if q else 2000, 1 if q else 3)[0])
     took = time.monotonic() - started
     print(f"all scenarios in {took:.0f} s")
     if args.out:

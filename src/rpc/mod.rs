@@ -459,6 +459,8 @@ impl Core {
     }
 
     /// Runs `func` once every RRef argument is confirmed, then `reply`.
+    /// Called on a pool thread: with nothing to wait for, the function runs
+    /// right here rather than as another job (a thread hand-off per call).
     fn call_when_confirmed(
         self: &Arc<Self>,
         func: String,
@@ -469,6 +471,11 @@ impl Core {
     ) {
         let rrefs = self.receive_rrefs(&forks);
         let ready = self.ctx.wait_for_pending_users(&rrefs);
+        if ready.is_completed() {
+            let outcome = ready.wait(Some(Duration::ZERO));
+            reply(outcome.and_then(|()| self.run(&func, &args, &rrefs, caller)));
+            return;
+        }
         let core = self.clone();
         ready.add_done_callback(Box::new(move |done| {
             if let Err(e) = done.wait(Some(Duration::ZERO)) {
