@@ -398,14 +398,7 @@ fn hello_turns_on_wait_get_only_for_distcore_clients() {
     .unwrap();
     wait_for(&srv, |st| st.pending_waits == 1);
     let mut other = validated(&srv);
-    other
-        .write_all(
-            &Encoder::request(Command::Set)
-                .bytes(b"/missing-later")
-                .bytes(b"w")
-                .finish(),
-        )
-        .unwrap();
+    set(&mut other, "/missing-later", b"w");
     let reply = read_n(&mut s, 1 + 9 + 9);
     assert_eq!(reply[0], STOP_WAITING);
     assert_eq!((reply[9], reply[18]), (b'v', b'w'));
@@ -465,6 +458,16 @@ fn dropping_the_server_closes_its_connections() {
     assert!(closed(&mut s));
 }
 
+fn set(s: &mut TcpStream, key: &str, value: &[u8]) {
+    s.write_all(
+        &Encoder::request(Command::Set)
+            .bytes(key.as_bytes())
+            .bytes(value)
+            .finish(),
+    )
+    .unwrap();
+}
+
 fn get(s: &mut TcpStream, key: &str) -> Vec<u8> {
     s.write_all(
         &Encoder::request(Command::Get)
@@ -481,14 +484,7 @@ fn large_values_trickling_in_are_stored_whole_and_pipelined_requests_follow() {
     let srv = server();
     let mut writer = validated(&srv);
     let mut reader = validated(&srv);
-    writer
-        .write_all(
-            &Encoder::request(Command::Set)
-                .bytes(b"/big")
-                .bytes(b"old")
-                .finish(),
-        )
-        .unwrap();
+    set(&mut writer, "/big", b"old");
     assert_eq!(get(&mut reader, "/big"), b"old");
     let value: Vec<u8> = (0..(700 << 10)).map(|i| (i % 251) as u8).collect();
     let mut request = Encoder::request(Command::Set)
