@@ -464,6 +464,22 @@ def plot(rendezvous, sizes, path):
     return True
 
 
+GENERATED = "<!-- Everything below is written by benches/bench.py; edit above this line. -->\n"
+
+
+def preamble(path):
+    """What a human wrote above the generated part of `path` (kept across
+    runs), or a title."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    if GENERATED in text:
+        return text[:text.index(GENERATED)] + GENERATED + "\n"
+    return "# Benchmarks: distcore against PyTorch\n\n" + GENERATED + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smoke run well under 2 minutes")
@@ -516,8 +532,7 @@ def main():
         if rdv and plot(rdv, sizes, png):
             sections.insert(5, f"![Rendezvous time against N]({os.path.basename(png)})\n")
         with open(args.out, "w") as f:
-            f.write("# Benchmarks: distcore against PyTorch\n\n" + "\n".join(sections) +
-                    f"\nAll scenarios took {took:.0f} s.\n")
+            f.write(preamble(args.out) + "\n".join(sections) + f"\nAll scenarios took {took:.0f} s.\n")
 
 
 if __name__ == "__main__":
