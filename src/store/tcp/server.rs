@@ -327,7 +327,9 @@ impl IncomingValue {
         }
     }
 
-    /// The part of the value still to read.
+    /// The part of the value still to read. The value is never shared
+    /// before it is complete; were it, the empty slice would read as a
+    /// closed connection and close it, never corrupt a value.
     fn rest(&mut self) -> &mut [u8] {
         match Arc::get_mut(&mut self.value) {
             Some(buf) => &mut buf[self.filled..],
