@@ -118,9 +118,44 @@ fn default_options() -> dc_rpc_options {
     }
 }
 
-/// The worker a C function belongs to, known once init returns; weak, so
-/// registered functions do not keep their worker alive.
-type RpcSlot = Arc<parking_lot::Mutex<Option<std::sync::Weak<Rpc>>>>;
+/// The worker a C function belongs to (for the RRef views it is handed),
+/// known once init returns; weak, so registered functions do not keep their
+/// worker alive. Other workers may call in while init is still finishing:
+/// such a call waits for the handle, up to the RPC timeout.
+struct RpcSlot {
+    rpc: parking_lot::Mutex<Option<std::sync::Weak<Rpc>>>,
+    known: parking_lot::Condvar,
+    wait: std::time::Duration,
+}
+
+impl RpcSlot {
+    fn new(rpc: Option<&Arc<Rpc>>, wait: std::time::Duration) -> Arc<RpcSlot> {
+        Arc::new(RpcSlot {
+            rpc: parking_lot::Mutex::new(rpc.map(Arc::downgrade)),
+            known: parking_lot::Condvar::new(),
+            wait,
+        })
+    }
+
+    /// Fills the slot; `None` when init failed (calls then fail as shut down).
+    fn fill(&self, rpc: Option<&Arc<Rpc>>) {
+        *self.rpc.lock() = Some(rpc.map_or_else(std::sync::Weak::new, Arc::downgrade));
+        self.known.notify_all();
+    }
+
+    fn get(&self) -> Result<Arc<Rpc>> {
+        let deadline = std::time::Instant::now() + self.wait;
+        let mut slot = self.rpc.lock();
+        while slot.is_none() {
+            if self.known.wait_until(&mut slot, deadline).timed_out() {
+                return Err(Error::timeout("RPC initialisation did not finish in time"));
+            }
+        }
+        slot.as_ref()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or_else(|| Error::new(Status::ShutDown, "RPC is shutting down"))
+    }
+}
 
 type CFunction = unsafe extern "C" fn(
     *const u8,
@@ -133,13 +168,9 @@ type CFunction = unsafe extern "C" fn(
 ) -> dc_status;
 
 /// Wraps a C function as an RpcFunction.
-fn c_function(function: CFunction, user_data: UserData, rpc: RpcSlot) -> Arc<RpcFunction> {
+fn c_function(function: CFunction, user_data: UserData, rpc: Arc<RpcSlot>) -> Arc<RpcFunction> {
     Arc::new(move |call: &CallArgs<'_>| {
-        let rpc = rpc
-            .lock()
-            .as_ref()
-            .and_then(std::sync::Weak::upgrade)
-            .ok_or_else(|| Error::new(Status::ShutDown, "RPC is shutting down"))?;
+        let rpc = rpc.get()?;
         let views: Vec<dc_rref> = call
             .rrefs
             .iter()
@@ -216,7 +247,11 @@ pub unsafe extern "C" fn dc_rpc_init(
         let opts = unsafe { opts.as_ref() }.unwrap_or(&defaults);
         let options = unsafe { rpc_options(opts) }?;
         let entries = unsafe { arg_slice(opts.functions, opts.num_functions, "opts->functions") }?;
-        let late_rpc: RpcSlot = Arc::new(parking_lot::Mutex::new(None));
+        // No RPC timeout (0) still bounds this wait.
+        let init_wait = Some(options.rpc_timeout)
+            .filter(|t| !t.is_zero())
+            .unwrap_or(std::time::Duration::from_secs(60));
+        let late_rpc = RpcSlot::new(None, init_wait);
         let mut functions: HashMap<String, Arc<RpcFunction>> = HashMap::new();
         for entry in entries {
             let fname = unsafe { arg_str(entry.name, "opts->functions[i].name") }?;
@@ -228,8 +263,9 @@ pub unsafe extern "C" fn dc_rpc_init(
                 c_function(f, UserData(entry.user_data), late_rpc.clone()),
             );
         }
-        let rpc = Rpc::init(store, name, rank, world_size, options, functions)?;
-        *late_rpc.lock() = Some(Arc::downgrade(&rpc));
+        let rpc = Rpc::init(store, name, rank, world_size, options, functions);
+        late_rpc.fill(rpc.as_ref().ok());
+        let rpc = rpc?;
         give(out, dc_rpc { rpc });
         Ok(())
     })
@@ -248,8 +284,8 @@ pub unsafe extern "C" fn dc_rpc_register_function(
         let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
         let name = unsafe { arg_str(name, "name") }?;
         let f = function.ok_or_else(|| Error::invalid_argument("function must not be NULL"))?;
-        let weak: RpcSlot = Arc::new(parking_lot::Mutex::new(Some(Arc::downgrade(rpc))));
-        rpc.register(name, c_function(f, UserData(user_data), weak));
+        let slot = RpcSlot::new(Some(rpc), std::time::Duration::ZERO);
+        rpc.register(name, c_function(f, UserData(user_data), slot));
         Ok(())
     })
 }
