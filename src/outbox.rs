@@ -14,13 +14,11 @@ use std::sync::Arc;
 use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 
+use crate::bigbuf::LARGE_VALUE_LEN;
 use crate::sendv::send_bytes;
 
 /// A buffer larger than this is released once it has been written out.
 const MAX_IDLE_CAPACITY: usize = 1 << 20;
-/// Shared values at least this long are queued by reference, shorter ones
-/// copied into the buffer (one segment costs more than a small copy).
-const SHARE_THRESHOLD: usize = 64 << 10;
 
 /// One run of bytes to send.
 enum Segment {
@@ -82,7 +80,7 @@ impl Outbox {
     pub(crate) fn put_value(&mut self, value: &Arc<[u8]>) {
         let out = self.buffer();
         out.extend_from_slice(&(value.len() as u64).to_le_bytes());
-        if value.len() < SHARE_THRESHOLD {
+        if value.len() < LARGE_VALUE_LEN {
             out.extend_from_slice(value);
         } else {
             self.segments.push_back(Segment::Shared(value.clone()));
@@ -158,7 +156,7 @@ mod tests {
     #[test]
     fn large_values_are_queued_by_reference_in_order() {
         let mut outbox = Outbox::new(false);
-        let big: Arc<[u8]> = vec![7u8; SHARE_THRESHOLD].into();
+        let big: Arc<[u8]> = vec![7u8; LARGE_VALUE_LEN].into();
         outbox.buffer().push(1);
         outbox.put_value(&big);
         outbox.put_value(&Arc::from(&b"ab"[..]));
@@ -170,7 +168,7 @@ mod tests {
         expected.extend_from_slice(b"ab");
         assert_eq!(queued(&outbox), expected);
         // Partial writes across segment boundaries keep the order.
-        for step in [3, SHARE_THRESHOLD, 7, 5] {
+        for step in [3, LARGE_VALUE_LEN, 7, 5] {
             outbox.advance(step);
             expected.drain(..step);
             assert_eq!(queued(&outbox), expected);

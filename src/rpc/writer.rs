@@ -8,13 +8,14 @@
 //! queue behind it until the I/O thread has flushed it, so bytes never
 //! interleave or reorder.
 
-use std::io::{self, Write};
+use std::io;
 
 use mio::net::TcpStream;
 use mio::{Registry, Token};
 use parking_lot::Mutex;
 
 use crate::outbox::Outbox;
+use crate::sendv::send_bytes;
 
 /// What became of a frame handed to [`Writer::send`].
 #[derive(Debug, PartialEq, Eq)]
@@ -74,7 +75,7 @@ impl Writer {
         let mut written = 0;
         if state.output.is_empty() {
             while written < frame.len() {
-                match (&self.socket).write(&frame[written..]) {
+                match send_bytes(&self.socket, &frame[written..]) {
                     Ok(0) => break,
                     Ok(n) => written += n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

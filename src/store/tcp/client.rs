@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use super::protocol::{
     Command, Encoder, HELLO_ACK, HELLO_NONCE, STOP_WAITING, VALIDATE_MAGIC, WAIT_CANCELED,
 };
+use crate::bigbuf::{zeroed_vec, LARGE_VALUE_LEN};
 use crate::error::{Error, Result, Status};
 use crate::sendv::send_vectored;
 
@@ -21,12 +22,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How long to wait for the answer to CANCEL_WAIT when the wait itself had
 /// no timeout to borrow from.
 const CANCEL_GRACE: Duration = Duration::from_secs(30);
-
-/// Values at least this long go out in their own send, after the request
-/// head: packed behind a head of a few bytes, the kernel copies them into
-/// socket buffers at an odd offset: 40% more system time for 1 MiB
-/// values (`bench_distcore large`, sys 0.98 s -> 0.60 s for 1,000 set+get).
-const SEPARATE_VALUE_LEN: usize = 64 << 10;
 
 /// Sends every byte of `parts`, in order.
 fn send_all(stream: &TcpStream, mut parts: &mut [IoSlice<'_>]) -> std::io::Result<()> {
@@ -228,14 +223,15 @@ impl Connection {
         self.send_parts(bytes, &[])
     }
 
-    /// Sends a request in two parts with vectored writes, so a value goes
-    /// out from the caller's buffer without being copied into the request.
+    /// Sends a request in two parts, so a value goes out from the caller's
+    /// buffer without being copied into the request: one vectored write, or
+    /// for a large value ([`LARGE_VALUE_LEN`]) a send of its own.
     fn send_parts(&mut self, head: &[u8], value: &[u8]) -> Result<()> {
         self.check_usable()?;
         let stream = self.reader.get_mut();
         let result = if value.is_empty() {
             send_all(stream, &mut [IoSlice::new(head)])
-        } else if value.len() >= SEPARATE_VALUE_LEN {
+        } else if value.len() >= LARGE_VALUE_LEN {
             send_all(stream, &mut [IoSlice::new(head)])
                 .and_then(|()| send_all(stream, &mut [IoSlice::new(value)]))
         } else {
@@ -326,7 +322,7 @@ impl Connection {
                     format!("reply length {len} is impossible"),
                 )
             })?;
-        let mut value = crate::bigbuf::zeroed_vec(len);
+        let mut value = zeroed_vec(len);
         if let Err(e) = self.read_exact(&mut value, timeout) {
             return Err(self.break_with(e));
         }

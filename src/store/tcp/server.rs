@@ -22,7 +22,7 @@ use super::protocol::{
     parse_request, parse_value_header, put_bytes, Key, Limits, Request, ValueHeader, HELLO_ACK,
     HELLO_NONCE, NOT_READY, READY, STOP_WAITING, VALIDATE_MAGIC, WAIT_CANCELED,
 };
-use crate::bigbuf::zeroed_shared;
+use crate::bigbuf::{zeroed_shared, LARGE_VALUE_LEN};
 use crate::error::{Error, Result};
 use crate::outbox::Outbox;
 use crate::store::kv::{KvTable, Value};
@@ -300,10 +300,6 @@ const SCRATCH_LEN: usize = 64 << 10;
 /// empty.
 const MAX_IDLE_PENDING: usize = 1 << 20;
 
-/// Values at least this long are read straight into the buffer that keeps
-/// them, instead of through the connection's partial-request buffer.
-const DIRECT_VALUE_LEN: usize = 64 << 10;
-
 /// A SET or QUEUE_PUSH whose large value is still arriving.
 struct IncomingValue {
     header: ValueHeader,
@@ -524,7 +520,7 @@ impl EventLoop {
             pending.drain(..consumed);
         }
         let incoming = match parse_value_header(&pending, &self.limits) {
-            Ok(Some(header)) if header.value_len >= DIRECT_VALUE_LEN => {
+            Ok(Some(header)) if header.value_len >= LARGE_VALUE_LEN => {
                 let arrived = &pending[header.header_len..];
                 let incoming = Box::new(IncomingValue::new(header, arrived));
                 pending.clear();
@@ -557,11 +553,17 @@ impl EventLoop {
         Ok(consumed)
     }
 
-    /// Queues a reply built into the connection's outbox.
-    fn reply_with(&mut self, token: Token, build: impl FnOnce(&mut Outbox)) {
-        if let Some(conn) = self.conn(token) {
+    /// Queues a reply built into the connection's outbox, with the table
+    /// at hand (borrowed beside the connection, so values need no copy).
+    fn reply_with(&mut self, token: Token, build: impl FnOnce(&mut Outbox, &KvTable)) {
+        let conn = token
+            .0
+            .checked_sub(FIRST_CONN)
+            .and_then(|i| self.conns.get_mut(i))
+            .and_then(Option::as_mut);
+        if let Some(conn) = conn {
             let was_empty = conn.output.is_empty();
-            build(&mut conn.output);
+            build(&mut conn.output, &self.table);
             if was_empty {
                 self.dirty.push(token);
             }
@@ -570,17 +572,16 @@ impl EventLoop {
 
     /// Queues a reply of plain bytes.
     fn reply(&mut self, token: Token, bytes: impl FnOnce(&mut Vec<u8>)) {
-        self.reply_with(token, |o| bytes(o.buffer()));
+        self.reply_with(token, |o, _| bytes(o.buffer()));
     }
 
     /// Queues `prefix`, then the value of every key (empty when missing, as
     /// PyTorch's server sends it), values shared rather than copied.
     fn reply_values(&mut self, token: Token, prefix: &[u8], keys: &[Key]) {
-        let values: Vec<Option<Value>> = keys.iter().map(|k| self.table.get(k).cloned()).collect();
-        self.reply_with(token, |o| {
+        self.reply_with(token, |o, table| {
             o.buffer().extend_from_slice(prefix);
-            for value in &values {
-                match value {
+            for key in keys {
+                match table.get(key) {
                     Some(value) => o.put_value(value),
                     None => put_bytes(o.buffer(), &[]),
                 }
@@ -628,7 +629,7 @@ impl EventLoop {
                 desired,
             } => {
                 let (value, written) = self.table.compare_set(&key, &expected, &desired);
-                self.reply_with(token, |o| o.put_value(&value));
+                self.reply_with(token, |o, _| o.put_value(&value));
                 if written {
                     self.key_changed(&key, false);
                 }
@@ -681,7 +682,7 @@ impl EventLoop {
             Request::QueuePop { key } => {
                 let before = self.table.queue_len(&key);
                 let value = self.table.queue_pop(&key);
-                self.reply_with(token, |o| {
+                self.reply_with(token, |o, _| {
                     o.buffer().extend_from_slice(&before.to_le_bytes());
                     if let Some(value) = &value {
                         o.put_value(value);

@@ -494,7 +494,7 @@ fn large_values_trickling_in_are_stored_whole_and_pipelined_requests_follow() {
     request.extend(
         Encoder::request(Command::QueuePush)
             .bytes(b"/q")
-            .bytes(&value[..DIRECT_VALUE_LEN])
+            .bytes(&value[..crate::bigbuf::LARGE_VALUE_LEN])
             .finish(),
     );
     request.extend(Encoder::request(Command::Ping).u32(9).finish());
@@ -517,7 +517,10 @@ fn large_values_trickling_in_are_stored_whole_and_pipelined_requests_follow() {
         .unwrap();
     assert_eq!(read_n(&mut reader, 8), 1i64.to_le_bytes());
     let len = u64::from_le_bytes(read_n(&mut reader, 8).try_into().unwrap());
-    assert_eq!(read_n(&mut reader, len as usize), value[..DIRECT_VALUE_LEN]);
+    assert_eq!(
+        read_n(&mut reader, len as usize),
+        value[..crate::bigbuf::LARGE_VALUE_LEN]
+    );
 }
 
 #[test]
