@@ -13,6 +13,7 @@ pub mod ffi;
 pub mod logging;
 mod outbox;
 pub mod profiler;
+mod reactor;
 pub mod rpc;
 mod sendv;
 pub mod store;

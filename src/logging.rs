@@ -45,3 +45,59 @@ pub fn init() {
         }
     });
 }
+
+/// Lets a recurring log line through at most once per interval, counting
+/// the occurrences it held back (so a flood of refused connections is a
+/// line every few seconds with a count, not a line each). Time is passed
+/// in.
+#[derive(Debug)]
+pub(crate) struct Throttle {
+    interval: std::time::Duration,
+    last: Option<std::time::Instant>,
+    held_back: u64,
+}
+
+impl Throttle {
+    /// A throttle letting one line through per `interval`.
+    pub(crate) const fn new(interval: std::time::Duration) -> Throttle {
+        Throttle {
+            interval,
+            last: None,
+            held_back: 0,
+        }
+    }
+
+    /// Whether to log an occurrence at `now`; `Some(n)`: yes, and `n`
+    /// occurrences were held back since the last line.
+    pub(crate) fn allow(&mut self, now: std::time::Instant) -> Option<u64> {
+        match self.last {
+            Some(last) if now.saturating_duration_since(last) < self.interval => {
+                self.held_back += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.held_back))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_interval_and_counts_the_rest() {
+        let mut t = Throttle::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(t.allow(t0), Some(0));
+        for i in 1..=500 {
+            assert_eq!(t.allow(t0 + Duration::from_millis(i)), None);
+        }
+        assert_eq!(t.allow(t0 + Duration::from_secs(10)), Some(500));
+        assert_eq!(t.allow(t0 + Duration::from_secs(11)), None);
+        assert_eq!(t.allow(t0 + Duration::from_secs(25)), Some(1));
+    }
+}

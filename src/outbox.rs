@@ -5,7 +5,9 @@
 //!
 //! Small replies are appended to an owned buffer; large shared values are
 //! queued by reference and written from where they are stored, so a value
-//! is never copied to be sent.
+//! is never copied to be sent. A long list of values (a MULTI_GET reply) is
+//! queued as the list and encoded a little at a time as the socket takes
+//! it, so the memory a reply holds is the list, not its bytes.
 
 use std::collections::VecDeque;
 use std::io;
@@ -20,10 +22,18 @@ use crate::sendv::send_bytes;
 /// A buffer larger than this is released once it has been written out.
 const MAX_IDLE_CAPACITY: usize = 1 << 20;
 
+/// Values of a list reply encoded ahead of the socket at most, in bytes.
+const ENCODE_AHEAD: usize = 64 << 10;
+
 /// One run of bytes to send.
 enum Segment {
     Owned(Vec<u8>),
     Shared(Arc<[u8]>),
+    /// Values still to encode as byte strings (`None`: empty), from `next`.
+    Values {
+        values: Vec<Option<Arc<[u8]>>>,
+        next: usize,
+    },
 }
 
 impl Segment {
@@ -31,8 +41,14 @@ impl Segment {
         match self {
             Segment::Owned(bytes) => bytes,
             Segment::Shared(bytes) => bytes,
+            Segment::Values { .. } => &[],
         }
     }
+}
+
+/// The wire size of `value` as a byte string.
+fn encoded_len(value: &Option<Arc<[u8]>>) -> usize {
+    8 + value.as_ref().map_or(0, |v| v.len())
 }
 
 /// Bytes queued for a connection.
@@ -43,6 +59,8 @@ pub(crate) struct Outbox {
     written: usize,
     /// An emptied owned buffer kept for the next reply.
     spare: Vec<u8>,
+    /// Bytes queued and not yet written.
+    queued: usize,
     wants_writable: bool,
 }
 
@@ -54,6 +72,7 @@ impl Outbox {
             segments: VecDeque::new(),
             written: 0,
             spare: Vec::new(),
+            queued: 0,
             wants_writable,
         }
     }
@@ -63,8 +82,21 @@ impl Outbox {
         self.segments.is_empty()
     }
 
-    /// The owned buffer at the end of the queue, to append to.
-    pub(crate) fn buffer(&mut self) -> &mut Vec<u8> {
+    /// Bytes queued and not yet written (what a reply list will encode to
+    /// counted in full).
+    pub(crate) fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// Appends `bytes`.
+    pub(crate) fn put(&mut self, bytes: &[u8]) {
+        self.queued += bytes.len();
+        self.buffer().extend_from_slice(bytes);
+    }
+
+    /// The owned buffer at the end of the queue, to append to (callers
+    /// count what they append in `queued`).
+    fn buffer(&mut self) -> &mut Vec<u8> {
         if !matches!(self.segments.back(), Some(Segment::Owned(_))) {
             let spare = std::mem::take(&mut self.spare);
             self.segments.push_back(Segment::Owned(spare));
@@ -78,12 +110,67 @@ impl Outbox {
     /// Appends `value` as a PyTorch byte string (`u64` length, bytes),
     /// queueing a large value by reference instead of copying it.
     pub(crate) fn put_value(&mut self, value: &Arc<[u8]>) {
+        self.queued += 8 + value.len();
         let out = self.buffer();
         out.extend_from_slice(&(value.len() as u64).to_le_bytes());
         if value.len() < LARGE_VALUE_LEN {
             out.extend_from_slice(value);
         } else {
             self.segments.push_back(Segment::Shared(value.clone()));
+        }
+    }
+
+    /// Appends `values` as byte strings, in order (`None` as an empty
+    /// one): encoded now when they are few and small, otherwise as the
+    /// socket drains.
+    pub(crate) fn put_values(&mut self, values: Vec<Option<Arc<[u8]>>>) {
+        let total: usize = values.iter().map(encoded_len).sum();
+        if total > ENCODE_AHEAD {
+            self.queued += total;
+            self.segments.push_back(Segment::Values { values, next: 0 });
+            return;
+        }
+        for value in &values {
+            match value {
+                Some(value) => self.put_value(value),
+                None => self.put(&0u64.to_le_bytes()),
+            }
+        }
+    }
+
+    /// Encodes the front list of values up to [`ENCODE_AHEAD`] bytes into
+    /// segments before it; drops it once every value is encoded.
+    fn encode_front(&mut self) {
+        let Some(Segment::Values { values, next }) = self.segments.front_mut() else {
+            return;
+        };
+        let (mut values, mut next) = (std::mem::take(values), *next);
+        self.segments.pop_front();
+        let mut encoded = VecDeque::new();
+        let mut out = std::mem::take(&mut self.spare);
+        let mut size = 0;
+        while next < values.len() && size < ENCODE_AHEAD {
+            let value = values[next].take();
+            next += 1;
+            size += encoded_len(&value);
+            out.extend_from_slice(&(value.as_ref().map_or(0, |v| v.len()) as u64).to_le_bytes());
+            match value {
+                Some(v) if v.len() >= LARGE_VALUE_LEN => {
+                    encoded.push_back(Segment::Owned(std::mem::take(&mut out)));
+                    encoded.push_back(Segment::Shared(v));
+                }
+                Some(v) => out.extend_from_slice(&v),
+                None => {}
+            }
+        }
+        if !out.is_empty() {
+            encoded.push_back(Segment::Owned(out));
+        }
+        if next < values.len() {
+            self.segments.push_front(Segment::Values { values, next });
+        }
+        while let Some(segment) = encoded.pop_back() {
+            self.segments.push_front(segment);
         }
     }
 
@@ -98,7 +185,16 @@ impl Outbox {
         token: Token,
     ) -> io::Result<()> {
         while let Some(front) = self.segments.front() {
-            match send_bytes(stream, &front.bytes()[self.written..]) {
+            if let Segment::Values { .. } = front {
+                self.encode_front();
+                continue;
+            }
+            let rest = &front.bytes()[self.written..];
+            if rest.is_empty() {
+                self.pop_front();
+                continue;
+            }
+            match send_bytes(stream, rest) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -119,25 +215,67 @@ impl Outbox {
         Ok(())
     }
 
-    /// Drops the first `n` bytes of the queue, keeping one emptied owned
-    /// buffer (unless oversized) for reuse.
-    fn advance(&mut self, mut n: usize) {
-        while let Some(front) = self.segments.front() {
-            let left = front.bytes().len() - self.written;
-            if n < left {
-                self.written += n;
-                return;
+    /// `n` bytes of the front segment were written.
+    fn advance(&mut self, n: usize) {
+        self.queued -= n;
+        self.written += n;
+        if self
+            .segments
+            .front()
+            .is_some_and(|s| self.written >= s.bytes().len())
+        {
+            self.pop_front();
+        }
+    }
+
+    /// Drops the front segment, keeping an emptied owned buffer (unless
+    /// oversized) for reuse.
+    fn pop_front(&mut self) {
+        self.written = 0;
+        if let Some(Segment::Owned(mut bytes)) = self.segments.pop_front() {
+            if bytes.capacity() <= MAX_IDLE_CAPACITY && bytes.capacity() > self.spare.capacity() {
+                bytes.clear();
+                self.spare = bytes;
             }
-            n -= left;
-            self.written = 0;
-            if let Some(Segment::Owned(mut bytes)) = self.segments.pop_front() {
-                if bytes.capacity() <= MAX_IDLE_CAPACITY && bytes.capacity() > self.spare.capacity()
-                {
-                    bytes.clear();
-                    self.spare = bytes;
+        }
+    }
+}
+
+/// Test helpers: the outbox as a socket would see it.
+#[cfg(test)]
+impl Outbox {
+    /// Takes everything queued, `step` bytes at a time, encoding value
+    /// lists as a flush would.
+    pub(crate) fn drain(&mut self, step: usize) -> Vec<u8> {
+        let mut all = Vec::new();
+        loop {
+            match self.segments.front() {
+                None => return all,
+                Some(Segment::Values { .. }) => self.encode_front(),
+                Some(front) => {
+                    let rest = &front.bytes()[self.written..];
+                    if rest.is_empty() {
+                        self.pop_front();
+                        continue;
+                    }
+                    let n = rest.len().min(step);
+                    all.extend_from_slice(&rest[..n]);
+                    self.advance(n);
                 }
             }
         }
+    }
+
+    /// Bytes of encoded replies held in memory (not counting values held
+    /// by reference).
+    pub(crate) fn owned_bytes(&self) -> usize {
+        self.segments
+            .iter()
+            .map(|s| match s {
+                Segment::Owned(b) => b.capacity(),
+                _ => 0,
+            })
+            .sum()
     }
 }
 
@@ -145,36 +283,57 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    fn queued(outbox: &Outbox) -> Vec<u8> {
-        let mut all = Vec::new();
-        for (i, s) in outbox.segments.iter().enumerate() {
-            all.extend_from_slice(&s.bytes()[if i == 0 { outbox.written } else { 0 }..]);
-        }
-        all
+    fn drain(outbox: &mut Outbox, step: usize) -> Vec<u8> {
+        outbox.drain(step)
+    }
+
+    fn byte_string(v: &[u8]) -> Vec<u8> {
+        let mut out = (v.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(v);
+        out
     }
 
     #[test]
     fn large_values_are_queued_by_reference_in_order() {
         let mut outbox = Outbox::new(false);
         let big: Arc<[u8]> = vec![7u8; LARGE_VALUE_LEN].into();
-        outbox.buffer().push(1);
+        outbox.put(&[1]);
         outbox.put_value(&big);
         outbox.put_value(&Arc::from(&b"ab"[..]));
         assert_eq!(outbox.segments.len(), 3);
         let mut expected = vec![1u8];
-        expected.extend_from_slice(&(big.len() as u64).to_le_bytes());
-        expected.extend_from_slice(&big);
-        expected.extend_from_slice(&2u64.to_le_bytes());
-        expected.extend_from_slice(b"ab");
-        assert_eq!(queued(&outbox), expected);
+        expected.extend(byte_string(&big));
+        expected.extend(byte_string(b"ab"));
+        assert_eq!(outbox.queued(), expected.len());
         // Partial writes across segment boundaries keep the order.
-        for step in [3, LARGE_VALUE_LEN, 7, 5] {
-            outbox.advance(step);
-            expected.drain(..step);
-            assert_eq!(queued(&outbox), expected);
-        }
-        outbox.advance(expected.len());
+        assert_eq!(drain(&mut outbox, 5), expected);
         assert!(outbox.is_empty());
+        assert_eq!(outbox.queued(), 0);
         assert!(outbox.spare.capacity() > 0, "the owned buffer is kept");
+    }
+
+    #[test]
+    fn long_value_lists_are_encoded_as_the_socket_drains() {
+        let small: Arc<[u8]> = vec![3u8; 1000].into();
+        let big: Arc<[u8]> = vec![9u8; LARGE_VALUE_LEN + 1].into();
+        let mut values: Vec<Option<Arc<[u8]>>> = vec![Some(small.clone()); 16_000];
+        values[10] = None;
+        values[500] = Some(big.clone());
+        let mut expected = vec![0u8];
+        for v in &values {
+            expected.extend(byte_string(v.as_deref().unwrap_or_default()));
+        }
+        let mut outbox = Outbox::new(false);
+        outbox.put(&[0]);
+        outbox.put_values(values);
+        assert_eq!(outbox.queued(), expected.len());
+        // 16 MB of reply, held as a list of 16,000 references.
+        let held = outbox.owned_bytes();
+        assert!(held < 1024, "{held} bytes encoded ahead of the socket");
+        assert_eq!(drain(&mut outbox, 100_000), expected);
+        assert!(outbox.is_empty());
+        // A short list is encoded at once.
+        outbox.put_values(vec![Some(small), None]);
+        assert!(matches!(outbox.segments.front(), Some(Segment::Owned(_))));
     }
 }

@@ -69,7 +69,7 @@ impl Writer {
             return Sent::Closed;
         }
         if !state.connected {
-            state.output.buffer().extend_from_slice(frame);
+            state.output.put(frame);
             return Sent::AwaitingConnect;
         }
         let mut written = 0;
@@ -88,7 +88,7 @@ impl Writer {
         if written == frame.len() {
             return Sent::Written;
         }
-        state.output.buffer().extend_from_slice(&frame[written..]);
+        state.output.put(&frame[written..]);
         Sent::NeedsFlush
     }
 

@@ -98,7 +98,8 @@ impl Store for HashStore {
     }
 
     fn compare_set(&self, key: &str, expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
-        let (reply, _) = self.modify(|t| t.compare_set(key.as_bytes(), expected, desired));
+        let reply =
+            self.modify(|t| t.compare_set(key.as_bytes(), &expected.into(), &desired.into()));
         Ok(reply.to_vec())
     }
 
@@ -121,8 +122,7 @@ impl Store for HashStore {
     }
 
     fn append(&self, key: &str, value: &[u8]) -> Result<()> {
-        self.modify(|t| t.append(key.as_bytes(), value));
-        Ok(())
+        self.modify(|t| t.append(key.as_bytes(), value, usize::MAX))
     }
 
     fn multi_get(&self, keys: &[&str]) -> Result<Vec<Vec<u8>>> {

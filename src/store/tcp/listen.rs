@@ -5,7 +5,9 @@
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::error::Error;
 
 /// The kernel's cap on a listen backlog (`/proc/sys/net/core/somaxconn`).
 pub fn somaxconn() -> Option<u32> {
@@ -32,6 +34,46 @@ pub fn listen(address: Option<IpAddr>, port: u16) -> io::Result<TcpListener> {
             )
         }),
     }
+}
+
+/// Makes a listening socket non-blocking, with TCP_NODELAY for the
+/// connections it accepts (Linux copies it to them: no call per client).
+pub fn prepare_listener(listener: &TcpListener) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
+    set_int_option(
+        listener.as_raw_fd(),
+        libc::IPPROTO_TCP,
+        libc::TCP_NODELAY,
+        1,
+    )
+}
+
+/// PyTorch's error for a server that cannot listen (launchers match on its
+/// text, e.g. torchelastic's retry on "address already in use").
+pub fn listen_error(address: Option<IpAddr>, port: u16, e: &io::Error) -> Error {
+    let errno = e.raw_os_error().unwrap_or(0);
+    let (name, message) = uv_error(errno)
+        .map(|(n, m)| (n.to_string(), m.to_string()))
+        .unwrap_or_else(|| (format!("E{errno}"), e.to_string().to_lowercase()));
+    let use_ipv6 = address.is_none_or(|a| a.is_ipv6());
+    Error::network(format!(
+        "The server socket has failed to listen on any local network address. \
+         port: {port}, useIpv6: {use_ipv6}, code: {}, name: {name}, message: {message}",
+        -errno
+    ))
+}
+
+/// libuv's name and message for the errors binding commonly meets.
+fn uv_error(errno: i32) -> Option<(&'static str, &'static str)> {
+    Some(match errno {
+        libc::EADDRINUSE => ("EADDRINUSE", "address already in use"),
+        libc::EADDRNOTAVAIL => ("EADDRNOTAVAIL", "address not available"),
+        libc::EACCES => ("EACCES", "permission denied"),
+        libc::EAFNOSUPPORT => ("EAFNOSUPPORT", "address family not supported"),
+        libc::EINVAL => ("EINVAL", "invalid argument"),
+        libc::EMFILE => ("EMFILE", "too many open files"),
+        _ => return None,
+    })
 }
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
@@ -138,6 +180,39 @@ mod tests {
         if l.local_addr().unwrap().is_ipv6() {
             TcpStream::connect(("::1", port)).unwrap();
         }
+    }
+
+    #[test]
+    fn accepted_connections_inherit_nodelay_from_the_listener() {
+        let l = listen(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), 0).unwrap();
+        prepare_listener(&l).unwrap();
+        let _client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let accepted = loop {
+            match l.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(accepted.nodelay().unwrap());
+    }
+
+    #[test]
+    fn a_port_in_use_is_reported_in_pytorchs_words() {
+        let l = listen(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), 0).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let e = listen(Some(ip), port).unwrap_err();
+        assert_eq!(
+            listen_error(Some(ip), port, &e).message(),
+            format!(
+                "The server socket has failed to listen on any local network address. \
+                 port: {port}, useIpv6: false, code: -98, name: EADDRINUSE, \
+                 message: address already in use"
+            )
+        );
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::timeout::DEFAULT_STORE_TIMEOUT;
 mod client;
 mod counters;
 mod listen;
+pub mod parser;
 pub mod protocol;
 pub mod server;
 

@@ -5,7 +5,10 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::store::tcp::protocol::{Command, Encoder};
+use crate::store::tcp::protocol::{
+    Command, Encoder, HELLO_ACK, HELLO_NONCE, NOT_READY, STOP_WAITING, VALIDATE_MAGIC,
+    WAIT_CANCELED,
+};
 
 fn server() -> Server {
     Server::start(ServerOptions {

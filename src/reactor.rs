@@ -1,0 +1,240 @@
+//! What the TCPStore server and the RPC agent share of an event loop: the
+//! table of connections by mio token, and a listener that keeps accepting
+//! when the process runs out of file descriptors.
+//!
+//! Out of descriptors (EMFILE/ENFILE), `accept` fails and the connection
+//! stays queued; with an edge-triggered listener nothing would report it
+//! again, and queued clients would wait forever. Like libuv-based servers,
+//! the [`Acceptor`] keeps one descriptor in reserve: it frees it, accepts
+//! and closes the queued connections (their clients see a reset at once
+//! and retry), and takes the reserve back. When even that is impossible,
+//! it asks the loop to retry after [`ACCEPT_RETRY`]. The episode is logged
+//! once when it starts and once when accepting works again, with a count.
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::Token;
+
+/// The listener's token.
+pub(crate) const LISTENER: Token = Token(0);
+/// The waker's token.
+pub(crate) const WAKER: Token = Token(1);
+/// The first connection's token.
+const FIRST_CONN: usize = 2;
+
+/// How long to wait before accepting again when no descriptor could be
+/// freed to refuse queued connections.
+pub(crate) const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// Connections by token, reusing the slots of closed ones.
+pub(crate) struct ConnTable<C> {
+    slots: Vec<Option<C>>,
+    free: Vec<usize>,
+}
+
+impl<C> Default for ConnTable<C> {
+    fn default() -> Self {
+        ConnTable {
+            slots: Vec::new(),
+            free: Vec::new(),
+        }
+    }
+}
+
+impl<C> ConnTable<C> {
+    /// The token the next [`ConnTable::insert`] will use (register the
+    /// socket with it first).
+    pub(crate) fn next_token(&self) -> Token {
+        Token(FIRST_CONN + self.free.last().copied().unwrap_or(self.slots.len()))
+    }
+
+    /// Stores a connection under [`ConnTable::next_token`].
+    pub(crate) fn insert(&mut self, conn: C) -> Token {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        self.slots[index] = Some(conn);
+        Token(FIRST_CONN + index)
+    }
+
+    /// The connection with `token`.
+    pub(crate) fn get_mut(&mut self, token: Token) -> Option<&mut C> {
+        self.slots
+            .get_mut(token.0.checked_sub(FIRST_CONN)?)?
+            .as_mut()
+    }
+
+    /// Takes the connection with `token` out of the table.
+    pub(crate) fn remove(&mut self, token: Token) -> Option<C> {
+        let index = token.0.checked_sub(FIRST_CONN)?;
+        let conn = self.slots.get_mut(index)?.take()?;
+        self.free.push(index);
+        Some(conn)
+    }
+
+    /// The index of `token` among connections (0, 1, ...): a dense id for
+    /// tables kept beside this one.
+    pub(crate) fn index(token: Token) -> Option<usize> {
+        token.0.checked_sub(FIRST_CONN)
+    }
+
+    /// The token of the connection with index `index`.
+    pub(crate) fn token(index: usize) -> Token {
+        Token(FIRST_CONN + index)
+    }
+}
+
+/// A listening socket that accepts until its queue is empty, whatever the
+/// descriptor limits.
+pub(crate) struct Acceptor {
+    listener: TcpListener,
+    /// Who is accepting, for log lines.
+    name: &'static str,
+    /// A descriptor held to be freed when the process runs out.
+    reserve: Option<File>,
+    /// Connections refused for want of descriptors in this episode.
+    refused: u64,
+}
+
+impl Acceptor {
+    /// Accepts on `listener`, logging as `name`.
+    pub(crate) fn new(listener: TcpListener, name: &'static str) -> Acceptor {
+        Acceptor {
+            listener,
+            name,
+            reserve: open_reserve(),
+            refused: 0,
+        }
+    }
+
+    /// The listening socket (to register it).
+    pub(crate) fn listener(&mut self) -> &mut TcpListener {
+        &mut self.listener
+    }
+
+    /// Accepts every queued connection, handing each to `admit`. Returns
+    /// when to try again if connections may still be queued that could
+    /// not be accepted or refused now.
+    pub(crate) fn accept(
+        &mut self,
+        now: Instant,
+        mut admit: impl FnMut(TcpStream, SocketAddr),
+    ) -> Option<Instant> {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    if self.refused > 0 {
+                        log::warn!(
+                            "{}: accepting connections again, after refusing {} for want of file descriptors",
+                            self.name,
+                            std::mem::take(&mut self.refused)
+                        );
+                    }
+                    admit(stream, peer);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if out_of_descriptors(&e) => {
+                    if self.refused == 0 {
+                        log::warn!(
+                            "{}: out of file descriptors ({e}); refusing new connections until some are freed",
+                            self.name
+                        );
+                    }
+                    if !self.refuse_queued() {
+                        return Some(now + ACCEPT_RETRY);
+                    }
+                }
+                Err(e) => {
+                    // ECONNABORTED and the like concern one connection;
+                    // anything else, retry shortly rather than spin.
+                    if e.kind() == io::ErrorKind::ConnectionAborted {
+                        continue;
+                    }
+                    log::warn!("{}: accept failed: {e}", self.name);
+                    return Some(now + ACCEPT_RETRY);
+                }
+            }
+        }
+    }
+
+    /// Frees the reserve descriptor, accepts and closes one queued
+    /// connection, and takes the reserve back. False when that was not
+    /// possible.
+    fn refuse_queued(&mut self) -> bool {
+        if self.reserve.take().is_none() {
+            self.reserve = open_reserve();
+            return false;
+        }
+        let refused = match self.listener.accept() {
+            Ok((stream, _)) => {
+                drop(stream);
+                self.refused += 1;
+                true
+            }
+            Err(_) => false,
+        };
+        self.reserve = open_reserve();
+        refused && self.reserve.is_some()
+    }
+}
+
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+fn open_reserve() -> Option<File> {
+    File::open("/dev/null").ok()
+}
+
+/// Raises this process's soft limit on open files to its hard limit (a
+/// server holds one descriptor per client); returns the limit now in force.
+pub fn raise_open_files_limit() -> io::Result<u64> {
+    // SAFETY: getrlimit/setrlimit with a pointer to a live struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            limit = raised;
+        }
+        Ok(limit.rlim_cur as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_reuses_slots_and_maps_tokens_to_dense_indices() {
+        let mut t = ConnTable::default();
+        let a = t.next_token();
+        assert_eq!(t.insert("a"), a);
+        let b = t.insert("b");
+        assert_eq!(ConnTable::<()>::index(b), Some(1));
+        assert_eq!(ConnTable::<()>::token(1), b);
+        assert_eq!(t.remove(a), Some("a"));
+        assert_eq!(t.remove(a), None);
+        assert_eq!(t.next_token(), a, "a freed slot is used first");
+        assert_eq!(t.insert("c"), a);
+        assert_eq!(t.get_mut(a), Some(&mut "c"));
+        assert_eq!(t.get_mut(LISTENER), None);
+    }
+}

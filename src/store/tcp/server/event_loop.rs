@@ -1,0 +1,282 @@
+//! The server's event loop: moves bytes between non-blocking sockets and
+//! the [`ServerCore`], fairly. Each turn reads one bounded chunk from every
+//! connection with input, hands it to the core, and writes that
+//! connection's replies before the next connection is served; a connection
+//! with more input than one chunk waits for the next turn. A connection
+//! the core has paused (too many unsent replies) is not read until its
+//! replies drain.
+
+use std::io::{self, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token};
+use parking_lot::Mutex;
+
+use super::backend::Backend;
+use super::state::{Refused, ServerCore};
+use super::ServerStats;
+use crate::logging::Throttle;
+use crate::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
+
+/// Bytes read from one connection per turn, and the loop's read buffer.
+const READ_CHUNK: usize = 64 << 10;
+/// Bytes of a large value received straight into place per turn.
+const DIRECT_CHUNK: usize = 1 << 20;
+/// At most one warning about refused connections per this interval.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The socket side of a connection.
+struct Conn {
+    stream: TcpStream,
+    /// The peer shut down its side: read on to the end of the stream (an
+    /// edge-triggered poller will not report it again).
+    peer_closed: bool,
+    /// Queued in `ready` for this turn.
+    queued: bool,
+    /// Input was left unread because the core paused the connection.
+    paused: bool,
+}
+
+/// Why a connection is being closed.
+enum Close {
+    PeerClosed,
+    Refused(String),
+    Io(io::Error),
+}
+
+pub(super) struct EventLoop<B> {
+    poll: Poll,
+    acceptor: Acceptor,
+    /// When to accept again after running out of descriptors.
+    accept_retry: Option<Instant>,
+    conns: ConnTable<Conn>,
+    core: ServerCore<B>,
+    scratch: Vec<u8>,
+    /// Connections to read from this turn.
+    ready: Vec<Token>,
+    refusals: Throttle,
+    stats: Arc<Mutex<ServerStats>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl<B: Backend> EventLoop<B> {
+    pub(super) fn new(
+        poll: Poll,
+        acceptor: Acceptor,
+        core: ServerCore<B>,
+        stats: Arc<Mutex<ServerStats>>,
+        stop: Arc<AtomicBool>,
+    ) -> EventLoop<B> {
+        EventLoop {
+            poll,
+            acceptor,
+            accept_retry: None,
+            conns: ConnTable::default(),
+            core,
+            scratch: vec![0; READ_CHUNK],
+            ready: Vec::new(),
+            refusals: Throttle::new(WARN_INTERVAL),
+            stats,
+            stop,
+        }
+    }
+
+    pub(super) fn run(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        while !self.stop.load(Ordering::SeqCst) {
+            let timeout = if self.ready.is_empty() {
+                self.accept_retry
+                    .map(|at| at.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("TCPStore server: poll failed, stopping: {e}");
+                return;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    token => {
+                        if let Some(conn) = self.conns.get_mut(token) {
+                            conn.peer_closed |= event.is_read_closed() || event.is_error();
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.mark_ready(token);
+                        }
+                        if event.is_writable() {
+                            self.flush(token);
+                        }
+                    }
+                }
+            }
+            if self.accept_retry.is_some_and(|at| at <= Instant::now()) {
+                self.accept();
+            }
+            for token in std::mem::take(&mut self.ready) {
+                self.serve(token);
+            }
+            for id in self.core.take_woken() {
+                self.flush(conn_token(id));
+            }
+            *self.stats.lock() = self.core.stats();
+        }
+    }
+
+    fn accept(&mut self) {
+        let registry = self.poll.registry();
+        let (conns, core) = (&mut self.conns, &mut self.core);
+        self.accept_retry = self.acceptor.accept(Instant::now(), |mut stream, peer| {
+            let token = conns.next_token();
+            if let Err(e) = registry.register(&mut stream, token, Interest::READABLE) {
+                log::error!("TCPStore server: registering {peer}: {e}");
+                return;
+            }
+            conns.insert(Conn {
+                stream,
+                peer_closed: false,
+                queued: false,
+                paused: false,
+            });
+            if let Some(id) = ConnTable::<Conn>::index(token) {
+                core.connect(id);
+            }
+        });
+    }
+
+    fn mark_ready(&mut self, token: Token) {
+        if let Some(conn) = self.conns.get_mut(token) {
+            if !conn.queued {
+                conn.queued = true;
+                self.ready.push(token);
+            }
+        }
+    }
+
+    /// One turn of a connection: one bounded read, handed to the core,
+    /// then its replies written.
+    fn serve(&mut self, token: Token) {
+        let Some(id) = ConnTable::<Conn>::index(token) else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        conn.queued = false;
+        if !self.core.wants_input(id) {
+            conn.paused = true;
+            return;
+        }
+        let (read, wanted, direct) = match self.core.direct_target(id) {
+            Some(target) => {
+                let wanted = target.len().min(DIRECT_CHUNK);
+                (conn.stream.read(&mut target[..wanted]), wanted, true)
+            }
+            None => (conn.stream.read(&mut self.scratch), READ_CHUNK, false),
+        };
+        let more = match read {
+            Ok(0) => return self.close(token, Close::PeerClosed),
+            Ok(n) => {
+                let handled = if direct {
+                    self.core.direct_filled(id, n)
+                } else {
+                    self.core.receive(id, &self.scratch[..n])
+                };
+                if let Err(Refused(why)) = handled {
+                    return self.close(token, Close::Refused(why));
+                }
+                n == wanted || conn_peer_closed(&mut self.conns, token)
+            }
+            Err(e) => match e.kind() {
+                io::ErrorKind::WouldBlock => false,
+                io::ErrorKind::Interrupted => true,
+                _ => return self.close(token, Close::Io(e)),
+            },
+        };
+        self.flush(token);
+        if more {
+            self.mark_ready(token);
+        }
+    }
+
+    /// Writes what `token`'s connection has queued; once its replies have
+    /// drained enough, lets the core process what it held back and reads
+    /// the connection again.
+    fn flush(&mut self, token: Token) {
+        let Some(id) = ConnTable::<Conn>::index(token) else {
+            return;
+        };
+        for _ in 0..2 {
+            let (Some(conn), Some(output)) = (self.conns.get_mut(token), self.core.output(id))
+            else {
+                return;
+            };
+            if let Err(e) = output.flush(&mut conn.stream, self.poll.registry(), token) {
+                return self.close(token, Close::Io(e));
+            }
+            let before = output.queued();
+            if let Err(Refused(why)) = self.core.resume(id) {
+                return self.close(token, Close::Refused(why));
+            }
+            if self.core.output(id).is_none_or(|o| o.queued() == before) {
+                break;
+            }
+        }
+        if self.core.wants_input(id) {
+            if let Some(conn) = self.conns.get_mut(token) {
+                if std::mem::take(&mut conn.paused) {
+                    self.mark_ready(token);
+                }
+            }
+        }
+    }
+
+    fn close(&mut self, token: Token, reason: Close) {
+        let Some(id) = ConnTable::<Conn>::index(token) else {
+            return;
+        };
+        // Replies produced before the close still go out, as far as they can.
+        if let (Some(conn), Some(output)) = (self.conns.get_mut(token), self.core.output(id)) {
+            let _ = output.flush(&mut conn.stream, self.poll.registry(), token);
+        }
+        self.core.disconnect(id);
+        let Some(mut conn) = self.conns.remove(token) else {
+            return;
+        };
+        let peer = conn
+            .stream
+            .peer_addr()
+            .map_or_else(|_| "?".to_string(), |p| p.to_string());
+        match reason {
+            Close::PeerClosed => log::debug!("TCPStore server: {peer} disconnected"),
+            Close::Io(e) => log::debug!("TCPStore server: closing {peer}: {e}"),
+            Close::Refused(why) => {
+                if let Some(held_back) = self.refusals.allow(Instant::now()) {
+                    let more = if held_back > 0 {
+                        format!(" ({held_back} more refused since the last report)")
+                    } else {
+                        String::new()
+                    };
+                    log::warn!("TCPStore server: closing connection from {peer}: {why}{more}");
+                }
+            }
+        }
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+    }
+}
+
+fn conn_peer_closed(conns: &mut ConnTable<Conn>, token: Token) -> bool {
+    conns.get_mut(token).is_some_and(|c| c.peer_closed)
+}
+
+/// The token of core connection `id`.
+fn conn_token(id: usize) -> Token {
+    ConnTable::<Conn>::token(id)
+}

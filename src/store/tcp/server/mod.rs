@@ -1,0 +1,171 @@
+//! The TCPStore server, speaking PyTorch's protocol (see
+//! [`super::protocol`]): a socket-free core ([`state`]) that holds the
+//! sessions, waits and keys (in a [`backend`]), driven by one thread
+//! running a mio event loop ([`event_loop`]) that only moves bytes.
+//!
+//! # What one connection can make the server hold
+//! - a request still arriving: at most [`Limits::max_request_len`] bytes
+//!   (128 MiB by default), plus about 48 bytes of bookkeeping per key it
+//!   names (at most [`Limits::max_keys_per_request`], 128 Ki);
+//! - replies not yet written: the connection is not read while more than
+//!   256 KiB is queued, so at most that plus one reply. A
+//!   reply naming many values (MULTI_GET) holds references to them (16
+//!   bytes each) and encodes 64 KiB at a time as the socket drains;
+//! - bytes read but not yet parsed while paused: at most one read (64 KiB);
+//! - each pending wait: its keys.
+//!
+//! Each turn of the loop reads at most 64 KiB from a connection (1 MiB
+//! when receiving a large value straight into place) before serving the
+//! others, and writes a connection's replies as soon as its input has
+//! been handled.
+
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{FromRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+
+use mio::net::TcpListener;
+use mio::{Interest, Poll, Waker};
+
+use super::listen::{listen, listen_error, prepare_listener};
+use super::protocol::Limits;
+use crate::error::{Error, Result};
+use crate::reactor::{Acceptor, LISTENER, WAKER};
+
+mod backend;
+mod event_loop;
+mod state;
+mod waits;
+
+pub use crate::reactor::raise_open_files_limit;
+
+/// How a server gets its listening socket.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// The port; 0 picks a free one.
+    pub port: u16,
+    /// Listen only on this address; `None`: every interface, dual-stack.
+    pub bind_address: Option<IpAddr>,
+    /// Take over this already-listening socket instead of binding.
+    pub listen_fd: Option<RawFd>,
+    /// Request size limits.
+    pub limits: Limits,
+    /// Answer distcore clients' HELLO probe and accept the extension
+    /// commands (off: behave exactly as a PyTorch server).
+    pub extensions: bool,
+}
+
+/// A snapshot of a server's load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerStats {
+    /// Open client connections.
+    pub connections: usize,
+    /// Pending WAIT, WAIT_GET and BARRIER requests.
+    pub pending_waits: usize,
+    /// Keys holding values.
+    pub keys: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            port: 0,
+            bind_address: None,
+            listen_fd: None,
+            limits: Limits::default(),
+            extensions: true,
+        }
+    }
+}
+
+/// A running server. Dropping it stops the event loop and closes every
+/// connection.
+pub struct Server {
+    port: u16,
+    stats: Arc<Mutex<ServerStats>>,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds (or takes over the listening socket) and starts the event loop.
+    pub fn start(options: ServerOptions) -> Result<Server> {
+        crate::logging::init();
+        let std_listener = match options.listen_fd {
+            // SAFETY: the caller hands us a listening socket it no longer uses.
+            Some(fd) => unsafe { std::net::TcpListener::from_raw_fd(fd) },
+            None => listen(options.bind_address, options.port)
+                .map_err(|e| listen_error(options.bind_address, options.port, &e))?,
+        };
+        prepare_listener(&std_listener)
+            .map_err(|e| Error::network(format!("listening socket: {e}")))?;
+        let port = std_listener
+            .local_addr()
+            .map_err(|e| Error::network(format!("listening socket: {e}")))?
+            .port();
+        let poll = Poll::new().map_err(io_error)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(io_error)?);
+        let mut acceptor = Acceptor::new(TcpListener::from_std(std_listener), "TCPStore server");
+        poll.registry()
+            .register(acceptor.listener(), LISTENER, Interest::READABLE)
+            .map_err(io_error)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Mutex::new(ServerStats::default()));
+        let mut event_loop = event_loop::EventLoop::new(
+            poll,
+            acceptor,
+            state::ServerCore::new(
+                backend::MemoryBackend::new(options.limits.max_value_len),
+                options.limits,
+                options.extensions,
+            ),
+            stats.clone(),
+            stop.clone(),
+        );
+        let thread = std::thread::Builder::new()
+            .name(format!("dc-tcpstore-{port}"))
+            .spawn(move || event_loop.run())
+            .map_err(|e| Error::internal(format!("spawning the server thread: {e}")))?;
+        Ok(Server {
+            port,
+            stats,
+            stop,
+            waker,
+            thread: Some(thread),
+        })
+    }
+
+    /// The port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's load as of its last event.
+    pub fn stats(&self) -> ServerStats {
+        *self.stats.lock()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            log::error!("waking the TCPStore server to stop it: {e}");
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn io_error(e: io::Error) -> Error {
+    Error::internal(format!("event loop: {e}"))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,449 @@
+//! The TCPStore server as a state machine with no sockets: bytes in per
+//! connection, replies out per connection, in the order PyTorch's server
+//! gives them. The event loop only moves bytes between sockets and this
+//! core, so every behaviour here — waits, cancels, disconnects mid-wait,
+//! barriers, queue wake-ups, limits, backpressure — is tested by driving
+//! it directly, without threads or sleeps.
+//!
+//! Per connection the core holds: the incremental parser (a request still
+//! arriving, at most [`Limits::max_request_len`]), the replies not yet
+//! written (an [`Outbox`]), bytes received while the connection was paused
+//! (at most one read), and its pending waits. A connection whose unsent
+//! replies exceed [`OUTPUT_CAP`], or whose request a backend is still
+//! completing, is paused: the core takes no more of its requests until the
+//! replies drain, and the event loop stops reading its socket.
+
+use super::super::parser::RequestParser;
+use super::super::protocol::{
+    Key, Limits, Request, HELLO_ACK, HELLO_NONCE, NOT_READY, READY, STOP_WAITING, VALIDATE_MAGIC,
+    WAIT_CANCELED,
+};
+use super::backend::{Backend, Outcome};
+use super::waits::{WaitId, WaitReply, Waits};
+use super::ServerStats;
+use crate::error::Result as OpResult;
+use crate::outbox::Outbox;
+
+/// A connection's id: dense, chosen by whoever drives the core.
+pub(crate) type ConnId = usize;
+
+/// Unsent reply bytes above which a connection's requests are no longer
+/// read (one reply may take it past; it resumes once under again).
+pub(crate) const OUTPUT_CAP: usize = 256 << 10;
+
+/// Why the core refuses a connection; it is to be closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refused(pub(crate) String);
+
+/// One connection's state.
+struct Session {
+    parser: RequestParser,
+    /// Bytes received while paused, to process when it resumes.
+    stash: Vec<u8>,
+    output: Outbox,
+    validated: bool,
+    /// Negotiated distcore's extensions (HELLO).
+    extended: bool,
+    waits: Vec<WaitId>,
+    /// The request a backend is still completing.
+    in_flight: Option<Box<Request>>,
+}
+
+impl Session {
+    fn paused(&self) -> bool {
+        self.in_flight.is_some() || self.output.queued() > OUTPUT_CAP
+    }
+}
+
+/// The server's state: sessions, waits, and the backend holding the keys.
+pub(crate) struct ServerCore<B> {
+    limits: Limits,
+    extensions: bool,
+    backend: B,
+    sessions: Vec<Option<Session>>,
+    open: usize,
+    waits: Waits,
+    /// Connections given output by another connection's request (woken
+    /// waits), to flush.
+    woken: Vec<ConnId>,
+}
+
+impl<B: Backend> ServerCore<B> {
+    /// A core over `backend`, enforcing `limits`; `extensions`: answer
+    /// distcore's HELLO (off: behave exactly as PyTorch's server).
+    pub(crate) fn new(backend: B, limits: Limits, extensions: bool) -> ServerCore<B> {
+        ServerCore {
+            limits,
+            extensions,
+            backend,
+            sessions: Vec::new(),
+            open: 0,
+            waits: Waits::default(),
+            woken: Vec::new(),
+        }
+    }
+
+    /// A new connection `id` (not in use).
+    pub(crate) fn connect(&mut self, id: ConnId) {
+        if self.sessions.len() <= id {
+            self.sessions.resize_with(id + 1, || None);
+        }
+        let previous = self.sessions[id].replace(Session {
+            parser: RequestParser::default(),
+            stash: Vec::new(),
+            output: Outbox::new(false),
+            validated: false,
+            extended: false,
+            waits: Vec::new(),
+            in_flight: None,
+        });
+        if previous.is_none() {
+            self.open += 1;
+        }
+    }
+
+    /// Connection `id` is gone: its waits are cancelled and its state
+    /// dropped.
+    pub(crate) fn disconnect(&mut self, id: ConnId) {
+        self.cancel_waits(id);
+        if let Some(slot) = self.sessions.get_mut(id) {
+            if slot.take().is_some() {
+                self.open -= 1;
+            }
+        }
+    }
+
+    fn session(&mut self, id: ConnId) -> Option<&mut Session> {
+        self.sessions.get_mut(id)?.as_mut()
+    }
+
+    /// Whether to read more of `id`'s requests now (false while it is
+    /// paused or holds received bytes not yet processed).
+    pub(crate) fn wants_input(&self, id: ConnId) -> bool {
+        self.sessions
+            .get(id)
+            .and_then(Option::as_ref)
+            .is_some_and(|s| s.stash.is_empty() && !s.paused())
+    }
+
+    /// The unsent replies of `id`, for the event loop to write.
+    pub(crate) fn output(&mut self, id: ConnId) -> Option<&mut Outbox> {
+        Some(&mut self.session(id)?.output)
+    }
+
+    /// Connections that got replies from other connections' requests
+    /// since the last call.
+    pub(crate) fn take_woken(&mut self) -> Vec<ConnId> {
+        std::mem::take(&mut self.woken)
+    }
+
+    /// Bytes `data` arrived on `id`: handles every request they complete,
+    /// keeping the rest while the connection is paused.
+    pub(crate) fn receive(&mut self, id: ConnId, data: &[u8]) -> std::result::Result<(), Refused> {
+        let Some(session) = self.session(id) else {
+            return Ok(());
+        };
+        if !session.stash.is_empty() || session.paused() {
+            session.stash.extend_from_slice(data);
+            return self.resume(id);
+        }
+        self.process(id, data)
+    }
+
+    /// Processes what `id` received while paused, if it no longer is
+    /// (call after its output drained).
+    pub(crate) fn resume(&mut self, id: ConnId) -> std::result::Result<(), Refused> {
+        let Some(session) = self.session(id) else {
+            return Ok(());
+        };
+        if session.stash.is_empty() || session.paused() {
+            return Ok(());
+        }
+        let stash = std::mem::take(&mut session.stash);
+        self.process(id, &stash)
+    }
+
+    fn process(&mut self, id: ConnId, mut data: &[u8]) -> std::result::Result<(), Refused> {
+        while !data.is_empty() {
+            let limits = self.limits;
+            let Some(session) = self.session(id) else {
+                return Ok(());
+            };
+            if session.paused() {
+                session.stash.extend_from_slice(data);
+                return Ok(());
+            }
+            let (n, request) = session
+                .parser
+                .parse(data, &limits)
+                .map_err(|e| Refused(e.to_string()))?;
+            data = &data[n..];
+            if let Some(request) = request {
+                self.execute(id, request)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the rest of a large value of `id` can be received directly
+    /// (see [`RequestParser::direct_target`]).
+    pub(crate) fn direct_target(&mut self, id: ConnId) -> Option<&mut [u8]> {
+        let session = self.session(id)?;
+        if !session.stash.is_empty() || session.paused() {
+            return None;
+        }
+        session.parser.direct_target()
+    }
+
+    /// `n` bytes were received into [`ServerCore::direct_target`].
+    pub(crate) fn direct_filled(
+        &mut self,
+        id: ConnId,
+        n: usize,
+    ) -> std::result::Result<(), Refused> {
+        let limits = self.limits;
+        let Some(session) = self.session(id) else {
+            return Ok(());
+        };
+        match session.parser.direct_filled(n, &limits) {
+            Ok(Some(request)) => self.execute(id, request),
+            Ok(None) => Ok(()),
+            Err(e) => Err(Refused(e.to_string())),
+        }
+    }
+
+    /// The backend completed the request `id` had in flight. (The memory
+    /// backend never defers; backends that do call this.)
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn complete(
+        &mut self,
+        id: ConnId,
+        outcome: OpResult<Outcome>,
+    ) -> std::result::Result<(), Refused> {
+        let Some(request) = self.session(id).and_then(|s| s.in_flight.take()) else {
+            return Ok(());
+        };
+        let outcome = outcome.map_err(|e| Refused(e.message().to_string()))?;
+        self.finish(id, &request, outcome);
+        self.resume(id)
+    }
+
+    /// The server's load.
+    pub(crate) fn stats(&self) -> ServerStats {
+        ServerStats {
+            connections: self.open,
+            pending_waits: self.waits.len(),
+            keys: self.backend.num_keys(),
+        }
+    }
+
+    fn execute(&mut self, id: ConnId, request: Request) -> std::result::Result<(), Refused> {
+        let extensions = self.extensions;
+        let Some(session) = self.session(id) else {
+            return Ok(());
+        };
+        if !session.validated {
+            return match request {
+                Request::Validate {
+                    magic: VALIDATE_MAGIC,
+                } => {
+                    session.validated = true;
+                    Ok(())
+                }
+                Request::Validate { magic } => Err(Refused(format!("bad magic 0x{magic:08x}"))),
+                // PyTorch's server ignores everything until VALIDATE.
+                _ => Ok(()),
+            };
+        }
+        match request {
+            Request::Validate { .. } => {}
+            Request::Ping { nonce } => {
+                let answer = if nonce == HELLO_NONCE && extensions {
+                    session.extended = true;
+                    HELLO_ACK
+                } else {
+                    nonce
+                };
+                session.output.put(&answer.to_le_bytes());
+            }
+            Request::CancelWait => {
+                self.cancel_waits(id);
+                self.put(id, &[WAIT_CANCELED]);
+            }
+            Request::Wait { keys } => self.start_wait(id, keys, WaitReply::StopWaiting),
+            Request::WaitGet { keys } if session.extended => {
+                self.start_wait(id, keys.clone(), WaitReply::Values(keys))
+            }
+            Request::WaitGet { .. } => {
+                return Err(Refused("extension command before HELLO".into()))
+            }
+            Request::Barrier { ref key, .. } => {
+                let arrive = Request::Add {
+                    key: key.clone(),
+                    delta: 1,
+                };
+                let applied = self.backend.apply(&arrive);
+                self.settle(id, applied, request)?;
+            }
+            data => {
+                // The request is kept only if the backend completes it later.
+                let applied = self.backend.apply(&data);
+                self.settle(id, applied, data)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Finishes `request` with what the backend made of it, or keeps it
+    /// in flight (pausing the connection) when the backend completes later.
+    fn settle(
+        &mut self,
+        id: ConnId,
+        applied: OpResult<Option<Outcome>>,
+        request: Request,
+    ) -> std::result::Result<(), Refused> {
+        match applied.map_err(|e| Refused(e.message().to_string()))? {
+            Some(outcome) => self.finish(id, &request, outcome),
+            None => {
+                if let Some(session) = self.session(id) {
+                    session.in_flight = Some(Box::new(request));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replies to `request` with its `outcome` and wakes what it wrote.
+    fn finish(&mut self, id: ConnId, request: &Request, outcome: Outcome) {
+        match (request, outcome) {
+            (Request::Barrier { key, world_size }, Outcome::Int(arrived)) => {
+                if arrived >= *world_size {
+                    self.put(id, &[STOP_WAITING]);
+                } else {
+                    let wait = self.waits.register(
+                        id,
+                        vec![key.clone()],
+                        WaitReply::Barrier {
+                            world_size: *world_size,
+                        },
+                    );
+                    if let Some(session) = self.session(id) {
+                        session.waits.push(wait);
+                    }
+                }
+            }
+            (_, outcome) => self.reply(id, outcome),
+        }
+        match request {
+            Request::Set { key, .. }
+            | Request::CompareSet { key, .. }
+            | Request::Add { key, .. }
+            | Request::Append { key, .. }
+            | Request::Barrier { key, .. } => self.wake(key, false),
+            Request::QueuePush { key, .. } => self.wake(key, true),
+            Request::MultiSet { pairs } => {
+                for (key, _) in pairs {
+                    self.wake(key, false);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Encodes `outcome` as PyTorch's reply on `id`.
+    fn reply(&mut self, id: ConnId, outcome: Outcome) {
+        let Some(session) = self.session(id) else {
+            return;
+        };
+        let out = &mut session.output;
+        match outcome {
+            Outcome::Silent => {}
+            Outcome::Value(value) => out.put_value(&value),
+            Outcome::Values(values) => out.put_values(values),
+            Outcome::Int(n) => out.put(&n.to_le_bytes()),
+            Outcome::Ready(ready) => out.put(&[if ready { READY } else { NOT_READY }]),
+            Outcome::Popped { before, value } => {
+                out.put(&before.to_le_bytes());
+                if let Some(value) = &value {
+                    out.put_value(value);
+                }
+            }
+            Outcome::Keys(keys) => {
+                out.put(&(keys.len() as i64).to_le_bytes());
+                out.put_values(keys.into_iter().map(|k| Some(k.into())).collect());
+            }
+        }
+    }
+
+    /// Queues plain bytes on `id`.
+    fn put(&mut self, id: ConnId, bytes: &[u8]) {
+        if let Some(session) = self.session(id) {
+            session.output.put(bytes);
+        }
+    }
+
+    fn start_wait(&mut self, id: ConnId, mut keys: Vec<Key>, reply: WaitReply) {
+        keys.sort_unstable();
+        keys.dedup();
+        keys.retain(|k| !self.backend.contains(k));
+        if keys.is_empty() {
+            self.send_wait_reply(id, &reply);
+            return;
+        }
+        let wait = self.waits.register(id, keys, reply);
+        if let Some(session) = self.session(id) {
+            session.waits.push(wait);
+        }
+    }
+
+    /// `key` was written: completes the waits it satisfies (only the
+    /// oldest for a queue push) and releases the barriers its count reaches.
+    fn wake(&mut self, key: &[u8], only_oldest: bool) {
+        let mut done = if self.backend.contains(key) {
+            self.waits.satisfy(key, only_oldest)
+        } else {
+            Vec::new()
+        };
+        if self.waits.has_barrier(key) {
+            if let Some(arrived) = self.backend.counter(key) {
+                done.extend(self.waits.released_barriers(key, arrived));
+            }
+        }
+        for id in done {
+            if let Some(wait) = self.waits.remove(id) {
+                let conn = wait.conn;
+                if let Some(session) = self.session(conn) {
+                    session.waits.retain(|w| *w != id);
+                }
+                self.send_wait_reply(conn, &wait.reply);
+                self.woken.push(conn);
+            }
+        }
+    }
+
+    fn send_wait_reply(&mut self, id: ConnId, reply: &WaitReply) {
+        match reply {
+            WaitReply::StopWaiting | WaitReply::Barrier { .. } => self.put(id, &[STOP_WAITING]),
+            WaitReply::Values(keys) => {
+                let values = keys.iter().map(|k| self.backend.value(k)).collect();
+                self.put(id, &[STOP_WAITING]);
+                if let Some(session) = self.session(id) {
+                    session.output.put_values(values);
+                }
+            }
+        }
+    }
+
+    fn cancel_waits(&mut self, id: ConnId) {
+        let waits = self
+            .session(id)
+            .map(|s| std::mem::take(&mut s.waits))
+            .unwrap_or_default();
+        for wait in waits {
+            self.waits.remove(wait);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,547 @@
+//! The server core driven directly: bytes in, replies out, no sockets.
+
+use super::*;
+use crate::bigbuf::LARGE_VALUE_LEN;
+use crate::store::tcp::protocol::{Command, Encoder};
+use crate::store::tcp::server::backend::MemoryBackend;
+
+const VALUE_LIMIT: usize = 1 << 20;
+
+fn limits() -> Limits {
+    Limits::with_max_value_len(VALUE_LIMIT)
+}
+
+fn core() -> ServerCore<MemoryBackend> {
+    ServerCore::new(MemoryBackend::new(VALUE_LIMIT), limits(), true)
+}
+
+/// Opens validated connection `id`.
+fn open<B: Backend>(core: &mut ServerCore<B>, id: ConnId) {
+    core.connect(id);
+    send(
+        core,
+        id,
+        &Encoder::request(Command::Validate)
+            .u32(VALIDATE_MAGIC)
+            .finish(),
+    );
+}
+
+fn send<B: Backend>(core: &mut ServerCore<B>, id: ConnId, bytes: &[u8]) {
+    core.receive(id, bytes).expect("request refused");
+}
+
+/// Everything `id` has been sent.
+fn replies<B: Backend>(core: &mut ServerCore<B>, id: ConnId) -> Vec<u8> {
+    core.output(id)
+        .map_or_else(Vec::new, |o| o.drain(usize::MAX))
+}
+
+fn set(key: &str, value: &[u8]) -> Vec<u8> {
+    Encoder::request(Command::Set)
+        .bytes(key.as_bytes())
+        .bytes(value)
+        .finish()
+}
+
+fn get(key: &str) -> Vec<u8> {
+    Encoder::request(Command::Get)
+        .bytes(key.as_bytes())
+        .finish()
+}
+
+fn wait(keys: &[&str]) -> Vec<u8> {
+    Encoder::request(Command::Wait).keys(keys).finish()
+}
+
+fn byte_string(v: &[u8]) -> Vec<u8> {
+    let mut out = (v.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(v);
+    out
+}
+
+#[test]
+fn nothing_but_validate_counts_before_validation_and_a_bad_magic_is_refused() {
+    let mut c = core();
+    c.connect(0);
+    send(&mut c, 0, &set("/x", b"1"));
+    send(&mut c, 0, &Encoder::request(Command::Ping).u32(5).finish());
+    assert!(replies(&mut c, 0).is_empty());
+    open(&mut c, 1);
+    send(
+        &mut c,
+        1,
+        &Encoder::request(Command::Check).keys(&["/x"]).finish(),
+    );
+    assert_eq!(replies(&mut c, 1), [NOT_READY]);
+    c.connect(2);
+    let bad = Encoder::request(Command::Validate).u32(1).finish();
+    assert_eq!(
+        c.receive(2, &bad),
+        Err(Refused("bad magic 0x00000001".into()))
+    );
+}
+
+#[test]
+fn hello_turns_on_extensions_only_when_the_server_offers_them() {
+    let mut c = core();
+    open(&mut c, 0);
+    let hello = Encoder::request(Command::Ping).u32(HELLO_NONCE).finish();
+    let wait_get = Encoder::request(Command::WaitGet).keys(&["/k"]).finish();
+    assert!(c.receive(0, &wait_get).is_err(), "extension before HELLO");
+    open(&mut c, 1);
+    send(&mut c, 1, &hello);
+    assert_eq!(replies(&mut c, 1), HELLO_ACK.to_le_bytes());
+    let mut plain = ServerCore::new(MemoryBackend::new(VALUE_LIMIT), limits(), false);
+    open(&mut plain, 0);
+    send(&mut plain, 0, &hello);
+    assert_eq!(replies(&mut plain, 0), HELLO_NONCE.to_le_bytes());
+}
+
+#[test]
+fn a_wait_completes_when_another_connection_sets_the_last_key() {
+    let mut c = core();
+    open(&mut c, 0);
+    open(&mut c, 1);
+    send(&mut c, 1, &set("/a", b"1"));
+    send(&mut c, 0, &wait(&["/a", "/b", "/b"]));
+    assert_eq!(c.stats().pending_waits, 1);
+    assert!(replies(&mut c, 0).is_empty());
+    send(&mut c, 1, &set("/c", b"other key"));
+    assert!(c.take_woken().is_empty());
+    send(&mut c, 1, &set("/b", b"2"));
+    assert_eq!(c.take_woken(), vec![0]);
+    assert_eq!(replies(&mut c, 0), [STOP_WAITING]);
+    assert_eq!(c.stats().pending_waits, 0);
+}
+
+#[test]
+fn every_writing_command_wakes_waiters_and_a_failed_compare_set_does_not() {
+    let mut c = core();
+    open(&mut c, 0);
+    open(&mut c, 1);
+    let writes: Vec<(&str, Vec<u8>)> = vec![
+        ("/a", set("/a", b"1")),
+        (
+            "/b",
+            Encoder::request(Command::Add).bytes(b"/b").u64(1).finish(),
+        ),
+        (
+            "/c",
+            Encoder::request(Command::Append)
+                .bytes(b"/c")
+                .bytes(b"x")
+                .finish(),
+        ),
+        (
+            "/d",
+            Encoder::request(Command::CompareSet)
+                .bytes(b"/d")
+                .bytes(b"")
+                .bytes(b"v")
+                .finish(),
+        ),
+        (
+            "/e",
+            Encoder::request(Command::QueuePush)
+                .bytes(b"/e")
+                .bytes(b"v")
+                .finish(),
+        ),
+        (
+            "/f",
+            Encoder::request(Command::MultiSet)
+                .u64(1)
+                .bytes(b"/f")
+                .bytes(b"v")
+                .finish(),
+        ),
+    ];
+    for (key, write) in writes {
+        send(&mut c, 0, &wait(&[key]));
+        send(&mut c, 1, &write);
+        assert_eq!(replies(&mut c, 0), [STOP_WAITING], "{key}");
+        replies(&mut c, 1);
+    }
+    send(&mut c, 0, &wait(&["/g"]));
+    let no_write = Encoder::request(Command::CompareSet)
+        .bytes(b"/g")
+        .bytes(b"expected")
+        .bytes(b"v")
+        .finish();
+    send(&mut c, 1, &no_write);
+    assert_eq!(replies(&mut c, 1), byte_string(b"expected"));
+    assert!(replies(&mut c, 0).is_empty());
+    assert_eq!(c.stats().pending_waits, 1);
+}
+
+#[test]
+fn cancel_clears_the_connections_waits_and_answers() {
+    let mut c = core();
+    open(&mut c, 0);
+    open(&mut c, 1);
+    send(&mut c, 0, &wait(&["/never", "/nope"]));
+    send(
+        &mut c,
+        0,
+        &Encoder::request(Command::Barrier)
+            .bytes(b"/bar")
+            .u64(5)
+            .finish(),
+    );
+    send(&mut c, 1, &wait(&["/never"]));
+    assert_eq!(c.stats().pending_waits, 3);
+    send(&mut c, 0, &[Command::CancelWait as u8]);
+    assert_eq!(replies(&mut c, 0), [WAIT_CANCELED]);
+    assert_eq!(
+        c.stats().pending_waits,
+        1,
+        "the other connection's wait stays"
+    );
+    send(&mut c, 1, &set("/never", b"1"));
+    assert!(replies(&mut c, 0).is_empty());
+    assert_eq!(replies(&mut c, 1), [STOP_WAITING]);
+}
+
+#[test]
+fn a_disconnect_mid_wait_leaves_no_waiter_behind() {
+    let mut c = core();
+    open(&mut c, 0);
+    open(&mut c, 1);
+    send(&mut c, 0, &wait(&["/k"]));
+    send(
+        &mut c,
+        0,
+        &Encoder::request(Command::Barrier)
+            .bytes(b"/b")
+            .u64(2)
+            .finish(),
+    );
+    c.disconnect(0);
+    assert_eq!(
+        c.stats(),
+        ServerStats {
+            connections: 1,
+            pending_waits: 0,
+            keys: 1
+        }
+    );
+    send(&mut c, 1, &set("/k", b"v"));
+    send(
+        &mut c,
+        1,
+        &Encoder::request(Command::Barrier)
+            .bytes(b"/b")
+            .u64(2)
+            .finish(),
+    );
+    assert!(c.take_woken().is_empty());
+    assert_eq!(replies(&mut c, 1), [STOP_WAITING], "2 arrivals: released");
+    // The id is reused by a new connection, which sees nothing of the old.
+    open(&mut c, 0);
+    assert!(replies(&mut c, 0).is_empty());
+}
+
+#[test]
+fn a_barrier_releases_everyone_when_the_count_reaches_the_world() {
+    let mut c = core();
+    let barrier = Encoder::request(Command::Barrier)
+        .bytes(b"/b")
+        .u64(3)
+        .finish();
+    for id in 0..3 {
+        open(&mut c, id);
+    }
+    send(&mut c, 0, &barrier);
+    send(&mut c, 1, &barrier);
+    assert_eq!(c.stats().pending_waits, 2);
+    send(&mut c, 2, &barrier);
+    let mut woken = c.take_woken();
+    woken.sort_unstable();
+    assert_eq!(woken, vec![0, 1]);
+    for id in 0..3 {
+        assert_eq!(replies(&mut c, id), [STOP_WAITING], "connection {id}");
+    }
+    send(&mut c, 0, &get("/b"));
+    assert_eq!(replies(&mut c, 0), byte_string(b"3"));
+}
+
+#[test]
+fn a_queue_push_wakes_only_the_oldest_waiter() {
+    let mut c = core();
+    for id in 0..3 {
+        open(&mut c, id);
+    }
+    send(&mut c, 0, &wait(&["/q"]));
+    send(&mut c, 1, &wait(&["/q"]));
+    let push = Encoder::request(Command::QueuePush)
+        .bytes(b"/q")
+        .bytes(b"1")
+        .finish();
+    send(&mut c, 2, &push);
+    assert_eq!(c.take_woken(), vec![0]);
+    assert_eq!(replies(&mut c, 0), [STOP_WAITING]);
+    assert!(replies(&mut c, 1).is_empty());
+    send(&mut c, 2, &push);
+    assert_eq!(c.take_woken(), vec![1]);
+    let pop = Encoder::request(Command::QueuePop).bytes(b"/q").finish();
+    send(&mut c, 2, &pop);
+    let mut expected = 2i64.to_le_bytes().to_vec();
+    expected.extend(byte_string(b"1"));
+    assert_eq!(replies(&mut c, 2), expected);
+}
+
+#[test]
+fn wait_get_answers_with_the_values_once_they_exist() {
+    let mut c = core();
+    open(&mut c, 0);
+    open(&mut c, 1);
+    send(
+        &mut c,
+        0,
+        &Encoder::request(Command::Ping).u32(HELLO_NONCE).finish(),
+    );
+    replies(&mut c, 0);
+    send(&mut c, 1, &set("/k", b"v"));
+    send(
+        &mut c,
+        0,
+        &Encoder::request(Command::WaitGet)
+            .keys(&["/k", "/later"])
+            .finish(),
+    );
+    assert!(replies(&mut c, 0).is_empty());
+    send(&mut c, 1, &set("/later", b"w"));
+    let mut expected = vec![STOP_WAITING];
+    expected.extend(byte_string(b"v"));
+    expected.extend(byte_string(b"w"));
+    assert_eq!(replies(&mut c, 0), expected);
+}
+
+#[test]
+fn a_request_over_any_limit_refuses_only_its_connection() {
+    let l = limits();
+    let over: Vec<(&str, Vec<u8>)> = vec![
+        ("unknown command", vec![0x42]),
+        (
+            "key",
+            Encoder::request(Command::Get)
+                .u64(l.max_key_len as u64 + 1)
+                .finish(),
+        ),
+        (
+            "value",
+            Encoder::request(Command::Set)
+                .bytes(b"/k")
+                .u64(VALUE_LIMIT as u64 + 1)
+                .finish(),
+        ),
+        (
+            "key count",
+            Encoder::request(Command::Wait)
+                .u64(l.max_keys_per_request as u64 + 1)
+                .finish(),
+        ),
+        (
+            "request",
+            // Two values within the value limit: over the request limit.
+            Encoder::request(Command::MultiSet)
+                .u64(2)
+                .bytes(b"a")
+                .bytes(&vec![0u8; VALUE_LIMIT])
+                .bytes(b"b")
+                .u64(VALUE_LIMIT as u64)
+                .finish(),
+        ),
+        ("non-integer add", {
+            let mut v = set("/t", b"abc");
+            v.extend(Encoder::request(Command::Add).bytes(b"/t").u64(1).finish());
+            v
+        }),
+    ];
+    let mut c = core();
+    open(&mut c, 0);
+    for (i, (what, bytes)) in over.into_iter().enumerate() {
+        let id = i + 1;
+        open(&mut c, id);
+        assert!(c.receive(id, &bytes).is_err(), "{what} was accepted");
+        c.disconnect(id);
+        send(&mut c, 0, &Encoder::request(Command::Ping).u32(7).finish());
+        assert_eq!(replies(&mut c, 0), 7u32.to_le_bytes(), "after {what}");
+    }
+    assert_eq!(c.stats().connections, 1);
+}
+
+#[test]
+fn a_client_that_never_reads_is_paused_at_the_output_cap() {
+    let mut c = core();
+    open(&mut c, 0);
+    open(&mut c, 1);
+    let value = vec![7u8; 64 << 10];
+    send(&mut c, 1, &set("/big", &value));
+    // 4,000 GETs of 64 KiB (250 MB of replies) sent in one go.
+    let gets: Vec<u8> = (0..4000).flat_map(|_| get("/big")).collect();
+    send(&mut c, 0, &gets);
+    let output = c.output(0).unwrap();
+    assert!(output.queued() > OUTPUT_CAP);
+    assert!(output.queued() <= OUTPUT_CAP + 8 + value.len());
+    assert!(
+        output.owned_bytes() <= OUTPUT_CAP,
+        "values are held by reference"
+    );
+    assert!(!c.wants_input(0));
+    assert!(c.wants_input(1), "the other connection is not affected");
+    // Draining the replies lets it go on where it stopped, in order.
+    let mut served = 0;
+    for _ in 0..10_000 {
+        let out = replies(&mut c, 0);
+        served += out.len() / (8 + value.len());
+        c.resume(0).unwrap();
+        if c.wants_input(0) {
+            break;
+        }
+    }
+    served += replies(&mut c, 0).len() / (8 + value.len());
+    assert_eq!(served, 4000);
+    assert!(c.wants_input(0));
+}
+
+#[test]
+fn a_multi_get_naming_one_key_many_times_holds_references_not_copies() {
+    let mut c = core();
+    open(&mut c, 0);
+    send(&mut c, 0, &set("/k", &vec![1u8; 60 << 10]));
+    let keys = vec!["/k"; 16_000];
+    send(
+        &mut c,
+        0,
+        &Encoder::request(Command::MultiGet).keys(&keys).finish(),
+    );
+    let output = c.output(0).unwrap();
+    assert_eq!(output.queued(), 16_000 * (8 + (60 << 10)));
+    assert!(output.owned_bytes() < 1 << 20, "{}", output.owned_bytes());
+}
+
+#[test]
+fn appends_cost_what_they_append_and_respect_the_value_limit() {
+    let mut c = core();
+    open(&mut c, 0);
+    let chunk = vec![5u8; 64 << 10];
+    let append = Encoder::request(Command::Append)
+        .bytes(b"/log")
+        .bytes(&chunk)
+        .finish();
+    for _ in 0..(VALUE_LIMIT / chunk.len()) {
+        send(&mut c, 0, &append);
+    }
+    send(&mut c, 0, &get("/log"));
+    let reply = replies(&mut c, 0);
+    assert_eq!(reply.len(), 8 + VALUE_LIMIT);
+    let refused = c.receive(0, &append).unwrap_err();
+    assert!(refused.0.contains("over the limit"), "{refused:?}");
+}
+
+#[test]
+fn pipelined_requests_split_anywhere_get_the_same_replies() {
+    let mut stream = Vec::new();
+    stream.extend(
+        Encoder::request(Command::Validate)
+            .u32(VALIDATE_MAGIC)
+            .finish(),
+    );
+    stream.extend(set("/a", &vec![3u8; LARGE_VALUE_LEN + 5]));
+    stream.extend(Encoder::request(Command::Add).bytes(b"/n").u64(4).finish());
+    stream.extend(get("/a"));
+    stream.extend(
+        Encoder::request(Command::Check)
+            .keys(&["/a", "/n"])
+            .finish(),
+    );
+    stream.extend(vec![Command::GetNumKeys as u8]);
+    let mut whole = core();
+    whole.connect(0);
+    send(&mut whole, 0, &stream);
+    let expected = replies(&mut whole, 0);
+    let mut rng = fastrand::Rng::with_seed(11);
+    for _ in 0..50 {
+        let mut c = core();
+        c.connect(0);
+        let mut pos = 0;
+        while pos < stream.len() {
+            if let Some(target) = c.direct_target(0) {
+                let n = target
+                    .len()
+                    .min(stream.len() - pos)
+                    .min(rng.usize(1..100_000));
+                target[..n].copy_from_slice(&stream[pos..pos + n]);
+                c.direct_filled(0, n).unwrap();
+                pos += n;
+                continue;
+            }
+            let n = rng.usize(1..200).min(stream.len() - pos);
+            send(&mut c, 0, &stream[pos..pos + n]);
+            pos += n;
+        }
+        assert!(replies(&mut c, 0) == expected, "replies differ");
+    }
+}
+
+/// A backend that completes SETs later, as a remote store would.
+struct Deferring {
+    inner: MemoryBackend,
+    deferred: Vec<Request>,
+}
+
+impl Backend for Deferring {
+    fn apply(&mut self, request: &Request) -> OpResult<Option<Outcome>> {
+        if let Request::Set { .. } = request {
+            self.deferred.push(request.clone());
+            return Ok(None);
+        }
+        self.inner.apply(request)
+    }
+    fn contains(&self, key: &[u8]) -> bool {
+        self.inner.contains(key)
+    }
+    fn value(&self, key: &[u8]) -> Option<crate::store::kv::Value> {
+        self.inner.value(key)
+    }
+    fn counter(&self, key: &[u8]) -> Option<i64> {
+        self.inner.counter(key)
+    }
+    fn num_keys(&self) -> usize {
+        self.inner.num_keys()
+    }
+}
+
+#[test]
+fn a_request_completed_later_holds_back_only_its_own_connection() {
+    let backend = Deferring {
+        inner: MemoryBackend::new(VALUE_LIMIT),
+        deferred: Vec::new(),
+    };
+    let mut c = ServerCore::new(backend, limits(), true);
+    open(&mut c, 0);
+    open(&mut c, 1);
+    send(&mut c, 1, &wait(&["/k"]));
+    let mut pipelined = set("/k", b"v");
+    pipelined.extend(get("/k"));
+    send(&mut c, 0, &pipelined);
+    assert!(!c.wants_input(0), "paused while its SET is in flight");
+    assert!(
+        replies(&mut c, 0).is_empty(),
+        "the GET waits behind the SET"
+    );
+    send(&mut c, 1, &Encoder::request(Command::Ping).u32(1).finish());
+    assert_eq!(replies(&mut c, 1), 1u32.to_le_bytes(), "others go on");
+    let set = c.backend.deferred.pop().unwrap();
+    let outcome = c.backend.inner.apply(&set);
+    c.complete(0, outcome.map(|o| o.unwrap())).unwrap();
+    assert_eq!(
+        replies(&mut c, 1),
+        [STOP_WAITING],
+        "the write woke the waiter"
+    );
+    assert_eq!(replies(&mut c, 0), byte_string(b"v"), "then the GET ran");
+    assert!(c.wants_input(0));
+}
