@@ -11,6 +11,8 @@ use std::path::PathBuf;
 mod parameter_server;
 
 use clap::{Parser, Subcommand};
+use distcore::store::tcp::protocol::Limits;
+use distcore::store::tcp::server::raise_open_files_limit;
 use distcore::store::tcp::{Server, ServerOptions};
 use distcore::store::{
     background, elastic, FileStore, HashStore, PrefixStore, Store, TcpStore, TcpStoreOptions,
@@ -102,9 +104,14 @@ enum Command {
         /// Report when this many clients have counted themselves in `init/`.
         #[arg(long)]
         world_size: Option<u32>,
-        /// Largest value accepted, in bytes.
+        /// Largest value accepted, in bytes (requests up to twice that).
         #[arg(long, default_value_t = distcore::store::tcp::protocol::DEFAULT_MAX_VALUE_LEN)]
         max_value_size: usize,
+        /// Serve on this already-listening socket (systemd socket
+        /// activation, a launcher that reserved the port) instead of
+        /// binding; --host and --port are then ignored.
+        #[arg(long)]
+        listen_fd: Option<std::os::fd::RawFd>,
     },
     /// List the keys of a TCPStore with their sizes and values.
     Inspect {
@@ -140,7 +147,17 @@ fn main() -> ExitCode {
             port,
             world_size,
             max_value_size,
-        } => serve(host, port, world_size, max_value_size),
+            listen_fd,
+        } => serve(
+            ServerOptions {
+                port,
+                bind_address: host,
+                listen_fd,
+                limits: Limits::with_max_value_len(max_value_size),
+                ..ServerOptions::default()
+            },
+            world_size,
+        ),
         Command::Inspect { address, width } => inspect(&address, width),
         Command::DemoWorker {
             connect,
@@ -346,27 +363,20 @@ fn block_termination_signals() -> impl FnOnce() -> i32 {
     }
 }
 
-fn serve(
-    host: Option<std::net::IpAddr>,
-    port: u16,
-    world_size: Option<u32>,
-    max_value_size: usize,
-) -> Result<()> {
+/// Runs a server until SIGINT or SIGTERM. A server holds a descriptor per
+/// client, so it first raises its soft limit on open files to the hard one.
+fn serve(options: ServerOptions, world_size: Option<u32>) -> Result<()> {
     let wait_for_signal = block_termination_signals();
-    let server = Server::start(ServerOptions {
-        port,
-        bind_address: host,
-        limits: distcore::store::tcp::protocol::Limits {
-            max_value_len: max_value_size,
-            ..Default::default()
-        },
-        ..ServerOptions::default()
-    })?;
-    let shown = host.map_or_else(|| "[::]".to_string(), |h| h.to_string());
+    let open_files = raise_open_files_limit();
+    let server = Server::start(options)?;
     println!(
-        "distcore TCPStore server listening on {shown}:{} (SIGINT or SIGTERM stops it)",
-        server.port()
+        "distcore TCPStore server listening on {} (SIGINT or SIGTERM stops it)",
+        server.local_addr()
     );
+    match open_files {
+        Ok(limit) => println!("distcore: up to {limit} open files (one per client)"),
+        Err(e) => eprintln!("distcore: cannot raise the open files limit: {e}"),
+    }
     if let Some(world) = world_size {
         let port = server.port();
         thread::spawn(move || report_workers(port, world));

@@ -80,10 +80,7 @@ fn start_server(options: &TcpStoreOptions) -> Result<Arc<Server>> {
         port: options.port,
         bind_address: options.bind_address,
         listen_fd: options.master_listen_fd,
-        limits: Limits {
-            max_value_len: options.max_value_len,
-            ..Limits::default()
-        },
+        limits: Limits::with_max_value_len(options.max_value_len),
         extensions: true,
     };
     if !options.multi_tenant {

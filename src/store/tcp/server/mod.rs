@@ -20,7 +20,7 @@
 //! been handled.
 
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{FromRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -85,7 +85,7 @@ impl Default for ServerOptions {
 /// A running server. Dropping it stops the event loop and closes every
 /// connection.
 pub struct Server {
-    port: u16,
+    local_addr: SocketAddr,
     stats: Arc<Mutex<ServerStats>>,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
@@ -104,10 +104,10 @@ impl Server {
         };
         prepare_listener(&std_listener)
             .map_err(|e| Error::network(format!("listening socket: {e}")))?;
-        let port = std_listener
+        let local_addr = std_listener
             .local_addr()
-            .map_err(|e| Error::network(format!("listening socket: {e}")))?
-            .port();
+            .map_err(|e| Error::network(format!("listening socket: {e}")))?;
+        let port = local_addr.port();
         let poll = Poll::new().map_err(io_error)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(io_error)?);
         let mut acceptor = Acceptor::new(TcpListener::from_std(std_listener), "TCPStore server");
@@ -132,7 +132,7 @@ impl Server {
             .spawn(move || event_loop.run())
             .map_err(|e| Error::internal(format!("spawning the server thread: {e}")))?;
         Ok(Server {
-            port,
+            local_addr,
             stats,
             stop,
             waker,
@@ -142,7 +142,12 @@ impl Server {
 
     /// The port the server listens on.
     pub fn port(&self) -> u16 {
-        self.port
+        self.local_addr.port()
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
     }
 
     /// The server's load as of its last event.
