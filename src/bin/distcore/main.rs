@@ -135,6 +135,23 @@ enum Command {
     },
 }
 
+/// `println!` for a long-running server: a reader that went away (a
+/// launcher that read the first line and closed the pipe) must not stop it.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` in the same spirit.
+macro_rules! say_err {
+    ($($arg:tt)*) => {{
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let outcome = match Cli::parse().command {
         Command::Demo {
@@ -369,13 +386,13 @@ fn serve(options: ServerOptions, world_size: Option<u32>) -> Result<()> {
     let wait_for_signal = block_termination_signals();
     let open_files = raise_open_files_limit();
     let server = Server::start(options)?;
-    println!(
+    say!(
         "distcore TCPStore server listening on {} (SIGINT or SIGTERM stops it)",
         server.local_addr()
     );
     match open_files {
-        Ok(limit) => println!("distcore: up to {limit} open files (one per client)"),
-        Err(e) => eprintln!("distcore: cannot raise the open files limit: {e}"),
+        Ok(limit) => say!("distcore: up to {limit} open files (one per client)"),
+        Err(e) => say_err!("distcore: cannot raise the open files limit: {e}"),
     }
     if let Some(world) = world_size {
         let port = server.port();
@@ -384,9 +401,10 @@ fn serve(options: ServerOptions, world_size: Option<u32>) -> Result<()> {
     let signal = wait_for_signal();
     let stats = server.stats();
     drop(server);
-    println!(
+    say!(
         "distcore: signal {signal}: stopped ({} connections, {} keys at the end)",
-        stats.connections, stats.keys
+        stats.connections,
+        stats.keys
     );
     Ok(())
 }
@@ -403,7 +421,7 @@ fn report_workers(port: u16, world: u32) {
         loop {
             let joined = store.joined_workers()?;
             if joined >= i64::from(world) {
-                println!(
+                say!(
                     "distcore: all {world} workers joined ({:.1} s)",
                     started.elapsed().as_secs_f64()
                 );
@@ -413,7 +431,7 @@ fn report_workers(port: u16, world: u32) {
         }
     };
     if let Err(e) = watch() {
-        eprintln!("distcore: watching init/: {e}");
+        say_err!("distcore: watching init/: {e}");
     }
 }
 
