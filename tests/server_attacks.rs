@@ -216,12 +216,12 @@ fn a_flood_of_pipelined_pings_does_not_starve_other_clients() {
 fn a_client_that_never_reads_its_replies_is_held_to_the_output_bound() {
     let serve = Serve::start();
     let mut setter = serve.client();
-    setter
-        .write_all(&keyed(SET, "/big", &vec![7u8; 64 << 10]))
-        .unwrap();
+    // Just under 64 KiB: values that size are copied into replies.
+    let value = vec![7u8; 60 << 10];
+    setter.write_all(&keyed(SET, "/big", &value)).unwrap();
     ping(&mut setter, 1);
     let rss_before = serve.rss_mib();
-    // 10,000 GETs of a 64 KiB value (655 MB of replies), never read.
+    // 10,000 GETs of a 60 KiB value (614 MB of replies), never read.
     let mut greedy = serve.client();
     let gets: Vec<u8> = (0..10_000).flat_map(|_| get_request("/big")).collect();
     greedy
@@ -242,11 +242,7 @@ fn a_client_that_never_reads_its_replies_is_held_to_the_output_bound() {
         growth < 2.0 * CONNECTION_BOUND_MIB,
         "server grew {growth:.1} MiB"
     );
-    assert_eq!(
-        get(&mut setter, "/big").len(),
-        64 << 10,
-        "others are served"
-    );
+    assert!(get(&mut setter, "/big") == value, "others are served");
 }
 
 #[test]
@@ -291,14 +287,16 @@ fn a_large_request_trickling_in_is_not_parsed_again_on_every_read() {
     writer.write_all(&request[..head]).unwrap();
     settle();
     let cpu_before = serve.cpu_secs();
-    for piece in request[head..].chunks(10) {
+    // Each piece its own read on the server: re-parsing the 63 MiB from
+    // its start on every read cost ~20 ms of CPU a piece.
+    for piece in request[head..].chunks(20) {
         writer.write_all(piece).unwrap();
-        thread::sleep(Duration::from_micros(200));
+        thread::sleep(Duration::from_millis(15));
     }
     let mut other = serve.client();
     assert_eq!(get(&mut other, "/last"), b"v");
     let cpu = serve.cpu_secs() - cpu_before;
-    assert!(cpu < 1.0, "the trickle cost {cpu:.2} s of server CPU");
+    assert!(cpu < 0.5, "the trickle cost {cpu:.2} s of server CPU");
 }
 
 #[test]

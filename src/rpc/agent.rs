@@ -23,11 +23,9 @@ use parking_lot::Mutex;
 use super::message::{Request, Response, WorkerId};
 use super::writer::{Sent, Writer};
 use crate::error::{Error, Result, Status};
+use crate::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
 use crate::work::Work;
 
-const LISTENER: Token = Token(0);
-const WAKER: Token = Token(1);
-const FIRST_CONN: usize = 2;
 const HEADER: usize = 4 + 1 + 8 + 2;
 /// Size of the shared read buffer.
 const SCRATCH_LEN: usize = 256 << 10;
@@ -200,9 +198,9 @@ impl Agent {
         let poll = Poll::new().map_err(|e| Error::internal(format!("RPC poll: {e}")))?;
         let waker = Waker::new(poll.registry(), WAKER)
             .map_err(|e| Error::internal(format!("RPC waker: {e}")))?;
-        let mut listener = TcpListener::from_std(listener);
+        let mut acceptor = Acceptor::new(TcpListener::from_std(listener), "RPC agent");
         poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)
+            .register(acceptor.listener(), LISTENER, Interest::READABLE)
             .map_err(|e| Error::internal(format!("RPC listener: {e}")))?;
         let shared = Arc::new(Shared {
             me,
@@ -220,9 +218,9 @@ impl Agent {
         let mut io = IoLoop {
             shared: Arc::downgrade(&shared),
             poll,
-            listener,
-            conns: Vec::new(),
-            free: Vec::new(),
+            acceptor,
+            accept_retry: None,
+            conns: ConnTable::default(),
             timers: BinaryHeap::new(),
             timer_jobs: HashMap::new(),
             next_timer: 0,
@@ -473,9 +471,10 @@ struct PendingRequest {
 struct IoLoop {
     shared: Weak<Shared>,
     poll: Poll,
-    listener: TcpListener,
-    conns: Vec<Option<Conn>>,
-    free: Vec<usize>,
+    acceptor: Acceptor,
+    /// When to accept again after running out of descriptors.
+    accept_retry: Option<Instant>,
+    conns: ConnTable<Conn>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
     timer_jobs: HashMap<u64, Box<dyn FnOnce() + Send>>,
     next_timer: u64,
@@ -518,20 +517,20 @@ impl IoLoop {
             }
             self.run_commands();
             self.expire();
+            if self.accept_retry.is_some_and(|at| at <= Instant::now()) {
+                self.accept();
+            }
         }
         self.fail_everything();
     }
 
-    /// The soonest deadline or timer, recorded as the armed wake-up so
+    /// The soonest deadline, timer or accept retry, recorded as the armed wake-up so
     /// that senders wake the thread only for an earlier deadline.
     fn next_wakeup(&self, shared: &Shared) -> Option<Instant> {
         let mut deadlines = shared.deadlines.lock();
         let d = deadlines.heap.peek().map(|Reverse((at, _))| *at);
         let t = self.timers.peek().map(|Reverse((at, _))| *at);
-        let next = match (d, t) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let next = [d, t, self.accept_retry].into_iter().flatten().min();
         deadlines.armed = next;
         next
     }
@@ -644,8 +643,8 @@ impl IoLoop {
             Arc::new(Writer::new(&stream, false).map_err(|e| {
                 Error::network(format!("connection to worker '{}': {e}", peer.name))
             })?);
-        let token = self.insert_conn(&mut stream, Interest::READABLE | Interest::WRITABLE)?;
-        self.conns[token.0 - FIRST_CONN] = Some(Conn {
+        let token = self.register(&mut stream, Interest::READABLE | Interest::WRITABLE)?;
+        self.conns.insert(Conn {
             stream,
             peer: Some(to),
             connected: false,
@@ -656,58 +655,43 @@ impl IoLoop {
         Ok((token, writer))
     }
 
-    fn insert_conn(&mut self, stream: &mut TcpStream, interest: Interest) -> Result<Token> {
-        let index = self.free.pop().unwrap_or_else(|| {
-            self.conns.push(None);
-            self.conns.len() - 1
-        });
-        let token = Token(index + FIRST_CONN);
+    /// Registers `stream` under the token the next connection gets.
+    fn register(&mut self, stream: &mut TcpStream, interest: Interest) -> Result<Token> {
+        let token = self.conns.next_token();
         self.poll
             .registry()
             .register(stream, token, interest)
-            .map_err(|e| {
-                self.free.push(index);
-                Error::network(format!("registering a connection: {e}"))
-            })?;
+            .map_err(|e| Error::network(format!("registering a connection: {e}")))?;
         Ok(token)
     }
 
     fn conn(&mut self, token: Token) -> Option<&mut Conn> {
-        self.conns
-            .get_mut(token.0.checked_sub(FIRST_CONN)?)?
-            .as_mut()
+        self.conns.get_mut(token)
     }
 
     fn accept(&mut self) {
-        loop {
-            match self.listener.accept() {
-                Ok((mut stream, _)) => {
-                    let _ = stream.set_nodelay(true);
-                    let writer = match Writer::new(&stream, true) {
-                        Ok(writer) => Arc::new(writer),
-                        Err(e) => {
-                            log::warn!("RPC agent: accepted connection unusable: {e}");
-                            continue;
-                        }
-                    };
-                    if let Ok(token) = self.insert_conn(&mut stream, Interest::READABLE) {
-                        self.conns[token.0 - FIRST_CONN] = Some(Conn {
-                            stream,
-                            peer: None,
-                            connected: true,
-                            input: Vec::new(),
-                            writer,
-                        });
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+        let registry = self.poll.registry();
+        let conns = &mut self.conns;
+        self.accept_retry = self.acceptor.accept(Instant::now(), |mut stream, peer| {
+            let writer = match Writer::new(&stream, true) {
+                Ok(writer) => Arc::new(writer),
                 Err(e) => {
-                    log::warn!("RPC agent: accept failed: {e}");
+                    log::warn!("RPC agent: connection from {peer} unusable: {e}");
                     return;
                 }
+            };
+            if let Err(e) = registry.register(&mut stream, conns.next_token(), Interest::READABLE) {
+                log::warn!("RPC agent: registering {peer}: {e}");
+                return;
             }
-        }
+            conns.insert(Conn {
+                stream,
+                peer: None,
+                connected: true,
+                input: Vec::new(),
+                writer,
+            });
+        });
     }
 
     /// Sends a frame from the I/O thread itself.
@@ -738,11 +722,7 @@ impl IoLoop {
     }
 
     fn flush(&mut self, token: Token) {
-        let Some(Some(conn)) = token
-            .0
-            .checked_sub(FIRST_CONN)
-            .and_then(|i| self.conns.get_mut(i))
-        else {
+        let Some(conn) = self.conns.get_mut(token) else {
             return;
         };
         if let Err(e) = conn
@@ -755,12 +735,7 @@ impl IoLoop {
 
     fn on_readable(&mut self, token: Token) {
         let mut closed = None;
-        let conn = token
-            .0
-            .checked_sub(FIRST_CONN)
-            .and_then(|i| self.conns.get_mut(i))
-            .and_then(Option::as_mut);
-        if let Some(conn) = conn {
+        if let Some(conn) = self.conns.get_mut(token) {
             if !conn.connected {
                 return;
             }
@@ -860,18 +835,13 @@ impl IoLoop {
     }
 
     fn close(&mut self, token: Token, why: &str) {
-        let Some(mut conn) = self
-            .conns
-            .get_mut(token.0 - FIRST_CONN)
-            .and_then(Option::take)
-        else {
+        let Some(mut conn) = self.conns.remove(token) else {
             return;
         };
         // Closed first: a request registered after the scan below finds
         // the writer closed and takes itself back.
         conn.writer.close();
         let _ = self.poll.registry().deregister(&mut conn.stream);
-        self.free.push(token.0 - FIRST_CONN);
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
