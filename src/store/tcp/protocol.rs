@@ -25,6 +25,82 @@ pub const HELLO_NONCE: u32 = 0xDC0D_E5A1;
 /// A distcore server's answer to [`HELLO_NONCE`].
 pub const HELLO_ACK: u32 = 0xDC0D_E5A2;
 
+/// The nonce of a PING that asks for version 2 of the extensions: those of
+/// [`HELLO_NONCE`], the server's limits in the answer, and status-prefixed
+/// replies (see [`ServerInfo`] and [`REPLY_OK`]). A PyTorch server echoes
+/// it; so does a distcore server with extensions off.
+pub(crate) const HELLO_V2_NONCE: u32 = 0xDC0D_E5A3;
+/// A distcore server's answer to [`HELLO_V2_NONCE`], followed by its
+/// [`ServerInfo`] as a byte string.
+pub(crate) const HELLO_V2_ACK: u32 = 0xDC0D_E5A4;
+
+/// On a version 2 connection every request gets exactly one reply, which
+/// starts with a status byte: this one, then the reply PyTorch's protocol
+/// gives (nothing more for SET, APPEND, MULTI_SET and QUEUE_PUSH)...
+pub(crate) const REPLY_OK: u8 = 0;
+/// ...or this one, then the error: a `u8` status code (`dc_status`:
+/// 1 invalid argument, ...) and its message as a byte string. The
+/// connection stays usable. An ADD or BARRIER on a non-integer value and an
+/// APPEND past the value limit are answered so. A request over the limits
+/// the server announced still closes the connection, as PyTorch's server
+/// does: the client knew them and checks before sending.
+pub(crate) const REPLY_ERROR: u8 = 1;
+
+/// What a distcore server tells a version 2 client after [`HELLO_V2_ACK`]:
+/// a `u32` version (1) and its limits as `u64`s (key, value, keys per
+/// request, request). Carried as a byte string, so later versions can
+/// append fields an older client skips.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ServerInfo {
+    /// The limits the server enforces.
+    pub(crate) limits: Limits,
+}
+
+impl ServerInfo {
+    const VERSION: u32 = 1;
+
+    /// The byte string sent after [`HELLO_V2_ACK`].
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let l = &self.limits;
+        let mut info = Self::VERSION.to_le_bytes().to_vec();
+        for n in [
+            l.max_key_len,
+            l.max_value_len,
+            l.max_keys_per_request,
+            l.max_request_len,
+        ] {
+            info.extend_from_slice(&(n as u64).to_le_bytes());
+        }
+        let mut out = Vec::with_capacity(8 + info.len());
+        put_bytes(&mut out, &info);
+        out
+    }
+
+    /// Reads the payload of the byte string (without its length); `None`
+    /// when it is too short or of an unknown version. (The client's half:
+    /// tested here until the client speaks version 2.)
+    #[cfg(test)]
+    pub(crate) fn decode(info: &[u8]) -> Option<ServerInfo> {
+        let version = u32::from_le_bytes(info.get(..4)?.try_into().ok()?);
+        if version != Self::VERSION {
+            return None;
+        }
+        let field = |i: usize| -> Option<usize> {
+            let at = 4 + 8 * i;
+            let n = u64::from_le_bytes(info.get(at..at + 8)?.try_into().ok()?);
+            usize::try_from(n).ok()
+        };
+        Some(ServerInfo {
+            limits: Limits {
+                max_key_len: field(0)?,
+                max_value_len: field(1)?,
+                max_keys_per_request: field(2)?,
+                max_request_len: field(3)?,
+            },
+        })
+    }
+}
+
 /// The command byte of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -281,4 +357,27 @@ pub fn put_bytes(out: &mut Vec<u8>, v: &[u8]) {
     out.reserve(8 + v.len());
     out.extend_from_slice(&(v.len() as u64).to_le_bytes());
     out.extend_from_slice(v);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_info_round_trips_and_tolerates_fields_it_does_not_know() {
+        let info = ServerInfo {
+            limits: Limits::with_max_value_len(5 << 20),
+        };
+        let encoded = info.encode();
+        let len = u64::from_le_bytes(encoded[..8].try_into().unwrap()) as usize;
+        assert_eq!(len, encoded.len() - 8);
+        assert_eq!(ServerInfo::decode(&encoded[8..]), Some(info));
+        let mut longer = encoded[8..].to_vec();
+        longer.extend_from_slice(&[9; 16]);
+        assert_eq!(ServerInfo::decode(&longer), Some(info));
+        assert_eq!(ServerInfo::decode(&encoded[8..20]), None);
+        let mut v2 = encoded[8..].to_vec();
+        v2[0] = 2;
+        assert_eq!(ServerInfo::decode(&v2), None);
+    }
 }

@@ -15,7 +15,8 @@
 
 use super::super::parser::RequestParser;
 use super::super::protocol::{
-    Key, Limits, Request, HELLO_ACK, HELLO_NONCE, NOT_READY, READY, STOP_WAITING, VALIDATE_MAGIC,
+    put_bytes, Key, Limits, Request, ServerInfo, HELLO_ACK, HELLO_NONCE, HELLO_V2_ACK,
+    HELLO_V2_NONCE, NOT_READY, READY, REPLY_ERROR, REPLY_OK, STOP_WAITING, VALIDATE_MAGIC,
     WAIT_CANCELED,
 };
 use super::backend::{Backend, Outcome};
@@ -44,6 +45,9 @@ struct Session {
     validated: bool,
     /// Negotiated distcore's extensions (HELLO).
     extended: bool,
+    /// Negotiated version 2: every reply starts with a status byte, and
+    /// errors are replies rather than a closed connection.
+    status_replies: bool,
     waits: Vec<WaitId>,
     /// The request a backend is still completing.
     in_flight: Option<Box<Request>>,
@@ -94,6 +98,7 @@ impl<B: Backend> ServerCore<B> {
             output: Outbox::new(false),
             validated: false,
             extended: false,
+            status_replies: false,
             waits: Vec::new(),
             in_flight: None,
         });
@@ -223,8 +228,10 @@ impl<B: Backend> ServerCore<B> {
         let Some(request) = self.session(id).and_then(|s| s.in_flight.take()) else {
             return Ok(());
         };
-        let outcome = outcome.map_err(|e| Refused(e.message().to_string()))?;
-        self.finish(id, &request, outcome);
+        match outcome {
+            Ok(outcome) => self.finish(id, &request, outcome),
+            Err(e) => self.fail(id, &e)?,
+        }
         self.resume(id)
     }
 
@@ -257,18 +264,23 @@ impl<B: Backend> ServerCore<B> {
         }
         match request {
             Request::Validate { .. } => {}
-            Request::Ping { nonce } => {
-                let answer = if nonce == HELLO_NONCE && extensions {
-                    session.extended = true;
-                    HELLO_ACK
-                } else {
-                    nonce
-                };
-                session.output.put(&answer.to_le_bytes());
+            Request::Ping { nonce } if extensions && nonce == HELLO_NONCE => {
+                session.extended = true;
+                session.output.put(&HELLO_ACK.to_le_bytes());
             }
+            Request::Ping { nonce } if extensions && nonce == HELLO_V2_NONCE => {
+                session.extended = true;
+                session.status_replies = true;
+                session.output.put(&HELLO_V2_ACK.to_le_bytes());
+                let info = ServerInfo {
+                    limits: self.limits,
+                };
+                self.put(id, &info.encode());
+            }
+            Request::Ping { nonce } => self.put_reply(id, &nonce.to_le_bytes()),
             Request::CancelWait => {
                 self.cancel_waits(id);
-                self.put(id, &[WAIT_CANCELED]);
+                self.put_reply(id, &[WAIT_CANCELED]);
             }
             Request::Wait { keys } => self.start_wait(id, keys, WaitReply::StopWaiting),
             Request::WaitGet { keys } if session.extended => {
@@ -302,14 +314,30 @@ impl<B: Backend> ServerCore<B> {
         applied: OpResult<Option<Outcome>>,
         request: Request,
     ) -> std::result::Result<(), Refused> {
-        match applied.map_err(|e| Refused(e.message().to_string()))? {
-            Some(outcome) => self.finish(id, &request, outcome),
-            None => {
+        match applied {
+            Ok(Some(outcome)) => self.finish(id, &request, outcome),
+            Ok(None) => {
                 if let Some(session) = self.session(id) {
                     session.in_flight = Some(Box::new(request));
                 }
             }
+            Err(e) => self.fail(id, &e)?,
         }
+        Ok(())
+    }
+
+    /// A request of `id` failed: an error reply on a version 2 connection,
+    /// the connection refused otherwise (as PyTorch's server does).
+    fn fail(&mut self, id: ConnId, error: &crate::Error) -> std::result::Result<(), Refused> {
+        let Some(session) = self.session(id) else {
+            return Ok(());
+        };
+        if !session.status_replies {
+            return Err(Refused(error.message().to_string()));
+        }
+        let mut reply = vec![REPLY_ERROR, error.status().code() as u8];
+        put_bytes(&mut reply, error.message().as_bytes());
+        session.output.put(&reply);
         Ok(())
     }
 
@@ -318,7 +346,7 @@ impl<B: Backend> ServerCore<B> {
         match (request, outcome) {
             (Request::Barrier { key, world_size }, Outcome::Int(arrived)) => {
                 if arrived >= *world_size {
-                    self.put(id, &[STOP_WAITING]);
+                    self.put_reply(id, &[STOP_WAITING]);
                 } else {
                     let wait = self.waits.register(
                         id,
@@ -356,6 +384,9 @@ impl<B: Backend> ServerCore<B> {
             return;
         };
         let out = &mut session.output;
+        if session.status_replies {
+            out.put(&[REPLY_OK]);
+        }
         match outcome {
             Outcome::Silent => {}
             Outcome::Value(value) => out.put_value(&value),
@@ -378,6 +409,16 @@ impl<B: Backend> ServerCore<B> {
     /// Queues plain bytes on `id`.
     fn put(&mut self, id: ConnId, bytes: &[u8]) {
         if let Some(session) = self.session(id) {
+            session.output.put(bytes);
+        }
+    }
+
+    /// Queues a reply on `id`, after the status byte where it has them.
+    fn put_reply(&mut self, id: ConnId, bytes: &[u8]) {
+        if let Some(session) = self.session(id) {
+            if session.status_replies {
+                session.output.put(&[REPLY_OK]);
+            }
             session.output.put(bytes);
         }
     }
@@ -423,10 +464,12 @@ impl<B: Backend> ServerCore<B> {
 
     fn send_wait_reply(&mut self, id: ConnId, reply: &WaitReply) {
         match reply {
-            WaitReply::StopWaiting | WaitReply::Barrier { .. } => self.put(id, &[STOP_WAITING]),
+            WaitReply::StopWaiting | WaitReply::Barrier { .. } => {
+                self.put_reply(id, &[STOP_WAITING])
+            }
             WaitReply::Values(keys) => {
                 let values = keys.iter().map(|k| self.backend.value(k)).collect();
-                self.put(id, &[STOP_WAITING]);
+                self.put_reply(id, &[STOP_WAITING]);
                 if let Some(session) = self.session(id) {
                     session.output.put_values(values);
                 }

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::bigbuf::LARGE_VALUE_LEN;
+use crate::store::tcp::protocol::ServerInfo;
 use crate::store::tcp::protocol::{Command, Encoder};
 use crate::store::tcp::server::backend::MemoryBackend;
 
@@ -544,4 +545,86 @@ fn a_request_completed_later_holds_back_only_its_own_connection() {
     );
     assert_eq!(replies(&mut c, 0), byte_string(b"v"), "then the GET ran");
     assert!(c.wants_input(0));
+}
+
+/// Opens validated connection `id` speaking version 2 of the extensions;
+/// returns the limits the server announced.
+fn open_v2<B: Backend>(core: &mut ServerCore<B>, id: ConnId) -> Limits {
+    open(core, id);
+    send(
+        core,
+        id,
+        &Encoder::request(Command::Ping).u32(HELLO_V2_NONCE).finish(),
+    );
+    let reply = replies(core, id);
+    assert_eq!(reply[..4], HELLO_V2_ACK.to_le_bytes());
+    let len = u64::from_le_bytes(reply[4..12].try_into().unwrap()) as usize;
+    assert_eq!(reply.len(), 12 + len);
+    ServerInfo::decode(&reply[12..]).unwrap().limits
+}
+
+#[test]
+fn version_2_announces_the_limits_and_prefixes_every_reply_with_a_status() {
+    let mut c = core();
+    assert_eq!(open_v2(&mut c, 0), limits());
+    open(&mut c, 1);
+    send(&mut c, 0, &set("/k", b"v"));
+    assert_eq!(replies(&mut c, 0), [REPLY_OK], "a SET is acknowledged");
+    send(&mut c, 0, &get("/k"));
+    let mut expected = vec![REPLY_OK];
+    expected.extend(byte_string(b"v"));
+    assert_eq!(replies(&mut c, 0), expected);
+    send(&mut c, 0, &Encoder::request(Command::Ping).u32(3).finish());
+    assert_eq!(replies(&mut c, 0), [REPLY_OK, 3, 0, 0, 0]);
+    send(&mut c, 0, &wait(&["/later"]));
+    assert!(replies(&mut c, 0).is_empty());
+    send(&mut c, 1, &set("/later", b"1"));
+    assert_eq!(replies(&mut c, 0), [REPLY_OK, STOP_WAITING]);
+    send(&mut c, 0, &wait(&["/never"]));
+    send(&mut c, 0, &[Command::CancelWait as u8]);
+    assert_eq!(replies(&mut c, 0), [REPLY_OK, WAIT_CANCELED]);
+    // A plain connection of the same server is untouched.
+    send(&mut c, 1, &get("/k"));
+    assert_eq!(replies(&mut c, 1), byte_string(b"v"));
+}
+
+#[test]
+fn version_2_turns_errors_into_replies_and_keeps_the_connection() {
+    let mut c = core();
+    open_v2(&mut c, 0);
+    send(&mut c, 0, &set("/text", b"abc"));
+    replies(&mut c, 0);
+    send(
+        &mut c,
+        0,
+        &Encoder::request(Command::Add)
+            .bytes(b"/text")
+            .u64(1)
+            .finish(),
+    );
+    let reply = replies(&mut c, 0);
+    assert_eq!(
+        reply[..2],
+        [REPLY_ERROR, crate::Status::InvalidArgument.code() as u8]
+    );
+    let message = String::from_utf8_lossy(&reply[10..]).into_owned();
+    assert_eq!(message, "add: the value of key '/text' is not an integer");
+    let big = vec![0u8; VALUE_LIMIT];
+    let append = |v: &[u8]| {
+        Encoder::request(Command::Append)
+            .bytes(b"/log")
+            .bytes(v)
+            .finish()
+    };
+    send(&mut c, 0, &append(&big));
+    assert_eq!(replies(&mut c, 0), [REPLY_OK]);
+    send(&mut c, 0, &append(b"x"));
+    assert_eq!(replies(&mut c, 0)[0], REPLY_ERROR);
+    send(&mut c, 0, &Encoder::request(Command::Ping).u32(9).finish());
+    assert_eq!(replies(&mut c, 0), [REPLY_OK, 9, 0, 0, 0], "still usable");
+    // Over an announced limit: closed, as for PyTorch's clients.
+    let over = Encoder::request(Command::Get)
+        .u64(limits().max_key_len as u64 + 1)
+        .finish();
+    assert!(c.receive(0, &over).is_err());
 }
