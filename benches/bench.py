@@ -388,6 +388,83 @@ def scenario_footprint(conns, keys, procs=2):
                  rows, "A PyTorch server lives in a Python process with torch loaded; the growth is the comparable part."), results
 
 
+ATTACK = """
+import socket, struct, sys, threading, time
+mode, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.sendall(bytes([0]) + struct.pack("<I", 0x3C85F7CE))
+if mode == "flood":
+    # Pipelined PINGs as fast as the server takes them, replies drained.
+    threading.Thread(target=lambda: [None for _ in iter(lambda: s.recv(1 << 20), b"")], daemon=True).start()
+    batch = (bytes([0x0D]) + struct.pack("<I", 7)) * 13000
+    print("attacking", flush=True)
+    while True:
+        s.sendall(batch)
+else:
+    # GETs of a 60 KiB value, never reading a reply.
+    key = b"/fair/big"
+    get = bytes([0x03]) + struct.pack("<Q", len(key)) + key
+    s.settimeout(10)
+    sent = 0
+    try:
+        for _ in range(count // 500):
+            s.sendall(get * 500)
+            sent += 500
+    except OSError:
+        pass
+    print("attacking", sent, flush=True)
+    time.sleep(3600)
+"""
+
+
+def scenario_fairness(ops, gets, seconds):
+    """A well-behaved client's get latency while another connection
+    attacks (up to `ops` gets, for at most `seconds`), and what the attack
+    costs the server in memory."""
+    rows, results = [], {}
+    for server in ["distcore", "torch libuv"]:
+        s = Server(server)
+        try:
+            seed = socket.create_connection(("127.0.0.1", s.port))
+            key, value = b"/fair/big", b"v" * (60 << 10)
+            seed.sendall(bytes([0]) + (0x3C85F7CE).to_bytes(4, "little") + bytes([1]) +
+                         len(key).to_bytes(8, "little") + key + len(value).to_bytes(8, "little") + value)
+            for attack in ["none", "flood", "noread"]:
+                base = s.rss_kib()
+                attacker = None
+                if attack != "none":
+                    attacker = subprocess.Popen([sys.executable, "-c", ATTACK, attack, str(s.port), str(gets)],
+                                                stdout=subprocess.PIPE, text=True, env=ENV)
+                    read_until(attacker, "attacking", 120)
+                try:
+                    line = run_driver("distcore", "gets", "127.0.0.1", s.port, ops, seconds).strip()
+                    grown = (s.rss_kib() - base) / 1024
+                finally:
+                    if attacker:
+                        attacker.kill()
+                        attacker.wait()
+                _, med, p99, done = line.split()
+                results[(server, attack)] = (float(med), float(p99), grown, int(done))
+            seed.close()
+        finally:
+            s.stop()
+    names = {"none": "none", "flood": "pipelined PING flood (replies read)",
+             "noread": f"{gets:,} GETs of a 60 KiB value, replies never read"}
+    for attack in ["none", "flood", "noread"]:
+        for server in ["distcore", "torch libuv"]:
+            med, p99, grown, done = results[(server, attack)]
+            ours, ref = results[("distcore", attack)], results[("torch libuv", attack)]
+            rows.append([names[attack], server, f"{done:,}", f"{med:.1f}", f"{p99:.1f}", f"{grown:+.1f}",
+                         f"{ratio(ours[1], ref[1])} / {ratio(ours[0], ref[0])}" if server == "distcore" else ""])
+    return table(f"7. Fairness (a distcore client's gets, up to {ops:,} in {seconds} s, while another "
+                 "connection attacks)",
+                 ["attack", "server", "gets done", "get median (µs)", "get p99 (µs)", "server RSS growth (MiB)",
+                  "distcore / torch libuv (p99 / median)"], rows,
+                 "Each attack runs in its own process for the whole measurement; RSS is the server's, "
+                 "measured at the end of it."), results
+
+
 LOAD_KEYS = """
 import sys, distcore_ctypes as dc
 api = dc.Api(); s = dc.Store.tcp(api, int(sys.argv[1]))
@@ -484,7 +561,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smoke run well under 2 minutes")
     ap.add_argument("--out", help="write the tables (and the plot beside them) here")
-    ap.add_argument("--only", choices=["footprint", "rpc"], help="run one scenario and print it")
+    ap.add_argument("--only", choices=["footprint", "rpc", "fairness"], help="run one scenario and print it")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -493,6 +570,9 @@ def main():
     q = args.quick
     if args.only == "footprint":
         guarded("5. Footprint", scenario_footprint, 500 if q else 10000, 5000 if q else 100000)
+        return
+    if args.only == "fairness":
+        guarded("7. Fairness", scenario_fairness, 500 if q else 5000, 2000 if q else 10000, 3 if q else 10)
         return
     if args.only == "rpc":
         guarded("6. RPC and RRef", scenario_rpc, 100 if q else 2000, 1 if q else 3)
@@ -525,6 +605,7 @@ def main():
     sections.append(large_text)
     sections.append(guarded("5. Footprint", scenario_footprint, 500 if q else 10000, 5000 if q else 100000)[0])
     sections.append(guarded("6. RPC and RRef", scenario_rpc, 100 if q else 2000, 1 if q else 3)[0])
+    sections.append(guarded("7. Fairness", scenario_fairness, 500 if q else 5000, 2000 if q else 10000, 3 if q else 10)[0])
     took = time.monotonic() - started
     print(f"all scenarios in {took:.0f} s")
     if args.out:

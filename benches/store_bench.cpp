@@ -4,6 +4,8 @@
 // clients run exactly the same measurement code.
 //
 //   store_bench latency    HOST PORT OPS            -> "op median_us p99_us" lines
+//   store_bench gets       HOST PORT OPS SECONDS    -> "get median_us p99_us count": up to OPS gets,
+//                                                      stopping after SECONDS
 //   store_bench throughput HOST PORT CONNS SECONDS  -> "ops N seconds S"
 //   store_bench join       HOST PORT N WORLD        -> "loaded", waits for a line, then
 //                                                      "joined N failures F seconds S"
@@ -171,6 +173,22 @@ static int latency(const std::string& host, int port, int ops) {
   return 0;
 }
 
+static int gets(const std::string& host, int port, int ops, double secs) {
+  Client c(host, port);
+  c.set("lat/get", Bytes(64, 'x'));
+  std::vector<double> us;
+  auto start = Clock::now();
+  while ((int)us.size() < ops && seconds_since(start) < secs) {
+    auto t = Clock::now();
+    c.get("lat/get");
+    us.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t).count());
+  }
+  std::sort(us.begin(), us.end());
+  size_t n = us.size();
+  std::printf("get %.2f %.2f %zu\n", us[n / 2], us[std::min(n - 1, n * 99 / 100)], n);
+  return 0;
+}
+
 static int throughput(const std::string& host, int port, int conns, double secs) {
   {
     Client c(host, port);
@@ -313,6 +331,7 @@ int main(int argc, char** argv) {
   int port = std::atoi(argv[3]);
   try {
     if (mode == "latency") return latency(host, port, std::atoi(argv[4]));
+    if (mode == "gets") return gets(host, port, std::atoi(argv[4]), std::atof(argv[5]));
     if (mode == "throughput") return throughput(host, port, std::atoi(argv[4]), std::atof(argv[5]));
     if (mode == "join") return join(host, port, std::atoi(argv[4]), std::atoi(argv[5]));
     if (mode == "barrier") return barrier(host, port, std::atoi(argv[4]), argv[5], std::atoi(argv[6]));

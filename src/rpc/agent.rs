@@ -673,6 +673,7 @@ impl IoLoop {
         let registry = self.poll.registry();
         let conns = &mut self.conns;
         self.accept_retry = self.acceptor.accept(Instant::now(), |mut stream, peer| {
+            let _ = stream.set_nodelay(true);
             let writer = match Writer::new(&stream, true) {
                 Ok(writer) => Arc::new(writer),
                 Err(e) => {
