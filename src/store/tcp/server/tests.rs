@@ -5,10 +5,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::store::tcp::protocol::{
-    Command, Encoder, HELLO_ACK, HELLO_NONCE, NOT_READY, STOP_WAITING, VALIDATE_MAGIC,
-    WAIT_CANCELED,
-};
+use crate::store::tcp::protocol::{Command, Encoder, NOT_READY, VALIDATE_MAGIC, WAIT_CANCELED};
 
 fn server() -> Server {
     Server::start(ServerOptions {
@@ -217,101 +214,6 @@ fn bad_input_closes_only_that_connection() {
 }
 
 #[test]
-fn waiters_wake_on_every_writing_command() {
-    let srv = server();
-    let mut w = validated(&srv);
-    let mut writer = validated(&srv);
-    let writes: Vec<(&str, Vec<u8>)> = vec![
-        (
-            "/a",
-            Encoder::request(Command::Set)
-                .bytes(b"/a")
-                .bytes(b"1")
-                .finish(),
-        ),
-        (
-            "/b",
-            Encoder::request(Command::Add).bytes(b"/b").u64(1).finish(),
-        ),
-        (
-            "/c",
-            Encoder::request(Command::Append)
-                .bytes(b"/c")
-                .bytes(b"x")
-                .finish(),
-        ),
-        (
-            "/d",
-            Encoder::request(Command::CompareSet)
-                .bytes(b"/d")
-                .bytes(b"")
-                .bytes(b"v")
-                .finish(),
-        ),
-        (
-            "/e",
-            Encoder::request(Command::QueuePush)
-                .bytes(b"/e")
-                .bytes(b"v")
-                .finish(),
-        ),
-        (
-            "/f",
-            Encoder::request(Command::MultiSet)
-                .u64(1)
-                .bytes(b"/f")
-                .bytes(b"v")
-                .finish(),
-        ),
-    ];
-    for (key, write) in writes {
-        w.write_all(&Encoder::request(Command::Wait).keys(&[key]).finish())
-            .unwrap();
-        wait_for(&srv, |s| s.pending_waits == 1);
-        writer.write_all(&write).unwrap();
-        assert_eq!(read_n(&mut w, 1), [STOP_WAITING], "{key}");
-        // Drain replies of the writer (ADD and COMPARE_SET answer).
-        writer
-            .write_all(&Encoder::request(Command::Ping).u32(7).finish())
-            .unwrap();
-        let mut tail = Vec::new();
-        while !tail.ends_with(&[7, 0, 0, 0]) {
-            tail.extend(read_n(&mut writer, 1));
-        }
-    }
-}
-
-#[test]
-fn queue_push_wakes_one_waiter() {
-    let srv = server();
-    let mut a = validated(&srv);
-    let mut b = validated(&srv);
-    for s in [&mut a, &mut b] {
-        s.write_all(&Encoder::request(Command::Wait).keys(&["/q"]).finish())
-            .unwrap();
-    }
-    wait_for(&srv, |s| s.pending_waits == 2);
-    let mut p = validated(&srv);
-    p.write_all(
-        &Encoder::request(Command::QueuePush)
-            .bytes(b"/q")
-            .bytes(b"1")
-            .finish(),
-    )
-    .unwrap();
-    assert_eq!(read_n(&mut a, 1), [STOP_WAITING]);
-    wait_for(&srv, |s| s.pending_waits == 1);
-    p.write_all(
-        &Encoder::request(Command::QueuePush)
-            .bytes(b"/q")
-            .bytes(b"2")
-            .finish(),
-    )
-    .unwrap();
-    assert_eq!(read_n(&mut b, 1), [STOP_WAITING]);
-}
-
-#[test]
 fn cancel_and_disconnect_leave_no_waiter() {
     let srv = server();
     let mut s = validated(&srv);
@@ -348,91 +250,6 @@ fn cancel_and_disconnect_leave_no_waiter() {
     )
     .unwrap();
     assert_eq!(ping(&mut s, 5), 5);
-}
-
-#[test]
-fn barrier_counts_arrivals_and_releases_everyone() {
-    let srv = server();
-    let mut conns: Vec<TcpStream> = (0..3).map(|_| validated(&srv)).collect();
-    for c in &mut conns[..2] {
-        c.write_all(
-            &Encoder::request(Command::Barrier)
-                .bytes(b"/b")
-                .u64(3)
-                .finish(),
-        )
-        .unwrap();
-    }
-    wait_for(&srv, |st| st.pending_waits == 2);
-    conns[2]
-        .write_all(
-            &Encoder::request(Command::Barrier)
-                .bytes(b"/b")
-                .u64(3)
-                .finish(),
-        )
-        .unwrap();
-    for c in &mut conns {
-        assert_eq!(read_n(c, 1), [STOP_WAITING]);
-    }
-    conns[0]
-        .write_all(&Encoder::request(Command::Get).bytes(b"/b").finish())
-        .unwrap();
-    assert_eq!(read_n(&mut conns[0], 9)[8], b'3');
-}
-
-#[test]
-fn hello_turns_on_wait_get_only_for_distcore_clients() {
-    let srv = server();
-    let mut s = validated(&srv);
-    assert_eq!(ping(&mut s, HELLO_NONCE), HELLO_ACK);
-    s.write_all(
-        &Encoder::request(Command::Set)
-            .bytes(b"/k")
-            .bytes(b"v")
-            .finish(),
-    )
-    .unwrap();
-    s.write_all(
-        &Encoder::request(Command::WaitGet)
-            .keys(&["/k", "/missing-later"])
-            .finish(),
-    )
-    .unwrap();
-    wait_for(&srv, |st| st.pending_waits == 1);
-    let mut other = validated(&srv);
-    set(&mut other, "/missing-later", b"w");
-    let reply = read_n(&mut s, 1 + 9 + 9);
-    assert_eq!(reply[0], STOP_WAITING);
-    assert_eq!((reply[9], reply[18]), (b'v', b'w'));
-    let plain = Server::start(ServerOptions {
-        extensions: false,
-        ..ServerOptions::default()
-    })
-    .unwrap();
-    let mut p = validated(&plain);
-    assert_eq!(ping(&mut p, HELLO_NONCE), HELLO_NONCE);
-}
-
-#[test]
-fn queue_pop_reports_length_before_the_pop() {
-    let srv = server();
-    let mut s = validated(&srv);
-    s.write_all(&Encoder::request(Command::QueuePop).bytes(b"/q").finish())
-        .unwrap();
-    assert_eq!(read_n(&mut s, 8), 0i64.to_le_bytes());
-    s.write_all(
-        &Encoder::request(Command::QueuePush)
-            .bytes(b"/q")
-            .bytes(b"e1")
-            .finish(),
-    )
-    .unwrap();
-    s.write_all(&Encoder::request(Command::QueuePop).bytes(b"/q").finish())
-        .unwrap();
-    let reply = read_n(&mut s, 8 + 8 + 2);
-    assert_eq!(reply[..8], 1i64.to_le_bytes());
-    assert_eq!(reply[16..], *b"e1");
 }
 
 #[test]
