@@ -229,7 +229,8 @@ impl Outbox {
     }
 
     /// Drops the front segment, keeping an emptied owned buffer (unless
-    /// oversized) for reuse.
+    /// oversized) for reuse. An emptied queue gives its buffer back: an
+    /// idle connection holds none (160 bytes each, at 10k connections).
     fn pop_front(&mut self) {
         self.written = 0;
         if let Some(Segment::Owned(mut bytes)) = self.segments.pop_front() {
@@ -237,6 +238,9 @@ impl Outbox {
                 bytes.clear();
                 self.spare = bytes;
             }
+        }
+        if self.segments.is_empty() {
+            self.segments = VecDeque::new();
         }
     }
 }

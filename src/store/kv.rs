@@ -1,54 +1,81 @@
 //! The key-value table behind the in-process and network stores: PyTorch's
 //! semantics for every operation, without any waiting (callers own locking
 //! and wake-ups).
+//!
+//! Small entries (key and value within 4 KiB) are packed into slabs
+//! ([`PackedMap`]): about 130 bytes for a 100-byte value, where a map of
+//! boxed keys to shared values spends 200. Larger values are kept whole and
+//! shared by reference with the replies that send them; values grown by
+//! APPEND are kept with room to grow, so an append costs what it appends.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use super::packed::{record_len, PackedMap, MAX_RECORD};
 use crate::error::{Error, Result};
 
 /// A stored value, shared rather than copied between readers.
 pub(crate) type Value = Arc<[u8]>;
 
-/// Values and queues by key. Keys are bytes, as on the wire.
+/// An entry too large to pack.
+enum Large {
+    /// Sent by reference, never copied.
+    Shared(Value),
+    /// Being grown by APPEND, with room to grow.
+    Growing(Vec<u8>),
+}
+
+impl Large {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Large::Shared(v) => v,
+            Large::Growing(v) => v,
+        }
+    }
+}
+
+/// Values and queues by key. Keys are bytes, as on the wire; a key is in
+/// `small` or in `large`, never both.
 #[derive(Default)]
 pub(crate) struct KvTable {
-    /// Keys as boxed slices: 8 bytes less per entry than a `Vec`, which
-    /// counts at 100k keys.
-    values: HashMap<Box<[u8]>, Value>,
-    /// Values being grown by APPEND, with room to grow (a key is here or
-    /// in `values`, never both): an append costs what it appends, not a
-    /// copy of the whole value.
-    appended: HashMap<Box<[u8]>, Vec<u8>>,
+    small: PackedMap,
+    large: HashMap<Box<[u8]>, Large>,
     queues: HashMap<Box<[u8]>, VecDeque<Value>>,
 }
 
 impl KvTable {
     pub(crate) fn set(&mut self, key: &[u8], value: Value) {
-        // Replacing a value keeps the boxed key.
-        match self.values.get_mut(key) {
-            Some(slot) => *slot = value,
+        if record_len(key, &value) <= MAX_RECORD {
+            self.large.remove(key);
+            self.small.insert(key, &value);
+            return;
+        }
+        self.small.remove(key);
+        match self.large.get_mut(key) {
+            Some(slot) => *slot = Large::Shared(value),
             None => {
-                self.appended.remove(key);
-                self.values.insert(key.into(), value);
+                self.large.insert(key.into(), Large::Shared(value));
             }
         }
     }
 
-    /// The value of `key` (a value being appended to is copied out).
+    /// The value of `key` (shared when large, copied out when small or
+    /// being appended to).
     pub(crate) fn get(&self, key: &[u8]) -> Option<Value> {
-        match self.values.get(key) {
-            Some(value) => Some(value.clone()),
-            None => self.appended.get(key).map(|v| Value::from(&v[..])),
+        if let Some(value) = self.small.get(key) {
+            return Some(Value::from(value));
+        }
+        match self.large.get(key)? {
+            Large::Shared(value) => Some(value.clone()),
+            Large::Growing(value) => Some(Value::from(&value[..])),
         }
     }
 
     /// The bytes of the value of `key`, wherever it is kept.
     fn bytes(&self, key: &[u8]) -> Option<&[u8]> {
-        match self.values.get(key) {
-            Some(value) => Some(value),
-            None => self.appended.get(key).map(Vec::as_slice),
-        }
+        self.small
+            .get(key)
+            .or_else(|| self.large.get(key).map(Large::bytes))
     }
 
     /// Adds `delta` to the decimal integer at `key` (missing counts as 0).
@@ -85,42 +112,50 @@ impl KvTable {
     }
 
     pub(crate) fn delete(&mut self, key: &[u8]) -> bool {
-        self.values.remove(key).is_some() || self.appended.remove(key).is_some()
+        self.small.remove(key) || self.large.remove(key).is_some()
     }
 
     /// Whether `key` holds a value or a non-empty queue.
     pub(crate) fn contains(&self, key: &[u8]) -> bool {
-        self.values.contains_key(key)
-            || self.appended.contains_key(key)
+        self.small.contains(key)
+            || self.large.contains_key(key)
             || self.queues.get(key).is_some_and(|q| !q.is_empty())
     }
 
     pub(crate) fn num_keys(&self) -> i64 {
-        (self.values.len() + self.appended.len()) as i64
+        (self.small.len() + self.large.len()) as i64
     }
 
     /// Appends `suffix` to the value of `key` (creating it), refusing a
-    /// result longer than `max_len`. Amortised: the value grows in place.
+    /// result longer than `max_len`. Amortised: a value too large to pack
+    /// grows in place.
     pub(crate) fn append(&mut self, key: &[u8], suffix: &[u8], max_len: usize) -> Result<()> {
         let current = self.bytes(key).map_or(0, <[u8]>::len);
-        if current.saturating_add(suffix.len()) > max_len {
+        let total = current.saturating_add(suffix.len());
+        if total > max_len {
             return Err(Error::invalid_argument(format!(
-                "append: the value of key '{}' would be {} bytes, over the limit of {max_len}",
+                "append: the value of key '{}' would be {total} bytes, over the limit of {max_len}",
                 String::from_utf8_lossy(key),
-                current.saturating_add(suffix.len())
             )));
         }
-        if let Some(grown) = self.appended.get_mut(key) {
+        if let Some(Large::Growing(grown)) = self.large.get_mut(key) {
             grown.extend_from_slice(suffix);
             return Ok(());
         }
-        let mut grown = match self.values.remove_entry(key) {
-            Some((key, value)) => (key, value.to_vec()),
-            None => (key.into(), Vec::new()),
-        };
-        grown.1.reserve(suffix.len());
-        grown.1.extend_from_slice(suffix);
-        self.appended.insert(grown.0, grown.1);
+        let mut grown = Vec::with_capacity(total);
+        grown.extend_from_slice(self.bytes(key).unwrap_or_default());
+        grown.extend_from_slice(suffix);
+        if key.len() + total + 8 <= MAX_RECORD {
+            self.small.insert(key, &grown);
+            return Ok(());
+        }
+        self.small.remove(key);
+        match self.large.get_mut(key) {
+            Some(slot) => *slot = Large::Growing(grown),
+            None => {
+                self.large.insert(key.into(), Large::Growing(grown));
+            }
+        }
         Ok(())
     }
 
@@ -142,7 +177,7 @@ impl KvTable {
     }
 
     pub(crate) fn keys(&self) -> impl Iterator<Item = &[u8]> {
-        self.values.keys().chain(self.appended.keys()).map(|k| &**k)
+        self.small.keys().chain(self.large.keys().map(|k| &**k))
     }
 
     /// The arrival count of the barrier `key` (0 before anyone arrived).
@@ -203,7 +238,7 @@ mod tests {
         t.set(b"n", Value::from(&b"4"[..]));
         t.append(b"n", b"2", 10).unwrap();
         assert_eq!(t.add(b"n", 1).unwrap(), 43);
-        assert_eq!(t.num_keys(), 2, "add moved the counter back, once");
+        assert_eq!(t.num_keys(), 2, "the counter is one key, wherever kept");
         assert!(t.delete(b"a"));
         assert!(!t.contains(b"a"));
         t.append(b"fresh", b"x", 10).unwrap();
@@ -220,6 +255,30 @@ mod tests {
         assert!(t.add(b"s", 1).is_err());
         t.set(b"m", Value::from(i64::MAX.to_string().as_bytes()));
         assert!(t.add(b"m", 1).is_err());
+    }
+
+    #[test]
+    fn values_move_between_packed_and_large_as_their_size_changes() {
+        let mut t = KvTable::default();
+        let big = Value::from(vec![1u8; MAX_RECORD]);
+        t.set(b"k", Value::from(&b"small"[..]));
+        t.set(b"k", big.clone());
+        assert!(
+            Arc::ptr_eq(&t.get(b"k").unwrap(), &big),
+            "large values are shared"
+        );
+        assert_eq!(t.num_keys(), 1);
+        t.set(b"k", Value::from(&b"small again"[..]));
+        assert_eq!(&*t.get(b"k").unwrap(), b"small again");
+        assert_eq!(t.num_keys(), 1);
+        // Appends cross from packed to growing.
+        for _ in 0..100 {
+            t.append(b"k", &[7; 100], 1 << 20).unwrap();
+        }
+        assert_eq!(t.get(b"k").unwrap().len(), 11 + 100 * 100);
+        assert_eq!(t.keys().count(), 1);
+        assert!(t.delete(b"k"));
+        assert!(!t.contains(b"k"));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod elastic;
 pub mod file;
 pub mod hash;
 pub(crate) mod kv;
+mod packed;
 pub mod prefix;
 pub mod tcp;
 
