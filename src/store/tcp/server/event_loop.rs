@@ -250,13 +250,24 @@ impl<B: Backend> EventLoop<B> {
         let Some(mut conn) = self.conns.remove(token) else {
             return;
         };
-        let peer = conn
-            .stream
-            .peer_addr()
-            .map_or_else(|_| "?".to_string(), |p| p.to_string());
+        // The peer's address costs a system call: asked only for a line
+        // that is written.
+        let peer = |conn: &Conn| {
+            conn.stream
+                .peer_addr()
+                .map_or_else(|_| "?".to_string(), |p| p.to_string())
+        };
         match reason {
-            Close::PeerClosed => log::debug!("TCPStore server: {peer} disconnected"),
-            Close::Io(e) => log::debug!("TCPStore server: closing {peer}: {e}"),
+            Close::PeerClosed => {
+                if log::log_enabled!(log::Level::Debug) {
+                    log::debug!("TCPStore server: {} disconnected", peer(&conn));
+                }
+            }
+            Close::Io(e) => {
+                if log::log_enabled!(log::Level::Debug) {
+                    log::debug!("TCPStore server: closing {}: {e}", peer(&conn));
+                }
+            }
             Close::Refused(why) => {
                 if let Some(held_back) = self.refusals.allow(Instant::now()) {
                     let more = if held_back > 0 {
@@ -264,7 +275,10 @@ impl<B: Backend> EventLoop<B> {
                     } else {
                         String::new()
                     };
-                    log::warn!("TCPStore server: closing connection from {peer}: {why}{more}");
+                    log::warn!(
+                        "TCPStore server: closing connection from {}: {why}{more}",
+                        peer(&conn)
+                    );
                 }
             }
         }
