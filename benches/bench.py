@@ -612,7 +612,9 @@ def guarded(name, fn, *args):
         return text, {}
 
 
-def plot(rendezvous, sizes, path):
+def plot(rendezvous, sizes, scale, path):
+    """Rendezvous time against N, and (when measured) the server's CPU per
+    rank against N from the scale scenario."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -620,7 +622,9 @@ def plot(rendezvous, sizes, path):
     except ImportError:
         print("matplotlib missing: no plot")
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
+    scale_sizes = sorted({k[1] for k in scale if isinstance(k[1], int)})
+    fig, axes = plt.subplots(1, 2 if scale_sizes else 1, figsize=(12 if scale_sizes else 6, 4), squeeze=False)
+    ax = axes[0][0]
     for server in ["distcore", "torch libuv"]:
         points = [(n, rendezvous[(server, n)][0]) for n in sizes if rendezvous[(server, n)][0] is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=server)
@@ -631,6 +635,18 @@ def plot(rendezvous, sizes, path):
     ax.set_title("Rendezvous time against N")
     ax.grid(True, alpha=0.3)
     ax.legend()
+    if scale_sizes:
+        ax = axes[0][1]
+        for server in ["distcore", "torch libuv"]:
+            ax.plot(scale_sizes, [scale[(server, n)]["cpu_all"] / n * 1e6 for n in scale_sizes], marker="o",
+                    label=f"{server}: server CPU µs per rank")
+            ax.plot(scale_sizes, [scale[(server, n)]["rss"] / n / 10 for n in scale_sizes], marker="s",
+                    linestyle="--", label=f"{server}: server RSS per rank (×10 B)")
+        ax.set_xlabel("ranks N (one epoll generator)")
+        ax.set_title("Server cost per rank (join + store barrier)")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -705,14 +721,15 @@ def main():
     sections.append(guarded("5. Footprint", scenario_footprint, 500 if q else 10000, 5000 if q else 100000)[0])
     sections.append(guarded("6. RPC and RRef", scenario_rpc, 100 if q else 2000, 1 if q else 3)[0])
     sections.append(guarded("7. Fairness", scenario_fairness, 500 if q else 5000, 2000 if q else 10000, 3 if q else 10)[0])
-    sections.append(guarded("8. Scale", scenario_scale, [512] if q else [4096, 8192, 16384, 19500],
-                            None if q else 21000, None if q else 4096)[0])
+    text, scale = guarded("8. Scale", scenario_scale, [512] if q else [4096, 8192, 16384, 19500],
+                          None if q else 21000, None if q else 4096)
+    sections.append(text)
     took = time.monotonic() - started
     print(f"all scenarios in {took:.0f} s")
     if args.out:
         png = os.path.splitext(args.out)[0] + "-rendezvous.png"
-        if rdv and plot(rdv, sizes, png):
-            sections.insert(5, f"![Rendezvous time against N]({os.path.basename(png)})\n")
+        if rdv and plot(rdv, sizes, scale, png):
+            sections.insert(5, f"![Rendezvous time and server cost per rank against N]({os.path.basename(png)})\n")
         with open(args.out, "w") as f:
             f.write(preamble(args.out) + "\n".join(sections) + f"\nAll scenarios took {took:.0f} s.\n")
 
