@@ -730,8 +730,10 @@ def main():
         png = os.path.splitext(args.out)[0] + "-rendezvous.png"
         if rdv and plot(rdv, sizes, scale, png):
             sections.insert(5, f"![Rendezvous time and server cost per rank against N]({os.path.basename(png)})\n")
+        # Read what a human wrote before opening the file (which truncates it).
+        kept = preamble(args.out)
         with open(args.out, "w") as f:
-            f.write(preamble(args.out) + "\n".join(sections) + f"\nAll scenarios took {took:.0f} s.\n")
+            f.write(kept + "\n".join(sections) + f"\nAll scenarios took {took:.0f} s.\n")
 
 
 if __name__ == "__main__":
