@@ -213,7 +213,11 @@ impl<B: Backend> EventLoop<B> {
         let Some(id) = ConnTable::<Conn>::index(token) else {
             return;
         };
-        for _ in 0..2 {
+        // Write, then let the core process what it held back; again while
+        // that produced replies, so the last write sets the WRITABLE
+        // interest for whatever is left (ends: each round consumes held-back
+        // bytes, at most one read's worth).
+        loop {
             let (Some(conn), Some(output)) = (self.conns.get_mut(token), self.core.output(id))
             else {
                 return;

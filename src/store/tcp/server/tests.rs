@@ -362,3 +362,31 @@ fn a_client_dying_mid_value_loses_only_its_request() {
         .unwrap();
     assert_eq!(read_n(&mut other, 1), [NOT_READY]);
 }
+
+#[test]
+fn a_pipelining_client_held_back_by_the_output_cap_gets_every_reply() {
+    let srv = server();
+    let mut s = validated(&srv);
+    set(&mut s, "/v", &[5u8; 1000]);
+    // 20,000 GETs in one go: 20 MB of replies, far past the output cap,
+    // so the server holds requests back and resumes as the client reads.
+    let gets: Vec<u8> = (0..20_000)
+        .flat_map(|_| Encoder::request(Command::Get).bytes(b"/v").finish())
+        .collect();
+    let mut writer = s.try_clone().unwrap();
+    let sender = std::thread::spawn(move || writer.write_all(&gets).unwrap());
+    let reply_len = 8 + 1000;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut total = 0;
+    while total < 20_000 * reply_len {
+        // Read slowly at first, so the server pauses and resumes often.
+        if total < 2 << 20 {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let n = s.read(&mut buf).expect("every reply arrives");
+        assert!(n > 0, "closed after {total} bytes");
+        total += n;
+    }
+    sender.join().unwrap();
+    assert_eq!(ping(&mut s, 3), 3);
+}
