@@ -19,6 +19,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// The longest byte argument (a value, a result, RPC arguments) any function
+// accepts: a longer `len` is DC_ERR_INVALID_ARGUMENT before anything is
+// read. Stores have lower limits of their own (a TCPStore: what its server
+// announces, or PyTorch's 8 MiB against a PyTorch server; a FileStore:
+// 4 GiB - 1); a length that fits but cannot be allocated is
+// DC_ERR_INVALID_ARGUMENT too.
+#define DC_MAX_BYTES_LEN (1 << 40)
+
 // Timeout argument: use the handle's own timeout.
 #define DC_TIMEOUT_DEFAULT -1
 

@@ -6,6 +6,39 @@
 
 use std::sync::Arc;
 
+use crate::error::{Error, Result};
+
+/// Below this, an allocation is not worth probing: its failure is the
+/// process's, not the caller's.
+const PROBE_MIN_LEN: usize = 16 << 20;
+
+/// Fails with a clear error, instead of aborting the process, when a buffer
+/// of `len` bytes (a caller's value, `what`) cannot be allocated. Rust's
+/// infallible allocations (an `Arc<[u8]>`) abort on failure; for large
+/// lengths this asks the allocator first and gives the memory back.
+pub(crate) fn check_allocatable(len: usize, what: &str) -> Result<()> {
+    if len < PROBE_MIN_LEN {
+        return Ok(());
+    }
+    let mut probe = Vec::<u8>::new();
+    probe
+        .try_reserve_exact(len)
+        .map_err(|_| out_of_memory(len, what))
+}
+
+/// A copy of `bytes`, or an error when its memory cannot be allocated.
+pub(crate) fn try_copy(bytes: &[u8], what: &str) -> Result<Vec<u8>> {
+    let mut copy = Vec::new();
+    copy.try_reserve_exact(bytes.len())
+        .map_err(|_| out_of_memory(bytes.len(), what))?;
+    copy.extend_from_slice(bytes);
+    Ok(copy)
+}
+
+fn out_of_memory(len: usize, what: &str) -> Error {
+    Error::invalid_argument(format!("{what}: cannot allocate {len} bytes"))
+}
+
 /// A value at least this long is large: the TCPStore server reads it
 /// straight into the buffer that keeps it and replies with it by reference,
 /// and both ends send it in a call of its own rather than behind a few
@@ -62,6 +95,15 @@ fn advise_huge_pages(buf: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn impossible_allocations_are_errors_not_aborts() {
+        let e = check_allocatable(1 << 62, "value").unwrap_err();
+        assert_eq!(e.status(), crate::Status::InvalidArgument);
+        assert!(e.message().contains("cannot allocate"), "{}", e.message());
+        check_allocatable(PROBE_MIN_LEN, "value").unwrap();
+        assert_eq!(try_copy(b"abc", "value").unwrap(), b"abc");
+    }
 
     #[test]
     fn buffers_are_zeroed_and_sized() {

@@ -4,10 +4,17 @@
 //! optionally a result), with an error, or by `abort`. Waiters block on a
 //! condvar; callbacks run on the finishing thread; an eventfd lets event loops
 //! wait on many works without a thread each.
+//!
+//! One completion model serves users and internals: an operation that runs
+//! elsewhere (a store's async get, an RPC) is a [`Promise`] its driver
+//! completes and a [`Work`] its callers observe. When the observers give up
+//! on it (abort it, or drop every handle without a callback to run), the
+//! promise's release hook tells the driver to let go of what the operation
+//! holds (a connection, a waiter).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -139,10 +146,14 @@ enum Phase {
 struct State {
     phase: Phase,
     error: Option<Error>,
-    result: Option<Arc<[u8]>>,
+    result: Option<Arc<Vec<u8>>>,
     source_rank: Option<i32>,
     finished_at: Option<Instant>,
     callbacks: Vec<DoneCallback>,
+    /// Whether the promise (not an observer) completed the work.
+    completed_by_promise: bool,
+    /// Run when the observers give up on a pending work (see [`Promise`]).
+    release: Option<ReleaseHook>,
     span: Option<Span>,
     ready_fd: Option<OwnedFd>,
 }
@@ -154,15 +165,117 @@ struct Inner {
     timeout: Option<Duration>,
     sequence_number: u64,
     created_at: Instant,
+    /// The [`Work`] handles alive (a [`Promise`] is not one).
+    observers: AtomicUsize,
     state: Mutex<State>,
     completed: Condvar,
 }
 
+/// What a [`Promise`]'s driver runs to let go of an operation nobody waits
+/// for any more.
+pub type ReleaseHook = Box<dyn FnOnce() + Send>;
+
 /// The completion handle of an asynchronous operation. Cheap to clone (all
-/// clones are the same work) and safe to share between threads.
-#[derive(Clone)]
+/// clones are the same work) and safe to share between threads; a thread
+/// blocked in [`Work::wait`] holds its own reference, so dropping the other
+/// handles meanwhile is safe.
 pub struct Work {
     inner: Arc<Inner>,
+}
+
+impl Clone for Work {
+    fn clone(&self) -> Self {
+        self.inner.observers.fetch_add(1, Ordering::Relaxed);
+        Work {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl Drop for Work {
+    /// The last handle of a pending work with no callback to run releases
+    /// its operation: no one can observe its outcome any more.
+    fn drop(&mut self) {
+        if self.inner.observers.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let release = {
+            let mut state = self.inner.state.lock();
+            if !matches!(state.phase, Phase::Pending) || !state.callbacks.is_empty() {
+                return;
+            }
+            state.release.take()
+        };
+        if let Some(release) = release {
+            release();
+        }
+    }
+}
+
+/// The completing side of a work whose operation runs elsewhere: the driver
+/// keeps the promise, callers get [`Promise::work`]. Completing through the
+/// promise never runs its release hook.
+pub struct Promise {
+    inner: Arc<Inner>,
+}
+
+impl Promise {
+    /// A pending future-wrapping work (rank -1, op type `Unknown`) and its
+    /// promise.
+    pub fn new() -> (Promise, Work) {
+        let work = Work::from_future();
+        let promise = Promise {
+            inner: work.inner.clone(),
+        };
+        (promise, work)
+    }
+
+    /// Sets what runs when the observers give up on the pending work: it is
+    /// aborted or finished by someone else, or its last handle is dropped
+    /// with no callback registered. Runs at most once, on that thread, and
+    /// never after the promise completed the work. If they already gave up,
+    /// runs now.
+    pub fn on_release(&self, hook: ReleaseHook) {
+        {
+            let mut state = self.inner.state.lock();
+            let abandoned = self.inner.observers.load(Ordering::Acquire) == 0
+                && state.callbacks.is_empty();
+            if matches!(state.phase, Phase::Pending) && !abandoned {
+                state.release = Some(hook);
+                return;
+            }
+            if !matches!(state.phase, Phase::Pending) && state.completed_by_promise {
+                return;
+            }
+        }
+        hook();
+    }
+
+    /// Whether the work is still pending (its observers have not aborted it).
+    pub fn is_pending(&self) -> bool {
+        matches!(self.inner.state.lock().phase, Phase::Pending)
+    }
+
+    /// Completes the work with the operation's outcome: its error, or
+    /// success with its result bytes if it has any. Does nothing when the
+    /// work was aborted meanwhile.
+    pub fn complete(&self, outcome: Result<Option<Vec<u8>>>) {
+        let (error, result) = match outcome {
+            Ok(result) => (None, result.map(Arc::new)),
+            Err(error) => (Some(error), None),
+        };
+        // Losing the race to an abort is the documented no-op.
+        let _ = complete(&self.inner, error, result, true);
+    }
+}
+
+impl Drop for Promise {
+    /// A promise dropped unkept fails its work rather than leave waiters
+    /// hanging.
+    fn drop(&mut self) {
+        let error = Error::new(Status::ShutDown, "the operation was dropped before it completed");
+        let _ = complete(&self.inner, Some(error), None, true);
+    }
 }
 
 impl std::fmt::Debug for Work {
@@ -215,6 +328,7 @@ impl Work {
                 timeout,
                 sequence_number: NEXT_SEQUENCE_NUMBER.fetch_add(1, Ordering::Relaxed),
                 created_at: Instant::now(),
+                observers: AtomicUsize::new(1),
                 state: Mutex::new(state),
                 completed: Condvar::new(),
             }),
@@ -287,7 +401,7 @@ impl Work {
     /// Completes the work successfully with `result` (the bytes
     /// [`Work::result`] returns).
     pub fn finish_with_result(&self, result: Vec<u8>) -> Result<()> {
-        self.complete(None, Some(result.into()))
+        self.complete(None, Some(Arc::new(result)))
     }
 
     /// Completes the work with an outcome: its bytes or its error.
@@ -353,7 +467,7 @@ impl Work {
     /// The result bytes of a completed work. A failed work returns its
     /// error; a work completed without a result fails with c10d's
     /// "result() not implemented."; a pending one with [`Status::InvalidState`].
-    pub fn result(&self) -> Result<Arc<[u8]>> {
+    pub fn result(&self) -> Result<Arc<Vec<u8>>> {
         let state = self.inner.state.lock();
         if !matches!(state.phase, Phase::Completed) {
             return Err(Error::invalid_state(
@@ -415,41 +529,68 @@ impl Work {
         Ok(state.ready_fd.insert(fd).as_raw_fd())
     }
 
-    fn complete(&self, error: Option<Error>, result: Option<Arc<[u8]>>) -> Result<()> {
-        let span = {
-            let mut state = self.inner.state.lock();
-            if !matches!(state.phase, Phase::Pending) {
-                return Err(Error::invalid_state("Work already completed"));
-            }
-            state.phase = Phase::Finishing;
-            state.span.take()
-        };
-        // The span ends before any waiter can observe completion, outside
-        // the lock so a hook may call back into the work.
-        drop(span);
-        let callbacks = {
-            let mut state = self.inner.state.lock();
-            state.phase = Phase::Completed;
-            state.error = error;
-            state.result = result;
-            state.finished_at = Some(Instant::now());
-            if let Some(fd) = &state.ready_fd {
-                signal(fd);
-            }
-            self.inner.completed.notify_all();
-            std::mem::take(&mut state.callbacks)
-        };
-        for callback in callbacks {
-            self.run_callback(callback);
-        }
-        Ok(())
+    fn complete(&self, error: Option<Error>, result: Option<Arc<Vec<u8>>>) -> Result<()> {
+        complete(&self.inner, error, result, false)
     }
 
     fn run_callback(&self, callback: DoneCallback) {
-        if catch_unwind(AssertUnwindSafe(|| callback(self))).is_err() {
-            log::error!("a Work done-callback panicked; the panic was contained");
+        run_callback(self, callback);
+    }
+}
+
+fn run_callback(work: &Work, callback: DoneCallback) {
+    if catch_unwind(AssertUnwindSafe(|| callback(work))).is_err() {
+        log::error!("a Work done-callback panicked; the panic was contained");
+    }
+}
+
+/// Completes a pending work: ends its profiling span, wakes its waiters,
+/// signals its fd and runs its callbacks; and, when someone other than its
+/// promise completed it, runs the promise's release hook.
+fn complete(
+    inner: &Arc<Inner>,
+    error: Option<Error>,
+    result: Option<Arc<Vec<u8>>>,
+    by_promise: bool,
+) -> Result<()> {
+    let span = {
+        let mut state = inner.state.lock();
+        if !matches!(state.phase, Phase::Pending) {
+            return Err(Error::invalid_state("Work already completed"));
+        }
+        state.phase = Phase::Finishing;
+        state.completed_by_promise = by_promise;
+        state.span.take()
+    };
+    // The span ends before any waiter can observe completion, outside
+    // the lock so a hook may call back into the work.
+    drop(span);
+    let (callbacks, release) = {
+        let mut state = inner.state.lock();
+        state.phase = Phase::Completed;
+        state.error = error;
+        state.result = result;
+        state.finished_at = Some(Instant::now());
+        if let Some(fd) = &state.ready_fd {
+            signal(fd);
+        }
+        inner.completed.notify_all();
+        (std::mem::take(&mut state.callbacks), state.release.take())
+    };
+    if let (Some(release), false) = (release, by_promise) {
+        release();
+    }
+    if !callbacks.is_empty() {
+        // A handle for the callbacks, counted like any other.
+        inner.observers.fetch_add(1, Ordering::Relaxed);
+        let work = Work {
+            inner: inner.clone(),
+        };
+        for callback in callbacks {
+            run_callback(&work, callback);
         }
     }
+    Ok(())
 }
 
 /// Makes an eventfd readable (adds 1 to its counter).

@@ -29,8 +29,8 @@ pub unsafe extern "C" fn dc_elastic_barrier(
     boundary("dc_elastic_barrier", || {
         let store = unsafe { store_arg(store) }?;
         let prefix = unsafe { arg_str(key_prefix, "key_prefix") }?;
-        let timeout = helper_timeout(&**store, timeout_ms)?;
-        elastic::barrier(&**store, world_size, prefix, timeout)
+        let timeout = helper_timeout(&*store, timeout_ms)?;
+        elastic::barrier(&*store, world_size, prefix, timeout)
     })
 }
 
@@ -50,9 +50,9 @@ pub unsafe extern "C" fn dc_elastic_barrier_traced(
     boundary("dc_elastic_barrier_traced", || {
         let store = unsafe { store_arg(store) }?;
         let prefix = unsafe { arg_str(key_prefix, "key_prefix") }?;
-        let timeout = helper_timeout(&**store, timeout_ms)?;
+        let timeout = helper_timeout(&*store, timeout_ms)?;
         let trace_timeout = arg_duration(trace_timeout_ms)?;
-        elastic::barrier_traced(&**store, world_size, prefix, timeout, rank, trace_timeout)
+        elastic::barrier_traced(&*store, world_size, prefix, timeout, rank, trace_timeout)
     })
 }
 
@@ -76,8 +76,8 @@ pub unsafe extern "C" fn dc_elastic_synchronize(
         let data = unsafe { arg_bytes(data, len, "data") }?;
         let prefix = unsafe { arg_str(key_prefix, "key_prefix") }?;
         let out = unsafe { arg_out(out, "out") }?;
-        let timeout = helper_timeout(&**store, timeout_ms)?;
-        let all = elastic::synchronize(&**store, data, rank, world_size, prefix, timeout)?;
+        let timeout = helper_timeout(&*store, timeout_ms)?;
+        let all = elastic::synchronize(&*store, data, rank, world_size, prefix, timeout)?;
         *out = dc_buf_array::from_items(&all);
         Ok(())
     })
@@ -98,7 +98,7 @@ pub unsafe extern "C" fn dc_elastic_get_all(
         let store = unsafe { store_arg(store) }?;
         let prefix = unsafe { arg_str(prefix, "prefix") }?;
         let out = unsafe { arg_out(out, "out") }?;
-        *out = dc_buf_array::from_items(&elastic::get_all(&**store, rank, prefix, world_size)?);
+        *out = dc_buf_array::from_items(&elastic::get_all(&*store, rank, prefix, world_size)?);
         Ok(())
     })
 }

@@ -56,6 +56,14 @@ pub const DC_ERR_INVALID_STATE: dc_status = 11;
 /// A bug inside distcore, including a caught panic.
 pub const DC_ERR_INTERNAL: dc_status = 12;
 
+/// The longest byte argument (a value, a result, RPC arguments) any function
+/// accepts: a longer `len` is DC_ERR_INVALID_ARGUMENT before anything is
+/// read. Stores have lower limits of their own (a TCPStore: what its server
+/// announces, or PyTorch's 8 MiB against a PyTorch server; a FileStore:
+/// 4 GiB - 1); a length that fits but cannot be allocated is
+/// DC_ERR_INVALID_ARGUMENT too.
+pub const DC_MAX_BYTES_LEN: u64 = 1 << 40;
+
 /// Timeout argument: use the handle's own timeout.
 pub const DC_TIMEOUT_DEFAULT: i64 = -1;
 /// Timeout argument: wait forever (PyTorch's `kNoTimeout`).
@@ -171,9 +179,9 @@ pub(crate) unsafe fn arg_opt_str<'a>(ptr: *const c_char, name: &str) -> Result<O
 
 /// `len` bytes at `data`; NULL is allowed only with `len == 0`.
 pub(crate) unsafe fn arg_bytes<'a>(data: *const u8, len: usize, name: &str) -> Result<&'a [u8]> {
-    if len > isize::MAX as usize {
+    if len as u64 > DC_MAX_BYTES_LEN {
         return Err(Error::invalid_argument(format!(
-            "{name}: length {len} is too large"
+            "{name}: length {len} exceeds DC_MAX_BYTES_LEN ({DC_MAX_BYTES_LEN})"
         )));
     }
     if len == 0 {

@@ -281,10 +281,10 @@ pub unsafe extern "C" fn dc_rpc_register_function(
     user_data: *mut c_void,
 ) -> dc_status {
     boundary("dc_rpc_register_function", || {
-        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
         let name = unsafe { arg_str(name, "name") }?;
         let f = function.ok_or_else(|| Error::invalid_argument("function must not be NULL"))?;
-        let slot = RpcSlot::new(Some(rpc), std::time::Duration::ZERO);
+        let slot = RpcSlot::new(Some(&rpc), std::time::Duration::ZERO);
         rpc.register(name, c_function(f, UserData(user_data), slot));
         Ok(())
     })
@@ -313,7 +313,7 @@ pub unsafe extern "C" fn dc_rpc_shutdown(
     timeout_ms: i64,
 ) -> dc_status {
     boundary("dc_rpc_shutdown", || {
-        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
         rpc.shutdown(graceful, arg_timeout(timeout_ms)?)
     })
 }
@@ -343,7 +343,7 @@ pub unsafe extern "C" fn dc_rpc_sync(
     out: *mut dc_buf,
 ) -> dc_status {
     boundary("dc_rpc_sync", || {
-        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
         let (to, func) = unsafe { (arg_str(to, "to")?, arg_str(func, "func")?) };
         let args = unsafe { arg_bytes(args, len, "args") }?;
         let rrefs = unsafe { rref_args(rrefs, num_rrefs) }?;
@@ -369,7 +369,7 @@ pub unsafe extern "C" fn dc_rpc_async(
     out: *mut *mut dc_work,
 ) -> dc_status {
     boundary("dc_rpc_async", || {
-        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
         let (to, func) = unsafe { (arg_str(to, "to")?, arg_str(func, "func")?) };
         let args = unsafe { arg_bytes(args, len, "args") }?;
         let rrefs = unsafe { rref_args(rrefs, num_rrefs) }?;
@@ -401,7 +401,7 @@ pub unsafe extern "C" fn dc_rpc_remote(
     out: *mut *mut dc_rref,
 ) -> dc_status {
     boundary("dc_rpc_remote", || {
-        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
         let (to, func) = unsafe { (arg_str(to, "to")?, arg_str(func, "func")?) };
         let args = unsafe { arg_bytes(args, len, "args") }?;
         let rrefs = unsafe { rref_args(rrefs, num_rrefs) }?;
@@ -426,7 +426,7 @@ pub unsafe extern "C" fn dc_rpc_worker_id(
     out_id: *mut i32,
 ) -> dc_status {
     boundary("dc_rpc_worker_id", || {
-        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
         let name = unsafe { arg_str(name, "name") }?;
         let out = unsafe { arg_out(out_id, "out_id") }?;
         *out = i32::from(rpc.worker(name)?.id);
@@ -438,7 +438,7 @@ pub unsafe extern "C" fn dc_rpc_worker_id(
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_self_name(rpc: *const dc_rpc, out: *mut dc_buf) -> dc_status {
     boundary("dc_rpc_self_name", || {
-        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
         let out = unsafe { arg_out(out, "out") }?;
         *out = dc_buf::from_bytes(rpc.worker_info().name.as_bytes());
         Ok(())
@@ -452,7 +452,7 @@ pub unsafe extern "C" fn dc_rpc_debug_info(
     out: *mut dc_rref_debug_info,
 ) -> dc_status {
     boundary("dc_rpc_debug_info", || {
-        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
         let out = unsafe { arg_out(out, "out") }?;
         let info = rpc.debug_info();
         *out = dc_rref_debug_info {
@@ -476,7 +476,7 @@ pub unsafe extern "C" fn dc_rpc_set_faults(
     delay_ms: i64,
 ) -> dc_status {
     boundary("dc_rpc_set_faults", || {
-        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
         if !(0.0..=1.0).contains(&drop) || !(0.0..=1.0).contains(&duplicate) {
             return Err(Error::invalid_argument(
                 "probabilities must be within [0, 1]",
@@ -528,7 +528,7 @@ pub unsafe extern "C" fn dc_rref_new(
     out: *mut *mut dc_rref,
 ) -> dc_status {
     boundary("dc_rref_new", || {
-        let rpc = &unsafe { arg_ref(rpc, "rpc") }?.rpc;
+        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
         let data = unsafe { arg_bytes(data, len, "data") }?;
         let out = unsafe { arg_out(out, "out") }?;
         give(

@@ -26,9 +26,12 @@ pub struct dc_store_timeout_guard {
     _guard: TimeoutGuard<Arc<dyn Store>>,
 }
 
-pub(crate) unsafe fn store_arg<'a>(store: *const dc_store) -> Result<&'a Arc<dyn Store>> {
+/// The store behind a handle, as a reference of its own: a call that
+/// blocks keeps the store alive even if another thread frees the handle
+/// meanwhile.
+pub(crate) unsafe fn store_arg(store: *const dc_store) -> Result<Arc<dyn Store>> {
     // SAFETY: forwarded contract.
-    Ok(&unsafe { arg_ref(store, "store") }?.store)
+    Ok(unsafe { arg_ref(store, "store") }?.store.clone())
 }
 
 /// Creates an empty in-process store (c10d's HashStore), shared by every

@@ -172,7 +172,7 @@ pub unsafe extern "C" fn dc_tcp_store_port(
     boundary("dc_tcp_store_port", || {
         let store = unsafe { store_arg(store) }?;
         let out = unsafe { arg_out(out_port, "out_port") }?;
-        let store = tcp(store)?;
+        let store = tcp(&store)?;
         *out = store.port();
         Ok(())
     })
@@ -184,7 +184,7 @@ pub unsafe extern "C" fn dc_tcp_store_port(
 #[no_mangle]
 pub unsafe extern "C" fn dc_tcp_store_wait_for_workers(store: *const dc_store) -> dc_status {
     boundary("dc_tcp_store_wait_for_workers", || {
-        tcp(unsafe { store_arg(store) }?)?.wait_for_workers()
+        tcp(&unsafe { store_arg(store) }?)?.wait_for_workers()
     })
 }
 
@@ -202,7 +202,7 @@ pub unsafe extern "C" fn dc_tcp_store_counters(
         let store = unsafe { store_arg(store) }?;
         unsafe { arg_slice(out.cast_const(), capacity, "out") }?;
         let out_len = unsafe { arg_out(out_len, "out_len") }?;
-        let store = tcp(store)?;
+        let store = tcp(&store)?;
         let counters = store.counters();
         *out_len = counters.len();
         for (i, c) in counters.iter().take(capacity).enumerate() {
@@ -240,7 +240,7 @@ pub unsafe extern "C" fn dc_tcp_store_server_stats(
     boundary("dc_tcp_store_server_stats", || {
         let store = unsafe { store_arg(store) }?;
         let out = unsafe { arg_out(out, "out") }?;
-        let server = tcp(store)?
+        let server = tcp(&store)?
             .server()
             .ok_or_else(|| Error::invalid_argument("this TCPStore handle runs no server"))?;
         let stats = server.stats();

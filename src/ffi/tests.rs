@@ -122,7 +122,13 @@ fn null_arguments_are_invalid_not_crashes() {
         unsafe { dc_store_set(store, c"k".as_ptr(), b"x".as_ptr(), usize::MAX) },
         DC_ERR_INVALID_ARGUMENT
     );
-    assert!(last_error().contains("too large"));
+    assert!(last_error().contains("DC_MAX_BYTES_LEN"));
+    for len in [1usize << 62, (DC_MAX_BYTES_LEN + 1) as usize] {
+        assert_eq!(
+            unsafe { dc_store_set(store, c"k".as_ptr(), b"x".as_ptr(), len) },
+            DC_ERR_INVALID_ARGUMENT
+        );
+    }
     let bad_utf8 = [0xffu8, 0];
     assert_eq!(
         unsafe { dc_store_set(store, bad_utf8.as_ptr().cast(), ptr::null(), 0) },

@@ -8,6 +8,7 @@ use super::{
     arg_bytes, arg_opt_str, arg_out, arg_ref, arg_timeout, boundary, dc_status, drop_handle, give,
     to_millis, UserData, DC_OK,
 };
+use crate::bigbuf::try_copy;
 use crate::error::{Error, Result, Status};
 use crate::profiler::{set_profiler_hooks, ProfilerHooks};
 use crate::work::{OpType, Work};
@@ -34,9 +35,11 @@ pub type dc_profiler_begin_fn =
 pub type dc_profiler_end_fn =
     Option<unsafe extern "C" fn(title: *const c_char, token: u64, user_data: *mut c_void)>;
 
-unsafe fn work_arg<'a>(work: *const dc_work) -> Result<&'a Work> {
+/// The work behind a handle, as a reference of its own: a call that blocks
+/// keeps the work alive even if another thread frees the handle meanwhile.
+unsafe fn work_arg(work: *const dc_work) -> Result<Work> {
     // SAFETY: forwarded contract.
-    Ok(&unsafe { arg_ref(work, "work") }?.work)
+    Ok(unsafe { arg_ref(work, "work") }?.work.clone())
 }
 
 /// An error from a caller-given status and message; `DC_OK` is no error.
@@ -202,7 +205,8 @@ pub unsafe extern "C" fn dc_work_finish_with_result(
 ) -> dc_status {
     boundary("dc_work_finish_with_result", || {
         let work = unsafe { work_arg(work) }?;
-        work.finish_with_result(unsafe { arg_bytes(data, len, "data") }?.to_vec())
+        let data = unsafe { arg_bytes(data, len, "data") }?;
+        work.finish_with_result(try_copy(data, "dc_work_finish_with_result")?)
     })
 }
 

@@ -7,6 +7,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::kv::KvTable;
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
+use crate::bigbuf::check_allocatable;
 use crate::error::{Error, Result, Status};
 use crate::timeout::{deadline_after, wait_until, DEFAULT_STORE_TIMEOUT};
 
@@ -81,6 +82,7 @@ impl HashStore {
 
 impl Store for HashStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
+        check_allocatable(value.len(), "set")?;
         self.modify(|t| t.set(key.as_bytes(), value.into()));
         Ok(())
     }
@@ -98,6 +100,7 @@ impl Store for HashStore {
     }
 
     fn compare_set(&self, key: &str, expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
+        check_allocatable(expected.len().saturating_add(desired.len()), "compare_set")?;
         let reply =
             self.modify(|t| t.compare_set(key.as_bytes(), &expected.into(), &desired.into()));
         Ok(reply.to_vec())
@@ -139,6 +142,9 @@ impl Store for HashStore {
 
     fn multi_set(&self, keys: &[&str], values: &[&[u8]]) -> Result<()> {
         check_multi_set_lengths(keys, values)?;
+        for value in values {
+            check_allocatable(value.len(), "multi_set")?;
+        }
         self.modify(|t| {
             for (key, value) in keys.iter().zip(values) {
                 t.set(key.as_bytes(), (*value).into());
@@ -148,6 +154,7 @@ impl Store for HashStore {
     }
 
     fn queue_push(&self, key: &str, value: &[u8]) -> Result<()> {
+        check_allocatable(value.len(), "queue_push")?;
         self.modify(|t| t.queue_push(key.as_bytes(), value.into()));
         Ok(())
     }

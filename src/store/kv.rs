@@ -138,11 +138,14 @@ impl KvTable {
                 String::from_utf8_lossy(key),
             )));
         }
+        let no_memory = || Error::invalid_argument(format!("append: cannot allocate {total} bytes"));
         if let Some(Large::Growing(grown)) = self.large.get_mut(key) {
+            grown.try_reserve(suffix.len()).map_err(|_| no_memory())?;
             grown.extend_from_slice(suffix);
             return Ok(());
         }
-        let mut grown = Vec::with_capacity(total);
+        let mut grown = Vec::new();
+        grown.try_reserve_exact(total).map_err(|_| no_memory())?;
         grown.extend_from_slice(self.bytes(key).unwrap_or_default());
         grown.extend_from_slice(suffix);
         if key.len() + total + 8 <= MAX_RECORD {

@@ -24,6 +24,7 @@ use self::log::{
 };
 use self::watch::Watcher;
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
+use crate::bigbuf::{check_allocatable, try_copy};
 use crate::error::{Error, Result, Status};
 use crate::timeout::{deadline_after, DEFAULT_STORE_TIMEOUT};
 
@@ -274,8 +275,21 @@ impl FileStore {
     }
 }
 
+/// Checks a value against the file format, whose records carry `u32`
+/// lengths (PyTorch's FileStore checks the same).
+fn check_value(value_len: usize, what: &str) -> Result<()> {
+    if value_len > u32::MAX as usize {
+        return Err(Error::invalid_argument(format!(
+            "{what}: a FileStore value holds at most {} bytes, not {value_len}",
+            u32::MAX
+        )));
+    }
+    check_allocatable(value_len, what)
+}
+
 impl Store for FileStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
+        check_value(value.len(), "set")?;
         self.write(|_| Ok((vec![(user_key(key), value.to_vec())], ())))
     }
 
@@ -296,6 +310,8 @@ impl Store for FileStore {
     }
 
     fn compare_set(&self, key: &str, expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
+        check_value(expected.len(), "compare_set")?;
+        check_value(desired.len(), "compare_set")?;
         let wire = user_key(key);
         self.write(|s| {
             Ok(match s.replay.values.get(&wire) {
@@ -342,7 +358,11 @@ impl Store for FileStore {
     fn append(&self, key: &str, value: &[u8]) -> Result<()> {
         let wire = user_key(key);
         self.write(|s| {
-            let mut new = s.replay.values.get(&wire).cloned().unwrap_or_default();
+            let current = s.replay.values.get(&wire).map_or(&[][..], Vec::as_slice);
+            check_value(current.len().saturating_add(value.len()), "append")?;
+            let mut new = try_copy(current, "append")?;
+            new.try_reserve_exact(value.len())
+                .map_err(|_| Error::invalid_argument("append: out of memory"))?;
             new.extend_from_slice(value);
             Ok((vec![(wire.clone(), new)], ()))
         })
@@ -368,6 +388,9 @@ impl Store for FileStore {
 
     fn multi_set(&self, keys: &[&str], values: &[&[u8]]) -> Result<()> {
         check_multi_set_lengths(keys, values)?;
+        for value in values {
+            check_value(value.len(), "multi_set")?;
+        }
         self.write(|_| {
             Ok((
                 keys.iter()
@@ -380,6 +403,7 @@ impl Store for FileStore {
     }
 
     fn queue_push(&self, key: &str, value: &[u8]) -> Result<()> {
+        check_value(value.len(), "queue_push")?;
         self.write(|_| {
             Ok((
                 vec![([QUEUE_PUSH_PREFIX, &user_key(key)].concat(), value.to_vec())],
