@@ -50,14 +50,14 @@ pub(crate) const LARGE_VALUE_LEN: usize = 64 << 10;
 /// Buffers at least this long ask for huge pages.
 const HUGE_PAGE_MIN_LEN: usize = 4 << 20;
 
-/// A zero-filled vector of `len` bytes with room for one more (the NUL a C
-/// buffer adds when it takes the vector over).
-pub(crate) fn zeroed_vec(len: usize) -> Vec<u8> {
-    // Zeroed by the allocator: fresh pages need no memset.
-    let mut buf = vec![0u8; len + 1];
-    advise_huge_pages(&mut buf);
-    buf.truncate(len);
-    buf
+/// An empty vector with room for `len` bytes and one more (the NUL a C
+/// buffer adds when it takes the vector over), backed by huge pages when
+/// large; `None` when the memory cannot be had.
+pub(crate) fn try_value_buffer(len: usize) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    buf.try_reserve_exact(len.checked_add(1)?).ok()?;
+    advise_huge_pages(buf.as_mut_ptr(), buf.capacity());
+    Some(buf)
 }
 
 /// A zero-filled shared value of `len` bytes, still unshared so that it can
@@ -66,25 +66,26 @@ pub(crate) fn zeroed_shared(len: usize) -> Arc<[u8]> {
     // SAFETY: zero bytes are valid `u8`s.
     let mut value: Arc<[u8]> = unsafe { Arc::new_zeroed_slice(len).assume_init() };
     if let Some(buf) = Arc::get_mut(&mut value) {
-        advise_huge_pages(buf);
+        advise_huge_pages(buf.as_mut_ptr(), buf.len());
     }
     value
 }
 
-/// Asks for transparent huge pages behind the whole pages of `buf` (Linux;
-/// elsewhere, and when the kernel says no, nothing changes).
-fn advise_huge_pages(buf: &mut [u8]) {
-    if buf.len() < HUGE_PAGE_MIN_LEN {
+/// Asks for transparent huge pages behind the whole pages of the `len`
+/// bytes at `ptr`, an allocation of ours (Linux; elsewhere, and when the
+/// kernel says no, nothing changes).
+fn advise_huge_pages(ptr: *mut u8, len: usize) {
+    if len < HUGE_PAGE_MIN_LEN {
         return;
     }
     #[cfg(target_os = "linux")]
     {
         const PAGE: usize = 4096;
-        let start = (buf.as_ptr() as usize).next_multiple_of(PAGE);
-        let end = (buf.as_ptr() as usize + buf.len()) & !(PAGE - 1);
+        let start = (ptr as usize).next_multiple_of(PAGE);
+        let end = (ptr as usize + len) & !(PAGE - 1);
         if end > start {
-            // SAFETY: the range lies inside `buf`, which we borrow mutably;
-            // the advice changes how pages are backed, never their contents.
+            // SAFETY: the range lies inside the allocation; the advice
+            // changes how pages are backed, never their contents.
             unsafe {
                 libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
             }
@@ -106,12 +107,11 @@ mod tests {
     }
 
     #[test]
-    fn buffers_are_zeroed_and_sized() {
+    fn buffers_are_sized() {
         for len in [0, 10, HUGE_PAGE_MIN_LEN + 3] {
-            let v = zeroed_vec(len);
-            assert_eq!(v.len(), len);
+            let v = try_value_buffer(len).unwrap();
+            assert!(v.is_empty());
             assert!(v.capacity() > len);
-            assert!(v.iter().all(|b| *b == 0));
             let mut s = zeroed_shared(len);
             assert_eq!(s.len(), len);
             assert!(Arc::get_mut(&mut s).is_some());

@@ -238,8 +238,8 @@ impl Promise {
     pub fn on_release(&self, hook: ReleaseHook) {
         {
             let mut state = self.inner.state.lock();
-            let abandoned = self.inner.observers.load(Ordering::Acquire) == 0
-                && state.callbacks.is_empty();
+            let abandoned =
+                self.inner.observers.load(Ordering::Acquire) == 0 && state.callbacks.is_empty();
             if matches!(state.phase, Phase::Pending) && !abandoned {
                 state.release = Some(hook);
                 return;
@@ -273,7 +273,10 @@ impl Drop for Promise {
     /// A promise dropped unkept fails its work rather than leave waiters
     /// hanging.
     fn drop(&mut self) {
-        let error = Error::new(Status::ShutDown, "the operation was dropped before it completed");
+        let error = Error::new(
+            Status::ShutDown,
+            "the operation was dropped before it completed",
+        );
         let _ = complete(&self.inner, Some(error), None, true);
     }
 }

@@ -11,7 +11,7 @@ use super::{
     dc_status, drop_handle, give, to_millis,
 };
 use crate::error::Result;
-use crate::store::{background, FileStore, HashStore, PrefixStore, Store, TimeoutGuard};
+use crate::store::{FileStore, HashStore, PrefixStore, Store, TimeoutGuard};
 
 /// A handle on a store (HashStore, PrefixStore, and later TCPStore and
 /// FileStore). Thread-safe: one handle may be used from many threads. Free
@@ -92,7 +92,7 @@ pub unsafe extern "C" fn dc_prefix_store_new(
 ) -> dc_status {
     boundary("dc_prefix_store_new", || {
         let prefix = unsafe { arg_str(prefix, "prefix") }?;
-        let store = unsafe { store_arg(store) }?.clone();
+        let store = unsafe { store_arg(store) }?;
         let out = unsafe { arg_out(out, "out") }?;
         give(
             out,
@@ -452,7 +452,7 @@ pub unsafe extern "C" fn dc_store_timeout_guard_new(
     out: *mut *mut dc_store_timeout_guard,
 ) -> dc_status {
     boundary("dc_store_timeout_guard_new", || {
-        let store = unsafe { store_arg(store) }?.clone();
+        let store = unsafe { store_arg(store) }?;
         let timeout = arg_duration(timeout_ms)?;
         let out = unsafe { arg_out(out, "out") }?;
         give(
@@ -487,12 +487,9 @@ pub unsafe extern "C" fn dc_store_get_async(
     out: *mut *mut dc_work,
 ) -> dc_status {
     boundary("dc_store_get_async", || {
-        let store = unsafe { store_arg(store) }?.clone();
+        let store = unsafe { store_arg(store) }?;
         let key = unsafe { arg_str(key, "key") }?.to_owned();
-        give_work(
-            unsafe { arg_out(out, "out") }?,
-            background::get_async(store, key),
-        )
+        give_work(unsafe { arg_out(out, "out") }?, store.get_async(key))
     })
 }
 
@@ -507,13 +504,13 @@ pub unsafe extern "C" fn dc_store_wait_async(
     out: *mut *mut dc_work,
 ) -> dc_status {
     boundary("dc_store_wait_async", || {
-        let store = unsafe { store_arg(store) }?.clone();
+        let store = unsafe { store_arg(store) }?;
         let keys = unsafe { arg_strs(keys, count, "keys") }?;
         let keys = keys.into_iter().map(str::to_owned).collect();
         let timeout = arg_timeout(timeout_ms)?;
         give_work(
             unsafe { arg_out(out, "out") }?,
-            background::wait_async(store, keys, timeout),
+            store.wait_async(keys, timeout),
         )
     })
 }
@@ -527,12 +524,9 @@ pub unsafe extern "C" fn dc_store_queue_pop_async(
     out: *mut *mut dc_work,
 ) -> dc_status {
     boundary("dc_store_queue_pop_async", || {
-        let store = unsafe { store_arg(store) }?.clone();
+        let store = unsafe { store_arg(store) }?;
         let key = unsafe { arg_str(key, "key") }?.to_owned();
-        give_work(
-            unsafe { arg_out(out, "out") }?,
-            background::queue_pop_async(store, key),
-        )
+        give_work(unsafe { arg_out(out, "out") }?, store.queue_pop_async(key))
     })
 }
 
@@ -547,13 +541,10 @@ pub unsafe extern "C" fn dc_store_barrier_async(
     out: *mut *mut dc_work,
 ) -> dc_status {
     boundary("dc_store_barrier_async", || {
-        let store = unsafe { store_arg(store) }?.clone();
+        let store = unsafe { store_arg(store) }?;
         let key = unsafe { arg_str(key, "key") }?.to_owned();
         let timeout = arg_timeout(timeout_ms)?;
         let out = unsafe { arg_out(out, "out") }?;
-        give_work(
-            out,
-            background::barrier_async(store, key, world_size, timeout),
-        )
+        give_work(out, store.barrier_async(key, world_size, timeout))
     })
 }

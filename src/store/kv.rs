@@ -138,7 +138,8 @@ impl KvTable {
                 String::from_utf8_lossy(key),
             )));
         }
-        let no_memory = || Error::invalid_argument(format!("append: cannot allocate {total} bytes"));
+        let no_memory =
+            || Error::invalid_argument(format!("append: cannot allocate {total} bytes"));
         if let Some(Large::Growing(grown)) = self.large.get_mut(key) {
             grown.try_reserve(suffix.len()).map_err(|_| no_memory())?;
             grown.extend_from_slice(suffix);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::work::Work;
 
 pub mod background;
 pub mod elastic;
@@ -39,7 +40,7 @@ impl<T: Any> AsAny for T {
 /// Every implementation is safe to share between threads. Timeouts follow
 /// [`crate::timeout`]: `None` means the store's own timeout, a zero duration
 /// waits forever.
-pub trait Store: AsAny + Send + Sync {
+pub trait Store: AsAny + Send + Sync + 'static {
     /// Sets `key` to `value`, waking the waiters of `key`.
     fn set(&self, key: &str, value: &[u8]) -> Result<()>;
 
@@ -104,6 +105,42 @@ pub trait Store: AsAny + Send + Sync {
             self.set(&last_member, b"1")?;
         }
         self.wait(&[&last_member], timeout)
+    }
+
+    /// Starts [`Store::get`] without blocking: the work completes with the
+    /// value as its result, or the get's error. The default runs the get on
+    /// a thread of its own; a TCPStore waits on its process's one waiter
+    /// thread instead, and a PrefixStore uses its underlying store's.
+    fn get_async(self: Arc<Self>, key: String) -> Result<Work> {
+        background::spawn_op(move || self.get(&key).map(Some))
+    }
+
+    /// Starts [`Store::wait`] without blocking; the work has no result.
+    fn wait_async(self: Arc<Self>, keys: Vec<String>, timeout: Option<Duration>) -> Result<Work> {
+        background::spawn_op(move || {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            self.wait(&keys, timeout).map(|()| None)
+        })
+    }
+
+    /// Starts a blocking [`Store::queue_pop`]; the work's result is the element.
+    fn queue_pop_async(self: Arc<Self>, key: String) -> Result<Work> {
+        background::spawn_op(move || self.queue_pop(&key, true).map(Some))
+    }
+
+    /// Starts [`Store::barrier`]. The default counts in at once (as the
+    /// generic barrier does) and waits for the last member asynchronously.
+    fn barrier_async(
+        self: Arc<Self>,
+        key: String,
+        world_size: i64,
+        timeout: Option<Duration>,
+    ) -> Result<Work> {
+        let last_member = format!("{key}/last_member");
+        if self.add(&format!("{key}/num_members"), 1)? == world_size {
+            self.set(&last_member, b"1")?;
+        }
+        self.wait_async(vec![last_member], timeout)
     }
 
     /// The default timeout of blocking calls.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::Store;
 use crate::error::Result;
+use crate::work::Work;
 
 /// Every key `k` becomes `prefix + "/" + k` in the underlying store. Like
 /// PyTorch's, its barrier is the generic one over its own keys (even over a
@@ -117,6 +118,19 @@ impl Store for PrefixStore {
 
     fn timeout(&self) -> Duration {
         self.store.timeout()
+    }
+
+    fn get_async(self: Arc<Self>, key: String) -> Result<Work> {
+        self.store.clone().get_async(self.join(&key))
+    }
+
+    fn wait_async(self: Arc<Self>, keys: Vec<String>, timeout: Option<Duration>) -> Result<Work> {
+        let keys = self.join_all(&as_strs(&keys));
+        self.store.clone().wait_async(keys, timeout)
+    }
+
+    fn queue_pop_async(self: Arc<Self>, key: String) -> Result<Work> {
+        self.store.clone().queue_pop_async(self.join(&key))
     }
 
     fn set_timeout(&self, timeout: Duration) {

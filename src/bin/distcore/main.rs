@@ -15,7 +15,7 @@ use distcore::store::tcp::protocol::Limits;
 use distcore::store::tcp::server::raise_open_files_limit;
 use distcore::store::tcp::{Server, ServerOptions};
 use distcore::store::{
-    background, elastic, FileStore, HashStore, PrefixStore, Store, TcpStore, TcpStoreOptions,
+    elastic, FileStore, HashStore, PrefixStore, Store, TcpStore, TcpStoreOptions,
 };
 use distcore::{Error, OpType, Result, Work};
 
@@ -248,7 +248,11 @@ fn spawn_workers(connect: &str, workers: u32, timeout: Duration) -> Result<Vec<C
 /// A Work per worker, completed by a background get of its result key.
 fn result_works(store: &Arc<dyn Store>, workers: u32) -> Result<Vec<Work>> {
     (0..workers)
-        .map(|rank| background::get_async(store.clone_store()?, format!("demo/result/{rank}")))
+        .map(|rank| {
+            store
+                .clone_store()?
+                .get_async(format!("demo/result/{rank}"))
+        })
         .collect()
 }
 

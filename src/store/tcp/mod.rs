@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use super::{check_multi_set_lengths, Store};
 use crate::error::{Error, Result, Status};
 use crate::timeout::DEFAULT_STORE_TIMEOUT;
+use crate::work::Work;
 
 mod client;
 mod counters;
@@ -21,10 +22,10 @@ pub mod parser;
 pub mod protocol;
 pub mod server;
 
-use client::{Connection, WaitOutcome};
+use client::{check_request, deadline_of, Connections, Deadline, Dialect, Plan, Reply, Shape};
 use counters::Counters;
 pub use counters::OpCounter;
-use protocol::{Command, Encoder, Limits};
+use protocol::{Command, Encoder, Limits, READY};
 pub use server::{Server, ServerOptions, ServerStats};
 
 /// The worker-count key, sent without the `/` prefix (PyTorch's `initKey_`).
@@ -96,20 +97,29 @@ fn start_server(options: &TcpStoreOptions) -> Result<Arc<Server>> {
     Ok(server)
 }
 
-/// A TCPStore handle: a client connection, and the server when this handle
-/// started one. Thread-safe: operations on one handle are serialised.
+/// A TCPStore handle: connections to a server (see `client/`), and the
+/// server itself when this handle started one. Thread-safe: a waiting
+/// operation in one thread never holds up another thread's operations.
 pub struct TcpStore {
     server: Option<Arc<Server>>,
     host: String,
     port: u16,
     world_size: Option<u32>,
-    conn: Mutex<Connection>,
+    conns: Connections,
     timeout: Mutex<Duration>,
     counters: Counters,
 }
 
 fn user_key(key: &str) -> String {
     format!("/{key}")
+}
+
+fn user_keys(keys: &[&str]) -> Vec<String> {
+    keys.iter().map(|k| user_key(k)).collect()
+}
+
+fn as_bytes(keys: &[String]) -> Vec<&[u8]> {
+    keys.iter().map(|k| k.as_bytes()).collect()
 }
 
 impl TcpStore {
@@ -126,13 +136,13 @@ impl TcpStore {
             .then(|| start_server(&options))
             .transpose()?;
         let port = server.as_ref().map_or(options.port, |s| s.port());
-        let conn = Connection::connect(&options.host, port, options.timeout)?;
+        let conns = Connections::connect(&options.host, port, deadline_of(options.timeout))?;
         let store = TcpStore {
             server,
             host: options.host.clone(),
             port,
             world_size: options.world_size,
-            conn: Mutex::new(conn),
+            conns,
             timeout: Mutex::new(options.timeout),
             counters: Counters::default(),
         };
@@ -157,9 +167,10 @@ impl TcpStore {
         self.server.as_deref()
     }
 
-    /// Whether the server is a distcore server (one-round-trip gets).
+    /// Whether the server is a distcore server (one-round-trip gets, its
+    /// limits known, errors answered rather than connections closed).
     pub fn peer_is_distcore(&self) -> bool {
-        self.conn.lock().extended()
+        self.conns.dialect() == Dialect::Distcore
     }
 
     /// Counts this handle in `init/`; on the server, then blocks until the
@@ -212,48 +223,63 @@ impl TcpStore {
         self.counters.snapshot()
     }
 
-    /// Runs one exchange on the connection, timing it under `op`.
-    fn exchange<T>(
-        &self,
-        op: &'static str,
-        f: impl FnOnce(&mut Connection, Duration) -> Result<T>,
-    ) -> Result<T> {
-        let timeout = self.timeout();
+    /// Times `f` under `op`.
+    fn timed<T>(&self, op: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let start = Instant::now();
-        let result = f(&mut self.conn.lock(), timeout);
+        let result = f();
         self.counters.record(op, start.elapsed());
         result
     }
 
-    /// A read timeout for replies that come at once (zero: forever).
-    fn reply_timeout(timeout: Duration) -> Option<Duration> {
-        (!timeout.is_zero()).then_some(timeout)
+    /// Sends a request on the primary connection and reads its reply of
+    /// `shape`, within the handle's timeout, after checking `keys` and the
+    /// `values` lengths against the server's limits.
+    fn call(
+        &self,
+        op: &'static str,
+        keys: &[&[u8]],
+        values: &[usize],
+        request: impl FnOnce() -> Vec<u8>,
+        shape: Shape,
+    ) -> Result<Reply> {
+        let deadline = self.deadline();
+        self.timed(op, || {
+            self.conns.with_primary(deadline, |c| {
+                check_request(c.limits(), keys, values)?;
+                c.call(&[&request()], shape, deadline)
+            })
+        })
+    }
+
+    fn deadline(&self) -> Deadline {
+        deadline_of(self.timeout())
     }
 
     fn add_raw(&self, key: &str, delta: i64) -> Result<i64> {
-        let request = Encoder::request(Command::Add)
-            .bytes(key.as_bytes())
-            .u64(delta as u64)
-            .finish();
-        self.exchange("add", |c, t| {
-            c.send(&request)?;
-            c.read_i64(Self::reply_timeout(t))
-        })
+        let request = || {
+            Encoder::request(Command::Add)
+                .bytes(key.as_bytes())
+                .u64(delta as u64)
+                .finish()
+        };
+        self.call("add", &[key.as_bytes()], &[], request, Shape::I64)?
+            .i64(0)
     }
 
     /// GET without waiting: empty when the key is missing.
     fn get_raw(&self, key: &str) -> Result<Vec<u8>> {
-        let request = Encoder::request(Command::Get)
-            .bytes(key.as_bytes())
-            .finish();
-        self.exchange("get", |c, t| {
-            c.send(&request)?;
-            c.read_bytes(Self::reply_timeout(t))
-        })
+        let request = || {
+            Encoder::request(Command::Get)
+                .bytes(key.as_bytes())
+                .finish()
+        };
+        self.call("get", &[key.as_bytes()], &[], request, Shape::Values(1))
+            .map(Reply::into_value)
     }
 
     /// Sends a reply-less `command key value` (SET, APPEND, QUEUE_PUSH); the
-    /// value goes out from the caller's buffer.
+    /// value goes out from the caller's buffer. APPEND waits for the
+    /// acknowledgement of a distcore server: the server may refuse it.
     fn send_keyed_value(
         &self,
         op: &'static str,
@@ -261,61 +287,34 @@ impl TcpStore {
         key: &str,
         value: &[u8],
     ) -> Result<()> {
-        let head = Encoder::request(command)
-            .bytes(user_key(key).as_bytes())
-            .u64(value.len() as u64)
-            .finish();
-        self.exchange(op, |c, _| c.send_unanswered(&head, value))
+        let wire = user_key(key);
+        let deadline = self.deadline();
+        self.timed(op, || {
+            self.conns.with_primary(deadline, |c| {
+                check_request(c.limits(), &[wire.as_bytes()], &[value.len()])?;
+                let head = Encoder::request(command)
+                    .bytes(wire.as_bytes())
+                    .u64(value.len() as u64)
+                    .finish();
+                if command == Command::Append && c.dialect() == Dialect::Distcore {
+                    c.call(&[&head, value], Shape::Ack, deadline).map(drop)
+                } else {
+                    c.post(&[&head, value], deadline)
+                }
+            })
+        })
     }
 
-    /// WAIT on wire keys; `Ok(false)` when the timeout passed.
-    fn wait_wire(conn: &mut Connection, keys: &[String], timeout: Duration) -> Result<bool> {
-        conn.send(&Encoder::request(Command::Wait).keys(keys).finish())?;
-        Ok(matches!(
-            conn.await_stop(timeout, |_| Ok(()))?,
-            WaitOutcome::Ready(())
-        ))
-    }
-
-    /// Waits for wire keys then reads their values: one round trip with a
-    /// distcore server (WAIT_GET), WAIT + MULTI_GET with PyTorch's.
-    fn wait_and_get(
+    /// Runs a waiting operation on a connection of its own.
+    fn run_plan(
         &self,
         op: &'static str,
-        keys: Vec<String>,
+        plan: Plan,
         timeout: Duration,
+        fence: bool,
     ) -> Result<Vec<Vec<u8>>> {
-        let count = keys.len();
-        let outcome = self.exchange(op, |c, _| {
-            let read_values = |c: &mut Connection| -> Result<Vec<Vec<u8>>> {
-                (0..count)
-                    .map(|_| c.read_bytes(Self::reply_timeout(timeout)))
-                    .collect()
-            };
-            if c.extended() {
-                c.send(&Encoder::request(Command::WaitGet).keys(&keys).finish())?;
-                return match c.await_stop(timeout, read_values)? {
-                    WaitOutcome::Ready(values) => Ok(Some(values)),
-                    WaitOutcome::TimedOut => Ok(None),
-                };
-            }
-            if !Self::wait_wire(c, &keys, timeout)? {
-                return Ok(None);
-            }
-            c.send(&Encoder::request(Command::MultiGet).keys(&keys).finish())?;
-            read_values(c).map(Some)
-        })?;
-        outcome.ok_or_else(|| wait_timeout(timeout, &keys))
+        self.timed(op, || self.conns.run(plan, timeout, fence))
     }
-}
-
-/// PyTorch's TCPStore wait timeout, naming the keys as they travel.
-fn wait_timeout(timeout: Duration, wire_keys: &[String]) -> Error {
-    Error::timeout(format!(
-        "wait timeout after {}ms, keys: {}",
-        timeout.as_millis(),
-        wire_keys.join(", ")
-    ))
 }
 
 fn warn_if_backlog_too_small(world_size: Option<u32>) {
@@ -329,14 +328,24 @@ fn warn_if_backlog_too_small(world_size: Option<u32>) {
     }
 }
 
+/// The first value read, as a work's result.
+fn first_value(values: Vec<Vec<u8>>) -> Option<Vec<u8>> {
+    Some(values.into_iter().next().unwrap_or_default())
+}
+
+/// No result (a wait, a barrier).
+fn no_result(_: Vec<Vec<u8>>) -> Option<Vec<u8>> {
+    None
+}
+
 impl Store for TcpStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
         self.send_keyed_value("set", Command::Set, key, value)
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
-        let timeout = self.timeout();
-        let mut values = self.wait_and_get("get", vec![user_key(key)], timeout)?;
+        let plan = Plan::get(vec![user_key(key)]);
+        let mut values = self.run_plan("get", plan, self.timeout(), true)?;
         Ok(values.pop().unwrap_or_default())
     }
 
@@ -345,52 +354,58 @@ impl Store for TcpStore {
     }
 
     fn compare_set(&self, key: &str, expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
-        let request = Encoder::request(Command::CompareSet)
-            .bytes(user_key(key).as_bytes())
-            .bytes(expected)
-            .bytes(desired)
-            .finish();
-        self.exchange("compare_set", |c, t| {
-            c.send(&request)?;
-            c.read_bytes(Self::reply_timeout(t))
-        })
+        let wire = user_key(key);
+        let request = || {
+            Encoder::request(Command::CompareSet)
+                .bytes(wire.as_bytes())
+                .bytes(expected)
+                .bytes(desired)
+                .finish()
+        };
+        let lengths = [expected.len(), desired.len()];
+        self.call(
+            "compare_set",
+            &[wire.as_bytes()],
+            &lengths,
+            request,
+            Shape::Values(1),
+        )
+        .map(Reply::into_value)
     }
 
     fn delete_key(&self, key: &str) -> Result<bool> {
-        let request = Encoder::request(Command::DeleteKey)
-            .bytes(user_key(key).as_bytes())
-            .finish();
-        self.exchange("delete_key", |c, t| {
-            c.send(&request)?;
-            Ok(c.read_i64(Self::reply_timeout(t))? == 1)
-        })
+        let wire = user_key(key);
+        let request = || {
+            Encoder::request(Command::DeleteKey)
+                .bytes(wire.as_bytes())
+                .finish()
+        };
+        Ok(self
+            .call("delete_key", &[wire.as_bytes()], &[], request, Shape::I64)?
+            .i64(0)?
+            == 1)
     }
 
     fn check(&self, keys: &[&str]) -> Result<bool> {
-        let wire: Vec<String> = keys.iter().map(|k| user_key(k)).collect();
-        let request = Encoder::request(Command::Check).keys(&wire).finish();
-        self.exchange("check", |c, t| {
-            c.send(&request)?;
-            Ok(c.read_u8(Self::reply_timeout(t))? == protocol::READY)
-        })
+        let wire = user_keys(keys);
+        let request = || Encoder::request(Command::Check).keys(&wire).finish();
+        Ok(self
+            .call("check", &as_bytes(&wire), &[], request, Shape::U8)?
+            .u8(0)?
+            == READY)
     }
 
     fn wait(&self, keys: &[&str], timeout: Option<Duration>) -> Result<()> {
         let timeout = timeout.unwrap_or_else(|| self.timeout());
-        let wire: Vec<String> = keys.iter().map(|k| user_key(k)).collect();
-        if self.exchange("wait", |c, _| Self::wait_wire(c, &wire, timeout))? {
-            Ok(())
-        } else {
-            Err(wait_timeout(timeout, &wire))
-        }
+        let plan = Plan::Wait {
+            keys: user_keys(keys),
+        };
+        self.run_plan("wait", plan, timeout, false).map(drop)
     }
 
     fn num_keys(&self) -> Result<i64> {
-        let request = Encoder::request(Command::GetNumKeys).finish();
-        self.exchange("num_keys", |c, t| {
-            c.send(&request)?;
-            c.read_i64(Self::reply_timeout(t))
-        })
+        let request = || Encoder::request(Command::GetNumKeys).finish();
+        self.call("num_keys", &[], &[], request, Shape::I64)?.i64(0)
     }
 
     fn append(&self, key: &str, value: &[u8]) -> Result<()> {
@@ -398,22 +413,25 @@ impl Store for TcpStore {
     }
 
     fn multi_get(&self, keys: &[&str]) -> Result<Vec<Vec<u8>>> {
-        let timeout = self.timeout();
-        self.wait_and_get(
-            "multi_get",
-            keys.iter().map(|k| user_key(k)).collect(),
-            timeout,
-        )
+        let plan = Plan::get(user_keys(keys));
+        self.run_plan("multi_get", plan, self.timeout(), true)
     }
 
     fn multi_set(&self, keys: &[&str], values: &[&[u8]]) -> Result<()> {
         check_multi_set_lengths(keys, values)?;
-        let mut e = Encoder::request(Command::MultiSet).u64(keys.len() as u64);
-        for (key, value) in keys.iter().zip(values) {
-            e = e.bytes(user_key(key).as_bytes()).bytes(value);
-        }
-        let request = e.finish();
-        self.exchange("multi_set", |c, _| c.send_unanswered(&request, &[]))
+        let wire = user_keys(keys);
+        let lengths: Vec<usize> = values.iter().map(|v| v.len()).collect();
+        let deadline = self.deadline();
+        self.timed("multi_set", || {
+            self.conns.with_primary(deadline, |c| {
+                check_request(c.limits(), &as_bytes(&wire), &lengths)?;
+                let mut e = Encoder::request(Command::MultiSet).u64(keys.len() as u64);
+                for (key, value) in wire.iter().zip(values) {
+                    e = e.bytes(key.as_bytes()).bytes(value);
+                }
+                c.post(&[&e.finish()], deadline)
+            })
+        })
     }
 
     fn queue_push(&self, key: &str, value: &[u8]) -> Result<()> {
@@ -422,60 +440,47 @@ impl Store for TcpStore {
 
     fn queue_pop(&self, key: &str, block: bool) -> Result<Vec<u8>> {
         let wire = user_key(key);
-        let pop = Encoder::request(Command::QueuePop)
-            .bytes(wire.as_bytes())
-            .finish();
-        let timeout = self.timeout();
-        let deadline = (!timeout.is_zero()).then(|| Instant::now() + timeout);
-        loop {
-            let left = deadline.map_or(Duration::ZERO, |d| {
-                d.saturating_duration_since(Instant::now())
-            });
-            if deadline.is_some() && left.is_zero() {
-                return Err(wait_timeout(timeout, &[wire]));
-            }
-            let popped = self.exchange("queue_pop", |c, t| {
-                if block && !Self::wait_wire(c, std::slice::from_ref(&wire), left)? {
-                    return Ok(None);
-                }
-                c.send(&pop)?;
-                let before = c.read_i64(Self::reply_timeout(t))?;
-                if before > 0 {
-                    c.read_bytes(Self::reply_timeout(t)).map(|v| Some(Some(v)))
-                } else {
-                    Ok(Some(None))
-                }
-            })?;
-            match popped {
-                None => return Err(wait_timeout(timeout, &[wire])),
-                Some(Some(value)) => return Ok(value),
-                // Another client took the element between our WAIT and POP.
-                Some(None) if block => continue,
-                Some(None) => return Err(Error::new(Status::QueueEmpty, "queue is empty")),
-            }
+        if block {
+            let plan = Plan::queue_pop(wire);
+            return self
+                .run_plan("queue_pop", plan, self.timeout(), false)
+                .map(|values| values.into_iter().next().unwrap_or_default());
+        }
+        let request = || {
+            Encoder::request(Command::QueuePop)
+                .bytes(wire.as_bytes())
+                .finish()
+        };
+        let reply = self.call(
+            "queue_pop",
+            &[wire.as_bytes()],
+            &[],
+            request,
+            Shape::QueuePop,
+        )?;
+        if reply.i64(0)? > 0 {
+            Ok(reply.into_value())
+        } else {
+            Err(Error::new(Status::QueueEmpty, "queue is empty"))
         }
     }
 
     fn queue_len(&self, key: &str) -> Result<i64> {
-        let request = Encoder::request(Command::QueueLen)
-            .bytes(user_key(key).as_bytes())
-            .finish();
-        self.exchange("queue_len", |c, t| {
-            c.send(&request)?;
-            c.read_i64(Self::reply_timeout(t))
-        })
+        let wire = user_key(key);
+        let request = || {
+            Encoder::request(Command::QueueLen)
+                .bytes(wire.as_bytes())
+                .finish()
+        };
+        self.call("queue_len", &[wire.as_bytes()], &[], request, Shape::I64)?
+            .i64(0)
     }
 
     fn list_keys(&self) -> Result<Vec<String>> {
-        let request = Encoder::request(Command::ListKeys).finish();
-        let keys = self.exchange("list_keys", |c, t| {
-            c.send(&request)?;
-            let count = c.read_i64(Self::reply_timeout(t))?;
-            (0..count)
-                .map(|_| c.read_bytes(Self::reply_timeout(t)))
-                .collect::<Result<Vec<_>>>()
-        })?;
+        let request = || Encoder::request(Command::ListKeys).finish();
+        let keys = self.call("list_keys", &[], &[], request, Shape::Counted)?;
         Ok(keys
+            .into_values()
             .into_iter()
             .filter_map(|k| {
                 k.strip_prefix(b"/")
@@ -486,25 +491,44 @@ impl Store for TcpStore {
 
     fn barrier(&self, key: &str, world_size: i64, timeout: Option<Duration>) -> Result<()> {
         let timeout = timeout.unwrap_or_else(|| self.timeout());
-        let request = Encoder::request(Command::Barrier)
-            .bytes(user_key(key).as_bytes())
-            .u64(world_size as u64)
-            .finish();
-        let released = self.exchange("barrier", |c, _| {
-            c.send(&request)?;
-            Ok(matches!(
-                c.await_stop(timeout, |_| Ok(()))?,
-                WaitOutcome::Ready(())
-            ))
-        })?;
-        if released {
-            Ok(())
-        } else {
-            Err(Error::timeout(format!(
-                "barrier timeout after {}ms, key: {key}",
-                timeout.as_millis()
-            )))
-        }
+        let plan = Plan::Barrier {
+            key: user_key(key),
+            world_size,
+        };
+        self.run_plan("barrier", plan, timeout, false).map(drop)
+    }
+
+    fn get_async(self: Arc<Self>, key: String) -> Result<Work> {
+        let plan = Plan::get(vec![user_key(&key)]);
+        self.conns.start(plan, self.timeout(), true, first_value)
+    }
+
+    fn wait_async(self: Arc<Self>, keys: Vec<String>, timeout: Option<Duration>) -> Result<Work> {
+        let timeout = timeout.unwrap_or_else(|| self.timeout());
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let plan = Plan::Wait {
+            keys: user_keys(&keys),
+        };
+        self.conns.start(plan, timeout, false, no_result)
+    }
+
+    fn queue_pop_async(self: Arc<Self>, key: String) -> Result<Work> {
+        let plan = Plan::queue_pop(user_key(&key));
+        self.conns.start(plan, self.timeout(), false, first_value)
+    }
+
+    fn barrier_async(
+        self: Arc<Self>,
+        key: String,
+        world_size: i64,
+        timeout: Option<Duration>,
+    ) -> Result<Work> {
+        let timeout = timeout.unwrap_or_else(|| self.timeout());
+        let plan = Plan::Barrier {
+            key: user_key(&key),
+            world_size,
+        };
+        self.conns.start(plan, timeout, false, no_result)
     }
 
     fn timeout(&self) -> Duration {
@@ -517,13 +541,13 @@ impl Store for TcpStore {
 
     fn clone_store(&self) -> Result<Arc<dyn Store>> {
         let timeout = self.timeout();
-        let conn = Connection::connect(&self.host, self.port, timeout)?;
+        let conns = Connections::connect(&self.host, self.port, deadline_of(timeout))?;
         Ok(Arc::new(TcpStore {
             server: self.server.clone(),
             host: self.host.clone(),
             port: self.port,
             world_size: self.world_size,
-            conn: Mutex::new(conn),
+            conns,
             timeout: Mutex::new(timeout),
             counters: Counters::default(),
         }))

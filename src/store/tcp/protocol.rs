@@ -77,9 +77,7 @@ impl ServerInfo {
     }
 
     /// Reads the payload of the byte string (without its length); `None`
-    /// when it is too short or of an unknown version. (The client's half:
-    /// tested here until the client speaks version 2.)
-    #[cfg(test)]
+    /// when it is too short or of an unknown version.
     pub(crate) fn decode(info: &[u8]) -> Option<ServerInfo> {
         let version = u32::from_le_bytes(info.get(..4)?.try_into().ok()?);
         if version != Self::VERSION {

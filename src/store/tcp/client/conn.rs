@@ -1,0 +1,566 @@
+//! One client connection to a TCPStore server (ours or PyTorch's): connect
+//! with backoff, VALIDATE + PING + the HELLO probe, then requests whose every
+//! step (connect, send, receive, cancel) ends by a deadline. The socket is
+//! non-blocking; a blocking call waits in `poll` until its deadline, and the
+//! async waiter drives the same connection from its event loop.
+
+use std::io::{ErrorKind, IoSlice};
+use std::mem::MaybeUninit;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use super::super::protocol::{
+    Command, Encoder, Limits, ServerInfo, HELLO_V2_ACK, HELLO_V2_NONCE, VALIDATE_MAGIC,
+};
+use super::reply::{Exchange, Outcome, Reply, Shape, DIRECT_MIN};
+use crate::bigbuf::LARGE_VALUE_LEN;
+use crate::error::{Error, Result, Status};
+use crate::sendv::send_vectored;
+
+/// When an operation must end; `None`: never (a zero timeout).
+pub(crate) type Deadline = Option<Instant>;
+
+/// The deadline of an operation of `timeout` starting now.
+pub(crate) fn deadline_of(timeout: Duration) -> Deadline {
+    (!timeout.is_zero()).then(|| Instant::now() + timeout)
+}
+
+/// Exponential backoff of connection attempts (PyTorch's values).
+const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
+const BACKOFF_MULTIPLIER: f64 = 1.5;
+const BACKOFF_RANDOMIZATION: f64 = 0.5;
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// How long a cancelled wait gives the server to confirm the cancel before
+/// the connection is dropped instead: the most any operation runs past its
+/// timeout (bounded by the timeout itself too).
+pub(crate) const CANCEL_GRACE: Duration = Duration::from_millis(500);
+
+/// The read buffer of a connection.
+const READ_BUFFER_LEN: usize = 64 << 10;
+
+/// Acknowledgements (version 2) a connection lets accumulate before it
+/// reads them: bounded, so the server's output for us stays small.
+const MAX_UNREAD_ACKS: usize = 1024;
+
+/// The limits of a PyTorch server (its libuv server's; the legacy server
+/// has none): what a client checks its requests and replies against.
+pub(crate) fn pytorch_limits() -> Limits {
+    Limits {
+        max_key_len: 8 << 10,
+        max_value_len: 8 << 20,
+        max_keys_per_request: 128 << 10,
+        max_request_len: usize::MAX,
+    }
+}
+
+/// Which protocol the server speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    /// PyTorch's (a PyTorch server, or ours with extensions off).
+    PyTorch,
+    /// distcore's extensions, version 2: WAIT_GET, limits, status replies.
+    Distcore,
+}
+
+/// A validated connection.
+pub(crate) struct Conn {
+    stream: TcpStream,
+    peer: String,
+    dialect: Dialect,
+    limits: Limits,
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    /// Acknowledgements of reply-less requests not read yet (version 2).
+    unread_acks: usize,
+    /// The acknowledgement being read, if part of it has arrived.
+    ack: Option<Exchange>,
+    /// Reply-less requests were sent since the last reply (PyTorch's
+    /// protocol): the server may not have applied them yet.
+    unfenced: bool,
+    /// Out of step with the server, or closed: to be dropped.
+    broken: bool,
+}
+
+fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    (host, port)
+        .to_socket_addrs()
+        .map(Iterator::collect)
+        .map_err(|e| Error::network(format!("cannot resolve {host}:{port}: {e}")))
+}
+
+fn left(deadline: Deadline) -> Option<Duration> {
+    deadline.map(|d| d.saturating_duration_since(Instant::now()))
+}
+
+/// Waits until `fd` is ready for `events` or `deadline` passes; returns
+/// whether it is ready.
+fn wait_ready(fd: RawFd, events: libc::c_short, deadline: Deadline) -> std::io::Result<bool> {
+    loop {
+        let timeout_ms = match left(deadline) {
+            None => -1,
+            Some(left) if left.is_zero() => return Ok(false),
+            // Rounded up, so a wait never ends before its deadline.
+            Some(left) => left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
+        };
+        let mut pfd = libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n > 0 {
+            return Ok(true);
+        }
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+impl Conn {
+    /// Connects to `host:port`, retrying with exponential backoff and jitter
+    /// until `deadline`, then validates the connection and asks for the
+    /// distcore extensions.
+    pub(crate) fn connect(host: &str, port: u16, deadline: Deadline) -> Result<Conn> {
+        let started = Instant::now();
+        let mut delay = BACKOFF_INITIAL;
+        let mut last_error;
+        loop {
+            match Conn::attempt(host, port, deadline) {
+                Ok(conn) => return Ok(conn),
+                Err(e) if e.status() == Status::Network => last_error = e,
+                Err(e) => return Err(e),
+            }
+            let jitter = 1.0 + BACKOFF_RANDOMIZATION * (2.0 * fastrand::f64() - 1.0);
+            let mut sleep = delay.mul_f64(jitter);
+            if let Some(left) = left(deadline) {
+                if left.is_zero() {
+                    break;
+                }
+                sleep = sleep.min(left);
+            }
+            std::thread::sleep(sleep);
+            delay = delay.mul_f64(BACKOFF_MULTIPLIER).min(BACKOFF_MAX);
+        }
+        Err(Error::network(format!(
+            "The client socket has timed out after {}ms while trying to connect to ({host}, {port}): {}",
+            started.elapsed().as_millis(),
+            last_error.message()
+        )))
+    }
+
+    fn attempt(host: &str, port: u16, deadline: Deadline) -> Result<Conn> {
+        let mut last = Error::network(format!("no address for {host}:{port}"));
+        for addr in resolve(host, port)? {
+            let budget = left(deadline).unwrap_or(Duration::from_secs(60));
+            if budget.is_zero() {
+                break;
+            }
+            let stream = match TcpStream::connect_timeout(&addr, budget) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    last = Error::network(format!("connect to {addr}: {e}"));
+                    continue;
+                }
+            };
+            let prepared = stream
+                .set_nonblocking(true)
+                .and_then(|()| stream.set_nodelay(true));
+            if let Err(e) = prepared {
+                last = Error::network(format!("configuring the socket to {addr}: {e}"));
+                continue;
+            }
+            let mut conn = Conn {
+                stream,
+                peer: addr.to_string(),
+                dialect: Dialect::PyTorch,
+                limits: pytorch_limits(),
+                buf: vec![0; READ_BUFFER_LEN].into_boxed_slice(),
+                start: 0,
+                end: 0,
+                unread_acks: 0,
+                ack: None,
+                unfenced: false,
+                broken: false,
+            };
+            match conn.handshake(deadline) {
+                Ok(()) => return Ok(conn),
+                Err(e) => last = Error::network(format!("validating {addr}: {}", e.message())),
+            }
+        }
+        Err(last)
+    }
+
+    /// VALIDATE, PING with our pid as PyTorch's client does, then the HELLO
+    /// probe: a distcore server answers with its limits and from then on
+    /// prefixes every reply with a status; a PyTorch server echoes it.
+    fn handshake(&mut self, deadline: Deadline) -> Result<()> {
+        let nonce = std::process::id();
+        let mut hello = Encoder::request(Command::Validate)
+            .u32(VALIDATE_MAGIC)
+            .finish();
+        hello.extend(Encoder::request(Command::Ping).u32(nonce).finish());
+        hello.extend(Encoder::request(Command::Ping).u32(HELLO_V2_NONCE).finish());
+        self.send(&[&hello], deadline)?;
+        let pong = self.receive_reply(Shape::U32, deadline)?;
+        if pong.u32(0)? != nonce {
+            return Err(Error::network(
+                "the server answered PING with a different nonce",
+            ));
+        }
+        let hello = self.receive_reply(Shape::Hello, deadline)?;
+        match hello.u32(0)? {
+            HELLO_V2_NONCE => {}
+            HELLO_V2_ACK => {
+                let info = hello.into_value();
+                let info = ServerInfo::decode(&info).ok_or_else(|| {
+                    Error::new(Status::Protocol, "the server's info is not one we know")
+                })?;
+                self.dialect = Dialect::Distcore;
+                self.limits = info.limits;
+            }
+            other => {
+                return Err(Error::network(format!(
+                    "unexpected PING answer 0x{other:08x}"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// The protocol the server speaks.
+    pub(crate) fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    /// The limits requests are checked against (the server's own, or
+    /// PyTorch's).
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The socket, for the async waiter's event loop.
+    pub(crate) fn fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// Whether the connection must be dropped.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// A new exchange for a reply of `shape` on this connection.
+    pub(crate) fn exchange(&self, shape: Shape) -> Exchange {
+        Exchange::new(
+            shape,
+            self.dialect == Dialect::Distcore,
+            self.limits.max_value_len,
+        )
+    }
+
+    /// Marks the connection out of step with the server: it is dropped
+    /// rather than used again.
+    pub(crate) fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+
+    fn break_with(&mut self, error: Error) -> Error {
+        self.broken = true;
+        error
+    }
+
+    /// Sends every byte of `parts` by `deadline`. A send that ran out of
+    /// time or failed breaks the connection (part of a request may be out).
+    pub(crate) fn send(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<()> {
+        let result = self.send_parts(parts, deadline);
+        result.map_err(|e| self.break_with(e))
+    }
+
+    fn send_parts(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<()> {
+        // A large part goes out in a call of its own (see LARGE_VALUE_LEN).
+        let mut batch: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len());
+        for part in parts.iter().filter(|p| !p.is_empty()) {
+            if part.len() >= LARGE_VALUE_LEN && !batch.is_empty() {
+                self.send_all(&mut batch, deadline)?;
+                batch.clear();
+            }
+            batch.push(IoSlice::new(part));
+        }
+        self.send_all(&mut batch, deadline)
+    }
+
+    fn send_all(&self, mut parts: &mut [IoSlice<'_>], deadline: Deadline) -> Result<()> {
+        while !parts.is_empty() {
+            match send_vectored(&self.stream, parts) {
+                Ok(0) => return Err(Error::network("the connection accepts no more bytes")),
+                Ok(n) => IoSlice::advance_slices(&mut parts, n),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let ready = wait_ready(self.fd(), libc::POLLOUT, deadline)
+                        .map_err(|e| self.io_error("waiting to send to", e))?;
+                    if !ready {
+                        return Err(Error::timeout(format!(
+                            "sending to the TCPStore at {} did not finish in time (the server is not reading)",
+                            self.peer
+                        )));
+                    }
+                }
+                Err(e) => return Err(self.io_error("sending to", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what the socket takes now, without waiting: how many bytes.
+    pub(crate) fn send_now(&mut self, bytes: &[u8]) -> Result<usize> {
+        loop {
+            match send_vectored(&self.stream, &[IoSlice::new(bytes)]) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(0),
+                Err(e) => {
+                    let error = self.io_error("sending to", e);
+                    return Err(self.break_with(error));
+                }
+            }
+        }
+    }
+
+    fn io_error(&self, doing: &str, e: std::io::Error) -> Error {
+        Error::network(format!("{doing} the TCPStore at {}: {e}", self.peer))
+    }
+
+    /// Feeds the exchange what has arrived, reading the socket until it
+    /// would block: the outcome once the exchange is over, `None` if more
+    /// must arrive. An error breaks the connection.
+    pub(crate) fn pump(&mut self, exchange: &mut Exchange) -> Result<Option<Outcome>> {
+        let result = self.pump_inner(exchange);
+        result.map_err(|e| self.break_with(e))
+    }
+
+    fn pump_inner(&mut self, exchange: &mut Exchange) -> Result<Option<Outcome>> {
+        loop {
+            if self.start < self.end {
+                let used = exchange.feed(&self.buf[self.start..self.end])?;
+                self.start += used;
+                if let Some(outcome) = exchange.take_outcome() {
+                    return Ok(Some(outcome));
+                }
+                debug_assert_eq!(self.start, self.end);
+            }
+            self.start = 0;
+            self.end = 0;
+            if let Some(target) = exchange.direct_target() {
+                debug_assert!(target.len() >= DIRECT_MIN);
+                match self.recv(target)? {
+                    Some(n) => {
+                        // SAFETY: recv initialised the first n bytes.
+                        unsafe { exchange.direct_filled(n) }?;
+                        if let Some(outcome) = exchange.take_outcome() {
+                            return Ok(Some(outcome));
+                        }
+                    }
+                    None => return Ok(None),
+                }
+                continue;
+            }
+            let mut buf = std::mem::take(&mut self.buf);
+            // SAFETY: u8 -> MaybeUninit<u8> is always valid; recv only writes.
+            let target = unsafe { &mut *(&mut buf[..] as *mut [u8] as *mut [MaybeUninit<u8>]) };
+            let got = self.recv(target);
+            self.buf = buf;
+            match got? {
+                Some(n) => self.end = n,
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// One non-blocking read into `target`: `Some(n)` bytes, `None` if none
+    /// are there yet; the peer closing is an error.
+    fn recv(&self, target: &mut [MaybeUninit<u8>]) -> Result<Option<usize>> {
+        loop {
+            // SAFETY: `target` is writable for its length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd(),
+                    target.as_mut_ptr().cast(),
+                    target.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n > 0 {
+                return Ok(Some(n as usize));
+            }
+            if n == 0 {
+                return Err(Error::network(format!(
+                    "the TCPStore at {} closed the connection",
+                    self.peer
+                )));
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                ErrorKind::Interrupted => {}
+                ErrorKind::WouldBlock => return Ok(None),
+                _ => return Err(self.io_error("reading from", e)),
+            }
+        }
+    }
+
+    /// Reads until the exchange is over or `deadline` passes (a timeout
+    /// error; the connection stays as it is, for a wait to cancel).
+    pub(crate) fn receive(
+        &mut self,
+        exchange: &mut Exchange,
+        deadline: Deadline,
+    ) -> Result<Outcome> {
+        loop {
+            if let Some(outcome) = self.pump(exchange)? {
+                return Ok(outcome);
+            }
+            let ready = wait_ready(self.fd(), libc::POLLIN, deadline)
+                .map_err(|e| self.io_error("waiting for", e))
+                .map_err(|e| self.break_with(e))?;
+            if !ready {
+                return Err(Error::timeout(format!(
+                    "no reply from the TCPStore at {} in time",
+                    self.peer
+                )));
+            }
+        }
+    }
+
+    /// Receives a whole reply of `shape` by `deadline`: its fields, or the
+    /// server's error (the connection stays usable). A timeout breaks the
+    /// connection: the reply may still come.
+    fn receive_reply(&mut self, shape: Shape, deadline: Deadline) -> Result<Reply> {
+        let mut exchange = self.exchange(shape);
+        match self.receive(&mut exchange, deadline) {
+            Ok(Outcome::Reply(reply)) => Ok(reply),
+            Ok(Outcome::Refused(error)) => Err(error),
+            Ok(Outcome::Canceled) => Err(Error::internal("a plain request was cancelled")),
+            Err(e) => Err(self.break_with(e)),
+        }
+    }
+
+    /// Reads every acknowledgement still owed (version 2), by `deadline`;
+    /// each refusal is logged (the request is long gone). With PyTorch's
+    /// protocol, makes sure earlier reply-less requests were applied (a PING
+    /// round trip), so a read on another connection sees them.
+    pub(crate) fn settle(&mut self, deadline: Deadline) -> Result<()> {
+        while self.unread_acks > 0 {
+            self.read_ack(Some(deadline))?;
+        }
+        if self.unfenced {
+            self.call(
+                &[&Encoder::request(Command::Ping).u32(0).finish()],
+                Shape::U32,
+                deadline,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Reads one owed acknowledgement: waiting for it until the deadline
+    /// with `Some(deadline)`, else only if it has arrived (returns whether
+    /// it was read). A refusal is logged: its request is long gone.
+    fn read_ack(&mut self, wait: Option<Deadline>) -> Result<bool> {
+        let mut exchange = self.ack.take().unwrap_or_else(|| self.exchange(Shape::Ack));
+        let outcome = match wait {
+            Some(deadline) => self.receive(&mut exchange, deadline).map(Some),
+            None => self.pump(&mut exchange),
+        };
+        let outcome = match outcome {
+            Ok(Some(outcome)) => outcome,
+            Ok(None) => {
+                self.ack = Some(exchange);
+                return Ok(false);
+            }
+            Err(e) => return Err(self.break_with(e)),
+        };
+        self.unread_acks -= 1;
+        if let Outcome::Refused(error) = outcome {
+            log::warn!(
+                "TCPStore at {}: a request sent without waiting for its reply failed: {}",
+                self.peer,
+                error.message()
+            );
+        }
+        Ok(true)
+    }
+
+    /// Sends a request and receives its reply, by `deadline`.
+    pub(crate) fn call(
+        &mut self,
+        parts: &[&[u8]],
+        shape: Shape,
+        deadline: Deadline,
+    ) -> Result<Reply> {
+        if self.unread_acks > 0 {
+            self.settle(deadline)?;
+        }
+        self.send(parts, deadline)?;
+        let reply = self.receive_reply(shape, deadline);
+        self.unfenced = false;
+        reply
+    }
+
+    /// Sends a request that has no reply in PyTorch's protocol (SET,
+    /// APPEND, MULTI_SET, QUEUE_PUSH). Checks first that the server has not
+    /// closed the connection: with no reply to wait for, a dead server
+    /// would otherwise go unnoticed. With version 2 the acknowledgement is
+    /// read later (or now, past a bound).
+    pub(crate) fn post(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<()> {
+        self.check_open()?;
+        self.send(parts, deadline)?;
+        match self.dialect {
+            Dialect::Distcore => {
+                self.unread_acks += 1;
+                if self.unread_acks >= MAX_UNREAD_ACKS {
+                    self.settle(deadline)?;
+                }
+            }
+            Dialect::PyTorch => self.unfenced = true,
+        }
+        Ok(())
+    }
+
+    /// Reads what the server already sent without waiting: acknowledgements
+    /// are consumed; end of stream or unexpected bytes break the connection.
+    pub(crate) fn check_open(&mut self) -> Result<()> {
+        while self.unread_acks > 0 {
+            if !self.read_ack(None)? {
+                return Ok(());
+            }
+        }
+        if self.start < self.end {
+            return Err(self.break_with(Error::new(
+                Status::Protocol,
+                format!("unexpected bytes from the TCPStore at {}", self.peer),
+            )));
+        }
+        let mut byte = [MaybeUninit::<u8>::uninit()];
+        match self.recv(&mut byte) {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err(self.break_with(Error::new(
+                Status::Protocol,
+                format!("unexpected bytes from the TCPStore at {}", self.peer),
+            ))),
+            Err(e) => Err(self.break_with(e)),
+        }
+    }
+
+    /// Whether the connection is idle and in step: nothing owed, nothing
+    /// unread, not broken (fit to go back to a pool).
+    pub(crate) fn is_idle(&self) -> bool {
+        !self.broken && self.unread_acks == 0 && self.start == self.end
+    }
+}

@@ -1,0 +1,244 @@
+//! The TCPStore client's connections. A handle has a *primary* connection
+//! for every request the server answers at once — in order, as PyTorch's
+//! one connection carries them, so a thread reads its own writes and other
+//! threads see them in order — and *spare* connections for the requests
+//! that wait (get, wait, barrier, a blocking queue pop): a waiting request
+//! takes a spare of its own, so it never holds up another thread, and gives
+//! it back when it ends in step with the server. Async operations run their
+//! spare on the process's waiter thread (`waiter.rs`).
+//!
+//! A broken connection is dropped and the next operation reconnects
+//! (VALIDATE, HELLO again; `init/` is never counted twice: only
+//! [`crate::store::TcpStore::new`] counts). An operation that found its
+//! connection closed before sending anything reconnects and goes on; one
+//! whose request was in flight fails with a network error and is never
+//! retried (a SET or ADD may or may not have been applied).
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+mod conn;
+mod plan;
+mod reply;
+mod waiter;
+
+pub(crate) use conn::{deadline_of, Conn, Deadline, Dialect};
+pub(crate) use plan::Plan;
+pub(crate) use reply::{Reply, Shape};
+
+use super::protocol::Limits;
+use crate::error::{Error, Result};
+use crate::work::{Promise, Work};
+
+/// Idle spare connections a handle keeps; more are closed when they come back.
+const MAX_IDLE_SPARES: usize = 8;
+
+/// The connections of one handle to its server.
+pub(crate) struct Connections {
+    host: String,
+    port: u16,
+    primary: Mutex<Option<Conn>>,
+    spares: Arc<Mutex<Vec<Conn>>>,
+    /// What the last connection learned of the server.
+    dialect: Mutex<(Dialect, Limits)>,
+}
+
+impl Connections {
+    /// Connects the primary connection to `host:port` by `deadline`.
+    pub(crate) fn connect(host: &str, port: u16, deadline: Deadline) -> Result<Connections> {
+        let primary = Conn::connect(host, port, deadline)?;
+        let dialect = (primary.dialect(), *primary.limits());
+        Ok(Connections {
+            host: host.to_string(),
+            port,
+            primary: Mutex::new(Some(primary)),
+            spares: Arc::default(),
+            dialect: Mutex::new(dialect),
+        })
+    }
+
+    /// Whether the server speaks distcore's extensions (as of the last
+    /// connection made).
+    pub(crate) fn dialect(&self) -> Dialect {
+        self.dialect.lock().0
+    }
+
+    fn open(&self, deadline: Deadline) -> Result<Conn> {
+        let conn = Conn::connect(&self.host, self.port, deadline)?;
+        *self.dialect.lock() = (conn.dialect(), *conn.limits());
+        Ok(conn)
+    }
+
+    /// Runs `f` on the primary connection, waiting for it (and reconnecting
+    /// it) no later than `deadline`. A connection `f` left broken is dropped.
+    pub(crate) fn with_primary<T>(
+        &self,
+        deadline: Deadline,
+        f: impl FnOnce(&mut Conn) -> Result<T>,
+    ) -> Result<T> {
+        let mut slot = match deadline {
+            None => self.primary.lock(),
+            Some(deadline) => self.primary.try_lock_until(deadline).ok_or_else(|| {
+                Error::timeout(format!(
+                    "timed out waiting for another operation on this handle to the TCPStore at {}:{}",
+                    self.host, self.port
+                ))
+            })?,
+        };
+        let conn = match &mut *slot {
+            Some(conn) => conn,
+            empty => empty.insert(self.open(deadline)?),
+        };
+        let result = f(conn);
+        if conn.is_broken() {
+            *slot = None;
+        }
+        result
+    }
+
+    /// Makes sure the server applied every request already sent on the
+    /// primary connection, so a read on a spare sees them.
+    fn fence(&self, deadline: Deadline) -> Result<()> {
+        let mut slot = match deadline {
+            None => self.primary.lock(),
+            Some(deadline) => match self.primary.try_lock_until(deadline) {
+                Some(slot) => slot,
+                None => return Ok(()),
+            },
+        };
+        if let Some(conn) = &mut *slot {
+            // A failure breaks the primary: what it carried is lost either way.
+            let _ = conn.settle(deadline);
+            if conn.is_broken() {
+                *slot = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn take_spare(&self, deadline: Deadline) -> Result<Conn> {
+        let idle = self.spares.lock().pop();
+        match idle {
+            Some(mut conn) => match conn.check_open() {
+                Ok(()) => Ok(conn),
+                // Closed while idle (a restarted server): nothing was sent yet.
+                Err(_) => self.open(deadline),
+            },
+            None => self.open(deadline),
+        }
+    }
+
+    fn recycler(&self) -> Box<dyn FnOnce(Conn) + Send> {
+        let spares: Weak<Mutex<Vec<Conn>>> = Arc::downgrade(&self.spares);
+        Box::new(move |conn| {
+            if let Some(spares) = spares.upgrade() {
+                give_back(&spares, conn);
+            }
+        })
+    }
+
+    /// Checks a plan's keys against the server's limits.
+    fn check_plan(&self, plan: &Plan) -> Result<()> {
+        let limits = self.dialect.lock().1;
+        let keys: Vec<&[u8]> = plan.keys().iter().map(|k| k.as_bytes()).collect();
+        check_request(&limits, &keys, &[])
+    }
+
+    /// Runs a waiting operation on a spare connection from this thread, by
+    /// the deadline of `timeout` (plus at most the cancel grace). `fence`:
+    /// it reads values, so earlier writes of this handle must be applied.
+    pub(crate) fn run(
+        &self,
+        mut plan: Plan,
+        timeout: Duration,
+        fence: bool,
+    ) -> Result<Vec<Vec<u8>>> {
+        self.check_plan(&plan)?;
+        let deadline = deadline_of(timeout);
+        if fence {
+            self.fence(deadline)?;
+        }
+        let mut conn = self.take_spare(deadline)?;
+        let result = plan::run(&mut conn, &mut plan, deadline, timeout);
+        give_back(&self.spares, conn);
+        result
+    }
+
+    /// Starts a waiting operation on the waiter thread; the work completes
+    /// with `finish` of the values it read, or its error. Blocks only to
+    /// fence and to open a connection when no spare is idle.
+    pub(crate) fn start(
+        &self,
+        plan: Plan,
+        timeout: Duration,
+        fence: bool,
+        finish: waiter::Finish,
+    ) -> Result<Work> {
+        self.check_plan(&plan)?;
+        let deadline = deadline_of(timeout);
+        if fence {
+            self.fence(deadline)?;
+        }
+        let conn = self.take_spare(deadline)?;
+        let (promise, work) = Promise::new();
+        waiter::submit(waiter::AsyncOp {
+            conn,
+            plan,
+            deadline,
+            timeout,
+            promise,
+            finish,
+            recycle: self.recycler(),
+        })?;
+        Ok(work)
+    }
+}
+
+fn give_back(spares: &Mutex<Vec<Conn>>, conn: Conn) {
+    let mut spares = spares.lock();
+    if conn.is_idle() && spares.len() < MAX_IDLE_SPARES {
+        spares.push(conn);
+    }
+}
+
+/// Checks a request's keys and value lengths against `limits`, before
+/// anything is sent: an oversized request is the caller's error and the
+/// connection stays as it was.
+pub(crate) fn check_request(limits: &Limits, keys: &[&[u8]], values: &[usize]) -> Result<()> {
+    if keys.len() > limits.max_keys_per_request {
+        return Err(Error::invalid_argument(format!(
+            "{} keys in one request exceed the server's limit of {}",
+            keys.len(),
+            limits.max_keys_per_request
+        )));
+    }
+    let mut total = 1u64;
+    for key in keys {
+        if key.len() > limits.max_key_len {
+            return Err(Error::invalid_argument(format!(
+                "a key of {} bytes exceeds the server's limit of {} bytes",
+                key.len(),
+                limits.max_key_len
+            )));
+        }
+        total += 8 + key.len() as u64;
+    }
+    for &len in values {
+        if len > limits.max_value_len {
+            return Err(Error::invalid_argument(format!(
+                "a value of {len} bytes exceeds the server's limit of {} bytes",
+                limits.max_value_len
+            )));
+        }
+        total += 8 + len as u64;
+    }
+    if total > limits.max_request_len as u64 {
+        return Err(Error::invalid_argument(format!(
+            "a request of {total} bytes exceeds the server's limit of {} bytes",
+            limits.max_request_len
+        )));
+    }
+    Ok(())
+}

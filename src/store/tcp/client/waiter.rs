@@ -1,0 +1,276 @@
+//! The async store operations of the whole process on one thread: each is a
+//! [`Plan`] on a connection of its own, driven by an event loop (mio) with
+//! its deadline, and completes a [`Promise`]. A thousand pending async gets
+//! cost a thousand sockets and one thread. An operation its observers give
+//! up on (abort, or every handle dropped) is released at once: its
+//! connection closes, which drops its waiter on the server.
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use once_cell::sync::Lazy;
+use parking_lot::Mutex;
+
+use super::conn::{Conn, Deadline};
+use super::plan::{grace_deadline, Next, Plan, Step};
+use crate::error::{Error, Result};
+use crate::work::Promise;
+
+/// Turns the values a plan read into the work's result.
+pub(crate) type Finish = fn(Vec<Vec<u8>>) -> Option<Vec<u8>>;
+
+/// An operation handed to the waiter.
+pub(crate) struct AsyncOp {
+    /// A connection of its own, idle and in step.
+    pub(crate) conn: Conn,
+    /// What to do on it.
+    pub(crate) plan: Plan,
+    /// When it must end (the cancel grace aside).
+    pub(crate) deadline: Deadline,
+    /// Its timeout (zero: none), for messages and the cancel grace.
+    pub(crate) timeout: Duration,
+    /// Completed with the outcome.
+    pub(crate) promise: Promise,
+    /// The work's result from the values read.
+    pub(crate) finish: Finish,
+    /// Takes the connection back when the operation ends in step with the
+    /// server (a store's pool of idle connections).
+    pub(crate) recycle: Box<dyn FnOnce(Conn) + Send>,
+}
+
+/// An operation in progress.
+struct Running {
+    op: AsyncOp,
+    step: Step,
+    /// Bytes of the current request not sent yet.
+    out: Vec<u8>,
+    deadline: Deadline,
+    cancelled: bool,
+}
+
+#[derive(Default)]
+struct Inbox {
+    next_id: usize,
+    submitted: Vec<(usize, AsyncOp)>,
+    released: Vec<usize>,
+}
+
+struct Waiter {
+    inbox: Arc<Mutex<Inbox>>,
+    waker: Arc<Waker>,
+}
+
+const WAKER: Token = Token(usize::MAX);
+
+static WAITER: Lazy<std::result::Result<Waiter, String>> =
+    Lazy::new(|| start().map_err(|e| e.to_string()));
+
+fn start() -> std::io::Result<Waiter> {
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let inbox = Arc::new(Mutex::new(Inbox::default()));
+    let thread_inbox = inbox.clone();
+    std::thread::Builder::new()
+        .name("dc-store-waits".into())
+        .spawn(move || EventLoop::new(poll, thread_inbox).run())?;
+    Ok(Waiter { inbox, waker })
+}
+
+/// Hands `op` to the waiter thread.
+pub(crate) fn submit(op: AsyncOp) -> Result<()> {
+    let waiter = WAITER
+        .as_ref()
+        .map_err(|e| Error::internal(format!("starting the store's async thread: {e}")))?;
+    let id = {
+        let mut inbox = waiter.inbox.lock();
+        inbox.next_id += 1;
+        inbox.next_id
+    };
+    let (inbox, waker) = (waiter.inbox.clone(), waiter.waker.clone());
+    op.promise.on_release(Box::new(move || {
+        inbox.lock().released.push(id);
+        let _ = waker.wake();
+    }));
+    waiter.inbox.lock().submitted.push((id, op));
+    waiter
+        .waker
+        .wake()
+        .map_err(|e| Error::internal(format!("waking the store's async thread: {e}")))
+}
+
+struct EventLoop {
+    poll: Poll,
+    inbox: Arc<Mutex<Inbox>>,
+    running: HashMap<usize, Running>,
+}
+
+impl EventLoop {
+    fn new(poll: Poll, inbox: Arc<Mutex<Inbox>>) -> EventLoop {
+        EventLoop {
+            poll,
+            inbox,
+            running: HashMap::new(),
+        }
+    }
+
+    fn run(mut self) {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let timeout = self
+                .next_deadline()
+                .map(|d| d.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != ErrorKind::Interrupted {
+                    log::error!("the store's async thread cannot poll: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => self.take_inbox(),
+                    Token(id) => self.progress(id),
+                }
+            }
+            self.expire_due();
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.running.values().filter_map(|r| r.deadline).min()
+    }
+
+    fn take_inbox(&mut self) {
+        let (submitted, released) = {
+            let mut inbox = self.inbox.lock();
+            (
+                std::mem::take(&mut inbox.submitted),
+                std::mem::take(&mut inbox.released),
+            )
+        };
+        for (id, op) in submitted {
+            self.begin(id, op);
+        }
+        for id in released {
+            if let Some(running) = self.running.remove(&id) {
+                // The socket closes with the connection: the server drops the waiter.
+                self.forget(&running);
+            }
+        }
+    }
+
+    fn begin(&mut self, id: usize, mut op: AsyncOp) {
+        let step = op.plan.first(&op.conn);
+        let fd = op.conn.fd();
+        let running = Running {
+            out: step.request.clone(),
+            deadline: op.deadline,
+            step,
+            op,
+            cancelled: false,
+        };
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Token(id),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            running
+                .op
+                .promise
+                .complete(Err(Error::internal(format!("registering a socket: {e}"))));
+            return;
+        }
+        self.running.insert(id, running);
+        self.progress(id);
+    }
+
+    /// Sends what is pending and reads what arrived for operation `id`.
+    fn progress(&mut self, id: usize) {
+        let Some(mut running) = self.running.remove(&id) else {
+            return;
+        };
+        loop {
+            match advance(&mut running) {
+                Ok(Some(Next::Send(step))) => {
+                    running.out = step.request.clone();
+                    running.step = step;
+                }
+                Ok(Some(Next::Done(result))) => return self.finish(running, result),
+                Ok(None) => break,
+                Err(e) => return self.finish(running, Err(e)),
+            }
+        }
+        self.running.insert(id, running);
+    }
+
+    fn expire_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<usize> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.deadline.is_some_and(|d| d <= now))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let Some(mut running) = self.running.remove(&id) else {
+                continue;
+            };
+            let cancel = (!running.cancelled && running.out.is_empty())
+                .then(|| running.step.exchange.expire())
+                .flatten();
+            match cancel {
+                Some(cancel) => {
+                    running.cancelled = true;
+                    running.out = cancel;
+                    running.deadline = grace_deadline(running.op.timeout);
+                    self.running.insert(id, running);
+                    self.progress(id);
+                }
+                None => {
+                    running.op.conn.mark_broken();
+                    let error = running.op.plan.timeout_error(running.op.timeout);
+                    self.finish(running, Err(error));
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, running: Running, result: Result<Vec<Vec<u8>>>) {
+        self.forget(&running);
+        let Running { op, .. } = running;
+        op.promise.complete(result.map(op.finish));
+        if op.conn.is_idle() {
+            (op.recycle)(op.conn);
+        }
+    }
+
+    fn forget(&self, running: &Running) {
+        let fd = running.op.conn.fd();
+        let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+    }
+}
+
+/// Sends what is pending, then reads: the next step once the current
+/// exchange is over, `None` while it waits for the socket.
+fn advance(running: &mut Running) -> Result<Option<Next>> {
+    while !running.out.is_empty() {
+        let sent = running.op.conn.send_now(&running.out)?;
+        if sent == 0 {
+            return Ok(None);
+        }
+        running.out.drain(..sent);
+    }
+    let outcome = match running.op.conn.pump(&mut running.step.exchange)? {
+        Some(outcome) => outcome,
+        None => return Ok(None),
+    };
+    Ok(Some(running.op.plan.next(
+        outcome,
+        &running.op.conn,
+        running.op.timeout,
+    )))
+}
