@@ -6,8 +6,6 @@
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -21,105 +19,16 @@ const MULTI_GET: u8 = 0x0a;
 const MULTI_SET: u8 = 0x0b;
 const PING: u8 = 0x0d;
 
-/// A `distcore serve` process, killed when dropped.
-struct Serve {
-    child: Child,
-    port: u16,
-    /// Its standard output, kept open.
-    _stdout: BufReader<ChildStdout>,
-}
+mod common;
+use common::Serve;
 
-impl Serve {
-    fn start() -> Serve {
-        Serve::start_with(None)
-    }
-
-    /// With `open_files` as both its soft and hard descriptor limit.
-    fn start_with(open_files: Option<u64>) -> Serve {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_distcore"));
-        command
-            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(n) = open_files {
-            // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
-            unsafe {
-                command.pre_exec(move || {
-                    let limit = libc::rlimit {
-                        rlim_cur: n,
-                        rlim_max: n,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let mut child = command.spawn().expect("distcore serve");
-        let mut line = String::new();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        stdout.read_line(&mut line).unwrap();
-        let port = line
-            .split_whitespace()
-            .nth(5)
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("no port in {line:?}"));
-        Serve {
-            child,
-            port,
-            _stdout: stdout,
-        }
-    }
-
-    fn field(&self, name: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap()
-    }
-
-    /// Resident memory, in MiB.
-    fn rss_mib(&self) -> f64 {
-        self.field("VmRSS:") as f64 / 1024.0
-    }
-
-    /// CPU time used so far, in seconds.
-    fn cpu_secs(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = after_name.split(' ').collect();
-        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        // SAFETY: sysconf has no preconditions.
-        ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn stderr(&mut self) -> ChildStderr {
-        self.child.stderr.take().unwrap()
-    }
-
-    /// A validated connection with a 10 s read timeout.
-    fn client(&self) -> TcpStream {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.set_nodelay(true).unwrap();
-        s.write_all(&VALIDATE).unwrap();
-        s
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A validated raw connection to `serve` with a 10 s read timeout.
+fn raw_client(serve: &Serve) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", serve.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(&VALIDATE).unwrap();
+    s
 }
 
 fn bytes(out: &mut Vec<u8>, v: &[u8]) {
@@ -177,7 +86,7 @@ const CONNECTION_BOUND_MIB: f64 = 32.0;
 fn a_flood_of_pipelined_pings_does_not_starve_other_clients() {
     let serve = Serve::start();
     let rss_before = serve.rss_mib();
-    let mut flood = serve.client();
+    let mut flood = raw_client(&serve);
     let mut drain = flood.try_clone().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let reader = thread::spawn(move || {
@@ -197,7 +106,7 @@ fn a_flood_of_pipelined_pings_does_not_starve_other_clients() {
         })
     };
     thread::sleep(Duration::from_millis(200));
-    let mut victim = serve.client();
+    let mut victim = raw_client(&serve);
     let mut slowest = Duration::ZERO;
     for i in 0..200 {
         let t = Instant::now();
@@ -215,21 +124,21 @@ fn a_flood_of_pipelined_pings_does_not_starve_other_clients() {
 #[test]
 fn a_client_that_never_reads_its_replies_is_held_to_the_output_bound() {
     let serve = Serve::start();
-    let mut setter = serve.client();
+    let mut setter = raw_client(&serve);
     // Just under 64 KiB: values that size are copied into replies.
     let value = vec![7u8; 60 << 10];
     setter.write_all(&keyed(SET, "/big", &value)).unwrap();
     ping(&mut setter, 1);
     let rss_before = serve.rss_mib();
     // 10,000 GETs of a 60 KiB value (614 MB of replies), never read.
-    let mut greedy = serve.client();
+    let mut greedy = raw_client(&serve);
     let gets: Vec<u8> = (0..10_000).flat_map(|_| get_request("/big")).collect();
     greedy
         .set_write_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     let _ = greedy.write_all(&gets);
     // And one MULTI_GET naming the value 16,000 times (1 GB of reply).
-    let mut amplifier = serve.client();
+    let mut amplifier = raw_client(&serve);
     let mut multi = vec![MULTI_GET];
     multi.extend_from_slice(&16_000u64.to_le_bytes());
     for _ in 0..16_000 {
@@ -250,13 +159,13 @@ fn a_client_that_never_reads_its_replies_is_held_to_the_output_bound() {
 fn appends_cost_what_they_append() {
     let mut serve = Serve::start();
     let cpu_before = serve.cpu_secs();
-    let mut appender = serve.client();
+    let mut appender = raw_client(&serve);
     let chunk = vec![1u8; 64 << 10];
     for _ in 0..1024 {
         appender.write_all(&keyed(APPEND, "/log", &chunk)).unwrap();
     }
     ping(&mut appender, 2);
-    let mut other = serve.client();
+    let mut other = raw_client(&serve);
     assert_eq!(get(&mut other, "/log").len(), 64 << 20);
     let cpu = serve.cpu_secs() - cpu_before;
     eprintln!("1,024 appends of 64 KiB: {cpu:.2} s of server CPU");
@@ -274,7 +183,7 @@ fn appends_cost_what_they_append() {
 #[test]
 fn a_large_request_trickling_in_is_not_parsed_again_on_every_read() {
     let serve = Serve::start();
-    let mut writer = serve.client();
+    let mut writer = raw_client(&serve);
     let mut request = vec![MULTI_SET];
     request.extend_from_slice(&202u64.to_le_bytes());
     bytes(&mut request, b"/large");
@@ -295,7 +204,7 @@ fn a_large_request_trickling_in_is_not_parsed_again_on_every_read() {
         writer.write_all(piece).unwrap();
         thread::sleep(Duration::from_millis(15));
     }
-    let mut other = serve.client();
+    let mut other = raw_client(&serve);
     assert_eq!(get(&mut other, "/last"), b"v");
     let cpu = serve.cpu_secs() - cpu_before;
     eprintln!("trickle behind a 63 MiB MULTI_SET: {cpu:.2} s of server CPU");
@@ -304,7 +213,7 @@ fn a_large_request_trickling_in_is_not_parsed_again_on_every_read() {
 
 #[test]
 fn out_of_descriptors_the_server_refuses_the_excess_and_keeps_accepting() {
-    let serve = Serve::start_with(Some(64));
+    let serve = Serve::start_with(Some(64), &["--port", "0"]);
     let mut conns = Vec::new();
     let (mut served, mut refused) = (0, 0);
     for i in 0..300u32 {
@@ -335,7 +244,7 @@ fn out_of_descriptors_the_server_refuses_the_excess_and_keeps_accepting() {
     );
     drop(conns);
     settle();
-    let mut late = serve.client();
+    let mut late = raw_client(&serve);
     ping(&mut late, 7);
 }
 
@@ -345,12 +254,12 @@ fn refused_connections_are_logged_a_line_at_a_time_not_a_line_each() {
     let stderr = serve.stderr();
     let lines = thread::spawn(move || BufReader::new(stderr).lines().count());
     for _ in 0..500 {
-        let mut s = serve.client();
+        let mut s = raw_client(&serve);
         s.write_all(&[0x42]).unwrap();
         let mut b = [0u8; 1];
         let _ = s.read(&mut b);
     }
-    let mut good = serve.client();
+    let mut good = raw_client(&serve);
     ping(&mut good, 1);
     drop(serve);
     let lines = lines.join().unwrap();

@@ -261,9 +261,11 @@ impl Rpc {
     ) -> Result<RRef> {
         self.check_running()?;
         let dst = self.worker(to)?;
-        let rref_id = self.ctx.gen_globally_unique_id();
         if dst.id == self.me.id {
-            let owner = self.ctx.get_or_create_owner_rref(rref_id);
+            // Nothing remote knows this RRef yet: like `rpc.RRef(v)`, it is
+            // registered as an owner only when it is forked, so it goes when
+            // its last local handle does.
+            let owner = self.ctx.create_owner_rref();
             let owned: Vec<RRef> = rrefs.to_vec();
             let core = self.core.clone();
             let me = self.me.id;
@@ -275,6 +277,7 @@ impl Rpc {
                 .execute(move || target.set(core.run(&func, &args, &owned, me)));
             return Ok(RRef::Owner(owner));
         }
+        let rref_id = self.ctx.gen_globally_unique_id();
         let fork_id = self.ctx.gen_globally_unique_id();
         let user: Arc<UserRRef> = self.ctx.create_user_rref(dst.id, rref_id, fork_id);
         self.ctx.add_pending_user(fork_id, user.clone());

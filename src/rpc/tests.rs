@@ -156,11 +156,24 @@ fn remote_then_to_here_then_delete() {
     assert!(rref.local_value().is_err());
     drop(rref);
     assert_settles(&ws);
-    // remote() to oneself returns the OwnerRRef.
-    let own = ws[0].remote("w0", "echo", b"mine", &[], None).unwrap();
-    assert!(own.is_owner());
-    assert_eq!(own.local_value().unwrap(), b"mine");
+    // remote() to oneself returns the OwnerRRef, which goes with its last
+    // handle: the counters return to zero.
+    for _ in 0..100 {
+        let own = ws[0].remote("w0", "echo", b"mine", &[], None).unwrap();
+        assert!(own.is_owner());
+        assert_eq!(ws[0].to_here(&own, None).unwrap(), b"mine");
+        drop(own);
+    }
+    assert_settles(&ws);
+    assert_eq!(ws[0].debug_info().num_owner_rrefs, 0);
+    // Passed to another worker, it is registered, and released again.
+    let own = ws[0].remote("w0", "echo", b"lent", &[], None).unwrap();
+    ws[0]
+        .rpc_sync("w1", "echo", b"", std::slice::from_ref(&own), None)
+        .unwrap();
     drop(own);
+    assert_settles(&ws);
+    assert_eq!(ws[0].debug_info().num_owner_rrefs, 0);
     shutdown_all(ws);
 }
 

@@ -197,7 +197,15 @@ fn a_dead_server_is_a_network_error_not_a_hang() {
     let (result, elapsed) = waiter.join().unwrap();
     assert_eq!(result.unwrap_err().status(), Status::Network);
     assert!(elapsed < Duration::from_secs(10), "{elapsed:?}");
+    // The next operation tries to reconnect, for its timeout.
+    client.set_timeout(Duration::from_millis(300));
+    let start = Instant::now();
     assert_eq!(client.set("x", b"1").unwrap_err().status(), Status::Network);
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
@@ -282,4 +290,211 @@ fn large_values_round_trip() {
     let value: Vec<u8> = (0..(16 << 20)).map(|i| (i % 251) as u8).collect();
     s.set("big", &value).unwrap();
     assert_eq!(s.get("big").unwrap(), value);
+}
+
+/// Polls `f` until it holds, for at most 10 s.
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn pending_waits(s: &TcpStore) -> usize {
+    s.server().unwrap().stats().pending_waits
+}
+
+#[test]
+fn blocked_gets_never_hold_up_other_threads_on_the_same_handle() {
+    let s = Arc::new(server_store());
+    s.set_timeout(Duration::from_secs(60));
+    let blocked: Vec<_> = (0..63)
+        .map(|i| {
+            let s = s.clone();
+            thread::spawn(move || s.get(&format!("late{i}")))
+        })
+        .collect();
+    eventually("63 gets waiting", || pending_waits(&s) == 63);
+    let start = Instant::now();
+    s.set("k", b"v").unwrap();
+    assert_eq!(s.add("n", 2).unwrap(), 2);
+    assert_eq!(s.get("k").unwrap(), b"v");
+    // Not wedged until the gets time out (60 s): well before.
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        start.elapsed()
+    );
+    for i in 0..63 {
+        s.set(&format!("late{i}"), b"x").unwrap();
+    }
+    for h in blocked {
+        assert_eq!(h.join().unwrap().unwrap(), b"x");
+    }
+}
+
+#[test]
+fn an_async_get_then_a_set_on_the_same_handle_both_complete() {
+    let s = Arc::new(server_store());
+    let work = s.clone().get_async("k".into()).unwrap();
+    eventually("the get waiting", || pending_waits(&s) == 1);
+    s.set("k", b"v").unwrap();
+    work.wait(Some(Duration::from_secs(30))).unwrap();
+    assert_eq!(&**work.result().unwrap(), b"v");
+    // Every async flavour, through a PrefixStore too.
+    let prefixed: Arc<dyn Store> = Arc::new(crate::store::PrefixStore::new("p", s.clone()));
+    let waited = prefixed.clone().wait_async(vec!["w".into()], None).unwrap();
+    let popped = prefixed.clone().queue_pop_async("q".into()).unwrap();
+    let barrier = s.clone().barrier_async("b".into(), 1, None).unwrap();
+    prefixed.set("w", b"1").unwrap();
+    prefixed.queue_push("q", b"e").unwrap();
+    for w in [&waited, &popped, &barrier] {
+        w.wait(Some(Duration::from_secs(30))).unwrap();
+    }
+    assert_eq!(&**popped.result().unwrap(), b"e");
+}
+
+#[test]
+fn async_operations_share_one_thread() {
+    fn threads() -> usize {
+        std::fs::read_dir("/proc/self/task").unwrap().count()
+    }
+    let s = Arc::new(server_store());
+    // Starts the waiter thread if no test has yet.
+    s.clone()
+        .wait_async(vec!["warm".into()], Some(Duration::from_millis(1)))
+        .unwrap()
+        .wait(Some(Duration::from_secs(30)))
+        .unwrap_err();
+    let before = threads();
+    let works: Vec<_> = (0..200)
+        .map(|i| s.clone().get_async(format!("a{i}")).unwrap())
+        .collect();
+    eventually("200 gets waiting", || pending_waits(&s) == 200);
+    // Other tests run threads of their own meanwhile: a thread per get would add 200.
+    assert!(
+        threads() < before + 50,
+        "{} threads, {before} before",
+        threads()
+    );
+    for i in 0..200 {
+        s.set(&format!("a{i}"), b"v").unwrap();
+    }
+    for w in works {
+        w.wait(Some(Duration::from_secs(30))).unwrap();
+    }
+}
+
+#[test]
+fn an_aborted_or_abandoned_async_wait_releases_its_waiter_on_the_server() {
+    let s = Arc::new(server_store());
+    let work = s.clone().get_async("never".into()).unwrap();
+    eventually("the get waiting", || pending_waits(&s) == 1);
+    work.abort();
+    eventually("the aborted get released", || pending_waits(&s) == 0);
+    let work = s.clone().wait_async(vec!["never".into()], None).unwrap();
+    eventually("the wait waiting", || pending_waits(&s) == 1);
+    drop(work);
+    eventually("the dropped wait released", || pending_waits(&s) == 0);
+    // With a callback to run, dropping the handle keeps the operation.
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let work = s.clone().get_async("later".into()).unwrap();
+    let flag = ran.clone();
+    work.add_done_callback(Box::new(move |_| {
+        flag.store(true, std::sync::atomic::Ordering::SeqCst)
+    }));
+    drop(work);
+    s.set("later", b"1").unwrap();
+    eventually("the callback ran", || {
+        ran.load(std::sync::atomic::Ordering::SeqCst)
+    });
+}
+
+#[test]
+fn add_on_a_non_integer_is_an_invalid_argument_and_the_handle_lives() {
+    let s = server_store();
+    s.set("k", b"abc").unwrap();
+    let e = s.add("k", 1).unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument, "{}", e.message());
+    assert!(e.message().contains("not an integer"), "{}", e.message());
+    s.set("x", b"1").unwrap();
+    assert_eq!(s.get("x").unwrap(), b"1");
+    assert_eq!(
+        s.server().unwrap().stats().connections,
+        2,
+        "no reconnect was needed"
+    );
+}
+
+#[test]
+fn a_request_over_the_servers_limits_is_refused_before_it_is_sent() {
+    let s = TcpStore::new(TcpStoreOptions {
+        is_server: true,
+        max_value_len: 1 << 20,
+        ..TcpStoreOptions::default()
+    })
+    .unwrap();
+    let big = vec![1u8; (1 << 20) + 1];
+    for result in [
+        s.set("k", &big),
+        s.append("k", &big),
+        s.queue_push("k", &big),
+        s.multi_set(&["a", "k"], &[b"1", &big]),
+        s.compare_set("k", b"", &big).map(drop),
+    ] {
+        let e = result.unwrap_err();
+        assert_eq!(e.status(), Status::InvalidArgument);
+        assert!(
+            e.message().contains("exceeds the server's limit"),
+            "{}",
+            e.message()
+        );
+    }
+    let long_key = "k".repeat(9 << 10);
+    assert_eq!(
+        s.get(&long_key).unwrap_err().status(),
+        Status::InvalidArgument
+    );
+    s.set("k", &big[..1 << 20]).unwrap();
+    assert_eq!(s.get("k").unwrap().len(), 1 << 20);
+    // Appending past the limit is the server's call: an error reply.
+    let e = s.append("k", b"x").unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument, "{}", e.message());
+    assert_eq!(s.num_keys().unwrap(), 1);
+}
+
+#[test]
+fn against_a_pytorch_server_pytorchs_limits_apply() {
+    let server = Server::start(ServerOptions {
+        extensions: false,
+        ..ServerOptions::default()
+    })
+    .unwrap();
+    let s = client_of(server.port());
+    let e = s.set("k", &vec![0u8; (8 << 20) + 1]).unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument);
+    s.set("k", &vec![0u8; 8 << 20]).unwrap();
+    assert_eq!(s.get("k").unwrap().len(), 8 << 20);
+}
+
+#[test]
+fn a_restarted_server_is_reconnected_on_the_next_operation() {
+    let server = Server::start(ServerOptions::default()).unwrap();
+    let port = server.port();
+    let s = client_of(port);
+    s.set("before", b"1").unwrap();
+    let waiter = s.clone_store().unwrap();
+    drop(server);
+    let server = Server::start(ServerOptions {
+        port,
+        ..ServerOptions::default()
+    })
+    .unwrap();
+    // The old connections are closed: the next operations reconnect.
+    s.set("after", b"2").unwrap();
+    assert_eq!(s.get("after").unwrap(), b"2");
+    assert_eq!(s.num_keys().unwrap(), 1, "the new server starts empty");
+    assert_eq!(waiter.get("after").unwrap(), b"2");
+    drop(server);
 }

@@ -162,6 +162,7 @@ impl Conn {
         for addr in resolve(host, port)? {
             let budget = left(deadline).unwrap_or(Duration::from_secs(60));
             if budget.is_zero() {
+                last = Error::network(format!("no time left to connect to {addr}"));
                 break;
             }
             let stream = match TcpStream::connect_timeout(&addr, budget) {
@@ -514,12 +515,11 @@ impl Conn {
     }
 
     /// Sends a request that has no reply in PyTorch's protocol (SET,
-    /// APPEND, MULTI_SET, QUEUE_PUSH). Checks first that the server has not
-    /// closed the connection: with no reply to wait for, a dead server
-    /// would otherwise go unnoticed. With version 2 the acknowledgement is
-    /// read later (or now, past a bound).
+    /// APPEND, MULTI_SET, QUEUE_PUSH). With version 2 the acknowledgement
+    /// is read later (or now, past a bound). Callers check first that the
+    /// server has not closed the connection ([`Conn::check_open`]): with no
+    /// reply to wait for, a dead server would otherwise go unnoticed.
     pub(crate) fn post(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<()> {
-        self.check_open()?;
         self.send(parts, deadline)?;
         match self.dialect {
             Dialect::Distcore => {

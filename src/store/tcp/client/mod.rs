@@ -17,7 +17,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 
 mod conn;
 mod plan;
@@ -29,7 +29,7 @@ pub(crate) use plan::Plan;
 pub(crate) use reply::{Reply, Shape};
 
 use super::protocol::Limits;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Status};
 use crate::work::{Promise, Work};
 
 /// Idle spare connections a handle keeps; more are closed when they come back.
@@ -71,6 +71,19 @@ impl Connections {
         Ok(conn)
     }
 
+    /// The primary connection's slot, waited for no later than `deadline`.
+    fn lock_primary(&self, deadline: Deadline) -> Result<MutexGuard<'_, Option<Conn>>> {
+        match deadline {
+            None => Ok(self.primary.lock()),
+            Some(deadline) => self.primary.try_lock_until(deadline).ok_or_else(|| {
+                Error::timeout(format!(
+                    "timed out waiting for another operation on this handle to the TCPStore at {}:{}",
+                    self.host, self.port
+                ))
+            }),
+        }
+    }
+
     /// Runs `f` on the primary connection, waiting for it (and reconnecting
     /// it) no later than `deadline`. A connection `f` left broken is dropped.
     pub(crate) fn with_primary<T>(
@@ -78,15 +91,14 @@ impl Connections {
         deadline: Deadline,
         f: impl FnOnce(&mut Conn) -> Result<T>,
     ) -> Result<T> {
-        let mut slot = match deadline {
-            None => self.primary.lock(),
-            Some(deadline) => self.primary.try_lock_until(deadline).ok_or_else(|| {
-                Error::timeout(format!(
-                    "timed out waiting for another operation on this handle to the TCPStore at {}:{}",
-                    self.host, self.port
-                ))
-            })?,
-        };
+        let mut slot = self.lock_primary(deadline)?;
+        // A connection the server closed while idle (a restart) is replaced
+        // before anything is sent on it: that is not a retry.
+        if let Some(conn) = &mut *slot {
+            if conn.check_open().is_err() {
+                *slot = None;
+            }
+        }
         let conn = match &mut *slot {
             Some(conn) => conn,
             empty => empty.insert(self.open(deadline)?),
@@ -99,23 +111,22 @@ impl Connections {
     }
 
     /// Makes sure the server applied every request already sent on the
-    /// primary connection, so a read on a spare sees them.
+    /// primary connection, so a read on a spare sees them. A primary that
+    /// fails meanwhile is dropped (what it carried is lost either way); one
+    /// that does not answer in time fails the operation.
     fn fence(&self, deadline: Deadline) -> Result<()> {
-        let mut slot = match deadline {
-            None => self.primary.lock(),
-            Some(deadline) => match self.primary.try_lock_until(deadline) {
-                Some(slot) => slot,
-                None => return Ok(()),
-            },
+        let mut slot = self.lock_primary(deadline)?;
+        let Some(conn) = &mut *slot else {
+            return Ok(());
         };
-        if let Some(conn) = &mut *slot {
-            // A failure breaks the primary: what it carried is lost either way.
-            let _ = conn.settle(deadline);
-            if conn.is_broken() {
-                *slot = None;
-            }
+        let result = conn.settle(deadline);
+        if conn.is_broken() {
+            *slot = None;
         }
-        Ok(())
+        match result {
+            Err(e) if e.status() == Status::Timeout => Err(e),
+            _ => Ok(()),
+        }
     }
 
     fn take_spare(&self, deadline: Deadline) -> Result<Conn> {

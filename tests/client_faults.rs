@@ -1,0 +1,184 @@
+//! The TCPStore client when its server stops answering: frozen (SIGSTOP) or
+//! cut off by a partition (a network namespace behind a veth pair, its
+//! traffic dropped with iptables; created and removed by the test). Every
+//! operation must end within its timeout plus the documented cancel grace,
+//! and the same handle must work again once the server does.
+
+use std::process::Command;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use distcore::store::{Store, TcpStore, TcpStoreOptions};
+use distcore::Status;
+
+mod common;
+use common::Serve;
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+/// The cancel grace (0.5 s) and scheduling on a busy machine.
+const SLACK: Duration = Duration::from_millis(1500);
+
+fn client(host: &str, port: u16) -> TcpStore {
+    TcpStore::new(TcpStoreOptions {
+        host: host.into(),
+        port,
+        timeout: TIMEOUT,
+        ..TcpStoreOptions::default()
+    })
+    .unwrap()
+}
+
+/// Runs `op`, asserts it failed (timeout or network) within the timeout
+/// plus the slack, and prints how long it took.
+fn ends_in_time<T: std::fmt::Debug>(what: &str, op: impl FnOnce() -> distcore::Result<T>) {
+    let start = Instant::now();
+    let result = op();
+    let took = start.elapsed();
+    println!("{what}: {took:.2?} -> {result:?}");
+    let status = result.expect_err(what).status();
+    assert!(
+        matches!(status, Status::Timeout | Status::Network),
+        "{what}: {status:?}"
+    );
+    assert!(took <= TIMEOUT + SLACK, "{what} took {took:?}");
+}
+
+#[test]
+fn a_frozen_server_cannot_hold_any_operation_past_its_timeout() {
+    let serve = Serve::start();
+    let store = Arc::new(client("127.0.0.1", serve.port));
+    store.set("k", b"v").unwrap();
+    serve.signal(libc::SIGSTOP);
+    let big = vec![7u8; 32 << 20];
+    ends_in_time("get (missing key)", || store.get("missing"));
+    ends_in_time("get (present key)", || store.get("k"));
+    ends_in_time("wait", || store.wait(&["missing"], None));
+    ends_in_time("add", || store.add("n", 1));
+    ends_in_time("check", || store.check(&["k"]));
+    ends_in_time("barrier", || store.barrier("b", 2, None));
+    ends_in_time("set 32 MiB", || store.set("big", &big));
+    ends_in_time("async get", || {
+        let work = store.clone().get_async("missing".into())?;
+        work.wait(Some(Duration::from_secs(60)))
+    });
+    // Many threads at once: none waits for another's timeout on top of its own.
+    let threads: Vec<_> = (0..16)
+        .map(|i| {
+            let store = store.clone();
+            thread::spawn(move || {
+                ends_in_time(&format!("thread {i} add"), || store.add("n", 1));
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    serve.signal(libc::SIGCONT);
+    // The same handle works again: broken connections were replaced.
+    store.set("after", b"1").unwrap();
+    assert_eq!(store.get("after").unwrap(), b"1");
+    assert_eq!(store.get("k").unwrap(), b"v");
+}
+
+/// A network namespace with a veth pair to this one; removed when dropped.
+struct Netns {
+    name: String,
+    /// The address of the namespace's end.
+    inside: String,
+}
+
+fn run(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Netns {
+    fn create() -> Result<Netns, String> {
+        let id = std::process::id();
+        let name = format!("dcfault{id}");
+        let (outer, inner) = (format!("dcv{id}a"), format!("dcv{id}b"));
+        let net = format!("10.231.{}", id % 250);
+        let netns = Netns {
+            name: name.clone(),
+            inside: format!("{net}.2"),
+        };
+        run(&["ip", "netns", "add", &name])?;
+        run(&[
+            "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+        ])?;
+        run(&["ip", "link", "set", &inner, "netns", &name])?;
+        run(&["ip", "addr", "add", &format!("{net}.1/30"), "dev", &outer])?;
+        run(&["ip", "link", "set", &outer, "up"])?;
+        netns.exec(&["ip", "addr", "add", &format!("{net}.2/30"), "dev", &inner])?;
+        netns.exec(&["ip", "link", "set", &inner, "up"])?;
+        netns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
+    fn exec(&self, args: &[&str]) -> Result<(), String> {
+        let mut all = vec!["ip", "netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    /// Drops every packet into the namespace, or lets them in again.
+    fn partition(&self, cut: bool) {
+        let action = if cut { "-A" } else { "-D" };
+        self.exec(&["iptables", action, "INPUT", "-j", "DROP"])
+            .unwrap();
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace removes the veth pair with it.
+        let _ = run(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+#[test]
+fn a_partition_is_timed_out_on_time_and_the_handle_works_after_it_heals() {
+    let netns = match Netns::create() {
+        Ok(netns) => netns,
+        Err(why) => panic!(
+            "network namespaces are unavailable here, so the partition test cannot run \
+             (it needs root, iproute2 and iptables): {why}"
+        ),
+    };
+    let serve = Serve::start_in(&netns.name, &netns.inside);
+    let store = Arc::new(client(&netns.inside, serve.port));
+    store.set("k", b"v").unwrap();
+
+    // A wait that spans a short partition completes: its connection lives.
+    let spanning = {
+        let store = store.clone();
+        thread::spawn(move || store.wait(&["spanning"], Some(Duration::from_secs(30))))
+    };
+    thread::sleep(Duration::from_millis(200));
+    netns.partition(true);
+    ends_in_time("get during the partition", || store.get("missing"));
+    ends_in_time("add during the partition", || store.add("n", 1));
+    ends_in_time("wait during the partition", || {
+        store.wait(&["missing"], None)
+    });
+    netns.partition(false);
+
+    // The same handle works again.
+    store.set("after", b"1").unwrap();
+    assert_eq!(store.get("after").unwrap(), b"1");
+    assert_eq!(store.get("k").unwrap(), b"v");
+    store.set("spanning", b"1").unwrap();
+    spanning.join().unwrap().unwrap();
+}

@@ -1,0 +1,123 @@
+//! Helpers shared by the integration tests: a `distcore serve` process.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
+
+/// A `distcore serve` process, killed when dropped.
+pub struct Serve {
+    /// The process.
+    pub child: Child,
+    /// The port it listens on.
+    pub port: u16,
+    /// Its standard output, kept open.
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Serve {
+    /// On loopback, on a free port.
+    pub fn start() -> Serve {
+        Serve::start_with(None, &["--port", "0"])
+    }
+
+    /// With `open_files` as both its soft and hard descriptor limit, and
+    /// `args` after `serve --host 127.0.0.1` (a port at least).
+    pub fn start_with(open_files: Option<u64>, args: &[&str]) -> Serve {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_distcore"));
+        command.args(["serve", "--host", "127.0.0.1"]).args(args);
+        Serve::spawn(command, open_files)
+    }
+
+    /// In the network namespace `netns`, listening on `host`.
+    pub fn start_in(netns: &str, host: &str) -> Serve {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_distcore")]);
+        command.args(["serve", "--host", host, "--port", "0"]);
+        Serve::spawn(command, None)
+    }
+
+    fn spawn(mut command: Command, open_files: Option<u64>) -> Serve {
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        if let Some(n) = open_files {
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("distcore serve");
+        let mut line = String::new();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        stdout.read_line(&mut line).unwrap();
+        let port = line
+            .split_whitespace()
+            .nth(5)
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        Serve {
+            child,
+            port,
+            _stdout: stdout,
+        }
+    }
+
+    pub fn field(&self, name: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    }
+
+    /// Resident memory, in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        self.field("VmRSS:") as f64 / 1024.0
+    }
+
+    /// CPU time used so far, in seconds.
+    pub fn cpu_secs(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after_name.split(' ').collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        ticks as f64 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    pub fn stderr(&mut self) -> ChildStderr {
+        self.child.stderr.take().unwrap()
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Serve {
+    /// Sends `signal` to the process (SIGSTOP freezes it, SIGCONT thaws it).
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill has no memory-safety preconditions.
+        assert_eq!(
+            unsafe { libc::kill(self.child.id() as libc::pid_t, signal) },
+            0
+        );
+    }
+}
