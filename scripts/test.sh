@@ -12,7 +12,9 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "system packages"
 missing=()
-for tool in cmake:cmake pkg-config:pkg-config valgrind:valgrind g++:g++ python3:python3; do
+# ip and iptables: the client fault tests cut a network namespace off.
+for tool in cmake:cmake pkg-config:pkg-config valgrind:valgrind g++:g++ python3:python3 \
+            ip:iproute2 iptables:iptables; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 if ((${#missing[@]})); then

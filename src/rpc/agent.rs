@@ -29,8 +29,10 @@ use crate::work::Work;
 const HEADER: usize = 4 + 1 + 8 + 2;
 /// Size of the shared read buffer.
 const SCRATCH_LEN: usize = 256 << 10;
-/// Largest frame accepted (a malformed length closes the connection).
-const MAX_FRAME: usize = 1 << 30;
+/// Largest frame, header included, sent or accepted: a longer message is
+/// refused before it is sent (`DC_ERR_INVALID_ARGUMENT`), and a peer that
+/// announces one is closed. Frame lengths are `u32`s.
+pub(crate) const MAX_FRAME: usize = 1 << 30;
 
 /// Attempts of a control message before giving up.
 const MAX_ATTEMPTS: u32 = 8;
@@ -61,9 +63,14 @@ pub(crate) struct Replier {
 }
 
 impl Replier {
+    /// Sends the response; one too long for a frame is replaced by an
+    /// error response saying so.
     pub(crate) fn send(self, response: Response) {
         if let Some(shared) = self.agent.upgrade() {
-            let frame = frame(1, self.id, shared.me, &response.encode());
+            let frame = frame(1, self.id, shared.me, &response.encode()).unwrap_or_else(|e| {
+                let refusal = Response::Err(e.message().to_string()).encode();
+                frame(1, self.id, shared.me, &refusal).unwrap_or_default()
+            });
             shared.write(self.token, &self.writer, &frame);
         }
     }
@@ -165,14 +172,25 @@ impl Shared {
     }
 }
 
-fn frame(kind: u8, id: u64, sender: WorkerId, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(HEADER + payload.len());
-    f.extend_from_slice(&((HEADER - 4 + payload.len()) as u32).to_le_bytes());
+/// One frame: `u32` length, kind, id, sender, payload; an error when the
+/// payload does not fit under [`MAX_FRAME`].
+fn frame(kind: u8, id: u64, sender: WorkerId, payload: &[u8]) -> Result<Vec<u8>> {
+    let len = HEADER - 4 + payload.len();
+    if HEADER + payload.len() > MAX_FRAME {
+        return Err(Error::invalid_argument(format!(
+            "an RPC message of {} bytes exceeds the limit of {MAX_FRAME} bytes per message",
+            payload.len()
+        )));
+    }
+    let mut f = Vec::new();
+    f.try_reserve_exact(HEADER + payload.len())
+        .map_err(|_| Error::invalid_argument("cannot allocate an RPC message"))?;
+    f.extend_from_slice(&(len as u32).to_le_bytes());
     f.push(kind);
     f.extend_from_slice(&id.to_le_bytes());
     f.extend_from_slice(&sender.to_le_bytes());
     f.extend_from_slice(payload);
-    f
+    Ok(f)
 }
 
 /// The message of an RPC that ran out of time (PyTorch's wording).
@@ -331,7 +349,13 @@ fn send_on(shared: &Arc<Shared>, to: WorkerId, payload: Vec<u8>, timeout: Durati
         return work;
     }
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let frame = frame(0, id, shared.me, &payload);
+    let frame = match frame(0, id, shared.me, &payload) {
+        Ok(frame) => frame,
+        Err(e) => {
+            let _ = work.finish(Some(e));
+            return work;
+        }
+    };
     let connection = shared.outbound.lock().get(&to).cloned();
     if let Some((token, writer)) = connection {
         shared.expect_response(
@@ -765,33 +789,50 @@ impl IoLoop {
         }
     }
 
+    /// Dispatches every whole frame received on `token`, reading them in
+    /// place, then drops them from the input at once.
     fn dispatch_frames(&mut self, token: Token) -> std::result::Result<(), String> {
-        loop {
-            let Some(conn) = self.conn(token) else {
-                return Ok(());
+        let Some(conn) = self.conn(token) else {
+            return Ok(());
+        };
+        let input = std::mem::take(&mut conn.input);
+        let mut at = 0;
+        let result = loop {
+            let Some(head) = input.get(at..at + 4) else {
+                break Ok(());
             };
-            if conn.input.len() < 4 {
-                return Ok(());
+            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            if !(HEADER - 4..=MAX_FRAME - 4).contains(&len) {
+                break Err(format!("bad frame length {len}"));
             }
-            let len = u32::from_le_bytes(conn.input[..4].try_into().unwrap_or_default()) as usize;
-            if !(HEADER - 4..=MAX_FRAME).contains(&len) {
-                return Err(format!("bad frame length {len}"));
-            }
-            if conn.input.len() < 4 + len {
-                return Ok(());
-            }
-            let body = conn.input[4..4 + len].to_vec();
-            conn.input.drain(..4 + len);
+            let Some(body) = input.get(at + 4..at + 4 + len) else {
+                break Ok(());
+            };
+            at += 4 + len;
             let kind = body[0];
             let id = u64::from_le_bytes(body[1..9].try_into().unwrap_or_default());
-            let sender = u16::from_le_bytes(body[9..11].try_into().unwrap_or_default());
+            let sender = u16::from_le_bytes([body[9], body[10]]);
             let payload = &body[11..];
-            match kind {
-                0 => self.on_request(token, id, sender, payload)?,
-                1 => self.on_response(id, payload),
-                k => return Err(format!("bad frame kind {k}")),
+            let dispatched = match kind {
+                0 => self.on_request(token, id, sender, payload),
+                1 => {
+                    self.on_response(id, payload);
+                    Ok(())
+                }
+                k => Err(format!("bad frame kind {k}")),
+            };
+            if let Err(why) = dispatched {
+                break Err(why);
             }
+        };
+        if let Some(conn) = self.conn(token) {
+            let mut input = input;
+            input.drain(..at);
+            // Keep whatever a handler queued meanwhile after the unread tail.
+            input.append(&mut conn.input);
+            conn.input = input;
         }
+        result
     }
 
     fn on_request(
@@ -882,5 +923,25 @@ impl IoLoop {
             }
         }
         self.timer_jobs.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_too_long_for_a_frame_is_refused_before_it_is_sent() {
+        // Zeroed by the allocator: no page is touched.
+        let payload = vec![0u8; MAX_FRAME];
+        let e = frame(0, 1, 0, &payload).unwrap_err();
+        assert_eq!(e.status(), Status::InvalidArgument);
+        assert!(e.message().contains("exceeds the limit"), "{}", e.message());
+        let f = frame(1, 7, 3, b"ok").unwrap();
+        assert_eq!(f.len(), HEADER + 2);
+        assert_eq!(
+            u32::from_le_bytes(f[..4].try_into().unwrap()) as usize,
+            f.len() - 4
+        );
     }
 }
