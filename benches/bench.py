@@ -573,6 +573,35 @@ for start in range(0, n, 1000):
 RPC_CALLS = ["rpc_sync 64 B", "rpc_sync 64 KiB", "rpc_sync 1 MiB", "remote + to_here 64 B"]
 
 
+def scenario_shared_handle(ops, waiters=63):
+    """One handle, `waiters` threads blocked in a get on it, and a set from
+    another thread: distcore's gets wait on connections of their own (get
+    timeout 300 s, never reached); PyTorch's client holds its one connection
+    for the whole get, so the set waits for the gets to time out (given
+    0.2 s here, so the run ends; with the default 300 s it would wait that)."""
+    rows = []
+    results = {}
+    for client, timeout_ms, n in [("distcore", 300000, ops), ("torch", 200, 1)]:
+        for server in ["distcore", "torch libuv"]:
+            s = Server(server)
+            try:
+                out = run_driver(client, "shared", "127.0.0.1", s.port, waiters, n, timeout_ms)
+            finally:
+                s.stop()
+            _, med, p99 = out.split()
+            results[(client, server)] = float(med)
+            rows.append([f"{client} client", server, f"{timeout_ms / 1000:g} s", n, f"{float(med):.1f}",
+                         f"{float(p99):.1f}"])
+    ref = results[("torch", "torch libuv")]
+    for row in rows:
+        row.append(f"{ref / results[(row[0].split()[0], row[1])]:.3g}")
+    return table(f"9. A set on a handle while {waiters} gets block on it (µs)",
+                 ["client", "server", "get timeout", "sets", "median", "p99",
+                  "torch client + libuv / this (× faster)"], rows,
+                 "PyTorch's set waits until every blocked get has timed out (63 × 0.2 s here); "
+                 "distcore's gets wait on connections of their own.")
+
+
 def scenario_rpc(calls, rounds):
     """distcore driven from C (the library's own cost) and from Python
     (ctypes, a Python function on the callee, as torch runs one), against
@@ -669,10 +698,12 @@ def preamble(path):
 
 
 def main():
+    global SERVERS
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smoke run well under 2 minutes")
     ap.add_argument("--out", help="write the tables (and the plot beside them) here")
-    ap.add_argument("--only", choices=["footprint", "rpc", "fairness", "scale"], help="run one scenario and print it")
+    ap.add_argument("--only", choices=["footprint", "rpc", "fairness", "scale", "latency", "shared"],
+                    help="run one scenario and print it")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -689,6 +720,17 @@ def main():
     if args.only == "fairness":
         guarded("7. Fairness", scenario_fairness, 500 if q else 5000, 2000 if q else 10000, 3 if q else 10)
         return
+    if args.only == "shared":
+        guarded("9. Shared handle", scenario_shared_handle, 200 if q else 2000)
+        return
+    if args.only == "latency":
+        servers = {kind: Server(kind) for kind in SERVERS}
+        try:
+            guarded("1. Latency", scenario_latency, servers, 3000 if q else 21000, 1 if q else 3)
+        finally:
+            for s in servers.values():
+                s.stop()
+        return
     if args.only == "rpc":
         guarded("6. RPC and RRef", scenario_rpc, 100 if q else 2000, 1 if q else 3)
         return
@@ -700,7 +742,6 @@ def main():
     print(head)
     sections = [head]
     sizes = [64] if q else [256, 1024, 4096, 8192]
-    global SERVERS
     if q:
         SERVERS = QUICK_SERVERS
     servers = {kind: Server(kind) for kind in SERVERS}
@@ -724,6 +765,7 @@ def main():
     text, scale = guarded("8. Scale", scenario_scale, [512] if q else [4096, 8192, 16384, 19500],
                           None if q else 21000, None if q else 4096)
     sections.append(text)
+    sections.append(guarded("9. Shared handle", scenario_shared_handle, 200 if q else 2000)[0])
     took = time.monotonic() - started
     print(f"all scenarios in {took:.0f} s")
     if args.out:

@@ -13,6 +13,9 @@
 //                                                      "barrier N seconds S failures F"
 //   store_bench large      HOST PORT MIB REPS       -> "mbps X" or "refused <why>"
 //   store_bench idle       HOST PORT N              -> opens up to N handles, "ready K", waits for stdin EOF
+//   store_bench shared     HOST PORT WAITERS OPS TIMEOUT_MS
+//                                                   -> "set median_us p99_us" of OPS sets on one handle
+//                                                      while WAITERS threads block in a get on it
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -322,6 +325,36 @@ static int idle(const std::string& host, int port, int n) {
   return 0;
 }
 
+// One handle, WAITERS threads blocked in a get of a key nobody sets (each
+// gives up after the handle's timeout), and this thread's sets meanwhile.
+static int shared(const std::string& host, int port, int waiters, int ops, int timeout_ms) {
+  Client c(host, port, -1, timeout_ms);
+  std::vector<std::thread> ts;
+  for (int i = 0; i < waiters; i++) {
+    ts.emplace_back([&c, i] {
+      try {
+        c.get("shared/never/" + std::to_string(i));
+      } catch (const std::exception&) {
+        // The get's timeout: expected.
+      }
+    });
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  Bytes v(64, 'x');
+  std::vector<double> us(ops);
+  for (int i = 0; i < ops; i++) {
+    auto t = Clock::now();
+    c.set("shared/k", v);
+    us[i] = std::chrono::duration<double, std::micro>(Clock::now() - t).count();
+  }
+  std::sort(us.begin(), us.end());
+  std::printf("set %.2f %.2f\n", us[ops / 2], us[std::min(ops - 1, ops * 99 / 100)]);
+  std::fflush(stdout);
+  for (int i = 0; i < waiters; i++) c.set("shared/never/" + std::to_string(i), v);
+  for (auto& t : ts) t.join();
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (argc < 4) {
     std::fprintf(stderr, "usage: see the top of store_bench.cpp\n");
@@ -337,6 +370,8 @@ int main(int argc, char** argv) {
     if (mode == "barrier") return barrier(host, port, std::atoi(argv[4]), argv[5], std::atoi(argv[6]));
     if (mode == "large") return large(host, port, std::atoi(argv[4]), std::atoi(argv[5]));
     if (mode == "idle") return idle(host, port, std::atoi(argv[4]));
+    if (mode == "shared")
+      return shared(host, port, std::atoi(argv[4]), std::atoi(argv[5]), std::atoi(argv[6]));
   } catch (const std::exception& e) {
     std::fprintf(stderr, "store_bench %s: %s\n", mode.c_str(), e.what());
     return 1;

@@ -75,8 +75,6 @@ pub(crate) struct Conn {
     end: usize,
     /// Acknowledgements of reply-less requests not read yet (version 2).
     unread_acks: usize,
-    /// The acknowledgement being read, if part of it has arrived.
-    ack: Option<Exchange>,
     /// Reply-less requests were sent since the last reply (PyTorch's
     /// protocol): the server may not have applied them yet.
     unfenced: bool,
@@ -188,7 +186,6 @@ impl Conn {
                 start: 0,
                 end: 0,
                 unread_acks: 0,
-                ack: None,
                 unfenced: false,
                 broken: false,
             };
@@ -458,7 +455,7 @@ impl Conn {
     /// round trip), so a read on another connection sees them.
     pub(crate) fn settle(&mut self, deadline: Deadline) -> Result<()> {
         while self.unread_acks > 0 {
-            self.read_ack(Some(deadline))?;
+            self.read_ack(deadline)?;
         }
         if self.unfenced {
             self.call(
@@ -470,21 +467,12 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads one owed acknowledgement: waiting for it until the deadline
-    /// with `Some(deadline)`, else only if it has arrived (returns whether
-    /// it was read). A refusal is logged: its request is long gone.
-    fn read_ack(&mut self, wait: Option<Deadline>) -> Result<bool> {
-        let mut exchange = self.ack.take().unwrap_or_else(|| self.exchange(Shape::Ack));
-        let outcome = match wait {
-            Some(deadline) => self.receive(&mut exchange, deadline).map(Some),
-            None => self.pump(&mut exchange),
-        };
-        let outcome = match outcome {
-            Ok(Some(outcome)) => outcome,
-            Ok(None) => {
-                self.ack = Some(exchange);
-                return Ok(false);
-            }
+    /// Reads one owed acknowledgement, waiting for it until `deadline`. A
+    /// refusal is logged: its request is long gone.
+    fn read_ack(&mut self, deadline: Deadline) -> Result<()> {
+        let mut exchange = self.exchange(Shape::Ack);
+        let outcome = match self.receive(&mut exchange, deadline) {
+            Ok(outcome) => outcome,
             Err(e) => return Err(self.break_with(e)),
         };
         self.unread_acks -= 1;
@@ -495,7 +483,7 @@ impl Conn {
                 error.message()
             );
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Sends a request and receives its reply, by `deadline`.
@@ -533,29 +521,33 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads what the server already sent without waiting: acknowledgements
-    /// are consumed; end of stream or unexpected bytes break the connection.
+    /// Checks, without waiting and with one system call, that the server
+    /// has not closed the connection (even with bytes still unread): bytes
+    /// waiting are the acknowledgements owed (read later, in bulk);
+    /// anything else breaks it.
     pub(crate) fn check_open(&mut self) -> Result<()> {
-        while self.unread_acks > 0 {
-            if !self.read_ack(None)? {
-                return Ok(());
-            }
+        let mut pfd = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a zero timeout never blocks.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        let closed = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
+        if n > 0 && pfd.revents & closed != 0 {
+            return Err(self.break_with(Error::network(format!(
+                "the TCPStore at {} closed the connection",
+                self.peer
+            ))));
         }
-        if self.start < self.end {
+        let waiting = self.start < self.end || (n > 0 && pfd.revents & libc::POLLIN != 0);
+        if waiting && self.unread_acks == 0 {
             return Err(self.break_with(Error::new(
                 Status::Protocol,
                 format!("unexpected bytes from the TCPStore at {}", self.peer),
             )));
         }
-        let mut byte = [MaybeUninit::<u8>::uninit()];
-        match self.recv(&mut byte) {
-            Ok(None) => Ok(()),
-            Ok(Some(_)) => Err(self.break_with(Error::new(
-                Status::Protocol,
-                format!("unexpected bytes from the TCPStore at {}", self.peer),
-            ))),
-            Err(e) => Err(self.break_with(e)),
-        }
+        Ok(())
     }
 
     /// Whether the connection is idle and in step: nothing owed, nothing
