@@ -164,7 +164,6 @@ int main(void) {
   NULL_ARG(dc_rpc_worker_id(NULL, "w", &i32));
   NULL_ARG(dc_rpc_self_name(NULL, &buf));
   NULL_ARG(dc_rpc_debug_info(NULL, &info));
-  NULL_ARG(dc_rpc_set_faults(NULL, 0, 0, 0));
   NULL_ARG(dc_rpc_reply_set(NULL, NULL, 0));
   NULL_ARG(dc_rpc_reply_set_error(NULL, "x"));
   NULL_ARG(dc_rref_new(NULL, NULL, 0, &rref));

@@ -448,11 +448,6 @@ dc_status dc_rpc_self_name(const dc_rpc *rpc, dc_buf *out);
 // Writes this worker's RRef counters (all zero once nothing is shared).
 dc_status dc_rpc_debug_info(const dc_rpc *rpc, dc_rref_debug_info *out);
 
-// Testing only: the RRef control messages this worker sends are lost with
-// probability `drop`, duplicated with probability `duplicate`, and delayed
-// up to `delay_ms`. The protocol must still converge.
-dc_status dc_rpc_set_faults(const dc_rpc *rpc, double drop, double duplicate, int64_t delay_ms);
-
 // Puts the result bytes of a function call.
 dc_status dc_rpc_reply_set(dc_rpc_reply *reply, const uint8_t *data, size_t len);
 

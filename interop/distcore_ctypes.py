@@ -112,7 +112,6 @@ _SIGNATURES = {
     "dc_rpc_remote": ([c_void_p, c_char_p, c_char_p, c_char_p, c_size_t, POINTER(c_void_p), c_size_t,
                        c_int64, POINTER(c_void_p)], None),
     "dc_rpc_debug_info": ([c_void_p, POINTER(RRefDebugInfo)], None),
-    "dc_rpc_set_faults": ([c_void_p, c_double, c_double, c_int64], None),
     "dc_rpc_reply_set": ([c_void_p, c_char_p, c_size_t], None),
     "dc_rpc_reply_set_error": ([c_void_p, c_char_p], None),
     "dc_rref_new": ([c_void_p, c_char_p, c_size_t, POINTER(c_void_p)], None),

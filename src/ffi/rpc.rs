@@ -13,7 +13,6 @@ use super::{
     boundary, dc_status, drop_handle, give, UserData, DC_OK,
 };
 use crate::error::{Error, Result, Status};
-use crate::rpc::agent::Faults;
 use crate::rpc::rref::RRef;
 use crate::rpc::{CallArgs, Rpc, RpcFunction, RpcOptions};
 
@@ -461,32 +460,6 @@ pub unsafe extern "C" fn dc_rpc_debug_info(
             num_pending_users: info.num_pending_users as u64,
             num_forks: info.num_forks as u64,
         };
-        Ok(())
-    })
-}
-
-/// Testing only: the RRef control messages this worker sends are lost with
-/// probability `drop`, duplicated with probability `duplicate`, and delayed
-/// up to `delay_ms`. The protocol must still converge.
-#[no_mangle]
-pub unsafe extern "C" fn dc_rpc_set_faults(
-    rpc: *const dc_rpc,
-    drop: f64,
-    duplicate: f64,
-    delay_ms: i64,
-) -> dc_status {
-    boundary("dc_rpc_set_faults", || {
-        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
-        if !(0.0..=1.0).contains(&drop) || !(0.0..=1.0).contains(&duplicate) {
-            return Err(Error::invalid_argument(
-                "probabilities must be within [0, 1]",
-            ));
-        }
-        rpc.set_faults(Faults {
-            drop,
-            duplicate,
-            delay: arg_duration(delay_ms)?,
-        });
         Ok(())
     })
 }

@@ -34,10 +34,6 @@ const SCRATCH_LEN: usize = 256 << 10;
 /// announces one is closed. Frame lengths are `u32`s.
 pub(crate) const MAX_FRAME: usize = 1 << 30;
 
-/// Attempts of a control message before giving up.
-const MAX_ATTEMPTS: u32 = 8;
-const FIRST_RETRY_DELAY: Duration = Duration::from_millis(20);
-
 /// A worker of the group: its id (rank), name and address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerInfo {
@@ -74,19 +70,6 @@ impl Replier {
             shared.write(self.token, &self.writer, &frame);
         }
     }
-}
-
-/// Test-only message faults on the control messages: each attempt is lost
-/// (before delivery, or its acknowledgement after) with `drop` probability,
-/// delivered twice with `duplicate` probability, and delayed up to `delay`.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Faults {
-    /// Probability that an attempt is lost.
-    pub drop: f64,
-    /// Probability that an attempt is delivered twice.
-    pub duplicate: f64,
-    /// Most an attempt is held back.
-    pub delay: Duration,
 }
 
 enum Command {
@@ -127,7 +110,6 @@ struct Shared {
     outbound: Mutex<HashMap<WorkerId, (Token, Arc<Writer>)>>,
     next_id: AtomicU64,
     handler: Mutex<Option<Arc<dyn RequestHandler>>>,
-    faults: Mutex<Faults>,
     stopping: AtomicBool,
 }
 
@@ -230,7 +212,6 @@ impl Agent {
             outbound: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             handler: Mutex::new(None),
-            faults: Mutex::new(Faults::default()),
             stopping: AtomicBool::new(false),
         });
         let mut io = IoLoop {
@@ -289,11 +270,6 @@ impl Agent {
         all
     }
 
-    /// Installs test-only message faults for control messages.
-    pub fn set_faults(&self, faults: Faults) {
-        *self.shared.faults.lock() = faults;
-    }
-
     /// Sends `request` to worker `to`; the work completes with the response
     /// bytes, the remote error ([`Status::Remote`]), a timeout, or a network
     /// error. `timeout` zero: none.
@@ -301,25 +277,9 @@ impl Agent {
         send_on(&self.shared, to, request.encode(), timeout)
     }
 
-    /// Sends a control message until it is acknowledged, retrying lost ones
-    /// with exponential backoff (receivers are idempotent, so a duplicate
-    /// delivery is harmless). The work completes with the final outcome.
-    pub(crate) fn send_with_retries(
-        &self,
-        to: WorkerId,
-        request: &Request,
-        timeout: Duration,
-    ) -> Work {
-        let result = Work::from_future();
-        attempt(
-            Arc::downgrade(&self.shared),
-            to,
-            request.encode(),
-            timeout,
-            0,
-            result.clone(),
-        );
-        result
+    /// Runs `job` on the I/O thread at `when` (or soon after).
+    pub(crate) fn schedule(&self, when: Instant, job: Box<dyn FnOnce() + Send>) {
+        self.shared.command(Command::At { when, job });
     }
 
     /// Stops the I/O thread: pending requests fail with [`Status::ShutDown`],
@@ -388,92 +348,6 @@ fn send_on(shared: &Arc<Shared>, to: WorkerId, payload: Vec<u8>, timeout: Durati
 
 fn shut_down() -> Error {
     Error::new(Status::ShutDown, "the RPC agent has shut down")
-}
-
-fn retryable(e: &Error) -> bool {
-    matches!(e.status(), Status::Network | Status::Timeout)
-}
-
-/// One attempt of a retried send: held back by the injected delay, if any.
-fn attempt(
-    shared: Weak<Shared>,
-    to: WorkerId,
-    payload: Vec<u8>,
-    timeout: Duration,
-    n: u32,
-    result: Work,
-) {
-    let Some(strong) = shared.upgrade() else {
-        let _ = result.finish(Some(shut_down()));
-        return;
-    };
-    let faults = *strong.faults.lock();
-    let delay = faults.delay.mul_f64(fastrand::f64());
-    if delay.is_zero() {
-        deliver(shared, to, payload, timeout, n, result, faults);
-    } else {
-        strong.command(Command::At {
-            when: Instant::now() + delay,
-            job: Box::new(move || deliver(shared, to, payload, timeout, n, result, faults)),
-        });
-    }
-}
-
-/// Sends one attempt (subject to the injected loss and duplication); on a
-/// retryable failure schedules the next attempt with exponential backoff.
-fn deliver(
-    shared: Weak<Shared>,
-    to: WorkerId,
-    payload: Vec<u8>,
-    timeout: Duration,
-    n: u32,
-    result: Work,
-    faults: Faults,
-) {
-    let Some(strong) = shared.upgrade() else {
-        let _ = result.finish(Some(shut_down()));
-        return;
-    };
-    let lost_before = fastrand::f64() < faults.drop / 2.0;
-    let lost_after = !lost_before && fastrand::f64() < faults.drop / 2.0;
-    if fastrand::f64() < faults.duplicate {
-        drop(send_on(&strong, to, payload.clone(), timeout));
-    }
-    let sent = if lost_before {
-        let lost = Work::from_future();
-        let _ = lost.finish(Some(Error::network("message lost (fault injection)")));
-        lost
-    } else {
-        send_on(&strong, to, payload.clone(), timeout)
-    };
-    drop(strong);
-    sent.add_done_callback(Box::new(move |done| {
-        let outcome = match done.wait(Some(Duration::ZERO)) {
-            Ok(()) if lost_after => Err(Error::network("acknowledgement lost (fault injection)")),
-            other => other,
-        };
-        match outcome {
-            Ok(()) => {
-                let _ = result.finish(None);
-            }
-            Err(e) if retryable(&e) && n + 1 < MAX_ATTEMPTS => match shared.upgrade() {
-                Some(s) => {
-                    let backoff = FIRST_RETRY_DELAY * 2u32.pow(n.min(6));
-                    let next = shared.clone();
-                    s.command(Command::At {
-                        when: Instant::now() + backoff,
-                        job: Box::new(move || attempt(next, to, payload, timeout, n + 1, result)),
-                    });
-                }
-                None => {
-                    let _ = result.finish(Some(e));
-                }
-            },
-            Err(e) => {
-                let _ = result.finish(Some(e));
-            }
-        }
-    }));
 }
 
 struct Conn {

@@ -1,15 +1,23 @@
 //! The RRef context of one worker: PyTorch's `RRefContext` (rref_context.cpp)
 //! — who owns what, which forks exist, which users and children are still
-//! pending, and the messages that keep the distributed count right.
+//! pending, and the control messages that keep the distributed count right.
+//!
+//! It knows no socket and no agent: control messages go out through
+//! [`Context::poll_transmit`], each attempt's outcome comes back through
+//! [`Context::on_transmit_result`], retries wait for [`Context::next_timeout`]
+//! and incoming control messages arrive through [`Context::handle_control`],
+//! with time passed in. A driver carries them (`rpc/control.rs`); the tests
+//! carry them over a network of their own that loses, duplicates and
+//! reorders, deterministically.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use once_cell::sync::OnceCell;
 use parking_lot::{Condvar, Mutex};
 
-use super::agent::Agent;
 use super::message::{ForkData, ForkId, GloballyUniqueId, RRefId, Request, WorkerId};
 use super::rref::{OwnerRRef, RRef, UserRRef, REMOTE_TIMED_OUT};
 use crate::error::{Error, Result, Status};
@@ -17,6 +25,55 @@ use crate::timeout::{deadline_after, wait_until};
 use crate::work::Work;
 
 type OwnerCallback = Box<dyn FnOnce(Arc<OwnerRRef>) + Send>;
+
+/// Attempts of a control message before giving up.
+const MAX_ATTEMPTS: u32 = 8;
+/// The wait before the second attempt; doubled for each further one.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(20);
+
+/// Identifies a control message for the lifetime of its context.
+pub(crate) type ControlId = u64;
+
+/// What to do once a control message is acknowledged, or given up on.
+#[derive(Debug, Clone, Copy)]
+enum Followup {
+    Nothing,
+    /// A ForkRequest for `fork_id`, received from `parent`: confirm the
+    /// user and release the parent's pending child (or fail the user).
+    ForkRequest {
+        fork_id: ForkId,
+        parent: WorkerId,
+    },
+}
+
+/// A control message until it is acknowledged or given up on.
+#[derive(Debug)]
+struct Control {
+    to: WorkerId,
+    request: Request,
+    followup: Followup,
+    /// Attempts made so far.
+    attempts: u32,
+    /// An attempt is out and its outcome not known yet.
+    in_flight: bool,
+    /// When the next attempt may go (`None`: at once).
+    due: Option<Instant>,
+}
+
+/// One attempt of a control message, for the driver to send.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Transmit {
+    /// Which message.
+    pub(crate) id: ControlId,
+    /// Which attempt of it (outcomes of older attempts are ignored).
+    pub(crate) attempt: u32,
+    /// The worker to send it to.
+    pub(crate) to: WorkerId,
+    /// The message.
+    pub(crate) request: Request,
+    /// How long the attempt may wait for its acknowledgement.
+    pub(crate) timeout: Duration,
+}
 
 #[derive(Default)]
 struct State {
@@ -34,6 +91,9 @@ struct State {
     /// UserRRefs this worker forked to a child, kept alive until the child
     /// is known to the owner.
     pending_children: HashMap<ForkId, Arc<UserRRef>>,
+    /// Control messages not yet acknowledged (PyTorch's pending futures).
+    controls: HashMap<ControlId, Control>,
+    next_control: ControlId,
 }
 
 /// The counters of PyTorch's `RRefContext::getDebugInfo`.
@@ -52,28 +112,37 @@ pub struct DebugInfo {
 /// One worker's RRef bookkeeping.
 pub struct Context {
     me: WorkerId,
-    agent: Arc<Agent>,
     me_weak: Weak<Context>,
     next_local_id: AtomicU64,
     state: Mutex<State>,
-    /// Signalled whenever users, children or owners go away.
+    /// Signalled whenever users, children, owners or control messages go away.
     changed: Condvar,
-    pending_futures: AtomicI64,
+    /// How long an attempt of a control message waits for its acknowledgement.
     timeout: Duration,
+    /// Tells the driver there is a control message to send (set once).
+    wake: OnceCell<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Context {
-    pub(crate) fn new(agent: Arc<Agent>, timeout: Duration) -> Arc<Context> {
+    /// The context of worker `me`; control messages wait `timeout` for
+    /// each acknowledgement.
+    pub(crate) fn new(me: WorkerId, timeout: Duration) -> Arc<Context> {
         Arc::new_cyclic(|me_weak| Context {
-            me: agent.id(),
-            agent,
+            me,
             me_weak: me_weak.clone(),
             next_local_id: AtomicU64::new(0),
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
-            pending_futures: AtomicI64::new(0),
             timeout,
+            wake: OnceCell::new(),
         })
+    }
+
+    /// Sets what runs (never under the context's lock) when a control
+    /// message is ready to send: the driver then calls
+    /// [`Context::poll_transmit`].
+    pub(crate) fn set_wake(&self, wake: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.wake.set(wake);
     }
 
     /// This worker's id.
@@ -226,7 +295,7 @@ impl Context {
             // A user sent the RRef back to its owner: the fork id is a
             // phantom, only the parent's pending child needs releasing.
             RRef::Owner(_) => {
-                self.send_control(parent, Request::ChildAccept { fork_id }, |_, _| {})
+                self.send_control(parent, Request::ChildAccept { fork_id }, Followup::Nothing)
             }
             RRef::User(user) => {
                 self.add_pending_user(fork_id, user.clone());
@@ -234,16 +303,7 @@ impl Context {
                     rref_id: user.rref_id(),
                     fork_id,
                 };
-                self.send_control(owner, request, move |ctx, outcome| {
-                    if outcome.is_ok() {
-                        ctx.finish_fork_request(fork_id, parent);
-                    } else {
-                        ctx.fail_pending_user(
-                            fork_id,
-                            outcome.err().unwrap_or_else(|| Error::internal("?")),
-                        );
-                    }
-                });
+                self.send_control(owner, request, Followup::ForkRequest { fork_id, parent });
             }
         }
     }
@@ -252,31 +312,130 @@ impl Context {
     /// parent may let go of its pending child.
     fn finish_fork_request(&self, fork_id: ForkId, parent: WorkerId) {
         self.del_pending_user(fork_id);
-        self.send_control(parent, Request::ChildAccept { fork_id }, |_, _| {});
+        self.send_control(parent, Request::ChildAccept { fork_id }, Followup::Nothing);
     }
 
-    /// Sends a control message with retries, counted in the pending futures.
-    fn send_control(
+    /// Queues a control message; it is sent, and retried, until it is
+    /// acknowledged or given up on, and counts in the pending futures
+    /// meanwhile.
+    fn send_control(&self, to: WorkerId, request: Request, followup: Followup) {
+        {
+            let mut state = self.state.lock();
+            let id = state.next_control;
+            state.next_control += 1;
+            state.controls.insert(
+                id,
+                Control {
+                    to,
+                    request,
+                    followup,
+                    attempts: 0,
+                    in_flight: false,
+                    due: None,
+                },
+            );
+        }
+        if let Some(wake) = self.wake.get() {
+            wake();
+        }
+    }
+
+    /// The next attempt of a control message that is due at `now`, if any;
+    /// the driver sends it and reports its outcome with
+    /// [`Context::on_transmit_result`].
+    pub(crate) fn poll_transmit(&self, now: Instant) -> Option<Transmit> {
+        let mut state = self.state.lock();
+        let (&id, control) = state
+            .controls
+            .iter_mut()
+            .filter(|(_, c)| !c.in_flight && c.due.is_none_or(|due| due <= now))
+            .min_by_key(|(id, _)| **id)?;
+        control.in_flight = true;
+        control.attempts += 1;
+        Some(Transmit {
+            id,
+            attempt: control.attempts,
+            to: control.to,
+            request: control.request.clone(),
+            timeout: self.timeout,
+        })
+    }
+
+    /// When the next retry is due, if one waits.
+    pub(crate) fn next_timeout(&self) -> Option<Instant> {
+        let state = self.state.lock();
+        state
+            .controls
+            .values()
+            .filter(|c| !c.in_flight)
+            .filter_map(|c| c.due)
+            .min()
+    }
+
+    /// The outcome of attempt `attempt` of control message `id`: an
+    /// acknowledgement ends it; a lost message or acknowledgement (a network
+    /// error or a timeout) schedules a retry with exponential backoff, up to
+    /// [`MAX_ATTEMPTS`]. Outcomes of stale attempts, and duplicates, are
+    /// ignored: receivers are idempotent.
+    pub(crate) fn on_transmit_result(
         &self,
-        to: WorkerId,
-        request: Request,
-        then: impl FnOnce(&Context, Result<()>) + Send + 'static,
+        id: ControlId,
+        attempt: u32,
+        outcome: Result<()>,
+        now: Instant,
     ) {
-        self.pending_futures.fetch_add(1, Ordering::SeqCst);
-        let sent = self.agent.send_with_retries(to, &request, self.timeout);
-        let me = self.me_weak.clone();
-        sent.add_done_callback(Box::new(move |done| {
-            let outcome = done.wait(Some(Duration::ZERO));
-            if let Err(e) = &outcome {
-                log::warn!("RRef control message {request:?} failed: {e}");
+        let ended = {
+            let mut state = self.state.lock();
+            let Some(control) = state.controls.get_mut(&id) else {
+                return;
+            };
+            if !control.in_flight || control.attempts != attempt {
+                return;
             }
-            if let Some(ctx) = me.upgrade() {
-                then(&ctx, outcome);
-                ctx.pending_futures.fetch_sub(1, Ordering::SeqCst);
-                let _guard = ctx.state.lock();
-                ctx.changed.notify_all();
+            control.in_flight = false;
+            let retry = matches!(&outcome, Err(e) if matches!(e.status(), Status::Network | Status::Timeout))
+                && control.attempts < MAX_ATTEMPTS;
+            if retry {
+                control.due =
+                    Some(now + FIRST_RETRY_DELAY * 2u32.pow((control.attempts - 1).min(6)));
+                None
+            } else {
+                state.controls.remove(&id)
             }
-        }));
+        };
+        let Some(control) = ended else {
+            if let Some(wake) = self.wake.get() {
+                wake();
+            }
+            return;
+        };
+        if let Err(e) = &outcome {
+            log::warn!("RRef control message {:?} failed: {e}", control.request);
+        }
+        if let Followup::ForkRequest { fork_id, parent } = control.followup {
+            match outcome {
+                Ok(()) => self.finish_fork_request(fork_id, parent),
+                Err(e) => self.fail_pending_user(fork_id, e),
+            }
+        }
+        let _guard = self.state.lock();
+        self.changed.notify_all();
+    }
+
+    /// An incoming control message from another worker; idempotent, so a
+    /// retried or duplicated one changes nothing more. The sender is
+    /// acknowledged once this returns.
+    pub(crate) fn handle_control(&self, request: &Request) {
+        match *request {
+            Request::UserDelete { rref_id, fork_id } => {
+                drop(self.del_fork_of_owner(rref_id, fork_id));
+            }
+            Request::ForkRequest { rref_id, fork_id } => {
+                self.add_fork_of_owner_if_not_present(rref_id, fork_id);
+            }
+            Request::ChildAccept { fork_id } => self.del_pending_child(fork_id),
+            _ => {}
+        }
     }
 
     pub(crate) fn add_pending_user(&self, fork_id: ForkId, user: Arc<UserRRef>) {
@@ -363,7 +522,11 @@ impl Context {
 
     /// Sends the delete of a user's fork to its owner (PyTorch's `delUser`).
     pub(crate) fn del_user(&self, owner: WorkerId, rref_id: RRefId, fork_id: ForkId) {
-        self.send_control(owner, Request::UserDelete { rref_id, fork_id }, |_, _| {});
+        self.send_control(
+            owner,
+            Request::UserDelete { rref_id, fork_id },
+            Followup::Nothing,
+        );
         self.state.lock().confirmed_users.remove(&fork_id);
     }
 
@@ -464,8 +627,8 @@ impl Context {
     pub(crate) fn wait_for_pending_futures(&self, timeout: Duration) -> bool {
         let deadline = deadline_after(timeout);
         let mut state = self.state.lock();
-        wait_until(&self.changed, &mut state, deadline, |_| {
-            self.pending_futures.load(Ordering::SeqCst) == 0
+        wait_until(&self.changed, &mut state, deadline, |s| {
+            s.controls.is_empty()
         })
     }
 
@@ -501,9 +664,12 @@ impl Context {
         let state = self.state.lock();
         DebugInfo {
             num_owner_rrefs: state.owners.len(),
-            num_pending_futures: self.pending_futures.load(Ordering::SeqCst).max(0) as usize,
+            num_pending_futures: state.controls.len(),
             num_pending_users: state.pending_users.len(),
             num_forks: state.forks.values().map(HashSet::len).sum(),
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

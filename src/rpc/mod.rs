@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod context;
+mod control;
 pub mod message;
 mod pool;
 pub mod rref;
@@ -17,7 +18,7 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 
-use self::agent::{Agent, Faults, Replier, RequestHandler, WorkerInfo};
+use self::agent::{Agent, Replier, RequestHandler, WorkerInfo};
 use self::context::{Context, DebugInfo};
 use self::message::{ForkData, Request, Response, WorkerId};
 use self::pool::Pool;
@@ -120,7 +121,8 @@ impl Rpc {
             .local_addr()
             .map_err(|e| Error::network(format!("RPC listener: {e}")))?;
         let agent = Arc::new(Agent::start(rank, listener)?);
-        let ctx = Context::new(agent.clone(), options.rpc_timeout);
+        let ctx = Context::new(rank, options.rpc_timeout);
+        control::attach(&ctx, &agent);
         let pool = Pool::new(&format!("dc-rpc-{rank}"), options.num_worker_threads)
             .map_err(|e| Error::internal(format!("starting RPC threads: {e}")))?;
         let core = Arc::new(Core {
@@ -181,11 +183,6 @@ impl Rpc {
     /// The RRef counters of this worker.
     pub fn debug_info(&self) -> DebugInfo {
         self.ctx.debug_info()
-    }
-
-    /// Installs test-only faults on the RRef control messages this worker sends.
-    pub fn set_faults(&self, faults: Faults) {
-        self.agent.set_faults(faults);
     }
 
     /// Makes `function` callable by other workers as `name`.
@@ -560,17 +557,10 @@ impl RequestHandler for Dispatcher {
                     );
                 }));
             }),
-            Request::UserDelete { rref_id, fork_id } => {
-                let released = core.ctx.del_fork_of_owner(rref_id, fork_id);
-                respond(replier, Ok(Vec::new()));
-                drop(released);
-            }
-            Request::ForkRequest { rref_id, fork_id } => {
-                core.ctx.add_fork_of_owner_if_not_present(rref_id, fork_id);
-                respond(replier, Ok(Vec::new()));
-            }
-            Request::ChildAccept { fork_id } => {
-                core.ctx.del_pending_child(fork_id);
+            control @ (Request::UserDelete { .. }
+            | Request::ForkRequest { .. }
+            | Request::ChildAccept { .. }) => {
+                core.ctx.handle_control(&control);
                 respond(replier, Ok(Vec::new()));
             }
         }

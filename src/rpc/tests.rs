@@ -325,42 +325,6 @@ fn a_fetch_before_the_owner_exists_waits_for_it() {
 }
 
 #[test]
-fn the_protocol_converges_under_lost_duplicated_and_delayed_messages() {
-    let ws = group(3);
-    let faults = Faults {
-        drop: 0.3,
-        duplicate: 0.3,
-        delay: Duration::from_millis(10),
-    };
-    for w in &ws {
-        w.set_faults(faults);
-        let me = Arc::downgrade(w);
-        w.register(
-            "fetch",
-            Arc::new(move |c: &CallArgs<'_>| me.upgrade().unwrap().to_here(&c.rrefs[0], None)),
-        );
-    }
-    for i in 0..40u32 {
-        let owner = format!("w{}", i % 3);
-        let user = &ws[((i + 1) % 3) as usize];
-        let third = format!("w{}", (i + 2) % 3);
-        let rref = user
-            .remote(&owner, "echo", &i.to_le_bytes(), &[], None)
-            .unwrap();
-        assert_eq!(
-            call(user, &third, "fetch", b"", std::slice::from_ref(&rref)).unwrap(),
-            i.to_le_bytes()
-        );
-        assert_eq!(
-            call(user, &owner, "fetch", b"", std::slice::from_ref(&rref)).unwrap(),
-            i.to_le_bytes()
-        );
-    }
-    assert_settles(&ws);
-    shutdown_all(ws);
-}
-
-#[test]
 fn thousands_of_rrefs_across_three_workers() {
     let ws = group(3);
     for w in &ws {
