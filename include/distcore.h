@@ -25,7 +25,8 @@
 // announces, or PyTorch's 8 MiB against a PyTorch server; a FileStore:
 // 4 GiB - 1); a length that fits but cannot be allocated is
 // DC_ERR_INVALID_ARGUMENT too.
-#define DC_MAX_BYTES_LEN (1 << 40)
+// (1 TiB; written out so that C reads it as a 64-bit constant.)
+#define DC_MAX_BYTES_LEN 1099511627776
 
 // Timeout argument: use the handle's own timeout.
 #define DC_TIMEOUT_DEFAULT -1
@@ -109,9 +110,12 @@ typedef struct dc_rpc_reply dc_rpc_reply;
 // fork, tells the owner).
 typedef struct dc_rref dc_rref;
 
-// A handle on a store (HashStore, PrefixStore, and later TCPStore and
-// FileStore). Thread-safe: one handle may be used from many threads. Free
-// with `dc_store_free`; stores built on it keep what they need alive.
+// A handle on a store: HashStore, FileStore, PrefixStore or TCPStore.
+// Thread-safe: one handle may be used from many threads, and a call
+// blocked in one thread does not hold up the others (see
+// `dc_tcp_store_new`). Free with `dc_store_free`, also while other threads
+// are inside calls on it (they finish normally); stores built on it keep
+// what they need alive.
 typedef struct dc_store dc_store;
 
 // A scoped store timeout: `dc_store_timeout_guard_free` restores the
@@ -211,7 +215,7 @@ typedef struct {
   int64_t world_size;
   // Count this handle in `init/`; the server then waits for world_size.
   bool wait_for_workers;
-  // Timeout of connecting and of blocking calls, in ms (0: forever).
+  // Timeout of connecting and of every call, in ms (0: forever).
   int64_t timeout_ms;
   // Share one server among handles of this process on the same port.
   bool multi_tenant;
@@ -517,7 +521,8 @@ dc_status dc_store_get(const dc_store *store, const char *key, dc_buf *out);
 
 // Adds `delta` to the integer at `key` (stored as decimal text; a missing
 // key counts as 0) and writes the new value. DC_ERR_INVALID_ARGUMENT if the
-// value is not an integer.
+// value is not an integer (a PyTorch server closes the connection instead:
+// DC_ERR_NETWORK, and the next call reconnects).
 dc_status dc_store_add(const dc_store *store, const char *key, int64_t delta, int64_t *out);
 
 // Replaces the value of `key` with `desired` if it equals `expected` (a
@@ -610,6 +615,14 @@ void dc_store_timeout_guard_free(dc_store_timeout_guard *guard);
 
 // Starts `dc_store_get` in the background: the work completes with the
 // value as its result (`dc_work_result`) or with the get's error.
+//
+// On a TCPStore (and a PrefixStore over one) async calls cost no thread:
+// each waits on a connection of its own, driven by one process-wide
+// thread, which also completes the work (callbacks run there). The call
+// blocks only to open that connection when none is idle (bounded by the
+// store's timeout). On a HashStore or FileStore the blocking call runs on
+// a thread of its own. `dc_work_abort`, or freeing the last handle with no
+// callback registered, releases the operation.
 dc_status dc_store_get_async(const dc_store *store, const char *key, dc_work **out);
 
 // Starts `dc_store_wait` in the background; the work completes when the
@@ -642,6 +655,28 @@ dc_status dc_tcp_store_options_init(dc_tcp_store_options *opts);
 // it), and with a world size and wait_for_workers counts itself in; the
 // server then blocks until every worker joined (DC_ERR_TIMEOUT "Timed out
 // after N seconds waiting for clients. x/y clients joined.").
+//
+// What the handle promises, against our server or PyTorch's:
+// - Threads: a call blocked in one thread (get, wait, barrier, a blocking
+//   queue pop) never delays another thread's calls on the handle: waiting
+//   calls use connections of their own. Other calls share one connection,
+//   in order, so a thread reads its own writes.
+// - Time: every call ends within the timeout (the handle's, or the one
+//   given) plus at most 0.5 s (the grace a timed-out wait gives the server
+//   to confirm its cancel), whatever the server does: connecting, sending
+//   and receiving are all bounded.
+// - Limits: keys, values and key counts are checked before anything is
+//   sent, against the limits a distcore server announces, or PyTorch's
+//   (keys 8 KiB, values 8 MiB, 128 Ki keys a request) against a PyTorch
+//   server: over them is DC_ERR_INVALID_ARGUMENT and the handle lives. A
+//   reply over them closes the connection (DC_ERR_PROTOCOL).
+// - Recovery: a broken connection (a timeout mid-reply, a restarted
+//   server, a healed partition) is replaced on the next call, which
+//   reconnects with backoff within its own timeout; `init/` is never
+//   counted again. A call whose request was in flight fails with
+//   DC_ERR_NETWORK or DC_ERR_TIMEOUT and is not retried (a set or an add
+//   may or may not have been applied); a call that found its connection
+//   closed before sending anything reconnects and goes on.
 dc_status dc_tcp_store_new(const dc_tcp_store_options *opts, dc_store **out);
 
 // Writes the port of the server the TCPStore handle talks to (the chosen
@@ -681,8 +716,11 @@ dc_status dc_work_new(int32_t rank,
 // `dc_work_finish`.
 dc_status dc_work_new_future(dc_work **out);
 
-// Releases a work handle. NULL does nothing. Pending waiters and callbacks
-// are unaffected.
+// Releases a work handle. NULL does nothing. Safe while other threads are
+// inside calls on the handle (`dc_work_wait` included): they hold the work
+// until they return, and its callbacks still run. Freeing the last handle
+// of a pending async store operation with no callback registered releases
+// the operation (its connection closes; the server forgets the wait).
 void dc_work_free(dc_work *work);
 
 // Writes whether the work has completed (successfully or not).
@@ -719,7 +757,8 @@ dc_status dc_work_finish_and_throw(const dc_work *work,
 dc_status dc_work_finish_with_result(const dc_work *work, const uint8_t *data, size_t len);
 
 // Fails a pending work with DC_ERR_ABORTED ("Work aborted"); a completed
-// work is left as it is.
+// work is left as it is. Aborting an async store operation also releases
+// what it holds (its connection, the server's waiter).
 dc_status dc_work_abort(const dc_work *work);
 
 // Waits for the work's device streams; CPU works have none, so this returns

@@ -62,7 +62,8 @@ pub const DC_ERR_INTERNAL: dc_status = 12;
 /// announces, or PyTorch's 8 MiB against a PyTorch server; a FileStore:
 /// 4 GiB - 1); a length that fits but cannot be allocated is
 /// DC_ERR_INVALID_ARGUMENT too.
-pub const DC_MAX_BYTES_LEN: u64 = 1 << 40;
+/// (1 TiB; written out so that C reads it as a 64-bit constant.)
+pub const DC_MAX_BYTES_LEN: u64 = 1_099_511_627_776;
 
 /// Timeout argument: use the handle's own timeout.
 pub const DC_TIMEOUT_DEFAULT: i64 = -1;

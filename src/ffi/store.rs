@@ -13,9 +13,12 @@ use super::{
 use crate::error::Result;
 use crate::store::{FileStore, HashStore, PrefixStore, Store, TimeoutGuard};
 
-/// A handle on a store (HashStore, PrefixStore, and later TCPStore and
-/// FileStore). Thread-safe: one handle may be used from many threads. Free
-/// with `dc_store_free`; stores built on it keep what they need alive.
+/// A handle on a store: HashStore, FileStore, PrefixStore or TCPStore.
+/// Thread-safe: one handle may be used from many threads, and a call
+/// blocked in one thread does not hold up the others (see
+/// `dc_tcp_store_new`). Free with `dc_store_free`, also while other threads
+/// are inside calls on it (they finish normally); stores built on it keep
+/// what they need alive.
 pub struct dc_store {
     pub(crate) store: Arc<dyn Store>,
 }
@@ -165,7 +168,8 @@ pub unsafe extern "C" fn dc_store_get(
 
 /// Adds `delta` to the integer at `key` (stored as decimal text; a missing
 /// key counts as 0) and writes the new value. DC_ERR_INVALID_ARGUMENT if the
-/// value is not an integer.
+/// value is not an integer (a PyTorch server closes the connection instead:
+/// DC_ERR_NETWORK, and the next call reconnects).
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_add(
     store: *const dc_store,
@@ -480,6 +484,14 @@ fn give_work(out: &mut *mut dc_work, work: Result<crate::work::Work>) -> Result<
 
 /// Starts `dc_store_get` in the background: the work completes with the
 /// value as its result (`dc_work_result`) or with the get's error.
+///
+/// On a TCPStore (and a PrefixStore over one) async calls cost no thread:
+/// each waits on a connection of its own, driven by one process-wide
+/// thread, which also completes the work (callbacks run there). The call
+/// blocks only to open that connection when none is idle (bounded by the
+/// store's timeout). On a HashStore or FileStore the blocking call runs on
+/// a thread of its own. `dc_work_abort`, or freeing the last handle with no
+/// callback registered, releases the operation.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_get_async(
     store: *const dc_store,

@@ -32,7 +32,7 @@ pub struct dc_tcp_store_options {
     pub world_size: i64,
     /// Count this handle in `init/`; the server then waits for world_size.
     pub wait_for_workers: bool,
-    /// Timeout of connecting and of blocking calls, in ms (0: forever).
+    /// Timeout of connecting and of every call, in ms (0: forever).
     pub timeout_ms: i64,
     /// Share one server among handles of this process on the same port.
     pub multi_tenant: bool,
@@ -137,6 +137,28 @@ unsafe fn options_arg(opts: &dc_tcp_store_options) -> Result<TcpStoreOptions> {
 /// it), and with a world size and wait_for_workers counts itself in; the
 /// server then blocks until every worker joined (DC_ERR_TIMEOUT "Timed out
 /// after N seconds waiting for clients. x/y clients joined.").
+///
+/// What the handle promises, against our server or PyTorch's:
+/// - Threads: a call blocked in one thread (get, wait, barrier, a blocking
+///   queue pop) never delays another thread's calls on the handle: waiting
+///   calls use connections of their own. Other calls share one connection,
+///   in order, so a thread reads its own writes.
+/// - Time: every call ends within the timeout (the handle's, or the one
+///   given) plus at most 0.5 s (the grace a timed-out wait gives the server
+///   to confirm its cancel), whatever the server does: connecting, sending
+///   and receiving are all bounded.
+/// - Limits: keys, values and key counts are checked before anything is
+///   sent, against the limits a distcore server announces, or PyTorch's
+///   (keys 8 KiB, values 8 MiB, 128 Ki keys a request) against a PyTorch
+///   server: over them is DC_ERR_INVALID_ARGUMENT and the handle lives. A
+///   reply over them closes the connection (DC_ERR_PROTOCOL).
+/// - Recovery: a broken connection (a timeout mid-reply, a restarted
+///   server, a healed partition) is replaced on the next call, which
+///   reconnects with backoff within its own timeout; `init/` is never
+///   counted again. A call whose request was in flight fails with
+///   DC_ERR_NETWORK or DC_ERR_TIMEOUT and is not retried (a set or an add
+///   may or may not have been applied); a call that found its connection
+///   closed before sending anything reconnects and goes on.
 #[no_mangle]
 pub unsafe extern "C" fn dc_tcp_store_new(
     opts: *const dc_tcp_store_options,

@@ -101,8 +101,11 @@ pub unsafe extern "C" fn dc_work_new_future(out: *mut *mut dc_work) -> dc_status
     })
 }
 
-/// Releases a work handle. NULL does nothing. Pending waiters and callbacks
-/// are unaffected.
+/// Releases a work handle. NULL does nothing. Safe while other threads are
+/// inside calls on the handle (`dc_work_wait` included): they hold the work
+/// until they return, and its callbacks still run. Freeing the last handle
+/// of a pending async store operation with no callback registered releases
+/// the operation (its connection closes; the server forgets the wait).
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_free(work: *mut dc_work) {
     unsafe { drop_handle("dc_work_free", work) }
@@ -211,7 +214,8 @@ pub unsafe extern "C" fn dc_work_finish_with_result(
 }
 
 /// Fails a pending work with DC_ERR_ABORTED ("Work aborted"); a completed
-/// work is left as it is.
+/// work is left as it is. Aborting an async store operation also releases
+/// what it holds (its connection, the server's waiter).
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_abort(work: *const dc_work) -> dc_status {
     boundary("dc_work_abort", || {

@@ -24,7 +24,7 @@ use super::message::{Request, Response, WorkerId};
 use super::writer::{Sent, Writer};
 use crate::error::{Error, Result, Status};
 use crate::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
-use crate::work::Work;
+use crate::work::{Promise, Work};
 
 const HEADER: usize = 4 + 1 + 8 + 2;
 /// Size of the shared read buffer.
@@ -77,7 +77,7 @@ enum Command {
         to: WorkerId,
         id: u64,
         frame: Vec<u8>,
-        work: Work,
+        promise: Promise,
         timeout: Duration,
     },
     /// Write out what a sender left queued on this connection.
@@ -303,44 +303,48 @@ impl Drop for Agent {
 }
 
 fn send_on(shared: &Arc<Shared>, to: WorkerId, payload: Vec<u8>, timeout: Duration) -> Work {
-    let work = Work::from_future();
+    let (promise, work) = Promise::new();
     if shared.stopping.load(Ordering::SeqCst) {
-        let _ = work.finish(Some(shut_down()));
+        promise.complete(Err(shut_down()));
         return work;
     }
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let frame = match frame(0, id, shared.me, &payload) {
         Ok(frame) => frame,
         Err(e) => {
-            let _ = work.finish(Some(e));
+            promise.complete(Err(e));
             return work;
         }
     };
     let connection = shared.outbound.lock().get(&to).cloned();
-    if let Some((token, writer)) = connection {
-        shared.expect_response(
-            id,
-            PendingRequest {
-                work: work.clone(),
-                token,
-                to,
-                timeout,
-            },
-        );
-        if shared.write(token, &writer, &frame) != Sent::Closed {
-            return work;
+    let promise = match connection {
+        Some((token, writer)) => {
+            shared.expect_response(
+                id,
+                PendingRequest {
+                    promise,
+                    token,
+                    to,
+                    timeout,
+                },
+            );
+            if shared.write(token, &writer, &frame) != Sent::Closed {
+                return work;
+            }
+            // Closed under us: reconnect through the I/O thread, unless the
+            // close already failed the request.
+            match shared.pending.lock().remove(&id) {
+                Some(pending) => pending.promise,
+                None => return work,
+            }
         }
-        // Closed under us: reconnect through the I/O thread, unless the
-        // close already failed the request.
-        if shared.pending.lock().remove(&id).is_none() {
-            return work;
-        }
-    }
+        None => promise,
+    };
     shared.command(Command::Send {
         to,
         id,
         frame,
-        work: work.clone(),
+        promise,
         timeout,
     });
     work
@@ -360,7 +364,7 @@ struct Conn {
 }
 
 struct PendingRequest {
-    work: Work,
+    promise: Promise,
     token: Token,
     to: WorkerId,
     timeout: Duration,
@@ -448,9 +452,9 @@ impl IoLoop {
                     to,
                     id,
                     frame,
-                    work,
+                    promise,
                     timeout,
-                } => self.start_send(to, id, frame, work, timeout),
+                } => self.start_send(to, id, frame, promise, timeout),
                 Command::Flush(token) => self.flush(token),
                 Command::At { when, job } => {
                     self.next_timer += 1;
@@ -478,7 +482,7 @@ impl IoLoop {
             for id in expired {
                 let timed_out = shared.pending.lock().remove(&id);
                 if let Some(p) = timed_out {
-                    let _ = p.work.finish(Some(rpc_timeout(p.timeout)));
+                    p.promise.complete(Err(rpc_timeout(p.timeout)));
                 }
             }
         }
@@ -495,9 +499,16 @@ impl IoLoop {
 
     /// Sends a request whose sender found no open connection to `to`:
     /// connects (unless another request did meanwhile) and queues it.
-    fn start_send(&mut self, to: WorkerId, id: u64, frame: Vec<u8>, work: Work, timeout: Duration) {
+    fn start_send(
+        &mut self,
+        to: WorkerId,
+        id: u64,
+        frame: Vec<u8>,
+        promise: Promise,
+        timeout: Duration,
+    ) {
         let Some(shared) = self.shared.upgrade() else {
-            let _ = work.finish(Some(shut_down()));
+            promise.complete(Err(shut_down()));
             return;
         };
         let existing = shared.outbound.lock().get(&to).cloned();
@@ -506,7 +517,7 @@ impl IoLoop {
             None => match self.connect(&shared, to) {
                 Ok(connection) => connection,
                 Err(e) => {
-                    let _ = work.finish(Some(e));
+                    promise.complete(Err(e));
                     return;
                 }
             },
@@ -514,7 +525,7 @@ impl IoLoop {
         shared.expect_response(
             id,
             PendingRequest {
-                work,
+                promise,
                 token,
                 to,
                 timeout,
@@ -747,7 +758,7 @@ impl IoLoop {
             Ok(Response::Err(message)) => Err(Error::new(Status::Remote, message)),
             Err(e) => Err(e),
         };
-        let _ = pending.work.finish_with(outcome);
+        pending.promise.complete(outcome.map(Some));
     }
 
     fn close(&mut self, token: Token, why: &str) {
@@ -782,7 +793,7 @@ impl IoLoop {
                 .lock()
                 .get(&p.to)
                 .map_or_else(|| p.to.to_string(), |w| w.name.clone());
-            let _ = p.work.finish(Some(Error::network(format!(
+            p.promise.complete(Err(Error::network(format!(
                 "connection to worker '{name}' lost: {why}"
             ))));
         }
@@ -793,7 +804,7 @@ impl IoLoop {
             let pending: Vec<PendingRequest> =
                 shared.pending.lock().drain().map(|(_, p)| p).collect();
             for p in pending {
-                let _ = p.work.finish(Some(shut_down()));
+                p.promise.complete(Err(shut_down()));
             }
         }
         self.timer_jobs.clear();
