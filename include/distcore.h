@@ -620,9 +620,12 @@ void dc_store_timeout_guard_free(dc_store_timeout_guard *guard);
 // each waits on a connection of its own, driven by one process-wide
 // thread, which also completes the work (callbacks run there). The call
 // blocks only to open that connection when none is idle (bounded by the
-// store's timeout). On a HashStore or FileStore the blocking call runs on
-// a thread of its own. `dc_work_abort`, or freeing the last handle with no
-// callback registered, releases the operation.
+// store's timeout). On a HashStore the call completes with the change that
+// satisfies it (callbacks run on that thread, or on the process's timer
+// thread for a timeout). On a FileStore, whose changes come from other
+// processes, the blocking call runs on a thread of its own. `dc_work_abort`,
+// or freeing the last handle with no callback registered, releases the
+// operation (TCPStore, HashStore).
 dc_status dc_store_get_async(const dc_store *store, const char *key, dc_work **out);
 
 // Starts `dc_store_wait` in the background; the work completes when the

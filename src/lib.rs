@@ -18,6 +18,7 @@ pub mod rpc;
 mod sendv;
 pub mod store;
 pub mod timeout;
+mod timer;
 pub mod work;
 
 pub use error::{Error, Result, Status};

@@ -489,9 +489,12 @@ fn give_work(out: &mut *mut dc_work, work: Result<crate::work::Work>) -> Result<
 /// each waits on a connection of its own, driven by one process-wide
 /// thread, which also completes the work (callbacks run there). The call
 /// blocks only to open that connection when none is idle (bounded by the
-/// store's timeout). On a HashStore or FileStore the blocking call runs on
-/// a thread of its own. `dc_work_abort`, or freeing the last handle with no
-/// callback registered, releases the operation.
+/// store's timeout). On a HashStore the call completes with the change that
+/// satisfies it (callbacks run on that thread, or on the process's timer
+/// thread for a timeout). On a FileStore, whose changes come from other
+/// processes, the blocking call runs on a thread of its own. `dc_work_abort`,
+/// or freeing the last handle with no callback registered, releases the
+/// operation (TCPStore, HashStore).
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_get_async(
     store: *const dc_store,

@@ -1,6 +1,6 @@
 //! The fallback of the async store calls for stores with no event-driven
-//! way to wait (HashStore, FileStore): the blocking call on a thread of its
-//! own, completing a [`Work`] whose result is the reply.
+//! way to wait (FileStore): the blocking call on a thread of its own,
+//! completing a [`Work`] whose result is the reply.
 
 use crate::error::Result;
 use crate::work::{Promise, Work};
@@ -21,23 +21,28 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use crate::store::{HashStore, Store};
+    use crate::store::{FileStore, Store};
     use crate::Status;
+
+    fn file_store(dir: &tempfile::TempDir) -> Arc<dyn Store> {
+        Arc::new(FileStore::new(dir.path().join("store").to_str().unwrap(), None).unwrap())
+    }
 
     #[test]
     fn async_get_completes_when_the_key_arrives() {
-        let store: Arc<dyn Store> = Arc::new(HashStore::new());
+        let dir = tempfile::tempdir().unwrap();
+        let store = file_store(&dir);
         let work = store.clone().get_async("k".into()).unwrap();
         assert!(!work.is_completed());
         store.set("k", b"v").unwrap();
         work.wait(Some(Duration::from_secs(30))).unwrap();
-        assert_eq!(&*work.result().unwrap(), b"v");
+        assert_eq!(&**work.result().unwrap(), b"v");
     }
 
     #[test]
     fn async_wait_reports_the_timeout() {
-        let store: Arc<dyn Store> = Arc::new(HashStore::new());
-        let work = store
+        let dir = tempfile::tempdir().unwrap();
+        let work = file_store(&dir)
             .wait_async(vec!["never".into()], Some(Duration::from_millis(20)))
             .unwrap();
         let e = work.wait(Some(Duration::from_secs(30))).unwrap_err();

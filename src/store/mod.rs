@@ -109,8 +109,9 @@ pub trait Store: AsAny + Send + Sync + 'static {
 
     /// Starts [`Store::get`] without blocking: the work completes with the
     /// value as its result, or the get's error. The default runs the get on
-    /// a thread of its own; a TCPStore waits on its process's one waiter
-    /// thread instead, and a PrefixStore uses its underlying store's.
+    /// a thread of its own (FileStore); a TCPStore waits on its process's one
+    /// waiter thread instead, a HashStore completes it with the change that
+    /// satisfies it, and a PrefixStore uses its underlying store's.
     fn get_async(self: Arc<Self>, key: String) -> Result<Work> {
         background::spawn_op(move || self.get(&key).map(Some))
     }
