@@ -34,9 +34,10 @@ pub(crate) const HELLO_V2_NONCE: u32 = 0xDC0D_E5A3;
 /// [`ServerInfo`] as a byte string.
 pub(crate) const HELLO_V2_ACK: u32 = 0xDC0D_E5A4;
 
-/// On a version 2 connection every request gets exactly one reply, which
-/// starts with a status byte: this one, then the reply PyTorch's protocol
-/// gives (nothing more for SET, APPEND, MULTI_SET and QUEUE_PUSH)...
+/// On a version 2 connection every reply starts with a status byte: this
+/// one, then the reply PyTorch's protocol gives (nothing more for APPEND,
+/// which is acknowledged; SET, MULTI_SET and QUEUE_PUSH get no reply when
+/// they succeed, as in PyTorch's protocol)...
 pub(crate) const REPLY_OK: u8 = 0;
 /// ...or this one, then the error: a `u8` status code (`dc_status`:
 /// 1 invalid argument, ...) and its message as a byte string. The
@@ -45,6 +46,10 @@ pub(crate) const REPLY_OK: u8 = 0;
 /// the server announced still closes the connection, as PyTorch's server
 /// does: the client knew them and checks before sending.
 pub(crate) const REPLY_ERROR: u8 = 1;
+/// ...or, for a SET, MULTI_SET or QUEUE_PUSH that failed (they have no
+/// reply), this one with the same error fields: it comes before the reply
+/// of whatever request follows, which the client then reads as usual.
+pub(crate) const REPLY_DEFERRED_ERROR: u8 = 2;
 
 /// What a distcore server tells a version 2 client after [`HELLO_V2_ACK`]:
 /// a `u32` version (1) and its limits as `u64`s (key, value, keys per

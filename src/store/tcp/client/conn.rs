@@ -40,10 +40,6 @@ pub(crate) const CANCEL_GRACE: Duration = Duration::from_millis(500);
 /// The read buffer of a connection.
 const READ_BUFFER_LEN: usize = 64 << 10;
 
-/// Acknowledgements (version 2) a connection lets accumulate before it
-/// reads them: bounded, so the server's output for us stays small.
-const MAX_UNREAD_ACKS: usize = 1024;
-
 /// The limits of a PyTorch server (its libuv server's; the legacy server
 /// has none): what a client checks its requests and replies against.
 pub(crate) fn pytorch_limits() -> Limits {
@@ -73,10 +69,8 @@ pub(crate) struct Conn {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
-    /// Acknowledgements of reply-less requests not read yet (version 2).
-    unread_acks: usize,
-    /// Reply-less requests were sent since the last reply (PyTorch's
-    /// protocol): the server may not have applied them yet.
+    /// Reply-less requests were sent since the last reply: the server may
+    /// not have applied them yet.
     unfenced: bool,
     /// Out of step with the server, or closed: to be dropped.
     broken: bool,
@@ -185,7 +179,6 @@ impl Conn {
                 buf: vec![0; READ_BUFFER_LEN].into_boxed_slice(),
                 start: 0,
                 end: 0,
-                unread_acks: 0,
                 unfenced: false,
                 broken: false,
             };
@@ -449,39 +442,16 @@ impl Conn {
         }
     }
 
-    /// Reads every acknowledgement still owed (version 2), by `deadline`;
-    /// each refusal is logged (the request is long gone). With PyTorch's
-    /// protocol, makes sure earlier reply-less requests were applied (a PING
-    /// round trip), so a read on another connection sees them.
-    pub(crate) fn settle(&mut self, deadline: Deadline) -> Result<()> {
-        while self.unread_acks > 0 {
-            self.read_ack(deadline)?;
-        }
+    /// Makes sure the server applied the reply-less requests sent since the
+    /// last reply (a PING round trip, by `deadline`), so that a read on
+    /// another connection sees them.
+    pub(crate) fn fence(&mut self, deadline: Deadline) -> Result<()> {
         if self.unfenced {
             self.call(
                 &[&Encoder::request(Command::Ping).u32(0).finish()],
                 Shape::U32,
                 deadline,
             )?;
-        }
-        Ok(())
-    }
-
-    /// Reads one owed acknowledgement, waiting for it until `deadline`. A
-    /// refusal is logged: its request is long gone.
-    fn read_ack(&mut self, deadline: Deadline) -> Result<()> {
-        let mut exchange = self.exchange(Shape::Ack);
-        let outcome = match self.receive(&mut exchange, deadline) {
-            Ok(outcome) => outcome,
-            Err(e) => return Err(self.break_with(e)),
-        };
-        self.unread_acks -= 1;
-        if let Outcome::Refused(error) = outcome {
-            log::warn!(
-                "TCPStore at {}: a request sent without waiting for its reply failed: {}",
-                self.peer,
-                error.message()
-            );
         }
         Ok(())
     }
@@ -493,38 +463,28 @@ impl Conn {
         shape: Shape,
         deadline: Deadline,
     ) -> Result<Reply> {
-        if self.unread_acks > 0 {
-            self.settle(deadline)?;
-        }
         self.send(parts, deadline)?;
         let reply = self.receive_reply(shape, deadline);
         self.unfenced = false;
         reply
     }
 
-    /// Sends a request that has no reply in PyTorch's protocol (SET,
-    /// APPEND, MULTI_SET, QUEUE_PUSH). With version 2 the acknowledgement
-    /// is read later (or now, past a bound). Callers check first that the
-    /// server has not closed the connection ([`Conn::check_open`]): with no
-    /// reply to wait for, a dead server would otherwise go unnoticed.
+    /// Sends a request that has no reply when it succeeds (SET, MULTI_SET,
+    /// QUEUE_PUSH; and APPEND in PyTorch's protocol): nothing is left to
+    /// read, so a process may close right after it. Callers check first
+    /// that the server has not closed the connection
+    /// ([`Conn::check_open`]): with no reply to wait for, a dead server
+    /// would otherwise go unnoticed.
     pub(crate) fn post(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<()> {
         self.send(parts, deadline)?;
-        match self.dialect {
-            Dialect::Distcore => {
-                self.unread_acks += 1;
-                if self.unread_acks >= MAX_UNREAD_ACKS {
-                    self.settle(deadline)?;
-                }
-            }
-            Dialect::PyTorch => self.unfenced = true,
-        }
+        self.unfenced = true;
         Ok(())
     }
 
     /// Checks, without waiting and with one system call, that the server
-    /// has not closed the connection (even with bytes still unread): bytes
-    /// waiting are the acknowledgements owed (read later, in bulk);
-    /// anything else breaks it.
+    /// has not closed the connection. Bytes waiting on an idle connection
+    /// can only be a distcore server's deferred error (read before the next
+    /// reply); from a PyTorch server they break it.
     pub(crate) fn check_open(&mut self) -> Result<()> {
         let mut pfd = libc::pollfd {
             fd: self.fd(),
@@ -541,7 +501,7 @@ impl Conn {
             ))));
         }
         let waiting = self.start < self.end || (n > 0 && pfd.revents & libc::POLLIN != 0);
-        if waiting && self.unread_acks == 0 {
+        if waiting && self.dialect == Dialect::PyTorch {
             return Err(self.break_with(Error::new(
                 Status::Protocol,
                 format!("unexpected bytes from the TCPStore at {}", self.peer),
@@ -550,9 +510,9 @@ impl Conn {
         Ok(())
     }
 
-    /// Whether the connection is idle and in step: nothing owed, nothing
-    /// unread, not broken (fit to go back to a pool).
+    /// Whether the connection is idle and in step: nothing unread, not
+    /// broken (fit to go back to a pool).
     pub(crate) fn is_idle(&self) -> bool {
-        !self.broken && self.unread_acks == 0 && self.start == self.end
+        !self.broken && self.start == self.end
     }
 }

@@ -119,7 +119,7 @@ impl Connections {
         let Some(conn) = &mut *slot else {
             return Ok(());
         };
-        let result = conn.settle(deadline);
+        let result = conn.fence(deadline);
         if conn.is_broken() {
             *slot = None;
         }

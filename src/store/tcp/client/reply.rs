@@ -7,7 +7,8 @@
 use std::mem::MaybeUninit;
 
 use super::super::protocol::{
-    Command, Encoder, HELLO_V2_ACK, REPLY_ERROR, REPLY_OK, STOP_WAITING, WAIT_CANCELED,
+    Command, Encoder, HELLO_V2_ACK, REPLY_DEFERRED_ERROR, REPLY_ERROR, REPLY_OK, STOP_WAITING,
+    WAIT_CANCELED,
 };
 use crate::bigbuf::try_value_buffer;
 use crate::error::{Error, Result, Status};
@@ -34,7 +35,7 @@ pub(crate) enum Field {
 /// The shape of a reply, after the status byte of a version 2 connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Shape {
-    /// Nothing: the acknowledgement of a reply-less request (version 2).
+    /// Nothing: the acknowledgement of an APPEND (version 2).
     Ack,
     /// One byte (CHECK).
     U8,
@@ -186,7 +187,7 @@ impl Decoder {
             match self.status {
                 None => return Ok(Some(Kind::U8)),
                 Some(REPLY_OK) => {}
-                Some(REPLY_ERROR) => {
+                Some(REPLY_ERROR | REPLY_DEFERRED_ERROR) => {
                     return Ok(match self.fields.len() {
                         0 => Some(Kind::U8),
                         1 => Some(Kind::Bytes {
@@ -304,6 +305,21 @@ impl Decoder {
             }
             return Ok(());
         }
+        if self.status == Some(REPLY_DEFERRED_ERROR) {
+            self.fields.push(field);
+            if self.fields.len() == 2 {
+                // An earlier reply-less request failed: say so, then read
+                // the reply this decoder is for.
+                let error = error_of(&self.fields);
+                log::warn!(
+                    "a TCPStore request sent without waiting for a reply failed: {}",
+                    error.message()
+                );
+                self.status = None;
+                self.fields.clear();
+            }
+            return Ok(());
+        }
         if self.fields.is_empty()
             && matches!(self.shape, Shape::Values(n) | Shape::Stop(n) if n > 1)
         {
@@ -381,21 +397,26 @@ impl Decoder {
             return None;
         }
         if self.status == Some(REPLY_ERROR) {
-            let code = match self.fields.first() {
-                Some(Field::U8(code)) => *code,
-                _ => 0,
-            };
-            let message = match self.fields.get(1) {
-                Some(Field::Bytes(m)) => String::from_utf8_lossy(m).into_owned(),
-                _ => String::new(),
-            };
-            let status = Status::from_code(i32::from(code))
-                .filter(|s| *s != Status::Ok)
-                .unwrap_or(Status::Remote);
-            return Some(Err(Error::new(status, message)));
+            return Some(Err(error_of(&self.fields)));
         }
         Some(Ok(Reply(std::mem::take(&mut self.fields))))
     }
+}
+
+/// The error an error reply's fields (code, message) describe.
+fn error_of(fields: &[Field]) -> Error {
+    let code = match fields.first() {
+        Some(Field::U8(code)) => *code,
+        _ => 0,
+    };
+    let message = match fields.get(1) {
+        Some(Field::Bytes(m)) => String::from_utf8_lossy(m).into_owned(),
+        _ => String::new(),
+    };
+    let status = Status::from_code(i32::from(code))
+        .filter(|s| *s != Status::Ok)
+        .unwrap_or(Status::Remote);
+    Error::new(status, message)
 }
 
 /// How an exchange ended.

@@ -16,8 +16,8 @@
 use super::super::parser::RequestParser;
 use super::super::protocol::{
     put_bytes, Key, Limits, Request, ServerInfo, HELLO_ACK, HELLO_NONCE, HELLO_V2_ACK,
-    HELLO_V2_NONCE, NOT_READY, READY, REPLY_ERROR, REPLY_OK, STOP_WAITING, VALIDATE_MAGIC,
-    WAIT_CANCELED,
+    HELLO_V2_NONCE, NOT_READY, READY, REPLY_DEFERRED_ERROR, REPLY_ERROR, REPLY_OK, STOP_WAITING,
+    VALIDATE_MAGIC, WAIT_CANCELED,
 };
 use super::backend::{Backend, Outcome};
 use super::waits::{WaitId, WaitReply, Waits};
@@ -230,7 +230,7 @@ impl<B: Backend> ServerCore<B> {
         };
         match outcome {
             Ok(outcome) => self.finish(id, &request, outcome),
-            Err(e) => self.fail(id, &e)?,
+            Err(e) => self.fail(id, &request, &e)?,
         }
         self.resume(id)
     }
@@ -321,21 +321,33 @@ impl<B: Backend> ServerCore<B> {
                     session.in_flight = Some(Box::new(request));
                 }
             }
-            Err(e) => self.fail(id, &e)?,
+            Err(e) => self.fail(id, &request, &e)?,
         }
         Ok(())
     }
 
-    /// A request of `id` failed: an error reply on a version 2 connection,
-    /// the connection refused otherwise (as PyTorch's server does).
-    fn fail(&mut self, id: ConnId, error: &crate::Error) -> std::result::Result<(), Refused> {
+    /// A request of `id` failed: an error reply on a version 2 connection
+    /// (a deferred one for the requests that have no reply), the connection
+    /// refused otherwise (as PyTorch's server does).
+    fn fail(
+        &mut self,
+        id: ConnId,
+        request: &Request,
+        error: &crate::Error,
+    ) -> std::result::Result<(), Refused> {
         let Some(session) = self.session(id) else {
             return Ok(());
         };
         if !session.status_replies {
             return Err(Refused(error.message().to_string()));
         }
-        let mut reply = vec![REPLY_ERROR, error.status().code() as u8];
+        let status = match request {
+            Request::Set { .. } | Request::MultiSet { .. } | Request::QueuePush { .. } => {
+                REPLY_DEFERRED_ERROR
+            }
+            _ => REPLY_ERROR,
+        };
+        let mut reply = vec![status, error.status().code() as u8];
         put_bytes(&mut reply, error.message().as_bytes());
         session.output.put(&reply);
         Ok(())
@@ -360,6 +372,8 @@ impl<B: Backend> ServerCore<B> {
                     }
                 }
             }
+            // Acknowledged on a version 2 connection: it may be refused.
+            (Request::Append { .. }, Outcome::Silent) => self.put_reply(id, &[]),
             (_, outcome) => self.reply(id, outcome),
         }
         match request {
@@ -384,6 +398,13 @@ impl<B: Backend> ServerCore<B> {
             return;
         };
         let out = &mut session.output;
+        if matches!(outcome, Outcome::Silent) {
+            // SET, MULTI_SET, QUEUE_PUSH: no reply when they succeed, even
+            // on a version 2 connection, so a client that closes right
+            // after them leaves no unread byte (which would reset the
+            // connection and could lose them).
+            return;
+        }
         if session.status_replies {
             out.put(&[REPLY_OK]);
         }

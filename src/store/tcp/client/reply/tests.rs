@@ -200,3 +200,20 @@ fn a_wait_whose_reply_started_cannot_be_cancelled() {
     let mut plain = Exchange::new(Shape::I64, false, 1024);
     assert!(plain.expire().is_none());
 }
+
+#[test]
+fn a_deferred_error_before_a_reply_is_read_past() {
+    let wire = [
+        vec![REPLY_DEFERRED_ERROR, 1],
+        bytes_field(b"a set failed"),
+        vec![REPLY_OK],
+        7i64.to_le_bytes().to_vec(),
+    ]
+    .concat();
+    for chunk in [1, 5, wire.len()] {
+        let mut exchange = Exchange::new(Shape::I64, true, 1024);
+        let (outcome, used) = feed_in_chunks(&mut exchange, &wire, chunk);
+        assert_eq!(used, wire.len());
+        assert_eq!(reply_of(outcome).i64(0).unwrap(), 7);
+    }
+}
