@@ -34,33 +34,6 @@
 // Timeout argument: wait forever (PyTorch's `kNoTimeout`).
 #define DC_TIMEOUT_FOREVER 0
 
-// The magic number a connection sends with VALIDATE.
-#define VALIDATE_MAGIC 1015412686
-
-// Reply byte of WAIT, BARRIER and the extended gets: the keys are there.
-#define STOP_WAITING 0
-
-// Reply byte of CANCEL_WAIT.
-#define WAIT_CANCELED 1
-
-// Reply byte of CHECK: every key exists.
-#define READY 0
-
-// Reply byte of CHECK: some key is missing.
-#define NOT_READY 1
-
-// The nonce of a PING that asks "are you a distcore server?". PyTorch
-// clients ping with their process id (below 2^22), so they never send it; a
-// PyTorch server echoes it, a distcore server answers [`HELLO_ACK`] and
-// from then on accepts the extension commands on that connection.
-#define HELLO_NONCE 3691898273
-
-// A distcore server's answer to [`HELLO_NONCE`].
-#define HELLO_ACK 3691898274
-
-// distcore's default value limit: 64 MiB.
-#define DEFAULT_MAX_VALUE_LEN (64 << 20)
-
 // The collective an operation performs: c10d's `OpType`, same numbers.
 enum dc_op_type
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L

@@ -105,7 +105,7 @@ enum Command {
         #[arg(long)]
         world_size: Option<u32>,
         /// Largest value accepted, in bytes (requests up to twice that).
-        #[arg(long, default_value_t = distcore::store::tcp::protocol::DEFAULT_MAX_VALUE_LEN)]
+        #[arg(long, default_value_t = distcore::store::tcp::protocol::Limits::default().max_value_len)]
         max_value_size: usize,
         /// Serve on this already-listening socket (systemd socket
         /// activation, a launcher that reserved the port) instead of

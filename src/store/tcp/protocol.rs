@@ -6,24 +6,24 @@ use std::fmt;
 use std::sync::Arc;
 
 /// The magic number a connection sends with VALIDATE.
-pub const VALIDATE_MAGIC: u32 = 0x3C85_F7CE;
+pub(crate) const VALIDATE_MAGIC: u32 = 0x3C85_F7CE;
 
 /// Reply byte of WAIT, BARRIER and the extended gets: the keys are there.
-pub const STOP_WAITING: u8 = 0;
+pub(crate) const STOP_WAITING: u8 = 0;
 /// Reply byte of CANCEL_WAIT.
-pub const WAIT_CANCELED: u8 = 1;
+pub(crate) const WAIT_CANCELED: u8 = 1;
 /// Reply byte of CHECK: every key exists.
-pub const READY: u8 = 0;
+pub(crate) const READY: u8 = 0;
 /// Reply byte of CHECK: some key is missing.
-pub const NOT_READY: u8 = 1;
+pub(crate) const NOT_READY: u8 = 1;
 
 /// The nonce of a PING that asks "are you a distcore server?". PyTorch
 /// clients ping with their process id (below 2^22), so they never send it; a
 /// PyTorch server echoes it, a distcore server answers [`HELLO_ACK`] and
 /// from then on accepts the extension commands on that connection.
-pub const HELLO_NONCE: u32 = 0xDC0D_E5A1;
+pub(crate) const HELLO_NONCE: u32 = 0xDC0D_E5A1;
 /// A distcore server's answer to [`HELLO_NONCE`].
-pub const HELLO_ACK: u32 = 0xDC0D_E5A2;
+pub(crate) const HELLO_ACK: u32 = 0xDC0D_E5A2;
 
 /// The nonce of a PING that asks for version 2 of the extensions: those of
 /// [`HELLO_NONCE`], the server's limits in the answer, and status-prefixed
@@ -179,7 +179,7 @@ pub struct Limits {
 }
 
 /// distcore's default value limit: 64 MiB.
-pub const DEFAULT_MAX_VALUE_LEN: usize = 64 << 20;
+pub(crate) const DEFAULT_MAX_VALUE_LEN: usize = 64 << 20;
 
 impl Limits {
     /// The default limits with values up to `max_value_len` bytes (and
