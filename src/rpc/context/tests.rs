@@ -84,6 +84,30 @@ impl Sim {
         self.faults.max_delay.mul_f64(self.rng.f64())
     }
 
+    /// Whether the next message or acknowledgement is lost.
+    fn lost(&mut self) -> bool {
+        self.rng.f64() < self.faults.loss / 2.0
+    }
+
+    /// Reports attempt `t` of `from` after `after`: acknowledged or not.
+    fn answer(&mut self, after: Duration, from: WorkerId, t: &Transmit, ok: bool) {
+        let (id, attempt) = (t.id, t.attempt);
+        self.post(
+            after,
+            Msg::Outcome {
+                to: from,
+                id,
+                attempt,
+                ok,
+            },
+        );
+    }
+
+    /// Attempt `t` of `from` times out, unacknowledged.
+    fn time_out(&mut self, from: WorkerId, t: &Transmit) {
+        self.answer(ACK_TIMEOUT, from, t, false);
+    }
+
     fn post(&mut self, after: Duration, msg: Msg) {
         self.seq += 1;
         self.wire.push((self.now + after, self.seq, msg));
@@ -95,18 +119,9 @@ impl Sim {
             while let Some(t) = self.ctxs[from].poll_transmit(self.now) {
                 assert_eq!(t.timeout, ACK_TIMEOUT);
                 let from = from as WorkerId;
-                if self.rng.f64() < self.faults.loss / 2.0 {
+                if self.lost() {
                     // Lost on the way: the sender times out.
-                    let (id, attempt) = (t.id, t.attempt);
-                    self.post(
-                        ACK_TIMEOUT,
-                        Msg::Outcome {
-                            to: from,
-                            id,
-                            attempt,
-                            ok: false,
-                        },
-                    );
+                    self.time_out(from, &t);
                     continue;
                 }
                 let d = self.delay();
@@ -149,28 +164,12 @@ impl Sim {
         match msg {
             Msg::Control { from, t } => {
                 self.ctxs[t.to as usize].handle_control(&t.request);
-                let (id, attempt) = (t.id, t.attempt);
-                if self.rng.f64() < self.faults.loss / 2.0 {
-                    self.post(
-                        ACK_TIMEOUT,
-                        Msg::Outcome {
-                            to: from,
-                            id,
-                            attempt,
-                            ok: false,
-                        },
-                    );
+                if self.lost() {
+                    // The acknowledgement is lost: the sender times out.
+                    self.time_out(from, &t);
                 } else {
                     let d = self.delay();
-                    self.post(
-                        d,
-                        Msg::Outcome {
-                            to: from,
-                            id,
-                            attempt,
-                            ok: true,
-                        },
-                    );
+                    self.answer(d, from, &t, true);
                 }
             }
             Msg::Outcome {

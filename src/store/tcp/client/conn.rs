@@ -483,8 +483,9 @@ impl Conn {
 
     /// Checks, without waiting and with one system call, that the server
     /// has not closed the connection. Bytes waiting on an idle connection
-    /// can only be a distcore server's deferred error (read before the next
-    /// reply); from a PyTorch server they break it.
+    /// can only be a distcore server's deferred error for a request sent
+    /// without a reply since the last reply (read before the next one);
+    /// anything else breaks it.
     pub(crate) fn check_open(&mut self) -> Result<()> {
         let mut pfd = libc::pollfd {
             fd: self.fd(),
@@ -501,7 +502,8 @@ impl Conn {
             ))));
         }
         let waiting = self.start < self.end || (n > 0 && pfd.revents & libc::POLLIN != 0);
-        if waiting && self.dialect == Dialect::PyTorch {
+        let deferred_error_possible = self.unfenced && self.dialect == Dialect::Distcore;
+        if waiting && !deferred_error_possible {
             return Err(self.break_with(Error::new(
                 Status::Protocol,
                 format!("unexpected bytes from the TCPStore at {}", self.peer),

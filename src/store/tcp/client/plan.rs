@@ -9,6 +9,7 @@ use super::super::protocol::{Command, Encoder};
 use super::conn::{Conn, Deadline, Dialect, CANCEL_GRACE};
 use super::reply::{Exchange, Outcome, Shape};
 use crate::error::{Error, Result, Status};
+use crate::store::wait_timeout_error;
 
 /// A waiting operation on wire keys (with their `/`).
 #[derive(Debug, Clone)]
@@ -145,11 +146,10 @@ impl Plan {
                 timeout.as_millis(),
                 key.strip_prefix('/').unwrap_or(key)
             )),
-            _ => Error::timeout(format!(
-                "wait timeout after {}ms, keys: {}",
-                timeout.as_millis(),
-                self.keys().join(", ")
-            )),
+            _ => {
+                let keys: Vec<&str> = self.keys().iter().map(String::as_str).collect();
+                wait_timeout_error(timeout, &keys)
+            }
         }
     }
 }

@@ -376,7 +376,9 @@ impl Decoder {
     pub(crate) unsafe fn direct_filled(&mut self, n: usize) -> Result<()> {
         if let Some(partial) = &mut self.bytes {
             let len = partial.value.len() + n;
-            assert!(len <= partial.len, "direct fill past the value");
+            if len > partial.len {
+                return Err(Error::internal("a direct read filled past its value"));
+            }
             // SAFETY: the caller initialised these bytes of the spare capacity.
             unsafe { partial.value.set_len(len) };
             if len == partial.len {

@@ -164,10 +164,10 @@ impl EventLoop {
     }
 
     fn begin(&mut self, id: usize, mut op: AsyncOp) {
-        let step = op.plan.first(&op.conn);
+        let mut step = op.plan.first(&op.conn);
         let fd = op.conn.fd();
         let running = Running {
-            out: step.request.clone(),
+            out: std::mem::take(&mut step.request),
             deadline: op.deadline,
             step,
             op,
@@ -195,8 +195,8 @@ impl EventLoop {
         };
         loop {
             match advance(&mut running) {
-                Ok(Some(Next::Send(step))) => {
-                    running.out = step.request.clone();
+                Ok(Some(Next::Send(mut step))) => {
+                    running.out = std::mem::take(&mut step.request);
                     running.step = step;
                 }
                 Ok(Some(Next::Done(result))) => return self.finish(running, result),
