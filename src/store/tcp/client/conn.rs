@@ -243,6 +243,11 @@ impl Conn {
         self.stream.as_raw_fd()
     }
 
+    /// Whether reply-less requests were sent since the last reply.
+    pub(crate) fn is_unfenced(&self) -> bool {
+        self.unfenced
+    }
+
     /// Whether the connection must be dropped.
     pub(crate) fn is_broken(&self) -> bool {
         self.broken

@@ -14,6 +14,7 @@
 //! whose request was in flight fails with a network error and is never
 //! retried (a SET or ADD may or may not have been applied).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -40,6 +41,10 @@ pub(crate) struct Connections {
     host: String,
     port: u16,
     primary: Mutex<Option<Conn>>,
+    /// The primary has sent reply-less requests since its last reply (its
+    /// `unfenced`, published when its lock is released), so that a get
+    /// takes the primary's lock only when it has something to fence.
+    primary_unfenced: AtomicBool,
     spares: Arc<Mutex<Vec<Conn>>>,
     /// What the last connection learned of the server.
     dialect: Mutex<(Dialect, Limits)>,
@@ -54,6 +59,7 @@ impl Connections {
             host: host.to_string(),
             port,
             primary: Mutex::new(Some(primary)),
+            primary_unfenced: AtomicBool::new(false),
             spares: Arc::default(),
             dialect: Mutex::new(dialect),
         })
@@ -104,25 +110,35 @@ impl Connections {
             empty => empty.insert(self.open(deadline)?),
         };
         let result = f(conn);
-        if conn.is_broken() {
-            *slot = None;
-        }
+        self.release_primary(&mut slot);
         result
     }
 
-    /// Makes sure the server applied every request already sent on the
-    /// primary connection, so a read on a spare sees them. A primary that
-    /// fails meanwhile is dropped (what it carried is lost either way); one
-    /// that does not answer in time fails the operation.
-    fn fence(&self, deadline: Deadline) -> Result<()> {
-        let mut slot = self.lock_primary(deadline)?;
-        let Some(conn) = &mut *slot else {
-            return Ok(());
-        };
-        let result = conn.fence(deadline);
-        if conn.is_broken() {
+    /// Before the primary's lock is released: drops it if broken (what it
+    /// carried is lost either way) and publishes whether it needs a fence.
+    fn release_primary(&self, slot: &mut Option<Conn>) {
+        if slot.as_ref().is_some_and(Conn::is_broken) {
             *slot = None;
         }
+        let unfenced = slot.as_ref().is_some_and(Conn::is_unfenced);
+        self.primary_unfenced.store(unfenced, Ordering::Release);
+    }
+
+    /// Makes sure the server applied every request already sent on the
+    /// primary connection, so a read on a spare sees them; with nothing to
+    /// fence, without touching the primary. A primary that fails meanwhile
+    /// is dropped (what it carried is lost either way); one that does not
+    /// answer in time fails the operation.
+    fn fence(&self, deadline: Deadline) -> Result<()> {
+        if !self.primary_unfenced.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut slot = self.lock_primary(deadline)?;
+        let result = match &mut *slot {
+            Some(conn) => conn.fence(deadline),
+            None => Ok(()),
+        };
+        self.release_primary(&mut slot);
         match result {
             Err(e) if e.status() == Status::Timeout => Err(e),
             _ => Ok(()),
