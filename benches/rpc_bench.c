@@ -29,12 +29,12 @@ static dc_status echo(const uint8_t *args, size_t len, const dc_rref *const *rre
 static dc_rpc *join(dc_store *store, int rank) {
   dc_rpc_function_entry fns[] = {{"echo", echo, NULL}};
   dc_rpc_options o;
-  check(dc_rpc_options_init(&o), "options");
+  check(dc_rpc_options_init(&o, sizeof o), "options");
   o.rpc_timeout_ms = 120000;
   o.functions = fns;
   o.num_functions = 1;
   dc_rpc *rpc = NULL;
-  check(dc_rpc_init(store, rank ? "w1" : "w0", (uint16_t)rank, 2, &o, &rpc), "dc_rpc_init");
+  check(dc_rpc_init(store, rank ? "w1" : "w0", rank, 2, &o, &rpc), "dc_rpc_init");
   return rpc;
 }
 
@@ -89,7 +89,7 @@ static void timed(const char *name, int calls, dc_rpc *rpc, call_fn fn, size_t l
 
 static dc_store *tcp_store(bool is_server, uint16_t port) {
   dc_tcp_store_options o;
-  check(dc_tcp_store_options_init(&o), "options");
+  check(dc_tcp_store_options_init(&o, sizeof o), "options");
   o.host = "127.0.0.1";
   o.port = port;
   o.is_server = is_server;

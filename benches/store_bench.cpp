@@ -74,7 +74,7 @@ class Client {
  public:
   Client(const std::string& host, int port, int world = -1, int timeout_ms = 300000) {
     dc_tcp_store_options o;
-    check_status(dc_tcp_store_options_init(&o));
+    check_status(dc_tcp_store_options_init(&o, sizeof o));
     o.host = host.c_str();
     o.port = static_cast<uint16_t>(port);
     o.world_size = world;

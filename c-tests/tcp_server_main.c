@@ -11,7 +11,7 @@ int main(int argc, char **argv) {
   dc_tcp_store_options opts;
   dc_store *server = NULL;
   uint16_t port = 0;
-  CHECK_OK(dc_tcp_store_options_init(&opts));
+  CHECK_OK(dc_tcp_store_options_init(&opts, sizeof opts));
   opts.is_server = true;
   opts.bind_address = "127.0.0.1";
   opts.timeout_ms = 60000;
@@ -29,7 +29,7 @@ int main(int argc, char **argv) {
   char line[256];
   while (fgets(line, sizeof line, stdin) != NULL) {
     if (strncmp(line, "stats", 5) == 0) {
-      dc_server_stats st;
+      dc_server_stats st = {.struct_size = sizeof(dc_server_stats)};
       CHECK_OK(dc_tcp_store_server_stats(server, &st));
       printf("stats connections=%llu pending_waits=%llu keys=%llu\n", (unsigned long long)st.connections,
              (unsigned long long)st.pending_waits, (unsigned long long)st.keys);

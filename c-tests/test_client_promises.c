@@ -18,7 +18,7 @@ static const uint8_t *bytes(const char *s) { return (const uint8_t *)s; }
 static dc_store *tcp_server(uint64_t max_value_size) {
   dc_tcp_store_options opts;
   dc_store *s = NULL;
-  CHECK_OK(dc_tcp_store_options_init(&opts));
+  CHECK_OK(dc_tcp_store_options_init(&opts, sizeof opts));
   opts.is_server = true;
   opts.bind_address = "127.0.0.1";
   opts.timeout_ms = 30000;
@@ -112,7 +112,7 @@ static void free_during_wait(dc_store *s) {
 /* An aborted async get lets go of its connection's waiter on the server. */
 static void abort_releases(dc_store *server) {
   dc_work *w = NULL;
-  dc_server_stats stats;
+  dc_server_stats stats = {.struct_size = sizeof(dc_server_stats)};
   CHECK_OK(dc_store_get_async(server, "never", &w));
   for (int i = 0; i < 1000; i++) {
     CHECK_OK(dc_tcp_store_server_stats(server, &stats));
@@ -196,7 +196,7 @@ static void rpc_to_oneself(dc_store *s) {
   dc_rpc_function_entry functions[] = {{"echo", echo, NULL}};
   dc_rpc_options ro;
   dc_rpc *rpc = NULL;
-  CHECK_OK(dc_rpc_options_init(&ro));
+  CHECK_OK(dc_rpc_options_init(&ro, sizeof ro));
   ro.functions = functions;
   ro.num_functions = 1;
   CHECK_OK(dc_rpc_init(s, "self", 0, 1, &ro, &rpc));
@@ -221,7 +221,7 @@ static void rpc_to_oneself(dc_store *s) {
     dc_buf_free(&out);
     dc_rref_free(r);
   }
-  dc_rref_debug_info d;
+  dc_rref_debug_info d = {.struct_size = sizeof(dc_rref_debug_info)};
   for (int i = 0; i < 1000; i++) {
     CHECK_OK(dc_rpc_debug_info(rpc, &d));
     if (d.num_owner_rrefs == 0 && d.num_pending_futures == 0 && d.num_pending_users == 0) break;

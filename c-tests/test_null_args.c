@@ -117,8 +117,8 @@ int main(void) {
   dc_client_counter counters[1];
   size_t n_counters = 0;
   uint16_t port = 0;
-  NULL_ARG(dc_tcp_store_options_init(NULL));
-  CHECK_OK(dc_tcp_store_options_init(&opts));
+  NULL_ARG(dc_tcp_store_options_init(NULL, sizeof(dc_tcp_store_options)));
+  CHECK_OK(dc_tcp_store_options_init(&opts, sizeof opts));
   NULL_ARG(dc_tcp_store_new(NULL, &s));
   NULL_ARG(dc_tcp_store_new(&opts, NULL));
   opts.host = NULL;
@@ -126,7 +126,7 @@ int main(void) {
   NULL_ARG(dc_tcp_store_port(NULL, &port));
   NULL_ARG(dc_tcp_store_port(s, NULL));
   NULL_ARG(dc_tcp_store_wait_for_workers(NULL));
-  dc_server_stats stats;
+  dc_server_stats stats = {.struct_size = sizeof(dc_server_stats)};
   NULL_ARG(dc_tcp_store_server_stats(NULL, &stats));
   NULL_ARG(dc_tcp_store_server_stats(s, NULL));
   NULL_ARG(dc_tcp_store_counters(NULL, counters, 1, &n_counters));
@@ -150,9 +150,9 @@ int main(void) {
   dc_rpc *rpc = NULL;
   dc_rref *rref = NULL;
   dc_rpc_options ro;
-  dc_rref_debug_info info;
+  dc_rref_debug_info info = {.struct_size = sizeof(dc_rref_debug_info)};
   const dc_rref *null_rrefs[1] = {NULL};
-  NULL_ARG(dc_rpc_options_init(NULL));
+  NULL_ARG(dc_rpc_options_init(NULL, sizeof(dc_rpc_options)));
   NULL_ARG(dc_rpc_init(NULL, "w", 0, 1, NULL, &rpc));
   NULL_ARG(dc_rpc_init(s, NULL, 0, 1, NULL, &rpc));
   NULL_ARG(dc_rpc_init(s, "w", 0, 1, NULL, NULL));
@@ -215,6 +215,8 @@ int main(void) {
   NULL_ARG(dc_work_fd(NULL, &fd));
   NULL_ARG(dc_work_fd(w, NULL));
   NULL_ARG(dc_set_profiler_hooks(begin_hook, NULL, NULL));
+  /* A NULL log callback is no error: it sends lines back to stderr. */
+  CHECK_OK(dc_set_log_callback(DC_LOG_LEVEL_WARN, NULL, NULL));
 
   /* Nothing above changed the store or the work. */
   CHECK_OK(dc_store_num_keys(s, &i64));

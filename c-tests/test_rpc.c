@@ -48,27 +48,27 @@ static dc_status fail(const uint8_t *args, size_t len, const dc_rref *const *rre
 
 static dc_rpc *join(uint16_t port, int rank, dc_store **store_out) {
   dc_tcp_store_options so;
-  CHECK_OK(dc_tcp_store_options_init(&so));
+  CHECK_OK(dc_tcp_store_options_init(&so, sizeof so));
   so.port = port;
   so.timeout_ms = 30000;
   CHECK_OK(dc_tcp_store_new(&so, store_out));
   dc_rpc_function_entry fns[] = {
       {"echo", echo, NULL}, {"fetch", fetch, NULL}, {"fail", fail, NULL}};
   dc_rpc_options ro;
-  CHECK_OK(dc_rpc_options_init(&ro));
+  CHECK_OK(dc_rpc_options_init(&ro, sizeof ro));
   ro.rpc_timeout_ms = 30000;
   ro.functions = fns;
   ro.num_functions = 3;
   char name[16];
   snprintf(name, sizeof name, "worker%d", rank);
   dc_rpc *rpc = NULL;
-  CHECK_OK(dc_rpc_init(*store_out, name, (uint16_t)rank, WORLD, &ro, &rpc));
+  CHECK_OK(dc_rpc_init(*store_out, name, rank, WORLD, &ro, &rpc));
   return rpc;
 }
 
 static void wait_for_zero(dc_rpc *rpc) {
   for (int i = 0; i < 3000; i++) {
-    dc_rref_debug_info d;
+    dc_rref_debug_info d = {.struct_size = sizeof(dc_rref_debug_info)};
     CHECK_OK(dc_rpc_debug_info(rpc, &d));
     if (d.num_owner_rrefs == 0 && d.num_pending_futures == 0 && d.num_pending_users == 0 && d.num_forks == 0)
       return;
@@ -94,7 +94,7 @@ int main(int argc, char **argv) {
   dc_tcp_store_options so;
   dc_store *server = NULL;
   uint16_t port = 0;
-  CHECK_OK(dc_tcp_store_options_init(&so));
+  CHECK_OK(dc_tcp_store_options_init(&so, sizeof so));
   so.is_server = true;
   so.bind_address = "127.0.0.1";
   CHECK_OK(dc_tcp_store_new(&so, &server));

@@ -15,7 +15,7 @@ static const uint8_t *bytes(const char *s) { return (const uint8_t *)s; }
 static dc_store *connect_client(uint16_t port, int64_t world_size) {
   dc_tcp_store_options opts;
   dc_store *s = NULL;
-  CHECK_OK(dc_tcp_store_options_init(&opts));
+  CHECK_OK(dc_tcp_store_options_init(&opts, sizeof opts));
   opts.port = port;
   opts.world_size = world_size;
   opts.timeout_ms = 20000;
@@ -48,7 +48,7 @@ int main(int argc, char **argv) {
   dc_tcp_store_options opts;
   dc_store *server = NULL;
   uint16_t port = 0;
-  CHECK_OK(dc_tcp_store_options_init(&opts));
+  CHECK_OK(dc_tcp_store_options_init(&opts, sizeof opts));
   opts.is_server = true;
   opts.bind_address = "127.0.0.1";
   opts.world_size = WORKERS + 1;

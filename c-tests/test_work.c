@@ -145,6 +145,17 @@ int main(void) {
   CHECK_OK(dc_set_profiler_hooks(NULL, NULL, NULL));
 
   CHECK_STATUS(dc_work_new(0, 42, NULL, -1, &w), DC_ERR_INVALID_ARGUMENT);
+
+  /* The timeout rule of every function: -1 default (a work has none), 0
+   * forever, other negatives invalid. */
+  CHECK_STATUS(dc_work_new(0, DC_OP_TYPE_SEND, NULL, -2, &w), DC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(dc_last_error_message(), "timeout -2 ms") != NULL);
+  for (int64_t none = DC_TIMEOUT_DEFAULT; none <= DC_TIMEOUT_FOREVER; none++) {
+    CHECK_OK(dc_work_new(0, DC_OP_TYPE_SEND, NULL, none, &w));
+    CHECK_OK(dc_work_timeout(w, &i64));
+    CHECK(i64 == DC_TIMEOUT_FOREVER);
+    dc_work_free(w);
+  }
   printf("test_work: ok\n");
   return 0;
 }

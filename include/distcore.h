@@ -19,6 +19,19 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// The major version of the header: programs built against one major
+// version run with any library of that major version
+// (`libdistcore.so.MAJOR`) at least as new as the header.
+#define DC_VERSION_MAJOR 1
+
+// The minor version of the header: grows when functions, constants or
+// struct fields are added.
+#define DC_VERSION_MINOR 0
+
+// The patch version of the header: grows with fixes that change no
+// declaration.
+#define DC_VERSION_PATCH 0
+
 // The longest byte argument (a value, a result, RPC arguments) any function
 // accepts: a longer `len` is DC_ERR_INVALID_ARGUMENT before anything is
 // read. Stores have lower limits of their own (a TCPStore: what its server
@@ -68,6 +81,33 @@ enum dc_op_type
 typedef enum dc_op_type dc_op_type;
 #else
 typedef int32_t dc_op_type;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+// How verbose a log line is. The numbers are part of the ABI.
+enum dc_log_level
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : int32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  // No lines (as a level to deliver); never the level of a line.
+  DC_LOG_LEVEL_OFF = 0,
+  // Failures the job should know about.
+  DC_LOG_LEVEL_ERROR = 1,
+  // Something went wrong and was handled (a connection closed for a bad request, ...).
+  DC_LOG_LEVEL_WARN = 2,
+  // Lifecycle: servers started and stopped, workers joined.
+  DC_LOG_LEVEL_INFO = 3,
+  // Detail for debugging distcore's use.
+  DC_LOG_LEVEL_DEBUG = 4,
+  // Everything.
+  DC_LOG_LEVEL_TRACE = 5,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum dc_log_level dc_log_level;
+#else
+typedef int32_t dc_log_level;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
@@ -121,6 +161,21 @@ typedef struct {
   size_t len;
 } dc_buf_array;
 
+// Receives one log line: its level (DC_LOG_LEVEL_ERROR ... TRACE), its
+// target (the distcore module that wrote it, e.g.
+// "distcore::store::tcp::server") and its text, both NUL-terminated and
+// valid during the call only.
+//
+// Runs on the thread that logs: a caller's thread inside a distcore call,
+// or one of distcore's own (a server's event loop, the RPC agent), possibly
+// on several threads at once, so it must be thread-safe. It must return
+// promptly (the thread that logs waits for it) and must not call distcore
+// functions (it may run while distcore holds its locks).
+typedef void (*dc_log_fn)(dc_log_level level,
+                          const char *target,
+                          const char *message,
+                          void *user_data);
+
 // A function other workers call by name. Runs on one of the RPC worker
 // threads with the argument bytes, the RRefs passed along (borrowed views,
 // all confirmed by their owners; `dc_rref_clone` one to keep it) and the
@@ -145,8 +200,14 @@ typedef struct {
   void *user_data;
 } dc_rpc_function_entry;
 
-// Options of `dc_rpc_init`; initialise with `dc_rpc_options_init`.
+// Options of `dc_rpc_init`; initialise with `dc_rpc_options_init(&opts,
+// sizeof opts)`. Fields are only ever appended: a program built against
+// an older header passes its own `struct_size`, and fields it does not
+// know keep their defaults.
 typedef struct {
+  // `sizeof(dc_rpc_options)` in the caller's header; set by
+  // `dc_rpc_options_init`.
+  size_t struct_size;
   // Threads running functions and RRef handlers (default 4).
   uint32_t num_worker_threads;
   // Default timeout of calls, remote(), to_here and control messages, ms (default 60000).
@@ -162,8 +223,13 @@ typedef struct {
   size_t num_functions;
 } dc_rpc_options;
 
-// PyTorch's RRef debug counters of one worker.
+// PyTorch's RRef debug counters of one worker. Set `struct_size` to
+// `sizeof(dc_rref_debug_info)` before `dc_rpc_debug_info` fills it: fields
+// are only ever appended, and the library writes those the caller's
+// header knew.
 typedef struct {
+  // `sizeof(dc_rref_debug_info)` in the caller's header.
+  size_t struct_size;
   // OwnerRRefs held for other workers.
   uint64_t num_owner_rrefs;
   // RRef control messages in flight.
@@ -175,17 +241,22 @@ typedef struct {
 } dc_rref_debug_info;
 
 // Options of `dc_tcp_store_new`, mirroring torch.distributed.TCPStore's
-// arguments. Initialise with `dc_tcp_store_options_init`, then change
-// what you need.
+// arguments. Initialise with `dc_tcp_store_options_init(&opts, sizeof
+// opts)`, then change what you need. Fields are only ever appended: a
+// program built against an older header passes its own `struct_size`,
+// and fields it does not know keep their defaults.
 typedef struct {
+  // `sizeof(dc_tcp_store_options)` in the caller's header; set by
+  // `dc_tcp_store_options_init`.
+  size_t struct_size;
   // Host to connect to (NUL-terminated; a name, an IPv4 or IPv6 literal).
   const char *host;
   // Port; for a server 0 picks a free one (read it with dc_tcp_store_port).
   uint16_t port;
   // Start a server in this process (PyTorch's is_master).
   bool is_server;
-  // Number of store handles in the job, server included; < 0: unknown.
-  int64_t world_size;
+  // Number of store handles in the job, server included; -1: unknown.
+  int32_t world_size;
   // Count this handle in `init/`; the server then waits for world_size.
   bool wait_for_workers;
   // Timeout of connecting and of every call, in ms (0: forever).
@@ -213,8 +284,13 @@ typedef struct {
   double variance_ms;
 } dc_client_counter;
 
-// A snapshot of a TCPStore server's load.
+// A snapshot of a TCPStore server's load. Set `struct_size` to
+// `sizeof(dc_server_stats)` before `dc_tcp_store_server_stats` fills it:
+// fields are only ever appended, and the library writes those the
+// caller's header knew.
 typedef struct {
+  // `sizeof(dc_server_stats)` in the caller's header.
+  size_t struct_size;
   // Open client connections.
   uint64_t connections;
   // Pending WAIT and BARRIER requests.
@@ -281,15 +357,19 @@ typedef void (*dc_profiler_end_fn)(const char *title, uint64_t token, void *user
 extern "C" {
 #endif // __cplusplus
 
-// The message of the last failure on the calling thread ("" if none). Valid
-// until the next failing distcore call on this thread; never NULL.
+// The message of the last failure on the calling thread ("" if none).
+// Valid until the next failing distcore call on this thread (copy it to
+// keep it); never NULL; never fails or blocks.
 const char *dc_last_error_message(void);
 
 // A static description of a status code ("timed out", ...); "unknown
-// status" for a code distcore does not define. Never NULL.
+// status" for a code distcore does not define. Never NULL; never fails or
+// blocks.
 const char *dc_status_str(dc_status code);
 
-// The version of the library, "major.minor.patch". Static; never NULL.
+// The version of the library that is running, "major.minor.patch" (compare
+// with the DC_VERSION_* macros the program was built with). Static; never
+// NULL; never fails or blocks.
 const char *dc_version(void);
 
 // Frees the bytes of `buf` and sets it to `{NULL, 0}`. NULL, or a buffer
@@ -305,7 +385,7 @@ void dc_buf_array_free(dc_buf_array *array);
 // usable once per prefix), with the store's timeout set to `timeout_ms`
 // meanwhile (DC_TIMEOUT_DEFAULT: keep the store's; 0: forever).
 dc_status dc_elastic_barrier(const dc_store *store,
-                             int64_t world_size,
+                             int32_t world_size,
                              const char *key_prefix,
                              int64_t timeout_ms);
 
@@ -314,10 +394,10 @@ dc_status dc_elastic_barrier(const dc_store *store,
 // torchelastic's "Timed out waiting on barrier on rank R, for key prefix:
 // P (world_size=N, missing_ranks=[...], timeout=T)".
 dc_status dc_elastic_barrier_traced(const dc_store *store,
-                                    int64_t world_size,
+                                    int32_t world_size,
                                     const char *key_prefix,
                                     int64_t timeout_ms,
-                                    int64_t rank,
+                                    int32_t rank,
                                     int64_t trace_timeout_ms);
 
 // torchelastic's synchronize: publishes the `len` bytes at `data` as
@@ -327,8 +407,8 @@ dc_status dc_elastic_barrier_traced(const dc_store *store,
 dc_status dc_elastic_synchronize(const dc_store *store,
                                  const uint8_t *data,
                                  size_t len,
-                                 int64_t rank,
-                                 int64_t world_size,
+                                 int32_t rank,
+                                 int32_t world_size,
                                  const char *key_prefix,
                                  int64_t timeout_ms,
                                  dc_buf_array *out);
@@ -337,13 +417,33 @@ dc_status dc_elastic_synchronize(const dc_store *store,
 // `<prefix><world_size-1>` into `out` (waiting for each), then checks in to
 // `<prefix>/finished`; rank 0 waits for every rank to check in.
 dc_status dc_elastic_get_all(const dc_store *store,
-                             int64_t rank,
+                             int32_t rank,
                              const char *prefix,
-                             int64_t world_size,
+                             int32_t world_size,
                              dc_buf_array *out);
 
-// Fills `opts` with the defaults.
-dc_status dc_rpc_options_init(dc_rpc_options *opts);
+// Sends distcore's log lines at `level` or more severe to `callback`
+// (`level` DC_LOG_LEVEL_OFF: none), process-wide, replacing any previous
+// callback. A NULL `callback` sends them to stderr again, at `level`.
+// Without a call, lines go to stderr at the level `DISTCORE_LOG` names
+// (off, error, warn, info, debug, trace; default warn).
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a `level` that is not a
+// dc_log_level; DC_ERR_INVALID_STATE when the process installed a Rust
+// `log` logger of its own (distcore then logs through that one).
+// Blocks only until lines being delivered to the previous callback have
+// been: when it returns, the previous callback is no longer running and
+// its `user_data` may be released. Thread-safe.
+dc_status dc_set_log_callback(dc_log_level level, dc_log_fn callback, void *user_data);
+
+// Fills `opts` with the defaults: 4 worker threads, a 60 s RPC timeout,
+// listening on 127.0.0.1, RRef leaks a warning, no functions.
+// `struct_size` is `sizeof(dc_rpc_options)` as the caller's header has it
+// (pass `sizeof opts`): only that many bytes are written.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a NULL `opts` or a `struct_size` no
+// distcore header had. Never blocks.
+dc_status dc_rpc_options_init(dc_rpc_options *opts, size_t struct_size);
 
 // Joins an RPC group of `world_size` workers through `store`: listens on an
 // ephemeral port, registers `opts->functions`, publishes `name` and its
@@ -352,8 +452,8 @@ dc_status dc_rpc_options_init(dc_rpc_options *opts);
 // the defaults.
 dc_status dc_rpc_init(const dc_store *store,
                       const char *name,
-                      uint16_t rank,
-                      uint16_t world_size,
+                      int32_t rank,
+                      int32_t world_size,
                       const dc_rpc_options *opts,
                       dc_rpc **out);
 
@@ -472,7 +572,7 @@ dc_status dc_hash_store_new(dc_store **out);
 // handle closes and `world_size` handles have closed, the file is removed.
 // DC_ERR_IO for a path that cannot be opened, DC_ERR_INVALID_ARGUMENT for
 // an existing file that is not a FileStore log (left untouched).
-dc_status dc_file_store_new(const char *path, int64_t world_size, dc_store **out);
+dc_status dc_file_store_new(const char *path, int32_t world_size, dc_store **out);
 
 // Creates a view of `store` where every key `k` is `prefix + "/" + k`
 // (c10d's PrefixStore). The new handle keeps `store`'s store alive.
@@ -567,7 +667,7 @@ dc_status dc_store_list_keys(const dc_store *store, dc_buf_array *out);
 // most `timeout_ms` (DC_TIMEOUT_DEFAULT: the store's timeout; 0: forever).
 dc_status dc_store_barrier(const dc_store *store,
                            const char *key,
-                           int64_t world_size,
+                           int32_t world_size,
                            int64_t timeout_ms);
 
 // Writes the store's default timeout in ms (0: forever).
@@ -617,14 +717,19 @@ dc_status dc_store_queue_pop_async(const dc_store *store, const char *key, dc_wo
 // barrier releases (no result) or with its error.
 dc_status dc_store_barrier_async(const dc_store *store,
                                  const char *key,
-                                 int64_t world_size,
+                                 int32_t world_size,
                                  int64_t timeout_ms,
                                  dc_work **out);
 
 // Fills `opts` with the defaults: host "127.0.0.1", port 0, client, no
 // world size, wait_for_workers, 300 s timeout, not multi-tenant, no
-// listen fd, every interface, 64 MiB values.
-dc_status dc_tcp_store_options_init(dc_tcp_store_options *opts);
+// listen fd, every interface, 64 MiB values. `struct_size` is
+// `sizeof(dc_tcp_store_options)` as the caller's header has it (pass
+// `sizeof opts`): only that many bytes are written.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a NULL `opts` or a `struct_size`
+// no distcore header had. Never blocks.
+dc_status dc_tcp_store_options_init(dc_tcp_store_options *opts, size_t struct_size);
 
 // Creates a TCPStore handle: starts the server if `opts->is_server`,
 // connects (retrying with backoff until the timeout: DC_ERR_NETWORK after
@@ -682,7 +787,7 @@ dc_status dc_tcp_store_server_stats(const dc_store *store, dc_server_stats *out)
 // at finish. `timeout_ms` < 0 means none; otherwise it is what
 // `dc_work_timeout` reports and the default of `dc_work_wait`.
 dc_status dc_work_new(int32_t rank,
-                      int32_t op_type,
+                      dc_op_type op_type,
                       const char *profiling_title,
                       int64_t timeout_ms,
                       dc_work **out);
@@ -767,14 +872,15 @@ dc_status dc_work_sequence_number(const dc_work *work, uint64_t *out);
 dc_status dc_work_rank(const dc_work *work, int32_t *out);
 
 // Writes the work's op type (c10d's OpType number).
-dc_status dc_work_op_type(const dc_work *work, int32_t *out);
+dc_status dc_work_op_type(const dc_work *work, dc_op_type *out);
 
-// Writes the timeout the work was created with, in ms (-1 when none).
+// Writes the timeout the work was created with, in ms (DC_TIMEOUT_FOREVER,
+// 0, when it has none).
 dc_status dc_work_timeout(const dc_work *work, int64_t *out_ms);
 
 // c10d's name of an op type ("ALLREDUCE", "_ALLGATHER_BASE", ...), static;
-// NULL for a number that is not an op type.
-const char *dc_op_type_name(int32_t op_type);
+// NULL for a number that is not an op type. Never fails or blocks.
+const char *dc_op_type_name(dc_op_type op_type);
 
 // Runs `callback(work_view, user_data)` once the work completes: on the
 // completing thread, or at once on this thread if it already has.

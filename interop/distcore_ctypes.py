@@ -27,14 +27,14 @@ class BufArray(Structure):
 
 
 class TcpStoreOptions(Structure):
-    _fields_ = [("host", c_char_p), ("port", ctypes.c_uint16), ("is_server", c_bool),
-                ("world_size", c_int64), ("wait_for_workers", c_bool), ("timeout_ms", c_int64),
+    _fields_ = [("struct_size", c_size_t), ("host", c_char_p), ("port", ctypes.c_uint16),
+                ("is_server", c_bool), ("world_size", c_int32), ("wait_for_workers", c_bool), ("timeout_ms", c_int64),
                 ("multi_tenant", c_bool), ("master_listen_fd", c_int), ("bind_address", c_char_p),
                 ("max_value_size", c_uint64)]
 
 
 class ServerStats(Structure):
-    _fields_ = [("connections", c_uint64), ("pending_waits", c_uint64), ("keys", c_uint64)]
+    _fields_ = [("struct_size", c_size_t), ("connections", c_uint64), ("pending_waits", c_uint64), ("keys", c_uint64)]
 
 
 RPC_FUNCTION = CFUNCTYPE(c_int32, POINTER(c_uint8), c_size_t, POINTER(c_void_p), c_size_t, c_int32,
@@ -46,13 +46,13 @@ class RpcFunctionEntry(Structure):
 
 
 class RpcOptions(Structure):
-    _fields_ = [("num_worker_threads", ctypes.c_uint32), ("rpc_timeout_ms", c_int64),
+    _fields_ = [("struct_size", c_size_t), ("num_worker_threads", ctypes.c_uint32), ("rpc_timeout_ms", c_int64),
                 ("listen_address", c_char_p), ("ignore_rref_leak", c_bool),
                 ("functions", POINTER(RpcFunctionEntry)), ("num_functions", c_size_t)]
 
 
 class RRefDebugInfo(Structure):
-    _fields_ = [("num_owner_rrefs", c_uint64), ("num_pending_futures", c_uint64),
+    _fields_ = [("struct_size", c_size_t), ("num_owner_rrefs", c_uint64), ("num_pending_futures", c_uint64),
                 ("num_pending_users", c_uint64), ("num_forks", c_uint64)]
 
     def as_tuple(self):
@@ -71,7 +71,7 @@ _SIGNATURES = {
     "dc_buf_free": ([POINTER(Buf)], "void"),
     "dc_buf_array_free": ([POINTER(BufArray)], "void"),
     "dc_hash_store_new": ([POINTER(c_void_p)], None),
-    "dc_file_store_new": ([c_char_p, c_int64, POINTER(c_void_p)], None),
+    "dc_file_store_new": ([c_char_p, c_int32, POINTER(c_void_p)], None),
     "dc_prefix_store_new": ([c_char_p, c_void_p, POINTER(c_void_p)], None),
     "dc_store_clone": ([c_void_p, POINTER(c_void_p)], None),
     "dc_store_free": ([c_void_p], "void"),
@@ -92,18 +92,18 @@ _SIGNATURES = {
     "dc_store_queue_pop": ([c_void_p, c_char_p, c_bool, POINTER(Buf)], None),
     "dc_store_queue_len": ([c_void_p, c_char_p, POINTER(c_int64)], None),
     "dc_store_list_keys": ([c_void_p, POINTER(BufArray)], None),
-    "dc_store_barrier": ([c_void_p, c_char_p, c_int64, c_int64], None),
+    "dc_store_barrier": ([c_void_p, c_char_p, c_int32, c_int64], None),
     "dc_store_get_timeout": ([c_void_p, POINTER(c_int64)], None),
     "dc_store_set_timeout": ([c_void_p, c_int64], None),
     "dc_store_get_async": ([c_void_p, c_char_p, POINTER(c_void_p)], None),
     "dc_store_wait_async": ([c_void_p, POINTER(c_char_p), c_size_t, c_int64,
                              POINTER(c_void_p)], None),
-    "dc_tcp_store_options_init": ([POINTER(TcpStoreOptions)], None),
+    "dc_tcp_store_options_init": ([POINTER(TcpStoreOptions), c_size_t], None),
     "dc_tcp_store_new": ([POINTER(TcpStoreOptions), POINTER(c_void_p)], None),
     "dc_tcp_store_port": ([c_void_p, POINTER(ctypes.c_uint16)], None),
     "dc_tcp_store_server_stats": ([c_void_p, POINTER(ServerStats)], None),
-    "dc_rpc_options_init": ([POINTER(RpcOptions)], None),
-    "dc_rpc_init": ([c_void_p, c_char_p, ctypes.c_uint16, ctypes.c_uint16, POINTER(RpcOptions),
+    "dc_rpc_options_init": ([POINTER(RpcOptions), c_size_t], None),
+    "dc_rpc_init": ([c_void_p, c_char_p, c_int32, c_int32, POINTER(RpcOptions),
                      POINTER(c_void_p)], None),
     "dc_rpc_free": ([c_void_p], "void"),
     "dc_rpc_shutdown": ([c_void_p, c_bool, c_int64], None),
@@ -120,10 +120,10 @@ _SIGNATURES = {
     "dc_rref_to_here": ([c_void_p, c_int64, POINTER(Buf)], None),
     "dc_rref_is_owner": ([c_void_p, POINTER(c_bool)], None),
     "dc_rref_confirmed_by_owner": ([c_void_p, POINTER(c_bool)], None),
-    "dc_elastic_barrier": ([c_void_p, c_int64, c_char_p, c_int64], None),
-    "dc_elastic_synchronize": ([c_void_p, c_char_p, c_size_t, c_int64, c_int64,
+    "dc_elastic_barrier": ([c_void_p, c_int32, c_char_p, c_int64], None),
+    "dc_elastic_synchronize": ([c_void_p, c_char_p, c_size_t, c_int32, c_int32,
                                 c_char_p, c_int64, POINTER(BufArray)], None),
-    "dc_elastic_get_all": ([c_void_p, c_int64, c_char_p, c_int64, POINTER(BufArray)], None),
+    "dc_elastic_get_all": ([c_void_p, c_int32, c_char_p, c_int32, POINTER(BufArray)], None),
     "dc_work_new": ([c_int32, c_int32, c_char_p, c_int64, POINTER(c_void_p)], None),
     "dc_work_new_future": ([POINTER(c_void_p)], None),
     "dc_work_free": ([c_void_p], "void"),
@@ -242,7 +242,7 @@ class Store:
     def tcp(cls, api, port, host="127.0.0.1", is_server=False, world_size=-1,
             wait_for_workers=True, timeout_ms=30000):
         opts = TcpStoreOptions()
-        api.check(api.lib.dc_tcp_store_options_init(ctypes.byref(opts)))
+        api.check(api.lib.dc_tcp_store_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
         host_bytes = host.encode()  # kept alive for the call
         opts.host, opts.port, opts.is_server = host_bytes, port, is_server
         opts.world_size, opts.wait_for_workers, opts.timeout_ms = world_size, wait_for_workers, timeout_ms
@@ -413,7 +413,7 @@ class Rpc:
         entries = (RpcFunctionEntry * max(len(functions), 1))(
             *[RpcFunctionEntry(n.encode(), cb, None) for n, cb in zip(functions, self._callbacks)])
         opts = RpcOptions()
-        api.check(api.lib.dc_rpc_options_init(ctypes.byref(opts)))
+        api.check(api.lib.dc_rpc_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
         opts.rpc_timeout_ms, opts.functions, opts.num_functions = timeout_ms, entries, len(functions)
         h = c_void_p()
         api.check(api.lib.dc_rpc_init(store.handle, name.encode(), rank, world_size, ctypes.byref(opts),
@@ -451,7 +451,7 @@ class Rpc:
         return RRef(self.api, h)
 
     def debug_info(self):
-        info = RRefDebugInfo()
+        info = RRefDebugInfo(struct_size=ctypes.sizeof(RRefDebugInfo))
         self.api.check(self.api.lib.dc_rpc_debug_info(self.handle, ctypes.byref(info)))
         return info.as_tuple()
 

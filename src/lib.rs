@@ -10,6 +10,7 @@
 mod bigbuf;
 pub mod error;
 pub mod ffi;
+mod fork;
 pub mod logging;
 mod outbox;
 pub mod profiler;

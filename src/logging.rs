@@ -1,39 +1,119 @@
-//! A minimal stderr logger, so that C and FFI hosts see why a server closed
-//! a connection without bringing a logging framework. Installed once, the
-//! first time a server starts, unless the host installed its own `log`
-//! logger. The level comes from `DISTCORE_LOG` (off, error, warn, info,
-//! debug, trace; default warn).
+//! distcore's logger, so that C and FFI hosts see why a server closed a
+//! connection without bringing a logging framework: lines go to stderr, or
+//! to a sink the host installs ([`set_sink`]; `dc_set_log_callback` in C).
+//! Installed the first time a handle is made, unless the host installed
+//! its own `log` logger. The stderr level comes from `DISTCORE_LOG` (off,
+//! error, warn, info, debug, trace; default warn); a sink comes with its
+//! own level.
 
 use std::io::Write;
 use std::sync::Once;
 
 use log::{LevelFilter, Log, Metadata, Record};
+use parking_lot::RwLock;
 
-struct StderrLogger;
+use crate::error::{Error, Result, Status};
 
-impl Log for StderrLogger {
+/// How verbose a log line is. The numbers are part of the ABI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[repr(i32)]
+pub enum LogLevel {
+    /// No lines (as a level to deliver); never the level of a line.
+    Off = 0,
+    /// Failures the job should know about.
+    Error = 1,
+    /// Something went wrong and was handled (a connection closed for a bad request, ...).
+    Warn = 2,
+    /// Lifecycle: servers started and stopped, workers joined.
+    Info = 3,
+    /// Detail for debugging distcore's use.
+    Debug = 4,
+    /// Everything.
+    Trace = 5,
+}
+
+impl LogLevel {
+    /// The level with this number, if there is one.
+    pub fn from_code(code: i32) -> Option<LogLevel> {
+        [
+            LogLevel::Off,
+            LogLevel::Error,
+            LogLevel::Warn,
+            LogLevel::Info,
+            LogLevel::Debug,
+            LogLevel::Trace,
+        ]
+        .into_iter()
+        .find(|l| *l as i32 == code)
+    }
+
+    fn filter(self) -> LevelFilter {
+        match self {
+            LogLevel::Off => LevelFilter::Off,
+            LogLevel::Error => LevelFilter::Error,
+            LogLevel::Warn => LevelFilter::Warn,
+            LogLevel::Info => LevelFilter::Info,
+            LogLevel::Debug => LevelFilter::Debug,
+            LogLevel::Trace => LevelFilter::Trace,
+        }
+    }
+
+    fn of(level: log::Level) -> LogLevel {
+        match level {
+            log::Level::Error => LogLevel::Error,
+            log::Level::Warn => LogLevel::Warn,
+            log::Level::Info => LogLevel::Info,
+            log::Level::Debug => LogLevel::Debug,
+            log::Level::Trace => LogLevel::Trace,
+        }
+    }
+}
+
+/// Where a host wants log lines: called with the line's level, its target
+/// (the module, e.g. "distcore::store::tcp::server") and its text.
+pub type Sink = Box<dyn Fn(LogLevel, &str, &str) + Send + Sync>;
+
+struct Logger {
+    sink: RwLock<Option<Sink>>,
+}
+
+impl Log for Logger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
         metadata.level() <= log::max_level()
     }
 
     fn log(&self, record: &Record<'_>) {
-        if self.enabled(record.metadata()) {
-            let _ = writeln!(
-                std::io::stderr().lock(),
-                "[distcore {}] {}",
-                record.level(),
-                record.args()
-            );
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        match &*self.sink.read() {
+            Some(sink) => sink(
+                LogLevel::of(record.level()),
+                record.target(),
+                &record.args().to_string(),
+            ),
+            None => {
+                let _ = writeln!(
+                    std::io::stderr().lock(),
+                    "[distcore {}] {}",
+                    record.level(),
+                    record.args()
+                );
+            }
         }
     }
 
     fn flush(&self) {}
 }
 
-static LOGGER: StderrLogger = StderrLogger;
+static LOGGER: Logger = Logger {
+    sink: RwLock::new(None),
+};
 static INIT: Once = Once::new();
+static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Installs the stderr logger unless a logger is already installed.
+/// Installs distcore's logger (to stderr at `DISTCORE_LOG`'s level) unless
+/// a logger is already installed.
 pub fn init() {
     INIT.call_once(|| {
         let level = std::env::var("DISTCORE_LOG")
@@ -42,8 +122,27 @@ pub fn init() {
             .unwrap_or(LevelFilter::Warn);
         if log::set_logger(&LOGGER).is_ok() {
             log::set_max_level(level);
+            INSTALLED.store(true, std::sync::atomic::Ordering::Release);
         }
     });
+}
+
+/// Sends lines at `level` or more severe to `sink` (`None`: to stderr).
+/// When this returns, the previous sink is no longer running and is
+/// dropped. `DC_ERR_INVALID_STATE` when the host installed a `log` logger
+/// of its own (a Rust host: configure that one instead).
+pub fn set_sink(level: LogLevel, sink: Option<Sink>) -> Result<()> {
+    init();
+    if !INSTALLED.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(Error::new(
+            Status::InvalidState,
+            "the process installed a `log` logger of its own; distcore logs through it",
+        ));
+    }
+    let previous = std::mem::replace(&mut *LOGGER.sink.write(), sink);
+    log::set_max_level(level.filter());
+    drop(previous);
+    Ok(())
 }
 
 /// Lets a recurring log line through at most once per interval, counting

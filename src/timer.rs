@@ -7,7 +7,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::Instant;
 
-use once_cell::sync::Lazy;
+use crate::fork::PerProcess;
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
@@ -48,7 +48,9 @@ struct Timer {
     changed: Condvar,
 }
 
-static TIMER: Lazy<std::result::Result<&'static Timer, String>> = Lazy::new(|| {
+static TIMER: PerProcess<&'static Timer> = PerProcess::new();
+
+fn start() -> std::result::Result<&'static Timer, String> {
     let timer: &'static Timer = Box::leak(Box::new(Timer {
         jobs: Mutex::new(Jobs::default()),
         changed: Condvar::new(),
@@ -58,12 +60,12 @@ static TIMER: Lazy<std::result::Result<&'static Timer, String>> = Lazy::new(|| {
         .spawn(move || timer.run())
         .map(|_| timer)
         .map_err(|e| e.to_string())
-});
+}
 
 /// Runs `job` on the timer thread at `at` (or soon after).
 pub(crate) fn at(at: Instant, job: Job) -> Result<()> {
     let timer = TIMER
-        .as_ref()
+        .get_or_try_init(start)
         .map_err(|e| Error::internal(format!("starting the timer thread: {e}")))?;
     let mut jobs = timer.jobs.lock();
     jobs.seq += 1;

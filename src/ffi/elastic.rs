@@ -22,7 +22,7 @@ fn helper_timeout(store: &dyn Store, timeout_ms: i64) -> Result<Duration> {
 #[no_mangle]
 pub unsafe extern "C" fn dc_elastic_barrier(
     store: *const dc_store,
-    world_size: i64,
+    world_size: i32,
     key_prefix: *const c_char,
     timeout_ms: i64,
 ) -> dc_status {
@@ -30,7 +30,7 @@ pub unsafe extern "C" fn dc_elastic_barrier(
         let store = unsafe { store_arg(store) }?;
         let prefix = unsafe { arg_str(key_prefix, "key_prefix") }?;
         let timeout = helper_timeout(&*store, timeout_ms)?;
-        elastic::barrier(&*store, world_size, prefix, timeout)
+        elastic::barrier(&*store, world_size.into(), prefix, timeout)
     })
 }
 
@@ -41,10 +41,10 @@ pub unsafe extern "C" fn dc_elastic_barrier(
 #[no_mangle]
 pub unsafe extern "C" fn dc_elastic_barrier_traced(
     store: *const dc_store,
-    world_size: i64,
+    world_size: i32,
     key_prefix: *const c_char,
     timeout_ms: i64,
-    rank: i64,
+    rank: i32,
     trace_timeout_ms: i64,
 ) -> dc_status {
     boundary("dc_elastic_barrier_traced", || {
@@ -52,7 +52,14 @@ pub unsafe extern "C" fn dc_elastic_barrier_traced(
         let prefix = unsafe { arg_str(key_prefix, "key_prefix") }?;
         let timeout = helper_timeout(&*store, timeout_ms)?;
         let trace_timeout = arg_duration(trace_timeout_ms)?;
-        elastic::barrier_traced(&*store, world_size, prefix, timeout, rank, trace_timeout)
+        elastic::barrier_traced(
+            &*store,
+            world_size.into(),
+            prefix,
+            timeout,
+            rank.into(),
+            trace_timeout,
+        )
     })
 }
 
@@ -65,8 +72,8 @@ pub unsafe extern "C" fn dc_elastic_synchronize(
     store: *const dc_store,
     data: *const u8,
     len: usize,
-    rank: i64,
-    world_size: i64,
+    rank: i32,
+    world_size: i32,
     key_prefix: *const c_char,
     timeout_ms: i64,
     out: *mut dc_buf_array,
@@ -77,7 +84,14 @@ pub unsafe extern "C" fn dc_elastic_synchronize(
         let prefix = unsafe { arg_str(key_prefix, "key_prefix") }?;
         let out = unsafe { arg_out(out, "out") }?;
         let timeout = helper_timeout(&*store, timeout_ms)?;
-        let all = elastic::synchronize(&*store, data, rank, world_size, prefix, timeout)?;
+        let all = elastic::synchronize(
+            &*store,
+            data,
+            rank.into(),
+            world_size.into(),
+            prefix,
+            timeout,
+        )?;
         *out = dc_buf_array::from_items(&all);
         Ok(())
     })
@@ -89,16 +103,21 @@ pub unsafe extern "C" fn dc_elastic_synchronize(
 #[no_mangle]
 pub unsafe extern "C" fn dc_elastic_get_all(
     store: *const dc_store,
-    rank: i64,
+    rank: i32,
     prefix: *const c_char,
-    world_size: i64,
+    world_size: i32,
     out: *mut dc_buf_array,
 ) -> dc_status {
     boundary("dc_elastic_get_all", || {
         let store = unsafe { store_arg(store) }?;
         let prefix = unsafe { arg_str(prefix, "prefix") }?;
         let out = unsafe { arg_out(out, "out") }?;
-        *out = dc_buf_array::from_items(&elastic::get_all(&*store, rank, prefix, world_size)?);
+        *out = dc_buf_array::from_items(&elastic::get_all(
+            &*store,
+            rank.into(),
+            prefix,
+            world_size.into(),
+        )?);
         Ok(())
     })
 }

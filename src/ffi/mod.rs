@@ -18,9 +18,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
 use crate::error::{Error, Result, Status};
+use crate::fork::Born;
 
 pub mod buf;
 pub mod elastic;
+pub mod log;
 pub mod rpc;
 pub mod store;
 pub mod tcp;
@@ -55,6 +57,33 @@ pub const DC_ERR_IO: dc_status = 10;
 pub const DC_ERR_INVALID_STATE: dc_status = 11;
 /// A bug inside distcore, including a caught panic.
 pub const DC_ERR_INTERNAL: dc_status = 12;
+
+/// The major version of the header: programs built against one major
+/// version run with any library of that major version
+/// (`libdistcore.so.MAJOR`) at least as new as the header.
+pub const DC_VERSION_MAJOR: u32 = 1;
+/// The minor version of the header: grows when functions, constants or
+/// struct fields are added.
+pub const DC_VERSION_MINOR: u32 = 0;
+/// The patch version of the header: grows with fixes that change no
+/// declaration.
+pub const DC_VERSION_PATCH: u32 = 0;
+
+/// `DC_VERSION_*` as Cargo.toml has it (one source of truth: the build
+/// fails when they differ).
+const _: () = {
+    const fn parse(s: &str) -> u32 {
+        let (bytes, mut i, mut n) = (s.as_bytes(), 0, 0u32);
+        while i < bytes.len() {
+            n = n * 10 + (bytes[i] - b'0') as u32;
+            i += 1;
+        }
+        n
+    }
+    assert!(DC_VERSION_MAJOR == parse(env!("CARGO_PKG_VERSION_MAJOR")));
+    assert!(DC_VERSION_MINOR == parse(env!("CARGO_PKG_VERSION_MINOR")));
+    assert!(DC_VERSION_PATCH == parse(env!("CARGO_PKG_VERSION_PATCH")));
+};
 
 /// The longest byte argument (a value, a result, RPC arguments) any function
 /// accepts: a longer `len` is DC_ERR_INVALID_ARGUMENT before anything is
@@ -122,27 +151,140 @@ pub(crate) fn boundary_void(function: &str, body: impl FnOnce()) {
     });
 }
 
-/// The message of the last failure on the calling thread ("" if none). Valid
-/// until the next failing distcore call on this thread; never NULL.
+/// Runs the body of a function returning a C string, containing any panic
+/// (the function then returns `fallback`).
+pub(crate) fn boundary_str(
+    function: &str,
+    fallback: *const c_char,
+    body: impl FnOnce() -> *const c_char,
+) -> *const c_char {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|_| {
+        ::log::error!("panic in {function}");
+        fallback
+    })
+}
+
+/// The message of the last failure on the calling thread ("" if none).
+/// Valid until the next failing distcore call on this thread (copy it to
+/// keep it); never NULL; never fails or blocks.
 #[no_mangle]
 pub extern "C" fn dc_last_error_message() -> *const c_char {
-    LAST_ERROR.with(|last| last.borrow().as_ptr())
+    boundary_str("dc_last_error_message", c"".as_ptr(), || {
+        LAST_ERROR.with(|last| last.borrow().as_ptr())
+    })
 }
 
 /// A static description of a status code ("timed out", ...); "unknown
-/// status" for a code distcore does not define. Never NULL.
+/// status" for a code distcore does not define. Never NULL; never fails or
+/// blocks.
 #[no_mangle]
 pub extern "C" fn dc_status_str(code: dc_status) -> *const c_char {
-    Status::from_code(code)
-        .map_or(c"unknown status", Status::describe_c)
-        .as_ptr()
+    boundary_str("dc_status_str", c"unknown status".as_ptr(), || {
+        Status::from_code(code)
+            .map_or(c"unknown status", Status::describe_c)
+            .as_ptr()
+    })
 }
 
-/// The version of the library, "major.minor.patch". Static; never NULL.
+/// The version of the library that is running, "major.minor.patch" (compare
+/// with the DC_VERSION_* macros the program was built with). Static; never
+/// NULL; never fails or blocks.
 #[no_mangle]
 pub extern "C" fn dc_version() -> *const c_char {
-    static VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
-    VERSION.as_ptr().cast()
+    const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+    boundary_str("dc_version", VERSION.as_ptr().cast(), || {
+        VERSION.as_ptr().cast()
+    })
+}
+
+/// A struct that grows: `#[repr(C)]`, its first field is `struct_size`
+/// (`size_t`), the `sizeof` the caller's header gave the struct, and fields
+/// are only ever appended. The library reads and writes only those bytes,
+/// so a program built against an older header keeps working: fields it
+/// does not know keep their defaults.
+///
+/// # Safety
+/// The first field must be a `usize`, and `SIZES` must list sizes of the
+/// struct that end on a field boundary.
+pub(crate) unsafe trait Versioned: Copy {
+    /// Every size the struct had in a released header, oldest first; the
+    /// current size last. A field appended is a new size appended here
+    /// (and a new line in abi/layouts.txt).
+    const SIZES: &'static [usize];
+    /// How a caller sets `struct_size`, for the error message.
+    const HOW_TO_SET: &'static str;
+}
+
+fn versioned_size<T: Versioned>(size: usize, name: &str) -> Result<usize> {
+    debug_assert_eq!(T::SIZES.last(), Some(&std::mem::size_of::<T>()));
+    if T::SIZES.contains(&size) {
+        return Ok(size);
+    }
+    Err(Error::invalid_argument(format!(
+        "{name}->struct_size is {size}, which no distcore header gave this struct (this \
+         library knows {:?}): {}",
+        T::SIZES,
+        T::HOW_TO_SET
+    )))
+}
+
+/// Reads a versioned struct the caller filled: the fields its header knew,
+/// over `defaults` for the others.
+pub(crate) unsafe fn arg_versioned<T: Versioned>(
+    ptr: *const T,
+    name: &str,
+    defaults: T,
+) -> Result<T> {
+    if ptr.is_null() {
+        return Err(null_error(name));
+    }
+    // SAFETY: a non-NULL pointer is valid per the module contract, and the
+    // first field is a usize (the trait's contract).
+    let size = versioned_size::<T>(unsafe { ptr.cast::<usize>().read_unaligned() }, name)?;
+    let mut value = defaults;
+    // SAFETY: the caller's struct has `size` bytes (its header's sizeof),
+    // no more than T's; `value` is a distinct local.
+    unsafe {
+        std::ptr::copy_nonoverlapping(ptr.cast::<u8>(), (&mut value as *mut T).cast::<u8>(), size)
+    };
+    Ok(value)
+}
+
+/// Writes the first `size` bytes of `value` (the fields a header with that
+/// `sizeof` knew) into the caller's struct, and `size` into its
+/// `struct_size`.
+pub(crate) unsafe fn write_versioned<T: Versioned>(
+    ptr: *mut T,
+    name: &str,
+    size: usize,
+    value: T,
+) -> Result<()> {
+    if ptr.is_null() {
+        return Err(null_error(name));
+    }
+    let size = versioned_size::<T>(size, name)?;
+    // SAFETY: the caller's struct has `size` writable bytes; the first
+    // field is a usize.
+    unsafe {
+        std::ptr::copy_nonoverlapping((&value as *const T).cast::<u8>(), ptr.cast::<u8>(), size);
+        ptr.cast::<usize>().write_unaligned(size);
+    }
+    Ok(())
+}
+
+/// Fills an output struct whose `struct_size` the caller set.
+pub(crate) unsafe fn write_versioned_out<T: Versioned>(
+    ptr: *mut T,
+    name: &str,
+    value: T,
+) -> Result<()> {
+    if ptr.is_null() {
+        return Err(null_error(name));
+    }
+    // SAFETY: non-NULL and valid; the first field is a usize.
+    let size = unsafe { ptr.cast::<usize>().read_unaligned() };
+    // SAFETY: forwarded.
+    unsafe { write_versioned(ptr, name, size, value) }
 }
 
 /// A required reference argument.
@@ -258,16 +400,38 @@ fn null_error(name: &str) -> Error {
     Error::invalid_argument(format!("{name} must not be NULL"))
 }
 
-/// Hands a new handle to C through an out-parameter.
+/// A handle given to C, which remembers the process it was made in.
+pub(crate) trait Handle {
+    /// What the handle is, for messages ("store", "work", ...).
+    const KIND: &'static str;
+    /// The process generation the handle was made in.
+    fn born(&self) -> Born;
+}
+
+/// A required handle argument: `DC_ERR_INVALID_STATE` in a child forked
+/// after the handle was made (see [`crate::fork`]).
+pub(crate) unsafe fn arg_handle<'a, T: Handle>(ptr: *const T, name: &str) -> Result<&'a T> {
+    // SAFETY: forwarded contract.
+    let handle = unsafe { arg_ref(ptr, name) }?;
+    handle.born().check(T::KIND)?;
+    Ok(handle)
+}
+
+/// Hands a new handle to C through an out-parameter (and, on the first,
+/// installs distcore's logger).
 pub(crate) fn give<T>(out: &mut *mut T, value: T) {
+    crate::logging::init();
     *out = Box::into_raw(Box::new(value));
 }
 
-/// Takes back and drops a handle given to C by [`give`]; NULL does nothing.
-pub(crate) unsafe fn drop_handle<T>(function: &str, handle: *mut T) {
+/// Takes back and drops a handle given to C by [`give`]; NULL does
+/// nothing. In a child forked after the handle was made, nothing is
+/// released: what it holds (threads, sockets, locks) belongs to the parent.
+pub(crate) unsafe fn drop_handle<T: Handle>(function: &str, handle: *mut T) {
     boundary_void(function, || {
-        if !handle.is_null() {
-            // SAFETY: `handle` came from `give` and is freed once.
+        // SAFETY: NULL or a handle from `give`, freed once.
+        if unsafe { handle.as_ref() }.is_some_and(|h| h.born().is_current()) {
+            // SAFETY: as above.
             drop(unsafe { Box::from_raw(handle) });
         }
     })

@@ -9,10 +9,12 @@ use super::buf::dc_buf;
 use super::store::store_arg;
 use super::work::dc_work;
 use super::{
-    arg_bytes, arg_duration, arg_opt_str, arg_out, arg_ref, arg_slice, arg_str, arg_timeout,
-    boundary, dc_status, drop_handle, give, UserData, DC_OK,
+    arg_bytes, arg_duration, arg_handle, arg_opt_str, arg_out, arg_slice, arg_str, arg_timeout,
+    arg_versioned, boundary, dc_status, drop_handle, give, write_versioned, write_versioned_out,
+    Handle, UserData, Versioned, DC_OK,
 };
 use crate::error::{Error, Result, Status};
+use crate::fork::Born;
 use crate::rpc::rref::RRef;
 use crate::rpc::{CallArgs, Rpc, RpcFunction, RpcOptions};
 
@@ -20,6 +22,23 @@ use crate::rpc::{CallArgs, Rpc, RpcFunction, RpcOptions};
 /// `dc_rpc_shutdown`, then free with `dc_rpc_free`.
 pub struct dc_rpc {
     rpc: Arc<Rpc>,
+    born: Born,
+}
+
+impl dc_rpc {
+    fn new(rpc: Arc<Rpc>) -> dc_rpc {
+        dc_rpc {
+            rpc,
+            born: Born::now(),
+        }
+    }
+}
+
+impl Handle for dc_rpc {
+    const KIND: &'static str = "RPC";
+    fn born(&self) -> Born {
+        self.born
+    }
 }
 
 /// A remote reference: on its owner (the value is local) or a user's fork.
@@ -28,6 +47,24 @@ pub struct dc_rpc {
 pub struct dc_rref {
     rref: RRef,
     rpc: Arc<Rpc>,
+    born: Born,
+}
+
+impl dc_rref {
+    fn new(rref: RRef, rpc: Arc<Rpc>) -> dc_rref {
+        dc_rref {
+            rref,
+            rpc,
+            born: Born::now(),
+        }
+    }
+}
+
+impl Handle for dc_rref {
+    const KIND: &'static str = "RRef";
+    fn born(&self) -> Born {
+        self.born
+    }
 }
 
 /// Where a registered function puts its result (or its error message).
@@ -65,9 +102,16 @@ pub struct dc_rpc_function_entry {
     pub user_data: *mut c_void,
 }
 
-/// Options of `dc_rpc_init`; initialise with `dc_rpc_options_init`.
+/// Options of `dc_rpc_init`; initialise with `dc_rpc_options_init(&opts,
+/// sizeof opts)`. Fields are only ever appended: a program built against
+/// an older header passes its own `struct_size`, and fields it does not
+/// know keep their defaults.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct dc_rpc_options {
+    /// `sizeof(dc_rpc_options)` in the caller's header; set by
+    /// `dc_rpc_options_init`.
+    pub struct_size: usize,
     /// Threads running functions and RRef handlers (default 4).
     pub num_worker_threads: u32,
     /// Default timeout of calls, remote(), to_here and control messages, ms (default 60000).
@@ -83,9 +127,15 @@ pub struct dc_rpc_options {
     pub num_functions: usize,
 }
 
-/// PyTorch's RRef debug counters of one worker.
+/// PyTorch's RRef debug counters of one worker. Set `struct_size` to
+/// `sizeof(dc_rref_debug_info)` before `dc_rpc_debug_info` fills it: fields
+/// are only ever appended, and the library writes those the caller's
+/// header knew.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct dc_rref_debug_info {
+    /// `sizeof(dc_rref_debug_info)` in the caller's header.
+    pub struct_size: usize,
     /// OwnerRRefs held for other workers.
     pub num_owner_rrefs: u64,
     /// RRef control messages in flight.
@@ -96,18 +146,40 @@ pub struct dc_rref_debug_info {
     pub num_forks: u64,
 }
 
-/// Fills `opts` with the defaults.
+// SAFETY: repr(C), `struct_size: usize` first, one size so far.
+unsafe impl Versioned for dc_rpc_options {
+    const SIZES: &'static [usize] = &[std::mem::size_of::<dc_rpc_options>()];
+    const HOW_TO_SET: &'static str =
+        "initialise the options with dc_rpc_options_init(&opts, sizeof opts)";
+}
+
+// SAFETY: repr(C), `struct_size: usize` first, one size so far.
+unsafe impl Versioned for dc_rref_debug_info {
+    const SIZES: &'static [usize] = &[std::mem::size_of::<dc_rref_debug_info>()];
+    const HOW_TO_SET: &'static str = "set info.struct_size = sizeof info before the call";
+}
+
+/// Fills `opts` with the defaults: 4 worker threads, a 60 s RPC timeout,
+/// listening on 127.0.0.1, RRef leaks a warning, no functions.
+/// `struct_size` is `sizeof(dc_rpc_options)` as the caller's header has it
+/// (pass `sizeof opts`): only that many bytes are written.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for a NULL `opts` or a `struct_size` no
+/// distcore header had. Never blocks.
 #[no_mangle]
-pub unsafe extern "C" fn dc_rpc_options_init(opts: *mut dc_rpc_options) -> dc_status {
-    boundary("dc_rpc_options_init", || {
-        *unsafe { arg_out(opts, "opts") }? = default_options();
-        Ok(())
+pub unsafe extern "C" fn dc_rpc_options_init(
+    opts: *mut dc_rpc_options,
+    struct_size: usize,
+) -> dc_status {
+    boundary("dc_rpc_options_init", || unsafe {
+        write_versioned(opts, "opts", struct_size, default_options())
     })
 }
 
 fn default_options() -> dc_rpc_options {
     let defaults = RpcOptions::default();
     dc_rpc_options {
+        struct_size: std::mem::size_of::<dc_rpc_options>(),
         num_worker_threads: defaults.num_worker_threads as u32,
         rpc_timeout_ms: defaults.rpc_timeout.as_millis() as i64,
         listen_address: c"127.0.0.1".as_ptr(),
@@ -173,10 +245,7 @@ fn c_function(function: CFunction, user_data: UserData, rpc: Arc<RpcSlot>) -> Ar
         let views: Vec<dc_rref> = call
             .rrefs
             .iter()
-            .map(|r| dc_rref {
-                rref: r.clone(),
-                rpc: rpc.clone(),
-            })
+            .map(|r| dc_rref::new(r.clone(), rpc.clone()))
             .collect();
         let pointers: Vec<*const dc_rref> = views.iter().map(|v| v as *const dc_rref).collect();
         let mut reply = dc_rpc_reply {
@@ -232,8 +301,8 @@ unsafe fn rpc_options(opts: &dc_rpc_options) -> Result<RpcOptions> {
 pub unsafe extern "C" fn dc_rpc_init(
     store: *const super::store::dc_store,
     name: *const c_char,
-    rank: u16,
-    world_size: u16,
+    rank: i32,
+    world_size: i32,
     opts: *const dc_rpc_options,
     out: *mut *mut dc_rpc,
 ) -> dc_status {
@@ -241,10 +310,20 @@ pub unsafe extern "C" fn dc_rpc_init(
         let store = unsafe { store_arg(store) }?.clone();
         let name = unsafe { arg_str(name, "name") }?;
         let out = unsafe { arg_out(out, "out") }?;
-        let defaults = default_options();
-        // SAFETY: NULL or valid options per the module contract.
-        let opts = unsafe { opts.as_ref() }.unwrap_or(&defaults);
-        let options = unsafe { rpc_options(opts) }?;
+        let opts = match opts.is_null() {
+            true => default_options(),
+            false => unsafe { arg_versioned(opts, "opts", default_options()) }?,
+        };
+        let options = unsafe { rpc_options(&opts) }?;
+        let world_size = u16::try_from(world_size)
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| {
+                Error::invalid_argument(format!("world size {world_size} is not in [1, 65535]"))
+            })?;
+        let rank = u16::try_from(rank).map_err(|_| {
+            Error::invalid_argument(format!("rank {rank} is not in [0, {world_size})"))
+        })?;
         let entries = unsafe { arg_slice(opts.functions, opts.num_functions, "opts->functions") }?;
         // No RPC timeout (0) still bounds this wait.
         let init_wait = Some(options.rpc_timeout)
@@ -265,7 +344,7 @@ pub unsafe extern "C" fn dc_rpc_init(
         let rpc = Rpc::init(store, name, rank, world_size, options, functions);
         late_rpc.fill(rpc.as_ref().ok());
         let rpc = rpc?;
-        give(out, dc_rpc { rpc });
+        give(out, dc_rpc::new(rpc));
         Ok(())
     })
 }
@@ -280,7 +359,7 @@ pub unsafe extern "C" fn dc_rpc_register_function(
     user_data: *mut c_void,
 ) -> dc_status {
     boundary("dc_rpc_register_function", || {
-        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
+        let rpc = unsafe { arg_handle(rpc, "rpc") }?.rpc.clone();
         let name = unsafe { arg_str(name, "name") }?;
         let f = function.ok_or_else(|| Error::invalid_argument("function must not be NULL"))?;
         let slot = RpcSlot::new(Some(&rpc), std::time::Duration::ZERO);
@@ -293,7 +372,7 @@ pub unsafe extern "C" fn dc_rpc_register_function(
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_free(rpc: *mut dc_rpc) {
     // SAFETY: NULL or a handle from dc_rpc_init.
-    if let Some(handle) = unsafe { rpc.as_ref() } {
+    if let Some(handle) = unsafe { rpc.as_ref() }.filter(|h| h.born.is_current()) {
         let _ = handle.rpc.shutdown(false, None);
     }
     unsafe { drop_handle("dc_rpc_free", rpc) }
@@ -312,7 +391,7 @@ pub unsafe extern "C" fn dc_rpc_shutdown(
     timeout_ms: i64,
 ) -> dc_status {
     boundary("dc_rpc_shutdown", || {
-        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
+        let rpc = unsafe { arg_handle(rpc, "rpc") }?.rpc.clone();
         rpc.shutdown(graceful, arg_timeout(timeout_ms)?)
     })
 }
@@ -320,7 +399,7 @@ pub unsafe extern "C" fn dc_rpc_shutdown(
 unsafe fn rref_args(rrefs: *const *const dc_rref, count: usize) -> Result<Vec<RRef>> {
     let ptrs = unsafe { arg_slice(rrefs, count, "rrefs") }?;
     ptrs.iter()
-        .map(|&p| unsafe { arg_ref(p, "rrefs[i]") }.map(|r| r.rref.clone()))
+        .map(|&p| unsafe { arg_handle(p, "rrefs[i]") }.map(|r| r.rref.clone()))
         .collect()
 }
 
@@ -342,7 +421,7 @@ pub unsafe extern "C" fn dc_rpc_sync(
     out: *mut dc_buf,
 ) -> dc_status {
     boundary("dc_rpc_sync", || {
-        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
+        let rpc = unsafe { arg_handle(rpc, "rpc") }?.rpc.clone();
         let (to, func) = unsafe { (arg_str(to, "to")?, arg_str(func, "func")?) };
         let args = unsafe { arg_bytes(args, len, "args") }?;
         let rrefs = unsafe { rref_args(rrefs, num_rrefs) }?;
@@ -368,16 +447,14 @@ pub unsafe extern "C" fn dc_rpc_async(
     out: *mut *mut dc_work,
 ) -> dc_status {
     boundary("dc_rpc_async", || {
-        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
+        let rpc = unsafe { arg_handle(rpc, "rpc") }?.rpc.clone();
         let (to, func) = unsafe { (arg_str(to, "to")?, arg_str(func, "func")?) };
         let args = unsafe { arg_bytes(args, len, "args") }?;
         let rrefs = unsafe { rref_args(rrefs, num_rrefs) }?;
         let out = unsafe { arg_out(out, "out") }?;
         give(
             out,
-            dc_work {
-                work: rpc.rpc_async(to, func, args, &rrefs, arg_timeout(timeout_ms)?)?,
-            },
+            dc_work::new(rpc.rpc_async(to, func, args, &rrefs, arg_timeout(timeout_ms)?)?),
         );
         Ok(())
     })
@@ -400,19 +477,13 @@ pub unsafe extern "C" fn dc_rpc_remote(
     out: *mut *mut dc_rref,
 ) -> dc_status {
     boundary("dc_rpc_remote", || {
-        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
+        let rpc = unsafe { arg_handle(rpc, "rpc") }?.rpc.clone();
         let (to, func) = unsafe { (arg_str(to, "to")?, arg_str(func, "func")?) };
         let args = unsafe { arg_bytes(args, len, "args") }?;
         let rrefs = unsafe { rref_args(rrefs, num_rrefs) }?;
         let out = unsafe { arg_out(out, "out") }?;
         let rref = rpc.remote(to, func, args, &rrefs, arg_timeout(timeout_ms)?)?;
-        give(
-            out,
-            dc_rref {
-                rref,
-                rpc: rpc.clone(),
-            },
-        );
+        give(out, dc_rref::new(rref, rpc.clone()));
         Ok(())
     })
 }
@@ -425,7 +496,7 @@ pub unsafe extern "C" fn dc_rpc_worker_id(
     out_id: *mut i32,
 ) -> dc_status {
     boundary("dc_rpc_worker_id", || {
-        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
+        let rpc = unsafe { arg_handle(rpc, "rpc") }?.rpc.clone();
         let name = unsafe { arg_str(name, "name") }?;
         let out = unsafe { arg_out(out_id, "out_id") }?;
         *out = i32::from(rpc.worker(name)?.id);
@@ -437,7 +508,7 @@ pub unsafe extern "C" fn dc_rpc_worker_id(
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_self_name(rpc: *const dc_rpc, out: *mut dc_buf) -> dc_status {
     boundary("dc_rpc_self_name", || {
-        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
+        let rpc = unsafe { arg_handle(rpc, "rpc") }?.rpc.clone();
         let out = unsafe { arg_out(out, "out") }?;
         *out = dc_buf::from_bytes(rpc.worker_info().name.as_bytes());
         Ok(())
@@ -451,16 +522,17 @@ pub unsafe extern "C" fn dc_rpc_debug_info(
     out: *mut dc_rref_debug_info,
 ) -> dc_status {
     boundary("dc_rpc_debug_info", || {
-        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
-        let out = unsafe { arg_out(out, "out") }?;
+        let rpc = unsafe { arg_handle(rpc, "rpc") }?.rpc.clone();
+        unsafe { arg_out(out, "out") }?;
         let info = rpc.debug_info();
-        *out = dc_rref_debug_info {
+        let info = dc_rref_debug_info {
+            struct_size: std::mem::size_of::<dc_rref_debug_info>(),
             num_owner_rrefs: info.num_owner_rrefs as u64,
             num_pending_futures: info.num_pending_futures as u64,
             num_pending_users: info.num_pending_users as u64,
             num_forks: info.num_forks as u64,
         };
-        Ok(())
+        unsafe { write_versioned_out(out, "out", info) }
     })
 }
 
@@ -501,16 +573,10 @@ pub unsafe extern "C" fn dc_rref_new(
     out: *mut *mut dc_rref,
 ) -> dc_status {
     boundary("dc_rref_new", || {
-        let rpc = unsafe { arg_ref(rpc, "rpc") }?.rpc.clone();
+        let rpc = unsafe { arg_handle(rpc, "rpc") }?.rpc.clone();
         let data = unsafe { arg_bytes(data, len, "data") }?;
         let out = unsafe { arg_out(out, "out") }?;
-        give(
-            out,
-            dc_rref {
-                rref: rpc.rref(data.to_vec()),
-                rpc: rpc.clone(),
-            },
-        );
+        give(out, dc_rref::new(rpc.rref(data.to_vec()), rpc.clone()));
         Ok(())
     })
 }
@@ -519,15 +585,9 @@ pub unsafe extern "C" fn dc_rref_new(
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_clone(rref: *const dc_rref, out: *mut *mut dc_rref) -> dc_status {
     boundary("dc_rref_clone", || {
-        let rref = unsafe { arg_ref(rref, "rref") }?;
+        let rref = unsafe { arg_handle(rref, "rref") }?;
         let out = unsafe { arg_out(out, "out") }?;
-        give(
-            out,
-            dc_rref {
-                rref: rref.rref.clone(),
-                rpc: rref.rpc.clone(),
-            },
-        );
+        give(out, dc_rref::new(rref.rref.clone(), rref.rpc.clone()));
         Ok(())
     })
 }
@@ -548,7 +608,7 @@ pub unsafe extern "C" fn dc_rref_to_here(
     out: *mut dc_buf,
 ) -> dc_status {
     boundary("dc_rref_to_here", || {
-        let rref = unsafe { arg_ref(rref, "rref") }?;
+        let rref = unsafe { arg_handle(rref, "rref") }?;
         let out = unsafe { arg_out(out, "out") }?;
         *out = dc_buf::from_bytes(&rref.rpc.to_here(&rref.rref, arg_timeout(timeout_ms)?)?);
         Ok(())
@@ -559,7 +619,7 @@ pub unsafe extern "C" fn dc_rref_to_here(
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_local_value(rref: *const dc_rref, out: *mut dc_buf) -> dc_status {
     boundary("dc_rref_local_value", || {
-        let rref = unsafe { arg_ref(rref, "rref") }?;
+        let rref = unsafe { arg_handle(rref, "rref") }?;
         let out = unsafe { arg_out(out, "out") }?;
         *out = dc_buf::from_bytes(&rref.rref.local_value()?);
         Ok(())
@@ -570,7 +630,7 @@ pub unsafe extern "C" fn dc_rref_local_value(rref: *const dc_rref, out: *mut dc_
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_owner_id(rref: *const dc_rref, out_id: *mut i32) -> dc_status {
     boundary("dc_rref_owner_id", || {
-        let rref = unsafe { arg_ref(rref, "rref") }?;
+        let rref = unsafe { arg_handle(rref, "rref") }?;
         let out = unsafe { arg_out(out_id, "out_id") }?;
         *out = i32::from(rref.rpc.owner_id(&rref.rref));
         Ok(())
@@ -581,7 +641,7 @@ pub unsafe extern "C" fn dc_rref_owner_id(rref: *const dc_rref, out_id: *mut i32
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_owner_name(rref: *const dc_rref, out: *mut dc_buf) -> dc_status {
     boundary("dc_rref_owner_name", || {
-        let rref = unsafe { arg_ref(rref, "rref") }?;
+        let rref = unsafe { arg_handle(rref, "rref") }?;
         let out = unsafe { arg_out(out, "out") }?;
         *out = dc_buf::from_bytes(rref.rpc.owner_name(&rref.rref).as_bytes());
         Ok(())
@@ -592,7 +652,7 @@ pub unsafe extern "C" fn dc_rref_owner_name(rref: *const dc_rref, out: *mut dc_b
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_is_owner(rref: *const dc_rref, out: *mut bool) -> dc_status {
     boundary("dc_rref_is_owner", || {
-        let rref = unsafe { arg_ref(rref, "rref") }?;
+        let rref = unsafe { arg_handle(rref, "rref") }?;
         let out = unsafe { arg_out(out, "out") }?;
         *out = rref.rref.is_owner();
         Ok(())
@@ -606,7 +666,7 @@ pub unsafe extern "C" fn dc_rref_confirmed_by_owner(
     out: *mut bool,
 ) -> dc_status {
     boundary("dc_rref_confirmed_by_owner", || {
-        let rref = unsafe { arg_ref(rref, "rref") }?;
+        let rref = unsafe { arg_handle(rref, "rref") }?;
         let out = unsafe { arg_out(out, "out") }?;
         *out = rref.rref.confirmed_by_owner();
         Ok(())

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use super::buf::{dc_buf, dc_buf_array};
 use super::work::dc_work;
 use super::{
-    arg_bytes, arg_duration, arg_out, arg_ref, arg_slice, arg_str, arg_strs, arg_timeout, boundary,
-    dc_status, drop_handle, give, to_millis,
+    arg_bytes, arg_duration, arg_handle, arg_out, arg_slice, arg_str, arg_strs, arg_timeout,
+    boundary, dc_status, drop_handle, give, to_millis, Handle,
 };
 use crate::error::Result;
+use crate::fork::Born;
 use crate::store::{FileStore, HashStore, PrefixStore, Store, TimeoutGuard};
 
 /// A handle on a store: HashStore, FileStore, PrefixStore or TCPStore.
@@ -21,12 +22,37 @@ use crate::store::{FileStore, HashStore, PrefixStore, Store, TimeoutGuard};
 /// what they need alive.
 pub struct dc_store {
     pub(crate) store: Arc<dyn Store>,
+    born: Born,
+}
+
+impl dc_store {
+    pub(crate) fn new(store: Arc<dyn Store>) -> dc_store {
+        dc_store {
+            store,
+            born: Born::now(),
+        }
+    }
+}
+
+impl Handle for dc_store {
+    const KIND: &'static str = "store";
+    fn born(&self) -> Born {
+        self.born
+    }
 }
 
 /// A scoped store timeout: `dc_store_timeout_guard_free` restores the
 /// timeout the store had before `dc_store_timeout_guard_new`.
 pub struct dc_store_timeout_guard {
     _guard: TimeoutGuard<Arc<dyn Store>>,
+    born: Born,
+}
+
+impl Handle for dc_store_timeout_guard {
+    const KIND: &'static str = "timeout guard";
+    fn born(&self) -> Born {
+        self.born
+    }
 }
 
 /// The store behind a handle, as a reference of its own: a call that
@@ -34,7 +60,7 @@ pub struct dc_store_timeout_guard {
 /// meanwhile.
 pub(crate) unsafe fn store_arg(store: *const dc_store) -> Result<Arc<dyn Store>> {
     // SAFETY: forwarded contract.
-    Ok(unsafe { arg_ref(store, "store") }?.store.clone())
+    Ok(unsafe { arg_handle(store, "store") }?.store.clone())
 }
 
 /// Creates an empty in-process store (c10d's HashStore), shared by every
@@ -44,9 +70,7 @@ pub unsafe extern "C" fn dc_hash_store_new(out: *mut *mut dc_store) -> dc_status
     boundary("dc_hash_store_new", || {
         give(
             unsafe { arg_out(out, "out") }?,
-            dc_store {
-                store: Arc::new(HashStore::new()),
-            },
+            dc_store::new(Arc::new(HashStore::new())),
         );
         Ok(())
     })
@@ -62,24 +86,16 @@ pub unsafe extern "C" fn dc_hash_store_new(out: *mut *mut dc_store) -> dc_status
 #[no_mangle]
 pub unsafe extern "C" fn dc_file_store_new(
     path: *const c_char,
-    world_size: i64,
+    world_size: i32,
     out: *mut *mut dc_store,
 ) -> dc_status {
     boundary("dc_file_store_new", || {
         let path = unsafe { arg_str(path, "path") }?;
         let out = unsafe { arg_out(out, "out") }?;
-        let world_size = match world_size {
-            n if n < 0 => None,
-            n => Some(
-                u32::try_from(n)
-                    .map_err(|_| crate::Error::invalid_argument("world_size is too large"))?,
-            ),
-        };
+        let world_size = u32::try_from(world_size).ok();
         give(
             out,
-            dc_store {
-                store: Arc::new(FileStore::new(path, world_size)?),
-            },
+            dc_store::new(Arc::new(FileStore::new(path, world_size)?)),
         );
         Ok(())
     })
@@ -99,9 +115,7 @@ pub unsafe extern "C" fn dc_prefix_store_new(
         let out = unsafe { arg_out(out, "out") }?;
         give(
             out,
-            dc_store {
-                store: Arc::new(PrefixStore::new(prefix, store)),
-            },
+            dc_store::new(Arc::new(PrefixStore::new(prefix, store))),
         );
         Ok(())
     })
@@ -117,12 +131,7 @@ pub unsafe extern "C" fn dc_store_clone(
     boundary("dc_store_clone", || {
         let store = unsafe { store_arg(store) }?;
         let out = unsafe { arg_out(out, "out") }?;
-        give(
-            out,
-            dc_store {
-                store: store.clone_store()?,
-            },
-        );
+        give(out, dc_store::new(store.clone_store()?));
         Ok(())
     })
 }
@@ -407,14 +416,14 @@ pub unsafe extern "C" fn dc_store_list_keys(
 pub unsafe extern "C" fn dc_store_barrier(
     store: *const dc_store,
     key: *const c_char,
-    world_size: i64,
+    world_size: i32,
     timeout_ms: i64,
 ) -> dc_status {
     boundary("dc_store_barrier", || {
         let store = unsafe { store_arg(store) }?;
         store.barrier(
             unsafe { arg_str(key, "key") }?,
-            world_size,
+            world_size.into(),
             arg_timeout(timeout_ms)?,
         )
     })
@@ -463,6 +472,7 @@ pub unsafe extern "C" fn dc_store_timeout_guard_new(
             out,
             dc_store_timeout_guard {
                 _guard: TimeoutGuard::new(store, timeout),
+                born: Born::now(),
             },
         );
         Ok(())
@@ -478,7 +488,7 @@ pub unsafe extern "C" fn dc_store_timeout_guard_free(guard: *mut dc_store_timeou
 
 /// Gives the caller a new work for a background operation.
 fn give_work(out: &mut *mut dc_work, work: Result<crate::work::Work>) -> Result<()> {
-    give(out, dc_work { work: work? });
+    give(out, dc_work::new(work?));
     Ok(())
 }
 
@@ -551,7 +561,7 @@ pub unsafe extern "C" fn dc_store_queue_pop_async(
 pub unsafe extern "C" fn dc_store_barrier_async(
     store: *const dc_store,
     key: *const c_char,
-    world_size: i64,
+    world_size: i32,
     timeout_ms: i64,
     out: *mut *mut dc_work,
 ) -> dc_status {
@@ -560,6 +570,6 @@ pub unsafe extern "C" fn dc_store_barrier_async(
         let key = unsafe { arg_str(key, "key") }?.to_owned();
         let timeout = arg_timeout(timeout_ms)?;
         let out = unsafe { arg_out(out, "out") }?;
-        give_work(out, store.barrier_async(key, world_size, timeout))
+        give_work(out, store.barrier_async(key, world_size.into(), timeout))
     })
 }

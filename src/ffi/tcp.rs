@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::store::{dc_store, store_arg};
-use super::{arg_opt_str, arg_out, arg_ref, arg_slice, arg_str, boundary, dc_status, give};
+use super::{
+    arg_opt_str, arg_out, arg_slice, arg_str, arg_versioned, boundary, dc_status, give,
+    write_versioned, write_versioned_out, Versioned,
+};
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 
@@ -18,18 +21,24 @@ use crate::store::{Store, TcpStore, TcpStoreOptions};
 use crate::timeout::DEFAULT_STORE_TIMEOUT;
 
 /// Options of `dc_tcp_store_new`, mirroring torch.distributed.TCPStore's
-/// arguments. Initialise with `dc_tcp_store_options_init`, then change
-/// what you need.
+/// arguments. Initialise with `dc_tcp_store_options_init(&opts, sizeof
+/// opts)`, then change what you need. Fields are only ever appended: a
+/// program built against an older header passes its own `struct_size`,
+/// and fields it does not know keep their defaults.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct dc_tcp_store_options {
+    /// `sizeof(dc_tcp_store_options)` in the caller's header; set by
+    /// `dc_tcp_store_options_init`.
+    pub struct_size: usize,
     /// Host to connect to (NUL-terminated; a name, an IPv4 or IPv6 literal).
     pub host: *const c_char,
     /// Port; for a server 0 picks a free one (read it with dc_tcp_store_port).
     pub port: u16,
     /// Start a server in this process (PyTorch's is_master).
     pub is_server: bool,
-    /// Number of store handles in the job, server included; < 0: unknown.
-    pub world_size: i64,
+    /// Number of store handles in the job, server included; -1: unknown.
+    pub world_size: i32,
     /// Count this handle in `init/`; the server then waits for world_size.
     pub wait_for_workers: bool,
     /// Timeout of connecting and of every call, in ms (0: forever).
@@ -58,9 +67,15 @@ pub struct dc_client_counter {
     pub variance_ms: f64,
 }
 
-/// A snapshot of a TCPStore server's load.
+/// A snapshot of a TCPStore server's load. Set `struct_size` to
+/// `sizeof(dc_server_stats)` before `dc_tcp_store_server_stats` fills it:
+/// fields are only ever appended, and the library writes those the
+/// caller's header knew.
 #[repr(C)]
+#[derive(Clone, Copy)]
 pub struct dc_server_stats {
+    /// `sizeof(dc_server_stats)` in the caller's header.
+    pub struct_size: usize,
     /// Open client connections.
     pub connections: u64,
     /// Pending WAIT and BARRIER requests.
@@ -69,26 +84,50 @@ pub struct dc_server_stats {
     pub keys: u64,
 }
 
+// SAFETY: repr(C), `struct_size: usize` first, one size so far.
+unsafe impl Versioned for dc_tcp_store_options {
+    const SIZES: &'static [usize] = &[std::mem::size_of::<dc_tcp_store_options>()];
+    const HOW_TO_SET: &'static str =
+        "initialise the options with dc_tcp_store_options_init(&opts, sizeof opts)";
+}
+
+// SAFETY: repr(C), `struct_size: usize` first, one size so far.
+unsafe impl Versioned for dc_server_stats {
+    const SIZES: &'static [usize] = &[std::mem::size_of::<dc_server_stats>()];
+    const HOW_TO_SET: &'static str = "set stats.struct_size = sizeof stats before the call";
+}
+
+fn default_options() -> dc_tcp_store_options {
+    dc_tcp_store_options {
+        struct_size: std::mem::size_of::<dc_tcp_store_options>(),
+        host: c"127.0.0.1".as_ptr(),
+        port: 0,
+        is_server: false,
+        world_size: -1,
+        wait_for_workers: true,
+        timeout_ms: DEFAULT_STORE_TIMEOUT.as_millis() as i64,
+        multi_tenant: false,
+        master_listen_fd: -1,
+        bind_address: std::ptr::null(),
+        max_value_size: 0,
+    }
+}
+
 /// Fills `opts` with the defaults: host "127.0.0.1", port 0, client, no
 /// world size, wait_for_workers, 300 s timeout, not multi-tenant, no
-/// listen fd, every interface, 64 MiB values.
+/// listen fd, every interface, 64 MiB values. `struct_size` is
+/// `sizeof(dc_tcp_store_options)` as the caller's header has it (pass
+/// `sizeof opts`): only that many bytes are written.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for a NULL `opts` or a `struct_size`
+/// no distcore header had. Never blocks.
 #[no_mangle]
-pub unsafe extern "C" fn dc_tcp_store_options_init(opts: *mut dc_tcp_store_options) -> dc_status {
-    boundary("dc_tcp_store_options_init", || {
-        let opts = unsafe { arg_out(opts, "opts") }?;
-        *opts = dc_tcp_store_options {
-            host: c"127.0.0.1".as_ptr(),
-            port: 0,
-            is_server: false,
-            world_size: -1,
-            wait_for_workers: true,
-            timeout_ms: DEFAULT_STORE_TIMEOUT.as_millis() as i64,
-            multi_tenant: false,
-            master_listen_fd: -1,
-            bind_address: std::ptr::null(),
-            max_value_size: 0,
-        };
-        Ok(())
+pub unsafe extern "C" fn dc_tcp_store_options_init(
+    opts: *mut dc_tcp_store_options,
+    struct_size: usize,
+) -> dc_status {
+    boundary("dc_tcp_store_options_init", || unsafe {
+        write_versioned(opts, "opts", struct_size, default_options())
     })
 }
 
@@ -106,13 +145,7 @@ unsafe fn options_arg(opts: &dc_tcp_store_options) -> Result<TcpStoreOptions> {
         .transpose()?;
     let timeout_ms = u64::try_from(opts.timeout_ms)
         .map_err(|_| Error::invalid_argument("opts->timeout_ms must not be negative"))?;
-    let world_size = match opts.world_size {
-        n if n < 0 => None,
-        n => Some(
-            u32::try_from(n)
-                .map_err(|_| Error::invalid_argument("opts->world_size is too large"))?,
-        ),
-    };
+    let world_size = u32::try_from(opts.world_size).ok();
     let max_value_len = match opts.max_value_size {
         0 => DEFAULT_MAX_VALUE_LEN,
         n => usize::try_from(n)
@@ -165,14 +198,9 @@ pub unsafe extern "C" fn dc_tcp_store_new(
     out: *mut *mut dc_store,
 ) -> dc_status {
     boundary("dc_tcp_store_new", || {
-        let opts = unsafe { options_arg(arg_ref(opts, "opts")?) }?;
+        let opts = unsafe { options_arg(&arg_versioned(opts, "opts", default_options())?) }?;
         let out = unsafe { arg_out(out, "out") }?;
-        give(
-            out,
-            dc_store {
-                store: Arc::new(TcpStore::new(opts)?),
-            },
-        );
+        give(out, dc_store::new(Arc::new(TcpStore::new(opts)?)));
         Ok(())
     })
 }
@@ -261,16 +289,17 @@ pub unsafe extern "C" fn dc_tcp_store_server_stats(
 ) -> dc_status {
     boundary("dc_tcp_store_server_stats", || {
         let store = unsafe { store_arg(store) }?;
-        let out = unsafe { arg_out(out, "out") }?;
+        unsafe { arg_out(out, "out") }?;
         let server = tcp(&store)?
             .server()
             .ok_or_else(|| Error::invalid_argument("this TCPStore handle runs no server"))?;
         let stats = server.stats();
-        *out = dc_server_stats {
+        let stats = dc_server_stats {
+            struct_size: std::mem::size_of::<dc_server_stats>(),
             connections: stats.connections as u64,
             pending_waits: stats.pending_waits as u64,
             keys: stats.keys as u64,
         };
-        Ok(())
+        unsafe { write_versioned_out(out, "out", stats) }
     })
 }

@@ -80,9 +80,7 @@ impl Store for PanickingStore {
 
 #[test]
 fn a_panic_inside_an_extern_function_is_internal_with_a_message() {
-    let store = dc_store {
-        store: Arc::new(PanickingStore),
-    };
+    let store = dc_store::new(Arc::new(PanickingStore));
     let status = unsafe { dc_store_set(&store, c"k".as_ptr(), ptr::null(), 0) };
     assert_eq!(status, DC_ERR_INTERNAL);
     assert_eq!(last_error(), "panic in dc_store_set: set exploded");
@@ -229,4 +227,59 @@ fn work_through_the_abi() {
     let name = unsafe { CStr::from_ptr(dc_op_type_name(5)) };
     assert_eq!(name.to_str().unwrap(), "_ALLGATHER_BASE");
     assert!(dc_op_type_name(55).is_null());
+}
+
+/// A struct of two releases: `Grown` appended `added` to `Old`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Grown {
+    struct_size: usize,
+    old: u32,
+    added: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Old {
+    struct_size: usize,
+    old: u32,
+}
+
+// SAFETY: repr(C), usize first, sizes at field ends.
+unsafe impl Versioned for Grown {
+    const SIZES: &'static [usize] = &[std::mem::size_of::<Old>(), std::mem::size_of::<Grown>()];
+    const HOW_TO_SET: &'static str = "call init";
+}
+
+#[test]
+fn a_versioned_struct_is_read_and_written_as_the_callers_header_knew_it() {
+    let defaults = Grown {
+        struct_size: std::mem::size_of::<Grown>(),
+        old: 1,
+        added: 2,
+    };
+    // An old caller: init writes only its 16 bytes, not past them.
+    let mut old = [Old {
+        struct_size: 0,
+        old: 0,
+    }; 2];
+    old[1].struct_size = 0xdead;
+    let size = std::mem::size_of::<Old>();
+    unsafe { write_versioned(old.as_mut_ptr().cast::<Grown>(), "opts", size, defaults) }.unwrap();
+    assert_eq!((old[0].struct_size, old[0].old), (size, 1));
+    assert_eq!(old[1].struct_size, 0xdead);
+    // Reading it back: the added field keeps its default.
+    old[0].old = 7;
+    let read = unsafe { arg_versioned(old.as_ptr().cast::<Grown>(), "opts", defaults) }.unwrap();
+    assert_eq!((read.old, read.added), (7, 2));
+    // A size no header had is refused, with how to set it.
+    old[0].struct_size = 12;
+    let e = unsafe { arg_versioned(old.as_ptr().cast::<Grown>(), "opts", defaults) }.unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument);
+    assert!(
+        e.message().contains("opts->struct_size is 12"),
+        "{}",
+        e.message()
+    );
+    assert!(e.message().contains("call init"), "{}", e.message());
 }

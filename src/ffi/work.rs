@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use super::buf::dc_buf;
 use super::{
-    arg_bytes, arg_opt_str, arg_out, arg_ref, arg_timeout, boundary, dc_status, drop_handle, give,
-    to_millis, UserData, DC_OK,
+    arg_bytes, arg_handle, arg_opt_str, arg_out, arg_timeout, boundary, boundary_str, dc_status,
+    drop_handle, give, to_millis, Handle, UserData, DC_OK, DC_TIMEOUT_FOREVER,
 };
 use crate::bigbuf::try_copy;
 use crate::error::{Error, Result, Status};
+use crate::fork::Born;
 use crate::profiler::{set_profiler_hooks, ProfilerHooks};
 use crate::work::{OpType, Work};
 
@@ -17,6 +18,23 @@ use crate::work::{OpType, Work};
 /// Thread-safe; free with `dc_work_free` (the operation itself goes on).
 pub struct dc_work {
     pub(crate) work: Work,
+    born: Born,
+}
+
+impl dc_work {
+    pub(crate) fn new(work: Work) -> dc_work {
+        dc_work {
+            work,
+            born: Born::now(),
+        }
+    }
+}
+
+impl Handle for dc_work {
+    const KIND: &'static str = "work";
+    fn born(&self) -> Born {
+        self.born
+    }
 }
 
 /// Called once when a work completes, on the thread that completes it (or
@@ -39,7 +57,7 @@ pub type dc_profiler_end_fn =
 /// keeps the work alive even if another thread frees the handle meanwhile.
 unsafe fn work_arg(work: *const dc_work) -> Result<Work> {
     // SAFETY: forwarded contract.
-    Ok(unsafe { arg_ref(work, "work") }?.work.clone())
+    Ok(unsafe { arg_handle(work, "work") }?.work.clone())
 }
 
 /// An error from a caller-given status and message; `DC_OK` is no error.
@@ -54,6 +72,10 @@ unsafe fn error_arg(status: dc_status, message: *const c_char) -> Result<Option<
     Ok(Some(Error::new(status, message)))
 }
 
+/// An op type as C passes it: a `dc_op_type` value, checked before use
+/// (a number C sends need not be one of the enum's).
+pub type OpTypeCode = i32;
+
 /// Creates a pending work of `rank` performing `op_type` (a `dc_op_type`,
 /// c10d's OpType numbers: DC_OP_TYPE_BROADCAST = 0 ... DC_OP_TYPE_UNKNOWN = 100). `profiling_title`
 /// may be NULL; with one, the profiler begin hook runs now and the end hook
@@ -62,7 +84,7 @@ unsafe fn error_arg(status: dc_status, message: *const c_char) -> Result<Option<
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_new(
     rank: i32,
-    op_type: i32,
+    op_type: OpTypeCode,
     profiling_title: *const c_char,
     timeout_ms: i64,
     out: *mut *mut dc_work,
@@ -72,15 +94,8 @@ pub unsafe extern "C" fn dc_work_new(
         let op_type = OpType::from_code(op_type)
             .ok_or_else(|| Error::invalid_argument(format!("unknown op type {op_type}")))?;
         let title = unsafe { arg_opt_str(profiling_title, "profiling_title") }?;
-        let timeout = u64::try_from(timeout_ms)
-            .ok()
-            .map(std::time::Duration::from_millis);
-        give(
-            out,
-            dc_work {
-                work: Work::new(rank, op_type, title, timeout),
-            },
-        );
+        let timeout = arg_timeout(timeout_ms)?.filter(|t| !t.is_zero());
+        give(out, dc_work::new(Work::new(rank, op_type, title, timeout)));
         Ok(())
     })
 }
@@ -93,9 +108,7 @@ pub unsafe extern "C" fn dc_work_new_future(out: *mut *mut dc_work) -> dc_status
     boundary("dc_work_new_future", || {
         give(
             unsafe { arg_out(out, "out") }?,
-            dc_work {
-                work: Work::from_future(),
-            },
+            dc_work::new(Work::from_future()),
         );
         Ok(())
     })
@@ -309,7 +322,7 @@ pub unsafe extern "C" fn dc_work_rank(work: *const dc_work, out: *mut i32) -> dc
 
 /// Writes the work's op type (c10d's OpType number).
 #[no_mangle]
-pub unsafe extern "C" fn dc_work_op_type(work: *const dc_work, out: *mut i32) -> dc_status {
+pub unsafe extern "C" fn dc_work_op_type(work: *const dc_work, out: *mut OpTypeCode) -> dc_status {
     boundary("dc_work_op_type", || {
         let work = unsafe { work_arg(work) }?;
         let out = unsafe { arg_out(out, "out") }?;
@@ -318,31 +331,34 @@ pub unsafe extern "C" fn dc_work_op_type(work: *const dc_work, out: *mut i32) ->
     })
 }
 
-/// Writes the timeout the work was created with, in ms (-1 when none).
+/// Writes the timeout the work was created with, in ms (DC_TIMEOUT_FOREVER,
+/// 0, when it has none).
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_timeout(work: *const dc_work, out_ms: *mut i64) -> dc_status {
     boundary("dc_work_timeout", || {
         let work = unsafe { work_arg(work) }?;
         let out_ms = unsafe { arg_out(out_ms, "out_ms") }?;
-        *out_ms = work.timeout().map_or(-1, to_millis);
+        *out_ms = work.timeout().map_or(DC_TIMEOUT_FOREVER, to_millis);
         Ok(())
     })
 }
 
 /// c10d's name of an op type ("ALLREDUCE", "_ALLGATHER_BASE", ...), static;
-/// NULL for a number that is not an op type.
+/// NULL for a number that is not an op type. Never fails or blocks.
 #[no_mangle]
-pub extern "C" fn dc_op_type_name(op_type: i32) -> *const c_char {
+pub extern "C" fn dc_op_type_name(op_type: OpTypeCode) -> *const c_char {
     static NAMES: once_cell::sync::Lazy<Vec<(i32, CString)>> = once_cell::sync::Lazy::new(|| {
         (0..=100)
             .filter_map(OpType::from_code)
             .map(|t| (t as i32, CString::new(t.name()).unwrap_or_default()))
             .collect()
     });
-    NAMES
-        .iter()
-        .find(|(code, _)| *code == op_type)
-        .map_or(std::ptr::null(), |(_, name)| name.as_ptr())
+    boundary_str("dc_op_type_name", std::ptr::null(), || {
+        NAMES
+            .iter()
+            .find(|(code, _)| *code == op_type)
+            .map_or(std::ptr::null(), |(_, name)| name.as_ptr())
+    })
 }
 
 /// Runs `callback(work_view, user_data)` once the work completes: on the
@@ -359,7 +375,7 @@ pub unsafe extern "C" fn dc_work_add_done_callback(
             callback.ok_or_else(|| Error::invalid_argument("callback must not be NULL"))?;
         let user_data = UserData(user_data);
         work.add_done_callback(Box::new(move |done: &Work| {
-            let view = dc_work { work: done.clone() };
+            let view = dc_work::new(done.clone());
             let user_data = user_data;
             // SAFETY: the caller gave a valid function; `view` lives for the call.
             unsafe { callback(&view, user_data.0) };

@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 
 use super::{check_multi_set_lengths, Store};
 use crate::error::{Error, Result, Status};
+use crate::fork::Born;
 use crate::timeout::DEFAULT_STORE_TIMEOUT;
 use crate::work::Work;
 
@@ -73,8 +74,13 @@ impl Default for TcpStoreOptions {
     }
 }
 
-/// Servers shared by multi-tenant handles, by port.
-static TENANT_SERVERS: Lazy<Mutex<HashMap<u16, Weak<Server>>>> = Lazy::new(Default::default);
+/// Servers shared by multi-tenant handles, by port, with the process
+/// generation that started them: a forked child does not share its
+/// parent's servers (their threads stayed in the parent).
+static TENANT_SERVERS: Lazy<Mutex<HashMap<u16, TenantServer>>> = Lazy::new(Default::default);
+
+/// A multi-tenant server and the process generation that started it.
+type TenantServer = (Born, Weak<Server>);
 
 fn start_server(options: &TcpStoreOptions) -> Result<Arc<Server>> {
     let server_options = ServerOptions {
@@ -88,12 +94,12 @@ fn start_server(options: &TcpStoreOptions) -> Result<Arc<Server>> {
         return Server::start(server_options).map(Arc::new);
     }
     let mut servers = TENANT_SERVERS.lock();
-    servers.retain(|_, s| s.strong_count() > 0);
-    if let Some(server) = servers.get(&options.port).and_then(Weak::upgrade) {
+    servers.retain(|_, (born, s)| born.is_current() && s.strong_count() > 0);
+    if let Some(server) = servers.get(&options.port).and_then(|(_, s)| s.upgrade()) {
         return Ok(server);
     }
     let server = Arc::new(Server::start(server_options)?);
-    servers.insert(server.port(), Arc::downgrade(&server));
+    servers.insert(server.port(), (Born::now(), Arc::downgrade(&server)));
     Ok(server)
 }
 

@@ -10,9 +10,9 @@ use std::io::ErrorKind;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::fork::PerProcess;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 
 use super::conn::{Conn, Deadline};
@@ -66,8 +66,7 @@ struct Waiter {
 
 const WAKER: Token = Token(usize::MAX);
 
-static WAITER: Lazy<std::result::Result<Waiter, String>> =
-    Lazy::new(|| start().map_err(|e| e.to_string()));
+static WAITER: PerProcess<Waiter> = PerProcess::new();
 
 fn start() -> std::io::Result<Waiter> {
     let poll = Poll::new()?;
@@ -83,7 +82,7 @@ fn start() -> std::io::Result<Waiter> {
 /// Hands `op` to the waiter thread.
 pub(crate) fn submit(op: AsyncOp) -> Result<()> {
     let waiter = WAITER
-        .as_ref()
+        .get_or_try_init(|| start().map_err(|e| e.to_string()))
         .map_err(|e| Error::internal(format!("starting the store's async thread: {e}")))?;
     let id = {
         let mut inbox = waiter.inbox.lock();
