@@ -1,8 +1,13 @@
 /* TCPStore through the C API: a server handle and client handles in this
  * process and in worker processes (this program re-executed as
  * "test_tcp_store worker PORT RANK"), on loopback with an ephemeral port. */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -11,6 +16,45 @@
 #define WORKERS 3
 
 static const uint8_t *bytes(const char *s) { return (const uint8_t *)s; }
+
+/* A listening socket on an ephemeral loopback port. */
+static int listening_socket(uint16_t *port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  CHECK(fd >= 0);
+  struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  socklen_t len = sizeof addr;
+  CHECK(bind(fd, (struct sockaddr *)&addr, sizeof addr) == 0);
+  CHECK(listen(fd, 16) == 0);
+  CHECK(getsockname(fd, (struct sockaddr *)&addr, &len) == 0);
+  *port = ntohs(addr.sin_port);
+  return fd;
+}
+
+static bool fd_is_closed(int fd) { return fcntl(fd, F_GETFD) == -1 && errno == EBADF; }
+
+/* A server given master_listen_fd owns it: it serves on it and closes it
+ * when it stops, and a call that fails closes it at once. */
+static void master_listen_fd_is_owned(void) {
+  uint16_t port = 0, served = 0;
+  dc_tcp_store_options opts;
+  CHECK_OK(dc_tcp_store_options_init(&opts, sizeof opts));
+  opts.is_server = true;
+  opts.master_listen_fd = listening_socket(&port);
+  opts.port = port;
+  opts.timeout_ms = 30000;
+  dc_store *server = NULL;
+  CHECK_OK(dc_tcp_store_new(&opts, &server));
+  CHECK_OK(dc_tcp_store_port(server, &served));
+  CHECK(served == port);
+  CHECK(fd_is_closed(opts.master_listen_fd)); /* the server keeps its own */
+  dc_store_free(server);
+
+  opts.master_listen_fd = listening_socket(&port);
+  opts.port = port;
+  opts.bind_address = "not an address";
+  CHECK_STATUS(dc_tcp_store_new(&opts, &server), DC_ERR_INVALID_ARGUMENT);
+  CHECK(fd_is_closed(opts.master_listen_fd));
+}
 
 static dc_store *connect_client(uint16_t port, int64_t world_size) {
   dc_tcp_store_options opts;
@@ -134,6 +178,8 @@ int main(int argc, char **argv) {
   CHECK_OK(dc_hash_store_new(&h));
   CHECK_STATUS(dc_tcp_store_port(h, &port), DC_ERR_INVALID_ARGUMENT);
   dc_store_free(h);
+
+  master_listen_fd_is_owned();
 
   /* The server going away is a network error for its clients. */
   dc_store_free(server);

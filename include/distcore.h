@@ -1,13 +1,49 @@
 /*
  * distcore: the coordination plane of torch.distributed (stores, Work,
- * remote references) for C, C++ and any FFI.
+ * remote references) for C, C++ and any FFI. Design, limits and the wire
+ * protocol: docs/ in the repository. C++: distcore.hpp.
  *
- * Conventions: fallible functions return a dc_status (DC_OK = 0); the
- * message of the last failure on the calling thread is dc_last_error_message().
- * Handles are opaque, thread-safe and freed with their _free function
- * (freeing NULL does nothing). Bytes out are dc_buf values the caller frees
- * with dc_buf_free. Timeouts are int64_t milliseconds: DC_TIMEOUT_DEFAULT
- * (-1) uses the handle's timeout, 0 waits forever.
+ * Conventions every function follows (each function's comment adds what
+ * is its own):
+ * - Errors: fallible functions return a dc_status, DC_OK (0) or a
+ *   DC_ERR_* code; dc_last_error_message() is the message of the last
+ *   failure on the calling thread. Every function may also return
+ *   DC_ERR_INVALID_ARGUMENT (a NULL pointer where one is required, a
+ *   length over DC_MAX_BYTES_LEN, a string that is not UTF-8, a number
+ *   out of range, a struct_size no header had), DC_ERR_INTERNAL (a bug in
+ *   distcore, contained: no panic or abort crosses this header) and, on a
+ *   handle made before fork(), DC_ERR_INVALID_STATE (see below). Out
+ *   parameters are written only on success.
+ * - Lifetimes: strings and bytes passed in are read during the call only
+ *   (copied when kept): they may be freed when the call returns. Bytes out
+ *   are dc_buf values the caller owns and frees with dc_buf_free; static
+ *   strings (dc_version, dc_status_str, ...) live as long as the process.
+ *   Handles (dc_store, dc_work, dc_rpc, dc_rref, ...) are opaque, owned by
+ *   the caller and freed with their _free function, once; freeing NULL
+ *   does nothing. A handle built on another (a PrefixStore, a work, an
+ *   RRef) keeps what it needs alive: free handles in any order.
+ * - Threads: every function may be called from any thread, and handles
+ *   may be shared between threads; a handle may be freed while other
+ *   threads are inside calls on it (they finish normally), but must not
+ *   be used after its _free returned. Callbacks say which thread runs
+ *   them; user_data is passed through untouched.
+ * - Blocking: a function blocks only where its comment says so, and then
+ *   never longer than the timeout it names (stores: plus the 0.5 s a
+ *   TCPStore client gives a cancelled wait to be confirmed). Timeouts are
+ *   int64_t milliseconds: DC_TIMEOUT_DEFAULT (-1) uses the handle's own
+ *   timeout, DC_TIMEOUT_FOREVER (0) waits forever, other negative values
+ *   are DC_ERR_INVALID_ARGUMENT.
+ * - fork(): distcore starts threads (servers, the RPC agent, a timer, the
+ *   TCPStore client's async waiter) on first use, and a forked child has
+ *   none of them. In a child, every handle made before fork() refuses
+ *   calls with DC_ERR_INVALID_STATE, and freeing it releases nothing (its
+ *   threads and sockets are the parent's); handles made in the child work
+ *   normally. Fork before using distcore, or make new handles in the
+ *   child.
+ * - Growth: structs that start with `struct_size` may gain fields at their
+ *   end in a later minor version; the library reads and writes only the
+ *   struct_size bytes the caller's header knew. Set it with the struct's
+ *   _init function (options) or to sizeof before the call (stats).
  */
 
 #ifndef DISTCORE_H
@@ -129,6 +165,18 @@ typedef struct dc_rref dc_rref;
 // `dc_tcp_store_new`). Free with `dc_store_free`, also while other threads
 // are inside calls on it (they finish normally); stores built on it keep
 // what they need alive.
+//
+// What every `dc_store_*` call may return besides the common errors: on a
+// TCPStore, DC_ERR_NETWORK when the server cannot be reached or the
+// connection breaks (the next call reconnects), DC_ERR_TIMEOUT when the
+// server does not answer within the store's timeout, DC_ERR_PROTOCOL when
+// it breaks the wire protocol; on a FileStore, DC_ERR_IO when the file
+// cannot be read or written.
+//
+// How long every `dc_store_*` call may block: on a TCPStore, a round trip
+// to the server, bounded by the store's timeout (waiting calls say how
+// long they wait); on a FileStore, reading the file under its lock; on a
+// HashStore, taking its lock.
 typedef struct dc_store dc_store;
 
 // A scoped store timeout: `dc_store_timeout_guard_free` restores the
@@ -563,44 +611,75 @@ dc_status dc_rref_confirmed_by_owner(const dc_rref *rref, bool *out);
 
 // Creates an empty in-process store (c10d's HashStore), shared by every
 // thread that uses the handle or its clones. Default timeout 300 s.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_hash_store_new(dc_store **out);
 
 // Opens (creating it if needed) a FileStore at `path`, a file shared by
 // processes on this host or a shared filesystem, in PyTorch's format
 // (torch.distributed.FileStore can use the same file at once).
-// `world_size` < 0: none. The handle counts in `refcount/`; when the last
-// handle closes and `world_size` handles have closed, the file is removed.
-// DC_ERR_IO for a path that cannot be opened, DC_ERR_INVALID_ARGUMENT for
-// an existing file that is not a FileStore log (left untouched).
+// `world_size` -1 (any negative): none. The handle counts in `refcount/`;
+// when the last handle closes and `world_size` handles have closed, the
+// file is removed.
+//
+// Errors: DC_ERR_IO for a path that cannot be opened or created;
+// DC_ERR_INVALID_ARGUMENT for an existing file that is not a FileStore log
+// (left untouched). Blocks on the file's lock (other processes hold it for
+// one operation at a time).
 dc_status dc_file_store_new(const char *path, int32_t world_size, dc_store **out);
 
 // Creates a view of `store` where every key `k` is `prefix + "/" + k`
-// (c10d's PrefixStore). The new handle keeps `store`'s store alive.
+// (c10d's PrefixStore). The new handle keeps `store`'s store alive: either
+// may be freed first.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_prefix_store_new(const char *prefix, const dc_store *store, dc_store **out);
 
-// Creates a new handle on the same store (c10d's Store::clone; for a
-// network store, a new connection).
+// Creates a new handle on the same store (c10d's Store::clone): for a
+// TCPStore, a client with connections of its own to the same server (never
+// a second server); for a PrefixStore, the same prefix over a clone.
+//
+// Errors: a TCPStore's connect errors (DC_ERR_NETWORK after the store's
+// timeout). Blocks: a TCPStore connects (up to the store's timeout).
 dc_status dc_store_clone(const dc_store *store, dc_store **out);
 
-// Releases a store handle. NULL does nothing.
+// Releases a store handle. NULL does nothing. When the handle is the last
+// one holding a TCPStore server this process started, the server stops:
+// this call closes its clients' connections and joins its thread (a few
+// milliseconds). Other threads' calls in progress on the handle finish
+// first with their own outcome. Never fails.
 void dc_store_free(dc_store *store);
 
 // Sets `key` to the `len` bytes at `value`, waking the waiters of `key`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a key or value over the store's
+// limits (the handle stays usable). On a TCPStore the server does not
+// acknowledge a set (neither does PyTorch's): a set a distcore server
+// refuses is logged as a warning when the handle's next reply arrives.
 dc_status dc_store_set(const dc_store *store, const char *key, const uint8_t *value, size_t len);
 
 // Writes the value of `key` into `out`, waiting up to the store's timeout
-// for the key (DC_ERR_TIMEOUT, "wait timeout after Nms, keys: key").
+// for the key to be set.
+//
+// Errors: DC_ERR_TIMEOUT ("wait timeout after Nms, keys: key", PyTorch's
+// words) when the key does not appear in time. Blocks until the key
+// exists, at most the store's timeout.
 dc_status dc_store_get(const dc_store *store, const char *key, dc_buf *out);
 
 // Adds `delta` to the integer at `key` (stored as decimal text; a missing
-// key counts as 0) and writes the new value. DC_ERR_INVALID_ARGUMENT if the
-// value is not an integer (a PyTorch server closes the connection instead:
-// DC_ERR_NETWORK, and the next call reconnects).
+// key counts as 0) and writes the new value into `out`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when the value is not an integer (a
+// PyTorch server closes the connection instead: DC_ERR_NETWORK, and the
+// next call reconnects).
 dc_status dc_store_add(const dc_store *store, const char *key, int64_t delta, int64_t *out);
 
 // Replaces the value of `key` with `desired` if it equals `expected` (a
-// missing key matches an empty `expected`), and writes the value now stored
-// (or `expected` when the key is missing and `expected` is not empty).
+// missing key matches an empty `expected`), and writes into `out` the value
+// now stored (or `expected` when the key is missing and `expected` is not
+// empty), as c10d's compareSet.
+//
+// Errors: only the common ones.
 dc_status dc_store_compare_set(const dc_store *store,
                                const char *key,
                                const uint8_t *expected,
@@ -609,35 +688,58 @@ dc_status dc_store_compare_set(const dc_store *store,
                                size_t desired_len,
                                dc_buf *out);
 
-// Deletes `key` and writes whether it existed. Queues are not touched.
+// Deletes `key` and writes whether it existed into `out_deleted`. Queues are
+// not touched.
+//
+// Errors: only the common ones.
 dc_status dc_store_delete_key(const dc_store *store, const char *key, bool *out_deleted);
 
-// Writes whether all `count` keys exist (as values or non-empty queues),
-// without waiting.
+// Writes into `out` whether all `count` keys exist (as values or non-empty
+// queues), without waiting for them.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for more keys than the store takes in one
+// request (a TCPStore: what its server announces, 128 Ki for PyTorch's).
 dc_status dc_store_check(const dc_store *store, const char *const *keys, size_t count, bool *out);
 
 // Blocks until all `count` keys exist, for at most `timeout_ms`
-// (DC_TIMEOUT_DEFAULT: the store's timeout; 0: forever).
+// (DC_TIMEOUT_DEFAULT: the store's timeout; DC_TIMEOUT_FOREVER: no limit).
+//
+// Errors: DC_ERR_TIMEOUT ("wait timeout after Nms, keys: ...") when a key
+// is still missing at the deadline.
 dc_status dc_store_wait(const dc_store *store,
                         const char *const *keys,
                         size_t count,
                         int64_t timeout_ms);
 
-// Writes the number of keys holding values (queues are not counted).
+// Writes into `out` the number of keys holding values (queues are not
+// counted; a TCPStore counts its `init/` key, as PyTorch's).
+//
+// Errors: only the common ones.
 dc_status dc_store_num_keys(const dc_store *store, int64_t *out);
 
 // Appends the `len` bytes at `value` to the value of `key` (creating it).
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when the value would grow past the
+// store's value limit (the value is left as it was).
 dc_status dc_store_append(const dc_store *store, const char *key, const uint8_t *value, size_t len);
 
 // Writes the values of `count` keys into `out_values` (an array of `count`
 // dc_buf the caller provides and later frees one by one), waiting up to the
 // store's timeout for all of them. Nothing is written on failure.
+//
+// Errors: DC_ERR_TIMEOUT when a key is still missing at the deadline;
+// DC_ERR_INVALID_ARGUMENT for more keys than one request takes. Blocks
+// until every key exists, at most the store's timeout.
 dc_status dc_store_multi_get(const dc_store *store,
                              const char *const *keys,
                              size_t count,
                              dc_buf *out_values);
 
-// Sets `keys[i]` to the `value_lens[i]` bytes at `values[i]`, for `count` keys.
+// Sets `keys[i]` to the `value_lens[i]` bytes at `values[i]`, for `count`
+// keys, in order, as one request.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a key or value over the store's
+// limits, or more keys than one request takes (nothing is set).
 dc_status dc_store_multi_set(const dc_store *store,
                              const char *const *keys,
                              const uint8_t *const *values,
@@ -646,75 +748,115 @@ dc_status dc_store_multi_set(const dc_store *store,
 
 // Pushes the `len` bytes at `value` onto the back of the queue `key`,
 // waking one waiter.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a value over the store's limit.
 dc_status dc_store_queue_push(const dc_store *store,
                               const char *key,
                               const uint8_t *value,
                               size_t len);
 
 // Pops the front of the queue `key` into `out`. With `block`, waits up to
-// the store's timeout (DC_ERR_TIMEOUT); without, an empty queue is
-// DC_ERR_QUEUE_EMPTY.
+// the store's timeout for an element; without, returns at once.
+//
+// Errors: DC_ERR_TIMEOUT when blocking and the queue stays empty until the
+// deadline; DC_ERR_QUEUE_EMPTY when not blocking and the queue is empty.
 dc_status dc_store_queue_pop(const dc_store *store, const char *key, bool block, dc_buf *out);
 
-// Writes the number of elements in the queue `key`.
+// Writes into `out` the number of elements in the queue `key` (0 for no
+// queue).
+//
+// Errors: only the common ones.
 dc_status dc_store_queue_len(const dc_store *store, const char *key, int64_t *out);
 
 // Writes every key holding a value into `out` (free with
 // `dc_buf_array_free`); each buffer is NUL-terminated.
+//
+// Errors: only the common ones.
 dc_status dc_store_list_keys(const dc_store *store, dc_buf_array *out);
 
-// Blocks until `world_size` callers have entered the barrier `key`, for at
-// most `timeout_ms` (DC_TIMEOUT_DEFAULT: the store's timeout; 0: forever).
+// Blocks until `world_size` callers (this one included) have entered the
+// barrier `key`, for at most `timeout_ms` (DC_TIMEOUT_DEFAULT: the store's
+// timeout; DC_TIMEOUT_FOREVER: no limit). A key serves one barrier.
+//
+// Errors: DC_ERR_TIMEOUT when fewer than `world_size` arrived in time;
+// DC_ERR_INVALID_ARGUMENT for a `world_size` below 1.
 dc_status dc_store_barrier(const dc_store *store,
                            const char *key,
                            int32_t world_size,
                            int64_t timeout_ms);
 
-// Writes the store's default timeout in ms (0: forever).
+// Writes into `out_ms` the store's default timeout in ms (0: forever).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_store_get_timeout(const dc_store *store, int64_t *out_ms);
 
-// Sets the store's default timeout in ms (0: forever; negative is invalid).
+// Sets the store's default timeout in ms (DC_TIMEOUT_FOREVER, 0: forever),
+// for every thread using the handle, from its next call on.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a negative timeout. Never blocks.
 dc_status dc_store_set_timeout(const dc_store *store, int64_t timeout_ms);
 
 // Sets the store's timeout to `timeout_ms` until the returned guard is
-// freed, which restores the previous one (c10d's StoreTimeoutGuard).
+// freed, which restores the previous one (c10d's StoreTimeoutGuard). The
+// guard keeps the store alive.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a negative timeout. Never blocks.
 dc_status dc_store_timeout_guard_new(const dc_store *store,
                                      int64_t timeout_ms,
                                      dc_store_timeout_guard **out);
 
 // Restores the timeout the store had before the guard, and frees the
-// guard. NULL does nothing.
+// guard. NULL does nothing. Never fails or blocks.
 void dc_store_timeout_guard_free(dc_store_timeout_guard *guard);
 
-// Starts `dc_store_get` in the background: the work completes with the
-// value as its result (`dc_work_result`) or with the get's error.
+// Starts `dc_store_get` in the background and writes its work into `out`:
+// the work completes with the value as its result (`dc_work_result`) or
+// with the get's error (DC_ERR_TIMEOUT after the store's timeout).
 //
-// On a TCPStore (and a PrefixStore over one) async calls cost no thread:
-// each waits on a connection of its own, driven by one process-wide
-// thread, which also completes the work (callbacks run there). The call
-// blocks only to open that connection when none is idle (bounded by the
-// store's timeout). On a HashStore the call completes with the change that
-// satisfies it (callbacks run on that thread, or on the process's timer
-// thread for a timeout). On a FileStore, whose changes come from other
-// processes, the blocking call runs on a thread of its own. `dc_work_abort`,
-// or freeing the last handle with no callback registered, releases the
-// operation (TCPStore, HashStore).
+// Threads: on a TCPStore (and a PrefixStore over one) async calls cost no
+// thread: each waits on a connection of its own, driven by one process-wide
+// thread, which also completes the work (its callbacks run there, so they
+// should not block: every async call of the process waits meanwhile). On a
+// HashStore the work completes on the thread whose change satisfies it, or
+// on the process's timer thread for a timeout. On a FileStore, whose
+// changes come from other processes, the blocking call runs on a thread of
+// its own, which completes the work.
+//
+// Blocks: on a TCPStore, only to open a connection when none is idle (at
+// most the store's timeout). `dc_work_abort`, or freeing the last handle of
+// the work with no callback registered, releases the operation (TCPStore,
+// HashStore): its connection closes and the server forgets the wait.
+//
+// Errors: those of opening a connection (DC_ERR_NETWORK); the get's own
+// errors come through the work.
 dc_status dc_store_get_async(const dc_store *store, const char *key, dc_work **out);
 
-// Starts `dc_store_wait` in the background; the work completes when the
-// keys exist (no result) or with the wait's error.
+// Starts `dc_store_wait` in the background and writes its work into `out`:
+// the work completes when the keys exist (no result) or with the wait's
+// error. Threads, blocking and release as `dc_store_get_async`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for more keys than one request takes;
+// those of opening a connection.
 dc_status dc_store_wait_async(const dc_store *store,
                               const char *const *keys,
                               size_t count,
                               int64_t timeout_ms,
                               dc_work **out);
 
-// Starts a blocking `dc_store_queue_pop` in the background; the work's
-// result is the element.
+// Starts a blocking `dc_store_queue_pop` in the background and writes its
+// work into `out`: the work's result is the element, or its error
+// DC_ERR_TIMEOUT after the store's timeout. Threads, blocking and release
+// as `dc_store_get_async`.
+//
+// Errors: those of opening a connection.
 dc_status dc_store_queue_pop_async(const dc_store *store, const char *key, dc_work **out);
 
-// Starts `dc_store_barrier` in the background; the work completes when the
-// barrier releases (no result) or with its error.
+// Starts `dc_store_barrier` in the background and writes its work into
+// `out`: the work completes when the barrier releases (no result) or with
+// its error. Threads, blocking and release as `dc_store_get_async`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a `world_size` below 1; those of
+// opening a connection.
 dc_status dc_store_barrier_async(const dc_store *store,
                                  const char *key,
                                  int32_t world_size,

@@ -20,6 +20,18 @@ use crate::store::{FileStore, HashStore, PrefixStore, Store, TimeoutGuard};
 /// `dc_tcp_store_new`). Free with `dc_store_free`, also while other threads
 /// are inside calls on it (they finish normally); stores built on it keep
 /// what they need alive.
+///
+/// What every `dc_store_*` call may return besides the common errors: on a
+/// TCPStore, DC_ERR_NETWORK when the server cannot be reached or the
+/// connection breaks (the next call reconnects), DC_ERR_TIMEOUT when the
+/// server does not answer within the store's timeout, DC_ERR_PROTOCOL when
+/// it breaks the wire protocol; on a FileStore, DC_ERR_IO when the file
+/// cannot be read or written.
+///
+/// How long every `dc_store_*` call may block: on a TCPStore, a round trip
+/// to the server, bounded by the store's timeout (waiting calls say how
+/// long they wait); on a FileStore, reading the file under its lock; on a
+/// HashStore, taking its lock.
 pub struct dc_store {
     pub(crate) store: Arc<dyn Store>,
     born: Born,
@@ -65,6 +77,8 @@ pub(crate) unsafe fn store_arg(store: *const dc_store) -> Result<Arc<dyn Store>>
 
 /// Creates an empty in-process store (c10d's HashStore), shared by every
 /// thread that uses the handle or its clones. Default timeout 300 s.
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_hash_store_new(out: *mut *mut dc_store) -> dc_status {
     boundary("dc_hash_store_new", || {
@@ -79,10 +93,14 @@ pub unsafe extern "C" fn dc_hash_store_new(out: *mut *mut dc_store) -> dc_status
 /// Opens (creating it if needed) a FileStore at `path`, a file shared by
 /// processes on this host or a shared filesystem, in PyTorch's format
 /// (torch.distributed.FileStore can use the same file at once).
-/// `world_size` < 0: none. The handle counts in `refcount/`; when the last
-/// handle closes and `world_size` handles have closed, the file is removed.
-/// DC_ERR_IO for a path that cannot be opened, DC_ERR_INVALID_ARGUMENT for
-/// an existing file that is not a FileStore log (left untouched).
+/// `world_size` -1 (any negative): none. The handle counts in `refcount/`;
+/// when the last handle closes and `world_size` handles have closed, the
+/// file is removed.
+///
+/// Errors: DC_ERR_IO for a path that cannot be opened or created;
+/// DC_ERR_INVALID_ARGUMENT for an existing file that is not a FileStore log
+/// (left untouched). Blocks on the file's lock (other processes hold it for
+/// one operation at a time).
 #[no_mangle]
 pub unsafe extern "C" fn dc_file_store_new(
     path: *const c_char,
@@ -102,7 +120,10 @@ pub unsafe extern "C" fn dc_file_store_new(
 }
 
 /// Creates a view of `store` where every key `k` is `prefix + "/" + k`
-/// (c10d's PrefixStore). The new handle keeps `store`'s store alive.
+/// (c10d's PrefixStore). The new handle keeps `store`'s store alive: either
+/// may be freed first.
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_prefix_store_new(
     prefix: *const c_char,
@@ -121,8 +142,12 @@ pub unsafe extern "C" fn dc_prefix_store_new(
     })
 }
 
-/// Creates a new handle on the same store (c10d's Store::clone; for a
-/// network store, a new connection).
+/// Creates a new handle on the same store (c10d's Store::clone): for a
+/// TCPStore, a client with connections of its own to the same server (never
+/// a second server); for a PrefixStore, the same prefix over a clone.
+///
+/// Errors: a TCPStore's connect errors (DC_ERR_NETWORK after the store's
+/// timeout). Blocks: a TCPStore connects (up to the store's timeout).
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_clone(
     store: *const dc_store,
@@ -136,13 +161,22 @@ pub unsafe extern "C" fn dc_store_clone(
     })
 }
 
-/// Releases a store handle. NULL does nothing.
+/// Releases a store handle. NULL does nothing. When the handle is the last
+/// one holding a TCPStore server this process started, the server stops:
+/// this call closes its clients' connections and joins its thread (a few
+/// milliseconds). Other threads' calls in progress on the handle finish
+/// first with their own outcome. Never fails.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_free(store: *mut dc_store) {
     unsafe { drop_handle("dc_store_free", store) }
 }
 
 /// Sets `key` to the `len` bytes at `value`, waking the waiters of `key`.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for a key or value over the store's
+/// limits (the handle stays usable). On a TCPStore the server does not
+/// acknowledge a set (neither does PyTorch's): a set a distcore server
+/// refuses is logged as a warning when the handle's next reply arrives.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_set(
     store: *const dc_store,
@@ -159,7 +193,11 @@ pub unsafe extern "C" fn dc_store_set(
 }
 
 /// Writes the value of `key` into `out`, waiting up to the store's timeout
-/// for the key (DC_ERR_TIMEOUT, "wait timeout after Nms, keys: key").
+/// for the key to be set.
+///
+/// Errors: DC_ERR_TIMEOUT ("wait timeout after Nms, keys: key", PyTorch's
+/// words) when the key does not appear in time. Blocks until the key
+/// exists, at most the store's timeout.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_get(
     store: *const dc_store,
@@ -176,9 +214,11 @@ pub unsafe extern "C" fn dc_store_get(
 }
 
 /// Adds `delta` to the integer at `key` (stored as decimal text; a missing
-/// key counts as 0) and writes the new value. DC_ERR_INVALID_ARGUMENT if the
-/// value is not an integer (a PyTorch server closes the connection instead:
-/// DC_ERR_NETWORK, and the next call reconnects).
+/// key counts as 0) and writes the new value into `out`.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when the value is not an integer (a
+/// PyTorch server closes the connection instead: DC_ERR_NETWORK, and the
+/// next call reconnects).
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_add(
     store: *const dc_store,
@@ -196,8 +236,11 @@ pub unsafe extern "C" fn dc_store_add(
 }
 
 /// Replaces the value of `key` with `desired` if it equals `expected` (a
-/// missing key matches an empty `expected`), and writes the value now stored
-/// (or `expected` when the key is missing and `expected` is not empty).
+/// missing key matches an empty `expected`), and writes into `out` the value
+/// now stored (or `expected` when the key is missing and `expected` is not
+/// empty), as c10d's compareSet.
+///
+/// Errors: only the common ones.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_compare_set(
     store: *const dc_store,
@@ -219,7 +262,10 @@ pub unsafe extern "C" fn dc_store_compare_set(
     })
 }
 
-/// Deletes `key` and writes whether it existed. Queues are not touched.
+/// Deletes `key` and writes whether it existed into `out_deleted`. Queues are
+/// not touched.
+///
+/// Errors: only the common ones.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_delete_key(
     store: *const dc_store,
@@ -235,8 +281,11 @@ pub unsafe extern "C" fn dc_store_delete_key(
     })
 }
 
-/// Writes whether all `count` keys exist (as values or non-empty queues),
-/// without waiting.
+/// Writes into `out` whether all `count` keys exist (as values or non-empty
+/// queues), without waiting for them.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for more keys than the store takes in one
+/// request (a TCPStore: what its server announces, 128 Ki for PyTorch's).
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_check(
     store: *const dc_store,
@@ -254,7 +303,10 @@ pub unsafe extern "C" fn dc_store_check(
 }
 
 /// Blocks until all `count` keys exist, for at most `timeout_ms`
-/// (DC_TIMEOUT_DEFAULT: the store's timeout; 0: forever).
+/// (DC_TIMEOUT_DEFAULT: the store's timeout; DC_TIMEOUT_FOREVER: no limit).
+///
+/// Errors: DC_ERR_TIMEOUT ("wait timeout after Nms, keys: ...") when a key
+/// is still missing at the deadline.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_wait(
     store: *const dc_store,
@@ -269,7 +321,10 @@ pub unsafe extern "C" fn dc_store_wait(
     })
 }
 
-/// Writes the number of keys holding values (queues are not counted).
+/// Writes into `out` the number of keys holding values (queues are not
+/// counted; a TCPStore counts its `init/` key, as PyTorch's).
+///
+/// Errors: only the common ones.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_num_keys(store: *const dc_store, out: *mut i64) -> dc_status {
     boundary("dc_store_num_keys", || {
@@ -281,6 +336,9 @@ pub unsafe extern "C" fn dc_store_num_keys(store: *const dc_store, out: *mut i64
 }
 
 /// Appends the `len` bytes at `value` to the value of `key` (creating it).
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when the value would grow past the
+/// store's value limit (the value is left as it was).
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_append(
     store: *const dc_store,
@@ -299,6 +357,10 @@ pub unsafe extern "C" fn dc_store_append(
 /// Writes the values of `count` keys into `out_values` (an array of `count`
 /// dc_buf the caller provides and later frees one by one), waiting up to the
 /// store's timeout for all of them. Nothing is written on failure.
+///
+/// Errors: DC_ERR_TIMEOUT when a key is still missing at the deadline;
+/// DC_ERR_INVALID_ARGUMENT for more keys than one request takes. Blocks
+/// until every key exists, at most the store's timeout.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_multi_get(
     store: *const dc_store,
@@ -320,7 +382,11 @@ pub unsafe extern "C" fn dc_store_multi_get(
     })
 }
 
-/// Sets `keys[i]` to the `value_lens[i]` bytes at `values[i]`, for `count` keys.
+/// Sets `keys[i]` to the `value_lens[i]` bytes at `values[i]`, for `count`
+/// keys, in order, as one request.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for a key or value over the store's
+/// limits, or more keys than one request takes (nothing is set).
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_multi_set(
     store: *const dc_store,
@@ -345,6 +411,8 @@ pub unsafe extern "C" fn dc_store_multi_set(
 
 /// Pushes the `len` bytes at `value` onto the back of the queue `key`,
 /// waking one waiter.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for a value over the store's limit.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_queue_push(
     store: *const dc_store,
@@ -361,8 +429,10 @@ pub unsafe extern "C" fn dc_store_queue_push(
 }
 
 /// Pops the front of the queue `key` into `out`. With `block`, waits up to
-/// the store's timeout (DC_ERR_TIMEOUT); without, an empty queue is
-/// DC_ERR_QUEUE_EMPTY.
+/// the store's timeout for an element; without, returns at once.
+///
+/// Errors: DC_ERR_TIMEOUT when blocking and the queue stays empty until the
+/// deadline; DC_ERR_QUEUE_EMPTY when not blocking and the queue is empty.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_queue_pop(
     store: *const dc_store,
@@ -379,7 +449,10 @@ pub unsafe extern "C" fn dc_store_queue_pop(
     })
 }
 
-/// Writes the number of elements in the queue `key`.
+/// Writes into `out` the number of elements in the queue `key` (0 for no
+/// queue).
+///
+/// Errors: only the common ones.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_queue_len(
     store: *const dc_store,
@@ -397,6 +470,8 @@ pub unsafe extern "C" fn dc_store_queue_len(
 
 /// Writes every key holding a value into `out` (free with
 /// `dc_buf_array_free`); each buffer is NUL-terminated.
+///
+/// Errors: only the common ones.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_list_keys(
     store: *const dc_store,
@@ -410,8 +485,12 @@ pub unsafe extern "C" fn dc_store_list_keys(
     })
 }
 
-/// Blocks until `world_size` callers have entered the barrier `key`, for at
-/// most `timeout_ms` (DC_TIMEOUT_DEFAULT: the store's timeout; 0: forever).
+/// Blocks until `world_size` callers (this one included) have entered the
+/// barrier `key`, for at most `timeout_ms` (DC_TIMEOUT_DEFAULT: the store's
+/// timeout; DC_TIMEOUT_FOREVER: no limit). A key serves one barrier.
+///
+/// Errors: DC_ERR_TIMEOUT when fewer than `world_size` arrived in time;
+/// DC_ERR_INVALID_ARGUMENT for a `world_size` below 1.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_barrier(
     store: *const dc_store,
@@ -423,13 +502,15 @@ pub unsafe extern "C" fn dc_store_barrier(
         let store = unsafe { store_arg(store) }?;
         store.barrier(
             unsafe { arg_str(key, "key") }?,
-            world_size.into(),
+            arg_world_size(world_size)?,
             arg_timeout(timeout_ms)?,
         )
     })
 }
 
-/// Writes the store's default timeout in ms (0: forever).
+/// Writes into `out_ms` the store's default timeout in ms (0: forever).
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_get_timeout(
     store: *const dc_store,
@@ -443,7 +524,10 @@ pub unsafe extern "C" fn dc_store_get_timeout(
     })
 }
 
-/// Sets the store's default timeout in ms (0: forever; negative is invalid).
+/// Sets the store's default timeout in ms (DC_TIMEOUT_FOREVER, 0: forever),
+/// for every thread using the handle, from its next call on.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for a negative timeout. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_set_timeout(
     store: *const dc_store,
@@ -457,7 +541,10 @@ pub unsafe extern "C" fn dc_store_set_timeout(
 }
 
 /// Sets the store's timeout to `timeout_ms` until the returned guard is
-/// freed, which restores the previous one (c10d's StoreTimeoutGuard).
+/// freed, which restores the previous one (c10d's StoreTimeoutGuard). The
+/// guard keeps the store alive.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for a negative timeout. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_timeout_guard_new(
     store: *const dc_store,
@@ -480,10 +567,20 @@ pub unsafe extern "C" fn dc_store_timeout_guard_new(
 }
 
 /// Restores the timeout the store had before the guard, and frees the
-/// guard. NULL does nothing.
+/// guard. NULL does nothing. Never fails or blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_timeout_guard_free(guard: *mut dc_store_timeout_guard) {
     unsafe { drop_handle("dc_store_timeout_guard_free", guard) }
+}
+
+/// A barrier's world size: at least 1.
+fn arg_world_size(world_size: i32) -> Result<i64> {
+    if world_size < 1 {
+        return Err(crate::Error::invalid_argument(format!(
+            "world_size must be at least 1, not {world_size}"
+        )));
+    }
+    Ok(world_size.into())
 }
 
 /// Gives the caller a new work for a background operation.
@@ -492,19 +589,26 @@ fn give_work(out: &mut *mut dc_work, work: Result<crate::work::Work>) -> Result<
     Ok(())
 }
 
-/// Starts `dc_store_get` in the background: the work completes with the
-/// value as its result (`dc_work_result`) or with the get's error.
+/// Starts `dc_store_get` in the background and writes its work into `out`:
+/// the work completes with the value as its result (`dc_work_result`) or
+/// with the get's error (DC_ERR_TIMEOUT after the store's timeout).
 ///
-/// On a TCPStore (and a PrefixStore over one) async calls cost no thread:
-/// each waits on a connection of its own, driven by one process-wide
-/// thread, which also completes the work (callbacks run there). The call
-/// blocks only to open that connection when none is idle (bounded by the
-/// store's timeout). On a HashStore the call completes with the change that
-/// satisfies it (callbacks run on that thread, or on the process's timer
-/// thread for a timeout). On a FileStore, whose changes come from other
-/// processes, the blocking call runs on a thread of its own. `dc_work_abort`,
-/// or freeing the last handle with no callback registered, releases the
-/// operation (TCPStore, HashStore).
+/// Threads: on a TCPStore (and a PrefixStore over one) async calls cost no
+/// thread: each waits on a connection of its own, driven by one process-wide
+/// thread, which also completes the work (its callbacks run there, so they
+/// should not block: every async call of the process waits meanwhile). On a
+/// HashStore the work completes on the thread whose change satisfies it, or
+/// on the process's timer thread for a timeout. On a FileStore, whose
+/// changes come from other processes, the blocking call runs on a thread of
+/// its own, which completes the work.
+///
+/// Blocks: on a TCPStore, only to open a connection when none is idle (at
+/// most the store's timeout). `dc_work_abort`, or freeing the last handle of
+/// the work with no callback registered, releases the operation (TCPStore,
+/// HashStore): its connection closes and the server forgets the wait.
+///
+/// Errors: those of opening a connection (DC_ERR_NETWORK); the get's own
+/// errors come through the work.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_get_async(
     store: *const dc_store,
@@ -518,8 +622,12 @@ pub unsafe extern "C" fn dc_store_get_async(
     })
 }
 
-/// Starts `dc_store_wait` in the background; the work completes when the
-/// keys exist (no result) or with the wait's error.
+/// Starts `dc_store_wait` in the background and writes its work into `out`:
+/// the work completes when the keys exist (no result) or with the wait's
+/// error. Threads, blocking and release as `dc_store_get_async`.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for more keys than one request takes;
+/// those of opening a connection.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_wait_async(
     store: *const dc_store,
@@ -540,8 +648,12 @@ pub unsafe extern "C" fn dc_store_wait_async(
     })
 }
 
-/// Starts a blocking `dc_store_queue_pop` in the background; the work's
-/// result is the element.
+/// Starts a blocking `dc_store_queue_pop` in the background and writes its
+/// work into `out`: the work's result is the element, or its error
+/// DC_ERR_TIMEOUT after the store's timeout. Threads, blocking and release
+/// as `dc_store_get_async`.
+///
+/// Errors: those of opening a connection.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_queue_pop_async(
     store: *const dc_store,
@@ -555,8 +667,12 @@ pub unsafe extern "C" fn dc_store_queue_pop_async(
     })
 }
 
-/// Starts `dc_store_barrier` in the background; the work completes when the
-/// barrier releases (no result) or with its error.
+/// Starts `dc_store_barrier` in the background and writes its work into
+/// `out`: the work completes when the barrier releases (no result) or with
+/// its error. Threads, blocking and release as `dc_store_get_async`.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for a `world_size` below 1; those of
+/// opening a connection.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_barrier_async(
     store: *const dc_store,
@@ -570,6 +686,9 @@ pub unsafe extern "C" fn dc_store_barrier_async(
         let key = unsafe { arg_str(key, "key") }?.to_owned();
         let timeout = arg_timeout(timeout_ms)?;
         let out = unsafe { arg_out(out, "out") }?;
-        give_work(out, store.barrier_async(key, world_size.into(), timeout))
+        give_work(
+            out,
+            store.barrier_async(key, arg_world_size(world_size)?, timeout),
+        )
     })
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, CString};
 use std::net::IpAddr;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,7 +132,10 @@ pub unsafe extern "C" fn dc_tcp_store_options_init(
     })
 }
 
-unsafe fn options_arg(opts: &dc_tcp_store_options) -> Result<TcpStoreOptions> {
+unsafe fn options_arg(
+    opts: &dc_tcp_store_options,
+    master_listen_fd: Option<Arc<OwnedFd>>,
+) -> Result<TcpStoreOptions> {
     let host = unsafe { arg_str(opts.host, "opts->host") }?.to_owned();
     let bind_address = unsafe { arg_opt_str(opts.bind_address, "opts->bind_address") }?
         .map(|a| {
@@ -159,7 +163,7 @@ unsafe fn options_arg(opts: &dc_tcp_store_options) -> Result<TcpStoreOptions> {
         wait_for_workers: opts.wait_for_workers,
         timeout: Duration::from_millis(timeout_ms),
         multi_tenant: opts.multi_tenant,
-        master_listen_fd: (opts.master_listen_fd >= 0).then_some(opts.master_listen_fd),
+        master_listen_fd,
         bind_address,
         max_value_len,
     })
@@ -198,7 +202,14 @@ pub unsafe extern "C" fn dc_tcp_store_new(
     out: *mut *mut dc_store,
 ) -> dc_status {
     boundary("dc_tcp_store_new", || {
-        let opts = unsafe { options_arg(&arg_versioned(opts, "opts", default_options())?) }?;
+        let opts = unsafe { arg_versioned(opts, "opts", default_options()) }?;
+        // From here on a server's listening socket is ours: the server
+        // closes it when it stops, and it closes at once if this fails.
+        let listen_fd = (opts.is_server && opts.master_listen_fd >= 0).then(|| {
+            // SAFETY: the caller hands over a socket it no longer uses.
+            Arc::new(unsafe { OwnedFd::from_raw_fd(opts.master_listen_fd) })
+        });
+        let opts = unsafe { options_arg(&opts, listen_fd) }?;
         let out = unsafe { arg_out(out, "out") }?;
         give(out, dc_store::new(Arc::new(TcpStore::new(opts)?)));
         Ok(())

@@ -169,7 +169,12 @@ fn main() -> ExitCode {
             ServerOptions {
                 port,
                 bind_address: host,
-                listen_fd,
+                // SAFETY: the launcher hands this process the socket.
+                listen_fd: listen_fd.map(|fd| {
+                    std::sync::Arc::new(unsafe {
+                        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+                    })
+                }),
                 limits: Limits::with_max_value_len(max_value_size),
                 ..ServerOptions::default()
             },

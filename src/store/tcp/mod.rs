@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::os::fd::RawFd;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -50,7 +50,7 @@ pub struct TcpStoreOptions {
     /// Share one server between handles of this process asking for the same port.
     pub multi_tenant: bool,
     /// Serve on this already-listening socket (PyTorch's `master_listen_fd`).
-    pub master_listen_fd: Option<RawFd>,
+    pub master_listen_fd: Option<Arc<OwnedFd>>,
     /// Listen only on this address (default: every interface, dual-stack).
     pub bind_address: Option<IpAddr>,
     /// Largest value the server accepts.
@@ -86,7 +86,7 @@ fn start_server(options: &TcpStoreOptions) -> Result<Arc<Server>> {
     let server_options = ServerOptions {
         port: options.port,
         bind_address: options.bind_address,
-        listen_fd: options.master_listen_fd,
+        listen_fd: options.master_listen_fd.clone(),
         limits: Limits::with_max_value_len(options.max_value_len),
         extensions: true,
     };

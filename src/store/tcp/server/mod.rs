@@ -21,7 +21,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -50,8 +50,9 @@ pub struct ServerOptions {
     pub port: u16,
     /// Listen only on this address; `None`: every interface, dual-stack.
     pub bind_address: Option<IpAddr>,
-    /// Take over this already-listening socket instead of binding.
-    pub listen_fd: Option<RawFd>,
+    /// Serve on this already-listening socket instead of binding (the
+    /// server keeps a duplicate; the socket closes with the last of them).
+    pub listen_fd: Option<Arc<OwnedFd>>,
     /// Request size limits.
     pub limits: Limits,
     /// Answer distcore clients' HELLO probe and accept the extension
@@ -97,8 +98,10 @@ impl Server {
     pub fn start(options: ServerOptions) -> Result<Server> {
         crate::logging::init();
         let std_listener = match options.listen_fd {
-            // SAFETY: the caller hands us a listening socket it no longer uses.
-            Some(fd) => unsafe { std::net::TcpListener::from_raw_fd(fd) },
+            Some(fd) => fd
+                .try_clone()
+                .map(std::net::TcpListener::from)
+                .map_err(|e| Error::network(format!("listening socket: {e}")))?,
             None => listen(options.bind_address, options.port)
                 .map_err(|e| listen_error(options.bind_address, options.port, &e))?,
         };

@@ -254,11 +254,10 @@ fn cancel_and_disconnect_leave_no_waiter() {
 
 #[test]
 fn takes_over_a_listening_socket() {
-    use std::os::fd::IntoRawFd;
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let srv = Server::start(ServerOptions {
-        listen_fd: Some(l.into_raw_fd()),
+        listen_fd: Some(std::sync::Arc::new(l.into())),
         ..ServerOptions::default()
     })
     .unwrap();
