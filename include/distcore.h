@@ -148,7 +148,8 @@ typedef int32_t dc_log_level;
 #endif // __cplusplus
 
 // A worker of an RPC group. Thread-safe. Shut down with
-// `dc_rpc_shutdown`, then free with `dc_rpc_free`.
+// `dc_rpc_shutdown`, then free with `dc_rpc_free`. Its agent runs threads
+// of its own: one moving bytes and `num_worker_threads` running functions.
 typedef struct dc_rpc dc_rpc;
 
 // Where a registered function puts its result (or its error message).
@@ -225,11 +226,15 @@ typedef void (*dc_log_fn)(dc_log_level level,
                           void *user_data);
 
 // A function other workers call by name. Runs on one of the RPC worker
-// threads with the argument bytes, the RRefs passed along (borrowed views,
+// threads (`num_worker_threads` of them, so up to that many calls at
+// once) with the argument bytes, the RRefs passed along (borrowed views,
 // all confirmed by their owners; `dc_rref_clone` one to keep it) and the
-// caller's id. Puts its result with `dc_rpc_reply_set`; returns DC_OK, or
-// an error status (the message from `dc_rpc_reply_set_error`) that the
-// caller receives as DC_ERR_REMOTE.
+// caller's id. `args`, `rrefs` and `reply` are valid during the call only.
+// Puts its result with `dc_rpc_reply_set`; returns DC_OK, or an error
+// status (the message from `dc_rpc_reply_set_error`) that the caller
+// receives as DC_ERR_REMOTE. It may call any distcore function, RPCs to
+// other workers included (each holds its worker thread while it waits),
+// but not `dc_rpc_shutdown` or `dc_rpc_free` of its own worker.
 typedef dc_status (*dc_rpc_function)(const uint8_t *args,
                                      size_t len,
                                      const dc_rref *const *rrefs,
@@ -297,7 +302,8 @@ typedef struct {
   // `sizeof(dc_tcp_store_options)` in the caller's header; set by
   // `dc_tcp_store_options_init`.
   size_t struct_size;
-  // Host to connect to (NUL-terminated; a name, an IPv4 or IPv6 literal).
+  // Host to connect to (NUL-terminated; a name, an IPv4 or IPv6
+  // literal); read during `dc_tcp_store_new` only.
   const char *host;
   // Port; for a server 0 picks a free one (read it with dc_tcp_store_port).
   uint16_t port;
@@ -305,18 +311,26 @@ typedef struct {
   bool is_server;
   // Number of store handles in the job, server included; -1: unknown.
   int32_t world_size;
-  // Count this handle in `init/`; the server then waits for world_size.
+  // Count this handle in the job's worker count (PyTorch's key "init/",
+  // which every client adds 1 to once and `dc_store_add(store, "init/",
+  // 0, &n)` reads); a server handle then waits until `world_size` have.
   bool wait_for_workers;
   // Timeout of connecting and of every call, in ms (0: forever).
   int64_t timeout_ms;
-  // Share one server among handles of this process on the same port.
+  // Share one server among the handles of this process that ask for
+  // the same port (the server stops with the last of them).
   bool multi_tenant;
-  // Serve on this already-listening socket; < 0: bind a new one.
+  // Serve on this already-listening socket; -1: bind a new one. With
+  // `is_server`, distcore owns the fd from the call on, whatever its
+  // outcome: the server closes it when it stops, a failing call at once
+  // (unless `opts` itself is rejected: NULL or a bad struct_size).
+  // Ignored by clients.
   int master_listen_fd;
   // Listen only on this address (NUL-terminated IP); NULL: every
   // interface, dual-stack when IPv6 is available.
   const char *bind_address;
-  // Largest value the server accepts, in bytes; 0: 64 MiB.
+  // Largest value the server accepts, in bytes; 0: 64 MiB. Ignored by
+  // clients (they learn the limit from the server).
   uint64_t max_value_size;
 } dc_tcp_store_options;
 
@@ -421,17 +435,23 @@ const char *dc_status_str(dc_status code);
 const char *dc_version(void);
 
 // Frees the bytes of `buf` and sets it to `{NULL, 0}`. NULL, or a buffer
-// already freed, does nothing. Thread-safe for distinct buffers.
+// already freed, does nothing. Thread-safe for distinct buffers. Never
+// fails or blocks.
 void dc_buf_free(dc_buf *buf);
 
 // Frees every buffer of `array` and the array, then sets it to `{NULL, 0}`.
-// NULL, or an array already freed, does nothing.
+// NULL, or an array already freed, does nothing. Never fails or blocks.
 void dc_buf_array_free(dc_buf_array *array);
 
 // torchelastic's barrier: blocks until `world_size` members entered the
 // barrier `key_prefix` (keys `<prefix>/num_members`, `<prefix>/last_member`;
 // usable once per prefix), with the store's timeout set to `timeout_ms`
-// meanwhile (DC_TIMEOUT_DEFAULT: keep the store's; 0: forever).
+// meanwhile (DC_TIMEOUT_DEFAULT: keep the store's; DC_TIMEOUT_FOREVER: no
+// limit) and restored after.
+//
+// Errors: DC_ERR_TIMEOUT when fewer than `world_size` arrived in time; the
+// store's errors. Blocks until all arrived, at most the timeout (per store
+// call).
 dc_status dc_elastic_barrier(const dc_store *store,
                              int32_t world_size,
                              const char *key_prefix,
@@ -441,6 +461,9 @@ dc_status dc_elastic_barrier(const dc_store *store,
 // arrived (waiting up to `trace_timeout_ms` for the first) and fails with
 // torchelastic's "Timed out waiting on barrier on rank R, for key prefix:
 // P (world_size=N, missing_ranks=[...], timeout=T)".
+//
+// Errors: as `dc_elastic_barrier`. Blocks: as `dc_elastic_barrier`, plus
+// up to `trace_timeout_ms` on a timeout.
 dc_status dc_elastic_barrier_traced(const dc_store *store,
                                     int32_t world_size,
                                     const char *key_prefix,
@@ -452,6 +475,9 @@ dc_status dc_elastic_barrier_traced(const dc_store *store,
 // `<key_prefix><rank>` and writes every rank's data, in rank order, into
 // `out` (free with `dc_buf_array_free`). The store's timeout is
 // `timeout_ms` meanwhile (DC_TIMEOUT_DEFAULT: keep the store's).
+//
+// Errors: DC_ERR_TIMEOUT when a rank's data did not arrive in time; the
+// store's errors. Blocks until every rank published, at most the timeout.
 dc_status dc_elastic_synchronize(const dc_store *store,
                                  const uint8_t *data,
                                  size_t len,
@@ -464,6 +490,10 @@ dc_status dc_elastic_synchronize(const dc_store *store,
 // torchelastic's get_all: writes the values of `<prefix>0` ..
 // `<prefix><world_size-1>` into `out` (waiting for each), then checks in to
 // `<prefix>/finished`; rank 0 waits for every rank to check in.
+//
+// Errors: DC_ERR_TIMEOUT after the store's timeout; the store's errors.
+// Blocks until every value exists (and, on rank 0, every rank checked in),
+// each wait at most the store's timeout.
 dc_status dc_elastic_get_all(const dc_store *store,
                              int32_t rank,
                              const char *prefix,
@@ -493,11 +523,21 @@ dc_status dc_set_log_callback(dc_log_level level, dc_log_fn callback, void *user
 // distcore header had. Never blocks.
 dc_status dc_rpc_options_init(dc_rpc_options *opts, size_t struct_size);
 
-// Joins an RPC group of `world_size` workers through `store`: listens on an
-// ephemeral port, registers `opts->functions`, publishes `name` and its
-// address, and learns every other worker (blocks until all have joined, or
-// fails with DC_ERR_TIMEOUT after the RPC timeout). `opts` may be NULL for
-// the defaults.
+// Joins an RPC group of `world_size` workers through `store` as worker
+// `rank` (0 <= rank < world_size <= 65535) named `name`, and writes the
+// handle into `out`: listens on an ephemeral port of
+// `opts->listen_address`, registers `opts->functions`, publishes its name
+// and address in the store, and learns every other worker. `opts` may be
+// NULL for the defaults. The functions' names are copied; the function
+// pointers and their `user_data` must stay valid until `dc_rpc_free`
+// returned. The store handle may be freed once this returns.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for an empty or multi-line name, a rank
+// or world size out of range, a listen_address that is not an IP, a NULL
+// function; DC_ERR_NETWORK when the listener cannot be bound; DC_ERR_TIMEOUT
+// when not every worker joined within the RPC timeout (60 s when it is
+// 0); the store's errors. Blocks until every worker has joined, at most the
+// RPC timeout.
 dc_status dc_rpc_init(const dc_store *store,
                       const char *name,
                       int32_t rank,
@@ -505,29 +545,50 @@ dc_status dc_rpc_init(const dc_store *store,
                       const dc_rpc_options *opts,
                       dc_rpc **out);
 
-// Registers (or replaces) a function after init. Calls may arrive before
-// this returns on other workers' view: prefer `opts->functions`.
+// Registers (or replaces) the function `name` after init. Other workers
+// may call before this returns on their side: prefer `opts->functions`.
+// `function` and `user_data` must stay valid until `dc_rpc_free` returned.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a NULL function. Never blocks.
 dc_status dc_rpc_register_function(const dc_rpc *rpc,
                                    const char *name,
                                    dc_rpc_function function,
                                    void *user_data);
 
-// Stops this worker (if not already) and frees the handle. NULL does nothing.
+// Stops this worker if it is still running (as a non-graceful
+// `dc_rpc_shutdown`: pending calls fail with DC_ERR_SHUT_DOWN) and frees
+// the handle; once this returns no registered function runs any more. NULL
+// does nothing. RRef handles may outlive it: their calls then fail with
+// DC_ERR_SHUT_DOWN, and they must still be freed. Blocks while the agent's
+// threads stop (running functions finish first).
 void dc_rpc_free(dc_rpc *rpc);
 
 // Shuts this worker down. Graceful: waits for every worker (through the
-// store), settles and deletes every RRef, waits again, stops; leaked RRefs
-// are a warning, or DC_ERR_INVALID_STATE listing them when
-// `ignore_rref_leak` was false. Not graceful: stops at once; pending calls
-// fail with DC_ERR_SHUT_DOWN. `timeout_ms`: DC_TIMEOUT_DEFAULT for the RPC
-// timeout.
+// store), settles and deletes every RRef, waits again, stops. Not
+// graceful: stops at once; pending calls fail with DC_ERR_SHUT_DOWN.
+// `timeout_ms`: DC_TIMEOUT_DEFAULT for the RPC timeout. A second call does
+// nothing.
+//
+// Errors: DC_ERR_INVALID_STATE listing leaked RRefs when
+// `ignore_rref_leak` was false (else they are a warning in the log);
+// DC_ERR_TIMEOUT when the other workers did not reach shutdown in time;
+// the store's errors. Blocks: graceful, until every worker arrives, at most
+// `timeout_ms` for each of the two rounds.
 dc_status dc_rpc_shutdown(const dc_rpc *rpc, bool graceful, int64_t timeout_ms);
 
-// Calls `func` on worker `to` with the `len` bytes at `args` and `num_rrefs`
-// RRefs, and writes the reply into `out`. DC_ERR_REMOTE with the remote
-// message when the function fails there, DC_ERR_TIMEOUT after `timeout_ms`
-// (DC_TIMEOUT_DEFAULT: the RPC timeout; 0: none), DC_ERR_NETWORK when the
-// worker is unreachable.
+// Calls the function `func` on worker `to` with the `len` bytes at `args`
+// and `num_rrefs` RRefs (passed on as forks, as PyTorch does), and writes
+// the reply into `out`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for an unknown worker ("Unknown
+// destination worker W"); DC_ERR_REMOTE with the remote message when the
+// function fails there or is not registered ("Unknown function 'F' on
+// worker 'W'"); DC_ERR_TIMEOUT after `timeout_ms` (DC_TIMEOUT_DEFAULT: the
+// RPC timeout; DC_TIMEOUT_FOREVER: none); DC_ERR_NETWORK when the worker is
+// unreachable or dies; DC_ERR_SHUT_DOWN after shutdown. Blocks until the
+// reply, at most `timeout_ms`. Calling from inside a registered function
+// occupies one of the worker threads meanwhile: nested calls deeper than
+// `num_worker_threads` can only end by timing out.
 dc_status dc_rpc_sync(const dc_rpc *rpc,
                       const char *to,
                       const char *func,
@@ -538,8 +599,13 @@ dc_status dc_rpc_sync(const dc_rpc *rpc,
                       int64_t timeout_ms,
                       dc_buf *out);
 
-// `dc_rpc_sync` without waiting: the work completes with the reply as its
-// result (`dc_work_result`) or with the call's error.
+// `dc_rpc_sync` without waiting: writes into `out` a work that completes
+// with the reply as its result (`dc_work_result`) or with the call's error,
+// on the agent's thread (callbacks run there: keep them short).
+//
+// Errors: as `dc_rpc_sync` for what is known before sending (an unknown
+// worker, shutdown); the rest comes through the work. Does not wait for
+// the reply.
 dc_status dc_rpc_async(const dc_rpc *rpc,
                        const char *to,
                        const char *func,
@@ -550,10 +616,14 @@ dc_status dc_rpc_async(const dc_rpc *rpc,
                        int64_t timeout_ms,
                        dc_work **out);
 
-// Runs `func` on worker `to`, keeping its result there, and writes an RRef
-// to it into `out` (the OwnerRRef itself when `to` is this worker). If the
-// function fails, or the call times out, the RRef carries the error:
-// to_here and passing it on report it.
+// Runs `func` on worker `to`, keeping its result there, and writes into
+// `out` an RRef to it (the OwnerRRef itself when `to` is this worker). If
+// the function fails, or the call times out, the RRef carries the error:
+// `dc_rref_to_here` and passing it on report it.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for an unknown worker; DC_ERR_SHUT_DOWN
+// after shutdown. Does not wait for the function (to self: it runs on a
+// worker thread).
 dc_status dc_rpc_remote(const dc_rpc *rpc,
                         const char *to,
                         const char *func,
@@ -564,49 +634,87 @@ dc_status dc_rpc_remote(const dc_rpc *rpc,
                         int64_t timeout_ms,
                         dc_rref **out);
 
-// Writes the id (rank) of the worker named `name`.
+// Writes into `out_id` the id (rank) of the worker named `name`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for an unknown name. Never blocks.
 dc_status dc_rpc_worker_id(const dc_rpc *rpc, const char *name, int32_t *out_id);
 
 // Writes the name of this worker into `out`.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_rpc_self_name(const dc_rpc *rpc, dc_buf *out);
 
-// Writes this worker's RRef counters (all zero once nothing is shared).
+// Writes this worker's RRef counters into `out` (all zero once nothing is
+// shared), whose `struct_size` the caller set to sizeof(dc_rref_debug_info).
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a wrong `out->struct_size`. Never
+// blocks.
 dc_status dc_rpc_debug_info(const dc_rpc *rpc, dc_rref_debug_info *out);
 
-// Puts the result bytes of a function call.
+// Puts the result bytes of a function call (a copy). `reply` is the one
+// the function was given, valid until the function returns.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when the bytes cannot be copied. Never
+// blocks.
 dc_status dc_rpc_reply_set(dc_rpc_reply *reply, const uint8_t *data, size_t len);
 
-// Puts the error message of a failing function call (return a non-OK status).
+// Puts the error message of a failing function call (the function then
+// returns a non-OK status). `reply` is valid until the function returns.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_rpc_reply_set_error(dc_rpc_reply *reply, const char *message);
 
 // Creates an RRef owned by this worker, holding a copy of the `len` bytes
-// at `data` (PyTorch's `rpc.RRef(value)`).
+// at `data` (PyTorch's `rpc.RRef(value)`), and writes it into `out`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when the bytes cannot be copied. Never
+// blocks.
 dc_status dc_rref_new(const dc_rpc *rpc, const uint8_t *data, size_t len, dc_rref **out);
 
-// A new handle on the same reference (not a new fork).
+// Writes into `out` a new handle on the same reference (not a new fork:
+// the owner is not told).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_rref_clone(const dc_rref *rref, dc_rref **out);
 
 // Releases an RRef handle; the last handle of a user's fork tells the
-// owner, whose value goes when its last fork does. NULL does nothing.
+// owner (in the background), whose value goes when its last fork does.
+// NULL does nothing. Never fails or blocks.
 void dc_rref_free(dc_rref *rref);
 
 // Writes the value into `out`: fetched from the owner (waiting up to
-// `timeout_ms`), or local on the owner. The RRef's creation error, if any.
+// `timeout_ms`: DC_TIMEOUT_DEFAULT for the RPC timeout), or local on the
+// owner.
+//
+// Errors: the RRef's creation error, if its remote() failed;
+// DC_ERR_TIMEOUT, DC_ERR_NETWORK, DC_ERR_SHUT_DOWN as `dc_rpc_sync`. Blocks
+// until the owner answers, at most `timeout_ms`.
 dc_status dc_rref_to_here(const dc_rref *rref, int64_t timeout_ms, dc_buf *out);
 
-// Writes the value of an RRef this worker owns; DC_ERR_INVALID_STATE on a user.
+// Writes into `out` the value of an RRef this worker owns.
+//
+// Errors: DC_ERR_INVALID_STATE on a user (not the owner). Never blocks.
 dc_status dc_rref_local_value(const dc_rref *rref, dc_buf *out);
 
-// Writes the owner's worker id.
+// Writes into `out_id` the owner's worker id.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_rref_owner_id(const dc_rref *rref, int32_t *out_id);
 
 // Writes the owner's worker name into `out`.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_rref_owner_name(const dc_rref *rref, dc_buf *out);
 
-// Writes whether this handle is on the owner.
+// Writes into `out` whether this handle is on the owner.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_rref_is_owner(const dc_rref *rref, bool *out);
 
-// Writes whether the owner has confirmed this reference (true on the owner).
+// Writes into `out` whether the owner has confirmed this reference (true on
+// the owner).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_rref_confirmed_by_owner(const dc_rref *rref, bool *out);
 
 // Creates an empty in-process store (c10d's HashStore), shared by every
@@ -873,11 +981,19 @@ dc_status dc_store_barrier_async(const dc_store *store,
 // no distcore header had. Never blocks.
 dc_status dc_tcp_store_options_init(dc_tcp_store_options *opts, size_t struct_size);
 
-// Creates a TCPStore handle: starts the server if `opts->is_server`,
-// connects (retrying with backoff until the timeout: DC_ERR_NETWORK after
-// it), and with a world size and wait_for_workers counts itself in; the
-// server then blocks until every worker joined (DC_ERR_TIMEOUT "Timed out
-// after N seconds waiting for clients. x/y clients joined.").
+// Creates a TCPStore handle and writes it into `out`: starts the server if
+// `opts->is_server`, connects (retrying with backoff until the timeout), and
+// with a world size and wait_for_workers counts itself in; the server
+// handle then waits until every worker has joined.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for bad options (a NULL host, a
+// bind_address that is not an IP, a negative timeout); DC_ERR_NETWORK when
+// the server's port cannot be bound ("address already in use", with the
+// port) or the server cannot be reached before the timeout; DC_ERR_TIMEOUT
+// ("Timed out after N seconds waiting for clients. x/y clients joined.")
+// when the world did not gather in time. Blocks: connecting, at most
+// `opts->timeout_ms`; a server handle waiting for workers, at most
+// `opts->timeout_ms` more.
 //
 // What the handle promises, against our server or PyTorch's:
 // - Threads: a call blocked in one thread (get, wait, barrier, a blocking
@@ -895,39 +1011,61 @@ dc_status dc_tcp_store_options_init(dc_tcp_store_options *opts, size_t struct_si
 //   reply over them closes the connection (DC_ERR_PROTOCOL).
 // - Recovery: a broken connection (a timeout mid-reply, a restarted
 //   server, a healed partition) is replaced on the next call, which
-//   reconnects with backoff within its own timeout; `init/` is never
-//   counted again. A call whose request was in flight fails with
+//   reconnects with backoff within its own timeout; the handle is never
+//   counted in "init/" again. A call whose request was in flight fails with
 //   DC_ERR_NETWORK or DC_ERR_TIMEOUT and is not retried (a set or an add
 //   may or may not have been applied); a call that found its connection
 //   closed before sending anything reconnects and goes on.
+// - Server: the server runs on a thread of its own until the last handle
+//   holding it is freed (`dc_store_free` then joins it).
 dc_status dc_tcp_store_new(const dc_tcp_store_options *opts, dc_store **out);
 
-// Writes the port of the server the TCPStore handle talks to (the chosen
-// one when a server asked for port 0).
+// Writes into `out_port` the port of the server the TCPStore handle talks
+// to (the chosen one when a server asked for port 0).
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` is not a TCPStore (a
+// PrefixStore over one is not either). Never blocks.
 dc_status dc_tcp_store_port(const dc_store *store, uint16_t *out_port);
 
-// Counts this handle in `init/` and, on the server, blocks until the world
-// size is reached (PyTorch's TCPStore::waitForWorkers). Does nothing
-// without a world size.
+// Counts this handle in "init/" (once per handle) and, on the server
+// handle, waits until the world size is reached (PyTorch's
+// TCPStore::waitForWorkers). Does nothing without a world size.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` is not a TCPStore;
+// DC_ERR_TIMEOUT ("Timed out after N seconds waiting for clients. x/y
+// clients joined.") after the store's timeout. Blocks: on the server
+// handle, until the workers joined, at most the store's timeout.
 dc_status dc_tcp_store_wait_for_workers(const dc_store *store);
 
 // Writes up to `capacity` per-operation latency counters of this handle
 // into `out` and their total number into `out_len` (call with capacity 0
-// to size the array).
+// and `out` NULL to size the array). The `op` strings are static.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` is not a TCPStore. Never
+// blocks.
 dc_status dc_tcp_store_counters(const dc_store *store,
                                 dc_client_counter *out,
                                 size_t capacity,
                                 size_t *out_len);
 
-// Writes the load of the server this handle runs (DC_ERR_INVALID_ARGUMENT
-// for a handle that runs no server).
+// Writes the load of the server this handle runs into `out`, whose
+// `struct_size` the caller set to sizeof(dc_server_stats).
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` is not a TCPStore, runs no
+// server, or `out->struct_size` is wrong. Never blocks (the server
+// publishes a snapshot after each turn of its event loop).
 dc_status dc_tcp_store_server_stats(const dc_store *store, dc_server_stats *out);
 
-// Creates a pending work of `rank` performing `op_type` (a `dc_op_type`,
-// c10d's OpType numbers: DC_OP_TYPE_BROADCAST = 0 ... DC_OP_TYPE_UNKNOWN = 100). `profiling_title`
-// may be NULL; with one, the profiler begin hook runs now and the end hook
-// at finish. `timeout_ms` < 0 means none; otherwise it is what
-// `dc_work_timeout` reports and the default of `dc_work_wait`.
+// Creates a pending work of `rank` performing `op_type` (c10d's OpType
+// numbers) and writes it into `out`. `profiling_title` may be NULL; with
+// one, the profiler begin hook runs now, on this thread, and the end hook
+// when the work finishes (or its last handle is freed unfinished).
+// `timeout_ms`: DC_TIMEOUT_DEFAULT or DC_TIMEOUT_FOREVER for none, else the
+// work's own timeout, which `dc_work_timeout` reports and `dc_work_wait`
+// uses by default.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for an `op_type` that is not a
+// dc_op_type or a timeout below -1. Never blocks (beyond the begin hook).
 dc_status dc_work_new(int32_t rank,
                       dc_op_type op_type,
                       const char *profiling_title,
@@ -935,8 +1073,10 @@ dc_status dc_work_new(int32_t rank,
                       dc_work **out);
 
 // Creates a pending work that wraps a future (c10d's create_from_future):
-// rank -1, op type UNKNOWN, completed by `dc_work_finish_with_result` or
-// `dc_work_finish`.
+// rank -1, op type DC_OP_TYPE_UNKNOWN, no timeout, completed by
+// `dc_work_finish_with_result` or `dc_work_finish`.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_new_future(dc_work **out);
 
 // Releases a work handle. NULL does nothing. Safe while other threads are
@@ -944,80 +1084,123 @@ dc_status dc_work_new_future(dc_work **out);
 // until they return, and its callbacks still run. Freeing the last handle
 // of a pending async store operation with no callback registered releases
 // the operation (its connection closes; the server forgets the wait).
+// Never fails or blocks (beyond the profiler end hook of an unfinished
+// profiled work).
 void dc_work_free(dc_work *work);
 
-// Writes whether the work has completed (successfully or not).
+// Writes into `out` whether the work has completed (successfully or not).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_is_completed(const dc_work *work, bool *out);
 
-// Writes whether the work completed without an error (false while pending).
+// Writes into `out` whether the work completed without an error (false
+// while pending).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_is_success(const dc_work *work, bool *out);
 
 // Writes the error of a failed work: its status into `out_status` (DC_OK
 // when the work has not failed) and, if `out_message` is not NULL, its
 // message into a new buffer (empty when there is none).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_error(const dc_work *work, dc_status *out_status, dc_buf *out_message);
 
 // Blocks until the work completes, for at most `timeout_ms`
-// (DC_TIMEOUT_DEFAULT: the work's timeout, or forever without one; 0:
-// forever). Returns DC_OK, the work's own error (every time it is waited
-// on), or DC_ERR_TIMEOUT "Operation timed out!".
+// (DC_TIMEOUT_DEFAULT: the work's own timeout, or forever without one;
+// DC_TIMEOUT_FOREVER: forever). Any number of threads may wait at once.
+//
+// Errors: the work's own error (every time it is waited on, with its
+// message); DC_ERR_TIMEOUT ("Operation timed out!", c10d's words) when it
+// is still pending at the deadline (the work goes on).
 dc_status dc_work_wait(const dc_work *work, int64_t timeout_ms);
 
 // Completes the work: successfully when `error_status` is DC_OK, else failed
 // with that status and `error_message` (NULL: the status's description).
-// Waiters wake, callbacks run on this thread, the fd becomes readable.
-// DC_ERR_INVALID_STATE if the work had already completed.
+// Waiters wake, the fd becomes readable, and the callbacks run on this
+// thread before this returns.
+//
+// Errors: DC_ERR_INVALID_STATE if the work had already completed;
+// DC_ERR_INVALID_ARGUMENT for an `error_status` that is not a dc_status.
+// Blocks while the callbacks run.
 dc_status dc_work_finish(const dc_work *work, dc_status error_status, const char *error_message);
 
 // Completes the work like `dc_work_finish`, then returns `error_status`
 // (with its message as the last error): c10d's finishAndThrow.
+//
+// Errors: as `dc_work_finish`, else `error_status` itself.
 dc_status dc_work_finish_and_throw(const dc_work *work,
                                    dc_status error_status,
                                    const char *error_message);
 
-// Completes the work successfully with a copy of `len` bytes at `data` as
-// its result. DC_ERR_INVALID_STATE if it had already completed.
+// Completes the work successfully with a copy of the `len` bytes at `data`
+// as its result; callbacks run on this thread before this returns.
+//
+// Errors: DC_ERR_INVALID_STATE if the work had already completed;
+// DC_ERR_INVALID_ARGUMENT when the bytes cannot be copied (too long).
 dc_status dc_work_finish_with_result(const dc_work *work, const uint8_t *data, size_t len);
 
-// Fails a pending work with DC_ERR_ABORTED ("Work aborted"); a completed
-// work is left as it is. Aborting an async store operation also releases
-// what it holds (its connection, the server's waiter).
+// Fails a pending work with DC_ERR_ABORTED ("Work aborted"), running its
+// callbacks on this thread; a completed work is left as it is. Aborting an
+// async store operation also releases what it holds (its connection, the
+// server's waiter).
+//
+// Errors: only the common ones. Blocks while the callbacks run.
 dc_status dc_work_abort(const dc_work *work);
 
 // Waits for the work's device streams; CPU works have none, so this returns
 // at once (c10d's base Work::synchronize).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_synchronize(const dc_work *work);
 
-// Writes the rank a receive work got its data from. DC_ERR_NOT_SUPPORTED
-// for works that are not receives (c10d's message), DC_ERR_INVALID_STATE
-// before the source is known.
+// Writes into `out` the rank a receive work got its data from.
+//
+// Errors: DC_ERR_NOT_SUPPORTED for works that are not receives (c10d's
+// message); DC_ERR_INVALID_STATE before the source is known. Never blocks.
 dc_status dc_work_source_rank(const dc_work *work, int32_t *out);
 
-// Records the rank a receive work (op type RECV or RECVANYSOURCE) got its
+// Records the rank a receive work (op type RECV or RECV_ANY_SOURCE) got its
 // data from.
+//
+// Errors: DC_ERR_NOT_SUPPORTED for works that are not receives. Never
+// blocks.
 dc_status dc_work_set_source_rank(const dc_work *work, int32_t rank);
 
-// Writes a copy of the result bytes of a completed work into `out`. A
-// failed work returns its error; a work completed without a result
-// DC_ERR_NOT_SUPPORTED "result() not implemented."; a pending one
-// DC_ERR_INVALID_STATE.
+// Writes a copy of the result bytes of a completed work into `out`.
+//
+// Errors: a failed work's own error; DC_ERR_NOT_SUPPORTED ("result() not
+// implemented.") for a work completed without a result; DC_ERR_INVALID_STATE
+// while pending. Never blocks.
 dc_status dc_work_result(const dc_work *work, dc_buf *out);
 
-// Writes the seconds from the work's creation to its completion;
-// DC_ERR_INVALID_STATE while pending.
+// Writes into `out_seconds` the seconds from the work's creation to its
+// completion.
+//
+// Errors: DC_ERR_INVALID_STATE while pending. Never blocks.
 dc_status dc_work_duration(const dc_work *work, double *out_seconds);
 
-// Writes the work's sequence number: process-wide, increasing with creation.
+// Writes into `out` the work's sequence number: process-wide, increasing
+// with creation.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_sequence_number(const dc_work *work, uint64_t *out);
 
-// Writes the rank the work was created with (-1 for a future work).
+// Writes into `out` the rank the work was created with (-1 for a future
+// work).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_rank(const dc_work *work, int32_t *out);
 
-// Writes the work's op type (c10d's OpType number).
+// Writes into `out` the work's op type.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_op_type(const dc_work *work, dc_op_type *out);
 
-// Writes the timeout the work was created with, in ms (DC_TIMEOUT_FOREVER,
-// 0, when it has none).
+// Writes into `out_ms` the timeout the work was created with, in ms
+// (DC_TIMEOUT_FOREVER, 0, when it has none).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_timeout(const dc_work *work, int64_t *out_ms);
 
 // c10d's name of an op type ("ALLREDUCE", "_ALLGATHER_BASE", ...), static;
@@ -1025,21 +1208,37 @@ dc_status dc_work_timeout(const dc_work *work, int64_t *out_ms);
 const char *dc_op_type_name(dc_op_type op_type);
 
 // Runs `callback(work_view, user_data)` once the work completes: on the
-// completing thread, or at once on this thread if it already has.
+// thread that completes it (see the operation that made the work: for
+// TCPStore async calls, the process's one async thread), or at once on this
+// thread if it already has. Callbacks run in the order they were added,
+// outside distcore's locks: they may call any distcore function, but should
+// return promptly (the completing thread waits for them). `work_view` is
+// valid during the call only; `user_data` must stay valid until the
+// callback ran.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a NULL callback. Blocks only to run
+// the callback when the work has already completed.
 dc_status dc_work_add_done_callback(const dc_work *work,
                                     dc_work_callback callback,
                                     void *user_data);
 
-// Writes a file descriptor that becomes readable once the work completes
-// (an eventfd; it stays readable). For poll/epoll/libuv/asyncio: do not
-// read or close it; it lives as long as the work.
+// Writes into `out_fd` a file descriptor that becomes readable once the
+// work completes (an eventfd; it stays readable). For poll/epoll/libuv/
+// asyncio: do not read or close it; it lives as long as the work.
+//
+// Errors: DC_ERR_IO when no eventfd can be made (out of file descriptors).
+// Never blocks.
 dc_status dc_work_fd(const dc_work *work, int *out_fd);
 
 // Installs process-wide profiler hooks: `begin` runs when a work with a
-// profiling title is created, `end` exactly once when it finishes (or is
-// freed unfinished). Both NULL removes the hooks; spans already begun still
-// end on the hooks that began them, so keep those callable. One NULL
-// without the other is DC_ERR_INVALID_ARGUMENT.
+// profiling title is created (on the creating thread), `end` exactly once
+// when it finishes or is freed unfinished (on that thread). Both NULL
+// removes the hooks; spans already begun still end on the hooks that began
+// them, so keep those callable and their `user_data` valid. Hooks must be
+// thread-safe and must not create or finish profiled works.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for one NULL hook without the other.
+// Never blocks.
 dc_status dc_set_profiler_hooks(dc_profiler_begin_fn begin,
                                 dc_profiler_end_fn end,
                                 void *user_data);

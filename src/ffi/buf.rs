@@ -73,7 +73,8 @@ impl dc_buf_array {
 }
 
 /// Frees the bytes of `buf` and sets it to `{NULL, 0}`. NULL, or a buffer
-/// already freed, does nothing. Thread-safe for distinct buffers.
+/// already freed, does nothing. Thread-safe for distinct buffers. Never
+/// fails or blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_buf_free(buf: *mut dc_buf) {
     boundary_void("dc_buf_free", || {
@@ -85,7 +86,7 @@ pub unsafe extern "C" fn dc_buf_free(buf: *mut dc_buf) {
 }
 
 /// Frees every buffer of `array` and the array, then sets it to `{NULL, 0}`.
-/// NULL, or an array already freed, does nothing.
+/// NULL, or an array already freed, does nothing. Never fails or blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_buf_array_free(array: *mut dc_buf_array) {
     boundary_void("dc_buf_array_free", || {

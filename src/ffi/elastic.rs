@@ -18,7 +18,12 @@ fn helper_timeout(store: &dyn Store, timeout_ms: i64) -> Result<Duration> {
 /// torchelastic's barrier: blocks until `world_size` members entered the
 /// barrier `key_prefix` (keys `<prefix>/num_members`, `<prefix>/last_member`;
 /// usable once per prefix), with the store's timeout set to `timeout_ms`
-/// meanwhile (DC_TIMEOUT_DEFAULT: keep the store's; 0: forever).
+/// meanwhile (DC_TIMEOUT_DEFAULT: keep the store's; DC_TIMEOUT_FOREVER: no
+/// limit) and restored after.
+///
+/// Errors: DC_ERR_TIMEOUT when fewer than `world_size` arrived in time; the
+/// store's errors. Blocks until all arrived, at most the timeout (per store
+/// call).
 #[no_mangle]
 pub unsafe extern "C" fn dc_elastic_barrier(
     store: *const dc_store,
@@ -38,6 +43,9 @@ pub unsafe extern "C" fn dc_elastic_barrier(
 /// arrived (waiting up to `trace_timeout_ms` for the first) and fails with
 /// torchelastic's "Timed out waiting on barrier on rank R, for key prefix:
 /// P (world_size=N, missing_ranks=[...], timeout=T)".
+///
+/// Errors: as `dc_elastic_barrier`. Blocks: as `dc_elastic_barrier`, plus
+/// up to `trace_timeout_ms` on a timeout.
 #[no_mangle]
 pub unsafe extern "C" fn dc_elastic_barrier_traced(
     store: *const dc_store,
@@ -67,6 +75,9 @@ pub unsafe extern "C" fn dc_elastic_barrier_traced(
 /// `<key_prefix><rank>` and writes every rank's data, in rank order, into
 /// `out` (free with `dc_buf_array_free`). The store's timeout is
 /// `timeout_ms` meanwhile (DC_TIMEOUT_DEFAULT: keep the store's).
+///
+/// Errors: DC_ERR_TIMEOUT when a rank's data did not arrive in time; the
+/// store's errors. Blocks until every rank published, at most the timeout.
 #[no_mangle]
 pub unsafe extern "C" fn dc_elastic_synchronize(
     store: *const dc_store,
@@ -100,6 +111,10 @@ pub unsafe extern "C" fn dc_elastic_synchronize(
 /// torchelastic's get_all: writes the values of `<prefix>0` ..
 /// `<prefix><world_size-1>` into `out` (waiting for each), then checks in to
 /// `<prefix>/finished`; rank 0 waits for every rank to check in.
+///
+/// Errors: DC_ERR_TIMEOUT after the store's timeout; the store's errors.
+/// Blocks until every value exists (and, on rank 0, every rank checked in),
+/// each wait at most the store's timeout.
 #[no_mangle]
 pub unsafe extern "C" fn dc_elastic_get_all(
     store: *const dc_store,

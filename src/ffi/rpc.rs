@@ -19,7 +19,8 @@ use crate::rpc::rref::RRef;
 use crate::rpc::{CallArgs, Rpc, RpcFunction, RpcOptions};
 
 /// A worker of an RPC group. Thread-safe. Shut down with
-/// `dc_rpc_shutdown`, then free with `dc_rpc_free`.
+/// `dc_rpc_shutdown`, then free with `dc_rpc_free`. Its agent runs threads
+/// of its own: one moving bytes and `num_worker_threads` running functions.
 pub struct dc_rpc {
     rpc: Arc<Rpc>,
     born: Born,
@@ -74,11 +75,15 @@ pub struct dc_rpc_reply {
 }
 
 /// A function other workers call by name. Runs on one of the RPC worker
-/// threads with the argument bytes, the RRefs passed along (borrowed views,
+/// threads (`num_worker_threads` of them, so up to that many calls at
+/// once) with the argument bytes, the RRefs passed along (borrowed views,
 /// all confirmed by their owners; `dc_rref_clone` one to keep it) and the
-/// caller's id. Puts its result with `dc_rpc_reply_set`; returns DC_OK, or
-/// an error status (the message from `dc_rpc_reply_set_error`) that the
-/// caller receives as DC_ERR_REMOTE.
+/// caller's id. `args`, `rrefs` and `reply` are valid during the call only.
+/// Puts its result with `dc_rpc_reply_set`; returns DC_OK, or an error
+/// status (the message from `dc_rpc_reply_set_error`) that the caller
+/// receives as DC_ERR_REMOTE. It may call any distcore function, RPCs to
+/// other workers included (each holds its worker thread while it waits),
+/// but not `dc_rpc_shutdown` or `dc_rpc_free` of its own worker.
 pub type dc_rpc_function = Option<
     unsafe extern "C" fn(
         args: *const u8,
@@ -292,11 +297,21 @@ unsafe fn rpc_options(opts: &dc_rpc_options) -> Result<RpcOptions> {
     })
 }
 
-/// Joins an RPC group of `world_size` workers through `store`: listens on an
-/// ephemeral port, registers `opts->functions`, publishes `name` and its
-/// address, and learns every other worker (blocks until all have joined, or
-/// fails with DC_ERR_TIMEOUT after the RPC timeout). `opts` may be NULL for
-/// the defaults.
+/// Joins an RPC group of `world_size` workers through `store` as worker
+/// `rank` (0 <= rank < world_size <= 65535) named `name`, and writes the
+/// handle into `out`: listens on an ephemeral port of
+/// `opts->listen_address`, registers `opts->functions`, publishes its name
+/// and address in the store, and learns every other worker. `opts` may be
+/// NULL for the defaults. The functions' names are copied; the function
+/// pointers and their `user_data` must stay valid until `dc_rpc_free`
+/// returned. The store handle may be freed once this returns.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for an empty or multi-line name, a rank
+/// or world size out of range, a listen_address that is not an IP, a NULL
+/// function; DC_ERR_NETWORK when the listener cannot be bound; DC_ERR_TIMEOUT
+/// when not every worker joined within the RPC timeout (60 s when it is
+/// 0); the store's errors. Blocks until every worker has joined, at most the
+/// RPC timeout.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_init(
     store: *const super::store::dc_store,
@@ -349,8 +364,11 @@ pub unsafe extern "C" fn dc_rpc_init(
     })
 }
 
-/// Registers (or replaces) a function after init. Calls may arrive before
-/// this returns on other workers' view: prefer `opts->functions`.
+/// Registers (or replaces) the function `name` after init. Other workers
+/// may call before this returns on their side: prefer `opts->functions`.
+/// `function` and `user_data` must stay valid until `dc_rpc_free` returned.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for a NULL function. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_register_function(
     rpc: *const dc_rpc,
@@ -368,7 +386,12 @@ pub unsafe extern "C" fn dc_rpc_register_function(
     })
 }
 
-/// Stops this worker (if not already) and frees the handle. NULL does nothing.
+/// Stops this worker if it is still running (as a non-graceful
+/// `dc_rpc_shutdown`: pending calls fail with DC_ERR_SHUT_DOWN) and frees
+/// the handle; once this returns no registered function runs any more. NULL
+/// does nothing. RRef handles may outlive it: their calls then fail with
+/// DC_ERR_SHUT_DOWN, and they must still be freed. Blocks while the agent's
+/// threads stop (running functions finish first).
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_free(rpc: *mut dc_rpc) {
     // SAFETY: NULL or a handle from dc_rpc_init.
@@ -379,11 +402,16 @@ pub unsafe extern "C" fn dc_rpc_free(rpc: *mut dc_rpc) {
 }
 
 /// Shuts this worker down. Graceful: waits for every worker (through the
-/// store), settles and deletes every RRef, waits again, stops; leaked RRefs
-/// are a warning, or DC_ERR_INVALID_STATE listing them when
-/// `ignore_rref_leak` was false. Not graceful: stops at once; pending calls
-/// fail with DC_ERR_SHUT_DOWN. `timeout_ms`: DC_TIMEOUT_DEFAULT for the RPC
-/// timeout.
+/// store), settles and deletes every RRef, waits again, stops. Not
+/// graceful: stops at once; pending calls fail with DC_ERR_SHUT_DOWN.
+/// `timeout_ms`: DC_TIMEOUT_DEFAULT for the RPC timeout. A second call does
+/// nothing.
+///
+/// Errors: DC_ERR_INVALID_STATE listing leaked RRefs when
+/// `ignore_rref_leak` was false (else they are a warning in the log);
+/// DC_ERR_TIMEOUT when the other workers did not reach shutdown in time;
+/// the store's errors. Blocks: graceful, until every worker arrives, at most
+/// `timeout_ms` for each of the two rounds.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_shutdown(
     rpc: *const dc_rpc,
@@ -403,11 +431,19 @@ unsafe fn rref_args(rrefs: *const *const dc_rref, count: usize) -> Result<Vec<RR
         .collect()
 }
 
-/// Calls `func` on worker `to` with the `len` bytes at `args` and `num_rrefs`
-/// RRefs, and writes the reply into `out`. DC_ERR_REMOTE with the remote
-/// message when the function fails there, DC_ERR_TIMEOUT after `timeout_ms`
-/// (DC_TIMEOUT_DEFAULT: the RPC timeout; 0: none), DC_ERR_NETWORK when the
-/// worker is unreachable.
+/// Calls the function `func` on worker `to` with the `len` bytes at `args`
+/// and `num_rrefs` RRefs (passed on as forks, as PyTorch does), and writes
+/// the reply into `out`.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for an unknown worker ("Unknown
+/// destination worker W"); DC_ERR_REMOTE with the remote message when the
+/// function fails there or is not registered ("Unknown function 'F' on
+/// worker 'W'"); DC_ERR_TIMEOUT after `timeout_ms` (DC_TIMEOUT_DEFAULT: the
+/// RPC timeout; DC_TIMEOUT_FOREVER: none); DC_ERR_NETWORK when the worker is
+/// unreachable or dies; DC_ERR_SHUT_DOWN after shutdown. Blocks until the
+/// reply, at most `timeout_ms`. Calling from inside a registered function
+/// occupies one of the worker threads meanwhile: nested calls deeper than
+/// `num_worker_threads` can only end by timing out.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_sync(
     rpc: *const dc_rpc,
@@ -432,8 +468,13 @@ pub unsafe extern "C" fn dc_rpc_sync(
     })
 }
 
-/// `dc_rpc_sync` without waiting: the work completes with the reply as its
-/// result (`dc_work_result`) or with the call's error.
+/// `dc_rpc_sync` without waiting: writes into `out` a work that completes
+/// with the reply as its result (`dc_work_result`) or with the call's error,
+/// on the agent's thread (callbacks run there: keep them short).
+///
+/// Errors: as `dc_rpc_sync` for what is known before sending (an unknown
+/// worker, shutdown); the rest comes through the work. Does not wait for
+/// the reply.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_async(
     rpc: *const dc_rpc,
@@ -460,10 +501,14 @@ pub unsafe extern "C" fn dc_rpc_async(
     })
 }
 
-/// Runs `func` on worker `to`, keeping its result there, and writes an RRef
-/// to it into `out` (the OwnerRRef itself when `to` is this worker). If the
-/// function fails, or the call times out, the RRef carries the error:
-/// to_here and passing it on report it.
+/// Runs `func` on worker `to`, keeping its result there, and writes into
+/// `out` an RRef to it (the OwnerRRef itself when `to` is this worker). If
+/// the function fails, or the call times out, the RRef carries the error:
+/// `dc_rref_to_here` and passing it on report it.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for an unknown worker; DC_ERR_SHUT_DOWN
+/// after shutdown. Does not wait for the function (to self: it runs on a
+/// worker thread).
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_remote(
     rpc: *const dc_rpc,
@@ -488,7 +533,9 @@ pub unsafe extern "C" fn dc_rpc_remote(
     })
 }
 
-/// Writes the id (rank) of the worker named `name`.
+/// Writes into `out_id` the id (rank) of the worker named `name`.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for an unknown name. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_worker_id(
     rpc: *const dc_rpc,
@@ -505,6 +552,8 @@ pub unsafe extern "C" fn dc_rpc_worker_id(
 }
 
 /// Writes the name of this worker into `out`.
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_self_name(rpc: *const dc_rpc, out: *mut dc_buf) -> dc_status {
     boundary("dc_rpc_self_name", || {
@@ -515,7 +564,11 @@ pub unsafe extern "C" fn dc_rpc_self_name(rpc: *const dc_rpc, out: *mut dc_buf) 
     })
 }
 
-/// Writes this worker's RRef counters (all zero once nothing is shared).
+/// Writes this worker's RRef counters into `out` (all zero once nothing is
+/// shared), whose `struct_size` the caller set to sizeof(dc_rref_debug_info).
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for a wrong `out->struct_size`. Never
+/// blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_debug_info(
     rpc: *const dc_rpc,
@@ -536,7 +589,11 @@ pub unsafe extern "C" fn dc_rpc_debug_info(
     })
 }
 
-/// Puts the result bytes of a function call.
+/// Puts the result bytes of a function call (a copy). `reply` is the one
+/// the function was given, valid until the function returns.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when the bytes cannot be copied. Never
+/// blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_reply_set(
     reply: *mut dc_rpc_reply,
@@ -550,7 +607,10 @@ pub unsafe extern "C" fn dc_rpc_reply_set(
     })
 }
 
-/// Puts the error message of a failing function call (return a non-OK status).
+/// Puts the error message of a failing function call (the function then
+/// returns a non-OK status). `reply` is valid until the function returns.
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_reply_set_error(
     reply: *mut dc_rpc_reply,
@@ -564,7 +624,10 @@ pub unsafe extern "C" fn dc_rpc_reply_set_error(
 }
 
 /// Creates an RRef owned by this worker, holding a copy of the `len` bytes
-/// at `data` (PyTorch's `rpc.RRef(value)`).
+/// at `data` (PyTorch's `rpc.RRef(value)`), and writes it into `out`.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when the bytes cannot be copied. Never
+/// blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_new(
     rpc: *const dc_rpc,
@@ -581,7 +644,10 @@ pub unsafe extern "C" fn dc_rref_new(
     })
 }
 
-/// A new handle on the same reference (not a new fork).
+/// Writes into `out` a new handle on the same reference (not a new fork:
+/// the owner is not told).
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_clone(rref: *const dc_rref, out: *mut *mut dc_rref) -> dc_status {
     boundary("dc_rref_clone", || {
@@ -593,14 +659,20 @@ pub unsafe extern "C" fn dc_rref_clone(rref: *const dc_rref, out: *mut *mut dc_r
 }
 
 /// Releases an RRef handle; the last handle of a user's fork tells the
-/// owner, whose value goes when its last fork does. NULL does nothing.
+/// owner (in the background), whose value goes when its last fork does.
+/// NULL does nothing. Never fails or blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_free(rref: *mut dc_rref) {
     unsafe { drop_handle("dc_rref_free", rref) }
 }
 
 /// Writes the value into `out`: fetched from the owner (waiting up to
-/// `timeout_ms`), or local on the owner. The RRef's creation error, if any.
+/// `timeout_ms`: DC_TIMEOUT_DEFAULT for the RPC timeout), or local on the
+/// owner.
+///
+/// Errors: the RRef's creation error, if its remote() failed;
+/// DC_ERR_TIMEOUT, DC_ERR_NETWORK, DC_ERR_SHUT_DOWN as `dc_rpc_sync`. Blocks
+/// until the owner answers, at most `timeout_ms`.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_to_here(
     rref: *const dc_rref,
@@ -615,7 +687,9 @@ pub unsafe extern "C" fn dc_rref_to_here(
     })
 }
 
-/// Writes the value of an RRef this worker owns; DC_ERR_INVALID_STATE on a user.
+/// Writes into `out` the value of an RRef this worker owns.
+///
+/// Errors: DC_ERR_INVALID_STATE on a user (not the owner). Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_local_value(rref: *const dc_rref, out: *mut dc_buf) -> dc_status {
     boundary("dc_rref_local_value", || {
@@ -626,7 +700,9 @@ pub unsafe extern "C" fn dc_rref_local_value(rref: *const dc_rref, out: *mut dc_
     })
 }
 
-/// Writes the owner's worker id.
+/// Writes into `out_id` the owner's worker id.
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_owner_id(rref: *const dc_rref, out_id: *mut i32) -> dc_status {
     boundary("dc_rref_owner_id", || {
@@ -638,6 +714,8 @@ pub unsafe extern "C" fn dc_rref_owner_id(rref: *const dc_rref, out_id: *mut i32
 }
 
 /// Writes the owner's worker name into `out`.
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_owner_name(rref: *const dc_rref, out: *mut dc_buf) -> dc_status {
     boundary("dc_rref_owner_name", || {
@@ -648,7 +726,9 @@ pub unsafe extern "C" fn dc_rref_owner_name(rref: *const dc_rref, out: *mut dc_b
     })
 }
 
-/// Writes whether this handle is on the owner.
+/// Writes into `out` whether this handle is on the owner.
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_is_owner(rref: *const dc_rref, out: *mut bool) -> dc_status {
     boundary("dc_rref_is_owner", || {
@@ -659,7 +739,10 @@ pub unsafe extern "C" fn dc_rref_is_owner(rref: *const dc_rref, out: *mut bool) 
     })
 }
 
-/// Writes whether the owner has confirmed this reference (true on the owner).
+/// Writes into `out` whether the owner has confirmed this reference (true on
+/// the owner).
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_confirmed_by_owner(
     rref: *const dc_rref,

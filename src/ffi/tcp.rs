@@ -32,7 +32,8 @@ pub struct dc_tcp_store_options {
     /// `sizeof(dc_tcp_store_options)` in the caller's header; set by
     /// `dc_tcp_store_options_init`.
     pub struct_size: usize,
-    /// Host to connect to (NUL-terminated; a name, an IPv4 or IPv6 literal).
+    /// Host to connect to (NUL-terminated; a name, an IPv4 or IPv6
+    /// literal); read during `dc_tcp_store_new` only.
     pub host: *const c_char,
     /// Port; for a server 0 picks a free one (read it with dc_tcp_store_port).
     pub port: u16,
@@ -40,18 +41,26 @@ pub struct dc_tcp_store_options {
     pub is_server: bool,
     /// Number of store handles in the job, server included; -1: unknown.
     pub world_size: i32,
-    /// Count this handle in `init/`; the server then waits for world_size.
+    /// Count this handle in the job's worker count (PyTorch's key "init/",
+    /// which every client adds 1 to once and `dc_store_add(store, "init/",
+    /// 0, &n)` reads); a server handle then waits until `world_size` have.
     pub wait_for_workers: bool,
     /// Timeout of connecting and of every call, in ms (0: forever).
     pub timeout_ms: i64,
-    /// Share one server among handles of this process on the same port.
+    /// Share one server among the handles of this process that ask for
+    /// the same port (the server stops with the last of them).
     pub multi_tenant: bool,
-    /// Serve on this already-listening socket; < 0: bind a new one.
+    /// Serve on this already-listening socket; -1: bind a new one. With
+    /// `is_server`, distcore owns the fd from the call on, whatever its
+    /// outcome: the server closes it when it stops, a failing call at once
+    /// (unless `opts` itself is rejected: NULL or a bad struct_size).
+    /// Ignored by clients.
     pub master_listen_fd: c_int,
     /// Listen only on this address (NUL-terminated IP); NULL: every
     /// interface, dual-stack when IPv6 is available.
     pub bind_address: *const c_char,
-    /// Largest value the server accepts, in bytes; 0: 64 MiB.
+    /// Largest value the server accepts, in bytes; 0: 64 MiB. Ignored by
+    /// clients (they learn the limit from the server).
     pub max_value_size: u64,
 }
 
@@ -169,11 +178,19 @@ unsafe fn options_arg(
     })
 }
 
-/// Creates a TCPStore handle: starts the server if `opts->is_server`,
-/// connects (retrying with backoff until the timeout: DC_ERR_NETWORK after
-/// it), and with a world size and wait_for_workers counts itself in; the
-/// server then blocks until every worker joined (DC_ERR_TIMEOUT "Timed out
-/// after N seconds waiting for clients. x/y clients joined.").
+/// Creates a TCPStore handle and writes it into `out`: starts the server if
+/// `opts->is_server`, connects (retrying with backoff until the timeout), and
+/// with a world size and wait_for_workers counts itself in; the server
+/// handle then waits until every worker has joined.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for bad options (a NULL host, a
+/// bind_address that is not an IP, a negative timeout); DC_ERR_NETWORK when
+/// the server's port cannot be bound ("address already in use", with the
+/// port) or the server cannot be reached before the timeout; DC_ERR_TIMEOUT
+/// ("Timed out after N seconds waiting for clients. x/y clients joined.")
+/// when the world did not gather in time. Blocks: connecting, at most
+/// `opts->timeout_ms`; a server handle waiting for workers, at most
+/// `opts->timeout_ms` more.
 ///
 /// What the handle promises, against our server or PyTorch's:
 /// - Threads: a call blocked in one thread (get, wait, barrier, a blocking
@@ -191,11 +208,13 @@ unsafe fn options_arg(
 ///   reply over them closes the connection (DC_ERR_PROTOCOL).
 /// - Recovery: a broken connection (a timeout mid-reply, a restarted
 ///   server, a healed partition) is replaced on the next call, which
-///   reconnects with backoff within its own timeout; `init/` is never
-///   counted again. A call whose request was in flight fails with
+///   reconnects with backoff within its own timeout; the handle is never
+///   counted in "init/" again. A call whose request was in flight fails with
 ///   DC_ERR_NETWORK or DC_ERR_TIMEOUT and is not retried (a set or an add
 ///   may or may not have been applied); a call that found its connection
 ///   closed before sending anything reconnects and goes on.
+/// - Server: the server runs on a thread of its own until the last handle
+///   holding it is freed (`dc_store_free` then joins it).
 #[no_mangle]
 pub unsafe extern "C" fn dc_tcp_store_new(
     opts: *const dc_tcp_store_options,
@@ -223,8 +242,11 @@ fn tcp(store: &Arc<dyn Store>) -> Result<&TcpStore> {
         .ok_or_else(|| Error::invalid_argument("store is not a TCPStore"))
 }
 
-/// Writes the port of the server the TCPStore handle talks to (the chosen
-/// one when a server asked for port 0).
+/// Writes into `out_port` the port of the server the TCPStore handle talks
+/// to (the chosen one when a server asked for port 0).
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when `store` is not a TCPStore (a
+/// PrefixStore over one is not either). Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_tcp_store_port(
     store: *const dc_store,
@@ -239,9 +261,14 @@ pub unsafe extern "C" fn dc_tcp_store_port(
     })
 }
 
-/// Counts this handle in `init/` and, on the server, blocks until the world
-/// size is reached (PyTorch's TCPStore::waitForWorkers). Does nothing
-/// without a world size.
+/// Counts this handle in "init/" (once per handle) and, on the server
+/// handle, waits until the world size is reached (PyTorch's
+/// TCPStore::waitForWorkers). Does nothing without a world size.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when `store` is not a TCPStore;
+/// DC_ERR_TIMEOUT ("Timed out after N seconds waiting for clients. x/y
+/// clients joined.") after the store's timeout. Blocks: on the server
+/// handle, until the workers joined, at most the store's timeout.
 #[no_mangle]
 pub unsafe extern "C" fn dc_tcp_store_wait_for_workers(store: *const dc_store) -> dc_status {
     boundary("dc_tcp_store_wait_for_workers", || {
@@ -251,7 +278,10 @@ pub unsafe extern "C" fn dc_tcp_store_wait_for_workers(store: *const dc_store) -
 
 /// Writes up to `capacity` per-operation latency counters of this handle
 /// into `out` and their total number into `out_len` (call with capacity 0
-/// to size the array).
+/// and `out` NULL to size the array). The `op` strings are static.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when `store` is not a TCPStore. Never
+/// blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_tcp_store_counters(
     store: *const dc_store,
@@ -291,8 +321,12 @@ fn op_name(op: &'static str) -> *const c_char {
         .as_ptr()
 }
 
-/// Writes the load of the server this handle runs (DC_ERR_INVALID_ARGUMENT
-/// for a handle that runs no server).
+/// Writes the load of the server this handle runs into `out`, whose
+/// `struct_size` the caller set to sizeof(dc_server_stats).
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when `store` is not a TCPStore, runs no
+/// server, or `out->struct_size` is wrong. Never blocks (the server
+/// publishes a snapshot after each turn of its event loop).
 #[no_mangle]
 pub unsafe extern "C" fn dc_tcp_store_server_stats(
     store: *const dc_store,

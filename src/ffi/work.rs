@@ -76,11 +76,16 @@ unsafe fn error_arg(status: dc_status, message: *const c_char) -> Result<Option<
 /// (a number C sends need not be one of the enum's).
 pub type OpTypeCode = i32;
 
-/// Creates a pending work of `rank` performing `op_type` (a `dc_op_type`,
-/// c10d's OpType numbers: DC_OP_TYPE_BROADCAST = 0 ... DC_OP_TYPE_UNKNOWN = 100). `profiling_title`
-/// may be NULL; with one, the profiler begin hook runs now and the end hook
-/// at finish. `timeout_ms` < 0 means none; otherwise it is what
-/// `dc_work_timeout` reports and the default of `dc_work_wait`.
+/// Creates a pending work of `rank` performing `op_type` (c10d's OpType
+/// numbers) and writes it into `out`. `profiling_title` may be NULL; with
+/// one, the profiler begin hook runs now, on this thread, and the end hook
+/// when the work finishes (or its last handle is freed unfinished).
+/// `timeout_ms`: DC_TIMEOUT_DEFAULT or DC_TIMEOUT_FOREVER for none, else the
+/// work's own timeout, which `dc_work_timeout` reports and `dc_work_wait`
+/// uses by default.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for an `op_type` that is not a
+/// dc_op_type or a timeout below -1. Never blocks (beyond the begin hook).
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_new(
     rank: i32,
@@ -101,8 +106,10 @@ pub unsafe extern "C" fn dc_work_new(
 }
 
 /// Creates a pending work that wraps a future (c10d's create_from_future):
-/// rank -1, op type UNKNOWN, completed by `dc_work_finish_with_result` or
-/// `dc_work_finish`.
+/// rank -1, op type DC_OP_TYPE_UNKNOWN, no timeout, completed by
+/// `dc_work_finish_with_result` or `dc_work_finish`.
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_new_future(out: *mut *mut dc_work) -> dc_status {
     boundary("dc_work_new_future", || {
@@ -119,12 +126,16 @@ pub unsafe extern "C" fn dc_work_new_future(out: *mut *mut dc_work) -> dc_status
 /// until they return, and its callbacks still run. Freeing the last handle
 /// of a pending async store operation with no callback registered releases
 /// the operation (its connection closes; the server forgets the wait).
+/// Never fails or blocks (beyond the profiler end hook of an unfinished
+/// profiled work).
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_free(work: *mut dc_work) {
     unsafe { drop_handle("dc_work_free", work) }
 }
 
-/// Writes whether the work has completed (successfully or not).
+/// Writes into `out` whether the work has completed (successfully or not).
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_is_completed(work: *const dc_work, out: *mut bool) -> dc_status {
     boundary("dc_work_is_completed", || {
@@ -135,7 +146,10 @@ pub unsafe extern "C" fn dc_work_is_completed(work: *const dc_work, out: *mut bo
     })
 }
 
-/// Writes whether the work completed without an error (false while pending).
+/// Writes into `out` whether the work completed without an error (false
+/// while pending).
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_is_success(work: *const dc_work, out: *mut bool) -> dc_status {
     boundary("dc_work_is_success", || {
@@ -149,6 +163,8 @@ pub unsafe extern "C" fn dc_work_is_success(work: *const dc_work, out: *mut bool
 /// Writes the error of a failed work: its status into `out_status` (DC_OK
 /// when the work has not failed) and, if `out_message` is not NULL, its
 /// message into a new buffer (empty when there is none).
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_error(
     work: *const dc_work,
@@ -170,9 +186,12 @@ pub unsafe extern "C" fn dc_work_error(
 }
 
 /// Blocks until the work completes, for at most `timeout_ms`
-/// (DC_TIMEOUT_DEFAULT: the work's timeout, or forever without one; 0:
-/// forever). Returns DC_OK, the work's own error (every time it is waited
-/// on), or DC_ERR_TIMEOUT "Operation timed out!".
+/// (DC_TIMEOUT_DEFAULT: the work's own timeout, or forever without one;
+/// DC_TIMEOUT_FOREVER: forever). Any number of threads may wait at once.
+///
+/// Errors: the work's own error (every time it is waited on, with its
+/// message); DC_ERR_TIMEOUT ("Operation timed out!", c10d's words) when it
+/// is still pending at the deadline (the work goes on).
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_wait(work: *const dc_work, timeout_ms: i64) -> dc_status {
     boundary("dc_work_wait", || {
@@ -183,8 +202,12 @@ pub unsafe extern "C" fn dc_work_wait(work: *const dc_work, timeout_ms: i64) -> 
 
 /// Completes the work: successfully when `error_status` is DC_OK, else failed
 /// with that status and `error_message` (NULL: the status's description).
-/// Waiters wake, callbacks run on this thread, the fd becomes readable.
-/// DC_ERR_INVALID_STATE if the work had already completed.
+/// Waiters wake, the fd becomes readable, and the callbacks run on this
+/// thread before this returns.
+///
+/// Errors: DC_ERR_INVALID_STATE if the work had already completed;
+/// DC_ERR_INVALID_ARGUMENT for an `error_status` that is not a dc_status.
+/// Blocks while the callbacks run.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_finish(
     work: *const dc_work,
@@ -199,6 +222,8 @@ pub unsafe extern "C" fn dc_work_finish(
 
 /// Completes the work like `dc_work_finish`, then returns `error_status`
 /// (with its message as the last error): c10d's finishAndThrow.
+///
+/// Errors: as `dc_work_finish`, else `error_status` itself.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_finish_and_throw(
     work: *const dc_work,
@@ -211,8 +236,11 @@ pub unsafe extern "C" fn dc_work_finish_and_throw(
     })
 }
 
-/// Completes the work successfully with a copy of `len` bytes at `data` as
-/// its result. DC_ERR_INVALID_STATE if it had already completed.
+/// Completes the work successfully with a copy of the `len` bytes at `data`
+/// as its result; callbacks run on this thread before this returns.
+///
+/// Errors: DC_ERR_INVALID_STATE if the work had already completed;
+/// DC_ERR_INVALID_ARGUMENT when the bytes cannot be copied (too long).
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_finish_with_result(
     work: *const dc_work,
@@ -226,9 +254,12 @@ pub unsafe extern "C" fn dc_work_finish_with_result(
     })
 }
 
-/// Fails a pending work with DC_ERR_ABORTED ("Work aborted"); a completed
-/// work is left as it is. Aborting an async store operation also releases
-/// what it holds (its connection, the server's waiter).
+/// Fails a pending work with DC_ERR_ABORTED ("Work aborted"), running its
+/// callbacks on this thread; a completed work is left as it is. Aborting an
+/// async store operation also releases what it holds (its connection, the
+/// server's waiter).
+///
+/// Errors: only the common ones. Blocks while the callbacks run.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_abort(work: *const dc_work) -> dc_status {
     boundary("dc_work_abort", || {
@@ -239,6 +270,8 @@ pub unsafe extern "C" fn dc_work_abort(work: *const dc_work) -> dc_status {
 
 /// Waits for the work's device streams; CPU works have none, so this returns
 /// at once (c10d's base Work::synchronize).
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_synchronize(work: *const dc_work) -> dc_status {
     boundary("dc_work_synchronize", || {
@@ -247,9 +280,10 @@ pub unsafe extern "C" fn dc_work_synchronize(work: *const dc_work) -> dc_status 
     })
 }
 
-/// Writes the rank a receive work got its data from. DC_ERR_NOT_SUPPORTED
-/// for works that are not receives (c10d's message), DC_ERR_INVALID_STATE
-/// before the source is known.
+/// Writes into `out` the rank a receive work got its data from.
+///
+/// Errors: DC_ERR_NOT_SUPPORTED for works that are not receives (c10d's
+/// message); DC_ERR_INVALID_STATE before the source is known. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_source_rank(work: *const dc_work, out: *mut i32) -> dc_status {
     boundary("dc_work_source_rank", || {
@@ -260,8 +294,11 @@ pub unsafe extern "C" fn dc_work_source_rank(work: *const dc_work, out: *mut i32
     })
 }
 
-/// Records the rank a receive work (op type RECV or RECVANYSOURCE) got its
+/// Records the rank a receive work (op type RECV or RECV_ANY_SOURCE) got its
 /// data from.
+///
+/// Errors: DC_ERR_NOT_SUPPORTED for works that are not receives. Never
+/// blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_set_source_rank(work: *const dc_work, rank: i32) -> dc_status {
     boundary("dc_work_set_source_rank", || {
@@ -269,10 +306,11 @@ pub unsafe extern "C" fn dc_work_set_source_rank(work: *const dc_work, rank: i32
     })
 }
 
-/// Writes a copy of the result bytes of a completed work into `out`. A
-/// failed work returns its error; a work completed without a result
-/// DC_ERR_NOT_SUPPORTED "result() not implemented."; a pending one
-/// DC_ERR_INVALID_STATE.
+/// Writes a copy of the result bytes of a completed work into `out`.
+///
+/// Errors: a failed work's own error; DC_ERR_NOT_SUPPORTED ("result() not
+/// implemented.") for a work completed without a result; DC_ERR_INVALID_STATE
+/// while pending. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_result(work: *const dc_work, out: *mut dc_buf) -> dc_status {
     boundary("dc_work_result", || {
@@ -283,8 +321,10 @@ pub unsafe extern "C" fn dc_work_result(work: *const dc_work, out: *mut dc_buf) 
     })
 }
 
-/// Writes the seconds from the work's creation to its completion;
-/// DC_ERR_INVALID_STATE while pending.
+/// Writes into `out_seconds` the seconds from the work's creation to its
+/// completion.
+///
+/// Errors: DC_ERR_INVALID_STATE while pending. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_duration(
     work: *const dc_work,
@@ -298,7 +338,10 @@ pub unsafe extern "C" fn dc_work_duration(
     })
 }
 
-/// Writes the work's sequence number: process-wide, increasing with creation.
+/// Writes into `out` the work's sequence number: process-wide, increasing
+/// with creation.
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_sequence_number(work: *const dc_work, out: *mut u64) -> dc_status {
     boundary("dc_work_sequence_number", || {
@@ -309,7 +352,10 @@ pub unsafe extern "C" fn dc_work_sequence_number(work: *const dc_work, out: *mut
     })
 }
 
-/// Writes the rank the work was created with (-1 for a future work).
+/// Writes into `out` the rank the work was created with (-1 for a future
+/// work).
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_rank(work: *const dc_work, out: *mut i32) -> dc_status {
     boundary("dc_work_rank", || {
@@ -320,7 +366,9 @@ pub unsafe extern "C" fn dc_work_rank(work: *const dc_work, out: *mut i32) -> dc
     })
 }
 
-/// Writes the work's op type (c10d's OpType number).
+/// Writes into `out` the work's op type.
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_op_type(work: *const dc_work, out: *mut OpTypeCode) -> dc_status {
     boundary("dc_work_op_type", || {
@@ -331,8 +379,10 @@ pub unsafe extern "C" fn dc_work_op_type(work: *const dc_work, out: *mut OpTypeC
     })
 }
 
-/// Writes the timeout the work was created with, in ms (DC_TIMEOUT_FOREVER,
-/// 0, when it has none).
+/// Writes into `out_ms` the timeout the work was created with, in ms
+/// (DC_TIMEOUT_FOREVER, 0, when it has none).
+///
+/// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_timeout(work: *const dc_work, out_ms: *mut i64) -> dc_status {
     boundary("dc_work_timeout", || {
@@ -362,7 +412,16 @@ pub extern "C" fn dc_op_type_name(op_type: OpTypeCode) -> *const c_char {
 }
 
 /// Runs `callback(work_view, user_data)` once the work completes: on the
-/// completing thread, or at once on this thread if it already has.
+/// thread that completes it (see the operation that made the work: for
+/// TCPStore async calls, the process's one async thread), or at once on this
+/// thread if it already has. Callbacks run in the order they were added,
+/// outside distcore's locks: they may call any distcore function, but should
+/// return promptly (the completing thread waits for them). `work_view` is
+/// valid during the call only; `user_data` must stay valid until the
+/// callback ran.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for a NULL callback. Blocks only to run
+/// the callback when the work has already completed.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_add_done_callback(
     work: *const dc_work,
@@ -384,9 +443,12 @@ pub unsafe extern "C" fn dc_work_add_done_callback(
     })
 }
 
-/// Writes a file descriptor that becomes readable once the work completes
-/// (an eventfd; it stays readable). For poll/epoll/libuv/asyncio: do not
-/// read or close it; it lives as long as the work.
+/// Writes into `out_fd` a file descriptor that becomes readable once the
+/// work completes (an eventfd; it stays readable). For poll/epoll/libuv/
+/// asyncio: do not read or close it; it lives as long as the work.
+///
+/// Errors: DC_ERR_IO when no eventfd can be made (out of file descriptors).
+/// Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_fd(work: *const dc_work, out_fd: *mut c_int) -> dc_status {
     boundary("dc_work_fd", || {
@@ -418,10 +480,14 @@ impl ProfilerHooks for CProfilerHooks {
 }
 
 /// Installs process-wide profiler hooks: `begin` runs when a work with a
-/// profiling title is created, `end` exactly once when it finishes (or is
-/// freed unfinished). Both NULL removes the hooks; spans already begun still
-/// end on the hooks that began them, so keep those callable. One NULL
-/// without the other is DC_ERR_INVALID_ARGUMENT.
+/// profiling title is created (on the creating thread), `end` exactly once
+/// when it finishes or is freed unfinished (on that thread). Both NULL
+/// removes the hooks; spans already begun still end on the hooks that began
+/// them, so keep those callable and their `user_data` valid. Hooks must be
+/// thread-safe and must not create or finish profiled works.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for one NULL hook without the other.
+/// Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_set_profiler_hooks(
     begin: dc_profiler_begin_fn,
