@@ -1,0 +1,66 @@
+/* dc_set_log_callback: distcore's log lines reach the host's callback, at
+ * the level asked for, from distcore's own threads; NULL sends them back to
+ * stderr, and once the call returns the old callback is not called again. */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <unistd.h>
+
+#include "check.h"
+
+static atomic_int lines, disconnects;
+static pthread_t caller_thread;
+static atomic_bool from_other_thread;
+
+static void on_log(dc_log_level level, const char *target, const char *message, void *user_data) {
+  CHECK(user_data == &lines);
+  CHECK(level >= DC_LOG_LEVEL_ERROR && level <= DC_LOG_LEVEL_TRACE);
+  CHECK(strncmp(target, "distcore", 8) == 0);
+  atomic_fetch_add(&lines, 1);
+  if (strstr(message, "disconnected") != NULL) atomic_fetch_add(&disconnects, 1);
+  if (!pthread_equal(pthread_self(), caller_thread)) atomic_store(&from_other_thread, true);
+}
+
+static dc_store *tcp_store(bool is_server, uint16_t port) {
+  dc_tcp_store_options opts;
+  CHECK_OK(dc_tcp_store_options_init(&opts, sizeof opts));
+  opts.is_server = is_server;
+  opts.port = port;
+  opts.timeout_ms = 30000;
+  dc_store *s = NULL;
+  CHECK_OK(dc_tcp_store_new(&opts, &s));
+  return s;
+}
+
+int main(void) {
+  caller_thread = pthread_self();
+  CHECK_STATUS(dc_set_log_callback(42, on_log, &lines), DC_ERR_INVALID_ARGUMENT);
+  CHECK_OK(dc_set_log_callback(DC_LOG_LEVEL_DEBUG, on_log, &lines));
+
+  /* The server logs a client's disconnection at debug level, on its thread. */
+  dc_store *server = tcp_store(true, 0);
+  uint16_t port = 0;
+  CHECK_OK(dc_tcp_store_port(server, &port));
+  dc_store_free(tcp_store(false, port));
+  for (int i = 0; i < 3000 && atomic_load(&disconnects) == 0; i++) usleep(1000);
+  CHECK(atomic_load(&disconnects) > 0);
+  CHECK(atomic_load(&from_other_thread));
+
+  /* Above the line's level: not delivered. */
+  CHECK_OK(dc_set_log_callback(DC_LOG_LEVEL_WARN, on_log, &lines));
+  int before = atomic_load(&disconnects);
+  dc_store_free(tcp_store(false, port));
+  usleep(100 * 1000);
+  CHECK(atomic_load(&disconnects) == before);
+
+  /* Back to stderr: the callback is never called again. */
+  CHECK_OK(dc_set_log_callback(DC_LOG_LEVEL_DEBUG, NULL, NULL));
+  before = atomic_load(&lines);
+  dc_store_free(tcp_store(false, port));
+  usleep(100 * 1000);
+  CHECK(atomic_load(&lines) == before);
+  CHECK_OK(dc_set_log_callback(DC_LOG_LEVEL_WARN, NULL, NULL));
+
+  dc_store_free(server);
+  printf("test_log: ok\n");
+  return 0;
+}
