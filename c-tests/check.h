@@ -39,4 +39,17 @@
     CHECK((buf).data[(buf).len] == 0);                                     \
   } while (0)
 
+/* A TCPStore handle on loopback with a 30 s timeout: a server (port 0: an
+ * ephemeral one) or a client of `port`. Fails the test if it cannot. */
+static inline dc_store *tcp_store(bool is_server, uint16_t port) {
+  dc_tcp_store_options opts;
+  CHECK_OK(dc_tcp_store_options_init(&opts, sizeof opts));
+  opts.is_server = is_server;
+  opts.port = port;
+  opts.timeout_ms = 30000;
+  dc_store *s = NULL;
+  CHECK_OK(dc_tcp_store_new(&opts, &s));
+  return s;
+}
+
 #endif

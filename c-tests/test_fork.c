@@ -9,17 +9,6 @@
 
 #include "check.h"
 
-static dc_store *tcp_store(bool is_server, uint16_t port) {
-  dc_tcp_store_options opts;
-  CHECK_OK(dc_tcp_store_options_init(&opts, sizeof opts));
-  opts.is_server = is_server;
-  opts.port = port;
-  opts.timeout_ms = 30000;
-  dc_store *s = NULL;
-  CHECK_OK(dc_tcp_store_new(&opts, &s));
-  return s;
-}
-
 /* Starts the parent's timer and async waiter threads. */
 static void use_background_threads(dc_store *tcp, dc_store *hash) {
   dc_work *w = NULL;

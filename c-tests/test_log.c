@@ -20,17 +20,6 @@ static void on_log(dc_log_level level, const char *target, const char *message, 
   if (!pthread_equal(pthread_self(), caller_thread)) atomic_store(&from_other_thread, true);
 }
 
-static dc_store *tcp_store(bool is_server, uint16_t port) {
-  dc_tcp_store_options opts;
-  CHECK_OK(dc_tcp_store_options_init(&opts, sizeof opts));
-  opts.is_server = is_server;
-  opts.port = port;
-  opts.timeout_ms = 30000;
-  dc_store *s = NULL;
-  CHECK_OK(dc_tcp_store_new(&opts, &s));
-  return s;
-}
-
 int main(void) {
   caller_thread = pthread_self();
   CHECK_STATUS(dc_set_log_callback(42, on_log, &lines), DC_ERR_INVALID_ARGUMENT);
