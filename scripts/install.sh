@@ -19,6 +19,7 @@ ln -sf "libdistcore.so.$major" "$prefix/lib/libdistcore.so"
 install -m 644 "$release/libdistcore.a" "$prefix/lib/"
 install -m 755 "$release/distcore" "$prefix/bin/"
 install -m 644 "$root/include/distcore.h" "$prefix/include/"
+install -m 644 "$root/include/distcore.hpp" "$prefix/include/"
 sed "s|@MAJOR@|$major|g" "$root/cmake/distcoreConfig.cmake.in" \
   > "$prefix/lib/cmake/distcore/distcoreConfig.cmake"
 sed "s|@VERSION@|$version|g" "$root/cmake/distcoreConfigVersion.cmake.in" \
