@@ -23,6 +23,11 @@
 
 using namespace std::chrono_literals;
 
+// test_cpp_wrapper_tu2.cpp, another translation unit including the header.
+const void* distcore_tu2_log_state();
+const void* distcore_tu2_profiler_state();
+std::string distcore_tu2_roundtrip(const distcore::Store& store);
+
 namespace {
 
 struct Failure : std::runtime_error {
@@ -66,6 +71,13 @@ void test_version_and_timeouts() {
   EXPECT(rv.major_version == distcore::kVersionMajor && rv.minor_version == distcore::kVersionMinor);
   EXPECT(distcore::version_compatible());
   distcore::check_version();
+
+  // One wrapper per program, however many units include it.
+  EXPECT(distcore_tu2_log_state() == &distcore::detail::log_state());
+  EXPECT(distcore_tu2_profiler_state() == &distcore::detail::profiler_state());
+  distcore::HashStore shared;
+  EXPECT(distcore_tu2_roundtrip(shared) == "second unit");
+  EXPECT(shared.get("tu2") == "second unit");
   EXPECT(distcore::status_str(DC_ERR_TIMEOUT) == "timed out");
   EXPECT(distcore::op_type_name(DC_OP_TYPE_ALLREDUCE) == "ALLREDUCE");
   EXPECT(distcore::op_type_name(static_cast<dc_op_type>(55)).empty());

@@ -827,7 +827,9 @@ struct TCPStoreOptions {
   Timeout timeout = std::chrono::seconds(300);
   /// Share one server among handles of this process on the same port.
   bool multi_tenant = false;
-  /// Serve on this already-listening socket; < 0: bind a new one.
+  /// Serve on this already-listening socket; -1: bind a new one. With
+  /// is_server, distcore owns the fd from the TCPStore constructor on,
+  /// whatever its outcome. Ignored by clients.
   int master_listen_fd = -1;
   /// Listen only on this IP address; empty: every interface.
   std::string bind_address;
@@ -1071,8 +1073,10 @@ inline RRef RRefView::clone() const {
 /// A function other workers call by name: the argument bytes, the RRefs
 /// passed along (borrowed views, confirmed by their owners; clone() one to
 /// keep it) and the caller's id; returns the result bytes. Runs on one of
-/// the RPC worker threads. A thrown distcore::Error reaches the caller as
-/// RemoteError with its message (as does any std::exception's what()).
+/// the RPC worker threads (up to num_worker_threads calls at once, so it
+/// must be thread-safe) and may call distcore, RPCs included. A thrown
+/// distcore::Error reaches the caller as RemoteError with its message (as
+/// does any std::exception's what()); no exception crosses into distcore.
 using RpcFunction =
     std::function<std::string(std::string_view args, const std::vector<RRefView>& rrefs, int32_t caller_id)>;
 
@@ -1124,9 +1128,10 @@ inline dc_status rpc_trampoline(const uint8_t* args, size_t len, const dc_rref* 
 }  // namespace detail
 
 /// A worker of an RPC group (dc_rpc). Owns its handle and the registered
-/// functions (kept until the handle is freed, after the worker stopped).
-/// Thread-safe; move-only. Destroy (or shutdown()) it before its Store, and
-/// free the RRefs it made before it.
+/// functions, which it frees only after dc_rpc_free returned (no function
+/// runs any more then). Thread-safe; move-only. Destroy it before the Store
+/// it joined through. RRefs may outlive it (their calls then throw
+/// ShutDown).
 class Rpc {
  public:
   /// Joins an RPC group of `world_size` workers through `store` as `name`
