@@ -88,6 +88,8 @@ void test_version_and_timeouts() {
   EXPECT(distcore::Timeout(2s).ms() == 2000);
   EXPECT(distcore::Timeout(0ms) == distcore::kForever);
   EXPECT(distcore::Timeout() == distcore::kDefault);
+  EXPECT(distcore::Timeout(std::chrono::hours::max()) == distcore::kForever);  // beyond int64_t ms
+  EXPECT(distcore::Timeout(std::chrono::duration<double>(0.0004)).ms() == 1);
   auto e = EXPECT_THROW(distcore::InvalidArgument, distcore::Timeout(-5ms));
   EXPECT(e.status() == DC_ERR_INVALID_ARGUMENT);
 
@@ -162,6 +164,11 @@ void exercise_store(const distcore::Store& s) {
   EXPECT(s.try_queue_pop("q").value() == "third");
 
   s.barrier("solo", 1, 5s);
+
+  // Keys go to C NUL-terminated: one with a NUL inside is refused, not cut.
+  EXPECT_THROW(distcore::InvalidArgument, s.set(std::string("a\0b", 3), "v"));
+  EXPECT_THROW(distcore::InvalidArgument, s.check({std::string("a\0b", 3)}));
+  EXPECT(!s.check({"a"}));
 
   // Timeouts: the guard, set_timeout, and the errors they produce.
   std::chrono::milliseconds original = s.timeout();

@@ -201,7 +201,8 @@ class bytes_view {
 /// A timeout as the C functions take it: kDefault (the handle's own,
 /// DC_TIMEOUT_DEFAULT), kForever (DC_TIMEOUT_FOREVER; a zero duration is
 /// forever too, PyTorch's kNoTimeout) or a positive duration, rounded up to
-/// whole milliseconds. A negative duration throws InvalidArgument.
+/// whole milliseconds (one too long for int64_t milliseconds is forever).
+/// A negative duration throws InvalidArgument.
 class Timeout {
  public:
   /// kDefault.
@@ -225,6 +226,8 @@ class Timeout {
     if (d < std::chrono::duration<Rep, Period>::zero()) {
       throw InvalidArgument("negative timeout: use distcore::kDefault, distcore::kForever or a positive duration");
     }
+    using float_ms = std::chrono::duration<double, std::milli>;
+    if (float_ms(d) >= float_ms(9.0e18)) return DC_TIMEOUT_FOREVER;  // beyond int64_t ms: forever
     return static_cast<int64_t>(std::chrono::ceil<std::chrono::milliseconds>(d).count());
   }
   int64_t ms_ = DC_TIMEOUT_DEFAULT;
@@ -236,6 +239,15 @@ inline constexpr Timeout kDefault = Timeout::from_c(DC_TIMEOUT_DEFAULT);
 inline constexpr Timeout kForever = Timeout::from_c(DC_TIMEOUT_FOREVER);
 
 namespace detail {
+
+/// A NUL-terminated copy of a key, name, prefix or path for C;
+/// InvalidArgument if it contains a NUL byte (C would cut it there).
+inline std::string c_string(std::string_view s) {
+  if (s.find('\0') != std::string_view::npos) {
+    throw InvalidArgument("a key, name, prefix or path must not contain a NUL byte");
+  }
+  return std::string(s);
+}
 
 /// Owns a dc_buf filled by a C call.
 class Buf {
@@ -283,7 +295,10 @@ class Keys {
  public:
   explicit Keys(const std::vector<std::string>& keys) {
     ptrs_.reserve(keys.size());
-    for (const std::string& k : keys) ptrs_.push_back(k.c_str());
+    for (const std::string& k : keys) {
+      if (k.find('\0') != std::string::npos) (void)c_string(k);  // throws
+      ptrs_.push_back(k.c_str());
+    }
   }
   const char* const* data() const noexcept { return ptrs_.data(); }
   size_t size() const noexcept { return ptrs_.size(); }
@@ -590,21 +605,21 @@ class Store {
 
   /// Sets `key` to `value`, waking the waiters of `key`.
   void set(std::string_view key, bytes_view value) const {
-    distcore::check(dc_store_set(get(), std::string(key).c_str(), value.u8(), value.size()));
+    distcore::check(dc_store_set(get(), detail::c_string(key).c_str(), value.u8(), value.size()));
   }
   void set(std::string_view key, const void* data, size_t len) const { set(key, bytes_view(data, len)); }
   /// The value of `key`, waiting up to the store's timeout for it
   /// (TimeoutError "wait timeout after Nms, keys: key").
   std::string get(std::string_view key) const {
     detail::Buf b;
-    distcore::check(dc_store_get(get(), std::string(key).c_str(), b.out()));
+    distcore::check(dc_store_get(get(), detail::c_string(key).c_str(), b.out()));
     return b.str();
   }
   /// Adds `delta` to the integer at `key` (a missing key is 0); returns the
   /// new value.
   int64_t add(std::string_view key, int64_t delta) const {
     int64_t out = 0;
-    distcore::check(dc_store_add(get(), std::string(key).c_str(), delta, &out));
+    distcore::check(dc_store_add(get(), detail::c_string(key).c_str(), delta, &out));
     return out;
   }
   /// Replaces the value of `key` with `desired` if it equals `expected` (a
@@ -612,14 +627,14 @@ class Store {
   /// (or `expected` when the key is missing and `expected` is not empty).
   std::string compare_set(std::string_view key, bytes_view expected, bytes_view desired) const {
     detail::Buf b;
-    distcore::check(dc_store_compare_set(get(), std::string(key).c_str(), expected.u8(), expected.size(), desired.u8(),
+    distcore::check(dc_store_compare_set(get(), detail::c_string(key).c_str(), expected.u8(), expected.size(), desired.u8(),
                                desired.size(), b.out()));
     return b.str();
   }
   /// Deletes `key`; returns whether it existed. Queues are not touched.
   bool delete_key(std::string_view key) const {
     bool out = false;
-    distcore::check(dc_store_delete_key(get(), std::string(key).c_str(), &out));
+    distcore::check(dc_store_delete_key(get(), detail::c_string(key).c_str(), &out));
     return out;
   }
   /// Whether all `keys` exist (as values or non-empty queues), without waiting.
@@ -643,7 +658,7 @@ class Store {
   }
   /// Appends `value` to the value of `key` (creating it).
   void append(std::string_view key, bytes_view value) const {
-    distcore::check(dc_store_append(get(), std::string(key).c_str(), value.u8(), value.size()));
+    distcore::check(dc_store_append(get(), detail::c_string(key).c_str(), value.u8(), value.size()));
   }
   void append(std::string_view key, const void* data, size_t len) const { append(key, bytes_view(data, len)); }
   /// The values of `keys`, in order, waiting up to the store's timeout for all.
@@ -683,7 +698,7 @@ class Store {
   }
   /// Pushes `value` onto the back of the queue `key`, waking one waiter.
   void queue_push(std::string_view key, bytes_view value) const {
-    distcore::check(dc_store_queue_push(get(), std::string(key).c_str(), value.u8(), value.size()));
+    distcore::check(dc_store_queue_push(get(), detail::c_string(key).c_str(), value.u8(), value.size()));
   }
   void queue_push(std::string_view key, const void* data, size_t len) const {
     queue_push(key, bytes_view(data, len));
@@ -692,13 +707,13 @@ class Store {
   /// timeout (TimeoutError); not blocking: an empty queue throws QueueEmpty.
   std::string queue_pop(std::string_view key, bool block = true) const {
     detail::Buf b;
-    distcore::check(dc_store_queue_pop(get(), std::string(key).c_str(), block, b.out()));
+    distcore::check(dc_store_queue_pop(get(), detail::c_string(key).c_str(), block, b.out()));
     return b.str();
   }
   /// A non-blocking pop: std::nullopt when the queue is empty.
   std::optional<std::string> try_queue_pop(std::string_view key) const {
     detail::Buf b;
-    dc_status s = dc_store_queue_pop(get(), std::string(key).c_str(), false, b.out());
+    dc_status s = dc_store_queue_pop(get(), detail::c_string(key).c_str(), false, b.out());
     if (s == DC_ERR_QUEUE_EMPTY) return std::nullopt;
     distcore::check(s);
     return b.str();
@@ -706,7 +721,7 @@ class Store {
   /// The number of elements in the queue `key`.
   int64_t queue_len(std::string_view key) const {
     int64_t out = 0;
-    distcore::check(dc_store_queue_len(get(), std::string(key).c_str(), &out));
+    distcore::check(dc_store_queue_len(get(), detail::c_string(key).c_str(), &out));
     return out;
   }
   /// Every key holding a value.
@@ -718,7 +733,7 @@ class Store {
   /// Blocks until `world_size` callers have entered the barrier `key`, for
   /// at most `timeout` (kDefault: the store's timeout).
   void barrier(std::string_view key, int32_t world_size, Timeout timeout = kDefault) const {
-    distcore::check(dc_store_barrier(get(), std::string(key).c_str(), world_size, timeout.ms()));
+    distcore::check(dc_store_barrier(get(), detail::c_string(key).c_str(), world_size, timeout.ms()));
   }
   /// The store's default timeout (zero: forever).
   std::chrono::milliseconds timeout() const {
@@ -744,7 +759,7 @@ class Store {
   /// Destroying the Work (with no callback) or abort() releases the operation.
   [[nodiscard]] Work get_async(std::string_view key) const {
     dc_work* w = nullptr;
-    distcore::check(dc_store_get_async(get(), std::string(key).c_str(), &w));
+    distcore::check(dc_store_get_async(get(), detail::c_string(key).c_str(), &w));
     return Work(w);
   }
   /// wait() in the background; the work completes when the keys exist.
@@ -757,13 +772,13 @@ class Store {
   /// A blocking queue_pop() in the background; the work's result() is the element.
   [[nodiscard]] Work queue_pop_async(std::string_view key) const {
     dc_work* w = nullptr;
-    distcore::check(dc_store_queue_pop_async(get(), std::string(key).c_str(), &w));
+    distcore::check(dc_store_queue_pop_async(get(), detail::c_string(key).c_str(), &w));
     return Work(w);
   }
   /// barrier() in the background; the work completes when the barrier releases.
   [[nodiscard]] Work barrier_async(std::string_view key, int32_t world_size, Timeout timeout = kDefault) const {
     dc_work* w = nullptr;
-    distcore::check(dc_store_barrier_async(get(), std::string(key).c_str(), world_size, timeout.ms(), &w));
+    distcore::check(dc_store_barrier_async(get(), detail::c_string(key).c_str(), world_size, timeout.ms(), &w));
     return Work(w);
   }
 
@@ -793,7 +808,7 @@ class FileStore : public Store {
   /// that is not a FileStore.
   explicit FileStore(std::string_view path, int32_t world_size = -1) {
     dc_store* s = nullptr;
-    distcore::check(dc_file_store_new(std::string(path).c_str(), world_size, &s));
+    distcore::check(dc_file_store_new(detail::c_string(path).c_str(), world_size, &s));
     handle_.reset(s);
   }
 };
@@ -804,7 +819,7 @@ class PrefixStore : public Store {
  public:
   PrefixStore(std::string_view prefix, const Store& store) {
     dc_store* s = nullptr;
-    distcore::check(dc_prefix_store_new(std::string(prefix).c_str(), store.get(), &s));
+    distcore::check(dc_prefix_store_new(detail::c_string(prefix).c_str(), store.get(), &s));
     handle_.reset(s);
   }
 };
@@ -841,6 +856,7 @@ struct TCPStoreOptions {
   dc_tcp_store_options to_c() const {
     dc_tcp_store_options o;
     distcore::check(dc_tcp_store_options_init(&o, sizeof o));
+    for (const std::string* text : {&host, &bind_address}) (void)detail::c_string(*text);  // no NUL inside
     o.host = host.c_str();
     o.port = port;
     o.is_server = is_server;
@@ -936,14 +952,14 @@ namespace elastic {
 /// meanwhile (kDefault: keep the store's).
 inline void barrier(const Store& store, int32_t world_size, std::string_view key_prefix,
                     Timeout timeout = kDefault) {
-  distcore::check(dc_elastic_barrier(store.get(), world_size, std::string(key_prefix).c_str(), timeout.ms()));
+  distcore::check(dc_elastic_barrier(store.get(), world_size, detail::c_string(key_prefix).c_str(), timeout.ms()));
 }
 
 /// barrier() that, on a timeout, names the ranks that never arrived
 /// (waiting up to `trace_timeout` for the first) in its TimeoutError.
 inline void barrier_traced(const Store& store, int32_t world_size, std::string_view key_prefix, Timeout timeout,
                            int32_t rank, Timeout trace_timeout) {
-  distcore::check(dc_elastic_barrier_traced(store.get(), world_size, std::string(key_prefix).c_str(), timeout.ms(), rank,
+  distcore::check(dc_elastic_barrier_traced(store.get(), world_size, detail::c_string(key_prefix).c_str(), timeout.ms(), rank,
                                   trace_timeout.ms()));
 }
 
@@ -953,7 +969,7 @@ inline std::vector<std::string> synchronize(const Store& store, bytes_view data,
                                             std::string_view key_prefix, Timeout timeout = kDefault) {
   detail::BufArray a;
   distcore::check(dc_elastic_synchronize(store.get(), data.u8(), data.size(), rank, world_size,
-                               std::string(key_prefix).c_str(), timeout.ms(), a.out()));
+                               detail::c_string(key_prefix).c_str(), timeout.ms(), a.out()));
   return a.strings();
 }
 
@@ -962,7 +978,7 @@ inline std::vector<std::string> synchronize(const Store& store, bytes_view data,
 inline std::vector<std::string> get_all(const Store& store, int32_t rank, std::string_view prefix,
                                         int32_t world_size) {
   detail::BufArray a;
-  distcore::check(dc_elastic_get_all(store.get(), rank, std::string(prefix).c_str(), world_size, a.out()));
+  distcore::check(dc_elastic_get_all(store.get(), rank, detail::c_string(prefix).c_str(), world_size, a.out()));
   return a.strings();
 }
 
@@ -1142,12 +1158,14 @@ class Rpc {
     distcore::check(dc_rpc_options_init(&o, sizeof o));
     o.num_worker_threads = options.num_worker_threads;
     if (!options.rpc_timeout.is_default()) o.rpc_timeout_ms = options.rpc_timeout.ms();
+    (void)detail::c_string(options.listen_address);  // no NUL inside
     o.listen_address = options.listen_address.c_str();
     o.ignore_rref_leak = options.ignore_rref_leak;
     std::vector<dc_rpc_function_entry> entries;
     entries.reserve(options.functions.size());
     for (auto& f : options.functions) {
-      functions_.push_back(std::make_unique<detail::RpcEntry>(detail::RpcEntry{f.first, std::move(f.second)}));
+      functions_.push_back(
+          std::make_unique<detail::RpcEntry>(detail::RpcEntry{detail::c_string(f.first), std::move(f.second)}));
       const detail::RpcEntry* e = functions_.back().get();
       entries.push_back(dc_rpc_function_entry{e->name.c_str(), &detail::rpc_trampoline,
                                               const_cast<detail::RpcEntry*>(e)});
@@ -1155,7 +1173,7 @@ class Rpc {
     o.functions = entries.data();
     o.num_functions = entries.size();
     dc_rpc* r = nullptr;
-    distcore::check(dc_rpc_init(store.get(), std::string(name).c_str(), rank, world_size, &o, &r));
+    distcore::check(dc_rpc_init(store.get(), detail::c_string(name).c_str(), rank, world_size, &o, &r));
     handle_.reset(r);
   }
   Rpc(Rpc&&) noexcept = default;
@@ -1182,7 +1200,7 @@ class Rpc {
   /// Registers (or replaces) a function after init; calls may arrive before
   /// other workers see it: prefer RpcOptions::functions.
   void register_function(std::string_view name, RpcFunction function) {
-    auto entry = std::make_unique<detail::RpcEntry>(detail::RpcEntry{std::string(name), std::move(function)});
+    auto entry = std::make_unique<detail::RpcEntry>(detail::RpcEntry{detail::c_string(name), std::move(function)});
     functions_.reserve(functions_.size() + 1);
     distcore::check(dc_rpc_register_function(get(), entry->name.c_str(), &detail::rpc_trampoline, entry.get()));
     functions_.push_back(std::move(entry));  // a replaced one stays: it may still be running
@@ -1196,7 +1214,7 @@ class Rpc {
                    const std::vector<RRefView>& rrefs = {}, Timeout timeout = kDefault) const {
     std::vector<const dc_rref*> r = raw(rrefs);
     detail::Buf b;
-    distcore::check(dc_rpc_sync(get(), std::string(to).c_str(), std::string(func).c_str(), args.u8(), args.size(), r.data(),
+    distcore::check(dc_rpc_sync(get(), detail::c_string(to).c_str(), detail::c_string(func).c_str(), args.u8(), args.size(), r.data(),
                       r.size(), timeout.ms(), b.out()));
     return b.str();
   }
@@ -1205,7 +1223,7 @@ class Rpc {
                            const std::vector<RRefView>& rrefs = {}, Timeout timeout = kDefault) const {
     std::vector<const dc_rref*> r = raw(rrefs);
     dc_work* w = nullptr;
-    distcore::check(dc_rpc_async(get(), std::string(to).c_str(), std::string(func).c_str(), args.u8(), args.size(),
+    distcore::check(dc_rpc_async(get(), detail::c_string(to).c_str(), detail::c_string(func).c_str(), args.u8(), args.size(),
                        r.data(), r.size(), timeout.ms(), &w));
     return Work(w);
   }
@@ -1215,7 +1233,7 @@ class Rpc {
                             const std::vector<RRefView>& rrefs = {}, Timeout timeout = kDefault) const {
     std::vector<const dc_rref*> r = raw(rrefs);
     dc_rref* out = nullptr;
-    distcore::check(dc_rpc_remote(get(), std::string(to).c_str(), std::string(func).c_str(), args.u8(), args.size(),
+    distcore::check(dc_rpc_remote(get(), detail::c_string(to).c_str(), detail::c_string(func).c_str(), args.u8(), args.size(),
                         r.data(), r.size(), timeout.ms(), &out));
     return RRef(out);
   }
@@ -1228,7 +1246,7 @@ class Rpc {
   /// The id (rank) of the worker named `name`.
   int32_t worker_id(std::string_view name) const {
     int32_t out = -1;
-    distcore::check(dc_rpc_worker_id(get(), std::string(name).c_str(), &out));
+    distcore::check(dc_rpc_worker_id(get(), detail::c_string(name).c_str(), &out));
     return out;
   }
   /// This worker's name.
