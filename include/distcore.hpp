@@ -310,9 +310,6 @@ class Keys {
 struct StoreFree {
   void operator()(dc_store* s) const noexcept { dc_store_free(s); }
 };
-struct WorkFree {
-  void operator()(dc_work* w) const noexcept { dc_work_free(w); }
-};
 struct RpcFree {
   void operator()(dc_rpc* r) const noexcept { dc_rpc_free(r); }
 };
