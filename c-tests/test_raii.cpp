@@ -67,7 +67,7 @@ int main() {
   dc_store* raw = moved.release();
   EXPECT(!moved && raw != nullptr);
   distcore::Store adopted(raw);
-  EXPECT(adopted.get() == raw);
+  EXPECT(adopted.native_handle() == raw);
   EXPECT(adopted.get("rank2") == "20");
   distcore::Work w2 = std::move(w);
   EXPECT(!w && w2 && w2.is_completed());

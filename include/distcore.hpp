@@ -1,7 +1,7 @@
 // distcore.hpp: a header-only C++17 wrapper over the C ABI of distcore.h.
 //
 // Handles are move-only RAII classes (Store, Work, Rpc, RRef,
-// StoreTimeoutGuard) that free their C handle in the destructor; `.get()`
+// StoreTimeoutGuard) that free their C handle in the destructor; `.native_handle()`
 // returns the C handle and `.release()` gives up its ownership. Every
 // failing call throws a distcore::Error (or a subclass per status, e.g.
 // TimeoutError) carrying the dc_status and the message of
@@ -347,7 +347,7 @@ class WorkView {
   WorkView() noexcept = default;
   explicit WorkView(const dc_work* work) noexcept : ptr_(work) {}
   /// The C handle (borrowed).
-  const dc_work* get() const noexcept { return ptr_; }
+  const dc_work* native_handle() const noexcept { return ptr_; }
   explicit operator bool() const noexcept { return ptr_ != nullptr; }
 
   /// Blocks until the work completes, for at most `timeout` (kDefault: the
@@ -528,18 +528,18 @@ class Work : public WorkView {
     if (this != &other) reset(other.release());
     return *this;
   }
-  ~Work() { dc_work_free(get()); }
+  ~Work() { dc_work_free(native_handle()); }
   /// The C handle (still owned).
-  dc_work* get() const noexcept { return const_cast<dc_work*>(ptr_); }
+  dc_work* native_handle() const noexcept { return const_cast<dc_work*>(ptr_); }
   /// Gives up ownership: the caller frees the handle with dc_work_free.
   dc_work* release() noexcept {
-    dc_work* w = get();
+    dc_work* w = native_handle();
     ptr_ = nullptr;
     return w;
   }
   /// Frees the current handle and takes `work`.
   void reset(dc_work* work = nullptr) noexcept {
-    dc_work* old = get();
+    dc_work* old = native_handle();
     ptr_ = work;
     dc_work_free(old);
   }
@@ -559,7 +559,7 @@ class StoreTimeoutGuard {
   /// Takes ownership of `guard`.
   explicit StoreTimeoutGuard(dc_store_timeout_guard* guard) noexcept : handle_(guard) {}
   /// The C handle (still owned).
-  dc_store_timeout_guard* get() const noexcept { return handle_.get(); }
+  dc_store_timeout_guard* native_handle() const noexcept { return handle_.get(); }
   /// Gives up ownership: the caller frees it with dc_store_timeout_guard_free.
   dc_store_timeout_guard* release() noexcept { return handle_.release(); }
   /// Restores the timeout now.
@@ -587,7 +587,7 @@ class Store {
   virtual ~Store() = default;
 
   /// The C handle (still owned).
-  dc_store* get() const noexcept { return handle_.get(); }
+  dc_store* native_handle() const noexcept { return handle_.get(); }
   /// Gives up ownership: the caller frees the handle with dc_store_free.
   dc_store* release() noexcept { return handle_.release(); }
   explicit operator bool() const noexcept { return handle_ != nullptr; }
@@ -596,27 +596,27 @@ class Store {
   /// connection).
   Store clone() const {
     dc_store* s = nullptr;
-    distcore::check(dc_store_clone(get(), &s));
+    distcore::check(dc_store_clone(native_handle(), &s));
     return Store(s);
   }
 
   /// Sets `key` to `value`, waking the waiters of `key`.
   void set(std::string_view key, bytes_view value) const {
-    distcore::check(dc_store_set(get(), detail::c_string(key).c_str(), value.u8(), value.size()));
+    distcore::check(dc_store_set(native_handle(), detail::c_string(key).c_str(), value.u8(), value.size()));
   }
   void set(std::string_view key, const void* data, size_t len) const { set(key, bytes_view(data, len)); }
   /// The value of `key`, waiting up to the store's timeout for it
   /// (TimeoutError "wait timeout after Nms, keys: key").
   std::string get(std::string_view key) const {
     detail::Buf b;
-    distcore::check(dc_store_get(get(), detail::c_string(key).c_str(), b.out()));
+    distcore::check(dc_store_get(native_handle(), detail::c_string(key).c_str(), b.out()));
     return b.str();
   }
   /// Adds `delta` to the integer at `key` (a missing key is 0); returns the
   /// new value.
   int64_t add(std::string_view key, int64_t delta) const {
     int64_t out = 0;
-    distcore::check(dc_store_add(get(), detail::c_string(key).c_str(), delta, &out));
+    distcore::check(dc_store_add(native_handle(), detail::c_string(key).c_str(), delta, &out));
     return out;
   }
   /// Replaces the value of `key` with `desired` if it equals `expected` (a
@@ -624,38 +624,38 @@ class Store {
   /// (or `expected` when the key is missing and `expected` is not empty).
   std::string compare_set(std::string_view key, bytes_view expected, bytes_view desired) const {
     detail::Buf b;
-    distcore::check(dc_store_compare_set(get(), detail::c_string(key).c_str(), expected.u8(), expected.size(), desired.u8(),
+    distcore::check(dc_store_compare_set(native_handle(), detail::c_string(key).c_str(), expected.u8(), expected.size(), desired.u8(),
                                desired.size(), b.out()));
     return b.str();
   }
   /// Deletes `key`; returns whether it existed. Queues are not touched.
   bool delete_key(std::string_view key) const {
     bool out = false;
-    distcore::check(dc_store_delete_key(get(), detail::c_string(key).c_str(), &out));
+    distcore::check(dc_store_delete_key(native_handle(), detail::c_string(key).c_str(), &out));
     return out;
   }
   /// Whether all `keys` exist (as values or non-empty queues), without waiting.
   bool check(const std::vector<std::string>& keys) const {
     detail::Keys k(keys);
     bool out = false;
-    distcore::check(dc_store_check(get(), k.data(), k.size(), &out));
+    distcore::check(dc_store_check(native_handle(), k.data(), k.size(), &out));
     return out;
   }
   /// Blocks until all `keys` exist, for at most `timeout` (kDefault: the
   /// store's timeout). TimeoutError after it.
   void wait(const std::vector<std::string>& keys, Timeout timeout = kDefault) const {
     detail::Keys k(keys);
-    distcore::check(dc_store_wait(get(), k.data(), k.size(), timeout.ms()));
+    distcore::check(dc_store_wait(native_handle(), k.data(), k.size(), timeout.ms()));
   }
   /// The number of keys holding values (queues are not counted).
   int64_t num_keys() const {
     int64_t out = 0;
-    distcore::check(dc_store_num_keys(get(), &out));
+    distcore::check(dc_store_num_keys(native_handle(), &out));
     return out;
   }
   /// Appends `value` to the value of `key` (creating it).
   void append(std::string_view key, bytes_view value) const {
-    distcore::check(dc_store_append(get(), detail::c_string(key).c_str(), value.u8(), value.size()));
+    distcore::check(dc_store_append(native_handle(), detail::c_string(key).c_str(), value.u8(), value.size()));
   }
   void append(std::string_view key, const void* data, size_t len) const { append(key, bytes_view(data, len)); }
   /// The values of `keys`, in order, waiting up to the store's timeout for all.
@@ -668,7 +668,7 @@ class Store {
       }
     } bufs;
     bufs.v.assign(keys.size(), dc_buf{});
-    distcore::check(dc_store_multi_get(get(), k.data(), k.size(), bufs.v.data()));
+    distcore::check(dc_store_multi_get(native_handle(), k.data(), k.size(), bufs.v.data()));
     std::vector<std::string> out;
     out.reserve(bufs.v.size());
     for (const dc_buf& b : bufs.v) {
@@ -691,11 +691,11 @@ class Store {
       ptrs.push_back(reinterpret_cast<const uint8_t*>(v.data()));
       lens.push_back(v.size());
     }
-    distcore::check(dc_store_multi_set(get(), k.data(), ptrs.data(), lens.data(), k.size()));
+    distcore::check(dc_store_multi_set(native_handle(), k.data(), ptrs.data(), lens.data(), k.size()));
   }
   /// Pushes `value` onto the back of the queue `key`, waking one waiter.
   void queue_push(std::string_view key, bytes_view value) const {
-    distcore::check(dc_store_queue_push(get(), detail::c_string(key).c_str(), value.u8(), value.size()));
+    distcore::check(dc_store_queue_push(native_handle(), detail::c_string(key).c_str(), value.u8(), value.size()));
   }
   void queue_push(std::string_view key, const void* data, size_t len) const {
     queue_push(key, bytes_view(data, len));
@@ -704,13 +704,13 @@ class Store {
   /// timeout (TimeoutError); not blocking: an empty queue throws QueueEmpty.
   std::string queue_pop(std::string_view key, bool block = true) const {
     detail::Buf b;
-    distcore::check(dc_store_queue_pop(get(), detail::c_string(key).c_str(), block, b.out()));
+    distcore::check(dc_store_queue_pop(native_handle(), detail::c_string(key).c_str(), block, b.out()));
     return b.str();
   }
   /// A non-blocking pop: std::nullopt when the queue is empty.
   std::optional<std::string> try_queue_pop(std::string_view key) const {
     detail::Buf b;
-    dc_status s = dc_store_queue_pop(get(), detail::c_string(key).c_str(), false, b.out());
+    dc_status s = dc_store_queue_pop(native_handle(), detail::c_string(key).c_str(), false, b.out());
     if (s == DC_ERR_QUEUE_EMPTY) return std::nullopt;
     distcore::check(s);
     return b.str();
@@ -718,64 +718,64 @@ class Store {
   /// The number of elements in the queue `key`.
   int64_t queue_len(std::string_view key) const {
     int64_t out = 0;
-    distcore::check(dc_store_queue_len(get(), detail::c_string(key).c_str(), &out));
+    distcore::check(dc_store_queue_len(native_handle(), detail::c_string(key).c_str(), &out));
     return out;
   }
   /// Every key holding a value.
   std::vector<std::string> list_keys() const {
     detail::BufArray a;
-    distcore::check(dc_store_list_keys(get(), a.out()));
+    distcore::check(dc_store_list_keys(native_handle(), a.out()));
     return a.strings();
   }
   /// Blocks until `world_size` callers have entered the barrier `key`, for
   /// at most `timeout` (kDefault: the store's timeout).
   void barrier(std::string_view key, int32_t world_size, Timeout timeout = kDefault) const {
-    distcore::check(dc_store_barrier(get(), detail::c_string(key).c_str(), world_size, timeout.ms()));
+    distcore::check(dc_store_barrier(native_handle(), detail::c_string(key).c_str(), world_size, timeout.ms()));
   }
   /// The store's default timeout (zero: forever).
   std::chrono::milliseconds timeout() const {
     int64_t ms = 0;
-    distcore::check(dc_store_get_timeout(get(), &ms));
+    distcore::check(dc_store_get_timeout(native_handle(), &ms));
     return std::chrono::milliseconds(ms);
   }
   /// Sets the store's default timeout (kForever or a positive duration;
   /// kDefault is InvalidArgument).
-  void set_timeout(Timeout timeout) const { distcore::check(dc_store_set_timeout(get(), timeout.ms())); }
+  void set_timeout(Timeout timeout) const { distcore::check(dc_store_set_timeout(native_handle(), timeout.ms())); }
   /// Sets the store's timeout until the returned guard is destroyed, which
   /// restores the previous one.
   [[nodiscard]] StoreTimeoutGuard timeout_guard(Timeout timeout) const {
     dc_store_timeout_guard* g = nullptr;
-    distcore::check(dc_store_timeout_guard_new(get(), timeout.ms(), &g));
+    distcore::check(dc_store_timeout_guard_new(native_handle(), timeout.ms(), &g));
     return StoreTimeoutGuard(g);
   }
 
-  /// get() in the background: the work's result() is the value. On a
+  /// native_handle() in the background: the work's result() is the value. On a
   /// TCPStore the work completes (and callbacks run) on distcore's async
   /// thread; on a HashStore on the thread whose change satisfies it (or the
   /// timer thread on a timeout); on a FileStore on a thread of its own.
   /// Destroying the Work (with no callback) or abort() releases the operation.
   [[nodiscard]] Work get_async(std::string_view key) const {
     dc_work* w = nullptr;
-    distcore::check(dc_store_get_async(get(), detail::c_string(key).c_str(), &w));
+    distcore::check(dc_store_get_async(native_handle(), detail::c_string(key).c_str(), &w));
     return Work(w);
   }
   /// wait() in the background; the work completes when the keys exist.
   [[nodiscard]] Work wait_async(const std::vector<std::string>& keys, Timeout timeout = kDefault) const {
     detail::Keys k(keys);
     dc_work* w = nullptr;
-    distcore::check(dc_store_wait_async(get(), k.data(), k.size(), timeout.ms(), &w));
+    distcore::check(dc_store_wait_async(native_handle(), k.data(), k.size(), timeout.ms(), &w));
     return Work(w);
   }
   /// A blocking queue_pop() in the background; the work's result() is the element.
   [[nodiscard]] Work queue_pop_async(std::string_view key) const {
     dc_work* w = nullptr;
-    distcore::check(dc_store_queue_pop_async(get(), detail::c_string(key).c_str(), &w));
+    distcore::check(dc_store_queue_pop_async(native_handle(), detail::c_string(key).c_str(), &w));
     return Work(w);
   }
   /// barrier() in the background; the work completes when the barrier releases.
   [[nodiscard]] Work barrier_async(std::string_view key, int32_t world_size, Timeout timeout = kDefault) const {
     dc_work* w = nullptr;
-    distcore::check(dc_store_barrier_async(get(), detail::c_string(key).c_str(), world_size, timeout.ms(), &w));
+    distcore::check(dc_store_barrier_async(native_handle(), detail::c_string(key).c_str(), world_size, timeout.ms(), &w));
     return Work(w);
   }
 
@@ -816,7 +816,7 @@ class PrefixStore : public Store {
  public:
   PrefixStore(std::string_view prefix, const Store& store) {
     dc_store* s = nullptr;
-    distcore::check(dc_prefix_store_new(detail::c_string(prefix).c_str(), store.get(), &s));
+    distcore::check(dc_prefix_store_new(detail::c_string(prefix).c_str(), store.native_handle(), &s));
     handle_.reset(s);
   }
 };
@@ -894,27 +894,27 @@ class TCPStore : public Store {
   /// A new handle (a new connection) on the same server.
   TCPStore clone() const {
     dc_store* s = nullptr;
-    distcore::check(dc_store_clone(get(), &s));
+    distcore::check(dc_store_clone(native_handle(), &s));
     return TCPStore(s);
   }
   /// The port of the server (the chosen one when a server asked for 0).
   uint16_t port() const {
     uint16_t out = 0;
-    distcore::check(dc_tcp_store_port(get(), &out));
+    distcore::check(dc_tcp_store_port(native_handle(), &out));
     return out;
   }
   /// Counts this handle in `init/` and, on the server, blocks until the
   /// world size is reached. Does nothing without a world size.
-  void wait_for_workers() const { distcore::check(dc_tcp_store_wait_for_workers(get())); }
+  void wait_for_workers() const { distcore::check(dc_tcp_store_wait_for_workers(native_handle())); }
   /// Per-operation latency counters of this handle.
   std::vector<ClientCounter> counters() const {
     size_t n = 0;
-    distcore::check(dc_tcp_store_counters(get(), nullptr, 0, &n));
+    distcore::check(dc_tcp_store_counters(native_handle(), nullptr, 0, &n));
     std::vector<dc_client_counter> raw;
     for (;;) {
       raw.assign(n, dc_client_counter{});
       size_t total = 0;
-      distcore::check(dc_tcp_store_counters(get(), raw.data(), raw.size(), &total));
+      distcore::check(dc_tcp_store_counters(native_handle(), raw.data(), raw.size(), &total));
       if (total <= raw.size()) {
         raw.resize(total);
         break;
@@ -933,7 +933,7 @@ class TCPStore : public Store {
   dc_server_stats server_stats() const {
     dc_server_stats s{};
     s.struct_size = sizeof s;
-    distcore::check(dc_tcp_store_server_stats(get(), &s));
+    distcore::check(dc_tcp_store_server_stats(native_handle(), &s));
     return s;
   }
 };
@@ -949,14 +949,14 @@ namespace elastic {
 /// meanwhile (kDefault: keep the store's).
 inline void barrier(const Store& store, int32_t world_size, std::string_view key_prefix,
                     Timeout timeout = kDefault) {
-  distcore::check(dc_elastic_barrier(store.get(), world_size, detail::c_string(key_prefix).c_str(), timeout.ms()));
+  distcore::check(dc_elastic_barrier(store.native_handle(), world_size, detail::c_string(key_prefix).c_str(), timeout.ms()));
 }
 
 /// barrier() that, on a timeout, names the ranks that never arrived
 /// (waiting up to `trace_timeout` for the first) in its TimeoutError.
 inline void barrier_traced(const Store& store, int32_t world_size, std::string_view key_prefix, Timeout timeout,
                            int32_t rank, Timeout trace_timeout) {
-  distcore::check(dc_elastic_barrier_traced(store.get(), world_size, detail::c_string(key_prefix).c_str(), timeout.ms(), rank,
+  distcore::check(dc_elastic_barrier_traced(store.native_handle(), world_size, detail::c_string(key_prefix).c_str(), timeout.ms(), rank,
                                   trace_timeout.ms()));
 }
 
@@ -965,7 +965,7 @@ inline void barrier_traced(const Store& store, int32_t world_size, std::string_v
 inline std::vector<std::string> synchronize(const Store& store, bytes_view data, int32_t rank, int32_t world_size,
                                             std::string_view key_prefix, Timeout timeout = kDefault) {
   detail::BufArray a;
-  distcore::check(dc_elastic_synchronize(store.get(), data.u8(), data.size(), rank, world_size,
+  distcore::check(dc_elastic_synchronize(store.native_handle(), data.u8(), data.size(), rank, world_size,
                                detail::c_string(key_prefix).c_str(), timeout.ms(), a.out()));
   return a.strings();
 }
@@ -975,7 +975,7 @@ inline std::vector<std::string> synchronize(const Store& store, bytes_view data,
 inline std::vector<std::string> get_all(const Store& store, int32_t rank, std::string_view prefix,
                                         int32_t world_size) {
   detail::BufArray a;
-  distcore::check(dc_elastic_get_all(store.get(), rank, detail::c_string(prefix).c_str(), world_size, a.out()));
+  distcore::check(dc_elastic_get_all(store.native_handle(), rank, detail::c_string(prefix).c_str(), world_size, a.out()));
   return a.strings();
 }
 
@@ -994,7 +994,7 @@ class RRefView {
   RRefView() noexcept = default;
   explicit RRefView(const dc_rref* rref) noexcept : ptr_(rref) {}
   /// The C handle (borrowed).
-  const dc_rref* get() const noexcept { return ptr_; }
+  const dc_rref* native_handle() const noexcept { return ptr_; }
   explicit operator bool() const noexcept { return ptr_ != nullptr; }
 
   /// The value: fetched from the owner (blocking up to `timeout`; kDefault:
@@ -1058,18 +1058,18 @@ class RRef : public RRefView {
     if (this != &other) reset(other.release());
     return *this;
   }
-  ~RRef() { dc_rref_free(get()); }
+  ~RRef() { dc_rref_free(native_handle()); }
   /// The C handle (still owned).
-  dc_rref* get() const noexcept { return const_cast<dc_rref*>(ptr_); }
+  dc_rref* native_handle() const noexcept { return const_cast<dc_rref*>(ptr_); }
   /// Gives up ownership: the caller frees it with dc_rref_free.
   dc_rref* release() noexcept {
-    dc_rref* r = get();
+    dc_rref* r = native_handle();
     ptr_ = nullptr;
     return r;
   }
   /// Frees the current handle and takes `rref`.
   void reset(dc_rref* rref = nullptr) noexcept {
-    dc_rref* old = get();
+    dc_rref* old = native_handle();
     ptr_ = rref;
     dc_rref_free(old);
   }
@@ -1170,7 +1170,7 @@ class Rpc {
     o.functions = entries.data();
     o.num_functions = entries.size();
     dc_rpc* r = nullptr;
-    distcore::check(dc_rpc_init(store.get(), detail::c_string(name).c_str(), rank, world_size, &o, &r));
+    distcore::check(dc_rpc_init(store.native_handle(), detail::c_string(name).c_str(), rank, world_size, &o, &r));
     handle_.reset(r);
   }
   Rpc(Rpc&&) noexcept = default;
@@ -1189,7 +1189,7 @@ class Rpc {
   ~Rpc() { handle_.reset(); }
 
   /// The C handle (still owned).
-  dc_rpc* get() const noexcept { return handle_.get(); }
+  dc_rpc* native_handle() const noexcept { return handle_.get(); }
   /// Gives up ownership of the handle; the registered functions stay with
   /// this object, which must then outlive the handle.
   dc_rpc* release() noexcept { return handle_.release(); }
@@ -1199,7 +1199,7 @@ class Rpc {
   void register_function(std::string_view name, RpcFunction function) {
     auto entry = std::make_unique<detail::RpcEntry>(detail::RpcEntry{detail::c_string(name), std::move(function)});
     functions_.reserve(functions_.size() + 1);
-    distcore::check(dc_rpc_register_function(get(), entry->name.c_str(), &detail::rpc_trampoline, entry.get()));
+    distcore::check(dc_rpc_register_function(native_handle(), entry->name.c_str(), &detail::rpc_trampoline, entry.get()));
     functions_.push_back(std::move(entry));  // a replaced one stays: it may still be running
   }
 
@@ -1211,7 +1211,7 @@ class Rpc {
                    const std::vector<RRefView>& rrefs = {}, Timeout timeout = kDefault) const {
     std::vector<const dc_rref*> r = raw(rrefs);
     detail::Buf b;
-    distcore::check(dc_rpc_sync(get(), detail::c_string(to).c_str(), detail::c_string(func).c_str(), args.u8(), args.size(), r.data(),
+    distcore::check(dc_rpc_sync(native_handle(), detail::c_string(to).c_str(), detail::c_string(func).c_str(), args.u8(), args.size(), r.data(),
                       r.size(), timeout.ms(), b.out()));
     return b.str();
   }
@@ -1220,7 +1220,7 @@ class Rpc {
                            const std::vector<RRefView>& rrefs = {}, Timeout timeout = kDefault) const {
     std::vector<const dc_rref*> r = raw(rrefs);
     dc_work* w = nullptr;
-    distcore::check(dc_rpc_async(get(), detail::c_string(to).c_str(), detail::c_string(func).c_str(), args.u8(), args.size(),
+    distcore::check(dc_rpc_async(native_handle(), detail::c_string(to).c_str(), detail::c_string(func).c_str(), args.u8(), args.size(),
                        r.data(), r.size(), timeout.ms(), &w));
     return Work(w);
   }
@@ -1230,33 +1230,33 @@ class Rpc {
                             const std::vector<RRefView>& rrefs = {}, Timeout timeout = kDefault) const {
     std::vector<const dc_rref*> r = raw(rrefs);
     dc_rref* out = nullptr;
-    distcore::check(dc_rpc_remote(get(), detail::c_string(to).c_str(), detail::c_string(func).c_str(), args.u8(), args.size(),
+    distcore::check(dc_rpc_remote(native_handle(), detail::c_string(to).c_str(), detail::c_string(func).c_str(), args.u8(), args.size(),
                         r.data(), r.size(), timeout.ms(), &out));
     return RRef(out);
   }
   /// An RRef owned by this worker holding a copy of `value` (rpc.RRef(value)).
   [[nodiscard]] RRef rref(bytes_view value) const {
     dc_rref* out = nullptr;
-    distcore::check(dc_rref_new(get(), value.u8(), value.size(), &out));
+    distcore::check(dc_rref_new(native_handle(), value.u8(), value.size(), &out));
     return RRef(out);
   }
   /// The id (rank) of the worker named `name`.
   int32_t worker_id(std::string_view name) const {
     int32_t out = -1;
-    distcore::check(dc_rpc_worker_id(get(), detail::c_string(name).c_str(), &out));
+    distcore::check(dc_rpc_worker_id(native_handle(), detail::c_string(name).c_str(), &out));
     return out;
   }
   /// This worker's name.
   std::string self_name() const {
     detail::Buf b;
-    distcore::check(dc_rpc_self_name(get(), b.out()));
+    distcore::check(dc_rpc_self_name(native_handle(), b.out()));
     return b.str();
   }
   /// This worker's RRef counters (all zero once nothing is shared).
   dc_rref_debug_info debug_info() const {
     dc_rref_debug_info d{};
     d.struct_size = sizeof d;
-    distcore::check(dc_rpc_debug_info(get(), &d));
+    distcore::check(dc_rpc_debug_info(native_handle(), &d));
     return d;
   }
   /// Shuts this worker down. Graceful: blocks until every worker shuts down
@@ -1264,14 +1264,14 @@ class Rpc {
   /// RRefs when ignore_rref_leak is false. Not graceful: stops at once.
   /// `timeout` kDefault: the RPC timeout.
   void shutdown(bool graceful = true, Timeout timeout = kDefault) const {
-    distcore::check(dc_rpc_shutdown(get(), graceful, timeout.ms()));
+    distcore::check(dc_rpc_shutdown(native_handle(), graceful, timeout.ms()));
   }
 
  private:
   static std::vector<const dc_rref*> raw(const std::vector<RRefView>& rrefs) {
     std::vector<const dc_rref*> out;
     out.reserve(rrefs.size());
-    for (const RRefView& r : rrefs) out.push_back(r.get());
+    for (const RRefView& r : rrefs) out.push_back(r.native_handle());
     return out;
   }
   // Declared first, destroyed last: the worker stops before its functions go.
