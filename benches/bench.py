@@ -37,10 +37,13 @@ CLIENTS = ["distcore", "torch"]
 
 
 def ensure_python_packages(full):
-    """torch.distributed.rpc needs numpy; the plot needs matplotlib."""
-    wanted = ["numpy"] + (["matplotlib"] if full else [])
-    missing = [p for p in wanted if subprocess.run([sys.executable, "-c", f"import {p}"],
-                                                   capture_output=True).returncode]
+    """torch.distributed.rpc needs numpy; the plot needs matplotlib; the
+    Python clients are the distcore package (python/, built with cargo)."""
+    wanted = {"numpy": "numpy", "distcore": os.path.join(ROOT, "python")}
+    if full:
+        wanted["matplotlib"] = "matplotlib"
+    missing = [spec for module, spec in wanted.items() if subprocess.run([sys.executable, "-c", f"import {module}"],
+                                                                         capture_output=True).returncode]
     if missing:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", *missing],
                        check=True)
@@ -368,7 +371,7 @@ def scenario_footprint(conns, keys, procs=2):
                   for _ in range(procs)]
             held = sum(int(read_until(p, "ready", 600)[1]) for p in ps)
             loader = subprocess.run([sys.executable, "-c", LOAD_KEYS, str(s.port), str(keys)], env=dict(
-                ENV, PYTHONPATH=os.path.join(ROOT, "interop"), DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"),
+                ENV, DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"),
                 capture_output=True, text=True, timeout=300)
             if loader.returncode:
                 raise RuntimeError(loader.stderr)
@@ -561,8 +564,8 @@ def scenario_scale(sizes, past_limit, syscalls_at):
 
 
 LOAD_KEYS = """
-import sys, distcore_ctypes as dc
-api = dc.Api(); s = dc.Store.tcp(api, int(sys.argv[1]))
+import sys, distcore
+s = distcore.TCPStore("127.0.0.1", int(sys.argv[1]))
 n = int(sys.argv[2]); v = b"v" * 100
 for start in range(0, n, 1000):
     keys = [f"key{i}" for i in range(start, min(n, start + 1000))]
@@ -611,8 +614,7 @@ def scenario_rpc(calls, rounds):
     samples = {}
     for _ in range(rounds):
         py = subprocess.run([sys.executable, f"{HERE}/rpc_bench.py", str(calls)], capture_output=True, text=True,
-                            env=dict(ENV, PYTHONPATH=os.path.join(ROOT, "interop"),
-                                     DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"), timeout=1800)
+                            env=dict(ENV, DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"), timeout=1800)
         c = subprocess.run([f"{BUILD}/rpc_bench", str(calls)], capture_output=True, text=True, env=ENV, timeout=900)
         for out in (py, c):
             if out.returncode:

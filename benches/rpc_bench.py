@@ -1,5 +1,5 @@
-"""rpc_sync and remote()+to_here latency: distcore (through its C ABI via
-ctypes) against torch.distributed.rpc (TensorPipe), both driven from Python,
+"""rpc_sync and remote()+to_here latency: distcore (its Python package, over
+the C ABI via ctypes) against torch.distributed.rpc (TensorPipe), both driven from Python,
 two processes on loopback.
     rpc_bench.py CALLS            -> "system<TAB>call<TAB>median_us" lines
     rpc_bench.py worker SYSTEM RANK PORT CALLS   (internal)"""
@@ -48,14 +48,15 @@ def torch_worker(rank, port, calls):
 
 
 def distcore_worker(rank, port, calls):
-    import distcore_ctypes as dc
-    api = dc.Api()
-    store = dc.Store.tcp(api, port, is_server=rank == 0)
-    r = dc.Rpc(api, store, f"w{rank}", rank, 2, {"echo": lambda args, rrefs: args}, timeout_ms=120000)
+    import distcore
+    from distcore import rpc
+    store = distcore.TCPStore("127.0.0.1", port, is_master=rank == 0)
+    r = rpc.RpcAgent(f"w{rank}", rank, 2, store, {"echo": lambda args, rrefs, caller_id: args}, rpc_timeout=120)
     if rank == 0:
         for name, size in SIZES:
             payload = b"x" * size
-            print(f"distcore\trpc_sync {name}\t{timed(calls, lambda: r.sync('w1', 'echo', payload)):.1f}", flush=True)
+            print(f"distcore\trpc_sync {name}\t{timed(calls, lambda: r.rpc_sync('w1', 'echo', payload)):.1f}",
+                  flush=True)
         payload = b"x" * 64
 
         def remote_to_here():
@@ -63,7 +64,7 @@ def distcore_worker(rank, port, calls):
             ref.to_here()
             ref.close()
         print(f"distcore\tremote + to_here 64 B\t{timed(calls, remote_to_here):.1f}", flush=True)
-    r.shutdown(True, 120000)
+    r.shutdown(True, 120)
     r.close()
 
 

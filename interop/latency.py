@@ -3,7 +3,7 @@ client -> server pair, measured in one run on loopback.
 
     python interop/latency.py [OPS]
 
-Clients are PyTorch's Python TCPStore and distcore through ctypes, so both
+Clients are PyTorch's Python TCPStore and the distcore package (ctypes), so both
 include a Python call per operation; the C++-level benchmark suite is
 issue 6's."""
 import datetime
@@ -15,7 +15,7 @@ import warnings
 warnings.filterwarnings("ignore")
 import torch.distributed as dist  # noqa: E402
 
-import distcore_ctypes as dc  # noqa: E402
+import distcore  # noqa: E402
 import harness  # noqa: E402
 
 
@@ -38,7 +38,6 @@ def measure(store, ops):
 
 def main():
     ops = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
-    api = dc.Api()
     cli = harness.CliServer()
     torch_uv = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False, use_libuv=True)
     torch_legacy = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False, use_libuv=False)
@@ -46,7 +45,8 @@ def main():
     clients = {
         "torch (python)": lambda port: dist.TCPStore("127.0.0.1", port, None, False,
                                                      timeout=datetime.timedelta(seconds=30)),
-        "distcore (ctypes)": lambda port: dc.Store.tcp(api, port),
+        "distcore (ctypes)": lambda port: distcore.TCPStore("127.0.0.1", port,
+                                                            timeout=datetime.timedelta(seconds=30)),
     }
     print(f"median µs over {ops} ops each, loopback, one run")
     print(f"{'client':<20} {'server':<14} {'set':>8} {'get':>8} {'add':>8}")

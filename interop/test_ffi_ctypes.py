@@ -1,24 +1,28 @@
-"""Drives distcore's stores and works through ctypes, as a Python FFI user."""
-import ctypes
+"""Drives distcore's stores and works through the `distcore` Python package
+(ctypes over the C ABI), as a Python FFI user."""
 import select
 import threading
 import time
 import unittest
+from datetime import timedelta
 
-import distcore_ctypes as dc
+import distcore
+from distcore import Status, elastic
+from distcore._lib import lib
+
+T = timedelta
 
 
 class CtypesStoreTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.api = dc.Api()
-
     def setUp(self):
-        self.store = dc.Store.hash(self.api)
+        self.store = distcore.HashStore()
+
+    def tearDown(self):
+        self.store.close()
 
     def test_version_and_status_strings(self):
-        self.assertRegex(self.api.lib.dc_version().decode(), r"^\d+\.\d+\.\d+$")
-        self.assertEqual(self.api.lib.dc_status_str(dc.TIMEOUT), b"timed out")
+        self.assertRegex(distcore.library_version(), r"^\d+\.\d+\.\d+$")
+        self.assertEqual(distcore.status_str(Status.TIMEOUT), "timed out")
 
     def test_every_store_operation(self):
         s = self.store
@@ -42,45 +46,47 @@ class CtypesStoreTest(unittest.TestCase):
         s.queue_push("q", b"1")
         self.assertEqual(s.queue_len("q"), 1)
         self.assertEqual(s.queue_pop("q", block=False), b"1")
-        with self.assertRaises(dc.DistcoreError) as e:
+        with self.assertRaises(distcore.QueueEmptyError) as e:
             s.queue_pop("q", block=False)
-        self.assertEqual(e.exception.status, dc.QUEUE_EMPTY)
+        self.assertEqual(e.exception.status, Status.QUEUE_EMPTY)
 
-    def test_timeouts_map_to_timeout_status_with_pytorch_message(self):
-        with self.assertRaises(dc.DistcoreError) as e:
-            self.store.wait(["never"], 50)
-        self.assertEqual(e.exception.status, dc.TIMEOUT)
-        self.assertEqual(e.exception.message, "wait timeout after 50ms, keys: never")
-        self.store.set_timeout(20)
-        with self.assertRaises(dc.DistcoreError) as e:
+    def test_timeouts_raise_store_errors_with_pytorch_message(self):
+        with self.assertRaises(distcore.DistStoreError) as e:
+            self.store.wait(["never"], T(milliseconds=50))
+        self.assertIsInstance(e.exception, TimeoutError)
+        self.assertEqual(e.exception.status, Status.TIMEOUT)
+        self.assertEqual(str(e.exception), "wait timeout after 50ms, keys: never")
+        self.store.set_timeout(T(milliseconds=20))
+        with self.assertRaises(distcore.DistTimeoutError):
             self.store.get("missing")
-        self.assertEqual(e.exception.status, dc.TIMEOUT)
 
-    def test_null_and_bad_arguments(self):
-        lib = self.api.lib
-        self.assertEqual(lib.dc_store_set(None, b"k", b"v", 1), dc.INVALID_ARGUMENT)
+    def test_null_and_bad_arguments_at_the_c_abi(self):
+        h = self.store._handle
+        self.assertEqual(lib.dc_store_set(None, b"k", b"v", 1), Status.INVALID_ARGUMENT)
         self.assertIn(b"NULL", lib.dc_last_error_message())
-        self.assertEqual(lib.dc_store_set(self.store.handle, None, b"v", 1), dc.INVALID_ARGUMENT)
-        self.assertEqual(lib.dc_store_set(self.store.handle, b"k", None, 4), dc.INVALID_ARGUMENT)
-        self.assertEqual(lib.dc_store_set(self.store.handle, b"\xff", b"v", 1), dc.INVALID_ARGUMENT)
-        self.assertEqual(lib.dc_store_wait(self.store.handle, None, 0, -7), dc.INVALID_ARGUMENT)
+        self.assertEqual(lib.dc_store_set(h, None, b"v", 1), Status.INVALID_ARGUMENT)
+        self.assertEqual(lib.dc_store_set(h, b"k", None, 4), Status.INVALID_ARGUMENT)
+        self.assertEqual(lib.dc_store_set(h, b"\xff", b"v", 1), Status.INVALID_ARGUMENT)
+        self.assertEqual(lib.dc_store_wait(h, None, 0, -7), Status.INVALID_ARGUMENT)
 
     def test_prefix_store_and_clone(self):
-        p = self.store.prefixed("job")
+        p = distcore.PrefixStore("job", self.store)
         p.set("a", b"1")
         self.assertEqual(self.store.get("job/a"), b"1")
         self.assertEqual(p.list_keys(), ["a"])
-        self.assertEqual(self.store.clone().get("job/a"), b"1")
+        self.assertIs(p.underlying_store, self.store)
+        with self.store.clone() as c:
+            self.assertEqual(c.get("job/a"), b"1")
 
     def test_threads_rendezvous_with_elastic_helpers(self):
         world, results, errors = 4, {}, []
 
         def worker(rank):
             try:
-                s = self.store.clone()
-                s.elastic_barrier(world, "py/bar", 10000)
-                s.barrier("py/native", world, 10000)
-                results[rank] = s.elastic_synchronize(f"d{rank}".encode(), rank, world, "py/sync/", 10000)
+                with self.store.clone() as s:
+                    elastic.barrier(s, world, "py/bar", 10)
+                    s.barrier("py/native", world, T(seconds=10))
+                    results[rank] = elastic.synchronize(s, f"d{rank}".encode(), rank, world, "py/sync/", 10)
             except Exception as e:  # reported below
                 errors.append(e)
 
@@ -96,51 +102,43 @@ class CtypesStoreTest(unittest.TestCase):
 
 
 class CtypesWorkTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.api = dc.Api()
-
     def test_async_get_with_fd_and_callback(self):
-        store = dc.Store.hash(self.api)
+        store = distcore.HashStore()
         work = store.get_async("later")
         fired = []
-        cb = dc.WORK_CALLBACK(lambda w, ud: fired.append(ud))
-        self.api.check(self.api.lib.dc_work_add_done_callback(work.handle, cb, 42))
-        fd = work.fd()
+        work.add_done_callback(lambda w: fired.append(w.result()))
+        fd = work.fileno()
         self.assertEqual(select.select([fd], [], [], 0.02)[0], [])
         store.set("later", b"value")
         self.assertEqual(select.select([fd], [], [], 10)[0], [fd])
-        work.wait(10000)
+        self.assertTrue(work.wait(T(seconds=10)))
         self.assertEqual(work.result(), b"value")
         # Callbacks run on the completing thread right after waiters wake.
         deadline = time.monotonic() + 10
         while not fired and time.monotonic() < deadline:
             time.sleep(0.001)
-        self.assertEqual(fired, [42])
+        self.assertEqual(fired, [b"value"])
 
     def test_failed_and_timed_out_work(self):
-        h = ctypes.c_void_p()
-        self.api.check(self.api.lib.dc_work_new(0, 1, b"py-title", 30, ctypes.byref(h)))
-        work = dc.Work(self.api, h)
-        with self.assertRaises(dc.DistcoreError) as e:
+        work = distcore.Work(0, distcore.OpType.ALLREDUCE, "py-title", T(milliseconds=30))
+        with self.assertRaises(distcore.DistTimeoutError) as e:
             work.wait()
-        self.assertEqual((e.exception.status, e.exception.message), (dc.TIMEOUT, "Operation timed out!"))
-        self.api.check(self.api.lib.dc_work_finish(h, dc.REMOTE, b"worker 2 failed"))
+        self.assertEqual(str(e.exception), "Operation timed out!")
+        work.finish(distcore.DistRemoteError("worker 2 failed"))
         for _ in range(2):
-            with self.assertRaises(dc.DistcoreError) as e:
+            with self.assertRaises(distcore.DistRemoteError) as e:
                 work.wait()
-            self.assertEqual((e.exception.status, e.exception.message), (dc.REMOTE, "worker 2 failed"))
+            self.assertEqual((e.exception.status, str(e.exception)), (Status.REMOTE, "worker 2 failed"))
         self.assertTrue(work.is_completed())
+        self.assertIsInstance(work.exception(), distcore.DistRemoteError)
 
-    def test_future_work_completed_from_another_thread(self):
-        h = ctypes.c_void_p()
-        self.api.check(self.api.lib.dc_work_new_future(ctypes.byref(h)))
-        work = dc.Work(self.api, h)
-        t = threading.Thread(target=lambda: self.api.lib.dc_work_finish_with_result(h, b"abc", 3))
+    def test_future_completed_from_another_thread(self):
+        fut = distcore.Future()
+        t = threading.Thread(target=lambda: fut.set_result(b"abc"))
         t.start()
-        work.wait(dc.TIMEOUT_FOREVER)
+        self.assertEqual(fut.wait(T(0)), b"abc")
         t.join()
-        self.assertEqual(work.result(), b"abc")
+        self.assertEqual(fut.value(), b"abc")
 
 
 if __name__ == "__main__":

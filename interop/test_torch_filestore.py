@@ -9,7 +9,7 @@ import warnings
 warnings.filterwarnings("ignore")
 import torch.distributed as dist  # noqa: E402
 
-import distcore_ctypes as dc  # noqa: E402
+import distcore  # noqa: E402
 import harness  # noqa: E402
 
 
@@ -21,14 +21,13 @@ class SharedFile(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.TemporaryDirectory()
         self.path = os.path.join(self.dir.name, "store")
-        self.api = dc.Api()
 
     def tearDown(self):
         self.dir.cleanup()
 
     def test_operations_cross_between_pytorch_and_distcore(self):
         torch_store = dist.FileStore(self.path, 2)
-        ours = dc.Store.file(self.api, self.path, 2)
+        ours = distcore.FileStore(self.path, 2)
         torch_store.set("a", "from-torch")
         self.assertEqual(ours.get("a"), b"from-torch")
         ours.set("b", b"from-distcore")
@@ -55,7 +54,7 @@ class SharedFile(unittest.TestCase):
         self.assertEqual(ours.queue_pop("q", block=False), b"job")
         # A wait in distcore woken by a PyTorch write.
         threading.Timer(0.2, lambda: torch_store.set("late", "L")).start()
-        ours.wait(["late"], 10000)
+        ours.wait(["late"], datetime.timedelta(seconds=10))
         self.assertEqual(sorted(ours.list_keys()), ["ap", "c", "cs", "late"])
         # Refcount: both handles close, world size 2 -> the file is removed.
         del torch_store
@@ -73,22 +72,16 @@ class SharedFile(unittest.TestCase):
             "print(s.get('counter').decode())\n"
             "del s\n"
         )
-        distcore_worker = (
-            "import sys, distcore_ctypes as dc\n"
-            "s = dc.Store.file(dc.Api(), sys.argv[1], 4)\n"
-            "s.set_timeout(60000)\n"
-            "for _ in range(25): s.add('counter', 1)\n"
-            "s.barrier('meet', 4, 60000)\n"
-            "print(s.get('counter').decode())\n"
-            "s.close()\n"
-        )
+        # The same script over the distcore package (close() instead of del).
+        distcore_worker = torch_worker.replace("torch.distributed as d", "distcore as d").replace(
+            "del s", "s.close()")
         procs = [harness.python(torch_worker if i % 2 else distcore_worker, self.path) for i in range(4)]
         outputs = [harness.finish(p).strip() for p in procs]
         self.assertEqual(outputs, ["100"] * 4)
         self.assertFalse(os.path.exists(self.path), "the fourth handle to close removes the file")
 
     def test_pytorch_reads_a_log_distcore_started(self):
-        ours = dc.Store.file(self.api, self.path, -1)
+        ours = distcore.FileStore(self.path, -1)
         ours.set("k", b"v")
         ours.multi_set(["m1", "m2"], [b"1", b"2"])
         torch_store = dist.FileStore(self.path, -1)

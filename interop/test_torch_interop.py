@@ -14,8 +14,9 @@ import warnings
 warnings.filterwarnings("ignore")
 import torch.distributed as dist  # noqa: E402
 
-import distcore_ctypes as dc  # noqa: E402
+import distcore  # noqa: E402
 import harness  # noqa: E402
+from distcore import Status, elastic  # noqa: E402
 
 T = datetime.timedelta
 
@@ -182,15 +183,17 @@ class TorchClientsOnCliServer(TorchClientsOnDistcoreServer, unittest.TestCase):
 
 
 class DistcoreClientOnTorchServer:
-    """distcore's client (through the C ABI) against PyTorch's servers."""
+    """distcore's client (the distcore package over the C ABI) against PyTorch's servers."""
 
     use_libuv = True
 
     def setUp(self):
-        self.api = dc.Api()
         self.server = dist.TCPStore("127.0.0.1", 0, None, True, timeout=T(seconds=30),
                                     wait_for_workers=False, use_libuv=self.use_libuv)
-        self.store = dc.Store.tcp(self.api, self.server.port)
+        self.store = distcore.TCPStore("127.0.0.1", self.server.port, timeout=T(seconds=30))
+
+    def tearDown(self):
+        self.store.close()
 
     def test_every_operation(self):
         s = self.store
@@ -210,21 +213,19 @@ class DistcoreClientOnTorchServer:
         self.assertEqual(s.multi_get(["m2", "m1"]), [b"2", b"1"])
         self.assertTrue(s.check(["k", "m1"]))
         self.assertFalse(s.check(["k", "nope"]))
-        s.wait(["k", "m2"], 1000)
+        s.wait(["k", "m2"], T(seconds=1))
         self.assertEqual(sorted(s.list_keys()), sorted(self.server.list_keys()))
         self.assertEqual(s.num_keys(), self.server.num_keys())
         self.assertTrue(s.delete_key("k"))
         self.assertFalse(s.delete_key("k"))
-        s.barrier("bar", 1, 5000)
-        with self.assertRaises(dc.DistcoreError) as e:
-            s.wait(["never"], 200)
-        self.assertEqual((e.exception.status, e.exception.message),
-                         (dc.TIMEOUT, "wait timeout after 200ms, keys: /never"))
-        s.set_timeout(150)
-        with self.assertRaises(dc.DistcoreError) as e:
+        s.barrier("bar", 1, T(seconds=5))
+        with self.assertRaisesRegex(distcore.DistStoreError, r"^wait timeout after 200ms, keys: /never$") as e:
+            s.wait(["never"], T(milliseconds=200))
+        self.assertEqual(e.exception.status, Status.TIMEOUT)
+        s.set_timeout(T(milliseconds=150))
+        with self.assertRaises(TimeoutError):
             s.get("never")
-        self.assertEqual(e.exception.status, dc.TIMEOUT)
-        s.set_timeout(30000)
+        s.set_timeout(T(seconds=30))
         threading.Timer(0.2, lambda: self.server.set("late", "L")).start()
         self.assertEqual(s.get("late"), b"L")  # woken through WAIT + GET
         clone = s.clone()
@@ -237,9 +238,8 @@ class DistcoreClientOnTorchServer:
         s.queue_push("q", b"1")
         self.assertEqual(self.server.queue_len("q"), 1)
         self.assertEqual(s.queue_pop("q", block=False), b"1")
-        with self.assertRaises(dc.DistcoreError) as e:
+        with self.assertRaisesRegex(distcore.QueueEmptyError, "^queue is empty$"):
             s.queue_pop("q", block=False)
-        self.assertEqual((e.exception.status, e.exception.message), (dc.QUEUE_EMPTY, "queue is empty"))
         threading.Timer(0.2, lambda: self.server.queue_push("q", "2")).start()
         self.assertEqual(s.queue_pop("q", block=True), b"2")
 
@@ -262,18 +262,20 @@ ELASTIC_TORCH = (
     "print(b','.join(data).decode())\n"
 )
 ELASTIC_DISTCORE = (
-    "import sys, distcore_ctypes as dc\n"
+    "import sys, datetime, distcore\n"
+    "from distcore import elastic as es\n"
     "port, rank, world = map(int, sys.argv[1:4])\n"
-    "s = dc.Store.tcp(dc.Api(), port, timeout_ms=60000)\n"
-    "s.elastic_barrier(world, 'mix/bar', 60000)\n"
-    "data = s.elastic_synchronize(b'distcore%d' % rank, rank, world, 'mix/sync/', 60000)\n"
+    "s = distcore.TCPStore('127.0.0.1', port, None, False, timeout=datetime.timedelta(seconds=60))\n"
+    "es.barrier(s, world, 'mix/bar', 60)\n"
+    "data = es.synchronize(s, b'distcore%d' % rank, rank, world, 'mix/sync/', 60)\n"
     "print(b','.join(data).decode())\n"
 )
 
 
 class MixedElasticHelpers(unittest.TestCase):
     """torchelastic's barrier/synchronize in PyTorch processes and distcore's
-    in C-ABI processes meet on one store."""
+    (distcore.elastic, over the C ABI) in others meet on one store: the same
+    script but for its imports."""
 
     def run_mix(self, port):
         world = 4
@@ -296,14 +298,14 @@ class MixedElasticHelpers(unittest.TestCase):
 class ServerDeath(unittest.TestCase):
     def test_killed_server_gives_waiting_client_a_network_error(self):
         server = harness.CliServer()
-        store = dc.Store.tcp(dc.Api(), server.port)
+        store = distcore.TCPStore("127.0.0.1", server.port, timeout=T(seconds=30))
         outcome = {}
 
         def waiter():
             start = time.monotonic()
             try:
-                store.wait(["never"], 30000)
-            except dc.DistcoreError as e:
+                store.wait(["never"], T(seconds=30))
+            except distcore.DistNetworkError as e:
                 outcome["status"] = e.status
             outcome["elapsed"] = time.monotonic() - start
 
@@ -312,7 +314,7 @@ class ServerDeath(unittest.TestCase):
         time.sleep(0.3)
         os.kill(server.proc.pid, signal.SIGKILL)
         t.join(30)
-        self.assertEqual(outcome.get("status"), dc.NETWORK)
+        self.assertEqual(outcome.get("status"), Status.NETWORK)
         self.assertLess(outcome["elapsed"], 5)
 
 

@@ -2,8 +2,9 @@
 # The one test command: builds everything and runs every test on a fresh
 # machine — formatting and lints, the Rust tests, the header freshness
 # check, the C/C++ tests (CMake + ctest, also under valgrind), the Python
-# FFI tests and the interop tests against PyTorch itself. Installs the
-# system packages and the Python packages (torch, in build/venv) it needs.
+# package (python/, pip-installed into build/venv) with its tests and the FFI
+# tests, and the interop tests against PyTorch itself. Installs the system
+# packages and the Python packages (pytest, torch, in build/venv) it needs.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -50,17 +51,23 @@ cmake -S c-tests -B build/c-tests -DCMAKE_PREFIX_PATH="$root/build/prefix" -DCMA
 cmake --build build/c-tests -j "$(nproc)"
 (cd build/c-tests && ctest --output-on-failure -j "$(nproc)")
 
-step "Python ctypes tests"
-DISTCORE_LIB="$root/build/prefix/lib/libdistcore.so" python3 -m unittest discover -s interop -p 'test_ffi_*.py' -v
-
-step "PyTorch interop (torch from pip, CPU, in build/venv)"
+step "Python package (pip install ./python into build/venv) and its tests"
+# The package's own build runs cargo and bundles the library; the tests load
+# the installed build/prefix library instead (DISTCORE_LIB), so that is what
+# is tested.
 venv="$root/build/venv"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q --disable-pip-version-check pytest
+"$venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps ./python
+DISTCORE_LIB="$root/build/prefix/lib/libdistcore.so" \
+  "$venv/bin/python" -m pytest -v -p no:cacheprovider python/tests interop/test_ffi_*.py
+
+step "PyTorch interop (torch from pip, CPU, in build/venv)"
 if ! "$venv/bin/python" -c "import torch.distributed" 2>/dev/null; then
   "$venv/bin/pip" install -q --disable-pip-version-check torch
 fi
 DISTCORE_LIB="$root/build/prefix/lib/libdistcore.so" \
-  "$venv/bin/python" -m unittest discover -s interop -p 'test_torch_*.py' -v
+  "$venv/bin/python" -m pytest -v -p no:cacheprovider interop/test_torch_*.py
 
 step "benchmark smoke run (benches/bench.py --quick: figures, not pass/fail)"
 "$venv/bin/python" benches/bench.py --quick

@@ -1,0 +1,135 @@
+"""distcore: torch.distributed's coordination plane (TCPStore, FileStore,
+HashStore, PrefixStore, torchelastic's store helpers, c10d's Work, RPC with
+RRefs) over libdistcore's C ABI, without torch.
+
+    import distcore
+    store = distcore.TCPStore("127.0.0.1", 29500, world_size=2, is_master=True)
+    store.set("key", "value"); store.get("key")  # b"value"
+
+The bundled libdistcore.so is used, or the library $DISTCORE_LIB names.
+"""
+import ctypes
+import logging
+import threading
+
+from . import _lib
+from ._errors import (DistAbortedError, DistError, DistInternalError, DistIOError, DistNetworkError,
+                      DistNotSupportedError, DistProtocolError, DistQueueEmptyError, DistRemoteError,
+                      DistShutdownError, DistStateError, DistStoreError, DistTimeoutError, DistValueError,
+                      QueueEmptyError, Status)
+from ._lib import HEADER_VERSION, LIB_PATH, PROFILER_BEGIN, PROFILER_END, LOG_FN, check, lib
+from .store import FileStore, HashStore, PrefixStore, Store, TCPStore
+from .work import Future, OpType, Work
+from . import elastic, rpc  # noqa: E402
+
+try:
+    from ._build_info import __version__  # written by the package build
+except ImportError:  # a source checkout
+    __version__ = ".".join(map(str, HEADER_VERSION))
+
+__all__ = [
+    "Store", "TCPStore", "FileStore", "HashStore", "PrefixStore", "Work", "Future", "OpType",
+    "DistError", "DistStoreError", "DistNetworkError", "QueueEmptyError", "DistQueueEmptyError",
+    "DistTimeoutError", "DistValueError", "DistNotSupportedError", "DistRemoteError", "DistShutdownError",
+    "DistAbortedError", "DistProtocolError", "DistIOError", "DistStateError", "DistInternalError", "Status",
+    "elastic", "rpc", "library_version", "library_path", "status_str", "op_type_name", "set_log_callback",
+    "log_to_python", "set_profiler_hooks", "LogLevel", "TIMEOUT_DEFAULT", "TIMEOUT_FOREVER",
+]
+
+TIMEOUT_DEFAULT = _lib.TIMEOUT_DEFAULT
+TIMEOUT_FOREVER = _lib.TIMEOUT_FOREVER
+
+
+def library_version():
+    """The running library's version, "major.minor.patch" (dc_version)."""
+    return lib.dc_version().decode()
+
+
+def library_path():
+    """The path of the loaded libdistcore.so."""
+    return LIB_PATH
+
+
+def status_str(status):
+    """A status code's static description ("timed out", ...)."""
+    return _lib.status_str(status)
+
+
+def op_type_name(op_type):
+    """c10d's name of an op type ("ALLREDUCE", ...), None for a number that is not one."""
+    name = lib.dc_op_type_name(int(op_type))
+    return None if name is None else name.decode()
+
+
+class LogLevel:
+    """dc_log_level."""
+    OFF, ERROR, WARN, INFO, DEBUG, TRACE = range(6)
+
+
+_log_lock = threading.Lock()
+_log_keep = None  # the installed callback, kept alive while distcore may call it
+
+_PY_LEVELS = {LogLevel.ERROR: logging.ERROR, LogLevel.WARN: logging.WARNING, LogLevel.INFO: logging.INFO,
+              LogLevel.DEBUG: logging.DEBUG, LogLevel.TRACE: 5}
+
+
+def set_log_callback(callback, level=LogLevel.WARN):
+    """Sends distcore's log lines at `level` or more severe to
+    ``callback(level, target, message)`` (process-wide; it runs on the
+    thread that logs, must be quick and must not call distcore). None sends
+    them to stderr again."""
+    global _log_keep
+    with _log_lock:
+        if callback is None:
+            check(lib.dc_set_log_callback(int(level), ctypes.cast(None, LOG_FN), None))
+            _log_keep = None
+            return
+
+        def deliver(lvl, target, message, _user_data):
+            try:
+                callback(lvl, target.decode("utf-8", "replace"), message.decode("utf-8", "replace"))
+            except Exception:  # noqa: BLE001 - a C callback must not raise
+                pass
+        fn = LOG_FN(deliver)
+        check(lib.dc_set_log_callback(int(level), fn, None))
+        _log_keep = fn  # the previous one is no longer running once the call returned
+
+
+def log_to_python(level=LogLevel.WARN):
+    """Sends distcore's log lines to the `logging` module, each to the
+    logger named by its target ("distcore.store.tcp.server", ...)."""
+    def emit(lvl, target, message):
+        logging.getLogger(target.replace("::", ".")).log(_PY_LEVELS.get(lvl, logging.INFO), "%s", message)
+    set_log_callback(emit, level)
+
+
+_profiler_keep = None
+
+
+def set_profiler_hooks(begin, end):
+    """Process-wide profiler hooks: ``begin(title) -> int token`` when a
+    work with a profiling title is created, ``end(title, token)`` once when
+    it finishes. Both None removes them."""
+    global _profiler_keep
+    if begin is None and end is None:
+        check(lib.dc_set_profiler_hooks(ctypes.cast(None, PROFILER_BEGIN), ctypes.cast(None, PROFILER_END),
+                                        None))
+        return  # spans already begun end on the old hooks: they stay alive
+    if begin is None or end is None:
+        raise ValueError("set_profiler_hooks needs both hooks, or neither")
+
+    def b(title, _ud):
+        try:
+            return int(begin(title.decode())) & 0xFFFFFFFFFFFFFFFF
+        except Exception:  # noqa: BLE001
+            return 0
+
+    def e(title, token, _ud):
+        try:
+            end(title.decode(), token)
+        except Exception:  # noqa: BLE001
+            pass
+    hooks = (PROFILER_BEGIN(b), PROFILER_END(e))
+    check(lib.dc_set_profiler_hooks(hooks[0], hooks[1], None))
+    # Spans begun on earlier hooks end on them: keep every set ever installed.
+    _profiler_keep = (hooks, _profiler_keep)

@@ -1,0 +1,95 @@
+"""Argument conversion shared by the modules."""
+import ctypes
+import math
+from ctypes import c_char_p, c_size_t
+from datetime import timedelta
+
+from ._lib import TIMEOUT_DEFAULT
+
+
+def key_arg(key, what="key"):
+    """A key: str (UTF-8), as PyTorch's Store takes."""
+    if isinstance(key, str):
+        return key.encode("utf-8")
+    raise TypeError(f"{what} must be str, not {type(key).__name__}")
+
+
+def value_arg(value, what="value"):
+    """A value: str (encoded as UTF-8, as PyTorch does) or bytes-like."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{what} must be str or bytes, not {type(value).__name__}")
+
+
+def keys_arg(keys):
+    """A list of keys as a `const char *const *` array and its length (the
+    encoded keys are referenced by the array object, which keeps them alive)."""
+    if isinstance(keys, (str, bytes)):
+        raise TypeError("keys must be a sequence of str, not a single key")
+    encoded = [key_arg(k) for k in keys]
+    arr = (c_char_p * max(len(encoded), 1))(*encoded)
+    return arr, len(encoded)
+
+
+def values_arg(values):
+    """Values as (array of pointers, array of lengths, count)."""
+    if isinstance(values, (str, bytes)):
+        raise TypeError("values must be a sequence of str or bytes, not a single value")
+    encoded = [value_arg(v) for v in values]
+    n = max(len(encoded), 1)
+    return (c_char_p * n)(*encoded), (c_size_t * n)(*[len(v) for v in encoded]), len(encoded)
+
+
+def _ceil_ms(seconds):
+    return int(math.ceil(seconds * 1000 - 1e-9))
+
+
+def store_timeout_ms(timeout, allow_none=True):
+    """A store timeout: a timedelta (PyTorch's type; timedelta(0) waits
+    forever, as PyTorch's kNoTimeout) or a number of seconds. None: the
+    handle's own timeout. A positive timeout under 1 ms is 1 ms (never
+    forever)."""
+    if timeout is None:
+        if allow_none:
+            return TIMEOUT_DEFAULT
+        raise TypeError("timeout must be a datetime.timedelta, not None")
+    if isinstance(timeout, timedelta):
+        seconds = timeout.total_seconds()
+    elif isinstance(timeout, (int, float)) and not isinstance(timeout, bool):
+        seconds = float(timeout)
+    else:
+        raise TypeError(f"timeout must be a datetime.timedelta, not {type(timeout).__name__}")
+    if seconds < 0 or math.isnan(seconds):
+        raise ValueError(f"timeout must not be negative: {timeout!r}")
+    if math.isinf(seconds):
+        return 0
+    return _ceil_ms(seconds)
+
+
+def rpc_timeout_ms(timeout):
+    """An RPC timeout as torch.distributed.rpc takes it: float seconds, a
+    negative value (UNSET_RPC_TIMEOUT, -1.0) for the agent's default, 0 for
+    none; or a timedelta."""
+    if timeout is None:
+        return TIMEOUT_DEFAULT
+    if isinstance(timeout, timedelta):
+        timeout = timeout.total_seconds()
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        raise TypeError(f"timeout must be a number of seconds or a timedelta, not {type(timeout).__name__}")
+    if timeout < 0:
+        return TIMEOUT_DEFAULT
+    if math.isinf(timeout):
+        return 0
+    return _ceil_ms(timeout)
+
+
+def ms_to_timedelta(ms):
+    return timedelta(milliseconds=ms)
+
+
+def byref(x):
+    return ctypes.byref(x)

@@ -1,0 +1,439 @@
+"""RPC and remote references over distcore's agent (torch.distributed.rpc's
+names where they apply: init_rpc, rpc_sync, rpc_async, remote, shutdown,
+get_worker_info, RRef, WorkerInfo).
+
+Functions are registered by name, so any worker (C, C++, Python) can call
+any other. A function is a Python callable ``fn(args: bytes, rrefs:
+list[RRef], caller_id: int) -> bytes`` (str is encoded as UTF-8; None is
+empty). It runs on one of the agent's worker threads; the RRefs it gets are
+valid during the call only (``rref.clone()`` one to keep it). An exception
+it raises fails the call: the caller gets DistRemoteError with the
+exception's text.
+
+Timeouts are float seconds as in torch.distributed.rpc (a negative value,
+UNSET_RPC_TIMEOUT, uses the agent's rpc_timeout; 0: none) or timedeltas.
+"""
+import collections
+import ctypes
+import itertools
+import sys
+import threading
+import traceback
+import weakref
+from ctypes import c_bool, c_int32, c_void_p
+
+from ._errors import DistError, Status
+from ._lib import RPC_FUNCTION, Buf, RpcFunctionEntry, RpcOptions, RRefDebugInfo, check, lib, take_buf
+from ._util import key_arg, rpc_timeout_ms, value_arg
+from .work import Future
+
+__all__ = ["init_rpc", "shutdown", "rpc_sync", "rpc_async", "remote", "get_worker_info", "RpcAgent",
+           "RRef", "WorkerInfo", "UNSET_RPC_TIMEOUT", "DEFAULT_RPC_TIMEOUT_SEC"]
+
+UNSET_RPC_TIMEOUT = -1.0
+DEFAULT_RPC_TIMEOUT_SEC = 60.0
+
+WorkerInfo = collections.namedtuple("WorkerInfo", ["name", "id"])
+WorkerInfo.__doc__ = "A worker of the group: its name and id (rank)."
+
+# Registered functions: one C trampoline for all, the function found by the
+# token passed as user_data. Entries live until their agent is freed.
+_functions = {}
+_functions_lock = threading.Lock()
+_tokens = itertools.count(1)
+
+
+def _reply_bytes(result):
+    if result is None:
+        return b""
+    return value_arg(result, "an RPC function's result")
+
+
+@RPC_FUNCTION
+def _trampoline(args, length, rrefs, num_rrefs, caller_id, reply, user_data):
+    with _functions_lock:
+        entry = _functions.get(user_data or 0)
+    if entry is None:
+        lib.dc_rpc_reply_set_error(reply, b"function no longer registered")
+        return int(Status.INVALID_STATE)
+    agent_ref, fn = entry
+    agent = agent_ref()
+    views = [RRef._borrowed(rrefs[i], agent) for i in range(num_rrefs)]
+    try:
+        data = ctypes.string_at(args, length) if length else b""
+        result = _reply_bytes(fn(data, views, caller_id))
+        return lib.dc_rpc_reply_set(reply, result, len(result))
+    except BaseException as e:  # noqa: BLE001 - becomes the caller's DistRemoteError
+        message = str(e) or type(e).__name__
+        lib.dc_rpc_reply_set_error(reply, message.encode("utf-8", "replace"))
+        if not isinstance(e, Exception):
+            traceback.print_exc(file=sys.stderr)
+        return int(Status.REMOTE)
+    finally:
+        for v in views:
+            v._h = None  # borrowed: valid during the call only
+
+
+def _to_name(to):
+    if isinstance(to, WorkerInfo):
+        return to.name.encode()
+    if isinstance(to, str):
+        return to.encode()
+    raise TypeError(f"to must be a worker name or WorkerInfo, not {type(to).__name__}")
+
+
+def _func_name(func):
+    if isinstance(func, str):
+        return func.encode()
+    raise TypeError(f"func must be the name of a registered function, not {type(func).__name__}")
+
+
+def _rref_array(rrefs):
+    rrefs = list(rrefs or ())
+    for r in rrefs:
+        if not isinstance(r, RRef):
+            raise TypeError(f"rrefs must be RRefs, not {type(r).__name__}")
+    arr = (c_void_p * max(len(rrefs), 1))(*[r._handle for r in rrefs])
+    return arr, len(rrefs)
+
+
+class RpcAgent:
+    """A worker of an RPC group (see :func:`init_rpc`). Thread-safe."""
+
+    def __init__(self, name, rank, world_size, store, functions=None, rpc_timeout=DEFAULT_RPC_TIMEOUT_SEC,
+                 num_worker_threads=4, listen_address="127.0.0.1", ignore_rref_leak=True):
+        from .store import Store
+        if not isinstance(store, Store):
+            raise TypeError(f"store must be a distcore.Store, not {type(store).__name__}")
+        functions = dict(functions or {})
+        self._h = None
+        self._tokens = []
+        self._name = name
+        entries = (RpcFunctionEntry * max(len(functions), 1))()
+        names = []
+        for i, (fname, fn) in enumerate(functions.items()):
+            if not callable(fn):
+                raise TypeError(f"function {fname!r} is not callable")
+            names.append(key_arg(fname, "function name"))
+            entries[i] = RpcFunctionEntry(names[-1], _trampoline, self._register(fn))
+        opts = RpcOptions()
+        check(lib.dc_rpc_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
+        opts.num_worker_threads = int(num_worker_threads)
+        timeout_ms = rpc_timeout_ms(rpc_timeout)
+        if timeout_ms >= 0:
+            opts.rpc_timeout_ms = timeout_ms
+        address = listen_address.encode()
+        opts.listen_address = address
+        opts.ignore_rref_leak = bool(ignore_rref_leak)
+        opts.functions, opts.num_functions = entries, len(functions)
+        h = c_void_p()
+        try:
+            check(lib.dc_rpc_init(store._handle, key_arg(name, "name"), int(rank), int(world_size),
+                                  ctypes.byref(opts), ctypes.byref(h)))
+        except BaseException:
+            self._unregister()
+            raise
+        self._store = store  # the agent's store stays open as long as it
+        self._h = h.value
+
+    def _register(self, fn):
+        token = next(_tokens)
+        with _functions_lock:
+            _functions[token] = (weakref.ref(self), fn)  # the agent may be collected
+        self._tokens.append(token)
+        return token
+
+    def _unregister(self):
+        with _functions_lock:
+            for t in self._tokens:
+                _functions.pop(t, None)
+        self._tokens = []
+
+    @property
+    def _handle(self):
+        h = self._h
+        if not h:
+            raise ValueError("operation on a closed RpcAgent")
+        return h
+
+    def register_function(self, name, fn):
+        """Registers (or replaces) `fn` as `name` after init (calls from
+        other workers may arrive before this returns on their side: prefer
+        init's `functions`)."""
+        if not callable(fn):
+            raise TypeError("fn must be callable")
+        token = self._register(fn)
+        check(lib.dc_rpc_register_function(self._handle, key_arg(name, "name"), _trampoline, token))
+
+    # -- calls ------------------------------------------------------------
+
+    def rpc_sync(self, to, func, args=b"", rrefs=None, timeout=UNSET_RPC_TIMEOUT):
+        """Calls `func` on worker `to` with `args` (bytes or str) and
+        `rrefs`, and returns the reply bytes. DistRemoteError when the
+        function fails there, DistTimeoutError, DistNetworkError when the
+        worker is unreachable."""
+        data = value_arg(args, "args")
+        arr, n = _rref_array(rrefs)
+        buf = Buf()
+        check(lib.dc_rpc_sync(self._handle, _to_name(to), _func_name(func), data, len(data), arr, n,
+                              rpc_timeout_ms(timeout), ctypes.byref(buf)))
+        return take_buf(buf)
+
+    def rpc_async(self, to, func, args=b"", rrefs=None, timeout=UNSET_RPC_TIMEOUT):
+        """rpc_sync without waiting: a Future whose value is the reply."""
+        data = value_arg(args, "args")
+        arr, n = _rref_array(rrefs)
+        h = c_void_p()
+        check(lib.dc_rpc_async(self._handle, _to_name(to), _func_name(func), data, len(data), arr, n,
+                               rpc_timeout_ms(timeout), ctypes.byref(h)))
+        fut = Future.__new__(Future)
+        fut._init(h.value)
+        return fut
+
+    def remote(self, to, func, args=b"", rrefs=None, timeout=UNSET_RPC_TIMEOUT):
+        """Runs `func` on worker `to`, keeping the result there: an RRef to
+        it. A failure (or a timeout) is carried by the RRef: to_here()
+        raises it."""
+        data = value_arg(args, "args")
+        arr, n = _rref_array(rrefs)
+        h = c_void_p()
+        check(lib.dc_rpc_remote(self._handle, _to_name(to), _func_name(func), data, len(data), arr, n,
+                                rpc_timeout_ms(timeout), ctypes.byref(h)))
+        return RRef._from_handle(h.value, self)
+
+    def rref(self, value):
+        """An RRef owned by this worker holding `value` (PyTorch's RRef(value))."""
+        return RRef(value, agent=self)
+
+    # -- workers ----------------------------------------------------------
+
+    @property
+    def name(self):
+        """This worker's name."""
+        buf = Buf()
+        check(lib.dc_rpc_self_name(self._handle, ctypes.byref(buf)))
+        return take_buf(buf).decode()
+
+    @property
+    def id(self):
+        """This worker's id (rank)."""
+        return self.get_worker_info().id
+
+    def get_worker_info(self, worker_name=None):
+        """WorkerInfo(name, id) of `worker_name`, or of this worker."""
+        name = self.name if worker_name is None else worker_name
+        out = c_int32()
+        check(lib.dc_rpc_worker_id(self._handle, key_arg(name, "worker_name"), ctypes.byref(out)))
+        return WorkerInfo(name, out.value)
+
+    def get_debug_info(self):
+        """This worker's RRef counters (PyTorch's names): num_owner_rrefs,
+        num_pending_futures, num_pending_users, num_forks."""
+        info = RRefDebugInfo(struct_size=ctypes.sizeof(RRefDebugInfo))
+        check(lib.dc_rpc_debug_info(self._handle, ctypes.byref(info)))
+        return {"num_owner_rrefs": info.num_owner_rrefs, "num_pending_futures": info.num_pending_futures,
+                "num_pending_users": info.num_pending_users, "num_forks": info.num_forks}
+
+    # -- lifetime ---------------------------------------------------------
+
+    def shutdown(self, graceful=True, timeout=UNSET_RPC_TIMEOUT):
+        """Stops this worker. Graceful: waits for every worker, settles and
+        deletes every RRef, waits again (a leaked RRef is a warning, or
+        DistStateError with ignore_rref_leak=False). Not graceful: stops at
+        once; pending calls fail with DistShutdownError."""
+        global _current
+        try:
+            check(lib.dc_rpc_shutdown(self._handle, bool(graceful), rpc_timeout_ms(timeout)))
+        finally:
+            if _current is self:
+                _current = None
+
+    def close(self):
+        """Stops this worker if it runs, and frees it (idempotent)."""
+        global _current
+        h, self._h = self._h, None
+        if h:
+            lib.dc_rpc_free(h)
+        self._unregister()
+        if _current is self:
+            _current = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        try:
+            if self._h:
+                self.shutdown(graceful=exc_type is None)
+        finally:
+            self.close()
+
+    def __repr__(self):
+        return f"<distcore.rpc.RpcAgent {self._name!r}{'' if self._h else ' closed'}>"
+
+
+class RRef:
+    """A remote reference (torch.distributed.rpc.RRef) to bytes held by its
+    owner. ``RRef(value)`` creates one owned by this worker (the current
+    agent, or `agent`); ``remote()`` returns one owned by the callee.
+    Thread-safe; ``close()`` (or garbage collection) releases this handle,
+    and the last handle of a user's fork tells the owner."""
+
+    def __init__(self, value, *, agent=None):
+        agent = agent or _require_current()
+        data = value_arg(value)
+        h = c_void_p()
+        check(lib.dc_rref_new(agent._handle, data, len(data), ctypes.byref(h)))
+        self._h, self._agent, self._borrowed_view = h.value, agent, False
+
+    @classmethod
+    def _from_handle(cls, handle, agent):
+        obj = cls.__new__(cls)
+        obj._h, obj._agent, obj._borrowed_view = handle, agent, False
+        return obj
+
+    @classmethod
+    def _borrowed(cls, handle, agent):
+        obj = cls._from_handle(handle, agent)
+        obj._borrowed_view = True
+        return obj
+
+    @property
+    def _handle(self):
+        h = self._h
+        if not h:
+            if self._borrowed_view:
+                raise ValueError("an RRef argument is valid during the function call only: clone() it to keep it")
+            raise ValueError("operation on a closed RRef")
+        return h
+
+    def close(self):
+        """Releases this handle (idempotent)."""
+        h, self._h = self._h, None
+        if h and not self._borrowed_view:
+            lib.dc_rref_free(h)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def clone(self):
+        """A new handle on the same reference (to keep an RRef argument)."""
+        h = c_void_p()
+        check(lib.dc_rref_clone(self._handle, ctypes.byref(h)))
+        return RRef._from_handle(h.value, self._agent)
+
+    def to_here(self, timeout=UNSET_RPC_TIMEOUT):
+        """The value: fetched from the owner (waiting up to `timeout`), or
+        local on the owner. Raises the RRef's creation error, if any."""
+        buf = Buf()
+        check(lib.dc_rref_to_here(self._handle, rpc_timeout_ms(timeout), ctypes.byref(buf)))
+        return take_buf(buf)
+
+    def local_value(self):
+        """The value of an RRef this worker owns (DistStateError on a user)."""
+        buf = Buf()
+        check(lib.dc_rref_local_value(self._handle, ctypes.byref(buf)))
+        return take_buf(buf)
+
+    def owner(self):
+        """WorkerInfo of the owner."""
+        out = c_int32()
+        check(lib.dc_rref_owner_id(self._handle, ctypes.byref(out)))
+        return WorkerInfo(self.owner_name(), out.value)
+
+    def owner_name(self):
+        """The owner's worker name."""
+        buf = Buf()
+        check(lib.dc_rref_owner_name(self._handle, ctypes.byref(buf)))
+        return take_buf(buf).decode()
+
+    def is_owner(self):
+        """Whether this handle is on the owner."""
+        out = c_bool()
+        check(lib.dc_rref_is_owner(self._handle, ctypes.byref(out)))
+        return out.value
+
+    def confirmed_by_owner(self):
+        """Whether the owner has confirmed this reference (True on the owner)."""
+        out = c_bool()
+        check(lib.dc_rref_confirmed_by_owner(self._handle, ctypes.byref(out)))
+        return out.value
+
+    def __repr__(self):
+        if not self._h:
+            return "<distcore.rpc.RRef closed>"
+        return f"<distcore.rpc.RRef owner={self.owner_name()!r}>"
+
+
+# -- the module-level API (one current agent, as torch.distributed.rpc) ----
+
+_current = None
+
+
+def _require_current():
+    if _current is None:
+        raise DistError("RPC has not been initialized: call distcore.rpc.init_rpc first", Status.INVALID_STATE)
+    return _current
+
+
+def init_rpc(name, rank, world_size, store, functions=None, rpc_timeout=DEFAULT_RPC_TIMEOUT_SEC,
+             num_worker_threads=4, listen_address="127.0.0.1", ignore_rref_leak=True):
+    """Joins an RPC group of `world_size` workers through `store` (any
+    distcore Store the workers share: a TCPStore, a FileStore, a HashStore
+    for threads of one process) and returns the agent, which also becomes
+    the current agent of the module-level functions (if none is). Blocks
+    until every worker has joined (DistTimeoutError after rpc_timeout).
+
+    `functions` maps names to callables ``fn(args, rrefs, caller_id)``;
+    `rpc_timeout` is the default timeout of calls, remote(), to_here and
+    control messages (seconds or timedelta, default 60 s)."""
+    global _current
+    agent = RpcAgent(name, rank, world_size, store, functions, rpc_timeout, num_worker_threads,
+                     listen_address, ignore_rref_leak)
+    if _current is None:
+        _current = agent
+    return agent
+
+
+def rpc_sync(to, func, args=b"", rrefs=None, timeout=UNSET_RPC_TIMEOUT):
+    """rpc_sync on the current agent."""
+    return _require_current().rpc_sync(to, func, args, rrefs, timeout)
+
+
+def rpc_async(to, func, args=b"", rrefs=None, timeout=UNSET_RPC_TIMEOUT):
+    """rpc_async on the current agent."""
+    return _require_current().rpc_async(to, func, args, rrefs, timeout)
+
+
+def remote(to, func, args=b"", rrefs=None, timeout=UNSET_RPC_TIMEOUT):
+    """remote on the current agent."""
+    return _require_current().remote(to, func, args, rrefs, timeout)
+
+
+def get_worker_info(worker_name=None):
+    """WorkerInfo from the current agent."""
+    return _require_current().get_worker_info(worker_name)
+
+
+def shutdown(graceful=True, timeout=UNSET_RPC_TIMEOUT):
+    """Shuts the current agent down and frees it."""
+    agent = _require_current()
+    try:
+        agent.shutdown(graceful, timeout)
+    finally:
+        agent.close()

@@ -1,0 +1,368 @@
+"""Stores: torch.distributed's Store API over distcore's stores.
+
+Names, arguments and defaults follow torch/csrc/distributed/c10d/init.cpp
+(the pybind11 definitions of Store, TCPStore, FileStore, HashStore and
+PrefixStore). Keys are str; values are str (encoded as UTF-8, as PyTorch
+does) or bytes; values come back as bytes. Timeouts are datetime.timedelta
+(timedelta(0): no timeout, PyTorch's kNoTimeout); numbers of seconds are
+accepted too.
+"""
+import contextlib
+import ctypes
+from datetime import timedelta
+from ctypes import c_bool, c_int64, c_size_t, c_uint16, c_void_p
+
+from ._lib import (Buf, BufArray, ClientCounter, ServerStats, TcpStoreOptions, check, lib, take_array,
+                   take_buf)
+from ._util import key_arg, keys_arg, ms_to_timedelta, store_timeout_ms, value_arg, values_arg
+from .work import Work
+
+__all__ = ["Store", "TCPStore", "FileStore", "HashStore", "PrefixStore"]
+
+
+class Store:
+    """The store API (torch.distributed.Store) over a dc_store handle.
+
+    Thread-safe: one object may be used from many threads, and a call
+    blocked in one thread does not hold up the others. ``close()`` (or the
+    end of a ``with`` block, or garbage collection) frees the handle; stores
+    built on it (PrefixStore, clones) keep working. A store created before
+    ``os.fork()`` refuses every call in the child (DistStateError); create
+    a new one there.
+    """
+
+    def __init__(self):
+        raise TypeError("distcore.Store is abstract: use TCPStore, FileStore, HashStore or PrefixStore")
+
+    def _adopt(self, handle):
+        self._h = handle
+
+    @property
+    def _handle(self):
+        h = getattr(self, "_h", None)
+        if not h:
+            raise ValueError(f"operation on a closed {type(self).__name__}")
+        return h
+
+    # -- lifetime ---------------------------------------------------------
+
+    def close(self):
+        """Frees the handle now (idempotent). Matters for stores whose
+        closing has effects: a FileStore's refcount, a TCPStore server."""
+        h, self._h = getattr(self, "_h", None), None
+        if h:
+            lib.dc_store_free(h)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def clone(self):
+        """A new handle on the same store (c10d's Store::clone; for a
+        TCPStore, a new connection), of the same class."""
+        h = c_void_p()
+        check(lib.dc_store_clone(self._handle, ctypes.byref(h)))
+        other = type(self).__new__(type(self))
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_h"})
+        other._adopt(h.value)
+        return other
+
+    # -- the Store API ----------------------------------------------------
+
+    def set(self, key, value):
+        """Sets `key` to `value` (str or bytes)."""
+        value = value_arg(value)
+        check(lib.dc_store_set(self._handle, key_arg(key), value, len(value)))
+
+    def get(self, key):
+        """The value of `key`, waiting up to the store's timeout for it
+        (DistTimeoutError, a DistStoreError)."""
+        buf = Buf()
+        check(lib.dc_store_get(self._handle, key_arg(key), ctypes.byref(buf)))
+        return take_buf(buf)
+
+    def add(self, key, amount):
+        """Adds `amount` to the integer at `key` (missing: 0); returns the new value."""
+        if not isinstance(amount, int):
+            raise TypeError(f"amount must be int, not {type(amount).__name__}")
+        out = c_int64()
+        check(lib.dc_store_add(self._handle, key_arg(key), amount, ctypes.byref(out)))
+        return out.value
+
+    def compare_set(self, key, expected_value, desired_value):
+        """Sets `key` to `desired_value` if it holds `expected_value` (a
+        missing key matches ""); returns the value now stored."""
+        expected, desired = value_arg(expected_value, "expected_value"), value_arg(desired_value, "desired_value")
+        buf = Buf()
+        check(lib.dc_store_compare_set(self._handle, key_arg(key), expected, len(expected), desired,
+                                       len(desired), ctypes.byref(buf)))
+        return take_buf(buf)
+
+    def delete_key(self, key):
+        """Deletes `key`; returns whether it existed."""
+        out = c_bool()
+        check(lib.dc_store_delete_key(self._handle, key_arg(key), ctypes.byref(out)))
+        return out.value
+
+    def check(self, keys):
+        """Whether every key exists, without waiting."""
+        arr, n = keys_arg(keys)
+        out = c_bool()
+        check(lib.dc_store_check(self._handle, arr, n, ctypes.byref(out)))
+        return out.value
+
+    def wait(self, keys, timeout=None):
+        """Waits until every key exists, for `timeout` (default: the store's)."""
+        arr, n = keys_arg(keys)
+        check(lib.dc_store_wait(self._handle, arr, n, store_timeout_ms(timeout)))
+
+    def num_keys(self):
+        """The number of keys holding values."""
+        out = c_int64()
+        check(lib.dc_store_num_keys(self._handle, ctypes.byref(out)))
+        return out.value
+
+    def append(self, key, value):
+        """Appends `value` to the value of `key` (creating it)."""
+        value = value_arg(value)
+        check(lib.dc_store_append(self._handle, key_arg(key), value, len(value)))
+
+    def multi_get(self, keys):
+        """The values of `keys`, waiting up to the store's timeout for them."""
+        arr, n = keys_arg(keys)
+        bufs = (Buf * max(n, 1))()
+        check(lib.dc_store_multi_get(self._handle, arr, n, bufs))
+        return [take_buf(bufs[i]) for i in range(n)]
+
+    def multi_set(self, keys, values):
+        """Sets each key to the value at the same position."""
+        arr, n = keys_arg(keys)
+        vals, lens, m = values_arg(values)
+        if n != m:
+            raise ValueError(f"multi_set: {n} keys but {m} values")
+        check(lib.dc_store_multi_set(self._handle, arr, vals, lens, n))
+
+    def queue_push(self, key, value):
+        """Pushes `value` onto the back of the queue `key`."""
+        value = value_arg(value)
+        check(lib.dc_store_queue_push(self._handle, key_arg(key), value, len(value)))
+
+    def queue_pop(self, key, block=True):
+        """Pops the front of the queue `key`: waiting up to the store's
+        timeout with `block`, else QueueEmptyError when it is empty."""
+        buf = Buf()
+        check(lib.dc_store_queue_pop(self._handle, key_arg(key), bool(block), ctypes.byref(buf)))
+        return take_buf(buf)
+
+    def queue_len(self, key):
+        """The number of elements in the queue `key`."""
+        out = c_int64()
+        check(lib.dc_store_queue_len(self._handle, key_arg(key), ctypes.byref(out)))
+        return out.value
+
+    def list_keys(self):
+        """Every key holding a value."""
+        arr = BufArray()
+        check(lib.dc_store_list_keys(self._handle, ctypes.byref(arr)))
+        return [k.decode("utf-8") for k in take_array(arr)]
+
+    def barrier(self, key, world_size, timeout=None):
+        """Waits until `world_size` callers entered the barrier `key`."""
+        check(lib.dc_store_barrier(self._handle, key_arg(key), int(world_size), store_timeout_ms(timeout)))
+
+    def has_extended_api(self):
+        """True: every distcore store has append, multi_get/multi_set,
+        queues and list_keys."""
+        return True
+
+    @property
+    def timeout(self):
+        """The store's default timeout (timedelta; timedelta(0): none)."""
+        out = c_int64()
+        check(lib.dc_store_get_timeout(self._handle, ctypes.byref(out)))
+        return ms_to_timedelta(out.value)
+
+    def set_timeout(self, timeout):
+        """Sets the store's default timeout (timedelta; timedelta(0): none)."""
+        check(lib.dc_store_set_timeout(self._handle, store_timeout_ms(timeout, allow_none=False)))
+
+    @contextlib.contextmanager
+    def timeout_guard(self, timeout):
+        """Sets the timeout for the block, then restores the previous one
+        (c10d's StoreTimeoutGuard)."""
+        g = c_void_p()
+        check(lib.dc_store_timeout_guard_new(self._handle, store_timeout_ms(timeout, allow_none=False),
+                                             ctypes.byref(g)))
+        try:
+            yield self
+        finally:
+            lib.dc_store_timeout_guard_free(g.value)
+
+    # -- asynchronous calls (distcore's) ----------------------------------
+
+    def _work(self, fn, *args):
+        h = c_void_p()
+        check(fn(self._handle, *args, ctypes.byref(h)))
+        return Work._from_handle(h.value)
+
+    def get_async(self, key):
+        """Starts a get: the Work's result() is the value."""
+        return self._work(lib.dc_store_get_async, key_arg(key))
+
+    def wait_async(self, keys, timeout=None):
+        """Starts a wait: the Work completes when the keys exist."""
+        arr, n = keys_arg(keys)
+        return self._work(lib.dc_store_wait_async, arr, n, store_timeout_ms(timeout))
+
+    def queue_pop_async(self, key):
+        """Starts a blocking queue_pop: the Work's result() is the element."""
+        return self._work(lib.dc_store_queue_pop_async, key_arg(key))
+
+    def barrier_async(self, key, world_size, timeout=None):
+        """Starts a barrier: the Work completes when it releases."""
+        return self._work(lib.dc_store_barrier_async, key_arg(key), int(world_size), store_timeout_ms(timeout))
+
+    def __repr__(self):
+        return f"<distcore.{type(self).__name__}{'' if getattr(self, '_h', None) else ' closed'}>"
+
+
+class HashStore(Store):
+    """An in-process store (c10d's HashStore), shared by its clones. Default timeout 300 s."""
+
+    def __init__(self):
+        h = c_void_p()
+        check(lib.dc_hash_store_new(ctypes.byref(h)))
+        self._adopt(h.value)
+
+
+class FileStore(Store):
+    """A store in a file shared by processes (c10d's FileStore, same file
+    format: torch.distributed.FileStore can use the file at once). With a
+    `world_size`, the file is removed when `world_size` handles have closed."""
+
+    def __init__(self, file_name, world_size=-1):
+        self._path = str(file_name)
+        h = c_void_p()
+        check(lib.dc_file_store_new(self._path.encode(), -1 if world_size is None else int(world_size),
+                                    ctypes.byref(h)))
+        self._adopt(h.value)
+
+    @property
+    def path(self):
+        """The path of the file."""
+        return self._path
+
+
+class PrefixStore(Store):
+    """A view of `store` where every key k is ``prefix + "/" + k`` (c10d's PrefixStore)."""
+
+    def __init__(self, prefix, store):
+        if not isinstance(store, Store):
+            raise TypeError(f"store must be a distcore.Store, not {type(store).__name__}")
+        self._underlying = store
+        self._prefix = prefix
+        h = c_void_p()
+        check(lib.dc_prefix_store_new(key_arg(prefix, "prefix"), store._handle, ctypes.byref(h)))
+        self._adopt(h.value)
+
+    @property
+    def underlying_store(self):
+        """The store this PrefixStore wraps."""
+        return self._underlying
+
+    @property
+    def _underlying_non_prefix_store(self):
+        s = self._underlying
+        while isinstance(s, PrefixStore):
+            s = s.underlying_store
+        return s
+
+    @property
+    def prefix(self):
+        return self._prefix
+
+
+class TCPStore(Store):
+    """A TCP key-value store (torch.distributed.TCPStore): a client, plus
+    the server when `is_master`. Talks to distcore servers and PyTorch's
+    (libuv and legacy).
+
+    Arguments as PyTorch's: `world_size` None for an unknown number of
+    handles; `timeout` for connecting and for every call; `master_listen_fd`
+    an already-listening socket to serve on; `use_libuv` is accepted and
+    ignored (the server is distcore's own). distcore's own, keyword-only:
+    `bind_address` (listen only on that IP) and `max_value_size` (bytes the
+    server accepts in a value; None: 64 MiB).
+    """
+
+    def __init__(self, host_name, port, world_size=None, is_master=False, timeout=timedelta(seconds=300),
+                 wait_for_workers=True, multi_tenant=False, master_listen_fd=None, use_libuv=True, *,
+                 bind_address=None, max_value_size=None):
+        if not isinstance(host_name, str):
+            raise TypeError(f"host_name must be str, not {type(host_name).__name__}")
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"port must be an int in [0, 65535], not {port!r}")
+        opts = TcpStoreOptions()
+        check(lib.dc_tcp_store_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
+        host = host_name.encode()
+        bind = None if bind_address is None else bind_address.encode()
+        opts.host, opts.port, opts.is_server = host, port, bool(is_master)
+        opts.world_size = -1 if world_size is None else int(world_size)
+        opts.wait_for_workers = bool(wait_for_workers)
+        opts.timeout_ms = store_timeout_ms(timeout, allow_none=False)
+        opts.multi_tenant = bool(multi_tenant)
+        opts.master_listen_fd = -1 if master_listen_fd is None else int(master_listen_fd)
+        opts.bind_address = bind
+        if max_value_size is not None:
+            opts.max_value_size = int(max_value_size)
+        h = c_void_p()
+        check(lib.dc_tcp_store_new(ctypes.byref(opts), ctypes.byref(h)))
+        self._host = host_name
+        self._adopt(h.value)
+
+    @property
+    def host(self):
+        """The host the store connects to."""
+        return self._host
+
+    @property
+    def port(self):
+        """The server's port (the chosen one when a server asked for port 0)."""
+        out = c_uint16()
+        check(lib.dc_tcp_store_port(self._handle, ctypes.byref(out)))
+        return out.value
+
+    @property
+    def libuvBackend(self):  # noqa: N802 - PyTorch's name
+        """False: distcore's server is its own, not PyTorch's libuv backend."""
+        return False
+
+    def wait_for_workers(self):
+        """Counts this handle in and, on the server, waits until the world
+        size is reached (PyTorch's TCPStore::waitForWorkers)."""
+        check(lib.dc_tcp_store_wait_for_workers(self._handle))
+
+    def collect_client_counters(self):
+        """Per-operation latency counters of this handle: {op: {"count",
+        "mean_ms", "variance_ms"}} (PyTorch's collectClientCounters)."""
+        n = c_size_t()
+        check(lib.dc_tcp_store_counters(self._handle, None, 0, ctypes.byref(n)))
+        arr = (ClientCounter * max(n.value, 1))()
+        check(lib.dc_tcp_store_counters(self._handle, arr, n.value, ctypes.byref(n)))
+        return {c.op.decode(): {"count": c.count, "mean_ms": c.mean_ms, "variance_ms": c.variance_ms}
+                for c in arr[:min(n.value, len(arr))]}
+
+    def server_stats(self):
+        """The load of the server this handle runs: {"connections",
+        "pending_waits", "keys"} (DistValueError for a client-only handle)."""
+        stats = ServerStats(struct_size=ctypes.sizeof(ServerStats))
+        check(lib.dc_tcp_store_server_stats(self._handle, ctypes.byref(stats)))
+        return {"connections": stats.connections, "pending_waits": stats.pending_waits, "keys": stats.keys}

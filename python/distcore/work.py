@@ -1,0 +1,378 @@
+"""Work (c10d's Work) and Future: completion handles of asynchronous
+operations (``Store.get_async`` and friends, ``rpc_async``), or created here
+and completed by the program."""
+import ctypes
+import enum
+import itertools
+import sys
+import threading
+import traceback
+from ctypes import c_bool, c_double, c_int, c_int32, c_int64, c_uint64, c_void_p
+from datetime import timedelta
+
+from ._errors import DistError, DistNotSupportedError, Status, error_for
+from ._lib import WORK_CALLBACK, Buf, check, lib, take_buf
+from ._util import store_timeout_ms, value_arg
+
+__all__ = ["OpType", "Work", "Future"]
+
+
+class OpType(enum.IntEnum):
+    """c10d's OpType (dc_op_type), same numbers."""
+
+    BROADCAST = 0
+    ALLREDUCE = 1
+    ALLREDUCE_COALESCED = 2
+    REDUCE = 3
+    ALLGATHER = 4
+    _ALLGATHER_BASE = 5
+    ALLGATHER_COALESCED = 6
+    GATHER = 7
+    SCATTER = 8
+    REDUCE_SCATTER = 9
+    _ALLTOALL_BASE = 10
+    ALLTOALL = 11
+    SEND = 12
+    RECV = 13
+    RECVANYSOURCE = 14
+    BARRIER = 15
+    _REDUCE_SCATTER_BASE = 16
+    COALESCED = 17
+    _ALLREDUCE_SPARSE = 18
+    REDUCE_SCATTER_TENSOR_COALESCED = 19
+    ALLGATHER_INTO_TENSOR_COALESCED = 20
+    UNKNOWN = 100
+
+
+# Completion callbacks: one C trampoline for all of them, the callback found
+# by the token passed as user_data. An entry holds the Python work (so the
+# handle lives until the callback has run) and is removed when it runs.
+_callbacks = {}
+_callbacks_lock = threading.Lock()
+_tokens = itertools.count(1)
+
+
+def _report_callback_error(what):
+    print(f"distcore: exception in {what}:", file=sys.stderr)
+    traceback.print_exc()
+
+
+@WORK_CALLBACK
+def _trampoline(_view, user_data):
+    with _callbacks_lock:
+        entry = _callbacks.pop(user_data or 0, None)
+    if entry is None:
+        return
+    work, fn = entry
+    try:
+        fn(work)
+    except BaseException:  # noqa: BLE001 - a C callback must not raise
+        _report_callback_error(f"the done callback {fn!r}")
+
+
+def _status_of(exc):
+    return int(exc.status) if isinstance(exc, DistError) else int(Status.ABORTED)
+
+
+def _message_of(exc):
+    return str(exc) or type(exc).__name__
+
+
+class Work:
+    """A completion handle (c10d's Work) over a dc_work.
+
+    ``Work(rank, op_type, profiling_title=None, timeout=None)`` creates a
+    pending work the program completes with :meth:`finish` or
+    :meth:`finish_with_result`; the store's ``*_async`` calls return works
+    that distcore completes. Thread-safe. :meth:`close` (or the end of a
+    ``with`` block, or garbage collection) frees the handle; the operation
+    itself goes on.
+    """
+
+    def __init__(self, rank=-1, op_type=OpType.UNKNOWN, profiling_title=None, timeout=None):
+        h = c_void_p()
+        title = None if profiling_title is None else str(profiling_title).encode()
+        # dc_work_new: a negative timeout is none.
+        ms = -1 if timeout is None else store_timeout_ms(timeout)
+        check(lib.dc_work_new(int(rank), int(op_type), title, ms, ctypes.byref(h)))
+        self._init(h.value)
+
+    def _init(self, handle, owner=None):
+        self._h = handle
+        self._owner = owner  # a work whose handle this object borrows
+        self._py_error = None  # a Python exception to raise instead of the C error
+
+    @classmethod
+    def _from_handle(cls, handle):
+        obj = cls.__new__(cls)
+        obj._init(handle)
+        return obj
+
+    @property
+    def _handle(self):
+        h = self._h
+        if not h:
+            raise ValueError(f"operation on a closed {type(self).__name__}")
+        return h
+
+    def close(self):
+        """Frees the handle (idempotent). A pending operation goes on; an
+        async store operation with no callback registered is released."""
+        h, self._h = self._h, None
+        if h and self._owner is None:
+            lib.dc_work_free(h)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _bool(self, fn):
+        out = c_bool()
+        check(fn(self._handle, ctypes.byref(out)))
+        return out.value
+
+    def _raise_error(self, status):
+        if self._py_error is not None:
+            raise self._py_error
+        check(status)
+
+    def wait(self, timeout=None):
+        """Blocks until the work completes and returns True, or raises its
+        error (every time it is waited on); after `timeout` (a timedelta or
+        seconds; None: the work's own timeout, or forever without one;
+        timedelta(0): forever) raises DistTimeoutError "Operation timed out!"."""
+        status = lib.dc_work_wait(self._handle, store_timeout_ms(timeout))
+        if status:
+            if self._py_error is not None and self.is_completed():
+                raise self._py_error
+            check(status)
+        return True
+
+    def is_completed(self):
+        """Whether the work has completed (successfully or not)."""
+        return self._bool(lib.dc_work_is_completed)
+
+    def is_success(self):
+        """Whether the work completed without an error (False while pending)."""
+        return self._bool(lib.dc_work_is_success)
+
+    def exception(self):
+        """The error of a failed work as an exception object, None otherwise."""
+        if self._py_error is not None:
+            return self._py_error
+        status, msg = c_int32(), Buf()
+        check(lib.dc_work_error(self._handle, ctypes.byref(status), ctypes.byref(msg)))
+        message = take_buf(msg).decode("utf-8", "replace")
+        return None if status.value == 0 else error_for(status.value, message)
+
+    def result(self):
+        """The result bytes of a completed work (a get's value, an RPC's
+        reply). A failed work raises its error; a work completed without a
+        result DistNotSupportedError; a pending one DistStateError."""
+        buf = Buf()
+        status = lib.dc_work_result(self._handle, ctypes.byref(buf))
+        if status:
+            self._raise_error(status)
+        return take_buf(buf)
+
+    def abort(self):
+        """Fails a pending work with DistAbortedError ("Work aborted") and
+        releases what an async store operation holds; a completed work is
+        left as it is."""
+        check(lib.dc_work_abort(self._handle))
+
+    def synchronize(self):
+        """c10d's Work.synchronize: CPU works have no streams; returns at once."""
+        check(lib.dc_work_synchronize(self._handle))
+
+    def source_rank(self):
+        """The rank a receive work got its data from."""
+        out = c_int32()
+        check(lib.dc_work_source_rank(self._handle, ctypes.byref(out)))
+        return out.value
+
+    def set_source_rank(self, rank):
+        check(lib.dc_work_set_source_rank(self._handle, int(rank)))
+
+    def _get_duration(self):
+        """Seconds from creation to completion (DistStateError while pending)."""
+        out = c_double()
+        check(lib.dc_work_duration(self._handle, ctypes.byref(out)))
+        return out.value
+
+    duration = _get_duration
+
+    def _get_sequence_number(self):
+        out = c_uint64()
+        check(lib.dc_work_sequence_number(self._handle, ctypes.byref(out)))
+        return out.value
+
+    sequence_number = property(_get_sequence_number)
+
+    def _get_op_type(self):
+        out = c_int32()
+        check(lib.dc_work_op_type(self._handle, ctypes.byref(out)))
+        try:
+            return OpType(out.value)
+        except ValueError:
+            return out.value
+
+    op_type = property(_get_op_type)
+
+    @property
+    def rank(self):
+        out = c_int32()
+        check(lib.dc_work_rank(self._handle, ctypes.byref(out)))
+        return out.value
+
+    @property
+    def timeout(self):
+        """The timeout the work was created with (None when it has none)."""
+        out = c_int64()
+        check(lib.dc_work_timeout(self._handle, ctypes.byref(out)))
+        return None if out.value == 0 else timedelta(milliseconds=out.value)
+
+    def finish(self, exception=None):
+        """Completes the work: successfully, or failed with `exception` (a
+        DistError keeps its status; any other exception is DC_ERR_ABORTED
+        for C callers and is raised as itself by wait() on this object)."""
+        if exception is None:
+            check(lib.dc_work_finish(self._handle, 0, None))
+            return
+        if not isinstance(exception, BaseException):
+            raise TypeError("exception must be an exception instance")
+        check(lib.dc_work_finish(self._handle, _status_of(exception), _message_of(exception).encode()))
+        if not isinstance(exception, DistError):
+            self._py_error = exception
+
+    def finish_with_result(self, data):
+        """Completes the work successfully with `data` (bytes or str) as its result."""
+        data = value_arg(data, "data")
+        check(lib.dc_work_finish_with_result(self._handle, data, len(data)))
+
+    def fileno(self):
+        """A file descriptor that becomes readable once the work completes
+        (for select/poll/asyncio; do not read or close it)."""
+        out = c_int()
+        check(lib.dc_work_fd(self._handle, ctypes.byref(out)))
+        return out.value
+
+    def add_done_callback(self, callback):
+        """Runs ``callback(self)`` once the work completes: on the completing
+        thread (a distcore thread), or at once on this thread if it already
+        has. The work is kept alive until then. An exception in the callback
+        is printed, not raised."""
+        if not callable(callback):
+            raise TypeError("callback must be callable")
+        handle = self._handle
+        token = next(_tokens)
+        with _callbacks_lock:
+            _callbacks[token] = (self, callback)
+        status = lib.dc_work_add_done_callback(handle, _trampoline, token)
+        if status:
+            with _callbacks_lock:
+                _callbacks.pop(token, None)
+            check(status)
+
+    def then(self, callback):
+        """A Future completed with ``callback(self)``'s return value (bytes,
+        str or None) once this work completes, or failed with what the
+        callback raised (torch.futures.Future.then)."""
+        nxt = Future()
+
+        def run(done):
+            try:
+                value = callback(done)
+            except BaseException as e:  # noqa: BLE001 - becomes the future's error
+                nxt.set_exception(e)
+                return
+            nxt.set_result(value)
+        self.add_done_callback(run)
+        return nxt
+
+    def get_future(self):
+        """A Future on this work (c10d's Work.get_future): its wait() and
+        value() return the result bytes (None for a work without result)."""
+        fut = Future.__new__(Future)
+        fut._init(self._handle, owner=self)
+        return fut
+
+    def _awaited(self):
+        return self.wait()
+
+    def __await__(self):
+        """``await work`` in asyncio: waits on fileno() without a thread,
+        then returns what wait() (Work) or value() (Future) returns."""
+        if not self.is_completed():
+            import asyncio
+            loop = asyncio.get_running_loop()
+            ready = loop.create_future()
+            fd = self.fileno()
+
+            def on_readable():
+                if not ready.done():
+                    ready.set_result(None)
+            loop.add_reader(fd, on_readable)
+            try:
+                yield from ready.__await__()
+            finally:
+                loop.remove_reader(fd)
+        return self._awaited()
+
+    def __repr__(self):
+        if not self._h:
+            return f"<distcore.{type(self).__name__} closed>"
+        state = "completed" if self.is_completed() else "pending"
+        return f"<distcore.{type(self).__name__} {state}>"
+
+
+class Future(Work):
+    """A value that becomes available (torch.futures.Future's API): wait()
+    and value() return the result bytes, or None when it completed without
+    one. ``Future()`` creates one the program completes with set_result or
+    set_exception; ``rpc_async`` and ``Work.get_future`` return them."""
+
+    def __init__(self):
+        h = c_void_p()
+        check(lib.dc_work_new_future(ctypes.byref(h)))
+        self._init(h.value)
+
+    def value(self):
+        """The result of a completed future (raises its error)."""
+        buf = Buf()
+        status = lib.dc_work_result(self._handle, ctypes.byref(buf))
+        if status == Status.NOT_SUPPORTED and self.is_success():
+            return None
+        if status:
+            self._raise_error(status)
+        return take_buf(buf)
+
+    def wait(self, timeout=None):
+        """Blocks until the future completes and returns its value (raises its error)."""
+        super().wait(timeout)
+        return self.value()
+
+    def done(self):
+        return self.is_completed()
+
+    def set_result(self, result):
+        """Completes the future with `result` (bytes, str, or None for none)."""
+        if result is None:
+            self.finish()
+        else:
+            self.finish_with_result(result)
+
+    def set_exception(self, exception):
+        """Fails the future with `exception`."""
+        self.finish(exception)
+
+    def _awaited(self):
+        return self.wait()
