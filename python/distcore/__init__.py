@@ -36,6 +36,12 @@ __all__ = [
     "log_to_python", "set_profiler_hooks", "LogLevel", "TIMEOUT_DEFAULT", "TIMEOUT_FOREVER",
 ]
 
+for _name in __all__:  # shown as distcore.X (tracebacks, repr)
+    _obj = globals().get(_name)
+    if isinstance(_obj, type) and _obj.__module__.startswith("distcore._"):
+        _obj.__module__ = "distcore"
+del _name, _obj
+
 TIMEOUT_DEFAULT = _lib.TIMEOUT_DEFAULT
 TIMEOUT_FOREVER = _lib.TIMEOUT_FOREVER
 

@@ -30,7 +30,7 @@ class OpType(enum.IntEnum):
     GATHER = 7
     SCATTER = 8
     REDUCE_SCATTER = 9
-    _ALLTOALL_BASE = 10
+    ALLTOALL_BASE = 10
     ALLTOALL = 11
     SEND = 12
     RECV = 13

@@ -1,0 +1,211 @@
+"""distcore.rpc: agents in one process (threads), meeting through a store."""
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import pytest
+
+import distcore
+from distcore import rpc
+from distcore.rpc import RRef, WorkerInfo
+
+
+def echo(args, rrefs, caller_id):
+    return args
+
+
+def whoami(args, rrefs, caller_id):
+    return str(caller_id)
+
+
+def fetch(args, rrefs, caller_id):
+    return b"|".join(r.to_here() for r in rrefs)
+
+
+def fail(args, rrefs, caller_id):
+    raise KeyError("no such thing")
+
+
+kept = []
+
+
+def keep(args, rrefs, caller_id):
+    kept.append(rrefs[0].clone())  # a borrowed view lives during the call only
+    kept.append(rrefs[0])
+    return b"kept"
+
+
+def slow(args, rrefs, caller_id):
+    time.sleep(float(args))
+    return b"late"
+
+
+FUNCTIONS = {"echo": echo, "whoami": whoami, "fetch": fetch, "fail": fail, "keep": keep, "slow": slow}
+
+
+def make_group(world, store=None, **kw):
+    store = store or distcore.HashStore()
+    with ThreadPoolExecutor(world) as pool:
+        futures = [pool.submit(rpc.RpcAgent, f"w{r}", r, world, store.clone(), FUNCTIONS, **kw)
+                   for r in range(world)]
+        return [f.result(timeout=60) for f in futures]
+
+
+def settle(agent):
+    deadline = time.monotonic() + 30
+    while any(agent.get_debug_info().values()):
+        assert time.monotonic() < deadline, agent.get_debug_info()
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def group():
+    agents = make_group(3, rpc_timeout=30)
+    yield agents
+    with ThreadPoolExecutor(len(agents)) as pool:
+        list(pool.map(lambda a: a.shutdown(True, 30) if a._h else None, agents))
+    for a in agents:
+        a.close()
+
+
+def test_calls_and_errors(group):
+    w0, w1, w2 = group
+    assert w0.name == "w0" and w1.id == 1
+    assert w0.get_worker_info("w2") == WorkerInfo("w2", 2)
+    assert w0.get_worker_info() == WorkerInfo("w0", 0)
+    assert w0.rpc_sync("w1", "echo", b"hi") == b"hi"
+    assert w0.rpc_sync("w1", "echo", "text") == b"text"
+    assert w0.rpc_sync(WorkerInfo("w2", 2), "whoami") == b"0"
+    assert w2.rpc_sync("w2", "whoami") == b"2"  # to itself
+    with pytest.raises(distcore.DistRemoteError) as e:
+        w0.rpc_sync("w1", "fail")
+    assert str(e.value) == "'no such thing'"
+    assert isinstance(e.value, distcore.DistError)
+    with pytest.raises(distcore.DistRemoteError):
+        w0.rpc_sync("w1", "no-such-function")
+    with pytest.raises(distcore.DistError):
+        w0.rpc_sync("nobody", "echo")
+    with pytest.raises(distcore.DistTimeoutError):
+        w0.rpc_sync("w1", "slow", b"2", timeout=0.2)
+    futs = [w0.rpc_async("w1", "echo", str(i)) for i in range(20)]
+    assert [f.wait() for f in futs] == [str(i).encode() for i in range(20)]
+    chained = w0.rpc_async("w2", "echo", b"a").then(lambda f: f.value() + b"b")
+    assert chained.wait(timedelta(seconds=10)) == b"ab"
+    with pytest.raises(TypeError):
+        w0.rpc_sync("w1", echo)  # functions are called by name
+
+
+def test_rrefs_every_flow(group):
+    w0, w1, w2 = group
+    user = w0.remote("w1", "echo", b"on w1")
+    assert not user.is_owner()
+    assert user.owner() == WorkerInfo("w1", 1)
+    assert user.owner_name() == "w1"
+    assert user.to_here() == b"on w1"
+    assert user.confirmed_by_owner() or True  # confirmation is asynchronous
+    with pytest.raises(distcore.DistStateError):
+        user.local_value()
+    assert w0.rpc_sync("w2", "fetch", rrefs=[user]) == b"on w1"  # user -> third
+    assert w0.rpc_sync("w1", "fetch", rrefs=[user]) == b"on w1"  # back to the owner
+    mine = w0.rref(b"on w0")
+    assert mine.is_owner() and mine.confirmed_by_owner()
+    assert mine.local_value() == b"on w0"
+    assert w0.rpc_sync("w2", "fetch", rrefs=[mine, user]) == b"on w0|on w1"
+    assert w0.rpc_sync("w0", "fetch", rrefs=[mine]) == b"on w0"  # owner to itself
+    failed = w0.remote("w1", "fail")
+    with pytest.raises(distcore.DistRemoteError, match="no such thing"):
+        failed.to_here()
+    assert w0.rpc_sync("w1", "keep", rrefs=[mine]) == b"kept"
+    clone, view = kept[-2], kept[-1]
+    assert clone.to_here() == b"on w0"
+    with pytest.raises(ValueError, match="during the function call only"):
+        view.to_here()
+    kept.clear()
+    clone.close()
+    for r in (user, mine, failed):
+        r.close()
+    for a in group:
+        settle(a)
+    assert w0.get_debug_info() == {"num_owner_rrefs": 0, "num_pending_futures": 0, "num_pending_users": 0,
+                                   "num_forks": 0}
+
+
+def test_module_level_api_and_context_manager():
+    store = distcore.HashStore()
+    other = {}
+    t = threading.Thread(target=lambda: other.setdefault(
+        "agent", rpc.RpcAgent("peer", 1, 2, store, {"echo": echo})))
+    t.start()
+    agent = rpc.init_rpc("main", 0, 2, store, {"echo": echo}, rpc_timeout=timedelta(seconds=30),
+                         num_worker_threads=2)
+    t.join(60)
+    try:
+        assert rpc.get_worker_info().name == "main"
+        assert rpc.rpc_sync("peer", "echo", b"x") == b"x"
+        assert rpc.rpc_async("peer", "echo", b"y").wait() == b"y"
+        ref = rpc.remote("peer", "echo", b"z")
+        assert ref.to_here(timeout=10) == b"z"
+        own = RRef(b"local")  # on the current agent, as rpc.RRef(value)
+        assert own.owner_name() == "main"
+        ref.close()
+        own.close()
+    finally:
+        with other["agent"]:
+            shutter = threading.Thread(target=other["agent"].shutdown)
+            shutter.start()
+            rpc.shutdown()
+            shutter.join(60)
+    with pytest.raises(distcore.DistError, match="not been initialized"):
+        rpc.rpc_sync("peer", "echo")
+    with pytest.raises(ValueError, match="closed"):
+        agent.rpc_sync("peer", "echo")
+
+
+def test_init_times_out_without_the_others():
+    with pytest.raises(distcore.DistTimeoutError):
+        rpc.RpcAgent("alone", 0, 2, distcore.HashStore(), rpc_timeout=0.3)
+
+
+def test_functions_must_be_callable():
+    with pytest.raises(TypeError):
+        rpc.RpcAgent("x", 0, 1, distcore.HashStore(), {"f": 3})
+
+
+def test_register_function_after_init():
+    [agent] = make_group(1)
+    with agent:
+        agent.register_function("late", lambda a, r, c: a[::-1])
+        assert agent.rpc_sync("w0", "late", b"abc") == b"cba"
+
+
+def test_across_processes_over_a_tcp_store(tmp_path):
+    """A worker in another process (the same package), meeting through a TCPStore."""
+    server = distcore.TCPStore("127.0.0.1", 0, is_master=True)
+    script = tmp_path / "peer.py"
+    script.write_text(textwrap.dedent("""
+        import sys, distcore
+        from distcore import rpc
+        store = distcore.TCPStore("127.0.0.1", int(sys.argv[1]))
+        agent = rpc.init_rpc("peer", 1, 2, store, {"upper": lambda a, r, c: a.upper()})
+        rpc.shutdown()
+        print("done", flush=True)
+    """))
+    peer = subprocess.Popen([sys.executable, str(script), str(server.port)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ))
+    try:
+        agent = rpc.RpcAgent("main", 0, 2, distcore.TCPStore("127.0.0.1", server.port), {"echo": echo})
+        assert agent.rpc_sync("peer", "upper", b"abc") == b"ABC"
+        agent.shutdown()
+        agent.close()
+        assert peer.communicate(timeout=60)[0].strip() == "done"
+        assert peer.returncode == 0
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+            peer.wait()
+        server.close()
