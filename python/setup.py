@@ -33,6 +33,9 @@ LIB_NAME = "_libdistcore.so"
 
 
 def crate_version():
+    if not os.path.exists(MANIFEST):
+        sys.exit(f"distcore: {MANIFEST} not found: build the package from the repository "
+                 "(pip install ./python), which holds the Rust crate")
     with open(MANIFEST, encoding="utf-8") as f:
         in_package = False
         for line in f:

@@ -60,14 +60,14 @@ venv="$root/build/venv"
 "$venv/bin/pip" install -q --disable-pip-version-check pytest
 "$venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps ./python
 DISTCORE_LIB="$root/build/prefix/lib/libdistcore.so" \
-  "$venv/bin/python" -m pytest -v -p no:cacheprovider python/tests interop/test_ffi_*.py
+  "$venv/bin/python" -m pytest -v -p no:cacheprovider --rootdir "$root" python/tests interop/test_ffi_*.py
 
 step "PyTorch interop (torch from pip, CPU, in build/venv)"
 if ! "$venv/bin/python" -c "import torch.distributed" 2>/dev/null; then
   "$venv/bin/pip" install -q --disable-pip-version-check torch
 fi
 DISTCORE_LIB="$root/build/prefix/lib/libdistcore.so" \
-  "$venv/bin/python" -m pytest -v -p no:cacheprovider interop/test_torch_*.py
+  "$venv/bin/python" -m pytest -v -p no:cacheprovider --rootdir "$root" interop/test_torch_*.py
 
 step "benchmark smoke run (benches/bench.py --quick: figures, not pass/fail)"
 "$venv/bin/python" benches/bench.py --quick

@@ -1,6 +1,7 @@
 """Argument conversion shared by the modules."""
 import ctypes
 import math
+import threading
 from ctypes import c_char_p, c_size_t
 from datetime import timedelta
 
@@ -93,3 +94,14 @@ def ms_to_timedelta(ms):
 
 def byref(x):
     return ctypes.byref(x)
+
+
+_take_lock = threading.Lock()
+
+
+def take_handle(obj, attr="_h"):
+    """Takes obj's handle for freeing, at most once across threads."""
+    with _take_lock:
+        h = getattr(obj, attr, None)
+        setattr(obj, attr, None)
+    return h

@@ -24,7 +24,7 @@ from ctypes import c_bool, c_int32, c_void_p
 
 from ._errors import DistError, Status
 from ._lib import RPC_FUNCTION, Buf, RpcFunctionEntry, RpcOptions, RRefDebugInfo, check, lib, take_buf
-from ._util import key_arg, rpc_timeout_ms, value_arg
+from ._util import key_arg, rpc_timeout_ms, take_handle, value_arg
 from .work import Future
 
 __all__ = ["init_rpc", "shutdown", "rpc_sync", "rpc_async", "remote", "get_worker_info", "RpcAgent",
@@ -251,7 +251,7 @@ class RpcAgent:
     def close(self):
         """Stops this worker if it runs, and frees it (idempotent)."""
         global _current
-        h, self._h = self._h, None
+        h = take_handle(self)
         if h:
             lib.dc_rpc_free(h)
         self._unregister()
@@ -315,7 +315,7 @@ class RRef:
 
     def close(self):
         """Releases this handle (idempotent)."""
-        h, self._h = self._h, None
+        h = take_handle(self)
         if h and not self._borrowed_view:
             lib.dc_rref_free(h)
 

@@ -14,7 +14,7 @@ from ctypes import c_bool, c_int64, c_size_t, c_uint16, c_void_p
 
 from ._lib import (Buf, BufArray, ClientCounter, ServerStats, TcpStoreOptions, check, lib, take_array,
                    take_buf)
-from ._util import key_arg, keys_arg, ms_to_timedelta, store_timeout_ms, value_arg, values_arg
+from ._util import key_arg, keys_arg, ms_to_timedelta, store_timeout_ms, take_handle, value_arg, values_arg
 from .work import Work
 
 __all__ = ["Store", "TCPStore", "FileStore", "HashStore", "PrefixStore"]
@@ -49,7 +49,7 @@ class Store:
     def close(self):
         """Frees the handle now (idempotent). Matters for stores whose
         closing has effects: a FileStore's refcount, a TCPStore server."""
-        h, self._h = getattr(self, "_h", None), None
+        h = take_handle(self)
         if h:
             lib.dc_store_free(h)
 

@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from ._errors import DistError, DistNotSupportedError, Status, error_for
 from ._lib import WORK_CALLBACK, Buf, check, lib, take_buf
-from ._util import store_timeout_ms, value_arg
+from ._util import store_timeout_ms, take_handle, value_arg
 
 __all__ = ["OpType", "Work", "Future"]
 
@@ -110,16 +110,24 @@ class Work:
 
     @property
     def _handle(self):
+        owner = self._owner
+        if owner is not None:  # a view on another object's handle (get_future)
+            return owner._handle
         h = self._h
         if not h:
             raise ValueError(f"operation on a closed {type(self).__name__}")
         return h
 
+    def _is_open(self):
+        owner = self._owner
+        return owner._is_open() if owner is not None else bool(self._h)
+
     def close(self):
         """Frees the handle (idempotent). A pending operation goes on; an
         async store operation with no callback registered is released."""
-        h, self._h = self._h, None
-        if h and self._owner is None:
+        self._owner = None
+        h = take_handle(self)
+        if h:
             lib.dc_work_free(h)
 
     def __del__(self):
@@ -301,8 +309,9 @@ class Work:
     def get_future(self):
         """A Future on this work (c10d's Work.get_future): its wait() and
         value() return the result bytes (None for a work without result)."""
+        self._handle  # noqa: B018 - raises on a closed work
         fut = Future.__new__(Future)
-        fut._init(self._handle, owner=self)
+        fut._init(None, owner=self)
         return fut
 
     def _awaited(self):
@@ -328,7 +337,7 @@ class Work:
         return self._awaited()
 
     def __repr__(self):
-        if not self._h:
+        if not self._is_open():
             return f"<distcore.{type(self).__name__} closed>"
         state = "completed" if self.is_completed() else "pending"
         return f"<distcore.{type(self).__name__} {state}>"

@@ -22,7 +22,7 @@ def in_child(fn):
             import traceback; traceback.print_exc()
         os._exit(code)
     _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
 
 
 def test_parent_store_refuses_in_the_child_and_a_new_one_works(tcp_server):

@@ -162,6 +162,10 @@ def test_future_from_another_thread_and_get_future():
     w.abort()
     with pytest.raises(distcore.DistAbortedError):
         f.wait()
+    w.close()  # the future was a view on w's handle
+    with pytest.raises(ValueError, match="closed"):
+        f.done()
+    assert "closed" in repr(f)
 
 
 def test_asyncio_awaits_on_the_fd():
