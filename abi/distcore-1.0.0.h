@@ -1,13 +1,49 @@
 /*
  * distcore: the coordination plane of torch.distributed (stores, Work,
- * remote references) for C, C++ and any FFI.
+ * remote references) for C, C++ and any FFI. Design, limits and the wire
+ * protocol: docs/ in the repository. C++: distcore.hpp.
  *
- * Conventions: fallible functions return a dc_status (DC_OK = 0); the
- * message of the last failure on the calling thread is dc_last_error_message().
- * Handles are opaque, thread-safe and freed with their _free function
- * (freeing NULL does nothing). Bytes out are dc_buf values the caller frees
- * with dc_buf_free. Timeouts are int64_t milliseconds: DC_TIMEOUT_DEFAULT
- * (-1) uses the handle's timeout, 0 waits forever.
+ * Conventions every function follows (each function's comment adds what
+ * is its own):
+ * - Errors: fallible functions return a dc_status, DC_OK (0) or a
+ *   DC_ERR_* code; dc_last_error_message() is the message of the last
+ *   failure on the calling thread. Every function may also return
+ *   DC_ERR_INVALID_ARGUMENT (a NULL pointer where one is required, a
+ *   length over DC_MAX_BYTES_LEN, a string that is not UTF-8, a number
+ *   out of range, a struct_size no header had), DC_ERR_INTERNAL (a bug in
+ *   distcore, contained: no panic or abort crosses this header) and, on a
+ *   handle made before fork(), DC_ERR_INVALID_STATE (see below). Out
+ *   parameters are written only on success.
+ * - Lifetimes: strings and bytes passed in are read during the call only
+ *   (copied when kept): they may be freed when the call returns. Bytes out
+ *   are dc_buf values the caller owns and frees with dc_buf_free; static
+ *   strings (dc_version, dc_status_str, ...) live as long as the process.
+ *   Handles (dc_store, dc_work, dc_rpc, dc_rref, ...) are opaque, owned by
+ *   the caller and freed with their _free function, once; freeing NULL
+ *   does nothing. A handle built on another (a PrefixStore, a work, an
+ *   RRef) keeps what it needs alive: free handles in any order.
+ * - Threads: every function may be called from any thread, and handles
+ *   may be shared between threads; a handle may be freed while other
+ *   threads are inside calls on it (they finish normally), but must not
+ *   be used after its _free returned. Callbacks say which thread runs
+ *   them; user_data is passed through untouched.
+ * - Blocking: a function blocks only where its comment says so, and then
+ *   never longer than the timeout it names (stores: plus the 0.5 s a
+ *   TCPStore client gives a cancelled wait to be confirmed). Timeouts are
+ *   int64_t milliseconds: DC_TIMEOUT_DEFAULT (-1) uses the handle's own
+ *   timeout, DC_TIMEOUT_FOREVER (0) waits forever, other negative values
+ *   are DC_ERR_INVALID_ARGUMENT.
+ * - fork(): distcore starts threads (servers, the RPC agent, a timer, the
+ *   TCPStore client's async waiter) on first use, and a forked child has
+ *   none of them. In a child, every handle made before fork() refuses
+ *   calls with DC_ERR_INVALID_STATE, and freeing it releases nothing (its
+ *   threads and sockets are the parent's); handles made in the child work
+ *   normally. Fork before using distcore, or make new handles in the
+ *   child.
+ * - Growth: structs that start with `struct_size` may gain fields at their
+ *   end in a later minor version; the library reads and writes only the
+ *   struct_size bytes the caller's header knew. Set it with the struct's
+ *   _init function (options) or to sizeof before the call (stats).
  */
 
 #ifndef DISTCORE_H
@@ -112,7 +148,8 @@ typedef int32_t dc_log_level;
 #endif // __cplusplus
 
 // A worker of an RPC group. Thread-safe. Shut down with
-// `dc_rpc_shutdown`, then free with `dc_rpc_free`.
+// `dc_rpc_shutdown`, then free with `dc_rpc_free`. Its agent runs threads
+// of its own: one moving bytes and `num_worker_threads` running functions.
 typedef struct dc_rpc dc_rpc;
 
 // Where a registered function puts its result (or its error message).
@@ -129,6 +166,18 @@ typedef struct dc_rref dc_rref;
 // `dc_tcp_store_new`). Free with `dc_store_free`, also while other threads
 // are inside calls on it (they finish normally); stores built on it keep
 // what they need alive.
+//
+// What every `dc_store_*` call may return besides the common errors: on a
+// TCPStore, DC_ERR_NETWORK when the server cannot be reached or the
+// connection breaks (the next call reconnects), DC_ERR_TIMEOUT when the
+// server does not answer within the store's timeout, DC_ERR_PROTOCOL when
+// it breaks the wire protocol; on a FileStore, DC_ERR_IO when the file
+// cannot be read or written.
+//
+// How long every `dc_store_*` call may block: on a TCPStore, a round trip
+// to the server, bounded by the store's timeout (waiting calls say how
+// long they wait); on a FileStore, reading the file under its lock; on a
+// HashStore, taking its lock.
 typedef struct dc_store dc_store;
 
 // A scoped store timeout: `dc_store_timeout_guard_free` restores the
@@ -177,11 +226,15 @@ typedef void (*dc_log_fn)(dc_log_level level,
                           void *user_data);
 
 // A function other workers call by name. Runs on one of the RPC worker
-// threads with the argument bytes, the RRefs passed along (borrowed views,
+// threads (`num_worker_threads` of them, so up to that many calls at
+// once) with the argument bytes, the RRefs passed along (borrowed views,
 // all confirmed by their owners; `dc_rref_clone` one to keep it) and the
-// caller's id. Puts its result with `dc_rpc_reply_set`; returns DC_OK, or
-// an error status (the message from `dc_rpc_reply_set_error`) that the
-// caller receives as DC_ERR_REMOTE.
+// caller's id. `args`, `rrefs` and `reply` are valid during the call only.
+// Puts its result with `dc_rpc_reply_set`; returns DC_OK, or an error
+// status (the message from `dc_rpc_reply_set_error`) that the caller
+// receives as DC_ERR_REMOTE. It may call any distcore function, RPCs to
+// other workers included (each holds its worker thread while it waits),
+// but not `dc_rpc_shutdown` or `dc_rpc_free` of its own worker.
 typedef dc_status (*dc_rpc_function)(const uint8_t *args,
                                      size_t len,
                                      const dc_rref *const *rrefs,
@@ -249,7 +302,8 @@ typedef struct {
   // `sizeof(dc_tcp_store_options)` in the caller's header; set by
   // `dc_tcp_store_options_init`.
   size_t struct_size;
-  // Host to connect to (NUL-terminated; a name, an IPv4 or IPv6 literal).
+  // Host to connect to (NUL-terminated; a name, an IPv4 or IPv6
+  // literal); read during `dc_tcp_store_new` only.
   const char *host;
   // Port; for a server 0 picks a free one (read it with dc_tcp_store_port).
   uint16_t port;
@@ -257,18 +311,26 @@ typedef struct {
   bool is_server;
   // Number of store handles in the job, server included; -1: unknown.
   int32_t world_size;
-  // Count this handle in `init/`; the server then waits for world_size.
+  // Count this handle in the job's worker count (PyTorch's key "init/",
+  // which every client adds 1 to once and `dc_store_add(store, "init/",
+  // 0, &n)` reads); a server handle then waits until `world_size` have.
   bool wait_for_workers;
   // Timeout of connecting and of every call, in ms (0: forever).
   int64_t timeout_ms;
-  // Share one server among handles of this process on the same port.
+  // Share one server among the handles of this process that ask for
+  // the same port (the server stops with the last of them).
   bool multi_tenant;
-  // Serve on this already-listening socket; < 0: bind a new one.
+  // Serve on this already-listening socket; -1: bind a new one. With
+  // `is_server`, distcore owns the fd from the call on, whatever its
+  // outcome: the server closes it when it stops, a failing call at once
+  // (unless `opts` itself is rejected: NULL or a bad struct_size).
+  // Ignored by clients.
   int master_listen_fd;
   // Listen only on this address (NUL-terminated IP); NULL: every
   // interface, dual-stack when IPv6 is available.
   const char *bind_address;
-  // Largest value the server accepts, in bytes; 0: 64 MiB.
+  // Largest value the server accepts, in bytes; 0: 64 MiB. Ignored by
+  // clients (they learn the limit from the server).
   uint64_t max_value_size;
 } dc_tcp_store_options;
 
@@ -373,17 +435,23 @@ const char *dc_status_str(dc_status code);
 const char *dc_version(void);
 
 // Frees the bytes of `buf` and sets it to `{NULL, 0}`. NULL, or a buffer
-// already freed, does nothing. Thread-safe for distinct buffers.
+// already freed, does nothing. Thread-safe for distinct buffers. Never
+// fails or blocks.
 void dc_buf_free(dc_buf *buf);
 
 // Frees every buffer of `array` and the array, then sets it to `{NULL, 0}`.
-// NULL, or an array already freed, does nothing.
+// NULL, or an array already freed, does nothing. Never fails or blocks.
 void dc_buf_array_free(dc_buf_array *array);
 
 // torchelastic's barrier: blocks until `world_size` members entered the
 // barrier `key_prefix` (keys `<prefix>/num_members`, `<prefix>/last_member`;
 // usable once per prefix), with the store's timeout set to `timeout_ms`
-// meanwhile (DC_TIMEOUT_DEFAULT: keep the store's; 0: forever).
+// meanwhile (DC_TIMEOUT_DEFAULT: keep the store's; DC_TIMEOUT_FOREVER: no
+// limit) and restored after.
+//
+// Errors: DC_ERR_TIMEOUT when fewer than `world_size` arrived in time; the
+// store's errors. Blocks until all arrived, at most the timeout (per store
+// call).
 dc_status dc_elastic_barrier(const dc_store *store,
                              int32_t world_size,
                              const char *key_prefix,
@@ -393,6 +461,9 @@ dc_status dc_elastic_barrier(const dc_store *store,
 // arrived (waiting up to `trace_timeout_ms` for the first) and fails with
 // torchelastic's "Timed out waiting on barrier on rank R, for key prefix:
 // P (world_size=N, missing_ranks=[...], timeout=T)".
+//
+// Errors: as `dc_elastic_barrier`. Blocks: as `dc_elastic_barrier`, plus
+// up to `trace_timeout_ms` on a timeout.
 dc_status dc_elastic_barrier_traced(const dc_store *store,
                                     int32_t world_size,
                                     const char *key_prefix,
@@ -404,6 +475,9 @@ dc_status dc_elastic_barrier_traced(const dc_store *store,
 // `<key_prefix><rank>` and writes every rank's data, in rank order, into
 // `out` (free with `dc_buf_array_free`). The store's timeout is
 // `timeout_ms` meanwhile (DC_TIMEOUT_DEFAULT: keep the store's).
+//
+// Errors: DC_ERR_TIMEOUT when a rank's data did not arrive in time; the
+// store's errors. Blocks until every rank published, at most the timeout.
 dc_status dc_elastic_synchronize(const dc_store *store,
                                  const uint8_t *data,
                                  size_t len,
@@ -416,6 +490,10 @@ dc_status dc_elastic_synchronize(const dc_store *store,
 // torchelastic's get_all: writes the values of `<prefix>0` ..
 // `<prefix><world_size-1>` into `out` (waiting for each), then checks in to
 // `<prefix>/finished`; rank 0 waits for every rank to check in.
+//
+// Errors: DC_ERR_TIMEOUT after the store's timeout; the store's errors.
+// Blocks until every value exists (and, on rank 0, every rank checked in),
+// each wait at most the store's timeout.
 dc_status dc_elastic_get_all(const dc_store *store,
                              int32_t rank,
                              const char *prefix,
@@ -445,11 +523,21 @@ dc_status dc_set_log_callback(dc_log_level level, dc_log_fn callback, void *user
 // distcore header had. Never blocks.
 dc_status dc_rpc_options_init(dc_rpc_options *opts, size_t struct_size);
 
-// Joins an RPC group of `world_size` workers through `store`: listens on an
-// ephemeral port, registers `opts->functions`, publishes `name` and its
-// address, and learns every other worker (blocks until all have joined, or
-// fails with DC_ERR_TIMEOUT after the RPC timeout). `opts` may be NULL for
-// the defaults.
+// Joins an RPC group of `world_size` workers through `store` as worker
+// `rank` (0 <= rank < world_size <= 65535) named `name`, and writes the
+// handle into `out`: listens on an ephemeral port of
+// `opts->listen_address`, registers `opts->functions`, publishes its name
+// and address in the store, and learns every other worker. `opts` may be
+// NULL for the defaults. The functions' names are copied; the function
+// pointers and their `user_data` must stay valid until `dc_rpc_free`
+// returned. The store handle may be freed once this returns.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for an empty or multi-line name, a rank
+// or world size out of range, a listen_address that is not an IP, a NULL
+// function; DC_ERR_NETWORK when the listener cannot be bound; DC_ERR_TIMEOUT
+// when not every worker joined within the RPC timeout (60 s when it is
+// 0); the store's errors. Blocks until every worker has joined, at most the
+// RPC timeout.
 dc_status dc_rpc_init(const dc_store *store,
                       const char *name,
                       int32_t rank,
@@ -457,29 +545,50 @@ dc_status dc_rpc_init(const dc_store *store,
                       const dc_rpc_options *opts,
                       dc_rpc **out);
 
-// Registers (or replaces) a function after init. Calls may arrive before
-// this returns on other workers' view: prefer `opts->functions`.
+// Registers (or replaces) the function `name` after init. Other workers
+// may call before this returns on their side: prefer `opts->functions`.
+// `function` and `user_data` must stay valid until `dc_rpc_free` returned.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a NULL function. Never blocks.
 dc_status dc_rpc_register_function(const dc_rpc *rpc,
                                    const char *name,
                                    dc_rpc_function function,
                                    void *user_data);
 
-// Stops this worker (if not already) and frees the handle. NULL does nothing.
+// Stops this worker if it is still running (as a non-graceful
+// `dc_rpc_shutdown`: pending calls fail with DC_ERR_SHUT_DOWN) and frees
+// the handle; once this returns no registered function runs any more. NULL
+// does nothing. RRef handles may outlive it: their calls then fail with
+// DC_ERR_SHUT_DOWN, and they must still be freed. Blocks while the agent's
+// threads stop (running functions finish first).
 void dc_rpc_free(dc_rpc *rpc);
 
 // Shuts this worker down. Graceful: waits for every worker (through the
-// store), settles and deletes every RRef, waits again, stops; leaked RRefs
-// are a warning, or DC_ERR_INVALID_STATE listing them when
-// `ignore_rref_leak` was false. Not graceful: stops at once; pending calls
-// fail with DC_ERR_SHUT_DOWN. `timeout_ms`: DC_TIMEOUT_DEFAULT for the RPC
-// timeout.
+// store), settles and deletes every RRef, waits again, stops. Not
+// graceful: stops at once; pending calls fail with DC_ERR_SHUT_DOWN.
+// `timeout_ms`: DC_TIMEOUT_DEFAULT for the RPC timeout. A second call does
+// nothing.
+//
+// Errors: DC_ERR_INVALID_STATE listing leaked RRefs when
+// `ignore_rref_leak` was false (else they are a warning in the log);
+// DC_ERR_TIMEOUT when the other workers did not reach shutdown in time;
+// the store's errors. Blocks: graceful, until every worker arrives, at most
+// `timeout_ms` for each of the two rounds.
 dc_status dc_rpc_shutdown(const dc_rpc *rpc, bool graceful, int64_t timeout_ms);
 
-// Calls `func` on worker `to` with the `len` bytes at `args` and `num_rrefs`
-// RRefs, and writes the reply into `out`. DC_ERR_REMOTE with the remote
-// message when the function fails there, DC_ERR_TIMEOUT after `timeout_ms`
-// (DC_TIMEOUT_DEFAULT: the RPC timeout; 0: none), DC_ERR_NETWORK when the
-// worker is unreachable.
+// Calls the function `func` on worker `to` with the `len` bytes at `args`
+// and `num_rrefs` RRefs (passed on as forks, as PyTorch does), and writes
+// the reply into `out`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for an unknown worker ("Unknown
+// destination worker W"); DC_ERR_REMOTE with the remote message when the
+// function fails there or is not registered ("Unknown function 'F' on
+// worker 'W'"); DC_ERR_TIMEOUT after `timeout_ms` (DC_TIMEOUT_DEFAULT: the
+// RPC timeout; DC_TIMEOUT_FOREVER: none); DC_ERR_NETWORK when the worker is
+// unreachable or dies; DC_ERR_SHUT_DOWN after shutdown. Blocks until the
+// reply, at most `timeout_ms`. Calling from inside a registered function
+// occupies one of the worker threads meanwhile: nested calls deeper than
+// `num_worker_threads` can only end by timing out.
 dc_status dc_rpc_sync(const dc_rpc *rpc,
                       const char *to,
                       const char *func,
@@ -490,8 +599,13 @@ dc_status dc_rpc_sync(const dc_rpc *rpc,
                       int64_t timeout_ms,
                       dc_buf *out);
 
-// `dc_rpc_sync` without waiting: the work completes with the reply as its
-// result (`dc_work_result`) or with the call's error.
+// `dc_rpc_sync` without waiting: writes into `out` a work that completes
+// with the reply as its result (`dc_work_result`) or with the call's error,
+// on the agent's thread (callbacks run there: keep them short).
+//
+// Errors: as `dc_rpc_sync` for what is known before sending (an unknown
+// worker, shutdown); the rest comes through the work. Does not wait for
+// the reply.
 dc_status dc_rpc_async(const dc_rpc *rpc,
                        const char *to,
                        const char *func,
@@ -502,10 +616,14 @@ dc_status dc_rpc_async(const dc_rpc *rpc,
                        int64_t timeout_ms,
                        dc_work **out);
 
-// Runs `func` on worker `to`, keeping its result there, and writes an RRef
-// to it into `out` (the OwnerRRef itself when `to` is this worker). If the
-// function fails, or the call times out, the RRef carries the error:
-// to_here and passing it on report it.
+// Runs `func` on worker `to`, keeping its result there, and writes into
+// `out` an RRef to it (the OwnerRRef itself when `to` is this worker). If
+// the function fails, or the call times out, the RRef carries the error:
+// `dc_rref_to_here` and passing it on report it.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for an unknown worker; DC_ERR_SHUT_DOWN
+// after shutdown. Does not wait for the function (to self: it runs on a
+// worker thread).
 dc_status dc_rpc_remote(const dc_rpc *rpc,
                         const char *to,
                         const char *func,
@@ -516,91 +634,160 @@ dc_status dc_rpc_remote(const dc_rpc *rpc,
                         int64_t timeout_ms,
                         dc_rref **out);
 
-// Writes the id (rank) of the worker named `name`.
+// Writes into `out_id` the id (rank) of the worker named `name`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for an unknown name. Never blocks.
 dc_status dc_rpc_worker_id(const dc_rpc *rpc, const char *name, int32_t *out_id);
 
 // Writes the name of this worker into `out`.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_rpc_self_name(const dc_rpc *rpc, dc_buf *out);
 
-// Writes this worker's RRef counters (all zero once nothing is shared).
+// Writes this worker's RRef counters into `out` (all zero once nothing is
+// shared), whose `struct_size` the caller set to sizeof(dc_rref_debug_info).
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a wrong `out->struct_size`. Never
+// blocks.
 dc_status dc_rpc_debug_info(const dc_rpc *rpc, dc_rref_debug_info *out);
 
-// Puts the result bytes of a function call.
+// Puts the result bytes of a function call (a copy). `reply` is the one
+// the function was given, valid until the function returns.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when the bytes cannot be copied. Never
+// blocks.
 dc_status dc_rpc_reply_set(dc_rpc_reply *reply, const uint8_t *data, size_t len);
 
-// Puts the error message of a failing function call (return a non-OK status).
+// Puts the error message of a failing function call (the function then
+// returns a non-OK status). `reply` is valid until the function returns.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_rpc_reply_set_error(dc_rpc_reply *reply, const char *message);
 
 // Creates an RRef owned by this worker, holding a copy of the `len` bytes
-// at `data` (PyTorch's `rpc.RRef(value)`).
+// at `data` (PyTorch's `rpc.RRef(value)`), and writes it into `out`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when the bytes cannot be copied. Never
+// blocks.
 dc_status dc_rref_new(const dc_rpc *rpc, const uint8_t *data, size_t len, dc_rref **out);
 
-// A new handle on the same reference (not a new fork).
+// Writes into `out` a new handle on the same reference (not a new fork:
+// the owner is not told).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_rref_clone(const dc_rref *rref, dc_rref **out);
 
 // Releases an RRef handle; the last handle of a user's fork tells the
-// owner, whose value goes when its last fork does. NULL does nothing.
+// owner (in the background), whose value goes when its last fork does.
+// NULL does nothing. Never fails or blocks.
 void dc_rref_free(dc_rref *rref);
 
 // Writes the value into `out`: fetched from the owner (waiting up to
-// `timeout_ms`), or local on the owner. The RRef's creation error, if any.
+// `timeout_ms`: DC_TIMEOUT_DEFAULT for the RPC timeout), or local on the
+// owner.
+//
+// Errors: the RRef's creation error, if its remote() failed;
+// DC_ERR_TIMEOUT, DC_ERR_NETWORK, DC_ERR_SHUT_DOWN as `dc_rpc_sync`. Blocks
+// until the owner answers, at most `timeout_ms`.
 dc_status dc_rref_to_here(const dc_rref *rref, int64_t timeout_ms, dc_buf *out);
 
-// Writes the value of an RRef this worker owns; DC_ERR_INVALID_STATE on a user.
+// Writes into `out` the value of an RRef this worker owns.
+//
+// Errors: DC_ERR_INVALID_STATE on a user (not the owner). Never blocks.
 dc_status dc_rref_local_value(const dc_rref *rref, dc_buf *out);
 
-// Writes the owner's worker id.
+// Writes into `out_id` the owner's worker id.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_rref_owner_id(const dc_rref *rref, int32_t *out_id);
 
 // Writes the owner's worker name into `out`.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_rref_owner_name(const dc_rref *rref, dc_buf *out);
 
-// Writes whether this handle is on the owner.
+// Writes into `out` whether this handle is on the owner.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_rref_is_owner(const dc_rref *rref, bool *out);
 
-// Writes whether the owner has confirmed this reference (true on the owner).
+// Writes into `out` whether the owner has confirmed this reference (true on
+// the owner).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_rref_confirmed_by_owner(const dc_rref *rref, bool *out);
 
 // Creates an empty in-process store (c10d's HashStore), shared by every
 // thread that uses the handle or its clones. Default timeout 300 s.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_hash_store_new(dc_store **out);
 
 // Opens (creating it if needed) a FileStore at `path`, a file shared by
 // processes on this host or a shared filesystem, in PyTorch's format
 // (torch.distributed.FileStore can use the same file at once).
-// `world_size` < 0: none. The handle counts in `refcount/`; when the last
-// handle closes and `world_size` handles have closed, the file is removed.
-// DC_ERR_IO for a path that cannot be opened, DC_ERR_INVALID_ARGUMENT for
-// an existing file that is not a FileStore log (left untouched).
+// `world_size` -1 (any negative): none. The handle counts in `refcount/`;
+// when the last handle closes and `world_size` handles have closed, the
+// file is removed.
+//
+// Errors: DC_ERR_IO for a path that cannot be opened or created;
+// DC_ERR_INVALID_ARGUMENT for an existing file that is not a FileStore log
+// (left untouched). Blocks on the file's lock (other processes hold it for
+// one operation at a time).
 dc_status dc_file_store_new(const char *path, int32_t world_size, dc_store **out);
 
 // Creates a view of `store` where every key `k` is `prefix + "/" + k`
-// (c10d's PrefixStore). The new handle keeps `store`'s store alive.
+// (c10d's PrefixStore). The new handle keeps `store`'s store alive: either
+// may be freed first.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_prefix_store_new(const char *prefix, const dc_store *store, dc_store **out);
 
-// Creates a new handle on the same store (c10d's Store::clone; for a
-// network store, a new connection).
+// Creates a new handle on the same store (c10d's Store::clone): for a
+// TCPStore, a client with connections of its own to the same server (never
+// a second server); for a PrefixStore, the same prefix over a clone.
+//
+// Errors: a TCPStore's connect errors (DC_ERR_NETWORK after the store's
+// timeout). Blocks: a TCPStore connects (up to the store's timeout).
 dc_status dc_store_clone(const dc_store *store, dc_store **out);
 
-// Releases a store handle. NULL does nothing.
+// Releases a store handle. NULL does nothing. When the handle is the last
+// one holding a TCPStore server this process started, the server stops:
+// this call closes its clients' connections and joins its thread (a few
+// milliseconds). Other threads' calls in progress on the handle finish
+// first with their own outcome. Never fails.
 void dc_store_free(dc_store *store);
 
 // Sets `key` to the `len` bytes at `value`, waking the waiters of `key`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a key or value over the store's
+// limits (the handle stays usable). On a TCPStore the server does not
+// acknowledge a set (neither does PyTorch's): a set a distcore server
+// refuses is logged as a warning when the handle's next reply arrives.
 dc_status dc_store_set(const dc_store *store, const char *key, const uint8_t *value, size_t len);
 
 // Writes the value of `key` into `out`, waiting up to the store's timeout
-// for the key (DC_ERR_TIMEOUT, "wait timeout after Nms, keys: key").
+// for the key to be set.
+//
+// Errors: DC_ERR_TIMEOUT ("wait timeout after Nms, keys: key", PyTorch's
+// words) when the key does not appear in time. Blocks until the key
+// exists, at most the store's timeout.
 dc_status dc_store_get(const dc_store *store, const char *key, dc_buf *out);
 
 // Adds `delta` to the integer at `key` (stored as decimal text; a missing
-// key counts as 0) and writes the new value. DC_ERR_INVALID_ARGUMENT if the
-// value is not an integer (a PyTorch server closes the connection instead:
-// DC_ERR_NETWORK, and the next call reconnects).
+// key counts as 0) and writes the new value into `out`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when the value is not an integer (a
+// PyTorch server closes the connection instead: DC_ERR_NETWORK, and the
+// next call reconnects).
 dc_status dc_store_add(const dc_store *store, const char *key, int64_t delta, int64_t *out);
 
 // Replaces the value of `key` with `desired` if it equals `expected` (a
-// missing key matches an empty `expected`), and writes the value now stored
-// (or `expected` when the key is missing and `expected` is not empty).
+// missing key matches an empty `expected`), and writes into `out` the value
+// now stored (or `expected` when the key is missing and `expected` is not
+// empty), as c10d's compareSet.
+//
+// Errors: only the common ones.
 dc_status dc_store_compare_set(const dc_store *store,
                                const char *key,
                                const uint8_t *expected,
@@ -609,35 +796,58 @@ dc_status dc_store_compare_set(const dc_store *store,
                                size_t desired_len,
                                dc_buf *out);
 
-// Deletes `key` and writes whether it existed. Queues are not touched.
+// Deletes `key` and writes whether it existed into `out_deleted`. Queues are
+// not touched.
+//
+// Errors: only the common ones.
 dc_status dc_store_delete_key(const dc_store *store, const char *key, bool *out_deleted);
 
-// Writes whether all `count` keys exist (as values or non-empty queues),
-// without waiting.
+// Writes into `out` whether all `count` keys exist (as values or non-empty
+// queues), without waiting for them.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for more keys than the store takes in one
+// request (a TCPStore: what its server announces, 128 Ki for PyTorch's).
 dc_status dc_store_check(const dc_store *store, const char *const *keys, size_t count, bool *out);
 
 // Blocks until all `count` keys exist, for at most `timeout_ms`
-// (DC_TIMEOUT_DEFAULT: the store's timeout; 0: forever).
+// (DC_TIMEOUT_DEFAULT: the store's timeout; DC_TIMEOUT_FOREVER: no limit).
+//
+// Errors: DC_ERR_TIMEOUT ("wait timeout after Nms, keys: ...") when a key
+// is still missing at the deadline.
 dc_status dc_store_wait(const dc_store *store,
                         const char *const *keys,
                         size_t count,
                         int64_t timeout_ms);
 
-// Writes the number of keys holding values (queues are not counted).
+// Writes into `out` the number of keys holding values (queues are not
+// counted; a TCPStore counts its `init/` key, as PyTorch's).
+//
+// Errors: only the common ones.
 dc_status dc_store_num_keys(const dc_store *store, int64_t *out);
 
 // Appends the `len` bytes at `value` to the value of `key` (creating it).
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when the value would grow past the
+// store's value limit (the value is left as it was).
 dc_status dc_store_append(const dc_store *store, const char *key, const uint8_t *value, size_t len);
 
 // Writes the values of `count` keys into `out_values` (an array of `count`
 // dc_buf the caller provides and later frees one by one), waiting up to the
 // store's timeout for all of them. Nothing is written on failure.
+//
+// Errors: DC_ERR_TIMEOUT when a key is still missing at the deadline;
+// DC_ERR_INVALID_ARGUMENT for more keys than one request takes. Blocks
+// until every key exists, at most the store's timeout.
 dc_status dc_store_multi_get(const dc_store *store,
                              const char *const *keys,
                              size_t count,
                              dc_buf *out_values);
 
-// Sets `keys[i]` to the `value_lens[i]` bytes at `values[i]`, for `count` keys.
+// Sets `keys[i]` to the `value_lens[i]` bytes at `values[i]`, for `count`
+// keys, in order, as one request.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a key or value over the store's
+// limits, or more keys than one request takes (nothing is set).
 dc_status dc_store_multi_set(const dc_store *store,
                              const char *const *keys,
                              const uint8_t *const *values,
@@ -646,75 +856,115 @@ dc_status dc_store_multi_set(const dc_store *store,
 
 // Pushes the `len` bytes at `value` onto the back of the queue `key`,
 // waking one waiter.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a value over the store's limit.
 dc_status dc_store_queue_push(const dc_store *store,
                               const char *key,
                               const uint8_t *value,
                               size_t len);
 
 // Pops the front of the queue `key` into `out`. With `block`, waits up to
-// the store's timeout (DC_ERR_TIMEOUT); without, an empty queue is
-// DC_ERR_QUEUE_EMPTY.
+// the store's timeout for an element; without, returns at once.
+//
+// Errors: DC_ERR_TIMEOUT when blocking and the queue stays empty until the
+// deadline; DC_ERR_QUEUE_EMPTY when not blocking and the queue is empty.
 dc_status dc_store_queue_pop(const dc_store *store, const char *key, bool block, dc_buf *out);
 
-// Writes the number of elements in the queue `key`.
+// Writes into `out` the number of elements in the queue `key` (0 for no
+// queue).
+//
+// Errors: only the common ones.
 dc_status dc_store_queue_len(const dc_store *store, const char *key, int64_t *out);
 
 // Writes every key holding a value into `out` (free with
 // `dc_buf_array_free`); each buffer is NUL-terminated.
+//
+// Errors: only the common ones.
 dc_status dc_store_list_keys(const dc_store *store, dc_buf_array *out);
 
-// Blocks until `world_size` callers have entered the barrier `key`, for at
-// most `timeout_ms` (DC_TIMEOUT_DEFAULT: the store's timeout; 0: forever).
+// Blocks until `world_size` callers (this one included) have entered the
+// barrier `key`, for at most `timeout_ms` (DC_TIMEOUT_DEFAULT: the store's
+// timeout; DC_TIMEOUT_FOREVER: no limit). A key serves one barrier.
+//
+// Errors: DC_ERR_TIMEOUT when fewer than `world_size` arrived in time;
+// DC_ERR_INVALID_ARGUMENT for a `world_size` below 1.
 dc_status dc_store_barrier(const dc_store *store,
                            const char *key,
                            int32_t world_size,
                            int64_t timeout_ms);
 
-// Writes the store's default timeout in ms (0: forever).
+// Writes into `out_ms` the store's default timeout in ms (0: forever).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_store_get_timeout(const dc_store *store, int64_t *out_ms);
 
-// Sets the store's default timeout in ms (0: forever; negative is invalid).
+// Sets the store's default timeout in ms (DC_TIMEOUT_FOREVER, 0: forever),
+// for every thread using the handle, from its next call on.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a negative timeout. Never blocks.
 dc_status dc_store_set_timeout(const dc_store *store, int64_t timeout_ms);
 
 // Sets the store's timeout to `timeout_ms` until the returned guard is
-// freed, which restores the previous one (c10d's StoreTimeoutGuard).
+// freed, which restores the previous one (c10d's StoreTimeoutGuard). The
+// guard keeps the store alive.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a negative timeout. Never blocks.
 dc_status dc_store_timeout_guard_new(const dc_store *store,
                                      int64_t timeout_ms,
                                      dc_store_timeout_guard **out);
 
 // Restores the timeout the store had before the guard, and frees the
-// guard. NULL does nothing.
+// guard. NULL does nothing. Never fails or blocks.
 void dc_store_timeout_guard_free(dc_store_timeout_guard *guard);
 
-// Starts `dc_store_get` in the background: the work completes with the
-// value as its result (`dc_work_result`) or with the get's error.
+// Starts `dc_store_get` in the background and writes its work into `out`:
+// the work completes with the value as its result (`dc_work_result`) or
+// with the get's error (DC_ERR_TIMEOUT after the store's timeout).
 //
-// On a TCPStore (and a PrefixStore over one) async calls cost no thread:
-// each waits on a connection of its own, driven by one process-wide
-// thread, which also completes the work (callbacks run there). The call
-// blocks only to open that connection when none is idle (bounded by the
-// store's timeout). On a HashStore the call completes with the change that
-// satisfies it (callbacks run on that thread, or on the process's timer
-// thread for a timeout). On a FileStore, whose changes come from other
-// processes, the blocking call runs on a thread of its own. `dc_work_abort`,
-// or freeing the last handle with no callback registered, releases the
-// operation (TCPStore, HashStore).
+// Threads: on a TCPStore (and a PrefixStore over one) async calls cost no
+// thread: each waits on a connection of its own, driven by one process-wide
+// thread, which also completes the work (its callbacks run there, so they
+// should not block: every async call of the process waits meanwhile). On a
+// HashStore the work completes on the thread whose change satisfies it, or
+// on the process's timer thread for a timeout. On a FileStore, whose
+// changes come from other processes, the blocking call runs on a thread of
+// its own, which completes the work.
+//
+// Blocks: on a TCPStore, only to open a connection when none is idle (at
+// most the store's timeout). `dc_work_abort`, or freeing the last handle of
+// the work with no callback registered, releases the operation (TCPStore,
+// HashStore): its connection closes and the server forgets the wait.
+//
+// Errors: those of opening a connection (DC_ERR_NETWORK); the get's own
+// errors come through the work.
 dc_status dc_store_get_async(const dc_store *store, const char *key, dc_work **out);
 
-// Starts `dc_store_wait` in the background; the work completes when the
-// keys exist (no result) or with the wait's error.
+// Starts `dc_store_wait` in the background and writes its work into `out`:
+// the work completes when the keys exist (no result) or with the wait's
+// error. Threads, blocking and release as `dc_store_get_async`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for more keys than one request takes;
+// those of opening a connection.
 dc_status dc_store_wait_async(const dc_store *store,
                               const char *const *keys,
                               size_t count,
                               int64_t timeout_ms,
                               dc_work **out);
 
-// Starts a blocking `dc_store_queue_pop` in the background; the work's
-// result is the element.
+// Starts a blocking `dc_store_queue_pop` in the background and writes its
+// work into `out`: the work's result is the element, or its error
+// DC_ERR_TIMEOUT after the store's timeout. Threads, blocking and release
+// as `dc_store_get_async`.
+//
+// Errors: those of opening a connection.
 dc_status dc_store_queue_pop_async(const dc_store *store, const char *key, dc_work **out);
 
-// Starts `dc_store_barrier` in the background; the work completes when the
-// barrier releases (no result) or with its error.
+// Starts `dc_store_barrier` in the background and writes its work into
+// `out`: the work completes when the barrier releases (no result) or with
+// its error. Threads, blocking and release as `dc_store_get_async`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a `world_size` below 1; those of
+// opening a connection.
 dc_status dc_store_barrier_async(const dc_store *store,
                                  const char *key,
                                  int32_t world_size,
@@ -731,11 +981,19 @@ dc_status dc_store_barrier_async(const dc_store *store,
 // no distcore header had. Never blocks.
 dc_status dc_tcp_store_options_init(dc_tcp_store_options *opts, size_t struct_size);
 
-// Creates a TCPStore handle: starts the server if `opts->is_server`,
-// connects (retrying with backoff until the timeout: DC_ERR_NETWORK after
-// it), and with a world size and wait_for_workers counts itself in; the
-// server then blocks until every worker joined (DC_ERR_TIMEOUT "Timed out
-// after N seconds waiting for clients. x/y clients joined.").
+// Creates a TCPStore handle and writes it into `out`: starts the server if
+// `opts->is_server`, connects (retrying with backoff until the timeout), and
+// with a world size and wait_for_workers counts itself in; the server
+// handle then waits until every worker has joined.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for bad options (a NULL host, a
+// bind_address that is not an IP, a negative timeout); DC_ERR_NETWORK when
+// the server's port cannot be bound ("address already in use", with the
+// port) or the server cannot be reached before the timeout; DC_ERR_TIMEOUT
+// ("Timed out after N seconds waiting for clients. x/y clients joined.")
+// when the world did not gather in time. Blocks: connecting, at most
+// `opts->timeout_ms`; a server handle waiting for workers, at most
+// `opts->timeout_ms` more.
 //
 // What the handle promises, against our server or PyTorch's:
 // - Threads: a call blocked in one thread (get, wait, barrier, a blocking
@@ -753,39 +1011,61 @@ dc_status dc_tcp_store_options_init(dc_tcp_store_options *opts, size_t struct_si
 //   reply over them closes the connection (DC_ERR_PROTOCOL).
 // - Recovery: a broken connection (a timeout mid-reply, a restarted
 //   server, a healed partition) is replaced on the next call, which
-//   reconnects with backoff within its own timeout; `init/` is never
-//   counted again. A call whose request was in flight fails with
+//   reconnects with backoff within its own timeout; the handle is never
+//   counted in "init/" again. A call whose request was in flight fails with
 //   DC_ERR_NETWORK or DC_ERR_TIMEOUT and is not retried (a set or an add
 //   may or may not have been applied); a call that found its connection
 //   closed before sending anything reconnects and goes on.
+// - Server: the server runs on a thread of its own until the last handle
+//   holding it is freed (`dc_store_free` then joins it).
 dc_status dc_tcp_store_new(const dc_tcp_store_options *opts, dc_store **out);
 
-// Writes the port of the server the TCPStore handle talks to (the chosen
-// one when a server asked for port 0).
+// Writes into `out_port` the port of the server the TCPStore handle talks
+// to (the chosen one when a server asked for port 0).
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` is not a TCPStore (a
+// PrefixStore over one is not either). Never blocks.
 dc_status dc_tcp_store_port(const dc_store *store, uint16_t *out_port);
 
-// Counts this handle in `init/` and, on the server, blocks until the world
-// size is reached (PyTorch's TCPStore::waitForWorkers). Does nothing
-// without a world size.
+// Counts this handle in "init/" (once per handle) and, on the server
+// handle, waits until the world size is reached (PyTorch's
+// TCPStore::waitForWorkers). Does nothing without a world size.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` is not a TCPStore;
+// DC_ERR_TIMEOUT ("Timed out after N seconds waiting for clients. x/y
+// clients joined.") after the store's timeout. Blocks: on the server
+// handle, until the workers joined, at most the store's timeout.
 dc_status dc_tcp_store_wait_for_workers(const dc_store *store);
 
 // Writes up to `capacity` per-operation latency counters of this handle
 // into `out` and their total number into `out_len` (call with capacity 0
-// to size the array).
+// and `out` NULL to size the array). The `op` strings are static.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` is not a TCPStore. Never
+// blocks.
 dc_status dc_tcp_store_counters(const dc_store *store,
                                 dc_client_counter *out,
                                 size_t capacity,
                                 size_t *out_len);
 
-// Writes the load of the server this handle runs (DC_ERR_INVALID_ARGUMENT
-// for a handle that runs no server).
+// Writes the load of the server this handle runs into `out`, whose
+// `struct_size` the caller set to sizeof(dc_server_stats).
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` is not a TCPStore, runs no
+// server, or `out->struct_size` is wrong. Never blocks (the server
+// publishes a snapshot after each turn of its event loop).
 dc_status dc_tcp_store_server_stats(const dc_store *store, dc_server_stats *out);
 
-// Creates a pending work of `rank` performing `op_type` (a `dc_op_type`,
-// c10d's OpType numbers: DC_OP_TYPE_BROADCAST = 0 ... DC_OP_TYPE_UNKNOWN = 100). `profiling_title`
-// may be NULL; with one, the profiler begin hook runs now and the end hook
-// at finish. `timeout_ms` < 0 means none; otherwise it is what
-// `dc_work_timeout` reports and the default of `dc_work_wait`.
+// Creates a pending work of `rank` performing `op_type` (c10d's OpType
+// numbers) and writes it into `out`. `profiling_title` may be NULL; with
+// one, the profiler begin hook runs now, on this thread, and the end hook
+// when the work finishes (or its last handle is freed unfinished).
+// `timeout_ms`: DC_TIMEOUT_DEFAULT or DC_TIMEOUT_FOREVER for none, else the
+// work's own timeout, which `dc_work_timeout` reports and `dc_work_wait`
+// uses by default.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for an `op_type` that is not a
+// dc_op_type or a timeout below -1. Never blocks (beyond the begin hook).
 dc_status dc_work_new(int32_t rank,
                       dc_op_type op_type,
                       const char *profiling_title,
@@ -793,8 +1073,10 @@ dc_status dc_work_new(int32_t rank,
                       dc_work **out);
 
 // Creates a pending work that wraps a future (c10d's create_from_future):
-// rank -1, op type UNKNOWN, completed by `dc_work_finish_with_result` or
-// `dc_work_finish`.
+// rank -1, op type DC_OP_TYPE_UNKNOWN, no timeout, completed by
+// `dc_work_finish_with_result` or `dc_work_finish`.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_new_future(dc_work **out);
 
 // Releases a work handle. NULL does nothing. Safe while other threads are
@@ -802,80 +1084,123 @@ dc_status dc_work_new_future(dc_work **out);
 // until they return, and its callbacks still run. Freeing the last handle
 // of a pending async store operation with no callback registered releases
 // the operation (its connection closes; the server forgets the wait).
+// Never fails or blocks (beyond the profiler end hook of an unfinished
+// profiled work).
 void dc_work_free(dc_work *work);
 
-// Writes whether the work has completed (successfully or not).
+// Writes into `out` whether the work has completed (successfully or not).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_is_completed(const dc_work *work, bool *out);
 
-// Writes whether the work completed without an error (false while pending).
+// Writes into `out` whether the work completed without an error (false
+// while pending).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_is_success(const dc_work *work, bool *out);
 
 // Writes the error of a failed work: its status into `out_status` (DC_OK
 // when the work has not failed) and, if `out_message` is not NULL, its
 // message into a new buffer (empty when there is none).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_error(const dc_work *work, dc_status *out_status, dc_buf *out_message);
 
 // Blocks until the work completes, for at most `timeout_ms`
-// (DC_TIMEOUT_DEFAULT: the work's timeout, or forever without one; 0:
-// forever). Returns DC_OK, the work's own error (every time it is waited
-// on), or DC_ERR_TIMEOUT "Operation timed out!".
+// (DC_TIMEOUT_DEFAULT: the work's own timeout, or forever without one;
+// DC_TIMEOUT_FOREVER: forever). Any number of threads may wait at once.
+//
+// Errors: the work's own error (every time it is waited on, with its
+// message); DC_ERR_TIMEOUT ("Operation timed out!", c10d's words) when it
+// is still pending at the deadline (the work goes on).
 dc_status dc_work_wait(const dc_work *work, int64_t timeout_ms);
 
 // Completes the work: successfully when `error_status` is DC_OK, else failed
 // with that status and `error_message` (NULL: the status's description).
-// Waiters wake, callbacks run on this thread, the fd becomes readable.
-// DC_ERR_INVALID_STATE if the work had already completed.
+// Waiters wake, the fd becomes readable, and the callbacks run on this
+// thread before this returns.
+//
+// Errors: DC_ERR_INVALID_STATE if the work had already completed;
+// DC_ERR_INVALID_ARGUMENT for an `error_status` that is not a dc_status.
+// Blocks while the callbacks run.
 dc_status dc_work_finish(const dc_work *work, dc_status error_status, const char *error_message);
 
 // Completes the work like `dc_work_finish`, then returns `error_status`
 // (with its message as the last error): c10d's finishAndThrow.
+//
+// Errors: as `dc_work_finish`, else `error_status` itself.
 dc_status dc_work_finish_and_throw(const dc_work *work,
                                    dc_status error_status,
                                    const char *error_message);
 
-// Completes the work successfully with a copy of `len` bytes at `data` as
-// its result. DC_ERR_INVALID_STATE if it had already completed.
+// Completes the work successfully with a copy of the `len` bytes at `data`
+// as its result; callbacks run on this thread before this returns.
+//
+// Errors: DC_ERR_INVALID_STATE if the work had already completed;
+// DC_ERR_INVALID_ARGUMENT when the bytes cannot be copied (too long).
 dc_status dc_work_finish_with_result(const dc_work *work, const uint8_t *data, size_t len);
 
-// Fails a pending work with DC_ERR_ABORTED ("Work aborted"); a completed
-// work is left as it is. Aborting an async store operation also releases
-// what it holds (its connection, the server's waiter).
+// Fails a pending work with DC_ERR_ABORTED ("Work aborted"), running its
+// callbacks on this thread; a completed work is left as it is. Aborting an
+// async store operation also releases what it holds (its connection, the
+// server's waiter).
+//
+// Errors: only the common ones. Blocks while the callbacks run.
 dc_status dc_work_abort(const dc_work *work);
 
 // Waits for the work's device streams; CPU works have none, so this returns
 // at once (c10d's base Work::synchronize).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_synchronize(const dc_work *work);
 
-// Writes the rank a receive work got its data from. DC_ERR_NOT_SUPPORTED
-// for works that are not receives (c10d's message), DC_ERR_INVALID_STATE
-// before the source is known.
+// Writes into `out` the rank a receive work got its data from.
+//
+// Errors: DC_ERR_NOT_SUPPORTED for works that are not receives (c10d's
+// message); DC_ERR_INVALID_STATE before the source is known. Never blocks.
 dc_status dc_work_source_rank(const dc_work *work, int32_t *out);
 
-// Records the rank a receive work (op type RECV or RECVANYSOURCE) got its
+// Records the rank a receive work (op type RECV or RECV_ANY_SOURCE) got its
 // data from.
+//
+// Errors: DC_ERR_NOT_SUPPORTED for works that are not receives. Never
+// blocks.
 dc_status dc_work_set_source_rank(const dc_work *work, int32_t rank);
 
-// Writes a copy of the result bytes of a completed work into `out`. A
-// failed work returns its error; a work completed without a result
-// DC_ERR_NOT_SUPPORTED "result() not implemented."; a pending one
-// DC_ERR_INVALID_STATE.
+// Writes a copy of the result bytes of a completed work into `out`.
+//
+// Errors: a failed work's own error; DC_ERR_NOT_SUPPORTED ("result() not
+// implemented.") for a work completed without a result; DC_ERR_INVALID_STATE
+// while pending. Never blocks.
 dc_status dc_work_result(const dc_work *work, dc_buf *out);
 
-// Writes the seconds from the work's creation to its completion;
-// DC_ERR_INVALID_STATE while pending.
+// Writes into `out_seconds` the seconds from the work's creation to its
+// completion.
+//
+// Errors: DC_ERR_INVALID_STATE while pending. Never blocks.
 dc_status dc_work_duration(const dc_work *work, double *out_seconds);
 
-// Writes the work's sequence number: process-wide, increasing with creation.
+// Writes into `out` the work's sequence number: process-wide, increasing
+// with creation.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_sequence_number(const dc_work *work, uint64_t *out);
 
-// Writes the rank the work was created with (-1 for a future work).
+// Writes into `out` the rank the work was created with (-1 for a future
+// work).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_rank(const dc_work *work, int32_t *out);
 
-// Writes the work's op type (c10d's OpType number).
+// Writes into `out` the work's op type.
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_op_type(const dc_work *work, dc_op_type *out);
 
-// Writes the timeout the work was created with, in ms (DC_TIMEOUT_FOREVER,
-// 0, when it has none).
+// Writes into `out_ms` the timeout the work was created with, in ms
+// (DC_TIMEOUT_FOREVER, 0, when it has none).
+//
+// Errors: only the common ones. Never blocks.
 dc_status dc_work_timeout(const dc_work *work, int64_t *out_ms);
 
 // c10d's name of an op type ("ALLREDUCE", "_ALLGATHER_BASE", ...), static;
@@ -883,21 +1208,37 @@ dc_status dc_work_timeout(const dc_work *work, int64_t *out_ms);
 const char *dc_op_type_name(dc_op_type op_type);
 
 // Runs `callback(work_view, user_data)` once the work completes: on the
-// completing thread, or at once on this thread if it already has.
+// thread that completes it (see the operation that made the work: for
+// TCPStore async calls, the process's one async thread), or at once on this
+// thread if it already has. Callbacks run in the order they were added,
+// outside distcore's locks: they may call any distcore function, but should
+// return promptly (the completing thread waits for them). `work_view` is
+// valid during the call only; `user_data` must stay valid until the
+// callback ran.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a NULL callback. Blocks only to run
+// the callback when the work has already completed.
 dc_status dc_work_add_done_callback(const dc_work *work,
                                     dc_work_callback callback,
                                     void *user_data);
 
-// Writes a file descriptor that becomes readable once the work completes
-// (an eventfd; it stays readable). For poll/epoll/libuv/asyncio: do not
-// read or close it; it lives as long as the work.
+// Writes into `out_fd` a file descriptor that becomes readable once the
+// work completes (an eventfd; it stays readable). For poll/epoll/libuv/
+// asyncio: do not read or close it; it lives as long as the work.
+//
+// Errors: DC_ERR_IO when no eventfd can be made (out of file descriptors).
+// Never blocks.
 dc_status dc_work_fd(const dc_work *work, int *out_fd);
 
 // Installs process-wide profiler hooks: `begin` runs when a work with a
-// profiling title is created, `end` exactly once when it finishes (or is
-// freed unfinished). Both NULL removes the hooks; spans already begun still
-// end on the hooks that began them, so keep those callable. One NULL
-// without the other is DC_ERR_INVALID_ARGUMENT.
+// profiling title is created (on the creating thread), `end` exactly once
+// when it finishes or is freed unfinished (on that thread). Both NULL
+// removes the hooks; spans already begun still end on the hooks that began
+// them, so keep those callable and their `user_data` valid. Hooks must be
+// thread-safe and must not create or finish profiled works.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for one NULL hook without the other.
+// Never blocks.
 dc_status dc_set_profiler_hooks(dc_profiler_begin_fn begin,
                                 dc_profiler_end_fn end,
                                 void *user_data);
