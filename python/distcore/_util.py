@@ -99,6 +99,26 @@ def byref(x):
 _take_lock = threading.Lock()
 
 
+class Closable:
+    """A handle owner freed by `close()`: also when garbage-collected, and
+    at the end of a `with` block."""
+
+    def close(self):
+        raise NotImplementedError
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def take_handle(obj, attr="_h"):
     """Takes obj's handle for freeing, at most once across threads."""
     with _take_lock:

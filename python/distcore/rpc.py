@@ -24,7 +24,7 @@ from ctypes import c_bool, c_int32, c_void_p
 
 from ._errors import DistError, Status
 from ._lib import RPC_FUNCTION, Buf, RpcFunctionEntry, RpcOptions, RRefDebugInfo, check, lib, take_buf
-from ._util import key_arg, rpc_timeout_ms, take_handle, value_arg
+from ._util import Closable, key_arg, rpc_timeout_ms, take_handle, value_arg
 from .work import Future
 
 __all__ = ["init_rpc", "shutdown", "rpc_sync", "rpc_async", "remote", "get_worker_info", "RpcAgent",
@@ -97,7 +97,7 @@ def _rref_array(rrefs):
     return arr, len(rrefs)
 
 
-class RpcAgent:
+class RpcAgent(Closable):
     """A worker of an RPC group (see :func:`init_rpc`). Thread-safe."""
 
     def __init__(self, name, rank, world_size, store, functions=None, rpc_timeout=DEFAULT_RPC_TIMEOUT_SEC,
@@ -258,15 +258,6 @@ class RpcAgent:
         if _current is self:
             _current = None
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
-
-    def __enter__(self):
-        return self
-
     def __exit__(self, exc_type, *exc):
         try:
             if self._h:
@@ -278,7 +269,7 @@ class RpcAgent:
         return f"<distcore.rpc.RpcAgent {self._name!r}{'' if self._h else ' closed'}>"
 
 
-class RRef:
+class RRef(Closable):
     """A remote reference (torch.distributed.rpc.RRef) to bytes held by its
     owner. ``RRef(value)`` creates one owned by this worker (the current
     agent, or `agent`); ``remote()`` returns one owned by the callee.
@@ -318,18 +309,6 @@ class RRef:
         h = take_handle(self)
         if h and not self._borrowed_view:
             lib.dc_rref_free(h)
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def clone(self):
         """A new handle on the same reference (to keep an RRef argument)."""

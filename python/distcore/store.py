@@ -14,13 +14,13 @@ from ctypes import c_bool, c_int64, c_size_t, c_uint16, c_void_p
 
 from ._lib import (Buf, BufArray, ClientCounter, ServerStats, TcpStoreOptions, check, lib, take_array,
                    take_buf)
-from ._util import key_arg, keys_arg, ms_to_timedelta, store_timeout_ms, take_handle, value_arg, values_arg
+from ._util import Closable, key_arg, keys_arg, ms_to_timedelta, store_timeout_ms, take_handle, value_arg, values_arg
 from .work import Work
 
 __all__ = ["Store", "TCPStore", "FileStore", "HashStore", "PrefixStore"]
 
 
-class Store:
+class Store(Closable):
     """The store API (torch.distributed.Store) over a dc_store handle.
 
     Thread-safe: one object may be used from many threads, and a call
@@ -52,18 +52,6 @@ class Store:
         h = take_handle(self)
         if h:
             lib.dc_store_free(h)
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def clone(self):
         """A new handle on the same store (c10d's Store::clone; for a

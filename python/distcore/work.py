@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from ._errors import DistError, DistNotSupportedError, Status, error_for
 from ._lib import WORK_CALLBACK, Buf, check, lib, take_buf
-from ._util import store_timeout_ms, take_handle, value_arg
+from ._util import Closable, store_timeout_ms, take_handle, value_arg
 
 __all__ = ["OpType", "Work", "Future"]
 
@@ -78,7 +78,7 @@ def _message_of(exc):
     return str(exc) or type(exc).__name__
 
 
-class Work:
+class Work(Closable):
     """A completion handle (c10d's Work) over a dc_work.
 
     ``Work(rank, op_type, profiling_title=None, timeout=None)`` creates a
@@ -129,18 +129,6 @@ class Work:
         h = take_handle(self)
         if h:
             lib.dc_work_free(h)
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def _bool(self, fn):
         out = c_bool()
