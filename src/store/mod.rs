@@ -11,6 +11,7 @@ use crate::work::Work;
 
 pub mod background;
 pub mod elastic;
+pub mod etcd;
 pub mod file;
 pub mod hash;
 pub(crate) mod kv;
@@ -18,6 +19,7 @@ mod packed;
 pub mod prefix;
 pub mod tcp;
 
+pub use etcd::{EtcdStore, EtcdStoreOptions};
 pub use file::FileStore;
 pub use hash::HashStore;
 pub use prefix::PrefixStore;

@@ -1,0 +1,492 @@
+//! A blocking client of etcd's v3 API through its JSON gateway (`/v3/...`).
+//!
+//! Why the gateway and a blocking HTTP client (ureq) rather than gRPC: the
+//! library stays a C library with no async runtime on the caller's threads;
+//! every request is one HTTP POST the calling thread makes itself, bounded
+//! by its deadline; watches are a streamed response read on the calling
+//! thread. Keys and values travel base64-encoded, as the gateway wants.
+//!
+//! Endpoints are a list: a request goes to the endpoint that answered last,
+//! and on a connection failure or an "unavailable" answer (a member down, a
+//! leader change) moves on to the next, with backoff, until its deadline.
+
+use std::io::{BufRead, BufReader};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+use serde_json::{json, Value as Json};
+
+use crate::error::{Error, Result, Status};
+
+/// gRPC status codes etcd answers with that mean "try again, maybe on
+/// another member": unavailable (a member down, no leader, a leader change),
+/// deadline exceeded inside etcd, aborted.
+const RETRIABLE_GRPC_CODES: [i64; 3] = [14, 4, 10];
+
+/// The longest pause between two attempts at one request.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// A key-value pair as etcd returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Kv {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+}
+
+/// The answer to a range request: the pairs (or only their count) and the
+/// store's revision when it was read.
+#[derive(Debug, Clone)]
+pub(crate) struct Range {
+    pub kvs: Vec<Kv>,
+    pub count: i64,
+    pub revision: i64,
+}
+
+/// A request inside a transaction.
+pub(crate) enum Op {
+    /// Sets a key.
+    Put { key: Vec<u8>, value: Vec<u8> },
+    /// Reads a key, or counts the keys with a prefix.
+    Range { key: Vec<u8>, prefix: bool },
+    /// Deletes a key.
+    Delete { key: Vec<u8> },
+}
+
+/// A condition of a transaction.
+pub(crate) enum Compare {
+    /// The key was last modified at this revision (0: the key is missing).
+    ModRevision { key: Vec<u8>, revision: i64 },
+    /// The key was created at this revision.
+    CreateRevision { key: Vec<u8>, revision: i64 },
+}
+
+/// The outcome of a transaction: whether its comparisons held, and the
+/// answer of each range it ran.
+pub(crate) struct TxnResult {
+    pub succeeded: bool,
+    pub ranges: Vec<Range>,
+}
+
+/// A connection to an etcd cluster (any number of members).
+pub(crate) struct Client {
+    endpoints: Vec<String>,
+    current: AtomicUsize,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client of the members at `endpoints` ("host:port" or full URLs).
+    pub(crate) fn new(endpoints: &[String]) -> Result<Client> {
+        if endpoints.is_empty() {
+            return Err(Error::invalid_argument(
+                "an etcd store needs at least one endpoint",
+            ));
+        }
+        let endpoints = endpoints
+            .iter()
+            .map(|e| {
+                let e = e.trim_end_matches('/');
+                if e.starts_with("http://") || e.starts_with("https://") {
+                    e.to_owned()
+                } else {
+                    format!("http://{e}")
+                }
+            })
+            .collect();
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Ok(Client {
+            endpoints,
+            current: AtomicUsize::new(0),
+            agent,
+        })
+    }
+
+    /// The members' URLs.
+    pub(crate) fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// Reads `key` (or every key with the prefix `key`).
+    pub(crate) fn range(
+        &self,
+        key: &[u8],
+        prefix: bool,
+        count_only: bool,
+        deadline: Instant,
+    ) -> Result<Range> {
+        let mut request = range_request(key, prefix);
+        if count_only {
+            request["count_only"] = json!(true);
+        }
+        parse_range(&self.post("/v3/kv/range", &request, deadline)?)
+    }
+
+    /// The oldest pair with the prefix `key` (by creation), if any.
+    pub(crate) fn first_created(&self, prefix: &[u8], deadline: Instant) -> Result<Range> {
+        let mut request = range_request(prefix, true);
+        request["limit"] = json!(1);
+        request["sort_order"] = json!("ASCEND");
+        request["sort_target"] = json!("CREATE");
+        parse_range(&self.post("/v3/kv/range", &request, deadline)?)
+    }
+
+    /// Sets `key` to `value`.
+    pub(crate) fn put(&self, key: &[u8], value: &[u8], deadline: Instant) -> Result<()> {
+        let request = json!({"key": BASE64.encode(key), "value": BASE64.encode(value)});
+        self.post("/v3/kv/put", &request, deadline).map(drop)
+    }
+
+    /// Deletes `key`; returns how many keys were deleted.
+    pub(crate) fn delete(&self, key: &[u8], deadline: Instant) -> Result<i64> {
+        let reply = self.post(
+            "/v3/kv/deleterange",
+            &json!({"key": BASE64.encode(key)}),
+            deadline,
+        )?;
+        Ok(int_field(&reply, "deleted"))
+    }
+
+    /// Runs `success` if every comparison holds, else `failure`, atomically.
+    pub(crate) fn txn(
+        &self,
+        compare: &[Compare],
+        success: &[Op],
+        failure: &[Op],
+        deadline: Instant,
+    ) -> Result<TxnResult> {
+        let request = json!({
+            "compare": compare.iter().map(compare_json).collect::<Vec<_>>(),
+            "success": success.iter().map(op_json).collect::<Vec<_>>(),
+            "failure": failure.iter().map(op_json).collect::<Vec<_>>(),
+        });
+        let reply = self.post("/v3/kv/txn", &request, deadline)?;
+        let succeeded = reply["succeeded"].as_bool().unwrap_or(false);
+        let ranges = reply["responses"]
+            .as_array()
+            .map(|rs| {
+                rs.iter()
+                    .filter_map(|r| r.get("response_range"))
+                    .map(parse_range)
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()?
+            .unwrap_or_default();
+        Ok(TxnResult { succeeded, ranges })
+    }
+
+    /// Watches the ranges `(key, prefix)` from `start_revision` on, and
+    /// returns the first pair written (put) in any of them, or `None` at
+    /// the deadline.
+    pub(crate) fn watch_first_put(
+        &self,
+        ranges: &[(Vec<u8>, bool)],
+        start_revision: i64,
+        deadline: Instant,
+    ) -> Result<Option<Kv>> {
+        let body: String = ranges
+            .iter()
+            .map(|(key, prefix)| {
+                let mut create = range_request(key, *prefix);
+                create["start_revision"] = json!(start_revision);
+                create["filters"] = json!(["NODELETE"]);
+                json!({ "create_request": create }).to_string() + "\n"
+            })
+            .collect();
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Ok(None);
+            }
+            let endpoint = self.endpoint();
+            let sent = self
+                .agent
+                .post(format!("{endpoint}/v3/watch"))
+                .config()
+                .timeout_global(Some(remaining))
+                .build()
+                .content_type("application/json")
+                .send(body.as_bytes());
+            let response = match sent {
+                Ok(r) if r.status().is_success() => r,
+                Ok(r) => {
+                    self.next_endpoint(&endpoint);
+                    log::debug!("etcd watch on {endpoint}: HTTP {}", r.status());
+                    pause(&mut backoff, deadline);
+                    continue;
+                }
+                Err(e) if is_timeout(&e) => return Ok(None),
+                Err(e) => {
+                    log::debug!("etcd watch on {endpoint}: {e}");
+                    self.next_endpoint(&endpoint);
+                    pause(&mut backoff, deadline);
+                    continue;
+                }
+            };
+            let reader = BufReader::new(response.into_body().into_reader());
+            for line in reader.lines() {
+                let line = match line {
+                    Ok(line) => line,
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Ok(None),
+                    Err(e) => {
+                        log::debug!("etcd watch stream from {endpoint}: {e}");
+                        break;
+                    }
+                };
+                let message: Json = serde_json::from_str(&line)
+                    .map_err(|e| protocol_error(format!("etcd watch: {e}")))?;
+                if let Some(error) = message.get("error") {
+                    return Err(grpc_error(error));
+                }
+                let result = &message["result"];
+                if result["canceled"].as_bool() == Some(true) {
+                    // Compacted past start_revision: the caller reads again.
+                    return Err(Error::new(
+                        Status::Remote,
+                        format!("etcd canceled the watch: {}", result["cancel_reason"]),
+                    ));
+                }
+                if let Some(kv) = result["events"]
+                    .as_array()
+                    .and_then(|events| events.first())
+                    .map(|event| parse_kv(&event["kv"]))
+                {
+                    return kv.map(Some);
+                }
+            }
+            // The stream ended (the member went away): watch again,
+            // elsewhere if need be.
+            self.next_endpoint(&endpoint);
+            pause(&mut backoff, deadline);
+        }
+    }
+
+    /// POSTs `request` to `path`, retrying on another member when one is
+    /// unreachable or unavailable, until `deadline`.
+    fn post(&self, path: &str, request: &Json, deadline: Instant) -> Result<Json> {
+        let mut backoff = Duration::from_millis(10);
+        let body = request.to_string();
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let endpoint = self.endpoint();
+            let failure = match self.post_once(&endpoint, path, &body, remaining) {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(e)) => return Err(e),
+                Err(failure) => failure,
+            };
+            if Instant::now() + backoff >= deadline {
+                return Err(failure);
+            }
+            log::debug!(
+                "etcd {path} on {endpoint}: {}; trying again",
+                failure.message()
+            );
+            self.next_endpoint(&endpoint);
+            pause(&mut backoff, deadline);
+        }
+    }
+
+    /// One attempt: `Ok(answer)` when the member answered (with the
+    /// request's outcome, an error included), `Err` when another attempt
+    /// may succeed.
+    fn post_once(
+        &self,
+        endpoint: &str,
+        path: &str,
+        body: &str,
+        remaining: Duration,
+    ) -> std::result::Result<Result<Json>, Error> {
+        if remaining.is_zero() {
+            return Ok(Err(Error::timeout(format!(
+                "etcd {path}: no member answered before the deadline"
+            ))));
+        }
+        let sent = self
+            .agent
+            .post(format!("{endpoint}{path}"))
+            .config()
+            .timeout_global(Some(remaining))
+            .build()
+            .content_type("application/json")
+            .send(body.as_bytes());
+        let mut response = match sent {
+            Ok(response) => response,
+            Err(e) if is_timeout(&e) => {
+                return Err(Error::timeout(format!("etcd {path} on {endpoint}: {e}")))
+            }
+            Err(e) => return Err(Error::network(format!("etcd {path} on {endpoint}: {e}"))),
+        };
+        let status = response.status();
+        let reply: Json = match response
+            .body_mut()
+            .with_config()
+            .limit(MAX_REPLY_LEN)
+            .read_json()
+        {
+            Ok(reply) => reply,
+            Err(e) if status.is_server_error() => {
+                return Err(Error::network(format!(
+                    "etcd {path} on {endpoint}: HTTP {status}: {e}"
+                )))
+            }
+            Err(e) => {
+                return Ok(Err(protocol_error(format!(
+                    "etcd {path} on {endpoint}: HTTP {status}: {e}"
+                ))))
+            }
+        };
+        if reply.get("code").is_some() && reply.get("error").is_some() || !status.is_success() {
+            let code = reply["code"].as_i64().unwrap_or(-1);
+            if RETRIABLE_GRPC_CODES.contains(&code) || status.is_server_error() && code < 0 {
+                return Err(Error::network(format!(
+                    "etcd {path} on {endpoint}: {}",
+                    reply["message"].as_str().unwrap_or("unavailable")
+                )));
+            }
+            return Ok(Err(grpc_error(&reply)));
+        }
+        Ok(Ok(reply))
+    }
+
+    fn endpoint(&self) -> String {
+        let i = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+        self.endpoints[i].clone()
+    }
+
+    /// Moves on from `failed` (unless another thread already did).
+    fn next_endpoint(&self, failed: &str) {
+        let i = self.current.load(Ordering::Relaxed) % self.endpoints.len();
+        if self.endpoints[i] == failed {
+            let _ = self.current.compare_exchange(
+                i,
+                (i + 1) % self.endpoints.len(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+/// The largest reply read (a range of many keys): 256 MiB.
+const MAX_REPLY_LEN: u64 = 256 << 20;
+
+fn pause(backoff: &mut Duration, deadline: Instant) {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    std::thread::sleep((*backoff).min(remaining));
+    *backoff = (*backoff * 2).min(MAX_BACKOFF);
+}
+
+fn is_timeout(e: &ureq::Error) -> bool {
+    matches!(e, ureq::Error::Timeout(_))
+        || matches!(e, ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::TimedOut)
+}
+
+/// The end of the range of every key starting with `prefix` (etcd's
+/// `range_end` for a prefix).
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
+}
+
+fn range_request(key: &[u8], prefix: bool) -> Json {
+    let mut request = json!({"key": BASE64.encode(key)});
+    if prefix {
+        request["range_end"] = json!(BASE64.encode(prefix_end(key)));
+    }
+    request
+}
+
+fn op_json(op: &Op) -> Json {
+    match op {
+        Op::Put { key, value } => {
+            json!({"request_put": {"key": BASE64.encode(key), "value": BASE64.encode(value)}})
+        }
+        Op::Range { key, prefix } => json!({ "request_range": range_request(key, *prefix) }),
+        Op::Delete { key } => json!({"request_delete_range": {"key": BASE64.encode(key)}}),
+    }
+}
+
+fn compare_json(compare: &Compare) -> Json {
+    match compare {
+        Compare::ModRevision { key, revision } => json!({
+            "key": BASE64.encode(key), "target": "MOD", "result": "EQUAL",
+            "mod_revision": revision.to_string(),
+        }),
+        Compare::CreateRevision { key, revision } => json!({
+            "key": BASE64.encode(key), "target": "CREATE", "result": "EQUAL",
+            "create_revision": revision.to_string(),
+        }),
+    }
+}
+
+/// An int64 field, which the gateway writes as a string (absent when 0).
+fn int_field(json: &Json, name: &str) -> i64 {
+    match &json[name] {
+        Json::String(s) => s.parse().unwrap_or(0),
+        Json::Number(n) => n.as_i64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn bytes_field(json: &Json, name: &str) -> Result<Vec<u8>> {
+    match json[name].as_str() {
+        None => Ok(Vec::new()),
+        Some(s) => BASE64
+            .decode(s)
+            .map_err(|e| protocol_error(format!("etcd sent {name} that is not base64: {e}"))),
+    }
+}
+
+fn parse_kv(json: &Json) -> Result<Kv> {
+    Ok(Kv {
+        key: bytes_field(json, "key")?,
+        value: bytes_field(json, "value")?,
+        create_revision: int_field(json, "create_revision"),
+        mod_revision: int_field(json, "mod_revision"),
+    })
+}
+
+fn parse_range(json: &Json) -> Result<Range> {
+    let kvs = json["kvs"]
+        .as_array()
+        .map(|kvs| kvs.iter().map(parse_kv).collect::<Result<Vec<_>>>())
+        .transpose()?
+        .unwrap_or_default();
+    Ok(Range {
+        count: int_field(json, "count"),
+        revision: int_field(&json["header"], "revision"),
+        kvs,
+    })
+}
+
+/// An error etcd answered with, as a distcore error.
+fn grpc_error(json: &Json) -> Error {
+    let message = json["message"]
+        .as_str()
+        .or_else(|| json["error"].as_str())
+        .unwrap_or("unknown error");
+    match json["code"].as_i64() {
+        // invalid argument, out of range, failed precondition, resource
+        // exhausted (e.g. "request is too large")
+        Some(3 | 11 | 9 | 8) => Error::invalid_argument(format!("etcd: {message}")),
+        Some(4) => Error::timeout(format!("etcd: {message}")),
+        _ => Error::new(Status::Remote, format!("etcd: {message}")),
+    }
+}
+
+fn protocol_error(message: String) -> Error {
+    Error::new(Status::Protocol, message)
+}

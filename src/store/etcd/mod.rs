@@ -1,0 +1,425 @@
+//! EtcdStore: PyTorch's Store on etcd's v3 API, so that a job's rendezvous
+//! state lives in a replicated cluster instead of one process.
+//!
+//! Layout, under the job's prefix `P` (many jobs share one cluster):
+//! - `P/v/<key>`: the value of `key`;
+//! - `P/q/<key>\xff<id>`: the elements of the queue `key`, in the order of
+//!   their creation revision (`\xff` never occurs in a UTF-8 key, so one
+//!   queue's range holds no other queue's elements).
+//!
+//! Every read-modify-write (add, append, compare_set, a queue pop) is a
+//! transaction comparing the revision it read, retried when another writer
+//! came first. Waits read, then watch from the revision after that read:
+//! no polling, and no write between the read and the watch is missed.
+
+mod client;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use self::client::{Client, Compare, Op};
+use super::{check_multi_set_lengths, wait_timeout_error, Store};
+use crate::error::{Error, Result, Status};
+use crate::timeout::DEFAULT_STORE_TIMEOUT;
+
+/// How an EtcdStore reaches its cluster.
+#[derive(Debug, Clone)]
+pub struct EtcdStoreOptions {
+    /// The members' client URLs or `host:port`s; a member that is down is
+    /// skipped.
+    pub endpoints: Vec<String>,
+    /// The job's prefix: every key of the store lives under it.
+    pub prefix: String,
+    /// The timeout of every operation (zero: forever).
+    pub timeout: Duration,
+}
+
+impl Default for EtcdStoreOptions {
+    fn default() -> Self {
+        EtcdStoreOptions {
+            endpoints: vec!["127.0.0.1:2379".into()],
+            prefix: "/distcore".into(),
+            timeout: DEFAULT_STORE_TIMEOUT,
+        }
+    }
+}
+
+/// A store whose keys live in an etcd cluster. Thread-safe; every handle
+/// (and clone) on the same endpoints and prefix sees the same keys, from
+/// any process.
+pub struct EtcdStore {
+    client: Arc<Client>,
+    prefix: Vec<u8>,
+    timeout: Mutex<Duration>,
+}
+
+/// "Forever", as a deadline.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+impl EtcdStore {
+    /// A handle on the keys under `options.prefix` of the cluster at
+    /// `options.endpoints`; checks that a member answers (within the
+    /// timeout).
+    pub fn new(options: EtcdStoreOptions) -> Result<EtcdStore> {
+        let store = EtcdStore {
+            client: Arc::new(Client::new(&options.endpoints)?),
+            prefix: options.prefix.trim_end_matches('/').as_bytes().to_vec(),
+            timeout: Mutex::new(options.timeout),
+        };
+        store
+            .client
+            .range(&store.value_key(""), false, true, store.deadline(None))
+            .map_err(|e| {
+                Error::new(
+                    e.status(),
+                    format!(
+                        "no etcd member of {} answered: {}",
+                        store.client.endpoints().join(","),
+                        e.message()
+                    ),
+                )
+            })?;
+        Ok(store)
+    }
+
+    fn deadline(&self, timeout: Option<Duration>) -> Instant {
+        let timeout = timeout.unwrap_or_else(|| *self.timeout.lock());
+        Instant::now() + if timeout.is_zero() { FOREVER } else { timeout }
+    }
+
+    fn value_key(&self, key: &str) -> Vec<u8> {
+        [&self.prefix[..], b"/v/", key.as_bytes()].concat()
+    }
+
+    fn queue_prefix(&self, key: &str) -> Vec<u8> {
+        [&self.prefix[..], b"/q/", key.as_bytes(), b"\xff"].concat()
+    }
+
+    /// Applies `change` to the value of `key` (None: missing) in a
+    /// transaction on the revision it read, retried until no other writer
+    /// interferes; returns what `change` returned.
+    fn read_modify_write<T>(
+        &self,
+        key: &str,
+        mut change: impl FnMut(Option<&[u8]>) -> Result<(Option<Vec<u8>>, T)>,
+    ) -> Result<T> {
+        let deadline = self.deadline(None);
+        let k = self.value_key(key);
+        loop {
+            let range = self.client.range(&k, false, false, deadline)?;
+            let current = range.kvs.first();
+            let (write, answer) = change(current.map(|kv| &kv.value[..]))?;
+            let Some(value) = write else {
+                return Ok(answer);
+            };
+            let compare = Compare::ModRevision {
+                key: k.clone(),
+                revision: current.map_or(0, |kv| kv.mod_revision),
+            };
+            let put = Op::Put {
+                key: k.clone(),
+                value,
+            };
+            if self
+                .client
+                .txn(&[compare], &[put], &[], deadline)?
+                .succeeded
+            {
+                return Ok(answer);
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::timeout(format!(
+                    "etcd: gave up updating {key}: other writers kept changing it"
+                )));
+            }
+        }
+    }
+
+    /// Whether each key exists (a value or a non-empty queue), as of one
+    /// revision, which is returned too.
+    fn presence(&self, keys: &[&str], deadline: Instant) -> Result<(Vec<bool>, i64)> {
+        let ops: Vec<Op> = keys
+            .iter()
+            .flat_map(|key| {
+                [
+                    Op::Range {
+                        key: self.value_key(key),
+                        prefix: false,
+                    },
+                    Op::Range {
+                        key: self.queue_prefix(key),
+                        prefix: true,
+                    },
+                ]
+            })
+            .collect();
+        let result = self.client.txn(&[], &ops, &[], deadline)?;
+        let revision = result.ranges.first().map_or(0, |r| r.revision);
+        let present = result
+            .ranges
+            .chunks(2)
+            .map(|pair| pair.iter().any(|r| r.count > 0))
+            .collect();
+        Ok((present, revision))
+    }
+
+    /// Waits until every key has existed; `timeout` for the error message.
+    fn wait_for(&self, keys: &[&str], timeout: Option<Duration>) -> Result<()> {
+        let deadline = self.deadline(timeout);
+        let wait_error =
+            || wait_timeout_error(timeout.unwrap_or_else(|| *self.timeout.lock()), keys);
+        let mut pending: Vec<&str> = keys.to_vec();
+        while !pending.is_empty() {
+            let (present, revision) = self.presence(&pending, deadline)?;
+            pending = pending
+                .iter()
+                .zip(present)
+                .filter(|(_, present)| !present)
+                .map(|(k, _)| *k)
+                .collect();
+            let Some(first) = pending.first() else {
+                break;
+            };
+            let ranges = [
+                (self.value_key(first), false),
+                (self.queue_prefix(first), true),
+            ];
+            match self.client.watch_first_put(&ranges, revision + 1, deadline) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(wait_error()),
+                // A compacted revision cancels the watch: read again.
+                Err(e) if e.status() == Status::Remote && Instant::now() < deadline => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A queue element's name: unique across processes (time, process, count).
+fn element_id() -> Vec<u8> {
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{nanos:x}-{:x}-{:x}-{:x}",
+        std::process::id(),
+        COUNT.fetch_add(1, Ordering::Relaxed),
+        fastrand::u64(..)
+    )
+    .into_bytes()
+}
+
+fn parse_counter(key: &str, value: &[u8]) -> Result<i64> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "add: the value of {key} is not an integer: {:?}",
+                String::from_utf8_lossy(value)
+            ))
+        })
+}
+
+impl Store for EtcdStore {
+    fn set(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.client
+            .put(&self.value_key(key), value, self.deadline(None))
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let deadline = self.deadline(None);
+        let k = self.value_key(key);
+        loop {
+            let range = self.client.range(&k, false, false, deadline)?;
+            if let Some(kv) = range.kvs.into_iter().next() {
+                return Ok(kv.value);
+            }
+            match self
+                .client
+                .watch_first_put(&[(k.clone(), false)], range.revision + 1, deadline)
+            {
+                Ok(Some(kv)) => return Ok(kv.value),
+                Ok(None) => return Err(wait_timeout_error(self.timeout(), &[key])),
+                Err(e) if e.status() == Status::Remote && Instant::now() < deadline => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn add(&self, key: &str, delta: i64) -> Result<i64> {
+        self.read_modify_write(key, |current| {
+            let now = current.map_or(Ok(0), |v| parse_counter(key, v))? + delta;
+            Ok((Some(now.to_string().into_bytes()), now))
+        })
+    }
+
+    fn compare_set(&self, key: &str, expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
+        self.read_modify_write(key, |current| {
+            Ok(match current {
+                None if expected.is_empty() => (Some(desired.to_vec()), desired.to_vec()),
+                None => (None, expected.to_vec()),
+                Some(v) if v == expected => (Some(desired.to_vec()), desired.to_vec()),
+                Some(v) => (None, v.to_vec()),
+            })
+        })
+    }
+
+    fn delete_key(&self, key: &str) -> Result<bool> {
+        Ok(self
+            .client
+            .delete(&self.value_key(key), self.deadline(None))?
+            > 0)
+    }
+
+    fn check(&self, keys: &[&str]) -> Result<bool> {
+        let (present, _) = self.presence(keys, self.deadline(None))?;
+        Ok(present.into_iter().all(|p| p))
+    }
+
+    fn wait(&self, keys: &[&str], timeout: Option<Duration>) -> Result<()> {
+        self.wait_for(keys, timeout)
+    }
+
+    fn num_keys(&self) -> Result<i64> {
+        let values = [&self.prefix[..], b"/v/"].concat();
+        Ok(self
+            .client
+            .range(&values, true, true, self.deadline(None))?
+            .count)
+    }
+
+    fn append(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.read_modify_write(key, |current| {
+            Ok((Some([current.unwrap_or_default(), value].concat()), ()))
+        })
+    }
+
+    fn multi_get(&self, keys: &[&str]) -> Result<Vec<Vec<u8>>> {
+        let deadline = self.deadline(None);
+        loop {
+            self.wait_for(keys, None)?;
+            let ops: Vec<Op> = keys
+                .iter()
+                .map(|k| Op::Range {
+                    key: self.value_key(k),
+                    prefix: false,
+                })
+                .collect();
+            let ranges = self.client.txn(&[], &ops, &[], deadline)?.ranges;
+            let values: Option<Vec<Vec<u8>>> = ranges
+                .into_iter()
+                .map(|r| r.kvs.into_iter().next().map(|kv| kv.value))
+                .collect();
+            // A key deleted between the wait and the read: wait again.
+            if let Some(values) = values {
+                return Ok(values);
+            }
+            if Instant::now() >= deadline {
+                return Err(wait_timeout_error(self.timeout(), keys));
+            }
+        }
+    }
+
+    fn multi_set(&self, keys: &[&str], values: &[&[u8]]) -> Result<()> {
+        check_multi_set_lengths(keys, values)?;
+        let ops: Vec<Op> = keys
+            .iter()
+            .zip(values)
+            .map(|(k, v)| Op::Put {
+                key: self.value_key(k),
+                value: v.to_vec(),
+            })
+            .collect();
+        self.client
+            .txn(&[], &ops, &[], self.deadline(None))
+            .map(drop)
+    }
+
+    fn queue_push(&self, key: &str, value: &[u8]) -> Result<()> {
+        let element = [self.queue_prefix(key), element_id()].concat();
+        self.client.put(&element, value, self.deadline(None))
+    }
+
+    fn queue_pop(&self, key: &str, block: bool) -> Result<Vec<u8>> {
+        let deadline = self.deadline(None);
+        let queue = self.queue_prefix(key);
+        loop {
+            let range = self.client.first_created(&queue, deadline)?;
+            let Some(first) = range.kvs.into_iter().next() else {
+                if !block {
+                    return Err(Error::new(
+                        Status::QueueEmpty,
+                        format!("queue_pop: the queue {key} is empty"),
+                    ));
+                }
+                match self.client.watch_first_put(
+                    &[(queue.clone(), true)],
+                    range.revision + 1,
+                    deadline,
+                ) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Err(wait_timeout_error(self.timeout(), &[key])),
+                    Err(e) if e.status() == Status::Remote && Instant::now() < deadline => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            // Whoever deletes the element first has popped it: wake-one.
+            let taken = self.client.txn(
+                &[Compare::CreateRevision {
+                    key: first.key.clone(),
+                    revision: first.create_revision,
+                }],
+                &[Op::Delete { key: first.key }],
+                &[],
+                deadline,
+            )?;
+            if taken.succeeded {
+                return Ok(first.value);
+            }
+        }
+    }
+
+    fn queue_len(&self, key: &str) -> Result<i64> {
+        Ok(self
+            .client
+            .range(&self.queue_prefix(key), true, true, self.deadline(None))?
+            .count)
+    }
+
+    fn list_keys(&self) -> Result<Vec<String>> {
+        let values = [&self.prefix[..], b"/v/"].concat();
+        let range = self
+            .client
+            .range(&values, true, false, self.deadline(None))?;
+        Ok(range
+            .kvs
+            .into_iter()
+            .map(|kv| String::from_utf8_lossy(&kv.key[values.len()..]).into_owned())
+            .collect())
+    }
+
+    fn timeout(&self) -> Duration {
+        *self.timeout.lock()
+    }
+
+    fn set_timeout(&self, timeout: Duration) {
+        *self.timeout.lock() = timeout;
+    }
+
+    fn clone_store(&self) -> Result<Arc<dyn Store>> {
+        Ok(Arc::new(EtcdStore {
+            client: Arc::new(Client::new(self.client.endpoints())?),
+            prefix: self.prefix.clone(),
+            timeout: Mutex::new(self.timeout()),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,171 @@
+//! EtcdStore against a real etcd: one member started by the test on
+//! loopback ports, in a temporary directory, and killed at the end.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{EtcdStore, EtcdStoreOptions};
+use crate::store::{conformance, Store};
+use crate::Status;
+
+/// A one-member etcd cluster for a test.
+pub(crate) struct Etcd {
+    child: Child,
+    pub(crate) endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Etcd {
+    /// Starts etcd (`etcd` on PATH, from the Debian package etcd-server)
+    /// and waits until it answers. Fails the test when it cannot.
+    pub(crate) fn start() -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("test={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd must be installed (apt-get install etcd-server): the etcd tests need it");
+        let etcd = Etcd {
+            child,
+            endpoint: format!("127.0.0.1:{client}"),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while EtcdStore::new(etcd.options("/probe", Duration::from_millis(200))).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        etcd
+    }
+
+    pub(crate) fn options(&self, prefix: &str, timeout: Duration) -> EtcdStoreOptions {
+        EtcdStoreOptions {
+            endpoints: vec![self.endpoint.clone()],
+            prefix: prefix.into(),
+            timeout,
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn etcd_store_conformance() {
+    let etcd = Etcd::start();
+    let jobs = std::sync::atomic::AtomicUsize::new(0);
+    conformance::run_all(&|| {
+        let job = jobs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let options = etcd.options(&format!("/job{job}"), crate::timeout::DEFAULT_STORE_TIMEOUT);
+        Arc::new(EtcdStore::new(options).unwrap()) as Arc<dyn Store>
+    });
+}
+
+#[test]
+fn jobs_under_different_prefixes_do_not_see_each_other() {
+    let etcd = Etcd::start();
+    let a = EtcdStore::new(etcd.options("/a", Duration::from_secs(30))).unwrap();
+    let b = EtcdStore::new(etcd.options("/a/b", Duration::from_secs(30))).unwrap();
+    a.set("k", b"from a").unwrap();
+    b.queue_push("q", b"x").unwrap();
+    assert!(!b.check(&["k"]).unwrap());
+    assert_eq!(a.num_keys().unwrap(), 1);
+    assert_eq!(a.list_keys().unwrap(), vec!["k".to_string()]);
+    assert_eq!(a.queue_len("q").unwrap(), 0);
+}
+
+#[test]
+fn a_member_that_is_down_is_skipped() {
+    let etcd = Etcd::start();
+    let dead = format!("127.0.0.1:{}", free_port());
+    let store = EtcdStore::new(EtcdStoreOptions {
+        endpoints: vec![dead, etcd.endpoint.clone()],
+        prefix: "/skip".into(),
+        timeout: Duration::from_secs(30),
+    })
+    .unwrap();
+    store.set("k", b"v").unwrap();
+    assert_eq!(store.get("k").unwrap(), b"v");
+}
+
+#[test]
+fn no_member_answering_is_a_network_error_within_the_timeout() {
+    let start = Instant::now();
+    let e = EtcdStore::new(EtcdStoreOptions {
+        endpoints: vec![format!("127.0.0.1:{}", free_port())],
+        prefix: "/none".into(),
+        timeout: Duration::from_millis(500),
+    })
+    .err()
+    .expect("nothing listens there");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(e.status(), Status::Network, "{}", e.message());
+    assert!(e.message().contains("no etcd member"), "{}", e.message());
+}
+
+#[test]
+fn concurrent_adds_from_many_handles_are_exact() {
+    let etcd = Etcd::start();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let store = EtcdStore::new(etcd.options("/adds", Duration::from_secs(30))).unwrap();
+            std::thread::spawn(move || {
+                for _ in 0..25 {
+                    store.add("n", 1).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let store = EtcdStore::new(etcd.options("/adds", Duration::from_secs(30))).unwrap();
+    assert_eq!(store.get("n").unwrap(), b"100");
+}
+
+#[test]
+fn a_queue_element_is_popped_by_exactly_one_waiter() {
+    let etcd = Etcd::start();
+    let poppers: Vec<_> = (0..3)
+        .map(|_| {
+            let store = EtcdStore::new(etcd.options("/pop", Duration::from_secs(30))).unwrap();
+            std::thread::spawn(move || store.queue_pop("q", true).unwrap())
+        })
+        .collect();
+    let store = EtcdStore::new(etcd.options("/pop", Duration::from_secs(30))).unwrap();
+    for i in 0..3 {
+        store.queue_push("q", format!("{i}").as_bytes()).unwrap();
+    }
+    let mut got: Vec<Vec<u8>> = poppers.into_iter().map(|t| t.join().unwrap()).collect();
+    got.sort();
+    assert_eq!(got, vec![b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]);
+    assert_eq!(store.queue_len("q").unwrap(), 0);
+}
