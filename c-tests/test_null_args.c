@@ -215,6 +215,15 @@ int main(void) {
   NULL_ARG(dc_work_fd(NULL, &fd));
   NULL_ARG(dc_work_fd(w, NULL));
   NULL_ARG(dc_set_profiler_hooks(begin_hook, NULL, NULL));
+  /* EtcdStore. */
+  dc_etcd_store_options etcd_opts;
+  NULL_ARG(dc_etcd_store_options_init(NULL, sizeof(dc_etcd_store_options)));
+  CHECK_OK(dc_etcd_store_options_init(&etcd_opts, sizeof etcd_opts));
+  NULL_ARG(dc_etcd_store_new(NULL, &s));
+  NULL_ARG(dc_etcd_store_new(&etcd_opts, NULL));
+  etcd_opts.num_endpoints = 1; /* with NULL endpoints */
+  NULL_ARG(dc_etcd_store_new(&etcd_opts, &s));
+
   /* A NULL log callback is no error: it sends lines back to stderr. */
   CHECK_OK(dc_set_log_callback(DC_LOG_LEVEL_WARN, NULL, NULL));
 

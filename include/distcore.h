@@ -62,7 +62,7 @@
 
 // The minor version of the header: grows when functions, constants or
 // struct fields are added.
-#define DC_VERSION_MINOR 0
+#define DC_VERSION_MINOR 1
 
 // The patch version of the header: grows with fixes that change no
 // declaration.
@@ -160,7 +160,8 @@ typedef struct dc_rpc_reply dc_rpc_reply;
 // fork, tells the owner).
 typedef struct dc_rref dc_rref;
 
-// A handle on a store: HashStore, FileStore, PrefixStore or TCPStore.
+// A handle on a store: HashStore, FileStore, PrefixStore, TCPStore or
+// EtcdStore.
 // Thread-safe: one handle may be used from many threads, and a call
 // blocked in one thread does not hold up the others (see
 // `dc_tcp_store_new`). Free with `dc_store_free`, also while other threads
@@ -172,12 +173,14 @@ typedef struct dc_rref dc_rref;
 // connection breaks (the next call reconnects), DC_ERR_TIMEOUT when the
 // server does not answer within the store's timeout, DC_ERR_PROTOCOL when
 // it breaks the wire protocol; on a FileStore, DC_ERR_IO when the file
-// cannot be read or written.
+// cannot be read or written; on an EtcdStore, DC_ERR_NETWORK when no
+// member answers within the timeout.
 //
 // How long every `dc_store_*` call may block: on a TCPStore, a round trip
 // to the server, bounded by the store's timeout (waiting calls say how
 // long they wait); on a FileStore, reading the file under its lock; on a
-// HashStore, taking its lock.
+// HashStore, taking its lock; on an EtcdStore, one or a few HTTP requests
+// to a member, bounded by the store's timeout.
 typedef struct dc_store dc_store;
 
 // A scoped store timeout: `dc_store_timeout_guard_free` restores the
@@ -209,6 +212,26 @@ typedef struct {
   // The number of buffers.
   size_t len;
 } dc_buf_array;
+
+// Options of `dc_etcd_store_new`. Initialise with
+// `dc_etcd_store_options_init(&opts, sizeof opts)`, then change what you
+// need. Fields are only ever appended (see `struct_size`).
+typedef struct {
+  // `sizeof(dc_etcd_store_options)` in the caller's header; set by
+  // `dc_etcd_store_options_init`.
+  size_t struct_size;
+  // The cluster's members: `num_endpoints` NUL-terminated "host:port"
+  // or "http://host:port" strings; a member that is down is skipped.
+  // NULL with 0: "127.0.0.1:2379". Read during `dc_etcd_store_new` only.
+  const char *const *endpoints;
+  // The number of `endpoints`.
+  size_t num_endpoints;
+  // The job's prefix: every key of the store lives under it, so jobs
+  // share a cluster (NUL-terminated; NULL: "/distcore").
+  const char *prefix;
+  // Timeout of connecting and of every call, in ms (0: forever).
+  int64_t timeout_ms;
+} dc_etcd_store_options;
 
 // Receives one log line: its level (DC_LOG_LEVEL_ERROR ... TRACE), its
 // target (the distcore module that wrote it, e.g.
@@ -499,6 +522,34 @@ dc_status dc_elastic_get_all(const dc_store *store,
                              const char *prefix,
                              int32_t world_size,
                              dc_buf_array *out);
+
+// Fills `opts` with the defaults: the member at 127.0.0.1:2379, the
+// prefix "/distcore", a 300 s timeout. `struct_size` is
+// `sizeof(dc_etcd_store_options)` as the caller's header has it (pass
+// `sizeof opts`): only that many bytes are written.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a NULL `opts` or a `struct_size` no
+// distcore header had. Never blocks.
+dc_status dc_etcd_store_options_init(dc_etcd_store_options *opts, size_t struct_size);
+
+// Creates a handle on an EtcdStore and writes it into `out`: PyTorch's
+// Store on an etcd v3 cluster (3.4 or newer, through its JSON gateway),
+// with every key under `opts->prefix`, so that the job's rendezvous state
+// outlives any one machine. Every `dc_store_*` call works on it, the async
+// ones on a thread each, and so do the elastic helpers and `dc_rpc_init`.
+// Each call is one or a few HTTP requests to a member, made on the
+// calling thread: atomic operations (add, append, compare_set, a queue
+// pop) are transactions, retried when another writer came first; waits
+// watch for the keys (no polling). A member that is down, or a leader
+// change, makes a call move on to the next member, within its timeout.
+// Values are limited by the cluster's request size (etcd's default: 1.5
+// MiB): a larger one is DC_ERR_INVALID_ARGUMENT with etcd's message.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for bad options; DC_ERR_NETWORK ("no
+// etcd member of ... answered") when no member answers within the
+// timeout. Blocks: one request to check that a member answers, at most
+// `opts->timeout_ms`.
+dc_status dc_etcd_store_new(const dc_etcd_store_options *opts, dc_store **out);
 
 // Sends distcore's log lines at `level` or more severe to `callback`
 // (`level` DC_LOG_LEVEL_OFF: none), process-wide, replacing any previous

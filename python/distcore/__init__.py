@@ -18,7 +18,7 @@ from ._errors import (DistAbortedError, DistError, DistInternalError, DistIOErro
                       DistShutdownError, DistStateError, DistStoreError, DistTimeoutError, DistValueError,
                       QueueEmptyError, Status)
 from ._lib import HEADER_VERSION, LIB_PATH, PROFILER_BEGIN, PROFILER_END, LOG_FN, check, lib
-from .store import FileStore, HashStore, PrefixStore, Store, TCPStore
+from .store import EtcdStore, FileStore, HashStore, PrefixStore, Store, TCPStore
 from .work import Future, OpType, Work
 from . import elastic, rpc  # noqa: E402
 
@@ -28,7 +28,7 @@ except ImportError:  # a source checkout
     __version__ = ".".join(map(str, HEADER_VERSION))
 
 __all__ = [
-    "Store", "TCPStore", "FileStore", "HashStore", "PrefixStore", "Work", "Future", "OpType",
+    "Store", "TCPStore", "FileStore", "HashStore", "PrefixStore", "EtcdStore", "Work", "Future", "OpType",
     "DistError", "DistStoreError", "DistNetworkError", "QueueEmptyError", "DistQueueEmptyError",
     "DistTimeoutError", "DistValueError", "DistNotSupportedError", "DistRemoteError", "DistShutdownError",
     "DistAbortedError", "DistProtocolError", "DistIOError", "DistStateError", "DistInternalError", "Status",

@@ -15,7 +15,7 @@ from ._errors import DistError, Status, error_for
 
 # The version of include/distcore.h these declarations mirror
 # (DC_VERSION_MAJOR, DC_VERSION_MINOR, DC_VERSION_PATCH).
-HEADER_VERSION = (1, 0, 0)
+HEADER_VERSION = (1, 1, 0)
 
 TIMEOUT_DEFAULT = -1  # DC_TIMEOUT_DEFAULT: the handle's own timeout
 TIMEOUT_FOREVER = 0  # DC_TIMEOUT_FOREVER
@@ -39,6 +39,12 @@ class TcpStoreOptions(Structure):
                 ("is_server", c_bool), ("world_size", c_int32), ("wait_for_workers", c_bool),
                 ("timeout_ms", c_int64), ("multi_tenant", c_bool), ("master_listen_fd", c_int),
                 ("bind_address", c_char_p), ("max_value_size", c_uint64)]
+
+
+class EtcdStoreOptions(Structure):
+    """dc_etcd_store_options"""
+    _fields_ = [("struct_size", c_size_t), ("endpoints", POINTER(c_char_p)), ("num_endpoints", c_size_t),
+                ("prefix", c_char_p), ("timeout_ms", c_int64)]
 
 
 class ServerStats(Structure):
@@ -134,6 +140,8 @@ SIGNATURES = {
     "dc_store_barrier_async": ([_h, c_char_p, c_int32, c_int64, _out_h], _status),
     "dc_tcp_store_options_init": ([POINTER(TcpStoreOptions), c_size_t], _status),
     "dc_tcp_store_new": ([POINTER(TcpStoreOptions), _out_h], _status),
+    "dc_etcd_store_options_init": ([POINTER(EtcdStoreOptions), c_size_t], _status),
+    "dc_etcd_store_new": ([POINTER(EtcdStoreOptions), _out_h], _status),
     "dc_tcp_store_port": ([_h, POINTER(c_uint16)], _status),
     "dc_tcp_store_wait_for_workers": ([_h], _status),
     "dc_tcp_store_counters": ([_h, POINTER(ClientCounter), c_size_t, POINTER(c_size_t)], _status),

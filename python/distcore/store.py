@@ -10,9 +10,9 @@ accepted too.
 import contextlib
 import ctypes
 from datetime import timedelta
-from ctypes import c_bool, c_int64, c_size_t, c_uint16, c_void_p
+from ctypes import c_bool, c_char_p, c_int64, c_size_t, c_uint16, c_void_p
 
-from ._lib import (Buf, BufArray, ClientCounter, ServerStats, TcpStoreOptions, check, lib, take_array,
+from ._lib import (Buf, BufArray, ClientCounter, EtcdStoreOptions, ServerStats, TcpStoreOptions, check, lib, take_array,
                    take_buf)
 from ._util import Closable, key_arg, keys_arg, ms_to_timedelta, store_timeout_ms, take_handle, value_arg, values_arg
 from .work import Work
@@ -247,6 +247,35 @@ class FileStore(Store):
     def path(self):
         """The path of the file."""
         return self._path
+
+
+class EtcdStore(Store):
+    """A store whose keys live in an etcd v3 cluster (3.4 or newer), under
+    `prefix`, so that a job's rendezvous state outlives any one machine.
+    `endpoints`: "host:port" strings (or one, comma-separated); a member
+    that is down is skipped. Atomic operations are etcd transactions; waits
+    are etcd watches."""
+
+    def __init__(self, endpoints=("127.0.0.1:2379",), prefix="/distcore", timeout=timedelta(seconds=300)):
+        if isinstance(endpoints, str):
+            endpoints = [e for e in endpoints.split(",") if e]
+        encoded = [str(e).encode() for e in endpoints]
+        opts = EtcdStoreOptions()
+        check(lib.dc_etcd_store_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
+        array = (c_char_p * max(len(encoded), 1))(*encoded)
+        opts.endpoints, opts.num_endpoints = array, len(encoded)
+        self._prefix = str(prefix)
+        prefix_bytes = self._prefix.encode()  # alive for the call
+        opts.prefix = prefix_bytes
+        opts.timeout_ms = store_timeout_ms(timeout, allow_none=False)
+        h = c_void_p()
+        check(lib.dc_etcd_store_new(ctypes.byref(opts), ctypes.byref(h)))
+        self._adopt(h.value)
+
+    @property
+    def prefix(self):
+        """The job's prefix in the cluster."""
+        return self._prefix
 
 
 class PrefixStore(Store):

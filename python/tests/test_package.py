@@ -89,7 +89,7 @@ def test_struct_layouts_match_the_abi_records():
     structs = {"dc_buf": _lib.Buf, "dc_buf_array": _lib.BufArray, "dc_tcp_store_options": _lib.TcpStoreOptions,
                "dc_server_stats": _lib.ServerStats, "dc_client_counter": _lib.ClientCounter,
                "dc_rpc_function_entry": _lib.RpcFunctionEntry, "dc_rpc_options": _lib.RpcOptions,
-               "dc_rref_debug_info": _lib.RRefDebugInfo}
+               "dc_rref_debug_info": _lib.RRefDebugInfo, "dc_etcd_store_options": _lib.EtcdStoreOptions}
     records = {}
     for line in open(ABI_TYPES):
         parts = line.split()

@@ -22,6 +22,7 @@ use crate::fork::Born;
 
 pub mod buf;
 pub mod elastic;
+pub mod etcd;
 pub mod log;
 pub mod rpc;
 pub mod store;
@@ -64,7 +65,7 @@ pub const DC_ERR_INTERNAL: dc_status = 12;
 pub const DC_VERSION_MAJOR: u32 = 1;
 /// The minor version of the header: grows when functions, constants or
 /// struct fields are added.
-pub const DC_VERSION_MINOR: u32 = 0;
+pub const DC_VERSION_MINOR: u32 = 1;
 /// The patch version of the header: grows with fixes that change no
 /// declaration.
 pub const DC_VERSION_PATCH: u32 = 0;

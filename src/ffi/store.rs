@@ -14,7 +14,8 @@ use crate::error::Result;
 use crate::fork::Born;
 use crate::store::{FileStore, HashStore, PrefixStore, Store, TimeoutGuard};
 
-/// A handle on a store: HashStore, FileStore, PrefixStore or TCPStore.
+/// A handle on a store: HashStore, FileStore, PrefixStore, TCPStore or
+/// EtcdStore.
 /// Thread-safe: one handle may be used from many threads, and a call
 /// blocked in one thread does not hold up the others (see
 /// `dc_tcp_store_new`). Free with `dc_store_free`, also while other threads
@@ -26,12 +27,14 @@ use crate::store::{FileStore, HashStore, PrefixStore, Store, TimeoutGuard};
 /// connection breaks (the next call reconnects), DC_ERR_TIMEOUT when the
 /// server does not answer within the store's timeout, DC_ERR_PROTOCOL when
 /// it breaks the wire protocol; on a FileStore, DC_ERR_IO when the file
-/// cannot be read or written.
+/// cannot be read or written; on an EtcdStore, DC_ERR_NETWORK when no
+/// member answers within the timeout.
 ///
 /// How long every `dc_store_*` call may block: on a TCPStore, a round trip
 /// to the server, bounded by the store's timeout (waiting calls say how
 /// long they wait); on a FileStore, reading the file under its lock; on a
-/// HashStore, taking its lock.
+/// HashStore, taking its lock; on an EtcdStore, one or a few HTTP requests
+/// to a member, bounded by the store's timeout.
 pub struct dc_store {
     pub(crate) store: Arc<dyn Store>,
     born: Born,

@@ -15,7 +15,8 @@ use distcore::store::tcp::protocol::Limits;
 use distcore::store::tcp::server::raise_open_files_limit;
 use distcore::store::tcp::{Server, ServerOptions};
 use distcore::store::{
-    elastic, FileStore, HashStore, PrefixStore, Store, TcpStore, TcpStoreOptions,
+    elastic, EtcdStore, EtcdStoreOptions, FileStore, HashStore, PrefixStore, Store, TcpStore,
+    TcpStoreOptions,
 };
 use distcore::{Error, OpType, Result, Work};
 
@@ -39,20 +40,28 @@ enum DemoStore {
     Hash,
     /// Worker processes share a FileStore at this path.
     File(PathBuf),
+    /// Worker processes share an EtcdStore: `etcd://HOST:PORT[,...]/PREFIX`.
+    Etcd(String),
 }
 
 fn parse_demo_store(text: &str) -> std::result::Result<DemoStore, String> {
     match text {
         "tcp" => Ok(DemoStore::Tcp),
         "hash" => Ok(DemoStore::Hash),
+        _ if text.starts_with("etcd://") => EtcdStoreOptions::from_url(text)
+            .map(|_| DemoStore::Etcd(text.to_owned()))
+            .map_err(|e| e.message().to_owned()),
         _ => match text.strip_prefix("file:") {
             Some(path) if !path.is_empty() => Ok(DemoStore::File(path.into())),
-            _ => Err(format!("'{text}': expected tcp, hash or file:PATH")),
+            _ => Err(format!(
+                "'{text}': expected tcp, hash, file:PATH or etcd://HOST:PORT[,HOST:PORT]/PREFIX"
+            )),
         },
     }
 }
 
-/// How a demo worker process reaches the store: `tcp:PORT` or `file:PATH`.
+/// How a demo worker process reaches the store: `tcp:PORT`, `file:PATH` or
+/// an etcd URL.
 fn connect_worker_store(spec: &str, world: u32, timeout: Duration) -> Result<Arc<dyn Store>> {
     if let Some(port) = spec.strip_prefix("tcp:") {
         let port = port
@@ -71,8 +80,14 @@ fn connect_worker_store(spec: &str, world: u32, timeout: Duration) -> Result<Arc
         store.set_timeout(timeout);
         return Ok(Arc::new(store));
     }
+    if spec.starts_with("etcd://") {
+        return Ok(Arc::new(EtcdStore::new(EtcdStoreOptions {
+            timeout,
+            ..EtcdStoreOptions::from_url(spec)?
+        })?));
+    }
     Err(Error::invalid_argument(format!(
-        "'{spec}': expected tcp:PORT or file:PATH"
+        "'{spec}': expected tcp:PORT, file:PATH or etcd://..."
     )))
 }
 
@@ -85,8 +100,9 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         workers: u32,
         /// Where the workers meet: tcp (worker processes, embedded TCPStore
-        /// server), hash (worker threads, HashStore) or file:PATH (worker
-        /// processes, FileStore).
+        /// server), hash (worker threads, HashStore), file:PATH (worker
+        /// processes, FileStore) or etcd://HOST:PORT[,HOST:PORT]/PREFIX
+        /// (worker processes, EtcdStore; the run uses PREFIX/demo-PID).
         #[arg(long, value_parser = parse_demo_store, default_value = "tcp")]
         store: DemoStore,
         /// Seconds any step may take before the demo fails.
@@ -330,6 +346,22 @@ fn demo(workers: u32, kind: DemoStore, timeout: Duration) -> Result<()> {
             let store: Arc<dyn Store> = Arc::new(store);
             (result_works(&store, workers)?, store, children)
         }
+        DemoStore::Etcd(url) => {
+            // A prefix of its own per run, cleared at the end.
+            let run = format!("{}/demo-{}", url.trim_end_matches('/'), std::process::id());
+            let store = EtcdStore::new(EtcdStoreOptions {
+                timeout,
+                ..EtcdStoreOptions::from_url(&run)?
+            })?;
+            store.delete_all()?;
+            println!(
+                "distcore {} demo: {workers} worker processes sharing the EtcdStore {run}",
+                distcore::VERSION
+            );
+            let children = spawn_workers(&run, workers, timeout)?;
+            let store: Arc<dyn Store> = Arc::new(store);
+            (result_works(&store, workers)?, store, children)
+        }
     };
     let expected: i64 = (1..=i64::from(workers)).map(|r| 5050 * r).sum();
     for (rank, work) in works.iter().enumerate() {
@@ -365,6 +397,9 @@ fn demo(workers: u32, kind: DemoStore, timeout: Duration) -> Result<()> {
         store.num_keys()?,
         started.elapsed().as_secs_f64() * 1e3
     );
+    if let Some(etcd) = (*store).as_any().downcast_ref::<EtcdStore>() {
+        etcd.delete_all()?;
+    }
     Ok(())
 }
 

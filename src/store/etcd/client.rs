@@ -143,13 +143,10 @@ impl Client {
         self.post("/v3/kv/put", &request, deadline).map(drop)
     }
 
-    /// Deletes `key`; returns how many keys were deleted.
-    pub(crate) fn delete(&self, key: &[u8], deadline: Instant) -> Result<i64> {
-        let reply = self.post(
-            "/v3/kv/deleterange",
-            &json!({"key": BASE64.encode(key)}),
-            deadline,
-        )?;
+    /// Deletes `key` (or every key with the prefix `key`); returns how
+    /// many keys were deleted.
+    pub(crate) fn delete(&self, key: &[u8], prefix: bool, deadline: Instant) -> Result<i64> {
+        let reply = self.post("/v3/kv/deleterange", &range_request(key, prefix), deadline)?;
         Ok(int_field(&reply, "deleted"))
     }
 

@@ -47,6 +47,35 @@ impl Default for EtcdStoreOptions {
     }
 }
 
+impl EtcdStoreOptions {
+    /// Options from `etcd://HOST:PORT[,HOST:PORT...]/PREFIX` (the prefix
+    /// may be empty: "/"), with the default timeout.
+    pub fn from_url(url: &str) -> Result<EtcdStoreOptions> {
+        let bad = |why: &str| {
+            Error::invalid_argument(format!(
+                "'{url}': {why} (expected etcd://HOST:PORT[,HOST:PORT...]/PREFIX)"
+            ))
+        };
+        let rest = url
+            .strip_prefix("etcd://")
+            .ok_or_else(|| bad("not an etcd:// URL"))?;
+        let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if endpoints.is_empty() {
+            return Err(bad("no endpoint"));
+        }
+        Ok(EtcdStoreOptions {
+            endpoints,
+            prefix: format!("/{prefix}"),
+            ..EtcdStoreOptions::default()
+        })
+    }
+}
+
 /// A store whose keys live in an etcd cluster. Thread-safe; every handle
 /// (and clone) on the same endpoints and prefix sees the same keys, from
 /// any process.
@@ -83,6 +112,13 @@ impl EtcdStore {
                 )
             })?;
         Ok(store)
+    }
+
+    /// Deletes every key of this store (everything under its prefix);
+    /// returns how many etcd keys went.
+    pub fn delete_all(&self) -> Result<i64> {
+        let all = [&self.prefix[..], b"/"].concat();
+        self.client.delete(&all, true, self.deadline(None))
     }
 
     fn deadline(&self, timeout: Option<Duration>) -> Instant {
@@ -273,7 +309,7 @@ impl Store for EtcdStore {
     fn delete_key(&self, key: &str) -> Result<bool> {
         Ok(self
             .client
-            .delete(&self.value_key(key), self.deadline(None))?
+            .delete(&self.value_key(key), false, self.deadline(None))?
             > 0)
     }
 

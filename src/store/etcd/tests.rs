@@ -169,3 +169,80 @@ fn a_queue_element_is_popped_by_exactly_one_waiter() {
     assert_eq!(got, vec![b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]);
     assert_eq!(store.queue_len("q").unwrap(), 0);
 }
+
+#[test]
+fn urls_name_the_members_and_the_prefix() {
+    let o = EtcdStoreOptions::from_url("etcd://a:1,b:2/jobs/7").unwrap();
+    assert_eq!(o.endpoints, vec!["a:1".to_string(), "b:2".to_string()]);
+    assert_eq!(o.prefix, "/jobs/7");
+    assert_eq!(
+        EtcdStoreOptions::from_url("etcd://a:1").unwrap().prefix,
+        "/"
+    );
+    for bad in ["http://a:1/p", "etcd:///p", "etcd://"] {
+        let e = EtcdStoreOptions::from_url(bad).unwrap_err();
+        assert_eq!(e.status(), Status::InvalidArgument, "{bad}");
+    }
+}
+
+#[test]
+fn delete_all_clears_one_job_only() {
+    let etcd = Etcd::start();
+    let job = EtcdStore::new(etcd.options("/j", Duration::from_secs(30))).unwrap();
+    let other = EtcdStore::new(etcd.options("/jj", Duration::from_secs(30))).unwrap();
+    job.set("k", b"1").unwrap();
+    job.queue_push("q", b"1").unwrap();
+    other.set("k", b"2").unwrap();
+    assert_eq!(job.delete_all().unwrap(), 2);
+    assert_eq!(job.num_keys().unwrap(), 0);
+    assert_eq!(other.get("k").unwrap(), b"2");
+}
+
+#[test]
+fn elastic_helpers_and_rpc_rendezvous_work_on_etcd() {
+    let etcd = Etcd::start();
+    let stores: Vec<Arc<dyn Store>> = (0..3)
+        .map(|_| {
+            Arc::new(EtcdStore::new(etcd.options("/elastic", Duration::from_secs(30))).unwrap())
+                as Arc<dyn Store>
+        })
+        .collect();
+    let threads: Vec<_> = stores
+        .iter()
+        .enumerate()
+        .map(|(rank, s)| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let data = format!("r{rank}");
+                let all = crate::store::elastic::synchronize(
+                    &*s,
+                    data.as_bytes(),
+                    rank as i64,
+                    3,
+                    "sync/",
+                    Duration::from_secs(30),
+                )
+                .unwrap();
+                crate::store::elastic::barrier(&*s, 3, "bar", Duration::from_secs(30)).unwrap();
+                let name = format!("w{rank}");
+                let rpc = crate::rpc::Rpc::init(
+                    s,
+                    &name,
+                    rank as u16,
+                    3,
+                    crate::rpc::RpcOptions::default(),
+                    Default::default(),
+                )
+                .unwrap();
+                let peer = rpc.worker(&format!("w{}", (rank + 1) % 3)).unwrap();
+                rpc.shutdown(true, None).unwrap();
+                (all, peer.id)
+            })
+        })
+        .collect();
+    for (rank, t) in threads.into_iter().enumerate() {
+        let (all, peer) = t.join().unwrap();
+        assert_eq!(all, vec![b"r0".to_vec(), b"r1".to_vec(), b"r2".to_vec()]);
+        assert_eq!(usize::from(peer), (rank + 1) % 3);
+    }
+}
