@@ -159,11 +159,7 @@ impl EtcdStore {
                 key: k.clone(),
                 value,
             };
-            if self
-                .client
-                .txn(&[compare], &[put], &[], deadline)?
-                .succeeded
-            {
+            if self.commit(compare, put, deadline)? {
                 return Ok(answer);
             }
             if Instant::now() >= deadline {
@@ -172,6 +168,37 @@ impl EtcdStore {
                 )));
             }
         }
+    }
+
+    /// Runs `op` if `compare` holds, exactly once: returns whether it ran.
+    ///
+    /// A request whose answer was lost (a member died, a leader changed) is
+    /// sent again, and its comparison then fails if the first one went
+    /// through: telling the two apart takes a token written with `op` and
+    /// read back when the comparison fails. Without it, an ADD whose answer
+    /// was lost would be applied twice, and a popped element lost.
+    fn commit(&self, compare: Compare, op: Op, deadline: Instant) -> Result<bool> {
+        let token = [&self.prefix[..], b"/t/", &element_id()].concat();
+        let mark = Op::Put {
+            key: token.clone(),
+            value: Vec::new(),
+        };
+        let read_back = Op::Range {
+            key: token.clone(),
+            prefix: false,
+        };
+        let result = self
+            .client
+            .txn(&[compare], &[op, mark], &[read_back], deadline)?;
+        let committed = result.succeeded || result.ranges.first().is_some_and(|r| r.count > 0);
+        if committed {
+            // Best effort: a token left behind (this process died) is a
+            // few bytes under the job's prefix, and changes nothing.
+            if let Err(e) = self.client.delete(&token, false, deadline) {
+                log::debug!("etcd: removing a commit token: {}", e.message());
+            }
+        }
+        Ok(committed)
     }
 
     /// Whether each key exists (a value or a non-empty queue), as of one
@@ -406,16 +433,11 @@ impl Store for EtcdStore {
                 }
             };
             // Whoever deletes the element first has popped it: wake-one.
-            let taken = self.client.txn(
-                &[Compare::CreateRevision {
-                    key: first.key.clone(),
-                    revision: first.create_revision,
-                }],
-                &[Op::Delete { key: first.key }],
-                &[],
-                deadline,
-            )?;
-            if taken.succeeded {
+            let compare = Compare::CreateRevision {
+                key: first.key.clone(),
+                revision: first.create_revision,
+            };
+            if self.commit(compare, Op::Delete { key: first.key }, deadline)? {
                 return Ok(first.value);
             }
         }

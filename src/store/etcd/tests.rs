@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{EtcdStore, EtcdStoreOptions};
+use super::{parse_counter, EtcdStore, EtcdStoreOptions};
 use crate::store::{conformance, Store};
 use crate::Status;
 
@@ -245,4 +245,223 @@ fn elastic_helpers_and_rpc_rendezvous_work_on_etcd() {
         assert_eq!(all, vec![b"r0".to_vec(), b"r1".to_vec(), b"r2".to_vec()]);
         assert_eq!(usize::from(peer), (rank + 1) % 3);
     }
+}
+
+/// A three-member etcd cluster whose members can be killed and restarted.
+struct Cluster {
+    members: Vec<Member>,
+    initial_cluster: String,
+    _dir: tempfile::TempDir,
+}
+
+struct Member {
+    name: String,
+    client: String,
+    peer: String,
+    data: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let members: Vec<Member> = (0..3)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                client: format!("127.0.0.1:{}", free_port()),
+                peer: format!("http://127.0.0.1:{}", free_port()),
+                data: dir.path().join(format!("m{i}")),
+                child: None,
+            })
+            .collect();
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Cluster {
+            members,
+            initial_cluster,
+            _dir: dir,
+        };
+        for i in 0..3 {
+            cluster.run(i, "new");
+        }
+        cluster
+    }
+
+    fn run(&mut self, i: usize, state: &str) {
+        let m = &mut self.members[i];
+        let client_url = format!("http://{}", m.client);
+        m.child = Some(
+            Command::new("etcd")
+                .args(["--name", &m.name, "--data-dir"])
+                .arg(&m.data)
+                .args(["--listen-client-urls", &client_url])
+                .args(["--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", &m.peer])
+                .args(["--initial-advertise-peer-urls", &m.peer])
+                .args(["--initial-cluster", &self.initial_cluster])
+                .args(["--initial-cluster-state", state])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("etcd must be installed (apt-get install etcd-server)"),
+        );
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill(); // SIGKILL
+            let _ = child.wait();
+        }
+    }
+
+    fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.client.clone()).collect()
+    }
+
+    /// The member that leads, as the members still running report it.
+    fn leader(&self) -> usize {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(2)))
+            .build()
+            .into();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for m in self.members.iter().filter(|m| m.child.is_some()) {
+                let status: Option<serde_json::Value> = agent
+                    .post(format!("http://{}/v3/maintenance/status", m.client))
+                    .send("{}")
+                    .ok()
+                    .and_then(|mut r| r.body_mut().read_json().ok());
+                let Some(status) = status else { continue };
+                let leader = status["leader"].as_str().unwrap_or("").to_owned();
+                for (i, other) in self.members.iter().enumerate() {
+                    let id: Option<serde_json::Value> = agent
+                        .post(format!("http://{}/v3/maintenance/status", other.client))
+                        .send("{}")
+                        .ok()
+                        .and_then(|mut r| r.body_mut().read_json().ok());
+                    if id.is_some_and(|s| s["header"]["member_id"].as_str() == Some(&leader)) {
+                        return i;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no etcd leader within 30 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// What one client thread saw during the fault test.
+#[derive(Default)]
+struct Tally {
+    acked_adds: i64,
+    failed_adds: i64,
+    acked_sets: Vec<String>,
+    longest_call: Duration,
+}
+
+#[test]
+fn killing_a_member_then_the_leader_loses_no_acknowledged_write() {
+    let mut cluster = Cluster::start();
+    let timeout = Duration::from_secs(3);
+    let options = EtcdStoreOptions {
+        endpoints: cluster.endpoints(),
+        prefix: "/faults".into(),
+        timeout,
+    };
+    EtcdStore::new(options.clone()).expect("the cluster answers");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let (options, stop) = (options.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let store = EtcdStore::new(options).unwrap();
+                let mut tally = Tally::default();
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut timed = |call: &mut dyn FnMut() -> bool| {
+                        let started = Instant::now();
+                        let ok = call();
+                        tally.longest_call = tally.longest_call.max(started.elapsed());
+                        ok
+                    };
+                    if timed(&mut || store.add("counter", 1).is_ok()) {
+                        tally.acked_adds += 1;
+                    } else {
+                        tally.failed_adds += 1;
+                    }
+                    let key = format!("w{t}-{i}");
+                    if timed(&mut || store.set(&key, key.as_bytes()).is_ok()) {
+                        tally.acked_sets.push(key.clone());
+                    }
+                    // A waiter: released by the set just made, or failing
+                    // within its timeout, never stuck.
+                    timed(&mut || store.wait(&[&key], None).is_ok());
+                    i += 1;
+                }
+                tally
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let leader = cluster.leader();
+    let follower = (leader + 1) % 3;
+    cluster.kill(follower);
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.kill(leader);
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.run(follower, "existing");
+    cluster.run(leader, "existing");
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let tallies: Vec<Tally> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+
+    let store = EtcdStore::new(EtcdStoreOptions {
+        timeout: Duration::from_secs(30),
+        ..options
+    })
+    .unwrap();
+    let acked: i64 = tallies.iter().map(|t| t.acked_adds).sum();
+    let failed: i64 = tallies.iter().map(|t| t.failed_adds).sum();
+    let counter = parse_counter("counter", &store.get("counter").unwrap()).unwrap();
+    let sets: Vec<&String> = tallies.iter().flat_map(|t| &t.acked_sets).collect();
+    let longest = tallies.iter().map(|t| t.longest_call).max().unwrap();
+    eprintln!(
+        "etcd faults: {acked} adds acknowledged, {failed} failed, counter {counter}; \
+         {} sets acknowledged, all found; longest call {longest:?}",
+        sets.len()
+    );
+    // Every acknowledged add counted once; a failed one at most once.
+    assert!(
+        counter >= acked && counter <= acked + failed,
+        "{counter} vs {acked}+{failed}"
+    );
+    for key in sets {
+        assert_eq!(
+            store.get(key).unwrap(),
+            key.as_bytes(),
+            "acknowledged set {key} lost"
+        );
+    }
+    // Losing quorum stalled calls (the faults were felt), but every call
+    // ended within its timeout (plus the request under way at the deadline).
+    assert!(
+        acked > 0 && longest > Duration::from_millis(500),
+        "{longest:?}"
+    );
+    assert!(
+        longest < timeout + Duration::from_secs(1),
+        "a call took {longest:?}"
+    );
 }

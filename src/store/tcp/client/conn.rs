@@ -142,9 +142,12 @@ impl Conn {
             std::thread::sleep(sleep);
             delay = delay.mul_f64(BACKOFF_MULTIPLIER).min(BACKOFF_MAX);
         }
+        // PyTorch's words, with the connect timeout (not the time it took,
+        // which a loaded machine stretches by a millisecond or so).
+        let timeout = deadline.map_or(started.elapsed(), |d| d.saturating_duration_since(started));
         Err(Error::network(format!(
             "The client socket has timed out after {}ms while trying to connect to ({host}, {port}): {}",
-            started.elapsed().as_millis(),
+            timeout.as_micros().div_ceil(1000),
             last_error.message()
         )))
     }
