@@ -46,12 +46,27 @@ pub(crate) struct Range {
     pub revision: i64,
 }
 
+/// What a read returns: only what the caller uses travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Read {
+    /// The pairs, values included.
+    Values,
+    /// The pairs without their values.
+    Keys,
+    /// Only how many pairs there are.
+    Count,
+}
+
 /// A request inside a transaction.
 pub(crate) enum Op {
     /// Sets a key.
     Put { key: Vec<u8>, value: Vec<u8> },
-    /// Reads a key, or counts the keys with a prefix.
-    Range { key: Vec<u8>, prefix: bool },
+    /// Reads a key (or the keys with the prefix `key`).
+    Range {
+        key: Vec<u8>,
+        prefix: bool,
+        read: Read,
+    },
     /// Deletes a key.
     Delete { key: Vec<u8> },
 }
@@ -62,6 +77,18 @@ pub(crate) enum Compare {
     ModRevision { key: Vec<u8>, revision: i64 },
     /// The key was created at this revision.
     CreateRevision { key: Vec<u8>, revision: i64 },
+}
+
+/// How a watch ended.
+#[derive(Debug)]
+pub(crate) enum Watched {
+    /// A pair was written in one of the ranges.
+    Put(Kv),
+    /// etcd canceled the watch (its start revision was compacted away):
+    /// read again, and watch from the new revision.
+    Canceled,
+    /// The deadline passed first.
+    Deadline,
 }
 
 /// The outcome of a transaction: whether its comparisons held, and the
@@ -118,13 +145,10 @@ impl Client {
         &self,
         key: &[u8],
         prefix: bool,
-        count_only: bool,
+        read: Read,
         deadline: Instant,
     ) -> Result<Range> {
-        let mut request = range_request(key, prefix);
-        if count_only {
-            request["count_only"] = json!(true);
-        }
+        let request = read_request(key, prefix, read);
         parse_range(&self.post("/v3/kv/range", &request, deadline)?)
     }
 
@@ -178,15 +202,14 @@ impl Client {
         Ok(TxnResult { succeeded, ranges })
     }
 
-    /// Watches the ranges `(key, prefix)` from `start_revision` on, and
-    /// returns the first pair written (put) in any of them, or `None` at
-    /// the deadline.
+    /// Watches the ranges `(key, prefix)` from `start_revision` on, until
+    /// a pair is written (put) in any of them, or the deadline.
     pub(crate) fn watch_first_put(
         &self,
         ranges: &[(Vec<u8>, bool)],
         start_revision: i64,
         deadline: Instant,
-    ) -> Result<Option<Kv>> {
+    ) -> Result<Watched> {
         let body: String = ranges
             .iter()
             .map(|(key, prefix)| {
@@ -200,7 +223,7 @@ impl Client {
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Ok(None);
+                return Ok(Watched::Deadline);
             }
             let endpoint = self.endpoint();
             let sent = self
@@ -219,7 +242,7 @@ impl Client {
                     pause(&mut backoff, deadline);
                     continue;
                 }
-                Err(e) if is_timeout(&e) => return Ok(None),
+                Err(e) if is_timeout(&e) => return Ok(Watched::Deadline),
                 Err(e) => {
                     log::debug!("etcd watch on {endpoint}: {e}");
                     self.next_endpoint(&endpoint);
@@ -231,7 +254,9 @@ impl Client {
             for line in reader.lines() {
                 let line = match line {
                     Ok(line) => line,
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Ok(None),
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        return Ok(Watched::Deadline)
+                    }
                     Err(e) => {
                         log::debug!("etcd watch stream from {endpoint}: {e}");
                         break;
@@ -244,18 +269,15 @@ impl Client {
                 }
                 let result = &message["result"];
                 if result["canceled"].as_bool() == Some(true) {
-                    // Compacted past start_revision: the caller reads again.
-                    return Err(Error::new(
-                        Status::Remote,
-                        format!("etcd canceled the watch: {}", result["cancel_reason"]),
-                    ));
+                    log::debug!("etcd canceled a watch: {}", result["cancel_reason"]);
+                    return Ok(Watched::Canceled);
                 }
                 if let Some(kv) = result["events"]
                     .as_array()
                     .and_then(|events| events.first())
                     .map(|event| parse_kv(&event["kv"]))
                 {
-                    return kv.map(Some);
+                    return kv.map(Watched::Put);
                 }
             }
             // The stream ended (the member went away): watch again,
@@ -406,12 +428,24 @@ fn range_request(key: &[u8], prefix: bool) -> Json {
     request
 }
 
+fn read_request(key: &[u8], prefix: bool, read: Read) -> Json {
+    let mut request = range_request(key, prefix);
+    match read {
+        Read::Values => {}
+        Read::Keys => request["keys_only"] = json!(true),
+        Read::Count => request["count_only"] = json!(true),
+    }
+    request
+}
+
 fn op_json(op: &Op) -> Json {
     match op {
         Op::Put { key, value } => {
             json!({"request_put": {"key": BASE64.encode(key), "value": BASE64.encode(value)}})
         }
-        Op::Range { key, prefix } => json!({ "request_range": range_request(key, *prefix) }),
+        Op::Range { key, prefix, read } => {
+            json!({ "request_range": read_request(key, *prefix, *read) })
+        }
         Op::Delete { key } => json!({"request_delete_range": {"key": BASE64.encode(key)}}),
     }
 }

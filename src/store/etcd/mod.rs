@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use self::client::{Client, Compare, Op};
+use self::client::{Client, Compare, Op, Read, Watched};
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
 use crate::error::{Error, Result, Status};
 use crate::timeout::DEFAULT_STORE_TIMEOUT;
@@ -83,7 +83,17 @@ pub struct EtcdStore {
     client: Arc<Client>,
     prefix: Vec<u8>,
     timeout: Mutex<Duration>,
+    /// Commit tokens no longer needed, deleted by the next transaction
+    /// (see [`EtcdStore::commit`]); never held across a request.
+    stale_tokens: Mutex<Vec<Vec<u8>>>,
 }
+
+/// etcd's limit on the operations of one transaction (`--max-txn-ops`,
+/// 128 by default), which reads of many keys stay within.
+const MAX_TXN_OPS: usize = 128;
+
+/// Stale commit tokens one transaction deletes, at most.
+const MAX_CLEANUP_OPS: usize = 16;
 
 /// "Forever", as a deadline.
 const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -93,14 +103,19 @@ impl EtcdStore {
     /// `options.endpoints`; checks that a member answers (within the
     /// timeout).
     pub fn new(options: EtcdStoreOptions) -> Result<EtcdStore> {
-        let store = EtcdStore {
-            client: Arc::new(Client::new(&options.endpoints)?),
-            prefix: options.prefix.trim_end_matches('/').as_bytes().to_vec(),
-            timeout: Mutex::new(options.timeout),
-        };
+        let store = EtcdStore::on(
+            Arc::new(Client::new(&options.endpoints)?),
+            options.prefix.trim_end_matches('/').as_bytes().to_vec(),
+            options.timeout,
+        );
         store
             .client
-            .range(&store.value_key(""), false, true, store.deadline(None))
+            .range(
+                &store.value_key(""),
+                false,
+                Read::Count,
+                store.deadline(None),
+            )
             .map_err(|e| {
                 Error::new(
                     e.status(),
@@ -112,6 +127,15 @@ impl EtcdStore {
                 )
             })?;
         Ok(store)
+    }
+
+    fn on(client: Arc<Client>, prefix: Vec<u8>, timeout: Duration) -> EtcdStore {
+        EtcdStore {
+            client,
+            prefix,
+            timeout: Mutex::new(timeout),
+            stale_tokens: Mutex::new(Vec::new()),
+        }
     }
 
     /// Deletes every key of this store (everything under its prefix);
@@ -145,7 +169,7 @@ impl EtcdStore {
         let deadline = self.deadline(None);
         let k = self.value_key(key);
         loop {
-            let range = self.client.range(&k, false, false, deadline)?;
+            let range = self.client.range(&k, false, Read::Values, deadline)?;
             let current = range.kvs.first();
             let (write, answer) = change(current.map(|kv| &kv.value[..]))?;
             let Some(value) = write else {
@@ -176,34 +200,69 @@ impl EtcdStore {
     /// sent again, and its comparison then fails if the first one went
     /// through: telling the two apart takes a token written with `op` and
     /// read back when the comparison fails. Without it, an ADD whose answer
-    /// was lost would be applied twice, and a popped element lost.
+    /// was lost would be applied twice, and a popped element lost. Tokens
+    /// are deleted by the handle's next transaction (no request of their
+    /// own), the last ones when the handle goes.
     fn commit(&self, compare: Compare, op: Op, deadline: Instant) -> Result<bool> {
         let token = [&self.prefix[..], b"/t/", &element_id()].concat();
-        let mark = Op::Put {
-            key: token.clone(),
-            value: Vec::new(),
+        let stale = {
+            let mut tokens = self.stale_tokens.lock();
+            let keep = tokens.len().saturating_sub(MAX_CLEANUP_OPS);
+            tokens.split_off(keep)
         };
-        let read_back = Op::Range {
+        let cleanup = || stale.iter().map(|key| Op::Delete { key: key.clone() });
+        let success: Vec<Op> = [
+            op,
+            Op::Put {
+                key: token.clone(),
+                value: Vec::new(),
+            },
+        ]
+        .into_iter()
+        .chain(cleanup())
+        .collect();
+        let failure: Vec<Op> = std::iter::once(Op::Range {
             key: token.clone(),
             prefix: false,
-        };
-        let result = self
-            .client
-            .txn(&[compare], &[op, mark], &[read_back], deadline)?;
-        let committed = result.succeeded || result.ranges.first().is_some_and(|r| r.count > 0);
-        if committed {
-            // Best effort: a token left behind (this process died) is a
-            // few bytes under the job's prefix, and changes nothing.
-            if let Err(e) = self.client.delete(&token, false, deadline) {
-                log::debug!("etcd: removing a commit token: {}", e.message());
+            read: Read::Count,
+        })
+        .chain(cleanup())
+        .collect();
+        let result = self.client.txn(&[compare], &success, &failure, deadline);
+        let mut stale_tokens = self.stale_tokens.lock();
+        match result {
+            Ok(result) => {
+                let committed =
+                    result.succeeded || result.ranges.first().is_some_and(|r| r.count > 0);
+                if committed {
+                    stale_tokens.push(token);
+                }
+                Ok(committed)
+            }
+            // Nothing may have been applied, or everything: keep them all.
+            Err(e) => {
+                stale_tokens.extend(stale);
+                stale_tokens.push(token);
+                Err(e)
             }
         }
-        Ok(committed)
     }
 
-    /// Whether each key exists (a value or a non-empty queue), as of one
-    /// revision, which is returned too.
+    /// Whether each key exists (a value or a non-empty queue), and a
+    /// revision at or before which they were read (transactions of at most
+    /// MAX_TXN_OPS reads each).
     fn presence(&self, keys: &[&str], deadline: Instant) -> Result<(Vec<bool>, i64)> {
+        let mut present = Vec::with_capacity(keys.len());
+        let mut revision = i64::MAX;
+        for chunk in keys.chunks(MAX_TXN_OPS / 2) {
+            let (p, r) = self.presence_at_once(chunk, deadline)?;
+            present.extend(p);
+            revision = revision.min(r);
+        }
+        Ok((present, if keys.is_empty() { 0 } else { revision }))
+    }
+
+    fn presence_at_once(&self, keys: &[&str], deadline: Instant) -> Result<(Vec<bool>, i64)> {
         let ops: Vec<Op> = keys
             .iter()
             .flat_map(|key| {
@@ -211,10 +270,12 @@ impl EtcdStore {
                     Op::Range {
                         key: self.value_key(key),
                         prefix: false,
+                        read: Read::Count,
                     },
                     Op::Range {
                         key: self.queue_prefix(key),
                         prefix: true,
+                        read: Read::Count,
                     },
                 ]
             })
@@ -229,11 +290,9 @@ impl EtcdStore {
         Ok((present, revision))
     }
 
-    /// Waits until every key has existed; `timeout` for the error message.
-    fn wait_for(&self, keys: &[&str], timeout: Option<Duration>) -> Result<()> {
-        let deadline = self.deadline(timeout);
-        let wait_error =
-            || wait_timeout_error(timeout.unwrap_or_else(|| *self.timeout.lock()), keys);
+    /// Waits until every key has existed, until `deadline`; `timeout`
+    /// names it in the error.
+    fn wait_for(&self, keys: &[&str], deadline: Instant, timeout: Duration) -> Result<()> {
         let mut pending: Vec<&str> = keys.to_vec();
         while !pending.is_empty() {
             let (present, revision) = self.presence(&pending, deadline)?;
@@ -250,15 +309,32 @@ impl EtcdStore {
                 (self.value_key(first), false),
                 (self.queue_prefix(first), true),
             ];
-            match self.client.watch_first_put(&ranges, revision + 1, deadline) {
-                Ok(Some(_)) => {}
-                Ok(None) => return Err(wait_error()),
-                // A compacted revision cancels the watch: read again.
-                Err(e) if e.status() == Status::Remote && Instant::now() < deadline => {}
-                Err(e) => return Err(e),
+            if let Watched::Deadline =
+                self.client
+                    .watch_first_put(&ranges, revision + 1, deadline)?
+            {
+                return Err(wait_timeout_error(timeout, keys));
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for EtcdStore {
+    /// Deletes the last commit tokens (best effort, within a second: a
+    /// token left behind is a few bytes under the job's prefix).
+    fn drop(&mut self) {
+        let stale = std::mem::take(&mut *self.stale_tokens.lock());
+        if stale.is_empty() {
+            return;
+        }
+        let deletes: Vec<Op> = stale.into_iter().map(|key| Op::Delete { key }).collect();
+        let deadline = self
+            .deadline(None)
+            .min(Instant::now() + Duration::from_secs(1));
+        if let Err(e) = self.client.txn(&[], &deletes, &[], deadline) {
+            log::debug!("etcd: removing commit tokens: {}", e.message());
+        }
     }
 }
 
@@ -299,18 +375,18 @@ impl Store for EtcdStore {
         let deadline = self.deadline(None);
         let k = self.value_key(key);
         loop {
-            let range = self.client.range(&k, false, false, deadline)?;
+            let range = self.client.range(&k, false, Read::Values, deadline)?;
             if let Some(kv) = range.kvs.into_iter().next() {
                 return Ok(kv.value);
             }
-            match self
-                .client
-                .watch_first_put(&[(k.clone(), false)], range.revision + 1, deadline)
-            {
-                Ok(Some(kv)) => return Ok(kv.value),
-                Ok(None) => return Err(wait_timeout_error(self.timeout(), &[key])),
-                Err(e) if e.status() == Status::Remote && Instant::now() < deadline => {}
-                Err(e) => return Err(e),
+            match self.client.watch_first_put(
+                &[(k.clone(), false)],
+                range.revision + 1,
+                deadline,
+            )? {
+                Watched::Put(kv) => return Ok(kv.value),
+                Watched::Canceled => {}
+                Watched::Deadline => return Err(wait_timeout_error(self.timeout(), &[key])),
             }
         }
     }
@@ -346,14 +422,15 @@ impl Store for EtcdStore {
     }
 
     fn wait(&self, keys: &[&str], timeout: Option<Duration>) -> Result<()> {
-        self.wait_for(keys, timeout)
+        let timeout = timeout.unwrap_or_else(|| self.timeout());
+        self.wait_for(keys, self.deadline(Some(timeout)), timeout)
     }
 
     fn num_keys(&self) -> Result<i64> {
         let values = [&self.prefix[..], b"/v/"].concat();
         Ok(self
             .client
-            .range(&values, true, true, self.deadline(None))?
+            .range(&values, true, Read::Count, self.deadline(None))?
             .count)
     }
 
@@ -366,19 +443,25 @@ impl Store for EtcdStore {
     fn multi_get(&self, keys: &[&str]) -> Result<Vec<Vec<u8>>> {
         let deadline = self.deadline(None);
         loop {
-            self.wait_for(keys, None)?;
-            let ops: Vec<Op> = keys
-                .iter()
-                .map(|k| Op::Range {
-                    key: self.value_key(k),
-                    prefix: false,
-                })
-                .collect();
-            let ranges = self.client.txn(&[], &ops, &[], deadline)?.ranges;
-            let values: Option<Vec<Vec<u8>>> = ranges
-                .into_iter()
-                .map(|r| r.kvs.into_iter().next().map(|kv| kv.value))
-                .collect();
+            self.wait_for(keys, deadline, self.timeout())?;
+            let mut values = Some(Vec::with_capacity(keys.len()));
+            for chunk in keys.chunks(MAX_TXN_OPS) {
+                let ops: Vec<Op> = chunk
+                    .iter()
+                    .map(|k| Op::Range {
+                        key: self.value_key(k),
+                        prefix: false,
+                        read: Read::Values,
+                    })
+                    .collect();
+                let ranges = self.client.txn(&[], &ops, &[], deadline)?.ranges;
+                values = values.and_then(|mut values: Vec<Vec<u8>>| {
+                    for range in ranges {
+                        values.push(range.kvs.into_iter().next()?.value);
+                    }
+                    Some(values)
+                });
+            }
             // A key deleted between the wait and the read: wait again.
             if let Some(values) = values {
                 return Ok(values);
@@ -389,19 +472,22 @@ impl Store for EtcdStore {
         }
     }
 
+    /// One transaction per MAX_TXN_OPS keys: atomic up to that many.
     fn multi_set(&self, keys: &[&str], values: &[&[u8]]) -> Result<()> {
         check_multi_set_lengths(keys, values)?;
-        let ops: Vec<Op> = keys
-            .iter()
-            .zip(values)
-            .map(|(k, v)| Op::Put {
-                key: self.value_key(k),
-                value: v.to_vec(),
-            })
-            .collect();
-        self.client
-            .txn(&[], &ops, &[], self.deadline(None))
-            .map(drop)
+        let deadline = self.deadline(None);
+        for (keys, values) in keys.chunks(MAX_TXN_OPS).zip(values.chunks(MAX_TXN_OPS)) {
+            let ops: Vec<Op> = keys
+                .iter()
+                .zip(values)
+                .map(|(k, v)| Op::Put {
+                    key: self.value_key(k),
+                    value: v.to_vec(),
+                })
+                .collect();
+            self.client.txn(&[], &ops, &[], deadline)?;
+        }
+        Ok(())
     }
 
     fn queue_push(&self, key: &str, value: &[u8]) -> Result<()> {
@@ -421,16 +507,15 @@ impl Store for EtcdStore {
                         format!("queue_pop: the queue {key} is empty"),
                     ));
                 }
-                match self.client.watch_first_put(
+                let watched = self.client.watch_first_put(
                     &[(queue.clone(), true)],
                     range.revision + 1,
                     deadline,
-                ) {
-                    Ok(Some(_)) => continue,
-                    Ok(None) => return Err(wait_timeout_error(self.timeout(), &[key])),
-                    Err(e) if e.status() == Status::Remote && Instant::now() < deadline => continue,
-                    Err(e) => return Err(e),
+                )?;
+                if let Watched::Deadline = watched {
+                    return Err(wait_timeout_error(self.timeout(), &[key]));
                 }
+                continue;
             };
             // Whoever deletes the element first has popped it: wake-one.
             let compare = Compare::CreateRevision {
@@ -446,7 +531,12 @@ impl Store for EtcdStore {
     fn queue_len(&self, key: &str) -> Result<i64> {
         Ok(self
             .client
-            .range(&self.queue_prefix(key), true, true, self.deadline(None))?
+            .range(
+                &self.queue_prefix(key),
+                true,
+                Read::Count,
+                self.deadline(None),
+            )?
             .count)
     }
 
@@ -454,7 +544,7 @@ impl Store for EtcdStore {
         let values = [&self.prefix[..], b"/v/"].concat();
         let range = self
             .client
-            .range(&values, true, false, self.deadline(None))?;
+            .range(&values, true, Read::Keys, self.deadline(None))?;
         Ok(range
             .kvs
             .into_iter()
@@ -471,11 +561,11 @@ impl Store for EtcdStore {
     }
 
     fn clone_store(&self) -> Result<Arc<dyn Store>> {
-        Ok(Arc::new(EtcdStore {
-            client: Arc::new(Client::new(self.client.endpoints())?),
-            prefix: self.prefix.clone(),
-            timeout: Mutex::new(self.timeout()),
-        }))
+        Ok(Arc::new(EtcdStore::on(
+            Arc::new(Client::new(self.client.endpoints())?),
+            self.prefix.clone(),
+            self.timeout(),
+        )))
     }
 }
 

@@ -465,3 +465,29 @@ fn killing_a_member_then_the_leader_loses_no_acknowledged_write() {
         "a call took {longest:?}"
     );
 }
+
+#[test]
+fn requests_of_more_keys_than_one_transaction_takes() {
+    let etcd = Etcd::start();
+    let store = EtcdStore::new(etcd.options("/many", Duration::from_secs(30))).unwrap();
+    let keys: Vec<String> = (0..300).map(|i| format!("k{i}")).collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let values: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+    store.multi_set(&keys, &values).unwrap();
+    assert!(store.check(&keys).unwrap());
+    store.wait(&keys, None).unwrap();
+    let got = store.multi_get(&keys).unwrap();
+    assert_eq!(got.iter().map(Vec::as_slice).collect::<Vec<_>>(), values);
+    assert_eq!(store.num_keys().unwrap(), 300);
+    // Many commits leave no token behind once the handle goes.
+    for _ in 0..40 {
+        store.add("n", 1).unwrap();
+    }
+    drop(store);
+    let store = EtcdStore::new(etcd.options("/many", Duration::from_secs(30))).unwrap();
+    let tokens = store
+        .client
+        .range(b"/many/t/", true, super::Read::Count, store.deadline(None))
+        .unwrap();
+    assert_eq!(tokens.count, 0);
+}
