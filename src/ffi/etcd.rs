@@ -3,14 +3,13 @@
 
 use std::ffi::c_char;
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::store::dc_store;
 use super::{
-    arg_opt_str, arg_out, arg_slice, arg_str, arg_versioned, boundary, dc_status, give,
-    write_versioned, Versioned,
+    arg_duration, arg_opt_str, arg_out, arg_slice, arg_str, arg_versioned, boundary, dc_status,
+    give, write_versioned, Versioned,
 };
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::store::{EtcdStore, EtcdStoreOptions};
 use crate::timeout::DEFAULT_STORE_TIMEOUT;
 
@@ -76,8 +75,6 @@ unsafe fn options_arg(opts: &dc_etcd_store_options) -> Result<EtcdStoreOptions> 
         .iter()
         .map(|&e| unsafe { arg_str(e, "opts->endpoints[i]") }.map(str::to_owned))
         .collect::<Result<Vec<_>>>()?;
-    let timeout_ms = u64::try_from(opts.timeout_ms)
-        .map_err(|_| Error::invalid_argument("opts->timeout_ms must not be negative"))?;
     Ok(EtcdStoreOptions {
         endpoints: if endpoints.is_empty() {
             defaults.endpoints
@@ -86,7 +83,7 @@ unsafe fn options_arg(opts: &dc_etcd_store_options) -> Result<EtcdStoreOptions> 
         },
         prefix: unsafe { arg_opt_str(opts.prefix, "opts->prefix") }?
             .map_or(defaults.prefix, str::to_owned),
-        timeout: Duration::from_millis(timeout_ms),
+        timeout: arg_duration(opts.timeout_ms)?,
     })
 }
 

@@ -273,19 +273,14 @@ pub(crate) unsafe fn write_versioned<T: Versioned>(
     Ok(())
 }
 
-/// Fills an output struct whose `struct_size` the caller set.
-pub(crate) unsafe fn write_versioned_out<T: Versioned>(
-    ptr: *mut T,
-    name: &str,
-    value: T,
-) -> Result<()> {
+/// An output struct whose `struct_size` the caller set: checks it before
+/// any work is done, and returns it for [`write_versioned`].
+pub(crate) unsafe fn arg_versioned_out<T: Versioned>(ptr: *mut T, name: &str) -> Result<usize> {
     if ptr.is_null() {
         return Err(null_error(name));
     }
     // SAFETY: non-NULL and valid; the first field is a usize.
-    let size = unsafe { ptr.cast::<usize>().read_unaligned() };
-    // SAFETY: forwarded.
-    unsafe { write_versioned(ptr, name, size, value) }
+    versioned_size::<T>(unsafe { ptr.cast::<usize>().read_unaligned() }, name)
 }
 
 /// A required reference argument.

@@ -10,7 +10,7 @@ use super::store::store_arg;
 use super::work::dc_work;
 use super::{
     arg_bytes, arg_duration, arg_handle, arg_opt_str, arg_out, arg_slice, arg_str, arg_timeout,
-    arg_versioned, boundary, dc_status, drop_handle, give, write_versioned, write_versioned_out,
+    arg_versioned, arg_versioned_out, boundary, dc_status, drop_handle, give, write_versioned,
     Handle, UserData, Versioned, DC_OK,
 };
 use crate::error::{Error, Result, Status};
@@ -576,7 +576,7 @@ pub unsafe extern "C" fn dc_rpc_debug_info(
 ) -> dc_status {
     boundary("dc_rpc_debug_info", || {
         let rpc = unsafe { arg_handle(rpc, "rpc") }?.rpc.clone();
-        unsafe { arg_out(out, "out") }?;
+        let size = unsafe { arg_versioned_out(out, "out") }?;
         let info = rpc.debug_info();
         let info = dc_rref_debug_info {
             struct_size: std::mem::size_of::<dc_rref_debug_info>(),
@@ -585,7 +585,7 @@ pub unsafe extern "C" fn dc_rpc_debug_info(
             num_pending_users: info.num_pending_users as u64,
             num_forks: info.num_forks as u64,
         };
-        unsafe { write_versioned_out(out, "out", info) }
+        unsafe { write_versioned(out, "out", size, info) }
     })
 }
 

@@ -6,12 +6,11 @@ use std::ffi::{c_char, c_int, CString};
 use std::net::IpAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::store::{dc_store, store_arg};
 use super::{
-    arg_opt_str, arg_out, arg_slice, arg_str, arg_versioned, boundary, dc_status, give,
-    write_versioned, write_versioned_out, Versioned,
+    arg_duration, arg_opt_str, arg_out, arg_slice, arg_str, arg_versioned, arg_versioned_out,
+    boundary, dc_status, give, write_versioned, Versioned,
 };
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
@@ -156,8 +155,7 @@ unsafe fn options_arg(
                 })
         })
         .transpose()?;
-    let timeout_ms = u64::try_from(opts.timeout_ms)
-        .map_err(|_| Error::invalid_argument("opts->timeout_ms must not be negative"))?;
+
     let world_size = u32::try_from(opts.world_size).ok();
     let max_value_len = match opts.max_value_size {
         0 => DEFAULT_MAX_VALUE_LEN,
@@ -170,7 +168,7 @@ unsafe fn options_arg(
         is_server: opts.is_server,
         world_size,
         wait_for_workers: opts.wait_for_workers,
-        timeout: Duration::from_millis(timeout_ms),
+        timeout: arg_duration(opts.timeout_ms)?,
         multi_tenant: opts.multi_tenant,
         master_listen_fd,
         bind_address,
@@ -334,7 +332,7 @@ pub unsafe extern "C" fn dc_tcp_store_server_stats(
 ) -> dc_status {
     boundary("dc_tcp_store_server_stats", || {
         let store = unsafe { store_arg(store) }?;
-        unsafe { arg_out(out, "out") }?;
+        let size = unsafe { arg_versioned_out(out, "out") }?;
         let server = tcp(&store)?
             .server()
             .ok_or_else(|| Error::invalid_argument("this TCPStore handle runs no server"))?;
@@ -345,6 +343,6 @@ pub unsafe extern "C" fn dc_tcp_store_server_stats(
             pending_waits: stats.pending_waits as u64,
             keys: stats.keys as u64,
         };
-        unsafe { write_versioned_out(out, "out", stats) }
+        unsafe { write_versioned(out, "out", size, stats) }
     })
 }
