@@ -183,12 +183,6 @@ impl KvTable {
     pub(crate) fn keys(&self) -> impl Iterator<Item = &[u8]> {
         self.small.keys().chain(self.large.keys().map(|k| &**k))
     }
-
-    /// The arrival count of the barrier `key` (0 before anyone arrived).
-    pub(crate) fn counter(&self, key: &[u8]) -> Result<i64> {
-        self.bytes(key)
-            .map_or(Ok(0), |value| parse_counter(key, value))
-    }
 }
 
 fn parse_counter(key: &[u8], value: &[u8]) -> Result<i64> {

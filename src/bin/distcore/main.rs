@@ -12,7 +12,7 @@ mod parameter_server;
 
 use clap::{Parser, Subcommand};
 use distcore::store::tcp::protocol::Limits;
-use distcore::store::tcp::server::raise_open_files_limit;
+use distcore::store::tcp::server::{raise_open_files_limit, ServerBackend};
 use distcore::store::tcp::{Server, ServerOptions};
 use distcore::store::{
     elastic, EtcdStore, EtcdStoreOptions, FileStore, HashStore, PrefixStore, Store, TcpStore,
@@ -57,6 +57,19 @@ fn parse_demo_store(text: &str) -> std::result::Result<DemoStore, String> {
                 "'{text}': expected tcp, hash, file:PATH or etcd://HOST:PORT[,HOST:PORT]/PREFIX"
             )),
         },
+    }
+}
+
+/// `--backend`: memory, or etcd://HOST:PORT[,HOST:PORT...]/PREFIX.
+fn parse_backend(text: &str) -> std::result::Result<ServerBackend, String> {
+    match text {
+        "memory" => Ok(ServerBackend::Memory),
+        _ if text.starts_with("etcd://") => EtcdStoreOptions::from_url(text)
+            .map(ServerBackend::Etcd)
+            .map_err(|e| e.message().to_owned()),
+        _ => Err(format!(
+            "'{text}': expected memory or etcd://HOST:PORT[,HOST:PORT]/PREFIX"
+        )),
     }
 }
 
@@ -128,6 +141,17 @@ enum Command {
         /// binding; --host and --port are then ignored.
         #[arg(long)]
         listen_fd: Option<std::os::fd::RawFd>,
+        /// Where the keys live: memory (this process), or
+        /// etcd://HOST:PORT[,HOST:PORT...]/PREFIX (an etcd cluster's v3
+        /// API, under PREFIX: any number of servers on the same cluster and
+        /// prefix serve the same store, and a server that dies loses
+        /// nothing; values up to 1 MiB).
+        #[arg(long, value_parser = parse_backend, default_value = "memory")]
+        backend: ServerBackend,
+        /// With an etcd backend: seconds an etcd request may take (a member
+        /// down, a leader election) before the client's request fails.
+        #[arg(long, default_value_t = 30)]
+        backend_timeout: u64,
     },
     /// List the keys of a TCPStore with their sizes and values.
     Inspect {
@@ -181,6 +205,8 @@ fn main() -> ExitCode {
             world_size,
             max_value_size,
             listen_fd,
+            mut backend,
+            backend_timeout,
         } => serve(
             ServerOptions {
                 port,
@@ -192,6 +218,12 @@ fn main() -> ExitCode {
                     })
                 }),
                 limits: Limits::with_max_value_len(max_value_size),
+                backend: {
+                    if let ServerBackend::Etcd(etcd) = &mut backend {
+                        etcd.timeout = Duration::from_secs(backend_timeout);
+                    }
+                    backend
+                },
                 ..ServerOptions::default()
             },
             world_size,
@@ -429,9 +461,15 @@ fn block_termination_signals() -> impl FnOnce() -> i32 {
 fn serve(options: ServerOptions, world_size: Option<u32>) -> Result<()> {
     let wait_for_signal = block_termination_signals();
     let open_files = raise_open_files_limit();
+    let keys_in = match &options.backend {
+        ServerBackend::Memory => "memory".to_owned(),
+        ServerBackend::Etcd(etcd) => {
+            format!("etcd {} under {}", etcd.endpoints.join(","), etcd.prefix)
+        }
+    };
     let server = Server::start(options)?;
     say!(
-        "distcore TCPStore server listening on {} (SIGINT or SIGTERM stops it)",
+        "distcore TCPStore server listening on {} (keys in {keys_in}; SIGINT or SIGTERM stops it)",
         server.local_addr()
     );
     match open_files {

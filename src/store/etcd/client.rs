@@ -25,6 +25,9 @@ use crate::error::{Error, Result, Status};
 /// deadline exceeded inside etcd, aborted.
 const RETRIABLE_GRPC_CODES: [i64; 3] = [14, 4, 10];
 
+/// Idle HTTP connections kept per member.
+const MAX_IDLE_CONNECTIONS: usize = 64;
+
 /// The longest pause between two attempts at one request.
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -91,6 +94,18 @@ pub(crate) enum Watched {
     Deadline,
 }
 
+/// Why [`Client::watch_puts`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WatchEnd {
+    /// The handler asked to stop.
+    Stopped,
+    /// etcd canceled the watch (its start revision was compacted away):
+    /// writes may have been missed.
+    Canceled,
+    /// The deadline passed.
+    Deadline,
+}
+
 /// The outcome of a transaction: whether its comparisons held, and the
 /// answer of each range it ran.
 pub(crate) struct TxnResult {
@@ -113,7 +128,7 @@ impl Client {
                 "an etcd store needs at least one endpoint",
             ));
         }
-        let endpoints = endpoints
+        let endpoints: Vec<String> = endpoints
             .iter()
             .map(|e| {
                 let e = e.trim_end_matches('/');
@@ -124,8 +139,12 @@ impl Client {
                 }
             })
             .collect();
+        // Connections kept for reuse: one per thread that may use this
+        // client at once (a server's workers), per member.
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            .max_idle_connections_per_host(MAX_IDLE_CONNECTIONS)
+            .max_idle_connections(MAX_IDLE_CONNECTIONS * endpoints.len())
             .build()
             .into();
         Ok(Client {
@@ -210,21 +229,46 @@ impl Client {
         start_revision: i64,
         deadline: Instant,
     ) -> Result<Watched> {
-        let body: String = ranges
-            .iter()
-            .map(|(key, prefix)| {
-                let mut create = range_request(key, *prefix);
-                create["start_revision"] = json!(start_revision);
-                create["filters"] = json!(["NODELETE"]);
-                json!({ "create_request": create }).to_string() + "\n"
-            })
-            .collect();
+        let mut first = None;
+        let end = self.watch_puts(ranges, start_revision, deadline, |kv| {
+            first = Some(kv);
+            false
+        })?;
+        Ok(match (first, end) {
+            (Some(kv), _) => Watched::Put(kv),
+            (None, WatchEnd::Canceled) => Watched::Canceled,
+            (None, _) => Watched::Deadline,
+        })
+    }
+
+    /// Watches the ranges `(key, prefix)` from `start_revision` on, handing
+    /// every pair written (put) to `on_put`, in revision order, until it
+    /// answers false, etcd cancels the watch, or the deadline. A stream
+    /// that breaks (a member went away) is watched again, elsewhere if need
+    /// be, from the revision after the last pair handed over.
+    pub(crate) fn watch_puts(
+        &self,
+        ranges: &[(Vec<u8>, bool)],
+        start_revision: i64,
+        deadline: Instant,
+        mut on_put: impl FnMut(Kv) -> bool,
+    ) -> Result<WatchEnd> {
+        let mut next_revision = start_revision;
         let mut backoff = Duration::from_millis(10);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Ok(Watched::Deadline);
+                return Ok(WatchEnd::Deadline);
             }
+            let body: String = ranges
+                .iter()
+                .map(|(key, prefix)| {
+                    let mut create = range_request(key, *prefix);
+                    create["start_revision"] = json!(next_revision);
+                    create["filters"] = json!(["NODELETE"]);
+                    json!({ "create_request": create }).to_string() + "\n"
+                })
+                .collect();
             let endpoint = self.endpoint();
             let sent = self
                 .agent
@@ -242,7 +286,7 @@ impl Client {
                     pause(&mut backoff, deadline);
                     continue;
                 }
-                Err(e) if is_timeout(&e) => return Ok(Watched::Deadline),
+                Err(e) if is_timeout(&e) => return Ok(WatchEnd::Deadline),
                 Err(e) => {
                     log::debug!("etcd watch on {endpoint}: {e}");
                     self.next_endpoint(&endpoint);
@@ -255,7 +299,7 @@ impl Client {
                 let line = match line {
                     Ok(line) => line,
                     Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                        return Ok(Watched::Deadline)
+                        return Ok(WatchEnd::Deadline)
                     }
                     Err(e) => {
                         log::debug!("etcd watch stream from {endpoint}: {e}");
@@ -270,14 +314,14 @@ impl Client {
                 let result = &message["result"];
                 if result["canceled"].as_bool() == Some(true) {
                     log::debug!("etcd canceled a watch: {}", result["cancel_reason"]);
-                    return Ok(Watched::Canceled);
+                    return Ok(WatchEnd::Canceled);
                 }
-                if let Some(kv) = result["events"]
-                    .as_array()
-                    .and_then(|events| events.first())
-                    .map(|event| parse_kv(&event["kv"]))
-                {
-                    return kv.map(Watched::Put);
+                for event in result["events"].as_array().into_iter().flatten() {
+                    let kv = parse_kv(&event["kv"])?;
+                    next_revision = next_revision.max(kv.mod_revision + 1);
+                    if !on_put(kv) {
+                        return Ok(WatchEnd::Stopped);
+                    }
                 }
             }
             // The stream ended (the member went away): watch again,

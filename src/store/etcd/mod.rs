@@ -13,6 +13,7 @@
 //! no polling, and no write between the read and the watch is missed.
 
 mod client;
+mod requests;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+pub(crate) use self::client::WatchEnd;
 use self::client::{Client, Compare, Op, Read, Watched};
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
 use crate::error::{Error, Result, Status};
@@ -88,6 +90,21 @@ pub struct EtcdStore {
     stale_tokens: Mutex<Vec<Vec<u8>>>,
 }
 
+/// What [`EtcdStore::try_pop`] found.
+struct Pop {
+    /// The queue's length before the pop.
+    before: i64,
+    /// The element popped; None: the queue was empty.
+    value: Option<Vec<u8>>,
+    /// The revision the queue was read at.
+    revision: i64,
+}
+
+/// Where values live under the prefix.
+const VALUES: &[u8] = b"/v/";
+/// Where queue elements live under the prefix.
+const QUEUES: &[u8] = b"/q/";
+
 /// etcd's limit on the operations of one transaction (`--max-txn-ops`,
 /// 128 by default), which reads of many keys stay within.
 const MAX_TXN_OPS: usize = 128;
@@ -111,7 +128,7 @@ impl EtcdStore {
         store
             .client
             .range(
-                &store.value_key(""),
+                &store.value_key(b""),
                 false,
                 Read::Count,
                 store.deadline(None),
@@ -150,12 +167,12 @@ impl EtcdStore {
         Instant::now() + if timeout.is_zero() { FOREVER } else { timeout }
     }
 
-    fn value_key(&self, key: &str) -> Vec<u8> {
-        [&self.prefix[..], b"/v/", key.as_bytes()].concat()
+    fn value_key(&self, key: &[u8]) -> Vec<u8> {
+        [&self.prefix[..], VALUES, key].concat()
     }
 
-    fn queue_prefix(&self, key: &str) -> Vec<u8> {
-        [&self.prefix[..], b"/q/", key.as_bytes(), b"\xff"].concat()
+    fn queue_prefix(&self, key: &[u8]) -> Vec<u8> {
+        [&self.prefix[..], QUEUES, key, b"\xff"].concat()
     }
 
     /// Applies `change` to the value of `key` (None: missing) in a
@@ -163,7 +180,7 @@ impl EtcdStore {
     /// interferes; returns what `change` returned.
     fn read_modify_write<T>(
         &self,
-        key: &str,
+        key: &[u8],
         mut change: impl FnMut(Option<&[u8]>) -> Result<(Option<Vec<u8>>, T)>,
     ) -> Result<T> {
         let deadline = self.deadline(None);
@@ -188,7 +205,8 @@ impl EtcdStore {
             }
             if Instant::now() >= deadline {
                 return Err(Error::timeout(format!(
-                    "etcd: gave up updating {key}: other writers kept changing it"
+                    "etcd: gave up updating {}: other writers kept changing it",
+                    String::from_utf8_lossy(key)
                 )));
             }
         }
@@ -251,7 +269,7 @@ impl EtcdStore {
     /// Whether each key exists (a value or a non-empty queue), and a
     /// revision at or before which they were read (transactions of at most
     /// MAX_TXN_OPS reads each).
-    fn presence(&self, keys: &[&str], deadline: Instant) -> Result<(Vec<bool>, i64)> {
+    fn presence(&self, keys: &[&[u8]], deadline: Instant) -> Result<(Vec<bool>, i64)> {
         let mut present = Vec::with_capacity(keys.len());
         let mut revision = i64::MAX;
         for chunk in keys.chunks(MAX_TXN_OPS / 2) {
@@ -262,7 +280,7 @@ impl EtcdStore {
         Ok((present, if keys.is_empty() { 0 } else { revision }))
     }
 
-    fn presence_at_once(&self, keys: &[&str], deadline: Instant) -> Result<(Vec<bool>, i64)> {
+    fn presence_at_once(&self, keys: &[&[u8]], deadline: Instant) -> Result<(Vec<bool>, i64)> {
         let ops: Vec<Op> = keys
             .iter()
             .flat_map(|key| {
@@ -293,7 +311,7 @@ impl EtcdStore {
     /// Waits until every key has existed, until `deadline`; `timeout`
     /// names it in the error.
     fn wait_for(&self, keys: &[&str], deadline: Instant, timeout: Duration) -> Result<()> {
-        let mut pending: Vec<&str> = keys.to_vec();
+        let mut pending: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
         while !pending.is_empty() {
             let (present, revision) = self.presence(&pending, deadline)?;
             pending = pending
@@ -317,6 +335,121 @@ impl EtcdStore {
             }
         }
         Ok(())
+    }
+}
+
+/// Operations on byte keys, shared by the Store and a TCPStore front-end
+/// (see [`requests`]).
+impl EtcdStore {
+    fn add_to(&self, key: &[u8], delta: i64) -> Result<i64> {
+        self.read_modify_write(key, |current| {
+            let now = current.map_or(Ok(0), |v| parse_counter(key, v))? + delta;
+            Ok((Some(now.to_string().into_bytes()), now))
+        })
+    }
+
+    fn compare_and_set(&self, key: &[u8], expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
+        self.read_modify_write(key, |current| {
+            Ok(match current {
+                None if expected.is_empty() => (Some(desired.to_vec()), desired.to_vec()),
+                None => (None, expected.to_vec()),
+                Some(v) if v == expected => (Some(desired.to_vec()), desired.to_vec()),
+                Some(v) => (None, v.to_vec()),
+            })
+        })
+    }
+
+    /// Appends `suffix` to the value of `key` (creating it), refusing a
+    /// result over `max_len` bytes.
+    fn append_to(&self, key: &[u8], suffix: &[u8], max_len: usize) -> Result<()> {
+        self.read_modify_write(key, |current| {
+            let current = current.unwrap_or_default();
+            let total = current.len().saturating_add(suffix.len());
+            if total > max_len {
+                return Err(Error::invalid_argument(format!(
+                    "append: the value of key '{}' would be {total} bytes, over the limit of {max_len}",
+                    String::from_utf8_lossy(key)
+                )));
+            }
+            Ok((Some([current, suffix].concat()), ()))
+        })
+    }
+
+    /// The values of `keys` (None where missing), MAX_TXN_OPS keys per
+    /// transaction.
+    fn read_values(&self, keys: &[&[u8]], deadline: Instant) -> Result<Vec<Option<Vec<u8>>>> {
+        let mut values = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(MAX_TXN_OPS) {
+            let ops: Vec<Op> = chunk
+                .iter()
+                .map(|k| Op::Range {
+                    key: self.value_key(k),
+                    prefix: false,
+                    read: Read::Values,
+                })
+                .collect();
+            let ranges = self.client.txn(&[], &ops, &[], deadline)?.ranges;
+            values.extend(
+                ranges
+                    .into_iter()
+                    .map(|r| r.kvs.into_iter().next().map(|kv| kv.value)),
+            );
+        }
+        Ok(values)
+    }
+
+    /// Sets every pair: one transaction per MAX_TXN_OPS pairs, atomic up to
+    /// that many.
+    fn write_values(&self, pairs: &[(&[u8], &[u8])], deadline: Instant) -> Result<()> {
+        for chunk in pairs.chunks(MAX_TXN_OPS) {
+            let ops: Vec<Op> = chunk
+                .iter()
+                .map(|(k, v)| Op::Put {
+                    key: self.value_key(k),
+                    value: v.to_vec(),
+                })
+                .collect();
+            self.client.txn(&[], &ops, &[], deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Pops the oldest element of the queue `key` if there is one (whoever
+    /// deletes it first has it: one popper per element).
+    fn try_pop(&self, key: &[u8], deadline: Instant) -> Result<Pop> {
+        let queue = self.queue_prefix(key);
+        loop {
+            let range = self.client.first_created(&queue, deadline)?;
+            let Some(first) = range.kvs.into_iter().next() else {
+                return Ok(Pop {
+                    before: 0,
+                    value: None,
+                    revision: range.revision,
+                });
+            };
+            let compare = Compare::CreateRevision {
+                key: first.key.clone(),
+                revision: first.create_revision,
+            };
+            if self.commit(compare, Op::Delete { key: first.key }, deadline)? {
+                return Ok(Pop {
+                    before: range.count,
+                    value: Some(first.value),
+                    revision: range.revision,
+                });
+            }
+        }
+    }
+
+    /// The keys holding values.
+    fn value_keys(&self, deadline: Instant) -> Result<Vec<Vec<u8>>> {
+        let values = [&self.prefix[..], VALUES].concat();
+        let range = self.client.range(&values, true, Read::Keys, deadline)?;
+        Ok(range
+            .kvs
+            .into_iter()
+            .map(|kv| kv.key[values.len()..].to_vec())
+            .collect())
     }
 }
 
@@ -353,13 +486,14 @@ fn element_id() -> Vec<u8> {
     .into_bytes()
 }
 
-fn parse_counter(key: &str, value: &[u8]) -> Result<i64> {
+fn parse_counter(key: &[u8], value: &[u8]) -> Result<i64> {
     std::str::from_utf8(value)
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .ok_or_else(|| {
             Error::invalid_argument(format!(
-                "add: the value of {key} is not an integer: {:?}",
+                "add: the value of {} is not an integer: {:?}",
+                String::from_utf8_lossy(key),
                 String::from_utf8_lossy(value)
             ))
         })
@@ -368,12 +502,12 @@ fn parse_counter(key: &str, value: &[u8]) -> Result<i64> {
 impl Store for EtcdStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
         self.client
-            .put(&self.value_key(key), value, self.deadline(None))
+            .put(&self.value_key(key.as_bytes()), value, self.deadline(None))
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
         let deadline = self.deadline(None);
-        let k = self.value_key(key);
+        let k = self.value_key(key.as_bytes());
         loop {
             let range = self.client.range(&k, false, Read::Values, deadline)?;
             if let Some(kv) = range.kvs.into_iter().next() {
@@ -392,32 +526,23 @@ impl Store for EtcdStore {
     }
 
     fn add(&self, key: &str, delta: i64) -> Result<i64> {
-        self.read_modify_write(key, |current| {
-            let now = current.map_or(Ok(0), |v| parse_counter(key, v))? + delta;
-            Ok((Some(now.to_string().into_bytes()), now))
-        })
+        self.add_to(key.as_bytes(), delta)
     }
 
     fn compare_set(&self, key: &str, expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
-        self.read_modify_write(key, |current| {
-            Ok(match current {
-                None if expected.is_empty() => (Some(desired.to_vec()), desired.to_vec()),
-                None => (None, expected.to_vec()),
-                Some(v) if v == expected => (Some(desired.to_vec()), desired.to_vec()),
-                Some(v) => (None, v.to_vec()),
-            })
-        })
+        self.compare_and_set(key.as_bytes(), expected, desired)
     }
 
     fn delete_key(&self, key: &str) -> Result<bool> {
         Ok(self
             .client
-            .delete(&self.value_key(key), false, self.deadline(None))?
+            .delete(&self.value_key(key.as_bytes()), false, self.deadline(None))?
             > 0)
     }
 
     fn check(&self, keys: &[&str]) -> Result<bool> {
-        let (present, _) = self.presence(keys, self.deadline(None))?;
+        let keys: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+        let (present, _) = self.presence(&keys, self.deadline(None))?;
         Ok(present.into_iter().all(|p| p))
     }
 
@@ -427,7 +552,7 @@ impl Store for EtcdStore {
     }
 
     fn num_keys(&self) -> Result<i64> {
-        let values = [&self.prefix[..], b"/v/"].concat();
+        let values = [&self.prefix[..], VALUES].concat();
         Ok(self
             .client
             .range(&values, true, Read::Count, self.deadline(None))?
@@ -435,33 +560,16 @@ impl Store for EtcdStore {
     }
 
     fn append(&self, key: &str, value: &[u8]) -> Result<()> {
-        self.read_modify_write(key, |current| {
-            Ok((Some([current.unwrap_or_default(), value].concat()), ()))
-        })
+        self.append_to(key.as_bytes(), value, usize::MAX)
     }
 
     fn multi_get(&self, keys: &[&str]) -> Result<Vec<Vec<u8>>> {
         let deadline = self.deadline(None);
         loop {
             self.wait_for(keys, deadline, self.timeout())?;
-            let mut values = Some(Vec::with_capacity(keys.len()));
-            for chunk in keys.chunks(MAX_TXN_OPS) {
-                let ops: Vec<Op> = chunk
-                    .iter()
-                    .map(|k| Op::Range {
-                        key: self.value_key(k),
-                        prefix: false,
-                        read: Read::Values,
-                    })
-                    .collect();
-                let ranges = self.client.txn(&[], &ops, &[], deadline)?.ranges;
-                values = values.and_then(|mut values: Vec<Vec<u8>>| {
-                    for range in ranges {
-                        values.push(range.kvs.into_iter().next()?.value);
-                    }
-                    Some(values)
-                });
-            }
+            let raw: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
+            let values: Option<Vec<Vec<u8>>> =
+                self.read_values(&raw, deadline)?.into_iter().collect();
             // A key deleted between the wait and the read: wait again.
             if let Some(values) = values {
                 return Ok(values);
@@ -475,55 +583,38 @@ impl Store for EtcdStore {
     /// One transaction per MAX_TXN_OPS keys: atomic up to that many.
     fn multi_set(&self, keys: &[&str], values: &[&[u8]]) -> Result<()> {
         check_multi_set_lengths(keys, values)?;
-        let deadline = self.deadline(None);
-        for (keys, values) in keys.chunks(MAX_TXN_OPS).zip(values.chunks(MAX_TXN_OPS)) {
-            let ops: Vec<Op> = keys
-                .iter()
-                .zip(values)
-                .map(|(k, v)| Op::Put {
-                    key: self.value_key(k),
-                    value: v.to_vec(),
-                })
-                .collect();
-            self.client.txn(&[], &ops, &[], deadline)?;
-        }
-        Ok(())
+        let pairs: Vec<(&[u8], &[u8])> = keys
+            .iter()
+            .map(|k| k.as_bytes())
+            .zip(values.iter().copied())
+            .collect();
+        self.write_values(&pairs, self.deadline(None))
     }
 
     fn queue_push(&self, key: &str, value: &[u8]) -> Result<()> {
-        let element = [self.queue_prefix(key), element_id()].concat();
+        let element = [self.queue_prefix(key.as_bytes()), element_id()].concat();
         self.client.put(&element, value, self.deadline(None))
     }
 
     fn queue_pop(&self, key: &str, block: bool) -> Result<Vec<u8>> {
         let deadline = self.deadline(None);
-        let queue = self.queue_prefix(key);
         loop {
-            let range = self.client.first_created(&queue, deadline)?;
-            let Some(first) = range.kvs.into_iter().next() else {
-                if !block {
-                    return Err(Error::new(
-                        Status::QueueEmpty,
-                        format!("queue_pop: the queue {key} is empty"),
-                    ));
-                }
-                let watched = self.client.watch_first_put(
-                    &[(queue.clone(), true)],
-                    range.revision + 1,
-                    deadline,
-                )?;
-                if let Watched::Deadline = watched {
-                    return Err(wait_timeout_error(self.timeout(), &[key]));
-                }
-                continue;
-            };
-            // Whoever deletes the element first has popped it: wake-one.
-            let compare = Compare::CreateRevision {
-                key: first.key.clone(),
-                revision: first.create_revision,
-            };
-            if self.commit(compare, Op::Delete { key: first.key }, deadline)? {
-                return Ok(first.value);
+            let pop = self.try_pop(key.as_bytes(), deadline)?;
+            if let Some(value) = pop.value {
+                return Ok(value);
+            }
+            if !block {
+                return Err(Error::new(
+                    Status::QueueEmpty,
+                    format!("queue_pop: the queue {key} is empty"),
+                ));
+            }
+            let queue = self.queue_prefix(key.as_bytes());
+            let watched =
+                self.client
+                    .watch_first_put(&[(queue, true)], pop.revision + 1, deadline)?;
+            if let Watched::Deadline = watched {
+                return Err(wait_timeout_error(self.timeout(), &[key]));
             }
         }
     }
@@ -532,7 +623,7 @@ impl Store for EtcdStore {
         Ok(self
             .client
             .range(
-                &self.queue_prefix(key),
+                &self.queue_prefix(key.as_bytes()),
                 true,
                 Read::Count,
                 self.deadline(None),
@@ -541,14 +632,10 @@ impl Store for EtcdStore {
     }
 
     fn list_keys(&self) -> Result<Vec<String>> {
-        let values = [&self.prefix[..], b"/v/"].concat();
-        let range = self
-            .client
-            .range(&values, true, Read::Keys, self.deadline(None))?;
-        Ok(range
-            .kvs
+        Ok(self
+            .value_keys(self.deadline(None))?
             .into_iter()
-            .map(|kv| String::from_utf8_lossy(&kv.key[values.len()..]).into_owned())
+            .map(|key| String::from_utf8_lossy(&key).into_owned())
             .collect())
     }
 
@@ -570,4 +657,4 @@ impl Store for EtcdStore {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

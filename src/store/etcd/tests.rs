@@ -434,7 +434,7 @@ fn killing_a_member_then_the_leader_loses_no_acknowledged_write() {
     .unwrap();
     let acked: i64 = tallies.iter().map(|t| t.acked_adds).sum();
     let failed: i64 = tallies.iter().map(|t| t.failed_adds).sum();
-    let counter = parse_counter("counter", &store.get("counter").unwrap()).unwrap();
+    let counter = parse_counter(b"counter", &store.get("counter").unwrap()).unwrap();
     let sets: Vec<&String> = tallies.iter().flat_map(|t| &t.acked_sets).collect();
     let longest = tallies.iter().map(|t| t.longest_call).max().unwrap();
     eprintln!(

@@ -27,7 +27,7 @@ use client::{check_request, deadline_of, Connections, Deadline, Dialect, Plan, R
 use counters::Counters;
 pub use counters::OpCounter;
 use protocol::{Command, Encoder, Limits, READY};
-pub use server::{Server, ServerOptions, ServerStats};
+pub use server::{Server, ServerBackend, ServerOptions, ServerStats};
 
 /// The worker-count key, sent without the `/` prefix (PyTorch's `initKey_`).
 const INIT_KEY: &str = "init/";
@@ -88,7 +88,7 @@ fn start_server(options: &TcpStoreOptions) -> Result<Arc<Server>> {
         bind_address: options.bind_address,
         listen_fd: options.master_listen_fd.clone(),
         limits: Limits::with_max_value_len(options.max_value_len),
-        extensions: true,
+        ..ServerOptions::default()
     };
     if !options.multi_tenant {
         return Server::start(server_options).map(Arc::new);

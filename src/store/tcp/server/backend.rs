@@ -1,16 +1,30 @@
 //! Where a server keeps its keys: the backend behind the protocol core.
 //!
 //! The core hands a backend the requests that read or write data and gets
-//! back an [`Outcome`] to encode as the reply. A backend may also complete
-//! a request later (a remote store): it answers `Ok(None)`, and whoever
-//! drives the core reports the outcome with
-//! [`ServerCore::complete`](super::state::ServerCore::complete); that
-//! connection's next requests wait meanwhile. Waits and barriers are the
-//! core's own, resolved against the backend's view of which keys exist.
+//! back an [`Outcome`] to encode as the reply. Waits and barriers are the
+//! core's own, resolved from what the backend says of the keys they are
+//! on. Two kinds of backend fit behind it:
+//! - **local** (the keys in this process: [`MemoryBackend`]): every request
+//!   completes at once, and [`Backend::peek`] tells whether a key exists;
+//!   the core wakes waits after the writes it made itself;
+//! - **remote** (a store other servers write too, such as etcd): a request
+//!   may complete later (`apply` answers `Ok(None)`), `peek` answers
+//!   [`Peek::Unknown`], and the backend reports, through
+//!   [`Backend::take_reports`], completed requests, the keys it looked up
+//!   for a wait, and every write anyone made. The core registers a wait
+//!   *before* asking for a look, so a write is never missed: it is either
+//!   in the look's answer or reported after it.
 
 use super::super::protocol::{Key, Request};
+use super::state::ConnId;
+use super::waits::WaitId;
 use crate::error::{Error, Result};
 use crate::store::kv::{KvTable, Value};
+
+/// Identifies one request a backend completes later (unique for the
+/// core's lifetime, so a late answer never reaches a connection that
+/// reused the id).
+pub(crate) type Ticket = u64;
 
 /// What a data request produced, before it is encoded as a reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,25 +45,86 @@ pub(crate) enum Outcome {
     Keys(Vec<Key>),
 }
 
+/// A key that exists, as a wait sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Present {
+    /// It holds this value.
+    Value(Value),
+    /// It is a non-empty queue (a push: one element more).
+    Queued,
+}
+
+impl Present {
+    /// The value, for a WAIT_GET reply (a queue has none).
+    pub(crate) fn value(&self) -> Option<Value> {
+        match self {
+            Present::Value(v) => Some(v.clone()),
+            Present::Queued => None,
+        }
+    }
+
+    /// The integer it holds (a barrier's arrivals), if it holds one.
+    pub(crate) fn counter(&self) -> Option<i64> {
+        match self {
+            Present::Value(v) => std::str::from_utf8(v).ok()?.trim().parse().ok(),
+            Present::Queued => None,
+        }
+    }
+}
+
+/// What a backend can tell of a key without waiting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Peek {
+    /// It does not exist.
+    Absent,
+    /// It exists.
+    Present(Present),
+    /// A remote backend cannot say now: the core asks for a look.
+    Unknown,
+}
+
+/// What a remote backend reports (see [`Backend::take_reports`]).
+#[derive(Debug)]
+pub(crate) enum Report {
+    /// A request `apply` deferred has completed.
+    Completed {
+        conn: ConnId,
+        ticket: Ticket,
+        outcome: Result<Outcome>,
+    },
+    /// The keys a look found for `wait` (those missing are left out).
+    Looked {
+        wait: WaitId,
+        found: Vec<(Key, Present)>,
+    },
+    /// `key` was written, by this server or another.
+    Written { key: Key, present: Present },
+    /// Writes may have gone unreported (the backend lost track of them):
+    /// every pending wait is to look again.
+    Missed,
+}
+
 /// A store of keys for the protocol core.
 pub(crate) trait Backend: Send {
-    /// Applies a data request (SET, GET, ADD, ...); `Ok(None)`: the outcome
-    /// comes later. An error refuses the request (ADD to a non-integer, a
-    /// value over the limit).
-    fn apply(&mut self, request: &Request) -> Result<Option<Outcome>>;
+    /// Applies a data request (SET, GET, ADD, ...); `Ok(None)`: it
+    /// completes later, reported with `ticket` from the connection `conn`.
+    /// An error refuses the request (ADD to a non-integer, a value over the
+    /// limit).
+    fn apply(&mut self, conn: ConnId, ticket: Ticket, request: &Request)
+        -> Result<Option<Outcome>>;
 
-    /// Whether `key` holds a value or a non-empty queue (what WAIT waits
-    /// for).
-    fn contains(&self, key: &[u8]) -> bool;
+    /// What `key` holds now, if the backend can tell at once.
+    fn peek(&self, key: &[u8]) -> Peek;
 
-    /// The value of `key`.
-    fn value(&self, key: &[u8]) -> Option<Value>;
+    /// Looks up `keys` for `wait` (after `peek` answered Unknown), to be
+    /// reported as [`Report::Looked`].
+    fn look(&mut self, wait: WaitId, keys: Vec<Key>);
 
-    /// The integer at `key` (a barrier's arrivals), if it holds one.
-    fn counter(&self, key: &[u8]) -> Option<i64>;
+    /// What happened since the last call (a local backend: nothing).
+    fn take_reports(&mut self) -> Vec<Report>;
 
-    /// Keys holding values.
-    fn num_keys(&self) -> usize;
+    /// Keys holding values, if the backend can count them at once.
+    fn num_keys(&self) -> Option<usize>;
 }
 
 /// Keys in this process's memory.
@@ -70,7 +145,7 @@ impl MemoryBackend {
 }
 
 impl Backend for MemoryBackend {
-    fn apply(&mut self, request: &Request) -> Result<Option<Outcome>> {
+    fn apply(&mut self, _: ConnId, _: Ticket, request: &Request) -> Result<Option<Outcome>> {
         let t = &mut self.table;
         let outcome = match request {
             Request::Set { key, value } => {
@@ -113,19 +188,24 @@ impl Backend for MemoryBackend {
         Ok(Some(outcome))
     }
 
-    fn contains(&self, key: &[u8]) -> bool {
-        self.table.contains(key)
+    fn peek(&self, key: &[u8]) -> Peek {
+        if let Some(value) = self.table.get(key) {
+            Peek::Present(Present::Value(value))
+        } else if self.table.contains(key) {
+            Peek::Present(Present::Queued)
+        } else {
+            Peek::Absent
+        }
     }
 
-    fn value(&self, key: &[u8]) -> Option<Value> {
-        self.table.get(key)
+    /// Never asked: `peek` always knows.
+    fn look(&mut self, _: WaitId, _: Vec<Key>) {}
+
+    fn take_reports(&mut self) -> Vec<Report> {
+        Vec::new()
     }
 
-    fn counter(&self, key: &[u8]) -> Option<i64> {
-        self.table.counter(key).ok()
-    }
-
-    fn num_keys(&self) -> usize {
-        self.table.num_keys() as usize
+    fn num_keys(&self) -> Option<usize> {
+        Some(self.table.num_keys() as usize)
     }
 }

@@ -103,7 +103,7 @@ impl<B: Backend> EventLoop<B> {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),
-                    WAKER => {}
+                    WAKER => self.take_backend_reports(),
                     token => {
                         if let Some(conn) = self.conns.get_mut(token) {
                             conn.peer_closed |= event.is_read_closed() || event.is_error();
@@ -149,6 +149,15 @@ impl<B: Backend> EventLoop<B> {
                 core.connect(id);
             }
         });
+    }
+
+    /// Takes in what a remote backend reported (it wakes the loop):
+    /// completed requests, looks, writes. Their replies are flushed with
+    /// the woken connections.
+    fn take_backend_reports(&mut self) {
+        for (id, Refused(why)) in self.core.take_backend_reports() {
+            self.close(conn_token(id), Close::Refused(why));
+        }
     }
 
     fn mark_ready(&mut self, token: Token) {

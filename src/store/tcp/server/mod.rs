@@ -36,7 +36,8 @@ use super::protocol::Limits;
 use crate::error::{Error, Result};
 use crate::reactor::{Acceptor, LISTENER, WAKER};
 
-mod backend;
+pub(crate) mod backend;
+mod etcd_backend;
 mod event_loop;
 mod state;
 mod waits;
@@ -58,7 +59,27 @@ pub struct ServerOptions {
     /// Answer distcore clients' HELLO probe and accept the extension
     /// commands (off: behave exactly as a PyTorch server).
     pub extensions: bool,
+    /// Where the keys live.
+    pub backend: ServerBackend,
 }
+
+/// Where a server keeps its keys.
+#[derive(Debug, Clone, Default)]
+pub enum ServerBackend {
+    /// In this process's memory (PyTorch's TCPStore server).
+    #[default]
+    Memory,
+    /// Under a prefix of an etcd cluster, which any number of servers may
+    /// share: each sees the others' writes, and a server that dies loses
+    /// nothing. Values are limited to [`ETCD_MAX_VALUE_LEN`] (etcd's request
+    /// limit), or less if [`ServerOptions::limits`] says so.
+    Etcd(crate::store::etcd::EtcdStoreOptions),
+}
+
+/// The largest value a server on etcd accepts: 1 MiB, within etcd's
+/// default request limit (`--max-request-bytes`, 1.5 MiB) with room for
+/// the key and the transaction around it.
+pub const ETCD_MAX_VALUE_LEN: usize = 1 << 20;
 
 /// A snapshot of a server's load.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -79,6 +100,7 @@ impl Default for ServerOptions {
             listen_fd: None,
             limits: Limits::default(),
             extensions: true,
+            backend: ServerBackend::Memory,
         }
     }
 }
@@ -119,21 +141,27 @@ impl Server {
             .map_err(io_error)?;
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(Mutex::new(ServerStats::default()));
-        let mut event_loop = event_loop::EventLoop::new(
+        let run = Running {
             poll,
             acceptor,
-            state::ServerCore::new(
-                backend::MemoryBackend::new(options.limits.max_value_len),
-                options.limits,
+            stats: stats.clone(),
+            stop: stop.clone(),
+            thread_name: format!("dc-tcpstore-{port}"),
+        };
+        let mut limits = options.limits;
+        let thread = match options.backend {
+            ServerBackend::Memory => run.spawn(
+                backend::MemoryBackend::new(limits.max_value_len),
+                limits,
                 options.extensions,
-            ),
-            stats.clone(),
-            stop.clone(),
-        );
-        let thread = std::thread::Builder::new()
-            .name(format!("dc-tcpstore-{port}"))
-            .spawn(move || event_loop.run())
-            .map_err(|e| Error::internal(format!("spawning the server thread: {e}")))?;
+            )?,
+            ServerBackend::Etcd(etcd) => {
+                limits.max_value_len = limits.max_value_len.min(ETCD_MAX_VALUE_LEN);
+                let backend =
+                    etcd_backend::EtcdBackend::start(etcd, limits.max_value_len, waker.clone())?;
+                run.spawn(backend, limits, options.extensions)?
+            }
+        };
         Ok(Server {
             local_addr,
             stats,
@@ -168,6 +196,37 @@ impl Drop for Server {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// What a server's event loop runs on, before its backend is chosen.
+struct Running {
+    poll: Poll,
+    acceptor: Acceptor,
+    stats: Arc<Mutex<ServerStats>>,
+    stop: Arc<AtomicBool>,
+    thread_name: String,
+}
+
+impl Running {
+    /// Starts the event loop's thread, serving the keys of `backend`.
+    fn spawn<B: backend::Backend + 'static>(
+        self,
+        backend: B,
+        limits: Limits,
+        extensions: bool,
+    ) -> Result<JoinHandle<()>> {
+        let mut event_loop = event_loop::EventLoop::new(
+            self.poll,
+            self.acceptor,
+            state::ServerCore::new(backend, limits, extensions),
+            self.stats,
+            self.stop,
+        );
+        std::thread::Builder::new()
+            .name(self.thread_name)
+            .spawn(move || event_loop.run())
+            .map_err(|e| Error::internal(format!("spawning the server thread: {e}")))
     }
 }
 

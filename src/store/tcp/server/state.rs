@@ -19,7 +19,7 @@ use super::super::protocol::{
     HELLO_V2_NONCE, NOT_READY, READY, REPLY_DEFERRED_ERROR, REPLY_ERROR, REPLY_OK, STOP_WAITING,
     VALIDATE_MAGIC, WAIT_CANCELED,
 };
-use super::backend::{Backend, Outcome};
+use super::backend::{Backend, Outcome, Peek, Present, Report, Ticket};
 use super::waits::{WaitId, WaitReply, Waits};
 use super::ServerStats;
 use crate::error::Result as OpResult;
@@ -50,7 +50,15 @@ struct Session {
     status_replies: bool,
     waits: Vec<WaitId>,
     /// The request a backend is still completing.
-    in_flight: Option<Box<Request>>,
+    in_flight: Option<Box<InFlight>>,
+}
+
+/// A request a backend completes later.
+struct InFlight {
+    ticket: Ticket,
+    request: Request,
+    /// A BARRIER's own wait, registered before its arrival is counted.
+    barrier: Option<WaitId>,
 }
 
 impl Session {
@@ -68,8 +76,10 @@ pub(crate) struct ServerCore<B> {
     open: usize,
     waits: Waits,
     /// Connections given output by another connection's request (woken
-    /// waits), to flush.
+    /// waits) or by a backend, to flush.
     woken: Vec<ConnId>,
+    /// The last ticket handed to the backend.
+    tickets: Ticket,
 }
 
 impl<B: Backend> ServerCore<B> {
@@ -84,6 +94,7 @@ impl<B: Backend> ServerCore<B> {
             open: 0,
             waits: Waits::default(),
             woken: Vec::new(),
+            tickets: 0,
         }
     }
 
@@ -217,21 +228,67 @@ impl<B: Backend> ServerCore<B> {
         }
     }
 
-    /// The backend completed the request `id` had in flight. (The memory
-    /// backend never defers; backends that do call this.)
-    #[cfg_attr(not(test), allow(dead_code))]
-    pub(crate) fn complete(
+    /// Takes in what the backend reported (completed requests, looks,
+    /// writes); returns the connections refused meanwhile, to close. Their
+    /// replies, and those of woken waits, are in [`ServerCore::take_woken`].
+    pub(crate) fn take_backend_reports(&mut self) -> Vec<(ConnId, Refused)> {
+        let mut refused = Vec::new();
+        for report in self.backend.take_reports() {
+            match report {
+                Report::Completed {
+                    conn,
+                    ticket,
+                    outcome,
+                } => {
+                    if let Err(why) = self.complete(conn, ticket, outcome) {
+                        refused.push((conn, why));
+                    }
+                    self.woken.push(conn);
+                }
+                Report::Looked { wait, found } => {
+                    for (key, present) in found {
+                        if self.waits.satisfy_one(wait, &key, &present) {
+                            self.complete_waits(vec![wait]);
+                            break;
+                        }
+                    }
+                }
+                Report::Written { key, present } => self.written(&key, &present),
+                Report::Missed => {
+                    for (wait, keys) in self.waits.outstanding() {
+                        self.backend.look(wait, keys);
+                    }
+                }
+            }
+        }
+        refused
+    }
+
+    /// The backend completed the request with `ticket` that `id` had in
+    /// flight (a late answer for a connection since closed is dropped).
+    fn complete(
         &mut self,
         id: ConnId,
+        ticket: Ticket,
         outcome: OpResult<Outcome>,
     ) -> std::result::Result<(), Refused> {
-        let Some(request) = self.session(id).and_then(|s| s.in_flight.take()) else {
+        let Some(session) = self.session(id) else {
             return Ok(());
         };
-        match outcome {
-            Ok(outcome) => self.finish(id, &request, outcome),
-            Err(e) => self.fail(id, &request, &e)?,
+        if session
+            .in_flight
+            .as_ref()
+            .is_none_or(|f| f.ticket != ticket)
+        {
+            return Ok(());
         }
+        let Some(in_flight) = session.in_flight.take() else {
+            return Ok(());
+        };
+        let InFlight {
+            request, barrier, ..
+        } = *in_flight;
+        self.settle(id, ticket, outcome.map(Some), request, barrier)?;
         self.resume(id)
     }
 
@@ -240,7 +297,7 @@ impl<B: Backend> ServerCore<B> {
         ServerStats {
             connections: self.open,
             pending_waits: self.waits.len(),
-            keys: self.backend.num_keys(),
+            keys: self.backend.num_keys().unwrap_or(0),
         }
     }
 
@@ -284,44 +341,74 @@ impl<B: Backend> ServerCore<B> {
             }
             Request::Wait { keys } => self.start_wait(id, keys, WaitReply::StopWaiting),
             Request::WaitGet { keys } if session.extended => {
-                self.start_wait(id, keys.clone(), WaitReply::Values(keys))
+                let values = vec![None; keys.len()];
+                self.start_wait(id, keys.clone(), WaitReply::Values { keys, values })
             }
             Request::WaitGet { .. } => {
                 return Err(Refused("extension command before HELLO".into()))
             }
-            Request::Barrier { ref key, .. } => {
+            Request::Barrier {
+                ref key,
+                world_size,
+            } => {
+                // Waiting before arriving: an arrival reported before this
+                // one's answer still counts (a remote backend).
+                let wait =
+                    self.waits
+                        .register(id, vec![key.clone()], WaitReply::Barrier { world_size });
+                if let Some(session) = self.session(id) {
+                    session.waits.push(wait);
+                }
                 let arrive = Request::Add {
                     key: key.clone(),
                     delta: 1,
                 };
-                let applied = self.backend.apply(&arrive);
-                self.settle(id, applied, request)?;
+                let ticket = self.next_ticket();
+                let applied = self.backend.apply(id, ticket, &arrive);
+                self.settle(id, ticket, applied, request, Some(wait))?;
             }
             data => {
-                // The request is kept only if the backend completes it later.
-                let applied = self.backend.apply(&data);
-                self.settle(id, applied, data)?;
+                let ticket = self.next_ticket();
+                let applied = self.backend.apply(id, ticket, &data);
+                self.settle(id, ticket, applied, data, None)?;
             }
         }
         Ok(())
     }
 
+    fn next_ticket(&mut self) -> Ticket {
+        self.tickets += 1;
+        self.tickets
+    }
+
     /// Finishes `request` with what the backend made of it, or keeps it
-    /// in flight (pausing the connection) when the backend completes later.
+    /// in flight with `ticket` (pausing the connection) when the backend
+    /// completes it later. A BARRIER that fails takes its wait back.
     fn settle(
         &mut self,
         id: ConnId,
+        ticket: Ticket,
         applied: OpResult<Option<Outcome>>,
         request: Request,
+        barrier: Option<WaitId>,
     ) -> std::result::Result<(), Refused> {
         match applied {
             Ok(Some(outcome)) => self.finish(id, &request, outcome),
             Ok(None) => {
                 if let Some(session) = self.session(id) {
-                    session.in_flight = Some(Box::new(request));
+                    session.in_flight = Some(Box::new(InFlight {
+                        ticket,
+                        request,
+                        barrier,
+                    }));
                 }
             }
-            Err(e) => self.fail(id, &request, &e)?,
+            Err(e) => {
+                if let Some(wait) = barrier {
+                    self.drop_wait(id, wait);
+                }
+                self.fail(id, &request, &e)?;
+            }
         }
         Ok(())
     }
@@ -356,21 +443,11 @@ impl<B: Backend> ServerCore<B> {
     /// Replies to `request` with its `outcome` and wakes what it wrote.
     fn finish(&mut self, id: ConnId, request: &Request, outcome: Outcome) {
         match (request, outcome) {
-            (Request::Barrier { key, world_size }, Outcome::Int(arrived)) => {
-                if arrived >= *world_size {
-                    self.put_reply(id, &[STOP_WAITING]);
-                } else {
-                    let wait = self.waits.register(
-                        id,
-                        vec![key.clone()],
-                        WaitReply::Barrier {
-                            world_size: *world_size,
-                        },
-                    );
-                    if let Some(session) = self.session(id) {
-                        session.waits.push(wait);
-                    }
-                }
+            // Its own wait answers (this arrival's count releases it, or a
+            // later one).
+            (Request::Barrier { key, .. }, Outcome::Int(arrived)) => {
+                let released = self.waits.released_barriers(key, arrived);
+                self.complete_waits(released);
             }
             // Acknowledged on a version 2 connection: it may be refused.
             (Request::Append { .. }, Outcome::Silent) => self.put_reply(id, &[]),
@@ -444,10 +521,24 @@ impl<B: Backend> ServerCore<B> {
         }
     }
 
-    fn start_wait(&mut self, id: ConnId, mut keys: Vec<Key>, reply: WaitReply) {
+    /// Starts a wait of `id` for `keys`: answered at once when the backend
+    /// knows they all exist; otherwise registered, and the keys the backend
+    /// cannot tell of at once are looked up.
+    fn start_wait(&mut self, id: ConnId, mut keys: Vec<Key>, mut reply: WaitReply) {
         keys.sort_unstable();
         keys.dedup();
-        keys.retain(|k| !self.backend.contains(k));
+        let mut unknown = Vec::new();
+        keys.retain(|k| match self.backend.peek(k) {
+            Peek::Present(present) => {
+                reply.record(k, &present);
+                false
+            }
+            Peek::Absent => true,
+            Peek::Unknown => {
+                unknown.push(k.clone());
+                true
+            }
+        });
         if keys.is_empty() {
             self.send_wait_reply(id, &reply);
             return;
@@ -456,21 +547,41 @@ impl<B: Backend> ServerCore<B> {
         if let Some(session) = self.session(id) {
             session.waits.push(wait);
         }
+        if !unknown.is_empty() {
+            self.backend.look(wait, unknown);
+        }
     }
 
-    /// `key` was written: completes the waits it satisfies (only the
-    /// oldest for a queue push) and releases the barriers its count reaches.
-    fn wake(&mut self, key: &[u8], only_oldest: bool) {
-        let mut done = if self.backend.contains(key) {
-            self.waits.satisfy(key, only_oldest)
-        } else {
-            Vec::new()
+    /// This server wrote `key` (`pushed`: a queue element): wakes the
+    /// waits on it, as far as a local backend tells (a remote one reports
+    /// every write itself).
+    fn wake(&mut self, key: &[u8], pushed: bool) {
+        if !self.waits.is_waited(key) {
+            return;
+        }
+        let present = match self.backend.peek(key) {
+            Peek::Present(_) if pushed => Present::Queued,
+            Peek::Present(present) => present,
+            Peek::Absent | Peek::Unknown => return,
         };
+        self.written(key, &present);
+    }
+
+    /// `key` was written and is `present`: completes the waits it satisfies
+    /// (only the oldest for a queue element) and releases the barriers its
+    /// count reaches.
+    fn written(&mut self, key: &[u8], present: &Present) {
+        let mut done = self.waits.satisfy(key, present);
         if self.waits.has_barrier(key) {
-            if let Some(arrived) = self.backend.counter(key) {
+            if let Some(arrived) = present.counter() {
                 done.extend(self.waits.released_barriers(key, arrived));
             }
         }
+        self.complete_waits(done);
+    }
+
+    /// Answers the waits `done` and queues their connections to flush.
+    fn complete_waits(&mut self, done: Vec<WaitId>) {
         for id in done {
             if let Some(wait) = self.waits.remove(id) {
                 let conn = wait.conn;
@@ -483,13 +594,29 @@ impl<B: Backend> ServerCore<B> {
         }
     }
 
+    /// Takes back the wait `wait` of `id`, unanswered.
+    fn drop_wait(&mut self, id: ConnId, wait: WaitId) {
+        self.waits.remove(wait);
+        if let Some(session) = self.session(id) {
+            session.waits.retain(|w| *w != wait);
+        }
+    }
+
     fn send_wait_reply(&mut self, id: ConnId, reply: &WaitReply) {
         match reply {
             WaitReply::StopWaiting | WaitReply::Barrier { .. } => {
                 self.put_reply(id, &[STOP_WAITING])
             }
-            WaitReply::Values(keys) => {
-                let values = keys.iter().map(|k| self.backend.value(k)).collect();
+            WaitReply::Values { keys, values } => {
+                // The latest values where the backend can tell at once.
+                let values = keys
+                    .iter()
+                    .zip(values)
+                    .map(|(k, seen)| match self.backend.peek(k) {
+                        Peek::Present(present) => present.value(),
+                        Peek::Absent | Peek::Unknown => seen.clone(),
+                    })
+                    .collect();
                 self.put_reply(id, &[STOP_WAITING]);
                 if let Some(session) = self.session(id) {
                     session.output.put_values(values);

@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::super::protocol::Key;
+use super::backend::Present;
 use super::state::ConnId;
+use crate::store::kv::Value;
 
 /// A pending wait.
 pub(crate) type WaitId = u64;
@@ -15,10 +17,27 @@ pub(crate) type WaitId = u64;
 pub(crate) enum WaitReply {
     /// WAIT: STOP_WAITING.
     StopWaiting,
-    /// The WAIT_GET extension: STOP_WAITING then the values of the keys.
-    Values(Vec<Key>),
+    /// The WAIT_GET extension: STOP_WAITING then the values of `keys` (in
+    /// the request's order), each as the wait saw it exist.
+    Values {
+        keys: Vec<Key>,
+        values: Vec<Option<Value>>,
+    },
     /// BARRIER: STOP_WAITING once the arrival count reaches `world_size`.
     Barrier { world_size: i64 },
+}
+
+impl WaitReply {
+    /// `key` was seen `present`: a WAIT_GET keeps its value for the reply.
+    pub(crate) fn record(&mut self, key: &[u8], present: &Present) {
+        if let WaitReply::Values { keys, values } = self {
+            for (k, v) in keys.iter().zip(values.iter_mut()) {
+                if k == key {
+                    *v = present.value();
+                }
+            }
+        }
+    }
 }
 
 /// One pending wait.
@@ -29,6 +48,16 @@ pub(crate) struct PendingWait {
     registrations: Vec<(Key, u64)>,
     /// What to send on completion.
     pub(crate) reply: WaitReply,
+}
+
+impl PendingWait {
+    /// Registration `seq` (on `key`) is satisfied: records the value a
+    /// WAIT_GET answers with; returns whether nothing is left.
+    fn mark(&mut self, seq: u64, key: &[u8], present: &Present) -> bool {
+        self.registrations.retain(|(_, s)| *s != seq);
+        self.reply.record(key, present);
+        self.registrations.is_empty()
+    }
 }
 
 /// Pending waits, indexed by id and by key.
@@ -95,16 +124,21 @@ impl Waits {
         Some(wait)
     }
 
-    /// Marks `key` present for the waits registered on it (all of them, or
-    /// only the oldest); returns the waits that have nothing left to wait for.
-    pub(crate) fn satisfy(&mut self, key: &[u8], only_oldest: bool) -> Vec<WaitId> {
+    /// Whether a wait or a barrier is registered on `key`.
+    pub(crate) fn is_waited(&self, key: &[u8]) -> bool {
+        self.by_key.contains_key(key) || self.barriers.contains_key(key)
+    }
+
+    /// `key` was written and is `present`: marks it for the waits
+    /// registered on it (only the oldest for a queue element, which one
+    /// popper takes); returns the waits that have nothing left to wait for.
+    pub(crate) fn satisfy(&mut self, key: &[u8], present: &Present) -> Vec<WaitId> {
         let Some(regs) = self.by_key.get_mut(key) else {
             return Vec::new();
         };
-        let taken: Vec<(u64, WaitId)> = if only_oldest {
-            regs.pop_first().into_iter().collect()
-        } else {
-            std::mem::take(regs).into_iter().collect()
+        let taken: Vec<(u64, WaitId)> = match present {
+            Present::Queued => regs.pop_first().into_iter().collect(),
+            Present::Value(_) => std::mem::take(regs).into_iter().collect(),
         };
         if regs.is_empty() {
             self.by_key.remove(key);
@@ -112,13 +146,48 @@ impl Waits {
         let mut done = Vec::new();
         for (seq, id) in taken {
             if let Some(wait) = self.pending.get_mut(&id) {
-                wait.registrations.retain(|(_, s)| *s != seq);
-                if wait.registrations.is_empty() {
+                if wait.mark(seq, key, present) {
                     done.push(id);
                 }
             }
         }
         done
+    }
+
+    /// A look for `id` found `key` `present`: marks it for that wait only
+    /// (a barrier: checks its count); returns whether the wait is done.
+    pub(crate) fn satisfy_one(&mut self, id: WaitId, key: &[u8], present: &Present) -> bool {
+        let Some(wait) = self.pending.get_mut(&id) else {
+            return false;
+        };
+        if let WaitReply::Barrier { world_size } = wait.reply {
+            return present
+                .counter()
+                .is_some_and(|arrived| arrived >= world_size);
+        }
+        let Some(&(_, seq)) = wait.registrations.iter().find(|(k, _)| k == key) else {
+            return false;
+        };
+        if let Some(regs) = self.by_key.get_mut(key) {
+            regs.remove(&seq);
+            if regs.is_empty() {
+                self.by_key.remove(key);
+            }
+        }
+        wait.mark(seq, key, present)
+    }
+
+    /// Every pending wait with the keys it still waits for.
+    pub(crate) fn outstanding(&self) -> Vec<(WaitId, Vec<Key>)> {
+        self.pending
+            .iter()
+            .map(|(id, w)| {
+                (
+                    *id,
+                    w.registrations.iter().map(|(k, _)| k.clone()).collect(),
+                )
+            })
+            .collect()
     }
 
     /// Whether barriers wait on `key`.

@@ -236,7 +236,7 @@ fn a_disconnect_mid_wait_leaves_no_waiter_behind() {
             .u64(2)
             .finish(),
     );
-    assert!(c.take_woken().is_empty());
+    assert_eq!(c.take_woken(), [1], "only the arriving connection answered");
     assert_eq!(replies(&mut c, 1), [STOP_WAITING], "2 arrivals: released");
     // The id is reused by a new connection, which sees nothing of the old.
     open(&mut c, 0);
@@ -259,7 +259,7 @@ fn a_barrier_releases_everyone_when_the_count_reaches_the_world() {
     send(&mut c, 2, &barrier);
     let mut woken = c.take_woken();
     woken.sort_unstable();
-    assert_eq!(woken, vec![0, 1]);
+    assert_eq!(woken, vec![0, 1, 2], "the last to arrive is answered too");
     for id in 0..3 {
         assert_eq!(replies(&mut c, id), [STOP_WAITING], "connection {id}");
     }
@@ -490,29 +490,64 @@ fn pipelined_requests_split_anywhere_get_the_same_replies() {
 /// A backend that completes SETs later, as a remote store would.
 struct Deferring {
     inner: MemoryBackend,
-    deferred: Vec<Request>,
+    deferred: Vec<(ConnId, Ticket, Request)>,
 }
 
 impl Backend for Deferring {
-    fn apply(&mut self, request: &Request) -> OpResult<Option<Outcome>> {
+    fn apply(
+        &mut self,
+        conn: ConnId,
+        ticket: Ticket,
+        request: &Request,
+    ) -> OpResult<Option<Outcome>> {
         if let Request::Set { .. } = request {
-            self.deferred.push(request.clone());
+            self.deferred.push((conn, ticket, request.clone()));
             return Ok(None);
         }
-        self.inner.apply(request)
+        self.inner.apply(conn, ticket, request)
     }
-    fn contains(&self, key: &[u8]) -> bool {
-        self.inner.contains(key)
+    fn peek(&self, key: &[u8]) -> Peek {
+        self.inner.peek(key)
     }
-    fn value(&self, key: &[u8]) -> Option<crate::store::kv::Value> {
-        self.inner.value(key)
+    fn look(&mut self, _: WaitId, _: Vec<Key>) {}
+    fn take_reports(&mut self) -> Vec<Report> {
+        self.deferred
+            .drain(..)
+            .map(|(conn, ticket, request)| Report::Completed {
+                conn,
+                ticket,
+                outcome: self.inner.apply(conn, ticket, &request).map(|o| o.unwrap()),
+            })
+            .collect()
     }
-    fn counter(&self, key: &[u8]) -> Option<i64> {
-        self.inner.counter(key)
-    }
-    fn num_keys(&self) -> usize {
+    fn num_keys(&self) -> Option<usize> {
         self.inner.num_keys()
     }
+}
+
+fn deferring_core() -> ServerCore<Deferring> {
+    let backend = Deferring {
+        inner: MemoryBackend::new(VALUE_LIMIT),
+        deferred: Vec::new(),
+    };
+    ServerCore::new(backend, limits(), true)
+}
+
+#[test]
+fn a_late_answer_for_a_closed_connection_never_reaches_its_successor() {
+    let mut c = deferring_core();
+    open(&mut c, 0);
+    send(&mut c, 0, &set("/old", b"v"));
+    let (conn, ticket, request) = c.backend.deferred.pop().unwrap();
+    c.disconnect(0);
+    open(&mut c, 0);
+    send(&mut c, 0, &set("/new", b"w"));
+    assert!(!c.wants_input(0), "the new connection's SET is in flight");
+    let late = c.backend.inner.apply(conn, ticket, &request);
+    c.complete(conn, ticket, late.map(|o| o.unwrap())).unwrap();
+    assert!(!c.wants_input(0), "still waiting for its own answer");
+    assert!(c.take_backend_reports().is_empty());
+    assert!(c.wants_input(0));
 }
 
 #[test]
@@ -535,9 +570,7 @@ fn a_request_completed_later_holds_back_only_its_own_connection() {
     );
     send(&mut c, 1, &Encoder::request(Command::Ping).u32(1).finish());
     assert_eq!(replies(&mut c, 1), 1u32.to_le_bytes(), "others go on");
-    let set = c.backend.deferred.pop().unwrap();
-    let outcome = c.backend.inner.apply(&set);
-    c.complete(0, outcome.map(|o| o.unwrap())).unwrap();
+    assert!(c.take_backend_reports().is_empty(), "nothing refused");
     assert_eq!(
         replies(&mut c, 1),
         [STOP_WAITING],
@@ -643,9 +676,9 @@ fn version_2_reports_a_failed_set_as_a_deferred_error_before_the_next_reply() {
     let mut pipelined = set("/k", b"v");
     pipelined.extend(Encoder::request(Command::Ping).u32(5).finish());
     send(&mut c, 0, &pipelined);
-    c.backend.deferred.pop().unwrap();
+    let (conn, ticket, _) = c.backend.deferred.pop().unwrap();
     let refusal = crate::Error::invalid_argument("quota exceeded");
-    c.complete(0, Err(refusal)).unwrap();
+    c.complete(conn, ticket, Err(refusal)).unwrap();
     let mut expected = vec![
         REPLY_DEFERRED_ERROR,
         crate::Status::InvalidArgument.code() as u8,
@@ -657,4 +690,184 @@ fn version_2_reports_a_failed_set_as_a_deferred_error_before_the_next_reply() {
         expected,
         "the error, then the PING's reply"
     );
+}
+
+/// A remote backend the test drives: every request completes later, no
+/// key is known at once, and the test writes the reports.
+#[derive(Default)]
+struct Scripted {
+    applied: Vec<(ConnId, Ticket, Request)>,
+    looks: Vec<(WaitId, Vec<Key>)>,
+    reports: Vec<Report>,
+}
+
+impl Backend for Scripted {
+    fn apply(
+        &mut self,
+        conn: ConnId,
+        ticket: Ticket,
+        request: &Request,
+    ) -> OpResult<Option<Outcome>> {
+        self.applied.push((conn, ticket, request.clone()));
+        Ok(None)
+    }
+    fn peek(&self, _: &[u8]) -> Peek {
+        Peek::Unknown
+    }
+    fn look(&mut self, wait: WaitId, keys: Vec<Key>) {
+        self.looks.push((wait, keys));
+    }
+    fn take_reports(&mut self) -> Vec<Report> {
+        std::mem::take(&mut self.reports)
+    }
+    fn num_keys(&self) -> Option<usize> {
+        None
+    }
+}
+
+fn scripted() -> ServerCore<Scripted> {
+    ServerCore::new(Scripted::default(), limits(), true)
+}
+
+fn written(key: &str, value: &[u8]) -> Report {
+    Report::Written {
+        key: key.as_bytes().to_vec(),
+        present: Present::Value(value.into()),
+    }
+}
+
+#[test]
+fn a_remote_write_reported_before_the_look_answers_still_ends_the_wait() {
+    let mut c = scripted();
+    open(&mut c, 0);
+    send(&mut c, 0, &wait(&["/k"]));
+    let (wait_id, keys) = c.backend.looks.pop().unwrap();
+    assert_eq!(keys, [b"/k".to_vec()], "registered, then looked up");
+    assert!(c.wants_input(0), "a wait does not hold the connection");
+    // Another server writes the key; the look, read before that, missed it.
+    c.backend.reports.push(written("/k", b"v"));
+    c.backend.reports.push(Report::Looked {
+        wait: wait_id,
+        found: Vec::new(),
+    });
+    assert!(c.take_backend_reports().is_empty());
+    assert_eq!(c.take_woken(), [0]);
+    assert_eq!(replies(&mut c, 0), [STOP_WAITING]);
+    assert_eq!(c.stats().pending_waits, 0);
+}
+
+#[test]
+fn a_remote_look_answers_wait_get_with_the_values_it_found() {
+    let mut c = scripted();
+    open_v2(&mut c, 0);
+    send(
+        &mut c,
+        0,
+        &Encoder::request(Command::WaitGet)
+            .keys(&["/b", "/a"])
+            .finish(),
+    );
+    let (wait_id, _) = c.backend.looks.pop().unwrap();
+    c.backend.reports.push(Report::Looked {
+        wait: wait_id,
+        found: vec![(b"/a".to_vec(), Present::Value(b"1".as_slice().into()))],
+    });
+    c.take_backend_reports();
+    assert!(replies(&mut c, 0).is_empty(), "/b is still missing");
+    c.backend.reports.push(written("/b", b"2"));
+    c.take_backend_reports();
+    let mut expected = vec![REPLY_OK, STOP_WAITING];
+    expected.extend(byte_string(b"2"));
+    expected.extend(byte_string(b"1"));
+    assert_eq!(replies(&mut c, 0), expected, "in the request's order");
+}
+
+#[test]
+fn a_barrier_on_a_remote_backend_counts_arrivals_reported_before_its_own() {
+    let mut c = scripted();
+    open(&mut c, 0);
+    send(
+        &mut c,
+        0,
+        &Encoder::request(Command::Barrier)
+            .bytes(b"/b")
+            .u64(2)
+            .finish(),
+    );
+    let (conn, ticket, arrive) = c.backend.applied.pop().unwrap();
+    assert_eq!(
+        arrive,
+        Request::Add {
+            key: b"/b".to_vec(),
+            delta: 1
+        }
+    );
+    // The other server's arrival (the second) is reported first.
+    c.backend.reports.push(written("/b", b"2"));
+    c.backend.reports.push(Report::Completed {
+        conn,
+        ticket,
+        outcome: Ok(Outcome::Int(1)),
+    });
+    assert!(c.take_backend_reports().is_empty());
+    assert_eq!(replies(&mut c, 0), [STOP_WAITING]);
+    assert_eq!(c.stats().pending_waits, 0);
+    assert!(c.wants_input(0));
+}
+
+#[test]
+fn a_failed_remote_barrier_takes_its_wait_back() {
+    let mut c = scripted();
+    open(&mut c, 0);
+    let barrier = Encoder::request(Command::Barrier)
+        .bytes(b"/b")
+        .u64(2)
+        .finish();
+    send(&mut c, 0, &barrier);
+    let (conn, ticket, _) = c.backend.applied.pop().unwrap();
+    c.backend.reports.push(Report::Completed {
+        conn,
+        ticket,
+        outcome: Err(crate::Error::network("etcd: no member answered")),
+    });
+    let refused = c.take_backend_reports();
+    assert_eq!(refused.len(), 1, "a PyTorch connection is closed");
+    assert_eq!(c.stats().pending_waits, 0);
+}
+
+#[test]
+fn missed_writes_make_every_pending_wait_look_again() {
+    let mut c = scripted();
+    open(&mut c, 0);
+    open(&mut c, 1);
+    send(&mut c, 0, &wait(&["/x", "/y"]));
+    send(&mut c, 1, &wait(&["/z"]));
+    let (first, _) = c.backend.looks.remove(0);
+    c.backend.reports.push(Report::Looked {
+        wait: first,
+        found: vec![(b"/x".to_vec(), Present::Value(b"1".as_slice().into()))],
+    });
+    c.take_backend_reports();
+    c.backend.looks.clear();
+    c.backend.reports.push(Report::Missed);
+    c.take_backend_reports();
+    let mut looks: Vec<Vec<Key>> = c.backend.looks.drain(..).map(|(_, k)| k).collect();
+    looks.sort();
+    assert_eq!(looks, [vec![b"/y".to_vec()], vec![b"/z".to_vec()]]);
+}
+
+#[test]
+fn a_remote_queue_element_wakes_one_waiter() {
+    let mut c = scripted();
+    open(&mut c, 0);
+    open(&mut c, 1);
+    send(&mut c, 0, &wait(&["/q"]));
+    send(&mut c, 1, &wait(&["/q"]));
+    c.backend.reports.push(Report::Written {
+        key: b"/q".to_vec(),
+        present: Present::Queued,
+    });
+    c.take_backend_reports();
+    assert_eq!(c.take_woken(), [0], "the oldest");
+    assert_eq!(c.stats().pending_waits, 1);
 }

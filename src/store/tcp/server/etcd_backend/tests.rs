@@ -1,0 +1,164 @@
+//! Servers on a real etcd (one member the test starts): the whole store
+//! suite through them, and several servers serving one store.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::store::etcd::tests::Etcd;
+use crate::store::tcp::{Server, ServerBackend, ServerOptions, TcpStore, TcpStoreOptions};
+use crate::store::{conformance, Store};
+
+/// A server whose keys live under `prefix` in `etcd`.
+fn front_end(etcd: &Etcd, prefix: &str, extensions: bool) -> Arc<Server> {
+    let options = etcd.options(prefix, Duration::from_secs(30));
+    Arc::new(
+        Server::start(ServerOptions {
+            bind_address: Some([127, 0, 0, 1].into()),
+            extensions,
+            backend: ServerBackend::Etcd(options),
+            ..ServerOptions::default()
+        })
+        .unwrap(),
+    )
+}
+
+fn client(server: &Server) -> TcpStore {
+    TcpStore::new(TcpStoreOptions {
+        port: server.port(),
+        timeout: Duration::from_secs(30),
+        ..TcpStoreOptions::default()
+    })
+    .unwrap()
+}
+
+fn conformance_on_etcd(extensions: bool) {
+    let etcd = Etcd::start();
+    let jobs = AtomicUsize::new(0);
+    conformance::run_all(&|| {
+        let job = jobs.fetch_add(1, Ordering::Relaxed);
+        let server = front_end(&etcd, &format!("/job{job}"), extensions);
+        let mut store = TcpStore::new(TcpStoreOptions {
+            port: server.port(),
+            ..TcpStoreOptions::default()
+        })
+        .unwrap();
+        assert_eq!(store.peer_is_distcore(), extensions);
+        store.server = Some(server);
+        Arc::new(store) as Arc<dyn Store>
+    });
+}
+
+#[test]
+fn a_server_on_etcd_conforms() {
+    conformance_on_etcd(true);
+}
+
+#[test]
+fn a_server_on_etcd_conforms_in_pytorch_mode() {
+    conformance_on_etcd(false);
+}
+
+#[test]
+fn two_servers_on_one_prefix_serve_one_store() {
+    let etcd = Etcd::start();
+    let (a, b) = (
+        front_end(&etcd, "/job", true),
+        front_end(&etcd, "/job", true),
+    );
+    let (on_a, on_b) = (client(&a), client(&b));
+    on_a.set("k", b"v").unwrap();
+    assert_eq!(on_b.get("k").unwrap(), b"v", "b sees a's write");
+    // A wait on b ends with a set on a.
+    let waiter = {
+        let on_b = client(&b);
+        thread::spawn(move || on_b.wait(&["late"], Some(Duration::from_secs(20))))
+    };
+    while b.stats().pending_waits == 0 {
+        thread::sleep(Duration::from_millis(5));
+    }
+    on_a.set("late", b"1").unwrap();
+    waiter.join().unwrap().unwrap();
+    // A barrier spans both (BARRIER on each server, counted in etcd).
+    let arrivals: Vec<_> = (0..4)
+        .map(|i| {
+            let store = client(if i % 2 == 0 { &a } else { &b });
+            thread::spawn(move || store.barrier("/bar", 4, Some(Duration::from_secs(20))))
+        })
+        .collect();
+    for arrival in arrivals {
+        arrival.join().unwrap().unwrap();
+    }
+    // Counters are exact across servers.
+    let adders: Vec<_> = (0..4)
+        .map(|i| {
+            let store = client(if i % 2 == 0 { &a } else { &b });
+            thread::spawn(move || {
+                for _ in 0..25 {
+                    store.add("n", 1).unwrap();
+                }
+            })
+        })
+        .collect();
+    for adder in adders {
+        adder.join().unwrap();
+    }
+    assert_eq!(on_b.add("n", 0).unwrap(), 100);
+    // A pop on b waits for a push on a.
+    let popper = {
+        let on_b = client(&b);
+        thread::spawn(move || on_b.queue_pop("q", true))
+    };
+    thread::sleep(Duration::from_millis(50));
+    on_a.queue_push("q", b"x").unwrap();
+    assert_eq!(popper.join().unwrap().unwrap(), b"x");
+}
+
+#[test]
+fn a_server_that_goes_loses_nothing_and_another_takes_over() {
+    let etcd = Etcd::start();
+    let a = front_end(&etcd, "/job", true);
+    let on_a = client(&a);
+    on_a.set("k", b"v").unwrap();
+    on_a.add("n", 3).unwrap();
+    on_a.queue_push("q", b"x").unwrap();
+    // Acknowledged: a request with a reply after them on the connection.
+    assert_eq!(on_a.queue_len("q").unwrap(), 1);
+    drop(on_a);
+    drop(a);
+    let b = front_end(&etcd, "/job", true);
+    let on_b = client(&b);
+    assert_eq!(on_b.get("k").unwrap(), b"v");
+    assert_eq!(on_b.add("n", 1).unwrap(), 4);
+    assert_eq!(on_b.queue_pop("q", false).unwrap(), b"x");
+}
+
+#[test]
+fn a_value_over_the_etcd_limit_is_refused_with_the_limit() {
+    let etcd = Etcd::start();
+    let server = front_end(&etcd, "/job", true);
+    let store = client(&server);
+    let big = vec![7u8; crate::store::tcp::server::ETCD_MAX_VALUE_LEN];
+    store.set("big", &big).unwrap();
+    assert_eq!(store.get("big").unwrap().len(), big.len());
+    let err = store.set("bigger", &[big, vec![0]].concat()).unwrap_err();
+    assert_eq!(err.status(), crate::Status::InvalidArgument, "{err}");
+    assert!(err.message().contains("1048576"), "{err}");
+}
+
+#[test]
+fn no_etcd_member_answering_fails_the_start_within_the_timeout() {
+    let started = Instant::now();
+    let mut options =
+        crate::store::etcd::EtcdStoreOptions::from_url("etcd://127.0.0.1:1/job").unwrap();
+    options.timeout = Duration::from_millis(500);
+    let err = Server::start(ServerOptions {
+        backend: ServerBackend::Etcd(options),
+        ..ServerOptions::default()
+    })
+    .err()
+    .unwrap();
+    assert!(err.message().contains("no etcd member"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
