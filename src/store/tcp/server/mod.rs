@@ -79,7 +79,7 @@ pub enum ServerBackend {
 /// The largest value a server on etcd accepts: 1 MiB, within etcd's
 /// default request limit (`--max-request-bytes`, 1.5 MiB) with room for
 /// the key and the transaction around it.
-pub const ETCD_MAX_VALUE_LEN: usize = 1 << 20;
+pub(crate) const ETCD_MAX_VALUE_LEN: usize = 1 << 20;
 
 /// A snapshot of a server's load.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
