@@ -2,8 +2,11 @@
 program, or `distcore serve`), PyTorch servers, and Python worker processes.
 Everything listens on 127.0.0.1 with ephemeral ports and is killed at the end."""
 import os
+import shutil
 import signal
+import socket
 import subprocess
+import tempfile
 import sys
 import time
 
@@ -67,11 +70,14 @@ class CServer:
 
 
 class CliServer:
-    """`distcore serve` on an ephemeral loopback port."""
+    """`distcore serve` on an ephemeral loopback port; `backend`: its --backend
+    (an etcd:// URL), with `args` more options."""
 
-    def __init__(self):
-        self.proc = track(subprocess.Popen([CLI, "serve", "--host", "127.0.0.1", "--port", "0"],
-                                           stdout=subprocess.PIPE, text=True))
+    def __init__(self, backend=None, args=()):
+        command = [CLI, "serve", "--host", "127.0.0.1", "--port", "0", *args]
+        if backend:
+            command += ["--backend", backend]
+        self.proc = track(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
         line = _read_line(self.proc, "distcore TCPStore server listening on")
         self.port = int(line.split()[5].rsplit(":", 1)[1])
 
@@ -79,6 +85,91 @@ class CliServer:
         self.proc.send_signal(signal.SIGTERM)
         assert self.proc.wait(timeout=30) == 0
         self.proc.stdout.close()
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        self.proc.stdout.close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EtcdCluster:
+    """etcd members (`etcd` from the Debian package etcd-server) on loopback
+    ports, in a temporary directory; `extra`: more etcd flags (--enable-v2)."""
+
+    def __init__(self, members=1, extra=()):
+        binary = shutil.which("etcd")
+        assert binary, "etcd must be installed (apt-get install etcd-server)"
+        self.binary, self.extra = binary, list(extra)
+        self.dir = tempfile.mkdtemp(prefix="distcore-etcd-")
+        self.names = [f"m{i}" for i in range(members)]
+        self.clients = [free_port() for _ in self.names]
+        self.peers = [free_port() for _ in self.names]
+        self.procs = [None] * members
+        for i in range(members):
+            self.start(i, "new")
+        self.wait_ready()
+
+    @property
+    def endpoints(self):
+        return [f"127.0.0.1:{port}" for port in self.clients]
+
+    def url(self, prefix):
+        """The etcd:// URL of every member, with `prefix`."""
+        return "etcd://" + ",".join(self.endpoints) + "/" + prefix.lstrip("/")
+
+    def start(self, i, state="existing"):
+        client, peer = f"http://127.0.0.1:{self.clients[i]}", f"http://127.0.0.1:{self.peers[i]}"
+        cluster = ",".join(f"{n}=http://127.0.0.1:{p}" for n, p in zip(self.names, self.peers))
+        self.procs[i] = track(subprocess.Popen(
+            [self.binary, "--name", self.names[i], "--data-dir", os.path.join(self.dir, self.names[i]),
+             "--listen-client-urls", client, "--advertise-client-urls", client,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", cluster, "--initial-cluster-state", state, *self.extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def kill(self, i):
+        self.procs[i].kill()
+        self.procs[i].wait(timeout=30)
+
+    def leader(self):
+        """The index of the member that leads (asked of every member)."""
+        import json
+        import urllib.request
+        for port in self.clients:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v3/maintenance/status",
+                                            data=b"{}", timeout=2) as r:
+                    status = json.load(r)
+                member, leader = status["header"]["member_id"], status["leader"]
+                if member == leader:
+                    return self.clients.index(port)
+            except OSError:
+                continue
+        return None
+
+    def wait_ready(self, timeout=30):
+        import urllib.request
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://{self.endpoints[0]}/v3/kv/range",
+                                            data=b'{"key":"AA=="}', timeout=2):
+                    return
+            except OSError:
+                assert time.monotonic() < deadline, f"etcd did not start within {timeout} s"
+                time.sleep(0.05)
+
+    def stop(self):
+        for i, proc in enumerate(self.procs):
+            if proc and proc.poll() is None:
+                self.kill(i)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def python(code, *args):

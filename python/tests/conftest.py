@@ -1,5 +1,6 @@
 """Fixtures of the distcore package tests (no torch needed)."""
 import os
+import sys
 from datetime import timedelta
 
 import pytest
@@ -7,6 +8,9 @@ import pytest
 import distcore
 
 T = timedelta
+
+# The processes tests start (etcd members) come from the interop harness.
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "interop"))
 
 
 @pytest.fixture

@@ -1,49 +1,21 @@
 """distcore.EtcdStore against a real etcd member the test starts (etcd from
 the Debian package etcd-server; the test fails without it)."""
-import shutil
-import socket
-import subprocess
 import threading
-import time
 from datetime import timedelta
 
 import pytest
 
 import distcore
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+import harness  # interop/harness.py (conftest puts interop/ on the path)
 
 
 @pytest.fixture(scope="module")
-def etcd(tmp_path_factory):
-    binary = shutil.which("etcd")
-    assert binary, "etcd must be installed (apt-get install etcd-server)"
-    client, peer = free_port(), free_port()
-    client_url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
-    proc = subprocess.Popen(
-        [binary, "--name", "t", "--data-dir", str(tmp_path_factory.mktemp("etcd") / "data"),
-         "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-         "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-         "--initial-cluster", f"t={peer_url}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"127.0.0.1:{client}"
+def etcd():
+    cluster = harness.EtcdCluster()
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                distcore.EtcdStore([endpoint], "/probe", timeout=timedelta(milliseconds=200)).close()
-                break
-            except distcore.DistError:
-                assert time.monotonic() < deadline, "etcd did not start within 30 s"
-                time.sleep(0.05)
-        yield endpoint
+        yield cluster.endpoints[0]
     finally:
-        proc.kill()
-        proc.wait()
+        cluster.stop()
 
 
 def test_store_operations(etcd):
@@ -72,4 +44,4 @@ def test_wait_is_released_by_another_handle_and_times_out_as_pytorch(etcd):
 
 def test_no_member_is_a_network_error(etcd):
     with pytest.raises(distcore.DistNetworkError, match="no etcd member"):
-        distcore.EtcdStore([f"127.0.0.1:{free_port()}"], timeout=timedelta(milliseconds=300))
+        distcore.EtcdStore([f"127.0.0.1:{harness.free_port()}"], timeout=timedelta(milliseconds=300))

@@ -71,8 +71,8 @@ pub enum ServerBackend {
     Memory,
     /// Under a prefix of an etcd cluster, which any number of servers may
     /// share: each sees the others' writes, and a server that dies loses
-    /// nothing. Values are limited to [`ETCD_MAX_VALUE_LEN`] (etcd's request
-    /// limit), or less if [`ServerOptions::limits`] says so.
+    /// nothing. Values are limited to 1 MiB (within etcd's request limit),
+    /// or less if [`ServerOptions::limits`] says so.
     Etcd(crate::store::etcd::EtcdStoreOptions),
 }
 
