@@ -37,9 +37,10 @@ CLIENTS = ["distcore", "torch"]
 
 
 def ensure_python_packages(full):
-    """torch.distributed.rpc needs numpy; the plot needs matplotlib; the
-    Python clients are the distcore package (python/, built with cargo)."""
-    wanted = {"numpy": "numpy", "distcore": os.path.join(ROOT, "python")}
+    """torch.distributed.rpc needs numpy; the plot needs matplotlib;
+    torchelastic's EtcdStore needs python-etcd; the Python clients are the
+    distcore package (python/, built with cargo)."""
+    wanted = {"numpy": "numpy", "distcore": os.path.join(ROOT, "python"), "etcd": "python-etcd"}
     if full:
         wanted["matplotlib"] = "matplotlib"
     missing = [spec for module, spec in wanted.items() if subprocess.run([sys.executable, "-c", f"import {module}"],
@@ -633,6 +634,108 @@ def scenario_rpc(calls, rounds):
                   "torch / distcore C", "torch / distcore Python"], rows), results
 
 
+ETCD_CLIENTS = [
+    # (label, etcd_clients.py kind, what it talks to)
+    ("torchelastic EtcdStore (etcd v2 API, python-etcd)", "torchelastic", "etcd"),
+    ("distcore.EtcdStore (etcd v3 API)", "distcore-etcd", "etcd"),
+    ("PyTorch TCPStore client → distcore serve --backend etcd", "torch-tcp", "front"),
+    ("PyTorch TCPStore client → distcore serve (memory)", "torch-tcp", "memory"),
+]
+
+
+# (ops, seconds, processes, ranks) of the etcd scenario, full and --quick.
+ETCD_SIZES = {False: (1000, 5, 4, 1024), True: (100, 1, 2, 64)}
+
+
+def etcd_clients(mode, kind, target, prefix, amount):
+    return subprocess.Popen([sys.executable, f"{HERE}/etcd_clients.py", mode, kind, target, prefix, str(amount)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(ENV, DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so"))
+
+
+def finished(proc, timeout=1800):
+    out, err = proc.communicate(timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"{proc.args[1:4]}: {err.strip()[-600:]}")
+    return out
+
+
+def scenario_etcd(ops, seconds, procs, ranks):
+    """Stores on etcd, from Python clients: torchelastic's EtcdStore (the v2
+    API, which etcd 3.4 serves with --enable-v2 and 3.6 removed), distcore's
+    EtcdStore (v3), and PyTorch's TCPStore client through `distcore serve
+    --backend etcd` (and, for scale, through the in-memory server), all on
+    one etcd member on loopback. Then a rendezvous of `ranks` through the
+    front-end: N handles join (count themselves in init/), then the store
+    barrier (add, the last sets the release key, everyone waits)."""
+    sys.path.insert(0, os.path.join(ROOT, "interop"))
+    import harness
+    cluster = harness.EtcdCluster(extra=["--enable-v2"])
+    servers = []
+    try:
+        front = harness.CliServer(backend=cluster.url("bench-front"))
+        memory = harness.CliServer()
+        servers += [front, memory]
+        targets = {"etcd": cluster.endpoints[0], "front": f"127.0.0.1:{front.port}",
+                   "memory": f"127.0.0.1:{memory.port}"}
+        lat = {}
+        for label, kind, where in ETCD_CLIENTS:
+            out = finished(etcd_clients("latency", kind, targets[where], f"/lat-{kind}-{where}", ops))
+            for line in out.splitlines():
+                op, med, p99 = line.split()
+                lat[(label, op)] = (float(med), float(p99))
+        thr = {}
+        for label, kind, where in ETCD_CLIENTS:
+            ps = [etcd_clients("throughput", kind, targets[where], f"/thr-{kind}-{where}", seconds)
+                  for _ in range(procs)]
+            total = 0.0
+            for p in ps:
+                m = re.search(r"ops (\d+) seconds ([\d.]+)", finished(p))
+                total += int(m.group(1)) / float(m.group(2))
+            thr[label] = total
+        rdv = {}
+        for where in ("front", "memory"):
+            server = harness.CliServer(backend=cluster.url("bench-rdv") if where == "front" else None)
+            servers.append(server)
+            join = driver("distcore", "join", "127.0.0.1", server.port, ranks, ranks, stdin=subprocess.PIPE)
+            read_until(join, "loaded")
+            join.stdin.write("go\n")
+            join.stdin.flush()
+            _, joined, _, failures, _, join_s = read_until(join, "joined")
+            join.stdin.close()
+            join.wait(60)
+            bar = driver("distcore", "barrier", "127.0.0.1", server.port, ranks, "rdv", ranks, stdin=subprocess.PIPE)
+            read_until(bar, "ready")
+            bar.stdin.write("go\n")
+            bar.stdin.flush()
+            _, _, _, bar_s, _, bar_failures = read_until(bar, "barrier")
+            bar.stdin.close()
+            bar.wait(60)
+            rdv[where] = (float(join_s), int(failures), float(bar_s), int(bar_failures))
+    finally:
+        for server in servers:
+            server.stop()
+        cluster.stop()
+    reference = ETCD_CLIENTS[0][0]
+    rows = []
+    for op in ("set", "get", "add", "check"):
+        for label, _, _ in ETCD_CLIENTS:
+            med, p99 = lat[(label, op)]
+            rows.append([op, label, f"{med:.0f}", f"{p99:.0f}",
+                         "" if label == reference else ratio(lat[(reference, op)][0], med)])
+    text = table(f"10. Stores on etcd: latency ({ops} sequential ops each, one etcd member on loopback, µs)",
+                 ["op", "store", "median", "p99", "torchelastic / this (× faster)"], rows)
+    rows = [[label, f"{thr[label]:,.0f}", "" if label == reference else ratio(thr[label], thr[reference])]
+            for label, _, _ in ETCD_CLIENTS]
+    text += "\n" + table(f"10b. Stores on etcd: throughput ({procs} processes, 80% get / 20% set over 100 keys, "
+                         f"{seconds} s)", ["store", "ops/s", "this / torchelastic"], rows)
+    rows = [[ranks, "distcore serve --backend etcd" if where == "front" else "distcore serve (memory)",
+             f"{j:.3f}", jf, f"{b:.3f}", bf] for where, (j, jf, b, bf) in rdv.items()]
+    text += "\n" + table(f"10c. Rendezvous of {ranks} ranks through a server (distcore clients, one process)",
+                         ["N", "server", "join (s)", "failed joins", "store barrier (s)", "barrier failures"], rows)
+    return text, (lat, thr, rdv)
+
+
 def guarded(name, fn, *args):
     """Runs a scenario; one that cannot run is reported, not fatal."""
     try:
@@ -704,7 +807,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smoke run well under 2 minutes")
     ap.add_argument("--out", help="write the tables (and the plot beside them) here")
-    ap.add_argument("--only", choices=["footprint", "rpc", "fairness", "scale", "latency", "shared"],
+    ap.add_argument("--only", choices=["footprint", "rpc", "fairness", "scale", "latency", "shared", "etcd"],
                     help="run one scenario and print it")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -732,6 +835,9 @@ def main():
         finally:
             for s in servers.values():
                 s.stop()
+        return
+    if args.only == "etcd":
+        guarded("10. Stores on etcd", scenario_etcd, *ETCD_SIZES[q])
         return
     if args.only == "rpc":
         guarded("6. RPC and RRef", scenario_rpc, 100 if q else 2000, 1 if q else 3)
@@ -768,6 +874,7 @@ def main():
                           None if q else 21000, None if q else 4096)
     sections.append(text)
     sections.append(guarded("9. Shared handle", scenario_shared_handle, 200 if q else 2000)[0])
+    sections.append(guarded("10. Stores on etcd", scenario_etcd, *ETCD_SIZES[q])[0])
     took = time.monotonic() - started
     print(f"all scenarios in {took:.0f} s")
     if args.out:
