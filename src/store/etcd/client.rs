@@ -94,7 +94,7 @@ pub(crate) enum Watched {
     Deadline,
 }
 
-/// Why [`Client::watch_puts`] returned.
+/// Why [`Client::watch`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum WatchEnd {
     /// The handler asked to stop.
@@ -111,6 +111,16 @@ pub(crate) enum WatchEnd {
 pub(crate) struct TxnResult {
     pub succeeded: bool,
     pub ranges: Vec<Range>,
+    /// The store's revision after the transaction (its own, if it wrote).
+    pub revision: i64,
+}
+
+/// A change a watch reports.
+#[derive(Debug)]
+pub(crate) struct Event {
+    /// The key was deleted (`kv` holds only its key and the revision).
+    pub deleted: bool,
+    pub kv: Kv,
 }
 
 /// A connection to an etcd cluster (any number of members).
@@ -180,17 +190,21 @@ impl Client {
         parse_range(&self.post("/v3/kv/range", &request, deadline)?)
     }
 
-    /// Sets `key` to `value`.
-    pub(crate) fn put(&self, key: &[u8], value: &[u8], deadline: Instant) -> Result<()> {
+    /// Sets `key` to `value`; returns the revision of the write.
+    pub(crate) fn put(&self, key: &[u8], value: &[u8], deadline: Instant) -> Result<i64> {
         let request = json!({"key": BASE64.encode(key), "value": BASE64.encode(value)});
-        self.post("/v3/kv/put", &request, deadline).map(drop)
+        let reply = self.post("/v3/kv/put", &request, deadline)?;
+        Ok(int_field(&reply["header"], "revision"))
     }
 
     /// Deletes `key` (or every key with the prefix `key`); returns how
-    /// many keys were deleted.
-    pub(crate) fn delete(&self, key: &[u8], prefix: bool, deadline: Instant) -> Result<i64> {
+    /// many keys were deleted, and the revision after.
+    pub(crate) fn delete(&self, key: &[u8], prefix: bool, deadline: Instant) -> Result<(i64, i64)> {
         let reply = self.post("/v3/kv/deleterange", &range_request(key, prefix), deadline)?;
-        Ok(int_field(&reply, "deleted"))
+        Ok((
+            int_field(&reply, "deleted"),
+            int_field(&reply["header"], "revision"),
+        ))
     }
 
     /// Runs `success` if every comparison holds, else `failure`, atomically.
@@ -218,7 +232,11 @@ impl Client {
             })
             .transpose()?
             .unwrap_or_default();
-        Ok(TxnResult { succeeded, ranges })
+        Ok(TxnResult {
+            succeeded,
+            ranges,
+            revision: int_field(&reply["header"], "revision"),
+        })
     }
 
     /// Watches the ranges `(key, prefix)` from `start_revision` on, until
@@ -230,8 +248,8 @@ impl Client {
         deadline: Instant,
     ) -> Result<Watched> {
         let mut first = None;
-        let end = self.watch_puts(ranges, start_revision, deadline, |kv| {
-            first = Some(kv);
+        let end = self.watch(ranges, start_revision, false, deadline, |event| {
+            first = Some(event.kv);
             false
         })?;
         Ok(match (first, end) {
@@ -242,16 +260,18 @@ impl Client {
     }
 
     /// Watches the ranges `(key, prefix)` from `start_revision` on, handing
-    /// every pair written (put) to `on_put`, in revision order, until it
-    /// answers false, etcd cancels the watch, or the deadline. A stream
-    /// that breaks (a member went away) is watched again, elsewhere if need
-    /// be, from the revision after the last pair handed over.
-    pub(crate) fn watch_puts(
+    /// every change (puts, and deletes if `deletes`) to `on_event`, in
+    /// revision order, until it answers false, etcd cancels the watch, or
+    /// the deadline. A stream that breaks (a member went away) is watched
+    /// again, elsewhere if need be, from the revision after the last change
+    /// handed over.
+    pub(crate) fn watch(
         &self,
         ranges: &[(Vec<u8>, bool)],
         start_revision: i64,
+        deletes: bool,
         deadline: Instant,
-        mut on_put: impl FnMut(Kv) -> bool,
+        mut on_event: impl FnMut(Event) -> bool,
     ) -> Result<WatchEnd> {
         let mut next_revision = start_revision;
         let mut backoff = Duration::from_millis(10);
@@ -265,7 +285,9 @@ impl Client {
                 .map(|(key, prefix)| {
                     let mut create = range_request(key, *prefix);
                     create["start_revision"] = json!(next_revision);
-                    create["filters"] = json!(["NODELETE"]);
+                    if !deletes {
+                        create["filters"] = json!(["NODELETE"]);
+                    }
                     json!({ "create_request": create }).to_string() + "\n"
                 })
                 .collect();
@@ -319,7 +341,8 @@ impl Client {
                 for event in result["events"].as_array().into_iter().flatten() {
                     let kv = parse_kv(&event["kv"])?;
                     next_revision = next_revision.max(kv.mod_revision + 1);
-                    if !on_put(kv) {
+                    let deleted = event["type"].as_str() == Some("DELETE");
+                    if !on_event(Event { deleted, kv }) {
                         return Ok(WatchEnd::Stopped);
                     }
                 }

@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 
 pub(crate) use self::client::WatchEnd;
 use self::client::{Client, Compare, Op, Read, Watched};
+pub(crate) use self::requests::{Change, Snapshot};
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
 use crate::error::{Error, Result, Status};
 use crate::timeout::DEFAULT_STORE_TIMEOUT;
@@ -98,6 +99,8 @@ struct Pop {
     value: Option<Vec<u8>>,
     /// The revision the queue was read at.
     revision: i64,
+    /// The revision of the delete (0: none).
+    written: i64,
 }
 
 /// Where values live under the prefix.
@@ -159,7 +162,7 @@ impl EtcdStore {
     /// returns how many etcd keys went.
     pub fn delete_all(&self) -> Result<i64> {
         let all = [&self.prefix[..], b"/"].concat();
-        self.client.delete(&all, true, self.deadline(None))
+        Ok(self.client.delete(&all, true, self.deadline(None))?.0)
     }
 
     fn deadline(&self, timeout: Option<Duration>) -> Instant {
@@ -177,12 +180,13 @@ impl EtcdStore {
 
     /// Applies `change` to the value of `key` (None: missing) in a
     /// transaction on the revision it read, retried until no other writer
-    /// interferes; returns what `change` returned.
+    /// interferes; returns what `change` returned, and the revision of the
+    /// write (0 when `change` wrote nothing).
     fn read_modify_write<T>(
         &self,
         key: &[u8],
         mut change: impl FnMut(Option<&[u8]>) -> Result<(Option<Vec<u8>>, T)>,
-    ) -> Result<T> {
+    ) -> Result<(T, i64)> {
         let deadline = self.deadline(None);
         let k = self.value_key(key);
         loop {
@@ -190,7 +194,7 @@ impl EtcdStore {
             let current = range.kvs.first();
             let (write, answer) = change(current.map(|kv| &kv.value[..]))?;
             let Some(value) = write else {
-                return Ok(answer);
+                return Ok((answer, 0));
             };
             let compare = Compare::ModRevision {
                 key: k.clone(),
@@ -200,8 +204,8 @@ impl EtcdStore {
                 key: k.clone(),
                 value,
             };
-            if self.commit(compare, put, deadline)? {
-                return Ok(answer);
+            if let Some(revision) = self.commit(compare, put, deadline)? {
+                return Ok((answer, revision));
             }
             if Instant::now() >= deadline {
                 return Err(Error::timeout(format!(
@@ -212,7 +216,8 @@ impl EtcdStore {
         }
     }
 
-    /// Runs `op` if `compare` holds, exactly once: returns whether it ran.
+    /// Runs `op` if `compare` holds, exactly once: returns whether it ran,
+    /// with a revision at or after its write.
     ///
     /// A request whose answer was lost (a member died, a leader changed) is
     /// sent again, and its comparison then fails if the first one went
@@ -221,7 +226,7 @@ impl EtcdStore {
     /// was lost would be applied twice, and a popped element lost. Tokens
     /// are deleted by the handle's next transaction (no request of their
     /// own), the last ones when the handle goes.
-    fn commit(&self, compare: Compare, op: Op, deadline: Instant) -> Result<bool> {
+    fn commit(&self, compare: Compare, op: Op, deadline: Instant) -> Result<Option<i64>> {
         let token = [&self.prefix[..], b"/t/", &element_id()].concat();
         let stale = {
             let mut tokens = self.stale_tokens.lock();
@@ -252,10 +257,11 @@ impl EtcdStore {
             Ok(result) => {
                 let committed =
                     result.succeeded || result.ranges.first().is_some_and(|r| r.count > 0);
-                if committed {
-                    stale_tokens.push(token);
+                if !committed {
+                    return Ok(None);
                 }
-                Ok(committed)
+                stale_tokens.push(token);
+                Ok(Some(result.revision))
             }
             // Nothing may have been applied, or everything: keep them all.
             Err(e) => {
@@ -341,14 +347,19 @@ impl EtcdStore {
 /// Operations on byte keys, shared by the Store and a TCPStore front-end
 /// (see [`requests`]).
 impl EtcdStore {
-    fn add_to(&self, key: &[u8], delta: i64) -> Result<i64> {
+    fn add_to(&self, key: &[u8], delta: i64) -> Result<(i64, i64)> {
         self.read_modify_write(key, |current| {
             let now = current.map_or(Ok(0), |v| parse_counter(key, v))? + delta;
             Ok((Some(now.to_string().into_bytes()), now))
         })
     }
 
-    fn compare_and_set(&self, key: &[u8], expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
+    fn compare_and_set(
+        &self,
+        key: &[u8],
+        expected: &[u8],
+        desired: &[u8],
+    ) -> Result<(Vec<u8>, i64)> {
         self.read_modify_write(key, |current| {
             Ok(match current {
                 None if expected.is_empty() => (Some(desired.to_vec()), desired.to_vec()),
@@ -360,8 +371,8 @@ impl EtcdStore {
     }
 
     /// Appends `suffix` to the value of `key` (creating it), refusing a
-    /// result over `max_len` bytes.
-    fn append_to(&self, key: &[u8], suffix: &[u8], max_len: usize) -> Result<()> {
+    /// result over `max_len` bytes; returns the revision of the write.
+    fn append_to(&self, key: &[u8], suffix: &[u8], max_len: usize) -> Result<i64> {
         self.read_modify_write(key, |current| {
             let current = current.unwrap_or_default();
             let total = current.len().saturating_add(suffix.len());
@@ -373,6 +384,7 @@ impl EtcdStore {
             }
             Ok((Some([current, suffix].concat()), ()))
         })
+        .map(|((), revision)| revision)
     }
 
     /// The values of `keys` (None where missing), MAX_TXN_OPS keys per
@@ -399,8 +411,9 @@ impl EtcdStore {
     }
 
     /// Sets every pair: one transaction per MAX_TXN_OPS pairs, atomic up to
-    /// that many.
-    fn write_values(&self, pairs: &[(&[u8], &[u8])], deadline: Instant) -> Result<()> {
+    /// that many; returns the revision of the last.
+    fn write_values(&self, pairs: &[(&[u8], &[u8])], deadline: Instant) -> Result<i64> {
+        let mut revision = 0;
         for chunk in pairs.chunks(MAX_TXN_OPS) {
             let ops: Vec<Op> = chunk
                 .iter()
@@ -409,9 +422,9 @@ impl EtcdStore {
                     value: v.to_vec(),
                 })
                 .collect();
-            self.client.txn(&[], &ops, &[], deadline)?;
+            revision = self.client.txn(&[], &ops, &[], deadline)?.revision;
         }
-        Ok(())
+        Ok(revision)
     }
 
     /// Pops the oldest element of the queue `key` if there is one (whoever
@@ -425,17 +438,19 @@ impl EtcdStore {
                     before: 0,
                     value: None,
                     revision: range.revision,
+                    written: 0,
                 });
             };
             let compare = Compare::CreateRevision {
                 key: first.key.clone(),
                 revision: first.create_revision,
             };
-            if self.commit(compare, Op::Delete { key: first.key }, deadline)? {
+            if let Some(written) = self.commit(compare, Op::Delete { key: first.key }, deadline)? {
                 return Ok(Pop {
                     before: range.count,
                     value: Some(first.value),
                     revision: range.revision,
+                    written,
                 });
             }
         }
@@ -503,6 +518,7 @@ impl Store for EtcdStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
         self.client
             .put(&self.value_key(key.as_bytes()), value, self.deadline(None))
+            .map(drop)
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
@@ -526,17 +542,18 @@ impl Store for EtcdStore {
     }
 
     fn add(&self, key: &str, delta: i64) -> Result<i64> {
-        self.add_to(key.as_bytes(), delta)
+        Ok(self.add_to(key.as_bytes(), delta)?.0)
     }
 
     fn compare_set(&self, key: &str, expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
-        self.compare_and_set(key.as_bytes(), expected, desired)
+        Ok(self.compare_and_set(key.as_bytes(), expected, desired)?.0)
     }
 
     fn delete_key(&self, key: &str) -> Result<bool> {
         Ok(self
             .client
             .delete(&self.value_key(key.as_bytes()), false, self.deadline(None))?
+            .0
             > 0)
     }
 
@@ -560,7 +577,7 @@ impl Store for EtcdStore {
     }
 
     fn append(&self, key: &str, value: &[u8]) -> Result<()> {
-        self.append_to(key.as_bytes(), value, usize::MAX)
+        self.append_to(key.as_bytes(), value, usize::MAX).map(drop)
     }
 
     fn multi_get(&self, keys: &[&str]) -> Result<Vec<Vec<u8>>> {
@@ -588,12 +605,14 @@ impl Store for EtcdStore {
             .map(|k| k.as_bytes())
             .zip(values.iter().copied())
             .collect();
-        self.write_values(&pairs, self.deadline(None))
+        self.write_values(&pairs, self.deadline(None)).map(drop)
     }
 
     fn queue_push(&self, key: &str, value: &[u8]) -> Result<()> {
         let element = [self.queue_prefix(key.as_bytes()), element_id()].concat();
-        self.client.put(&element, value, self.deadline(None))
+        self.client
+            .put(&element, value, self.deadline(None))
+            .map(drop)
     }
 
     fn queue_pop(&self, key: &str, block: bool) -> Result<Vec<u8>> {

@@ -1,180 +1,173 @@
-//! TCPStore requests on etcd, for a `distcore serve --backend etcd://...`
-//! front-end (see [`crate::store::tcp::server`]): each data request as the
-//! same etcd operations the Store methods use, the look-ups that waits
-//! start with, and the stream of every write under the prefix that ends
-//! them.
+//! What a `distcore serve --backend etcd://...` front-end asks of etcd (see
+//! [`crate::store::tcp::server`]): its writes, made with the same etcd
+//! operations as the Store methods and answered with the revision they
+//! made; a snapshot of the job's keys; and the stream of every change
+//! after it. The front-end answers reads and waits from a mirror of the
+//! job's keys that the snapshot starts and the stream keeps up to date.
 
 use std::time::Instant;
 
 use super::client::{Read, WatchEnd};
-use super::{EtcdStore, MAX_TXN_OPS, QUEUES, VALUES};
+use super::{EtcdStore, QUEUES, VALUES};
 use crate::error::{Error, Result};
+use crate::store::kv::Value;
 use crate::store::tcp::protocol::{Key, Request};
-use crate::store::tcp::server::backend::{Outcome, Present};
+use crate::store::tcp::server::backend::Outcome;
+
+/// A change to the job's keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// `key` now holds `value` (None: deleted).
+    Value { key: Key, value: Option<Value> },
+    /// The queue `key` got an element (`added`) or lost one.
+    Element { key: Key, added: bool },
+}
+
+/// The job's keys at one revision.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    pub values: Vec<(Key, Value)>,
+    /// The queue of each element, one entry per element.
+    pub elements: Vec<Key>,
+    pub revision: i64,
+}
 
 impl EtcdStore {
-    /// Runs a data request (not a session request: VALIDATE, PING, WAIT,
-    /// CANCEL_WAIT, BARRIER and WAIT_GET are the front-end's own); values,
-    /// APPEND's results included, stay within `max_value_len`.
-    pub(crate) fn execute(&self, request: &Request, max_value_len: usize) -> Result<Outcome> {
+    /// Makes a write (SET, ADD, COMPARE_SET, DELETE_KEY, APPEND, MULTI_SET,
+    /// QUEUE_PUSH, QUEUE_POP); values, APPEND's results included, stay
+    /// within `max_value_len`. Returns the outcome and the revision of the
+    /// change it made, which the front-end's mirror shows once it has
+    /// caught up with it (0: nothing changed, or a change whose revision
+    /// is unknown: one committed by a request sent again).
+    pub(crate) fn write(&self, request: &Request, max_value_len: usize) -> Result<(Outcome, i64)> {
         let deadline = self.deadline(None);
-        let owned = |v: Option<Vec<u8>>| v.map(Into::into);
         Ok(match request {
-            Request::Set { key, value } => {
-                self.client.put(&self.value_key(key), value, deadline)?;
-                Outcome::Silent
-            }
-            Request::Get { key } => Outcome::Values(
-                self.read_values(&[key], deadline)?
-                    .into_iter()
-                    .map(owned)
-                    .collect(),
+            Request::Set { key, value } => (
+                Outcome::Silent,
+                self.client.put(&self.value_key(key), value, deadline)?,
             ),
-            Request::MultiGet { keys } => {
-                let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-                Outcome::Values(
-                    self.read_values(&keys, deadline)?
-                        .into_iter()
-                        .map(owned)
-                        .collect(),
-                )
+            Request::Add { key, delta } => {
+                let (now, revision) = self.add_to(key, *delta)?;
+                (Outcome::Int(now), revision)
             }
-            Request::Add { key, delta } => Outcome::Int(self.add_to(key, *delta)?),
             Request::CompareSet {
                 key,
                 expected,
                 desired,
-            } => Outcome::Value(self.compare_and_set(key, expected, desired)?.into()),
-            Request::Check { keys } => {
-                let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-                let (present, _) = self.presence(&keys, deadline)?;
-                Outcome::Ready(present.into_iter().all(|p| p))
-            }
-            Request::GetNumKeys => {
-                let values = [&self.prefix[..], VALUES].concat();
-                Outcome::Int(
-                    self.client
-                        .range(&values, true, Read::Count, deadline)?
-                        .count,
-                )
+            } => {
+                let (value, revision) = self.compare_and_set(key, expected, desired)?;
+                (Outcome::Value(value.into()), revision)
             }
             Request::DeleteKey { key } => {
-                Outcome::Int(self.client.delete(&self.value_key(key), false, deadline)?)
+                let (deleted, revision) =
+                    self.client.delete(&self.value_key(key), false, deadline)?;
+                (
+                    Outcome::Int(deleted),
+                    if deleted > 0 { revision } else { 0 },
+                )
             }
             Request::Append { key, value } => {
-                self.append_to(key, value, max_value_len)?;
-                Outcome::Silent
+                (Outcome::Silent, self.append_to(key, value, max_value_len)?)
             }
             Request::MultiSet { pairs } => {
                 let pairs: Vec<(&[u8], &[u8])> =
                     pairs.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-                self.write_values(&pairs, deadline)?;
-                Outcome::Silent
+                (Outcome::Silent, self.write_values(&pairs, deadline)?)
             }
             Request::QueuePush { key, value } => {
                 let element = [self.queue_prefix(key), super::element_id()].concat();
-                self.client.put(&element, value, deadline)?;
-                Outcome::Silent
+                (Outcome::Silent, self.client.put(&element, value, deadline)?)
             }
             Request::QueuePop { key } => {
                 let pop = self.try_pop(key, deadline)?;
-                Outcome::Popped {
+                let outcome = Outcome::Popped {
                     before: pop.before,
-                    value: owned(pop.value),
-                }
+                    value: pop.value.map(Into::into),
+                };
+                (outcome, pop.written)
             }
-            Request::QueueLen { key } => Outcome::Int(
-                self.client
-                    .range(&self.queue_prefix(key), true, Read::Count, deadline)?
-                    .count,
-            ),
-            Request::ListKeys => Outcome::Keys(self.value_keys(deadline)?),
-            _ => return Err(Error::internal("etcd was handed a session request")),
+            _ => {
+                return Err(Error::internal(
+                    "etcd was handed a request that is not a write",
+                ))
+            }
         })
     }
 
-    /// Which of `keys` exist now, and how: the value, or a non-empty queue
-    /// (MAX_TXN_OPS / 2 keys per transaction).
-    pub(crate) fn look(&self, keys: &[Key]) -> Result<Vec<(Key, Present)>> {
+    /// Every value and queue element of the job, at one revision.
+    pub(crate) fn snapshot(&self) -> Result<Snapshot> {
         let deadline = self.deadline(None);
-        let mut found = Vec::new();
-        for chunk in keys.chunks(MAX_TXN_OPS / 2) {
-            let ops: Vec<super::Op> = chunk
+        let values = [&self.prefix[..], VALUES].concat();
+        let queues = [&self.prefix[..], QUEUES].concat();
+        let read = |key: &[u8], read| super::Op::Range {
+            key: key.to_vec(),
+            prefix: true,
+            read,
+        };
+        let ops = [read(&values, Read::Values), read(&queues, Read::Keys)];
+        let result = self.client.txn(&[], &ops, &[], deadline)?;
+        let [stored, elements] = &result.ranges[..] else {
+            return Err(Error::new(
+                crate::error::Status::Protocol,
+                "etcd answered a transaction of two reads with fewer",
+            ));
+        };
+        Ok(Snapshot {
+            values: stored
+                .kvs
                 .iter()
-                .flat_map(|key| {
-                    [
-                        super::Op::Range {
-                            key: self.value_key(key),
-                            prefix: false,
-                            read: Read::Values,
-                        },
-                        super::Op::Range {
-                            key: self.queue_prefix(key),
-                            prefix: true,
-                            read: Read::Count,
-                        },
-                    ]
-                })
-                .collect();
-            let ranges = self.client.txn(&[], &ops, &[], deadline)?.ranges;
-            for (key, pair) in chunk.iter().zip(ranges.chunks(2)) {
-                let [value, queue] = pair else {
-                    return Err(Error::new(
-                        crate::error::Status::Protocol,
-                        "etcd answered a transaction with fewer reads than it had",
-                    ));
-                };
-                if let Some(kv) = value.kvs.first() {
-                    found.push((key.clone(), Present::Value(kv.value.clone().into())));
-                } else if queue.count > 0 {
-                    found.push((key.clone(), Present::Queued));
-                }
-            }
-        }
-        Ok(found)
+                .map(|kv| (kv.key[values.len()..].to_vec(), kv.value.clone().into()))
+                .collect(),
+            elements: elements
+                .kvs
+                .iter()
+                .map(|kv| queue_of(&kv.key[queues.len()..]))
+                .collect(),
+            revision: result.revision,
+        })
     }
 
-    /// The cluster's current revision.
-    pub(crate) fn revision(&self) -> Result<i64> {
-        Ok(self
-            .client
-            .range(
-                &self.value_key(b""),
-                false,
-                Read::Count,
-                self.deadline(None),
-            )?
-            .revision)
-    }
-
-    /// Hands every value and queue element written under the prefix from
-    /// revision `*next` on to `on_write` (the store's key and what it now
-    /// holds), until `deadline` or `on_write` answers false; `*next`
-    /// follows, for the next call. `Canceled`: etcd no longer has the
-    /// writes from `*next` (compacted), some may be missed.
-    pub(crate) fn watch_writes(
+    /// Hands every change to the job's keys from revision `*next` on to
+    /// `on_change` with its revision, until `deadline` or `on_change`
+    /// answers false; `*next` follows, for the next call. `Canceled`: etcd
+    /// no longer has the changes from `*next` (compacted): take a snapshot.
+    pub(crate) fn watch_changes(
         &self,
         next: &mut i64,
         deadline: Instant,
-        mut on_write: impl FnMut(Key, Present) -> bool,
+        mut on_change: impl FnMut(Change, i64) -> bool,
     ) -> Result<WatchEnd> {
         let values = [&self.prefix[..], VALUES].concat();
         let queues = [&self.prefix[..], QUEUES].concat();
-        let ranges = [(values.clone(), true), (queues.clone(), true)];
-        self.client.watch_puts(&ranges, *next, deadline, |kv| {
-            *next = (*next).max(kv.mod_revision + 1);
-            if let Some(key) = kv.key.strip_prefix(&values[..]) {
-                on_write(key.to_vec(), Present::Value(kv.value.into()))
-            } else if let Some(element) = kv.key.strip_prefix(&queues[..]) {
-                // <key>\xff<id>: the id has no \xff.
-                let end = element
-                    .iter()
-                    .rposition(|b| *b == 0xff)
-                    .unwrap_or(element.len());
-                on_write(element[..end].to_vec(), Present::Queued)
-            } else {
-                true
-            }
-        })
+        let all = [&self.prefix[..], b"/"].concat();
+        self.client
+            .watch(&[(all, true)], *next, true, deadline, |event| {
+                let revision = event.kv.mod_revision;
+                *next = (*next).max(revision + 1);
+                let key = &event.kv.key;
+                let change = if let Some(key) = key.strip_prefix(&values[..]) {
+                    Change::Value {
+                        key: key.to_vec(),
+                        value: (!event.deleted).then(|| event.kv.value.into()),
+                    }
+                } else if let Some(element) = key.strip_prefix(&queues[..]) {
+                    Change::Element {
+                        key: queue_of(element),
+                        added: !event.deleted,
+                    }
+                } else {
+                    return true; // a commit token
+                };
+                on_change(change, revision)
+            })
     }
+}
+
+/// The queue of an element `<key>\xff<id>` (ids have no \xff).
+fn queue_of(element: &[u8]) -> Key {
+    let end = element
+        .iter()
+        .rposition(|b| *b == 0xff)
+        .unwrap_or(element.len());
+    element[..end].to_vec()
 }

@@ -5,15 +5,18 @@
 //! core's own, resolved from what the backend says of the keys they are
 //! on. Two kinds of backend fit behind it:
 //! - **local** (the keys in this process: [`MemoryBackend`]): every request
-//!   completes at once, and [`Backend::peek`] tells whether a key exists;
-//!   the core wakes waits after the writes it made itself;
+//!   completes at once; the core wakes waits after the writes it made;
 //! - **remote** (a store other servers write too, such as etcd): a request
-//!   may complete later (`apply` answers `Ok(None)`), `peek` answers
-//!   [`Peek::Unknown`], and the backend reports, through
-//!   [`Backend::take_reports`], completed requests, the keys it looked up
-//!   for a wait, and every write anyone made. The core registers a wait
-//!   *before* asking for a look, so a write is never missed: it is either
-//!   in the look's answer or reported after it.
+//!   may complete later (`apply` answers `Ok(None)`), and the backend
+//!   reports, through [`Backend::take_reports`], completed requests and
+//!   every write anyone made ([`Backend::reports_writes`]), in the order
+//!   its view of the keys took them in.
+//!
+//! Either way [`Backend::peek`] tells at once whether a key exists (as far
+//! as the backend has seen), so a wait is answered at once or registered
+//! before any later write is reported. A backend that lost track of writes
+//! says so ([`Report::Missed`]) and the core asks it to look again at the
+//! keys of every pending wait.
 
 use super::super::protocol::{Key, Request};
 use super::state::ConnId;
@@ -72,17 +75,6 @@ impl Present {
     }
 }
 
-/// What a backend can tell of a key without waiting.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Peek {
-    /// It does not exist.
-    Absent,
-    /// It exists.
-    Present(Present),
-    /// A remote backend cannot say now: the core asks for a look.
-    Unknown,
-}
-
 /// What a remote backend reports (see [`Backend::take_reports`]).
 #[derive(Debug)]
 pub(crate) enum Report {
@@ -113,12 +105,18 @@ pub(crate) trait Backend: Send {
     fn apply(&mut self, conn: ConnId, ticket: Ticket, request: &Request)
         -> Result<Option<Outcome>>;
 
-    /// What `key` holds now, if the backend can tell at once.
-    fn peek(&self, key: &[u8]) -> Peek;
+    /// What `key` holds now (None: it does not exist).
+    fn peek(&self, key: &[u8]) -> Option<Present>;
 
-    /// Looks up `keys` for `wait` (after `peek` answered Unknown), to be
+    /// Looks up `keys` for `wait` again (after [`Report::Missed`]), to be
     /// reported as [`Report::Looked`].
     fn look(&mut self, wait: WaitId, keys: Vec<Key>);
+
+    /// Whether the backend reports every write ([`Report::Written`]), the
+    /// core's own included: the core then wakes no wait itself.
+    fn reports_writes(&self) -> bool {
+        false
+    }
 
     /// What happened since the last call (a local backend: nothing).
     fn take_reports(&mut self) -> Vec<Report>;
@@ -188,17 +186,14 @@ impl Backend for MemoryBackend {
         Ok(Some(outcome))
     }
 
-    fn peek(&self, key: &[u8]) -> Peek {
-        if let Some(value) = self.table.get(key) {
-            Peek::Present(Present::Value(value))
-        } else if self.table.contains(key) {
-            Peek::Present(Present::Queued)
-        } else {
-            Peek::Absent
+    fn peek(&self, key: &[u8]) -> Option<Present> {
+        match self.table.get(key) {
+            Some(value) => Some(Present::Value(value)),
+            None => self.table.contains(key).then_some(Present::Queued),
         }
     }
 
-    /// Never asked: `peek` always knows.
+    /// Never asked: this backend never misses a write.
     fn look(&mut self, _: WaitId, _: Vec<Key>) {}
 
     fn take_reports(&mut self) -> Vec<Report> {

@@ -2,20 +2,28 @@
 //! server keeps no keys of its own, so any number of servers on one etcd
 //! cluster serve the same store, and killing one loses nothing.
 //!
-//! Requests run on a pool of [`WORKERS`] threads making blocking etcd
-//! requests (an EtcdStore shared by all); a connection has at most one
-//! request in flight (the core holds back its next ones), so requests
-//! queued never outnumber connections. One more thread watches every write
-//! under the job's prefix and reports it, which is what ends waits and
-//! barriers, whichever server the write came through. Results go back to
-//! the event loop through a list it drains when woken.
+//! - **Writes** run on a pool of [`WORKERS`] threads making blocking etcd
+//!   requests (an EtcdStore shared by all); a connection has at most one
+//!   request in flight (the core holds back its next ones), so requests
+//!   queued never outnumber connections.
+//! - **Reads and waits** are answered from a [`Mirror`] of the job's keys:
+//!   a snapshot taken at start, then every change etcd streams to one
+//!   watcher thread, whichever server made it. A read waits until the
+//!   mirror shows every write this server has acknowledged (its revision),
+//!   so a client reads its own writes, and another server's within the
+//!   stream's delay (about a millisecond on one machine). Waits end when
+//!   the watcher reports the write they wait for. Reads go on while etcd
+//!   is unreachable; writes then fail after the operation timeout.
 //!
-//! When the backend goes, the workers make the requests already received
-//! (each within the operation timeout) and are joined; the watcher exits
-//! on its own within [`WATCH_SLICE`].
+//! Results go back to the event loop through a list it drains when woken.
+//! When the backend goes, the workers make the writes already received
+//! (each within the operation timeout) and are joined; the watcher exits on
+//! its own within [`WATCH_SLICE`].
+
+mod mirror;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -23,39 +31,61 @@ use std::time::{Duration, Instant};
 use mio::Waker;
 use parking_lot::{Condvar, Mutex};
 
+use self::mirror::{is_read, Mirror};
 use super::super::protocol::{Key, Request};
-use super::backend::{Backend, Outcome, Peek, Present, Report, Ticket};
+use super::backend::{Backend, Outcome, Present, Report, Ticket};
 use super::state::ConnId;
 use super::waits::WaitId;
 use crate::error::{Error, Result};
-use crate::store::etcd::{EtcdStore, EtcdStoreOptions, WatchEnd};
+use crate::store::etcd::{Change, EtcdStore, EtcdStoreOptions, WatchEnd};
 
 /// Threads making etcd requests.
 pub(crate) const WORKERS: usize = 16;
 
 /// How long one watch request lasts before the next takes over (from the
-/// revision after the last write seen): how soon the watcher notices the
+/// revision after the last change seen): how soon the watcher notices the
 /// backend is gone.
 const WATCH_SLICE: Duration = Duration::from_millis(500);
 
-/// Attempts at a wait's look-up.
-const LOOK_ATTEMPTS: u32 = 3;
-
-/// The pause after a failed watch or look-up (the cluster unreachable)
-/// before the next.
+/// The pause after a failed watch (the cluster unreachable) before the
+/// next.
 const WATCH_RETRY: Duration = Duration::from_millis(100);
 
-/// A request for a worker.
-enum Job {
-    Apply {
-        conn: ConnId,
-        ticket: Ticket,
-        request: Request,
-    },
-    Look {
-        wait: WaitId,
-        keys: Vec<Key>,
-    },
+/// A write for a worker.
+struct Job {
+    conn: ConnId,
+    ticket: Ticket,
+    request: Request,
+}
+
+/// The mirror, and the reads waiting for it to catch up.
+struct View {
+    mirror: Mirror,
+    /// Reads that arrived before the mirror showed the writes acknowledged
+    /// then (`fence`).
+    fenced: Vec<(Job, i64)>,
+}
+
+impl View {
+    /// Answers the fenced reads the mirror has caught up with.
+    fn caught_up(&mut self) -> Vec<Report> {
+        let revision = self.mirror.revision;
+        let (ready, waiting) = std::mem::take(&mut self.fenced)
+            .into_iter()
+            .partition(|(_, fence)| *fence <= revision);
+        self.fenced = waiting;
+        ready
+            .into_iter()
+            .map(|(job, _)| Report::Completed {
+                conn: job.conn,
+                ticket: job.ticket,
+                outcome: self
+                    .mirror
+                    .read(&job.request)
+                    .ok_or_else(|| Error::internal("a fenced request was not a read")),
+            })
+            .collect()
+    }
 }
 
 /// What the backend, its workers and its watcher share.
@@ -64,17 +94,21 @@ struct Shared {
     max_value_len: usize,
     jobs: Mutex<VecDeque<Job>>,
     job_ready: Condvar,
+    view: Mutex<View>,
+    /// The revision of the latest write this server acknowledged.
+    written: AtomicI64,
     reports: Mutex<Vec<Report>>,
     waker: Arc<Waker>,
     stop: AtomicBool,
 }
 
 impl Shared {
-    /// Hands `report` to the event loop, waking it if it had nothing.
-    fn report(&self, report: Report) {
-        let mut reports = self.reports.lock();
-        reports.push(report);
-        if reports.len() == 1 {
+    /// Hands `reports` to the event loop, waking it if it had nothing.
+    fn report(&self, reports: impl IntoIterator<Item = Report>) {
+        let mut queued = self.reports.lock();
+        let was_empty = queued.is_empty();
+        queued.extend(reports);
+        if was_empty && !queued.is_empty() {
             if let Err(e) = self.waker.wake() {
                 log::error!("etcd backend: waking the server: {e}");
             }
@@ -86,7 +120,7 @@ impl Shared {
             let job = {
                 let mut jobs = self.jobs.lock();
                 loop {
-                    // Requests received before the stop are still made.
+                    // Writes received before the stop are still made.
                     if let Some(job) = jobs.pop_front() {
                         break job;
                     }
@@ -96,73 +130,68 @@ impl Shared {
                     self.job_ready.wait(&mut jobs);
                 }
             };
-            let report = match job {
-                Job::Apply {
-                    conn,
-                    ticket,
-                    request,
-                } => Report::Completed {
-                    conn,
-                    ticket,
-                    outcome: self.store.execute(&request, self.max_value_len),
-                },
-                Job::Look { wait, keys } => Report::Looked {
-                    wait,
-                    found: self.look(&keys),
-                },
-            };
-            self.report(report);
+            let outcome =
+                self.store
+                    .write(&job.request, self.max_value_len)
+                    .map(|(outcome, revision)| {
+                        // Before the answer: the connection's next read waits
+                        // for the mirror to show this write.
+                        self.written.fetch_max(revision, Ordering::SeqCst);
+                        outcome
+                    });
+            self.report([Report::Completed {
+                conn: job.conn,
+                ticket: job.ticket,
+                outcome,
+            }]);
         }
     }
 
-    /// The keys of `keys` that exist, tried [`LOOK_ATTEMPTS`] times (each
-    /// within the operation timeout). When every attempt fails the wait
-    /// stays registered with nothing found: a write still ends it, or the
-    /// client's timeout.
-    fn look(&self, keys: &[Key]) -> Vec<(Key, Present)> {
-        let mut attempt = 1;
-        loop {
-            match self.store.look(keys) {
-                Ok(found) => return found,
-                Err(e) if attempt < LOOK_ATTEMPTS && !self.stop.load(Ordering::SeqCst) => {
-                    log::warn!(
-                        "etcd backend: looking up keys for a wait: {}; trying again",
-                        e.message()
-                    );
-                    std::thread::sleep(WATCH_RETRY);
-                    attempt += 1;
-                }
-                Err(e) => {
-                    log::error!(
-                        "etcd backend: looking up keys for a wait: {}; giving up",
-                        e.message()
-                    );
-                    return Vec::new();
-                }
-            }
-        }
-    }
-
-    /// Reports every write under the prefix from revision `next` on.
+    /// Applies every change from revision `next` on to the mirror, and
+    /// reports the writes (they end waits) and the reads now answered.
     fn watcher(&self, mut next: i64) {
         while !self.stop.load(Ordering::SeqCst) {
             let deadline = Instant::now() + WATCH_SLICE;
             let watched = self
                 .store
-                .watch_writes(&mut next, deadline, |key, present| {
-                    self.report(Report::Written { key, present });
+                .watch_changes(&mut next, deadline, |change, revision| {
+                    let written = match &change {
+                        Change::Value {
+                            key,
+                            value: Some(value),
+                        } => Some(Report::Written {
+                            key: key.clone(),
+                            present: Present::Value(value.clone()),
+                        }),
+                        Change::Element { key, added: true } => Some(Report::Written {
+                            key: key.clone(),
+                            present: Present::Queued,
+                        }),
+                        _ => None,
+                    };
+                    let answered = {
+                        let mut view = self.view.lock();
+                        view.mirror.apply(&change, revision);
+                        view.caught_up()
+                    };
+                    self.report(written.into_iter().chain(answered));
                     !self.stop.load(Ordering::SeqCst)
                 });
             match watched {
                 Ok(WatchEnd::Stopped | WatchEnd::Deadline) => {}
+                // Compacted past what the mirror has: start again from a
+                // snapshot, and let every wait look again.
                 Ok(WatchEnd::Canceled) => {
-                    match self.store.revision() {
-                        // Compacted past what was seen: start from now, and
-                        // let every wait look again.
-                        Ok(revision) => {
-                            log::warn!("etcd backend: the watch fell behind a compaction; waits look again");
-                            next = revision + 1;
-                            self.report(Report::Missed);
+                    match self.store.snapshot() {
+                        Ok(snapshot) => {
+                            log::warn!("etcd backend: the watch fell behind a compaction; reloading the keys");
+                            next = snapshot.revision + 1;
+                            let answered = {
+                                let mut view = self.view.lock();
+                                view.mirror = Mirror::new(snapshot);
+                                view.caught_up()
+                            };
+                            self.report(answered.into_iter().chain([Report::Missed]));
                         }
                         Err(e) => self.watch_failed(&e),
                     }
@@ -173,7 +202,7 @@ impl Shared {
     }
 
     fn watch_failed(&self, e: &Error) {
-        log::warn!("etcd backend: watching for writes: {}", e.message());
+        log::warn!("etcd backend: watching for changes: {}", e.message());
         std::thread::sleep(WATCH_RETRY);
     }
 }
@@ -186,19 +215,26 @@ pub(crate) struct EtcdBackend {
 
 impl EtcdBackend {
     /// Connects to the cluster (a member must answer within the timeout),
-    /// starts the workers and the watcher; reports wake `waker`.
+    /// takes a snapshot of the job's keys, starts the workers and the
+    /// watcher; reports wake `waker`.
     pub(crate) fn start(
         options: EtcdStoreOptions,
         max_value_len: usize,
         waker: Arc<Waker>,
     ) -> Result<EtcdBackend> {
         let store = EtcdStore::new(options)?;
-        let first = store.revision()? + 1;
+        let snapshot = store.snapshot()?;
+        let next = snapshot.revision + 1;
         let shared = Arc::new(Shared {
             store,
             max_value_len,
             jobs: Mutex::new(VecDeque::new()),
             job_ready: Condvar::new(),
+            view: Mutex::new(View {
+                mirror: Mirror::new(snapshot),
+                fenced: Vec::new(),
+            }),
+            written: AtomicI64::new(0),
             reports: Mutex::new(Vec::new()),
             waker,
             stop: AtomicBool::new(false),
@@ -212,13 +248,8 @@ impl EtcdBackend {
             let worker = spawn(format!("dc-etcd-work-{i}"), move || shared.worker())?;
             backend.workers.push(worker);
         }
-        spawn("dc-etcd-watch".into(), move || shared.watcher(first))?;
+        spawn("dc-etcd-watch".into(), move || shared.watcher(next))?;
         Ok(backend)
-    }
-
-    fn push(&self, job: Job) {
-        self.shared.jobs.lock().push_back(job);
-        self.shared.job_ready.notify_one();
     }
 }
 
@@ -230,7 +261,7 @@ fn spawn(name: String, run: impl FnOnce() + Send + 'static) -> Result<JoinHandle
 }
 
 impl Drop for EtcdBackend {
-    /// Stops the threads once the requests received are made (each within
+    /// Stops the threads once the writes received are made (each within
     /// the operation timeout): a request a client sent before the server
     /// stopped is not lost.
     fn drop(&mut self) {
@@ -249,20 +280,42 @@ impl Backend for EtcdBackend {
         ticket: Ticket,
         request: &Request,
     ) -> Result<Option<Outcome>> {
-        self.push(Job::Apply {
+        let job = Job {
             conn,
             ticket,
             request: request.clone(),
-        });
+        };
+        if is_read(request) {
+            let fence = self.shared.written.load(Ordering::SeqCst);
+            let mut view = self.shared.view.lock();
+            if view.mirror.revision >= fence {
+                return Ok(view.mirror.read(request));
+            }
+            view.fenced.push((job, fence));
+            return Ok(None);
+        }
+        self.shared.jobs.lock().push_back(job);
+        self.shared.job_ready.notify_one();
         Ok(None)
     }
 
-    fn peek(&self, _: &[u8]) -> Peek {
-        Peek::Unknown
+    fn peek(&self, key: &[u8]) -> Option<Present> {
+        self.shared.view.lock().mirror.peek(key)
     }
 
     fn look(&mut self, wait: WaitId, keys: Vec<Key>) {
-        self.push(Job::Look { wait, keys });
+        let found = {
+            let view = self.shared.view.lock();
+            keys.into_iter()
+                .filter_map(|key| Some((view.mirror.peek(&key)?, key)))
+                .map(|(present, key)| (key, present))
+                .collect()
+        };
+        self.shared.report([Report::Looked { wait, found }]);
+    }
+
+    fn reports_writes(&self) -> bool {
+        true
     }
 
     fn take_reports(&mut self) -> Vec<Report> {
@@ -270,7 +323,7 @@ impl Backend for EtcdBackend {
     }
 
     fn num_keys(&self) -> Option<usize> {
-        None
+        Some(self.shared.view.lock().mirror.num_keys())
     }
 }
 

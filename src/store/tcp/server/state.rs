@@ -19,7 +19,7 @@ use super::super::protocol::{
     HELLO_V2_NONCE, NOT_READY, READY, REPLY_DEFERRED_ERROR, REPLY_ERROR, REPLY_OK, STOP_WAITING,
     VALIDATE_MAGIC, WAIT_CANCELED,
 };
-use super::backend::{Backend, Outcome, Peek, Present, Report, Ticket};
+use super::backend::{Backend, Outcome, Present, Report, Ticket};
 use super::waits::{WaitId, WaitReply, Waits};
 use super::ServerStats;
 use crate::error::Result as OpResult;
@@ -521,23 +521,17 @@ impl<B: Backend> ServerCore<B> {
         }
     }
 
-    /// Starts a wait of `id` for `keys`: answered at once when the backend
-    /// knows they all exist; otherwise registered, and the keys the backend
-    /// cannot tell of at once are looked up.
+    /// Starts a wait of `id` for `keys`: answered at once when they all
+    /// exist, registered for the missing ones otherwise.
     fn start_wait(&mut self, id: ConnId, mut keys: Vec<Key>, mut reply: WaitReply) {
         keys.sort_unstable();
         keys.dedup();
-        let mut unknown = Vec::new();
         keys.retain(|k| match self.backend.peek(k) {
-            Peek::Present(present) => {
+            Some(present) => {
                 reply.record(k, &present);
                 false
             }
-            Peek::Absent => true,
-            Peek::Unknown => {
-                unknown.push(k.clone());
-                true
-            }
+            None => true,
         });
         if keys.is_empty() {
             self.send_wait_reply(id, &reply);
@@ -547,22 +541,18 @@ impl<B: Backend> ServerCore<B> {
         if let Some(session) = self.session(id) {
             session.waits.push(wait);
         }
-        if !unknown.is_empty() {
-            self.backend.look(wait, unknown);
-        }
     }
 
     /// This server wrote `key` (`pushed`: a queue element): wakes the
-    /// waits on it, as far as a local backend tells (a remote one reports
-    /// every write itself).
+    /// waits on it (unless the backend reports every write itself).
     fn wake(&mut self, key: &[u8], pushed: bool) {
-        if !self.waits.is_waited(key) {
+        if self.backend.reports_writes() || !self.waits.is_waited(key) {
             return;
         }
         let present = match self.backend.peek(key) {
-            Peek::Present(_) if pushed => Present::Queued,
-            Peek::Present(present) => present,
-            Peek::Absent | Peek::Unknown => return,
+            Some(_) if pushed => Present::Queued,
+            Some(present) => present,
+            None => return,
         };
         self.written(key, &present);
     }
@@ -608,13 +598,13 @@ impl<B: Backend> ServerCore<B> {
                 self.put_reply(id, &[STOP_WAITING])
             }
             WaitReply::Values { keys, values } => {
-                // The latest values where the backend can tell at once.
+                // The latest values (as each was seen if deleted since).
                 let values = keys
                     .iter()
                     .zip(values)
                     .map(|(k, seen)| match self.backend.peek(k) {
-                        Peek::Present(present) => present.value(),
-                        Peek::Absent | Peek::Unknown => seen.clone(),
+                        Some(present) => present.value(),
+                        None => seen.clone(),
                     })
                     .collect();
                 self.put_reply(id, &[STOP_WAITING]);

@@ -506,7 +506,7 @@ impl Backend for Deferring {
         }
         self.inner.apply(conn, ticket, request)
     }
-    fn peek(&self, key: &[u8]) -> Peek {
+    fn peek(&self, key: &[u8]) -> Option<Present> {
         self.inner.peek(key)
     }
     fn look(&mut self, _: WaitId, _: Vec<Key>) {}
@@ -692,10 +692,12 @@ fn version_2_reports_a_failed_set_as_a_deferred_error_before_the_next_reply() {
     );
 }
 
-/// A remote backend the test drives: every request completes later, no
-/// key is known at once, and the test writes the reports.
+/// A remote backend the test drives: every request completes later, the
+/// keys it knows are what the test put in `known`, and the test writes the
+/// reports.
 #[derive(Default)]
 struct Scripted {
+    known: std::collections::HashMap<Key, Present>,
     applied: Vec<(ConnId, Ticket, Request)>,
     looks: Vec<(WaitId, Vec<Key>)>,
     reports: Vec<Report>,
@@ -711,11 +713,14 @@ impl Backend for Scripted {
         self.applied.push((conn, ticket, request.clone()));
         Ok(None)
     }
-    fn peek(&self, _: &[u8]) -> Peek {
-        Peek::Unknown
+    fn peek(&self, key: &[u8]) -> Option<Present> {
+        self.known.get(key).cloned()
     }
     fn look(&mut self, wait: WaitId, keys: Vec<Key>) {
         self.looks.push((wait, keys));
+    }
+    fn reports_writes(&self) -> bool {
+        true
     }
     fn take_reports(&mut self) -> Vec<Report> {
         std::mem::take(&mut self.reports)
@@ -737,29 +742,49 @@ fn written(key: &str, value: &[u8]) -> Report {
 }
 
 #[test]
-fn a_remote_write_reported_before_the_look_answers_still_ends_the_wait() {
+fn a_remote_write_ends_the_wait_when_reported_not_when_made() {
     let mut c = scripted();
     open(&mut c, 0);
-    send(&mut c, 0, &wait(&["/k"]));
-    let (wait_id, keys) = c.backend.looks.pop().unwrap();
-    assert_eq!(keys, [b"/k".to_vec()], "registered, then looked up");
+    open(&mut c, 1);
+    send(&mut c, 0, &wait(&["/q"]));
+    send(&mut c, 1, &wait(&["/q"]));
     assert!(c.wants_input(0), "a wait does not hold the connection");
-    // Another server writes the key; the look, read before that, missed it.
-    c.backend.reports.push(written("/k", b"v"));
-    c.backend.reports.push(Report::Looked {
-        wait: wait_id,
-        found: Vec::new(),
+    // A push through this server completes: nobody is woken yet (the
+    // backend reports it like anyone's write, and one push wakes one).
+    open(&mut c, 2);
+    send(
+        &mut c,
+        2,
+        &Encoder::request(Command::QueuePush)
+            .bytes(b"/q")
+            .bytes(b"1")
+            .finish(),
+    );
+    let (conn, ticket, _) = c.backend.applied.pop().unwrap();
+    c.backend.known.insert(b"/q".to_vec(), Present::Queued);
+    c.backend.reports.push(Report::Completed {
+        conn,
+        ticket,
+        outcome: Ok(Outcome::Silent),
     });
     assert!(c.take_backend_reports().is_empty());
-    assert_eq!(c.take_woken(), [0]);
-    assert_eq!(replies(&mut c, 0), [STOP_WAITING]);
-    assert_eq!(c.stats().pending_waits, 0);
+    assert_eq!(c.stats().pending_waits, 2);
+    c.backend.reports.push(Report::Written {
+        key: b"/q".to_vec(),
+        present: Present::Queued,
+    });
+    c.take_backend_reports();
+    assert_eq!(replies(&mut c, 0), [STOP_WAITING], "the oldest");
+    assert!(replies(&mut c, 1).is_empty());
 }
 
 #[test]
-fn a_remote_look_answers_wait_get_with_the_values_it_found() {
+fn wait_get_on_a_remote_backend_answers_with_the_values_seen() {
     let mut c = scripted();
     open_v2(&mut c, 0);
+    c.backend
+        .known
+        .insert(b"/a".to_vec(), Present::Value(b"1".as_slice().into()));
     send(
         &mut c,
         0,
@@ -767,19 +792,18 @@ fn a_remote_look_answers_wait_get_with_the_values_it_found() {
             .keys(&["/b", "/a"])
             .finish(),
     );
-    let (wait_id, _) = c.backend.looks.pop().unwrap();
-    c.backend.reports.push(Report::Looked {
-        wait: wait_id,
-        found: vec![(b"/a".to_vec(), Present::Value(b"1".as_slice().into()))],
-    });
-    c.take_backend_reports();
     assert!(replies(&mut c, 0).is_empty(), "/b is still missing");
+    c.backend.known.remove(b"/a".as_slice());
     c.backend.reports.push(written("/b", b"2"));
     c.take_backend_reports();
     let mut expected = vec![REPLY_OK, STOP_WAITING];
     expected.extend(byte_string(b"2"));
     expected.extend(byte_string(b"1"));
-    assert_eq!(replies(&mut c, 0), expected, "in the request's order");
+    assert_eq!(
+        replies(&mut c, 0),
+        expected,
+        "in the request's order, /a as seen"
+    );
 }
 
 #[test]
@@ -840,20 +864,28 @@ fn missed_writes_make_every_pending_wait_look_again() {
     let mut c = scripted();
     open(&mut c, 0);
     open(&mut c, 1);
+    c.backend
+        .known
+        .insert(b"/x".to_vec(), Present::Value(b"1".as_slice().into()));
     send(&mut c, 0, &wait(&["/x", "/y"]));
     send(&mut c, 1, &wait(&["/z"]));
-    let (first, _) = c.backend.looks.remove(0);
-    c.backend.reports.push(Report::Looked {
-        wait: first,
-        found: vec![(b"/x".to_vec(), Present::Value(b"1".as_slice().into()))],
-    });
-    c.take_backend_reports();
-    c.backend.looks.clear();
     c.backend.reports.push(Report::Missed);
     c.take_backend_reports();
     let mut looks: Vec<Vec<Key>> = c.backend.looks.drain(..).map(|(_, k)| k).collect();
     looks.sort();
     assert_eq!(looks, [vec![b"/y".to_vec()], vec![b"/z".to_vec()]]);
+    let wait_on_z = c
+        .waits
+        .outstanding()
+        .into_iter()
+        .find(|(_, k)| k == &[b"/z".to_vec()]);
+    c.backend.reports.push(Report::Looked {
+        wait: wait_on_z.unwrap().0,
+        found: vec![(b"/z".to_vec(), Present::Value(b"3".as_slice().into()))],
+    });
+    c.take_backend_reports();
+    assert_eq!(replies(&mut c, 1), [STOP_WAITING], "the look found it");
+    assert_eq!(c.stats().pending_waits, 1);
 }
 
 #[test]

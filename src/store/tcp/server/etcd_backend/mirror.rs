@@ -1,0 +1,158 @@
+//! A front-end's copy of its job's keys, kept by the stream of changes
+//! from etcd: what it answers reads and waits from.
+
+use std::collections::HashMap;
+
+use super::super::super::protocol::{Key, Request};
+use super::super::backend::{Outcome, Present};
+use crate::store::etcd::{Change, Snapshot};
+use crate::store::kv::Value;
+
+/// The job's keys as of `revision`.
+#[derive(Default)]
+pub(crate) struct Mirror {
+    values: HashMap<Key, Value>,
+    /// Elements per non-empty queue.
+    queues: HashMap<Key, i64>,
+    /// The revision of the last change applied.
+    pub(crate) revision: i64,
+}
+
+impl Mirror {
+    /// The keys of `snapshot`.
+    pub(crate) fn new(snapshot: Snapshot) -> Mirror {
+        let mut mirror = Mirror {
+            values: snapshot.values.into_iter().collect(),
+            queues: HashMap::new(),
+            revision: snapshot.revision,
+        };
+        for key in snapshot.elements {
+            *mirror.queues.entry(key).or_default() += 1;
+        }
+        mirror
+    }
+
+    /// Applies `change`, made at `revision`.
+    pub(crate) fn apply(&mut self, change: &Change, revision: i64) {
+        self.revision = self.revision.max(revision);
+        match change {
+            Change::Value {
+                key,
+                value: Some(v),
+            } => {
+                self.values.insert(key.clone(), v.clone());
+            }
+            Change::Value { key, value: None } => {
+                self.values.remove(key);
+            }
+            Change::Element { key, added: true } => {
+                *self.queues.entry(key.clone()).or_default() += 1
+            }
+            Change::Element { key, added: false } => {
+                if let Some(n) = self.queues.get_mut(key) {
+                    *n -= 1;
+                    if *n <= 0 {
+                        self.queues.remove(key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// What `key` holds (None: it does not exist).
+    pub(crate) fn peek(&self, key: &[u8]) -> Option<Present> {
+        match self.values.get(key) {
+            Some(value) => Some(Present::Value(value.clone())),
+            None => self.queues.contains_key(key).then_some(Present::Queued),
+        }
+    }
+
+    /// Keys holding values.
+    pub(crate) fn num_keys(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Answers a read (GET, MULTI_GET, CHECK, GETNUMKEYS, QUEUE_LEN,
+    /// LIST_KEYS); None for any other request.
+    pub(crate) fn read(&self, request: &Request) -> Option<Outcome> {
+        let exists = |k: &Key| self.values.contains_key(k) || self.queues.contains_key(k);
+        Some(match request {
+            Request::Get { key } => Outcome::Values(vec![self.values.get(key).cloned()]),
+            Request::MultiGet { keys } => {
+                Outcome::Values(keys.iter().map(|k| self.values.get(k).cloned()).collect())
+            }
+            Request::Check { keys } => Outcome::Ready(keys.iter().all(exists)),
+            Request::GetNumKeys => Outcome::Int(self.values.len() as i64),
+            Request::QueueLen { key } => Outcome::Int(self.queues.get(key).copied().unwrap_or(0)),
+            Request::ListKeys => Outcome::Keys(self.values.keys().cloned().collect()),
+            _ => return None,
+        })
+    }
+}
+
+/// Whether `request` is a read the mirror answers.
+pub(crate) fn is_read(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Get { .. }
+            | Request::MultiGet { .. }
+            | Request::Check { .. }
+            | Request::GetNumKeys
+            | Request::QueueLen { .. }
+            | Request::ListKeys
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(key: &str, v: &str) -> Change {
+        Change::Value {
+            key: key.into(),
+            value: Some(v.as_bytes().into()),
+        }
+    }
+
+    #[test]
+    fn follows_values_and_queue_lengths() {
+        let mut m = Mirror::new(Snapshot {
+            values: vec![(b"a".to_vec(), b"1".as_slice().into())],
+            elements: vec![b"q".to_vec(), b"q".to_vec()],
+            revision: 5,
+        });
+        assert_eq!(m.peek(b"q"), Some(Present::Queued));
+        m.apply(&value("b", "2"), 6);
+        m.apply(
+            &Change::Value {
+                key: b"a".to_vec(),
+                value: None,
+            },
+            7,
+        );
+        for _ in 0..2 {
+            m.apply(
+                &Change::Element {
+                    key: b"q".to_vec(),
+                    added: false,
+                },
+                8,
+            );
+        }
+        assert_eq!(m.revision, 8);
+        assert_eq!(m.peek(b"a"), None);
+        assert_eq!(m.peek(b"q"), None, "emptied");
+        let get = Request::MultiGet {
+            keys: vec![b"a".to_vec(), b"b".to_vec()],
+        };
+        assert_eq!(
+            m.read(&get),
+            Some(Outcome::Values(vec![None, Some(b"2".as_slice().into())]))
+        );
+        assert_eq!(m.read(&Request::GetNumKeys), Some(Outcome::Int(1)));
+        assert!(!is_read(&Request::Add {
+            key: b"a".to_vec(),
+            delta: 1
+        }));
+    }
+}
