@@ -91,6 +91,31 @@ pub struct EtcdStore {
     stale_tokens: Mutex<Vec<Vec<u8>>>,
 }
 
+/// A key's value and the revision it last changed at (0: missing), as
+/// someone saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Seen {
+    pub value: Option<Vec<u8>>,
+    pub mod_revision: i64,
+}
+
+impl Seen {
+    fn of(kv: Option<client::Kv>) -> Seen {
+        kv.map_or_else(Seen::default, |kv| Seen {
+            value: Some(kv.value),
+            mod_revision: kv.mod_revision,
+        })
+    }
+}
+
+/// Whether [`EtcdStore::commit`] ran its change.
+enum Committed {
+    /// It did, at or before this revision.
+    Yes(i64),
+    /// It did not; the key read back, if asked (None: missing).
+    No(Option<client::Kv>),
+}
+
 /// What [`EtcdStore::try_pop`] found.
 struct Pop {
     /// The queue's length before the pop.
@@ -179,33 +204,54 @@ impl EtcdStore {
     }
 
     /// Applies `change` to the value of `key` (None: missing) in a
-    /// transaction on the revision it read, retried until no other writer
-    /// interferes; returns what `change` returned, and the revision of the
-    /// write (0 when `change` wrote nothing).
+    /// transaction on the revision it was seen at, retried until no other
+    /// writer interferes; returns what `change` returned, and the revision
+    /// of the write (0 when `change` wrote nothing). `guess`: what the
+    /// caller believes the key holds (a front-end's mirror), tried first,
+    /// saving the read; a transaction whose comparison fails reads the
+    /// key, so a retry costs one request too. An answer without a write, or
+    /// an error, is never given from a guess.
     fn read_modify_write<T>(
         &self,
         key: &[u8],
+        guess: Option<Seen>,
         mut change: impl FnMut(Option<&[u8]>) -> Result<(Option<Vec<u8>>, T)>,
     ) -> Result<(T, i64)> {
         let deadline = self.deadline(None);
         let k = self.value_key(key);
+        let mut guessed = guess.is_some();
+        let mut next = guess;
         loop {
-            let range = self.client.range(&k, false, Read::Values, deadline)?;
-            let current = range.kvs.first();
-            let (write, answer) = change(current.map(|kv| &kv.value[..]))?;
+            let seen = match next.take() {
+                Some(seen) => seen,
+                None => {
+                    guessed = false;
+                    let range = self.client.range(&k, false, Read::Values, deadline)?;
+                    Seen::of(range.kvs.into_iter().next())
+                }
+            };
+            let decided = change(seen.value.as_deref());
+            if guessed && !matches!(decided, Ok((Some(_), _))) {
+                continue; // read the key, then decide
+            }
+            let (write, answer) = decided?;
             let Some(value) = write else {
                 return Ok((answer, 0));
             };
             let compare = Compare::ModRevision {
                 key: k.clone(),
-                revision: current.map_or(0, |kv| kv.mod_revision),
+                revision: seen.mod_revision,
             };
             let put = Op::Put {
                 key: k.clone(),
                 value,
             };
-            if let Some(revision) = self.commit(compare, put, deadline)? {
-                return Ok((answer, revision));
+            match self.commit(compare, put, Some(&k), deadline)? {
+                Committed::Yes(revision) => return Ok((answer, revision)),
+                Committed::No(now) => {
+                    guessed = false;
+                    next = Some(Seen::of(now));
+                }
             }
             if Instant::now() >= deadline {
                 return Err(Error::timeout(format!(
@@ -217,7 +263,8 @@ impl EtcdStore {
     }
 
     /// Runs `op` if `compare` holds, exactly once: returns whether it ran,
-    /// with a revision at or after its write.
+    /// with a revision at or after its write, or else what `read_back`
+    /// (a key) holds now.
     ///
     /// A request whose answer was lost (a member died, a leader changed) is
     /// sent again, and its comparison then fails if the first one went
@@ -226,7 +273,13 @@ impl EtcdStore {
     /// was lost would be applied twice, and a popped element lost. Tokens
     /// are deleted by the handle's next transaction (no request of their
     /// own), the last ones when the handle goes.
-    fn commit(&self, compare: Compare, op: Op, deadline: Instant) -> Result<Option<i64>> {
+    fn commit(
+        &self,
+        compare: Compare,
+        op: Op,
+        read_back: Option<&[u8]>,
+        deadline: Instant,
+    ) -> Result<Committed> {
         let token = [&self.prefix[..], b"/t/", &element_id()].concat();
         let stale = {
             let mut tokens = self.stale_tokens.lock();
@@ -249,19 +302,25 @@ impl EtcdStore {
             prefix: false,
             read: Read::Count,
         })
+        .chain(read_back.map(|key| Op::Range {
+            key: key.to_vec(),
+            prefix: false,
+            read: Read::Values,
+        }))
         .chain(cleanup())
         .collect();
         let result = self.client.txn(&[compare], &success, &failure, deadline);
         let mut stale_tokens = self.stale_tokens.lock();
         match result {
-            Ok(result) => {
+            Ok(mut result) => {
                 let committed =
                     result.succeeded || result.ranges.first().is_some_and(|r| r.count > 0);
                 if !committed {
-                    return Ok(None);
+                    let now = result.ranges.get_mut(1).and_then(|r| r.kvs.pop());
+                    return Ok(Committed::No(now));
                 }
                 stale_tokens.push(token);
-                Ok(Some(result.revision))
+                Ok(Committed::Yes(result.revision))
             }
             // Nothing may have been applied, or everything: keep them all.
             Err(e) => {
@@ -347,8 +406,8 @@ impl EtcdStore {
 /// Operations on byte keys, shared by the Store and a TCPStore front-end
 /// (see [`requests`]).
 impl EtcdStore {
-    fn add_to(&self, key: &[u8], delta: i64) -> Result<(i64, i64)> {
-        self.read_modify_write(key, |current| {
+    fn add_to(&self, key: &[u8], delta: i64, guess: Option<Seen>) -> Result<(i64, i64)> {
+        self.read_modify_write(key, guess, |current| {
             let now = current.map_or(Ok(0), |v| parse_counter(key, v))? + delta;
             Ok((Some(now.to_string().into_bytes()), now))
         })
@@ -359,8 +418,9 @@ impl EtcdStore {
         key: &[u8],
         expected: &[u8],
         desired: &[u8],
+        guess: Option<Seen>,
     ) -> Result<(Vec<u8>, i64)> {
-        self.read_modify_write(key, |current| {
+        self.read_modify_write(key, guess, |current| {
             Ok(match current {
                 None if expected.is_empty() => (Some(desired.to_vec()), desired.to_vec()),
                 None => (None, expected.to_vec()),
@@ -372,8 +432,14 @@ impl EtcdStore {
 
     /// Appends `suffix` to the value of `key` (creating it), refusing a
     /// result over `max_len` bytes; returns the revision of the write.
-    fn append_to(&self, key: &[u8], suffix: &[u8], max_len: usize) -> Result<i64> {
-        self.read_modify_write(key, |current| {
+    fn append_to(
+        &self,
+        key: &[u8],
+        suffix: &[u8],
+        max_len: usize,
+        guess: Option<Seen>,
+    ) -> Result<i64> {
+        self.read_modify_write(key, guess, |current| {
             let current = current.unwrap_or_default();
             let total = current.len().saturating_add(suffix.len());
             if total > max_len {
@@ -445,7 +511,8 @@ impl EtcdStore {
                 key: first.key.clone(),
                 revision: first.create_revision,
             };
-            if let Some(written) = self.commit(compare, Op::Delete { key: first.key }, deadline)? {
+            let delete = Op::Delete { key: first.key };
+            if let Committed::Yes(written) = self.commit(compare, delete, None, deadline)? {
                 return Ok(Pop {
                     before: range.count,
                     value: Some(first.value),
@@ -542,11 +609,13 @@ impl Store for EtcdStore {
     }
 
     fn add(&self, key: &str, delta: i64) -> Result<i64> {
-        Ok(self.add_to(key.as_bytes(), delta)?.0)
+        Ok(self.add_to(key.as_bytes(), delta, None)?.0)
     }
 
     fn compare_set(&self, key: &str, expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
-        Ok(self.compare_and_set(key.as_bytes(), expected, desired)?.0)
+        Ok(self
+            .compare_and_set(key.as_bytes(), expected, desired, None)?
+            .0)
     }
 
     fn delete_key(&self, key: &str) -> Result<bool> {
@@ -577,7 +646,8 @@ impl Store for EtcdStore {
     }
 
     fn append(&self, key: &str, value: &[u8]) -> Result<()> {
-        self.append_to(key.as_bytes(), value, usize::MAX).map(drop)
+        self.append_to(key.as_bytes(), value, usize::MAX, None)
+            .map(drop)
     }
 
     fn multi_get(&self, keys: &[&str]) -> Result<Vec<Vec<u8>>> {

@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use super::client::{Read, WatchEnd};
-use super::{EtcdStore, QUEUES, VALUES};
+use super::{EtcdStore, Seen, QUEUES, VALUES};
 use crate::error::{Error, Result};
 use crate::store::kv::Value;
 use crate::store::tcp::protocol::{Key, Request};
@@ -26,7 +26,8 @@ pub(crate) enum Change {
 /// The job's keys at one revision.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
-    pub values: Vec<(Key, Value)>,
+    /// Each key, its value and the revision it last changed at.
+    pub values: Vec<(Key, Value, i64)>,
     /// The queue of each element, one entry per element.
     pub elements: Vec<Key>,
     pub revision: i64,
@@ -35,11 +36,17 @@ pub(crate) struct Snapshot {
 impl EtcdStore {
     /// Makes a write (SET, ADD, COMPARE_SET, DELETE_KEY, APPEND, MULTI_SET,
     /// QUEUE_PUSH, QUEUE_POP); values, APPEND's results included, stay
-    /// within `max_value_len`. Returns the outcome and the revision of the
-    /// change it made, which the front-end's mirror shows once it has
-    /// caught up with it (0: nothing changed, or a change whose revision
-    /// is unknown: one committed by a request sent again).
-    pub(crate) fn write(&self, request: &Request, max_value_len: usize) -> Result<(Outcome, i64)> {
+    /// within `max_value_len`; `guess`: what the key of an ADD, COMPARE_SET
+    /// or APPEND is believed to hold (saves a read when right). Returns the
+    /// outcome and a revision at or after the change it made, which the
+    /// front-end's mirror shows once it has caught up with it (0: nothing
+    /// changed).
+    pub(crate) fn write(
+        &self,
+        request: &Request,
+        max_value_len: usize,
+        guess: Option<Seen>,
+    ) -> Result<(Outcome, i64)> {
         let deadline = self.deadline(None);
         Ok(match request {
             Request::Set { key, value } => (
@@ -47,7 +54,7 @@ impl EtcdStore {
                 self.client.put(&self.value_key(key), value, deadline)?,
             ),
             Request::Add { key, delta } => {
-                let (now, revision) = self.add_to(key, *delta)?;
+                let (now, revision) = self.add_to(key, *delta, guess)?;
                 (Outcome::Int(now), revision)
             }
             Request::CompareSet {
@@ -55,7 +62,7 @@ impl EtcdStore {
                 expected,
                 desired,
             } => {
-                let (value, revision) = self.compare_and_set(key, expected, desired)?;
+                let (value, revision) = self.compare_and_set(key, expected, desired, guess)?;
                 (Outcome::Value(value.into()), revision)
             }
             Request::DeleteKey { key } => {
@@ -66,9 +73,10 @@ impl EtcdStore {
                     if deleted > 0 { revision } else { 0 },
                 )
             }
-            Request::Append { key, value } => {
-                (Outcome::Silent, self.append_to(key, value, max_value_len)?)
-            }
+            Request::Append { key, value } => (
+                Outcome::Silent,
+                self.append_to(key, value, max_value_len, guess)?,
+            ),
             Request::MultiSet { pairs } => {
                 let pairs: Vec<(&[u8], &[u8])> =
                     pairs.iter().map(|(k, v)| (&k[..], &v[..])).collect();
@@ -116,7 +124,10 @@ impl EtcdStore {
             values: stored
                 .kvs
                 .iter()
-                .map(|kv| (kv.key[values.len()..].to_vec(), kv.value.clone().into()))
+                .map(|kv| {
+                    let key = kv.key[values.len()..].to_vec();
+                    (key, kv.value.clone().into(), kv.mod_revision)
+                })
                 .collect(),
             elements: elements
                 .kvs

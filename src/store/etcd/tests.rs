@@ -496,3 +496,35 @@ fn requests_of_more_keys_than_one_transaction_takes() {
         .unwrap();
     assert_eq!(tokens.count, 0);
 }
+
+#[test]
+fn a_wrong_guess_costs_a_retry_never_a_wrong_answer() {
+    let etcd = Etcd::start();
+    let store = EtcdStore::new(etcd.options("/guess", Duration::from_secs(30))).unwrap();
+    store.set("n", b"5").unwrap();
+    let stale = |value: &[u8]| {
+        Some(super::Seen {
+            value: Some(value.to_vec()),
+            mod_revision: 1,
+        })
+    };
+    let (now, _) = store.add_to(b"n", 1, stale(b"3")).unwrap();
+    assert_eq!(now, 6, "the failed comparison read the real value");
+    let (now, _) = store.add_to(b"n", 1, stale(b"not a number")).unwrap();
+    assert_eq!(now, 7, "an error from a guess is checked against etcd");
+    let (value, written) = store
+        .compare_and_set(b"n", b"3", b"x", stale(b"3"))
+        .unwrap();
+    assert_eq!(
+        (value, written),
+        (b"7".to_vec(), 0),
+        "no write: the real value"
+    );
+    let (value, _) = store
+        .compare_and_set(b"n", b"7", b"8", stale(b"0"))
+        .unwrap();
+    assert_eq!(value, b"8", "a guess that says no is checked too");
+    assert_eq!(store.get("n").unwrap(), b"8");
+    let right = super::Seen::default();
+    assert_eq!(store.add_to(b"fresh", 2, Some(right)).unwrap().0, 2);
+}

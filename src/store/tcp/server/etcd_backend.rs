@@ -37,7 +37,7 @@ use super::backend::{Backend, Outcome, Present, Report, Ticket};
 use super::state::ConnId;
 use super::waits::WaitId;
 use crate::error::{Error, Result};
-use crate::store::etcd::{Change, EtcdStore, EtcdStoreOptions, WatchEnd};
+use crate::store::etcd::{Change, EtcdStore, EtcdStoreOptions, Seen, WatchEnd};
 
 /// Threads making etcd requests.
 pub(crate) const WORKERS: usize = 16;
@@ -51,11 +51,13 @@ const WATCH_SLICE: Duration = Duration::from_millis(500);
 /// next.
 const WATCH_RETRY: Duration = Duration::from_millis(100);
 
-/// A write for a worker.
+/// A write for a worker (or a read waiting for the mirror).
 struct Job {
     conn: ConnId,
     ticket: Ticket,
     request: Request,
+    /// What the mirror says the key of a read-modify-write holds.
+    guess: Option<Seen>,
 }
 
 /// The mirror, and the reads waiting for it to catch up.
@@ -130,15 +132,15 @@ impl Shared {
                     self.job_ready.wait(&mut jobs);
                 }
             };
-            let outcome =
-                self.store
-                    .write(&job.request, self.max_value_len)
-                    .map(|(outcome, revision)| {
-                        // Before the answer: the connection's next read waits
-                        // for the mirror to show this write.
-                        self.written.fetch_max(revision, Ordering::SeqCst);
-                        outcome
-                    });
+            let outcome = self
+                .store
+                .write(&job.request, self.max_value_len, job.guess)
+                .map(|(outcome, revision)| {
+                    // Before the answer: the connection's next read waits
+                    // for the mirror to show this write.
+                    self.written.fetch_max(revision, Ordering::SeqCst);
+                    outcome
+                });
             self.report([Report::Completed {
                 conn: job.conn,
                 ticket: job.ticket,
@@ -280,20 +282,28 @@ impl Backend for EtcdBackend {
         ticket: Ticket,
         request: &Request,
     ) -> Result<Option<Outcome>> {
-        let job = Job {
+        let mut job = Job {
             conn,
             ticket,
             request: request.clone(),
+            guess: None,
         };
-        if is_read(request) {
-            let fence = self.shared.written.load(Ordering::SeqCst);
-            let mut view = self.shared.view.lock();
-            if view.mirror.revision >= fence {
-                return Ok(view.mirror.read(request));
+        let mut view = self.shared.view.lock();
+        match request {
+            read if is_read(read) => {
+                let fence = self.shared.written.load(Ordering::SeqCst);
+                if view.mirror.revision >= fence {
+                    return Ok(view.mirror.read(request));
+                }
+                view.fenced.push((job, fence));
+                return Ok(None);
             }
-            view.fenced.push((job, fence));
-            return Ok(None);
+            Request::Add { key, .. }
+            | Request::CompareSet { key, .. }
+            | Request::Append { key, .. } => job.guess = Some(view.mirror.seen(key)),
+            _ => {}
         }
+        drop(view);
         self.shared.jobs.lock().push_back(job);
         self.shared.job_ready.notify_one();
         Ok(None)

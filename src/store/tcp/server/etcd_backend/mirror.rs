@@ -5,13 +5,14 @@ use std::collections::HashMap;
 
 use super::super::super::protocol::{Key, Request};
 use super::super::backend::{Outcome, Present};
-use crate::store::etcd::{Change, Snapshot};
+use crate::store::etcd::{Change, Seen, Snapshot};
 use crate::store::kv::Value;
 
 /// The job's keys as of `revision`.
 #[derive(Default)]
 pub(crate) struct Mirror {
-    values: HashMap<Key, Value>,
+    /// Each value, with the revision it last changed at.
+    values: HashMap<Key, (Value, i64)>,
     /// Elements per non-empty queue.
     queues: HashMap<Key, i64>,
     /// The revision of the last change applied.
@@ -22,7 +23,11 @@ impl Mirror {
     /// The keys of `snapshot`.
     pub(crate) fn new(snapshot: Snapshot) -> Mirror {
         let mut mirror = Mirror {
-            values: snapshot.values.into_iter().collect(),
+            values: snapshot
+                .values
+                .into_iter()
+                .map(|(key, value, changed)| (key, (value, changed)))
+                .collect(),
             queues: HashMap::new(),
             revision: snapshot.revision,
         };
@@ -40,7 +45,7 @@ impl Mirror {
                 key,
                 value: Some(v),
             } => {
-                self.values.insert(key.clone(), v.clone());
+                self.values.insert(key.clone(), (v.clone(), revision));
             }
             Change::Value { key, value: None } => {
                 self.values.remove(key);
@@ -62,9 +67,19 @@ impl Mirror {
     /// What `key` holds (None: it does not exist).
     pub(crate) fn peek(&self, key: &[u8]) -> Option<Present> {
         match self.values.get(key) {
-            Some(value) => Some(Present::Value(value.clone())),
+            Some((value, _)) => Some(Present::Value(value.clone())),
             None => self.queues.contains_key(key).then_some(Present::Queued),
         }
+    }
+
+    /// What `key` holds and since when, as a read-modify-write's guess.
+    pub(crate) fn seen(&self, key: &[u8]) -> Seen {
+        self.values
+            .get(key)
+            .map_or_else(Seen::default, |(value, changed)| Seen {
+                value: Some(value.to_vec()),
+                mod_revision: *changed,
+            })
     }
 
     /// Keys holding values.
@@ -76,11 +91,10 @@ impl Mirror {
     /// LIST_KEYS); None for any other request.
     pub(crate) fn read(&self, request: &Request) -> Option<Outcome> {
         let exists = |k: &Key| self.values.contains_key(k) || self.queues.contains_key(k);
+        let value = |k: &Key| self.values.get(k).map(|(v, _)| v.clone());
         Some(match request {
-            Request::Get { key } => Outcome::Values(vec![self.values.get(key).cloned()]),
-            Request::MultiGet { keys } => {
-                Outcome::Values(keys.iter().map(|k| self.values.get(k).cloned()).collect())
-            }
+            Request::Get { key } => Outcome::Values(vec![value(key)]),
+            Request::MultiGet { keys } => Outcome::Values(keys.iter().map(value).collect()),
             Request::Check { keys } => Outcome::Ready(keys.iter().all(exists)),
             Request::GetNumKeys => Outcome::Int(self.values.len() as i64),
             Request::QueueLen { key } => Outcome::Int(self.queues.get(key).copied().unwrap_or(0)),
@@ -117,7 +131,7 @@ mod tests {
     #[test]
     fn follows_values_and_queue_lengths() {
         let mut m = Mirror::new(Snapshot {
-            values: vec![(b"a".to_vec(), b"1".as_slice().into())],
+            values: vec![(b"a".to_vec(), b"1".as_slice().into(), 4)],
             elements: vec![b"q".to_vec(), b"q".to_vec()],
             revision: 5,
         });
@@ -154,5 +168,11 @@ mod tests {
             key: b"a".to_vec(),
             delta: 1
         }));
+        let b = Seen {
+            value: Some(b"2".to_vec()),
+            mod_revision: 6,
+        };
+        assert_eq!(m.seen(b"b"), b, "a read-modify-write's guess");
+        assert_eq!(m.seen(b"a"), Seen::default());
     }
 }
