@@ -101,7 +101,9 @@ pub(crate) trait Backend: Send {
     /// Applies a data request (SET, GET, ADD, ...); `Ok(None)`: it
     /// completes later, reported with `ticket` from the connection `conn`.
     /// An error refuses the request (ADD to a non-integer, a value over the
-    /// limit).
+    /// limit). WAIT and WAIT_GET come here before the core starts them:
+    /// [`Outcome::Silent`] once what `peek` answers from shows every write
+    /// the backend has acknowledged (a remote backend's view may lag).
     fn apply(&mut self, conn: ConnId, ticket: Ticket, request: &Request)
         -> Result<Option<Outcome>>;
 
@@ -181,6 +183,7 @@ impl Backend for MemoryBackend {
             },
             Request::QueueLen { key } => Outcome::Int(t.queue_len(key)),
             Request::ListKeys => Outcome::Keys(t.keys().map(<[u8]>::to_vec).collect()),
+            Request::Wait { .. } | Request::WaitGet { .. } => Outcome::Silent,
             _ => return Err(Error::internal("the backend was handed a session request")),
         };
         Ok(Some(outcome))

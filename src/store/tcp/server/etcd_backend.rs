@@ -290,6 +290,8 @@ impl Backend for EtcdBackend {
         };
         let mut view = self.shared.view.lock();
         match request {
+            // Reads, and waits before they start, once the mirror shows
+            // every write acknowledged so far.
             read if is_read(read) => {
                 let fence = self.shared.written.load(Ordering::SeqCst);
                 if view.mirror.revision >= fence {

@@ -339,13 +339,15 @@ impl<B: Backend> ServerCore<B> {
                 self.cancel_waits(id);
                 self.put_reply(id, &[WAIT_CANCELED]);
             }
-            Request::Wait { keys } => self.start_wait(id, keys, WaitReply::StopWaiting),
-            Request::WaitGet { keys } if session.extended => {
-                let values = vec![None; keys.len()];
-                self.start_wait(id, keys.clone(), WaitReply::Values { keys, values })
-            }
-            Request::WaitGet { .. } => {
+            Request::WaitGet { .. } if !session.extended => {
                 return Err(Refused("extension command before HELLO".into()))
+            }
+            // Started once the backend's view shows this connection's
+            // acknowledged writes (at once for a local backend): see finish.
+            Request::Wait { .. } | Request::WaitGet { .. } => {
+                let ticket = self.next_ticket();
+                let applied = self.backend.apply(id, ticket, &request);
+                self.settle(id, ticket, applied, request, None)?;
             }
             Request::Barrier {
                 ref key,
@@ -448,6 +450,17 @@ impl<B: Backend> ServerCore<B> {
             (Request::Barrier { key, .. }, Outcome::Int(arrived)) => {
                 let released = self.waits.released_barriers(key, arrived);
                 self.complete_waits(released);
+            }
+            (Request::Wait { keys }, _) => {
+                self.start_wait(id, keys.clone(), WaitReply::StopWaiting)
+            }
+            (Request::WaitGet { keys }, _) => {
+                let values = vec![None; keys.len()];
+                let reply = WaitReply::Values {
+                    keys: keys.clone(),
+                    values,
+                };
+                self.start_wait(id, keys.clone(), reply)
             }
             // Acknowledged on a version 2 connection: it may be refused.
             (Request::Append { .. }, Outcome::Silent) => self.put_reply(id, &[]),

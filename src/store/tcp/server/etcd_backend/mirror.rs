@@ -88,7 +88,8 @@ impl Mirror {
     }
 
     /// Answers a read (GET, MULTI_GET, CHECK, GETNUMKEYS, QUEUE_LEN,
-    /// LIST_KEYS); None for any other request.
+    /// LIST_KEYS), or lets a WAIT or WAIT_GET start (`Silent`: the core
+    /// runs it from [`Mirror::peek`]); None for any other request.
     pub(crate) fn read(&self, request: &Request) -> Option<Outcome> {
         let exists = |k: &Key| self.values.contains_key(k) || self.queues.contains_key(k);
         let value = |k: &Key| self.values.get(k).map(|(v, _)| v.clone());
@@ -99,12 +100,13 @@ impl Mirror {
             Request::GetNumKeys => Outcome::Int(self.values.len() as i64),
             Request::QueueLen { key } => Outcome::Int(self.queues.get(key).copied().unwrap_or(0)),
             Request::ListKeys => Outcome::Keys(self.values.keys().cloned().collect()),
+            Request::Wait { .. } | Request::WaitGet { .. } => Outcome::Silent,
             _ => return None,
         })
     }
 }
 
-/// Whether `request` is a read the mirror answers.
+/// Whether the mirror answers `request` (see [`Mirror::read`]).
 pub(crate) fn is_read(request: &Request) -> bool {
     matches!(
         request,
@@ -114,6 +116,8 @@ pub(crate) fn is_read(request: &Request) -> bool {
             | Request::GetNumKeys
             | Request::QueueLen { .. }
             | Request::ListKeys
+            | Request::Wait { .. }
+            | Request::WaitGet { .. }
     )
 }
 

@@ -698,6 +698,8 @@ fn version_2_reports_a_failed_set_as_a_deferred_error_before_the_next_reply() {
 #[derive(Default)]
 struct Scripted {
     known: std::collections::HashMap<Key, Present>,
+    /// Its view lags the writes it acknowledged: waits start when told.
+    lagging: bool,
     applied: Vec<(ConnId, Ticket, Request)>,
     looks: Vec<(WaitId, Vec<Key>)>,
     reports: Vec<Report>,
@@ -710,6 +712,11 @@ impl Backend for Scripted {
         ticket: Ticket,
         request: &Request,
     ) -> OpResult<Option<Outcome>> {
+        if let Request::Wait { .. } | Request::WaitGet { .. } = request {
+            if !self.lagging {
+                return Ok(Some(Outcome::Silent)); // its view is current
+            }
+        }
         self.applied.push((conn, ticket, request.clone()));
         Ok(None)
     }
@@ -857,6 +864,44 @@ fn a_failed_remote_barrier_takes_its_wait_back() {
     let refused = c.take_backend_reports();
     assert_eq!(refused.len(), 1, "a PyTorch connection is closed");
     assert_eq!(c.stats().pending_waits, 0);
+}
+
+#[test]
+fn a_wait_starts_once_the_backends_view_shows_the_connections_writes() {
+    let mut c = scripted();
+    open_v2(&mut c, 0);
+    c.backend.lagging = true;
+    let mut pipelined = set("/k", b"new");
+    pipelined.extend(Encoder::request(Command::WaitGet).keys(&["/k"]).finish());
+    send(&mut c, 0, &pipelined);
+    let (conn, ticket, _) = c.backend.applied.remove(0);
+    c.backend.reports.push(Report::Completed {
+        conn,
+        ticket,
+        outcome: Ok(Outcome::Silent),
+    });
+    c.backend
+        .known
+        .insert(b"/k".to_vec(), Present::Value(b"old".as_slice().into()));
+    c.take_backend_reports();
+    assert!(
+        replies(&mut c, 0).is_empty(),
+        "not from a view without the set"
+    );
+    let (conn, ticket, wait) = c.backend.applied.remove(0);
+    assert!(matches!(wait, Request::WaitGet { .. }));
+    c.backend
+        .known
+        .insert(b"/k".to_vec(), Present::Value(b"new".as_slice().into()));
+    c.backend.reports.push(Report::Completed {
+        conn,
+        ticket,
+        outcome: Ok(Outcome::Silent),
+    });
+    c.take_backend_reports();
+    let mut expected = vec![REPLY_OK, STOP_WAITING];
+    expected.extend(byte_string(b"new"));
+    assert_eq!(replies(&mut c, 0), expected);
 }
 
 #[test]
