@@ -60,33 +60,51 @@ struct Job {
     guess: Option<Seen>,
 }
 
-/// The mirror, and the reads waiting for it to catch up.
+/// The mirror, and the requests waiting for it to catch up.
 struct View {
     mirror: Mirror,
-    /// Reads that arrived before the mirror showed the writes acknowledged
-    /// then (`fence`).
+    /// Reads, waits and read-modify-writes that arrived before the mirror
+    /// showed the writes acknowledged then (`fence`).
     fenced: Vec<(Job, i64)>,
 }
 
+/// What the mirror catching up released: answers, and read-modify-writes
+/// for the workers (with their guess).
+type Released = (Vec<Report>, Vec<Job>);
+
 impl View {
-    /// Answers the fenced reads the mirror has caught up with.
-    fn caught_up(&mut self) -> Vec<Report> {
+    /// Takes the fenced requests the mirror has caught up with.
+    fn caught_up(&mut self) -> Released {
         let revision = self.mirror.revision;
-        let (ready, waiting) = std::mem::take(&mut self.fenced)
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fenced)
             .into_iter()
             .partition(|(_, fence)| *fence <= revision);
         self.fenced = waiting;
-        ready
-            .into_iter()
-            .map(|(job, _)| Report::Completed {
-                conn: job.conn,
-                ticket: job.ticket,
-                outcome: self
-                    .mirror
-                    .read(&job.request)
-                    .ok_or_else(|| Error::internal("a fenced request was not a read")),
-            })
-            .collect()
+        let (mut answers, mut writes) = (Vec::new(), Vec::new());
+        for (mut job, _) in ready {
+            if let Some(key) = modified_key(&job.request) {
+                job.guess = Some(self.mirror.seen(key));
+                writes.push(job);
+            } else {
+                answers.push(Report::Completed {
+                    conn: job.conn,
+                    ticket: job.ticket,
+                    // A wait: the core starts it now.
+                    outcome: Ok(self.mirror.read(&job.request).unwrap_or(Outcome::Silent)),
+                });
+            }
+        }
+        (answers, writes)
+    }
+}
+
+/// The key a read-modify-write (ADD, COMPARE_SET, APPEND) changes.
+fn modified_key(request: &Request) -> Option<&Key> {
+    match request {
+        Request::Add { key, .. }
+        | Request::CompareSet { key, .. }
+        | Request::Append { key, .. } => Some(key),
+        _ => None,
     }
 }
 
@@ -105,6 +123,26 @@ struct Shared {
 }
 
 impl Shared {
+    /// Queues writes for the workers.
+    fn queue(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let one = jobs.len() == 1;
+        self.jobs.lock().extend(jobs);
+        if one {
+            self.job_ready.notify_one();
+        } else {
+            self.job_ready.notify_all();
+        }
+    }
+
+    /// Sends on what the mirror catching up released.
+    fn release(&self, (answers, writes): Released) {
+        self.queue(writes);
+        self.report(answers);
+    }
+
     /// Hands `reports` to the event loop, waking it if it had nothing.
     fn report(&self, reports: impl IntoIterator<Item = Report>) {
         let mut queued = self.reports.lock();
@@ -171,12 +209,13 @@ impl Shared {
                         }),
                         _ => None,
                     };
-                    let answered = {
+                    let released = {
                         let mut view = self.view.lock();
                         view.mirror.apply(&change, revision);
                         view.caught_up()
                     };
-                    self.report(written.into_iter().chain(answered));
+                    self.report(written);
+                    self.release(released);
                     !self.stop.load(Ordering::SeqCst)
                 });
             match watched {
@@ -188,12 +227,13 @@ impl Shared {
                         Ok(snapshot) => {
                             log::warn!("etcd backend: the watch fell behind a compaction; reloading the keys");
                             next = snapshot.revision + 1;
-                            let answered = {
+                            let released = {
                                 let mut view = self.view.lock();
                                 view.mirror = Mirror::new(snapshot);
                                 view.caught_up()
                             };
-                            self.report(answered.into_iter().chain([Report::Missed]));
+                            self.release(released);
+                            self.report([Report::Missed]);
                         }
                         Err(e) => self.watch_failed(&e),
                     }
@@ -288,26 +328,24 @@ impl Backend for EtcdBackend {
             request: request.clone(),
             guess: None,
         };
-        let mut view = self.shared.view.lock();
-        match request {
-            // Reads, and waits before they start, once the mirror shows
-            // every write acknowledged so far.
-            read if is_read(read) => {
-                let fence = self.shared.written.load(Ordering::SeqCst);
-                if view.mirror.revision >= fence {
-                    return Ok(view.mirror.read(request));
-                }
+        let read = is_read(request);
+        let modified = modified_key(request);
+        if read || modified.is_some() {
+            // Reads, waits before they start, and the guesses of
+            // read-modify-writes come from a mirror showing every write
+            // acknowledged so far.
+            let fence = self.shared.written.load(Ordering::SeqCst);
+            let mut view = self.shared.view.lock();
+            if view.mirror.revision < fence {
                 view.fenced.push((job, fence));
                 return Ok(None);
             }
-            Request::Add { key, .. }
-            | Request::CompareSet { key, .. }
-            | Request::Append { key, .. } => job.guess = Some(view.mirror.seen(key)),
-            _ => {}
+            if read {
+                return Ok(view.mirror.read(request));
+            }
+            job.guess = modified.map(|key| view.mirror.seen(key));
         }
-        drop(view);
-        self.shared.jobs.lock().push_back(job);
-        self.shared.job_ready.notify_one();
+        self.shared.queue(vec![job]);
         Ok(None)
     }
 
