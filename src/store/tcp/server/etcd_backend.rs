@@ -98,6 +98,33 @@ impl View {
     }
 }
 
+/// Adds in one transaction, at most.
+const MAX_ADDS_AT_ONCE: usize = 4096;
+
+/// `job`, and when it is an ADD, the ADDs to the same key queued behind it
+/// (a rendezvous: every rank counts itself in), taken out of `queue`.
+fn with_same_adds(job: Job, queue: &mut VecDeque<Job>) -> Vec<Job> {
+    let Request::Add { key, .. } = &job.request else {
+        return vec![job];
+    };
+    let same = |j: &Job| matches!(&j.request, Request::Add { key: k, .. } if k == key);
+    if !queue.iter().any(same) {
+        return vec![job];
+    }
+    let mut batch = Vec::new();
+    let mut rest = VecDeque::with_capacity(queue.len());
+    for queued in queue.drain(..) {
+        if batch.len() + 1 < MAX_ADDS_AT_ONCE && same(&queued) {
+            batch.push(queued);
+        } else {
+            rest.push_back(queued);
+        }
+    }
+    *queue = rest;
+    batch.insert(0, job);
+    batch
+}
+
 /// The key a read-modify-write (ADD, COMPARE_SET, APPEND) changes.
 fn modified_key(request: &Request) -> Option<&Key> {
     match request {
@@ -157,12 +184,12 @@ impl Shared {
 
     fn worker(&self) {
         loop {
-            let job = {
+            let batch = {
                 let mut jobs = self.jobs.lock();
                 loop {
                     // Writes received before the stop are still made.
                     if let Some(job) = jobs.pop_front() {
-                        break job;
+                        break with_same_adds(job, &mut jobs);
                     }
                     if self.stop.load(Ordering::SeqCst) {
                         return;
@@ -170,20 +197,68 @@ impl Shared {
                     self.job_ready.wait(&mut jobs);
                 }
             };
-            let outcome = self
-                .store
-                .write(&job.request, self.max_value_len, job.guess)
-                .map(|(outcome, revision)| {
-                    // Before the answer: the connection's next read waits
-                    // for the mirror to show this write.
-                    self.written.fetch_max(revision, Ordering::SeqCst);
-                    outcome
-                });
-            self.report([Report::Completed {
-                conn: job.conn,
-                ticket: job.ticket,
-                outcome,
-            }]);
+            let answers = match &batch[..] {
+                [job] => vec![self.write(&job.request, job.guess.clone())],
+                _ => self.add_all(&batch),
+            };
+            self.report(
+                batch
+                    .into_iter()
+                    .zip(answers)
+                    .map(|(job, outcome)| Report::Completed {
+                        conn: job.conn,
+                        ticket: job.ticket,
+                        outcome,
+                    }),
+            );
+        }
+    }
+
+    /// Makes one write in etcd.
+    fn write(&self, request: &Request, guess: Option<Seen>) -> Result<Outcome> {
+        let (outcome, revision) = self.store.write(request, self.max_value_len, guess)?;
+        // Before the answer: the connection's next read waits for the
+        // mirror to show this write.
+        self.written.fetch_max(revision, Ordering::SeqCst);
+        Ok(outcome)
+    }
+
+    /// Makes ADDs to one key (from different connections) as one ADD of
+    /// their sum: each gets the value it would have had in that order.
+    fn add_all(&self, adds: &[Job]) -> Vec<Result<Outcome>> {
+        let deltas: Vec<i64> = adds
+            .iter()
+            .map(|job| match job.request {
+                Request::Add { delta, .. } => delta,
+                _ => 0,
+            })
+            .collect();
+        let (Some(first), total) = (
+            adds.first(),
+            deltas.iter().fold(0i64, |a, d| a.wrapping_add(*d)),
+        ) else {
+            return Vec::new();
+        };
+        let Request::Add { key, .. } = &first.request else {
+            return Vec::new();
+        };
+        let sum = Request::Add {
+            key: key.clone(),
+            delta: total,
+        };
+        match self.write(&sum, first.guess.clone()) {
+            Ok(Outcome::Int(after)) => {
+                let mut value = after.wrapping_sub(total);
+                deltas
+                    .iter()
+                    .map(|delta| {
+                        value = value.wrapping_add(*delta);
+                        Ok(Outcome::Int(value))
+                    })
+                    .collect()
+            }
+            Ok(other) => vec![Ok(other); adds.len()],
+            Err(e) => vec![Err(e); adds.len()],
         }
     }
 
@@ -379,3 +454,47 @@ impl Backend for EtcdBackend {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod batching {
+    use super::*;
+
+    fn job(ticket: Ticket, request: Request) -> Job {
+        Job {
+            conn: ticket as ConnId,
+            ticket,
+            request,
+            guess: None,
+        }
+    }
+
+    fn add(key: &str) -> Request {
+        Request::Add {
+            key: key.into(),
+            delta: 1,
+        }
+    }
+
+    #[test]
+    fn adds_to_the_same_key_are_taken_together_and_the_rest_keeps_its_order() {
+        let set = Request::Set {
+            key: b"b".to_vec(),
+            value: b"1".as_slice().into(),
+        };
+        let mut queue: VecDeque<Job> = [
+            job(2, set),
+            job(3, add("a")),
+            job(4, add("c")),
+            job(5, add("a")),
+        ]
+        .into();
+        let batch = with_same_adds(job(1, add("a")), &mut queue);
+        let tickets =
+            |jobs: &mut dyn Iterator<Item = &Job>| jobs.map(|j| j.ticket).collect::<Vec<_>>();
+        assert_eq!(tickets(&mut batch.iter()), [1, 3, 5]);
+        assert_eq!(tickets(&mut queue.iter()), [2, 4]);
+        let alone = with_same_adds(job(6, add("z")), &mut queue);
+        assert_eq!(alone.len(), 1);
+        assert_eq!(queue.len(), 2);
+    }
+}

@@ -90,21 +90,25 @@ fn two_servers_on_one_prefix_serve_one_store() {
     for arrival in arrivals {
         arrival.join().unwrap().unwrap();
     }
-    // Counters are exact across servers.
-    let adders: Vec<_> = (0..4)
+    // Counters are exact across servers, and every add sees its own
+    // value (concurrent adds to one key share a transaction).
+    let adders: Vec<_> = (0..8)
         .map(|i| {
             let store = client(if i % 2 == 0 { &a } else { &b });
             thread::spawn(move || {
-                for _ in 0..25 {
-                    store.add("n", 1).unwrap();
-                }
+                (0..25)
+                    .map(|_| store.add("n", 1).unwrap())
+                    .collect::<Vec<_>>()
             })
         })
         .collect();
-    for adder in adders {
-        adder.join().unwrap();
-    }
-    assert_eq!(on_b.add("n", 0).unwrap(), 100);
+    let mut seen: Vec<i64> = adders
+        .into_iter()
+        .flat_map(|adder| adder.join().unwrap())
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=200).collect::<Vec<_>>());
+    assert_eq!(on_b.add("n", 0).unwrap(), 200);
     // A pop on b waits for a push on a.
     let popper = {
         let on_b = client(&b);
