@@ -660,6 +660,18 @@ def finished(proc, timeout=1800):
     return out
 
 
+def started_on_go(proc, ready, done):
+    """Tells a driver to go once it printed `ready`; returns its `done`
+    line's fields, then lets it exit."""
+    read_until(proc, ready)
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    fields = read_until(proc, done)
+    proc.stdin.close()
+    proc.wait(60)
+    return fields
+
+
 def scenario_etcd(ops, seconds, procs, ranks):
     """Stores on etcd, from Python clients: torchelastic's EtcdStore (the v2
     API, which etcd 3.4 serves with --enable-v2 and 3.6 removed), distcore's
@@ -697,20 +709,12 @@ def scenario_etcd(ops, seconds, procs, ranks):
         for where in ("front", "memory"):
             server = harness.CliServer(backend=cluster.url("bench-rdv") if where == "front" else None)
             servers.append(server)
-            join = driver("distcore", "join", "127.0.0.1", server.port, ranks, ranks, stdin=subprocess.PIPE)
-            read_until(join, "loaded")
-            join.stdin.write("go\n")
-            join.stdin.flush()
-            _, joined, _, failures, _, join_s = read_until(join, "joined")
-            join.stdin.close()
-            join.wait(60)
-            bar = driver("distcore", "barrier", "127.0.0.1", server.port, ranks, "rdv", ranks, stdin=subprocess.PIPE)
-            read_until(bar, "ready")
-            bar.stdin.write("go\n")
-            bar.stdin.flush()
-            _, _, _, bar_s, _, bar_failures = read_until(bar, "barrier")
-            bar.stdin.close()
-            bar.wait(60)
+            _, _, _, failures, _, join_s = started_on_go(
+                driver("distcore", "join", "127.0.0.1", server.port, ranks, ranks, stdin=subprocess.PIPE),
+                "loaded", "joined")
+            _, _, _, bar_s, _, bar_failures = started_on_go(
+                driver("distcore", "barrier", "127.0.0.1", server.port, ranks, "rdv", ranks, stdin=subprocess.PIPE),
+                "ready", "barrier")
             rdv[where] = (float(join_s), int(failures), float(bar_s), int(bar_failures))
     finally:
         for server in servers:
