@@ -17,8 +17,8 @@
 //!
 //! Results go back to the event loop through a list it drains when woken.
 //! When the backend goes, the workers make the writes already received
-//! (each within the operation timeout) and are joined; the watcher exits on
-//! its own within [`WATCH_SLICE`].
+//! (giving up on those still queued after the operation timeout) and are
+//! joined; the watcher exits on its own within [`WATCH_SLICE`].
 
 mod mirror;
 
@@ -29,6 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::Waker;
+use once_cell::sync::OnceCell;
 use parking_lot::{Condvar, Mutex};
 
 use self::mirror::{is_read, Mirror};
@@ -38,6 +39,7 @@ use super::state::ConnId;
 use super::waits::WaitId;
 use crate::error::{Error, Result};
 use crate::store::etcd::{Change, EtcdStore, EtcdStoreOptions, Seen, WatchEnd};
+use crate::store::Store as _;
 
 /// Threads making etcd requests.
 pub(crate) const WORKERS: usize = 16;
@@ -75,6 +77,9 @@ type Released = (Vec<Report>, Vec<Job>);
 impl View {
     /// Takes the fenced requests the mirror has caught up with.
     fn caught_up(&mut self) -> Released {
+        if self.fenced.is_empty() {
+            return Released::default();
+        }
         let revision = self.mirror.revision;
         let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fenced)
             .into_iter()
@@ -147,6 +152,9 @@ struct Shared {
     reports: Mutex<Vec<Report>>,
     waker: Arc<Waker>,
     stop: AtomicBool,
+    /// Once stopped: writes still queued after this are not made (etcd
+    /// not answering would otherwise hold the stop for every one of them).
+    give_up_at: OnceCell<Instant>,
 }
 
 impl Shared {
@@ -187,7 +195,22 @@ impl Shared {
             let batch = {
                 let mut jobs = self.jobs.lock();
                 loop {
-                    // Writes received before the stop are still made.
+                    // Writes received before the stop are still made,
+                    // within the operation timeout.
+                    if self
+                        .give_up_at
+                        .get()
+                        .is_some_and(|at| Instant::now() >= *at)
+                    {
+                        if !jobs.is_empty() {
+                            log::warn!(
+                                "etcd backend: stopped with {} writes not made (etcd did not answer in time)",
+                                jobs.len()
+                            );
+                            jobs.clear();
+                        }
+                        return;
+                    }
                     if let Some(job) = jobs.pop_front() {
                         break with_same_adds(job, &mut jobs);
                     }
@@ -355,6 +378,7 @@ impl EtcdBackend {
             reports: Mutex::new(Vec::new()),
             waker,
             stop: AtomicBool::new(false),
+            give_up_at: OnceCell::new(),
         });
         let mut backend = EtcdBackend {
             shared: shared.clone(),
@@ -378,10 +402,15 @@ fn spawn(name: String, run: impl FnOnce() + Send + 'static) -> Result<JoinHandle
 }
 
 impl Drop for EtcdBackend {
-    /// Stops the threads once the writes received are made (each within
-    /// the operation timeout): a request a client sent before the server
-    /// stopped is not lost.
+    /// Stops the threads once the writes received are made (those still
+    /// queued after the operation timeout are given up, and counted in the
+    /// log): a request a client sent before the server stopped is not lost
+    /// while etcd answers.
     fn drop(&mut self) {
+        let timeout = self.shared.store.timeout();
+        if !timeout.is_zero() {
+            let _ = self.shared.give_up_at.set(Instant::now() + timeout);
+        }
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.job_ready.notify_all();
         for worker in self.workers.drain(..) {
@@ -397,14 +426,15 @@ impl Backend for EtcdBackend {
         ticket: Ticket,
         request: &Request,
     ) -> Result<Option<Outcome>> {
-        let mut job = Job {
+        let job = |guess| Job {
             conn,
             ticket,
             request: request.clone(),
-            guess: None,
+            guess,
         };
         let read = is_read(request);
         let modified = modified_key(request);
+        let mut guess = None;
         if read || modified.is_some() {
             // Reads, waits before they start, and the guesses of
             // read-modify-writes come from a mirror showing every write
@@ -412,15 +442,15 @@ impl Backend for EtcdBackend {
             let fence = self.shared.written.load(Ordering::SeqCst);
             let mut view = self.shared.view.lock();
             if view.mirror.revision < fence {
-                view.fenced.push((job, fence));
+                view.fenced.push((job(None), fence));
                 return Ok(None);
             }
             if read {
                 return Ok(view.mirror.read(request));
             }
-            job.guess = modified.map(|key| view.mirror.seen(key));
+            guess = modified.map(|key| view.mirror.seen(key));
         }
-        self.shared.queue(vec![job]);
+        self.shared.queue(vec![job(guess)]);
         Ok(None)
     }
 

@@ -272,17 +272,10 @@ impl<B: Backend> ServerCore<B> {
         ticket: Ticket,
         outcome: OpResult<Outcome>,
     ) -> std::result::Result<(), Refused> {
-        let Some(session) = self.session(id) else {
-            return Ok(());
-        };
-        if session
-            .in_flight
-            .as_ref()
-            .is_none_or(|f| f.ticket != ticket)
-        {
-            return Ok(());
-        }
-        let Some(in_flight) = session.in_flight.take() else {
+        let Some(in_flight) = self
+            .session(id)
+            .and_then(|s| s.in_flight.take_if(|f| f.ticket == ticket))
+        else {
             return Ok(());
         };
         let InFlight {
@@ -395,7 +388,7 @@ impl<B: Backend> ServerCore<B> {
         barrier: Option<WaitId>,
     ) -> std::result::Result<(), Refused> {
         match applied {
-            Ok(Some(outcome)) => self.finish(id, &request, outcome),
+            Ok(Some(outcome)) => self.finish(id, request, outcome),
             Ok(None) => {
                 if let Some(session) = self.session(id) {
                     session.in_flight = Some(Box::new(InFlight {
@@ -443,30 +436,32 @@ impl<B: Backend> ServerCore<B> {
     }
 
     /// Replies to `request` with its `outcome` and wakes what it wrote.
-    fn finish(&mut self, id: ConnId, request: &Request, outcome: Outcome) {
-        match (request, outcome) {
+    fn finish(&mut self, id: ConnId, request: Request, outcome: Outcome) {
+        // A wait the backend let start takes its keys.
+        let request = match request {
+            Request::Wait { keys } => return self.start_wait(id, keys, WaitReply::StopWaiting),
+            Request::WaitGet { keys } => {
+                let values = vec![None; keys.len()];
+                let reply = WaitReply::Values {
+                    keys: keys.clone(),
+                    values,
+                };
+                return self.start_wait(id, keys, reply);
+            }
+            other => other,
+        };
+        match (&request, outcome) {
             // Its own wait answers (this arrival's count releases it, or a
             // later one).
             (Request::Barrier { key, .. }, Outcome::Int(arrived)) => {
                 let released = self.waits.released_barriers(key, arrived);
                 self.complete_waits(released);
             }
-            (Request::Wait { keys }, _) => {
-                self.start_wait(id, keys.clone(), WaitReply::StopWaiting)
-            }
-            (Request::WaitGet { keys }, _) => {
-                let values = vec![None; keys.len()];
-                let reply = WaitReply::Values {
-                    keys: keys.clone(),
-                    values,
-                };
-                self.start_wait(id, keys.clone(), reply)
-            }
             // Acknowledged on a version 2 connection: it may be refused.
             (Request::Append { .. }, Outcome::Silent) => self.put_reply(id, &[]),
             (_, outcome) => self.reply(id, outcome),
         }
-        match request {
+        match &request {
             Request::Set { key, .. }
             | Request::CompareSet { key, .. }
             | Request::Add { key, .. }

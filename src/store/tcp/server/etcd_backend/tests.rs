@@ -166,3 +166,44 @@ fn no_etcd_member_answering_fails_the_start_within_the_timeout() {
     assert!(err.message().contains("no etcd member"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn a_server_stops_within_its_timeout_when_etcd_does_not_answer_its_writes() {
+    use crate::store::tcp::protocol::{Command, Encoder, VALIDATE_MAGIC};
+    use std::io::Write;
+    let etcd = Etcd::start();
+    let timeout = Duration::from_secs(1);
+    let server = Server::start(ServerOptions {
+        bind_address: Some([127, 0, 0, 1].into()),
+        backend: ServerBackend::Etcd(etcd.options("/job", timeout)),
+        ..ServerOptions::default()
+    })
+    .unwrap();
+    drop(etcd);
+    // 160 connections with a write each: ten times the workers.
+    let mut set = Encoder::request(Command::Validate)
+        .u32(VALIDATE_MAGIC)
+        .finish();
+    set.extend(
+        Encoder::request(Command::Set)
+            .bytes(b"k")
+            .bytes(b"v")
+            .finish(),
+    );
+    let clients: Vec<_> = (0..160)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+            s.write_all(&set).unwrap();
+            s
+        })
+        .collect();
+    while server.stats().connections < clients.len() {
+        thread::sleep(Duration::from_millis(10));
+    }
+    thread::sleep(Duration::from_millis(200));
+    let stopping = Instant::now();
+    drop(server);
+    // The writes under way end within the timeout, the queued ones are
+    // given up after it (one by one, they would take 10 timeouts).
+    assert!(stopping.elapsed() < 5 * timeout, "{:?}", stopping.elapsed());
+}
