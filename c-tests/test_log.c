@@ -1,13 +1,14 @@
 /* dc_set_log_callback: distcore's log lines reach the host's callback, at
  * the level asked for, from distcore's own threads; NULL sends them back to
- * stderr, and once the call returns the old callback is not called again. */
+ * stderr, and once the call returns the old callback is not called again;
+ * a callback cannot change the callback. */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <unistd.h>
 
 #include "check.h"
 
-static atomic_int lines, disconnects;
+static atomic_int lines, disconnects, reentrant_status = -1;
 static pthread_t caller_thread;
 static atomic_bool from_other_thread;
 
@@ -16,7 +17,11 @@ static void on_log(dc_log_level level, const char *target, const char *message, 
   CHECK(level >= DC_LOG_LEVEL_ERROR && level <= DC_LOG_LEVEL_TRACE);
   CHECK(strncmp(target, "distcore", 8) == 0);
   atomic_fetch_add(&lines, 1);
-  if (strstr(message, "disconnected") != NULL) atomic_fetch_add(&disconnects, 1);
+  if (strstr(message, "disconnected") != NULL) {
+    atomic_fetch_add(&disconnects, 1);
+    /* Changing the callback from inside it is refused, not a deadlock. */
+    atomic_store(&reentrant_status, dc_set_log_callback(DC_LOG_LEVEL_WARN, NULL, NULL));
+  }
   if (!pthread_equal(pthread_self(), caller_thread)) atomic_store(&from_other_thread, true);
 }
 
@@ -33,6 +38,7 @@ int main(void) {
   for (int i = 0; i < 3000 && atomic_load(&disconnects) == 0; i++) usleep(1000);
   CHECK(atomic_load(&disconnects) > 0);
   CHECK(atomic_load(&from_other_thread));
+  CHECK(atomic_load(&reentrant_status) == DC_ERR_INVALID_STATE);
 
   /* Above the line's level: not delivered. */
   CHECK_OK(dc_set_log_callback(DC_LOG_LEVEL_WARN, on_log, &lines));

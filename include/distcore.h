@@ -83,6 +83,10 @@
 // Timeout argument: wait forever (PyTorch's `kNoTimeout`).
 #define DC_TIMEOUT_FOREVER 0
 
+// The most ranks [`get_all`] reads (one key each, in one request): a
+// TCPStore request's key limit (PyTorch's).
+#define MAX_GET_ALL_RANKS (128 << 10)
+
 // The collective an operation performs: c10d's `OpType`, same numbers.
 enum dc_op_type
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -332,7 +336,8 @@ typedef struct {
   uint16_t port;
   // Start a server in this process (PyTorch's is_master).
   bool is_server;
-  // Number of store handles in the job, server included; -1: unknown.
+  // Number of store handles in the job, server included; -1: unknown
+  // (other negative numbers are DC_ERR_INVALID_ARGUMENT).
   int32_t world_size;
   // Count this handle in the job's worker count (PyTorch's key "init/",
   // which every client adds 1 to once and `dc_store_add(store, "init/",
@@ -472,8 +477,10 @@ void dc_buf_array_free(dc_buf_array *array);
 // meanwhile (DC_TIMEOUT_DEFAULT: keep the store's; DC_TIMEOUT_FOREVER: no
 // limit) and restored after.
 //
-// Errors: DC_ERR_TIMEOUT when fewer than `world_size` arrived in time; the
-// store's errors. Blocks until all arrived, at most the timeout (per store
+// Errors: DC_ERR_INVALID_ARGUMENT for a `world_size` below 1 (or, where
+// there is one, a `rank` outside 0..world_size); DC_ERR_TIMEOUT when fewer
+// than `world_size` arrived in time; the store's errors. Blocks until all
+// arrived, at most the timeout (per store
 // call).
 dc_status dc_elastic_barrier(const dc_store *store,
                              int32_t world_size,
@@ -499,8 +506,9 @@ dc_status dc_elastic_barrier_traced(const dc_store *store,
 // `out` (free with `dc_buf_array_free`). The store's timeout is
 // `timeout_ms` meanwhile (DC_TIMEOUT_DEFAULT: keep the store's).
 //
-// Errors: DC_ERR_TIMEOUT when a rank's data did not arrive in time; the
-// store's errors. Blocks until every rank published, at most the timeout.
+// Errors: DC_ERR_INVALID_ARGUMENT for a `world_size` below 1 or a `rank`
+// outside 0..world_size; DC_ERR_TIMEOUT when a rank's data did not arrive
+// in time; the store's errors. Blocks until every rank published, at most the timeout.
 dc_status dc_elastic_synchronize(const dc_store *store,
                                  const uint8_t *data,
                                  size_t len,
@@ -514,8 +522,10 @@ dc_status dc_elastic_synchronize(const dc_store *store,
 // `<prefix><world_size-1>` into `out` (waiting for each), then checks in to
 // `<prefix>/finished`; rank 0 waits for every rank to check in.
 //
-// Errors: DC_ERR_TIMEOUT after the store's timeout; the store's errors.
-// Blocks until every value exists (and, on rank 0, every rank checked in),
+// Errors: DC_ERR_INVALID_ARGUMENT for a `world_size` below 1 or over
+// 131072 (one key per rank in one request) or a `rank` outside
+// 0..world_size; DC_ERR_TIMEOUT after the store's timeout; the store's
+// errors. Blocks until every value exists (and, on rank 0, every rank checked in),
 // each wait at most the store's timeout.
 dc_status dc_elastic_get_all(const dc_store *store,
                              int32_t rank,
@@ -559,7 +569,9 @@ dc_status dc_etcd_store_new(const dc_etcd_store_options *opts, dc_store **out);
 //
 // Errors: DC_ERR_INVALID_ARGUMENT for a `level` that is not a
 // dc_log_level; DC_ERR_INVALID_STATE when the process installed a Rust
-// `log` logger of its own (distcore then logs through that one).
+// `log` logger of its own (distcore then logs through that one), or when
+// called from inside a log callback (lines distcore logs while a callback
+// runs on that thread go to stderr).
 // Blocks only until lines being delivered to the previous callback have
 // been: when it returns, the previous callback is no longer running and
 // its `user_data` may be released. Thread-safe.

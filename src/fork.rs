@@ -81,6 +81,15 @@ pub(crate) struct PerProcess<T: 'static> {
     building: AtomicU64,
 }
 
+/// Releases a [`PerProcess`] build lock when dropped.
+struct Unlock<'a>(&'a AtomicU64);
+
+impl Drop for Unlock<'_> {
+    fn drop(&mut self) {
+        self.0.store(u64::MAX, Ordering::Release);
+    }
+}
+
 struct Slot<T> {
     generation: u64,
     value: T,
@@ -107,7 +116,9 @@ impl<T: Send + Sync + 'static> PerProcess<T> {
             return Ok(value);
         }
         self.lock(generation);
-        let result = match self.load(generation) {
+        // Unlocked however this ends, a panicking `build` included.
+        let _unlock = Unlock(&self.building);
+        match self.load(generation) {
             Some(value) => Ok(value),
             None => build().map(|value| {
                 let slot: &'static Slot<T> = Box::leak(Box::new(Slot { generation, value }));
@@ -115,9 +126,7 @@ impl<T: Send + Sync + 'static> PerProcess<T> {
                     .store(slot as *const Slot<T> as *mut Slot<T>, Ordering::Release);
                 &slot.value
             }),
-        };
-        self.building.store(u64::MAX, Ordering::Release);
-        result
+        }
     }
 
     fn load(&self, generation: u64) -> Option<&'static T> {

@@ -86,24 +86,34 @@ impl Log for Logger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        match &*self.sink.read() {
-            Some(sink) => sink(
-                LogLevel::of(record.level()),
-                record.target(),
-                &record.args().to_string(),
-            ),
-            None => {
-                let _ = writeln!(
-                    std::io::stderr().lock(),
-                    "[distcore {}] {}",
-                    record.level(),
-                    record.args()
+        // A line logged from inside the sink (by a distcore call it makes)
+        // goes to stderr: taking the lock again could deadlock.
+        if !IN_SINK.get() {
+            if let Some(sink) = &*self.sink.read() {
+                IN_SINK.set(true);
+                sink(
+                    LogLevel::of(record.level()),
+                    record.target(),
+                    &record.args().to_string(),
                 );
+                IN_SINK.set(false);
+                return;
             }
         }
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "[distcore {}] {}",
+            record.level(),
+            record.args()
+        );
     }
 
     fn flush(&self) {}
+}
+
+thread_local! {
+    /// This thread is running the sink.
+    static IN_SINK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 static LOGGER: Logger = Logger {
@@ -130,9 +140,16 @@ pub fn init() {
 /// Sends lines at `level` or more severe to `sink` (`None`: to stderr).
 /// When this returns, the previous sink is no longer running and is
 /// dropped. `DC_ERR_INVALID_STATE` when the host installed a `log` logger
-/// of its own (a Rust host: configure that one instead).
+/// of its own (a Rust host: configure that one instead), or when called
+/// from inside the sink (it would wait for itself to return).
 pub fn set_sink(level: LogLevel, sink: Option<Sink>) -> Result<()> {
     init();
+    if IN_SINK.get() {
+        return Err(Error::new(
+            Status::InvalidState,
+            "the log callback cannot be changed from inside the log callback",
+        ));
+    }
     if !INSTALLED.load(std::sync::atomic::Ordering::Acquire) {
         return Err(Error::new(
             Status::InvalidState,

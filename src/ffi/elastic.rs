@@ -21,8 +21,10 @@ fn helper_timeout(store: &dyn Store, timeout_ms: i64) -> Result<Duration> {
 /// meanwhile (DC_TIMEOUT_DEFAULT: keep the store's; DC_TIMEOUT_FOREVER: no
 /// limit) and restored after.
 ///
-/// Errors: DC_ERR_TIMEOUT when fewer than `world_size` arrived in time; the
-/// store's errors. Blocks until all arrived, at most the timeout (per store
+/// Errors: DC_ERR_INVALID_ARGUMENT for a `world_size` below 1 (or, where
+/// there is one, a `rank` outside 0..world_size); DC_ERR_TIMEOUT when fewer
+/// than `world_size` arrived in time; the store's errors. Blocks until all
+/// arrived, at most the timeout (per store
 /// call).
 #[no_mangle]
 pub unsafe extern "C" fn dc_elastic_barrier(
@@ -76,8 +78,9 @@ pub unsafe extern "C" fn dc_elastic_barrier_traced(
 /// `out` (free with `dc_buf_array_free`). The store's timeout is
 /// `timeout_ms` meanwhile (DC_TIMEOUT_DEFAULT: keep the store's).
 ///
-/// Errors: DC_ERR_TIMEOUT when a rank's data did not arrive in time; the
-/// store's errors. Blocks until every rank published, at most the timeout.
+/// Errors: DC_ERR_INVALID_ARGUMENT for a `world_size` below 1 or a `rank`
+/// outside 0..world_size; DC_ERR_TIMEOUT when a rank's data did not arrive
+/// in time; the store's errors. Blocks until every rank published, at most the timeout.
 #[no_mangle]
 pub unsafe extern "C" fn dc_elastic_synchronize(
     store: *const dc_store,
@@ -112,8 +115,10 @@ pub unsafe extern "C" fn dc_elastic_synchronize(
 /// `<prefix><world_size-1>` into `out` (waiting for each), then checks in to
 /// `<prefix>/finished`; rank 0 waits for every rank to check in.
 ///
-/// Errors: DC_ERR_TIMEOUT after the store's timeout; the store's errors.
-/// Blocks until every value exists (and, on rank 0, every rank checked in),
+/// Errors: DC_ERR_INVALID_ARGUMENT for a `world_size` below 1 or over
+/// 131072 (one key per rank in one request) or a `rank` outside
+/// 0..world_size; DC_ERR_TIMEOUT after the store's timeout; the store's
+/// errors. Blocks until every value exists (and, on rank 0, every rank checked in),
 /// each wait at most the store's timeout.
 #[no_mangle]
 pub unsafe extern "C" fn dc_elastic_get_all(

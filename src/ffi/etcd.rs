@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use super::store::dc_store;
 use super::{
-    arg_duration, arg_opt_str, arg_out, arg_slice, arg_str, arg_versioned, boundary, dc_status,
-    give, write_versioned, Versioned,
+    arg_duration, arg_opt_str, arg_out, arg_strs, arg_versioned, boundary, dc_status, give,
+    write_versioned, Versioned,
 };
 use crate::error::Result;
 use crate::store::{EtcdStore, EtcdStoreOptions};
@@ -71,10 +71,11 @@ pub unsafe extern "C" fn dc_etcd_store_options_init(
 
 unsafe fn options_arg(opts: &dc_etcd_store_options) -> Result<EtcdStoreOptions> {
     let defaults = EtcdStoreOptions::default();
-    let endpoints = unsafe { arg_slice(opts.endpoints, opts.num_endpoints, "opts->endpoints") }?
-        .iter()
-        .map(|&e| unsafe { arg_str(e, "opts->endpoints[i]") }.map(str::to_owned))
-        .collect::<Result<Vec<_>>>()?;
+    let endpoints: Vec<String> =
+        unsafe { arg_strs(opts.endpoints, opts.num_endpoints, "opts->endpoints") }?
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
     Ok(EtcdStoreOptions {
         endpoints: if endpoints.is_empty() {
             defaults.endpoints

@@ -36,7 +36,9 @@ pub type dc_log_fn = Option<
 ///
 /// Errors: DC_ERR_INVALID_ARGUMENT for a `level` that is not a
 /// dc_log_level; DC_ERR_INVALID_STATE when the process installed a Rust
-/// `log` logger of its own (distcore then logs through that one).
+/// `log` logger of its own (distcore then logs through that one), or when
+/// called from inside a log callback (lines distcore logs while a callback
+/// runs on that thread go to stderr).
 /// Blocks only until lines being delivered to the previous callback have
 /// been: when it returns, the previous callback is no longer running and
 /// its `user_data` may be released. Thread-safe.

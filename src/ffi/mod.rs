@@ -120,9 +120,12 @@ thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
 
+/// Records the message of a failure for `dc_last_error_message` (lost when
+/// the thread's storage is already gone: a call from a thread-local
+/// destructor).
 fn set_last_error(error: &Error) {
     let text = CString::new(error.message().replace('\0', "\\0")).unwrap_or_default();
-    LAST_ERROR.with(|last| *last.borrow_mut() = text);
+    let _ = LAST_ERROR.try_with(|last| *last.borrow_mut() = text);
 }
 
 /// Runs the body of an extern function: catches panics (as
@@ -170,9 +173,9 @@ pub(crate) fn boundary_str(
 /// keep it); never NULL; never fails or blocks.
 #[no_mangle]
 pub extern "C" fn dc_last_error_message() -> *const c_char {
-    boundary_str("dc_last_error_message", c"".as_ptr(), || {
-        LAST_ERROR.with(|last| last.borrow().as_ptr())
-    })
+    LAST_ERROR
+        .try_with(|last| last.borrow().as_ptr())
+        .unwrap_or(c"".as_ptr())
 }
 
 /// A static description of a status code ("timed out", ...); "unknown

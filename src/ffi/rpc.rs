@@ -35,6 +35,14 @@ impl dc_rpc {
     }
 }
 
+impl Drop for dc_rpc {
+    /// Stops the worker if it still runs (as a non-graceful shutdown), so
+    /// no registered function runs once the handle is freed.
+    fn drop(&mut self) {
+        let _ = self.rpc.shutdown(false, None);
+    }
+}
+
 impl Handle for dc_rpc {
     const KIND: &'static str = "RPC";
     fn born(&self) -> Born {
@@ -394,10 +402,7 @@ pub unsafe extern "C" fn dc_rpc_register_function(
 /// threads stop (running functions finish first).
 #[no_mangle]
 pub unsafe extern "C" fn dc_rpc_free(rpc: *mut dc_rpc) {
-    // SAFETY: NULL or a handle from dc_rpc_init.
-    if let Some(handle) = unsafe { rpc.as_ref() }.filter(|h| h.born.is_current()) {
-        let _ = handle.rpc.shutdown(false, None);
-    }
+    // SAFETY: NULL or a handle from dc_rpc_init; dropping it stops it.
     unsafe { drop_handle("dc_rpc_free", rpc) }
 }
 

@@ -38,7 +38,8 @@ pub struct dc_tcp_store_options {
     pub port: u16,
     /// Start a server in this process (PyTorch's is_master).
     pub is_server: bool,
-    /// Number of store handles in the job, server included; -1: unknown.
+    /// Number of store handles in the job, server included; -1: unknown
+    /// (other negative numbers are DC_ERR_INVALID_ARGUMENT).
     pub world_size: i32,
     /// Count this handle in the job's worker count (PyTorch's key "init/",
     /// which every client adds 1 to once and `dc_store_add(store, "init/",
@@ -156,7 +157,14 @@ unsafe fn options_arg(
         })
         .transpose()?;
 
-    let world_size = u32::try_from(opts.world_size).ok();
+    let world_size = match opts.world_size {
+        -1 => None,
+        n => Some(u32::try_from(n).map_err(|_| {
+            Error::invalid_argument(format!(
+                "opts->world_size {n}: use -1 (unknown) or the number of handles"
+            ))
+        })?),
+    };
     let max_value_len = match opts.max_value_size {
         0 => DEFAULT_MAX_VALUE_LEN,
         n => usize::try_from(n)

@@ -17,6 +17,26 @@ const VAL_IGNORED: &[u8] = b"<val_ignored>";
 /// torchelastic's default wait for the missing-rank trace of a timed-out barrier.
 pub const DEFAULT_TRACE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most ranks [`get_all`] reads (one key each, in one request): a
+/// TCPStore request's key limit (PyTorch's).
+pub const MAX_GET_ALL_RANKS: i64 = 128 << 10;
+
+/// Refuses a world size below 1 (a barrier that could never complete) and,
+/// when given, a rank outside `0..world_size`.
+fn check_world(world_size: i64, rank: Option<i64>) -> Result<()> {
+    if world_size < 1 {
+        return Err(Error::invalid_argument(format!(
+            "world_size must be at least 1, not {world_size}"
+        )));
+    }
+    match rank {
+        Some(rank) if !(0..world_size).contains(&rank) => Err(Error::invalid_argument(format!(
+            "rank {rank} is not in 0..{world_size} (the world size)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The non-blocking half of a barrier: count this member in and, as the last
 /// one, set the key everyone waits on. Returns that key.
 fn barrier_nonblocking(store: &dyn Store, world_size: i64, key_prefix: &str) -> Result<String> {
@@ -37,6 +57,12 @@ pub fn get_all(
     prefix: &str,
     world_size: i64,
 ) -> Result<Vec<Vec<u8>>> {
+    check_world(world_size, Some(rank))?;
+    if world_size > MAX_GET_ALL_RANKS {
+        return Err(Error::invalid_argument(format!(
+            "get_all reads one key per rank, at most {MAX_GET_ALL_RANKS}: not {world_size}"
+        )));
+    }
     let keys: Vec<String> = (0..world_size).map(|i| format!("{prefix}{i}")).collect();
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     let data = store.multi_get(&key_refs)?;
@@ -57,6 +83,7 @@ pub fn synchronize(
     key_prefix: &str,
     timeout: Duration,
 ) -> Result<Vec<Vec<u8>>> {
+    check_world(world_size, Some(rank))?;
     let guard = TimeoutGuard::new(store, timeout);
     let store = guard.store();
     store.set(&format!("{key_prefix}{rank}"), data)?;
@@ -71,6 +98,7 @@ pub fn barrier(
     key_prefix: &str,
     timeout: Duration,
 ) -> Result<()> {
+    check_world(world_size, None)?;
     let guard = TimeoutGuard::new(store, timeout);
     let last_member_key = barrier_nonblocking(guard.store(), world_size, key_prefix)?;
     guard.store().wait(&[&last_member_key], None)
@@ -87,6 +115,7 @@ pub fn barrier_traced(
     rank: i64,
     trace_timeout: Duration,
 ) -> Result<()> {
+    check_world(world_size, Some(rank))?;
     let guard = TimeoutGuard::new(store, timeout);
     let store = guard.store();
     let last_member_key = barrier_nonblocking(store, world_size, key_prefix)?;
@@ -158,6 +187,22 @@ fn python_seconds(timeout: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_world_that_cannot_meet_is_refused_at_once() {
+        let store = crate::store::HashStore::new();
+        let t = Duration::from_secs(30);
+        for bad in [0, -1] {
+            let e = barrier(&store, bad, "b", t).unwrap_err();
+            assert_eq!(e.status(), Status::InvalidArgument, "{e}");
+        }
+        let e = synchronize(&store, b"x", 3, 3, "s", t).unwrap_err();
+        assert!(e.message().contains("rank 3 is not in 0..3"), "{e}");
+        let e = barrier_traced(&store, 2, "t", t, -1, t).unwrap_err();
+        assert_eq!(e.status(), Status::InvalidArgument);
+        let e = get_all(&store, 0, "g", MAX_GET_ALL_RANKS + 1).unwrap_err();
+        assert_eq!(e.status(), Status::InvalidArgument);
+    }
     use crate::store::HashStore;
     use std::sync::Arc;
     use std::thread;
