@@ -1272,10 +1272,12 @@ const char *dc_op_type_name(dc_op_type op_type);
 
 // Runs `callback(work_view, user_data)` once the work completes: on the
 // thread that completes it (see the operation that made the work: for
-// TCPStore async calls, the process's one async thread), or at once on this
-// thread if it already has. Callbacks run in the order they were added,
-// outside distcore's locks: they may call any distcore function, but should
-// return promptly (the completing thread waits for them). `work_view` is
+// TCPStore async calls, the process's one async thread; for a HashStore
+// async call that times out, the process's one timer thread), or at once on
+// this thread if it already has. Callbacks run in the order they were
+// added, outside distcore's locks: they may call any distcore function, but
+// should return promptly (the completing thread waits for them, and other
+// works' completions on that thread wait too). `work_view` is
 // valid during the call only; `user_data` must stay valid until the
 // callback ran.
 //

@@ -3,8 +3,7 @@
 //! own. A job runs once, on that thread, at its time or soon after; it
 //! must be short (complete a work, drop an entry).
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::fork::PerProcess;
@@ -14,32 +13,17 @@ use crate::error::{Error, Result};
 
 type Job = Box<dyn FnOnce() + Send>;
 
-struct Entry {
+/// A job's place in the queue, to cancel it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct TimerId {
     at: Instant,
     seq: u64,
-    job: Job,
-}
-
-impl PartialEq for Entry {
-    fn eq(&self, other: &Self) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Entry {}
-impl PartialOrd for Entry {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Entry {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
 }
 
 #[derive(Default)]
 struct Jobs {
-    heap: BinaryHeap<Reverse<Entry>>,
+    /// By deadline, then submission.
+    queue: BTreeMap<TimerId, Job>,
     seq: u64,
 }
 
@@ -62,33 +46,42 @@ fn start() -> std::result::Result<&'static Timer, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Runs `job` on the timer thread at `at` (or soon after).
-pub(crate) fn at(at: Instant, job: Job) -> Result<()> {
+/// Runs `job` on the timer thread at `at` (or soon after), unless
+/// cancelled first.
+pub(crate) fn at(at: Instant, job: Job) -> Result<TimerId> {
     let timer = TIMER
         .get_or_try_init(start)
         .map_err(|e| Error::internal(format!("starting the timer thread: {e}")))?;
     let mut jobs = timer.jobs.lock();
     jobs.seq += 1;
-    let seq = jobs.seq;
-    jobs.heap.push(Reverse(Entry { at, seq, job }));
+    let id = TimerId { at, seq: jobs.seq };
+    jobs.queue.insert(id, job);
     timer.changed.notify_one();
-    Ok(())
+    Ok(id)
+}
+
+/// Drops the job `id` if it has not run (what it holds is freed now, not
+/// at its deadline).
+pub(crate) fn cancel(id: TimerId) {
+    if let Ok(timer) = TIMER.get_or_try_init(start) {
+        drop(timer.jobs.lock().queue.remove(&id));
+    }
 }
 
 impl Timer {
     fn run(&self) {
         let mut jobs = self.jobs.lock();
         loop {
-            let next = jobs.heap.peek().map(|Reverse(e)| e.at);
+            let next = jobs.queue.first_key_value().map(|(id, _)| id.at);
             match next {
                 None => self.changed.wait(&mut jobs),
                 Some(at) if at > Instant::now() => {
                     self.changed.wait_until(&mut jobs, at);
                 }
                 Some(_) => {
-                    if let Some(Reverse(entry)) = jobs.heap.pop() {
+                    if let Some((_, job)) = jobs.queue.pop_first() {
                         drop(jobs);
-                        (entry.job)();
+                        job();
                         jobs = self.jobs.lock();
                     }
                 }
@@ -120,5 +113,23 @@ mod tests {
             .collect();
         assert_eq!(order, ["early", "middle", "late"]);
         assert!(now.elapsed() >= Duration::from_millis(60));
+    }
+
+    #[test]
+    fn a_cancelled_job_never_runs_and_is_freed_at_once() {
+        let (tx, rx) = mpsc::channel::<()>();
+        let held = std::sync::Arc::new(());
+        let inside = held.clone();
+        let id = at(
+            Instant::now() + Duration::from_millis(50),
+            Box::new(move || {
+                drop(inside);
+                tx.send(()).unwrap();
+            }),
+        )
+        .unwrap();
+        cancel(id);
+        assert_eq!(std::sync::Arc::strong_count(&held), 1, "freed by the cancel");
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
     }
 }

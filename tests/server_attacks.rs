@@ -266,3 +266,21 @@ fn refused_connections_are_logged_a_line_at_a_time_not_a_line_each() {
     eprintln!("500 refused connections: {lines} log lines");
     assert!(lines <= 3, "{lines} log lines for 500 refused connections");
 }
+
+#[test]
+fn listen_fd_takes_only_a_listening_socket() {
+    // stdout is not a listening socket: refused before it is taken over.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_distcore"))
+        .args(["serve", "--listen-fd", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("descriptor 1 is not a listening socket"), "{stderr}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_distcore"))
+        .args(["serve", "--listen-fd=-1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a negative descriptor is refused, not a panic");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected a descriptor number"));
+}

@@ -61,6 +61,8 @@ struct AsyncWait {
     id: u64,
     awaited: Awaited,
     promise: Promise,
+    /// Its timeout's job, cancelled when it ends otherwise.
+    timer: Option<crate::timer::TimerId>,
 }
 
 #[derive(Default)]
@@ -82,13 +84,13 @@ pub struct HashStore {
 impl Shared {
     /// Removes the async calls the table now satisfies, with their outcomes
     /// (queue pops take their elements, oldest call first).
-    fn satisfied(&self, table: &mut KvTable) -> Vec<(Promise, Option<Vec<u8>>)> {
+    fn satisfied(&self, table: &mut KvTable) -> Vec<(AsyncWait, Option<Vec<u8>>)> {
         let mut waits = self.waits.lock();
         let mut done = Vec::new();
         let mut i = 0;
         while i < waits.pending.len() {
             match waits.pending[i].awaited.try_complete(table) {
-                Some(outcome) => done.push((waits.pending.remove(i).promise, outcome)),
+                Some(outcome) => done.push((waits.pending.remove(i), outcome)),
                 None => i += 1,
             }
         }
@@ -97,11 +99,21 @@ impl Shared {
 }
 
 /// Takes async call `id` out of the store behind `shared`, if both remain.
-fn take_wait(shared: &Weak<Shared>, id: u64) -> Option<Promise> {
+fn take_wait(shared: &Weak<Shared>, id: u64) -> Option<AsyncWait> {
     let shared = shared.upgrade()?;
     let mut waits = shared.waits.lock();
     let at = waits.pending.iter().position(|w| w.id == id)?;
-    Some(waits.pending.remove(at).promise)
+    Some(waits.pending.remove(at))
+}
+
+impl AsyncWait {
+    /// Ends the call with `outcome` (its timeout job no longer needed).
+    fn complete(self, outcome: Result<Option<Vec<u8>>>) {
+        if let Some(timer) = self.timer {
+            crate::timer::cancel(timer);
+        }
+        self.promise.complete(outcome);
+    }
 }
 
 impl Clone for HashStore {
@@ -141,8 +153,8 @@ impl HashStore {
             (result, self.shared.satisfied(&mut table))
         };
         self.shared.changed.notify_all();
-        for (promise, outcome) in done {
-            promise.complete(Ok(outcome));
+        for (wait, outcome) in done {
+            wait.complete(Ok(outcome));
         }
         result
     }
@@ -162,22 +174,32 @@ impl HashStore {
         waits.next_id += 1;
         let id = waits.next_id;
         let weak = Arc::downgrade(&self.shared);
-        if let Some(at) = deadline_after(timeout) {
-            let error = wait_timeout_error(timeout, &awaited.keys());
-            let weak = weak.clone();
-            let expire = move || {
-                if let Some(promise) = take_wait(&weak, id) {
-                    promise.complete(Err(error));
-                }
-            };
-            crate::timer::at(at, Box::new(expire))?;
-        }
+        let timer = match deadline_after(timeout) {
+            Some(at) => {
+                let error = wait_timeout_error(timeout, &awaited.keys());
+                let weak = weak.clone();
+                let expire = move || {
+                    if let Some(wait) = take_wait(&weak, id) {
+                        wait.promise.complete(Err(error));
+                    }
+                };
+                Some(crate::timer::at(at, Box::new(expire))?)
+            }
+            None => None,
+        };
         // `work` is alive and pending: the hook is kept, not run now.
-        promise.on_release(Box::new(move || drop(take_wait(&weak, id))));
+        promise.on_release(Box::new(move || {
+            if let Some(wait) = take_wait(&weak, id) {
+                if let Some(timer) = wait.timer {
+                    crate::timer::cancel(timer);
+                }
+            }
+        }));
         waits.pending.push(AsyncWait {
             id,
             awaited,
             promise,
+            timer,
         });
         Ok(work)
     }

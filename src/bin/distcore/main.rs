@@ -60,6 +60,33 @@ fn parse_demo_store(text: &str) -> std::result::Result<DemoStore, String> {
     }
 }
 
+/// `--listen-fd`: a descriptor of this process that is a listening socket
+/// (anything else is refused before the server takes it over and closes it).
+fn parse_listen_fd(text: &str) -> std::result::Result<std::os::fd::RawFd, String> {
+    let fd: std::os::fd::RawFd = text
+        .parse()
+        .ok()
+        .filter(|fd| *fd >= 0)
+        .ok_or_else(|| format!("'{text}': expected a descriptor number (0 or more)"))?;
+    let mut listening: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: reads an int option into `listening`; any fd number is safe
+    // to ask about (a bad one fails with EBADF or ENOTSOCK).
+    let asked = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut listening as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if asked != 0 || listening == 0 {
+        return Err(format!("descriptor {fd} is not a listening socket"));
+    }
+    Ok(fd)
+}
+
 /// `--backend`: memory, or etcd://HOST:PORT[,HOST:PORT...]/PREFIX.
 fn parse_backend(text: &str) -> std::result::Result<ServerBackend, String> {
     match text {
@@ -139,7 +166,7 @@ enum Command {
         /// Serve on this already-listening socket (systemd socket
         /// activation, a launcher that reserved the port) instead of
         /// binding; --host and --port are then ignored.
-        #[arg(long)]
+        #[arg(long, value_parser = parse_listen_fd)]
         listen_fd: Option<std::os::fd::RawFd>,
         /// Where the keys live: memory (this process), or
         /// etcd://HOST:PORT[,HOST:PORT...]/PREFIX (an etcd cluster's v3
