@@ -18,12 +18,10 @@ import os
 import platform
 import re
 import resource
-import shlex
 import socket
 import statistics
 import subprocess
 import sys
-import sysconfig
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -178,11 +176,7 @@ def driver(client, *args, stdin=None):
 
 
 def run_driver(client, *args):
-    p = driver(client, *args)
-    out, err = p.communicate(timeout=900)
-    if p.returncode:
-        raise RuntimeError(f"bench_{client} {args}: {err.strip()[-400:]}")
-    return out
+    return finished(driver(client, *args), timeout=900)
 
 
 def table(title, header, rows, note=""):
@@ -222,7 +216,7 @@ def scenario_latency(servers, ops, rounds):
     floor = median_pair(samples.pop("floor"))
     results = {key: median_pair(runs) for key, runs in samples.items()}
     ops_names = ["set", "get", "add", "check", "compare_set", "multi_get16"]
-    rows = [[f"loopback floor (C ping-pong)", "-", "rtt", f"{floor[0]:.1f}", f"{floor[1]:.1f}", "-", "-"]]
+    rows = [["loopback floor (C ping-pong)", "-", "rtt", f"{floor[0]:.1f}", f"{floor[1]:.1f}", "-", "-"]]
     for op in ops_names:
         for client in CLIENTS:
             for server in SERVERS:
@@ -547,7 +541,7 @@ def scenario_scale(sizes, past_limit, syscalls_at):
             f"{ours['rss'] / big * 1e5 / 2**20:.0f} MiB, PyTorch's libuv server "
             f"{ref['cpu_all'] / big * 1e5:.1f} s and {ref['rss'] / big * 1e5 / 2**20:.0f} MiB. "
             "Wall-clock times here are set by the generator sharing the 2 cores.")
-    text = table(f"8. Scale (ranks simulated by one epoll process: connect with PyTorch's backoff, VALIDATE, PING, "
+    text = table("8. Scale (ranks simulated by one epoll process: connect with PyTorch's backoff, VALIDATE, PING, "
                  "ADD init/, then the elastic store barrier)",
                  ["N", "server", "all joined (s)", "barrier (s)", "failures", "server CPU µs/rank (join)",
                   "server CPU µs/rank (all)", "server RSS B/rank", f"syscalls/rank (strace, N={syscalls_at:,})" if syscalls_at else "syscalls/rank",
@@ -654,22 +648,34 @@ def etcd_clients(mode, kind, target, prefix, amount):
 
 
 def finished(proc, timeout=1800):
-    out, err = proc.communicate(timeout=timeout)
+    """The output of `proc` once it exits (killed after `timeout` s); a
+    failure raises with the end of its stderr."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
     if proc.returncode:
-        raise RuntimeError(f"{proc.args[1:4]}: {err.strip()[-600:]}")
+        raise RuntimeError(f"{proc.args[:4]}: {err.strip()[-600:]}")
     return out
 
 
 def started_on_go(proc, ready, done):
     """Tells a driver to go once it printed `ready`; returns its `done`
     line's fields, then lets it exit."""
-    read_until(proc, ready)
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
-    fields = read_until(proc, done)
-    proc.stdin.close()
-    proc.wait(60)
-    return fields
+    try:
+        read_until(proc, ready)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        return read_until(proc, done)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def scenario_etcd(ops, seconds, procs, ranks):
@@ -717,9 +723,12 @@ def scenario_etcd(ops, seconds, procs, ranks):
                 "ready", "barrier")
             rdv[where] = (float(join_s), int(failures), float(bar_s), int(bar_failures))
     finally:
-        for server in servers:
-            server.stop()
-        cluster.stop()
+        try:
+            for server in servers:
+                server.stop()
+        finally:
+            harness.kill_all()  # whatever a failure left running
+            cluster.stop()
     reference = ETCD_CLIENTS[0][0]
     rows = []
     for op in ("set", "get", "add", "check"):

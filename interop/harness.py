@@ -111,9 +111,13 @@ class EtcdCluster:
         self.clients = [free_port() for _ in self.names]
         self.peers = [free_port() for _ in self.names]
         self.procs = [None] * members
-        for i in range(members):
-            self.start(i, "new")
-        self.wait_ready()
+        try:
+            for i in range(members):
+                self.start(i, "new")
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def endpoints(self):

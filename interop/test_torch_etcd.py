@@ -11,7 +11,6 @@ import unittest
 import warnings
 
 warnings.filterwarnings("ignore")
-import torch.distributed as dist  # noqa: E402
 
 import harness  # noqa: E402
 from test_torch_interop import TorchClientsOnDistcoreServer, torch_client  # noqa: E402
@@ -50,7 +49,9 @@ class TwoServersOnOneStore(unittest.TestCase):
         self.a, self.b = etcd_server(prefix), etcd_server(prefix)
 
     def tearDown(self):
-        self.b.stop()
+        for server in (self.a, self.b):
+            if server.proc.poll() is None:
+                server.stop()
 
     def test_each_sees_the_others_writes_waits_and_barriers(self):
         on_a, on_b = torch_client(self.a.port), torch_client(self.b.port)
@@ -68,7 +69,6 @@ class TwoServersOnOneStore(unittest.TestCase):
         for p in procs:
             harness.finish(p)
         self.assertEqual(on_a.get("passed"), b"4")
-        self.a.stop()
 
     def test_a_killed_server_loses_no_acknowledged_write(self):
         on_a = torch_client(self.a.port)
@@ -143,6 +143,7 @@ class EtcdMembersKilled(unittest.TestCase):
         procs = [harness.python(WORKER, servers[i % 2].port, i, workers, seconds) for i in range(workers)]
         time.sleep(3)
         leader = cluster.leader()
+        self.assertIsNotNone(leader, "no member says it leads")
         follower = next(i for i in range(3) if i != leader)
         cluster.kill(follower)
         time.sleep(3)

@@ -75,6 +75,7 @@ class SharedFile(unittest.TestCase):
         # The same script over the distcore package (close() instead of del).
         distcore_worker = torch_worker.replace("torch.distributed as d", "distcore as d").replace(
             "del s", "s.close()")
+        self.assertIn("import sys, datetime, distcore as d", distcore_worker)
         procs = [harness.python(torch_worker if i % 2 else distcore_worker, self.path) for i in range(4)]
         outputs = [harness.finish(p).strip() for p in procs]
         self.assertEqual(outputs, ["100"] * 4)

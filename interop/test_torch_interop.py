@@ -16,7 +16,7 @@ import torch.distributed as dist  # noqa: E402
 
 import distcore  # noqa: E402
 import harness  # noqa: E402
-from distcore import Status, elastic  # noqa: E402
+from distcore import Status  # noqa: E402
 
 T = datetime.timedelta
 

@@ -1,5 +1,4 @@
 """Argument conversion shared by the modules."""
-import ctypes
 import math
 import threading
 from ctypes import c_char_p, c_size_t
@@ -46,7 +45,10 @@ def values_arg(values):
 
 
 def _ceil_ms(seconds):
-    return int(math.ceil(seconds * 1000 - 1e-9))
+    """Whole milliseconds, rounded up; a positive time is at least 1 ms
+    (0 would mean forever)."""
+    ms = int(math.ceil(seconds * 1000 - 1e-9))
+    return max(ms, 1) if seconds > 0 else ms
 
 
 def store_timeout_ms(timeout, allow_none=True):
@@ -90,10 +92,6 @@ def rpc_timeout_ms(timeout):
 
 def ms_to_timedelta(ms):
     return timedelta(milliseconds=ms)
-
-
-def byref(x):
-    return ctypes.byref(x)
 
 
 _take_lock = threading.Lock()

@@ -186,9 +186,7 @@ class RpcAgent(Closable):
         h = c_void_p()
         check(lib.dc_rpc_async(self._handle, _to_name(to), _func_name(func), data, len(data), arr, n,
                                rpc_timeout_ms(timeout), ctypes.byref(h)))
-        fut = Future.__new__(Future)
-        fut._init(h.value)
-        return fut
+        return Future._from_handle(h.value)
 
     def remote(self, to, func, args=b"", rrefs=None, timeout=UNSET_RPC_TIMEOUT):
         """Runs `func` on worker `to`, keeping the result there: an RRef to

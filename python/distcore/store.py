@@ -10,14 +10,14 @@ accepted too.
 import contextlib
 import ctypes
 from datetime import timedelta
-from ctypes import c_bool, c_char_p, c_int64, c_size_t, c_uint16, c_void_p
+from ctypes import c_bool, c_int64, c_size_t, c_uint16, c_void_p
 
 from ._lib import (Buf, BufArray, ClientCounter, EtcdStoreOptions, ServerStats, TcpStoreOptions, check, lib, take_array,
                    take_buf)
 from ._util import Closable, key_arg, keys_arg, ms_to_timedelta, store_timeout_ms, take_handle, value_arg, values_arg
 from .work import Work
 
-__all__ = ["Store", "TCPStore", "FileStore", "HashStore", "PrefixStore"]
+__all__ = ["Store", "TCPStore", "FileStore", "HashStore", "PrefixStore", "EtcdStore"]
 
 
 class Store(Closable):
@@ -259,11 +259,10 @@ class EtcdStore(Store):
     def __init__(self, endpoints=("127.0.0.1:2379",), prefix="/distcore", timeout=timedelta(seconds=300)):
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e]
-        encoded = [str(e).encode() for e in endpoints]
         opts = EtcdStoreOptions()
         check(lib.dc_etcd_store_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
-        array = (c_char_p * max(len(encoded), 1))(*encoded)
-        opts.endpoints, opts.num_endpoints = array, len(encoded)
+        array, opts.num_endpoints = keys_arg([str(e) for e in endpoints])  # alive for the call
+        opts.endpoints = array
         self._prefix = str(prefix)
         prefix_bytes = self._prefix.encode()  # alive for the call
         opts.prefix = prefix_bytes

@@ -10,7 +10,7 @@ import traceback
 from ctypes import c_bool, c_double, c_int, c_int32, c_int64, c_uint64, c_void_p
 from datetime import timedelta
 
-from ._errors import DistError, DistNotSupportedError, Status, error_for
+from ._errors import DistError, Status, error_for
 from ._lib import WORK_CALLBACK, Buf, check, lib, take_buf
 from ._util import Closable, store_timeout_ms, take_handle, value_arg
 
@@ -92,8 +92,8 @@ class Work(Closable):
     def __init__(self, rank=-1, op_type=OpType.UNKNOWN, profiling_title=None, timeout=None):
         h = c_void_p()
         title = None if profiling_title is None else str(profiling_title).encode()
-        # dc_work_new: a negative timeout is none.
-        ms = -1 if timeout is None else store_timeout_ms(timeout)
+        # None: -1, which dc_work_new takes as no timeout.
+        ms = store_timeout_ms(timeout)
         check(lib.dc_work_new(int(rank), int(op_type), title, ms, ctypes.byref(h)))
         self._init(h.value)
 
@@ -302,9 +302,6 @@ class Work(Closable):
         fut._init(None, owner=self)
         return fut
 
-    def _awaited(self):
-        return self.wait()
-
     def __await__(self):
         """``await work`` in asyncio: waits on fileno() without a thread,
         then returns what wait() (Work) or value() (Future) returns."""
@@ -322,7 +319,7 @@ class Work(Closable):
                 yield from ready.__await__()
             finally:
                 loop.remove_reader(fd)
-        return self._awaited()
+        return self.wait()
 
     def __repr__(self):
         if not self._is_open():
@@ -370,6 +367,3 @@ class Future(Work):
     def set_exception(self, exception):
         """Fails the future with `exception`."""
         self.finish(exception)
-
-    def _awaited(self):
-        return self.wait()

@@ -2,7 +2,8 @@
 (DistStateError); a store made in the child works; freeing the parent's
 object there is safe."""
 import os
-import sys
+import signal
+import time
 
 import pytest
 
@@ -11,18 +12,29 @@ import distcore
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 
 
-def in_child(fn):
-    """Runs fn() in a forked child; returns its exit code (0: passed)."""
+def in_child(fn, timeout=60):
+    """Runs fn() in a forked child; returns its exit code (0: passed). A
+    child still running after `timeout` s (a deadlock after fork, what these
+    tests look for) is killed and fails the test."""
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             code = 0 if fn() else 2
-        except BaseException as e:  # noqa: BLE001 - reported through the exit code
-            import traceback; traceback.print_exc()
+        except BaseException:  # noqa: BLE001 - reported through the exit code
+            import traceback
+            traceback.print_exc()
         os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WEXITSTATUS(status) if os.WIFEXITED(status) else -os.WTERMSIG(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"the forked child was still running after {timeout} s")
+        time.sleep(0.01)
 
 
 def test_parent_store_refuses_in_the_child_and_a_new_one_works(tcp_server):

@@ -6,6 +6,7 @@ from datetime import timedelta
 import pytest
 
 import distcore
+import harness  # interop/harness.py (conftest puts interop/ on the path)
 from distcore import Status
 
 T = timedelta
@@ -222,10 +223,7 @@ def test_tcp_store_arguments_and_properties():
 
 
 def test_tcp_store_world_size_waits_for_workers():
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = harness.free_port()
     made = {}
     server_thread = threading.Thread(target=lambda: made.setdefault(
         "server", distcore.TCPStore("127.0.0.1", port, 3, True, T(seconds=30))))
@@ -244,10 +242,7 @@ def test_tcp_store_world_size_times_out_with_pytorch_message():
 
 
 def test_connecting_to_nobody_is_a_network_error():
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = harness.free_port()
     start = time.monotonic()
     with pytest.raises((distcore.DistNetworkError, distcore.DistTimeoutError)) as e:
         distcore.TCPStore("127.0.0.1", port, timeout=T(milliseconds=500))
