@@ -129,7 +129,11 @@ mod tests {
         )
         .unwrap();
         cancel(id);
-        assert_eq!(std::sync::Arc::strong_count(&held), 1, "freed by the cancel");
+        assert_eq!(
+            std::sync::Arc::strong_count(&held),
+            1,
+            "freed by the cancel"
+        );
         assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
     }
 }

@@ -276,11 +276,17 @@ fn listen_fd_takes_only_a_listening_socket() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("descriptor 1 is not a listening socket"), "{stderr}");
+    assert!(
+        stderr.contains("descriptor 1 is not a listening socket"),
+        "{stderr}"
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_distcore"))
         .args(["serve", "--listen-fd=-1"])
         .output()
         .unwrap();
-    assert!(!out.status.success(), "a negative descriptor is refused, not a panic");
+    assert!(
+        !out.status.success(),
+        "a negative descriptor is refused, not a panic"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected a descriptor number"));
 }
