@@ -83,10 +83,6 @@
 // Timeout argument: wait forever (PyTorch's `kNoTimeout`).
 #define DC_TIMEOUT_FOREVER 0
 
-// The most ranks [`get_all`] reads (one key each, in one request): a
-// TCPStore request's key limit (PyTorch's).
-#define MAX_GET_ALL_RANKS (128 << 10)
-
 // The collective an operation performs: c10d's `OpType`, same numbers.
 enum dc_op_type
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L

@@ -19,7 +19,7 @@ pub const DEFAULT_TRACE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The most ranks [`get_all`] reads (one key each, in one request): a
 /// TCPStore request's key limit (PyTorch's).
-pub const MAX_GET_ALL_RANKS: i64 = 128 << 10;
+pub(crate) const MAX_GET_ALL_RANKS: i64 = 128 << 10;
 
 /// Refuses a world size below 1 (a barrier that could never complete) and,
 /// when given, a rank outside `0..world_size`.
