@@ -2,12 +2,19 @@
 //! of async calls on in-process stores, which have no event loop of their
 //! own. A job runs once, on that thread, at its time or soon after; it
 //! must be short (complete a work, drop an entry).
+//!
+//! It sleeps on std's condvar, not parking_lot's: parking_lot keeps its
+//! sleepers in one process-wide table, and a process forked while this
+//! thread sleeps there would find the table pointing at a thread it does
+//! not have (a crash on its next wait or wake that hashes to the same
+//! place). std's condvar keeps its sleepers in its own memory.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
 use crate::fork::PerProcess;
-use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 
@@ -52,7 +59,7 @@ pub(crate) fn at(at: Instant, job: Job) -> Result<TimerId> {
     let timer = TIMER
         .get_or_try_init(start)
         .map_err(|e| Error::internal(format!("starting the timer thread: {e}")))?;
-    let mut jobs = timer.jobs.lock();
+    let mut jobs = timer.lock();
     jobs.seq += 1;
     let id = TimerId { at, seq: jobs.seq };
     jobs.queue.insert(id, job);
@@ -64,25 +71,39 @@ pub(crate) fn at(at: Instant, job: Job) -> Result<TimerId> {
 /// at its deadline).
 pub(crate) fn cancel(id: TimerId) {
     if let Ok(timer) = TIMER.get_or_try_init(start) {
-        drop(timer.jobs.lock().queue.remove(&id));
+        drop(timer.lock().queue.remove(&id));
     }
 }
 
 impl Timer {
+    /// The jobs (a job panicking on this thread poisons nothing it needs).
+    fn lock(&self) -> MutexGuard<'_, Jobs> {
+        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn run(&self) {
-        let mut jobs = self.jobs.lock();
+        let mut jobs = self.lock();
         loop {
-            let next = jobs.queue.first_key_value().map(|(id, _)| id.at);
-            match next {
-                None => self.changed.wait(&mut jobs),
-                Some(at) if at > Instant::now() => {
-                    self.changed.wait_until(&mut jobs, at);
+            let now = Instant::now();
+            match jobs.queue.first_key_value().map(|(id, _)| id.at) {
+                None => {
+                    jobs = self
+                        .changed
+                        .wait(jobs)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                Some(at) if at > now => {
+                    jobs = self
+                        .changed
+                        .wait_timeout(jobs, at - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
                 }
                 Some(_) => {
                     if let Some((_, job)) = jobs.queue.pop_first() {
                         drop(jobs);
                         job();
-                        jobs = self.jobs.lock();
+                        jobs = self.lock();
                     }
                 }
             }

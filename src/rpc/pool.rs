@@ -1,17 +1,25 @@
 //! A fixed pool of threads that run user functions and RRef handlers, so a
-//! slow function never stalls the network thread.
+//! slow function never stalls the network thread. Idle threads sleep on
+//! std's condvar: parking_lot's process-wide table of sleepers would point
+//! a forked child at threads it does not have (see `crate::timer`).
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-
-use parking_lot::{Condvar, Mutex};
 
 type Job = Box<dyn FnOnce() + Send>;
 
 struct Queue {
     jobs: Mutex<(VecDeque<Job>, bool)>,
     ready: Condvar,
+}
+
+impl Queue {
+    /// The jobs, and whether the pool stopped (jobs run outside the lock,
+    /// so a panic poisons nothing).
+    fn lock(&self) -> MutexGuard<'_, (VecDeque<Job>, bool)> {
+        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// Threads taking jobs from one queue, in order.
@@ -40,7 +48,7 @@ impl Pool {
 
     /// Queues `job`; it is dropped unrun if the pool has stopped.
     pub(crate) fn execute(&self, job: impl FnOnce() + Send + 'static) {
-        let mut jobs = self.queue.jobs.lock();
+        let mut jobs = self.queue.lock();
         if !jobs.1 {
             jobs.0.push_back(Box::new(job));
             self.queue.ready.notify_one();
@@ -51,7 +59,7 @@ impl Pool {
 fn run(queue: &Queue) {
     loop {
         let job = {
-            let mut jobs = queue.jobs.lock();
+            let mut jobs = queue.lock();
             loop {
                 if let Some(job) = jobs.0.pop_front() {
                     break job;
@@ -59,7 +67,10 @@ fn run(queue: &Queue) {
                 if jobs.1 {
                     return;
                 }
-                queue.ready.wait(&mut jobs);
+                jobs = queue
+                    .ready
+                    .wait(jobs)
+                    .unwrap_or_else(PoisonError::into_inner);
             }
         };
         if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
@@ -71,7 +82,7 @@ fn run(queue: &Queue) {
 impl Drop for Pool {
     /// Runs the queued jobs, then stops the threads.
     fn drop(&mut self) {
-        self.queue.jobs.lock().1 = true;
+        self.queue.lock().1 = true;
         self.queue.ready.notify_all();
         let me = std::thread::current().id();
         for t in self.threads.drain(..) {

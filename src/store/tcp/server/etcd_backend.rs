@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use mio::Waker;
 use once_cell::sync::OnceCell;
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
 use self::mirror::{is_read, Mirror};
 use super::super::protocol::{Key, Request};
@@ -144,8 +144,10 @@ fn modified_key(request: &Request) -> Option<&Key> {
 struct Shared {
     store: EtcdStore,
     max_value_len: usize,
-    jobs: Mutex<VecDeque<Job>>,
-    job_ready: Condvar,
+    /// Writes for the workers, who sleep on std's condvar (see
+    /// `crate::timer` on parking_lot's and fork).
+    jobs: std::sync::Mutex<VecDeque<Job>>,
+    job_ready: std::sync::Condvar,
     view: Mutex<View>,
     /// The revision of the latest write this server acknowledged.
     written: AtomicI64,
@@ -158,13 +160,20 @@ struct Shared {
 }
 
 impl Shared {
+    /// The writes queued.
+    fn lock_jobs(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Queues writes for the workers.
     fn queue(&self, jobs: Vec<Job>) {
         if jobs.is_empty() {
             return;
         }
         let one = jobs.len() == 1;
-        self.jobs.lock().extend(jobs);
+        self.lock_jobs().extend(jobs);
         if one {
             self.job_ready.notify_one();
         } else {
@@ -193,7 +202,7 @@ impl Shared {
     fn worker(&self) {
         loop {
             let batch = {
-                let mut jobs = self.jobs.lock();
+                let mut jobs = self.lock_jobs();
                 loop {
                     // Writes received before the stop are still made,
                     // within the operation timeout.
@@ -217,7 +226,10 @@ impl Shared {
                     if self.stop.load(Ordering::SeqCst) {
                         return;
                     }
-                    self.job_ready.wait(&mut jobs);
+                    jobs = self
+                        .job_ready
+                        .wait(jobs)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                 }
             };
             let answers = match &batch[..] {
@@ -368,8 +380,8 @@ impl EtcdBackend {
         let shared = Arc::new(Shared {
             store,
             max_value_len,
-            jobs: Mutex::new(VecDeque::new()),
-            job_ready: Condvar::new(),
+            jobs: std::sync::Mutex::new(VecDeque::new()),
+            job_ready: std::sync::Condvar::new(),
             view: Mutex::new(View {
                 mirror: Mirror::new(snapshot),
                 fenced: Vec::new(),
