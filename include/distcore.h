@@ -39,7 +39,8 @@
  *   calls with DC_ERR_INVALID_STATE, and freeing it releases nothing (its
  *   threads and sockets are the parent's); handles made in the child work
  *   normally. Fork before using distcore, or make new handles in the
- *   child.
+ *   child; do not fork while another thread is blocked in a distcore call
+ *   (its wait state is not the child's to inherit).
  * - Growth: structs that start with `struct_size` may gain fields at their
  *   end in a later minor version; the library reads and writes only the
  *   struct_size bytes the caller's header knew. Set it with the struct's
