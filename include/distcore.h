@@ -357,6 +357,31 @@ typedef struct {
   // Largest value the server accepts, in bytes; 0: 64 MiB. Ignored by
   // clients (they learn the limit from the server).
   uint64_t max_value_size;
+  // Since 1.2. The shared secret (`secret_len` bytes, read during the
+  // call only); NULL: no authentication. A server requires its clients
+  // to prove they hold it (challenge-response: it never travels), except
+  // clients from `allow_unauthenticated`; a client proves it does and
+  // requires the server to prove it too (DC_ERR_PERMISSION_DENIED
+  // otherwise, from dc_tcp_store_new and from any call that reconnects).
+  const uint8_t *secret;
+  // Since 1.2. Bytes of `secret`.
+  size_t secret_len;
+  // Since 1.2. Server: the networks clients may connect from, as
+  // comma-separated CIDR blocks ("10.0.0.0/8,::1"); NULL or "": any.
+  // Others are disconnected as soon as they are accepted.
+  const char *allow;
+  // Since 1.2. Server with a secret: networks whose clients need not
+  // authenticate (PyTorch's clients cannot), as `allow`.
+  const char *allow_unauthenticated;
+  // Since 1.2. Server: most open connections; 0: no limit. Further
+  // ones are closed as soon as they are accepted.
+  uint64_t max_connections;
+  // Since 1.2. Server: most keys holding a value or a queue; 0: no
+  // limit. A write past it is refused (DC_ERR_QUOTA_EXCEEDED).
+  uint64_t max_keys;
+  // Since 1.2. Server: most bytes of keys, values and queue elements;
+  // 0: no limit. A write past it is refused (DC_ERR_QUOTA_EXCEEDED).
+  uint64_t max_stored_bytes;
 } dc_tcp_store_options;
 
 // One operation's latency statistics (PyTorch's collectClientCounters).
@@ -439,6 +464,13 @@ typedef void (*dc_profiler_end_fn)(const char *title, uint64_t token, void *user
 
 // A bug inside distcore, including a caught panic.
 #define DC_ERR_INTERNAL 12
+
+// The peer would not let the caller in: a wrong or missing secret, an
+// address outside the server's allow-list.
+#define DC_ERR_PERMISSION_DENIED 13
+
+// The server refused to hold more: its quota of keys or stored bytes.
+#define DC_ERR_QUOTA_EXCEEDED 14
 
 #ifdef __cplusplus
 extern "C" {
@@ -1033,7 +1065,8 @@ dc_status dc_store_barrier_async(const dc_store *store,
 
 // Fills `opts` with the defaults: host "127.0.0.1", port 0, client, no
 // world size, wait_for_workers, 300 s timeout, not multi-tenant, no
-// listen fd, every interface, 64 MiB values. `struct_size` is
+// listen fd, every interface, 64 MiB values, no secret, any address, no
+// quotas. `struct_size` is
 // `sizeof(dc_tcp_store_options)` as the caller's header has it (pass
 // `sizeof opts`): only that many bytes are written.
 //
@@ -1115,6 +1148,19 @@ dc_status dc_tcp_store_counters(const dc_store *store,
 // server, or `out->struct_size` is wrong. Never blocks (the server
 // publishes a snapshot after each turn of its event loop).
 dc_status dc_tcp_store_server_stats(const dc_store *store, dc_server_stats *out);
+
+// Since 1.2. Writes the metrics of the server this handle runs into
+// `out`, as text in Prometheus's exposition format (version 0.0.4): every
+// name prefixed `distcore_` — requests, errors and latency histograms by
+// command, connections by kind, waiters, keys, stored bytes, refused
+// connections by reason, connections throttled by backpressure, quotas
+// and their refusals. Serve it at `/metrics` to let Prometheus scrape an
+// embedded server. Release `out` with dc_buf_free.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` or `out` is NULL, or
+// `store` is not a TCPStore handle that runs a server. Never blocks (the
+// counters are read as the server's thread left them).
+dc_status dc_tcp_store_server_metrics(const dc_store *store, dc_buf *out);
 
 // Creates a pending work of `rank` performing `op_type` (c10d's OpType
 // numbers) and writes it into `out`. `profiling_title` may be NULL; with

@@ -122,6 +122,8 @@ DISTCORE_HPP_ERROR_CLASS(ProtocolError, DC_ERR_PROTOCOL)
 DISTCORE_HPP_ERROR_CLASS(IoError, DC_ERR_IO)
 DISTCORE_HPP_ERROR_CLASS(InvalidState, DC_ERR_INVALID_STATE)
 DISTCORE_HPP_ERROR_CLASS(InternalError, DC_ERR_INTERNAL)
+DISTCORE_HPP_ERROR_CLASS(PermissionDenied, DC_ERR_PERMISSION_DENIED)
+DISTCORE_HPP_ERROR_CLASS(QuotaExceeded, DC_ERR_QUOTA_EXCEEDED)
 #undef DISTCORE_HPP_ERROR_CLASS
 
 /// Throws the Error subclass of `status` (distcore::Error for a code
@@ -140,6 +142,8 @@ DISTCORE_HPP_ERROR_CLASS(InternalError, DC_ERR_INTERNAL)
     case DC_ERR_IO: throw IoError(message);
     case DC_ERR_INVALID_STATE: throw InvalidState(message);
     case DC_ERR_INTERNAL: throw InternalError(message);
+    case DC_ERR_PERMISSION_DENIED: throw PermissionDenied(message);
+    case DC_ERR_QUOTA_EXCEEDED: throw QuotaExceeded(message);
     default: throw Error(status, message);
   }
 }

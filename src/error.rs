@@ -36,11 +36,16 @@ pub enum Status {
     InvalidState = 11,
     /// A bug inside distcore, including a caught panic.
     Internal = 12,
+    /// The peer would not let this caller in: a wrong or missing secret, an
+    /// address outside the server's allow-list.
+    PermissionDenied = 13,
+    /// The server refused to hold more: its quota of keys or stored bytes.
+    QuotaExceeded = 14,
 }
 
 impl Status {
     /// Every status, in numeric order.
-    pub const ALL: [Status; 13] = [
+    pub const ALL: [Status; 15] = [
         Status::Ok,
         Status::InvalidArgument,
         Status::Timeout,
@@ -54,6 +59,8 @@ impl Status {
         Status::Io,
         Status::InvalidState,
         Status::Internal,
+        Status::PermissionDenied,
+        Status::QuotaExceeded,
     ];
 
     /// The status with this numeric code, if there is one.
@@ -82,6 +89,8 @@ impl Status {
             Status::Io => c"I/O error",
             Status::InvalidState => c"invalid state",
             Status::Internal => c"internal error",
+            Status::PermissionDenied => c"permission denied",
+            Status::QuotaExceeded => c"quota exceeded",
         }
     }
 
@@ -154,6 +163,16 @@ impl Error {
     /// [`Status::InvalidState`].
     pub fn invalid_state(message: impl Into<String>) -> Error {
         Error::new(Status::InvalidState, message)
+    }
+
+    /// [`Status::PermissionDenied`].
+    pub fn permission_denied(message: impl Into<String>) -> Error {
+        Error::new(Status::PermissionDenied, message)
+    }
+
+    /// [`Status::QuotaExceeded`].
+    pub fn quota_exceeded(message: impl Into<String>) -> Error {
+        Error::new(Status::QuotaExceeded, message)
     }
 
     /// [`Status::Internal`].

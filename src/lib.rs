@@ -7,6 +7,8 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
+pub mod auth;
 mod bigbuf;
 pub mod error;
 pub mod ffi;

@@ -99,6 +99,8 @@ pub(crate) struct Acceptor {
     reserve: Option<File>,
     /// Connections refused for want of descriptors in this episode.
     refused: u64,
+    /// Connections refused for want of descriptors, ever.
+    refused_total: u64,
 }
 
 impl Acceptor {
@@ -109,7 +111,13 @@ impl Acceptor {
             name,
             reserve: open_reserve(),
             refused: 0,
+            refused_total: 0,
         }
+    }
+
+    /// Connections refused for want of descriptors since the start.
+    pub(crate) fn refused_total(&self) -> u64 {
+        self.refused_total
     }
 
     /// The listening socket (to register it).
@@ -175,6 +183,7 @@ impl Acceptor {
             Ok((stream, _)) => {
                 drop(stream);
                 self.refused += 1;
+                self.refused_total += 1;
                 true
             }
             Err(_) => false,

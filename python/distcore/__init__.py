@@ -14,7 +14,7 @@ import threading
 
 from . import _lib
 from ._errors import (DistAbortedError, DistError, DistInternalError, DistIOError, DistNetworkError,
-                      DistNotSupportedError, DistProtocolError, DistQueueEmptyError, DistRemoteError,
+                      DistNotSupportedError, DistPermissionError, DistProtocolError, DistQuotaError, DistQueueEmptyError, DistRemoteError,
                       DistShutdownError, DistStateError, DistStoreError, DistTimeoutError, DistValueError,
                       QueueEmptyError, Status)
 from ._lib import HEADER_VERSION, LIB_PATH, PROFILER_BEGIN, PROFILER_END, LOG_FN, check, lib
@@ -31,7 +31,8 @@ __all__ = [
     "Store", "TCPStore", "FileStore", "HashStore", "PrefixStore", "EtcdStore", "Work", "Future", "OpType",
     "DistError", "DistStoreError", "DistNetworkError", "QueueEmptyError", "DistQueueEmptyError",
     "DistTimeoutError", "DistValueError", "DistNotSupportedError", "DistRemoteError", "DistShutdownError",
-    "DistAbortedError", "DistProtocolError", "DistIOError", "DistStateError", "DistInternalError", "Status",
+    "DistAbortedError", "DistProtocolError", "DistIOError", "DistStateError", "DistInternalError",
+    "DistPermissionError", "DistQuotaError", "Status",
     "elastic", "rpc", "library_version", "library_path", "status_str", "op_type_name", "set_log_callback",
     "log_to_python", "set_profiler_hooks", "LogLevel", "TIMEOUT_DEFAULT", "TIMEOUT_FOREVER",
 ]

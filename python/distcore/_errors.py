@@ -31,6 +31,8 @@ class Status(enum.IntEnum):
     IO = 10
     INVALID_STATE = 11
     INTERNAL = 12
+    PERMISSION_DENIED = 13
+    QUOTA_EXCEEDED = 14
 
 
 class DistError(RuntimeError):
@@ -145,6 +147,20 @@ class DistInternalError(DistError):
     default_status = Status.INTERNAL
 
 
+class DistPermissionError(DistError):
+    """The peer would not let this caller in: a wrong or missing secret, an
+    address outside the server's allow-list. DC_ERR_PERMISSION_DENIED."""
+
+    default_status = Status.PERMISSION_DENIED
+
+
+class DistQuotaError(DistStoreError):
+    """The server refused to hold more: its quota of keys or stored bytes.
+    DC_ERR_QUOTA_EXCEEDED."""
+
+    default_status = Status.QUOTA_EXCEEDED
+
+
 _BY_STATUS = {
     Status.INVALID_ARGUMENT: DistValueError,
     Status.TIMEOUT: DistTimeoutError,
@@ -158,6 +174,8 @@ _BY_STATUS = {
     Status.IO: DistIOError,
     Status.INVALID_STATE: DistStateError,
     Status.INTERNAL: DistInternalError,
+    Status.PERMISSION_DENIED: DistPermissionError,
+    Status.QUOTA_EXCEEDED: DistQuotaError,
 }
 
 

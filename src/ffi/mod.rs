@@ -58,6 +58,11 @@ pub const DC_ERR_IO: dc_status = 10;
 pub const DC_ERR_INVALID_STATE: dc_status = 11;
 /// A bug inside distcore, including a caught panic.
 pub const DC_ERR_INTERNAL: dc_status = 12;
+/// The peer would not let the caller in: a wrong or missing secret, an
+/// address outside the server's allow-list.
+pub const DC_ERR_PERMISSION_DENIED: dc_status = 13;
+/// The server refused to hold more: its quota of keys or stored bytes.
+pub const DC_ERR_QUOTA_EXCEEDED: dc_status = 14;
 
 /// The major version of the header: programs built against one major
 /// version run with any library of that major version
@@ -114,6 +119,8 @@ const _: () = {
     assert!(DC_ERR_IO == Status::Io as i32);
     assert!(DC_ERR_INVALID_STATE == Status::InvalidState as i32);
     assert!(DC_ERR_INTERNAL == Status::Internal as i32);
+    assert!(DC_ERR_PERMISSION_DENIED == Status::PermissionDenied as i32);
+    assert!(DC_ERR_QUOTA_EXCEEDED == Status::QuotaExceeded as i32);
 };
 
 thread_local! {

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
+use super::buf::dc_buf;
 use super::store::{dc_store, store_arg};
 use super::{
     arg_duration, arg_opt_str, arg_out, arg_slice, arg_str, arg_versioned, arg_versioned_out,
@@ -15,8 +16,11 @@ use super::{
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 
+use crate::access::Network;
+use crate::auth::Secret;
 use crate::error::{Error, Result};
 use crate::store::tcp::protocol::DEFAULT_MAX_VALUE_LEN;
+use crate::store::tcp::Quotas;
 use crate::store::{Store, TcpStore, TcpStoreOptions};
 use crate::timeout::DEFAULT_STORE_TIMEOUT;
 
@@ -62,6 +66,31 @@ pub struct dc_tcp_store_options {
     /// Largest value the server accepts, in bytes; 0: 64 MiB. Ignored by
     /// clients (they learn the limit from the server).
     pub max_value_size: u64,
+    /// Since 1.2. The shared secret (`secret_len` bytes, read during the
+    /// call only); NULL: no authentication. A server requires its clients
+    /// to prove they hold it (challenge-response: it never travels), except
+    /// clients from `allow_unauthenticated`; a client proves it does and
+    /// requires the server to prove it too (DC_ERR_PERMISSION_DENIED
+    /// otherwise, from dc_tcp_store_new and from any call that reconnects).
+    pub secret: *const u8,
+    /// Since 1.2. Bytes of `secret`.
+    pub secret_len: usize,
+    /// Since 1.2. Server: the networks clients may connect from, as
+    /// comma-separated CIDR blocks ("10.0.0.0/8,::1"); NULL or "": any.
+    /// Others are disconnected as soon as they are accepted.
+    pub allow: *const c_char,
+    /// Since 1.2. Server with a secret: networks whose clients need not
+    /// authenticate (PyTorch's clients cannot), as `allow`.
+    pub allow_unauthenticated: *const c_char,
+    /// Since 1.2. Server: most open connections; 0: no limit. Further
+    /// ones are closed as soon as they are accepted.
+    pub max_connections: u64,
+    /// Since 1.2. Server: most keys holding a value or a queue; 0: no
+    /// limit. A write past it is refused (DC_ERR_QUOTA_EXCEEDED).
+    pub max_keys: u64,
+    /// Since 1.2. Server: most bytes of keys, values and queue elements;
+    /// 0: no limit. A write past it is refused (DC_ERR_QUOTA_EXCEEDED).
+    pub max_stored_bytes: u64,
 }
 
 /// One operation's latency statistics (PyTorch's collectClientCounters).
@@ -94,9 +123,13 @@ pub struct dc_server_stats {
     pub keys: u64,
 }
 
-// SAFETY: repr(C), `struct_size: usize` first, one size so far.
+// SAFETY: repr(C), `struct_size: usize` first; 1.0 ended with
+// max_value_size (8-aligned, so its size is where `secret` starts).
 unsafe impl Versioned for dc_tcp_store_options {
-    const SIZES: &'static [usize] = &[std::mem::size_of::<dc_tcp_store_options>()];
+    const SIZES: &'static [usize] = &[
+        std::mem::offset_of!(dc_tcp_store_options, secret),
+        std::mem::size_of::<dc_tcp_store_options>(),
+    ];
     const HOW_TO_SET: &'static str =
         "initialise the options with dc_tcp_store_options_init(&opts, sizeof opts)";
 }
@@ -120,12 +153,20 @@ fn default_options() -> dc_tcp_store_options {
         master_listen_fd: -1,
         bind_address: std::ptr::null(),
         max_value_size: 0,
+        secret: std::ptr::null(),
+        secret_len: 0,
+        allow: std::ptr::null(),
+        allow_unauthenticated: std::ptr::null(),
+        max_connections: 0,
+        max_keys: 0,
+        max_stored_bytes: 0,
     }
 }
 
 /// Fills `opts` with the defaults: host "127.0.0.1", port 0, client, no
 /// world size, wait_for_workers, 300 s timeout, not multi-tenant, no
-/// listen fd, every interface, 64 MiB values. `struct_size` is
+/// listen fd, every interface, 64 MiB values, no secret, any address, no
+/// quotas. `struct_size` is
 /// `sizeof(dc_tcp_store_options)` as the caller's header has it (pass
 /// `sizeof opts`): only that many bytes are written.
 ///
@@ -170,6 +211,28 @@ unsafe fn options_arg(
         n => usize::try_from(n)
             .map_err(|_| Error::invalid_argument("opts->max_value_size is too large"))?,
     };
+    let secret = match opts.secret {
+        p if p.is_null() => None,
+        _ => Some(Secret::new(
+            unsafe { arg_slice(opts.secret, opts.secret_len, "opts->secret") }?.to_vec(),
+        )?),
+    };
+    let networks = |text: *const c_char, name: &str| -> Result<Vec<Network>> {
+        unsafe { arg_opt_str(text, name) }?.map_or_else(|| Ok(Vec::new()), Network::parse_list)
+    };
+    let limit = |n: u64, name: &str| -> Result<Option<usize>> {
+        match n {
+            0 => Ok(None),
+            n => usize::try_from(n)
+                .map(Some)
+                .map_err(|_| Error::invalid_argument(format!("opts->{name} is too large"))),
+        }
+    };
+    let quotas = Quotas {
+        max_connections: limit(opts.max_connections, "max_connections")?,
+        max_keys: limit(opts.max_keys, "max_keys")?,
+        max_stored_bytes: (opts.max_stored_bytes != 0).then_some(opts.max_stored_bytes),
+    };
     Ok(TcpStoreOptions {
         host,
         port: opts.port,
@@ -181,6 +244,10 @@ unsafe fn options_arg(
         master_listen_fd,
         bind_address,
         max_value_len,
+        secret,
+        allow: networks(opts.allow, "opts->allow")?,
+        allow_unauthenticated: networks(opts.allow_unauthenticated, "opts->allow_unauthenticated")?,
+        quotas,
     })
 }
 
@@ -352,5 +419,32 @@ pub unsafe extern "C" fn dc_tcp_store_server_stats(
             keys: stats.keys as u64,
         };
         unsafe { write_versioned(out, "out", size, stats) }
+    })
+}
+
+/// Since 1.2. Writes the metrics of the server this handle runs into
+/// `out`, as text in Prometheus's exposition format (version 0.0.4): every
+/// name prefixed `distcore_` — requests, errors and latency histograms by
+/// command, connections by kind, waiters, keys, stored bytes, refused
+/// connections by reason, connections throttled by backpressure, quotas
+/// and their refusals. Serve it at `/metrics` to let Prometheus scrape an
+/// embedded server. Release `out` with dc_buf_free.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when `store` or `out` is NULL, or
+/// `store` is not a TCPStore handle that runs a server. Never blocks (the
+/// counters are read as the server's thread left them).
+#[no_mangle]
+pub unsafe extern "C" fn dc_tcp_store_server_metrics(
+    store: *const dc_store,
+    out: *mut dc_buf,
+) -> dc_status {
+    boundary("dc_tcp_store_server_metrics", || {
+        let store = unsafe { store_arg(store) }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        let server = tcp(&store)?
+            .server()
+            .ok_or_else(|| Error::invalid_argument("this TCPStore handle runs no server"))?;
+        *out = dc_buf::from_vec(server.metrics_text().into_bytes());
+        Ok(())
     })
 }

@@ -41,10 +41,15 @@ pub(crate) struct KvTable {
     small: PackedMap,
     large: HashMap<Box<[u8]>, Large>,
     queues: HashMap<Box<[u8]>, VecDeque<Value>>,
+    /// Bytes stored: every value with its key, every queue element with
+    /// its queue's key (what quotas count).
+    stored_bytes: u64,
 }
 
 impl KvTable {
     pub(crate) fn set(&mut self, key: &[u8], value: Value) {
+        let before = self.entry_len(key);
+        self.stored_bytes = self.stored_bytes - before + (key.len() + value.len()) as u64;
         if record_len(key, &value) <= MAX_RECORD {
             self.large.remove(key);
             self.small.insert(key, &value);
@@ -69,6 +74,21 @@ impl KvTable {
             Large::Shared(value) => Some(value.clone()),
             Large::Growing(value) => Some(Value::from(&value[..])),
         }
+    }
+
+    /// Bytes of `key` and its value (0 if it has none).
+    fn entry_len(&self, key: &[u8]) -> u64 {
+        self.bytes(key).map_or(0, |v| (key.len() + v.len()) as u64)
+    }
+
+    /// Bytes stored: values with their keys, queue elements with theirs.
+    pub(crate) fn stored_bytes(&self) -> u64 {
+        self.stored_bytes
+    }
+
+    /// The length of the value of `key`, if it holds one.
+    pub(crate) fn value_len(&self, key: &[u8]) -> Option<usize> {
+        self.bytes(key).map(<[u8]>::len)
     }
 
     /// The bytes of the value of `key`, wherever it is kept.
@@ -112,7 +132,12 @@ impl KvTable {
     }
 
     pub(crate) fn delete(&mut self, key: &[u8]) -> bool {
+        self.stored_bytes -= self.entry_len(key);
         self.small.remove(key) || self.large.remove(key).is_some()
+    }
+
+    fn has_value(&self, key: &[u8]) -> bool {
+        self.small.contains(key) || self.large.contains_key(key)
     }
 
     /// Whether `key` holds a value or a non-empty queue.
@@ -124,6 +149,11 @@ impl KvTable {
 
     pub(crate) fn num_keys(&self) -> i64 {
         (self.small.len() + self.large.len()) as i64
+    }
+
+    /// Keys holding a value or a non-empty queue.
+    pub(crate) fn num_keys_and_queues(&self) -> usize {
+        self.small.len() + self.large.len() + self.queues.len()
     }
 
     /// Appends `suffix` to the value of `key` (creating it), refusing a
@@ -140,15 +170,22 @@ impl KvTable {
         }
         let no_memory =
             || Error::invalid_argument(format!("append: cannot allocate {total} bytes"));
+        let added = if current == 0 && !self.has_value(key) {
+            (key.len() + suffix.len()) as u64
+        } else {
+            suffix.len() as u64
+        };
         if let Some(Large::Growing(grown)) = self.large.get_mut(key) {
             grown.try_reserve(suffix.len()).map_err(|_| no_memory())?;
             grown.extend_from_slice(suffix);
+            self.stored_bytes += added;
             return Ok(());
         }
         let mut grown = Vec::new();
         grown.try_reserve_exact(total).map_err(|_| no_memory())?;
         grown.extend_from_slice(self.bytes(key).unwrap_or_default());
         grown.extend_from_slice(suffix);
+        self.stored_bytes += added;
         if key.len() + total + 8 <= MAX_RECORD {
             self.small.insert(key, &grown);
             return Ok(());
@@ -164,12 +201,16 @@ impl KvTable {
     }
 
     pub(crate) fn queue_push(&mut self, key: &[u8], value: Value) {
+        self.stored_bytes += (key.len() + value.len()) as u64;
         self.queues.entry(key.into()).or_default().push_back(value);
     }
 
     pub(crate) fn queue_pop(&mut self, key: &[u8]) -> Option<Value> {
         let queue = self.queues.get_mut(key)?;
         let value = queue.pop_front();
+        if let Some(v) = &value {
+            self.stored_bytes -= (key.len() + v.len()) as u64;
+        }
         if queue.is_empty() {
             self.queues.remove(key);
         }
@@ -277,6 +318,37 @@ mod tests {
         assert_eq!(t.keys().count(), 1);
         assert!(t.delete(b"k"));
         assert!(!t.contains(b"k"));
+    }
+
+    #[test]
+    fn stored_bytes_count_keys_values_and_queue_elements() {
+        let mut t = KvTable::default();
+        t.set(b"k", Value::from(&b"12345"[..]));
+        assert_eq!(t.stored_bytes(), 6);
+        t.set(b"k", Value::from(vec![0u8; MAX_RECORD]));
+        assert_eq!(t.stored_bytes(), 1 + MAX_RECORD as u64, "large");
+        t.set(b"k", Value::from(&b"1"[..]));
+        t.append(b"k", b"23", 100).unwrap();
+        assert_eq!(t.stored_bytes(), 4);
+        t.append(b"new", b"", 100).unwrap();
+        assert_eq!(t.stored_bytes(), 7, "an empty value still holds its key");
+        t.append(b"new", b"ab", 100).unwrap();
+        assert_eq!(t.stored_bytes(), 9);
+        for _ in 0..50 {
+            t.append(b"big", &[1; 100], 1 << 20).unwrap();
+        }
+        assert_eq!(t.stored_bytes(), 9 + 3 + 5000, "growing in place");
+        assert_eq!(t.add(b"c", 10).unwrap(), 10);
+        assert_eq!(t.stored_bytes(), 9 + 5003 + 3);
+        t.queue_push(b"q", Value::from(&b"xy"[..]));
+        assert_eq!(t.stored_bytes(), 5015 + 3);
+        assert_eq!(t.num_keys_and_queues(), 5);
+        t.queue_pop(b"q");
+        for key in [&b"k"[..], b"new", b"big", b"c"] {
+            assert!(t.delete(key));
+        }
+        assert_eq!(t.stored_bytes(), 0);
+        assert_eq!(t.num_keys_and_queues(), 0);
     }
 
     #[test]

@@ -11,6 +11,8 @@ use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 
 use super::{check_multi_set_lengths, Store};
+use crate::access::{AccessPolicy, Network};
+use crate::auth::Secret;
 use crate::error::{Error, Result, Status};
 use crate::fork::Born;
 use crate::timeout::DEFAULT_STORE_TIMEOUT;
@@ -23,11 +25,13 @@ pub mod parser;
 pub mod protocol;
 pub mod server;
 
-use client::{check_request, deadline_of, Connections, Deadline, Dialect, Plan, Reply, Shape};
+use client::{
+    check_request, deadline_of, Connections, Deadline, Dialect, Endpoint, Plan, Reply, Shape,
+};
 use counters::Counters;
 pub use counters::OpCounter;
 use protocol::{Command, Encoder, Limits, READY};
-pub use server::{Server, ServerBackend, ServerOptions, ServerStats};
+pub use server::{Quotas, Server, ServerBackend, ServerOptions, ServerStats};
 
 /// The worker-count key, sent without the `/` prefix (PyTorch's `initKey_`).
 const INIT_KEY: &str = "init/";
@@ -51,10 +55,24 @@ pub struct TcpStoreOptions {
     pub multi_tenant: bool,
     /// Serve on this already-listening socket (PyTorch's `master_listen_fd`).
     pub master_listen_fd: Option<Arc<OwnedFd>>,
-    /// Listen only on this address (default: every interface, dual-stack).
+    /// Listen only on this address (default: every interface, dual-stack,
+    /// as PyTorch: anyone who can reach the port can read, write and
+    /// delete every key unless `allow` or `secret` say otherwise).
     pub bind_address: Option<IpAddr>,
     /// Largest value the server accepts.
     pub max_value_len: usize,
+    /// The shared secret: a server requires its clients to prove they
+    /// hold it (except those from `allow_unauthenticated`); a client
+    /// proves it does and requires the server to prove it too. It never
+    /// travels. `None`: no authentication (PyTorch's protocol).
+    pub secret: Option<Secret>,
+    /// Server: networks clients may connect from (empty: any).
+    pub allow: Vec<Network>,
+    /// Server with a secret: networks whose clients need not
+    /// authenticate (PyTorch's clients cannot).
+    pub allow_unauthenticated: Vec<Network>,
+    /// Server: what all clients together may make it hold.
+    pub quotas: Quotas,
 }
 
 impl Default for TcpStoreOptions {
@@ -70,6 +88,10 @@ impl Default for TcpStoreOptions {
             master_listen_fd: None,
             bind_address: None,
             max_value_len: protocol::DEFAULT_MAX_VALUE_LEN,
+            secret: None,
+            allow: Vec::new(),
+            allow_unauthenticated: Vec::new(),
+            quotas: Quotas::default(),
         }
     }
 }
@@ -88,6 +110,12 @@ fn start_server(options: &TcpStoreOptions) -> Result<Arc<Server>> {
         bind_address: options.bind_address,
         listen_fd: options.master_listen_fd.clone(),
         limits: Limits::with_max_value_len(options.max_value_len),
+        access: AccessPolicy {
+            allow: options.allow.clone(),
+            secret: options.secret.clone(),
+            allow_unauthenticated: options.allow_unauthenticated.clone(),
+        },
+        quotas: options.quotas,
         ..ServerOptions::default()
     };
     if !options.multi_tenant {
@@ -142,7 +170,12 @@ impl TcpStore {
             .then(|| start_server(&options))
             .transpose()?;
         let port = server.as_ref().map_or(options.port, |s| s.port());
-        let conns = Connections::connect(&options.host, port, deadline_of(options.timeout))?;
+        let endpoint = Endpoint {
+            host: options.host.clone(),
+            port,
+            secret: options.secret.clone(),
+        };
+        let conns = Connections::connect(endpoint, deadline_of(options.timeout))?;
         let store = TcpStore {
             server,
             host: options.host.clone(),
@@ -547,7 +580,7 @@ impl Store for TcpStore {
 
     fn clone_store(&self) -> Result<Arc<dyn Store>> {
         let timeout = self.timeout();
-        let conns = Connections::connect(&self.host, self.port, deadline_of(timeout))?;
+        let conns = Connections::connect(self.conns.endpoint().clone(), deadline_of(timeout))?;
         Ok(Arc::new(TcpStore {
             server: self.server.clone(),
             host: self.host.clone(),

@@ -47,7 +47,8 @@ fn layout(command: Command) -> &'static [Field] {
         Add | Barrier => &[F::Key, F::U64],
         Check | Wait | MultiGet | WaitGet => &[F::Keys],
         MultiSet => &[F::Pairs],
-        GetNumKeys | CancelWait | ListKeys => &[],
+        Auth => &[F::Key, F::Key],
+        GetNumKeys | CancelWait | ListKeys | Stats => &[],
     }
 }
 
@@ -338,6 +339,14 @@ impl Partial {
             Command::GetNumKeys => Request::GetNumKeys,
             Command::CancelWait => Request::CancelWait,
             Command::ListKeys => Request::ListKeys,
+            Command::Auth => {
+                let proof = key();
+                Request::Auth {
+                    nonce: key(),
+                    proof,
+                }
+            }
+            Command::Stats => Request::Stats,
         }
     }
 }

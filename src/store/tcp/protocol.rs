@@ -5,6 +5,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::auth::{Nonce, NONCE_LEN};
+
 /// The magic number a connection sends with VALIDATE.
 pub(crate) const VALIDATE_MAGIC: u32 = 0x3C85_F7CE;
 
@@ -53,13 +55,26 @@ pub(crate) const REPLY_DEFERRED_ERROR: u8 = 2;
 
 /// What a distcore server tells a version 2 client after [`HELLO_V2_ACK`]:
 /// a `u32` version (1) and its limits as `u64`s (key, value, keys per
-/// request, request). Carried as a byte string, so later versions can
-/// append fields an older client skips.
+/// request, request); then a `u32` of flags ([`INFO_AUTH_REQUIRED`],
+/// [`INFO_CHALLENGE`]) and, with the latter, the 32-byte challenge to
+/// authenticate with (see [`Command::Auth`]). Carried as a byte string, so
+/// later versions can append fields an older client skips; a server from
+/// before authentication sends no flags (read as none).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ServerInfo {
     /// The limits the server enforces.
     pub(crate) limits: Limits,
+    /// The connection may make no request but the handshake's until it
+    /// authenticates.
+    pub(crate) auth_required: bool,
+    /// The challenge to authenticate with, if the server has a secret.
+    pub(crate) challenge: Option<Nonce>,
 }
+
+/// [`ServerInfo`] flag: authenticate before any other request.
+pub(crate) const INFO_AUTH_REQUIRED: u32 = 1;
+/// [`ServerInfo`] flag: a challenge follows (the server has a secret).
+pub(crate) const INFO_CHALLENGE: u32 = 2;
 
 impl ServerInfo {
     const VERSION: u32 = 1;
@@ -75,6 +90,17 @@ impl ServerInfo {
             l.max_request_len,
         ] {
             info.extend_from_slice(&(n as u64).to_le_bytes());
+        }
+        let mut flags = 0;
+        if self.auth_required {
+            flags |= INFO_AUTH_REQUIRED;
+        }
+        if self.challenge.is_some() {
+            flags |= INFO_CHALLENGE;
+        }
+        info.extend_from_slice(&flags.to_le_bytes());
+        if let Some(challenge) = &self.challenge {
+            info.extend_from_slice(challenge);
         }
         let mut out = Vec::with_capacity(8 + info.len());
         put_bytes(&mut out, &info);
@@ -93,6 +119,16 @@ impl ServerInfo {
             let n = u64::from_le_bytes(info.get(at..at + 8)?.try_into().ok()?);
             usize::try_from(n).ok()
         };
+        let rest = &info[36.min(info.len())..];
+        let flags = match rest.get(..4) {
+            Some(bytes) => u32::from_le_bytes(bytes.try_into().ok()?),
+            None => 0,
+        };
+        let challenge = if flags & INFO_CHALLENGE != 0 {
+            Some(rest.get(4..4 + NONCE_LEN)?.try_into().ok()?)
+        } else {
+            None
+        };
         Some(ServerInfo {
             limits: Limits {
                 max_key_len: field(0)?,
@@ -100,6 +136,8 @@ impl ServerInfo {
                 max_keys_per_request: field(2)?,
                 max_request_len: field(3)?,
             },
+            auth_required: flags & INFO_AUTH_REQUIRED != 0,
+            challenge,
         })
     }
 }
@@ -131,35 +169,61 @@ pub enum Command {
     /// distcore extension (after HELLO): WAIT for the keys, then reply
     /// STOP_WAITING followed by their values, in one round trip.
     WaitGet = 0x80,
+    /// distcore extension (version 2): answer the challenge of the server
+    /// info with a client nonce and a proof (two byte strings); the reply
+    /// is the server's own proof.
+    Auth = 0x81,
+    /// distcore extension (version 2): the server's metrics, in
+    /// Prometheus's text format, as a byte string.
+    Stats = 0x82,
 }
 
 impl Command {
+    /// Every command, with its name in metrics and logs: the one table.
+    pub const ALL: [(Command, &'static str); 22] = [
+        (Command::Validate, "validate"),
+        (Command::Set, "set"),
+        (Command::CompareSet, "compare_set"),
+        (Command::Get, "get"),
+        (Command::Add, "add"),
+        (Command::Check, "check"),
+        (Command::Wait, "wait"),
+        (Command::GetNumKeys, "get_num_keys"),
+        (Command::DeleteKey, "delete_key"),
+        (Command::Append, "append"),
+        (Command::MultiGet, "multi_get"),
+        (Command::MultiSet, "multi_set"),
+        (Command::CancelWait, "cancel_wait"),
+        (Command::Ping, "ping"),
+        (Command::QueuePush, "queue_push"),
+        (Command::QueuePop, "queue_pop"),
+        (Command::QueueLen, "queue_len"),
+        (Command::ListKeys, "list_keys"),
+        (Command::Barrier, "barrier"),
+        (Command::WaitGet, "wait_get"),
+        (Command::Auth, "auth"),
+        (Command::Stats, "stats"),
+    ];
+
     /// The command with this byte, if it is one.
     pub fn from_byte(byte: u8) -> Option<Command> {
-        use Command::*;
-        Some(match byte {
-            0x00 => Validate,
-            0x01 => Set,
-            0x02 => CompareSet,
-            0x03 => Get,
-            0x04 => Add,
-            0x05 => Check,
-            0x06 => Wait,
-            0x07 => GetNumKeys,
-            0x08 => DeleteKey,
-            0x09 => Append,
-            0x0A => MultiGet,
-            0x0B => MultiSet,
-            0x0C => CancelWait,
-            0x0D => Ping,
-            0x0E => QueuePush,
-            0x0F => QueuePop,
-            0x10 => QueueLen,
-            0x11 => ListKeys,
-            0x12 => Barrier,
-            0x80 => WaitGet,
-            _ => return None,
-        })
+        Command::ALL
+            .iter()
+            .find(|(c, _)| *c as u8 == byte)
+            .map(|(c, _)| *c)
+    }
+
+    /// Its position in [`Command::ALL`] (an index for per-command tables).
+    pub fn index(self) -> usize {
+        Command::ALL
+            .iter()
+            .position(|(c, _)| *c == self)
+            .unwrap_or(0)
+    }
+
+    /// Its name: `set`, `compare_set`, ...
+    pub fn name(self) -> &'static str {
+        Command::ALL[self.index()].1
     }
 }
 
@@ -272,6 +336,41 @@ pub enum Request {
     WaitGet {
         keys: Vec<Key>,
     },
+    Auth {
+        nonce: Vec<u8>,
+        proof: Vec<u8>,
+    },
+    Stats,
+}
+
+impl Request {
+    /// Its command.
+    pub fn command(&self) -> Command {
+        match self {
+            Request::Validate { .. } => Command::Validate,
+            Request::Set { .. } => Command::Set,
+            Request::CompareSet { .. } => Command::CompareSet,
+            Request::Get { .. } => Command::Get,
+            Request::Add { .. } => Command::Add,
+            Request::Check { .. } => Command::Check,
+            Request::Wait { .. } => Command::Wait,
+            Request::GetNumKeys => Command::GetNumKeys,
+            Request::DeleteKey { .. } => Command::DeleteKey,
+            Request::Append { .. } => Command::Append,
+            Request::MultiGet { .. } => Command::MultiGet,
+            Request::MultiSet { .. } => Command::MultiSet,
+            Request::CancelWait => Command::CancelWait,
+            Request::Ping { .. } => Command::Ping,
+            Request::QueuePush { .. } => Command::QueuePush,
+            Request::QueuePop { .. } => Command::QueuePop,
+            Request::QueueLen { .. } => Command::QueueLen,
+            Request::ListKeys => Command::ListKeys,
+            Request::Barrier { .. } => Command::Barrier,
+            Request::WaitGet { .. } => Command::WaitGet,
+            Request::Auth { .. } => Command::Auth,
+            Request::Stats => Command::Stats,
+        }
+    }
 }
 
 /// Why a request was refused; its connection is closed.
@@ -370,6 +469,8 @@ mod tests {
     fn server_info_round_trips_and_tolerates_fields_it_does_not_know() {
         let info = ServerInfo {
             limits: Limits::with_max_value_len(5 << 20),
+            auth_required: false,
+            challenge: None,
         };
         let encoded = info.encode();
         let len = u64::from_le_bytes(encoded[..8].try_into().unwrap()) as usize;
@@ -382,5 +483,25 @@ mod tests {
         let mut v2 = encoded[8..].to_vec();
         v2[0] = 2;
         assert_eq!(ServerInfo::decode(&v2), None);
+        let before_auth = &encoded[8..8 + 36];
+        assert_eq!(
+            ServerInfo::decode(before_auth),
+            Some(info),
+            "a server from before authentication sends no flags"
+        );
+        let challenged = ServerInfo {
+            auth_required: true,
+            challenge: Some([7; NONCE_LEN]),
+            ..info
+        };
+        assert_eq!(
+            ServerInfo::decode(&challenged.encode()[8..]),
+            Some(challenged)
+        );
+        assert_eq!(
+            ServerInfo::decode(&challenged.encode()[8..50]),
+            None,
+            "a challenge cut short"
+        );
     }
 }

@@ -14,6 +14,7 @@ use super::super::protocol::{
     Command, Encoder, Limits, ServerInfo, HELLO_V2_ACK, HELLO_V2_NONCE, VALIDATE_MAGIC,
 };
 use super::reply::{Exchange, Outcome, Reply, Shape, DIRECT_MIN};
+use crate::auth::{Nonce, Secret};
 use crate::bigbuf::LARGE_VALUE_LEN;
 use crate::error::{Error, Result, Status};
 use crate::sendv::send_vectored;
@@ -58,6 +59,16 @@ pub(crate) enum Dialect {
     PyTorch,
     /// distcore's extensions, version 2: WAIT_GET, limits, status replies.
     Distcore,
+}
+
+/// A server and how to prove ourselves to it.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    /// Authenticate with this secret, and insist that the server proves it
+    /// holds it too.
+    pub(crate) secret: Option<Secret>,
 }
 
 /// A validated connection.
@@ -118,15 +129,17 @@ fn wait_ready(fd: RawFd, events: libc::c_short, deadline: Deadline) -> std::io::
 }
 
 impl Conn {
-    /// Connects to `host:port`, retrying with exponential backoff and jitter
-    /// until `deadline`, then validates the connection and asks for the
-    /// distcore extensions.
-    pub(crate) fn connect(host: &str, port: u16, deadline: Deadline) -> Result<Conn> {
+    /// Connects to the endpoint, retrying with exponential backoff and
+    /// jitter until `deadline`, then validates the connection, asks for the
+    /// distcore extensions and authenticates if it has a secret. A refusal
+    /// to authenticate (either way) is not retried.
+    pub(crate) fn connect(endpoint: &Endpoint, deadline: Deadline) -> Result<Conn> {
+        let (host, port) = (endpoint.host.as_str(), endpoint.port);
         let started = Instant::now();
         let mut delay = BACKOFF_INITIAL;
         let mut last_error;
         loop {
-            match Conn::attempt(host, port, deadline) {
+            match Conn::attempt(endpoint, deadline) {
                 Ok(conn) => return Ok(conn),
                 Err(e) if e.status() == Status::Network => last_error = e,
                 Err(e) => return Err(e),
@@ -152,7 +165,8 @@ impl Conn {
         )))
     }
 
-    fn attempt(host: &str, port: u16, deadline: Deadline) -> Result<Conn> {
+    fn attempt(endpoint: &Endpoint, deadline: Deadline) -> Result<Conn> {
+        let (host, port) = (endpoint.host.as_str(), endpoint.port);
         let mut last = Error::network(format!("no address for {host}:{port}"));
         for addr in resolve(host, port)? {
             let budget = left(deadline).unwrap_or(Duration::from_secs(60));
@@ -185,8 +199,9 @@ impl Conn {
                 unfenced: false,
                 broken: false,
             };
-            match conn.handshake(deadline) {
+            match conn.handshake(endpoint.secret.as_ref(), deadline) {
                 Ok(()) => return Ok(conn),
+                Err(e) if e.status() == Status::PermissionDenied => return Err(e),
                 Err(e) => last = Error::network(format!("validating {addr}: {}", e.message())),
             }
         }
@@ -196,7 +211,8 @@ impl Conn {
     /// VALIDATE, PING with our pid as PyTorch's client does, then the HELLO
     /// probe: a distcore server answers with its limits and from then on
     /// prefixes every reply with a status; a PyTorch server echoes it.
-    fn handshake(&mut self, deadline: Deadline) -> Result<()> {
+    /// With a secret, then AUTH, and the server's proof checked.
+    fn handshake(&mut self, secret: Option<&Secret>, deadline: Deadline) -> Result<()> {
         let nonce = std::process::id();
         let mut hello = Encoder::request(Command::Validate)
             .u32(VALIDATE_MAGIC)
@@ -212,6 +228,13 @@ impl Conn {
         }
         let hello = self.receive_reply(Shape::Hello, deadline)?;
         match hello.u32(0)? {
+            HELLO_V2_NONCE if secret.is_some() => {
+                return Err(Error::permission_denied(format!(
+                    "the TCPStore at {} cannot authenticate (a PyTorch server, or distcore's with extensions off): \
+                     a client with a secret talks only to a server that proves it holds it",
+                    self.peer
+                )))
+            }
             HELLO_V2_NONCE => {}
             HELLO_V2_ACK => {
                 let info = hello.into_value();
@@ -220,12 +243,54 @@ impl Conn {
                 })?;
                 self.dialect = Dialect::Distcore;
                 self.limits = info.limits;
+                match (secret, info.challenge) {
+                    (Some(secret), Some(challenge)) => self.authenticate(secret, &challenge, deadline)?,
+                    (Some(_), None) => {
+                        return Err(Error::permission_denied(format!(
+                            "the TCPStore at {} has no secret, so it cannot prove it is the server meant: \
+                             start it with the same secret as its clients",
+                            self.peer
+                        )))
+                    }
+                    (None, _) if info.auth_required => {
+                        return Err(Error::permission_denied(format!(
+                            "the TCPStore at {} requires authentication: give this client the server's secret",
+                            self.peer
+                        )))
+                    }
+                    (None, _) => {}
+                }
             }
             other => {
                 return Err(Error::network(format!(
                     "unexpected PING answer 0x{other:08x}"
                 )))
             }
+        }
+        Ok(())
+    }
+
+    /// AUTH: proves we hold `secret` by answering `challenge`, then checks
+    /// the server's proof that it holds it too.
+    fn authenticate(
+        &mut self,
+        secret: &Secret,
+        challenge: &Nonce,
+        deadline: Deadline,
+    ) -> Result<()> {
+        let mine = crate::auth::nonce()?;
+        let request = Encoder::request(Command::Auth)
+            .bytes(&mine)
+            .bytes(&secret.client_proof(challenge, &mine))
+            .finish();
+        let proof = self
+            .call(&[&request], Shape::Values(1), deadline)?
+            .into_value();
+        if !secret.check_server(challenge, &mine, &proof) {
+            return Err(self.break_with(Error::permission_denied(format!(
+                "the TCPStore at {} does not hold this client's secret (its proof is wrong)",
+                self.peer
+            ))));
         }
         Ok(())
     }

@@ -25,7 +25,7 @@ mod plan;
 mod reply;
 mod waiter;
 
-pub(crate) use conn::{deadline_of, Conn, Deadline, Dialect};
+pub(crate) use conn::{deadline_of, Conn, Deadline, Dialect, Endpoint};
 pub(crate) use plan::Plan;
 pub(crate) use reply::{Reply, Shape};
 
@@ -38,8 +38,7 @@ const MAX_IDLE_SPARES: usize = 8;
 
 /// The connections of one handle to its server.
 pub(crate) struct Connections {
-    host: String,
-    port: u16,
+    endpoint: Endpoint,
     primary: Mutex<Option<Conn>>,
     /// The primary has sent reply-less requests since its last reply (its
     /// `unfenced`, published when its lock is released), so that a get
@@ -51,13 +50,12 @@ pub(crate) struct Connections {
 }
 
 impl Connections {
-    /// Connects the primary connection to `host:port` by `deadline`.
-    pub(crate) fn connect(host: &str, port: u16, deadline: Deadline) -> Result<Connections> {
-        let primary = Conn::connect(host, port, deadline)?;
+    /// Connects the primary connection to `endpoint` by `deadline`.
+    pub(crate) fn connect(endpoint: Endpoint, deadline: Deadline) -> Result<Connections> {
+        let primary = Conn::connect(&endpoint, deadline)?;
         let dialect = (primary.dialect(), *primary.limits());
         Ok(Connections {
-            host: host.to_string(),
-            port,
+            endpoint,
             primary: Mutex::new(Some(primary)),
             primary_unfenced: AtomicBool::new(false),
             spares: Arc::default(),
@@ -71,8 +69,13 @@ impl Connections {
         self.dialect.lock().0
     }
 
+    /// The server these connections go to.
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
     fn open(&self, deadline: Deadline) -> Result<Conn> {
-        let conn = Conn::connect(&self.host, self.port, deadline)?;
+        let conn = Conn::connect(&self.endpoint, deadline)?;
         *self.dialect.lock() = (conn.dialect(), *conn.limits());
         Ok(conn)
     }
@@ -84,7 +87,7 @@ impl Connections {
             Some(deadline) => self.primary.try_lock_until(deadline).ok_or_else(|| {
                 Error::timeout(format!(
                     "timed out waiting for another operation on this handle to the TCPStore at {}:{}",
-                    self.host, self.port
+                    self.endpoint.host, self.endpoint.port
                 ))
             }),
         }

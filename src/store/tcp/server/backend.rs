@@ -123,8 +123,22 @@ pub(crate) trait Backend: Send {
     /// What happened since the last call (a local backend: nothing).
     fn take_reports(&mut self) -> Vec<Report>;
 
-    /// Keys holding values, if the backend can count them at once.
-    fn num_keys(&self) -> Option<usize>;
+    /// The length of the value `key` holds (None: it holds none), for
+    /// quotas.
+    fn value_len(&self, key: &[u8]) -> Option<usize>;
+
+    /// What the backend holds.
+    fn usage(&self) -> Usage;
+}
+
+/// What a backend holds: what quotas and metrics count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Usage {
+    /// Keys holding a value or a non-empty queue.
+    pub(crate) keys: usize,
+    /// Bytes of keys and values (and, where the backend knows them, of
+    /// queue elements).
+    pub(crate) bytes: u64,
 }
 
 /// Keys in this process's memory.
@@ -203,7 +217,14 @@ impl Backend for MemoryBackend {
         Vec::new()
     }
 
-    fn num_keys(&self) -> Option<usize> {
-        Some(self.table.num_keys() as usize)
+    fn value_len(&self, key: &[u8]) -> Option<usize> {
+        self.table.value_len(key)
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            keys: self.table.num_keys_and_queues(),
+            bytes: self.table.stored_bytes(),
+        }
     }
 }

@@ -34,7 +34,7 @@ use parking_lot::Mutex;
 
 use self::mirror::{is_read, Mirror};
 use super::super::protocol::{Key, Request};
-use super::backend::{Backend, Outcome, Present, Report, Ticket};
+use super::backend::{Backend, Outcome, Present, Report, Ticket, Usage};
 use super::state::ConnId;
 use super::waits::WaitId;
 use crate::error::{Error, Result};
@@ -489,8 +489,12 @@ impl Backend for EtcdBackend {
         std::mem::take(&mut *self.shared.reports.lock())
     }
 
-    fn num_keys(&self) -> Option<usize> {
-        Some(self.shared.view.lock().mirror.num_keys())
+    fn value_len(&self, key: &[u8]) -> Option<usize> {
+        self.shared.view.lock().mirror.value_len(key)
+    }
+
+    fn usage(&self) -> Usage {
+        self.shared.view.lock().mirror.usage()
     }
 }
 

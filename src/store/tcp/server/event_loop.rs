@@ -7,17 +7,18 @@
 //! replies drain.
 
 use std::io::{self, Read};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
-use parking_lot::Mutex;
 
 use super::backend::Backend;
+use super::metrics::{Quota, Refusal};
 use super::state::{Refused, ServerCore};
-use super::ServerStats;
+use crate::access::{AccessPolicy, Admission};
 use crate::logging::Throttle;
 use crate::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
 
@@ -43,7 +44,7 @@ struct Conn {
 /// Why a connection is being closed.
 enum Close {
     PeerClosed,
-    Refused(String),
+    Refused(Refused),
     Io(io::Error),
 }
 
@@ -58,8 +59,12 @@ pub(super) struct EventLoop<B> {
     /// Connections to read from this turn.
     ready: Vec<Token>,
     refusals: Throttle,
-    stats: Arc<Mutex<ServerStats>>,
     stop: Arc<AtomicBool>,
+    access: AccessPolicy,
+    max_connections: Option<usize>,
+    /// Connections the acceptor refused for want of descriptors, as last
+    /// counted in the metrics.
+    refused_for_descriptors: u64,
 }
 
 impl<B: Backend> EventLoop<B> {
@@ -67,8 +72,9 @@ impl<B: Backend> EventLoop<B> {
         poll: Poll,
         acceptor: Acceptor,
         core: ServerCore<B>,
-        stats: Arc<Mutex<ServerStats>>,
         stop: Arc<AtomicBool>,
+        access: AccessPolicy,
+        max_connections: Option<usize>,
     ) -> EventLoop<B> {
         EventLoop {
             poll,
@@ -79,8 +85,10 @@ impl<B: Backend> EventLoop<B> {
             scratch: vec![0; READ_CHUNK],
             ready: Vec::new(),
             refusals: Throttle::new(WARN_INTERVAL),
-            stats,
             stop,
+            access,
+            max_connections,
+            refused_for_descriptors: 0,
         }
     }
 
@@ -126,14 +134,37 @@ impl<B: Backend> EventLoop<B> {
             for id in self.core.take_woken() {
                 self.flush(conn_token(id));
             }
-            *self.stats.lock() = self.core.stats();
+            self.core.publish();
         }
     }
 
     fn accept(&mut self) {
         let registry = self.poll.registry();
         let (conns, core) = (&mut self.conns, &mut self.core);
+        let (access, max_connections) = (&self.access, self.max_connections);
+        let refusals = &mut self.refusals;
         self.accept_retry = self.acceptor.accept(Instant::now(), |mut stream, peer| {
+            let admission = access.admit(peer.ip());
+            if admission == Admission::Refused {
+                let why = "its address is not in the allow-list (--allow)";
+                return refuse(core, refusals, Refusal::NotAllowed, peer, why);
+            }
+            if max_connections.is_some_and(|max| core.open_connections() >= max) {
+                core.metrics().over_quota(Quota::Connections);
+                let why = format!(
+                    "the server holds its maximum of {} connections",
+                    max_connections.unwrap_or(0)
+                );
+                return refuse(core, refusals, Refusal::ConnectionQuota, peer, &why);
+            }
+            let challenge = match access.secret.as_ref().map(|_| crate::auth::nonce()) {
+                None => None,
+                Some(Ok(nonce)) => Some(nonce),
+                Some(Err(e)) => {
+                    log::error!("TCPStore server: refusing {peer}: no challenge: {e}");
+                    return;
+                }
+            };
             let token = conns.next_token();
             if let Err(e) = registry.register(&mut stream, token, Interest::READABLE) {
                 log::error!("TCPStore server: registering {peer}: {e}");
@@ -146,17 +177,24 @@ impl<B: Backend> EventLoop<B> {
                 paused: false,
             });
             if let Some(id) = ConnTable::<Conn>::index(token) {
-                core.connect(id);
+                let must_authenticate = admission == Admission::MustAuthenticate;
+                core.connect_as(id, must_authenticate, challenge);
+                core.metrics().accepted();
             }
         });
+        let refused = self.acceptor.refused_total();
+        for _ in self.refused_for_descriptors..refused {
+            self.core.metrics().refused(Refusal::OutOfDescriptors);
+        }
+        self.refused_for_descriptors = refused;
     }
 
     /// Takes in what a remote backend reported (it wakes the loop):
     /// completed requests, looks, writes. Their replies are flushed with
     /// the woken connections.
     fn take_backend_reports(&mut self) {
-        for (id, Refused(why)) in self.core.take_backend_reports() {
-            self.close(conn_token(id), Close::Refused(why));
+        for (id, refused) in self.core.take_backend_reports() {
+            self.close(conn_token(id), Close::Refused(refused));
         }
     }
 
@@ -198,8 +236,8 @@ impl<B: Backend> EventLoop<B> {
                 } else {
                     self.core.receive(id, &self.scratch[..n])
                 };
-                if let Err(Refused(why)) = handled {
-                    return self.close(token, Close::Refused(why));
+                if let Err(refused) = handled {
+                    return self.close(token, Close::Refused(refused));
                 }
                 n == wanted || conn_peer_closed(&mut self.conns, token)
             }
@@ -235,8 +273,8 @@ impl<B: Backend> EventLoop<B> {
                 return self.close(token, Close::Io(e));
             }
             let before = output.queued();
-            if let Err(Refused(why)) = self.core.resume(id) {
-                return self.close(token, Close::Refused(why));
+            if let Err(refused) = self.core.resume(id) {
+                return self.close(token, Close::Refused(refused));
             }
             if self.core.output(id).is_none_or(|o| o.queued() == before) {
                 break;
@@ -281,13 +319,9 @@ impl<B: Backend> EventLoop<B> {
                     log::debug!("TCPStore server: closing {}: {e}", peer(&conn));
                 }
             }
-            Close::Refused(why) => {
-                if let Some(held_back) = self.refusals.allow(Instant::now()) {
-                    let more = if held_back > 0 {
-                        format!(" ({held_back} more refused since the last report)")
-                    } else {
-                        String::new()
-                    };
+            Close::Refused(Refused(kind, why)) => {
+                self.core.metrics().refused(kind);
+                if let Some(more) = allow_warning(&mut self.refusals) {
                     log::warn!(
                         "TCPStore server: closing connection from {}: {why}{more}",
                         peer(&conn)
@@ -299,6 +333,31 @@ impl<B: Backend> EventLoop<B> {
         // set: nothing else holds its descriptor, so no deregister call.
         drop(conn);
     }
+}
+
+/// Closes a connection just accepted from `peer`, for `why`: counted, and
+/// logged (at most one line per [`WARN_INTERVAL`]).
+fn refuse<B: Backend>(
+    core: &ServerCore<B>,
+    refusals: &mut Throttle,
+    kind: Refusal,
+    peer: SocketAddr,
+    why: &str,
+) {
+    core.metrics().refused(kind);
+    if let Some(more) = allow_warning(refusals) {
+        log::warn!("TCPStore server: refusing a connection from {peer}: {why}{more}");
+    }
+}
+
+/// Whether to log a refusal now, and what to add about those held back.
+fn allow_warning(refusals: &mut Throttle) -> Option<String> {
+    let held_back = refusals.allow(Instant::now())?;
+    Some(if held_back > 0 {
+        format!(" ({held_back} more refused since the last report)")
+    } else {
+        String::new()
+    })
 }
 
 fn conn_peer_closed(conns: &mut ConnTable<Conn>, token: Token) -> bool {

@@ -26,19 +26,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use parking_lot::Mutex;
-
 use mio::net::TcpListener;
 use mio::{Interest, Poll, Waker};
 
 use super::listen::{listen, listen_error, prepare_listener};
 use super::protocol::Limits;
+use crate::access::AccessPolicy;
 use crate::error::{Error, Result};
 use crate::reactor::{Acceptor, LISTENER, WAKER};
 
 pub(crate) mod backend;
 mod etcd_backend;
 mod event_loop;
+mod metrics;
 mod state;
 mod waits;
 
@@ -61,6 +61,30 @@ pub struct ServerOptions {
     pub extensions: bool,
     /// Where the keys live.
     pub backend: ServerBackend,
+    /// Who may connect, and what they must prove (default: anyone, with
+    /// no authentication, as PyTorch's server).
+    pub access: AccessPolicy,
+    /// What all clients together may make the server hold (default: no
+    /// quotas).
+    pub quotas: Quotas,
+}
+
+/// What all clients together may make a server hold; `None`: no limit.
+/// A connection past its quota is closed as soon as it is accepted; a
+/// write past the key or byte quota is refused (DC_ERR_QUOTA_EXCEEDED for
+/// distcore clients; PyTorch's clients, which cannot be told, lose their
+/// connection as PyTorch's own server does for a refused request) and the
+/// server goes on serving. Each refusal is logged and counted in the
+/// metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Quotas {
+    /// Open connections.
+    pub max_connections: Option<usize>,
+    /// Keys holding a value or a queue.
+    pub max_keys: Option<usize>,
+    /// Bytes of keys and values (queue elements included; on etcd, values
+    /// only, as far as this server has seen them).
+    pub max_stored_bytes: Option<u64>,
 }
 
 /// Where a server keeps its keys.
@@ -88,7 +112,7 @@ pub struct ServerStats {
     pub connections: usize,
     /// Pending WAIT, WAIT_GET and BARRIER requests.
     pub pending_waits: usize,
-    /// Keys holding values.
+    /// Keys holding a value or a queue.
     pub keys: usize,
 }
 
@@ -101,6 +125,8 @@ impl Default for ServerOptions {
             limits: Limits::default(),
             extensions: true,
             backend: ServerBackend::Memory,
+            access: AccessPolicy::default(),
+            quotas: Quotas::default(),
         }
     }
 }
@@ -109,7 +135,7 @@ impl Default for ServerOptions {
 /// connection.
 pub struct Server {
     local_addr: SocketAddr,
-    stats: Arc<Mutex<ServerStats>>,
+    metrics: Arc<metrics::Metrics>,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
@@ -140,13 +166,15 @@ impl Server {
             .register(acceptor.listener(), LISTENER, Interest::READABLE)
             .map_err(io_error)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(Mutex::new(ServerStats::default()));
+        let metrics = Arc::new(metrics::Metrics::new(options.quotas));
         let run = Running {
             poll,
             acceptor,
-            stats: stats.clone(),
+            metrics: metrics.clone(),
             stop: stop.clone(),
             thread_name: format!("dc-tcpstore-{port}"),
+            access: options.access,
+            quotas: options.quotas,
         };
         let mut limits = options.limits;
         let thread = match options.backend {
@@ -164,7 +192,7 @@ impl Server {
         };
         Ok(Server {
             local_addr,
-            stats,
+            metrics,
             stop,
             waker,
             thread: Some(thread),
@@ -183,7 +211,18 @@ impl Server {
 
     /// The server's load as of its last event.
     pub fn stats(&self) -> ServerStats {
-        *self.stats.lock()
+        ServerStats {
+            connections: self.metrics.open_connections() as usize,
+            pending_waits: self.metrics.waiters() as usize,
+            keys: self.metrics.keys() as usize,
+        }
+    }
+
+    /// The server's metrics in Prometheus's text format (every name
+    /// prefixed `distcore_`; the table is in the `metrics` module's doc
+    /// and docs/server.md), as of its last event.
+    pub fn metrics_text(&self) -> String {
+        self.metrics.render()
     }
 }
 
@@ -203,9 +242,11 @@ impl Drop for Server {
 struct Running {
     poll: Poll,
     acceptor: Acceptor,
-    stats: Arc<Mutex<ServerStats>>,
+    metrics: Arc<metrics::Metrics>,
     stop: Arc<AtomicBool>,
     thread_name: String,
+    access: AccessPolicy,
+    quotas: Quotas,
 }
 
 impl Running {
@@ -216,12 +257,17 @@ impl Running {
         limits: Limits,
         extensions: bool,
     ) -> Result<JoinHandle<()>> {
+        let core = state::ServerCore::new(backend, limits, extensions)
+            .with_secret(self.access.secret.clone())
+            .with_quotas(self.quotas)
+            .with_metrics(self.metrics);
         let mut event_loop = event_loop::EventLoop::new(
             self.poll,
             self.acceptor,
-            state::ServerCore::new(backend, limits, extensions),
-            self.stats,
+            core,
             self.stop,
+            self.access,
+            self.quotas.max_connections,
         );
         std::thread::Builder::new()
             .name(self.thread_name)

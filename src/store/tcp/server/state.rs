@@ -13,16 +13,23 @@
 //! completing, is paused: the core takes no more of its requests until the
 //! replies drain, and the event loop stops reading its socket.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use super::super::parser::RequestParser;
 use super::super::protocol::{
-    put_bytes, Key, Limits, Request, ServerInfo, HELLO_ACK, HELLO_NONCE, HELLO_V2_ACK,
+    put_bytes, Command, Key, Limits, Request, ServerInfo, HELLO_ACK, HELLO_NONCE, HELLO_V2_ACK,
     HELLO_V2_NONCE, NOT_READY, READY, REPLY_DEFERRED_ERROR, REPLY_ERROR, REPLY_OK, STOP_WAITING,
     VALIDATE_MAGIC, WAIT_CANCELED,
 };
 use super::backend::{Backend, Outcome, Present, Report, Ticket};
+use super::metrics::{ConnKind, Gauges, Metrics, Quota, Refusal};
 use super::waits::{WaitId, WaitReply, Waits};
+use super::Quotas;
+#[cfg(test)]
 use super::ServerStats;
-use crate::error::Result as OpResult;
+use crate::auth::{as_nonce, Nonce, Secret};
+use crate::error::{Error, Result as OpResult};
 use crate::outbox::Outbox;
 
 /// A connection's id: dense, chosen by whoever drives the core.
@@ -32,9 +39,15 @@ pub(crate) type ConnId = usize;
 /// read (one reply may take it past; it resumes once under again).
 pub(crate) const OUTPUT_CAP: usize = 256 << 10;
 
-/// Why the core refuses a connection; it is to be closed.
+/// Why the core refuses a connection, and what to log; it is to be closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Refused(pub(crate) String);
+pub(crate) struct Refused(pub(crate) Refusal, pub(crate) String);
+
+impl Refused {
+    fn malformed(why: impl Into<String>) -> Refused {
+        Refused(Refusal::Malformed, why.into())
+    }
+}
 
 /// One connection's state.
 struct Session {
@@ -51,11 +64,22 @@ struct Session {
     waits: Vec<WaitId>,
     /// The request a backend is still completing.
     in_flight: Option<Box<InFlight>>,
+    /// What it has shown itself to be (for the metrics).
+    kind: ConnKind,
+    /// It may make no request but the handshake's until it authenticates.
+    must_authenticate: bool,
+    /// The challenge it authenticates against (the server has a secret).
+    challenge: Option<Nonce>,
+    authenticated: bool,
+    /// Paused because its unsent replies passed [`OUTPUT_CAP`].
+    throttled: bool,
 }
 
 /// A request a backend completes later.
 struct InFlight {
     ticket: Ticket,
+    /// When the request arrived.
+    started: Instant,
     request: Request,
     /// A BARRIER's own wait, registered before its arrival is counted.
     barrier: Option<WaitId>,
@@ -71,9 +95,15 @@ impl Session {
 pub(crate) struct ServerCore<B> {
     limits: Limits,
     extensions: bool,
+    /// The secret clients authenticate with, if any.
+    secret: Option<Secret>,
+    quotas: Quotas,
+    metrics: Arc<Metrics>,
     backend: B,
     sessions: Vec<Option<Session>>,
     open: usize,
+    /// Open connections by kind, and those throttled now.
+    gauges: Gauges,
     waits: Waits,
     /// Connections given output by another connection's request (woken
     /// waits) or by a backend, to flush.
@@ -89,20 +119,59 @@ impl<B: Backend> ServerCore<B> {
         ServerCore {
             limits,
             extensions,
+            secret: None,
+            quotas: Quotas::default(),
+            metrics: Arc::new(Metrics::new(Quotas::default())),
             backend,
             sessions: Vec::new(),
             open: 0,
+            gauges: Gauges::default(),
             waits: Waits::default(),
             woken: Vec::new(),
             tickets: 0,
         }
     }
 
-    /// A new connection `id` (not in use).
+    /// Clients authenticate with `secret` (see [`ServerCore::connect_as`]).
+    pub(crate) fn with_secret(mut self, secret: Option<Secret>) -> Self {
+        self.secret = secret;
+        self
+    }
+
+    /// Writes are refused past `quotas` (the connection quota is the
+    /// event loop's).
+    pub(crate) fn with_quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = quotas;
+        self
+    }
+
+    /// Counts into `metrics`.
+    pub(crate) fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// A new connection `id` (not in use) that need not authenticate, with
+    /// no challenge to authenticate against.
+    #[cfg(test)]
     pub(crate) fn connect(&mut self, id: ConnId) {
+        self.connect_as(id, false, None);
+    }
+
+    /// A new connection `id` (not in use). With `must_authenticate`, it
+    /// may make no request but VALIDATE, PING and AUTH until it proves it
+    /// holds the secret by answering `challenge` (fresh and random for
+    /// each connection of a server with a secret).
+    pub(crate) fn connect_as(
+        &mut self,
+        id: ConnId,
+        must_authenticate: bool,
+        challenge: Option<Nonce>,
+    ) {
         if self.sessions.len() <= id {
             self.sessions.resize_with(id + 1, || None);
         }
+        self.disconnect(id);
         let previous = self.sessions[id].replace(Session {
             parser: RequestParser::default(),
             stash: Vec::new(),
@@ -112,21 +181,60 @@ impl<B: Backend> ServerCore<B> {
             status_replies: false,
             waits: Vec::new(),
             in_flight: None,
+            kind: ConnKind::Handshake,
+            must_authenticate,
+            challenge,
+            authenticated: false,
+            throttled: false,
         });
-        if previous.is_none() {
-            self.open += 1;
-        }
+        debug_assert!(previous.is_none());
+        self.open += 1;
+        *self.gauges.connections_of(ConnKind::Handshake) += 1;
     }
 
     /// Connection `id` is gone: its waits are cancelled and its state
     /// dropped.
     pub(crate) fn disconnect(&mut self, id: ConnId) {
         self.cancel_waits(id);
-        if let Some(slot) = self.sessions.get_mut(id) {
-            if slot.take().is_some() {
-                self.open -= 1;
-            }
+        let Some(session) = self.sessions.get_mut(id).and_then(Option::take) else {
+            return;
+        };
+        self.open -= 1;
+        *self.gauges.connections_of(session.kind) -= 1;
+        if session.throttled {
+            self.gauges.throttled -= 1;
         }
+    }
+
+    /// Connection `id` is now of `kind`.
+    fn set_kind(&mut self, id: ConnId, kind: ConnKind) {
+        let Some(session) = self.sessions.get_mut(id).and_then(Option::as_mut) else {
+            return;
+        };
+        let before = std::mem::replace(&mut session.kind, kind);
+        *self.gauges.connections_of(before) -= 1;
+        *self.gauges.connections_of(kind) += 1;
+    }
+
+    /// Open connections (for the connection quota).
+    pub(crate) fn open_connections(&self) -> usize {
+        self.open
+    }
+
+    /// The metrics this core counts into.
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Sets the metrics' gauges (after each turn of the loop).
+    pub(crate) fn publish(&self) {
+        let usage = self.backend.usage();
+        self.metrics.publish(&Gauges {
+            waiters: self.waits.len() as u64,
+            keys: usage.keys as u64,
+            stored_bytes: usage.bytes,
+            ..self.gauges
+        });
     }
 
     fn session(&mut self, id: ConnId) -> Option<&mut Session> {
@@ -161,19 +269,36 @@ impl<B: Backend> ServerCore<B> {
         };
         if !session.stash.is_empty() || session.paused() {
             session.stash.extend_from_slice(data);
+            self.note_throttled(id);
             return self.resume(id);
         }
         self.process(id, data)
     }
 
+    /// Counts `id` as throttled if what holds back its input is its unsent
+    /// replies (once per episode).
+    fn note_throttled(&mut self, id: ConnId) {
+        let Some(session) = self.sessions.get_mut(id).and_then(Option::as_mut) else {
+            return;
+        };
+        if session.output.queued() > OUTPUT_CAP && !session.throttled {
+            session.throttled = true;
+            self.gauges.throttled += 1;
+            self.metrics.throttled();
+        }
+    }
+
     /// Processes what `id` received while paused, if it no longer is
     /// (call after its output drained).
     pub(crate) fn resume(&mut self, id: ConnId) -> std::result::Result<(), Refused> {
-        let Some(session) = self.session(id) else {
+        let Some(session) = self.sessions.get_mut(id).and_then(Option::as_mut) else {
             return Ok(());
         };
         if session.stash.is_empty() || session.paused() {
             return Ok(());
+        }
+        if std::mem::take(&mut session.throttled) {
+            self.gauges.throttled -= 1;
         }
         let stash = std::mem::take(&mut session.stash);
         self.process(id, &stash)
@@ -182,17 +307,18 @@ impl<B: Backend> ServerCore<B> {
     fn process(&mut self, id: ConnId, mut data: &[u8]) -> std::result::Result<(), Refused> {
         while !data.is_empty() {
             let limits = self.limits;
-            let Some(session) = self.session(id) else {
+            let Some(session) = self.sessions.get_mut(id).and_then(Option::as_mut) else {
                 return Ok(());
             };
             if session.paused() {
                 session.stash.extend_from_slice(data);
+                self.note_throttled(id);
                 return Ok(());
             }
             let (n, request) = session
                 .parser
                 .parse(data, &limits)
-                .map_err(|e| Refused(e.to_string()))?;
+                .map_err(|e| Refused::malformed(e.to_string()))?;
             data = &data[n..];
             if let Some(request) = request {
                 self.execute(id, request)?;
@@ -224,7 +350,7 @@ impl<B: Backend> ServerCore<B> {
         match session.parser.direct_filled(n, &limits) {
             Ok(Some(request)) => self.execute(id, request),
             Ok(None) => Ok(()),
-            Err(e) => Err(Refused(e.to_string())),
+            Err(e) => Err(Refused::malformed(e.to_string())),
         }
     }
 
@@ -279,23 +405,28 @@ impl<B: Backend> ServerCore<B> {
             return Ok(());
         };
         let InFlight {
-            request, barrier, ..
+            request,
+            barrier,
+            started,
+            ..
         } = *in_flight;
-        self.settle(id, ticket, outcome.map(Some), request, barrier)?;
+        self.settle(id, ticket, started, outcome.map(Some), request, barrier)?;
         self.resume(id)
     }
 
     /// The server's load.
+    #[cfg(test)]
     pub(crate) fn stats(&self) -> ServerStats {
         ServerStats {
             connections: self.open,
             pending_waits: self.waits.len(),
-            keys: self.backend.num_keys().unwrap_or(0),
+            keys: self.backend.usage().keys,
         }
     }
 
     fn execute(&mut self, id: ConnId, request: Request) -> std::result::Result<(), Refused> {
-        let extensions = self.extensions;
+        let started = Instant::now();
+        let (extensions, limits) = (self.extensions, self.limits);
         let Some(session) = self.session(id) else {
             return Ok(());
         };
@@ -305,52 +436,88 @@ impl<B: Backend> ServerCore<B> {
                     magic: VALIDATE_MAGIC,
                 } => {
                     session.validated = true;
+                    self.set_kind(id, ConnKind::PyTorch);
+                    self.served(Command::Validate, started, false);
                     Ok(())
                 }
-                Request::Validate { magic } => Err(Refused(format!("bad magic 0x{magic:08x}"))),
+                Request::Validate { magic } => {
+                    Err(Refused::malformed(format!("bad magic 0x{magic:08x}")))
+                }
                 // PyTorch's server ignores everything until VALIDATE.
                 _ => Ok(()),
             };
+        }
+        let command = request.command();
+        let extension = matches!(command, Command::WaitGet | Command::Auth | Command::Stats);
+        if extension && !session.extended {
+            return Err(Refused::malformed(format!(
+                "extension command {} before HELLO",
+                command.name()
+            )));
+        }
+        let handshake = matches!(command, Command::Validate | Command::Ping | Command::Auth);
+        if session.must_authenticate && !session.authenticated && !handshake {
+            let message = format!(
+                "the server requires authentication: {} before authenticating",
+                command.name()
+            );
+            self.tell(id, &Error::permission_denied(message.clone()));
+            return Err(Refused(Refusal::Unauthenticated, message));
         }
         match request {
             Request::Validate { .. } => {}
             Request::Ping { nonce } if extensions && nonce == HELLO_NONCE => {
                 session.extended = true;
                 session.output.put(&HELLO_ACK.to_le_bytes());
+                self.set_kind(id, ConnKind::Distcore);
             }
             Request::Ping { nonce } if extensions && nonce == HELLO_V2_NONCE => {
                 session.extended = true;
                 session.status_replies = true;
                 session.output.put(&HELLO_V2_ACK.to_le_bytes());
                 let info = ServerInfo {
-                    limits: self.limits,
+                    limits,
+                    auth_required: session.must_authenticate && !session.authenticated,
+                    challenge: session.challenge,
                 };
                 self.put(id, &info.encode());
+                self.set_kind(id, ConnKind::Distcore);
             }
             Request::Ping { nonce } => self.put_reply(id, &nonce.to_le_bytes()),
+            Request::Auth { nonce, proof } => {
+                return self.authenticate(id, started, &nonce, &proof)
+            }
+            Request::Stats => {
+                let mut reply = vec![REPLY_OK];
+                put_bytes(&mut reply, self.metrics.render().as_bytes());
+                self.put(id, &reply);
+            }
             Request::CancelWait => {
                 self.cancel_waits(id);
                 self.put_reply(id, &[WAIT_CANCELED]);
-            }
-            Request::WaitGet { .. } if !session.extended => {
-                return Err(Refused("extension command before HELLO".into()))
             }
             // Started once the backend's view shows this connection's
             // acknowledged writes (at once for a local backend): see finish.
             Request::Wait { .. } | Request::WaitGet { .. } => {
                 let ticket = self.next_ticket();
                 let applied = self.backend.apply(id, ticket, &request);
-                self.settle(id, ticket, applied, request, None)?;
+                return self.settle(id, ticket, started, applied, request, None);
             }
             Request::Barrier {
                 ref key,
                 world_size,
             } => {
+                if let Err(e) = self.check_quotas(&request) {
+                    return self.fail(id, started, &request, &e);
+                }
                 // Waiting before arriving: an arrival reported before this
                 // one's answer still counts (a remote backend).
-                let wait =
-                    self.waits
-                        .register(id, vec![key.clone()], WaitReply::Barrier { world_size });
+                let wait = self.waits.register(
+                    id,
+                    vec![key.clone()],
+                    WaitReply::Barrier { world_size },
+                    started,
+                );
                 if let Some(session) = self.session(id) {
                     session.waits.push(wait);
                 }
@@ -360,12 +527,158 @@ impl<B: Backend> ServerCore<B> {
                 };
                 let ticket = self.next_ticket();
                 let applied = self.backend.apply(id, ticket, &arrive);
-                self.settle(id, ticket, applied, request, Some(wait))?;
+                return self.settle(id, ticket, started, applied, request, Some(wait));
             }
             data => {
+                if let Err(e) = self.check_quotas(&data) {
+                    return self.fail(id, started, &data, &e);
+                }
                 let ticket = self.next_ticket();
                 let applied = self.backend.apply(id, ticket, &data);
-                self.settle(id, ticket, applied, data, None)?;
+                return self.settle(id, ticket, started, applied, data, None);
+            }
+        }
+        self.served(command, started, false);
+        Ok(())
+    }
+
+    /// Counts a request of `command` that arrived at `started` and has
+    /// been answered.
+    fn served(&self, command: Command, started: Instant, failed: bool) {
+        self.metrics.served(command, started.elapsed(), failed);
+    }
+
+    /// AUTH: checks the proof of `id` against its challenge; on success
+    /// answers with the server's own proof, on failure tells the client
+    /// and closes the connection. The secret is never logged.
+    fn authenticate(
+        &mut self,
+        id: ConnId,
+        started: Instant,
+        client_nonce: &[u8],
+        proof: &[u8],
+    ) -> std::result::Result<(), Refused> {
+        let secret = self.secret.clone();
+        let Some(session) = self.session(id) else {
+            return Ok(());
+        };
+        let (Some(secret), Some(challenge)) = (secret, session.challenge) else {
+            let message = "the server has no secret to authenticate with";
+            self.tell(id, &Error::permission_denied(message));
+            self.served(Command::Auth, started, true);
+            return Err(Refused(Refusal::AuthenticationFailed, message.into()));
+        };
+        let checked =
+            as_nonce(client_nonce).filter(|nonce| secret.check_client(&challenge, nonce, proof));
+        let Some(client_nonce) = checked else {
+            let message = "authentication failed: wrong secret";
+            self.tell(id, &Error::permission_denied(message));
+            self.served(Command::Auth, started, true);
+            return Err(Refused(Refusal::AuthenticationFailed, message.into()));
+        };
+        session.authenticated = true;
+        let mut reply = vec![REPLY_OK];
+        put_bytes(&mut reply, &secret.server_proof(&challenge, &client_nonce));
+        session.output.put(&reply);
+        self.served(Command::Auth, started, false);
+        Ok(())
+    }
+
+    /// Sends `error` to `id` if its client reads errors (version 2), as
+    /// an answer to the request it made.
+    fn tell(&mut self, id: ConnId, error: &Error) {
+        if let Some(session) = self.session(id) {
+            if session.status_replies {
+                let mut reply = vec![REPLY_ERROR, error.status().code() as u8];
+                put_bytes(&mut reply, error.message().as_bytes());
+                session.output.put(&reply);
+            }
+        }
+    }
+
+    /// Whether a write of `request` stays within the key and stored-byte
+    /// quotas, as far as the backend's view of the keys it names tells.
+    fn check_quotas(&self, request: &Request) -> OpResult<()> {
+        let (max_keys, max_bytes) = (self.quotas.max_keys, self.quotas.max_stored_bytes);
+        if max_keys.is_none() && max_bytes.is_none() {
+            return Ok(());
+        }
+        let mut new_keys = 0usize;
+        let mut growth = 0i64;
+        let mut write = |key: &[u8], len: usize| match self.backend.value_len(key) {
+            Some(old) => growth += len as i64 - old as i64,
+            None => {
+                new_keys += 1;
+                growth += (key.len() + len) as i64;
+            }
+        };
+        match request {
+            Request::Set { key, value } => write(key, value.len()),
+            Request::CompareSet {
+                key,
+                expected,
+                desired,
+            } => {
+                let swaps = match self.backend.peek(key) {
+                    Some(Present::Value(current)) => current == *expected,
+                    Some(Present::Queued) => false,
+                    None => expected.is_empty(),
+                };
+                if swaps {
+                    write(key, desired.len());
+                }
+            }
+            // A counter's value stays a few bytes long: only a new one counts.
+            Request::Add { key, .. } | Request::Barrier { key, .. } => {
+                if self.backend.value_len(key).is_none() {
+                    write(key, 1);
+                }
+            }
+            Request::Append { key, value } => {
+                let old = self.backend.value_len(key);
+                write(key, old.unwrap_or(0) + value.len());
+            }
+            Request::MultiSet { pairs } => {
+                for (key, value) in pairs {
+                    write(key, value.len());
+                }
+            }
+            Request::QueuePush { key, value } => {
+                if self.backend.peek(key).is_none() {
+                    new_keys += 1;
+                }
+                growth += (key.len() + value.len()) as i64;
+            }
+            _ => return Ok(()),
+        }
+        let usage = self.backend.usage();
+        let key = || match request {
+            Request::MultiSet { .. } => "a MULTI_SET".to_owned(),
+            Request::Set { key, .. }
+            | Request::CompareSet { key, .. }
+            | Request::Add { key, .. }
+            | Request::Barrier { key, .. }
+            | Request::Append { key, .. }
+            | Request::QueuePush { key, .. } => format!("key '{}'", String::from_utf8_lossy(key)),
+            _ => "the request".to_owned(),
+        };
+        if let Some(max) = max_keys {
+            if new_keys > 0 && usage.keys + new_keys > max {
+                self.metrics.over_quota(Quota::Keys);
+                return Err(Error::quota_exceeded(format!(
+                    "quota exceeded: the server holds its maximum of {max} keys; {} was not written",
+                    key()
+                )));
+            }
+        }
+        if let Some(max) = max_bytes {
+            if growth > 0 && usage.bytes.saturating_add(growth as u64) > max {
+                self.metrics.over_quota(Quota::StoredBytes);
+                return Err(Error::quota_exceeded(format!(
+                    "quota exceeded: the server holds {} of its maximum of {max} stored bytes; {} ({growth} bytes more) was not written",
+                    usage.bytes,
+                    key()
+                )));
             }
         }
         Ok(())
@@ -383,16 +696,18 @@ impl<B: Backend> ServerCore<B> {
         &mut self,
         id: ConnId,
         ticket: Ticket,
+        started: Instant,
         applied: OpResult<Option<Outcome>>,
         request: Request,
         barrier: Option<WaitId>,
     ) -> std::result::Result<(), Refused> {
         match applied {
-            Ok(Some(outcome)) => self.finish(id, request, outcome),
+            Ok(Some(outcome)) => self.finish(id, started, request, outcome),
             Ok(None) => {
                 if let Some(session) = self.session(id) {
                     session.in_flight = Some(Box::new(InFlight {
                         ticket,
+                        started,
                         request,
                         barrier,
                     }));
@@ -402,7 +717,7 @@ impl<B: Backend> ServerCore<B> {
                 if let Some(wait) = barrier {
                     self.drop_wait(id, wait);
                 }
-                self.fail(id, &request, &e)?;
+                self.fail(id, started, &request, &e)?;
             }
         }
         Ok(())
@@ -414,14 +729,16 @@ impl<B: Backend> ServerCore<B> {
     fn fail(
         &mut self,
         id: ConnId,
+        started: Instant,
         request: &Request,
         error: &crate::Error,
     ) -> std::result::Result<(), Refused> {
+        self.served(request.command(), started, true);
         let Some(session) = self.session(id) else {
             return Ok(());
         };
         if !session.status_replies {
-            return Err(Refused(error.message().to_string()));
+            return Err(Refused(Refusal::RequestFailed, error.message().to_string()));
         }
         let status = match request {
             Request::Set { .. } | Request::MultiSet { .. } | Request::QueuePush { .. } => {
@@ -436,20 +753,26 @@ impl<B: Backend> ServerCore<B> {
     }
 
     /// Replies to `request` with its `outcome` and wakes what it wrote.
-    fn finish(&mut self, id: ConnId, request: Request, outcome: Outcome) {
+    fn finish(&mut self, id: ConnId, started: Instant, request: Request, outcome: Outcome) {
         // A wait the backend let start takes its keys.
         let request = match request {
-            Request::Wait { keys } => return self.start_wait(id, keys, WaitReply::StopWaiting),
+            Request::Wait { keys } => {
+                return self.start_wait(id, keys, WaitReply::StopWaiting, started)
+            }
             Request::WaitGet { keys } => {
                 let values = vec![None; keys.len()];
                 let reply = WaitReply::Values {
                     keys: keys.clone(),
                     values,
                 };
-                return self.start_wait(id, keys, reply);
+                return self.start_wait(id, keys, reply, started);
             }
             other => other,
         };
+        // A barrier is counted when its wait ends.
+        if !matches!(request, Request::Barrier { .. }) {
+            self.served(request.command(), started, false);
+        }
         match (&request, outcome) {
             // Its own wait answers (this arrival's count releases it, or a
             // later one).
@@ -531,7 +854,13 @@ impl<B: Backend> ServerCore<B> {
 
     /// Starts a wait of `id` for `keys`: answered at once when they all
     /// exist, registered for the missing ones otherwise.
-    fn start_wait(&mut self, id: ConnId, mut keys: Vec<Key>, mut reply: WaitReply) {
+    fn start_wait(
+        &mut self,
+        id: ConnId,
+        mut keys: Vec<Key>,
+        mut reply: WaitReply,
+        started: Instant,
+    ) {
         keys.sort_unstable();
         keys.dedup();
         keys.retain(|k| match self.backend.peek(k) {
@@ -542,10 +871,11 @@ impl<B: Backend> ServerCore<B> {
             None => true,
         });
         if keys.is_empty() {
+            self.served(reply.command(), started, false);
             self.send_wait_reply(id, &reply);
             return;
         }
-        let wait = self.waits.register(id, keys, reply);
+        let wait = self.waits.register(id, keys, reply, started);
         if let Some(session) = self.session(id) {
             session.waits.push(wait);
         }
@@ -582,6 +912,7 @@ impl<B: Backend> ServerCore<B> {
     fn complete_waits(&mut self, done: Vec<WaitId>) {
         for id in done {
             if let Some(wait) = self.waits.remove(id) {
+                self.served(wait.reply.command(), wait.started, false);
                 let conn = wait.conn;
                 if let Some(session) = self.session(conn) {
                     session.waits.retain(|w| *w != id);

@@ -3,8 +3,9 @@
 //! costs what it touches).
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
 
-use super::super::protocol::Key;
+use super::super::protocol::{Command, Key};
 use super::backend::Present;
 use super::state::ConnId;
 use crate::store::kv::Value;
@@ -28,6 +29,15 @@ pub(crate) enum WaitReply {
 }
 
 impl WaitReply {
+    /// The command that made the wait.
+    pub(crate) fn command(&self) -> Command {
+        match self {
+            WaitReply::StopWaiting => Command::Wait,
+            WaitReply::Values { .. } => Command::WaitGet,
+            WaitReply::Barrier { .. } => Command::Barrier,
+        }
+    }
+
     /// `key` was seen `present`: a WAIT_GET keeps its value for the reply.
     pub(crate) fn record(&mut self, key: &[u8], present: &Present) {
         if let WaitReply::Values { keys, values } = self {
@@ -48,6 +58,8 @@ pub(crate) struct PendingWait {
     registrations: Vec<(Key, u64)>,
     /// What to send on completion.
     pub(crate) reply: WaitReply,
+    /// When its request arrived.
+    pub(crate) started: Instant,
 }
 
 impl PendingWait {
@@ -82,8 +94,15 @@ impl Waits {
         self.pending.len()
     }
 
-    /// Registers a wait of `conn` for `keys`.
-    pub(crate) fn register(&mut self, conn: ConnId, keys: Vec<Key>, reply: WaitReply) -> WaitId {
+    /// Registers a wait of `conn` for `keys`, whose request arrived at
+    /// `started`.
+    pub(crate) fn register(
+        &mut self,
+        conn: ConnId,
+        keys: Vec<Key>,
+        reply: WaitReply,
+        started: Instant,
+    ) -> WaitId {
         let id = self.next_id();
         let mut registrations = Vec::with_capacity(keys.len());
         for key in keys {
@@ -101,6 +120,7 @@ impl Waits {
                 conn,
                 registrations,
                 reply,
+                started,
             },
         );
         id

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::super::super::protocol::{Key, Request};
-use super::super::backend::{Outcome, Present};
+use super::super::backend::{Outcome, Present, Usage};
 use crate::store::etcd::{Change, Seen, Snapshot};
 use crate::store::kv::Value;
 
@@ -17,6 +17,8 @@ pub(crate) struct Mirror {
     queues: HashMap<Key, i64>,
     /// The revision of the last change applied.
     pub(crate) revision: i64,
+    /// Bytes of the keys and values in `values`.
+    value_bytes: u64,
 }
 
 impl Mirror {
@@ -30,7 +32,13 @@ impl Mirror {
                 .collect(),
             queues: HashMap::new(),
             revision: snapshot.revision,
+            value_bytes: 0,
         };
+        mirror.value_bytes = mirror
+            .values
+            .iter()
+            .map(|(k, (v, _))| (k.len() + v.len()) as u64)
+            .sum();
         for key in snapshot.elements {
             *mirror.queues.entry(key).or_default() += 1;
         }
@@ -45,10 +53,15 @@ impl Mirror {
                 key,
                 value: Some(v),
             } => {
-                self.values.insert(key.clone(), (v.clone(), revision));
+                self.value_bytes += (key.len() + v.len()) as u64;
+                if let Some((old, _)) = self.values.insert(key.clone(), (v.clone(), revision)) {
+                    self.value_bytes -= (key.len() + old.len()) as u64;
+                }
             }
             Change::Value { key, value: None } => {
-                self.values.remove(key);
+                if let Some((old, _)) = self.values.remove(key) {
+                    self.value_bytes -= (key.len() + old.len()) as u64;
+                }
             }
             Change::Element { key, added: true } => {
                 *self.queues.entry(key.clone()).or_default() += 1
@@ -82,9 +95,19 @@ impl Mirror {
             })
     }
 
-    /// Keys holding values.
-    pub(crate) fn num_keys(&self) -> usize {
-        self.values.len()
+    /// Keys holding values or queues, and the bytes of the values with
+    /// their keys (queue elements are not counted: the change stream does
+    /// not carry their sizes).
+    pub(crate) fn usage(&self) -> Usage {
+        Usage {
+            keys: self.values.len() + self.queues.len(),
+            bytes: self.value_bytes,
+        }
+    }
+
+    /// The length of the value of `key`, if it holds one.
+    pub(crate) fn value_len(&self, key: &[u8]) -> Option<usize> {
+        self.values.get(key).map(|(v, _)| v.len())
     }
 
     /// Answers a read (GET, MULTI_GET, CHECK, GETNUMKEYS, QUEUE_LEN,
@@ -178,5 +201,9 @@ mod tests {
         };
         assert_eq!(m.seen(b"b"), b, "a read-modify-write's guess");
         assert_eq!(m.seen(b"a"), Seen::default());
+        assert_eq!(m.usage(), Usage { keys: 1, bytes: 2 });
+        m.apply(&value("b", "2345"), 9);
+        assert_eq!(m.usage(), Usage { keys: 1, bytes: 5 }, "replaced");
+        assert_eq!(m.value_len(b"b"), Some(4));
     }
 }

@@ -4,7 +4,7 @@ use super::*;
 use crate::bigbuf::LARGE_VALUE_LEN;
 use crate::store::tcp::protocol::ServerInfo;
 use crate::store::tcp::protocol::{Command, Encoder};
-use crate::store::tcp::server::backend::MemoryBackend;
+use crate::store::tcp::server::backend::{MemoryBackend, Usage};
 
 const VALUE_LIMIT: usize = 1 << 20;
 
@@ -79,7 +79,7 @@ fn nothing_but_validate_counts_before_validation_and_a_bad_magic_is_refused() {
     let bad = Encoder::request(Command::Validate).u32(1).finish();
     assert_eq!(
         c.receive(2, &bad),
-        Err(Refused("bad magic 0x00000001".into()))
+        Err(Refused::malformed("bad magic 0x00000001"))
     );
 }
 
@@ -439,7 +439,7 @@ fn appends_cost_what_they_append_and_respect_the_value_limit() {
     let reply = replies(&mut c, 0);
     assert_eq!(reply.len(), 8 + VALUE_LIMIT);
     let refused = c.receive(0, &append).unwrap_err();
-    assert!(refused.0.contains("over the limit"), "{refused:?}");
+    assert!(refused.1.contains("over the limit"), "{refused:?}");
 }
 
 #[test]
@@ -520,8 +520,12 @@ impl Backend for Deferring {
             })
             .collect()
     }
-    fn num_keys(&self) -> Option<usize> {
-        self.inner.num_keys()
+    fn value_len(&self, key: &[u8]) -> Option<usize> {
+        self.inner.value_len(key)
+    }
+
+    fn usage(&self) -> Usage {
+        self.inner.usage()
     }
 }
 
@@ -732,8 +736,12 @@ impl Backend for Scripted {
     fn take_reports(&mut self) -> Vec<Report> {
         std::mem::take(&mut self.reports)
     }
-    fn num_keys(&self) -> Option<usize> {
+    fn value_len(&self, _: &[u8]) -> Option<usize> {
         None
+    }
+
+    fn usage(&self) -> Usage {
+        Usage::default()
     }
 }
 
@@ -948,3 +956,5 @@ fn a_remote_queue_element_wakes_one_waiter() {
     assert_eq!(c.take_woken(), [0], "the oldest");
     assert_eq!(c.stats().pending_waits, 1);
 }
+
+mod guards;

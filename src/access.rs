@@ -1,0 +1,240 @@
+//! Who may connect to a server: the networks it admits (an allow-list of
+//! CIDR blocks), and among them those whose clients need not authenticate
+//! (PyTorch's clients cannot). Socket-free: the event loops ask
+//! [`AccessPolicy::admit`] with the peer's address when they accept.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use crate::auth::Secret;
+use crate::error::{Error, Result};
+
+/// A block of addresses in CIDR notation (`10.0.0.0/8`, `fd00::/8`), or
+/// one address (`192.0.2.7`, a /32 or /128).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    address: IpAddr,
+    prefix_len: u8,
+}
+
+impl Network {
+    /// Whether `ip` is in this network. An IPv4 address a dual-stack
+    /// socket reports as IPv6 (`::ffff:10.1.2.3`) is matched as IPv4.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.address, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len));
+                mask.is_none_or(|m| u32::from(net) & m == u32::from(ip) & m)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix_len));
+                mask.is_none_or(|m| u128::from(net) & m == u128::from(ip) & m)
+            }
+            _ => false,
+        }
+    }
+
+    /// Parses a comma-separated list of networks (empty entries and spaces
+    /// around them are ignored).
+    pub fn parse_list(text: &str) -> Result<Vec<Network>> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::parse)
+            .collect()
+    }
+}
+
+impl FromStr for Network {
+    type Err = Error;
+
+    /// `ADDRESS/PREFIX_LEN` or `ADDRESS`; host bits set under the prefix
+    /// are refused (a typo more often than not).
+    fn from_str(text: &str) -> Result<Network> {
+        let bad = |why: &str| {
+            Error::invalid_argument(format!(
+                "'{text}' is not a network: {why} (expected CIDR such as 10.0.0.0/8, fd00::/8 or 192.0.2.7)"
+            ))
+        };
+        let (address, prefix) = match text.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (text, None),
+        };
+        let address: IpAddr = address
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| bad("not an IP address"))?;
+        let max = if address.is_ipv4() { 32 } else { 128 };
+        let prefix_len = match prefix {
+            None => max,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|n| *n <= max)
+                .ok_or_else(|| bad(&format!("the prefix length must be 0 to {max}")))?,
+        };
+        let network = Network {
+            address,
+            prefix_len,
+        };
+        let first = network.first_address();
+        if first != address {
+            return Err(bad(&format!(
+                "host bits are set under the prefix (did you mean {first}/{prefix_len}?)"
+            )));
+        }
+        Ok(network)
+    }
+}
+
+impl Network {
+    fn first_address(&self) -> IpAddr {
+        match self.address {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len));
+                IpAddr::V4((u32::from(a) & mask.unwrap_or(0)).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix_len));
+                IpAddr::V6((u128::from(a) & mask.unwrap_or(0)).into())
+            }
+        }
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix_len)
+    }
+}
+
+/// Whom a server lets in, and what they must prove.
+#[derive(Debug, Clone, Default)]
+pub struct AccessPolicy {
+    /// Networks clients may connect from; empty: any address. A client
+    /// from elsewhere is disconnected as soon as it is accepted, PyTorch's
+    /// clients included.
+    pub allow: Vec<Network>,
+    /// The shared secret clients prove they hold (challenge-response; it
+    /// never travels); `None`: no authentication.
+    pub secret: Option<Secret>,
+    /// With a secret: networks whose clients may skip authentication
+    /// (PyTorch's clients, which cannot authenticate). Others must
+    /// authenticate before their first request.
+    pub allow_unauthenticated: Vec<Network>,
+}
+
+/// What a server does with a new connection, by its peer's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Not from an allowed network: close it.
+    Refused,
+    /// Serve it; it may authenticate if it wants to.
+    Open,
+    /// Serve only the handshake until it authenticates.
+    MustAuthenticate,
+}
+
+impl AccessPolicy {
+    /// What to do with a connection from `peer`.
+    pub fn admit(&self, peer: IpAddr) -> Admission {
+        if !self.allow.is_empty() && !self.allow.iter().any(|n| n.contains(peer)) {
+            return Admission::Refused;
+        }
+        if self.secret.is_none() || self.allow_unauthenticated.iter().any(|n| n.contains(peer)) {
+            return Admission::Open;
+        }
+        Admission::MustAuthenticate
+    }
+
+    /// One line for logs: what the policy lets in.
+    pub fn describe(&self) -> String {
+        let list = |nets: &[Network]| {
+            nets.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let from = if self.allow.is_empty() {
+            "any address".to_owned()
+        } else {
+            list(&self.allow)
+        };
+        match (&self.secret, self.allow_unauthenticated.is_empty()) {
+            (None, _) => format!("clients from {from}, without authentication"),
+            (Some(_), true) => format!("clients from {from}, which must authenticate"),
+            (Some(_), false) => format!(
+                "clients from {from}, which must authenticate unless from {}",
+                list(&self.allow_unauthenticated)
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn networks_contain_their_addresses_v4_mapped_ones_included() {
+        let net: Network = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains(ip("10.1.255.3")));
+        assert!(!net.contains(ip("10.2.0.1")));
+        assert!(net.contains(ip("::ffff:10.1.2.3")), "a dual-stack peer");
+        assert!(!net.contains(ip("::1")));
+        let v6: Network = "fd00::/8".parse().unwrap();
+        assert!(v6.contains(ip("fd12::1")));
+        assert!(!v6.contains(ip("fe80::1")));
+        let all: Network = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(ip("203.0.113.9")));
+        let one: Network = "192.0.2.7".parse().unwrap();
+        assert_eq!(one.to_string(), "192.0.2.7/32");
+        assert!(one.contains(ip("192.0.2.7")) && !one.contains(ip("192.0.2.8")));
+        assert!("[::1]/128".parse::<Network>().unwrap().contains(ip("::1")));
+    }
+
+    #[test]
+    fn bad_networks_are_refused_with_the_reason() {
+        for (text, why) in [
+            ("10.0.0.1/8", "did you mean 10.0.0.0/8?"),
+            ("10.0.0.0/33", "0 to 32"),
+            ("fd00::/129", "0 to 128"),
+            ("example.org/8", "not an IP address"),
+            ("10.0.0.0/", "0 to 32"),
+        ] {
+            let e = text.parse::<Network>().unwrap_err();
+            assert_eq!(e.status(), crate::Status::InvalidArgument);
+            assert!(e.message().contains(why), "{text}: {}", e.message());
+        }
+        assert_eq!(
+            Network::parse_list(" 10.0.0.0/8, ,::1 ").unwrap().len(),
+            2,
+            "spaces and empty entries are ignored"
+        );
+    }
+
+    #[test]
+    fn the_policy_refuses_outsiders_and_asks_the_rest_to_authenticate() {
+        let open = AccessPolicy::default();
+        assert_eq!(open.admit(ip("203.0.113.9")), Admission::Open);
+        let policy = AccessPolicy {
+            allow: Network::parse_list("10.0.0.0/8,127.0.0.1").unwrap(),
+            secret: Some(Secret::new(b"s3cret-s3cret".to_vec()).unwrap()),
+            allow_unauthenticated: Network::parse_list("10.9.0.0/16").unwrap(),
+        };
+        assert_eq!(policy.admit(ip("192.168.1.1")), Admission::Refused);
+        assert_eq!(policy.admit(ip("10.1.1.1")), Admission::MustAuthenticate);
+        assert_eq!(
+            policy.admit(ip("::ffff:127.0.0.1")),
+            Admission::MustAuthenticate
+        );
+        assert_eq!(policy.admit(ip("10.9.3.4")), Admission::Open);
+        assert!(!policy.describe().contains("s3cret"));
+    }
+}

@@ -1,0 +1,289 @@
+//! Authentication, quotas and metrics, driven through the core.
+
+use super::*;
+use crate::auth::{Nonce, Secret};
+use crate::store::tcp::server::Quotas;
+use crate::Status;
+
+const CHALLENGE: Nonce = [7; 32];
+const CLIENT_NONCE: Nonce = [9; 32];
+
+fn secret() -> Secret {
+    Secret::new(b"the-shared-secret".to_vec()).unwrap()
+}
+
+/// A core whose clients authenticate with [`secret`].
+fn guarded() -> ServerCore<MemoryBackend> {
+    core().with_secret(Some(secret()))
+}
+
+/// Validates `id` (which must authenticate) and says HELLO v2: the info.
+fn hello(c: &mut ServerCore<MemoryBackend>, id: ConnId) -> ServerInfo {
+    c.connect_as(id, true, Some(CHALLENGE));
+    send(
+        c,
+        id,
+        &Encoder::request(Command::Validate)
+            .u32(VALIDATE_MAGIC)
+            .finish(),
+    );
+    send(
+        c,
+        id,
+        &Encoder::request(Command::Ping).u32(HELLO_V2_NONCE).finish(),
+    );
+    let reply = replies(c, id);
+    ServerInfo::decode(&reply[12..]).unwrap()
+}
+
+fn auth(proof: &[u8]) -> Vec<u8> {
+    Encoder::request(Command::Auth)
+        .bytes(&CLIENT_NONCE)
+        .bytes(proof)
+        .finish()
+}
+
+/// The status code and message of an error reply.
+fn error_of(reply: &[u8]) -> (u8, String) {
+    assert_eq!(reply[0], REPLY_ERROR, "{reply:?}");
+    (reply[1], String::from_utf8_lossy(&reply[10..]).into_owned())
+}
+
+#[test]
+fn a_client_that_must_authenticate_gets_the_challenge_and_nothing_else_before_it() {
+    let mut c = guarded();
+    let info = hello(&mut c, 0);
+    assert!(info.auth_required);
+    assert_eq!(info.challenge, Some(CHALLENGE));
+    send(&mut c, 0, &Encoder::request(Command::Ping).u32(5).finish());
+    assert_eq!(replies(&mut c, 0), [REPLY_OK, 5, 0, 0, 0], "PING is fine");
+    let refused = c.receive(0, &get("/k")).unwrap_err();
+    assert_eq!(refused.0, Refusal::Unauthenticated);
+    let (status, message) = error_of(&replies(&mut c, 0));
+    assert_eq!(status, Status::PermissionDenied as u8);
+    assert!(message.contains("requires authentication"), "{message}");
+}
+
+#[test]
+fn a_wrong_proof_is_refused_without_a_word_of_the_secret() {
+    let mut c = guarded();
+    hello(&mut c, 0);
+    let wrong = Secret::new(b"a-guess".to_vec()).unwrap();
+    let refused = c
+        .receive(0, &auth(&wrong.client_proof(&CHALLENGE, &CLIENT_NONCE)))
+        .unwrap_err();
+    assert_eq!(refused.0, Refusal::AuthenticationFailed);
+    assert!(!refused.1.contains("the-shared-secret"));
+    let (status, message) = error_of(&replies(&mut c, 0));
+    assert_eq!(status, Status::PermissionDenied as u8);
+    assert_eq!(message, "authentication failed: wrong secret");
+    // A proof for another challenge (a replay from another connection).
+    hello(&mut c, 1);
+    let replayed = secret().client_proof(&[8; 32], &CLIENT_NONCE);
+    assert!(c.receive(1, &auth(&replayed)).is_err());
+    hello(&mut c, 2);
+    assert!(c.receive(2, &auth(b"short")).is_err());
+}
+
+#[test]
+fn the_right_proof_opens_the_connection_and_the_server_proves_itself() {
+    let mut c = guarded();
+    hello(&mut c, 0);
+    send(
+        &mut c,
+        0,
+        &auth(&secret().client_proof(&CHALLENGE, &CLIENT_NONCE)),
+    );
+    let reply = replies(&mut c, 0);
+    assert_eq!(reply[0], REPLY_OK);
+    assert!(secret().check_server(&CHALLENGE, &CLIENT_NONCE, &reply[9..]));
+    send(&mut c, 0, &set("/k", b"v"));
+    send(&mut c, 0, &get("/k"));
+    let mut expected = vec![REPLY_OK];
+    expected.extend(byte_string(b"v"));
+    assert_eq!(replies(&mut c, 0), expected);
+}
+
+#[test]
+fn pytorch_clients_are_refused_unless_let_in_unauthenticated() {
+    let mut c = guarded();
+    c.connect_as(0, true, Some(CHALLENGE));
+    send(
+        &mut c,
+        0,
+        &Encoder::request(Command::Validate)
+            .u32(VALIDATE_MAGIC)
+            .finish(),
+    );
+    send(
+        &mut c,
+        0,
+        &Encoder::request(Command::Ping).u32(1234).finish(),
+    );
+    assert_eq!(replies(&mut c, 0), 1234u32.to_le_bytes());
+    let refused = c.receive(0, &set("/k", b"v")).unwrap_err();
+    assert_eq!(refused.0, Refusal::Unauthenticated);
+    assert!(
+        replies(&mut c, 0).is_empty(),
+        "PyTorch's protocol has no error"
+    );
+    // From a network let in unauthenticated.
+    c.connect_as(1, false, Some(CHALLENGE));
+    send(
+        &mut c,
+        1,
+        &Encoder::request(Command::Validate)
+            .u32(VALIDATE_MAGIC)
+            .finish(),
+    );
+    send(&mut c, 1, &set("/k", b"v"));
+    send(&mut c, 1, &get("/k"));
+    assert_eq!(replies(&mut c, 1), byte_string(b"v"));
+}
+
+#[test]
+fn auth_without_a_secret_or_hello_is_refused() {
+    let mut c = core();
+    open_v2(&mut c, 0);
+    let refused = c.receive(0, &auth(&[0; 32])).unwrap_err();
+    assert_eq!(refused.0, Refusal::AuthenticationFailed);
+    open(&mut c, 1);
+    let refused = c.receive(1, &auth(&[0; 32])).unwrap_err();
+    assert_eq!(refused.0, Refusal::Malformed, "an extension before HELLO");
+}
+
+fn quota_core(quotas: Quotas) -> ServerCore<MemoryBackend> {
+    core().with_quotas(quotas)
+}
+
+#[test]
+fn the_key_quota_refuses_new_keys_and_lets_existing_ones_change() {
+    let mut c = quota_core(Quotas {
+        max_keys: Some(2),
+        ..Quotas::default()
+    });
+    open_v2(&mut c, 0);
+    send(&mut c, 0, &set("/a", b"1"));
+    send(&mut c, 0, &set("/b", b"2"));
+    send(&mut c, 0, &set("/c", b"3"));
+    send(&mut c, 0, &set("/a", b"overwritten"));
+    send(&mut c, 0, &get("/c"));
+    let reply = replies(&mut c, 0);
+    assert_eq!(reply[0], REPLY_DEFERRED_ERROR, "the SET of /c: {reply:?}");
+    assert_eq!(reply[1], Status::QuotaExceeded as u8);
+    let len = u64::from_le_bytes(reply[2..10].try_into().unwrap()) as usize;
+    let message = String::from_utf8_lossy(&reply[10..10 + len]);
+    assert!(message.contains("maximum of 2 keys; key '/c'"), "{message}");
+    let mut rest = vec![REPLY_OK];
+    rest.extend(byte_string(b""));
+    assert_eq!(reply[10 + len..], rest, "/c was not stored");
+    let add = Encoder::request(Command::Add)
+        .bytes(b"/counter")
+        .u64(1)
+        .finish();
+    let refused = c.receive(0, &add);
+    assert!(refused.is_ok());
+    assert_eq!(error_of(&replies(&mut c, 0)).0, Status::QuotaExceeded as u8);
+    send(
+        &mut c,
+        0,
+        &Encoder::request(Command::DeleteKey).bytes(b"/b").finish(),
+    );
+    replies(&mut c, 0);
+    send(&mut c, 0, &add);
+    assert_eq!(
+        replies(&mut c, 0),
+        [&[REPLY_OK][..], &1i64.to_le_bytes()].concat()
+    );
+    assert!(c
+        .metrics()
+        .render()
+        .contains("distcore_quota_refusals_total{quota=\"keys\"} 2"));
+}
+
+#[test]
+fn the_byte_quota_counts_growth_and_a_pytorch_client_over_it_is_closed() {
+    let mut c = quota_core(Quotas {
+        max_stored_bytes: Some(100),
+        ..Quotas::default()
+    });
+    open_v2(&mut c, 0);
+    send(&mut c, 0, &set("/a", &[0; 60]));
+    send(&mut c, 0, &set("/a", &[0; 90]));
+    send(&mut c, 0, &set("/b", &[0; 20]));
+    send(&mut c, 0, &Encoder::request(Command::Ping).u32(1).finish());
+    let reply = replies(&mut c, 0);
+    assert_eq!(reply[0], REPLY_DEFERRED_ERROR, "/b: 92 + 22 > 100");
+    assert!(String::from_utf8_lossy(&reply).contains("maximum of 100 stored bytes"));
+    open(&mut c, 1);
+    let refused = c.receive(1, &set("/c", &[0; 50])).unwrap_err();
+    assert_eq!(refused.0, Refusal::RequestFailed);
+    send(&mut c, 0, &set("/a", b"small"));
+    send(&mut c, 0, &set("/b", &[0; 20]));
+    send(&mut c, 0, &get("/b"));
+    let mut expected = vec![REPLY_OK];
+    expected.extend(byte_string(&[0; 20]));
+    assert_eq!(replies(&mut c, 0), expected, "room again after shrinking");
+}
+
+#[test]
+fn metrics_count_requests_connections_by_kind_and_backpressure() {
+    let mut c = core();
+    c.connect(0);
+    open(&mut c, 1);
+    open_v2(&mut c, 2);
+    send(&mut c, 1, &set("/k", b"v"));
+    send(&mut c, 1, &get("/k"));
+    send(&mut c, 2, &wait(&["/never"]));
+    c.publish();
+    let text = c.metrics().render();
+    for line in [
+        "distcore_connections{kind=\"handshake\"} 1",
+        "distcore_connections{kind=\"pytorch\"} 1",
+        "distcore_connections{kind=\"distcore\"} 1",
+        "distcore_requests_total{command=\"set\"} 1",
+        "distcore_requests_total{command=\"get\"} 1",
+        "distcore_requests_total{command=\"wait\"} 0",
+        "distcore_waiters 1",
+        "distcore_keys 1",
+        "distcore_stored_bytes 3",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+    }
+    c.disconnect(2);
+    c.disconnect(0);
+    // A client that never reads is throttled once, however much it sends.
+    send(&mut c, 1, &set("/big", &[1; 200 << 10]));
+    for _ in 0..4 {
+        send(&mut c, 1, &get("/big"));
+    }
+    c.publish();
+    let text = c.metrics().render();
+    assert!(
+        text.contains("distcore_connections_throttled_total 1\n"),
+        "{text}"
+    );
+    assert!(text.contains("distcore_connections_throttled 1\n"));
+    assert!(text.contains("distcore_connections{kind=\"distcore\"} 0\n"));
+    replies(&mut c, 1);
+    c.resume(1).unwrap();
+    c.publish();
+    assert!(c
+        .metrics()
+        .render()
+        .contains("distcore_connections_throttled 0\n"));
+}
+
+#[test]
+fn stats_answers_with_the_metrics_text() {
+    let mut c = core();
+    open_v2(&mut c, 0);
+    send(&mut c, 0, &[Command::Stats as u8]);
+    let reply = replies(&mut c, 0);
+    assert_eq!(reply[0], REPLY_OK);
+    let text = String::from_utf8_lossy(&reply[9..]);
+    assert!(
+        text.contains("# TYPE distcore_requests_total counter"),
+        "{text}"
+    );
+}
