@@ -63,7 +63,7 @@
 
 // The minor version of the header: grows when functions, constants or
 // struct fields are added.
-#define DC_VERSION_MINOR 1
+#define DC_VERSION_MINOR 2
 
 // The patch version of the header: grows with fixes that change no
 // declaration.
