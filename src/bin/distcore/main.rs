@@ -11,9 +11,11 @@ use std::path::PathBuf;
 mod parameter_server;
 
 use clap::{Parser, Subcommand};
+use distcore::access::{AccessPolicy, Network};
+use distcore::auth::Secret;
 use distcore::store::tcp::protocol::Limits;
-use distcore::store::tcp::server::{raise_open_files_limit, ServerBackend};
-use distcore::store::tcp::{Server, ServerOptions};
+use distcore::store::tcp::server::{raise_open_files_limit, MetricsEndpoint, ServerBackend};
+use distcore::store::tcp::{Quotas, Server, ServerOptions};
 use distcore::store::{
     elastic, EtcdStore, EtcdStoreOptions, FileStore, HashStore, PrefixStore, Store, TcpStore,
     TcpStoreOptions,
@@ -151,9 +153,10 @@ enum Command {
     },
     /// Run a standalone TCPStore server (PyTorch-compatible) until SIGINT or SIGTERM.
     Serve {
-        /// Address to listen on (default: every interface, dual-stack).
-        #[arg(long)]
-        host: Option<std::net::IpAddr>,
+        /// Address to listen on: loopback unless told otherwise; 0.0.0.0
+        /// for every IPv4 interface, :: for every interface (dual-stack).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
         /// Port (0 picks a free one).
         #[arg(long, default_value_t = 29500)]
         port: u16,
@@ -179,14 +182,19 @@ enum Command {
         /// down, a leader election) before the client's request fails.
         #[arg(long, default_value_t = 30)]
         backend_timeout: u64,
+        #[command(flatten)]
+        guards: Guards,
     },
-    /// List the keys of a TCPStore with their sizes and values.
+    /// Show a TCPStore server's stats (a distcore server's), then its keys
+    /// with their sizes and values.
     Inspect {
         /// The server, as HOST:PORT ([::1]:29500 for IPv6).
         address: String,
         /// Bytes of each value to show.
         #[arg(long, default_value_t = 64)]
         width: usize,
+        #[command(flatten)]
+        secret: SecretArgs,
     },
     /// One worker process of `demo` (started by it).
     #[command(hide = true)]
@@ -200,6 +208,62 @@ enum Command {
         #[arg(long)]
         timeout: u64,
     },
+}
+
+/// Where the shared secret comes from (never from the command line, which
+/// other users of the machine can read).
+#[derive(clap::Args, Clone)]
+struct SecretArgs {
+    /// Read the shared secret from this file (one trailing newline is
+    /// dropped): clients must prove they hold it, and the peer must too.
+    #[arg(long, conflicts_with = "secret_env")]
+    secret_file: Option<PathBuf>,
+    /// Read the shared secret from this environment variable.
+    #[arg(long)]
+    secret_env: Option<String>,
+}
+
+impl SecretArgs {
+    fn secret(&self) -> Result<Option<Secret>> {
+        match (&self.secret_file, &self.secret_env) {
+            (Some(path), _) => Secret::from_file(path).map(Some),
+            (None, Some(name)) => Secret::from_env(name).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// Who may connect to `serve`, what they may make it hold, and its metrics.
+#[derive(clap::Args)]
+struct Guards {
+    /// Networks clients may connect from, as CIDR blocks
+    /// (10.0.0.0/8,fd00::/8,192.0.2.7); others are disconnected at once,
+    /// PyTorch's clients included. Default: any.
+    #[arg(long, value_parser = parse_networks)]
+    allow: Option<Vec<Network>>,
+    #[command(flatten)]
+    secret: SecretArgs,
+    /// With a secret: networks whose clients need not authenticate
+    /// (PyTorch's clients, which cannot).
+    #[arg(long, value_parser = parse_networks)]
+    allow_unauthenticated: Option<Vec<Network>>,
+    /// Most open connections (further ones are closed at once).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Most keys holding a value or a queue (writes past it are refused).
+    #[arg(long)]
+    max_keys: Option<usize>,
+    /// Most bytes of keys, values and queue elements (writes past it are
+    /// refused).
+    #[arg(long)]
+    max_stored_bytes: Option<u64>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+    #[arg(long)]
+    metrics: Option<std::net::SocketAddr>,
+}
+
+fn parse_networks(text: &str) -> std::result::Result<Vec<Network>, String> {
+    Network::parse_list(text).map_err(|e| e.message().to_owned())
 }
 
 /// `println!` for a long-running server: a reader that went away (a
@@ -234,28 +298,50 @@ fn main() -> ExitCode {
             listen_fd,
             mut backend,
             backend_timeout,
-        } => serve(
-            ServerOptions {
-                port,
-                bind_address: host,
-                // SAFETY: the launcher hands this process the socket.
-                listen_fd: listen_fd.map(|fd| {
-                    std::sync::Arc::new(unsafe {
-                        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
-                    })
-                }),
-                limits: Limits::with_max_value_len(max_value_size),
-                backend: {
-                    if let ServerBackend::Etcd(etcd) = &mut backend {
-                        etcd.timeout = Duration::from_secs(backend_timeout);
-                    }
-                    backend
+            guards,
+        } => guards.secret.secret().and_then(|secret| {
+            serve(
+                ServerOptions {
+                    port,
+                    // `::` is every interface, IPv4 included (dual-stack).
+                    bind_address: (host != std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
+                        .then_some(host),
+                    // SAFETY: the launcher hands this process the socket.
+                    listen_fd: listen_fd.map(|fd| {
+                        std::sync::Arc::new(unsafe {
+                            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+                        })
+                    }),
+                    limits: Limits::with_max_value_len(max_value_size),
+                    backend: {
+                        if let ServerBackend::Etcd(etcd) = &mut backend {
+                            etcd.timeout = Duration::from_secs(backend_timeout);
+                        }
+                        backend
+                    },
+                    access: AccessPolicy {
+                        allow: guards.allow.unwrap_or_default(),
+                        secret,
+                        allow_unauthenticated: guards.allow_unauthenticated.unwrap_or_default(),
+                    },
+                    quotas: Quotas {
+                        max_connections: guards.max_connections,
+                        max_keys: guards.max_keys,
+                        max_stored_bytes: guards.max_stored_bytes,
+                    },
+                    ..ServerOptions::default()
                 },
-                ..ServerOptions::default()
-            },
-            world_size,
-        ),
-        Command::Inspect { address, width } => inspect(&address, width),
+                world_size,
+                guards.metrics,
+            )
+        }),
+        Command::Inspect {
+            address,
+            width,
+            secret,
+        } => secret
+            .secret()
+            .and_then(|secret| inspect(&address, width, secret)),
         Command::DemoWorker {
             connect,
             rank,
@@ -485,7 +571,16 @@ fn block_termination_signals() -> impl FnOnce() -> i32 {
 
 /// Runs a server until SIGINT or SIGTERM. A server holds a descriptor per
 /// client, so it first raises its soft limit on open files to the hard one.
-fn serve(options: ServerOptions, world_size: Option<u32>) -> Result<()> {
+fn serve(
+    options: ServerOptions,
+    world_size: Option<u32>,
+    metrics: Option<std::net::SocketAddr>,
+) -> Result<()> {
+    if options.access.secret.is_none() && !options.access.allow_unauthenticated.is_empty() {
+        return Err(Error::invalid_argument(
+            "--allow-unauthenticated needs a secret (--secret-file or --secret-env): without one, every client is unauthenticated",
+        ));
+    }
     let wait_for_signal = block_termination_signals();
     let open_files = raise_open_files_limit();
     let keys_in = match &options.backend {
@@ -494,18 +589,40 @@ fn serve(options: ServerOptions, world_size: Option<u32>) -> Result<()> {
             format!("etcd {} under {}", etcd.endpoints.join(","), etcd.prefix)
         }
     };
+    let who = options.access.describe();
+    let server_secret = options.access.secret.clone();
+    let reach = match options.bind_address {
+        Some(ip) if ip.is_loopback() => "loopback only: --host to serve other machines",
+        Some(ip) if ip.is_unspecified() => "every IPv4 interface",
+        Some(_) => "this address only",
+        None if options.listen_fd.is_some() => "a socket handed over",
+        None => "every interface, IPv4 and IPv6",
+    };
     let server = Server::start(options)?;
     say!(
-        "distcore TCPStore server listening on {} (keys in {keys_in}; SIGINT or SIGTERM stops it)",
+        "distcore TCPStore server listening on {} ({reach}; keys in {keys_in}; SIGINT or SIGTERM stops it)",
         server.local_addr()
     );
+    say!("distcore: serving {who}");
+    let _endpoint = match metrics {
+        Some(addr) => {
+            let endpoint = MetricsEndpoint::start(addr, server.metrics_source())?;
+            say!(
+                "distcore: metrics at http://{}/metrics",
+                endpoint.local_addr()
+            );
+            Some(endpoint)
+        }
+        None => None,
+    };
     match open_files {
         Ok(limit) => say!("distcore: up to {limit} open files (one per client)"),
         Err(e) => say_err!("distcore: cannot raise the open files limit: {e}"),
     }
     if let Some(world) = world_size {
-        let port = server.port();
-        thread::spawn(move || report_workers(port, world));
+        let (port, secret) = (server.port(), server_secret.clone());
+        let host = server.local_addr().ip();
+        thread::spawn(move || report_workers(host, port, secret, world));
     }
     let signal = wait_for_signal();
     let stats = server.stats();
@@ -519,11 +636,18 @@ fn serve(options: ServerOptions, world_size: Option<u32>) -> Result<()> {
 }
 
 /// Prints once `world` clients have counted themselves in `init/`.
-fn report_workers(port: u16, world: u32) {
+fn report_workers(host: std::net::IpAddr, port: u16, secret: Option<Secret>, world: u32) {
     let watch = || -> Result<()> {
+        let host = if host.is_unspecified() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            host
+        };
         let store = TcpStore::new(TcpStoreOptions {
+            host: host.to_string(),
             port,
             timeout: Duration::ZERO,
+            secret,
             ..TcpStoreOptions::default()
         })?;
         let started = Instant::now();
@@ -544,7 +668,7 @@ fn report_workers(port: u16, world: u32) {
     }
 }
 
-fn inspect(address: &str, width: usize) -> Result<()> {
+fn inspect(address: &str, width: usize, secret: Option<Secret>) -> Result<()> {
     let (host, port) = address
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
@@ -553,8 +677,12 @@ fn inspect(address: &str, width: usize) -> Result<()> {
         host,
         port,
         timeout: Duration::from_secs(10),
+        secret,
         ..TcpStoreOptions::default()
     })?;
+    if store.peer_is_distcore() {
+        print_stats(&store.server_metrics()?);
+    }
     let mut keys = store.list_keys()?;
     keys.sort();
     println!(
@@ -573,6 +701,22 @@ fn inspect(address: &str, width: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A summary of a server's metrics: its gauges, and its counters that are
+/// not zero.
+fn print_stats(metrics: &str) {
+    println!("server stats:");
+    let samples = metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter(|(name, _)| !name.contains("_bucket") && !name.starts_with("distcore_build_info"));
+    for (name, value) in samples {
+        if value != "0" || !name.contains("_total") {
+            println!("  {:<64} {value}", name.trim_start_matches("distcore_"));
+        }
+    }
 }
 
 /// Printable ASCII as is, other bytes as \xNN, cut at `width` bytes.

@@ -212,6 +212,22 @@ impl TcpStore {
         self.conns.dialect() == Dialect::Distcore
     }
 
+    /// The server's metrics in Prometheus's text format, asked over the
+    /// connection (the STATS extension): what `distcore inspect` shows.
+    /// NotSupported from a PyTorch server.
+    pub fn server_metrics(&self) -> Result<String> {
+        if !self.peer_is_distcore() {
+            return Err(Error::not_supported(
+                "the server is not a distcore server: it has no metrics to give",
+            ));
+        }
+        let request = || Encoder::request(Command::Stats).finish();
+        let text = self
+            .call("server_metrics", &[], &[], request, Shape::Values(1))?
+            .into_value();
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    }
+
     /// Counts this handle in `init/`; on the server, then blocks until the
     /// count reaches the world size or fails with PyTorch's "Timed out after
     /// N seconds waiting for clients. x/y clients joined.".

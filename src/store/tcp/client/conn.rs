@@ -283,8 +283,16 @@ impl Conn {
             .bytes(&mine)
             .bytes(&secret.client_proof(challenge, &mine))
             .finish();
+        let peer = self.peer.clone();
         let proof = self
-            .call(&[&request], Shape::Values(1), deadline)?
+            .call(&[&request], Shape::Values(1), deadline)
+            .map_err(|e| match e.status() {
+                Status::PermissionDenied => Error::permission_denied(format!(
+                    "the TCPStore at {peer} refused this client: {}",
+                    e.message()
+                )),
+                _ => e,
+            })?
             .into_value();
         if !secret.check_server(challenge, &mine, &proof) {
             return Err(self.break_with(Error::permission_denied(format!(

@@ -39,10 +39,12 @@ pub(crate) mod backend;
 mod etcd_backend;
 mod event_loop;
 mod metrics;
+mod metrics_http;
 mod state;
 mod waits;
 
 pub use crate::reactor::raise_open_files_limit;
+pub use metrics_http::{MetricsEndpoint, MetricsSource};
 
 /// How a server gets its listening socket.
 #[derive(Debug, Clone)]
@@ -223,6 +225,12 @@ impl Server {
     /// and docs/server.md), as of its last event.
     pub fn metrics_text(&self) -> String {
         self.metrics.render()
+    }
+
+    /// What renders the metrics from any thread, for as long as it is
+    /// kept (for a [`MetricsEndpoint`]).
+    pub fn metrics_source(&self) -> MetricsSource {
+        MetricsSource(self.metrics.clone())
     }
 }
 
