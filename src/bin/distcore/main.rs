@@ -183,7 +183,7 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         backend_timeout: u64,
         #[command(flatten)]
-        guards: Guards,
+        guards: Box<Guards>,
     },
     /// Show a TCPStore server's stats (a distcore server's), then its keys
     /// with their sizes and values.
