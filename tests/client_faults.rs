@@ -4,7 +4,6 @@
 //! operation must end within its timeout plus the documented cancel grace,
 //! and the same handle must work again once the server does.
 
-use std::process::Command;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -13,7 +12,7 @@ use distcore::store::{Store, TcpStore, TcpStoreOptions};
 use distcore::Status;
 
 mod common;
-use common::Serve;
+use common::{Netns, Serve};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 /// The cancel grace (0.5 s) and scheduling on a busy machine.
@@ -81,73 +80,6 @@ fn a_frozen_server_cannot_hold_any_operation_past_its_timeout() {
     assert_eq!(store.get("k").unwrap(), b"v");
 }
 
-/// A network namespace with a veth pair to this one; removed when dropped.
-struct Netns {
-    name: String,
-    /// The address of the namespace's end.
-    inside: String,
-}
-
-fn run(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-impl Netns {
-    fn create() -> Result<Netns, String> {
-        let id = std::process::id();
-        let name = format!("dcfault{id}");
-        let (outer, inner) = (format!("dcv{id}a"), format!("dcv{id}b"));
-        let net = format!("10.231.{}", id % 250);
-        let netns = Netns {
-            name: name.clone(),
-            inside: format!("{net}.2"),
-        };
-        run(&["ip", "netns", "add", &name])?;
-        run(&[
-            "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner,
-        ])?;
-        run(&["ip", "link", "set", &inner, "netns", &name])?;
-        run(&["ip", "addr", "add", &format!("{net}.1/30"), "dev", &outer])?;
-        run(&["ip", "link", "set", &outer, "up"])?;
-        netns.exec(&["ip", "addr", "add", &format!("{net}.2/30"), "dev", &inner])?;
-        netns.exec(&["ip", "link", "set", &inner, "up"])?;
-        netns.exec(&["ip", "link", "set", "lo", "up"])?;
-        Ok(netns)
-    }
-
-    fn exec(&self, args: &[&str]) -> Result<(), String> {
-        let mut all = vec!["ip", "netns", "exec", &self.name];
-        all.extend_from_slice(args);
-        run(&all)
-    }
-
-    /// Drops every packet into the namespace, or lets them in again.
-    fn partition(&self, cut: bool) {
-        let action = if cut { "-A" } else { "-D" };
-        self.exec(&["iptables", action, "INPUT", "-j", "DROP"])
-            .unwrap();
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Deleting the namespace removes the veth pair with it.
-        let _ = run(&["ip", "netns", "del", &self.name]);
-    }
-}
-
 #[test]
 fn a_partition_is_timed_out_on_time_and_the_handle_works_after_it_heals() {
     let netns = match Netns::create() {
@@ -157,7 +89,7 @@ fn a_partition_is_timed_out_on_time_and_the_handle_works_after_it_heals() {
              (it needs root, iproute2 and iptables): {why}"
         ),
     };
-    let serve = Serve::start_in(&netns.name, &netns.inside);
+    let serve = Serve::start_in(&netns.name, &["--host", &netns.inside]);
     let store = Arc::new(client(&netns.inside, serve.port));
     store.set("k", b"v").unwrap();
 

@@ -5,6 +5,9 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 
+/// Tells apart the namespaces one test process creates.
+static NEXT_NETNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// A `distcore serve` process, killed when dropped.
 pub struct Serve {
     /// The process.
@@ -29,11 +32,12 @@ impl Serve {
         Serve::spawn(command, open_files)
     }
 
-    /// In the network namespace `netns`, listening on `host`.
-    pub fn start_in(netns: &str, host: &str) -> Serve {
+    /// In the network namespace `netns`, on a free port, with `args` after
+    /// `serve`.
+    pub fn start_in(netns: &str, args: &[&str]) -> Serve {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_distcore")]);
-        command.args(["serve", "--host", host, "--port", "0"]);
+        command.args(["serve", "--port", "0"]).args(args);
         Serve::spawn(command, None)
     }
 
@@ -119,5 +123,79 @@ impl Serve {
             unsafe { libc::kill(self.child.id() as libc::pid_t, signal) },
             0
         );
+    }
+}
+
+/// A network namespace with a veth pair to this one; removed when dropped.
+pub struct Netns {
+    /// Its name.
+    pub name: String,
+    /// The address of the namespace's end.
+    pub inside: String,
+    /// The address of this namespace's end.
+    pub outside: String,
+}
+
+pub fn run(args: &[&str]) -> Result<(), String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Netns {
+    /// Creates it (root, iproute2).
+    pub fn create() -> Result<Netns, String> {
+        let id = std::process::id() % 100_000;
+        let n = NEXT_NETNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("dcns{id}n{n}");
+        let (outer, inner) = (format!("dcv{id}a{n}"), format!("dcv{id}b{n}"));
+        let net = format!("10.{}.{}", 231 + n % 20, id % 250);
+        let netns = Netns {
+            name: name.clone(),
+            inside: format!("{net}.2"),
+            outside: format!("{net}.1"),
+        };
+        run(&["ip", "netns", "add", &name])?;
+        run(&[
+            "ip", "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+        ])?;
+        run(&["ip", "link", "set", &inner, "netns", &name])?;
+        run(&["ip", "addr", "add", &format!("{net}.1/30"), "dev", &outer])?;
+        run(&["ip", "link", "set", &outer, "up"])?;
+        netns.exec(&["ip", "addr", "add", &format!("{net}.2/30"), "dev", &inner])?;
+        netns.exec(&["ip", "link", "set", &inner, "up"])?;
+        netns.exec(&["ip", "link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
+    /// Runs `args` inside it.
+    pub fn exec(&self, args: &[&str]) -> Result<(), String> {
+        let mut all = vec!["ip", "netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        run(&all)
+    }
+
+    /// Drops every packet into the namespace, or lets them in again.
+    pub fn partition(&self, cut: bool) {
+        let action = if cut { "-A" } else { "-D" };
+        self.exec(&["iptables", action, "INPUT", "-j", "DROP"])
+            .unwrap();
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace removes the veth pair with it.
+        let _ = run(&["ip", "netns", "del", &self.name]);
     }
 }

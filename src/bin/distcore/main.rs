@@ -240,13 +240,13 @@ struct Guards {
     /// (10.0.0.0/8,fd00::/8,192.0.2.7); others are disconnected at once,
     /// PyTorch's clients included. Default: any.
     #[arg(long, value_parser = parse_networks)]
-    allow: Option<Vec<Network>>,
+    allow: Option<Networks>,
     #[command(flatten)]
     secret: SecretArgs,
     /// With a secret: networks whose clients need not authenticate
     /// (PyTorch's clients, which cannot).
     #[arg(long, value_parser = parse_networks)]
-    allow_unauthenticated: Option<Vec<Network>>,
+    allow_unauthenticated: Option<Networks>,
     /// Most open connections (further ones are closed at once).
     #[arg(long)]
     max_connections: Option<usize>,
@@ -262,8 +262,14 @@ struct Guards {
     metrics: Option<std::net::SocketAddr>,
 }
 
-fn parse_networks(text: &str) -> std::result::Result<Vec<Network>, String> {
-    Network::parse_list(text).map_err(|e| e.message().to_owned())
+/// A list of networks given as one argument (`a,b,c`).
+#[derive(Clone)]
+struct Networks(Vec<Network>);
+
+fn parse_networks(text: &str) -> std::result::Result<Networks, String> {
+    Network::parse_list(text)
+        .map(Networks)
+        .map_err(|e| e.message().to_owned())
 }
 
 /// `println!` for a long-running server: a reader that went away (a
@@ -320,9 +326,12 @@ fn main() -> ExitCode {
                         backend
                     },
                     access: AccessPolicy {
-                        allow: guards.allow.unwrap_or_default(),
+                        allow: guards.allow.map(|n| n.0).unwrap_or_default(),
                         secret,
-                        allow_unauthenticated: guards.allow_unauthenticated.unwrap_or_default(),
+                        allow_unauthenticated: guards
+                            .allow_unauthenticated
+                            .map(|n| n.0)
+                            .unwrap_or_default(),
                     },
                     quotas: Quotas {
                         max_connections: guards.max_connections,
