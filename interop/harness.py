@@ -71,15 +71,18 @@ class CServer:
 
 class CliServer:
     """`distcore serve` on an ephemeral loopback port; `backend`: its --backend
-    (an etcd:// URL), with `args` more options."""
+    (an etcd:// URL), with `args` more options; `host` None: its default."""
 
-    def __init__(self, backend=None, args=()):
-        command = [CLI, "serve", "--host", "127.0.0.1", "--port", "0", *args]
+    def __init__(self, backend=None, args=(), host="127.0.0.1"):
+        command = [CLI, "serve", "--port", "0", *args]
+        if host is not None:
+            command += ["--host", host]
         if backend:
             command += ["--backend", backend]
         self.proc = track(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
         line = _read_line(self.proc, "distcore TCPStore server listening on")
         self.port = int(line.split()[5].rsplit(":", 1)[1])
+        self.banner = line
 
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)

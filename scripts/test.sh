@@ -58,7 +58,7 @@ step "Python package (pip install ./python into build/venv) and its tests"
 # is tested.
 venv="$root/build/venv"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q --disable-pip-version-check pytest
+"$venv/bin/pip" install -q --disable-pip-version-check pytest prometheus_client
 "$venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps ./python
 DISTCORE_LIB="$root/build/prefix/lib/libdistcore.so" \
   "$venv/bin/python" -m pytest -v -p no:cacheprovider --rootdir "$root" python/tests interop/test_ffi_*.py

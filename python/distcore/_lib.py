@@ -38,7 +38,11 @@ class TcpStoreOptions(Structure):
     _fields_ = [("struct_size", c_size_t), ("host", c_char_p), ("port", c_uint16),
                 ("is_server", c_bool), ("world_size", c_int32), ("wait_for_workers", c_bool),
                 ("timeout_ms", c_int64), ("multi_tenant", c_bool), ("master_listen_fd", c_int),
-                ("bind_address", c_char_p), ("max_value_size", c_uint64)]
+                ("bind_address", c_char_p), ("max_value_size", c_uint64),
+                # since 1.2
+                ("secret", c_char_p), ("secret_len", c_size_t), ("allow", c_char_p),
+                ("allow_unauthenticated", c_char_p), ("max_connections", c_uint64), ("max_keys", c_uint64),
+                ("max_stored_bytes", c_uint64)]
 
 
 class EtcdStoreOptions(Structure):
@@ -146,6 +150,7 @@ SIGNATURES = {
     "dc_tcp_store_wait_for_workers": ([_h], _status),
     "dc_tcp_store_counters": ([_h, POINTER(ClientCounter), c_size_t, POINTER(c_size_t)], _status),
     "dc_tcp_store_server_stats": ([_h, POINTER(ServerStats)], _status),
+    "dc_tcp_store_server_metrics": ([_h, POINTER(Buf)], _status),
     # works
     "dc_work_new": ([c_int32, c_int32, c_char_p, c_int64, _out_h], _status),
     "dc_work_new_future": ([_out_h], _status),

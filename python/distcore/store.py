@@ -306,6 +306,15 @@ class PrefixStore(Store):
         return self._prefix
 
 
+def _networks(value):
+    """A list of CIDR networks (or one "a,b" string) as the C option."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        value = ",".join(value)
+    return value.encode()
+
+
 class TCPStore(Store):
     """A TCP key-value store (torch.distributed.TCPStore): a client, plus
     the server when `is_master`. Talks to distcore servers and PyTorch's
@@ -315,13 +324,23 @@ class TCPStore(Store):
     handles; `timeout` for connecting and for every call; `master_listen_fd`
     an already-listening socket to serve on; `use_libuv` is accepted and
     ignored (the server is distcore's own). distcore's own, keyword-only:
-    `bind_address` (listen only on that IP) and `max_value_size` (bytes the
-    server accepts in a value; None: 64 MiB).
+    `bind_address` (listen only on that IP; None: every interface, as
+    PyTorch, where anyone who reaches the port can read and write every key
+    unless the following say otherwise) and `max_value_size` (bytes the
+    server accepts in a value; None: 64 MiB); `secret` (bytes or str: the
+    server requires clients to prove they hold it, a client proves it and
+    requires the server to prove it too; it never travels;
+    DistPermissionError when either side fails); for a server, `allow` (CIDR
+    networks clients may connect from, a list or "a,b"),
+    `allow_unauthenticated` (networks whose clients need not authenticate:
+    PyTorch's), `max_connections`, `max_keys` and `max_stored_bytes`
+    (quotas; a write past them raises DistQuotaError).
     """
 
     def __init__(self, host_name, port, world_size=None, is_master=False, timeout=timedelta(seconds=300),
                  wait_for_workers=True, multi_tenant=False, master_listen_fd=None, use_libuv=True, *,
-                 bind_address=None, max_value_size=None):
+                 bind_address=None, max_value_size=None, secret=None, allow=None, allow_unauthenticated=None,
+                 max_connections=None, max_keys=None, max_stored_bytes=None):
         if not isinstance(host_name, str):
             raise TypeError(f"host_name must be str, not {type(host_name).__name__}")
         if not isinstance(port, int) or not 0 <= port <= 65535:
@@ -339,6 +358,17 @@ class TCPStore(Store):
         opts.bind_address = bind
         if max_value_size is not None:
             opts.max_value_size = int(max_value_size)
+        if secret is not None:
+            secret = secret.encode() if isinstance(secret, str) else bytes(secret)
+            opts.secret, opts.secret_len = secret, len(secret)
+        allow, allow_unauthenticated = _networks(allow), _networks(allow_unauthenticated)
+        opts.allow, opts.allow_unauthenticated = allow, allow_unauthenticated
+        for name, value in (("max_connections", max_connections), ("max_keys", max_keys),
+                            ("max_stored_bytes", max_stored_bytes)):
+            if value is not None:
+                if int(value) <= 0:
+                    raise ValueError(f"{name} must be positive, not {value!r}")
+                setattr(opts, name, int(value))
         h = c_void_p()
         check(lib.dc_tcp_store_new(ctypes.byref(opts), ctypes.byref(h)))
         self._host = host_name
@@ -375,6 +405,13 @@ class TCPStore(Store):
         check(lib.dc_tcp_store_counters(self._handle, arr, n.value, ctypes.byref(n)))
         return {c.op.decode(): {"count": c.count, "mean_ms": c.mean_ms, "variance_ms": c.variance_ms}
                 for c in arr[:min(n.value, len(arr))]}
+
+    def server_metrics(self):
+        """The metrics of the server this handle runs, in Prometheus's text
+        format (DistValueError for a client-only handle)."""
+        buf = Buf()
+        check(lib.dc_tcp_store_server_metrics(self._handle, ctypes.byref(buf)))
+        return take_buf(buf).decode()
 
     def server_stats(self):
         """The load of the server this handle runs: {"connections",
