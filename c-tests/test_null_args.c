@@ -129,6 +129,9 @@ int main(void) {
   dc_server_stats stats = {.struct_size = sizeof(dc_server_stats)};
   NULL_ARG(dc_tcp_store_server_stats(NULL, &stats));
   NULL_ARG(dc_tcp_store_server_stats(s, NULL));
+  dc_buf text = {0};
+  NULL_ARG(dc_tcp_store_server_metrics(NULL, &text));
+  NULL_ARG(dc_tcp_store_server_metrics(s, NULL));
   NULL_ARG(dc_tcp_store_counters(NULL, counters, 1, &n_counters));
   NULL_ARG(dc_tcp_store_counters(s, NULL, 1, &n_counters));
   NULL_ARG(dc_tcp_store_counters(s, counters, 1, NULL));
