@@ -12,7 +12,10 @@
  *   length over DC_MAX_BYTES_LEN, a string that is not UTF-8, a number
  *   out of range, a struct_size no header had), DC_ERR_INTERNAL (a bug in
  *   distcore, contained: no panic or abort crosses this header) and, on a
- *   handle made before fork(), DC_ERR_INVALID_STATE (see below). Out
+ *   handle made before fork(), DC_ERR_INVALID_STATE (see below). A
+ *   TCPStore call that reconnects may return DC_ERR_PERMISSION_DENIED (the
+ *   server and this handle do not share a secret), and a write may return
+ *   DC_ERR_QUOTA_EXCEEDED (past the server's quota of keys or bytes). Out
  *   parameters are written only on success.
  * - Lifetimes: strings and bytes passed in are read during the call only
  *   (copied when kept): they may be freed when the call returns. Bytes out
