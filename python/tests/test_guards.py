@@ -1,6 +1,7 @@
 """Guards of a TCPStore server through the Python package: a shared secret,
 quotas, and metrics read by Prometheus's own parser."""
 import datetime
+import time
 import urllib.request
 
 import pytest
@@ -78,10 +79,17 @@ def test_the_embedded_server_and_distcore_serve_expose_the_same_metrics():
     try:
         client = distcore.TCPStore("127.0.0.1", cli.port, timeout=T(seconds=5))
         client.set("x", "y")
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-            parsed = check_exposition(r.read().decode())
-        keys = parsed["distcore_keys"].samples[0].value
+        # The gauges are published after each turn of the server's loop: the
+        # SET (which has no reply) shows within a few scrapes.
+        deadline = time.monotonic() + 10
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+                parsed = check_exposition(r.read().decode())
+            keys = parsed["distcore_keys"].samples[0].value
+            if keys == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert keys == 1
     finally:
         cli.stop()

@@ -488,6 +488,7 @@ impl<B: Backend> ServerCore<B> {
                 return self.authenticate(id, started, &nonce, &proof)
             }
             Request::Stats => {
+                self.publish();
                 let mut reply = vec![REPLY_OK];
                 put_bytes(&mut reply, self.metrics.render().as_bytes());
                 self.put(id, &reply);
