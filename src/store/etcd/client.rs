@@ -292,14 +292,7 @@ impl Client {
                 })
                 .collect();
             let endpoint = self.endpoint();
-            let sent = self
-                .agent
-                .post(format!("{endpoint}/v3/watch"))
-                .config()
-                .timeout_global(Some(remaining))
-                .build()
-                .content_type("application/json")
-                .send(body.as_bytes());
+            let sent = self.send(&format!("{endpoint}/v3/watch"), &body, remaining);
             let response = match sent {
                 Ok(r) if r.status().is_success() => r,
                 Ok(r) => {
@@ -354,6 +347,22 @@ impl Client {
         }
     }
 
+    /// One POST of a JSON `body` to `url`, bounded by `timeout`.
+    fn send(
+        &self,
+        url: &str,
+        body: &str,
+        timeout: Duration,
+    ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        self.agent
+            .post(url)
+            .config()
+            .timeout_global(Some(timeout))
+            .build()
+            .content_type("application/json")
+            .send(body.as_bytes())
+    }
+
     /// POSTs `request` to `path`, retrying on another member when one is
     /// unreachable or unavailable, until `deadline`.
     fn post(&self, path: &str, request: &Json, deadline: Instant) -> Result<Json> {
@@ -394,14 +403,7 @@ impl Client {
                 "etcd {path}: no member answered before the deadline"
             ))));
         }
-        let sent = self
-            .agent
-            .post(format!("{endpoint}{path}"))
-            .config()
-            .timeout_global(Some(remaining))
-            .build()
-            .content_type("application/json")
-            .send(body.as_bytes());
+        let sent = self.send(&format!("{endpoint}{path}"), &body, remaining);
         let mut response = match sent {
             Ok(response) => response,
             Err(e) if is_timeout(&e) => {

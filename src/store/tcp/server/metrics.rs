@@ -59,11 +59,9 @@ impl Refusal {
         (Refusal::RequestFailed, "request_failed"),
     ];
 
+    /// Its place in `ALL` (the variants are declared in that order).
     fn index(self) -> usize {
-        Refusal::ALL
-            .iter()
-            .position(|(r, _)| *r == self)
-            .unwrap_or(0)
+        self as usize
     }
 }
 
@@ -85,11 +83,9 @@ impl ConnKind {
         (ConnKind::Distcore, "distcore"),
     ];
 
+    /// Its place in `ALL` (the variants are declared in that order).
     fn index(self) -> usize {
-        ConnKind::ALL
-            .iter()
-            .position(|(k, _)| *k == self)
-            .unwrap_or(0)
+        self as usize
     }
 }
 
@@ -108,8 +104,9 @@ impl Quota {
         (Quota::StoredBytes, "stored_bytes"),
     ];
 
+    /// Its place in `ALL` (the variants are declared in that order).
     fn index(self) -> usize {
-        Quota::ALL.iter().position(|(q, _)| *q == self).unwrap_or(0)
+        self as usize
     }
 
     fn limit(self, quotas: &Quotas) -> Option<u64> {
@@ -281,50 +278,52 @@ impl Metrics {
     pub(crate) fn render(&self) -> String {
         let mut out = String::with_capacity(8 << 10);
         let o = &mut out;
-        header(o, "build_info", "gauge", "distcore's version.");
-        let _ = writeln!(o, "distcore_build_info{{version=\"{}\"}} 1", crate::VERSION);
-        let commands = || Command::ALL.iter().enumerate();
-        header(
+        let load = |n: &AtomicU64| n.load(Relaxed);
+        let version = [(crate::VERSION, 1)];
+        family(
+            o,
+            "build_info",
+            "gauge",
+            "distcore's version.",
+            "version",
+            version,
+        );
+        family(
             o,
             "requests_total",
             "counter",
             "Requests served, by command.",
+            "command",
+            by_command(&self.requests),
         );
-        for (i, (_, name)) in commands() {
-            let n = self.requests[i].load(Relaxed);
-            let _ = writeln!(o, "distcore_requests_total{{command=\"{name}\"}} {n}");
-        }
-        header(
+        family(
             o,
             "request_errors_total",
             "counter",
             "Requests answered with an error (or, for PyTorch's clients, a closed connection), by command.",
+            "command",
+            by_command(&self.errors),
         );
-        for (i, (_, name)) in commands() {
-            let n = self.errors[i].load(Relaxed);
-            let _ = writeln!(o, "distcore_request_errors_total{{command=\"{name}\"}} {n}");
-        }
         header(
             o,
             "request_duration_seconds",
             "histogram",
             "Time from a request's arrival to its answer (waits included), by command.",
         );
-        for (i, (_, name)) in commands() {
-            let h = &self.durations[i];
+        for ((_, name), h) in Command::ALL.iter().zip(&self.durations) {
             if h.count() == 0 {
                 continue;
             }
             let mut cumulative = 0;
             for (bucket, bound) in h.buckets.iter().zip(BOUNDS.iter().map(Some).chain([None])) {
-                cumulative += bucket.load(Relaxed);
+                cumulative += load(bucket);
                 let le = bound.map_or_else(|| "+Inf".to_owned(), |b| format!("{b:e}"));
                 let _ = writeln!(
                     o,
                     "distcore_request_duration_seconds_bucket{{command=\"{name}\",le=\"{le}\"}} {cumulative}"
                 );
             }
-            let sum = h.sum_nanos.load(Relaxed) as f64 / 1e9;
+            let sum = load(&h.sum_nanos) as f64 / 1e9;
             let _ = writeln!(
                 o,
                 "distcore_request_duration_seconds_sum{{command=\"{name}\"}} {sum}"
@@ -334,97 +333,89 @@ impl Metrics {
                 "distcore_request_duration_seconds_count{{command=\"{name}\"}} {cumulative}"
             );
         }
-        header(
+        family(
             o,
             "connections",
             "gauge",
             "Open connections, by kind: handshake (not validated yet), pytorch, distcore.",
+            "kind",
+            ConnKind::ALL
+                .iter()
+                .zip(&self.connections)
+                .map(|((_, k), n)| (*k, load(n))),
         );
-        for ((_, kind), n) in ConnKind::ALL.iter().zip(&self.connections) {
-            let _ = writeln!(
-                o,
-                "distcore_connections{{kind=\"{kind}\"}} {}",
-                n.load(Relaxed)
-            );
-        }
-        simple(
+        single(
             o,
             "connections_accepted_total",
             "counter",
             "Connections accepted.",
             &self.accepted,
         );
-        header(
+        family(
             o,
             "connections_refused_total",
             "counter",
             "Connections the server closed, by reason.",
+            "reason",
+            Refusal::ALL
+                .iter()
+                .zip(&self.refused)
+                .map(|((_, r), n)| (*r, load(n))),
         );
-        for ((_, reason), n) in Refusal::ALL.iter().zip(&self.refused) {
-            let _ = writeln!(
-                o,
-                "distcore_connections_refused_total{{reason=\"{reason}\"}} {}",
-                n.load(Relaxed)
-            );
-        }
-        simple(
+        single(
             o,
             "connections_throttled_total",
             "counter",
             "Times a connection was paused because its unsent replies passed 256 KiB (backpressure).",
             &self.throttled,
         );
-        simple(
+        single(
             o,
             "connections_throttled",
             "gauge",
             "Connections paused now by backpressure.",
             &self.throttled_now,
         );
-        simple(
+        single(
             o,
             "waiters",
             "gauge",
             "Pending WAIT, WAIT_GET and BARRIER requests.",
             &self.waiters,
         );
-        simple(
+        single(
             o,
             "keys",
             "gauge",
             "Keys holding a value or a queue.",
             &self.keys,
         );
-        simple(
+        single(
             o,
             "stored_bytes",
             "gauge",
             "Bytes stored: keys with their values and queue elements.",
             &self.stored_bytes,
         );
-        let set: Vec<_> = Quota::ALL
+        let limits: Vec<_> = Quota::ALL
             .iter()
-            .filter_map(|(q, name)| Some((name, q.limit(&self.quotas)?)))
+            .filter_map(|(q, name)| Some((*name, q.limit(&self.quotas)?)))
             .collect();
-        if !set.is_empty() {
-            header(o, "quota_limit", "gauge", "The quotas the server enforces.");
-            for (name, limit) in set {
-                let _ = writeln!(o, "distcore_quota_limit{{quota=\"{name}\"}} {limit}");
-            }
+        if !limits.is_empty() {
+            let help = "The quotas the server enforces.";
+            family(o, "quota_limit", "gauge", help, "quota", limits);
         }
-        header(
+        family(
             o,
             "quota_refusals_total",
             "counter",
             "Connections and writes refused by a quota, by quota.",
+            "quota",
+            Quota::ALL
+                .iter()
+                .zip(&self.quota_refusals)
+                .map(|((_, q), n)| (*q, load(n))),
         );
-        for ((_, name), n) in Quota::ALL.iter().zip(&self.quota_refusals) {
-            let _ = writeln!(
-                o,
-                "distcore_quota_refusals_total{{quota=\"{name}\"}} {}",
-                n.load(Relaxed)
-            );
-        }
         out
     }
 }
@@ -434,14 +425,51 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE distcore_{name} {kind}");
 }
 
-fn simple(out: &mut String, name: &str, kind: &str, help: &str, value: &AtomicU64) {
+/// One sample per command, from a counter per command.
+fn by_command(counters: &[AtomicU64; COMMANDS]) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+    Command::ALL
+        .iter()
+        .zip(counters)
+        .map(|((_, name), n)| (*name, n.load(Relaxed)))
+}
+
+/// A metric without labels.
+fn single(out: &mut String, name: &str, kind: &str, help: &str, value: &AtomicU64) {
     header(out, name, kind, help);
     let _ = writeln!(out, "distcore_{name} {}", value.load(Relaxed));
+}
+
+/// A metric with one sample per value of `label`.
+fn family<'a>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (&'a str, u64)>,
+) {
+    header(out, name, kind, help);
+    for (value, n) in samples {
+        let _ = writeln!(out, "distcore_{name}{{{label}=\"{value}\"}} {n}");
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_tables_are_in_declaration_order() {
+        for (i, (r, _)) in Refusal::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        for (i, (k, _)) in ConnKind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i);
+        }
+        for (i, (q, _)) in Quota::ALL.iter().enumerate() {
+            assert_eq!(q.index(), i);
+        }
+    }
 
     #[test]
     fn histograms_are_cumulative_and_counters_labelled() {

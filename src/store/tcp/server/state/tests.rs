@@ -19,6 +19,11 @@ fn core() -> ServerCore<MemoryBackend> {
 /// Opens validated connection `id`.
 fn open<B: Backend>(core: &mut ServerCore<B>, id: ConnId) {
     core.connect(id);
+    validate(core, id);
+}
+
+/// Sends VALIDATE on `id`.
+fn validate<B: Backend>(core: &mut ServerCore<B>, id: ConnId) {
     send(
         core,
         id,
@@ -588,6 +593,11 @@ fn a_request_completed_later_holds_back_only_its_own_connection() {
 /// returns the limits the server announced.
 fn open_v2<B: Backend>(core: &mut ServerCore<B>, id: ConnId) -> Limits {
     open(core, id);
+    hello_v2(core, id).limits
+}
+
+/// Asks validated connection `id` for version 2: the server's info.
+fn hello_v2<B: Backend>(core: &mut ServerCore<B>, id: ConnId) -> ServerInfo {
     send(
         core,
         id,
@@ -597,7 +607,7 @@ fn open_v2<B: Backend>(core: &mut ServerCore<B>, id: ConnId) -> Limits {
     assert_eq!(reply[..4], HELLO_V2_ACK.to_le_bytes());
     let len = u64::from_le_bytes(reply[4..12].try_into().unwrap()) as usize;
     assert_eq!(reply.len(), 12 + len);
-    ServerInfo::decode(&reply[12..]).unwrap().limits
+    ServerInfo::decode(&reply[12..]).unwrap()
 }
 
 #[test]

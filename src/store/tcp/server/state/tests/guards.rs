@@ -20,20 +20,8 @@ fn guarded() -> ServerCore<MemoryBackend> {
 /// Validates `id` (which must authenticate) and says HELLO v2: the info.
 fn hello(c: &mut ServerCore<MemoryBackend>, id: ConnId) -> ServerInfo {
     c.connect_as(id, true, Some(CHALLENGE));
-    send(
-        c,
-        id,
-        &Encoder::request(Command::Validate)
-            .u32(VALIDATE_MAGIC)
-            .finish(),
-    );
-    send(
-        c,
-        id,
-        &Encoder::request(Command::Ping).u32(HELLO_V2_NONCE).finish(),
-    );
-    let reply = replies(c, id);
-    ServerInfo::decode(&reply[12..]).unwrap()
+    validate(c, id);
+    hello_v2(c, id)
 }
 
 fn auth(proof: &[u8]) -> Vec<u8> {
@@ -108,13 +96,7 @@ fn the_right_proof_opens_the_connection_and_the_server_proves_itself() {
 fn pytorch_clients_are_refused_unless_let_in_unauthenticated() {
     let mut c = guarded();
     c.connect_as(0, true, Some(CHALLENGE));
-    send(
-        &mut c,
-        0,
-        &Encoder::request(Command::Validate)
-            .u32(VALIDATE_MAGIC)
-            .finish(),
-    );
+    validate(&mut c, 0);
     send(
         &mut c,
         0,
@@ -129,13 +111,7 @@ fn pytorch_clients_are_refused_unless_let_in_unauthenticated() {
     );
     // From a network let in unauthenticated.
     c.connect_as(1, false, Some(CHALLENGE));
-    send(
-        &mut c,
-        1,
-        &Encoder::request(Command::Validate)
-            .u32(VALIDATE_MAGIC)
-            .finish(),
-    );
+    validate(&mut c, 1);
     send(&mut c, 1, &set("/k", b"v"));
     send(&mut c, 1, &get("/k"));
     assert_eq!(replies(&mut c, 1), byte_string(b"v"));
