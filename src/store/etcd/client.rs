@@ -403,7 +403,7 @@ impl Client {
                 "etcd {path}: no member answered before the deadline"
             ))));
         }
-        let sent = self.send(&format!("{endpoint}{path}"), &body, remaining);
+        let sent = self.send(&format!("{endpoint}{path}"), body, remaining);
         let mut response = match sent {
             Ok(response) => response,
             Err(e) if is_timeout(&e) => {
