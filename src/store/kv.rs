@@ -100,16 +100,7 @@ impl KvTable {
 
     /// Adds `delta` to the decimal integer at `key` (missing counts as 0).
     pub(crate) fn add(&mut self, key: &[u8], delta: i64) -> Result<i64> {
-        let current = match self.bytes(key) {
-            Some(value) => parse_counter(key, value)?,
-            None => 0,
-        };
-        let new = current.checked_add(delta).ok_or_else(|| {
-            Error::invalid_argument(format!(
-                "add: {current} + {delta} overflows a 64-bit counter at key '{}'",
-                String::from_utf8_lossy(key)
-            ))
-        })?;
+        let new = counter_after(key, self.bytes(key), delta)?;
         self.set(key, new.to_string().into_bytes().into());
         Ok(new)
     }
@@ -224,6 +215,19 @@ impl KvTable {
     pub(crate) fn keys(&self) -> impl Iterator<Item = &[u8]> {
         self.small.keys().chain(self.large.keys().map(|k| &**k))
     }
+}
+
+/// What ADD of `delta` makes of the counter at `key` whose value is
+/// `current` (missing counts as 0): PyTorch's semantics, errors included,
+/// for every store that keeps counters as decimal text.
+pub(crate) fn counter_after(key: &[u8], current: Option<&[u8]>, delta: i64) -> Result<i64> {
+    let current = current.map_or(Ok(0), |value| parse_counter(key, value))?;
+    current.checked_add(delta).ok_or_else(|| {
+        Error::invalid_argument(format!(
+            "add: {current} + {delta} overflows a 64-bit counter at key '{}'",
+            String::from_utf8_lossy(key)
+        ))
+    })
 }
 
 fn parse_counter(key: &[u8], value: &[u8]) -> Result<i64> {

@@ -301,7 +301,7 @@ impl Client {
                     pause(&mut backoff, deadline);
                     continue;
                 }
-                Err(e) if is_timeout(&e) => return Ok(WatchEnd::Deadline),
+                Err(e) if is_timeout(&e) && !member_silent(&e) => return Ok(WatchEnd::Deadline),
                 Err(e) => {
                     log::debug!("etcd watch on {endpoint}: {e}");
                     self.next_endpoint(&endpoint);
@@ -347,17 +347,22 @@ impl Client {
         }
     }
 
-    /// One POST of a JSON `body` to `url`, bounded by `timeout`.
+    /// One POST of a JSON `body` to `url`, bounded by `timeout`; a member
+    /// that does not connect or answer within [`MEMBER_SILENCE`] fails it
+    /// sooner (see [`member_silent`]).
     fn send(
         &self,
         url: &str,
         body: &str,
         timeout: Duration,
     ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
+        let silence = Some(timeout.min(MEMBER_SILENCE));
         self.agent
             .post(url)
             .config()
             .timeout_global(Some(timeout))
+            .timeout_connect(silence)
+            .timeout_recv_response(silence)
             .build()
             .content_type("application/json")
             .send(body.as_bytes())
@@ -376,6 +381,9 @@ impl Client {
                 Ok(Err(e)) => return Err(e),
                 Err(failure) => failure,
             };
+            // The next attempt, this request's or the next one's, goes
+            // elsewhere: a member that hangs is not asked again and again.
+            self.next_endpoint(&endpoint);
             if Instant::now() + backoff >= deadline {
                 return Err(failure);
             }
@@ -383,7 +391,6 @@ impl Client {
                 "etcd {path} on {endpoint}: {}; trying again",
                 failure.message()
             );
-            self.next_endpoint(&endpoint);
             pause(&mut backoff, deadline);
         }
     }
@@ -469,6 +476,20 @@ fn pause(backoff: &mut Duration, deadline: Instant) {
     let remaining = deadline.saturating_duration_since(Instant::now());
     std::thread::sleep((*backoff).min(remaining));
     *backoff = (*backoff * 2).min(MAX_BACKOFF);
+}
+
+/// How long a member may take to accept a connection, and then to answer
+/// a request's headers, before another member is tried: a member that is
+/// frozen or cut off (no reset comes back) is left within this time.
+const MEMBER_SILENCE: Duration = Duration::from_secs(5);
+
+/// Whether `e` is a member's silence (see [`MEMBER_SILENCE`]) rather than
+/// the request's deadline.
+fn member_silent(e: &ureq::Error) -> bool {
+    matches!(
+        e,
+        ureq::Error::Timeout(ureq::Timeout::Connect | ureq::Timeout::RecvResponse)
+    )
 }
 
 fn is_timeout(e: &ureq::Error) -> bool {

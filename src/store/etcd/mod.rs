@@ -26,6 +26,7 @@ use self::client::{Client, Compare, Op, Read, Watched};
 pub(crate) use self::requests::{Change, Snapshot};
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
 use crate::error::{Error, Result, Status};
+use crate::store::kv::counter_after;
 use crate::timeout::DEFAULT_STORE_TIMEOUT;
 
 /// How an EtcdStore reaches its cluster.
@@ -408,7 +409,7 @@ impl EtcdStore {
 impl EtcdStore {
     fn add_to(&self, key: &[u8], delta: i64, guess: Option<Seen>) -> Result<(i64, i64)> {
         self.read_modify_write(key, guess, |current| {
-            let now = current.map_or(Ok(0), |v| parse_counter(key, v))? + delta;
+            let now = counter_after(key, current, delta)?;
             Ok((Some(now.to_string().into_bytes()), now))
         })
     }
@@ -566,19 +567,6 @@ fn element_id() -> Vec<u8> {
         fastrand::u64(..)
     )
     .into_bytes()
-}
-
-fn parse_counter(key: &[u8], value: &[u8]) -> Result<i64> {
-    std::str::from_utf8(value)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .ok_or_else(|| {
-            Error::invalid_argument(format!(
-                "add: the value of {} is not an integer: {:?}",
-                String::from_utf8_lossy(key),
-                String::from_utf8_lossy(value)
-            ))
-        })
 }
 
 impl Store for EtcdStore {

@@ -260,22 +260,31 @@ impl Shared {
 
     /// Makes ADDs to one key (from different connections) as one ADD of
     /// their sum: each gets the value it would have had in that order.
+    /// Each job gets an answer, so no connection waits forever: ADDs
+    /// whose sum overflows are made one by one (each then fails or not on
+    /// its own), and a count that would pass the 64-bit range on the way
+    /// fails that ADD, as it would have alone.
     fn add_all(&self, adds: &[Job]) -> Vec<Result<Outcome>> {
-        let deltas: Vec<i64> = adds
+        let one_by_one = || {
+            adds.iter()
+                .map(|job| self.write(&job.request, job.guess.clone()))
+                .collect()
+        };
+        let deltas: Option<Vec<i64>> = adds
             .iter()
             .map(|job| match job.request {
-                Request::Add { delta, .. } => delta,
-                _ => 0,
+                Request::Add { delta, .. } => Some(delta),
+                _ => None,
             })
             .collect();
-        let (Some(first), total) = (
-            adds.first(),
-            deltas.iter().fold(0i64, |a, d| a.wrapping_add(*d)),
-        ) else {
-            return Vec::new();
+        let total = deltas
+            .as_ref()
+            .and_then(|d| d.iter().try_fold(0i64, |a, d| a.checked_add(*d)));
+        let (Some(first), Some(deltas), Some(total)) = (adds.first(), deltas, total) else {
+            return one_by_one();
         };
         let Request::Add { key, .. } = &first.request else {
-            return Vec::new();
+            return one_by_one();
         };
         let sum = Request::Add {
             key: key.clone(),
@@ -283,12 +292,17 @@ impl Shared {
         };
         match self.write(&sum, first.guess.clone()) {
             Ok(Outcome::Int(after)) => {
-                let mut value = after.wrapping_sub(total);
+                let mut value = after.checked_sub(total);
                 deltas
                     .iter()
                     .map(|delta| {
-                        value = value.wrapping_add(*delta);
-                        Ok(Outcome::Int(value))
+                        value = value.and_then(|v| v.checked_add(*delta));
+                        value.map(Outcome::Int).ok_or_else(|| {
+                            Error::invalid_argument(format!(
+                                "add: {delta} overflows a 64-bit counter at key '{}'",
+                                String::from_utf8_lossy(key)
+                            ))
+                        })
                     })
                     .collect()
             }
@@ -374,6 +388,13 @@ impl EtcdBackend {
         max_value_len: usize,
         waker: Arc<Waker>,
     ) -> Result<EtcdBackend> {
+        if options.timeout.is_zero() {
+            return Err(Error::invalid_argument(
+                "a server on etcd needs a timeout for its etcd requests (--backend-timeout): \
+                 without one, an etcd that does not answer would hold a client's request, \
+                 and the server's stop, forever",
+            ));
+        }
         let store = EtcdStore::new(options)?;
         let snapshot = store.snapshot()?;
         let next = snapshot.revision + 1;
@@ -419,10 +440,9 @@ impl Drop for EtcdBackend {
     /// log): a request a client sent before the server stopped is not lost
     /// while etcd answers.
     fn drop(&mut self) {
+        // Never zero: `start` refuses a server without a timeout.
         let timeout = self.shared.store.timeout();
-        if !timeout.is_zero() {
-            let _ = self.shared.give_up_at.set(Instant::now() + timeout);
-        }
+        let _ = self.shared.give_up_at.set(Instant::now() + timeout);
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.job_ready.notify_all();
         for worker in self.workers.drain(..) {
