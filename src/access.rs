@@ -22,17 +22,14 @@ impl Network {
     /// Whether `ip` is in this network. An IPv4 address a dual-stack
     /// socket reports as IPv6 (`::ffff:10.1.2.3`) is matched as IPv4.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.address, ip.to_canonical()) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len));
-                mask.is_none_or(|m| u32::from(net) & m == u32::from(ip) & m)
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.address.is_ipv4()
+            && Network {
+                address: ip,
+                ..*self
             }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix_len));
-                mask.is_none_or(|m| u128::from(net) & m == u128::from(ip) & m)
-            }
-            _ => false,
-        }
+            .first_address()
+                == self.address
     }
 
     /// Parses a comma-separated list of networks (empty entries and spaces
@@ -90,6 +87,7 @@ impl FromStr for Network {
 }
 
 impl Network {
+    /// Its address with the bits under the prefix kept and the rest zero.
     fn first_address(&self) -> IpAddr {
         match self.address {
             IpAddr::V4(a) => {
@@ -147,6 +145,19 @@ impl AccessPolicy {
             return Admission::Open;
         }
         Admission::MustAuthenticate
+    }
+
+    /// Refuses a policy that would not do what it says: networks let in
+    /// without authentication but no secret (every client would be).
+    pub fn check(&self) -> Result<()> {
+        if self.secret.is_none() && !self.allow_unauthenticated.is_empty() {
+            return Err(Error::invalid_argument(
+                "networks let in without authentication (allow_unauthenticated, \
+                 --allow-unauthenticated) need a secret (--secret-file or --secret-env): \
+                 without one, every client is unauthenticated",
+            ));
+        }
+        Ok(())
     }
 
     /// One line for logs: what the policy lets in.

@@ -75,21 +75,11 @@ impl Secret {
     }
 
     fn sign(&self, role: Role, challenge: &Nonce, client_nonce: &Nonce) -> hmac::Tag {
-        let mut context = hmac::Context::with_key(&self.key);
-        context.update(b"distcore-auth-1");
-        context.update(&[role as u8]);
-        context.update(challenge);
-        context.update(client_nonce);
-        context.sign()
+        hmac::sign(&self.key, &signed(role, challenge, client_nonce))
     }
 
     fn verify(&self, role: Role, challenge: &Nonce, client_nonce: &Nonce, proof: &[u8]) -> bool {
-        let mut message = Vec::with_capacity(16 + 2 * NONCE_LEN);
-        message.extend_from_slice(b"distcore-auth-1");
-        message.push(role as u8);
-        message.extend_from_slice(challenge);
-        message.extend_from_slice(client_nonce);
-        hmac::verify(&self.key, &message, proof).is_ok()
+        hmac::verify(&self.key, &signed(role, challenge, client_nonce), proof).is_ok()
     }
 
     /// The client's proof for `challenge`, with its own `client_nonce`.
@@ -134,6 +124,17 @@ impl Secret {
 enum Role {
     Client = 1,
     Server = 2,
+}
+
+/// What a proof signs: the protocol's label, the signer's role and both
+/// nonces.
+fn signed(role: Role, challenge: &Nonce, client_nonce: &Nonce) -> Vec<u8> {
+    let mut message = Vec::with_capacity(16 + 2 * NONCE_LEN);
+    message.extend_from_slice(b"distcore-auth-1");
+    message.push(role as u8);
+    message.extend_from_slice(challenge);
+    message.extend_from_slice(client_nonce);
+    message
 }
 
 /// A fresh random nonce from the operating system's generator.

@@ -99,8 +99,9 @@ pub(crate) struct Acceptor {
     reserve: Option<File>,
     /// Connections refused for want of descriptors in this episode.
     refused: u64,
-    /// Connections refused for want of descriptors, ever.
-    refused_total: u64,
+    /// Connections refused for want of descriptors since the last
+    /// [`Acceptor::take_refused`].
+    unreported: u64,
 }
 
 impl Acceptor {
@@ -111,13 +112,14 @@ impl Acceptor {
             name,
             reserve: open_reserve(),
             refused: 0,
-            refused_total: 0,
+            unreported: 0,
         }
     }
 
-    /// Connections refused for want of descriptors since the start.
-    pub(crate) fn refused_total(&self) -> u64 {
-        self.refused_total
+    /// Connections refused for want of descriptors since the last call
+    /// (for metrics).
+    pub(crate) fn take_refused(&mut self) -> u64 {
+        std::mem::take(&mut self.unreported)
     }
 
     /// The listening socket (to register it).
@@ -183,7 +185,7 @@ impl Acceptor {
             Ok((stream, _)) => {
                 drop(stream);
                 self.refused += 1;
-                self.refused_total += 1;
+                self.unreported += 1;
                 true
             }
             Err(_) => false,

@@ -43,6 +43,8 @@ def test_quotas_raise_and_the_store_goes_on():
         distcore.TCPStore("127.0.0.1", 0, is_master=True, max_keys=0)
     with pytest.raises(distcore.DistValueError, match="not a network"):
         distcore.TCPStore("127.0.0.1", 0, is_master=True, allow="10.0.0.1/8")
+    with pytest.raises(distcore.DistValueError, match="need a secret"):
+        distcore.TCPStore("127.0.0.1", 0, is_master=True, allow_unauthenticated=["10.0.0.0/8"])
 
 
 def check_exposition(text):

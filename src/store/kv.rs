@@ -127,10 +127,6 @@ impl KvTable {
         self.small.remove(key) || self.large.remove(key).is_some()
     }
 
-    fn has_value(&self, key: &[u8]) -> bool {
-        self.small.contains(key) || self.large.contains_key(key)
-    }
-
     /// Whether `key` holds a value or a non-empty queue.
     pub(crate) fn contains(&self, key: &[u8]) -> bool {
         self.small.contains(key)
@@ -142,7 +138,8 @@ impl KvTable {
         (self.small.len() + self.large.len()) as i64
     }
 
-    /// Keys holding a value or a non-empty queue.
+    /// Keys holding a value, plus keys holding a non-empty queue (a key
+    /// holding both counts twice).
     pub(crate) fn num_keys_and_queues(&self) -> usize {
         self.small.len() + self.large.len() + self.queues.len()
     }
@@ -151,7 +148,8 @@ impl KvTable {
     /// result longer than `max_len`. Amortised: a value too large to pack
     /// grows in place.
     pub(crate) fn append(&mut self, key: &[u8], suffix: &[u8], max_len: usize) -> Result<()> {
-        let current = self.bytes(key).map_or(0, <[u8]>::len);
+        let existing = self.bytes(key).map(<[u8]>::len);
+        let current = existing.unwrap_or(0);
         let total = current.saturating_add(suffix.len());
         if total > max_len {
             return Err(Error::invalid_argument(format!(
@@ -161,7 +159,7 @@ impl KvTable {
         }
         let no_memory =
             || Error::invalid_argument(format!("append: cannot allocate {total} bytes"));
-        let added = if current == 0 && !self.has_value(key) {
+        let added = if existing.is_none() {
             (key.len() + suffix.len()) as u64
         } else {
             suffix.len() as u64

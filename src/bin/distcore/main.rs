@@ -585,11 +585,6 @@ fn serve(
     world_size: Option<u32>,
     metrics: Option<std::net::SocketAddr>,
 ) -> Result<()> {
-    if options.access.secret.is_none() && !options.access.allow_unauthenticated.is_empty() {
-        return Err(Error::invalid_argument(
-            "--allow-unauthenticated needs a secret (--secret-file or --secret-env): without one, every client is unauthenticated",
-        ));
-    }
     let wait_for_signal = block_termination_signals();
     let open_files = raise_open_files_limit();
     let keys_in = match &options.backend {

@@ -207,18 +207,24 @@ impl Command {
 
     /// The command with this byte, if it is one.
     pub fn from_byte(byte: u8) -> Option<Command> {
-        Command::ALL
-            .iter()
-            .find(|(c, _)| *c as u8 == byte)
-            .map(|(c, _)| *c)
+        let (command, _) = Command::ALL.get(Command::place(byte))?;
+        (*command as u8 == byte).then_some(*command)
     }
 
     /// Its position in [`Command::ALL`] (an index for per-command tables).
     pub fn index(self) -> usize {
-        Command::ALL
-            .iter()
-            .position(|(c, _)| *c == self)
-            .unwrap_or(0)
+        Command::place(self as u8)
+    }
+
+    /// Where a command byte stands in [`Command::ALL`], which lists
+    /// PyTorch's commands (0x00 to 0x12, contiguous), then the extensions
+    /// (0x80 on).
+    fn place(byte: u8) -> usize {
+        const PYTORCH_COMMANDS: usize = 0x13;
+        match byte {
+            0x80.. => PYTORCH_COMMANDS + usize::from(byte - 0x80),
+            _ => usize::from(byte),
+        }
     }
 
     /// Its name: `set`, `compare_set`, ...
@@ -464,6 +470,17 @@ pub fn put_bytes(out: &mut Vec<u8>, v: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_bytes_and_places_match_the_table() {
+        for (i, (command, _)) in Command::ALL.iter().enumerate() {
+            assert_eq!(command.index(), i, "{command:?}");
+        }
+        for byte in 0..=u8::MAX {
+            let listed = Command::ALL.iter().find(|(c, _)| *c as u8 == byte);
+            assert_eq!(Command::from_byte(byte), listed.map(|(c, _)| *c));
+        }
+    }
 
     #[test]
     fn server_info_round_trips_and_tolerates_fields_it_does_not_know() {

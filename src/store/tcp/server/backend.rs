@@ -127,6 +127,9 @@ pub(crate) trait Backend: Send {
     /// quotas.
     fn value_len(&self, key: &[u8]) -> Option<usize>;
 
+    /// Whether `key` holds a non-empty queue, for quotas.
+    fn holds_queue(&self, key: &[u8]) -> bool;
+
     /// What the backend holds.
     fn usage(&self) -> Usage;
 }
@@ -134,7 +137,8 @@ pub(crate) trait Backend: Send {
 /// What a backend holds: what quotas and metrics count.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Usage {
-    /// Keys holding a value or a non-empty queue.
+    /// Keys holding a value, plus keys holding a non-empty queue (a key
+    /// holding both counts twice).
     pub(crate) keys: usize,
     /// Bytes of keys and values (and, where the backend knows them, of
     /// queue elements).
@@ -219,6 +223,10 @@ impl Backend for MemoryBackend {
 
     fn value_len(&self, key: &[u8]) -> Option<usize> {
         self.table.value_len(key)
+    }
+
+    fn holds_queue(&self, key: &[u8]) -> bool {
+        self.table.queue_len(key) > 0
     }
 
     fn usage(&self) -> Usage {

@@ -513,6 +513,10 @@ impl Backend for EtcdBackend {
         self.shared.view.lock().mirror.value_len(key)
     }
 
+    fn holds_queue(&self, key: &[u8]) -> bool {
+        self.shared.view.lock().mirror.holds_queue(key)
+    }
+
     fn usage(&self) -> Usage {
         self.shared.view.lock().mirror.usage()
     }

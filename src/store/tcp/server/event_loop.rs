@@ -62,9 +62,6 @@ pub(super) struct EventLoop<B> {
     stop: Arc<AtomicBool>,
     access: AccessPolicy,
     max_connections: Option<usize>,
-    /// Connections the acceptor refused for want of descriptors, as last
-    /// counted in the metrics.
-    refused_for_descriptors: u64,
 }
 
 impl<B: Backend> EventLoop<B> {
@@ -88,7 +85,6 @@ impl<B: Backend> EventLoop<B> {
             stop,
             access,
             max_connections,
-            refused_for_descriptors: 0,
         }
     }
 
@@ -182,11 +178,10 @@ impl<B: Backend> EventLoop<B> {
                 core.metrics().accepted();
             }
         });
-        let refused = self.acceptor.refused_total();
-        for _ in self.refused_for_descriptors..refused {
-            self.core.metrics().refused(Refusal::OutOfDescriptors);
-        }
-        self.refused_for_descriptors = refused;
+        let refused = self.acceptor.take_refused();
+        self.core
+            .metrics()
+            .refused_many(Refusal::OutOfDescriptors, refused);
     }
 
     /// Takes in what a remote backend reported (it wakes the loop):

@@ -235,7 +235,14 @@ impl Metrics {
 
     /// The server closed a connection, for `why`.
     pub(crate) fn refused(&self, why: Refusal) {
-        self.refused[why.index()].fetch_add(1, Relaxed);
+        self.refused_many(why, 1);
+    }
+
+    /// The server closed `n` connections, for `why`.
+    pub(crate) fn refused_many(&self, why: Refusal, n: u64) {
+        if n > 0 {
+            self.refused[why.index()].fetch_add(n, Relaxed);
+        }
     }
 
     /// A quota refused a connection or a write.

@@ -1,15 +1,15 @@
 //! `/metrics` over HTTP for Prometheus to scrape: one thread, one request
 //! per connection (`Connection: close`), each bounded — 8 KiB of request
-//! head, 2 s to send it, 2 s to take the answer — so a stalled scraper
-//! delays the next by at most 4 s and never the store's own clients, whose
-//! event loop this thread does not share.
+//! head, 2 s to send all of it, 2 s per write of the answer — so a stalled
+//! scraper delays the next by seconds and never the store's own clients,
+//! whose event loop this thread does not share.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::metrics::Metrics;
 use crate::error::{Error, Result};
@@ -93,11 +93,16 @@ impl Drop for MetricsEndpoint {
 
 /// Reads one request head and answers it.
 fn answer(mut stream: TcpStream, source: &MetricsSource) {
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    // One deadline for the whole head, however it trickles in.
+    let deadline = Instant::now() + IO_TIMEOUT;
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
         match stream.read(&mut buf) {
             Ok(0) | Err(_) => return,
             Ok(n) => head.extend_from_slice(&buf[..n]),
@@ -177,11 +182,28 @@ mod tests {
             huge.is_empty() || huge.starts_with("HTTP/1.1 431"),
             "{huge}"
         );
-        // A scraper that says nothing delays the next by its timeout at most.
+        // A scraper that says nothing, or trickles its request in, delays
+        // the next by the timeout at most.
         let silent = TcpStream::connect(addr).unwrap();
+        let trickler = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            for _ in 0..8 {
+                if s.write_all(b"G").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(700));
+            }
+        });
+        let started = Instant::now();
         let ok = fetch(addr, b"GET /metrics HTTP/1.0\r\n\r\n");
         assert!(ok.starts_with("HTTP/1.1 200 OK"));
+        assert!(
+            started.elapsed() < 3 * IO_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
         drop(silent);
+        trickler.join().unwrap();
         drop(endpoint);
         assert!(TcpStream::connect(addr).is_err(), "stopped");
     }

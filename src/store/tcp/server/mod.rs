@@ -147,6 +147,7 @@ impl Server {
     /// Binds (or takes over the listening socket) and starts the event loop.
     pub fn start(options: ServerOptions) -> Result<Server> {
         crate::logging::init();
+        options.access.check()?;
         let std_listener = match options.listen_fd {
             Some(fd) => fd
                 .try_clone()

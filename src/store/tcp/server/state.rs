@@ -101,7 +101,6 @@ pub(crate) struct ServerCore<B> {
     metrics: Arc<Metrics>,
     backend: B,
     sessions: Vec<Option<Session>>,
-    open: usize,
     /// Open connections by kind, and those throttled now.
     gauges: Gauges,
     waits: Waits,
@@ -124,7 +123,6 @@ impl<B: Backend> ServerCore<B> {
             metrics: Arc::new(Metrics::new(Quotas::default())),
             backend,
             sessions: Vec::new(),
-            open: 0,
             gauges: Gauges::default(),
             waits: Waits::default(),
             woken: Vec::new(),
@@ -188,7 +186,6 @@ impl<B: Backend> ServerCore<B> {
             throttled: false,
         });
         debug_assert!(previous.is_none());
-        self.open += 1;
         *self.gauges.connections_of(ConnKind::Handshake) += 1;
     }
 
@@ -199,7 +196,6 @@ impl<B: Backend> ServerCore<B> {
         let Some(session) = self.sessions.get_mut(id).and_then(Option::take) else {
             return;
         };
-        self.open -= 1;
         *self.gauges.connections_of(session.kind) -= 1;
         if session.throttled {
             self.gauges.throttled -= 1;
@@ -218,7 +214,7 @@ impl<B: Backend> ServerCore<B> {
 
     /// Open connections (for the connection quota).
     pub(crate) fn open_connections(&self) -> usize {
-        self.open
+        self.gauges.connections.iter().sum::<u64>() as usize
     }
 
     /// The metrics this core counts into.
@@ -418,7 +414,7 @@ impl<B: Backend> ServerCore<B> {
     #[cfg(test)]
     pub(crate) fn stats(&self) -> ServerStats {
         ServerStats {
-            connections: self.open,
+            connections: self.open_connections(),
             pending_waits: self.waits.len(),
             keys: self.backend.usage().keys,
         }
@@ -590,9 +586,7 @@ impl<B: Backend> ServerCore<B> {
     fn tell(&mut self, id: ConnId, error: &Error) {
         if let Some(session) = self.session(id) {
             if session.status_replies {
-                let mut reply = vec![REPLY_ERROR, error.status().code() as u8];
-                put_bytes(&mut reply, error.message().as_bytes());
-                session.output.put(&reply);
+                session.output.put(&error_reply(REPLY_ERROR, error));
             }
         }
     }
@@ -606,46 +600,38 @@ impl<B: Backend> ServerCore<B> {
         }
         let mut new_keys = 0usize;
         let mut growth = 0i64;
-        let mut write = |key: &[u8], len: usize| match self.backend.value_len(key) {
+        // `key`, whose value is `old` bytes long (None: it has none), is
+        // to hold `len` bytes.
+        let mut write = |key: &[u8], old: Option<usize>, len: usize| match old {
             Some(old) => growth += len as i64 - old as i64,
             None => {
                 new_keys += 1;
                 growth += (key.len() + len) as i64;
             }
         };
+        let old = |key: &[u8]| self.backend.value_len(key);
         match request {
-            Request::Set { key, value } => write(key, value.len()),
-            Request::CompareSet {
-                key,
-                expected,
-                desired,
-            } => {
-                let swaps = match self.backend.peek(key) {
-                    Some(Present::Value(current)) => current == *expected,
-                    Some(Present::Queued) => false,
-                    None => expected.is_empty(),
-                };
-                if swaps {
-                    write(key, desired.len());
-                }
-            }
+            Request::Set { key, value } => write(key, old(key), value.len()),
+            // Charged as if it swaps: whether it does is the backend's to
+            // decide.
+            Request::CompareSet { key, desired, .. } => write(key, old(key), desired.len()),
             // A counter's value stays a few bytes long: only a new one counts.
             Request::Add { key, .. } | Request::Barrier { key, .. } => {
-                if self.backend.value_len(key).is_none() {
-                    write(key, 1);
+                if old(key).is_none() {
+                    write(key, None, 1);
                 }
             }
             Request::Append { key, value } => {
-                let old = self.backend.value_len(key);
-                write(key, old.unwrap_or(0) + value.len());
+                let before = old(key);
+                write(key, before, before.unwrap_or(0) + value.len());
             }
             Request::MultiSet { pairs } => {
                 for (key, value) in pairs {
-                    write(key, value.len());
+                    write(key, old(key), value.len());
                 }
             }
             Request::QueuePush { key, value } => {
-                if self.backend.peek(key).is_none() {
+                if !self.backend.holds_queue(key) {
                     new_keys += 1;
                 }
                 growth += (key.len() + value.len()) as i64;
@@ -747,9 +733,7 @@ impl<B: Backend> ServerCore<B> {
             }
             _ => REPLY_ERROR,
         };
-        let mut reply = vec![status, error.status().code() as u8];
-        put_bytes(&mut reply, error.message().as_bytes());
-        session.output.put(&reply);
+        session.output.put(&error_reply(status, error));
         Ok(())
     }
 
@@ -964,6 +948,14 @@ impl<B: Backend> ServerCore<B> {
             self.waits.remove(wait);
         }
     }
+}
+
+/// A version 2 error reply: `status` (ERROR or DEFERRED ERROR), the
+/// error's code and its message.
+fn error_reply(status: u8, error: &Error) -> Vec<u8> {
+    let mut reply = vec![status, error.status().code() as u8];
+    put_bytes(&mut reply, error.message().as_bytes());
+    reply
 }
 
 #[cfg(test)]

@@ -105,6 +105,11 @@ impl Mirror {
         }
     }
 
+    /// Whether `key` holds a non-empty queue.
+    pub(crate) fn holds_queue(&self, key: &[u8]) -> bool {
+        self.queues.contains_key(key)
+    }
+
     /// The length of the value of `key`, if it holds one.
     pub(crate) fn value_len(&self, key: &[u8]) -> Option<usize> {
         self.values.get(key).map(|(v, _)| v.len())

@@ -529,6 +529,10 @@ impl Backend for Deferring {
         self.inner.value_len(key)
     }
 
+    fn holds_queue(&self, key: &[u8]) -> bool {
+        self.inner.holds_queue(key)
+    }
+
     fn usage(&self) -> Usage {
         self.inner.usage()
     }
@@ -748,6 +752,10 @@ impl Backend for Scripted {
     }
     fn value_len(&self, _: &[u8]) -> Option<usize> {
         None
+    }
+
+    fn holds_queue(&self, _: &[u8]) -> bool {
+        false
     }
 
     fn usage(&self) -> Usage {

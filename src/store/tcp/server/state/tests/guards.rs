@@ -263,3 +263,37 @@ fn stats_answers_with_the_metrics_text() {
         "{text}"
     );
 }
+
+#[test]
+fn queues_count_against_both_quotas_whatever_else_the_key_holds() {
+    let mut c = quota_core(Quotas {
+        max_keys: Some(2),
+        max_stored_bytes: Some(200),
+        ..Quotas::default()
+    });
+    open_v2(&mut c, 0);
+    let push = |key: &str, value: &[u8]| {
+        Encoder::request(Command::QueuePush)
+            .bytes(key.as_bytes())
+            .bytes(value)
+            .finish()
+    };
+    send(&mut c, 0, &push("/q", b"1"));
+    // A COMPARE_SET that would store a value beside the queue is charged.
+    let swap = Encoder::request(Command::CompareSet)
+        .bytes(b"/q")
+        .bytes(b"")
+        .bytes(&[0; 500])
+        .finish();
+    send(&mut c, 0, &swap);
+    assert_eq!(error_of(&replies(&mut c, 0)).0, Status::QuotaExceeded as u8);
+    send(&mut c, 0, &set("/a", b"1"));
+    // A push on a key that holds a value starts a queue: one key more.
+    send(&mut c, 0, &push("/a", b"2"));
+    send(&mut c, 0, &Encoder::request(Command::Ping).u32(1).finish());
+    let reply = replies(&mut c, 0);
+    assert_eq!(reply[0], REPLY_DEFERRED_ERROR, "{reply:?}");
+    assert_eq!(reply[1], Status::QuotaExceeded as u8);
+    c.publish();
+    assert!(c.metrics().render().contains("distcore_keys 2\n"));
+}
