@@ -5,6 +5,7 @@
 // with RRefs, log callbacks and the version check.
 #include <distcore.hpp>
 
+#include <fcntl.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -495,6 +496,37 @@ void test_tcp_store() {
   EXPECT(refused.status() == DC_ERR_NETWORK || refused.status() == DC_ERR_TIMEOUT);
 }
 
+void test_guarded_tcp_store() {
+  distcore::TCPStoreOptions o;
+  o.is_server = true;
+  o.bind_address = "127.0.0.1";
+  o.wait_for_workers = false;
+  o.timeout = 10s;
+  o.secret = std::string("with\0nul", 8);  // any bytes
+  o.max_keys = 1;
+  distcore::TCPStore server(o);
+  server.set("k", "v");
+  EXPECT_THROW(distcore::QuotaExceeded, server.add("another", 1));
+  distcore::TCPStoreOptions co;
+  co.port = server.port();
+  co.timeout = 10s;
+  co.secret = "wrong";
+  auto e = EXPECT_THROW(distcore::PermissionDenied, distcore::TCPStore client(co));
+  EXPECT_CONTAINS(std::string(e.what()), "wrong secret");
+  const std::string metrics = server.server_metrics();
+  EXPECT_CONTAINS(metrics, "distcore_quota_refusals_total{quota=\"keys\"} 1");
+  // A bad option still gives the listening socket's fd back to the system.
+  int fds[2];
+  EXPECT(::pipe(fds) == 0);
+  ::close(fds[1]);
+  distcore::TCPStoreOptions bad;
+  bad.is_server = true;
+  bad.master_listen_fd = fds[0];
+  bad.host = std::string("a\0b", 3);
+  EXPECT_THROW(distcore::InvalidArgument, distcore::TCPStore leaked(bad));
+  EXPECT(::fcntl(fds[0], F_GETFD) == -1);
+}
+
 void test_log_callback() {
   struct Line {
     dc_log_level level;
@@ -692,6 +724,7 @@ int main() {
       {"file_store", test_file_store},
       {"work", test_work},
       {"tcp_store", test_tcp_store},
+      {"guarded_tcp_store", test_guarded_tcp_store},
       {"log_callback", test_log_callback},
       {"rpc", test_rpc},
   };

@@ -52,6 +52,8 @@ int main(void) {
   CHECK_STATUS(dc_tcp_store_new(&client_opts, &refused), DC_ERR_PERMISSION_DENIED);
   CHECK(strstr(dc_last_error_message(), "wrong secret") != NULL);
   client_opts.secret = NULL;
+  CHECK_STATUS(dc_tcp_store_new(&client_opts, &refused), DC_ERR_INVALID_ARGUMENT); /* NULL, 7 bytes */
+  client_opts.secret_len = 0;
   CHECK_STATUS(dc_tcp_store_new(&client_opts, &refused), DC_ERR_PERMISSION_DENIED);
   CHECK(strstr(dc_last_error_message(), "requires authentication") != NULL);
   CHECK(refused == NULL);

@@ -361,7 +361,8 @@ typedef struct {
   // clients (they learn the limit from the server).
   uint64_t max_value_size;
   // Since 1.2. The shared secret (`secret_len` bytes, read during the
-  // call only); NULL: no authentication. A server requires its clients
+  // call only); NULL with `secret_len` 0: no authentication (NULL with
+  // a length, or an empty secret, is DC_ERR_INVALID_ARGUMENT). A server requires its clients
   // to prove they hold it (challenge-response: it never travels), except
   // clients from `allow_unauthenticated`; a client proves it does and
   // requires the server to prove it too (DC_ERR_PERMISSION_DENIED

@@ -36,6 +36,8 @@
 #include <utility>
 #include <vector>
 
+#include <unistd.h>
+
 static_assert(DC_VERSION_MAJOR == 1, "distcore.hpp wraps major version 1 of distcore.h");
 
 namespace distcore {
@@ -851,13 +853,27 @@ struct TCPStoreOptions {
   std::string bind_address;
   /// Largest value the server accepts, in bytes; 0: 64 MiB.
   uint64_t max_value_size = 0;
+  /// The shared secret (any bytes); empty: no authentication. A server
+  /// requires clients to prove they hold it, a client proves it and
+  /// requires the server to (PermissionDenied otherwise). Never sent.
+  std::string secret;
+  /// Server: networks clients may connect from, "10.0.0.0/8,::1"; empty: any.
+  std::string allow;
+  /// Server with a secret: networks whose clients need not authenticate.
+  std::string allow_unauthenticated;
+  /// Server quotas; 0: none (a write past one throws QuotaExceeded).
+  uint64_t max_connections = 0;
+  uint64_t max_keys = 0;
+  uint64_t max_stored_bytes = 0;
 
   /// The C options (pointing into this object): dc_tcp_store_options_init,
   /// then every field.
   dc_tcp_store_options to_c() const {
     dc_tcp_store_options o;
     distcore::check(dc_tcp_store_options_init(&o, sizeof o));
-    for (const std::string* text : {&host, &bind_address}) (void)detail::c_string(*text);  // no NUL inside
+    for (const std::string* text : {&host, &bind_address, &allow, &allow_unauthenticated}) {
+      (void)detail::c_string(*text);  // no NUL inside
+    }
     o.host = host.c_str();
     o.port = port;
     o.is_server = is_server;
@@ -868,6 +884,13 @@ struct TCPStoreOptions {
     o.master_listen_fd = master_listen_fd;
     o.bind_address = bind_address.empty() ? nullptr : bind_address.c_str();
     o.max_value_size = max_value_size;
+    o.secret = secret.empty() ? nullptr : reinterpret_cast<const uint8_t*>(secret.data());
+    o.secret_len = secret.size();
+    o.allow = allow.empty() ? nullptr : allow.c_str();
+    o.allow_unauthenticated = allow_unauthenticated.empty() ? nullptr : allow_unauthenticated.c_str();
+    o.max_connections = max_connections;
+    o.max_keys = max_keys;
+    o.max_stored_bytes = max_stored_bytes;
     return o;
   }
 };
@@ -888,7 +911,14 @@ class TCPStore : public Store {
   /// the timeout: NetworkError); with a world size and wait_for_workers the
   /// server blocks until every worker joined (TimeoutError).
   explicit TCPStore(const TCPStoreOptions& options) {
-    dc_tcp_store_options o = options.to_c();
+    dc_tcp_store_options o;
+    try {
+      o = options.to_c();
+    } catch (...) {
+      // The fd is distcore's whatever the outcome: closed on this one too.
+      if (options.is_server && options.master_listen_fd >= 0) ::close(options.master_listen_fd);
+      throw;
+    }
     dc_store* s = nullptr;
     distcore::check(dc_tcp_store_new(&o, &s));
     handle_.reset(s);
@@ -939,6 +969,13 @@ class TCPStore : public Store {
     s.struct_size = sizeof s;
     distcore::check(dc_tcp_store_server_stats(native_handle(), &s));
     return s;
+  }
+  /// The metrics of the server this handle runs, in Prometheus's text
+  /// format (InvalidArgument for a handle that runs no server).
+  std::string server_metrics() const {
+    detail::Buf b;
+    distcore::check(dc_tcp_store_server_metrics(native_handle(), b.out()));
+    return b.str();
   }
 };
 

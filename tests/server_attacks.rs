@@ -11,66 +11,13 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-const VALIDATE: [u8; 5] = [0x00, 0xce, 0xf7, 0x85, 0x3c];
-const SET: u8 = 0x01;
-const GET: u8 = 0x03;
 const APPEND: u8 = 0x09;
 const MULTI_GET: u8 = 0x0a;
 const MULTI_SET: u8 = 0x0b;
-const PING: u8 = 0x0d;
 
 mod common;
+use common::raw::{bytes, get, get_request, keyed, ping, ping_request, raw_client, SET, VALIDATE};
 use common::Serve;
-
-/// A validated raw connection to `serve` with a 10 s read timeout.
-fn raw_client(serve: &Serve) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", serve.port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.set_nodelay(true).unwrap();
-    s.write_all(&VALIDATE).unwrap();
-    s
-}
-
-fn bytes(out: &mut Vec<u8>, v: &[u8]) {
-    out.extend_from_slice(&(v.len() as u64).to_le_bytes());
-    out.extend_from_slice(v);
-}
-
-fn keyed(command: u8, key: &str, value: &[u8]) -> Vec<u8> {
-    let mut out = vec![command];
-    bytes(&mut out, key.as_bytes());
-    bytes(&mut out, value);
-    out
-}
-
-fn get_request(key: &str) -> Vec<u8> {
-    let mut out = vec![GET];
-    bytes(&mut out, key.as_bytes());
-    out
-}
-
-fn ping_request(nonce: u32) -> Vec<u8> {
-    let mut out = vec![PING];
-    out.extend_from_slice(&nonce.to_le_bytes());
-    out
-}
-
-/// A ping round trip on `s`; panics if it does not come back in time.
-fn ping(s: &mut TcpStream, nonce: u32) {
-    s.write_all(&ping_request(nonce)).unwrap();
-    let mut reply = [0u8; 4];
-    s.read_exact(&mut reply).expect("ping answered");
-    assert_eq!(u32::from_le_bytes(reply), nonce);
-}
-
-fn get(s: &mut TcpStream, key: &str) -> Vec<u8> {
-    s.write_all(&get_request(key)).unwrap();
-    let mut len = [0u8; 8];
-    s.read_exact(&mut len).unwrap();
-    let mut value = vec![0; u64::from_le_bytes(len) as usize];
-    s.read_exact(&mut value).unwrap();
-    value
-}
 
 /// Lets the server work through what it was sent.
 fn settle() {
@@ -86,7 +33,7 @@ const CONNECTION_BOUND_MIB: f64 = 32.0;
 fn a_flood_of_pipelined_pings_does_not_starve_other_clients() {
     let serve = Serve::start();
     let rss_before = serve.rss_mib();
-    let mut flood = raw_client(&serve);
+    let mut flood = raw_client(serve.port);
     let mut drain = flood.try_clone().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let reader = thread::spawn(move || {
@@ -106,7 +53,7 @@ fn a_flood_of_pipelined_pings_does_not_starve_other_clients() {
         })
     };
     thread::sleep(Duration::from_millis(200));
-    let mut victim = raw_client(&serve);
+    let mut victim = raw_client(serve.port);
     let mut slowest = Duration::ZERO;
     for i in 0..200 {
         let t = Instant::now();
@@ -124,21 +71,21 @@ fn a_flood_of_pipelined_pings_does_not_starve_other_clients() {
 #[test]
 fn a_client_that_never_reads_its_replies_is_held_to_the_output_bound() {
     let serve = Serve::start();
-    let mut setter = raw_client(&serve);
+    let mut setter = raw_client(serve.port);
     // Just under 64 KiB: values that size are copied into replies.
     let value = vec![7u8; 60 << 10];
     setter.write_all(&keyed(SET, "/big", &value)).unwrap();
     ping(&mut setter, 1);
     let rss_before = serve.rss_mib();
     // 10,000 GETs of a 60 KiB value (614 MB of replies), never read.
-    let mut greedy = raw_client(&serve);
+    let mut greedy = raw_client(serve.port);
     let gets: Vec<u8> = (0..10_000).flat_map(|_| get_request("/big")).collect();
     greedy
         .set_write_timeout(Some(Duration::from_secs(5)))
         .unwrap();
     let _ = greedy.write_all(&gets);
     // And one MULTI_GET naming the value 16,000 times (1 GB of reply).
-    let mut amplifier = raw_client(&serve);
+    let mut amplifier = raw_client(serve.port);
     let mut multi = vec![MULTI_GET];
     multi.extend_from_slice(&16_000u64.to_le_bytes());
     for _ in 0..16_000 {
@@ -159,13 +106,13 @@ fn a_client_that_never_reads_its_replies_is_held_to_the_output_bound() {
 fn appends_cost_what_they_append() {
     let mut serve = Serve::start();
     let cpu_before = serve.cpu_secs();
-    let mut appender = raw_client(&serve);
+    let mut appender = raw_client(serve.port);
     let chunk = vec![1u8; 64 << 10];
     for _ in 0..1024 {
         appender.write_all(&keyed(APPEND, "/log", &chunk)).unwrap();
     }
     ping(&mut appender, 2);
-    let mut other = raw_client(&serve);
+    let mut other = raw_client(serve.port);
     assert_eq!(get(&mut other, "/log").len(), 64 << 20);
     let cpu = serve.cpu_secs() - cpu_before;
     eprintln!("1,024 appends of 64 KiB: {cpu:.2} s of server CPU");
@@ -183,7 +130,7 @@ fn appends_cost_what_they_append() {
 #[test]
 fn a_large_request_trickling_in_is_not_parsed_again_on_every_read() {
     let serve = Serve::start();
-    let mut writer = raw_client(&serve);
+    let mut writer = raw_client(serve.port);
     let mut request = vec![MULTI_SET];
     request.extend_from_slice(&202u64.to_le_bytes());
     bytes(&mut request, b"/large");
@@ -204,7 +151,7 @@ fn a_large_request_trickling_in_is_not_parsed_again_on_every_read() {
         writer.write_all(piece).unwrap();
         thread::sleep(Duration::from_millis(15));
     }
-    let mut other = raw_client(&serve);
+    let mut other = raw_client(serve.port);
     assert_eq!(get(&mut other, "/last"), b"v");
     let cpu = serve.cpu_secs() - cpu_before;
     eprintln!("trickle behind a 63 MiB MULTI_SET: {cpu:.2} s of server CPU");
@@ -244,7 +191,7 @@ fn out_of_descriptors_the_server_refuses_the_excess_and_keeps_accepting() {
     );
     drop(conns);
     settle();
-    let mut late = raw_client(&serve);
+    let mut late = raw_client(serve.port);
     ping(&mut late, 7);
 }
 
@@ -254,12 +201,12 @@ fn refused_connections_are_logged_a_line_at_a_time_not_a_line_each() {
     let stderr = serve.stderr();
     let lines = thread::spawn(move || BufReader::new(stderr).lines().count());
     for _ in 0..500 {
-        let mut s = raw_client(&serve);
+        let mut s = raw_client(serve.port);
         s.write_all(&[0x42]).unwrap();
         let mut b = [0u8; 1];
         let _ = s.read(&mut b);
     }
-    let mut good = raw_client(&serve);
+    let mut good = raw_client(serve.port);
     ping(&mut good, 1);
     drop(serve);
     let lines = lines.join().unwrap();

@@ -12,6 +12,7 @@ use distcore::store::{Store, TcpStore, TcpStoreOptions};
 use distcore::Status;
 
 mod common;
+use common::raw::{keyed, raw_client, try_get, try_ping, SET};
 use common::{Netns, Serve};
 
 fn netns() -> Netns {
@@ -49,42 +50,11 @@ fn secret_file(text: &str) -> tempfile::NamedTempFile {
     file
 }
 
-/// A PyTorch client's opening: VALIDATE, then PING with its pid.
-fn pytorch_hello(s: &mut TcpStream) {
-    assert!(try_pytorch_hello(s), "the server closed the connection");
-}
-
-/// [`pytorch_hello`]: false if the server closed the connection.
-fn try_pytorch_hello(s: &mut TcpStream) -> bool {
-    let mut hello = vec![0x00];
-    hello.extend_from_slice(&0x3C85_F7CEu32.to_le_bytes());
-    hello.push(0x0D);
-    hello.extend_from_slice(&77u32.to_le_bytes());
-    let mut pong = [0u8; 4];
-    s.write_all(&hello).is_ok() && s.read_exact(&mut pong).is_ok() && u32::from_le_bytes(pong) == 77
-}
-
-/// A PyTorch client's SET then GET of `key`: the value read back, or
-/// `None` if the server closed the connection.
+/// A PyTorch client's SET then GET of `key` on `s`: the value read back,
+/// or `None` if the server closed the connection.
 fn pytorch_set_get(s: &mut TcpStream, key: &str) -> Option<Vec<u8>> {
-    let mut request = vec![0x01];
-    for field in [key.as_bytes(), b"v"] {
-        request.extend_from_slice(&(field.len() as u64).to_le_bytes());
-        request.extend_from_slice(field);
-    }
-    request.push(0x03);
-    request.extend_from_slice(&(key.len() as u64).to_le_bytes());
-    request.extend_from_slice(key.as_bytes());
-    s.write_all(&request).ok()?;
-    let mut reply = [0u8; 9];
-    s.read_exact(&mut reply).ok()?;
-    Some(reply[8..].to_vec())
-}
-
-fn connect_raw(port: u16) -> TcpStream {
-    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s
+    s.write_all(&keyed(SET, key, b"v")).ok()?;
+    try_get(s, key)
 }
 
 #[test]
@@ -184,8 +154,11 @@ fn only_clients_with_the_secret_get_in_and_the_secret_is_never_logged() {
     assert_eq!(e.status(), Status::PermissionDenied);
     assert!(e.message().contains("requires authentication"), "{e}");
 
-    let mut pytorch = connect_raw(serve.port);
-    pytorch_hello(&mut pytorch);
+    let mut pytorch = raw_client(serve.port);
+    assert!(
+        try_ping(&mut pytorch, 77),
+        "VALIDATE and PING are let through"
+    );
     assert_eq!(
         pytorch_set_get(&mut pytorch, "/p"),
         None,
@@ -226,8 +199,11 @@ fn pytorch_clients_from_networks_let_in_unauthenticated_still_work() {
             "127.0.0.0/8",
         ],
     );
-    let mut pytorch = connect_raw(serve.port);
-    pytorch_hello(&mut pytorch);
+    let mut pytorch = raw_client(serve.port);
+    assert!(
+        try_ping(&mut pytorch, 77),
+        "VALIDATE and PING are let through"
+    );
     assert_eq!(pytorch_set_get(&mut pytorch, "/p"), Some(b"v".to_vec()));
     // A distcore client with the secret still proves it; one with the
     // wrong secret is still refused (the server proves itself either way).
@@ -281,8 +257,8 @@ fn quotas_refuse_what_exceeds_them_and_the_server_keeps_serving() {
     // The handle holds a connection or two; others fill the rest.
     let mut others = Vec::new();
     loop {
-        let mut s = connect_raw(serve.port);
-        if !try_pytorch_hello(&mut s) {
+        let mut s = raw_client(serve.port);
+        if !try_ping(&mut s, 77) {
             break;
         }
         others.push(s);
@@ -297,11 +273,15 @@ fn quotas_refuse_what_exceeds_them_and_the_server_keeps_serving() {
         .sum();
     assert_eq!(open, 4, "{metrics}");
     drop(others);
-    thread::sleep(Duration::from_millis(100));
-    assert!(
-        try_pytorch_hello(&mut connect_raw(serve.port)),
-        "room again once connections close"
-    );
+    // Room again once the server has seen them close.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !try_ping(&mut raw_client(serve.port), 77) {
+        assert!(
+            Instant::now() < deadline,
+            "no room after connections closed"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
     let metrics = store.server_metrics().unwrap();
     for line in [
         "distcore_quota_refusals_total{quota=\"keys\"} 2",

@@ -14,7 +14,8 @@ import threading
 
 from . import _lib
 from ._errors import (DistAbortedError, DistError, DistInternalError, DistIOError, DistNetworkError,
-                      DistNotSupportedError, DistPermissionError, DistProtocolError, DistQuotaError, DistQueueEmptyError, DistRemoteError,
+                      DistNotSupportedError, DistPermissionError, DistProtocolError, DistQuotaError,
+                      DistQueueEmptyError, DistRemoteError,
                       DistShutdownError, DistStateError, DistStoreError, DistTimeoutError, DistValueError,
                       QueueEmptyError, Status)
 from ._lib import HEADER_VERSION, LIB_PATH, PROFILER_BEGIN, PROFILER_END, LOG_FN, check, lib

@@ -7,6 +7,16 @@ from datetime import timedelta
 from ._lib import TIMEOUT_DEFAULT
 
 
+def int32_arg(value, what):
+    """An int passed as int32_t (a rank, a world size): out of range is a
+    DistValueError, never silently wrapped by ctypes."""
+    from ._errors import DistValueError
+    value = int(value)
+    if not -2**31 <= value < 2**31:
+        raise DistValueError(f"{what} {value} is out of range (a 32-bit integer)")
+    return value
+
+
 def key_arg(key, what="key"):
     """A key: str (UTF-8), as PyTorch's Store takes."""
     if isinstance(key, str):

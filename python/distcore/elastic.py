@@ -9,7 +9,7 @@ import re
 
 from ._errors import DistStoreError
 from ._lib import BufArray, check, lib, take_array
-from ._util import key_arg, store_timeout_ms, value_arg
+from ._util import int32_arg, key_arg, store_timeout_ms, value_arg
 
 __all__ = ["store_timeout", "get_all", "synchronize", "barrier"]
 
@@ -34,8 +34,8 @@ def get_all(store, rank, prefix, world_size):
     each), then checks in to ``{prefix}/finished``; rank 0 waits for every
     rank to check in."""
     arr = BufArray()
-    check(lib.dc_elastic_get_all(_store_handle(store), int(rank), key_arg(prefix, "prefix"), int(world_size),
-                                 ctypes.byref(arr)))
+    rank, world_size = int32_arg(rank, "rank"), int32_arg(world_size, "world_size")
+    check(lib.dc_elastic_get_all(_store_handle(store), rank, key_arg(prefix, "prefix"), world_size, ctypes.byref(arr)))
     return take_array(arr)
 
 
@@ -44,7 +44,8 @@ def synchronize(store, data, rank, world_size, key_prefix, timeout=300):
     data in rank order, with the store's timeout `timeout` seconds meanwhile."""
     data = value_arg(data, "data")
     arr = BufArray()
-    check(lib.dc_elastic_synchronize(_store_handle(store), data, len(data), int(rank), int(world_size),
+    rank, world_size = int32_arg(rank, "rank"), int32_arg(world_size, "world_size")
+    check(lib.dc_elastic_synchronize(_store_handle(store), data, len(data), rank, world_size,
                                      key_arg(key_prefix, "key_prefix"), store_timeout_ms(timeout),
                                      ctypes.byref(arr)))
     return take_array(arr)
@@ -67,11 +68,12 @@ def barrier(store, world_size, key_prefix, barrier_timeout=300, rank=None, rank_
     handle = _store_handle(store)
     prefix = key_arg(key_prefix, "key_prefix")
     timeout_ms = store_timeout_ms(barrier_timeout)
+    world_size = int32_arg(world_size, "world_size")
     if rank is None:
-        check(lib.dc_elastic_barrier(handle, int(world_size), prefix, timeout_ms))
+        check(lib.dc_elastic_barrier(handle, world_size, prefix, timeout_ms))
         return
     try:
-        check(lib.dc_elastic_barrier_traced(handle, int(world_size), prefix, timeout_ms, int(rank),
+        check(lib.dc_elastic_barrier_traced(handle, world_size, prefix, timeout_ms, int32_arg(rank, "rank"),
                                             store_timeout_ms(trace_timeout)))
     except DistStoreError as e:
         if rank_tracing_decoder is None or not _MISSING.search(e.message):

@@ -24,7 +24,7 @@ from ctypes import c_bool, c_int32, c_void_p
 
 from ._errors import DistError, Status
 from ._lib import RPC_FUNCTION, Buf, RpcFunctionEntry, RpcOptions, RRefDebugInfo, check, lib, take_buf
-from ._util import Closable, key_arg, rpc_timeout_ms, take_handle, value_arg
+from ._util import Closable, int32_arg, key_arg, rpc_timeout_ms, take_handle, value_arg
 from .work import Future
 
 __all__ = ["init_rpc", "shutdown", "rpc_sync", "rpc_async", "remote", "get_worker_info", "RpcAgent",
@@ -128,7 +128,8 @@ class RpcAgent(Closable):
         opts.functions, opts.num_functions = entries, len(functions)
         h = c_void_p()
         try:
-            check(lib.dc_rpc_init(store._handle, key_arg(name, "name"), int(rank), int(world_size),
+            check(lib.dc_rpc_init(store._handle, key_arg(name, "name"), int32_arg(rank, "rank"),
+                                  int32_arg(world_size, "world_size"),
                                   ctypes.byref(opts), ctypes.byref(h)))
         except BaseException:
             self._unregister()

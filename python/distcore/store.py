@@ -14,7 +14,8 @@ from ctypes import c_bool, c_int64, c_size_t, c_uint16, c_void_p
 
 from ._lib import (Buf, BufArray, ClientCounter, EtcdStoreOptions, ServerStats, TcpStoreOptions, check, lib, take_array,
                    take_buf)
-from ._util import Closable, key_arg, keys_arg, ms_to_timedelta, store_timeout_ms, take_handle, value_arg, values_arg
+from ._util import (Closable, int32_arg, key_arg, keys_arg, ms_to_timedelta, store_timeout_ms, take_handle, value_arg,
+                    values_arg)
 from .work import Work
 
 __all__ = ["Store", "TCPStore", "FileStore", "HashStore", "PrefixStore", "EtcdStore"]
@@ -164,7 +165,8 @@ class Store(Closable):
 
     def barrier(self, key, world_size, timeout=None):
         """Waits until `world_size` callers entered the barrier `key`."""
-        check(lib.dc_store_barrier(self._handle, key_arg(key), int(world_size), store_timeout_ms(timeout)))
+        world_size = int32_arg(world_size, "world_size")
+        check(lib.dc_store_barrier(self._handle, key_arg(key), world_size, store_timeout_ms(timeout)))
 
     def has_extended_api(self):
         """True: every distcore store has append, multi_get/multi_set,
@@ -216,7 +218,8 @@ class Store(Closable):
 
     def barrier_async(self, key, world_size, timeout=None):
         """Starts a barrier: the Work completes when it releases."""
-        return self._work(lib.dc_store_barrier_async, key_arg(key), int(world_size), store_timeout_ms(timeout))
+        world_size = int32_arg(world_size, "world_size")
+        return self._work(lib.dc_store_barrier_async, key_arg(key), world_size, store_timeout_ms(timeout))
 
     def __repr__(self):
         return f"<distcore.{type(self).__name__}{'' if getattr(self, '_h', None) else ' closed'}>"
@@ -239,8 +242,8 @@ class FileStore(Store):
     def __init__(self, file_name, world_size=-1):
         self._path = str(file_name)
         h = c_void_p()
-        check(lib.dc_file_store_new(self._path.encode(), -1 if world_size is None else int(world_size),
-                                    ctypes.byref(h)))
+        world_size = -1 if world_size is None else int32_arg(world_size, "world_size")
+        check(lib.dc_file_store_new(self._path.encode(), world_size, ctypes.byref(h)))
         self._adopt(h.value)
 
     @property
@@ -350,7 +353,7 @@ class TCPStore(Store):
         host = host_name.encode()
         bind = None if bind_address is None else bind_address.encode()
         opts.host, opts.port, opts.is_server = host, port, bool(is_master)
-        opts.world_size = -1 if world_size is None else int(world_size)
+        opts.world_size = -1 if world_size is None else int32_arg(world_size, "world_size")
         opts.wait_for_workers = bool(wait_for_workers)
         opts.timeout_ms = store_timeout_ms(timeout, allow_none=False)
         opts.multi_tenant = bool(multi_tenant)

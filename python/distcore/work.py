@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from ._errors import DistError, Status, error_for
 from ._lib import WORK_CALLBACK, Buf, check, lib, take_buf
-from ._util import Closable, store_timeout_ms, take_handle, value_arg
+from ._util import Closable, int32_arg, store_timeout_ms, take_handle, value_arg
 
 __all__ = ["OpType", "Work", "Future"]
 
@@ -94,7 +94,7 @@ class Work(Closable):
         title = None if profiling_title is None else str(profiling_title).encode()
         # None: -1, which dc_work_new takes as no timeout.
         ms = store_timeout_ms(timeout)
-        check(lib.dc_work_new(int(rank), int(op_type), title, ms, ctypes.byref(h)))
+        check(lib.dc_work_new(int32_arg(rank, "rank"), int(op_type), title, ms, ctypes.byref(h)))
         self._init(h.value)
 
     def _init(self, handle, owner=None):
@@ -196,7 +196,7 @@ class Work(Closable):
         return out.value
 
     def set_source_rank(self, rank):
-        check(lib.dc_work_set_source_rank(self._handle, int(rank)))
+        check(lib.dc_work_set_source_rank(self._handle, int32_arg(rank, "rank")))
 
     def _get_duration(self):
         """Seconds from creation to completion (DistStateError while pending)."""
@@ -245,9 +245,16 @@ class Work(Closable):
             return
         if not isinstance(exception, BaseException):
             raise TypeError("exception must be an exception instance")
-        check(lib.dc_work_finish(self._handle, _status_of(exception), _message_of(exception).encode()))
+        # Set before the call: it runs the callbacks and wakes the waiters,
+        # who raise the exception itself.
+        before = self._py_error
         if not isinstance(exception, DistError):
             self._py_error = exception
+        try:
+            check(lib.dc_work_finish(self._handle, _status_of(exception), _message_of(exception).encode()))
+        except BaseException:  # already completed: it keeps its first outcome
+            self._py_error = before
+            raise
 
     def finish_with_result(self, data):
         """Completes the work successfully with `data` (bytes or str) as its result."""

@@ -48,3 +48,12 @@ def store(request, tmp_path, tcp_server):
     """Every kind of store, one at a time."""
     with STORES[request.param](str(tmp_path), tcp_server) as s:
         yield s
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kill_started_processes():
+    """Processes the harness started (etcd members, distcore serve) that a
+    failing test left running are killed at the end of the session."""
+    import harness
+    yield
+    harness.kill_all()

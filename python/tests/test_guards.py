@@ -76,16 +76,16 @@ def test_the_embedded_server_and_distcore_serve_expose_the_same_metrics():
     assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 5
     assert [s.value for s in buckets] == sorted(s.value for s in buckets), "cumulative"
 
-    port = harness.free_port()
-    cli = harness.CliServer(args=["--metrics", f"127.0.0.1:{port}"])
+    cli = harness.CliServer(args=["--metrics", "127.0.0.1:0"])
     try:
+        url = harness._read_line(cli.proc, "distcore: metrics at").split()[-1]
         client = distcore.TCPStore("127.0.0.1", cli.port, timeout=T(seconds=5))
         client.set("x", "y")
         # The gauges are published after each turn of the server's loop: the
         # SET (which has no reply) shows within a few scrapes.
         deadline = time.monotonic() + 10
         while True:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            with urllib.request.urlopen(url, timeout=10) as r:
                 assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
                 parsed = check_exposition(r.read().decode())
             keys = parsed["distcore_keys"].samples[0].value

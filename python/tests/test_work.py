@@ -203,3 +203,22 @@ def test_profiler_hooks():
     assert events == [("begin", "profiled"), ("end", "profiled", 1)]
     with pytest.raises(ValueError):
         distcore.set_profiler_hooks(lambda t: 0, None)
+
+
+def test_callbacks_see_the_python_exception_a_work_finished_with():
+    w = distcore.Work(0, OpType.UNKNOWN)
+    seen = []
+    w.add_done_callback(lambda work: seen.append(work.exception()))
+    w.finish(KeyError("boom"))
+    assert isinstance(seen[0], KeyError), seen
+    with pytest.raises(distcore.DistStateError):
+        w.finish(ValueError("again"))
+    with pytest.raises(KeyError):
+        w.wait()
+
+
+def test_ranks_and_world_sizes_out_of_32_bits_are_refused_not_wrapped():
+    with pytest.raises(distcore.DistValueError, match="out of range"):
+        distcore.HashStore().barrier("b", 2**32 + 1)
+    with pytest.raises(distcore.DistValueError, match="out of range"):
+        distcore.Work(rank=2**32 + 5)

@@ -578,11 +578,7 @@ pub unsafe extern "C" fn dc_store_timeout_guard_free(guard: *mut dc_store_timeou
 
 /// A barrier's world size: at least 1.
 fn arg_world_size(world_size: i32) -> Result<i64> {
-    if world_size < 1 {
-        return Err(crate::Error::invalid_argument(format!(
-            "world_size must be at least 1, not {world_size}"
-        )));
-    }
+    crate::store::elastic::check_world(world_size.into(), None)?;
     Ok(world_size.into())
 }
 

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use super::buf::dc_buf;
 use super::store::{dc_store, store_arg};
 use super::{
-    arg_duration, arg_opt_str, arg_out, arg_slice, arg_str, arg_versioned, arg_versioned_out,
-    boundary, dc_status, give, write_versioned, Versioned,
+    arg_bytes, arg_duration, arg_opt_str, arg_out, arg_slice, arg_str, arg_versioned,
+    arg_versioned_out, boundary, dc_status, give, write_versioned, Versioned,
 };
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
@@ -67,7 +67,8 @@ pub struct dc_tcp_store_options {
     /// clients (they learn the limit from the server).
     pub max_value_size: u64,
     /// Since 1.2. The shared secret (`secret_len` bytes, read during the
-    /// call only); NULL: no authentication. A server requires its clients
+    /// call only); NULL with `secret_len` 0: no authentication (NULL with
+    /// a length, or an empty secret, is DC_ERR_INVALID_ARGUMENT). A server requires its clients
     /// to prove they hold it (challenge-response: it never travels), except
     /// clients from `allow_unauthenticated`; a client proves it does and
     /// requires the server to prove it too (DC_ERR_PERMISSION_DENIED
@@ -206,31 +207,20 @@ unsafe fn options_arg(
             ))
         })?),
     };
-    let max_value_len = match opts.max_value_size {
-        0 => DEFAULT_MAX_VALUE_LEN,
-        n => usize::try_from(n)
-            .map_err(|_| Error::invalid_argument("opts->max_value_size is too large"))?,
-    };
-    let secret = match opts.secret {
-        p if p.is_null() => None,
+    let max_value_len =
+        size_or_none(opts.max_value_size, "max_value_size")?.unwrap_or(DEFAULT_MAX_VALUE_LEN);
+    let secret = match (opts.secret.is_null(), opts.secret_len) {
+        (true, 0) => None,
         _ => Some(Secret::new(
-            unsafe { arg_slice(opts.secret, opts.secret_len, "opts->secret") }?.to_vec(),
+            unsafe { arg_bytes(opts.secret, opts.secret_len, "opts->secret") }?.to_vec(),
         )?),
     };
     let networks = |text: *const c_char, name: &str| -> Result<Vec<Network>> {
         unsafe { arg_opt_str(text, name) }?.map_or_else(|| Ok(Vec::new()), Network::parse_list)
     };
-    let limit = |n: u64, name: &str| -> Result<Option<usize>> {
-        match n {
-            0 => Ok(None),
-            n => usize::try_from(n)
-                .map(Some)
-                .map_err(|_| Error::invalid_argument(format!("opts->{name} is too large"))),
-        }
-    };
     let quotas = Quotas {
-        max_connections: limit(opts.max_connections, "max_connections")?,
-        max_keys: limit(opts.max_keys, "max_keys")?,
+        max_connections: size_or_none(opts.max_connections, "max_connections")?,
+        max_keys: size_or_none(opts.max_keys, "max_keys")?,
         max_stored_bytes: (opts.max_stored_bytes != 0).then_some(opts.max_stored_bytes),
     };
     Ok(TcpStoreOptions {
@@ -306,6 +296,23 @@ pub unsafe extern "C" fn dc_tcp_store_new(
         give(out, dc_store::new(Arc::new(TcpStore::new(opts)?)));
         Ok(())
     })
+}
+
+/// An option that is a size, 0 meaning none.
+fn size_or_none(n: u64, name: &str) -> Result<Option<usize>> {
+    match n {
+        0 => Ok(None),
+        n => usize::try_from(n)
+            .map(Some)
+            .map_err(|_| Error::invalid_argument(format!("opts->{name} is too large"))),
+    }
+}
+
+/// The server a TCPStore handle runs.
+fn own_server(store: &Arc<dyn Store>) -> Result<&crate::store::tcp::Server> {
+    tcp(store)?
+        .server()
+        .ok_or_else(|| Error::invalid_argument("this TCPStore handle runs no server"))
 }
 
 fn tcp(store: &Arc<dyn Store>) -> Result<&TcpStore> {
@@ -408,9 +415,7 @@ pub unsafe extern "C" fn dc_tcp_store_server_stats(
     boundary("dc_tcp_store_server_stats", || {
         let store = unsafe { store_arg(store) }?;
         let size = unsafe { arg_versioned_out(out, "out") }?;
-        let server = tcp(&store)?
-            .server()
-            .ok_or_else(|| Error::invalid_argument("this TCPStore handle runs no server"))?;
+        let server = own_server(&store)?;
         let stats = server.stats();
         let stats = dc_server_stats {
             struct_size: std::mem::size_of::<dc_server_stats>(),
@@ -441,9 +446,7 @@ pub unsafe extern "C" fn dc_tcp_store_server_metrics(
     boundary("dc_tcp_store_server_metrics", || {
         let store = unsafe { store_arg(store) }?;
         let out = unsafe { arg_out(out, "out") }?;
-        let server = tcp(&store)?
-            .server()
-            .ok_or_else(|| Error::invalid_argument("this TCPStore handle runs no server"))?;
+        let server = own_server(&store)?;
         *out = dc_buf::from_vec(server.metrics_text().into_bytes());
         Ok(())
     })

@@ -23,7 +23,7 @@ pub(crate) const MAX_GET_ALL_RANKS: i64 = 128 << 10;
 
 /// Refuses a world size below 1 (a barrier that could never complete) and,
 /// when given, a rank outside `0..world_size`.
-fn check_world(world_size: i64, rank: Option<i64>) -> Result<()> {
+pub(crate) fn check_world(world_size: i64, rank: Option<i64>) -> Result<()> {
     if world_size < 1 {
         return Err(Error::invalid_argument(format!(
             "world_size must be at least 1, not {world_size}"

@@ -134,6 +134,8 @@ pub struct Netns {
     pub inside: String,
     /// The address of this namespace's end.
     pub outside: String,
+    /// This namespace's end of the veth pair.
+    outer: String,
 }
 
 pub fn run(args: &[&str]) -> Result<(), String> {
@@ -164,6 +166,7 @@ impl Netns {
             name: name.clone(),
             inside: format!("{net}.2"),
             outside: format!("{net}.1"),
+            outer: outer.clone(),
         };
         run(&["ip", "netns", "add", &name])?;
         run(&[
@@ -195,7 +198,86 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        // Deleting the namespace removes the veth pair with it.
+        // Deleting the namespace removes the veth pair with it, unless
+        // creating it failed before the pair's end moved in.
         let _ = run(&["ip", "netns", "del", &self.name]);
+        let _ = run(&["ip", "link", "del", &self.outer]);
+    }
+}
+
+/// A raw PyTorch-protocol client, byte by byte.
+pub mod raw {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    /// VALIDATE with its magic.
+    pub const VALIDATE: [u8; 5] = [0x00, 0xce, 0xf7, 0x85, 0x3c];
+    pub const SET: u8 = 0x01;
+    pub const GET: u8 = 0x03;
+    pub const PING: u8 = 0x0d;
+
+    /// A validated raw connection to `127.0.0.1:port` with a 10 s read
+    /// timeout.
+    pub fn raw_client(port: u16) -> TcpStream {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.write_all(&VALIDATE).unwrap();
+        s
+    }
+
+    /// Appends `v` as a byte string.
+    pub fn bytes(out: &mut Vec<u8>, v: &[u8]) {
+        out.extend_from_slice(&(v.len() as u64).to_le_bytes());
+        out.extend_from_slice(v);
+    }
+
+    /// A request of `command` with a key and a value.
+    pub fn keyed(command: u8, key: &str, value: &[u8]) -> Vec<u8> {
+        let mut out = vec![command];
+        bytes(&mut out, key.as_bytes());
+        bytes(&mut out, value);
+        out
+    }
+
+    pub fn get_request(key: &str) -> Vec<u8> {
+        let mut out = vec![GET];
+        bytes(&mut out, key.as_bytes());
+        out
+    }
+
+    pub fn ping_request(nonce: u32) -> Vec<u8> {
+        let mut out = vec![PING];
+        out.extend_from_slice(&nonce.to_le_bytes());
+        out
+    }
+
+    /// A ping round trip on `s`: false if the server closed the connection.
+    pub fn try_ping(s: &mut TcpStream, nonce: u32) -> bool {
+        let mut reply = [0u8; 4];
+        s.write_all(&ping_request(nonce)).is_ok()
+            && s.read_exact(&mut reply).is_ok()
+            && u32::from_le_bytes(reply) == nonce
+    }
+
+    /// A ping round trip on `s`; panics if it does not come back in time.
+    pub fn ping(s: &mut TcpStream, nonce: u32) {
+        assert!(try_ping(s, nonce), "ping answered");
+    }
+
+    /// A GET on `s`: the value (panics if the connection closes).
+    pub fn get(s: &mut TcpStream, key: &str) -> Vec<u8> {
+        try_get(s, key).expect("a GET answered")
+    }
+
+    /// A GET on `s`: the value, or None if the server closed the connection.
+    pub fn try_get(s: &mut TcpStream, key: &str) -> Option<Vec<u8>> {
+        s.write_all(&get_request(key)).ok()?;
+        let mut len = [0u8; 8];
+        s.read_exact(&mut len).ok()?;
+        let mut value = vec![0; u64::from_le_bytes(len) as usize];
+        s.read_exact(&mut value).ok()?;
+        Some(value)
     }
 }
