@@ -248,9 +248,9 @@ impl Client {
         deadline: Instant,
     ) -> Result<Watched> {
         let mut first = None;
-        let end = self.watch(ranges, start_revision, false, deadline, |event| {
-            first = Some(event.kv);
-            false
+        let end = self.watch(ranges, start_revision, false, deadline, |events| {
+            first = events.into_iter().next().map(|event| event.kv);
+            first.is_none()
         })?;
         Ok(match (first, end) {
             (Some(kv), _) => Watched::Put(kv),
@@ -260,9 +260,11 @@ impl Client {
     }
 
     /// Watches the ranges `(key, prefix)` from `start_revision` on, handing
-    /// every change (puts, and deletes if `deletes`) to `on_event`, in
-    /// revision order, until it answers false, etcd cancels the watch, or
-    /// the deadline. A stream that breaks (a member went away) is watched
+    /// the changes (puts, and deletes if `deletes`) to `on_events`, in
+    /// revision order and a message at a time (etcd never splits one
+    /// revision's changes between messages, so a transaction's writes come
+    /// together), until it answers false, etcd cancels the watch, or the
+    /// deadline. A stream that breaks (a member went away) is watched
     /// again, elsewhere if need be, from the revision after the last change
     /// handed over.
     pub(crate) fn watch(
@@ -271,7 +273,7 @@ impl Client {
         start_revision: i64,
         deletes: bool,
         deadline: Instant,
-        mut on_event: impl FnMut(Event) -> bool,
+        mut on_events: impl FnMut(Vec<Event>) -> bool,
     ) -> Result<WatchEnd> {
         let mut next_revision = start_revision;
         let mut backoff = Duration::from_millis(10);
@@ -331,13 +333,19 @@ impl Client {
                     log::debug!("etcd canceled a watch: {}", result["cancel_reason"]);
                     return Ok(WatchEnd::Canceled);
                 }
-                for event in result["events"].as_array().into_iter().flatten() {
-                    let kv = parse_kv(&event["kv"])?;
-                    next_revision = next_revision.max(kv.mod_revision + 1);
-                    let deleted = event["type"].as_str() == Some("DELETE");
-                    if !on_event(Event { deleted, kv }) {
-                        return Ok(WatchEnd::Stopped);
-                    }
+                let events = result["events"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|event| {
+                        let kv = parse_kv(&event["kv"])?;
+                        next_revision = next_revision.max(kv.mod_revision + 1);
+                        let deleted = event["type"].as_str() == Some("DELETE");
+                        Ok(Event { deleted, kv })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                if !events.is_empty() && !on_events(events) {
+                    return Ok(WatchEnd::Stopped);
                 }
             }
             // The stream ended (the member went away): watch again,

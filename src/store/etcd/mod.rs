@@ -96,14 +96,15 @@ pub struct EtcdStore {
 /// someone saw it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Seen {
-    pub value: Option<Vec<u8>>,
+    /// Shared with the mirror it may come from, not copied.
+    pub value: Option<crate::store::kv::Value>,
     pub mod_revision: i64,
 }
 
 impl Seen {
     fn of(kv: Option<client::Kv>) -> Seen {
         kv.map_or_else(Seen::default, |kv| Seen {
-            value: Some(kv.value),
+            value: Some(kv.value.into()),
             mod_revision: kv.mod_revision,
         })
     }
@@ -298,10 +299,12 @@ impl EtcdStore {
         .into_iter()
         .chain(cleanup())
         .collect();
+        // The token read back with its revision: the commit's, if an
+        // earlier attempt's answer was lost.
         let failure: Vec<Op> = std::iter::once(Op::Range {
             key: token.clone(),
             prefix: false,
-            read: Read::Count,
+            read: Read::Keys,
         })
         .chain(read_back.map(|key| Op::Range {
             key: key.to_vec(),
@@ -314,14 +317,21 @@ impl EtcdStore {
         let mut stale_tokens = self.stale_tokens.lock();
         match result {
             Ok(mut result) => {
-                let committed =
-                    result.succeeded || result.ranges.first().is_some_and(|r| r.count > 0);
-                if !committed {
+                // Committed by this attempt (at this revision), or by an
+                // earlier one (at its token's revision: the one a read of
+                // this job's keys will see, which etcd's current revision,
+                // moved by other jobs' writes, may never be).
+                let revision = match result.ranges.first().and_then(|r| r.kvs.first()) {
+                    _ if result.succeeded => Some(result.revision),
+                    Some(token) => Some(token.mod_revision),
+                    None => None,
+                };
+                let Some(revision) = revision else {
                     let now = result.ranges.get_mut(1).and_then(|r| r.kvs.pop());
                     return Ok(Committed::No(now));
-                }
+                };
                 stale_tokens.push(token);
-                Ok(Committed::Yes(result.revision))
+                Ok(Committed::Yes(revision))
             }
             // Nothing may have been applied, or everything: keep them all.
             Err(e) => {

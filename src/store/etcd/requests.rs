@@ -138,38 +138,43 @@ impl EtcdStore {
         })
     }
 
-    /// Hands every change to the job's keys from revision `*next` on to
-    /// `on_change` with its revision, until `deadline` or `on_change`
+    /// Hands the changes to the job's keys from revision `*next` on to
+    /// `on_changes`, each with its revision, whole revisions at a time (a
+    /// transaction's writes together), until `deadline` or `on_changes`
     /// answers false; `*next` follows, for the next call. `Canceled`: etcd
     /// no longer has the changes from `*next` (compacted): take a snapshot.
     pub(crate) fn watch_changes(
         &self,
         next: &mut i64,
         deadline: Instant,
-        mut on_change: impl FnMut(Change, i64) -> bool,
+        mut on_changes: impl FnMut(Vec<(Change, i64)>) -> bool,
     ) -> Result<WatchEnd> {
         let values = [&self.prefix[..], VALUES].concat();
         let queues = [&self.prefix[..], QUEUES].concat();
         let all = [&self.prefix[..], b"/"].concat();
         self.client
-            .watch(&[(all, true)], *next, true, deadline, |event| {
-                let revision = event.kv.mod_revision;
-                *next = (*next).max(revision + 1);
-                let key = &event.kv.key;
-                let change = if let Some(key) = key.strip_prefix(&values[..]) {
-                    Change::Value {
-                        key: key.to_vec(),
-                        value: (!event.deleted).then(|| event.kv.value.into()),
-                    }
-                } else if let Some(element) = key.strip_prefix(&queues[..]) {
-                    Change::Element {
-                        key: queue_of(element),
-                        added: !event.deleted,
-                    }
-                } else {
-                    return true; // a commit token
-                };
-                on_change(change, revision)
+            .watch(&[(all, true)], *next, true, deadline, |events| {
+                let mut changes = Vec::with_capacity(events.len());
+                for event in events {
+                    let revision = event.kv.mod_revision;
+                    *next = (*next).max(revision + 1);
+                    let key = &event.kv.key;
+                    let change = if let Some(key) = key.strip_prefix(&values[..]) {
+                        Change::Value {
+                            key: key.to_vec(),
+                            value: (!event.deleted).then(|| event.kv.value.into()),
+                        }
+                    } else if let Some(element) = key.strip_prefix(&queues[..]) {
+                        Change::Element {
+                            key: queue_of(element),
+                            added: !event.deleted,
+                        }
+                    } else {
+                        continue; // a commit token
+                    };
+                    changes.push((change, revision));
+                }
+                changes.is_empty() || on_changes(changes)
             })
     }
 }

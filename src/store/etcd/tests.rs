@@ -505,7 +505,7 @@ fn a_wrong_guess_costs_a_retry_never_a_wrong_answer() {
     store.set("n", b"5").unwrap();
     let stale = |value: &[u8]| {
         Some(super::Seen {
-            value: Some(value.to_vec()),
+            value: Some(value.into()),
             mod_revision: 1,
         })
     };

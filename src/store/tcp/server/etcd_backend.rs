@@ -66,8 +66,10 @@ struct Job {
 struct View {
     mirror: Mirror,
     /// Reads, waits and read-modify-writes that arrived before the mirror
-    /// showed the writes acknowledged then (`fence`).
-    fenced: Vec<(Job, i64)>,
+    /// showed the writes acknowledged then (`fence`), in arrival order,
+    /// which is fence order (only the event loop adds, and acknowledged
+    /// writes only grow).
+    fenced: VecDeque<(Job, i64)>,
 }
 
 /// What the mirror catching up released: answers, and read-modify-writes
@@ -81,10 +83,12 @@ impl View {
             return Released::default();
         }
         let revision = self.mirror.revision;
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.fenced)
-            .into_iter()
-            .partition(|(_, fence)| *fence <= revision);
-        self.fenced = waiting;
+        let caught_up = self
+            .fenced
+            .iter()
+            .take_while(|(_, fence)| *fence <= revision)
+            .count();
+        let ready: Vec<_> = self.fenced.drain(..caught_up).collect();
         let (mut answers, mut writes) = (Vec::new(), Vec::new());
         for (mut job, _) in ready {
             if let Some(key) = modified_key(&job.request) {
@@ -316,10 +320,10 @@ impl Shared {
     fn watcher(&self, mut next: i64) {
         while !self.stop.load(Ordering::SeqCst) {
             let deadline = Instant::now() + WATCH_SLICE;
-            let watched = self
-                .store
-                .watch_changes(&mut next, deadline, |change, revision| {
-                    let written = match &change {
+            let watched = self.store.watch_changes(&mut next, deadline, |changes| {
+                let written: Vec<Report> = changes
+                    .iter()
+                    .filter_map(|(change, _)| match change {
                         Change::Value {
                             key,
                             value: Some(value),
@@ -332,16 +336,21 @@ impl Shared {
                             present: Present::Queued,
                         }),
                         _ => None,
-                    };
-                    let released = {
-                        let mut view = self.view.lock();
-                        view.mirror.apply(&change, revision);
-                        view.caught_up()
-                    };
-                    self.report(written);
-                    self.release(released);
-                    !self.stop.load(Ordering::SeqCst)
-                });
+                    })
+                    .collect();
+                // A revision is applied whole before any read waiting
+                // for it is let go: it never sees half a transaction.
+                let released = {
+                    let mut view = self.view.lock();
+                    for (change, revision) in &changes {
+                        view.mirror.apply(change, *revision);
+                    }
+                    view.caught_up()
+                };
+                self.report(written);
+                self.release(released);
+                !self.stop.load(Ordering::SeqCst)
+            });
             match watched {
                 Ok(WatchEnd::Stopped | WatchEnd::Deadline) => {}
                 // Compacted past what the mirror has: start again from a
@@ -405,7 +414,7 @@ impl EtcdBackend {
             job_ready: std::sync::Condvar::new(),
             view: Mutex::new(View {
                 mirror: Mirror::new(snapshot),
-                fenced: Vec::new(),
+                fenced: VecDeque::new(),
             }),
             written: AtomicI64::new(0),
             reports: Mutex::new(Vec::new()),
@@ -474,7 +483,7 @@ impl Backend for EtcdBackend {
             let fence = self.shared.written.load(Ordering::SeqCst);
             let mut view = self.shared.view.lock();
             if view.mirror.revision < fence {
-                view.fenced.push((job(None), fence));
+                view.fenced.push_back((job(None), fence));
                 return Ok(None);
             }
             if read {

@@ -90,7 +90,7 @@ impl Mirror {
         self.values
             .get(key)
             .map_or_else(Seen::default, |(value, changed)| Seen {
-                value: Some(value.to_vec()),
+                value: Some(value.clone()),
                 mod_revision: *changed,
             })
     }
@@ -201,7 +201,7 @@ mod tests {
             delta: 1
         }));
         let b = Seen {
-            value: Some(b"2".to_vec()),
+            value: Some(b"2".as_slice().into()),
             mod_revision: 6,
         };
         assert_eq!(m.seen(b"b"), b, "a read-modify-write's guess");
