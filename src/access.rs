@@ -1,7 +1,8 @@
 //! Who may connect to a server: the networks it admits (an allow-list of
 //! CIDR blocks), and among them those whose clients need not authenticate
-//! (PyTorch's clients cannot). Socket-free: the event loops ask
-//! [`AccessPolicy::admit`] with the peer's address when they accept.
+//! nor use TLS (PyTorch's clients can do neither). Socket-free: the event
+//! loops ask [`AccessPolicy::admit`] with the peer's address when they
+//! accept, and again when a connection turns out to speak TLS.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -9,6 +10,7 @@ use std::str::FromStr;
 
 use crate::auth::Secret;
 use crate::error::{Error, Result};
+use crate::tls::TlsServer;
 
 /// A block of addresses in CIDR notation (`10.0.0.0/8`, `fd00::/8`), or
 /// one address (`192.0.2.7`, a /32 or /128).
@@ -118,10 +120,15 @@ pub struct AccessPolicy {
     /// The shared secret clients prove they hold (challenge-response; it
     /// never travels); `None`: no authentication.
     pub secret: Option<Secret>,
-    /// With a secret: networks whose clients may skip authentication
-    /// (PyTorch's clients, which cannot authenticate). Others must
-    /// authenticate before their first request.
+    /// With a secret or TLS: networks whose clients may skip
+    /// authentication and TLS (PyTorch's clients, which can do neither).
+    /// Others must use TLS (if the server serves it) and authenticate (if
+    /// it has a secret) before their first request.
     pub allow_unauthenticated: Vec<Network>,
+    /// Serve TLS: with it, connections in clear are served only from
+    /// `allow_unauthenticated` networks (others may only learn that TLS is
+    /// required). `None`: everything in clear, as PyTorch.
+    pub tls: Option<TlsServer>,
 }
 
 /// What a server does with a new connection, by its peer's address.
@@ -133,28 +140,38 @@ pub enum Admission {
     Open,
     /// Serve only the handshake until it authenticates.
     MustAuthenticate,
+    /// It is in clear, which this server serves only from exempt networks:
+    /// tell it TLS is required, and serve nothing else.
+    MustUseTls,
 }
 
 impl AccessPolicy {
-    /// What to do with a connection from `peer`.
-    pub fn admit(&self, peer: IpAddr) -> Admission {
+    /// What to do with a connection from `peer`, in clear or `over_tls`.
+    pub fn admit(&self, peer: IpAddr, over_tls: bool) -> Admission {
         if !self.allow.is_empty() && !self.allow.iter().any(|n| n.contains(peer)) {
             return Admission::Refused;
         }
-        if self.secret.is_none() || self.allow_unauthenticated.iter().any(|n| n.contains(peer)) {
+        if self.allow_unauthenticated.iter().any(|n| n.contains(peer)) {
             return Admission::Open;
         }
-        Admission::MustAuthenticate
+        if self.tls.is_some() && !over_tls {
+            return Admission::MustUseTls;
+        }
+        if self.secret.is_some() {
+            return Admission::MustAuthenticate;
+        }
+        Admission::Open
     }
 
-    /// Refuses a policy that would not do what it says: networks let in
-    /// without authentication but no secret (every client would be).
+    /// Refuses a policy that would not do what it says: networks exempt
+    /// from authentication and TLS on a server with neither (every client
+    /// would be).
     pub fn check(&self) -> Result<()> {
-        if self.secret.is_none() && !self.allow_unauthenticated.is_empty() {
+        if self.secret.is_none() && self.tls.is_none() && !self.allow_unauthenticated.is_empty() {
             return Err(Error::invalid_argument(
                 "networks let in without authentication (allow_unauthenticated, \
-                 --allow-unauthenticated) need a secret (--secret-file or --secret-env): \
-                 without one, every client is unauthenticated",
+                 --allow-unauthenticated) need a secret (--secret-file or --secret-env) \
+                 or TLS (--tls-cert): without either, every client is unauthenticated",
             ));
         }
         Ok(())
@@ -173,14 +190,24 @@ impl AccessPolicy {
         } else {
             list(&self.allow)
         };
-        match (&self.secret, self.allow_unauthenticated.is_empty()) {
-            (None, _) => format!("clients from {from}, without authentication"),
-            (Some(_), true) => format!("clients from {from}, which must authenticate"),
-            (Some(_), false) => format!(
-                "clients from {from}, which must authenticate unless from {}",
-                list(&self.allow_unauthenticated)
-            ),
+        let mut line = format!("clients from {from}");
+        match &self.tls {
+            Some(tls) if tls.verifies_clients() => line += ", over TLS with a client certificate",
+            Some(_) => line += ", over TLS",
+            None => {}
         }
+        line += if self.secret.is_some() {
+            ", which must authenticate"
+        } else {
+            ", without authentication"
+        };
+        if !self.allow_unauthenticated.is_empty() && (self.secret.is_some() || self.tls.is_some()) {
+            line += &format!(
+                ", unless from {} (served as PyTorch's clients need: in clear, unauthenticated)",
+                list(&self.allow_unauthenticated)
+            );
+        }
+        line
     }
 }
 
@@ -233,19 +260,61 @@ mod tests {
     #[test]
     fn the_policy_refuses_outsiders_and_asks_the_rest_to_authenticate() {
         let open = AccessPolicy::default();
-        assert_eq!(open.admit(ip("203.0.113.9")), Admission::Open);
+        assert_eq!(open.admit(ip("203.0.113.9"), false), Admission::Open);
         let policy = AccessPolicy {
             allow: Network::parse_list("10.0.0.0/8,127.0.0.1").unwrap(),
             secret: Some(Secret::new(b"s3cret-s3cret".to_vec()).unwrap()),
             allow_unauthenticated: Network::parse_list("10.9.0.0/16").unwrap(),
+            tls: None,
         };
-        assert_eq!(policy.admit(ip("192.168.1.1")), Admission::Refused);
-        assert_eq!(policy.admit(ip("10.1.1.1")), Admission::MustAuthenticate);
+        assert_eq!(policy.admit(ip("192.168.1.1"), false), Admission::Refused);
         assert_eq!(
-            policy.admit(ip("::ffff:127.0.0.1")),
+            policy.admit(ip("10.1.1.1"), false),
             Admission::MustAuthenticate
         );
-        assert_eq!(policy.admit(ip("10.9.3.4")), Admission::Open);
+        assert_eq!(
+            policy.admit(ip("::ffff:127.0.0.1"), false),
+            Admission::MustAuthenticate
+        );
+        assert_eq!(policy.admit(ip("10.9.3.4"), false), Admission::Open);
         assert!(!policy.describe().contains("s3cret"));
+    }
+
+    #[test]
+    fn with_tls_connections_in_clear_are_served_only_from_exempt_networks() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tls");
+        let tls =
+            TlsServer::from_files(&dir.join("server.pem"), &dir.join("server.key"), None).unwrap();
+        let policy = AccessPolicy {
+            allow_unauthenticated: Network::parse_list("10.9.0.0/16").unwrap(),
+            tls: Some(tls),
+            ..AccessPolicy::default()
+        };
+        policy.check().unwrap();
+        assert_eq!(policy.admit(ip("10.1.1.1"), false), Admission::MustUseTls);
+        assert_eq!(policy.admit(ip("10.1.1.1"), true), Admission::Open);
+        assert_eq!(policy.admit(ip("10.9.1.1"), false), Admission::Open);
+        let with_secret = AccessPolicy {
+            secret: Some(Secret::new(b"s".to_vec()).unwrap()),
+            ..policy
+        };
+        assert_eq!(
+            with_secret.admit(ip("10.1.1.1"), true),
+            Admission::MustAuthenticate
+        );
+        assert_eq!(
+            with_secret.admit(ip("10.1.1.1"), false),
+            Admission::MustUseTls
+        );
+        let line = with_secret.describe();
+        assert!(
+            line.contains("over TLS") && line.contains("unless from 10.9.0.0/16"),
+            "{line}"
+        );
+        let without_either = AccessPolicy {
+            allow_unauthenticated: Network::parse_list("10.9.0.0/16").unwrap(),
+            ..AccessPolicy::default()
+        };
+        assert!(without_either.check().is_err());
     }
 }

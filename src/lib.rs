@@ -22,6 +22,7 @@ mod sendv;
 pub mod store;
 pub mod timeout;
 mod timer;
+pub mod tls;
 pub mod work;
 
 pub use error::{Error, Result, Status};

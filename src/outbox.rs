@@ -13,11 +13,11 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 
-use mio::net::TcpStream;
+use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
 use crate::bigbuf::LARGE_VALUE_LEN;
-use crate::sendv::send_bytes;
+use crate::tls::Wire;
 
 /// A buffer larger than this is released once it has been written out.
 const MAX_IDLE_CAPACITY: usize = 1 << 20;
@@ -174,17 +174,24 @@ impl Outbox {
         }
     }
 
-    /// Writes what the socket accepts now, a segment per call (a large
-    /// value sent behind a few bytes of header would be copied into the
-    /// socket at an odd offset, markedly slower); registers for WRITABLE
-    /// while bytes are left and drops that interest once they are gone.
+    /// Writes what `wire` accepts now, a segment per call (a large value
+    /// sent behind a few bytes of header would be copied into the socket
+    /// at an odd offset, markedly slower); registers `stream` (the wire's
+    /// socket) for WRITABLE while bytes are left, TLS records included,
+    /// and drops that interest once they are gone.
     pub(crate) fn flush(
         &mut self,
-        stream: &mut TcpStream,
+        wire: &mut Wire<'_>,
+        stream: &mut impl Source,
         registry: &Registry,
         token: Token,
     ) -> io::Result<()> {
-        while let Some(front) = self.segments.front() {
+        let mut blocked = match wire.flush() {
+            Ok(()) => false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+            Err(e) => return Err(e),
+        };
+        while let Some(front) = self.segments.front().filter(|_| !blocked) {
             if let Segment::Values { .. } = front {
                 self.encode_front();
                 continue;
@@ -194,15 +201,15 @@ impl Outbox {
                 self.pop_front();
                 continue;
             }
-            match send_bytes(stream, rest) {
+            match wire.send(rest) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => blocked = true,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
-        let pending = !self.is_empty();
+        let pending = !self.is_empty() || wire.wants_write();
         if pending != self.wants_writable {
             let interest = if pending {
                 Interest::READABLE | Interest::WRITABLE

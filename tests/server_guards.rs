@@ -12,7 +12,7 @@ use distcore::store::{Store, TcpStore, TcpStoreOptions};
 use distcore::Status;
 
 mod common;
-use common::raw::{keyed, raw_client, try_get, try_ping, SET};
+use common::raw::{raw_client, try_ping, try_set_get};
 use common::{Netns, Serve};
 
 fn netns() -> Netns {
@@ -52,11 +52,6 @@ fn secret_file(text: &str) -> tempfile::NamedTempFile {
 
 /// A PyTorch client's SET then GET of `key` on `s`: the value read back,
 /// or `None` if the server closed the connection.
-fn pytorch_set_get(s: &mut TcpStream, key: &str) -> Option<Vec<u8>> {
-    s.write_all(&keyed(SET, key, b"v")).ok()?;
-    try_get(s, key)
-}
-
 #[test]
 fn a_default_serve_is_reachable_on_loopback_only() {
     let netns = netns();
@@ -160,7 +155,7 @@ fn only_clients_with_the_secret_get_in_and_the_secret_is_never_logged() {
         "VALIDATE and PING are let through"
     );
     assert_eq!(
-        pytorch_set_get(&mut pytorch, "/p"),
+        try_set_get(&mut pytorch, "/p"),
         None,
         "a PyTorch client from an address not let in unauthenticated"
     );
@@ -204,7 +199,7 @@ fn pytorch_clients_from_networks_let_in_unauthenticated_still_work() {
         try_ping(&mut pytorch, 77),
         "VALIDATE and PING are let through"
     );
-    assert_eq!(pytorch_set_get(&mut pytorch, "/p"), Some(b"v".to_vec()));
+    assert_eq!(try_set_get(&mut pytorch, "/p"), Some(b"v".to_vec()));
     // A distcore client with the secret still proves it; one with the
     // wrong secret is still refused (the server proves itself either way).
     client("127.0.0.1", serve.port, Some(secret("s3cret"))).unwrap();

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, CString};
 use std::net::IpAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::buf::dc_buf;
@@ -23,6 +24,7 @@ use crate::store::tcp::protocol::DEFAULT_MAX_VALUE_LEN;
 use crate::store::tcp::Quotas;
 use crate::store::{Store, TcpStore, TcpStoreOptions};
 use crate::timeout::DEFAULT_STORE_TIMEOUT;
+use crate::tls::TlsFiles;
 
 /// Options of `dc_tcp_store_new`, mirroring torch.distributed.TCPStore's
 /// arguments. Initialise with `dc_tcp_store_options_init(&opts, sizeof
@@ -92,6 +94,27 @@ pub struct dc_tcp_store_options {
     /// Since 1.2. Server: most bytes of keys, values and queue elements;
     /// 0: no limit. A write past it is refused (DC_ERR_QUOTA_EXCEEDED).
     pub max_stored_bytes: u64,
+    /// Since 1.3. A PEM file with a certificate chain (its own certificate
+    /// first); NULL: none. Server: serve TLS with it (connections in clear
+    /// are then served only from `allow_unauthenticated`; others learn
+    /// that TLS is required, DC_ERR_PERMISSION_DENIED). Client: present it
+    /// to servers that verify clients. Needs `tls_key_file`.
+    pub tls_cert_file: *const c_char,
+    /// Since 1.3. The PEM file of `tls_cert_file`'s private key (PKCS#8,
+    /// PKCS#1 or SEC1).
+    pub tls_key_file: *const c_char,
+    /// Since 1.3. Client (a server's own handle included): connect over
+    /// TLS, trusting the CA certificates in this PEM file; NULL: in
+    /// clear. A server whose certificate does not chain to them, or that
+    /// does not serve TLS, is DC_ERR_PERMISSION_DENIED (not retried) or
+    /// DC_ERR_NETWORK saying so.
+    pub tls_ca_file: *const c_char,
+    /// Since 1.3. Server with `tls_cert_file`: require every TLS client to
+    /// present a certificate from the CAs in this PEM file (mutual TLS).
+    pub tls_client_ca_file: *const c_char,
+    /// Since 1.3. Client: check the server's certificate against this name
+    /// (a DNS name or an IP address) instead of `host`.
+    pub tls_server_name: *const c_char,
 }
 
 /// One operation's latency statistics (PyTorch's collectClientCounters).
@@ -125,10 +148,12 @@ pub struct dc_server_stats {
 }
 
 // SAFETY: repr(C), `struct_size: usize` first; 1.0 ended with
-// max_value_size (8-aligned, so its size is where `secret` starts).
+// max_value_size and 1.2 with max_stored_bytes (8-aligned, so their sizes
+// are where the next fields start).
 unsafe impl Versioned for dc_tcp_store_options {
     const SIZES: &'static [usize] = &[
         std::mem::offset_of!(dc_tcp_store_options, secret),
+        std::mem::offset_of!(dc_tcp_store_options, tls_cert_file),
         std::mem::size_of::<dc_tcp_store_options>(),
     ];
     const HOW_TO_SET: &'static str =
@@ -161,13 +186,18 @@ fn default_options() -> dc_tcp_store_options {
         max_connections: 0,
         max_keys: 0,
         max_stored_bytes: 0,
+        tls_cert_file: std::ptr::null(),
+        tls_key_file: std::ptr::null(),
+        tls_ca_file: std::ptr::null(),
+        tls_client_ca_file: std::ptr::null(),
+        tls_server_name: std::ptr::null(),
     }
 }
 
 /// Fills `opts` with the defaults: host "127.0.0.1", port 0, client, no
 /// world size, wait_for_workers, 300 s timeout, not multi-tenant, no
 /// listen fd, every interface, 64 MiB values, no secret, any address, no
-/// quotas. `struct_size` is
+/// quotas, no TLS. `struct_size` is
 /// `sizeof(dc_tcp_store_options)` as the caller's header has it (pass
 /// `sizeof opts`): only that many bytes are written.
 ///
@@ -223,6 +253,18 @@ unsafe fn options_arg(
         max_keys: size_or_none(opts.max_keys, "max_keys")?,
         max_stored_bytes: (opts.max_stored_bytes != 0).then_some(opts.max_stored_bytes),
     };
+    let file = |path: *const c_char, name: &str| -> Result<Option<PathBuf>> {
+        Ok(unsafe { arg_opt_str(path, name) }?.map(PathBuf::from))
+    };
+    let tls = TlsFiles {
+        cert: file(opts.tls_cert_file, "opts->tls_cert_file")?,
+        key: file(opts.tls_key_file, "opts->tls_key_file")?,
+        ca: file(opts.tls_ca_file, "opts->tls_ca_file")?,
+        client_ca: file(opts.tls_client_ca_file, "opts->tls_client_ca_file")?,
+        server_name: unsafe { arg_opt_str(opts.tls_server_name, "opts->tls_server_name") }?
+            .map(str::to_owned),
+    };
+    let (tls_server, tls_client) = tls.load(opts.is_server)?;
     Ok(TcpStoreOptions {
         host,
         port: opts.port,
@@ -238,6 +280,8 @@ unsafe fn options_arg(
         allow: networks(opts.allow, "opts->allow")?,
         allow_unauthenticated: networks(opts.allow_unauthenticated, "opts->allow_unauthenticated")?,
         quotas,
+        tls_server,
+        tls_client,
     })
 }
 

@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 
 use crate::outbox::Outbox;
 use crate::sendv::send_bytes;
+use crate::tls::Wire;
 
 /// What became of a frame handed to [`Writer::send`].
 #[derive(Debug, PartialEq, Eq)]
@@ -109,7 +110,8 @@ impl Writer {
         if !state.connected || state.closed {
             return Ok(());
         }
-        state.output.flush(stream, registry, token)
+        let mut wire = Wire::new(stream, None);
+        state.output.flush(&mut wire, stream, registry, token)
     }
 
     /// The I/O thread: the connection is gone; later sends report

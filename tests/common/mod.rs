@@ -280,4 +280,11 @@ pub mod raw {
         s.read_exact(&mut value).ok()?;
         Some(value)
     }
+
+    /// A SET of `key` to "v" then a GET of it on `s`: the value, or None if
+    /// the server closed the connection.
+    pub fn try_set_get(s: &mut TcpStream, key: &str) -> Option<Vec<u8>> {
+        s.write_all(&keyed(SET, key, b"v")).ok()?;
+        try_get(s, key)
+    }
 }

@@ -20,6 +20,7 @@ use distcore::store::{
     elastic, EtcdStore, EtcdStoreOptions, FileStore, HashStore, PrefixStore, Store, TcpStore,
     TcpStoreOptions,
 };
+use distcore::tls::{TlsClient, TlsFiles};
 use distcore::{Error, OpType, Result, Work};
 
 #[derive(Parser)]
@@ -195,6 +196,8 @@ enum Command {
         width: usize,
         #[command(flatten)]
         secret: SecretArgs,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// One worker process of `demo` (started by it).
     #[command(hide = true)]
@@ -233,6 +236,40 @@ impl SecretArgs {
     }
 }
 
+/// TLS: PEM files (see docs/security.md).
+#[derive(clap::Args, Clone)]
+struct TlsArgs {
+    /// A certificate chain (its own certificate first): `serve` serves TLS
+    /// with it; a client presents it to servers that verify clients.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A client: connect over TLS, trusting these CA certificates.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// `serve` with --tls-cert: require a client certificate from these CAs.
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
+    /// A client: check the server's certificate against this name instead
+    /// of the host connected to.
+    #[arg(long)]
+    tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    fn files(&self) -> TlsFiles {
+        TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+            client_ca: self.tls_client_ca.clone(),
+            server_name: self.tls_server_name.clone(),
+        }
+    }
+}
+
 /// Who may connect to `serve`, what they may make it hold, and its metrics.
 #[derive(clap::Args)]
 struct Guards {
@@ -243,10 +280,12 @@ struct Guards {
     allow: Option<Networks>,
     #[command(flatten)]
     secret: SecretArgs,
-    /// With a secret: networks whose clients need not authenticate
-    /// (PyTorch's clients, which cannot).
+    /// With a secret or TLS: networks whose clients need neither
+    /// authenticate nor use TLS (PyTorch's clients, which can do neither).
     #[arg(long, value_parser = parse_networks)]
     allow_unauthenticated: Option<Networks>,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Most open connections (further ones are closed at once).
     #[arg(long)]
     max_connections: Option<usize>,
@@ -306,6 +345,7 @@ fn main() -> ExitCode {
             backend_timeout,
             guards,
         } => guards.secret.secret().and_then(|secret| {
+            let (tls, _) = guards.tls.files().load(true)?;
             serve(
                 ServerOptions {
                     port,
@@ -332,6 +372,7 @@ fn main() -> ExitCode {
                             .allow_unauthenticated
                             .map(|n| n.0)
                             .unwrap_or_default(),
+                        tls,
                     },
                     quotas: Quotas {
                         max_connections: guards.max_connections,
@@ -348,9 +389,11 @@ fn main() -> ExitCode {
             address,
             width,
             secret,
-        } => secret
-            .secret()
-            .and_then(|secret| inspect(&address, width, secret)),
+            tls,
+        } => secret.secret().and_then(|secret| {
+            let (_, tls) = tls.files().load(false)?;
+            inspect(&address, width, secret, tls)
+        }),
         Command::DemoWorker {
             connect,
             rank,
@@ -672,7 +715,12 @@ fn report_workers(host: std::net::IpAddr, port: u16, secret: Option<Secret>, wor
     }
 }
 
-fn inspect(address: &str, width: usize, secret: Option<Secret>) -> Result<()> {
+fn inspect(
+    address: &str,
+    width: usize,
+    secret: Option<Secret>,
+    tls: Option<TlsClient>,
+) -> Result<()> {
     let (host, port) = address
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
@@ -682,6 +730,7 @@ fn inspect(address: &str, width: usize, secret: Option<Secret>) -> Result<()> {
         port,
         timeout: Duration::from_secs(10),
         secret,
+        tls_client: tls,
         ..TcpStoreOptions::default()
     })?;
     if store.peer_is_distcore() {

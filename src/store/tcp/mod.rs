@@ -16,6 +16,7 @@ use crate::auth::Secret;
 use crate::error::{Error, Result, Status};
 use crate::fork::Born;
 use crate::timeout::DEFAULT_STORE_TIMEOUT;
+use crate::tls::{TlsClient, TlsServer};
 use crate::work::Work;
 
 mod client;
@@ -68,9 +69,17 @@ pub struct TcpStoreOptions {
     pub secret: Option<Secret>,
     /// Server: networks clients may connect from (empty: any).
     pub allow: Vec<Network>,
-    /// Server with a secret: networks whose clients need not
-    /// authenticate (PyTorch's clients cannot).
+    /// Server with a secret or TLS: networks whose clients need not
+    /// authenticate nor use TLS (PyTorch's clients can do neither).
     pub allow_unauthenticated: Vec<Network>,
+    /// Server: serve TLS with this certificate (and, if it has a client
+    /// CA, require client certificates). Connections in clear are then
+    /// served only from `allow_unauthenticated`. `None`: in clear, as
+    /// PyTorch.
+    pub tls_server: Option<TlsServer>,
+    /// Client (the server's own handle included): connect over TLS,
+    /// trusting these CA certificates. `None`: in clear.
+    pub tls_client: Option<TlsClient>,
     /// Server: what all clients together may make it hold.
     pub quotas: Quotas,
 }
@@ -91,6 +100,8 @@ impl Default for TcpStoreOptions {
             secret: None,
             allow: Vec::new(),
             allow_unauthenticated: Vec::new(),
+            tls_server: None,
+            tls_client: None,
             quotas: Quotas::default(),
         }
     }
@@ -114,6 +125,7 @@ fn start_server(options: &TcpStoreOptions) -> Result<Arc<Server>> {
             allow: options.allow.clone(),
             secret: options.secret.clone(),
             allow_unauthenticated: options.allow_unauthenticated.clone(),
+            tls: options.tls_server.clone(),
         },
         quotas: options.quotas,
         ..ServerOptions::default()
@@ -174,6 +186,7 @@ impl TcpStore {
             host: options.host.clone(),
             port,
             secret: options.secret.clone(),
+            tls: options.tls_client.clone(),
         };
         let conns = Connections::connect(endpoint, deadline_of(options.timeout))?;
         let store = TcpStore {

@@ -56,7 +56,7 @@ pub(crate) const REPLY_DEFERRED_ERROR: u8 = 2;
 /// What a distcore server tells a version 2 client after [`HELLO_V2_ACK`]:
 /// a `u32` version (1) and its limits as `u64`s (key, value, keys per
 /// request, request); then a `u32` of flags ([`INFO_AUTH_REQUIRED`],
-/// [`INFO_CHALLENGE`]) and, with the latter, the 32-byte challenge to
+/// [`INFO_CHALLENGE`], [`INFO_TLS_REQUIRED`]) and, with the latter, the 32-byte challenge to
 /// authenticate with (see [`Command::Auth`]). Carried as a byte string, so
 /// later versions can append fields an older client skips; a server from
 /// before authentication sends no flags (read as none).
@@ -67,6 +67,9 @@ pub(crate) struct ServerInfo {
     /// The connection may make no request but the handshake's until it
     /// authenticates.
     pub(crate) auth_required: bool,
+    /// The connection is in clear where the server requires TLS: it may
+    /// make no request but the handshake's.
+    pub(crate) tls_required: bool,
     /// The challenge to authenticate with, if the server has a secret.
     pub(crate) challenge: Option<Nonce>,
 }
@@ -75,6 +78,8 @@ pub(crate) struct ServerInfo {
 pub(crate) const INFO_AUTH_REQUIRED: u32 = 1;
 /// [`ServerInfo`] flag: a challenge follows (the server has a secret).
 pub(crate) const INFO_CHALLENGE: u32 = 2;
+/// [`ServerInfo`] flag: connect again over TLS; nothing is served in clear.
+pub(crate) const INFO_TLS_REQUIRED: u32 = 4;
 
 impl ServerInfo {
     const VERSION: u32 = 1;
@@ -97,6 +102,9 @@ impl ServerInfo {
         }
         if self.challenge.is_some() {
             flags |= INFO_CHALLENGE;
+        }
+        if self.tls_required {
+            flags |= INFO_TLS_REQUIRED;
         }
         info.extend_from_slice(&flags.to_le_bytes());
         if let Some(challenge) = &self.challenge {
@@ -137,6 +145,7 @@ impl ServerInfo {
                 max_request_len: field(3)?,
             },
             auth_required: flags & INFO_AUTH_REQUIRED != 0,
+            tls_required: flags & INFO_TLS_REQUIRED != 0,
             challenge,
         })
     }
@@ -487,6 +496,7 @@ mod tests {
         let info = ServerInfo {
             limits: Limits::with_max_value_len(5 << 20),
             auth_required: false,
+            tls_required: false,
             challenge: None,
         };
         let encoded = info.encode();
@@ -508,6 +518,7 @@ mod tests {
         );
         let challenged = ServerInfo {
             auth_required: true,
+            tls_required: true,
             challenge: Some([7; NONCE_LEN]),
             ..info
         };

@@ -2,7 +2,8 @@
 //! with backoff, VALIDATE + PING + the HELLO probe, then requests whose every
 //! step (connect, send, receive, cancel) ends by a deadline. The socket is
 //! non-blocking; a blocking call waits in `poll` until its deadline, and the
-//! async waiter drives the same connection from its event loop.
+//! async waiter drives the same connection from its event loop. Over TLS,
+//! the same, through the connection's session (see [`Wire`]).
 
 use std::io::{ErrorKind, IoSlice};
 use std::mem::MaybeUninit;
@@ -17,7 +18,7 @@ use super::reply::{Exchange, Outcome, Reply, Shape, DIRECT_MIN};
 use crate::auth::{Nonce, Secret};
 use crate::bigbuf::LARGE_VALUE_LEN;
 use crate::error::{Error, Result, Status};
-use crate::sendv::send_vectored;
+use crate::tls::{self, Session, TlsClient, Wire};
 
 /// When an operation must end; `None`: never (a zero timeout).
 pub(crate) type Deadline = Option<Instant>;
@@ -69,11 +70,15 @@ pub(crate) struct Endpoint {
     /// Authenticate with this secret, and insist that the server proves it
     /// holds it too.
     pub(crate) secret: Option<Secret>,
+    /// Connect over TLS, trusting these CAs.
+    pub(crate) tls: Option<TlsClient>,
 }
 
 /// A validated connection.
 pub(crate) struct Conn {
     stream: TcpStream,
+    /// The TLS session, over TLS.
+    tls: Option<Session>,
     peer: String,
     dialect: Dialect,
     limits: Limits,
@@ -153,6 +158,9 @@ impl Conn {
                 sleep = sleep.min(left);
             }
             std::thread::sleep(sleep);
+            if left(deadline).is_some_and(|left| left.is_zero()) {
+                break;
+            }
             delay = delay.mul_f64(BACKOFF_MULTIPLIER).min(BACKOFF_MAX);
         }
         // PyTorch's words, with the connect timeout (not the time it took,
@@ -188,8 +196,13 @@ impl Conn {
                 last = Error::network(format!("configuring the socket to {addr}: {e}"));
                 continue;
             }
+            let tls = match &endpoint.tls {
+                Some(client) => Some(client.session(host)?),
+                None => None,
+            };
             let mut conn = Conn {
                 stream,
+                tls,
                 peer: addr.to_string(),
                 dialect: Dialect::PyTorch,
                 limits: pytorch_limits(),
@@ -243,6 +256,13 @@ impl Conn {
                 })?;
                 self.dialect = Dialect::Distcore;
                 self.limits = info.limits;
+                if info.tls_required {
+                    return Err(Error::permission_denied(format!(
+                        "the TCPStore at {} serves this client's address only over TLS: \
+                         give the client the CA certificate that signed the server's (tls_ca)",
+                        self.peer
+                    )));
+                }
                 match (secret, info.challenge) {
                     (Some(secret), Some(challenge)) => self.authenticate(secret, &challenge, deadline)?,
                     (Some(_), None) => {
@@ -369,9 +389,22 @@ impl Conn {
         self.send_all(&mut batch, deadline)
     }
 
-    fn send_all(&self, mut parts: &mut [IoSlice<'_>], deadline: Deadline) -> Result<()> {
-        while !parts.is_empty() {
-            match send_vectored(&self.stream, parts) {
+    fn wire(&mut self) -> Wire<'_> {
+        Wire::new(&self.stream, self.tls.as_mut())
+    }
+
+    /// Sends every byte of `parts` (and every TLS record they make) by
+    /// `deadline`.
+    fn send_all(&mut self, mut parts: &mut [IoSlice<'_>], deadline: Deadline) -> Result<()> {
+        loop {
+            let sent = match parts.is_empty() {
+                false => self.wire().send_vectored(parts),
+                true => match self.wire().flush() {
+                    Ok(()) => return Ok(()),
+                    Err(e) => Err(e),
+                },
+            };
+            match sent {
                 Ok(0) => return Err(Error::network("the connection accepts no more bytes")),
                 Ok(n) => IoSlice::advance_slices(&mut parts, n),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -388,13 +421,14 @@ impl Conn {
                 Err(e) => return Err(self.io_error("sending to", e)),
             }
         }
-        Ok(())
     }
 
     /// Sends what the socket takes now, without waiting: how many bytes.
+    /// Over TLS, records the socket did not take wait for the next call
+    /// (or [`Conn::flush_now`]).
     pub(crate) fn send_now(&mut self, bytes: &[u8]) -> Result<usize> {
         loop {
-            match send_vectored(&self.stream, &[IoSlice::new(bytes)]) {
+            match self.wire().send(bytes) {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(0),
@@ -406,8 +440,30 @@ impl Conn {
         }
     }
 
+    /// Sends the TLS records waiting for the socket as far as it takes
+    /// them now (nothing to do in clear).
+    pub(crate) fn flush_now(&mut self) -> Result<()> {
+        match self.wire().flush() {
+            Err(e) if !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                let error = self.io_error("sending to", e);
+                Err(self.break_with(error))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// An I/O failure while `doing` something with the server. A TLS
+    /// failure (a certificate refused, or no TLS at the other end) is
+    /// `PermissionDenied`: trying again would not help.
     fn io_error(&self, doing: &str, e: std::io::Error) -> Error {
-        Error::network(format!("{doing} the TCPStore at {}: {e}", self.peer))
+        match tls::failure(&e) {
+            Some(failure) => Error::permission_denied(format!(
+                "TLS with the TCPStore at {} failed: {failure}{}",
+                self.peer,
+                tls::hint(failure)
+            )),
+            None => Error::network(format!("{doing} the TCPStore at {}: {e}", self.peer)),
+        }
     }
 
     /// Feeds the exchange what has arrived, reading the socket until it
@@ -458,31 +514,26 @@ impl Conn {
 
     /// One non-blocking read into `target`: `Some(n)` bytes, `None` if none
     /// are there yet; the peer closing is an error.
-    fn recv(&self, target: &mut [MaybeUninit<u8>]) -> Result<Option<usize>> {
+    fn recv(&mut self, target: &mut [MaybeUninit<u8>]) -> Result<Option<usize>> {
         loop {
-            // SAFETY: `target` is writable for its length.
-            let n = unsafe {
-                libc::recv(
-                    self.fd(),
-                    target.as_mut_ptr().cast(),
-                    target.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n > 0 {
-                return Ok(Some(n as usize));
-            }
-            if n == 0 {
-                return Err(Error::network(format!(
-                    "the TCPStore at {} closed the connection",
-                    self.peer
-                )));
-            }
-            let e = std::io::Error::last_os_error();
-            match e.kind() {
-                ErrorKind::Interrupted => {}
-                ErrorKind::WouldBlock => return Ok(None),
-                _ => return Err(self.io_error("reading from", e)),
+            match self.wire().recv(target) {
+                Ok(0) => {
+                    let during_handshake = self.tls.as_ref().is_some_and(Session::is_handshaking);
+                    return Err(Error::network(format!(
+                        "the TCPStore at {} closed the connection{}",
+                        self.peer,
+                        match during_handshake {
+                            true => " during the TLS handshake (does it serve TLS, and accept this client's certificate?)",
+                            false => "",
+                        }
+                    )));
+                }
+                Ok(n) => return Ok(Some(n)),
+                Err(e) => match e.kind() {
+                    ErrorKind::Interrupted => {}
+                    ErrorKind::WouldBlock => return Ok(None),
+                    _ => return Err(self.io_error("reading from", e)),
+                },
             }
         }
     }
@@ -498,7 +549,13 @@ impl Conn {
             if let Some(outcome) = self.pump(exchange)? {
                 return Ok(outcome);
             }
-            let ready = wait_ready(self.fd(), libc::POLLIN, deadline)
+            // TLS records of the handshake the socket did not take yet.
+            self.flush_now()?;
+            let events = match self.wire().wants_write() {
+                true => libc::POLLIN | libc::POLLOUT,
+                false => libc::POLLIN,
+            };
+            let ready = wait_ready(self.fd(), events, deadline)
                 .map_err(|e| self.io_error("waiting for", e))
                 .map_err(|e| self.break_with(e))?;
             if !ready {
@@ -582,7 +639,13 @@ impl Conn {
                 self.peer
             ))));
         }
-        let waiting = self.start < self.end || (n > 0 && pfd.revents & libc::POLLIN != 0);
+        let mut arrived = n > 0 && pfd.revents & libc::POLLIN != 0;
+        if arrived && self.tls.is_some() && self.start == self.end {
+            // Records that carry no bytes for us (a TLS key update) are
+            // no sign of anything.
+            arrived = self.read_ahead()?;
+        }
+        let waiting = self.start < self.end || arrived;
         let deferred_error_possible = self.unfenced && self.dialect == Dialect::Distcore;
         if waiting && !deferred_error_possible {
             return Err(self.break_with(Error::new(
@@ -591,6 +654,24 @@ impl Conn {
             )));
         }
         Ok(())
+    }
+
+    /// Reads what has arrived into the (empty) read buffer: whether
+    /// anything did.
+    fn read_ahead(&mut self) -> Result<bool> {
+        let mut buf = std::mem::take(&mut self.buf);
+        // SAFETY: u8 -> MaybeUninit<u8> is always valid; recv only writes.
+        let target = unsafe { &mut *(&mut buf[..] as *mut [u8] as *mut [MaybeUninit<u8>]) };
+        let got = self.recv(target);
+        self.buf = buf;
+        match got {
+            Ok(Some(n)) => {
+                (self.start, self.end) = (0, n);
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) => Err(self.break_with(e)),
+        }
     }
 
     /// Whether the connection is idle and in step: nothing unread, not

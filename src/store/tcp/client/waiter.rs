@@ -263,6 +263,7 @@ fn advance(running: &mut Running) -> Result<Option<Next>> {
         }
         running.out.drain(..sent);
     }
+    running.op.conn.flush_now()?;
     let outcome = match running.op.conn.pump(&mut running.step.exchange)? {
         Some(outcome) => outcome,
         None => return Ok(None),

@@ -5,22 +5,28 @@
 //! with more input than one chunk waits for the next turn. A connection
 //! the core has paused (too many unsent replies) is not read until its
 //! replies drain.
+//!
+//! On a server with TLS, a connection's first byte tells whether it speaks
+//! TLS (a handshake record) or TCPStore's protocol in clear; in clear, the
+//! core serves it only as the access policy allows.
 
-use std::io::{self, Read};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Registry, Token};
 
 use super::backend::Backend;
 use super::metrics::{Quota, Refusal};
 use super::state::{Refused, ServerCore};
 use crate::access::{AccessPolicy, Admission};
 use crate::logging::Throttle;
+use crate::outbox::Outbox;
 use crate::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
+use crate::tls::{self, Session, Wire, HANDSHAKE_RECORD};
 
 /// Bytes read from one connection per turn, and the loop's read buffer.
 const READ_CHUNK: usize = 64 << 10;
@@ -29,9 +35,19 @@ const DIRECT_CHUNK: usize = 1 << 20;
 /// At most one warning about refused connections per this interval.
 const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Whether a connection speaks TLS.
+enum Security {
+    /// Not known until its first byte arrives (a server with TLS).
+    Undecided,
+    Clear,
+    Tls(Box<Session>),
+}
+
 /// The socket side of a connection.
 struct Conn {
     stream: TcpStream,
+    peer: SocketAddr,
+    security: Security,
     /// The peer shut down its side: read on to the end of the stream (an
     /// edge-triggered poller will not report it again).
     peer_closed: bool,
@@ -39,6 +55,29 @@ struct Conn {
     queued: bool,
     /// Input was left unread because the core paused the connection.
     paused: bool,
+}
+
+impl Conn {
+    /// The wire of the connection: through its TLS session, if it has one.
+    fn wire(&mut self) -> Wire<'_> {
+        Wire::new(&self.stream, self.security.session())
+    }
+
+    /// Writes what `output` holds for this connection as far as the socket
+    /// takes it (see [`Outbox::flush`]).
+    fn flush(&mut self, output: &mut Outbox, registry: &Registry, token: Token) -> io::Result<()> {
+        let mut wire = Wire::new(&self.stream, self.security.session());
+        output.flush(&mut wire, &mut self.stream, registry, token)
+    }
+}
+
+impl Security {
+    fn session(&mut self) -> Option<&mut Session> {
+        match self {
+            Security::Tls(session) => Some(session),
+            _ => None,
+        }
+    }
 }
 
 /// Why a connection is being closed.
@@ -140,7 +179,7 @@ impl<B: Backend> EventLoop<B> {
         let (access, max_connections) = (&self.access, self.max_connections);
         let refusals = &mut self.refusals;
         self.accept_retry = self.acceptor.accept(Instant::now(), |mut stream, peer| {
-            let admission = access.admit(peer.ip());
+            let admission = access.admit(peer.ip(), false);
             if admission == Admission::Refused {
                 let why = "its address is not in the allow-list (--allow)";
                 return refuse(core, refusals, Refusal::NotAllowed, peer, why);
@@ -166,15 +205,20 @@ impl<B: Backend> EventLoop<B> {
                 log::error!("TCPStore server: registering {peer}: {e}");
                 return;
             }
+            let security = match access.tls {
+                Some(_) => Security::Undecided,
+                None => Security::Clear,
+            };
             conns.insert(Conn {
                 stream,
+                peer,
+                security,
                 peer_closed: false,
                 queued: false,
                 paused: false,
             });
             if let Some(id) = ConnTable::<Conn>::index(token) {
-                let must_authenticate = admission == Admission::MustAuthenticate;
-                core.connect_as(id, must_authenticate, challenge);
+                core.connect_as(id, admission, challenge);
                 core.metrics().accepted();
             }
         });
@@ -216,12 +260,34 @@ impl<B: Backend> EventLoop<B> {
             conn.paused = true;
             return;
         }
+        if matches!(conn.security, Security::Undecided) {
+            match first_byte(&conn.stream) {
+                Ok(None) => return,
+                Ok(Some(HANDSHAKE_RECORD)) => {
+                    let Some(server) = self.access.tls.as_ref() else {
+                        return;
+                    };
+                    match server.session() {
+                        Ok(session) => conn.security = Security::Tls(Box::new(session)),
+                        Err(e) => {
+                            let refused = Refused(Refusal::TlsFailed, e.message().to_owned());
+                            return self.close(token, Close::Refused(refused));
+                        }
+                    }
+                    let admission = self.access.admit(conn.peer.ip(), true);
+                    self.core.secure(id, admission);
+                }
+                Ok(Some(_)) => conn.security = Security::Clear,
+                Err(e) => return self.close(token, Close::Io(e)),
+            }
+        }
+        let mut wire = conn.wire();
         let (read, wanted, direct) = match self.core.direct_target(id) {
             Some(target) => {
                 let wanted = target.len().min(DIRECT_CHUNK);
-                (conn.stream.read(&mut target[..wanted]), wanted, true)
+                (wire.recv_into(&mut target[..wanted]), wanted, true)
             }
-            None => (conn.stream.read(&mut self.scratch), READ_CHUNK, false),
+            None => (wire.recv_into(&mut self.scratch), READ_CHUNK, false),
         };
         let more = match read {
             Ok(0) => return self.close(token, Close::PeerClosed),
@@ -239,7 +305,13 @@ impl<B: Backend> EventLoop<B> {
             Err(e) => match e.kind() {
                 io::ErrorKind::WouldBlock => false,
                 io::ErrorKind::Interrupted => true,
-                _ => return self.close(token, Close::Io(e)),
+                _ => match tls::failure(&e) {
+                    Some(failure) => {
+                        let why = format!("TLS failed: {failure}");
+                        return self.close(token, Close::Refused(Refused(Refusal::TlsFailed, why)));
+                    }
+                    None => return self.close(token, Close::Io(e)),
+                },
             },
         };
         self.flush(token);
@@ -264,7 +336,7 @@ impl<B: Backend> EventLoop<B> {
             else {
                 return;
             };
-            if let Err(e) = output.flush(&mut conn.stream, self.poll.registry(), token) {
+            if let Err(e) = conn.flush(output, self.poll.registry(), token) {
                 return self.close(token, Close::Io(e));
             }
             let before = output.queued();
@@ -290,37 +362,20 @@ impl<B: Backend> EventLoop<B> {
         };
         // Replies produced before the close still go out, as far as they can.
         if let (Some(conn), Some(output)) = (self.conns.get_mut(token), self.core.output(id)) {
-            let _ = output.flush(&mut conn.stream, self.poll.registry(), token);
+            let _ = conn.flush(output, self.poll.registry(), token);
         }
         self.core.disconnect(id);
         let Some(conn) = self.conns.remove(token) else {
             return;
         };
-        // The peer's address costs a system call: asked only for a line
-        // that is written.
-        let peer = |conn: &Conn| {
-            conn.stream
-                .peer_addr()
-                .map_or_else(|_| "?".to_string(), |p| p.to_string())
-        };
+        let peer = conn.peer;
         match reason {
-            Close::PeerClosed => {
-                if log::log_enabled!(log::Level::Debug) {
-                    log::debug!("TCPStore server: {} disconnected", peer(&conn));
-                }
-            }
-            Close::Io(e) => {
-                if log::log_enabled!(log::Level::Debug) {
-                    log::debug!("TCPStore server: closing {}: {e}", peer(&conn));
-                }
-            }
+            Close::PeerClosed => log::debug!("TCPStore server: {peer} disconnected"),
+            Close::Io(e) => log::debug!("TCPStore server: closing {peer}: {e}"),
             Close::Refused(Refused(kind, why)) => {
                 self.core.metrics().refused(kind);
                 if let Some(more) = allow_warning(&mut self.refusals) {
-                    log::warn!(
-                        "TCPStore server: closing connection from {}: {why}{more}",
-                        peer(&conn)
-                    );
+                    log::warn!("TCPStore server: closing connection from {peer}: {why}{more}");
                 }
             }
         }
@@ -353,6 +408,33 @@ fn allow_warning(refusals: &mut Throttle) -> Option<String> {
     } else {
         String::new()
     })
+}
+
+/// The first byte a connection sent, left unread: `None` until one comes
+/// (or, on a connection closed without sending any, 0).
+fn first_byte(stream: &TcpStream) -> io::Result<Option<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut byte = 0u8;
+    loop {
+        // SAFETY: one writable byte.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(Some(byte));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(e),
+        }
+    }
 }
 
 fn conn_peer_closed(conns: &mut ConnTable<Conn>, token: Token) -> bool {

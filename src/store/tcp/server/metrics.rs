@@ -40,6 +40,11 @@ pub(crate) enum Refusal {
     Unauthenticated,
     /// Its proof of the secret was wrong.
     AuthenticationFailed,
+    /// It made a request in clear where the server requires TLS.
+    Plaintext,
+    /// Its TLS handshake failed (no certificate or one not trusted, or no
+    /// TLS at all).
+    TlsFailed,
     /// It broke the protocol (a bad magic, an unknown command, a request
     /// over the limits).
     Malformed,
@@ -49,12 +54,14 @@ pub(crate) enum Refusal {
 }
 
 impl Refusal {
-    const ALL: [(Refusal, &'static str); 7] = [
+    const ALL: [(Refusal, &'static str); 9] = [
         (Refusal::NotAllowed, "not_allowed"),
         (Refusal::ConnectionQuota, "connection_quota"),
         (Refusal::OutOfDescriptors, "out_of_descriptors"),
         (Refusal::Unauthenticated, "unauthenticated"),
         (Refusal::AuthenticationFailed, "authentication_failed"),
+        (Refusal::Plaintext, "plaintext"),
+        (Refusal::TlsFailed, "tls_failed"),
         (Refusal::Malformed, "malformed"),
         (Refusal::RequestFailed, "request_failed"),
     ];

@@ -28,6 +28,7 @@ use super::waits::{WaitId, WaitReply, Waits};
 use super::Quotas;
 #[cfg(test)]
 use super::ServerStats;
+use crate::access::Admission;
 use crate::auth::{as_nonce, Nonce, Secret};
 use crate::error::{Error, Result as OpResult};
 use crate::outbox::Outbox;
@@ -66,11 +67,11 @@ struct Session {
     in_flight: Option<Box<InFlight>>,
     /// What it has shown itself to be (for the metrics).
     kind: ConnKind,
-    /// It may make no request but the handshake's until it authenticates.
-    must_authenticate: bool,
+    /// What it must do before any request but the handshake's (`Open`
+    /// once it has authenticated).
+    admission: Admission,
     /// The challenge it authenticates against (the server has a secret).
     challenge: Option<Nonce>,
-    authenticated: bool,
     /// Paused because its unsent replies passed [`OUTPUT_CAP`].
     throttled: bool,
 }
@@ -153,17 +154,19 @@ impl<B: Backend> ServerCore<B> {
     /// no challenge to authenticate against.
     #[cfg(test)]
     pub(crate) fn connect(&mut self, id: ConnId) {
-        self.connect_as(id, false, None);
+        self.connect_as(id, Admission::Open, None);
     }
 
-    /// A new connection `id` (not in use). With `must_authenticate`, it
-    /// may make no request but VALIDATE, PING and AUTH until it proves it
-    /// holds the secret by answering `challenge` (fresh and random for
-    /// each connection of a server with a secret).
+    /// A new connection `id` (not in use), admitted as `admission` (not
+    /// `Refused`). One that must authenticate may make no request but
+    /// VALIDATE, PING and AUTH until it proves it holds the secret by
+    /// answering `challenge` (fresh and random for each connection of a
+    /// server with a secret); one that must use TLS, none but VALIDATE and
+    /// PING.
     pub(crate) fn connect_as(
         &mut self,
         id: ConnId,
-        must_authenticate: bool,
+        admission: Admission,
         challenge: Option<Nonce>,
     ) {
         if self.sessions.len() <= id {
@@ -180,13 +183,20 @@ impl<B: Backend> ServerCore<B> {
             waits: Vec::new(),
             in_flight: None,
             kind: ConnKind::Handshake,
-            must_authenticate,
+            admission,
             challenge,
-            authenticated: false,
             throttled: false,
         });
         debug_assert!(previous.is_none());
         *self.gauges.connections_of(ConnKind::Handshake) += 1;
+    }
+
+    /// Connection `id` turned out to speak TLS (before its first request):
+    /// it is admitted as `admission` instead (see [`ServerCore::connect_as`]).
+    pub(crate) fn secure(&mut self, id: ConnId, admission: Admission) {
+        if let Some(session) = self.session(id) {
+            session.admission = admission;
+        }
     }
 
     /// Connection `id` is gone: its waits are cancelled and its state
@@ -451,14 +461,27 @@ impl<B: Backend> ServerCore<B> {
                 command.name()
             )));
         }
-        let handshake = matches!(command, Command::Validate | Command::Ping | Command::Auth);
-        if session.must_authenticate && !session.authenticated && !handshake {
-            let message = format!(
-                "the server requires authentication: {} before authenticating",
-                command.name()
-            );
+        let handshake = matches!(command, Command::Validate | Command::Ping);
+        let refusal = match session.admission {
+            Admission::MustAuthenticate if !handshake && command != Command::Auth => Some((
+                Refusal::Unauthenticated,
+                format!(
+                    "the server requires authentication: {} before authenticating",
+                    command.name()
+                ),
+            )),
+            Admission::MustUseTls | Admission::Refused if !handshake => Some((
+                Refusal::Plaintext,
+                format!(
+                    "the server requires TLS from this address: {} in clear",
+                    command.name()
+                ),
+            )),
+            _ => None,
+        };
+        if let Some((kind, message)) = refusal {
             self.tell(id, &Error::permission_denied(message.clone()));
-            return Err(Refused(Refusal::Unauthenticated, message));
+            return Err(Refused(kind, message));
         }
         match request {
             Request::Validate { .. } => {}
@@ -473,7 +496,8 @@ impl<B: Backend> ServerCore<B> {
                 session.output.put(&HELLO_V2_ACK.to_le_bytes());
                 let info = ServerInfo {
                     limits,
-                    auth_required: session.must_authenticate && !session.authenticated,
+                    auth_required: session.admission == Admission::MustAuthenticate,
+                    tls_required: session.admission == Admission::MustUseTls,
                     challenge: session.challenge,
                 };
                 self.put(id, &info.encode());
@@ -573,7 +597,7 @@ impl<B: Backend> ServerCore<B> {
             self.served(Command::Auth, started, true);
             return Err(Refused(Refusal::AuthenticationFailed, message.into()));
         };
-        session.authenticated = true;
+        session.admission = Admission::Open;
         let mut reply = vec![REPLY_OK];
         put_bytes(&mut reply, &secret.server_proof(&challenge, &client_nonce));
         session.output.put(&reply);

@@ -1,6 +1,7 @@
 //! Authentication, quotas and metrics, driven through the core.
 
 use super::*;
+use crate::access::Admission;
 use crate::auth::{Nonce, Secret};
 use crate::store::tcp::server::Quotas;
 use crate::Status;
@@ -19,7 +20,7 @@ fn guarded() -> ServerCore<MemoryBackend> {
 
 /// Validates `id` (which must authenticate) and says HELLO v2: the info.
 fn hello(c: &mut ServerCore<MemoryBackend>, id: ConnId) -> ServerInfo {
-    c.connect_as(id, true, Some(CHALLENGE));
+    c.connect_as(id, Admission::MustAuthenticate, Some(CHALLENGE));
     validate(c, id);
     hello_v2(c, id)
 }
@@ -50,6 +51,36 @@ fn a_client_that_must_authenticate_gets_the_challenge_and_nothing_else_before_it
     let (status, message) = error_of(&replies(&mut c, 0));
     assert_eq!(status, Status::PermissionDenied as u8);
     assert!(message.contains("requires authentication"), "{message}");
+}
+
+#[test]
+fn a_connection_in_clear_where_tls_is_required_is_told_so_and_served_nothing() {
+    let mut c = guarded();
+    c.connect_as(0, Admission::MustUseTls, Some(CHALLENGE));
+    validate(&mut c, 0);
+    let info = hello_v2(&mut c, 0);
+    assert!(info.tls_required && !info.auth_required);
+    let refused = c.receive(0, &auth(&[0; 32])).unwrap_err();
+    assert_eq!(refused.0, Refusal::Plaintext, "not even AUTH in clear");
+    let (status, message) = error_of(&replies(&mut c, 0));
+    assert_eq!(status, Status::PermissionDenied as u8);
+    assert!(message.contains("requires TLS"), "{message}");
+
+    // The same client over TLS: admitted as the policy says then.
+    c.connect_as(1, Admission::MustUseTls, Some(CHALLENGE));
+    c.secure(1, Admission::MustAuthenticate);
+    validate(&mut c, 1);
+    let info = hello_v2(&mut c, 1);
+    assert!(info.auth_required && !info.tls_required);
+    let proof = secret().client_proof(&CHALLENGE, &CLIENT_NONCE);
+    send(&mut c, 1, &auth(&proof));
+    assert_eq!(replies(&mut c, 1)[0], REPLY_OK);
+    send(&mut c, 1, &set("/k", b"v"));
+    send(&mut c, 1, &get("/k"));
+    assert!(
+        replies(&mut c, 1).ends_with(b"\x01\0\0\0\0\0\0\0v"),
+        "served"
+    );
 }
 
 #[test]
@@ -95,7 +126,7 @@ fn the_right_proof_opens_the_connection_and_the_server_proves_itself() {
 #[test]
 fn pytorch_clients_are_refused_unless_let_in_unauthenticated() {
     let mut c = guarded();
-    c.connect_as(0, true, Some(CHALLENGE));
+    c.connect_as(0, Admission::MustAuthenticate, Some(CHALLENGE));
     validate(&mut c, 0);
     send(
         &mut c,
@@ -110,7 +141,7 @@ fn pytorch_clients_are_refused_unless_let_in_unauthenticated() {
         "PyTorch's protocol has no error"
     );
     // From a network let in unauthenticated.
-    c.connect_as(1, false, Some(CHALLENGE));
+    c.connect_as(1, Admission::Open, Some(CHALLENGE));
     validate(&mut c, 1);
     send(&mut c, 1, &set("/k", b"v"));
     send(&mut c, 1, &get("/k"));
