@@ -66,7 +66,7 @@
 
 // The minor version of the header: grows when functions, constants or
 // struct fields are added.
-#define DC_VERSION_MINOR 2
+#define DC_VERSION_MINOR 3
 
 // The patch version of the header: grows with fixes that change no
 // declaration.
@@ -386,6 +386,27 @@ typedef struct {
   // Since 1.2. Server: most bytes of keys, values and queue elements;
   // 0: no limit. A write past it is refused (DC_ERR_QUOTA_EXCEEDED).
   uint64_t max_stored_bytes;
+  // Since 1.3. A PEM file with a certificate chain (its own certificate
+  // first); NULL: none. Server: serve TLS with it (connections in clear
+  // are then served only from `allow_unauthenticated`; others learn
+  // that TLS is required, DC_ERR_PERMISSION_DENIED). Client: present it
+  // to servers that verify clients. Needs `tls_key_file`.
+  const char *tls_cert_file;
+  // Since 1.3. The PEM file of `tls_cert_file`'s private key (PKCS#8,
+  // PKCS#1 or SEC1).
+  const char *tls_key_file;
+  // Since 1.3. Client (a server's own handle included): connect over
+  // TLS, trusting the CA certificates in this PEM file; NULL: in
+  // clear. A server whose certificate does not chain to them, or that
+  // does not serve TLS, is DC_ERR_PERMISSION_DENIED (not retried) or
+  // DC_ERR_NETWORK saying so.
+  const char *tls_ca_file;
+  // Since 1.3. Server with `tls_cert_file`: require every TLS client to
+  // present a certificate from the CAs in this PEM file (mutual TLS).
+  const char *tls_client_ca_file;
+  // Since 1.3. Client: check the server's certificate against this name
+  // (a DNS name or an IP address) instead of `host`.
+  const char *tls_server_name;
 } dc_tcp_store_options;
 
 // One operation's latency statistics (PyTorch's collectClientCounters).
@@ -1070,7 +1091,7 @@ dc_status dc_store_barrier_async(const dc_store *store,
 // Fills `opts` with the defaults: host "127.0.0.1", port 0, client, no
 // world size, wait_for_workers, 300 s timeout, not multi-tenant, no
 // listen fd, every interface, 64 MiB values, no secret, any address, no
-// quotas. `struct_size` is
+// quotas, no TLS. `struct_size` is
 // `sizeof(dc_tcp_store_options)` as the caller's header has it (pass
 // `sizeof opts`): only that many bytes are written.
 //

@@ -15,7 +15,7 @@ from ._errors import DistError, Status, error_for
 
 # The version of include/distcore.h these declarations mirror
 # (DC_VERSION_MAJOR, DC_VERSION_MINOR, DC_VERSION_PATCH).
-HEADER_VERSION = (1, 2, 0)
+HEADER_VERSION = (1, 3, 0)
 
 TIMEOUT_DEFAULT = -1  # DC_TIMEOUT_DEFAULT: the handle's own timeout
 TIMEOUT_FOREVER = 0  # DC_TIMEOUT_FOREVER

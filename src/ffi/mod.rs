@@ -70,7 +70,7 @@ pub const DC_ERR_QUOTA_EXCEEDED: dc_status = 14;
 pub const DC_VERSION_MAJOR: u32 = 1;
 /// The minor version of the header: grows when functions, constants or
 /// struct fields are added.
-pub const DC_VERSION_MINOR: u32 = 2;
+pub const DC_VERSION_MINOR: u32 = 3;
 /// The patch version of the header: grows with fixes that change no
 /// declaration.
 pub const DC_VERSION_PATCH: u32 = 0;
