@@ -301,6 +301,35 @@ typedef struct {
   const dc_rpc_function_entry *functions;
   // The number of `functions`.
   size_t num_functions;
+  // Since 1.3. The group's shared secret (`secret_len` bytes, read
+  // during the call only); NULL with 0: none (NULL with a length, or an
+  // empty secret, is DC_ERR_INVALID_ARGUMENT). Every connection between
+  // workers then authenticates with it (challenge-response: it never
+  // travels) before any message; a peer without it, or with another,
+  // fails the calls to it with DC_ERR_PERMISSION_DENIED. Every worker
+  // of the group needs the same secret.
+  const uint8_t *secret;
+  // Since 1.3. Bytes of `secret`.
+  size_t secret_len;
+  // Since 1.3. TLS between workers: this worker's certificate chain
+  // (PEM), which its listener serves and its connections present.
+  // With `tls_key_file` and `tls_ca_file`, or none of the three; every
+  // worker of the group needs TLS if one has it. A worker's certificate
+  // must be valid for the address it listens on (or for
+  // `tls_server_name`).
+  const char *tls_cert_file;
+  // Since 1.3. The PEM private key of `tls_cert_file`.
+  const char *tls_key_file;
+  // Since 1.3. The CA certificates (PEM) other workers' certificates
+  // must chain to.
+  const char *tls_ca_file;
+  // Since 1.3. Verify connecting workers' certificates too, against the
+  // CA certificates in this PEM file (mutual TLS); NULL: only the
+  // accepting worker is verified.
+  const char *tls_client_ca_file;
+  // Since 1.3. Check other workers' certificates against this name
+  // instead of their addresses.
+  const char *tls_server_name;
 } dc_rpc_options;
 
 // PyTorch's RRef debug counters of one worker. Set `struct_size` to
@@ -632,7 +661,8 @@ dc_status dc_etcd_store_new(const dc_etcd_store_options *opts, dc_store **out);
 dc_status dc_set_log_callback(dc_log_level level, dc_log_fn callback, void *user_data);
 
 // Fills `opts` with the defaults: 4 worker threads, a 60 s RPC timeout,
-// listening on 127.0.0.1, RRef leaks a warning, no functions.
+// listening on 127.0.0.1, RRef leaks a warning, no functions, no secret,
+// no TLS.
 // `struct_size` is `sizeof(dc_rpc_options)` as the caller's header has it
 // (pass `sizeof opts`): only that many bytes are written.
 //

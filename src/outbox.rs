@@ -210,6 +210,18 @@ impl Outbox {
             }
         }
         let pending = !self.is_empty() || wire.wants_write();
+        self.keep_interest(pending, stream, registry, token)
+    }
+
+    /// Registers `stream` for WRITABLE if `pending` (bytes wait for the
+    /// socket), for READABLE only otherwise, unless it already is.
+    pub(crate) fn keep_interest(
+        &mut self,
+        pending: bool,
+        stream: &mut impl Source,
+        registry: &Registry,
+        token: Token,
+    ) -> io::Result<()> {
         if pending != self.wants_writable {
             let interest = if pending {
                 Interest::READABLE | Interest::WRITABLE

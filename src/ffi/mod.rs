@@ -15,10 +15,13 @@
 use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::auth::Secret;
 use crate::error::{Error, Result, Status};
 use crate::fork::Born;
+use crate::tls::TlsFiles;
 
 pub mod buf;
 pub mod elastic;
@@ -323,6 +326,43 @@ pub(crate) unsafe fn arg_opt_str<'a>(ptr: *const c_char, name: &str) -> Result<O
     } else {
         // SAFETY: forwarded contract.
         unsafe { arg_str(ptr, name) }.map(Some)
+    }
+}
+
+/// A shared secret of `len` bytes at `data`: NULL with 0 is none; NULL
+/// with a length, or an empty secret, is invalid.
+pub(crate) unsafe fn arg_secret(data: *const u8, len: usize, name: &str) -> Result<Option<Secret>> {
+    match (data.is_null(), len) {
+        (true, 0) => Ok(None),
+        // SAFETY: forwarded contract.
+        _ => Secret::new(unsafe { arg_bytes(data, len, name) }?.to_vec()).map(Some),
+    }
+}
+
+/// An options struct's five TLS file fields, named `<prefix>tls_...`.
+pub(crate) struct TlsArgs {
+    pub(crate) cert: *const c_char,
+    pub(crate) key: *const c_char,
+    pub(crate) ca: *const c_char,
+    pub(crate) client_ca: *const c_char,
+    pub(crate) server_name: *const c_char,
+}
+
+impl TlsArgs {
+    /// The files named (NULL: none), checked as UTF-8 paths; `prefix`
+    /// names the struct in errors ("opts->").
+    pub(crate) unsafe fn files(&self, prefix: &str) -> Result<TlsFiles> {
+        let text = |ptr: *const c_char, field: &str| -> Result<Option<String>> {
+            // SAFETY: forwarded contract.
+            Ok(unsafe { arg_opt_str(ptr, &format!("{prefix}{field}")) }?.map(str::to_owned))
+        };
+        Ok(TlsFiles {
+            cert: text(self.cert, "tls_cert_file")?.map(PathBuf::from),
+            key: text(self.key, "tls_key_file")?.map(PathBuf::from),
+            ca: text(self.ca, "tls_ca_file")?.map(PathBuf::from),
+            client_ca: text(self.client_ca, "tls_client_ca_file")?.map(PathBuf::from),
+            server_name: text(self.server_name, "tls_server_name")?,
+        })
     }
 }
 

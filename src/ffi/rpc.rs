@@ -9,9 +9,9 @@ use super::buf::dc_buf;
 use super::store::store_arg;
 use super::work::dc_work;
 use super::{
-    arg_bytes, arg_duration, arg_handle, arg_opt_str, arg_out, arg_slice, arg_str, arg_timeout,
-    arg_versioned, arg_versioned_out, boundary, dc_status, drop_handle, give, write_versioned,
-    Handle, UserData, Versioned, DC_OK,
+    arg_bytes, arg_duration, arg_handle, arg_opt_str, arg_out, arg_secret, arg_slice, arg_str,
+    arg_timeout, arg_versioned, arg_versioned_out, boundary, dc_status, drop_handle, give,
+    write_versioned, Handle, TlsArgs, UserData, Versioned, DC_OK,
 };
 use crate::error::{Error, Result, Status};
 use crate::fork::Born;
@@ -138,6 +138,35 @@ pub struct dc_rpc_options {
     pub functions: *const dc_rpc_function_entry,
     /// The number of `functions`.
     pub num_functions: usize,
+    /// Since 1.3. The group's shared secret (`secret_len` bytes, read
+    /// during the call only); NULL with 0: none (NULL with a length, or an
+    /// empty secret, is DC_ERR_INVALID_ARGUMENT). Every connection between
+    /// workers then authenticates with it (challenge-response: it never
+    /// travels) before any message; a peer without it, or with another,
+    /// fails the calls to it with DC_ERR_PERMISSION_DENIED. Every worker
+    /// of the group needs the same secret.
+    pub secret: *const u8,
+    /// Since 1.3. Bytes of `secret`.
+    pub secret_len: usize,
+    /// Since 1.3. TLS between workers: this worker's certificate chain
+    /// (PEM), which its listener serves and its connections present.
+    /// With `tls_key_file` and `tls_ca_file`, or none of the three; every
+    /// worker of the group needs TLS if one has it. A worker's certificate
+    /// must be valid for the address it listens on (or for
+    /// `tls_server_name`).
+    pub tls_cert_file: *const c_char,
+    /// Since 1.3. The PEM private key of `tls_cert_file`.
+    pub tls_key_file: *const c_char,
+    /// Since 1.3. The CA certificates (PEM) other workers' certificates
+    /// must chain to.
+    pub tls_ca_file: *const c_char,
+    /// Since 1.3. Verify connecting workers' certificates too, against the
+    /// CA certificates in this PEM file (mutual TLS); NULL: only the
+    /// accepting worker is verified.
+    pub tls_client_ca_file: *const c_char,
+    /// Since 1.3. Check other workers' certificates against this name
+    /// instead of their addresses.
+    pub tls_server_name: *const c_char,
 }
 
 /// PyTorch's RRef debug counters of one worker. Set `struct_size` to
@@ -159,9 +188,13 @@ pub struct dc_rref_debug_info {
     pub num_forks: u64,
 }
 
-// SAFETY: repr(C), `struct_size: usize` first, one size so far.
+// SAFETY: repr(C), `struct_size: usize` first; 1.0 ended with
+// num_functions (8-aligned, so its size is where `secret` starts).
 unsafe impl Versioned for dc_rpc_options {
-    const SIZES: &'static [usize] = &[std::mem::size_of::<dc_rpc_options>()];
+    const SIZES: &'static [usize] = &[
+        std::mem::offset_of!(dc_rpc_options, secret),
+        std::mem::size_of::<dc_rpc_options>(),
+    ];
     const HOW_TO_SET: &'static str =
         "initialise the options with dc_rpc_options_init(&opts, sizeof opts)";
 }
@@ -173,7 +206,8 @@ unsafe impl Versioned for dc_rref_debug_info {
 }
 
 /// Fills `opts` with the defaults: 4 worker threads, a 60 s RPC timeout,
-/// listening on 127.0.0.1, RRef leaks a warning, no functions.
+/// listening on 127.0.0.1, RRef leaks a warning, no functions, no secret,
+/// no TLS.
 /// `struct_size` is `sizeof(dc_rpc_options)` as the caller's header has it
 /// (pass `sizeof opts`): only that many bytes are written.
 ///
@@ -198,6 +232,13 @@ fn default_options() -> dc_rpc_options {
         listen_address: c"127.0.0.1".as_ptr(),
         ignore_rref_leak: defaults.ignore_rref_leak,
         functions: std::ptr::null(),
+        secret: std::ptr::null(),
+        secret_len: 0,
+        tls_cert_file: std::ptr::null(),
+        tls_key_file: std::ptr::null(),
+        tls_ca_file: std::ptr::null(),
+        tls_client_ca_file: std::ptr::null(),
+        tls_server_name: std::ptr::null(),
         num_functions: 0,
     }
 }
@@ -297,11 +338,22 @@ unsafe fn rpc_options(opts: &dc_rpc_options) -> Result<RpcOptions> {
     let listen_address: IpAddr = listen.parse().map_err(|_| {
         Error::invalid_argument(format!("listen_address '{listen}' is not an IP address"))
     })?;
+    let tls = TlsArgs {
+        cert: opts.tls_cert_file,
+        key: opts.tls_key_file,
+        ca: opts.tls_ca_file,
+        client_ca: opts.tls_client_ca_file,
+        server_name: opts.tls_server_name,
+    };
+    let (tls_server, tls_client) = unsafe { tls.files("opts->") }?.load(true)?;
     Ok(RpcOptions {
         num_worker_threads: opts.num_worker_threads.max(1) as usize,
         rpc_timeout: arg_duration(opts.rpc_timeout_ms)?,
         listen_address,
         ignore_rref_leak: opts.ignore_rref_leak,
+        secret: unsafe { arg_secret(opts.secret, opts.secret_len, "opts->secret") }?,
+        tls_server,
+        tls_client,
     })
 }
 

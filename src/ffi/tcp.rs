@@ -5,26 +5,23 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, CString};
 use std::net::IpAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::buf::dc_buf;
 use super::store::{dc_store, store_arg};
 use super::{
-    arg_bytes, arg_duration, arg_opt_str, arg_out, arg_slice, arg_str, arg_versioned,
-    arg_versioned_out, boundary, dc_status, give, write_versioned, Versioned,
+    arg_duration, arg_opt_str, arg_out, arg_secret, arg_slice, arg_str, arg_versioned,
+    arg_versioned_out, boundary, dc_status, give, write_versioned, TlsArgs, Versioned,
 };
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 
 use crate::access::Network;
-use crate::auth::Secret;
 use crate::error::{Error, Result};
 use crate::store::tcp::protocol::DEFAULT_MAX_VALUE_LEN;
 use crate::store::tcp::Quotas;
 use crate::store::{Store, TcpStore, TcpStoreOptions};
 use crate::timeout::DEFAULT_STORE_TIMEOUT;
-use crate::tls::TlsFiles;
 
 /// Options of `dc_tcp_store_new`, mirroring torch.distributed.TCPStore's
 /// arguments. Initialise with `dc_tcp_store_options_init(&opts, sizeof
@@ -239,12 +236,7 @@ unsafe fn options_arg(
     };
     let max_value_len =
         size_or_none(opts.max_value_size, "max_value_size")?.unwrap_or(DEFAULT_MAX_VALUE_LEN);
-    let secret = match (opts.secret.is_null(), opts.secret_len) {
-        (true, 0) => None,
-        _ => Some(Secret::new(
-            unsafe { arg_bytes(opts.secret, opts.secret_len, "opts->secret") }?.to_vec(),
-        )?),
-    };
+    let secret = unsafe { arg_secret(opts.secret, opts.secret_len, "opts->secret") }?;
     let networks = |text: *const c_char, name: &str| -> Result<Vec<Network>> {
         unsafe { arg_opt_str(text, name) }?.map_or_else(|| Ok(Vec::new()), Network::parse_list)
     };
@@ -253,18 +245,14 @@ unsafe fn options_arg(
         max_keys: size_or_none(opts.max_keys, "max_keys")?,
         max_stored_bytes: (opts.max_stored_bytes != 0).then_some(opts.max_stored_bytes),
     };
-    let file = |path: *const c_char, name: &str| -> Result<Option<PathBuf>> {
-        Ok(unsafe { arg_opt_str(path, name) }?.map(PathBuf::from))
+    let tls = TlsArgs {
+        cert: opts.tls_cert_file,
+        key: opts.tls_key_file,
+        ca: opts.tls_ca_file,
+        client_ca: opts.tls_client_ca_file,
+        server_name: opts.tls_server_name,
     };
-    let tls = TlsFiles {
-        cert: file(opts.tls_cert_file, "opts->tls_cert_file")?,
-        key: file(opts.tls_key_file, "opts->tls_key_file")?,
-        ca: file(opts.tls_ca_file, "opts->tls_ca_file")?,
-        client_ca: file(opts.tls_client_ca_file, "opts->tls_client_ca_file")?,
-        server_name: unsafe { arg_opt_str(opts.tls_server_name, "opts->tls_server_name") }?
-            .map(str::to_owned),
-    };
-    let (tls_server, tls_client) = tls.load(opts.is_server)?;
+    let (tls_server, tls_client) = unsafe { tls.files("opts->") }?.load(opts.is_server)?;
     Ok(TcpStoreOptions {
         host,
         port: opts.port,

@@ -6,10 +6,22 @@
 //!
 //! Frame: `u32 length` (of the rest), `u8 kind` (0 request, 1 response),
 //! `u64 id`, `u16 sender`, payload (an encoded [`Request`] or [`Response`]).
+//!
+//! Workers with a shared secret authenticate each connection before any
+//! request, by the challenge-response of [`crate::auth`]: the connecting
+//! worker announces it will (HELLO, kind 2, empty), the accepting worker
+//! sends a CHALLENGE (kind 3, a fresh 32-byte challenge) as soon as it
+//! accepts, the connecting one answers AUTH (kind 4: its nonce and proof),
+//! and the accepting one proves itself in turn (PROOF, kind 5). The
+//! connecting worker sends no request before that proof checks out; the
+//! accepting one closes a connection that sends anything else first, and
+//! one without a secret closes on HELLO, so a mismatch fails at once
+//! either way. With TLS, every connection is TLS (workers verify each
+//! other's certificates).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::io::{self, Read};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -22,11 +34,20 @@ use parking_lot::Mutex;
 
 use super::message::{Request, Response, WorkerId};
 use super::writer::{Sent, Writer};
+use crate::auth::{as_nonce, Nonce, Secret, NONCE_LEN};
 use crate::error::{Error, Result, Status};
 use crate::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
+use crate::tls::{self, TlsClient, TlsServer};
 use crate::work::{Promise, Work};
 
 const HEADER: usize = 4 + 1 + 8 + 2;
+/// Frame kinds.
+const REQUEST: u8 = 0;
+const RESPONSE: u8 = 1;
+const HELLO: u8 = 2;
+const CHALLENGE: u8 = 3;
+const AUTH: u8 = 4;
+const PROOF: u8 = 5;
 /// Size of the shared read buffer.
 const SCRATCH_LEN: usize = 256 << 10;
 /// Largest frame, header included, sent or accepted: a longer message is
@@ -63,10 +84,11 @@ impl Replier {
     /// error response saying so.
     pub(crate) fn send(self, response: Response) {
         if let Some(shared) = self.agent.upgrade() {
-            let frame = frame(1, self.id, shared.me, &response.encode()).unwrap_or_else(|e| {
-                let refusal = Response::Err(e.message().to_string()).encode();
-                frame(1, self.id, shared.me, &refusal).unwrap_or_default()
-            });
+            let frame =
+                frame(RESPONSE, self.id, shared.me, &response.encode()).unwrap_or_else(|e| {
+                    let refusal = Response::Err(e.message().to_string()).encode();
+                    frame(RESPONSE, self.id, shared.me, &refusal).unwrap_or_default()
+                });
             shared.write(self.token, &self.writer, &frame);
         }
     }
@@ -156,7 +178,7 @@ impl Shared {
 
 /// One frame: `u32` length, kind, id, sender, payload; an error when the
 /// payload does not fit under [`MAX_FRAME`].
-fn frame(kind: u8, id: u64, sender: WorkerId, payload: &[u8]) -> Result<Vec<u8>> {
+pub(super) fn frame(kind: u8, id: u64, sender: WorkerId, payload: &[u8]) -> Result<Vec<u8>> {
     let len = HEADER - 4 + payload.len();
     if HEADER + payload.len() > MAX_FRAME {
         return Err(Error::invalid_argument(format!(
@@ -183,6 +205,17 @@ fn rpc_timeout(timeout: Duration) -> Error {
     ))
 }
 
+/// What a worker's connections must prove: the shared secret, and TLS.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Guard {
+    /// Every connection authenticates with it before any request.
+    pub(crate) secret: Option<Secret>,
+    /// Accepted connections are TLS with this certificate.
+    pub(crate) tls_server: Option<TlsServer>,
+    /// Outbound connections are TLS, trusting these CAs.
+    pub(crate) tls_client: Option<TlsClient>,
+}
+
 /// The RPC agent of one worker.
 pub struct Agent {
     shared: Arc<Shared>,
@@ -190,8 +223,13 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the I/O thread of worker `me` on an already-bound listener.
-    pub(crate) fn start(me: WorkerId, listener: std::net::TcpListener) -> Result<Agent> {
+    /// Starts the I/O thread of worker `me` on an already-bound listener;
+    /// its connections prove what `guard` says.
+    pub(crate) fn start(
+        me: WorkerId,
+        listener: std::net::TcpListener,
+        guard: Guard,
+    ) -> Result<Agent> {
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::network(format!("RPC listener: {e}")))?;
@@ -224,6 +262,7 @@ impl Agent {
             timer_jobs: HashMap::new(),
             next_timer: 0,
             scratch: vec![0; SCRATCH_LEN],
+            guard,
         };
         let thread = std::thread::Builder::new()
             .name(format!("dc-rpc-io-{me}"))
@@ -309,7 +348,7 @@ fn send_on(shared: &Arc<Shared>, to: WorkerId, payload: Vec<u8>, timeout: Durati
         return work;
     }
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let frame = match frame(0, id, shared.me, &payload) {
+    let frame = match frame(REQUEST, id, shared.me, &payload) {
         Ok(frame) => frame,
         Err(e) => {
             promise.complete(Err(e));
@@ -358,10 +397,30 @@ struct Conn {
     stream: TcpStream,
     /// The worker at the other end, for outbound connections.
     peer: Option<WorkerId>,
+    /// The address at the other end, for logs.
+    addr: SocketAddr,
     connected: bool,
+    /// Where its authentication stands.
+    handshake: Handshake,
     input: Vec<u8>,
     writer: Arc<Writer>,
 }
+
+/// Where a connection's authentication stands (see the module's doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handshake {
+    /// Authenticated, or nothing to prove: requests and responses flow.
+    Done,
+    /// Accepted: the peer must answer this challenge first.
+    AwaitingProof(Nonce),
+    /// Outbound: the peer's challenge comes first.
+    AwaitingChallenge,
+    /// Outbound: answered `challenge` with `nonce`; the peer's proof is due.
+    AwaitingServerProof { challenge: Nonce, nonce: Nonce },
+}
+
+/// Why a connection failed: its status and what happened.
+type Failure = (Status, String);
 
 struct PendingRequest {
     promise: Promise,
@@ -382,6 +441,7 @@ struct IoLoop {
     next_timer: u64,
     /// The read buffer of every connection, reused.
     scratch: Vec<u8>,
+    guard: Guard,
 }
 
 impl IoLoop {
@@ -548,15 +608,25 @@ impl IoLoop {
             ))
         })?;
         let _ = stream.set_nodelay(true);
+        let tls = match &self.guard.tls_client {
+            Some(client) => Some(client.session(&peer.addr.ip().to_string())?),
+            None => None,
+        };
         let writer =
-            Arc::new(Writer::new(&stream, false).map_err(|e| {
+            Arc::new(Writer::new(&stream, false, tls).map_err(|e| {
                 Error::network(format!("connection to worker '{}': {e}", peer.name))
             })?);
         let token = self.register(&mut stream, Interest::READABLE | Interest::WRITABLE)?;
+        let handshake = match self.guard.secret {
+            Some(_) => Handshake::AwaitingChallenge,
+            None => Handshake::Done,
+        };
         self.conns.insert(Conn {
             stream,
             peer: Some(to),
+            addr: peer.addr,
             connected: false,
+            handshake,
             input: Vec::new(),
             writer: writer.clone(),
         });
@@ -580,28 +650,58 @@ impl IoLoop {
 
     fn accept(&mut self) {
         let registry = self.poll.registry();
-        let conns = &mut self.conns;
+        let (conns, guard) = (&mut self.conns, &self.guard);
+        let me = self.shared.upgrade().map_or(0, |s| s.me);
+        let mut greet = Vec::new();
         self.accept_retry = self.acceptor.accept(Instant::now(), |mut stream, peer| {
             let _ = stream.set_nodelay(true);
-            let writer = match Writer::new(&stream, true) {
-                Ok(writer) => Arc::new(writer),
-                Err(e) => {
-                    log::warn!("RPC agent: connection from {peer} unusable: {e}");
-                    return;
-                }
+            let unusable = |e: &dyn std::fmt::Display| {
+                log::warn!("RPC agent: connection from {peer} unusable: {e}");
             };
-            if let Err(e) = registry.register(&mut stream, conns.next_token(), Interest::READABLE) {
+            let tls = match guard
+                .tls_server
+                .as_ref()
+                .map(TlsServer::session)
+                .transpose()
+            {
+                Ok(tls) => tls,
+                Err(e) => return unusable(&e),
+            };
+            let writer = match Writer::new(&stream, true, tls) {
+                Ok(writer) => Arc::new(writer),
+                Err(e) => return unusable(&e),
+            };
+            let handshake = match guard.secret.as_ref().map(|_| crate::auth::nonce()) {
+                None => Handshake::Done,
+                Some(Ok(challenge)) => {
+                    let frame = frame(CHALLENGE, 0, me, &challenge).unwrap_or_default();
+                    writer.send_handshake(&frame);
+                    Handshake::AwaitingProof(challenge)
+                }
+                Some(Err(e)) => return unusable(&e),
+            };
+            let token = conns.next_token();
+            if let Err(e) = registry.register(&mut stream, token, Interest::READABLE) {
                 log::warn!("RPC agent: registering {peer}: {e}");
                 return;
+            }
+            if handshake != Handshake::Done || guard.tls_server.is_some() {
+                greet.push(token);
             }
             conns.insert(Conn {
                 stream,
                 peer: None,
+                addr: peer,
                 connected: true,
+                handshake,
                 input: Vec::new(),
                 writer,
             });
         });
+        // The challenge goes out at once (TLS: once the handshake allows).
+        for token in greet {
+            self.flush(token);
+        }
     }
 
     /// Sends a frame from the I/O thread itself.
@@ -619,11 +719,16 @@ impl IoLoop {
             match conn.stream.take_error() {
                 Ok(None) if conn.stream.peer_addr().is_ok() => {
                     conn.connected = true;
-                    conn.writer.set_connected();
+                    match conn.handshake {
+                        Handshake::Done => conn.writer.set_open(),
+                        _ => conn
+                            .writer
+                            .send_handshake(&frame(HELLO, 0, 0, &[]).unwrap_or_default()),
+                    }
                 }
                 Ok(None) => return,
                 Ok(Some(e)) | Err(e) => {
-                    self.close(token, &format!("connect failed: {e}"));
+                    self.close(token, (Status::Network, format!("connect failed: {e}")));
                     return;
                 }
             }
@@ -639,7 +744,7 @@ impl IoLoop {
             .writer
             .flush(&mut conn.stream, self.poll.registry(), token)
         {
-            self.close(token, &format!("write failed: {e}"));
+            self.close(token, io_failure("write failed", &e));
         }
     }
 
@@ -651,32 +756,41 @@ impl IoLoop {
             }
             let chunk = &mut self.scratch[..];
             loop {
-                match conn.stream.read(chunk) {
+                match conn.writer.recv(&mut conn.stream, chunk) {
+                    Ok(0) if conn.handshake != Handshake::Done => {
+                        let why = "the peer closed the connection before authenticating: \
+                                   does it hold the group's secret?";
+                        closed = Some((Status::PermissionDenied, why.to_string()));
+                        break;
+                    }
                     Ok(0) => {
-                        closed = Some("the peer closed the connection".to_string());
+                        let why = "the peer closed the connection".to_string();
+                        closed = Some((Status::Network, why));
                         break;
                     }
                     Ok(n) => conn.input.extend_from_slice(&chunk[..n]),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        closed = Some(format!("read failed: {e}"));
+                        closed = Some(io_failure("read failed", &e));
                         break;
                     }
                 }
             }
         }
-        if let Err(why) = self.dispatch_frames(token) {
-            closed = Some(why);
+        if let Err(failure) = self.dispatch_frames(token) {
+            closed = Some(failure);
         }
-        if let Some(why) = closed {
-            self.close(token, &why);
+        match closed {
+            Some(failure) => self.close(token, failure),
+            // TLS records of the handshake, and frames of ours it let out.
+            None => self.flush(token),
         }
     }
 
     /// Dispatches every whole frame received on `token`, reading them in
     /// place, then drops them from the input at once.
-    fn dispatch_frames(&mut self, token: Token) -> std::result::Result<(), String> {
+    fn dispatch_frames(&mut self, token: Token) -> std::result::Result<(), Failure> {
         let Some(conn) = self.conn(token) else {
             return Ok(());
         };
@@ -688,7 +802,7 @@ impl IoLoop {
             };
             let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
             if !(HEADER - 4..=MAX_FRAME - 4).contains(&len) {
-                break Err(format!("bad frame length {len}"));
+                break Err((Status::Protocol, format!("bad frame length {len}")));
             }
             let Some(body) = input.get(at + 4..at + 4 + len) else {
                 break Ok(());
@@ -698,13 +812,25 @@ impl IoLoop {
             let id = u64::from_le_bytes(body[1..9].try_into().unwrap_or_default());
             let sender = u16::from_le_bytes([body[9], body[10]]);
             let payload = &body[11..];
-            let dispatched = match kind {
-                0 => self.on_request(token, id, sender, payload),
-                1 => {
+            let handshake = self.conn(token).map_or(Handshake::Done, |c| c.handshake);
+            let dispatched = match (kind, handshake) {
+                (REQUEST, Handshake::Done) => self.on_request(token, id, sender, payload),
+                (RESPONSE, Handshake::Done) => {
                     self.on_response(id, payload);
                     Ok(())
                 }
-                k => Err(format!("bad frame kind {k}")),
+                (HELLO | CHALLENGE | AUTH | PROOF, _) => {
+                    self.on_handshake(token, kind, handshake, payload)
+                }
+                (REQUEST | RESPONSE, Handshake::AwaitingProof(_)) => Err((
+                    Status::PermissionDenied,
+                    "a message before authenticating (this worker has a secret)".into(),
+                )),
+                (REQUEST | RESPONSE, _) => Err((
+                    Status::Protocol,
+                    "a message before the peer authenticated".into(),
+                )),
+                (k, _) => Err((Status::Protocol, format!("bad frame kind {k}"))),
             };
             if let Err(why) = dispatched {
                 break Err(why);
@@ -720,14 +846,80 @@ impl IoLoop {
         result
     }
 
+    /// A frame of the authentication handshake, in `state`.
+    fn on_handshake(
+        &mut self,
+        token: Token,
+        kind: u8,
+        state: Handshake,
+        payload: &[u8],
+    ) -> std::result::Result<(), Failure> {
+        let denied = |why: &str| Err((Status::PermissionDenied, why.to_owned()));
+        let Some(secret) = self.guard.secret.clone() else {
+            return denied("the peer wants authentication, and this worker has no secret");
+        };
+        let me = self.shared.upgrade().map_or(0, |s| s.me);
+        let (next, reply) = match (kind, state) {
+            (HELLO, Handshake::AwaitingProof(_)) => return Ok(()),
+            (CHALLENGE, Handshake::AwaitingChallenge) => {
+                let Some(challenge) = as_nonce(payload) else {
+                    return denied("a malformed challenge");
+                };
+                let nonce =
+                    crate::auth::nonce().map_err(|e| (e.status(), e.message().to_owned()))?;
+                let mut answer = nonce.to_vec();
+                answer.extend_from_slice(&secret.client_proof(&challenge, &nonce));
+                let next = Handshake::AwaitingServerProof { challenge, nonce };
+                (next, Some(frame(AUTH, 0, me, &answer)))
+            }
+            (AUTH, Handshake::AwaitingProof(challenge)) => {
+                let (nonce, proof) = payload.split_at(payload.len().min(NONCE_LEN));
+                let Some(nonce) =
+                    as_nonce(nonce).filter(|n| secret.check_client(&challenge, n, proof))
+                else {
+                    return denied("authentication failed: wrong secret");
+                };
+                let proof = secret.server_proof(&challenge, &nonce);
+                (Handshake::Done, Some(frame(PROOF, 0, me, &proof)))
+            }
+            (PROOF, Handshake::AwaitingServerProof { challenge, nonce }) => {
+                if !secret.check_server(&challenge, &nonce, payload) {
+                    return denied(
+                        "the peer does not hold this worker's secret (its proof is wrong)",
+                    );
+                }
+                (Handshake::Done, None)
+            }
+            _ => {
+                return Err((
+                    Status::Protocol,
+                    format!("an unexpected handshake frame ({kind})"),
+                ))
+            }
+        };
+        let Some(conn) = self.conn(token) else {
+            return Ok(());
+        };
+        conn.handshake = next;
+        if let Some(reply) = reply {
+            let reply = reply.map_err(|e| (e.status(), e.message().to_owned()))?;
+            conn.writer.send_handshake(&reply);
+        }
+        if next == Handshake::Done {
+            conn.writer.set_open();
+        }
+        Ok(())
+    }
+
     fn on_request(
         &mut self,
         token: Token,
         id: u64,
         sender: WorkerId,
         payload: &[u8],
-    ) -> std::result::Result<(), String> {
-        let request = Request::decode(payload).map_err(|e| e.message().to_string())?;
+    ) -> std::result::Result<(), Failure> {
+        let request =
+            Request::decode(payload).map_err(|e| (Status::Protocol, e.message().to_string()))?;
         let Some(writer) = self.conn(token).map(|c| c.writer.clone()) else {
             return Ok(());
         };
@@ -761,10 +953,16 @@ impl IoLoop {
         pending.promise.complete(outcome.map(Some));
     }
 
-    fn close(&mut self, token: Token, why: &str) {
+    fn close(&mut self, token: Token, (status, why): Failure) {
         let Some(mut conn) = self.conns.remove(token) else {
             return;
         };
+        if status == Status::PermissionDenied {
+            log::warn!(
+                "RPC agent: closing the connection with {}: {why}",
+                conn.addr
+            );
+        }
         // Closed first: a request registered after the scan below finds
         // the writer closed and takes itself back.
         conn.writer.close();
@@ -793,9 +991,10 @@ impl IoLoop {
                 .lock()
                 .get(&p.to)
                 .map_or_else(|| p.to.to_string(), |w| w.name.clone());
-            p.promise.complete(Err(Error::network(format!(
-                "connection to worker '{name}' lost: {why}"
-            ))));
+            p.promise.complete(Err(Error::new(
+                status,
+                format!("connection to worker '{name}' lost: {why}"),
+            )));
         }
     }
 
@@ -808,6 +1007,15 @@ impl IoLoop {
             }
         }
         self.timer_jobs.clear();
+    }
+}
+
+/// A failed read or write: a TLS failure (a certificate refused) is
+/// `PermissionDenied`, anything else the network's.
+fn io_failure(doing: &str, e: &io::Error) -> Failure {
+    match tls::failure(e) {
+        Some(failure) => (Status::PermissionDenied, format!("TLS failed: {failure}")),
+        None => (Status::Network, format!("{doing}: {e}")),
     }
 }
 

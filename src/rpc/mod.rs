@@ -18,13 +18,15 @@ use std::time::Duration;
 
 use parking_lot::RwLock;
 
-use self::agent::{Agent, Replier, RequestHandler, WorkerInfo};
+use self::agent::{Agent, Guard, Replier, RequestHandler, WorkerInfo};
 use self::context::{Context, DebugInfo};
 use self::message::{ForkData, Request, Response, WorkerId};
 use self::pool::Pool;
 use self::rref::{RRef, UserRRef};
+use crate::auth::Secret;
 use crate::error::{Error, Result, Status};
 use crate::store::{elastic, Store};
+use crate::tls::{TlsClient, TlsServer};
 use crate::work::Work;
 
 /// What a registered function receives.
@@ -51,6 +53,18 @@ pub struct RpcOptions {
     pub listen_address: IpAddr,
     /// At shutdown, report leaked RRefs as a warning (true) or an error.
     pub ignore_rref_leak: bool,
+    /// The group's shared secret: every connection between workers
+    /// authenticates with it (challenge-response; it never travels)
+    /// before any message. Every worker of the group needs the same.
+    pub secret: Option<Secret>,
+    /// Serve other workers' connections over TLS with this certificate
+    /// (with a client CA, theirs are verified too). Every worker of the
+    /// group needs TLS if one has it.
+    pub tls_server: Option<TlsServer>,
+    /// Connect to other workers over TLS, trusting these CAs (their
+    /// certificates must be valid for the address they listen on, or for
+    /// the client's server name).
+    pub tls_client: Option<TlsClient>,
 }
 
 impl Default for RpcOptions {
@@ -60,6 +74,9 @@ impl Default for RpcOptions {
             rpc_timeout: Duration::from_secs(60),
             listen_address: IpAddr::V4(Ipv4Addr::LOCALHOST),
             ignore_rref_leak: true,
+            secret: None,
+            tls_server: None,
+            tls_client: None,
         }
     }
 }
@@ -120,7 +137,18 @@ impl Rpc {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::network(format!("RPC listener: {e}")))?;
-        let agent = Arc::new(Agent::start(rank, listener)?);
+        let guard = Guard {
+            secret: options.secret.clone(),
+            tls_server: options.tls_server.clone(),
+            tls_client: options.tls_client.clone(),
+        };
+        if guard.tls_server.is_some() != guard.tls_client.is_some() {
+            return Err(Error::invalid_argument(
+                "RPC workers speak TLS both ways or not at all: give a worker its certificate \
+                 and key and the CA file, or neither",
+            ));
+        }
+        let agent = Arc::new(Agent::start(rank, listener, guard)?);
         let ctx = Context::new(rank, options.rpc_timeout);
         control::attach(&ctx, &agent);
         let pool = Pool::new(&format!("dc-rpc-{rank}"), options.num_worker_threads)

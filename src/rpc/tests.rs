@@ -7,6 +7,8 @@ use std::time::Instant;
 use super::*;
 use crate::store::HashStore;
 
+mod guards;
+
 fn functions() -> HashMap<String, Arc<RpcFunction>> {
     let mut f: HashMap<String, Arc<RpcFunction>> = HashMap::new();
     f.insert(
@@ -39,11 +41,18 @@ fn functions() -> HashMap<String, Arc<RpcFunction>> {
 
 /// A group of `n` workers, each initialised on its own thread.
 fn group_with(n: u16, options: RpcOptions) -> Vec<Arc<Rpc>> {
+    group_each(vec![options; usize::from(n)])
+}
+
+/// A group of workers with these options, each initialised on its own
+/// thread.
+fn group_each(options: Vec<RpcOptions>) -> Vec<Arc<Rpc>> {
     let store: Arc<dyn Store> = Arc::new(HashStore::new());
+    let n = options.len() as u16;
     let threads: Vec<_> = (0..n)
-        .map(|rank| {
+        .zip(options)
+        .map(|(rank, options)| {
             let store = store.clone_store().unwrap();
-            let options = options.clone();
             thread::spawn(move || {
                 Rpc::init(store, &format!("w{rank}"), rank, n, options, functions()).unwrap()
             })

@@ -1,12 +1,15 @@
 //! The write side of one RPC connection, shared by the I/O thread and the
-//! threads that send on it (callers, and pool threads replying).
+//! threads that send on it (callers, and pool threads replying), and the
+//! connection's TLS session, which reading shares.
 //!
-//! A frame for an idle, connected socket is written by the sending thread
+//! A frame for an idle, open socket is written by the sending thread
 //! itself: no hand-off to the I/O thread and back, which costs a thread
 //! wake-up on each side of every call. Whatever the socket does not take at
 //! once is queued in the connection's [`Outbox`], and from then on frames
 //! queue behind it until the I/O thread has flushed it, so bytes never
-//! interleave or reorder.
+//! interleave or reorder. Until the connection is open (connected and, with
+//! a secret, authenticated) frames queue; the handshake's own frames go
+//! ahead of them.
 
 use std::io;
 
@@ -15,8 +18,7 @@ use mio::{Registry, Token};
 use parking_lot::Mutex;
 
 use crate::outbox::Outbox;
-use crate::sendv::send_bytes;
-use crate::tls::Wire;
+use crate::tls::{Session, Wire};
 
 /// What became of a frame handed to [`Writer::send`].
 #[derive(Debug, PartialEq, Eq)]
@@ -25,8 +27,8 @@ pub(crate) enum Sent {
     Written,
     /// Queued; the I/O thread must flush the connection.
     NeedsFlush,
-    /// Queued until the connection is established (the I/O thread flushes
-    /// it then).
+    /// Queued until the connection is open (the I/O thread flushes it
+    /// then).
     AwaitingConnect,
     /// The connection is closed; nothing was sent.
     Closed,
@@ -34,8 +36,19 @@ pub(crate) enum Sent {
 
 struct State {
     output: Outbox,
-    connected: bool,
+    /// The connection's TLS session, over TLS.
+    tls: Option<Session>,
+    /// Handshake frames the socket has not taken yet: before `output`.
+    handshake: Vec<u8>,
+    /// Frames may go out: connected and, with a secret, authenticated.
+    open: bool,
     closed: bool,
+}
+
+impl State {
+    fn wire<'a>(&'a mut self, socket: &std::net::TcpStream) -> Wire<'a> {
+        Wire::new(socket, self.tls.as_mut())
+    }
 }
 
 /// The shared write side of a connection.
@@ -47,36 +60,40 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// The write side of `stream`; `connected` false for an outbound
-    /// connection still being established (registered for WRITABLE).
-    pub(crate) fn new(stream: &TcpStream, connected: bool) -> io::Result<Writer> {
+    /// The write side of `stream`, through `tls` if given; `open` false
+    /// for a connection still being established or authenticated (an
+    /// outbound one is registered for WRITABLE).
+    pub(crate) fn new(stream: &TcpStream, open: bool, tls: Option<Session>) -> io::Result<Writer> {
         use std::os::fd::{AsFd, OwnedFd};
         let fd: OwnedFd = stream.as_fd().try_clone_to_owned()?;
         Ok(Writer {
             socket: std::net::TcpStream::from(fd),
             state: Mutex::new(State {
-                output: Outbox::new(!connected),
-                connected,
+                output: Outbox::new(!open),
+                tls,
+                handshake: Vec::new(),
+                open,
                 closed: false,
             }),
         })
     }
 
-    /// Sends `frame`: written at once when the socket is connected and
+    /// Sends `frame`: written at once when the connection is open and
     /// nothing is queued before it, queued otherwise.
     pub(crate) fn send(&self, frame: &[u8]) -> Sent {
         let mut state = self.state.lock();
         if state.closed {
             return Sent::Closed;
         }
-        if !state.connected {
+        if !state.open {
             state.output.put(frame);
             return Sent::AwaitingConnect;
         }
         let mut written = 0;
-        if state.output.is_empty() {
+        if state.output.is_empty() && state.handshake.is_empty() {
+            let mut wire = state.wire(&self.socket);
             while written < frame.len() {
-                match send_bytes(&self.socket, &frame[written..]) {
+                match wire.send(&frame[written..]) {
                     Ok(0) => break,
                     Ok(n) => written += n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -85,33 +102,72 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-        }
-        if written == frame.len() {
-            return Sent::Written;
+            if written == frame.len() && !wire.wants_write() {
+                return Sent::Written;
+            }
         }
         state.output.put(&frame[written..]);
         Sent::NeedsFlush
     }
 
-    /// The I/O thread: the outbound connection is established.
-    pub(crate) fn set_connected(&self) {
-        self.state.lock().connected = true;
+    /// The I/O thread: sends a frame of the handshake, ahead of every
+    /// frame queued (call [`Writer::flush`] after it).
+    pub(crate) fn send_handshake(&self, frame: &[u8]) {
+        self.state.lock().handshake.extend_from_slice(frame);
     }
 
-    /// The I/O thread: writes what is queued as far as the socket takes it,
-    /// keeping the connection's WRITABLE interest in step.
+    /// The I/O thread: the connection is established (and authenticated):
+    /// frames go out from now on.
+    pub(crate) fn set_open(&self) {
+        self.state.lock().open = true;
+    }
+
+    /// The I/O thread: writes the handshake's frames and, once open, what
+    /// is queued, as far as the socket takes them, keeping the
+    /// connection's WRITABLE interest in step.
     pub(crate) fn flush(
         &self,
         stream: &mut TcpStream,
         registry: &Registry,
         token: Token,
     ) -> io::Result<()> {
-        let mut state = self.state.lock();
-        if !state.connected || state.closed {
+        let mut guard = self.state.lock();
+        let state = &mut *guard;
+        if state.closed {
             return Ok(());
         }
-        let mut wire = Wire::new(stream, None);
-        state.output.flush(&mut wire, stream, registry, token)
+        let mut wire = Wire::new(&self.socket, state.tls.as_mut());
+        while !state.handshake.is_empty() {
+            match wire.send(&state.handshake) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => drop(state.handshake.drain(..n)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if state.handshake.is_empty() && state.open {
+            return state.output.flush(&mut wire, stream, registry, token);
+        }
+        match wire.flush() {
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+            _ => {}
+        }
+        let pending = !state.handshake.is_empty() || wire.wants_write();
+        state.output.keep_interest(pending, stream, registry, token)
+    }
+
+    /// The I/O thread: reads what has arrived (see [`Wire::recv_into`]),
+    /// through the TLS session if there is one.
+    pub(crate) fn recv(&self, stream: &mut TcpStream, target: &mut [u8]) -> io::Result<usize> {
+        let mut state = self.state.lock();
+        match state.tls.as_mut() {
+            Some(session) => Wire::new(&self.socket, Some(session)).recv_into(target),
+            None => {
+                drop(state);
+                io::Read::read(stream, target)
+            }
+        }
     }
 
     /// The I/O thread: the connection is gone; later sends report
@@ -120,6 +176,7 @@ impl Writer {
         let mut state = self.state.lock();
         state.closed = true;
         state.output = Outbox::new(false);
+        state.handshake = Vec::new();
     }
 }
 
@@ -144,15 +201,15 @@ mod tests {
         poll.registry()
             .register(&mut stream, token, mio::Interest::READABLE)
             .unwrap();
-        let writer = Writer::new(&stream, true).unwrap();
+        let writer = Writer::new(&stream, true, None).unwrap();
         assert_eq!(writer.send(b"abc"), Sent::Written);
         let mut buf = [0u8; 3];
         peer.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"abc");
 
-        let connecting = Writer::new(&stream, false).unwrap();
+        let connecting = Writer::new(&stream, false, None).unwrap();
         assert_eq!(connecting.send(b"de"), Sent::AwaitingConnect);
-        connecting.set_connected();
+        connecting.set_open();
         assert_eq!(connecting.send(b"f"), Sent::NeedsFlush, "queued behind");
         connecting
             .flush(&mut stream, poll.registry(), token)
