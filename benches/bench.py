@@ -113,10 +113,10 @@ def read_until(proc, prefix, timeout=900):
 class Server:
     """A server in its own process: `distcore serve`, or a PyTorch master."""
 
-    def __init__(self, kind, world=None, port=0):
+    def __init__(self, kind, world=None, port=0, extra=()):
         self.kind = kind
         if kind == "distcore" and world is None:
-            self.proc = subprocess.Popen([CLI, "serve", "--host", "127.0.0.1", "--port", str(port)],
+            self.proc = subprocess.Popen([CLI, "serve", "--host", "127.0.0.1", "--port", str(port), *extra],
                                          stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, env=ENV)
             self.port = int(read_until(self.proc, "distcore TCPStore")[5].rsplit(":", 1)[1])
             self.pid = self.proc.pid
@@ -749,6 +749,58 @@ def scenario_etcd(ops, seconds, procs, ranks):
     return text, (lat, thr, rdv)
 
 
+def scenario_guards(connects, ops, rounds):
+    """What each guard costs a distcore client: connecting (handshake,
+    authentication, TLS) and a GET, against `distcore serve` with each
+    guard, and PyTorch's client on its libuv server for reference, all
+    driven from Python (benches/guards_bench.py) in alternating rounds."""
+    tls = os.path.join(ROOT, "tests", "tls")
+    secret_file = os.path.join(BUILD, "guards-secret")
+    with open(secret_file, "w") as f:
+        f.write("a shared secret for the benchmark")
+    server_tls = ["--tls-cert", f"{tls}/server.pem", "--tls-key", f"{tls}/server.key"]
+    client_tls = [f"tls_ca={tls}/ca.pem"]
+    secret = ["secret=a shared secret for the benchmark"]
+    configs = [  # (name, serve's flags, the client's options)
+        ("no guard", [], []),
+        ("allow-list and quotas", ["--allow", "127.0.0.0/8", "--max-connections", "10000",
+                                   "--max-keys", "1000000", "--max-stored-bytes", str(1 << 30)], []),
+        ("shared secret", ["--secret-file", secret_file], secret),
+        ("TLS", server_tls, client_tls),
+        ("TLS and secret", server_tls + ["--secret-file", secret_file], client_tls + secret),
+        ("mutual TLS", server_tls + ["--tls-client-ca", f"{tls}/ca.pem"],
+         client_tls + [f"tls_cert={tls}/client.pem", f"tls_key={tls}/client.key"]),
+    ]
+    servers = {"torch": Server("torch libuv")}
+    for name, flags, _ in configs:
+        servers[name] = Server("distcore", extra=flags)
+    samples = {}
+    try:
+        for _ in range(rounds):
+            for name, _, options in [("torch", [], [])] + configs:
+                client = "torch" if name == "torch" else "distcore"
+                out = finished(subprocess.Popen(
+                    [sys.executable, f"{HERE}/guards_bench.py", client, str(servers[name].port), str(connects),
+                     str(ops), *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    env=dict(ENV, DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so", PYTHONPATH=f"{ROOT}/python")))
+                for line in out.splitlines():
+                    what, us = line.split()
+                    samples.setdefault((name, what), []).append(float(us))
+    finally:
+        for s in servers.values():
+            s.stop()
+    med = {key: statistics.median(runs) for key, runs in samples.items()}
+    rows = [["PyTorch's client, libuv server", "-", f"{med[('torch', 'connect')]:.0f}", "1.00",
+             f"{med[('torch', 'get')]:.1f}", "1.00"]]
+    for name, flags, _ in configs:
+        rows.append([f"distcore, {name}", " ".join(f for f in flags if f.startswith("--")) or "-",
+                     f"{med[(name, 'connect')]:.0f}", ratio(med[(name, "connect")], med[("torch", "connect")]),
+                     f"{med[(name, 'get')]:.1f}", ratio(med[(name, "get")], med[("torch", "get")])])
+    return table(f"11. What guards cost ({connects} connects and {ops} GETs of 64 B per round from Python, "
+                 f"{rounds} alternating rounds, medians in µs)",
+                 ["client and server", "serve flags", "connect", "/ torch", "get", "/ torch"], rows), med
+
+
 def guarded(name, fn, *args):
     """Runs a scenario; one that cannot run is reported, not fatal."""
     try:
@@ -820,7 +872,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a smoke run well under 2 minutes")
     ap.add_argument("--out", help="write the tables (and the plot beside them) here")
-    ap.add_argument("--only", choices=["footprint", "rpc", "fairness", "scale", "latency", "shared", "etcd"],
+    ap.add_argument("--only", choices=["footprint", "rpc", "fairness", "scale", "latency", "shared", "etcd",
+                                       "guards"],
                     help="run one scenario and print it")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -855,6 +908,9 @@ def main():
     if args.only == "rpc":
         guarded("6. RPC and RRef", scenario_rpc, 100 if q else 2000, 1 if q else 3)
         return
+    if args.only == "guards":
+        guarded("11. What guards cost", scenario_guards, 50 if q else 500, 1000 if q else 20000, 1 if q else 3)
+        return
     started = time.monotonic()
     command = "build/venv/bin/python benches/bench.py" + (" --quick" if q else "") + (f" --out {args.out}" if args.out else "")
     head = (f"Run on {platform.node()} ({os.cpu_count()} cores, {platform.release()}), "
@@ -888,6 +944,8 @@ def main():
     sections.append(text)
     sections.append(guarded("9. Shared handle", scenario_shared_handle, 200 if q else 2000)[0])
     sections.append(guarded("10. Stores on etcd", scenario_etcd, *ETCD_SIZES[q])[0])
+    sections.append(guarded("11. What guards cost", scenario_guards, 50 if q else 500, 1000 if q else 20000,
+                            1 if q else 3)[0])
     took = time.monotonic() - started
     print(f"all scenarios in {took:.0f} s")
     if args.out:
