@@ -8,6 +8,7 @@ import socket
 import subprocess
 import tempfile
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,14 +37,22 @@ def kill_all():
 
 
 def _read_line(proc, prefix, timeout=60):
+    """The first line of `proc`'s output starting with `prefix`; an error
+    once `timeout` s have passed, even if the process prints nothing: each
+    line is read on a helper thread waited for only as long as the time
+    left (one left blocked ends when the caller kills the process)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
+    while True:
+        got = []
+        reader = threading.Thread(target=lambda: got.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(max(0.0, deadline - time.monotonic()))
+        if not got:
+            raise RuntimeError(f"no {prefix!r} within {timeout}s: {proc.args}")
+        if not got[0]:
             raise RuntimeError(f"process exited before printing {prefix!r}: {proc.args}")
-        if line.startswith(prefix):
-            return line.strip()
-    raise RuntimeError(f"no {prefix!r} within {timeout}s")
+        if got[0].startswith(prefix):
+            return got[0].strip()
 
 
 class CServer:
