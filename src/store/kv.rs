@@ -108,18 +108,11 @@ impl KvTable {
     /// PyTorch's COMPARE_SET; returns the reply value: what is stored
     /// after it (or `expected`, when the key is missing and stays so).
     pub(crate) fn compare_set(&mut self, key: &[u8], expected: &Value, desired: &Value) -> Value {
-        match self.bytes(key) {
-            None if expected.is_empty() => {
-                self.set(key, desired.clone());
-                desired.clone()
-            }
-            None => expected.clone(),
-            Some(current) if current == &expected[..] => {
-                self.set(key, desired.clone());
-                desired.clone()
-            }
-            Some(_) => self.get(key).unwrap_or_default(),
+        if compare_set_swaps(self.bytes(key), expected) {
+            self.set(key, desired.clone());
+            return desired.clone();
         }
+        self.get(key).unwrap_or_else(|| expected.clone())
     }
 
     pub(crate) fn delete(&mut self, key: &[u8]) -> bool {
@@ -149,14 +142,7 @@ impl KvTable {
     /// grows in place.
     pub(crate) fn append(&mut self, key: &[u8], suffix: &[u8], max_len: usize) -> Result<()> {
         let existing = self.bytes(key).map(<[u8]>::len);
-        let current = existing.unwrap_or(0);
-        let total = current.saturating_add(suffix.len());
-        if total > max_len {
-            return Err(Error::invalid_argument(format!(
-                "append: the value of key '{}' would be {total} bytes, over the limit of {max_len}",
-                String::from_utf8_lossy(key),
-            )));
-        }
+        let total = appended_len(key, existing.unwrap_or(0), suffix.len(), max_len)?;
         let no_memory =
             || Error::invalid_argument(format!("append: cannot allocate {total} bytes"));
         let added = if existing.is_none() {
@@ -213,6 +199,32 @@ impl KvTable {
     pub(crate) fn keys(&self) -> impl Iterator<Item = &[u8]> {
         self.small.keys().chain(self.large.keys().map(|k| &**k))
     }
+}
+
+/// Whether COMPARE_SET of `expected` stores its desired value over
+/// `current` (PyTorch's semantics, for every store): when the value is
+/// `expected`, or the key is missing and `expected` empty. Otherwise the
+/// reply is the value as it is (`expected` for a missing key).
+pub(crate) fn compare_set_swaps(current: Option<&[u8]>, expected: &[u8]) -> bool {
+    current.map_or(expected.is_empty(), |value| value == expected)
+}
+
+/// The length of a value of `current_len` bytes after APPEND of
+/// `suffix_len` more, refused past `max_len` (for every store).
+pub(crate) fn appended_len(
+    key: &[u8],
+    current_len: usize,
+    suffix_len: usize,
+    max_len: usize,
+) -> Result<usize> {
+    let total = current_len.saturating_add(suffix_len);
+    if total > max_len {
+        return Err(Error::invalid_argument(format!(
+            "append: the value of key '{}' would be {total} bytes, over the limit of {max_len}",
+            String::from_utf8_lossy(key),
+        )));
+    }
+    Ok(total)
 }
 
 /// What ADD of `delta` makes of the counter at `key` whose value is

@@ -98,7 +98,11 @@ fn a_worker_with_another_secret_or_none_is_refused_both_ways() {
         let started = Instant::now();
         for (from, to) in [(0, "w1"), (1, "w0")] {
             let e = call(&ws[from], to, "echo", b"x", &[]).unwrap_err();
-            assert_eq!(e.status(), Status::PermissionDenied, "{other:?}, {from} -> {to}: {e}");
+            assert_eq!(
+                e.status(),
+                Status::PermissionDenied,
+                "{other:?}, {from} -> {to}: {e}"
+            );
         }
         assert!(
             started.elapsed() < Duration::from_secs(5),

@@ -26,7 +26,7 @@ use self::client::{Client, Compare, Op, Read, Watched};
 pub(crate) use self::requests::{Change, Snapshot};
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
 use crate::error::{Error, Result, Status};
-use crate::store::kv::counter_after;
+use crate::store::kv::{appended_len, compare_set_swaps, counter_after};
 use crate::timeout::DEFAULT_STORE_TIMEOUT;
 
 /// How an EtcdStore reaches its cluster.
@@ -432,11 +432,9 @@ impl EtcdStore {
         guess: Option<Seen>,
     ) -> Result<(Vec<u8>, i64)> {
         self.read_modify_write(key, guess, |current| {
-            Ok(match current {
-                None if expected.is_empty() => (Some(desired.to_vec()), desired.to_vec()),
-                None => (None, expected.to_vec()),
-                Some(v) if v == expected => (Some(desired.to_vec()), desired.to_vec()),
-                Some(v) => (None, v.to_vec()),
+            Ok(match compare_set_swaps(current, expected) {
+                true => (Some(desired.to_vec()), desired.to_vec()),
+                false => (None, current.unwrap_or(expected).to_vec()),
             })
         })
     }
@@ -452,13 +450,7 @@ impl EtcdStore {
     ) -> Result<i64> {
         self.read_modify_write(key, guess, |current| {
             let current = current.unwrap_or_default();
-            let total = current.len().saturating_add(suffix.len());
-            if total > max_len {
-                return Err(Error::invalid_argument(format!(
-                    "append: the value of key '{}' would be {total} bytes, over the limit of {max_len}",
-                    String::from_utf8_lossy(key)
-                )));
-            }
+            appended_len(key, current.len(), suffix.len(), max_len)?;
             Ok((Some([current, suffix].concat()), ()))
         })
         .map(|((), revision)| revision)

@@ -23,6 +23,7 @@ use self::log::{
     QUEUE_PUSH_PREFIX, REFCOUNT_KEY, USER_PREFIX,
 };
 use self::watch::Watcher;
+use super::kv::compare_set_swaps;
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
 use crate::bigbuf::{check_allocatable, try_copy};
 use crate::error::{Error, Result, Status};
@@ -314,15 +315,10 @@ impl Store for FileStore {
         check_value(desired.len(), "compare_set")?;
         let wire = user_key(key);
         self.write(|s| {
-            Ok(match s.replay.values.get(&wire) {
-                None if expected.is_empty() => {
-                    (vec![(wire.clone(), desired.to_vec())], desired.to_vec())
-                }
-                None => (Vec::new(), expected.to_vec()),
-                Some(current) if current == expected => {
-                    (vec![(wire.clone(), desired.to_vec())], desired.to_vec())
-                }
-                Some(current) => (Vec::new(), current.clone()),
+            let current = s.replay.values.get(&wire).map(Vec::as_slice);
+            Ok(match compare_set_swaps(current, expected) {
+                true => (vec![(wire.clone(), desired.to_vec())], desired.to_vec()),
+                false => (Vec::new(), current.unwrap_or(expected).to_vec()),
             })
         })
     }

@@ -121,32 +121,48 @@ impl Mirror {
     pub(crate) fn read(&self, request: &Request) -> Option<Outcome> {
         let exists = |k: &Key| self.values.contains_key(k) || self.queues.contains_key(k);
         let value = |k: &Key| self.values.get(k).map(|(v, _)| v.clone());
-        Some(match request {
-            Request::Get { key } => Outcome::Values(vec![value(key)]),
-            Request::MultiGet { keys } => Outcome::Values(keys.iter().map(value).collect()),
-            Request::Check { keys } => Outcome::Ready(keys.iter().all(exists)),
-            Request::GetNumKeys => Outcome::Int(self.values.len() as i64),
-            Request::QueueLen { key } => Outcome::Int(self.queues.get(key).copied().unwrap_or(0)),
-            Request::ListKeys => Outcome::Keys(self.values.keys().cloned().collect()),
-            Request::Wait { .. } | Request::WaitGet { .. } => Outcome::Silent,
-            _ => return None,
+        Some(match read_of(request)? {
+            Read::Get(key) => Outcome::Values(vec![value(key)]),
+            Read::MultiGet(keys) => Outcome::Values(keys.iter().map(value).collect()),
+            Read::Check(keys) => Outcome::Ready(keys.iter().all(exists)),
+            Read::NumKeys => Outcome::Int(self.values.len() as i64),
+            Read::QueueLen(key) => Outcome::Int(self.queues.get(key).copied().unwrap_or(0)),
+            Read::ListKeys => Outcome::Keys(self.values.keys().cloned().collect()),
+            Read::Wait => Outcome::Silent,
         })
     }
 }
 
+/// The requests the mirror answers, with what they read.
+enum Read<'a> {
+    Get(&'a Key),
+    MultiGet(&'a [Key]),
+    Check(&'a [Key]),
+    NumKeys,
+    QueueLen(&'a Key),
+    ListKeys,
+    /// WAIT or WAIT_GET, which the mirror lets start.
+    Wait,
+}
+
+/// What `request` reads from the mirror; None if it is not a read. The
+/// one list of reads: [`is_read`] and [`Mirror::read`] both go by it.
+fn read_of(request: &Request) -> Option<Read<'_>> {
+    Some(match request {
+        Request::Get { key } => Read::Get(key),
+        Request::MultiGet { keys } => Read::MultiGet(keys),
+        Request::Check { keys } => Read::Check(keys),
+        Request::GetNumKeys => Read::NumKeys,
+        Request::QueueLen { key } => Read::QueueLen(key),
+        Request::ListKeys => Read::ListKeys,
+        Request::Wait { .. } | Request::WaitGet { .. } => Read::Wait,
+        _ => return None,
+    })
+}
+
 /// Whether the mirror answers `request` (see [`Mirror::read`]).
 pub(crate) fn is_read(request: &Request) -> bool {
-    matches!(
-        request,
-        Request::Get { .. }
-            | Request::MultiGet { .. }
-            | Request::Check { .. }
-            | Request::GetNumKeys
-            | Request::QueueLen { .. }
-            | Request::ListKeys
-            | Request::Wait { .. }
-            | Request::WaitGet { .. }
-    )
+    read_of(request).is_some()
 }
 
 #[cfg(test)]
