@@ -1,8 +1,8 @@
 // The C++ wrapper <distcore.hpp> end to end: every store type, exceptions
 // carrying status and message, Work (async store calls, then-callbacks,
-// futures, fds, profiler hooks), a TCPStore server and clients, the elastic
-// helpers, RPC between two workers of this process (one on a std::thread)
-// with RRefs, log callbacks and the version check.
+// futures, fds, profiler hooks), a TCPStore server and clients (in clear and
+// over TLS), the elastic helpers, RPC between two workers of this process
+// (one on a std::thread) with RRefs, log callbacks and the version check.
 #include <distcore.hpp>
 
 #include <fcntl.h>
@@ -527,6 +527,48 @@ void test_guarded_tcp_store() {
   EXPECT(::fcntl(fds[0], F_GETFD) == -1);
 }
 
+// The test certificates (tests/tls), from CMakeLists.txt.
+#ifndef DC_TEST_TLS_DIR
+#error "DC_TEST_TLS_DIR (the tests/tls directory) must be defined"
+#endif
+
+void test_tls_tcp_store() {
+  const std::string dir = DC_TEST_TLS_DIR;
+  distcore::TCPStoreOptions o;
+  o.is_server = true;
+  o.bind_address = "127.0.0.1";
+  o.wait_for_workers = false;
+  o.timeout = 10s;
+  o.tls_cert_file = dir + "/server.pem";
+  o.tls_key_file = dir + "/server.key";
+  o.tls_ca_file = dir + "/ca.pem";  // the server's own handle connects over TLS too
+  distcore::TCPStore server(o);
+  server.set("k", "v");
+  distcore::TCPStoreOptions co;
+  co.port = server.port();
+  co.timeout = 10s;
+  co.tls_ca_file = dir + "/ca.pem";
+  distcore::TCPStore client(co);
+  EXPECT(client.get("k") == "v");
+  const std::string big(3 << 20, 'x');
+  client.set("big", big);
+  EXPECT(server.get("big") == big);
+  // In clear to a server that requires TLS: refused at once, saying why.
+  distcore::TCPStoreOptions clear;
+  clear.port = server.port();
+  clear.timeout = 10s;
+  auto e = EXPECT_THROW(distcore::PermissionDenied, distcore::TCPStore refused(clear));
+  EXPECT_CONTAINS(std::string(e.what()), "only over TLS");
+  // A certificate without its key is the caller's error, as is a NUL in a path.
+  distcore::TCPStoreOptions bad = co;
+  bad.tls_cert_file = dir + "/client.pem";
+  EXPECT_THROW(distcore::InvalidArgument, distcore::TCPStore refused(bad));
+  bad = co;
+  bad.tls_ca_file = std::string("ca\0.pem", 6);
+  EXPECT_THROW(distcore::InvalidArgument, distcore::TCPStore refused(bad));
+  EXPECT(client.get("k") == "v");
+}
+
 void test_log_callback() {
   struct Line {
     dc_log_level level;
@@ -725,6 +767,7 @@ int main() {
       {"work", test_work},
       {"tcp_store", test_tcp_store},
       {"guarded_tcp_store", test_guarded_tcp_store},
+      {"tls_tcp_store", test_tls_tcp_store},
       {"log_callback", test_log_callback},
       {"rpc", test_rpc},
   };

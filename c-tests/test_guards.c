@@ -1,6 +1,6 @@
 /* A TCPStore server guarded through the C options: a shared secret (right,
- * wrong, missing), an allow list that is not one, quotas, and the metrics
- * an embedded server gives. */
+ * wrong, missing), an allow list that is not one, quotas, the metrics
+ * an embedded server gives, and TLS (the certificates of tests/tls). */
 #include <stdio.h>
 #include <string.h>
 
@@ -15,6 +15,62 @@ static dc_tcp_store_options options(uint16_t port) {
   opts.port = port;
   opts.timeout_ms = 5000;
   return opts;
+}
+
+#ifndef DC_TEST_TLS_DIR
+#error "DC_TEST_TLS_DIR (the tests/tls directory) must be defined"
+#endif
+#define TLS_FILE(name) DC_TEST_TLS_DIR "/" name
+
+/* A TLS server whose own handle connects over TLS, a TLS client sharing its
+ * store, a client in clear refused, and TLS files that do not go together. */
+static void test_tls(void) {
+  dc_tcp_store_options opts = options(0);
+  opts.is_server = true;
+  opts.bind_address = "127.0.0.1";
+  opts.tls_cert_file = TLS_FILE("server.pem");
+  opts.tls_key_file = TLS_FILE("server.key");
+  opts.tls_ca_file = TLS_FILE("ca.pem");
+  dc_store *server = NULL;
+  CHECK_OK(dc_tcp_store_new(&opts, &server));
+  uint16_t port = 0;
+  CHECK_OK(dc_tcp_store_port(server, &port));
+  CHECK_OK(dc_store_set(server, "k", (const uint8_t *)"v", 1));
+
+  /* A client trusting the CA: in, over TLS. */
+  dc_tcp_store_options client_opts = options(port);
+  client_opts.tls_ca_file = TLS_FILE("ca.pem");
+  dc_store *client = NULL;
+  CHECK_OK(dc_tcp_store_new(&client_opts, &client));
+  dc_buf value = {0};
+  CHECK_OK(dc_store_get(client, "k", &value));
+  CHECK_BUF(value, "v");
+  dc_buf_free(&value);
+  CHECK_OK(dc_store_set(client, "k2", (const uint8_t *)"over TLS", 8));
+  CHECK_OK(dc_store_get(server, "k2", &value));
+  CHECK_BUF(value, "over TLS");
+  dc_buf_free(&value);
+
+  /* In clear: refused at once, saying that TLS is required. */
+  dc_tcp_store_options clear_opts = options(port);
+  dc_store *refused = NULL;
+  CHECK_STATUS(dc_tcp_store_new(&clear_opts, &refused), DC_ERR_PERMISSION_DENIED);
+  CHECK(strstr(dc_last_error_message(), "TLS") != NULL);
+  CHECK(refused == NULL);
+
+  /* A client's certificate without its key: the caller's error. */
+  dc_tcp_store_options bad = options(port);
+  bad.tls_ca_file = TLS_FILE("ca.pem");
+  bad.tls_cert_file = TLS_FILE("client.pem");
+  CHECK_STATUS(dc_tcp_store_new(&bad, &refused), DC_ERR_INVALID_ARGUMENT);
+  CHECK(refused == NULL);
+
+  /* The server went on serving. */
+  CHECK_OK(dc_store_get(client, "k", &value));
+  CHECK_BUF(value, "v");
+  dc_buf_free(&value);
+  dc_store_free(client);
+  dc_store_free(server);
 }
 
 int main(void) {
@@ -80,6 +136,7 @@ int main(void) {
 
   dc_store_free(client);
   dc_store_free(server);
+  test_tls();
   printf("test_guards: ok\n");
   return 0;
 }

@@ -865,13 +865,32 @@ struct TCPStoreOptions {
   uint64_t max_connections = 0;
   uint64_t max_keys = 0;
   uint64_t max_stored_bytes = 0;
+  /// TLS, as paths of PEM files; empty: none (files that do not go
+  /// together, or cannot be read, are InvalidArgument). A certificate chain
+  /// (its own certificate first) and its private key, given together: a
+  /// server serves TLS with them (clients in clear only from
+  /// allow_unauthenticated; others get PermissionDenied), a client presents
+  /// them to servers that verify clients.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  /// Client (a server's own handle included): connect over TLS trusting
+  /// these CA certificates; empty: in clear. A server they do not vouch for
+  /// is PermissionDenied.
+  std::string tls_ca_file;
+  /// Server with tls_cert_file: require client certificates from these CAs
+  /// (mutual TLS).
+  std::string tls_client_ca_file;
+  /// Client: check the server's certificate against this name (DNS name or
+  /// IP address) instead of host.
+  std::string tls_server_name;
 
   /// The C options (pointing into this object): dc_tcp_store_options_init,
   /// then every field.
   dc_tcp_store_options to_c() const {
     dc_tcp_store_options o;
     distcore::check(dc_tcp_store_options_init(&o, sizeof o));
-    for (const std::string* text : {&host, &bind_address, &allow, &allow_unauthenticated}) {
+    for (const std::string* text : {&host, &bind_address, &allow, &allow_unauthenticated, &tls_cert_file,
+                                    &tls_key_file, &tls_ca_file, &tls_client_ca_file, &tls_server_name}) {
       (void)detail::c_string(*text);  // no NUL inside
     }
     o.host = host.c_str();
@@ -891,6 +910,11 @@ struct TCPStoreOptions {
     o.max_connections = max_connections;
     o.max_keys = max_keys;
     o.max_stored_bytes = max_stored_bytes;
+    o.tls_cert_file = tls_cert_file.empty() ? nullptr : tls_cert_file.c_str();
+    o.tls_key_file = tls_key_file.empty() ? nullptr : tls_key_file.c_str();
+    o.tls_ca_file = tls_ca_file.empty() ? nullptr : tls_ca_file.c_str();
+    o.tls_client_ca_file = tls_client_ca_file.empty() ? nullptr : tls_client_ca_file.c_str();
+    o.tls_server_name = tls_server_name.empty() ? nullptr : tls_server_name.c_str();
     return o;
   }
 };

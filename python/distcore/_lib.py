@@ -42,7 +42,10 @@ class TcpStoreOptions(Structure):
                 # since 1.2
                 ("secret", c_char_p), ("secret_len", c_size_t), ("allow", c_char_p),
                 ("allow_unauthenticated", c_char_p), ("max_connections", c_uint64), ("max_keys", c_uint64),
-                ("max_stored_bytes", c_uint64)]
+                ("max_stored_bytes", c_uint64),
+                # since 1.3
+                ("tls_cert_file", c_char_p), ("tls_key_file", c_char_p), ("tls_ca_file", c_char_p),
+                ("tls_client_ca_file", c_char_p), ("tls_server_name", c_char_p)]
 
 
 class EtcdStoreOptions(Structure):

@@ -9,6 +9,7 @@ accepted too.
 """
 import contextlib
 import ctypes
+import os
 from datetime import timedelta
 from ctypes import c_bool, c_int64, c_size_t, c_uint16, c_void_p
 
@@ -318,6 +319,16 @@ def _networks(value):
     return value.encode()
 
 
+def _path(value, name):
+    """A file path (str, bytes or os.PathLike) as the C option."""
+    if value is None:
+        return None
+    value = os.fsencode(value)
+    if b"\0" in value:  # C would read a shorter path: another file
+        raise ValueError(f"{name} has an embedded null byte")
+    return value
+
+
 class TCPStore(Store):
     """A TCP key-value store (torch.distributed.TCPStore): a client, plus
     the server when `is_master`. Talks to distcore servers and PyTorch's
@@ -337,13 +348,28 @@ class TCPStore(Store):
     networks clients may connect from, a list or "a,b"),
     `allow_unauthenticated` (networks whose clients need not authenticate:
     PyTorch's), `max_connections`, `max_keys` and `max_stored_bytes`
-    (quotas; a write past them raises DistQuotaError).
+    (quotas; a write past them raises DistQuotaError). TLS, with paths of
+    PEM files (str, bytes or os.PathLike): `tls_cert` and `tls_key`, a
+    certificate chain and its private key, given together (a server serves
+    TLS with them, and then serves clients in clear only from
+    `allow_unauthenticated`; a client presents them to servers that verify
+    clients); `tls_ca` (a client, a server's own handle included, connects
+    over TLS trusting these CA certificates; None: in clear); for a server
+    with a certificate, `tls_client_ca` (require client certificates from
+    these CAs: mutual TLS); for a client, `tls_server_name` (check the
+    server's certificate against this name instead of `host_name`). A
+    refused certificate or handshake, or a client in clear to a server that
+    requires TLS, raises DistPermissionError; files that do not go together
+    (a certificate without its key, a client's certificate or server name
+    without `tls_ca`, `tls_client_ca` without a serving certificate) or that
+    cannot be read raise DistValueError.
     """
 
     def __init__(self, host_name, port, world_size=None, is_master=False, timeout=timedelta(seconds=300),
                  wait_for_workers=True, multi_tenant=False, master_listen_fd=None, use_libuv=True, *,
                  bind_address=None, max_value_size=None, secret=None, allow=None, allow_unauthenticated=None,
-                 max_connections=None, max_keys=None, max_stored_bytes=None):
+                 max_connections=None, max_keys=None, max_stored_bytes=None, tls_cert=None, tls_key=None,
+                 tls_ca=None, tls_client_ca=None, tls_server_name=None):
         if not isinstance(host_name, str):
             raise TypeError(f"host_name must be str, not {type(host_name).__name__}")
         if not isinstance(port, int) or not 0 <= port <= 65535:
@@ -372,6 +398,12 @@ class TCPStore(Store):
                 if int(value) <= 0:
                     raise ValueError(f"{name} must be positive, not {value!r}")
                 setattr(opts, name, int(value))
+        # The encoded paths stay referenced here (and by opts) until the call returns.
+        tls = {"tls_cert_file": _path(tls_cert, "tls_cert"), "tls_key_file": _path(tls_key, "tls_key"),
+               "tls_ca_file": _path(tls_ca, "tls_ca"), "tls_client_ca_file": _path(tls_client_ca, "tls_client_ca"),
+               "tls_server_name": None if tls_server_name is None else tls_server_name.encode()}
+        for name, value in tls.items():
+            setattr(opts, name, value)
         h = c_void_p()
         check(lib.dc_tcp_store_new(ctypes.byref(opts), ctypes.byref(h)))
         self._host = host_name
