@@ -828,6 +828,27 @@ class PrefixStore : public Store {
 };
 
 /// Options of a TCPStore (torch.distributed.TCPStore's arguments); the
+
+namespace detail {
+
+/// Points an options struct's secret and TLS fields (dc_tcp_store_options,
+/// dc_rpc_options) at these strings (empty: none); paths with a NUL
+/// inside are InvalidArgument.
+template <class Options>
+void set_guards(Options& o, const std::string& secret, const std::string& cert, const std::string& key,
+                const std::string& ca, const std::string& client_ca, const std::string& server_name) {
+  o.secret = secret.empty() ? nullptr : reinterpret_cast<const uint8_t*>(secret.data());
+  o.secret_len = secret.size();
+  const char** fields[] = {&o.tls_cert_file, &o.tls_key_file, &o.tls_ca_file, &o.tls_client_ca_file,
+                           &o.tls_server_name};
+  const std::string* texts[] = {&cert, &key, &ca, &client_ca, &server_name};
+  for (size_t i = 0; i < 5; ++i) {
+    (void)c_string(*texts[i]);  // no NUL inside
+    *fields[i] = texts[i]->empty() ? nullptr : texts[i]->c_str();
+  }
+}
+
+}  // namespace detail
 /// defaults are those of dc_tcp_store_options_init.
 struct TCPStoreOptions {
   /// Host to connect to (a name, an IPv4 or IPv6 literal).
@@ -889,8 +910,7 @@ struct TCPStoreOptions {
   dc_tcp_store_options to_c() const {
     dc_tcp_store_options o;
     distcore::check(dc_tcp_store_options_init(&o, sizeof o));
-    for (const std::string* text : {&host, &bind_address, &allow, &allow_unauthenticated, &tls_cert_file,
-                                    &tls_key_file, &tls_ca_file, &tls_client_ca_file, &tls_server_name}) {
+    for (const std::string* text : {&host, &bind_address, &allow, &allow_unauthenticated}) {
       (void)detail::c_string(*text);  // no NUL inside
     }
     o.host = host.c_str();
@@ -903,18 +923,12 @@ struct TCPStoreOptions {
     o.master_listen_fd = master_listen_fd;
     o.bind_address = bind_address.empty() ? nullptr : bind_address.c_str();
     o.max_value_size = max_value_size;
-    o.secret = secret.empty() ? nullptr : reinterpret_cast<const uint8_t*>(secret.data());
-    o.secret_len = secret.size();
+    detail::set_guards(o, secret, tls_cert_file, tls_key_file, tls_ca_file, tls_client_ca_file, tls_server_name);
     o.allow = allow.empty() ? nullptr : allow.c_str();
     o.allow_unauthenticated = allow_unauthenticated.empty() ? nullptr : allow_unauthenticated.c_str();
     o.max_connections = max_connections;
     o.max_keys = max_keys;
     o.max_stored_bytes = max_stored_bytes;
-    o.tls_cert_file = tls_cert_file.empty() ? nullptr : tls_cert_file.c_str();
-    o.tls_key_file = tls_key_file.empty() ? nullptr : tls_key_file.c_str();
-    o.tls_ca_file = tls_ca_file.empty() ? nullptr : tls_ca_file.c_str();
-    o.tls_client_ca_file = tls_client_ca_file.empty() ? nullptr : tls_client_ca_file.c_str();
-    o.tls_server_name = tls_server_name.empty() ? nullptr : tls_server_name.c_str();
     return o;
   }
 };
@@ -1172,6 +1186,20 @@ struct RpcOptions {
   bool ignore_rref_leak = true;
   /// Functions registered before this worker becomes reachable (name, function).
   std::vector<std::pair<std::string, RpcFunction>> functions;
+  /// The group's shared secret (any bytes; empty: none): every connection
+  /// between workers authenticates with it before any message; a worker
+  /// without it fails calls with PermissionDenied. The same on every worker.
+  std::string secret;
+  /// TLS between workers, as paths of PEM files (empty: none): this
+  /// worker's certificate chain and key (valid for listen_address) and the
+  /// CA certificates of the others', given together; tls_client_ca_file
+  /// verifies connecting workers too; tls_server_name checks peers'
+  /// certificates against that name instead of their addresses.
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_ca_file;
+  std::string tls_client_ca_file;
+  std::string tls_server_name;
 };
 
 namespace detail {
@@ -1223,6 +1251,8 @@ class Rpc {
     (void)detail::c_string(options.listen_address);  // no NUL inside
     o.listen_address = options.listen_address.c_str();
     o.ignore_rref_leak = options.ignore_rref_leak;
+    detail::set_guards(o, options.secret, options.tls_cert_file, options.tls_key_file, options.tls_ca_file,
+                       options.tls_client_ca_file, options.tls_server_name);
     std::vector<dc_rpc_function_entry> entries;
     entries.reserve(options.functions.size());
     for (auto& f : options.functions) {

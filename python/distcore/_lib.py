@@ -79,7 +79,10 @@ class RpcOptions(Structure):
     """dc_rpc_options"""
     _fields_ = [("struct_size", c_size_t), ("num_worker_threads", c_uint32), ("rpc_timeout_ms", c_int64),
                 ("listen_address", c_char_p), ("ignore_rref_leak", c_bool),
-                ("functions", POINTER(RpcFunctionEntry)), ("num_functions", c_size_t)]
+                ("functions", POINTER(RpcFunctionEntry)), ("num_functions", c_size_t),
+                ("secret", c_char_p), ("secret_len", c_size_t), ("tls_cert_file", c_char_p),
+                ("tls_key_file", c_char_p), ("tls_ca_file", c_char_p), ("tls_client_ca_file", c_char_p),
+                ("tls_server_name", c_char_p)]
 
 
 class RRefDebugInfo(Structure):

@@ -1,10 +1,40 @@
 """Argument conversion shared by the modules."""
 import math
+import os
 import threading
 from ctypes import c_char_p, c_size_t
 from datetime import timedelta
 
 from ._lib import TIMEOUT_DEFAULT
+
+
+def _path(value, name):
+    """A file path (str, bytes or os.PathLike) as a C option; None stays None."""
+    if value is None:
+        return None
+    value = os.fsencode(value)
+    if b"\0" in value:  # C would read a shorter path: another file
+        raise ValueError(f"{name} has an embedded null byte")
+    return value
+
+
+def set_guards(opts, secret=None, tls_cert=None, tls_key=None, tls_ca=None, tls_client_ca=None,
+               tls_server_name=None):
+    """Sets the shared secret (bytes or str) and the TLS files of a C options struct that has them
+    (dc_tcp_store_options, dc_rpc_options). Returns the encoded values: keep them until the C call
+    returns (the struct only points at them)."""
+    kept = {}
+    if secret is not None:
+        kept["secret"] = secret.encode() if isinstance(secret, str) else bytes(secret)
+        opts.secret, opts.secret_len = kept["secret"], len(kept["secret"])
+    for field, name, value in (("tls_cert_file", "tls_cert", tls_cert), ("tls_key_file", "tls_key", tls_key),
+                               ("tls_ca_file", "tls_ca", tls_ca), ("tls_client_ca_file", "tls_client_ca",
+                                                                   tls_client_ca)):
+        kept[field] = _path(value, name)
+        setattr(opts, field, kept[field])
+    kept["tls_server_name"] = None if tls_server_name is None else tls_server_name.encode()
+    opts.tls_server_name = kept["tls_server_name"]
+    return kept
 
 
 def int32_arg(value, what):

@@ -24,7 +24,7 @@ from ctypes import c_bool, c_int32, c_void_p
 
 from ._errors import DistError, Status
 from ._lib import RPC_FUNCTION, Buf, RpcFunctionEntry, RpcOptions, RRefDebugInfo, check, lib, take_buf
-from ._util import Closable, int32_arg, key_arg, rpc_timeout_ms, take_handle, value_arg
+from ._util import Closable, int32_arg, key_arg, rpc_timeout_ms, set_guards, take_handle, value_arg
 from .work import Future
 
 __all__ = ["init_rpc", "shutdown", "rpc_sync", "rpc_async", "remote", "get_worker_info", "RpcAgent",
@@ -101,7 +101,7 @@ class RpcAgent(Closable):
     """A worker of an RPC group (see :func:`init_rpc`). Thread-safe."""
 
     def __init__(self, name, rank, world_size, store, functions=None, rpc_timeout=DEFAULT_RPC_TIMEOUT_SEC,
-                 num_worker_threads=4, listen_address="127.0.0.1", ignore_rref_leak=True):
+                 num_worker_threads=4, listen_address="127.0.0.1", ignore_rref_leak=True, **guards):
         from .store import Store
         if not isinstance(store, Store):
             raise TypeError(f"store must be a distcore.Store, not {type(store).__name__}")
@@ -126,6 +126,7 @@ class RpcAgent(Closable):
         opts.listen_address = address
         opts.ignore_rref_leak = bool(ignore_rref_leak)
         opts.functions, opts.num_functions = entries, len(functions)
+        kept = set_guards(opts, **guards)  # noqa: F841 - the struct points at them
         h = c_void_p()
         try:
             check(lib.dc_rpc_init(store._handle, key_arg(name, "name"), int32_arg(rank, "rank"),
@@ -370,7 +371,8 @@ def _require_current():
 
 
 def init_rpc(name, rank, world_size, store, functions=None, rpc_timeout=DEFAULT_RPC_TIMEOUT_SEC,
-             num_worker_threads=4, listen_address="127.0.0.1", ignore_rref_leak=True):
+             num_worker_threads=4, listen_address="127.0.0.1", ignore_rref_leak=True, *, secret=None, tls_cert=None,
+             tls_key=None, tls_ca=None, tls_client_ca=None, tls_server_name=None):
     """Joins an RPC group of `world_size` workers through `store` (any
     distcore Store the workers share: a TCPStore, a FileStore, a HashStore
     for threads of one process) and returns the agent, which also becomes
@@ -379,10 +381,19 @@ def init_rpc(name, rank, world_size, store, functions=None, rpc_timeout=DEFAULT_
 
     `functions` maps names to callables ``fn(args, rrefs, caller_id)``;
     `rpc_timeout` is the default timeout of calls, remote(), to_here and
-    control messages (seconds or timedelta, default 60 s)."""
+    control messages (seconds or timedelta, default 60 s).
+
+    Guards, the same on every worker of the group: `secret` (bytes or str)
+    authenticates every connection between workers (challenge-response; it
+    never travels; a worker without it fails calls with DistPermissionError);
+    `tls_cert`, `tls_key` and `tls_ca` (PEM files) make every connection TLS,
+    `tls_client_ca` verifies connecting workers' certificates too, and
+    `tls_server_name` checks peers' certificates against that name instead
+    of their addresses."""
     global _current
     agent = RpcAgent(name, rank, world_size, store, functions, rpc_timeout, num_worker_threads,
-                     listen_address, ignore_rref_leak)
+                     listen_address, ignore_rref_leak, secret=secret, tls_cert=tls_cert, tls_key=tls_key,
+                     tls_ca=tls_ca, tls_client_ca=tls_client_ca, tls_server_name=tls_server_name)
     if _current is None:
         _current = agent
     return agent

@@ -9,14 +9,13 @@ accepted too.
 """
 import contextlib
 import ctypes
-import os
 from datetime import timedelta
 from ctypes import c_bool, c_int64, c_size_t, c_uint16, c_void_p
 
 from ._lib import (Buf, BufArray, ClientCounter, EtcdStoreOptions, ServerStats, TcpStoreOptions, check, lib, take_array,
                    take_buf)
-from ._util import (Closable, int32_arg, key_arg, keys_arg, ms_to_timedelta, store_timeout_ms, take_handle, value_arg,
-                    values_arg)
+from ._util import (Closable, int32_arg, key_arg, keys_arg, ms_to_timedelta, set_guards, store_timeout_ms, take_handle,
+                    value_arg, values_arg)
 from .work import Work
 
 __all__ = ["Store", "TCPStore", "FileStore", "HashStore", "PrefixStore", "EtcdStore"]
@@ -319,16 +318,6 @@ def _networks(value):
     return value.encode()
 
 
-def _path(value, name):
-    """A file path (str, bytes or os.PathLike) as the C option."""
-    if value is None:
-        return None
-    value = os.fsencode(value)
-    if b"\0" in value:  # C would read a shorter path: another file
-        raise ValueError(f"{name} has an embedded null byte")
-    return value
-
-
 class TCPStore(Store):
     """A TCP key-value store (torch.distributed.TCPStore): a client, plus
     the server when `is_master`. Talks to distcore servers and PyTorch's
@@ -387,9 +376,6 @@ class TCPStore(Store):
         opts.bind_address = bind
         if max_value_size is not None:
             opts.max_value_size = int(max_value_size)
-        if secret is not None:
-            secret = secret.encode() if isinstance(secret, str) else bytes(secret)
-            opts.secret, opts.secret_len = secret, len(secret)
         allow, allow_unauthenticated = _networks(allow), _networks(allow_unauthenticated)
         opts.allow, opts.allow_unauthenticated = allow, allow_unauthenticated
         for name, value in (("max_connections", max_connections), ("max_keys", max_keys),
@@ -398,12 +384,7 @@ class TCPStore(Store):
                 if int(value) <= 0:
                     raise ValueError(f"{name} must be positive, not {value!r}")
                 setattr(opts, name, int(value))
-        # The encoded paths stay referenced here (and by opts) until the call returns.
-        tls = {"tls_cert_file": _path(tls_cert, "tls_cert"), "tls_key_file": _path(tls_key, "tls_key"),
-               "tls_ca_file": _path(tls_ca, "tls_ca"), "tls_client_ca_file": _path(tls_client_ca, "tls_client_ca"),
-               "tls_server_name": None if tls_server_name is None else tls_server_name.encode()}
-        for name, value in tls.items():
-            setattr(opts, name, value)
+        kept = set_guards(opts, secret, tls_cert, tls_key, tls_ca, tls_client_ca, tls_server_name)  # noqa: F841
         h = c_void_p()
         check(lib.dc_tcp_store_new(ctypes.byref(opts), ctypes.byref(h)))
         self._host = host_name

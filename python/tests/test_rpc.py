@@ -209,3 +209,50 @@ def test_across_processes_over_a_tcp_store(tmp_path):
             peer.kill()
             peer.wait()
         server.close()
+
+
+TLS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "tls")
+
+
+def tls_files(ca="ca.pem"):
+    """A worker's TLS: the test server certificate (valid for 127.0.0.1), mutual, trusting `ca`."""
+    return dict(tls_cert=os.path.join(TLS_DIR, "server.pem"), tls_key=os.path.join(TLS_DIR, "server.key"),
+                tls_ca=os.path.join(TLS_DIR, ca), tls_client_ca=os.path.join(TLS_DIR, ca))
+
+
+def close_group(agents):
+    with ThreadPoolExecutor(len(agents)) as pool:
+        list(pool.map(lambda a: a.shutdown(False, 10), agents))
+    for a in agents:
+        a.close()
+
+
+def test_a_group_with_a_secret_and_tls_calls_and_shares_rrefs():
+    agents = make_group(2, rpc_timeout=30, secret=b"the group's secret", **tls_files())
+    try:
+        assert agents[0].rpc_sync("w1", "echo", b"hi") == b"hi"
+        big = os.urandom(3 << 20)
+        assert agents[1].rpc_sync("w0", "echo", big) == big
+        rref = agents[0].remote("w1", "echo", b"value")
+        assert rref.to_here() == b"value"
+    finally:
+        close_group(agents)
+
+
+@pytest.mark.parametrize("other", [dict(secret=b"another secret"), dict(),
+                                   dict(secret=b"the group's secret", **tls_files("other-ca.pem"))])
+def test_a_worker_without_the_groups_guards_is_refused_at_once(other):
+    ours = dict(secret=b"the group's secret", **(tls_files() if "tls_ca" in other else {}))
+    store = distcore.HashStore()
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(rpc.RpcAgent, f"w{r}", r, 2, store.clone(), FUNCTIONS, rpc_timeout=10, **kw)
+                   for r, kw in enumerate([ours, other])]
+        agents = [f.result(timeout=60) for f in futures]
+    try:
+        started = time.monotonic()
+        for agent, to in ((agents[0], "w1"), (agents[1], "w0")):
+            with pytest.raises(distcore.DistPermissionError):
+                agent.rpc_sync(to, "echo", b"x")
+        assert time.monotonic() - started < 5, "refused, not timed out"
+    finally:
+        close_group(agents)
