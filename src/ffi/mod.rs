@@ -339,6 +339,21 @@ pub(crate) unsafe fn arg_secret(data: *const u8, len: usize, name: &str) -> Resu
     }
 }
 
+/// The TLS fields of an options struct that has them (`tls_cert_file`,
+/// `tls_key_file`, `tls_ca_file`, `tls_client_ca_file`, `tls_server_name`).
+macro_rules! tls_args {
+    ($opts:expr) => {
+        $crate::ffi::TlsArgs {
+            cert: $opts.tls_cert_file,
+            key: $opts.tls_key_file,
+            ca: $opts.tls_ca_file,
+            client_ca: $opts.tls_client_ca_file,
+            server_name: $opts.tls_server_name,
+        }
+    };
+}
+pub(crate) use tls_args;
+
 /// An options struct's five TLS file fields, named `<prefix>tls_...`.
 pub(crate) struct TlsArgs {
     pub(crate) cert: *const c_char,

@@ -11,7 +11,7 @@ use super::work::dc_work;
 use super::{
     arg_bytes, arg_duration, arg_handle, arg_opt_str, arg_out, arg_secret, arg_slice, arg_str,
     arg_timeout, arg_versioned, arg_versioned_out, boundary, dc_status, drop_handle, give,
-    write_versioned, Handle, TlsArgs, UserData, Versioned, DC_OK,
+    tls_args, write_versioned, Handle, UserData, Versioned, DC_OK,
 };
 use crate::error::{Error, Result, Status};
 use crate::fork::Born;
@@ -338,13 +338,7 @@ unsafe fn rpc_options(opts: &dc_rpc_options) -> Result<RpcOptions> {
     let listen_address: IpAddr = listen.parse().map_err(|_| {
         Error::invalid_argument(format!("listen_address '{listen}' is not an IP address"))
     })?;
-    let tls = TlsArgs {
-        cert: opts.tls_cert_file,
-        key: opts.tls_key_file,
-        ca: opts.tls_ca_file,
-        client_ca: opts.tls_client_ca_file,
-        server_name: opts.tls_server_name,
-    };
+    let tls = tls_args!(opts);
     let (tls_server, tls_client) = unsafe { tls.files("opts->") }?.load(true)?;
     Ok(RpcOptions {
         num_worker_threads: opts.num_worker_threads.max(1) as usize,

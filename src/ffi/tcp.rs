@@ -11,7 +11,7 @@ use super::buf::dc_buf;
 use super::store::{dc_store, store_arg};
 use super::{
     arg_duration, arg_opt_str, arg_out, arg_secret, arg_slice, arg_str, arg_versioned,
-    arg_versioned_out, boundary, dc_status, give, write_versioned, TlsArgs, Versioned,
+    arg_versioned_out, boundary, dc_status, give, tls_args, write_versioned, Versioned,
 };
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
@@ -245,13 +245,7 @@ unsafe fn options_arg(
         max_keys: size_or_none(opts.max_keys, "max_keys")?,
         max_stored_bytes: (opts.max_stored_bytes != 0).then_some(opts.max_stored_bytes),
     };
-    let tls = TlsArgs {
-        cert: opts.tls_cert_file,
-        key: opts.tls_key_file,
-        ca: opts.tls_ca_file,
-        client_ca: opts.tls_client_ca_file,
-        server_name: opts.tls_server_name,
-    };
+    let tls = tls_args!(opts);
     let (tls_server, tls_client) = unsafe { tls.files("opts->") }?.load(opts.is_server)?;
     Ok(TcpStoreOptions {
         host,

@@ -91,26 +91,29 @@ fn workers_sharing_a_secret_call_each_other_and_intruders_get_nothing() {
     shutdown_all(ws);
 }
 
+/// Calls between the two workers of `ws` fail both ways, at once, with
+/// PermissionDenied whose message contains `why`; then the workers stop.
+fn refused_both_ways(ws: Vec<Arc<Rpc>>, why: &str) {
+    let started = Instant::now();
+    for (from, to) in [(0, "w1"), (1, "w0")] {
+        let e = call(&ws[from], to, "echo", b"x", &[]).unwrap_err();
+        assert_eq!(e.status(), Status::PermissionDenied, "{from} -> {to}: {e}");
+        assert!(e.message().contains(why), "{from} -> {to}: {e}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refused, not timed out"
+    );
+    for w in ws {
+        w.shutdown(false, Some(Duration::from_secs(5))).unwrap();
+    }
+}
+
 #[test]
 fn a_worker_with_another_secret_or_none_is_refused_both_ways() {
     for other in [Some("another secret"), None] {
         let ws = group_each(vec![options(Some("the group's secret")), options(other)]);
-        let started = Instant::now();
-        for (from, to) in [(0, "w1"), (1, "w0")] {
-            let e = call(&ws[from], to, "echo", b"x", &[]).unwrap_err();
-            assert_eq!(
-                e.status(),
-                Status::PermissionDenied,
-                "{other:?}, {from} -> {to}: {e}"
-            );
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "refused, not timed out"
-        );
-        for w in ws {
-            w.shutdown(false, Some(Duration::from_secs(5))).unwrap();
-        }
+        refused_both_ways(ws, "secret");
     }
 }
 
@@ -125,19 +128,7 @@ fn workers_speak_tls_with_a_secret_and_refuse_what_their_ca_does_not_vouch_for()
         with_tls("ca.pem", options(None)),
         with_tls("other-ca.pem", options(None)),
     ]);
-    let started = Instant::now();
-    for (from, to) in [(0, "w1"), (1, "w0")] {
-        let e = call(&ws[from], to, "echo", b"x", &[]).unwrap_err();
-        assert_eq!(e.status(), Status::PermissionDenied, "{from} -> {to}: {e}");
-        assert!(e.message().contains("TLS"), "{e}");
-    }
-    assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "refused, not timed out"
-    );
-    for w in ws {
-        w.shutdown(false, Some(Duration::from_secs(5))).unwrap();
-    }
+    refused_both_ways(ws, "TLS");
 }
 
 #[test]
