@@ -13,6 +13,7 @@
 //! completing, is paused: the core takes no more of its requests until the
 //! replies drain, and the event loop stops reading its socket.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -769,10 +770,9 @@ impl<B: Backend> ServerCore<B> {
                 return self.start_wait(id, keys, WaitReply::StopWaiting, started)
             }
             Request::WaitGet { keys } => {
-                let values = vec![None; keys.len()];
                 let reply = WaitReply::Values {
                     keys: keys.clone(),
-                    values,
+                    seen: HashMap::new(),
                 };
                 return self.start_wait(id, keys, reply, started);
             }
@@ -945,14 +945,13 @@ impl<B: Backend> ServerCore<B> {
             WaitReply::StopWaiting | WaitReply::Barrier { .. } => {
                 self.put_reply(id, &[STOP_WAITING])
             }
-            WaitReply::Values { keys, values } => {
+            WaitReply::Values { keys, seen } => {
                 // The latest values (as each was seen if deleted since).
                 let values = keys
                     .iter()
-                    .zip(values)
-                    .map(|(k, seen)| match self.backend.peek(k) {
+                    .map(|k| match self.backend.peek(k) {
                         Some(present) => present.value(),
-                        None => seen.clone(),
+                        None => seen.get(k).cloned(),
                     })
                     .collect();
                 self.put_reply(id, &[STOP_WAITING]);

@@ -19,10 +19,11 @@ pub(crate) enum WaitReply {
     /// WAIT: STOP_WAITING.
     StopWaiting,
     /// The WAIT_GET extension: STOP_WAITING then the values of `keys` (in
-    /// the request's order), each as the wait saw it exist.
+    /// the request's order), each as it is then or, if deleted since, as
+    /// the wait saw it exist (`seen`, by key).
     Values {
         keys: Vec<Key>,
-        values: Vec<Option<Value>>,
+        seen: HashMap<Key, Value>,
     },
     /// BARRIER: STOP_WAITING once the arrival count reaches `world_size`.
     Barrier { world_size: i64 },
@@ -38,14 +39,14 @@ impl WaitReply {
         }
     }
 
-    /// `key` was seen `present`: a WAIT_GET keeps its value for the reply.
+    /// `key` was seen `present`: a WAIT_GET keeps its value for the reply
+    /// (one lookup, however many keys the request has).
     pub(crate) fn record(&mut self, key: &[u8], present: &Present) {
-        if let WaitReply::Values { keys, values } = self {
-            for (k, v) in keys.iter().zip(values.iter_mut()) {
-                if k == key {
-                    *v = present.value();
-                }
-            }
+        if let WaitReply::Values { seen, .. } = self {
+            match present.value() {
+                Some(value) => seen.insert(key.to_vec(), value),
+                None => seen.remove(key),
+            };
         }
     }
 }
