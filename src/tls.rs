@@ -294,26 +294,20 @@ struct Fd(RawFd);
 
 impl Read for Fd {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is writable for its length.
-        let n = unsafe {
-            libc::recv(
-                self.0,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        // SAFETY: recv writes only initialised bytes into it.
+        let target = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
+        recv(self.0, target, 0)
     }
 }
 
 impl Write for Fd {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         send_bytes(&self.0, buf)
+    }
+
+    /// rustls hands over its queued records together: one `sendmsg`.
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        crate::sendv::send_vectored(&self.0, bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -414,7 +408,7 @@ impl<'a> Wire<'a> {
     /// poller reads on while `target` comes back full.
     pub(crate) fn recv(&mut self, target: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
         match self.tls.as_deref_mut() {
-            None => recv_clear(self.fd, target),
+            None => recv(self.fd, target, 0),
             Some(session) => recv_tls(self.fd, session, target, 0),
         }
     }
@@ -425,13 +419,19 @@ impl<'a> Wire<'a> {
         // SAFETY: only initialised bytes are written into it.
         let target = unsafe { &mut *(target as *mut [u8] as *mut [MaybeUninit<u8>]) };
         match self.tls.as_deref_mut() {
-            None => recv_clear(self.fd, target),
+            None => recv(self.fd, target, 0),
             Some(session) => recv_tls(self.fd, session, target, len),
         }
     }
 }
 
-fn recv_clear(fd: RawFd, target: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+/// One non-blocking `recv` with `flags` into `target` (0: the peer
+/// closed), retried when interrupted; `WouldBlock` when nothing is there.
+pub(crate) fn recv(
+    fd: RawFd,
+    target: &mut [MaybeUninit<u8>],
+    flags: libc::c_int,
+) -> io::Result<usize> {
     loop {
         // SAFETY: `target` is writable for its length.
         let n = unsafe {
@@ -439,7 +439,7 @@ fn recv_clear(fd: RawFd, target: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
                 fd,
                 target.as_mut_ptr().cast(),
                 target.len(),
-                libc::MSG_DONTWAIT,
+                flags | libc::MSG_DONTWAIT,
             )
         };
         if n >= 0 {

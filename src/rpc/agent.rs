@@ -685,7 +685,7 @@ impl IoLoop {
                 log::warn!("RPC agent: registering {peer}: {e}");
                 return;
             }
-            if handshake != Handshake::Done || guard.tls_server.is_some() {
+            if handshake != Handshake::Done {
                 greet.push(token);
             }
             conns.insert(Conn {
@@ -698,7 +698,8 @@ impl IoLoop {
                 writer,
             });
         });
-        // The challenge goes out at once (TLS: once the handshake allows).
+        // The challenge goes out at once (over TLS, once the handshake lets
+        // it: a flush after each read).
         for token in greet {
             self.flush(token);
         }

@@ -56,6 +56,8 @@ pub(crate) struct Writer {
     /// A duplicate of the connection's (non-blocking) socket for writes
     /// from any thread; the I/O thread keeps the registered original.
     socket: std::net::TcpStream,
+    /// Over TLS (reads then go through the session, under the lock).
+    tls: bool,
     state: Mutex<State>,
 }
 
@@ -68,6 +70,7 @@ impl Writer {
         let fd: OwnedFd = stream.as_fd().try_clone_to_owned()?;
         Ok(Writer {
             socket: std::net::TcpStream::from(fd),
+            tls: tls.is_some(),
             state: Mutex::new(State {
                 output: Outbox::new(!open),
                 tls,
@@ -160,14 +163,11 @@ impl Writer {
     /// The I/O thread: reads what has arrived (see [`Wire::recv_into`]),
     /// through the TLS session if there is one.
     pub(crate) fn recv(&self, stream: &mut TcpStream, target: &mut [u8]) -> io::Result<usize> {
-        let mut state = self.state.lock();
-        match state.tls.as_mut() {
-            Some(session) => Wire::new(&self.socket, Some(session)).recv_into(target),
-            None => {
-                drop(state);
-                io::Read::read(stream, target)
-            }
+        if !self.tls {
+            return io::Read::read(stream, target);
         }
+        let mut state = self.state.lock();
+        state.wire(&self.socket).recv_into(target)
     }
 
     /// The I/O thread: the connection is gone; later sends report

@@ -500,14 +500,8 @@ impl Conn {
                 }
                 continue;
             }
-            let mut buf = std::mem::take(&mut self.buf);
-            // SAFETY: u8 -> MaybeUninit<u8> is always valid; recv only writes.
-            let target = unsafe { &mut *(&mut buf[..] as *mut [u8] as *mut [MaybeUninit<u8>]) };
-            let got = self.recv(target);
-            self.buf = buf;
-            match got? {
-                Some(n) => self.end = n,
-                None => return Ok(None),
+            if self.fill_buf()?.is_none() {
+                return Ok(None);
             }
         }
     }
@@ -515,26 +509,43 @@ impl Conn {
     /// One non-blocking read into `target`: `Some(n)` bytes, `None` if none
     /// are there yet; the peer closing is an error.
     fn recv(&mut self, target: &mut [MaybeUninit<u8>]) -> Result<Option<usize>> {
-        loop {
-            match self.wire().recv(target) {
-                Ok(0) => {
-                    let during_handshake = self.tls.as_ref().is_some_and(Session::is_handshaking);
-                    return Err(Error::network(format!(
+        let got = self.wire().recv(target);
+        self.received(got)
+    }
+
+    /// Reads what has arrived into the (empty) read buffer: `Some(n)`
+    /// bytes, `None` if none are there yet; the peer closing is an error.
+    fn fill_buf(&mut self) -> Result<Option<usize>> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let got = self.wire().recv_into(&mut buf);
+        self.buf = buf;
+        let got = self.received(got)?;
+        if let Some(n) = got {
+            (self.start, self.end) = (0, n);
+        }
+        Ok(got)
+    }
+
+    /// What a read's result means for the connection (see [`Conn::recv`]).
+    fn received(&self, got: std::io::Result<usize>) -> Result<Option<usize>> {
+        match got {
+            Ok(0) => {
+                let during_handshake = self.tls.as_ref().is_some_and(Session::is_handshaking);
+                Err(Error::network(format!(
                         "the TCPStore at {} closed the connection{}",
                         self.peer,
                         match during_handshake {
                             true => " during the TLS handshake (does it serve TLS, and accept this client's certificate?)",
                             false => "",
                         }
-                    )));
-                }
-                Ok(n) => return Ok(Some(n)),
-                Err(e) => match e.kind() {
-                    ErrorKind::Interrupted => {}
-                    ErrorKind::WouldBlock => return Ok(None),
-                    _ => return Err(self.io_error("reading from", e)),
-                },
+                    )))
             }
+            Ok(n) => Ok(Some(n)),
+            // Wire retries interrupted reads itself.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                Ok(None)
+            }
+            Err(e) => Err(self.io_error("reading from", e)),
         }
     }
 
@@ -659,17 +670,8 @@ impl Conn {
     /// Reads what has arrived into the (empty) read buffer: whether
     /// anything did.
     fn read_ahead(&mut self) -> Result<bool> {
-        let mut buf = std::mem::take(&mut self.buf);
-        // SAFETY: u8 -> MaybeUninit<u8> is always valid; recv only writes.
-        let target = unsafe { &mut *(&mut buf[..] as *mut [u8] as *mut [MaybeUninit<u8>]) };
-        let got = self.recv(target);
-        self.buf = buf;
-        match got {
-            Ok(Some(n)) => {
-                (self.start, self.end) = (0, n);
-                Ok(true)
-            }
-            Ok(None) => Ok(false),
+        match self.fill_buf() {
+            Ok(got) => Ok(got.is_some()),
             Err(e) => Err(self.break_with(e)),
         }
     }

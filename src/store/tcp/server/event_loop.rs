@@ -263,21 +263,26 @@ impl<B: Backend> EventLoop<B> {
         if matches!(conn.security, Security::Undecided) {
             match first_byte(&conn.stream) {
                 Ok(None) => return,
-                Ok(Some(HANDSHAKE_RECORD)) => {
-                    let Some(server) = self.access.tls.as_ref() else {
-                        return;
-                    };
-                    match server.session() {
-                        Ok(session) => conn.security = Security::Tls(Box::new(session)),
-                        Err(e) => {
-                            let refused = Refused(Refusal::TlsFailed, e.message().to_owned());
-                            return self.close(token, Close::Refused(refused));
+                // Undecided only on a server with TLS.
+                Ok(Some(byte)) => match self
+                    .access
+                    .tls
+                    .as_ref()
+                    .filter(|_| byte == HANDSHAKE_RECORD)
+                {
+                    None => conn.security = Security::Clear,
+                    Some(server) => {
+                        match server.session() {
+                            Ok(session) => conn.security = Security::Tls(Box::new(session)),
+                            Err(e) => {
+                                let refused = Refused(Refusal::TlsFailed, e.message().to_owned());
+                                return self.close(token, Close::Refused(refused));
+                            }
                         }
+                        let admission = self.access.admit(conn.peer.ip(), true);
+                        self.core.secure(id, admission);
                     }
-                    let admission = self.access.admit(conn.peer.ip(), true);
-                    self.core.secure(id, admission);
-                }
-                Ok(Some(_)) => conn.security = Security::Clear,
+                },
                 Err(e) => return self.close(token, Close::Io(e)),
             }
         }
@@ -414,26 +419,12 @@ fn allow_warning(refusals: &mut Throttle) -> Option<String> {
 /// (or, on a connection closed without sending any, 0).
 fn first_byte(stream: &TcpStream) -> io::Result<Option<u8>> {
     use std::os::fd::AsRawFd;
-    let mut byte = 0u8;
-    loop {
-        // SAFETY: one writable byte.
-        let n = unsafe {
-            libc::recv(
-                stream.as_raw_fd(),
-                (&mut byte as *mut u8).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return Ok(Some(byte));
-        }
-        let e = io::Error::last_os_error();
-        match e.kind() {
-            io::ErrorKind::Interrupted => {}
-            io::ErrorKind::WouldBlock => return Ok(None),
-            _ => return Err(e),
-        }
+    let mut byte = [std::mem::MaybeUninit::new(0u8)];
+    match tls::recv(stream.as_raw_fd(), &mut byte, libc::MSG_PEEK) {
+        // SAFETY: initialised above (and recv writes only bytes).
+        Ok(_) => Ok(Some(unsafe { byte[0].assume_init() })),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
