@@ -410,10 +410,12 @@ typedef struct {
   // ones are closed as soon as they are accepted.
   uint64_t max_connections;
   // Since 1.2. Server: most keys holding a value or a queue; 0: no
-  // limit. A write past it is refused (DC_ERR_QUOTA_EXCEEDED).
+  // limit. A write past it is refused: DC_ERR_QUOTA_EXCEEDED, except
+  // for set, multi_set and queue_push, which have no reply (the
+  // refusal is logged by the client and counted by the server).
   uint64_t max_keys;
   // Since 1.2. Server: most bytes of keys, values and queue elements;
-  // 0: no limit. A write past it is refused (DC_ERR_QUOTA_EXCEEDED).
+  // 0: no limit. A write past it is refused, as for `max_keys`.
   uint64_t max_stored_bytes;
   // Since 1.3. A PEM file with a certificate chain (its own certificate
   // first); NULL: none. Server: serve TLS with it (connections in clear

@@ -827,8 +827,6 @@ class PrefixStore : public Store {
   }
 };
 
-/// Options of a TCPStore (torch.distributed.TCPStore's arguments); the
-
 namespace detail {
 
 /// Points an options struct's secret and TLS fields (dc_tcp_store_options,
@@ -849,6 +847,8 @@ void set_guards(Options& o, const std::string& secret, const std::string& cert, 
 }
 
 }  // namespace detail
+
+/// Options of a TCPStore (torch.distributed.TCPStore's arguments); the
 /// defaults are those of dc_tcp_store_options_init.
 struct TCPStoreOptions {
   /// Host to connect to (a name, an IPv4 or IPv6 literal).
@@ -882,7 +882,9 @@ struct TCPStoreOptions {
   std::string allow;
   /// Server with a secret: networks whose clients need not authenticate.
   std::string allow_unauthenticated;
-  /// Server quotas; 0: none (a write past one throws QuotaExceeded).
+  /// Server quotas; 0: none. A write past one throws QuotaExceeded, except
+  /// set, multi_set and queue_push, which have no reply: their refusal is
+  /// logged (and counted by the server), and the write is not made.
   uint64_t max_connections = 0;
   uint64_t max_keys = 0;
   uint64_t max_stored_bytes = 0;

@@ -20,21 +20,22 @@ def _path(value, name):
 
 def set_guards(opts, secret=None, tls_cert=None, tls_key=None, tls_ca=None, tls_client_ca=None,
                tls_server_name=None):
-    """Sets the shared secret (bytes or str) and the TLS files of a C options struct that has them
-    (dc_tcp_store_options, dc_rpc_options). Returns the encoded values: keep them until the C call
-    returns (the struct only points at them)."""
-    kept = {}
+    """Sets the shared secret (str or bytes-like) and the TLS files of a C options struct that has them
+    (dc_tcp_store_options, dc_rpc_options). The struct keeps the encoded values alive (ctypes holds
+    what is assigned to its pointer fields)."""
     if secret is not None:
-        kept["secret"] = secret.encode() if isinstance(secret, str) else bytes(secret)
-        opts.secret, opts.secret_len = kept["secret"], len(kept["secret"])
+        if isinstance(secret, str):
+            secret = secret.encode()
+        elif isinstance(secret, (bytes, bytearray, memoryview)):
+            secret = bytes(secret)
+        else:
+            raise TypeError(f"secret must be str or bytes, not {type(secret).__name__}")
+        opts.secret, opts.secret_len = secret, len(secret)
     for field, name, value in (("tls_cert_file", "tls_cert", tls_cert), ("tls_key_file", "tls_key", tls_key),
                                ("tls_ca_file", "tls_ca", tls_ca), ("tls_client_ca_file", "tls_client_ca",
                                                                    tls_client_ca)):
-        kept[field] = _path(value, name)
-        setattr(opts, field, kept[field])
-    kept["tls_server_name"] = None if tls_server_name is None else tls_server_name.encode()
-    opts.tls_server_name = kept["tls_server_name"]
-    return kept
+        setattr(opts, field, _path(value, name))
+    opts.tls_server_name = None if tls_server_name is None else _path(tls_server_name, "tls_server_name")
 
 
 def int32_arg(value, what):

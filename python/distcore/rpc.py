@@ -126,7 +126,7 @@ class RpcAgent(Closable):
         opts.listen_address = address
         opts.ignore_rref_leak = bool(ignore_rref_leak)
         opts.functions, opts.num_functions = entries, len(functions)
-        kept = set_guards(opts, **guards)  # noqa: F841 - the struct points at them
+        set_guards(opts, **guards)
         h = c_void_p()
         try:
             check(lib.dc_rpc_init(store._handle, key_arg(name, "name"), int32_arg(rank, "rank"),

@@ -337,8 +337,9 @@ class TCPStore(Store):
     networks clients may connect from, a list or "a,b"),
     `allow_unauthenticated` (networks whose clients need not authenticate:
     PyTorch's), `max_connections`, `max_keys` and `max_stored_bytes`
-    (quotas; a write past them raises DistQuotaError). TLS, with paths of
-    PEM files (str, bytes or os.PathLike): `tls_cert` and `tls_key`, a
+    (quotas; a write past them raises DistQuotaError, except set,
+    multi_set and queue_push, which have no reply: their refusal is
+    logged). TLS, with paths of PEM files (str, bytes or os.PathLike): `tls_cert` and `tls_key`, a
     certificate chain and its private key, given together (a server serves
     TLS with them, and then serves clients in clear only from
     `allow_unauthenticated`; a client presents them to servers that verify
@@ -381,10 +382,10 @@ class TCPStore(Store):
         for name, value in (("max_connections", max_connections), ("max_keys", max_keys),
                             ("max_stored_bytes", max_stored_bytes)):
             if value is not None:
-                if int(value) <= 0:
-                    raise ValueError(f"{name} must be positive, not {value!r}")
+                if not 0 < int(value) < 1 << 64:  # ctypes would wrap it
+                    raise ValueError(f"{name} must be positive (and under 2**64), not {value!r}")
                 setattr(opts, name, int(value))
-        kept = set_guards(opts, secret, tls_cert, tls_key, tls_ca, tls_client_ca, tls_server_name)  # noqa: F841
+        set_guards(opts, secret, tls_cert, tls_key, tls_ca, tls_client_ca, tls_server_name)
         h = c_void_p()
         check(lib.dc_tcp_store_new(ctypes.byref(opts), ctypes.byref(h)))
         self._host = host_name

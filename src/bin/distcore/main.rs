@@ -161,7 +161,9 @@ enum Command {
         /// Port (0 picks a free one).
         #[arg(long, default_value_t = 29500)]
         port: u16,
-        /// Report when this many clients have counted themselves in `init/`.
+        /// Report when this many clients have counted themselves in `init/`
+        /// (watched by a client of its own on loopback: with an allow-list
+        /// it must admit 127.0.0.1; with TLS it needs --tls-ca).
         #[arg(long)]
         world_size: Option<u32>,
         /// Largest value accepted, in bytes (requests up to twice that).
@@ -345,7 +347,7 @@ fn main() -> ExitCode {
             backend_timeout,
             guards,
         } => guards.secret.secret().and_then(|secret| {
-            let (tls, _) = guards.tls.files().load(true)?;
+            let (tls, watcher_tls) = guards.tls.files().load(true)?;
             serve(
                 ServerOptions {
                     port,
@@ -381,7 +383,7 @@ fn main() -> ExitCode {
                     },
                     ..ServerOptions::default()
                 },
-                world_size,
+                world_size.map(|world| (world, watcher_tls)),
                 guards.metrics,
             )
         }),
@@ -625,7 +627,7 @@ fn block_termination_signals() -> impl FnOnce() -> i32 {
 /// client, so it first raises its soft limit on open files to the hard one.
 fn serve(
     options: ServerOptions,
-    world_size: Option<u32>,
+    watch_world: Option<(u32, Option<TlsClient>)>,
     metrics: Option<std::net::SocketAddr>,
 ) -> Result<()> {
     let wait_for_signal = block_termination_signals();
@@ -666,10 +668,10 @@ fn serve(
         Ok(limit) => say!("distcore: up to {limit} open files (one per client)"),
         Err(e) => say_err!("distcore: cannot raise the open files limit: {e}"),
     }
-    if let Some(world) = world_size {
+    if let Some((world, tls)) = watch_world {
         let (port, secret) = (server.port(), server_secret.clone());
         let host = server.local_addr().ip();
-        thread::spawn(move || report_workers(host, port, secret, world));
+        thread::spawn(move || report_workers(host, port, secret, tls, world));
     }
     let signal = wait_for_signal();
     let stats = server.stats();
@@ -683,7 +685,13 @@ fn serve(
 }
 
 /// Prints once `world` clients have counted themselves in `init/`.
-fn report_workers(host: std::net::IpAddr, port: u16, secret: Option<Secret>, world: u32) {
+fn report_workers(
+    host: std::net::IpAddr,
+    port: u16,
+    secret: Option<Secret>,
+    tls: Option<TlsClient>,
+    world: u32,
+) {
     let watch = || -> Result<()> {
         let host = if host.is_unspecified() {
             std::net::Ipv4Addr::LOCALHOST.into()
@@ -695,6 +703,7 @@ fn report_workers(host: std::net::IpAddr, port: u16, secret: Option<Secret>, wor
             port,
             timeout: Duration::ZERO,
             secret,
+            tls_client: tls,
             ..TcpStoreOptions::default()
         })?;
         let started = Instant::now();
