@@ -303,7 +303,13 @@ impl Client {
                     pause(&mut backoff, deadline);
                     continue;
                 }
-                Err(e) if is_timeout(&e) && !member_silent(&e) => return Ok(WatchEnd::Deadline),
+                // No answer to a watch (whose head etcd sends at once)
+                // within the slice: the member is silent; the next slice
+                // asks another.
+                Err(e) if is_timeout(&e) => {
+                    self.next_endpoint(&endpoint);
+                    return Ok(WatchEnd::Deadline);
+                }
                 Err(e) => {
                     log::debug!("etcd watch on {endpoint}: {e}");
                     self.next_endpoint(&endpoint);
@@ -357,7 +363,7 @@ impl Client {
 
     /// One POST of a JSON `body` to `url`, bounded by `timeout`; a member
     /// that does not connect or answer within [`MEMBER_SILENCE`] fails it
-    /// sooner (see [`member_silent`]).
+    /// sooner.
     fn send(
         &self,
         url: &str,
@@ -490,15 +496,6 @@ fn pause(backoff: &mut Duration, deadline: Instant) {
 /// a request's headers, before another member is tried: a member that is
 /// frozen or cut off (no reset comes back) is left within this time.
 const MEMBER_SILENCE: Duration = Duration::from_secs(5);
-
-/// Whether `e` is a member's silence (see [`MEMBER_SILENCE`]) rather than
-/// the request's deadline.
-fn member_silent(e: &ureq::Error) -> bool {
-    matches!(
-        e,
-        ureq::Error::Timeout(ureq::Timeout::Connect | ureq::Timeout::RecvResponse)
-    )
-}
 
 fn is_timeout(e: &ureq::Error) -> bool {
     matches!(e, ureq::Error::Timeout(_))

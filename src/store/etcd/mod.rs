@@ -533,7 +533,7 @@ impl EtcdStore {
         Ok(range
             .kvs
             .into_iter()
-            .map(|kv| kv.key[values.len()..].to_vec())
+            .filter_map(|kv| Some(kv.key.strip_prefix(&values[..])?.to_vec()))
             .collect())
     }
 }

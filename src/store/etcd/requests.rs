@@ -121,18 +121,20 @@ impl EtcdStore {
             ));
         };
         Ok(Snapshot {
+            // Keys outside the range asked for (etcd never sends them) are
+            // skipped rather than trusted.
             values: stored
                 .kvs
                 .iter()
-                .map(|kv| {
-                    let key = kv.key[values.len()..].to_vec();
-                    (key, kv.value.clone().into(), kv.mod_revision)
+                .filter_map(|kv| {
+                    let key = kv.key.strip_prefix(&values[..])?.to_vec();
+                    Some((key, kv.value.clone().into(), kv.mod_revision))
                 })
                 .collect(),
             elements: elements
                 .kvs
                 .iter()
-                .map(|kv| queue_of(&kv.key[queues.len()..]))
+                .filter_map(|kv| Some(queue_of(kv.key.strip_prefix(&queues[..])?)))
                 .collect(),
             revision: result.revision,
         })

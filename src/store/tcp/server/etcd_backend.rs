@@ -37,7 +37,7 @@ use super::super::protocol::{Key, Request};
 use super::backend::{Backend, Outcome, Present, Report, Ticket, Usage};
 use super::state::ConnId;
 use super::waits::WaitId;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Status};
 use crate::store::etcd::{Change, EtcdStore, EtcdStoreOptions, Seen, WatchEnd};
 use crate::store::Store as _;
 
@@ -68,8 +68,8 @@ struct View {
     /// Reads, waits and read-modify-writes that arrived before the mirror
     /// showed the writes acknowledged then (`fence`), in arrival order,
     /// which is fence order (only the event loop adds, and acknowledged
-    /// writes only grow).
-    fenced: VecDeque<(Job, i64)>,
+    /// writes only grow), with when each arrived.
+    fenced: VecDeque<(Job, i64, Instant)>,
 }
 
 /// What the mirror catching up released: answers, and read-modify-writes
@@ -86,11 +86,11 @@ impl View {
         let caught_up = self
             .fenced
             .iter()
-            .take_while(|(_, fence)| *fence <= revision)
+            .take_while(|(_, fence, _)| *fence <= revision)
             .count();
         let ready: Vec<_> = self.fenced.drain(..caught_up).collect();
         let (mut answers, mut writes) = (Vec::new(), Vec::new());
-        for (mut job, _) in ready {
+        for (mut job, _, _) in ready {
             if let Some(key) = modified_key(&job.request) {
                 job.guess = Some(self.mirror.seen(key));
                 writes.push(job);
@@ -104,6 +104,29 @@ impl View {
             }
         }
         (answers, writes)
+    }
+
+    /// Fails the fenced requests that arrived `timeout` or more before
+    /// `now` (etcd, or the watch, stopped answering): none waits longer.
+    fn expire(&mut self, now: Instant, timeout: Duration) -> Vec<Report> {
+        let mut expired = Vec::new();
+        while let Some((_, _, arrived)) = self.fenced.front() {
+            if timeout.is_zero() || now.saturating_duration_since(*arrived) < timeout {
+                break;
+            }
+            let Some((job, _, _)) = self.fenced.pop_front() else {
+                break;
+            };
+            expired.push(Report::Completed {
+                conn: job.conn,
+                ticket: job.ticket,
+                outcome: Err(Error::timeout(format!(
+                    "etcd did not show this server's own writes within {} ms (is it reachable?)",
+                    timeout.as_millis()
+                ))),
+            });
+        }
+        expired
     }
 }
 
@@ -311,6 +334,9 @@ impl Shared {
                     .collect()
             }
             Ok(other) => vec![Ok(other); adds.len()],
+            // The sum overflows (nothing was written): each on its own
+            // answers as it would alone.
+            Err(e) if e.status() == Status::InvalidArgument => one_by_one(),
             Err(e) => vec![Err(e); adds.len()],
         }
     }
@@ -373,6 +399,9 @@ impl Shared {
                 }
                 Err(e) => self.watch_failed(&e),
             }
+            let timeout = self.store.timeout();
+            let expired = self.view.lock().expire(Instant::now(), timeout);
+            self.report(expired);
         }
     }
 
@@ -483,7 +512,7 @@ impl Backend for EtcdBackend {
             let fence = self.shared.written.load(Ordering::SeqCst);
             let mut view = self.shared.view.lock();
             if view.mirror.revision < fence {
-                view.fenced.push_back((job(None), fence));
+                view.fenced.push_back((job(None), fence, Instant::now()));
                 return Ok(None);
             }
             if read {
@@ -575,5 +604,44 @@ mod batching {
         let alone = with_same_adds(job(6, add("z")), &mut queue);
         assert_eq!(alone.len(), 1);
         assert_eq!(queue.len(), 2);
+    }
+}
+
+#[cfg(test)]
+mod fences {
+    use super::*;
+
+    #[test]
+    fn a_fenced_request_fails_once_it_has_waited_its_timeout() {
+        let mut view = View {
+            mirror: Mirror::default(),
+            fenced: VecDeque::new(),
+        };
+        let start = Instant::now();
+        for (ticket, arrived) in [(1, start), (2, start + Duration::from_secs(2))] {
+            let job = Job {
+                conn: 0,
+                ticket,
+                request: Request::GetNumKeys,
+                guess: None,
+            };
+            view.fenced.push_back((job, 5, arrived));
+        }
+        let timeout = Duration::from_secs(3);
+        assert!(view
+            .expire(start + Duration::from_secs(1), timeout)
+            .is_empty());
+        let expired = view.expire(start + Duration::from_secs(4), timeout);
+        assert!(
+            matches!(&expired[..], [Report::Completed { ticket: 1, outcome: Err(e), .. }]
+                if e.status() == Status::Timeout),
+            "{expired:?}"
+        );
+        assert_eq!(view.fenced.len(), 1, "the later one waits on");
+        assert!(
+            view.expire(start + Duration::from_secs(60), Duration::ZERO)
+                .is_empty(),
+            "no timeout: forever"
+        );
     }
 }
