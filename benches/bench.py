@@ -33,6 +33,9 @@ SERVERS = ["distcore", "torch libuv", "torch legacy"]
 QUICK_SERVERS = ["distcore", "torch libuv"]
 CLIENTS = ["distcore", "torch"]
 
+sys.path.insert(0, os.path.join(ROOT, "interop"))
+import harness  # noqa: E402 - the tests' process helpers, from interop/
+
 
 def ensure_python_packages(full):
     """torch.distributed.rpc needs numpy; the plot needs matplotlib;
@@ -93,21 +96,9 @@ def wait_listening(port, timeout=60):
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def read_until(proc, prefix, timeout=900):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"{proc.args[0]} exited before {prefix!r}")
-        if line.startswith(prefix):
-            return line.split()
-    raise RuntimeError(f"no {prefix!r}")
+    """The words of `proc`'s first line starting with `prefix` (an error after `timeout` s)."""
+    return harness._read_line(proc, prefix, timeout).split()
 
 
 class Server:
@@ -127,7 +118,7 @@ class Server:
             self.pid = self.proc.pid
         else:
             backend = kind.split()[1]
-            args = [sys.executable, f"{HERE}/torch_server.py", backend, str(port or free_port())]
+            args = [sys.executable, f"{HERE}/torch_server.py", backend, str(port or harness.free_port())]
             self.port = int(args[-1])
             if world:
                 args.append(str(world))
@@ -269,7 +260,7 @@ def scenario_rendezvous(sizes, client="distcore"):
         for n in sizes:
             procs = max(1, n // 1024)
             per = n // procs
-            s = Server(server, world=n + 1, port=free_port())
+            s = Server(server, world=n + 1, port=harness.free_port())
             wait_listening(s.port)
             cs = [driver(client, "join", "127.0.0.1", s.port, per, n + 1, stdin=subprocess.PIPE) for _ in range(procs)]
             for c in cs:
@@ -686,8 +677,6 @@ def scenario_etcd(ops, seconds, procs, ranks):
     one etcd member on loopback. Then a rendezvous of `ranks` through the
     front-end: N handles join (count themselves in init/), then the store
     barrier (add, the last sets the release key, everyone waits)."""
-    sys.path.insert(0, os.path.join(ROOT, "interop"))
-    import harness
     cluster = harness.EtcdCluster(extra=["--enable-v2"])
     servers = []
     try:
@@ -771,11 +760,11 @@ def scenario_guards(connects, ops, rounds):
         ("mutual TLS", server_tls + ["--tls-client-ca", f"{tls}/ca.pem"],
          client_tls + [f"tls_cert={tls}/client.pem", f"tls_key={tls}/client.key"]),
     ]
-    servers = {"torch": Server("torch libuv")}
-    for name, flags, _ in configs:
-        servers[name] = Server("distcore", extra=flags)
-    samples = {}
+    servers, samples = {}, {}
     try:
+        servers["torch"] = Server("torch libuv")
+        for name, flags, _ in configs:
+            servers[name] = Server("distcore", extra=flags)
         for _ in range(rounds):
             for name, _, options in [("torch", [], [])] + configs:
                 client = "torch" if name == "torch" else "distcore"
