@@ -9,6 +9,14 @@
 //! Endpoints are a list: a request goes to the endpoint that answered last,
 //! and on a connection failure or an "unavailable" answer (a member down, a
 //! leader change) moves on to the next, with backoff, until its deadline.
+//!
+//! Which requests are sent again is etcd's own client's rule
+//! ([`Resend`]): a read, or a write whose comparisons make any second
+//! application fail, whenever its outcome is unknown; any other write only
+//! when it certainly never reached a member. A member that stops (paused,
+//! cut off) may still hold a request and apply it when it comes back,
+//! after the caller gave up on it and wrote again: only a comparison in the
+//! request itself can stop that late application.
 
 use std::io::{BufRead, BufReader};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,6 +38,21 @@ const MAX_IDLE_CONNECTIONS: usize = 64;
 
 /// The longest pause between two attempts at one request.
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Whether a request may be sent again when its outcome is unknown (no
+/// answer: the member may have applied it, or may still apply it later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resend {
+    /// A read, or a write whose comparisons fail once it, or any later
+    /// write to what it compares, has been applied: sent again, to the
+    /// next member, until answered or the deadline.
+    Safe,
+    /// A write that could be applied twice, or after a later one: sent
+    /// again only when it certainly did not reach a member (the connection
+    /// was refused or never made); an unknown outcome is the caller's
+    /// error, saying so.
+    IfUnsent,
+}
 
 /// A key-value pair as etcd returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,7 +201,7 @@ impl Client {
         deadline: Instant,
     ) -> Result<Range> {
         let request = read_request(key, prefix, read);
-        parse_range(&self.post("/v3/kv/range", &request, deadline)?)
+        parse_range(&self.post("/v3/kv/range", &request, Resend::Safe, deadline)?)
     }
 
     /// The oldest pair with the prefix `key` (by creation), if any.
@@ -187,32 +210,26 @@ impl Client {
         request["limit"] = json!(1);
         request["sort_order"] = json!("ASCEND");
         request["sort_target"] = json!("CREATE");
-        parse_range(&self.post("/v3/kv/range", &request, deadline)?)
+        parse_range(&self.post("/v3/kv/range", &request, Resend::Safe, deadline)?)
     }
 
-    /// Sets `key` to `value`; returns the revision of the write.
-    pub(crate) fn put(&self, key: &[u8], value: &[u8], deadline: Instant) -> Result<i64> {
-        let request = json!({"key": BASE64.encode(key), "value": BASE64.encode(value)});
-        let reply = self.post("/v3/kv/put", &request, deadline)?;
-        Ok(int_field(&reply["header"], "revision"))
+    /// Deletes every key with the prefix `prefix`, unguarded (sent again
+    /// only if it never reached a member); returns how many keys went.
+    pub(crate) fn delete_prefix(&self, prefix: &[u8], deadline: Instant) -> Result<i64> {
+        let request = range_request(prefix, true);
+        let reply = self.post("/v3/kv/deleterange", &request, Resend::IfUnsent, deadline)?;
+        Ok(int_field(&reply, "deleted"))
     }
 
-    /// Deletes `key` (or every key with the prefix `key`); returns how
-    /// many keys were deleted, and the revision after.
-    pub(crate) fn delete(&self, key: &[u8], prefix: bool, deadline: Instant) -> Result<(i64, i64)> {
-        let reply = self.post("/v3/kv/deleterange", &range_request(key, prefix), deadline)?;
-        Ok((
-            int_field(&reply, "deleted"),
-            int_field(&reply["header"], "revision"),
-        ))
-    }
-
-    /// Runs `success` if every comparison holds, else `failure`, atomically.
+    /// Runs `success` if every comparison holds, else `failure`, atomically;
+    /// `resend`: whether an unanswered attempt may be made again (only
+    /// reads, and writes whose comparisons guard them, are [`Resend::Safe`]).
     pub(crate) fn txn(
         &self,
         compare: &[Compare],
         success: &[Op],
         failure: &[Op],
+        resend: Resend,
         deadline: Instant,
     ) -> Result<TxnResult> {
         let request = json!({
@@ -220,7 +237,7 @@ impl Client {
             "success": success.iter().map(op_json).collect::<Vec<_>>(),
             "failure": failure.iter().map(op_json).collect::<Vec<_>>(),
         });
-        let reply = self.post("/v3/kv/txn", &request, deadline)?;
+        let reply = self.post("/v3/kv/txn", &request, resend, deadline)?;
         let succeeded = reply["succeeded"].as_bool().unwrap_or(false);
         let ranges = reply["responses"]
             .as_array()
@@ -383,8 +400,8 @@ impl Client {
     }
 
     /// POSTs `request` to `path`, retrying on another member when one is
-    /// unreachable or unavailable, until `deadline`.
-    fn post(&self, path: &str, request: &Json, deadline: Instant) -> Result<Json> {
+    /// unreachable or unavailable, as `resend` allows, until `deadline`.
+    fn post(&self, path: &str, request: &Json, resend: Resend, deadline: Instant) -> Result<Json> {
         let mut backoff = Duration::from_millis(10);
         let body = request.to_string();
         loop {
@@ -393,7 +410,18 @@ impl Client {
             let failure = match self.post_once(&endpoint, path, &body, remaining) {
                 Ok(Ok(reply)) => return Ok(reply),
                 Ok(Err(e)) => return Err(e),
-                Err(failure) => failure,
+                Err(Failed { error, sent }) if sent && resend == Resend::IfUnsent => {
+                    self.next_endpoint(&endpoint);
+                    return Err(Error::new(
+                        error.status(),
+                        format!(
+                            "{}; the request may or may not have been applied (not sent again: \
+                             it is not safe to apply twice)",
+                            error.message()
+                        ),
+                    ));
+                }
+                Err(Failed { error, .. }) => error,
             };
             // The next attempt, this request's or the next one's, goes
             // elsewhere: a member that hangs is not asked again and again.
@@ -418,7 +446,7 @@ impl Client {
         path: &str,
         body: &str,
         remaining: Duration,
-    ) -> std::result::Result<Result<Json>, Error> {
+    ) -> std::result::Result<Result<Json>, Failed> {
         if remaining.is_zero() {
             return Ok(Err(Error::timeout(format!(
                 "etcd {path}: no member answered before the deadline"
@@ -427,10 +455,16 @@ impl Client {
         let sent = self.send(&format!("{endpoint}{path}"), body, remaining);
         let mut response = match sent {
             Ok(response) => response,
-            Err(e) if is_timeout(&e) => {
-                return Err(Error::timeout(format!("etcd {path} on {endpoint}: {e}")))
+            Err(e) => {
+                let message = format!("etcd {path} on {endpoint}: {e}");
+                return Err(Failed {
+                    sent: !never_connected(&e),
+                    error: match is_timeout(&e) {
+                        true => Error::timeout(message),
+                        false => Error::network(message),
+                    },
+                });
             }
-            Err(e) => return Err(Error::network(format!("etcd {path} on {endpoint}: {e}"))),
         };
         let status = response.status();
         let reply: Json = match response
@@ -441,9 +475,9 @@ impl Client {
         {
             Ok(reply) => reply,
             Err(e) if status.is_server_error() => {
-                return Err(Error::network(format!(
+                return Err(Failed::sent(Error::network(format!(
                     "etcd {path} on {endpoint}: HTTP {status}: {e}"
-                )))
+                ))))
             }
             Err(e) => {
                 return Ok(Err(protocol_error(format!(
@@ -454,17 +488,18 @@ impl Client {
         if reply.get("code").is_some() && reply.get("error").is_some() || !status.is_success() {
             let code = reply["code"].as_i64().unwrap_or(-1);
             if RETRIABLE_GRPC_CODES.contains(&code) || status.is_server_error() && code < 0 {
-                return Err(Error::network(format!(
+                return Err(Failed::sent(Error::network(format!(
                     "etcd {path} on {endpoint}: {}",
                     reply["message"].as_str().unwrap_or("unavailable")
-                )));
+                ))));
             }
             return Ok(Err(grpc_error(&reply)));
         }
         Ok(Ok(reply))
     }
 
-    fn endpoint(&self) -> String {
+    /// The member the next request goes to.
+    pub(super) fn endpoint(&self) -> String {
         let i = self.current.load(Ordering::Relaxed) % self.endpoints.len();
         self.endpoints[i].clone()
     }
@@ -480,6 +515,33 @@ impl Client {
                 Ordering::Relaxed,
             );
         }
+    }
+}
+
+/// An attempt that got no answer another attempt could not change.
+struct Failed {
+    error: Error,
+    /// The request may have reached the member (its outcome is unknown).
+    sent: bool,
+}
+
+impl Failed {
+    fn sent(error: Error) -> Failed {
+        Failed { error, sent: true }
+    }
+}
+
+/// Whether `e` says the request never left: no connection was made.
+fn never_connected(e: &ureq::Error) -> bool {
+    use ureq::Timeout;
+    match e {
+        ureq::Error::HostNotFound | ureq::Error::ConnectionFailed | ureq::Error::BadUri(_) => true,
+        ureq::Error::Timeout(Timeout::Connect | Timeout::Resolve) => true,
+        ureq::Error::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::AddrNotAvailable
+        ),
+        _ => false,
     }
 }
 

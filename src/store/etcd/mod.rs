@@ -7,12 +7,19 @@
 //!   their creation revision (`\xff` never occurs in a UTF-8 key, so one
 //!   queue's range holds no other queue's elements).
 //!
-//! Every read-modify-write (add, append, compare_set, a queue pop) is a
-//! transaction comparing the revision it read, retried when another writer
-//! came first. Waits read, then watch from the revision after that read:
-//! no polling, and no write between the read and the watch is missed.
+//! - `P/c/v`, `P/c/q/<key>`: clocks whose revision every deletion of a
+//!   value, and every pop of the queue `key`, moves;
+//! - `P/t/<id>`: commit tokens.
+//!
+//! Every write is a transaction comparing the revisions of what it writes
+//! (and, when it creates a key, of the clock), so that it applies exactly
+//! once and never after a later write, whatever is resent (`guarded.rs`);
+//! read-modify-writes decide on the values read. Waits read, then watch
+//! from the revision after that read: no polling, and no write between the
+//! read and the watch is missed.
 
 mod client;
+mod guarded;
 mod requests;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,8 +29,9 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 pub(crate) use self::client::WatchEnd;
-use self::client::{Client, Compare, Op, Read, Watched};
-pub(crate) use self::requests::{Change, Snapshot};
+use self::client::{Client, Compare, Op, Read, Resend, Watched};
+use self::guarded::{Committed, Remembered, Target, Write, MAX_KEYS_PER_WRITE};
+pub(crate) use self::requests::{Change, Element, Snapshot};
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
 use crate::error::{Error, Result, Status};
 use crate::store::kv::{appended_len, compare_set_swaps, counter_after};
@@ -90,6 +98,8 @@ pub struct EtcdStore {
     /// Commit tokens no longer needed, deleted by the next transaction
     /// (see [`EtcdStore::commit`]); never held across a request.
     stale_tokens: Mutex<Vec<Vec<u8>>>,
+    /// The revisions of values and clocks last seen: guesses for writes.
+    remembered: Remembered,
 }
 
 /// A key's value and the revision it last changed at (0: missing), as
@@ -110,14 +120,6 @@ impl Seen {
     }
 }
 
-/// Whether [`EtcdStore::commit`] ran its change.
-enum Committed {
-    /// It did, at or before this revision.
-    Yes(i64),
-    /// It did not; the key read back, if asked (None: missing).
-    No(Option<client::Kv>),
-}
-
 /// What [`EtcdStore::try_pop`] found.
 struct Pop {
     /// The queue's length before the pop.
@@ -134,6 +136,10 @@ struct Pop {
 const VALUES: &[u8] = b"/v/";
 /// Where queue elements live under the prefix.
 const QUEUES: &[u8] = b"/q/";
+/// Where the clocks live under the prefix.
+const CLOCKS: &[u8] = b"/c/";
+/// Where commit tokens live under the prefix.
+const TOKENS: &[u8] = b"/t/";
 
 /// etcd's limit on the operations of one transaction (`--max-txn-ops`,
 /// 128 by default), which reads of many keys stay within.
@@ -182,14 +188,17 @@ impl EtcdStore {
             prefix,
             timeout: Mutex::new(timeout),
             stale_tokens: Mutex::new(Vec::new()),
+            remembered: Remembered::default(),
         }
     }
 
-    /// Deletes every key of this store (everything under its prefix);
-    /// returns how many etcd keys went.
+    /// Deletes every key of this store (everything under its prefix), for
+    /// a job that is over: not while others still write to it (a write
+    /// still on its way may be applied after it). Sent again only if it
+    /// never reached a member. Returns how many etcd keys went.
     pub fn delete_all(&self) -> Result<i64> {
         let all = [&self.prefix[..], b"/"].concat();
-        Ok(self.client.delete(&all, true, self.deadline(None))?.0)
+        self.client.delete_prefix(&all, self.deadline(None))
     }
 
     fn deadline(&self, timeout: Option<Duration>) -> Instant {
@@ -205,141 +214,42 @@ impl EtcdStore {
         [&self.prefix[..], QUEUES, key, b"\xff"].concat()
     }
 
-    /// Applies `change` to the value of `key` (None: missing) in a
-    /// transaction on the revision it was seen at, retried until no other
-    /// writer interferes; returns what `change` returned, and the revision
-    /// of the write (0 when `change` wrote nothing). `guess`: what the
-    /// caller believes the key holds (a front-end's mirror), tried first,
-    /// saving the read; a transaction whose comparison fails reads the
-    /// key, so a retry costs one request too. An answer without a write, or
-    /// an error, is never given from a guess.
+    /// The guarded write of the values of `keys`; `values`: whether it
+    /// needs them (a read-modify-write).
+    fn values_target(&self, keys: &[&[u8]], values: bool) -> Target {
+        Target {
+            keys: keys.iter().map(|key| self.value_key(key)).collect(),
+            clock: [&self.prefix[..], CLOCKS, b"v"].concat(),
+            values,
+        }
+    }
+
+    /// The clock every pop of the queue `key` moves.
+    fn queue_clock(&self, key: &[u8]) -> Vec<u8> {
+        [&self.prefix[..], CLOCKS, b"q/", key].concat()
+    }
+
+    /// Applies `change` to the value of `key` (None: missing), exactly
+    /// once, on the value as it was when written; returns what `change`
+    /// returned, and the revision of the write (0 when `change` wrote
+    /// nothing). `guess`: what the caller believes the key holds (a
+    /// front-end's mirror), tried first, saving the read.
     fn read_modify_write<T>(
         &self,
         key: &[u8],
         guess: Option<Seen>,
         mut change: impl FnMut(Option<&[u8]>) -> Result<(Option<Vec<u8>>, T)>,
     ) -> Result<(T, i64)> {
-        let deadline = self.deadline(None);
-        let k = self.value_key(key);
-        let mut guessed = guess.is_some();
-        let mut next = guess;
-        loop {
-            let seen = match next.take() {
-                Some(seen) => seen,
-                None => {
-                    guessed = false;
-                    let range = self.client.range(&k, false, Read::Values, deadline)?;
-                    Seen::of(range.kvs.into_iter().next())
-                }
-            };
-            let decided = change(seen.value.as_deref());
-            if guessed && !matches!(decided, Ok((Some(_), _))) {
-                continue; // read the key, then decide
-            }
-            let (write, answer) = decided?;
-            let Some(value) = write else {
-                return Ok((answer, 0));
-            };
-            let compare = Compare::ModRevision {
-                key: k.clone(),
-                revision: seen.mod_revision,
-            };
-            let put = Op::Put {
-                key: k.clone(),
-                value,
-            };
-            match self.commit(compare, put, Some(&k), deadline)? {
-                Committed::Yes(revision) => return Ok((answer, revision)),
-                Committed::No(now) => {
-                    guessed = false;
-                    next = Some(Seen::of(now));
-                }
-            }
-            if Instant::now() >= deadline {
-                return Err(Error::timeout(format!(
-                    "etcd: gave up updating {}: other writers kept changing it",
-                    String::from_utf8_lossy(key)
-                )));
-            }
-        }
-    }
-
-    /// Runs `op` if `compare` holds, exactly once: returns whether it ran,
-    /// with a revision at or after its write, or else what `read_back`
-    /// (a key) holds now.
-    ///
-    /// A request whose answer was lost (a member died, a leader changed) is
-    /// sent again, and its comparison then fails if the first one went
-    /// through: telling the two apart takes a token written with `op` and
-    /// read back when the comparison fails. Without it, an ADD whose answer
-    /// was lost would be applied twice, and a popped element lost. Tokens
-    /// are deleted by the handle's next transaction (no request of their
-    /// own), the last ones when the handle goes.
-    fn commit(
-        &self,
-        compare: Compare,
-        op: Op,
-        read_back: Option<&[u8]>,
-        deadline: Instant,
-    ) -> Result<Committed> {
-        let token = [&self.prefix[..], b"/t/", &element_id()].concat();
-        let stale = {
-            let mut tokens = self.stale_tokens.lock();
-            let keep = tokens.len().saturating_sub(MAX_CLEANUP_OPS);
-            tokens.split_off(keep)
-        };
-        let cleanup = || stale.iter().map(|key| Op::Delete { key: key.clone() });
-        let success: Vec<Op> = [
-            op,
-            Op::Put {
-                key: token.clone(),
-                value: Vec::new(),
+        let target = self.values_target(&[key], true);
+        self.guarded_write(
+            &target,
+            guess.map(|g| vec![g]),
+            self.deadline(None),
+            |seen| {
+                let (write, answer) = change(seen[0].value.as_deref())?;
+                Ok((vec![write.map(Write::Put)], answer))
             },
-        ]
-        .into_iter()
-        .chain(cleanup())
-        .collect();
-        // The token read back with its revision: the commit's, if an
-        // earlier attempt's answer was lost.
-        let failure: Vec<Op> = std::iter::once(Op::Range {
-            key: token.clone(),
-            prefix: false,
-            read: Read::Keys,
-        })
-        .chain(read_back.map(|key| Op::Range {
-            key: key.to_vec(),
-            prefix: false,
-            read: Read::Values,
-        }))
-        .chain(cleanup())
-        .collect();
-        let result = self.client.txn(&[compare], &success, &failure, deadline);
-        let mut stale_tokens = self.stale_tokens.lock();
-        match result {
-            Ok(mut result) => {
-                // Committed by this attempt (at this revision), or by an
-                // earlier one (at its token's revision: the one a read of
-                // this job's keys will see, which etcd's current revision,
-                // moved by other jobs' writes, may never be).
-                let revision = match result.ranges.first().and_then(|r| r.kvs.first()) {
-                    _ if result.succeeded => Some(result.revision),
-                    Some(token) => Some(token.mod_revision),
-                    None => None,
-                };
-                let Some(revision) = revision else {
-                    let now = result.ranges.get_mut(1).and_then(|r| r.kvs.pop());
-                    return Ok(Committed::No(now));
-                };
-                stale_tokens.push(token);
-                Ok(Committed::Yes(revision))
-            }
-            // Nothing may have been applied, or everything: keep them all.
-            Err(e) => {
-                stale_tokens.extend(stale);
-                stale_tokens.push(token);
-                Err(e)
-            }
-        }
+        )
     }
 
     /// Whether each key exists (a value or a non-empty queue), and a
@@ -374,7 +284,7 @@ impl EtcdStore {
                 ]
             })
             .collect();
-        let result = self.client.txn(&[], &ops, &[], deadline)?;
+        let result = self.client.txn(&[], &ops, &[], Resend::Safe, deadline)?;
         let revision = result.ranges.first().map_or(0, |r| r.revision);
         let present = result
             .ranges
@@ -469,7 +379,10 @@ impl EtcdStore {
                     read: Read::Values,
                 })
                 .collect();
-            let ranges = self.client.txn(&[], &ops, &[], deadline)?.ranges;
+            let ranges = self
+                .client
+                .txn(&[], &ops, &[], Resend::Safe, deadline)?
+                .ranges;
             values.extend(
                 ranges
                     .into_iter()
@@ -479,21 +392,71 @@ impl EtcdStore {
         Ok(values)
     }
 
-    /// Sets every pair: one transaction per MAX_TXN_OPS pairs, atomic up to
-    /// that many; returns the revision of the last.
-    fn write_values(&self, pairs: &[(&[u8], &[u8])], deadline: Instant) -> Result<i64> {
+    /// Sets every pair (the last of a key named twice): one transaction
+    /// per [`MAX_KEYS_PER_WRITE`] keys, atomic up to that many; `guesses`:
+    /// what each key is believed to hold. Returns the revision of the last.
+    fn write_values(
+        &self,
+        pairs: &[(&[u8], &[u8])],
+        guesses: Option<Vec<Seen>>,
+        deadline: Instant,
+    ) -> Result<i64> {
+        let mut last: std::collections::HashMap<&[u8], usize> = Default::default();
+        for (i, (key, _)) in pairs.iter().enumerate() {
+            last.insert(key, i);
+        }
+        let distinct: Vec<usize> = (0..pairs.len())
+            .filter(|i| last[pairs[*i].0] == *i)
+            .collect();
         let mut revision = 0;
-        for chunk in pairs.chunks(MAX_TXN_OPS) {
-            let ops: Vec<Op> = chunk
-                .iter()
-                .map(|(k, v)| Op::Put {
-                    key: self.value_key(k),
-                    value: v.to_vec(),
-                })
-                .collect();
-            revision = self.client.txn(&[], &ops, &[], deadline)?.revision;
+        for chunk in distinct.chunks(MAX_KEYS_PER_WRITE) {
+            let keys: Vec<&[u8]> = chunk.iter().map(|i| pairs[*i].0).collect();
+            let guess = guesses
+                .as_ref()
+                .map(|g| chunk.iter().map(|i| g[*i].clone()).collect());
+            let target = self.values_target(&keys, false);
+            revision = self
+                .guarded_write(&target, guess, deadline, |_| {
+                    let puts = chunk.iter().map(|i| Some(Write::Put(pairs[*i].1.to_vec())));
+                    Ok((puts.collect(), ()))
+                })?
+                .1;
         }
         Ok(revision)
+    }
+
+    /// Sets `key` to `value`, exactly once; returns the revision.
+    fn set_value(&self, key: &[u8], value: &[u8], guess: Option<Seen>) -> Result<i64> {
+        self.write_values(&[(key, value)], guess.map(|g| vec![g]), self.deadline(None))
+    }
+
+    /// Deletes `key`, exactly once: whether it existed, and the revision
+    /// of the delete (0: it did not exist).
+    fn delete_value(&self, key: &[u8], guess: Option<Seen>) -> Result<(bool, i64)> {
+        let target = self.values_target(&[key], false);
+        self.guarded_write(
+            &target,
+            guess.map(|g| vec![g]),
+            self.deadline(None),
+            |seen| {
+                let exists = seen[0].mod_revision != 0;
+                Ok((vec![exists.then_some(Write::Delete)], exists))
+            },
+        )
+    }
+
+    /// Appends an element holding `value` to the queue `key`, exactly once
+    /// (never again once popped); returns the revision.
+    fn push(&self, key: &[u8], value: &[u8]) -> Result<i64> {
+        let target = Target {
+            keys: vec![[self.queue_prefix(key), element_id()].concat()],
+            clock: self.queue_clock(key),
+            values: false,
+        };
+        let pushed = self.guarded_write(&target, None, self.deadline(None), |_| {
+            Ok((vec![Some(Write::Put(value.to_vec()))], ()))
+        })?;
+        Ok(pushed.1)
     }
 
     /// Pops the oldest element of the queue `key` if there is one (whoever
@@ -510,12 +473,21 @@ impl EtcdStore {
                     written: 0,
                 });
             };
+            // Exactly once: a copy applied late finds the element gone.
             let compare = Compare::CreateRevision {
                 key: first.key.clone(),
                 revision: first.create_revision,
             };
-            let delete = Op::Delete { key: first.key };
-            if let Committed::Yes(written) = self.commit(compare, delete, None, deadline)? {
+            let clock = self.queue_clock(key);
+            let pop = vec![
+                Op::Delete { key: first.key },
+                Op::Put {
+                    key: clock.clone(),
+                    value: Vec::new(),
+                },
+            ];
+            if let Committed::Yes(written) = self.commit(vec![compare], pop, vec![], deadline)? {
+                self.remember(&clock, written);
                 return Ok(Pop {
                     before: range.count,
                     value: Some(first.value),
@@ -550,7 +522,10 @@ impl Drop for EtcdStore {
         let deadline = self
             .deadline(None)
             .min(Instant::now() + Duration::from_secs(1));
-        if let Err(e) = self.client.txn(&[], &deletes, &[], deadline) {
+        if let Err(e) = self
+            .client
+            .txn(&[], &deletes, &[], Resend::IfUnsent, deadline)
+        {
             log::debug!("etcd: removing commit tokens: {}", e.message());
         }
     }
@@ -573,9 +548,7 @@ fn element_id() -> Vec<u8> {
 
 impl Store for EtcdStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
-        self.client
-            .put(&self.value_key(key.as_bytes()), value, self.deadline(None))
-            .map(drop)
+        self.set_value(key.as_bytes(), value, None).map(drop)
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
@@ -584,6 +557,7 @@ impl Store for EtcdStore {
         loop {
             let range = self.client.range(&k, false, Read::Values, deadline)?;
             if let Some(kv) = range.kvs.into_iter().next() {
+                self.remember(&k, kv.mod_revision);
                 return Ok(kv.value);
             }
             match self.client.watch_first_put(
@@ -609,11 +583,7 @@ impl Store for EtcdStore {
     }
 
     fn delete_key(&self, key: &str) -> Result<bool> {
-        Ok(self
-            .client
-            .delete(&self.value_key(key.as_bytes()), false, self.deadline(None))?
-            .0
-            > 0)
+        Ok(self.delete_value(key.as_bytes(), None)?.0)
     }
 
     fn check(&self, keys: &[&str]) -> Result<bool> {
@@ -657,7 +627,8 @@ impl Store for EtcdStore {
         }
     }
 
-    /// One transaction per MAX_TXN_OPS keys: atomic up to that many.
+    /// One transaction per [`MAX_KEYS_PER_WRITE`] keys: atomic up to that
+    /// many.
     fn multi_set(&self, keys: &[&str], values: &[&[u8]]) -> Result<()> {
         check_multi_set_lengths(keys, values)?;
         let pairs: Vec<(&[u8], &[u8])> = keys
@@ -665,14 +636,12 @@ impl Store for EtcdStore {
             .map(|k| k.as_bytes())
             .zip(values.iter().copied())
             .collect();
-        self.write_values(&pairs, self.deadline(None)).map(drop)
+        self.write_values(&pairs, None, self.deadline(None))
+            .map(drop)
     }
 
     fn queue_push(&self, key: &str, value: &[u8]) -> Result<()> {
-        let element = [self.queue_prefix(key.as_bytes()), element_id()].concat();
-        self.client
-            .put(&element, value, self.deadline(None))
-            .map(drop)
+        self.push(key.as_bytes(), value).map(drop)
     }
 
     fn queue_pop(&self, key: &str, block: bool) -> Result<Vec<u8>> {

@@ -7,8 +7,8 @@
 
 use std::time::Instant;
 
-use super::client::{Read, WatchEnd};
-use super::{EtcdStore, Seen, QUEUES, VALUES};
+use super::client::{Read, Resend, WatchEnd};
+use super::{EtcdStore, Seen, CLOCKS, QUEUES, VALUES};
 use crate::error::{Error, Result};
 use crate::store::kv::Value;
 use crate::store::tcp::protocol::{Key, Request};
@@ -19,42 +19,49 @@ use crate::store::tcp::server::backend::Outcome;
 pub(crate) enum Change {
     /// `key` now holds `value` (None: deleted).
     Value { key: Key, value: Option<Value> },
-    /// The queue `key` got an element (`added`) or lost one.
-    Element { key: Key, added: bool },
+    /// The element `id` of the queue `key` exists, created at `created`
+    /// (None: it was deleted).
+    Element {
+        key: Key,
+        id: Vec<u8>,
+        created: Option<i64>,
+    },
 }
+
+/// A queue element: its queue, its id and the revision it was created at.
+pub(crate) type Element = (Key, Vec<u8>, i64);
 
 /// The job's keys at one revision.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
     /// Each key, its value and the revision it last changed at.
     pub values: Vec<(Key, Value, i64)>,
-    /// The queue of each element, one entry per element.
-    pub elements: Vec<Key>,
+    /// Every queue element.
+    pub elements: Vec<Element>,
     pub revision: i64,
 }
 
 impl EtcdStore {
     /// Makes a write (SET, ADD, COMPARE_SET, DELETE_KEY, APPEND, MULTI_SET,
-    /// QUEUE_PUSH, QUEUE_POP); values, APPEND's results included, stay
-    /// within `max_value_len`; `guess`: what the key of an ADD, COMPARE_SET
-    /// or APPEND is believed to hold (saves a read when right). Returns the
-    /// outcome and a revision at or after the change it made, which the
-    /// front-end's mirror shows once it has caught up with it (0: nothing
-    /// changed).
+    /// QUEUE_PUSH, QUEUE_POP), exactly once; values, APPEND's results
+    /// included, stay within `max_value_len`; `guess`: what each key the
+    /// write names is believed to hold (saves a read when right, costs one
+    /// when wrong). Returns the outcome and a revision at or after the
+    /// change it made, which the front-end's mirror shows once it has
+    /// caught up with it (0: nothing changed), or for a pop that found the
+    /// queue empty, the revision it was found empty at.
     pub(crate) fn write(
         &self,
         request: &Request,
         max_value_len: usize,
-        guess: Option<Seen>,
+        guess: Option<Vec<Seen>>,
     ) -> Result<(Outcome, i64)> {
         let deadline = self.deadline(None);
+        let first = || guess.clone().and_then(|g| g.into_iter().next());
         Ok(match request {
-            Request::Set { key, value } => (
-                Outcome::Silent,
-                self.client.put(&self.value_key(key), value, deadline)?,
-            ),
+            Request::Set { key, value } => (Outcome::Silent, self.set_value(key, value, first())?),
             Request::Add { key, delta } => {
-                let (now, revision) = self.add_to(key, *delta, guess)?;
+                let (now, revision) = self.add_to(key, *delta, first())?;
                 (Outcome::Int(now), revision)
             }
             Request::CompareSet {
@@ -62,37 +69,34 @@ impl EtcdStore {
                 expected,
                 desired,
             } => {
-                let (value, revision) = self.compare_and_set(key, expected, desired, guess)?;
+                let (value, revision) = self.compare_and_set(key, expected, desired, first())?;
                 (Outcome::Value(value.into()), revision)
             }
             Request::DeleteKey { key } => {
-                let (deleted, revision) =
-                    self.client.delete(&self.value_key(key), false, deadline)?;
-                (
-                    Outcome::Int(deleted),
-                    if deleted > 0 { revision } else { 0 },
-                )
+                let (deleted, revision) = self.delete_value(key, first())?;
+                (Outcome::Int(deleted.into()), revision)
             }
             Request::Append { key, value } => (
                 Outcome::Silent,
-                self.append_to(key, value, max_value_len, guess)?,
+                self.append_to(key, value, max_value_len, first())?,
             ),
             Request::MultiSet { pairs } => {
                 let pairs: Vec<(&[u8], &[u8])> =
                     pairs.iter().map(|(k, v)| (&k[..], &v[..])).collect();
-                (Outcome::Silent, self.write_values(&pairs, deadline)?)
+                (Outcome::Silent, self.write_values(&pairs, guess, deadline)?)
             }
-            Request::QueuePush { key, value } => {
-                let element = [self.queue_prefix(key), super::element_id()].concat();
-                (Outcome::Silent, self.client.put(&element, value, deadline)?)
-            }
+            Request::QueuePush { key, value } => (Outcome::Silent, self.push(key, value)?),
             Request::QueuePop { key } => {
                 let pop = self.try_pop(key, deadline)?;
+                let revision = match pop.value {
+                    Some(_) => pop.written,
+                    None => pop.revision,
+                };
                 let outcome = Outcome::Popped {
                     before: pop.before,
                     value: pop.value.map(Into::into),
                 };
-                (outcome, pop.written)
+                (outcome, revision)
             }
             _ => {
                 return Err(Error::internal(
@@ -113,7 +117,7 @@ impl EtcdStore {
             read,
         };
         let ops = [read(&values, Read::Values), read(&queues, Read::Keys)];
-        let result = self.client.txn(&[], &ops, &[], deadline)?;
+        let result = self.client.txn(&[], &ops, &[], Resend::Safe, deadline)?;
         let [stored, elements] = &result.ranges[..] else {
             return Err(Error::new(
                 crate::error::Status::Protocol,
@@ -134,7 +138,10 @@ impl EtcdStore {
             elements: elements
                 .kvs
                 .iter()
-                .filter_map(|kv| Some(queue_of(kv.key.strip_prefix(&queues[..])?)))
+                .filter_map(|kv| {
+                    let (key, id) = split_element(kv.key.strip_prefix(&queues[..])?);
+                    Some((key, id, kv.create_revision))
+                })
                 .collect(),
             revision: result.revision,
         })
@@ -145,6 +152,8 @@ impl EtcdStore {
     /// transaction's writes together), until `deadline` or `on_changes`
     /// answers false; `*next` follows, for the next call. `Canceled`: etcd
     /// no longer has the changes from `*next` (compacted): take a snapshot.
+    /// The clocks' revisions are remembered as the guesses of the next
+    /// writes.
     pub(crate) fn watch_changes(
         &self,
         next: &mut i64,
@@ -153,6 +162,7 @@ impl EtcdStore {
     ) -> Result<WatchEnd> {
         let values = [&self.prefix[..], VALUES].concat();
         let queues = [&self.prefix[..], QUEUES].concat();
+        let clocks = [&self.prefix[..], CLOCKS].concat();
         let all = [&self.prefix[..], b"/"].concat();
         self.client
             .watch(&[(all, true)], *next, true, deadline, |events| {
@@ -167,12 +177,17 @@ impl EtcdStore {
                             value: (!event.deleted).then(|| event.kv.value.into()),
                         }
                     } else if let Some(element) = key.strip_prefix(&queues[..]) {
+                        let (key, id) = split_element(element);
                         Change::Element {
-                            key: queue_of(element),
-                            added: !event.deleted,
+                            key,
+                            id,
+                            created: (!event.deleted).then_some(event.kv.create_revision),
                         }
                     } else {
-                        continue; // a commit token
+                        if key.starts_with(&clocks) && !event.deleted {
+                            self.remembered.set(key, revision, true);
+                        }
+                        continue; // a clock or a commit token
                     };
                     changes.push((change, revision));
                 }
@@ -181,11 +196,12 @@ impl EtcdStore {
     }
 }
 
-/// The queue of an element `<key>\xff<id>` (ids have no \xff).
-fn queue_of(element: &[u8]) -> Key {
+/// The queue and the id of an element `<key>\xff<id>` (ids have no \xff).
+fn split_element(element: &[u8]) -> (Key, Vec<u8>) {
     let end = element
         .iter()
         .rposition(|b| *b == 0xff)
         .unwrap_or(element.len());
-    element[..end].to_vec()
+    let id = element.get(end + 1..).unwrap_or_default();
+    (element[..end].to_vec(), id.to_vec())
 }

@@ -38,7 +38,7 @@ use super::backend::{Backend, Outcome, Present, Report, Ticket, Usage};
 use super::state::ConnId;
 use super::waits::WaitId;
 use crate::error::{Error, Result, Status};
-use crate::store::etcd::{Change, EtcdStore, EtcdStoreOptions, Seen, WatchEnd};
+use crate::store::etcd::{EtcdStore, EtcdStoreOptions, Seen, WatchEnd};
 use crate::store::Store as _;
 
 /// Threads making etcd requests.
@@ -58,8 +58,8 @@ struct Job {
     conn: ConnId,
     ticket: Ticket,
     request: Request,
-    /// What the mirror says the key of a read-modify-write holds.
-    guess: Option<Seen>,
+    /// What the mirror says each key the write names holds.
+    guess: Option<Vec<Seen>>,
 }
 
 /// The mirror, and the requests waiting for it to catch up.
@@ -91,8 +91,8 @@ impl View {
         let ready: Vec<_> = self.fenced.drain(..caught_up).collect();
         let (mut answers, mut writes) = (Vec::new(), Vec::new());
         for (mut job, _, _) in ready {
-            if let Some(key) = modified_key(&job.request) {
-                job.guess = Some(self.mirror.seen(key));
+            if let Some(keys) = named_keys(&job.request) {
+                job.guess = Some(keys.iter().map(|key| self.mirror.seen(key)).collect());
                 writes.push(job);
             } else {
                 answers.push(Report::Completed {
@@ -157,12 +157,17 @@ fn with_same_adds(job: Job, queue: &mut VecDeque<Job>) -> Vec<Job> {
     batch
 }
 
-/// The key a read-modify-write (ADD, COMPARE_SET, APPEND) changes.
-fn modified_key(request: &Request) -> Option<&Key> {
+/// The keys a write of values names (SET, ADD, COMPARE_SET, APPEND,
+/// DELETE_KEY, MULTI_SET): its guarded transaction compares the revisions
+/// the mirror shows them at.
+fn named_keys(request: &Request) -> Option<Vec<&Key>> {
     match request {
-        Request::Add { key, .. }
+        Request::Set { key, .. }
+        | Request::Add { key, .. }
         | Request::CompareSet { key, .. }
-        | Request::Append { key, .. } => Some(key),
+        | Request::Append { key, .. }
+        | Request::DeleteKey { key } => Some(vec![key]),
+        Request::MultiSet { pairs } => Some(pairs.iter().map(|(key, _)| key).collect()),
         _ => None,
     }
 }
@@ -277,11 +282,26 @@ impl Shared {
     }
 
     /// Makes one write in etcd.
-    fn write(&self, request: &Request, guess: Option<Seen>) -> Result<Outcome> {
+    fn write(&self, request: &Request, guess: Option<Vec<Seen>>) -> Result<Outcome> {
         let (outcome, revision) = self.store.write(request, self.max_value_len, guess)?;
-        // Before the answer: the connection's next read waits for the
-        // mirror to show this write.
-        self.written.fetch_max(revision, Ordering::SeqCst);
+        match (request, &outcome) {
+            // The queue was empty at that revision: the mirror forgets the
+            // elements created until then (a revision that is not a write
+            // of this job's, which the mirror may never reach: no fence).
+            (Request::QueuePop { key }, Outcome::Popped { value: None, .. }) => {
+                let released = {
+                    let mut view = self.view.lock();
+                    view.mirror.saw_empty(key, revision);
+                    view.caught_up()
+                };
+                self.release(released);
+            }
+            // Before the answer: the connection's next read waits for the
+            // mirror to show this write.
+            _ => {
+                self.written.fetch_max(revision, Ordering::SeqCst);
+            }
+        }
         Ok(outcome)
     }
 
@@ -347,32 +367,16 @@ impl Shared {
         while !self.stop.load(Ordering::SeqCst) {
             let deadline = Instant::now() + WATCH_SLICE;
             let watched = self.store.watch_changes(&mut next, deadline, |changes| {
-                let written: Vec<Report> = changes
-                    .iter()
-                    .filter_map(|(change, _)| match change {
-                        Change::Value {
-                            key,
-                            value: Some(value),
-                        } => Some(Report::Written {
-                            key: key.clone(),
-                            present: Present::Value(value.clone()),
-                        }),
-                        Change::Element { key, added: true } => Some(Report::Written {
-                            key: key.clone(),
-                            present: Present::Queued,
-                        }),
-                        _ => None,
-                    })
-                    .collect();
                 // A revision is applied whole before any read waiting
                 // for it is let go: it never sees half a transaction.
-                let released = {
+                let (written, released) = {
                     let mut view = self.view.lock();
-                    for (change, revision) in &changes {
-                        view.mirror.apply(change, *revision);
-                    }
-                    view.caught_up()
+                    let written = view.mirror.apply(&changes);
+                    (written, view.caught_up())
                 };
+                let written = written
+                    .into_iter()
+                    .map(|(key, present)| Report::Written { key, present });
                 self.report(written);
                 self.release(released);
                 !self.stop.load(Ordering::SeqCst)
@@ -503,12 +507,11 @@ impl Backend for EtcdBackend {
             guess,
         };
         let read = is_read(request);
-        let modified = modified_key(request);
+        let modified = named_keys(request);
         let mut guess = None;
         if read || modified.is_some() {
-            // Reads, waits before they start, and the guesses of
-            // read-modify-writes come from a mirror showing every write
-            // acknowledged so far.
+            // Reads, waits before they start, and the guesses of writes
+            // come from a mirror showing every write acknowledged so far.
             let fence = self.shared.written.load(Ordering::SeqCst);
             let mut view = self.shared.view.lock();
             if view.mirror.revision < fence {
@@ -518,7 +521,7 @@ impl Backend for EtcdBackend {
             if read {
                 return Ok(view.mirror.read(request));
             }
-            guess = modified.map(|key| view.mirror.seen(key));
+            guess = modified.map(|keys| keys.iter().map(|key| view.mirror.seen(key)).collect());
         }
         self.shared.queue(vec![job(guess)]);
         Ok(None)

@@ -5,20 +5,33 @@ use std::collections::HashMap;
 
 use super::super::super::protocol::{Key, Request};
 use super::super::backend::{Outcome, Present, Usage};
-use crate::store::etcd::{Change, Seen, Snapshot};
+use crate::store::etcd::{Change, Element, Seen, Snapshot};
 use crate::store::kv::Value;
 
-/// The job's keys as of `revision`.
+/// The job's keys as of `revision`, as etcd holds them: queues are the
+/// elements etcd holds (by their ids), never a count of the changes seen,
+/// so a change seen twice, or an element written again, leaves them
+/// right.
 #[derive(Default)]
 pub(crate) struct Mirror {
     /// Each value, with the revision it last changed at.
     values: HashMap<Key, (Value, i64)>,
-    /// Elements per non-empty queue.
-    queues: HashMap<Key, i64>,
+    /// The queues with elements, or known empty after `revision`.
+    queues: HashMap<Key, Queue>,
     /// The revision of the last change applied.
     pub(crate) revision: i64,
     /// Bytes of the keys and values in `values`.
     value_bytes: u64,
+}
+
+/// A queue's elements as the mirror knows them.
+#[derive(Default)]
+struct Queue {
+    /// The elements by id, with the revision each was created at.
+    elements: HashMap<Vec<u8>, i64>,
+    /// A pop found the queue empty at this revision: no element created at
+    /// or before it exists any more, whatever changes are still to come.
+    empty_at: i64,
 }
 
 impl Mirror {
@@ -39,49 +52,108 @@ impl Mirror {
             .iter()
             .map(|(k, (v, _))| (k.len() + v.len()) as u64)
             .sum();
-        for key in snapshot.elements {
-            *mirror.queues.entry(key).or_default() += 1;
+        for (key, id, created) in snapshot.elements {
+            mirror.add_element((key, id, created));
         }
         mirror
     }
 
-    /// Applies `change`, made at `revision`.
-    pub(crate) fn apply(&mut self, change: &Change, revision: i64) {
-        self.revision = self.revision.max(revision);
-        match change {
-            Change::Value {
-                key,
-                value: Some(v),
-            } => {
-                self.value_bytes += (key.len() + v.len()) as u64;
-                if let Some((old, _)) = self.values.insert(key.clone(), (v.clone(), revision)) {
-                    self.value_bytes -= (key.len() + old.len()) as u64;
-                }
-            }
-            Change::Value { key, value: None } => {
-                if let Some((old, _)) = self.values.remove(key) {
-                    self.value_bytes -= (key.len() + old.len()) as u64;
-                }
-            }
-            Change::Element { key, added: true } => {
-                *self.queues.entry(key.clone()).or_default() += 1
-            }
-            Change::Element { key, added: false } => {
-                if let Some(n) = self.queues.get_mut(key) {
-                    *n -= 1;
-                    if *n <= 0 {
-                        self.queues.remove(key);
+    /// Applies the changes of one or more whole revisions, in revision
+    /// order; changes at or before the revision already shown (a change
+    /// stream that repeats itself) are skipped. Returns the keys written,
+    /// with what they now hold, for the waits on them: a value set, a
+    /// queue that got an element.
+    pub(crate) fn apply(&mut self, changes: &[(Change, i64)]) -> Vec<(Key, Present)> {
+        let shown = self.revision;
+        let mut written = Vec::new();
+        for (change, revision) in changes.iter().filter(|(_, r)| *r > shown) {
+            self.revision = self.revision.max(*revision);
+            match change {
+                Change::Value {
+                    key,
+                    value: Some(v),
+                } => {
+                    self.value_bytes += (key.len() + v.len()) as u64;
+                    if let Some((old, _)) = self.values.insert(key.clone(), (v.clone(), *revision))
+                    {
+                        self.value_bytes -= (key.len() + old.len()) as u64;
                     }
+                    written.push((key.clone(), Present::Value(v.clone())));
+                }
+                Change::Value { key, value: None } => {
+                    if let Some((old, _)) = self.values.remove(key) {
+                        self.value_bytes -= (key.len() + old.len()) as u64;
+                    }
+                }
+                Change::Element {
+                    key,
+                    id,
+                    created: Some(created),
+                } => {
+                    if self.add_element((key.clone(), id.clone(), *created)) {
+                        written.push((key.clone(), Present::Queued));
+                    }
+                }
+                Change::Element {
+                    key,
+                    id,
+                    created: None,
+                } => {
+                    if let Some(queue) = self.queues.get_mut(key) {
+                        queue.elements.remove(id);
+                    }
+                    self.forget_if_empty(key);
                 }
             }
         }
+        written
+    }
+
+    /// Adds an element unless it is known gone; whether it is new.
+    fn add_element(&mut self, (key, id, created): Element) -> bool {
+        let queue = self.queues.entry(key).or_default();
+        if created <= queue.empty_at {
+            return false;
+        }
+        queue.elements.insert(id, created).is_none()
+    }
+
+    /// A pop found the queue `key` empty at `revision`: its elements
+    /// created until then are gone, even those whose deletion the mirror
+    /// has not seen yet (another server popped them). A blocking pop then
+    /// waits for an element created after, instead of being told again
+    /// and again of one that is gone.
+    pub(crate) fn saw_empty(&mut self, key: &[u8], revision: i64) {
+        if revision <= self.revision && !self.queues.contains_key(key) {
+            return;
+        }
+        let queue = self.queues.entry(key.to_vec()).or_default();
+        queue.empty_at = queue.empty_at.max(revision);
+        queue.elements.retain(|_, created| *created > revision);
+        self.forget_if_empty(key);
+    }
+
+    /// Forgets a queue with no element whose emptiness the changes
+    /// applied already show.
+    fn forget_if_empty(&mut self, key: &[u8]) {
+        let shown = self.revision;
+        if let Some(queue) = self.queues.get(key) {
+            if queue.elements.is_empty() && queue.empty_at <= shown {
+                self.queues.remove(key);
+            }
+        }
+    }
+
+    /// The number of elements of the queue `key`.
+    fn queue_len(&self, key: &[u8]) -> usize {
+        self.queues.get(key).map_or(0, |q| q.elements.len())
     }
 
     /// What `key` holds (None: it does not exist).
     pub(crate) fn peek(&self, key: &[u8]) -> Option<Present> {
         match self.values.get(key) {
             Some((value, _)) => Some(Present::Value(value.clone())),
-            None => self.queues.contains_key(key).then_some(Present::Queued),
+            None => (self.queue_len(key) > 0).then_some(Present::Queued),
         }
     }
 
@@ -99,15 +171,16 @@ impl Mirror {
     /// their keys (queue elements are not counted: the change stream does
     /// not carry their sizes).
     pub(crate) fn usage(&self) -> Usage {
+        let queues = self.queues.values().filter(|q| !q.elements.is_empty());
         Usage {
-            keys: self.values.len() + self.queues.len(),
+            keys: self.values.len() + queues.count(),
             bytes: self.value_bytes,
         }
     }
 
     /// Whether `key` holds a non-empty queue.
     pub(crate) fn holds_queue(&self, key: &[u8]) -> bool {
-        self.queues.contains_key(key)
+        self.queue_len(key) > 0
     }
 
     /// The length of the value of `key`, if it holds one.
@@ -119,14 +192,14 @@ impl Mirror {
     /// LIST_KEYS), or lets a WAIT or WAIT_GET start (`Silent`: the core
     /// runs it from [`Mirror::peek`]); None for any other request.
     pub(crate) fn read(&self, request: &Request) -> Option<Outcome> {
-        let exists = |k: &Key| self.values.contains_key(k) || self.queues.contains_key(k);
+        let exists = |k: &Key| self.values.contains_key(k) || self.holds_queue(k);
         let value = |k: &Key| self.values.get(k).map(|(v, _)| v.clone());
         Some(match read_of(request)? {
             Read::Get(key) => Outcome::Values(vec![value(key)]),
             Read::MultiGet(keys) => Outcome::Values(keys.iter().map(value).collect()),
             Read::Check(keys) => Outcome::Ready(keys.iter().all(exists)),
             Read::NumKeys => Outcome::Int(self.values.len() as i64),
-            Read::QueueLen(key) => Outcome::Int(self.queues.get(key).copied().unwrap_or(0)),
+            Read::QueueLen(key) => Outcome::Int(self.queue_len(key) as i64),
             Read::ListKeys => Outcome::Keys(self.values.keys().cloned().collect()),
             Read::Wait => Outcome::Silent,
         })
@@ -166,65 +239,4 @@ pub(crate) fn is_read(request: &Request) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn value(key: &str, v: &str) -> Change {
-        Change::Value {
-            key: key.into(),
-            value: Some(v.as_bytes().into()),
-        }
-    }
-
-    #[test]
-    fn follows_values_and_queue_lengths() {
-        let mut m = Mirror::new(Snapshot {
-            values: vec![(b"a".to_vec(), b"1".as_slice().into(), 4)],
-            elements: vec![b"q".to_vec(), b"q".to_vec()],
-            revision: 5,
-        });
-        assert_eq!(m.peek(b"q"), Some(Present::Queued));
-        m.apply(&value("b", "2"), 6);
-        m.apply(
-            &Change::Value {
-                key: b"a".to_vec(),
-                value: None,
-            },
-            7,
-        );
-        for _ in 0..2 {
-            m.apply(
-                &Change::Element {
-                    key: b"q".to_vec(),
-                    added: false,
-                },
-                8,
-            );
-        }
-        assert_eq!(m.revision, 8);
-        assert_eq!(m.peek(b"a"), None);
-        assert_eq!(m.peek(b"q"), None, "emptied");
-        let get = Request::MultiGet {
-            keys: vec![b"a".to_vec(), b"b".to_vec()],
-        };
-        assert_eq!(
-            m.read(&get),
-            Some(Outcome::Values(vec![None, Some(b"2".as_slice().into())]))
-        );
-        assert_eq!(m.read(&Request::GetNumKeys), Some(Outcome::Int(1)));
-        assert!(!is_read(&Request::Add {
-            key: b"a".to_vec(),
-            delta: 1
-        }));
-        let b = Seen {
-            value: Some(b"2".as_slice().into()),
-            mod_revision: 6,
-        };
-        assert_eq!(m.seen(b"b"), b, "a read-modify-write's guess");
-        assert_eq!(m.seen(b"a"), Seen::default());
-        assert_eq!(m.usage(), Usage { keys: 1, bytes: 2 });
-        m.apply(&value("b", "2345"), 9);
-        assert_eq!(m.usage(), Usage { keys: 1, bytes: 5 }, "replaced");
-        assert_eq!(m.value_len(b"b"), Some(4));
-    }
-}
+mod tests;
