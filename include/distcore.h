@@ -912,7 +912,10 @@ void dc_store_free(dc_store *store);
 // Errors: DC_ERR_INVALID_ARGUMENT for a key or value over the store's
 // limits (the handle stays usable). On a TCPStore the server does not
 // acknowledge a set (neither does PyTorch's): a set a distcore server
-// refuses is logged as a warning when the handle's next reply arrives.
+// refuses is logged as a warning when the handle's next reply arrives, and
+// a set lost with its connection (the server died before reading it) fails
+// the handle's next call with DC_ERR_NETWORK saying so (see
+// `dc_tcp_store_new`, Recovery).
 dc_status dc_store_set(const dc_store *store, const char *key, const uint8_t *value, size_t len);
 
 // Writes the value of `key` into `out`, waiting up to the store's timeout
@@ -1165,7 +1168,12 @@ dc_status dc_tcp_store_options_init(dc_tcp_store_options *opts, size_t struct_si
 //   counted in "init/" again. A call whose request was in flight fails with
 //   DC_ERR_NETWORK or DC_ERR_TIMEOUT and is not retried (a set or an add
 //   may or may not have been applied); a call that found its connection
-//   closed before sending anything reconnects and goes on.
+//   closed before sending anything reconnects and goes on — unless that
+//   connection carried writes with no reply (set, multi_set, queue_push,
+//   and append on a PyTorch server) the server had not yet acknowledged
+//   with a later reply: then the call fails with DC_ERR_NETWORK, its
+//   message saying those writes may be lost, and the next call
+//   reconnects. A thread reads its own writes, or is told it cannot.
 // - Server: the server runs on a thread of its own until the last handle
 //   holding it is freed (`dc_store_free` then joins it).
 dc_status dc_tcp_store_new(const dc_tcp_store_options *opts, dc_store **out);

@@ -114,3 +114,34 @@ fn a_partition_is_timed_out_on_time_and_the_handle_works_after_it_heals() {
     store.set("spanning", b"1").unwrap();
     spanning.join().unwrap().unwrap();
 }
+
+/// A SET still unread when its server dies is lost: the handle's next call
+/// says so (whichever it is), instead of reconnecting to the server that
+/// replaced it and reading around the lost write; the call after works.
+#[test]
+fn writes_a_dead_server_never_read_are_reported_lost_not_read_around() {
+    for next_call in ["get", "set"] {
+        let serve = Serve::start();
+        let port = serve.port.to_string();
+        let store = client("127.0.0.1", serve.port);
+        store.set("k", b"old").unwrap();
+        assert_eq!(store.get("k").unwrap(), b"old", "acknowledged");
+        serve.signal(libc::SIGSTOP);
+        store.set("k", b"new").unwrap(); // no reply in the protocol: sent
+        drop(serve); // killed with the SET unread
+        let _replaced = Serve::start_with(None, &["--port", &port]);
+        let lost = match next_call {
+            "get" => store.get("k").map(drop),
+            _ => store.set("other", b"v"),
+        };
+        let e = lost.expect_err("the lost write is reported");
+        assert_eq!(e.status(), Status::Network, "{next_call}: {e:?}");
+        assert!(e.message().contains("may be lost"), "{}", e.message());
+        assert!(
+            !store.check(&["k"]).unwrap(),
+            "the replacement never had it"
+        );
+        store.set("k", b"again").unwrap();
+        assert_eq!(store.get("k").unwrap(), b"again");
+    }
+}

@@ -179,7 +179,10 @@ pub unsafe extern "C" fn dc_store_free(store: *mut dc_store) {
 /// Errors: DC_ERR_INVALID_ARGUMENT for a key or value over the store's
 /// limits (the handle stays usable). On a TCPStore the server does not
 /// acknowledge a set (neither does PyTorch's): a set a distcore server
-/// refuses is logged as a warning when the handle's next reply arrives.
+/// refuses is logged as a warning when the handle's next reply arrives, and
+/// a set lost with its connection (the server died before reading it) fails
+/// the handle's next call with DC_ERR_NETWORK saying so (see
+/// `dc_tcp_store_new`, Recovery).
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_set(
     store: *const dc_store,

@@ -303,7 +303,12 @@ unsafe fn options_arg(
 ///   counted in "init/" again. A call whose request was in flight fails with
 ///   DC_ERR_NETWORK or DC_ERR_TIMEOUT and is not retried (a set or an add
 ///   may or may not have been applied); a call that found its connection
-///   closed before sending anything reconnects and goes on.
+///   closed before sending anything reconnects and goes on — unless that
+///   connection carried writes with no reply (set, multi_set, queue_push,
+///   and append on a PyTorch server) the server had not yet acknowledged
+///   with a later reply: then the call fails with DC_ERR_NETWORK, its
+///   message saying those writes may be lost, and the next call
+///   reconnects. A thread reads its own writes, or is told it cannot.
 /// - Server: the server runs on a thread of its own until the last handle
 ///   holding it is freed (`dc_store_free` then joins it).
 #[no_mangle]

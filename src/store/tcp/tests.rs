@@ -491,6 +491,11 @@ fn a_restarted_server_is_reconnected_on_the_next_operation() {
         ..ServerOptions::default()
     })
     .unwrap();
+    // "before" had no reply, and the server that may have had it is gone:
+    // the next call says so instead of reconnecting around it.
+    let lost = s.set("after", b"2").unwrap_err();
+    assert_eq!(lost.status(), Status::Network);
+    assert!(lost.message().contains("1 write(s)"), "{}", lost.message());
     // The old connections are closed: the next operations reconnect.
     s.set("after", b"2").unwrap();
     assert_eq!(s.get("after").unwrap(), b"2");

@@ -85,9 +85,10 @@ pub(crate) struct Conn {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
-    /// Reply-less requests were sent since the last reply: the server may
-    /// not have applied them yet.
-    unfenced: bool,
+    /// Reply-less requests sent since the last reply: the server may not
+    /// have applied them yet, and they are lost if the connection breaks
+    /// before it has.
+    unacknowledged: usize,
     /// Out of step with the server, or closed: to be dropped.
     broken: bool,
 }
@@ -209,7 +210,7 @@ impl Conn {
                 buf: vec![0; READ_BUFFER_LEN].into_boxed_slice(),
                 start: 0,
                 end: 0,
-                unfenced: false,
+                unacknowledged: 0,
                 broken: false,
             };
             match conn.handshake(endpoint.secret.as_ref(), deadline) {
@@ -341,7 +342,25 @@ impl Conn {
 
     /// Whether reply-less requests were sent since the last reply.
     pub(crate) fn is_unfenced(&self) -> bool {
-        self.unfenced
+        self.unacknowledged > 0
+    }
+
+    /// The reply-less requests sent since the last reply.
+    pub(crate) fn unacknowledged(&self) -> usize {
+        self.unacknowledged
+    }
+
+    /// The error of a connection that broke (`cause`) with `writes`
+    /// reply-less writes unacknowledged: the server may never have
+    /// applied them.
+    pub(crate) fn lost_writes(&self, writes: usize, cause: &Error) -> Error {
+        Error::network(format!(
+            "{}; {writes} write(s) sent to the TCPStore at {} without a reply (set, \
+             multi_set, queue_push, append) since its last reply may be lost; the next \
+             call reconnects",
+            cause.message(),
+            self.peer
+        ))
     }
 
     /// Whether the connection must be dropped.
@@ -595,7 +614,7 @@ impl Conn {
     /// last reply (a PING round trip, by `deadline`), so that a read on
     /// another connection sees them.
     pub(crate) fn fence(&mut self, deadline: Deadline) -> Result<()> {
-        if self.unfenced {
+        if self.is_unfenced() {
             self.call(
                 &[&Encoder::request(Command::Ping).u32(0).finish()],
                 Shape::U32,
@@ -614,7 +633,9 @@ impl Conn {
     ) -> Result<Reply> {
         self.send(parts, deadline)?;
         let reply = self.receive_reply(shape, deadline);
-        self.unfenced = false;
+        if !self.broken {
+            self.unacknowledged = 0;
+        }
         reply
     }
 
@@ -626,7 +647,7 @@ impl Conn {
     /// would otherwise go unnoticed.
     pub(crate) fn post(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<()> {
         self.send(parts, deadline)?;
-        self.unfenced = true;
+        self.unacknowledged += 1;
         Ok(())
     }
 
@@ -657,7 +678,7 @@ impl Conn {
             arrived = self.read_ahead()?;
         }
         let waiting = self.start < self.end || arrived;
-        let deferred_error_possible = self.unfenced && self.dialect == Dialect::Distcore;
+        let deferred_error_possible = self.is_unfenced() && self.dialect == Dialect::Distcore;
         if waiting && !deferred_error_possible {
             return Err(self.break_with(Error::new(
                 Status::Protocol,

@@ -12,7 +12,12 @@
 //! [`crate::store::TcpStore::new`] counts). An operation that found its
 //! connection closed before sending anything reconnects and goes on; one
 //! whose request was in flight fails with a network error and is never
-//! retried (a SET or ADD may or may not have been applied).
+//! retried (a SET or ADD may or may not have been applied). Writes with no
+//! reply (SET, MULTI_SET, QUEUE_PUSH, APPEND in PyTorch's protocol) are
+//! never lost silently: when the connection that carried them breaks
+//! before a later reply showed the server had them, the next operation on
+//! the handle fails with a network error saying so (reconnecting only for
+//! the one after), as PyTorch's own client fails on its dead connection.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -102,17 +107,31 @@ impl Connections {
     ) -> Result<T> {
         let mut slot = self.lock_primary(deadline)?;
         // A connection the server closed while idle (a restart) is replaced
-        // before anything is sent on it: that is not a retry.
+        // before anything is sent on it: that is not a retry. Unless it
+        // carried writes the server never acknowledged: the caller learns
+        // they may be lost instead of reading around them.
         if let Some(conn) = &mut *slot {
-            if conn.check_open().is_err() {
+            if let Err(closed) = conn.check_open() {
+                let writes = conn.unacknowledged();
+                let lost = (writes > 0).then(|| conn.lost_writes(writes, &closed));
                 *slot = None;
+                if let Some(lost) = lost {
+                    return Err(lost);
+                }
             }
         }
         let conn = match &mut *slot {
             Some(conn) => conn,
             empty => empty.insert(self.open(deadline)?),
         };
+        let writes = conn.unacknowledged();
         let result = f(conn);
+        let result = match result {
+            // The operation's own error says what broke; the writes before
+            // it may be lost too.
+            Err(e) if writes > 0 && conn.is_broken() => Err(conn.lost_writes(writes, &e)),
+            other => other,
+        };
         self.release_primary(&mut slot);
         result
     }
@@ -130,22 +149,27 @@ impl Connections {
     /// Makes sure the server applied every request already sent on the
     /// primary connection, so a read on a spare sees them; with nothing to
     /// fence, without touching the primary. A primary that fails meanwhile
-    /// is dropped (what it carried is lost either way); one that does not
-    /// answer in time fails the operation.
+    /// is dropped, and the operation fails saying those writes may be
+    /// lost (a read would not see them); one that does not answer in time
+    /// fails the operation.
     fn fence(&self, deadline: Deadline) -> Result<()> {
         if !self.primary_unfenced.load(Ordering::Acquire) {
             return Ok(());
         }
         let mut slot = self.lock_primary(deadline)?;
         let result = match &mut *slot {
-            Some(conn) => conn.fence(deadline),
+            Some(conn) => {
+                let writes = conn.unacknowledged();
+                conn.fence(deadline).map_err(|e| match e.status() {
+                    Status::Timeout => e,
+                    _ if conn.is_broken() => conn.lost_writes(writes, &e),
+                    _ => e,
+                })
+            }
             None => Ok(()),
         };
         self.release_primary(&mut slot);
-        match result {
-            Err(e) if e.status() == Status::Timeout => Err(e),
-            _ => Ok(()),
-        }
+        result
     }
 
     fn take_spare(&self, deadline: Deadline) -> Result<Conn> {

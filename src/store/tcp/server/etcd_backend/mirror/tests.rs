@@ -72,7 +72,11 @@ fn follows_values_and_queue_elements() {
 fn an_element_written_again_or_reported_twice_is_one_element() {
     let mut m = Mirror::default();
     let put = (element("q", "e", Some(3)), 3);
-    assert_eq!(m.apply(std::slice::from_ref(&put)).len(), 1, "a new element wakes");
+    assert_eq!(
+        m.apply(std::slice::from_ref(&put)).len(),
+        1,
+        "a new element wakes"
+    );
     assert!(m.apply(&[put]).is_empty(), "seen again: nothing new");
     assert!(m.apply(&[(element("q", "e", Some(3)), 4)]).is_empty());
     let len = Request::QueueLen { key: b"q".to_vec() };
