@@ -411,8 +411,9 @@ typedef struct {
   uint64_t max_connections;
   // Since 1.2. Server: most keys holding a value or a queue; 0: no
   // limit. A write past it is refused: DC_ERR_QUOTA_EXCEEDED, except
-  // for set, multi_set and queue_push, which have no reply (the
-  // refusal is logged by the client and counted by the server).
+  // for set, multi_set and queue_push, which have no reply: their
+  // refusal fails a later call of the handle (see `dc_store_set`) and
+  // is counted by the server.
   uint64_t max_keys;
   // Since 1.2. Server: most bytes of keys, values and queue elements;
   // 0: no limit. A write past it is refused, as for `max_keys`.
@@ -912,8 +913,11 @@ void dc_store_free(dc_store *store);
 // Errors: DC_ERR_INVALID_ARGUMENT for a key or value over the store's
 // limits (the handle stays usable). On a TCPStore the server does not
 // acknowledge a set (neither does PyTorch's): a set a distcore server
-// refuses is logged as a warning when the handle's next reply arrives, and
-// a set lost with its connection (the server died before reading it) fails
+// refuses (a quota: DC_ERR_QUOTA_EXCEEDED) comes back with the handle's
+// next reply and fails that call when it only reads (get, check, wait...),
+// or else the call after it, before that one is sent, with the refusal's
+// status and a message saying how many earlier writes failed; and a set
+// lost with its connection (the server died before reading it) fails
 // the handle's next call with DC_ERR_NETWORK saying so (see
 // `dc_tcp_store_new`, Recovery).
 dc_status dc_store_set(const dc_store *store, const char *key, const uint8_t *value, size_t len);

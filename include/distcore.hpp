@@ -883,8 +883,9 @@ struct TCPStoreOptions {
   /// Server with a secret: networks whose clients need not authenticate.
   std::string allow_unauthenticated;
   /// Server quotas; 0: none. A write past one throws QuotaExceeded, except
-  /// set, multi_set and queue_push, which have no reply: their refusal is
-  /// logged (and counted by the server), and the write is not made.
+  /// set, multi_set and queue_push, which have no reply: their refusal
+  /// throws QuotaExceeded from a later call of the handle (the next one
+  /// that only reads, or the one after a write), and the write is not made.
   uint64_t max_connections = 0;
   uint64_t max_keys = 0;
   uint64_t max_stored_bytes = 0;

@@ -338,8 +338,8 @@ class TCPStore(Store):
     `allow_unauthenticated` (networks whose clients need not authenticate:
     PyTorch's), `max_connections`, `max_keys` and `max_stored_bytes`
     (quotas; a write past them raises DistQuotaError, except set,
-    multi_set and queue_push, which have no reply: their refusal is
-    logged). TLS, with paths of PEM files (str, bytes or os.PathLike): `tls_cert` and `tls_key`, a
+    multi_set and queue_push, which have no reply: their refusal raises
+    DistQuotaError from a later call of the handle). TLS, with paths of PEM files (str, bytes or os.PathLike): `tls_cert` and `tls_key`, a
     certificate chain and its private key, given together (a server serves
     TLS with them, and then serves clients in clear only from
     `allow_unauthenticated`; a client presents them to servers that verify

@@ -39,6 +39,11 @@ def test_quotas_raise_and_the_store_goes_on():
     with pytest.raises(distcore.DistQuotaError, match="maximum of 2 keys"):
         server.add("c", 1)
     assert server.add("b", 1) == 2
+    # A set has no reply: its refusal raises from the next call that reads.
+    server.set("c", "3")
+    with pytest.raises(distcore.DistQuotaError, match="1 write.*sent earlier.*maximum of 2 keys"):
+        server.get("a")
+    assert not server.check(["c"])
     with pytest.raises(ValueError):
         distcore.TCPStore("127.0.0.1", 0, is_master=True, max_keys=0)
     with pytest.raises(distcore.DistValueError, match="not a network"):

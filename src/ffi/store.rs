@@ -179,8 +179,11 @@ pub unsafe extern "C" fn dc_store_free(store: *mut dc_store) {
 /// Errors: DC_ERR_INVALID_ARGUMENT for a key or value over the store's
 /// limits (the handle stays usable). On a TCPStore the server does not
 /// acknowledge a set (neither does PyTorch's): a set a distcore server
-/// refuses is logged as a warning when the handle's next reply arrives, and
-/// a set lost with its connection (the server died before reading it) fails
+/// refuses (a quota: DC_ERR_QUOTA_EXCEEDED) comes back with the handle's
+/// next reply and fails that call when it only reads (get, check, wait...),
+/// or else the call after it, before that one is sent, with the refusal's
+/// status and a message saying how many earlier writes failed; and a set
+/// lost with its connection (the server died before reading it) fails
 /// the handle's next call with DC_ERR_NETWORK saying so (see
 /// `dc_tcp_store_new`, Recovery).
 #[no_mangle]

@@ -87,8 +87,9 @@ pub struct dc_tcp_store_options {
     pub max_connections: u64,
     /// Since 1.2. Server: most keys holding a value or a queue; 0: no
     /// limit. A write past it is refused: DC_ERR_QUOTA_EXCEEDED, except
-    /// for set, multi_set and queue_push, which have no reply (the
-    /// refusal is logged by the client and counted by the server).
+    /// for set, multi_set and queue_push, which have no reply: their
+    /// refusal fails a later call of the handle (see `dc_store_set`) and
+    /// is counted by the server.
     pub max_keys: u64,
     /// Since 1.2. Server: most bytes of keys, values and queue elements;
     /// 0: no limit. A write past it is refused, as for `max_keys`.

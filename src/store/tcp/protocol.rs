@@ -236,6 +236,16 @@ impl Command {
         }
     }
 
+    /// Whether it changes the store (a request that only reads may be
+    /// answered again, or its answer dropped, with no harm).
+    pub fn writes(self) -> bool {
+        use Command::*;
+        matches!(
+            self,
+            Set | CompareSet | Add | DeleteKey | Append | MultiSet | QueuePush | QueuePop | Barrier
+        )
+    }
+
     /// Its name: `set`, `compare_set`, ...
     pub fn name(self) -> &'static str {
         Command::ALL[self.index()].1

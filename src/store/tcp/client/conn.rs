@@ -91,6 +91,10 @@ pub(crate) struct Conn {
     unacknowledged: usize,
     /// Out of step with the server, or closed: to be dropped.
     broken: bool,
+    /// The server failed reply-less writes, as the reply of a request
+    /// that writes told (that request's own outcome was returned): the
+    /// next request fails with it before it is sent.
+    failed_writes: Option<Error>,
 }
 
 fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>> {
@@ -212,6 +216,7 @@ impl Conn {
                 end: 0,
                 unacknowledged: 0,
                 broken: false,
+                failed_writes: None,
             };
             match conn.handshake(endpoint.secret.as_ref(), deadline) {
                 Ok(()) => return Ok(conn),
@@ -234,13 +239,13 @@ impl Conn {
         hello.extend(Encoder::request(Command::Ping).u32(nonce).finish());
         hello.extend(Encoder::request(Command::Ping).u32(HELLO_V2_NONCE).finish());
         self.send(&[&hello], deadline)?;
-        let pong = self.receive_reply(Shape::U32, deadline)?;
+        let pong = self.receive_reply(Shape::U32, false, deadline)?;
         if pong.u32(0)? != nonce {
             return Err(Error::network(
                 "the server answered PING with a different nonce",
             ));
         }
-        let hello = self.receive_reply(Shape::Hello, deadline)?;
+        let hello = self.receive_reply(Shape::Hello, false, deadline)?;
         match hello.u32(0)? {
             HELLO_V2_NONCE if secret.is_some() => {
                 return Err(Error::permission_denied(format!(
@@ -600,13 +605,36 @@ impl Conn {
     /// Receives a whole reply of `shape` by `deadline`: its fields, or the
     /// server's error (the connection stays usable). A timeout breaks the
     /// connection: the reply may still come.
-    fn receive_reply(&mut self, shape: Shape, deadline: Deadline) -> Result<Reply> {
+    ///
+    /// Earlier reply-less writes the server reports failed before this
+    /// reply fail a request that only reads (`writes` false: discarding
+    /// its answer is harmless), since it may read around them; a request
+    /// that writes was made, so its own outcome is returned and they fail
+    /// the next request instead, before it is sent.
+    fn receive_reply(&mut self, shape: Shape, writes: bool, deadline: Deadline) -> Result<Reply> {
         let mut exchange = self.exchange(shape);
-        match self.receive(&mut exchange, deadline) {
+        let result = match self.receive(&mut exchange, deadline) {
             Ok(Outcome::Reply(reply)) => Ok(reply),
             Ok(Outcome::Refused(error)) => Err(error),
             Ok(Outcome::Canceled) => Err(Error::internal("a plain request was cancelled")),
             Err(e) => Err(self.break_with(e)),
+        };
+        match exchange.take_deferred() {
+            Some(failed) if !writes => Err(failed),
+            Some(failed) => {
+                self.failed_writes = Some(failed);
+                result
+            }
+            None => result,
+        }
+    }
+
+    /// Fails with the failure of earlier reply-less writes a reply told
+    /// of, once, before anything more is sent.
+    fn report_failed_writes(&mut self) -> Result<()> {
+        match self.failed_writes.take() {
+            Some(failed) => Err(failed),
+            None => Ok(()),
         }
     }
 
@@ -631,8 +659,13 @@ impl Conn {
         shape: Shape,
         deadline: Deadline,
     ) -> Result<Reply> {
+        self.report_failed_writes()?;
         self.send(parts, deadline)?;
-        let reply = self.receive_reply(shape, deadline);
+        let writes = parts
+            .first()
+            .and_then(|head| Command::from_byte(*head.first()?))
+            .is_some_and(Command::writes);
+        let reply = self.receive_reply(shape, writes, deadline);
         if !self.broken {
             self.unacknowledged = 0;
         }
@@ -646,6 +679,7 @@ impl Conn {
     /// ([`Conn::check_open`]): with no reply to wait for, a dead server
     /// would otherwise go unnoticed.
     pub(crate) fn post(&mut self, parts: &[&[u8]], deadline: Deadline) -> Result<()> {
+        self.report_failed_writes()?;
         self.send(parts, deadline)?;
         self.unacknowledged += 1;
         Ok(())

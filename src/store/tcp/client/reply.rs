@@ -155,6 +155,9 @@ pub(crate) struct Decoder {
     fixed_len: usize,
     bytes: Option<Partial>,
     done: bool,
+    /// Deferred errors read before the reply: earlier reply-less writes
+    /// the server failed, the first one and how many.
+    deferred: Option<(Error, usize)>,
 }
 
 impl Decoder {
@@ -170,6 +173,7 @@ impl Decoder {
             fixed_len: 0,
             bytes: None,
             done: false,
+            deferred: None,
         }
     }
 
@@ -308,13 +312,13 @@ impl Decoder {
         if self.status == Some(REPLY_DEFERRED_ERROR) {
             self.fields.push(field);
             if self.fields.len() == 2 {
-                // An earlier reply-less request failed: say so, then read
-                // the reply this decoder is for.
+                // An earlier reply-less request failed: keep it for the
+                // caller, then read the reply this decoder is for.
                 let error = error_of(&self.fields);
-                log::warn!(
-                    "a TCPStore request sent without waiting for a reply failed: {}",
-                    error.message()
-                );
+                match &mut self.deferred {
+                    Some((_, count)) => *count += 1,
+                    None => self.deferred = Some((error, 1)),
+                }
                 self.status = None;
                 self.fields.clear();
             }
@@ -526,6 +530,20 @@ impl Exchange {
     /// The outcome, once the exchange is over.
     pub(crate) fn take_outcome(&mut self) -> Option<Outcome> {
         self.outcome.take()
+    }
+
+    /// The failure of the reply-less writes the server reported before
+    /// this reply (DEFERRED ERROR), if any: its status, saying how many.
+    pub(crate) fn take_deferred(&mut self) -> Option<Error> {
+        let (first, count) = self.decoder.deferred.take()?;
+        Some(Error::new(
+            first.status(),
+            format!(
+                "{count} write(s) sent earlier without a reply (set, multi_set, queue_push) \
+                 failed on the server: {}",
+                first.message()
+            ),
+        ))
     }
 
     /// The time of the request ran out: for a wait none of whose reply has
