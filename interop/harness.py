@@ -1,6 +1,8 @@
 """Processes for the interop tests: distcore servers (embedded in a C
 program, or `distcore serve`), PyTorch servers, and Python worker processes.
 Everything listens on 127.0.0.1 with ephemeral ports and is killed at the end."""
+import base64
+import json
 import os
 import shutil
 import signal
@@ -79,11 +81,12 @@ class CServer:
 
 
 class CliServer:
-    """`distcore serve` on an ephemeral loopback port; `backend`: its --backend
-    (an etcd:// URL), with `args` more options; `host` None: its default."""
+    """`distcore serve` on an ephemeral loopback port (or `port`: a server
+    replacing one on its port); `backend`: its --backend (an etcd:// URL),
+    with `args` more options; `host` None: its default."""
 
-    def __init__(self, backend=None, args=(), host="127.0.0.1"):
-        command = [CLI, "serve", "--port", "0", *args]
+    def __init__(self, backend=None, args=(), host="127.0.0.1", port=0):
+        command = [CLI, "serve", "--port", str(port), *args]
         if host is not None:
             command += ["--host", host]
         if backend:
@@ -102,6 +105,22 @@ class CliServer:
         self.proc.kill()
         self.proc.wait(timeout=30)
         self.proc.stdout.close()
+
+
+def numeric_names():
+    """benches/numeric_names.c built once per process, for LD_PRELOAD in
+    processes that run PyTorch: it reverse-resolves every peer address, and
+    this sandbox's DNS never answers."""
+    global _numeric_names
+    if _numeric_names is None:
+        out = os.path.join(tempfile.mkdtemp(prefix="dc-interop-"), "numeric_names.so")
+        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", out,
+                        os.path.join(ROOT, "benches", "numeric_names.c"), "-ldl"], check=True)
+        _numeric_names = out
+    return _numeric_names
+
+
+_numeric_names = None
 
 
 def free_port():
@@ -135,9 +154,11 @@ class EtcdCluster:
     def endpoints(self):
         return [f"127.0.0.1:{port}" for port in self.clients]
 
-    def url(self, prefix):
-        """The etcd:// URL of every member, with `prefix`."""
-        return "etcd://" + ",".join(self.endpoints) + "/" + prefix.lstrip("/")
+    def url(self, prefix, first=0):
+        """The etcd:// URL of every member, member `first` listed first,
+        with `prefix`."""
+        endpoints = self.endpoints[first:] + self.endpoints[:first]
+        return "etcd://" + ",".join(endpoints) + "/" + prefix.lstrip("/")
 
     def start(self, i, state="existing"):
         client, peer = f"http://127.0.0.1:{self.clients[i]}", f"http://127.0.0.1:{self.peers[i]}"
@@ -152,6 +173,63 @@ class EtcdCluster:
     def kill(self, i):
         self.procs[i].kill()
         self.procs[i].wait(timeout=30)
+
+    def pause(self, i):
+        """Freezes member `i` (SIGSTOP): silent, its connections open."""
+        self.procs[i].send_signal(signal.SIGSTOP)
+
+    def resume(self, i):
+        self.procs[i].send_signal(signal.SIGCONT)
+
+    def _post(self, path, body, timeout=10):
+        """POSTs `body` (JSON) to etcd's HTTP gateway on the first member
+        that answers; its JSON answer."""
+        import urllib.request
+        for endpoint in self.endpoints:
+            try:
+                with urllib.request.urlopen(f"http://{endpoint}{path}", data=json.dumps(body).encode(),
+                                            timeout=timeout) as r:
+                    return json.load(r)
+            except OSError:
+                continue
+        raise RuntimeError(f"no etcd member answered {path}")
+
+    def history(self, prefix, last_key):
+        """Every change under `prefix` since the cluster began, in revision
+        order, up to and including the latest change of `last_key` (bytes):
+        dicts with `type` ("PUT" or "DELETE"), `key` and `value` (bytes),
+        `revision` and `created` (the key's creation revision). Read with
+        a watch from revision 1 (etcd here never compacts)."""
+        import http.client
+        b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+        start = prefix.encode()
+        end = start[:-1] + bytes([start[-1] + 1])
+        got = self._post("/v3/kv/range", {"key": b64(last_key)})
+        target = int(got["kvs"][0]["mod_revision"])
+        for endpoint in self.endpoints:
+            host, port = endpoint.rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=30)
+            try:
+                conn.request("POST", "/v3/watch", json.dumps({"create_request": {
+                    "key": b64(start), "range_end": b64(end), "start_revision": 1}}))
+                response = conn.getresponse()
+                events = []
+                while not events or events[-1]["revision"] < target:
+                    line = response.readline()
+                    if not line:
+                        raise RuntimeError("the watch ended early")
+                    for e in json.loads(line)["result"].get("events", []):
+                        kv = e["kv"]
+                        events.append(dict(type=e.get("type", "PUT"), key=base64.b64decode(kv["key"]),
+                                           value=base64.b64decode(kv.get("value", "")),
+                                           revision=int(kv["mod_revision"]),
+                                           created=int(kv.get("create_revision", 0))))
+                return events
+            except OSError:
+                continue
+            finally:
+                conn.close()
+        raise RuntimeError("no etcd member answered the watch")
 
     def leader(self):
         """The index of the member that leads (asked of every member)."""

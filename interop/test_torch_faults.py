@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import unittest
@@ -21,16 +20,6 @@ import harness
 TIMEOUT_MS = 3000
 # The cancel grace (0.5 s) and scheduling on a busy machine.
 SLACK_S = 1.5
-ROOT = harness.ROOT
-
-
-def numeric_names():
-    """benches/numeric_names.c built for this run: PyTorch reverse-resolves
-    every peer address, and this sandbox's DNS never answers."""
-    out = os.path.join(tempfile.mkdtemp(prefix="dc-faults-"), "numeric_names.so")
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", out,
-                    os.path.join(ROOT, "benches", "numeric_names.c"), "-ldl"], check=True)
-    return out
 
 
 SERVER = """
@@ -43,7 +32,7 @@ sys.stdin.read()
 
 
 def torch_server(host, prefix=()):
-    env = dict(os.environ, LD_PRELOAD=numeric_names())
+    env = dict(os.environ, LD_PRELOAD=harness.numeric_names())
     proc = harness.track(subprocess.Popen([*prefix, sys.executable, "-c", SERVER, host], env=env,
                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     return proc, int(harness._read_line(proc, "port").split()[1])

@@ -5,8 +5,7 @@
 //! - `P/v/<key>`: the value of `key`;
 //! - `P/q/<key>\xff<id>`: the elements of the queue `key`, in the order of
 //!   their creation revision (`\xff` never occurs in a UTF-8 key, so one
-//!   queue's range holds no other queue's elements).
-//!
+//!   queue's range holds no other queue's elements);
 //! - `P/c/v`, `P/c/q/<key>`: clocks whose revision every deletion of a
 //!   value, and every pop of the queue `key`, moves;
 //! - `P/t/<id>`: commit tokens.
