@@ -26,15 +26,17 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "build", "bench")
-PREFIX = os.path.join(ROOT, "build", "prefix")
 HERE = os.path.join(ROOT, "benches")
-CLI = os.path.join(PREFIX, "bin", "distcore")
 SERVERS = ["distcore", "torch libuv", "torch legacy"]
 QUICK_SERVERS = ["distcore", "torch libuv"]
 CLIENTS = ["distcore", "torch"]
 
 sys.path.insert(0, os.path.join(ROOT, "interop"))
 import harness  # noqa: E402 - the tests' process helpers, from interop/
+
+# The installed build measured: build/prefix, or DISTCORE_PREFIX (another
+# build, to compare before and after a change in one sitting).
+PREFIX, CLI = harness.PREFIX, harness.CLI
 
 
 def ensure_python_packages(full):

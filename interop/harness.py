@@ -137,18 +137,24 @@ class EtcdCluster:
         binary = shutil.which("etcd")
         assert binary, "etcd must be installed (apt-get install etcd-server)"
         self.binary, self.extra = binary, list(extra)
-        self.dir = tempfile.mkdtemp(prefix="distcore-etcd-")
         self.names = [f"m{i}" for i in range(members)]
-        self.clients = [free_port() for _ in self.names]
-        self.peers = [free_port() for _ in self.names]
-        self.procs = [None] * members
-        try:
-            for i in range(members):
-                self.start(i, "new")
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        # A port free_port() found may be taken before etcd binds it (by
+        # any connection's ephemeral port): then again, on other ports.
+        for attempt in range(3):
+            self.dir = tempfile.mkdtemp(prefix="distcore-etcd-")
+            self.clients = [free_port() for _ in self.names]
+            self.peers = [free_port() for _ in self.names]
+            self.procs = [None] * members
+            try:
+                for i in range(members):
+                    self.start(i, "new")
+                self.wait_ready()
+                return
+            except BaseException:
+                exited = any(p is not None and p.poll() is not None for p in self.procs)
+                self.stop()
+                if not exited or attempt == 2:
+                    raise
 
     @property
     def endpoints(self):
@@ -193,6 +199,18 @@ class EtcdCluster:
             except OSError:
                 continue
         raise RuntimeError(f"no etcd member answered {path}")
+
+    def transactions(self):
+        """Transactions the members have seen, summed (etcd_mvcc_txn_total:
+        a write is seen by every member, a read by the one asked)."""
+        import urllib.request
+        total = 0
+        for endpoint in self.endpoints:
+            with urllib.request.urlopen(f"http://{endpoint}/metrics", timeout=10) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("etcd_mvcc_txn_total "):
+                        total += int(float(line.split()[1]))
+        return total
 
     def history(self, prefix, last_key):
         """Every change under `prefix` since the cluster began, in revision
@@ -251,6 +269,8 @@ class EtcdCluster:
         import urllib.request
         deadline = time.monotonic() + timeout
         while True:
+            if any(p is not None and p.poll() is not None for p in self.procs):
+                raise RuntimeError("an etcd member exited while starting")
             try:
                 with urllib.request.urlopen(f"http://{self.endpoints[0]}/v3/kv/range",
                                             data=b'{"key":"AA=="}', timeout=2):

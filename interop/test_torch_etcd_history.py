@@ -15,7 +15,8 @@ on its port. Then etcd's history (a watch from revision 1) must show:
   (acknowledged or failed) before another began never lands after it;
 - every queue element created once and deleted once at most, in FIFO
   order, none returned to two poppers, every acknowledged push either
-  popped or still queued;
+  popped or still queued, and a blocking pop on the empty queue waiting
+  without spinning on etcd;
 - the counter within [acknowledged adds, + adds whose outcome is unknown],
   and each compare_set applied on the value it expected;
 - both front-ends agreeing with etcd, key by key and on the queue.
@@ -100,9 +101,9 @@ while time.monotonic() < end:
             s.add("ctr", 1)
             op["ok"] = True
         else:
-            expected = s.get("cas").decode()
-            op.update(key="cas", value=value, expected=expected)
-            op["ok"] = s.compare_set("cas", expected, value).decode() == value
+            op.update(key="cas", value=value)
+            op["expected"] = s.get("cas").decode()
+            op["ok"] = s.compare_set("cas", op["expected"], value).decode() == value
     except Exception as e:
         op["error"] = f"{type(e).__name__}: {e}"
         if kind == "torch":
@@ -224,8 +225,8 @@ def check(ops, history):
                 latest_start = (op["start"], op["value"])
             if op["op"] == "cas":
                 before = applied[position[op["value"]] - 1] if position[op["value"]] else None
-                if before != op["expected"]:
-                    wrong.append(f"cas: {op['value']} expected {op['expected']} but was applied on {before}")
+                if before != op.get("expected"):  # None: its get failed, it was never sent
+                    wrong.append(f"cas: {op['value']} expected {op.get('expected')} but was applied on {before}")
 
     created, deleted, present = {}, {}, {}
     fifo_broken = 0
@@ -329,6 +330,20 @@ class EtcdHistoryUnderFaults(unittest.TestCase):
             drained.append(views[0].queue_pop("q", False).decode())
         if drained != queued:
             wrong.append(f"draining the queue gave {drained}, etcd held {queued}")
+        # A blocking pop on the empty queue waits for a push: it does not
+        # spin on etcd, whatever the front-end's mirror went through.
+        before = self.cluster.transactions()
+        for server in self.frontends:
+            popper = torch_client(server.port)
+            popper.set_timeout(T(seconds=1))
+            try:
+                popper.queue_pop("q")
+                wrong.append("a blocking pop on the empty queue returned")
+            except Exception:
+                pass
+        spent = self.cluster.transactions() - before
+        if spent > 10:
+            wrong.append(f"two 1 s blocking pops on an empty queue made {spent} etcd transactions")
 
         longest = max(op["end"] - op["start"] for op in ops)
         if longest > CLIENT_TIMEOUT_S + BACKEND_TIMEOUT_S + 5:
