@@ -377,7 +377,9 @@ typedef struct {
   // Share one server among the handles of this process that ask for
   // the same port (the server stops with the last of them).
   bool multi_tenant;
-  // Serve on this already-listening socket; -1: bind a new one. With
+  // Serve on this TCP socket, listening or bound and not yet listening
+  // (the server listens on it, as PyTorch's does); -1: bind a new one.
+  // Another kind of descriptor fails with DC_ERR_NETWORK. With
   // `is_server`, distcore owns the fd from the call on, whatever its
   // outcome: the server closes it when it stops, a failing call at once
   // (unless `opts` itself is rejected: NULL or a bad struct_size).

@@ -9,7 +9,9 @@
 //! and closes the queued connections (their clients see a reset at once
 //! and retry), and takes the reserve back. When even that is impossible,
 //! it asks the loop to retry after [`ACCEPT_RETRY`]. The episode is logged
-//! once when it starts and once when accepting works again, with a count.
+//! once when it starts and once when accepting works again, with a count;
+//! so is one where `accept` fails for any other reason (retried after
+//! [`ACCEPT_RETRY`], never in a spin).
 
 use std::fs::File;
 use std::io;
@@ -102,6 +104,9 @@ pub(crate) struct Acceptor {
     /// Connections refused for want of descriptors since the last
     /// [`Acceptor::take_refused`].
     unreported: u64,
+    /// Accepting fails for another reason (logged when it starts, and
+    /// when accepting works again).
+    failing: bool,
 }
 
 impl Acceptor {
@@ -113,6 +118,7 @@ impl Acceptor {
             reserve: open_reserve(),
             refused: 0,
             unreported: 0,
+            failing: false,
         }
     }
 
@@ -138,6 +144,9 @@ impl Acceptor {
         loop {
             match self.listener.accept() {
                 Ok((stream, peer)) => {
+                    if std::mem::take(&mut self.failing) {
+                        log::warn!("{}: accepting connections again", self.name);
+                    }
                     if self.refused > 0 {
                         log::warn!(
                             "{}: accepting connections again, after refusing {} for want of file descriptors",
@@ -163,10 +172,17 @@ impl Acceptor {
                 Err(e) => {
                     // ECONNABORTED and the like concern one connection;
                     // anything else, retry shortly rather than spin.
+                    // Logged once per episode, never a line per retry.
                     if e.kind() == io::ErrorKind::ConnectionAborted {
                         continue;
                     }
-                    log::warn!("{}: accept failed: {e}", self.name);
+                    if !std::mem::replace(&mut self.failing, true) {
+                        log::warn!(
+                            "{}: accept failed: {e}; retrying every {} ms",
+                            self.name,
+                            ACCEPT_RETRY.as_millis()
+                        );
+                    }
                     return Some(now + ACCEPT_RETRY);
                 }
             }

@@ -215,8 +215,8 @@ fn refused_connections_are_logged_a_line_at_a_time_not_a_line_each() {
 }
 
 #[test]
-fn listen_fd_takes_only_a_listening_socket() {
-    // stdout is not a listening socket: refused before it is taken over.
+fn listen_fd_takes_only_a_tcp_socket() {
+    // stdout is not a TCP socket: refused before it is taken over.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_distcore"))
         .args(["serve", "--listen-fd", "1"])
         .output()
@@ -224,7 +224,7 @@ fn listen_fd_takes_only_a_listening_socket() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("descriptor 1 is not a listening socket"),
+        stderr.contains("descriptor 1 is not a TCP socket"),
         "{stderr}"
     );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_distcore"))

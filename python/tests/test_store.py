@@ -1,4 +1,7 @@
 """The Store API on every store: values, keys, timeouts, errors, lifetime."""
+import os
+import socket
+import subprocess
 import threading
 import time
 from datetime import timedelta
@@ -220,6 +223,39 @@ def test_tcp_store_arguments_and_properties():
         distcore.TCPStore("127.0.0.1", 70000)
     with pytest.raises(TypeError):
         distcore.TCPStore(None, 0)
+
+
+def test_tcp_store_takes_over_a_bound_socket_not_yet_listening():
+    # PyTorch's test_take_over_listen_socket: the socket is bound, not listening.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    with distcore.TCPStore("127.0.0.1", port, 1, is_master=True, master_listen_fd=sock.detach()) as store:
+        assert store.port == port
+        store.set("key", "value")
+        assert store.get("key") == b"value"
+    with pytest.raises(distcore.DistNetworkError, match="not a TCP socket"):
+        r, w = os.pipe()
+        os.close(w)
+        distcore.TCPStore("127.0.0.1", 0, 1, is_master=True, master_listen_fd=r)
+
+
+def test_serve_listens_on_a_bound_socket_it_inherits():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    proc = harness.track(subprocess.Popen([harness.CLI, "serve", "--listen-fd", str(sock.fileno())],
+                                          pass_fds=[sock.fileno()], stdout=subprocess.PIPE, text=True))
+    sock.close()
+    try:
+        harness._read_line(proc, "distcore TCPStore server listening on")
+        with distcore.TCPStore("127.0.0.1", port, None, False, timedelta(seconds=10)) as client:
+            client.set("k", "v")
+            assert client.get("k") == b"v"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stdout.close()
 
 
 def test_tcp_store_world_size_waits_for_workers():

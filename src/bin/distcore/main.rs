@@ -14,7 +14,9 @@ use clap::{Parser, Subcommand};
 use distcore::access::{AccessPolicy, Network};
 use distcore::auth::Secret;
 use distcore::store::tcp::protocol::Limits;
-use distcore::store::tcp::server::{raise_open_files_limit, MetricsEndpoint, ServerBackend};
+use distcore::store::tcp::server::{
+    check_tcp_socket, raise_open_files_limit, MetricsEndpoint, ServerBackend,
+};
 use distcore::store::tcp::{Quotas, Server, ServerOptions};
 use distcore::store::{
     elastic, EtcdStore, EtcdStoreOptions, FileStore, HashStore, PrefixStore, Store, TcpStore,
@@ -63,30 +65,16 @@ fn parse_demo_store(text: &str) -> std::result::Result<DemoStore, String> {
     }
 }
 
-/// `--listen-fd`: a descriptor of this process that is a listening socket
-/// (anything else is refused before the server takes it over and closes it).
+/// `--listen-fd`: a descriptor of this process that is a TCP socket,
+/// listening or bound (anything else is refused before the server takes it
+/// over and closes it).
 fn parse_listen_fd(text: &str) -> std::result::Result<std::os::fd::RawFd, String> {
     let fd: std::os::fd::RawFd = text
         .parse()
         .ok()
         .filter(|fd| *fd >= 0)
         .ok_or_else(|| format!("'{text}': expected a descriptor number (0 or more)"))?;
-    let mut listening: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: reads an int option into `listening`; any fd number is safe
-    // to ask about (a bad one fails with EBADF or ENOTSOCK).
-    let asked = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut listening as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if asked != 0 || listening == 0 {
-        return Err(format!("descriptor {fd} is not a listening socket"));
-    }
+    check_tcp_socket(fd).map_err(|_| format!("descriptor {fd} is not a TCP socket"))?;
     Ok(fd)
 }
 
@@ -169,9 +157,9 @@ enum Command {
         /// Largest value accepted, in bytes (requests up to twice that).
         #[arg(long, default_value_t = distcore::store::tcp::protocol::Limits::default().max_value_len)]
         max_value_size: usize,
-        /// Serve on this already-listening socket (systemd socket
-        /// activation, a launcher that reserved the port) instead of
-        /// binding; --host and --port are then ignored.
+        /// Serve on this TCP socket, listening or only bound (systemd
+        /// socket activation, a launcher that reserved the port) instead
+        /// of binding; --host and --port are then ignored.
         #[arg(long, value_parser = parse_listen_fd)]
         listen_fd: Option<std::os::fd::RawFd>,
         /// Where the keys live: memory (this process), or

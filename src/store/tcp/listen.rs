@@ -5,7 +5,7 @@
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::error::Error;
 
@@ -34,6 +34,34 @@ pub fn listen(address: Option<IpAddr>, port: u16) -> io::Result<TcpListener> {
             )
         }),
     }
+}
+
+/// Checks that `fd` is a TCP socket (IPv4 or IPv6, stream), the kind a
+/// server can be handed over to serve on, before it is taken over.
+pub fn check_tcp_socket(fd: RawFd) -> io::Result<()> {
+    let not_tcp = || io::Error::new(io::ErrorKind::InvalidInput, "not a TCP socket");
+    let domain = int_option(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).map_err(|_| not_tcp())?;
+    let kind = int_option(fd, libc::SOL_SOCKET, libc::SO_TYPE).map_err(|_| not_tcp())?;
+    match (domain, kind) {
+        (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM) => Ok(()),
+        _ => Err(not_tcp()),
+    }
+}
+
+/// Serves on `fd`, a TCP socket handed over by the caller (PyTorch's
+/// `master_listen_fd`, `serve --listen-fd`): one already listening, or one
+/// bound and not yet listening, which PyTorch's server accepts too (it
+/// listens on it; on a listening socket, listen(2) only sets the backlog).
+pub fn listen_on_socket(fd: OwnedFd) -> io::Result<TcpListener> {
+    check_tcp_socket(fd.as_raw_fd())?;
+    // SAFETY: listen(2) on a TCP socket the server now owns.
+    check(unsafe { libc::listen(fd.as_raw_fd(), backlog()) })?;
+    Ok(TcpListener::from(fd))
+}
+
+/// The listen backlog: the kernel's cap.
+fn backlog() -> libc::c_int {
+    somaxconn().map_or(libc::SOMAXCONN, |n| n.min(i32::MAX as u32) as i32)
 }
 
 /// Makes a listening socket non-blocking, with TCP_NODELAY for the
@@ -84,6 +112,23 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+fn int_option(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: reads an int option into a live c_int of `len` bytes; any
+    // descriptor number is safe to ask about (a bad one fails).
+    check(unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    })?;
+    Ok(value)
+}
+
 fn set_int_option(
     fd: libc::c_int,
     level: libc::c_int,
@@ -125,9 +170,8 @@ fn listen_on(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
     let (storage, len) = to_sockaddr(addr);
     // SAFETY: `storage` holds a sockaddr of `len` bytes.
     check(unsafe { libc::bind(raw, (&storage as *const libc::sockaddr_storage).cast(), len) })?;
-    let backlog = somaxconn().map_or(libc::SOMAXCONN, |n| n.min(i32::MAX as u32) as i32);
     // SAFETY: listen(2) on our bound socket.
-    check(unsafe { libc::listen(raw, backlog) })?;
+    check(unsafe { libc::listen(raw, backlog()) })?;
     Ok(TcpListener::from(fd))
 }
 

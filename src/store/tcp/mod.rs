@@ -54,7 +54,8 @@ pub struct TcpStoreOptions {
     pub timeout: Duration,
     /// Share one server between handles of this process asking for the same port.
     pub multi_tenant: bool,
-    /// Serve on this already-listening socket (PyTorch's `master_listen_fd`).
+    /// Serve on this socket, listening or only bound (PyTorch's
+    /// `master_listen_fd`; see [`ServerOptions::listen_fd`]).
     pub master_listen_fd: Option<Arc<OwnedFd>>,
     /// Listen only on this address (default: every interface, dual-stack,
     /// as PyTorch: anyone who can reach the port can read, write and

@@ -29,7 +29,8 @@ use std::thread::JoinHandle;
 use mio::net::TcpListener;
 use mio::{Interest, Poll, Waker};
 
-use super::listen::{listen, listen_error, prepare_listener};
+pub use super::listen::check_tcp_socket;
+use super::listen::{listen, listen_error, listen_on_socket, prepare_listener};
 use super::protocol::Limits;
 use crate::access::AccessPolicy;
 use crate::error::{Error, Result};
@@ -53,8 +54,9 @@ pub struct ServerOptions {
     pub port: u16,
     /// Listen only on this address; `None`: every interface, dual-stack.
     pub bind_address: Option<IpAddr>,
-    /// Serve on this already-listening socket instead of binding (the
-    /// server keeps a duplicate; the socket closes with the last of them).
+    /// Serve on this TCP socket instead of binding: listening, or bound
+    /// and not yet listening (the server listens on it, as PyTorch's). The
+    /// server keeps a duplicate; the socket closes with the last of them.
     pub listen_fd: Option<Arc<OwnedFd>>,
     /// Request size limits.
     pub limits: Limits,
@@ -151,7 +153,7 @@ impl Server {
         let std_listener = match options.listen_fd {
             Some(fd) => fd
                 .try_clone()
-                .map(std::net::TcpListener::from)
+                .and_then(listen_on_socket)
                 .map_err(|e| Error::network(format!("listening socket: {e}")))?,
             None => listen(options.bind_address, options.port)
                 .map_err(|e| listen_error(options.bind_address, options.port, &e))?,

@@ -41,6 +41,10 @@ pub(crate) type ConnId = usize;
 /// read (one reply may take it past; it resumes once under again).
 pub(crate) const OUTPUT_CAP: usize = 256 << 10;
 
+/// The longest value a counter can hold (`i64::MIN` in decimal), which
+/// quotas charge an ADD or BARRIER for.
+const MAX_COUNTER_LEN: usize = "-9223372036854775808".len();
+
 /// Why the core refuses a connection, and what to log; it is to be closed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Refused(pub(crate) Refusal, pub(crate) String);
@@ -640,19 +644,25 @@ impl<B: Backend> ServerCore<B> {
             // Charged as if it swaps: whether it does is the backend's to
             // decide.
             Request::CompareSet { key, desired, .. } => write(key, old(key), desired.len()),
-            // A counter's value stays a few bytes long: only a new one counts.
+            // Charged for the longest a counter's value can be (its new
+            // value is the backend's to compute).
             Request::Add { key, .. } | Request::Barrier { key, .. } => {
-                if old(key).is_none() {
-                    write(key, None, 1);
-                }
+                let before = old(key);
+                write(key, before, before.unwrap_or(0).max(MAX_COUNTER_LEN));
             }
             Request::Append { key, value } => {
                 let before = old(key);
                 write(key, before, before.unwrap_or(0) + value.len());
             }
+            // Charged for the state the whole request leaves: a key named
+            // again is written once, with its last value (as it applies).
             Request::MultiSet { pairs } => {
+                let mut last: HashMap<&[u8], usize> = HashMap::with_capacity(pairs.len());
                 for (key, value) in pairs {
-                    write(key, old(key), value.len());
+                    last.insert(&key[..], value.len());
+                }
+                for (key, len) in last {
+                    write(key, old(key), len);
                 }
             }
             Request::QueuePush { key, value } => {

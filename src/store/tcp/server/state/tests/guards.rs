@@ -328,3 +328,68 @@ fn queues_count_against_both_quotas_whatever_else_the_key_holds() {
     c.publish();
     assert!(c.metrics().render().contains("distcore_keys 2\n"));
 }
+
+/// A random write over a few keys: every writing command, with keys
+/// repeated within a MULTI_SET, values from empty to past the quota.
+fn random_write(rng: &mut fastrand::Rng) -> Vec<u8> {
+    let key = |rng: &mut fastrand::Rng| format!("/{}", ["a", "b", "c", "q"][rng.usize(..4)]);
+    let value = |rng: &mut fastrand::Rng| vec![7u8; [0, 1, 10, 60, 200][rng.usize(..5)]];
+    match rng.usize(..7) {
+        0 => set(&key(rng), &value(rng)),
+        1 => {
+            let n = rng.usize(1..=6);
+            let mut e = Encoder::request(Command::MultiSet).u64(n as u64);
+            for _ in 0..n {
+                e = e.bytes(key(rng).as_bytes()).bytes(&value(rng));
+            }
+            e.finish()
+        }
+        2 => Encoder::request(Command::Append)
+            .bytes(key(rng).as_bytes())
+            .bytes(&value(rng))
+            .finish(),
+        3 => Encoder::request(Command::Add)
+            .bytes(key(rng).as_bytes())
+            .u64([1, 1 << 20, 1 << 60][rng.usize(..3)])
+            .finish(),
+        4 => Encoder::request(Command::CompareSet)
+            .bytes(key(rng).as_bytes())
+            .bytes(b"")
+            .bytes(&value(rng))
+            .finish(),
+        5 => Encoder::request(Command::QueuePush)
+            .bytes(key(rng).as_bytes())
+            .bytes(&value(rng))
+            .finish(),
+        _ => Encoder::request(Command::DeleteKey)
+            .bytes(key(rng).as_bytes())
+            .finish(),
+    }
+}
+
+/// Whatever writes clients send, in any order and with keys repeated in
+/// one request, the store never ends a request above a quota.
+#[test]
+fn no_sequence_of_writes_ends_above_a_quota() {
+    let mut rng = fastrand::Rng::with_seed(0x0071_756f_7461);
+    for _ in 0..300 {
+        let (max_keys, max_bytes) = (rng.usize(1..=3), rng.u64(50..=300));
+        let mut c = quota_core(Quotas {
+            max_keys: Some(max_keys),
+            max_stored_bytes: Some(max_bytes),
+            ..Quotas::default()
+        });
+        open_v2(&mut c, 0);
+        for _ in 0..40 {
+            let request = random_write(&mut rng);
+            c.receive(0, &request)
+                .expect("served or refused in a reply");
+            replies(&mut c, 0);
+            let usage = c.backend.usage();
+            assert!(
+                usage.keys <= max_keys && usage.bytes <= max_bytes,
+                "{usage:?} over {max_keys} keys / {max_bytes} bytes after {request:?}"
+            );
+        }
+    }
+}
