@@ -15,6 +15,7 @@ pub mod ffi;
 mod fork;
 pub mod logging;
 mod outbox;
+pub mod printable;
 pub mod profiler;
 mod reactor;
 pub mod rpc;

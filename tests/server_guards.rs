@@ -325,3 +325,34 @@ fn metric(metrics: &str, name: &str) -> u64 {
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
 }
+
+#[test]
+fn a_key_full_of_control_characters_never_reaches_the_operators_terminal() {
+    let serve = Serve::start();
+    let store = client("127.0.0.1", serve.port, None).unwrap();
+    // Retitles the terminal, clears it and forges a line of output.
+    let hostile = "\x1b]0;owned\x07\x1b[2J\rfake: 0 keys\nx";
+    store.set(hostile, b"v").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_distcore"))
+        .args(["inspect", &format!("127.0.0.1:{}", serve.port)])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let report = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !report.contains(['\x1b', '\x07', '\r']),
+        "control characters printed: {report:?}"
+    );
+    assert!(
+        report
+            .lines()
+            .any(|l| l.starts_with("\\u{1b}]0;owned\\u{7}\\u{1b}[2J\\rfake: 0 keys\\nx ")),
+        "{report}"
+    );
+    // Error messages quote it the same way.
+    let e = store
+        .wait(&[hostile, "absent"], Some(Duration::from_millis(50)))
+        .unwrap_err();
+    assert!(!e.message().contains(['\x1b', '\r', '\n']), "{e:?}");
+    assert!(e.message().contains("\\u{1b}[2J"), "{e}");
+}

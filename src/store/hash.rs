@@ -9,6 +9,7 @@ use super::kv::KvTable;
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
 use crate::bigbuf::check_allocatable;
 use crate::error::{Error, Result, Status};
+use crate::printable::printable;
 use crate::timeout::{deadline_after, wait_until, DEFAULT_STORE_TIMEOUT};
 use crate::work::{Promise, Work};
 
@@ -313,7 +314,12 @@ impl Store for HashStore {
         table
             .queue_pop(key.as_bytes())
             .map(|v| v.to_vec())
-            .ok_or_else(|| Error::new(Status::QueueEmpty, format!("queue '{key}' is empty")))
+            .ok_or_else(|| {
+                Error::new(
+                    Status::QueueEmpty,
+                    format!("queue '{}' is empty", printable(key.as_bytes())),
+                )
+            })
     }
 
     fn queue_len(&self, key: &str) -> Result<i64> {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use super::packed::{record_len, PackedMap, MAX_RECORD};
 use crate::error::{Error, Result};
+use crate::printable::printable;
 
 /// A stored value, shared rather than copied between readers.
 pub(crate) type Value = Arc<[u8]>;
@@ -221,7 +222,7 @@ pub(crate) fn appended_len(
     if total > max_len {
         return Err(Error::invalid_argument(format!(
             "append: the value of key '{}' would be {total} bytes, over the limit of {max_len}",
-            String::from_utf8_lossy(key),
+            printable(key),
         )));
     }
     Ok(total)
@@ -235,7 +236,7 @@ pub(crate) fn counter_after(key: &[u8], current: Option<&[u8]>, delta: i64) -> R
     current.checked_add(delta).ok_or_else(|| {
         Error::invalid_argument(format!(
             "add: {current} + {delta} overflows a 64-bit counter at key '{}'",
-            String::from_utf8_lossy(key)
+            printable(key)
         ))
     })
 }
@@ -247,7 +248,7 @@ fn parse_counter(key: &[u8], value: &[u8]) -> Result<i64> {
         .ok_or_else(|| {
             Error::invalid_argument(format!(
                 "add: the value of key '{}' is not an integer",
-                String::from_utf8_lossy(key)
+                printable(key)
             ))
         })
 }

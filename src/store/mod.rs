@@ -4,6 +4,8 @@
 use std::any::Any;
 use std::ops::Deref;
 use std::sync::Arc;
+
+use crate::printable::printable;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -200,7 +202,10 @@ pub(crate) fn wait_timeout_error(timeout: Duration, keys: &[&str]) -> Error {
     Error::timeout(format!(
         "wait timeout after {}ms, keys: {}",
         timeout.as_millis(),
-        keys.join(", ")
+        keys.iter()
+            .map(|key| printable(key.as_bytes()))
+            .collect::<Vec<_>>()
+            .join(", ")
     ))
 }
 

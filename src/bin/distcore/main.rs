@@ -13,6 +13,7 @@ mod parameter_server;
 use clap::{Parser, Subcommand};
 use distcore::access::{AccessPolicy, Network};
 use distcore::auth::Secret;
+use distcore::printable::printable;
 use distcore::store::tcp::protocol::Limits;
 use distcore::store::tcp::server::{
     check_tcp_socket, raise_open_files_limit, MetricsEndpoint, ServerBackend,
@@ -741,13 +742,15 @@ fn inspect(
         store.num_keys()?
     );
     for key in keys {
+        // Any bytes a client chose: never written raw to a terminal.
+        let name = printable(key.as_bytes());
         match store.try_get(&key)? {
             Some(value) => println!(
-                "{key:<40} {:>10} B  {}",
+                "{name:<40} {:>10} B  {}",
                 value.len(),
                 preview(&value, width)
             ),
-            None => println!("{key:<40} (deleted meanwhile)"),
+            None => println!("{name:<40} (deleted meanwhile)"),
         }
     }
     Ok(())

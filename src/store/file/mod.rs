@@ -27,6 +27,7 @@ use super::kv::compare_set_swaps;
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
 use crate::bigbuf::{check_allocatable, try_copy};
 use crate::error::{Error, Result, Status};
+use crate::printable::printable;
 use crate::timeout::{deadline_after, DEFAULT_STORE_TIMEOUT};
 
 /// How long a lock attempt backs off between tries.
@@ -70,7 +71,7 @@ fn parse_counter(key: &[u8], value: Option<&Vec<u8>>) -> Result<i64> {
             .ok_or_else(|| {
                 Error::invalid_argument(format!(
                     "add: the value of key '{}' is not an integer",
-                    String::from_utf8_lossy(key)
+                    printable(key)
                 ))
             }),
     }
@@ -298,7 +299,8 @@ impl Store for FileStore {
         let timeout = self.timeout();
         if !self.wait_keys(&[key], timeout)? {
             return Err(Error::timeout(format!(
-                "Timeout waiting for key: {key} after {} ms",
+                "Timeout waiting for key: {} after {} ms",
+                printable(key.as_bytes()),
                 timeout.as_millis()
             )));
         }

@@ -38,6 +38,7 @@ use super::backend::{Backend, Outcome, Present, Report, Ticket, Usage};
 use super::state::ConnId;
 use super::waits::WaitId;
 use crate::error::{Error, Result, Status};
+use crate::printable::printable;
 use crate::store::etcd::{EtcdStore, EtcdStoreOptions, Seen, WatchEnd};
 use crate::store::Store as _;
 
@@ -347,7 +348,7 @@ impl Shared {
                         value.map(Outcome::Int).ok_or_else(|| {
                             Error::invalid_argument(format!(
                                 "add: {delta} overflows a 64-bit counter at key '{}'",
-                                String::from_utf8_lossy(key)
+                                printable(key)
                             ))
                         })
                     })

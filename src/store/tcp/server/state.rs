@@ -33,6 +33,7 @@ use crate::access::Admission;
 use crate::auth::{as_nonce, Nonce, Secret};
 use crate::error::{Error, Result as OpResult};
 use crate::outbox::Outbox;
+use crate::printable::printable;
 
 /// A connection's id: dense, chosen by whoever drives the core.
 pub(crate) type ConnId = usize;
@@ -681,7 +682,7 @@ impl<B: Backend> ServerCore<B> {
             | Request::Add { key, .. }
             | Request::Barrier { key, .. }
             | Request::Append { key, .. }
-            | Request::QueuePush { key, .. } => format!("key '{}'", String::from_utf8_lossy(key)),
+            | Request::QueuePush { key, .. } => format!("key '{}'", printable(key)),
             _ => "the request".to_owned(),
         };
         if let Some(max) = max_keys {
