@@ -311,7 +311,12 @@ impl Client {
                 })
                 .collect();
             let endpoint = self.endpoint();
-            let sent = self.send(&format!("{endpoint}/v3/watch"), &body, remaining);
+            let sent = self.send(
+                &format!("{endpoint}/v3/watch"),
+                &body,
+                remaining,
+                Exchange::Stream,
+            );
             let response = match sent {
                 Ok(r) if r.status().is_success() => r,
                 Ok(r) => {
@@ -380,20 +385,29 @@ impl Client {
 
     /// One POST of a JSON `body` to `url`, bounded by `timeout`; a member
     /// that does not connect or answer within [`MEMBER_SILENCE`] fails it
-    /// sooner.
+    /// sooner. `Exchange::Unary`: so does one that stalls for that long
+    /// while the request is written or its answer read (a watch's stream
+    /// is silent for as long as nothing changes, so that is not bounded).
     fn send(
         &self,
         url: &str,
         body: &str,
         timeout: Duration,
+        exchange: Exchange,
     ) -> std::result::Result<ureq::http::Response<ureq::Body>, ureq::Error> {
         let silence = Some(timeout.min(MEMBER_SILENCE));
-        self.agent
+        let config = self
+            .agent
             .post(url)
             .config()
             .timeout_global(Some(timeout))
             .timeout_connect(silence)
-            .timeout_recv_response(silence)
+            .timeout_recv_response(silence);
+        let config = match exchange {
+            Exchange::Unary => config.timeout_per_write(silence).timeout_per_read(silence),
+            Exchange::Stream => config,
+        };
+        config
             .build()
             .content_type("application/json")
             .send(body.as_bytes())
@@ -452,7 +466,12 @@ impl Client {
                 "etcd {path}: no member answered before the deadline"
             ))));
         }
-        let sent = self.send(&format!("{endpoint}{path}"), body, remaining);
+        let sent = self.send(
+            &format!("{endpoint}{path}"),
+            body,
+            remaining,
+            Exchange::Unary,
+        );
         let mut response = match sent {
             Ok(response) => response,
             Err(e) => {
@@ -474,6 +493,12 @@ impl Client {
             .read_json()
         {
             Ok(reply) => reply,
+            // The member went silent mid-answer: its outcome is unknown.
+            Err(e) if is_timeout(&e) => {
+                return Err(Failed::sent(Error::timeout(format!(
+                    "etcd {path} on {endpoint}: {e}"
+                ))))
+            }
             Err(e) if status.is_server_error() => {
                 return Err(Failed::sent(Error::network(format!(
                     "etcd {path} on {endpoint}: HTTP {status}: {e}"
@@ -516,6 +541,13 @@ impl Client {
             );
         }
     }
+}
+
+/// What a request's answer is: one reply, or a watch's stream.
+#[derive(Clone, Copy)]
+enum Exchange {
+    Unary,
+    Stream,
 }
 
 /// An attempt that got no answer another attempt could not change.
