@@ -237,3 +237,16 @@ fn listen_fd_takes_only_a_tcp_socket() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected a descriptor number"));
 }
+
+#[test]
+fn an_allow_list_naming_no_network_is_refused_not_read_as_everyone() {
+    for flag in ["--allow=", "--allow= , ", "--allow-unauthenticated="] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_distcore"))
+            .args(["serve", "--port", "0", flag])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("names no network"), "{flag}: {stderr}");
+    }
+}

@@ -296,10 +296,16 @@ struct Guards {
 #[derive(Clone)]
 struct Networks(Vec<Network>);
 
+/// A list naming no network is refused: `--allow ""` must not mean
+/// "every network" (to let any in, leave the option out).
 fn parse_networks(text: &str) -> std::result::Result<Networks, String> {
-    Network::parse_list(text)
-        .map(Networks)
-        .map_err(|e| e.message().to_owned())
+    match Network::parse_list(text) {
+        Ok(list) if list.is_empty() => Err(format!(
+            "'{text}' names no network (leave the option out instead)"
+        )),
+        Ok(list) => Ok(Networks(list)),
+        Err(e) => Err(e.message().to_owned()),
+    }
 }
 
 /// `println!` for a long-running server: a reader that went away (a
