@@ -4,11 +4,10 @@
 use std::any::Any;
 use std::ops::Deref;
 use std::sync::Arc;
-
-use crate::printable::printable;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::printable::printable;
 use crate::work::Work;
 
 pub mod background;

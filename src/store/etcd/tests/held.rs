@@ -131,8 +131,20 @@ fn a_write_held_by_a_paused_member_never_lands_after_a_later_one() {
         "the writes waited for the silent member: they were held"
     );
     cluster.signal(follower, "CONT");
-    // The member catches up and forwards what it held.
-    thread::sleep(Duration::from_secs(3));
+    // The member forwards what it held as it resumes, before a request
+    // sent to it afterwards: once one is answered, the late copies are in.
+    let through_member = EtcdStoreOptions {
+        endpoints: vec![options.endpoints[0].clone()],
+        ..options.clone()
+    };
+    loop {
+        let synced = EtcdStore::new(through_member.clone()).and_then(|s| s.set("synced", b""));
+        match synced {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline + Duration::from_secs(30), "{e}"),
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
     let store = open();
     assert_eq!(store.get("k").unwrap(), b"v2");
     assert_eq!(
