@@ -408,8 +408,11 @@ typedef struct {
   // Since 1.2. Server with a secret: networks whose clients need not
   // authenticate (PyTorch's clients cannot), as `allow`.
   const char *allow_unauthenticated;
-  // Since 1.2. Server: most open connections; 0: no limit. Further
-  // ones are closed as soon as they are accepted.
+  // Since 1.2. Server: most open connections being served; 0: no
+  // limit. Further ones are closed as soon as they are accepted. With a
+  // secret or TLS, a connection counts once through its handshake (TLS,
+  // authentication); until then it is one of at most 128 in their
+  // handshake, each closed if not through within 10 s.
   uint64_t max_connections;
   // Since 1.2. Server: most keys holding a value or a queue; 0: no
   // limit. A write past it is refused: DC_ERR_QUOTA_EXCEEDED, except

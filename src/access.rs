@@ -7,6 +7,7 @@
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::time::Duration;
 
 use crate::auth::Secret;
 use crate::error::{Error, Result};
@@ -129,6 +130,33 @@ pub struct AccessPolicy {
     /// `allow_unauthenticated` networks (others may only learn that TLS is
     /// required). `None`: everything in clear, as PyTorch.
     pub tls: Option<TlsServer>,
+    /// How long, and how many at once, connections may take to prove
+    /// what the policy asks (with a secret or TLS).
+    pub handshakes: HandshakeLimits,
+}
+
+/// What connections still in their handshake may take of a server with a
+/// secret or TLS: until a connection has authenticated (and finished its
+/// TLS handshake), it counts against `max_pending` rather than the
+/// connection quota, and it is closed if it has not finished within
+/// `timeout`. So strangers who connect and stay silent can neither hold
+/// the server's connections nor its memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// Time from accept to the end of the handshake (default 10 s).
+    pub timeout: Duration,
+    /// Connections in their handshake at once (default 128); one more is
+    /// closed as soon as it is accepted.
+    pub max_pending: usize,
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        HandshakeLimits {
+            timeout: Duration::from_secs(10),
+            max_pending: 128,
+        }
+    }
 }
 
 /// What a server does with a new connection, by its peer's address.
@@ -165,8 +193,14 @@ impl AccessPolicy {
 
     /// Refuses a policy that would not do what it says: networks exempt
     /// from authentication and TLS on a server with neither (every client
-    /// would be).
+    /// would be), and handshake limits of zero (no client could connect).
     pub fn check(&self) -> Result<()> {
+        if self.handshakes.timeout.is_zero() || self.handshakes.max_pending == 0 {
+            return Err(Error::invalid_argument(
+                "the handshake timeout (--handshake-timeout) and the number of connections \
+                 in their handshake (--max-handshakes) must be above zero",
+            ));
+        }
         if self.secret.is_none() && self.tls.is_none() && !self.allow_unauthenticated.is_empty() {
             return Err(Error::invalid_argument(
                 "networks let in without authentication (allow_unauthenticated, \
@@ -175,6 +209,12 @@ impl AccessPolicy {
             ));
         }
         Ok(())
+    }
+
+    /// Whether some connections must prove something (a secret, TLS)
+    /// before they are served: the [`HandshakeLimits`] apply.
+    pub fn requires_handshake(&self) -> bool {
+        self.secret.is_some() || self.tls.is_some()
     }
 
     /// One line for logs: what the policy lets in.
@@ -265,7 +305,7 @@ mod tests {
             allow: Network::parse_list("10.0.0.0/8,127.0.0.1").unwrap(),
             secret: Some(Secret::new(b"s3cret-s3cret".to_vec()).unwrap()),
             allow_unauthenticated: Network::parse_list("10.9.0.0/16").unwrap(),
-            tls: None,
+            ..AccessPolicy::default()
         };
         assert_eq!(policy.admit(ip("192.168.1.1"), false), Admission::Refused);
         assert_eq!(
@@ -316,5 +356,13 @@ mod tests {
             ..AccessPolicy::default()
         };
         assert!(without_either.check().is_err());
+        let no_time = AccessPolicy {
+            handshakes: HandshakeLimits {
+                timeout: Duration::ZERO,
+                ..HandshakeLimits::default()
+            },
+            ..AccessPolicy::default()
+        };
+        assert!(no_time.check().is_err(), "no client could connect");
     }
 }

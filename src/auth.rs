@@ -20,6 +20,9 @@ use crate::error::{Error, Result};
 /// Bytes of a challenge or of a client nonce.
 pub(crate) const NONCE_LEN: usize = 32;
 
+/// Bytes of a proof (an HMAC-SHA256).
+pub(crate) const PROOF_LEN: usize = 32;
+
 /// A random challenge or client nonce.
 pub(crate) type Nonce = [u8; NONCE_LEN];
 
@@ -162,7 +165,7 @@ mod tests {
         let (challenge, mine) = (nonce().unwrap(), nonce().unwrap());
         assert_ne!(challenge, mine);
         let proof = secret.client_proof(&challenge, &mine);
-        assert_eq!(proof.len(), 32, "an HMAC-SHA256");
+        assert_eq!(proof.len(), PROOF_LEN, "an HMAC-SHA256");
         assert!(secret.check_client(&challenge, &mine, &proof));
         assert!(
             !other.check_client(&challenge, &mine, &proof),

@@ -4,7 +4,8 @@
 //! Installed the first time a handle is made, unless the host installed
 //! its own `log` logger. The stderr level comes from `DISTCORE_LOG` (off,
 //! error, warn, info, debug, trace; default warn); a sink comes with its
-//! own level.
+//! own level. Either gets distcore's own lines only (targets `distcore`
+//! and `distcore::...`), never its dependencies' (mio's, rustls's).
 
 use std::io::Write;
 use std::sync::Once;
@@ -79,7 +80,7 @@ struct Logger {
 
 impl Log for Logger {
     fn enabled(&self, metadata: &Metadata<'_>) -> bool {
-        metadata.level() <= log::max_level()
+        metadata.level() <= log::max_level() && is_distcore(metadata.target())
     }
 
     fn log(&self, record: &Record<'_>) {
@@ -109,6 +110,13 @@ impl Log for Logger {
     }
 
     fn flush(&self) {}
+}
+
+/// Whether a line with `target` is distcore's (its module path).
+fn is_distcore(target: &str) -> bool {
+    target
+        .strip_prefix("distcore")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
 }
 
 thread_local! {
@@ -203,6 +211,15 @@ impl Throttle {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn only_distcores_lines_are_delivered() {
+        assert!(is_distcore("distcore"));
+        assert!(is_distcore("distcore::store::tcp::server"));
+        assert!(!is_distcore("mio::poll"));
+        assert!(!is_distcore("rustls::server::hs"));
+        assert!(!is_distcore("distcore_plugin"), "another crate");
+    }
 
     #[test]
     fn a_throttle_lets_one_line_through_per_interval_and_counts_the_rest() {

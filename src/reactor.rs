@@ -79,6 +79,14 @@ impl<C> ConnTable<C> {
         Some(conn)
     }
 
+    /// Every connection, with its token.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (Token, &mut C)> {
+        self.slots
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, slot)| Some((Token(FIRST_CONN + i), slot.as_mut()?)))
+    }
+
     /// The index of `token` among connections (0, 1, ...): a dense id for
     /// tables kept beside this one.
     pub(crate) fn index(token: Token) -> Option<usize> {

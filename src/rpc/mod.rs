@@ -25,6 +25,7 @@ use self::pool::Pool;
 use self::rref::{RRef, UserRRef};
 use crate::auth::Secret;
 use crate::error::{Error, Result, Status};
+use crate::printable::printable;
 use crate::store::{elastic, Store};
 use crate::tls::{TlsClient, TlsServer};
 use crate::work::Work;
@@ -172,6 +173,10 @@ impl Rpc {
             options.rpc_timeout,
         )?;
         let workers = parse_workers(&all)?;
+        log::info!(
+            "RPC worker '{}' (rank {rank}) joined a group of {world_size} on {addr}",
+            printable(name.as_bytes())
+        );
         agent.set_peers(workers.clone());
         Ok(Arc::new(Rpc {
             me: workers[usize::from(rank)].clone(),
@@ -391,6 +396,11 @@ impl Rpc {
         };
         self.stopped.store(true, Ordering::SeqCst);
         self.agent.shutdown();
+        log::info!(
+            "RPC worker '{}' (rank {}) left its group",
+            printable(self.me.name.as_bytes()),
+            self.me.id
+        );
         outcome?;
         if graceful {
             self.ctx.check_rref_leaks(self.options.ignore_rref_leak)?;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 mod parameter_server;
 
 use clap::{Parser, Subcommand};
-use distcore::access::{AccessPolicy, Network};
+use distcore::access::{AccessPolicy, HandshakeLimits, Network};
 use distcore::auth::Secret;
 use distcore::printable::printable;
 use distcore::store::tcp::protocol::Limits;
@@ -277,9 +277,20 @@ struct Guards {
     allow_unauthenticated: Option<Networks>,
     #[command(flatten)]
     tls: TlsArgs,
-    /// Most open connections (further ones are closed at once).
+    /// Most open connections being served (further ones are closed at
+    /// once); with a secret or TLS, connections still in their handshake
+    /// count against --max-handshakes instead.
     #[arg(long)]
     max_connections: Option<usize>,
+    /// With a secret or TLS: most connections in their handshake at once
+    /// (not yet through TLS and authentication; further ones are closed at
+    /// once).
+    #[arg(long, default_value_t = HandshakeLimits::default().max_pending)]
+    max_handshakes: usize,
+    /// With a secret or TLS: seconds a connection has to finish its
+    /// handshake (TLS and authentication) before it is closed.
+    #[arg(long, value_parser = parse_seconds, default_value = "10")]
+    handshake_timeout: Duration,
     /// Most keys holding a value or a queue (writes past it are refused).
     #[arg(long)]
     max_keys: Option<usize>,
@@ -287,7 +298,8 @@ struct Guards {
     /// refused).
     #[arg(long)]
     max_stored_bytes: Option<u64>,
-    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics (to peers --allow
+    /// admits).
     #[arg(long)]
     metrics: Option<std::net::SocketAddr>,
 }
@@ -306,6 +318,15 @@ fn parse_networks(text: &str) -> std::result::Result<Networks, String> {
         Ok(list) => Ok(Networks(list)),
         Err(e) => Err(e.message().to_owned()),
     }
+}
+
+/// A duration in seconds, fractions allowed (`0.5`), above zero.
+fn parse_seconds(text: &str) -> std::result::Result<Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .ok_or_else(|| format!("'{text}' is not a number of seconds above zero"))
 }
 
 /// `println!` for a long-running server: a reader that went away (a
@@ -370,6 +391,10 @@ fn main() -> ExitCode {
                             .map(|n| n.0)
                             .unwrap_or_default(),
                         tls,
+                        handshakes: HandshakeLimits {
+                            timeout: guards.handshake_timeout,
+                            max_pending: guards.max_handshakes,
+                        },
                     },
                     quotas: Quotas {
                         max_connections: guards.max_connections,
@@ -634,6 +659,7 @@ fn serve(
         }
     };
     let who = options.access.describe();
+    let allow = options.access.allow.clone();
     let server_secret = options.access.secret.clone();
     let reach = match options.bind_address {
         Some(ip) if ip.is_loopback() => "loopback only: --host to serve other machines",
@@ -650,7 +676,7 @@ fn serve(
     say!("distcore: serving {who}");
     let _endpoint = match metrics {
         Some(addr) => {
-            let endpoint = MetricsEndpoint::start(addr, server.metrics_source())?;
+            let endpoint = MetricsEndpoint::start(addr, server.metrics_source(), &allow)?;
             say!(
                 "distcore: metrics at http://{}/metrics",
                 endpoint.local_addr()

@@ -127,6 +127,7 @@ fn start_server(options: &TcpStoreOptions) -> Result<Arc<Server>> {
             secret: options.secret.clone(),
             allow_unauthenticated: options.allow_unauthenticated.clone(),
             tls: options.tls_server.clone(),
+            ..AccessPolicy::default()
         },
         quotas: options.quotas,
         ..ServerOptions::default()

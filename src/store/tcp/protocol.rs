@@ -5,7 +5,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::auth::{Nonce, NONCE_LEN};
+use crate::auth::{Nonce, NONCE_LEN, PROOF_LEN};
 
 /// The magic number a connection sends with VALIDATE.
 pub(crate) const VALIDATE_MAGIC: u32 = 0x3C85_F7CE;
@@ -271,6 +271,19 @@ pub struct Limits {
 pub(crate) const DEFAULT_MAX_VALUE_LEN: usize = 64 << 20;
 
 impl Limits {
+    /// What a connection still in its handshake may send (VALIDATE, PING,
+    /// and AUTH with its client nonce and proof): 81 bytes at most.
+    pub(crate) const HANDSHAKE: Limits = Limits {
+        max_key_len: if NONCE_LEN > PROOF_LEN {
+            NONCE_LEN
+        } else {
+            PROOF_LEN
+        },
+        max_value_len: 0,
+        max_keys_per_request: 0,
+        max_request_len: 1 + (8 + NONCE_LEN) + (8 + PROOF_LEN),
+    };
+
     /// The default limits with values up to `max_value_len` bytes (and
     /// requests up to twice that).
     pub fn with_max_value_len(max_value_len: usize) -> Limits {

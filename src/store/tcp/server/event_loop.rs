@@ -8,7 +8,10 @@
 //!
 //! On a server with TLS, a connection's first byte tells whether it speaks
 //! TLS (a handshake record) or TCPStore's protocol in clear; in clear, the
-//! core serves it only as the access policy allows.
+//! core serves it only as the access policy allows, and over TLS once its
+//! TLS handshake is through. Connections in their handshake are read a
+//! little at a time and closed at their deadline, which the loop wakes
+//! for (see the core).
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,8 +23,8 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Registry, Token};
 
 use super::backend::Backend;
-use super::metrics::{Quota, Refusal};
-use super::state::{Refused, ServerCore};
+use super::metrics::Refusal;
+use super::state::{Refused, ServerCore, HANDSHAKE_READ};
 use crate::access::{AccessPolicy, Admission};
 use crate::logging::Throttle;
 use crate::outbox::Outbox;
@@ -40,6 +43,8 @@ enum Security {
     /// Not known until its first byte arrives (a server with TLS).
     Undecided,
     Clear,
+    /// TLS, its handshake not through yet.
+    TlsHandshake(Box<Session>),
     Tls(Box<Session>),
 }
 
@@ -74,8 +79,8 @@ impl Conn {
 impl Security {
     fn session(&mut self) -> Option<&mut Session> {
         match self {
-            Security::Tls(session) => Some(session),
-            _ => None,
+            Security::Tls(session) | Security::TlsHandshake(session) => Some(session),
+            Security::Undecided | Security::Clear => None,
         }
     }
 }
@@ -100,7 +105,6 @@ pub(super) struct EventLoop<B> {
     refusals: Throttle,
     stop: Arc<AtomicBool>,
     access: AccessPolicy,
-    max_connections: Option<usize>,
 }
 
 impl<B: Backend> EventLoop<B> {
@@ -110,7 +114,6 @@ impl<B: Backend> EventLoop<B> {
         core: ServerCore<B>,
         stop: Arc<AtomicBool>,
         access: AccessPolicy,
-        max_connections: Option<usize>,
     ) -> EventLoop<B> {
         EventLoop {
             poll,
@@ -123,7 +126,6 @@ impl<B: Backend> EventLoop<B> {
             refusals: Throttle::new(WARN_INTERVAL),
             stop,
             access,
-            max_connections,
         }
     }
 
@@ -131,7 +133,11 @@ impl<B: Backend> EventLoop<B> {
         let mut events = Events::with_capacity(1024);
         while !self.stop.load(Ordering::SeqCst) {
             let timeout = if self.ready.is_empty() {
-                self.accept_retry
+                let deadline = self.core.next_handshake_deadline();
+                [self.accept_retry, deadline]
+                    .into_iter()
+                    .flatten()
+                    .min()
                     .map(|at| at.saturating_duration_since(Instant::now()))
             } else {
                 Some(Duration::ZERO)
@@ -160,8 +166,12 @@ impl<B: Backend> EventLoop<B> {
                     }
                 }
             }
-            if self.accept_retry.is_some_and(|at| at <= Instant::now()) {
+            let now = Instant::now();
+            if self.accept_retry.is_some_and(|at| at <= now) {
                 self.accept();
+            }
+            for (id, refused) in self.core.expire_handshakes(now) {
+                self.close(conn_token(id), Close::Refused(refused));
             }
             for token in std::mem::take(&mut self.ready) {
                 self.serve(token);
@@ -176,21 +186,21 @@ impl<B: Backend> EventLoop<B> {
     fn accept(&mut self) {
         let registry = self.poll.registry();
         let (conns, core) = (&mut self.conns, &mut self.core);
-        let (access, max_connections) = (&self.access, self.max_connections);
+        let access = &self.access;
         let refusals = &mut self.refusals;
-        self.accept_retry = self.acceptor.accept(Instant::now(), |mut stream, peer| {
-            let admission = access.admit(peer.ip(), false);
-            if admission == Admission::Refused {
-                let why = "its address is not in the allow-list (--allow)";
-                return refuse(core, refusals, Refusal::NotAllowed, peer, why);
-            }
-            if max_connections.is_some_and(|max| core.open_connections() >= max) {
-                core.metrics().over_quota(Quota::Connections);
-                let why = format!(
-                    "the server holds its maximum of {} connections",
-                    max_connections.unwrap_or(0)
-                );
-                return refuse(core, refusals, Refusal::ConnectionQuota, peer, &why);
+        let now = Instant::now();
+        self.accept_retry = self.acceptor.accept(now, |mut stream, peer| {
+            let admission = match access.admit(peer.ip(), false) {
+                Admission::Refused => {
+                    let why = "its address is not in the allow-list (--allow)";
+                    return refuse(core, refusals, Refusal::NotAllowed, peer, why);
+                }
+                // In its handshake until its first byte tells TLS from clear.
+                _ if access.tls.is_some() => Admission::MustUseTls,
+                admission => admission,
+            };
+            if let Err(Refused(kind, why)) = core.room_for(admission) {
+                return refuse(core, refusals, kind, peer, &why);
             }
             let challenge = match access.secret.as_ref().map(|_| crate::auth::nonce()) {
                 None => None,
@@ -218,7 +228,7 @@ impl<B: Backend> EventLoop<B> {
                 paused: false,
             });
             if let Some(id) = ConnTable::<Conn>::index(token) {
-                core.connect_as(id, admission, challenge);
+                core.connect_as(id, admission, challenge, now);
                 core.metrics().accepted();
             }
         });
@@ -270,30 +280,43 @@ impl<B: Backend> EventLoop<B> {
                     .as_ref()
                     .filter(|_| byte == HANDSHAKE_RECORD)
                 {
-                    None => conn.security = Security::Clear,
-                    Some(server) => {
-                        match server.session() {
-                            Ok(session) => conn.security = Security::Tls(Box::new(session)),
-                            Err(e) => {
-                                let refused = Refused(Refusal::TlsFailed, e.message().to_owned());
-                                return self.close(token, Close::Refused(refused));
-                            }
+                    None => {
+                        conn.security = Security::Clear;
+                        let admission = self.access.admit(conn.peer.ip(), false);
+                        if let Err(refused) = self.core.secure(id, admission) {
+                            return self.close(token, Close::Refused(refused));
                         }
-                        let admission = self.access.admit(conn.peer.ip(), true);
-                        self.core.secure(id, admission);
                     }
+                    Some(server) => match server.session() {
+                        Ok(session) => conn.security = Security::TlsHandshake(Box::new(session)),
+                        Err(e) => {
+                            let refused = Refused(Refusal::TlsFailed, e.message().to_owned());
+                            return self.close(token, Close::Refused(refused));
+                        }
+                    },
                 },
                 Err(e) => return self.close(token, Close::Io(e)),
             }
         }
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        let chunk = if self.core.in_handshake(id) {
+            HANDSHAKE_READ
+        } else {
+            READ_CHUNK
+        };
         let mut wire = conn.wire();
         let (read, wanted, direct) = match self.core.direct_target(id) {
             Some(target) => {
                 let wanted = target.len().min(DIRECT_CHUNK);
                 (wire.recv_into(&mut target[..wanted]), wanted, true)
             }
-            None => (wire.recv_into(&mut self.scratch), READ_CHUNK, false),
+            None => (wire.recv_into(&mut self.scratch[..chunk]), chunk, false),
         };
+        if let Err(refused) = self.tls_handshake_ended(token, id) {
+            return self.close(token, Close::Refused(refused));
+        }
         let more = match read {
             Ok(0) => return self.close(token, Close::PeerClosed),
             Ok(n) => {
@@ -323,6 +346,27 @@ impl<B: Backend> EventLoop<B> {
         if more {
             self.mark_ready(token);
         }
+    }
+
+    /// Admits connection `id` as its TLS handshake allows, once that is
+    /// through (before the core sees a byte of what it sent over TLS).
+    fn tls_handshake_ended(&mut self, token: Token, id: usize) -> Result<(), Refused> {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return Ok(());
+        };
+        let through = match &conn.security {
+            Security::TlsHandshake(session) => !session.is_handshaking(),
+            _ => false,
+        };
+        if !through {
+            return Ok(());
+        }
+        let security = std::mem::replace(&mut conn.security, Security::Clear);
+        if let Security::TlsHandshake(session) = security {
+            conn.security = Security::Tls(session);
+        }
+        self.core
+            .secure(id, self.access.admit(conn.peer.ip(), true))
     }
 
     /// Writes what `token`'s connection has queued; once its replies have

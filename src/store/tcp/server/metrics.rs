@@ -45,6 +45,9 @@ pub(crate) enum Refusal {
     /// Its TLS handshake failed (no certificate or one not trusted, or no
     /// TLS at all).
     TlsFailed,
+    /// It had not finished its handshake (TLS, authentication) within the
+    /// handshake timeout.
+    HandshakeTimeout,
     /// It broke the protocol (a bad magic, an unknown command, a request
     /// over the limits).
     Malformed,
@@ -54,7 +57,7 @@ pub(crate) enum Refusal {
 }
 
 impl Refusal {
-    const ALL: [(Refusal, &'static str); 9] = [
+    const ALL: [(Refusal, &'static str); 10] = [
         (Refusal::NotAllowed, "not_allowed"),
         (Refusal::ConnectionQuota, "connection_quota"),
         (Refusal::OutOfDescriptors, "out_of_descriptors"),
@@ -62,6 +65,7 @@ impl Refusal {
         (Refusal::AuthenticationFailed, "authentication_failed"),
         (Refusal::Plaintext, "plaintext"),
         (Refusal::TlsFailed, "tls_failed"),
+        (Refusal::HandshakeTimeout, "handshake_timeout"),
         (Refusal::Malformed, "malformed"),
         (Refusal::RequestFailed, "request_failed"),
     ];
@@ -75,7 +79,8 @@ impl Refusal {
 /// What a connection has shown itself to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ConnKind {
-    /// Not validated yet.
+    /// Not validated yet, or not yet through what the server requires
+    /// (authentication, TLS).
     Handshake,
     /// Validated, without distcore's extensions (a PyTorch client).
     PyTorch,
@@ -100,13 +105,16 @@ impl ConnKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Quota {
     Connections,
+    /// Connections still in their handshake.
+    Handshakes,
     Keys,
     StoredBytes,
 }
 
 impl Quota {
-    const ALL: [(Quota, &'static str); 3] = [
+    const ALL: [(Quota, &'static str); 4] = [
         (Quota::Connections, "connections"),
+        (Quota::Handshakes, "handshakes"),
         (Quota::Keys, "keys"),
         (Quota::StoredBytes, "stored_bytes"),
     ];
@@ -116,9 +124,10 @@ impl Quota {
         self as usize
     }
 
-    fn limit(self, quotas: &Quotas) -> Option<u64> {
+    fn limit(self, quotas: &Quotas, max_handshakes: Option<usize>) -> Option<u64> {
         match self {
             Quota::Connections => quotas.max_connections.map(|n| n as u64),
+            Quota::Handshakes => max_handshakes.map(|n| n as u64),
             Quota::Keys => quotas.max_keys.map(|n| n as u64),
             Quota::StoredBytes => quotas.max_stored_bytes,
         }
@@ -169,6 +178,9 @@ const COMMANDS: usize = Command::ALL.len();
 /// A server's counters and gauges.
 pub(crate) struct Metrics {
     quotas: Quotas,
+    /// The budget of connections in their handshake, on a server that
+    /// has one (a secret or TLS).
+    max_handshakes: Option<usize>,
     requests: [AtomicU64; COMMANDS],
     errors: [AtomicU64; COMMANDS],
     durations: [Histogram; COMMANDS],
@@ -205,10 +217,12 @@ impl Gauges {
 }
 
 impl Metrics {
-    /// Zeroed metrics of a server enforcing `quotas`.
-    pub(crate) fn new(quotas: Quotas) -> Metrics {
+    /// Zeroed metrics of a server enforcing `quotas`, and `max_handshakes`
+    /// if connections have something to prove.
+    pub(crate) fn new(quotas: Quotas, max_handshakes: Option<usize>) -> Metrics {
         Metrics {
             quotas,
+            max_handshakes,
             requests: counters(),
             errors: counters(),
             durations: std::array::from_fn(|_| Histogram::default()),
@@ -413,7 +427,7 @@ impl Metrics {
         );
         let limits: Vec<_> = Quota::ALL
             .iter()
-            .filter_map(|(q, name)| Some((*name, q.limit(&self.quotas)?)))
+            .filter_map(|(q, name)| Some((*name, q.limit(&self.quotas, self.max_handshakes)?)))
             .collect();
         if !limits.is_empty() {
             let help = "The quotas the server enforces.";
@@ -487,10 +501,13 @@ mod tests {
 
     #[test]
     fn histograms_are_cumulative_and_counters_labelled() {
-        let m = Metrics::new(Quotas {
-            max_keys: Some(10),
-            ..Quotas::default()
-        });
+        let m = Metrics::new(
+            Quotas {
+                max_keys: Some(10),
+                ..Quotas::default()
+            },
+            Some(128),
+        );
         m.served(Command::Get, Duration::from_micros(3), false);
         m.served(Command::Get, Duration::from_millis(2), true);
         m.served(Command::Get, Duration::from_secs(1000), false);
@@ -508,6 +525,7 @@ mod tests {
             "distcore_request_duration_seconds_count{command=\"get\"} 3",
             "distcore_connections_refused_total{reason=\"not_allowed\"} 1",
             "distcore_quota_limit{quota=\"keys\"} 10",
+            "distcore_quota_limit{quota=\"handshakes\"} 128",
             "distcore_quota_refusals_total{quota=\"keys\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");

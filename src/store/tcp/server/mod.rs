@@ -14,6 +14,15 @@
 //! - bytes read but not yet parsed while paused: at most one read (64 KiB);
 //! - each pending wait: its keys.
 //!
+//! A connection still in its handshake (on a server with a secret or TLS)
+//! holds much less: requests of at most 81 bytes, 4 KiB of unsent replies,
+//! 256 bytes read at a time, and its TLS session; at most
+//! [`max_pending`] of them at once (128 by default), each for at most
+//! [`timeout`] (10 s).
+//!
+//! [`max_pending`]: crate::access::HandshakeLimits::max_pending
+//! [`timeout`]: crate::access::HandshakeLimits::timeout
+//!
 //! Each turn of the loop reads at most 64 KiB from a connection (1 MiB
 //! when receiving a large value straight into place) before serving the
 //! others, and writes a connection's replies as soon as its input has
@@ -82,7 +91,9 @@ pub struct ServerOptions {
 /// metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Quotas {
-    /// Open connections.
+    /// Open connections being served; on a server with a secret or TLS,
+    /// those still in their handshake count against
+    /// [`AccessPolicy::handshakes`] instead, until admitted.
     pub max_connections: Option<usize>,
     /// Keys holding a value or a queue.
     pub max_keys: Option<usize>,
@@ -171,7 +182,23 @@ impl Server {
             .register(acceptor.listener(), LISTENER, Interest::READABLE)
             .map_err(io_error)?;
         let stop = Arc::new(AtomicBool::new(false));
-        let metrics = Arc::new(metrics::Metrics::new(options.quotas));
+        let access = &options.access;
+        let max_handshakes = access
+            .requires_handshake()
+            .then_some(access.handshakes.max_pending);
+        let metrics = Arc::new(metrics::Metrics::new(options.quotas, max_handshakes));
+        let holds = match &options.backend {
+            ServerBackend::Memory => "keys in memory".to_owned(),
+            ServerBackend::Etcd(etcd) => format!(
+                "keys on etcd at {} under {:?}",
+                etcd.endpoints.join(","),
+                etcd.prefix
+            ),
+        };
+        log::info!(
+            "TCPStore server listening on {local_addr}, {holds}; {}",
+            options.access.describe()
+        );
         let run = Running {
             poll,
             acceptor,
@@ -246,6 +273,7 @@ impl Drop for Server {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        log::info!("TCPStore server on {} stopped", self.local_addr);
     }
 }
 
@@ -271,15 +299,10 @@ impl Running {
         let core = state::ServerCore::new(backend, limits, extensions)
             .with_secret(self.access.secret.clone())
             .with_quotas(self.quotas)
+            .with_handshake_limits(self.access.handshakes)
             .with_metrics(self.metrics);
-        let mut event_loop = event_loop::EventLoop::new(
-            self.poll,
-            self.acceptor,
-            core,
-            self.stop,
-            self.access,
-            self.quotas.max_connections,
-        );
+        let mut event_loop =
+            event_loop::EventLoop::new(self.poll, self.acceptor, core, self.stop, self.access);
         std::thread::Builder::new()
             .name(self.thread_name)
             .spawn(move || event_loop.run())

@@ -12,8 +12,17 @@
 //! replies exceed [`OUTPUT_CAP`], or whose request a backend is still
 //! completing, is paused: the core takes no more of its requests until the
 //! replies drain, and the event loop stops reading its socket.
+//!
+//! A connection that must prove something first (authenticate, use TLS)
+//! is in its handshake until it has: it may send VALIDATE, PING and AUTH
+//! only, each read within [`Limits::HANDSHAKE`] (81 bytes); the first byte
+//! of any other request closes it. It counts against the handshake budget
+//! ([`HandshakeLimits::max_pending`]) rather than the connection quota, is
+//! paused past [`HANDSHAKE_OUTPUT_CAP`] of unsent replies, is read
+//! [`HANDSHAKE_READ`] bytes at a time, and is closed if it has not been
+//! admitted within [`HandshakeLimits::timeout`] of its arrival.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,7 +38,7 @@ use super::waits::{WaitId, WaitReply, Waits};
 use super::Quotas;
 #[cfg(test)]
 use super::ServerStats;
-use crate::access::Admission;
+use crate::access::{Admission, HandshakeLimits};
 use crate::auth::{as_nonce, Nonce, Secret};
 use crate::error::{Error, Result as OpResult};
 use crate::outbox::Outbox;
@@ -41,6 +50,14 @@ pub(crate) type ConnId = usize;
 /// Unsent reply bytes above which a connection's requests are no longer
 /// read (one reply may take it past; it resumes once under again).
 pub(crate) const OUTPUT_CAP: usize = 256 << 10;
+
+/// [`OUTPUT_CAP`] for a connection in its handshake, whose replies (the
+/// server's info, PING's and AUTH's) are small.
+pub(crate) const HANDSHAKE_OUTPUT_CAP: usize = 4 << 10;
+
+/// Bytes to read at a time from a connection in its handshake: more than
+/// its requests (VALIDATE, HELLO and AUTH: 91 bytes) need.
+pub(crate) const HANDSHAKE_READ: usize = 256;
 
 /// The longest value a counter can hold (`i64::MIN` in decimal), which
 /// quotas charge an ADD or BARRIER for.
@@ -71,7 +88,7 @@ struct Session {
     waits: Vec<WaitId>,
     /// The request a backend is still completing.
     in_flight: Option<Box<InFlight>>,
-    /// What it has shown itself to be (for the metrics).
+    /// What it has shown itself to be (in the metrics once admitted).
     kind: ConnKind,
     /// What it must do before any request but the handshake's (`Open`
     /// once it has authenticated).
@@ -80,6 +97,8 @@ struct Session {
     challenge: Option<Nonce>,
     /// Paused because its unsent replies passed [`OUTPUT_CAP`].
     throttled: bool,
+    /// Tells this connection from an earlier one with the same id.
+    serial: u64,
 }
 
 /// A request a backend completes later.
@@ -94,7 +113,31 @@ struct InFlight {
 
 impl Session {
     fn paused(&self) -> bool {
-        self.in_flight.is_some() || self.output.queued() > OUTPUT_CAP
+        self.in_flight.is_some() || self.output.queued() > self.output_cap()
+    }
+
+    /// Whether it is through what the server requires (not in its
+    /// handshake).
+    fn admitted(&self) -> bool {
+        self.admission == Admission::Open
+    }
+
+    /// The unsent replies past which it is paused.
+    fn output_cap(&self) -> usize {
+        if self.admitted() {
+            OUTPUT_CAP
+        } else {
+            HANDSHAKE_OUTPUT_CAP
+        }
+    }
+
+    /// Its kind in the metrics: in its handshake until admitted.
+    fn counted_kind(&self) -> ConnKind {
+        if self.admitted() {
+            self.kind
+        } else {
+            ConnKind::Handshake
+        }
     }
 }
 
@@ -105,11 +148,19 @@ pub(crate) struct ServerCore<B> {
     /// The secret clients authenticate with, if any.
     secret: Option<Secret>,
     quotas: Quotas,
+    handshakes: HandshakeLimits,
     metrics: Arc<Metrics>,
     backend: B,
     sessions: Vec<Option<Session>>,
     /// Open connections by kind, and those throttled now.
     gauges: Gauges,
+    /// Connections in their handshake.
+    in_handshake: usize,
+    /// When each connection's handshake must have ended, by arrival (its
+    /// id and serial; stale once it has ended or closed).
+    deadlines: VecDeque<(Instant, ConnId, u64)>,
+    /// The last connection serial handed out.
+    serials: u64,
     waits: Waits,
     /// Connections given output by another connection's request (woken
     /// waits) or by a backend, to flush.
@@ -127,10 +178,14 @@ impl<B: Backend> ServerCore<B> {
             extensions,
             secret: None,
             quotas: Quotas::default(),
-            metrics: Arc::new(Metrics::new(Quotas::default())),
+            handshakes: HandshakeLimits::default(),
+            metrics: Arc::new(Metrics::new(Quotas::default(), None)),
             backend,
             sessions: Vec::new(),
             gauges: Gauges::default(),
+            in_handshake: 0,
+            deadlines: VecDeque::new(),
+            serials: 0,
             waits: Waits::default(),
             woken: Vec::new(),
             tickets: 0,
@@ -143,10 +198,15 @@ impl<B: Backend> ServerCore<B> {
         self
     }
 
-    /// Writes are refused past `quotas` (the connection quota is the
-    /// event loop's).
+    /// Connections and writes are refused past `quotas`.
     pub(crate) fn with_quotas(mut self, quotas: Quotas) -> Self {
         self.quotas = quotas;
+        self
+    }
+
+    /// Connections in their handshake are held to `limits`.
+    pub(crate) fn with_handshake_limits(mut self, limits: HandshakeLimits) -> Self {
+        self.handshakes = limits;
         self
     }
 
@@ -160,25 +220,64 @@ impl<B: Backend> ServerCore<B> {
     /// no challenge to authenticate against.
     #[cfg(test)]
     pub(crate) fn connect(&mut self, id: ConnId) {
-        self.connect_as(id, Admission::Open, None);
+        self.connect_as(id, Admission::Open, None, Instant::now());
     }
 
-    /// A new connection `id` (not in use), admitted as `admission` (not
-    /// `Refused`). One that must authenticate may make no request but
-    /// VALIDATE, PING and AUTH until it proves it holds the secret by
-    /// answering `challenge` (fresh and random for each connection of a
-    /// server with a secret); one that must use TLS, none but VALIDATE and
-    /// PING.
+    /// Whether a connection admitted as `admission` may be accepted now:
+    /// one to serve at once counts against the connection quota, one in
+    /// its handshake against the handshake budget. Counted in the metrics
+    /// when refused.
+    pub(crate) fn room_for(&self, admission: Admission) -> std::result::Result<(), Refused> {
+        if admission == Admission::Open {
+            return self.room_to_admit();
+        }
+        let max = self.handshakes.max_pending;
+        if self.in_handshake < max {
+            return Ok(());
+        }
+        self.metrics.over_quota(Quota::Handshakes);
+        Err(Refused(
+            Refusal::ConnectionQuota,
+            format!("{max} connections are in their handshake, the most the server allows (--max-handshakes)"),
+        ))
+    }
+
+    /// Whether one more connection may be served (the connection quota
+    /// counts those admitted).
+    fn room_to_admit(&self) -> std::result::Result<(), Refused> {
+        let admitted = self.open_connections() - self.in_handshake;
+        match self.quotas.max_connections {
+            Some(max) if admitted >= max => {
+                self.metrics.over_quota(Quota::Connections);
+                Err(Refused(
+                    Refusal::ConnectionQuota,
+                    format!("the server holds its maximum of {max} connections"),
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A new connection `id` (not in use) that arrived at `now`, admitted
+    /// as `admission` (not `Refused`; see [`ServerCore::room_for`]). One
+    /// that must authenticate may make no request but VALIDATE, PING and
+    /// AUTH until it proves it holds the secret by answering `challenge`
+    /// (fresh and random for each connection of a server with a secret);
+    /// one that must use TLS, none but VALIDATE and PING. Either is closed
+    /// by [`ServerCore::expire_handshakes`] if not admitted in time.
     pub(crate) fn connect_as(
         &mut self,
         id: ConnId,
         admission: Admission,
         challenge: Option<Nonce>,
+        now: Instant,
     ) {
         if self.sessions.len() <= id {
             self.sessions.resize_with(id + 1, || None);
         }
         self.disconnect(id);
+        self.serials += 1;
+        let serial = self.serials;
         let previous = self.sessions[id].replace(Session {
             parser: RequestParser::default(),
             stash: Vec::new(),
@@ -192,17 +291,67 @@ impl<B: Backend> ServerCore<B> {
             admission,
             challenge,
             throttled: false,
+            serial,
         });
         debug_assert!(previous.is_none());
         *self.gauges.connections_of(ConnKind::Handshake) += 1;
+        if admission != Admission::Open {
+            self.in_handshake += 1;
+            self.deadlines
+                .push_back((now + self.handshakes.timeout, id, serial));
+        }
     }
 
-    /// Connection `id` turned out to speak TLS (before its first request):
-    /// it is admitted as `admission` instead (see [`ServerCore::connect_as`]).
-    pub(crate) fn secure(&mut self, id: ConnId, admission: Admission) {
-        if let Some(session) = self.session(id) {
-            session.admission = admission;
+    /// What connection `id` is known to be changed (before its first
+    /// request: it is in clear, or through its TLS handshake): it is
+    /// admitted as `admission` instead (see [`ServerCore::connect_as`]).
+    /// Refused when that admits it and the connection quota is full.
+    pub(crate) fn secure(
+        &mut self,
+        id: ConnId,
+        admission: Admission,
+    ) -> std::result::Result<(), Refused> {
+        if admission == Admission::Open {
+            self.room_to_admit()?;
         }
+        self.update(id, |session| session.admission = admission);
+        Ok(())
+    }
+
+    /// Whether connection `id` is in its handshake (read
+    /// [`HANDSHAKE_READ`] bytes at a time).
+    pub(crate) fn in_handshake(&self, id: ConnId) -> bool {
+        self.sessions
+            .get(id)
+            .and_then(Option::as_ref)
+            .is_some_and(|s| !s.admitted())
+    }
+
+    /// When the next handshake deadline falls, if any connection is in its
+    /// handshake (possibly one that has ended since: an early wake-up).
+    pub(crate) fn next_handshake_deadline(&self) -> Option<Instant> {
+        self.deadlines.front().map(|(at, ..)| *at)
+    }
+
+    /// The connections still in their handshake past their deadline, by
+    /// `now`: to close.
+    pub(crate) fn expire_handshakes(&mut self, now: Instant) -> Vec<(ConnId, Refused)> {
+        let mut expired = Vec::new();
+        while let Some(&(at, id, serial)) = self.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            let late = self.sessions.get(id).and_then(Option::as_ref);
+            if late.is_some_and(|s| s.serial == serial && !s.admitted()) {
+                let why = format!(
+                    "it did not finish its handshake within {:?} (--handshake-timeout)",
+                    self.handshakes.timeout
+                );
+                expired.push((id, Refused(Refusal::HandshakeTimeout, why)));
+            }
+        }
+        expired
     }
 
     /// Connection `id` is gone: its waits are cancelled and its state
@@ -212,7 +361,10 @@ impl<B: Backend> ServerCore<B> {
         let Some(session) = self.sessions.get_mut(id).and_then(Option::take) else {
             return;
         };
-        *self.gauges.connections_of(session.kind) -= 1;
+        *self.gauges.connections_of(session.counted_kind()) -= 1;
+        if !session.admitted() {
+            self.in_handshake -= 1;
+        }
         if session.throttled {
             self.gauges.throttled -= 1;
         }
@@ -220,12 +372,24 @@ impl<B: Backend> ServerCore<B> {
 
     /// Connection `id` is now of `kind`.
     fn set_kind(&mut self, id: ConnId, kind: ConnKind) {
+        self.update(id, |session| session.kind = kind);
+    }
+
+    /// Changes the session of `id` by `change`, keeping the count of
+    /// connections by kind and of those in their handshake.
+    fn update(&mut self, id: ConnId, change: impl FnOnce(&mut Session)) {
         let Some(session) = self.sessions.get_mut(id).and_then(Option::as_mut) else {
             return;
         };
-        let before = std::mem::replace(&mut session.kind, kind);
-        *self.gauges.connections_of(before) -= 1;
-        *self.gauges.connections_of(kind) += 1;
+        let (kind, admitted) = (session.counted_kind(), session.admitted());
+        change(session);
+        *self.gauges.connections_of(kind) -= 1;
+        *self.gauges.connections_of(session.counted_kind()) += 1;
+        match (admitted, session.admitted()) {
+            (false, true) => self.in_handshake -= 1,
+            (true, false) => self.in_handshake += 1,
+            _ => {}
+        }
     }
 
     /// Open connections (for the connection quota).
@@ -318,7 +482,6 @@ impl<B: Backend> ServerCore<B> {
 
     fn process(&mut self, id: ConnId, mut data: &[u8]) -> std::result::Result<(), Refused> {
         while !data.is_empty() {
-            let limits = self.limits;
             let Some(session) = self.sessions.get_mut(id).and_then(Option::as_mut) else {
                 return Ok(());
             };
@@ -326,6 +489,17 @@ impl<B: Backend> ServerCore<B> {
                 session.stash.extend_from_slice(data);
                 self.note_throttled(id);
                 return Ok(());
+            }
+            let limits = if session.admitted() {
+                self.limits
+            } else {
+                Limits::HANDSHAKE
+            };
+            if !session.admitted() && session.parser.is_idle() {
+                if let Some((kind, message)) = before_admission(session.admission, data[0]) {
+                    self.tell(id, &Error::permission_denied(message.clone()));
+                    return Err(Refused(kind, message));
+                }
             }
             let (n, request) = session
                 .parser
@@ -467,28 +641,6 @@ impl<B: Backend> ServerCore<B> {
                 command.name()
             )));
         }
-        let handshake = matches!(command, Command::Validate | Command::Ping);
-        let refusal = match session.admission {
-            Admission::MustAuthenticate if !handshake && command != Command::Auth => Some((
-                Refusal::Unauthenticated,
-                format!(
-                    "the server requires authentication: {} before authenticating",
-                    command.name()
-                ),
-            )),
-            Admission::MustUseTls | Admission::Refused if !handshake => Some((
-                Refusal::Plaintext,
-                format!(
-                    "the server requires TLS from this address: {} in clear",
-                    command.name()
-                ),
-            )),
-            _ => None,
-        };
-        if let Some((kind, message)) = refusal {
-            self.tell(id, &Error::permission_denied(message.clone()));
-            return Err(Refused(kind, message));
-        }
         match request {
             Request::Validate { .. } => {}
             Request::Ping { nonce } if extensions && nonce == HELLO_NONCE => {
@@ -603,10 +755,15 @@ impl<B: Backend> ServerCore<B> {
             self.served(Command::Auth, started, true);
             return Err(Refused(Refusal::AuthenticationFailed, message.into()));
         };
-        session.admission = Admission::Open;
+        if let Err(refused) = self.room_to_admit() {
+            self.tell(id, &Error::quota_exceeded(refused.1.clone()));
+            self.served(Command::Auth, started, true);
+            return Err(refused);
+        }
+        self.update(id, |session| session.admission = Admission::Open);
         let mut reply = vec![REPLY_OK];
         put_bytes(&mut reply, &secret.server_proof(&challenge, &client_nonce));
-        session.output.put(&reply);
+        self.put(id, &reply);
         self.served(Command::Auth, started, false);
         Ok(())
     }
@@ -981,6 +1138,34 @@ impl<B: Backend> ServerCore<B> {
         for wait in waits {
             self.waits.remove(wait);
         }
+    }
+}
+
+/// Why a connection in its handshake, admitted as `admission`, may not
+/// make the request whose first byte is `byte`: only VALIDATE and PING,
+/// and AUTH where it must authenticate, are read before it is admitted;
+/// any other request closes it at its first byte. (An unknown byte is the
+/// parser's to refuse.)
+fn before_admission(admission: Admission, byte: u8) -> Option<(Refusal, String)> {
+    let command = Command::from_byte(byte)?;
+    match (admission, command) {
+        (_, Command::Validate | Command::Ping) | (Admission::MustAuthenticate, Command::Auth) => {
+            None
+        }
+        (Admission::MustAuthenticate, _) => Some((
+            Refusal::Unauthenticated,
+            format!(
+                "the server requires authentication: {} before authenticating",
+                command.name()
+            ),
+        )),
+        _ => Some((
+            Refusal::Plaintext,
+            format!(
+                "the server requires TLS from this address: {} in clear",
+                command.name()
+            ),
+        )),
     }
 }
 

@@ -1,10 +1,11 @@
 //! Authentication, quotas and metrics, driven through the core.
 
 use super::*;
-use crate::access::Admission;
+use crate::access::{Admission, HandshakeLimits};
 use crate::auth::{Nonce, Secret};
 use crate::store::tcp::server::Quotas;
 use crate::Status;
+use std::time::Duration;
 
 const CHALLENGE: Nonce = [7; 32];
 const CLIENT_NONCE: Nonce = [9; 32];
@@ -20,7 +21,12 @@ fn guarded() -> ServerCore<MemoryBackend> {
 
 /// Validates `id` (which must authenticate) and says HELLO v2: the info.
 fn hello(c: &mut ServerCore<MemoryBackend>, id: ConnId) -> ServerInfo {
-    c.connect_as(id, Admission::MustAuthenticate, Some(CHALLENGE));
+    c.connect_as(
+        id,
+        Admission::MustAuthenticate,
+        Some(CHALLENGE),
+        Instant::now(),
+    );
     validate(c, id);
     hello_v2(c, id)
 }
@@ -56,7 +62,7 @@ fn a_client_that_must_authenticate_gets_the_challenge_and_nothing_else_before_it
 #[test]
 fn a_connection_in_clear_where_tls_is_required_is_told_so_and_served_nothing() {
     let mut c = guarded();
-    c.connect_as(0, Admission::MustUseTls, Some(CHALLENGE));
+    c.connect_as(0, Admission::MustUseTls, Some(CHALLENGE), Instant::now());
     validate(&mut c, 0);
     let info = hello_v2(&mut c, 0);
     assert!(info.tls_required && !info.auth_required);
@@ -67,8 +73,8 @@ fn a_connection_in_clear_where_tls_is_required_is_told_so_and_served_nothing() {
     assert!(message.contains("requires TLS"), "{message}");
 
     // The same client over TLS: admitted as the policy says then.
-    c.connect_as(1, Admission::MustUseTls, Some(CHALLENGE));
-    c.secure(1, Admission::MustAuthenticate);
+    c.connect_as(1, Admission::MustUseTls, Some(CHALLENGE), Instant::now());
+    c.secure(1, Admission::MustAuthenticate).unwrap();
     validate(&mut c, 1);
     let info = hello_v2(&mut c, 1);
     assert!(info.auth_required && !info.tls_required);
@@ -126,7 +132,12 @@ fn the_right_proof_opens_the_connection_and_the_server_proves_itself() {
 #[test]
 fn pytorch_clients_are_refused_unless_let_in_unauthenticated() {
     let mut c = guarded();
-    c.connect_as(0, Admission::MustAuthenticate, Some(CHALLENGE));
+    c.connect_as(
+        0,
+        Admission::MustAuthenticate,
+        Some(CHALLENGE),
+        Instant::now(),
+    );
     validate(&mut c, 0);
     send(
         &mut c,
@@ -141,7 +152,7 @@ fn pytorch_clients_are_refused_unless_let_in_unauthenticated() {
         "PyTorch's protocol has no error"
     );
     // From a network let in unauthenticated.
-    c.connect_as(1, Admission::Open, Some(CHALLENGE));
+    c.connect_as(1, Admission::Open, Some(CHALLENGE), Instant::now());
     validate(&mut c, 1);
     send(&mut c, 1, &set("/k", b"v"));
     send(&mut c, 1, &get("/k"));
@@ -157,6 +168,158 @@ fn auth_without_a_secret_or_hello_is_refused() {
     open(&mut c, 1);
     let refused = c.receive(1, &auth(&[0; 32])).unwrap_err();
     assert_eq!(refused.0, Refusal::Malformed, "an extension before HELLO");
+}
+
+#[test]
+fn before_authenticating_a_request_is_refused_at_its_first_byte() {
+    let mut c = guarded();
+    hello(&mut c, 0);
+    // The head of a SET announcing 48 MiB: refused at its command byte,
+    // before its length is read.
+    let refused = c.receive(0, &[Command::Set as u8]).unwrap_err();
+    assert_eq!(refused.0, Refusal::Unauthenticated);
+    assert!(
+        refused.1.contains("set before authenticating"),
+        "{}",
+        refused.1
+    );
+    // Even before VALIDATE (which PyTorch's server would skip it for).
+    c.connect_as(
+        1,
+        Admission::MustAuthenticate,
+        Some(CHALLENGE),
+        Instant::now(),
+    );
+    assert!(c.receive(1, &[Command::MultiSet as u8]).is_err());
+    // AUTH itself is read within the handshake's limits: a longer proof
+    // is refused when its length arrives.
+    hello(&mut c, 2);
+    let mut long = vec![Command::Auth as u8];
+    long.extend_from_slice(&32u64.to_le_bytes());
+    long.extend_from_slice(&CLIENT_NONCE);
+    long.extend_from_slice(&(48u64 << 20).to_le_bytes());
+    let refused = c.receive(2, &long).unwrap_err();
+    assert_eq!(refused.0, Refusal::Malformed, "{}", refused.1);
+    // Once authenticated, the server's own limits apply.
+    hello(&mut c, 3);
+    let proof = secret().client_proof(&CHALLENGE, &CLIENT_NONCE);
+    send(&mut c, 3, &auth(&proof));
+    send(&mut c, 3, &set("/big", &vec![1; 1 << 20]));
+    assert_eq!(c.stats().keys, 1);
+}
+
+#[test]
+fn a_flood_of_pings_before_authenticating_is_paused_at_a_few_kib() {
+    let mut c = guarded();
+    hello(&mut c, 0);
+    let ping = Encoder::request(Command::Ping).u32(1).finish();
+    let flood: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 4000)
+        .collect();
+    c.receive(0, &flood[..HANDSHAKE_READ]).unwrap();
+    let mut fed = HANDSHAKE_READ;
+    while c.wants_input(0) {
+        c.receive(0, &flood[fed..fed + HANDSHAKE_READ]).unwrap();
+        fed += HANDSHAKE_READ;
+    }
+    let held = c.output(0).unwrap().queued();
+    assert!(held <= HANDSHAKE_OUTPUT_CAP + 64, "{held} bytes of replies");
+    assert!(fed < flood.len(), "paused before the flood ended");
+}
+
+#[test]
+fn connections_in_their_handshake_have_a_budget_of_their_own() {
+    let limits = HandshakeLimits {
+        max_pending: 2,
+        ..HandshakeLimits::default()
+    };
+    let mut c = quota_core(Quotas {
+        max_connections: Some(1),
+        ..Quotas::default()
+    })
+    .with_secret(Some(secret()))
+    .with_handshake_limits(limits);
+    let now = Instant::now();
+    for id in 0..2 {
+        c.room_for(Admission::MustAuthenticate).unwrap();
+        c.connect_as(id, Admission::MustAuthenticate, Some(CHALLENGE), now);
+    }
+    let refused = c.room_for(Admission::MustAuthenticate).unwrap_err();
+    assert_eq!(refused.0, Refusal::ConnectionQuota);
+    assert!(refused.1.contains("--max-handshakes"), "{}", refused.1);
+    // Strangers in their handshake do not take the connection quota from
+    // a client let in unauthenticated...
+    c.room_for(Admission::Open).unwrap();
+    c.connect_as(2, Admission::Open, None, now);
+    assert!(
+        c.room_for(Admission::Open).is_err(),
+        "the quota is full now"
+    );
+    // ...and a client that authenticates once it is full is told why.
+    validate(&mut c, 0);
+    hello_v2(&mut c, 0);
+    let proof = secret().client_proof(&CHALLENGE, &CLIENT_NONCE);
+    let refused = c.receive(0, &auth(&proof)).unwrap_err();
+    assert_eq!(refused.0, Refusal::ConnectionQuota);
+    let (status, message) = error_of(&replies(&mut c, 0));
+    assert_eq!(status, Status::QuotaExceeded as u8);
+    assert!(message.contains("maximum of 1 connections"), "{message}");
+    c.disconnect(0);
+    c.disconnect(2);
+    // Room again: the other one authenticates and is served.
+    validate(&mut c, 1);
+    hello_v2(&mut c, 1);
+    send(&mut c, 1, &auth(&proof));
+    assert_eq!(replies(&mut c, 1)[0], REPLY_OK);
+    let text = c.metrics().render();
+    for line in [
+        "distcore_quota_refusals_total{quota=\"handshakes\"} 1",
+        "distcore_quota_refusals_total{quota=\"connections\"} 2",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+}
+
+#[test]
+fn a_handshake_not_finished_in_time_ends_the_connection() {
+    let limits = HandshakeLimits {
+        timeout: Duration::from_secs(10),
+        ..HandshakeLimits::default()
+    };
+    let mut c = guarded().with_handshake_limits(limits);
+    let t0 = Instant::now();
+    c.connect_as(0, Admission::MustAuthenticate, Some(CHALLENGE), t0);
+    c.connect_as(1, Admission::MustAuthenticate, Some(CHALLENGE), t0);
+    c.connect_as(2, Admission::MustUseTls, None, t0 + Duration::from_secs(1));
+    c.connect_as(3, Admission::Open, None, t0);
+    assert_eq!(c.next_handshake_deadline(), Some(t0 + limits.timeout));
+    // 1 authenticates in time; 0 only validated and said HELLO.
+    validate(&mut c, 0);
+    hello_v2(&mut c, 0);
+    validate(&mut c, 1);
+    hello_v2(&mut c, 1);
+    let proof = secret().client_proof(&CHALLENGE, &CLIENT_NONCE);
+    send(&mut c, 1, &auth(&proof));
+    let just_before = t0 + limits.timeout - Duration::from_millis(1);
+    assert!(c.expire_handshakes(just_before).is_empty());
+    let expired = c.expire_handshakes(t0 + limits.timeout);
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    assert_eq!(expired[0].0, 0);
+    assert_eq!(expired[0].1 .0, Refusal::HandshakeTimeout);
+    c.disconnect(0);
+    // A new connection with 0's id is not hit by its old deadline.
+    c.connect_as(
+        0,
+        Admission::MustAuthenticate,
+        Some(CHALLENGE),
+        t0 + limits.timeout,
+    );
+    let expired = c.expire_handshakes(t0 + limits.timeout + Duration::from_secs(1));
+    assert_eq!(expired.iter().map(|e| e.0).collect::<Vec<_>>(), [2]);
+    assert_eq!(c.next_handshake_deadline(), Some(t0 + 2 * limits.timeout));
 }
 
 fn quota_core(quotas: Quotas) -> ServerCore<MemoryBackend> {
