@@ -20,8 +20,8 @@ use crate::error::{Error, Result};
 /// Bytes of a challenge or of a client nonce.
 pub(crate) const NONCE_LEN: usize = 32;
 
-/// Bytes of a proof (an HMAC-SHA256).
-pub(crate) const PROOF_LEN: usize = 32;
+/// Bytes of a proof (an HMAC-SHA256 tag).
+pub(crate) const PROOF_LEN: usize = ring::digest::SHA256_OUTPUT_LEN;
 
 /// A random challenge or client nonce.
 pub(crate) type Nonce = [u8; NONCE_LEN];

@@ -18,6 +18,14 @@
 //! one without a secret closes on HELLO, so a mismatch fails at once
 //! either way. With TLS, every connection is TLS (workers verify each
 //! other's certificates).
+//!
+//! Until its handshake is done, a connection reads nothing but the
+//! handshake's frames, one at a time, each of at most 79 bytes
+//! (`MAX_HANDSHAKE_FRAME`): a longer frame or one of another kind closes it
+//! as soon as its length or kind arrives, before any of its body is
+//! buffered (`screen`). A connection whose handshake (TLS, the secret's, or
+//! both) is not done 10 s (`HANDSHAKE_TIMEOUT`) after it was accepted or
+//! opened is closed, failing the calls waiting on it.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -34,13 +42,14 @@ use parking_lot::Mutex;
 
 use super::message::{Request, Response, WorkerId};
 use super::writer::{Sent, Writer};
-use crate::auth::{as_nonce, Nonce, Secret, NONCE_LEN};
+use crate::auth::{as_nonce, Nonce, Secret, NONCE_LEN, PROOF_LEN};
 use crate::error::{Error, Result, Status};
 use crate::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
 use crate::tls::{self, TlsClient, TlsServer};
 use crate::work::{Promise, Work};
 
-const HEADER: usize = 4 + 1 + 8 + 2;
+/// Bytes of a frame's header: length, kind, id and sender.
+pub(crate) const HEADER: usize = 4 + 1 + 8 + 2;
 /// Frame kinds.
 const REQUEST: u8 = 0;
 const RESPONSE: u8 = 1;
@@ -50,6 +59,12 @@ const AUTH: u8 = 4;
 const PROOF: u8 = 5;
 /// Size of the shared read buffer.
 const SCRATCH_LEN: usize = 256 << 10;
+/// The longest frame of the handshake, header included: AUTH, a nonce and
+/// a proof. Until its handshake is done, a connection reads no longer one.
+const MAX_HANDSHAKE_FRAME: usize = HEADER + NONCE_LEN + PROOF_LEN;
+/// How long a connection has, from when it is accepted or opened, to finish
+/// its handshake (TLS, the secret's, or both) before it is closed.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest frame, header included, sent or accepted: a longer message is
 /// refused before it is sent (`DC_ERR_INVALID_ARGUMENT`), and a peer that
 /// announces one is closed. Frame lengths are `u32`s.
@@ -206,7 +221,7 @@ fn rpc_timeout(timeout: Duration) -> Error {
 }
 
 /// What a worker's connections must prove: the shared secret, and TLS.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct Guard {
     /// Every connection authenticates with it before any request.
     pub(crate) secret: Option<Secret>,
@@ -214,6 +229,20 @@ pub(crate) struct Guard {
     pub(crate) tls_server: Option<TlsServer>,
     /// Outbound connections are TLS, trusting these CAs.
     pub(crate) tls_client: Option<TlsClient>,
+    /// How long a connection has to finish its handshake:
+    /// [`HANDSHAKE_TIMEOUT`] (shorter in tests).
+    pub(crate) handshake_timeout: Duration,
+}
+
+impl Default for Guard {
+    fn default() -> Self {
+        Guard {
+            secret: None,
+            tls_server: None,
+            tls_client: None,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
 }
 
 /// The RPC agent of one worker.
@@ -402,8 +431,18 @@ struct Conn {
     connected: bool,
     /// Where its authentication stands.
     handshake: Handshake,
+    /// When its handshake (TLS, the secret's, or both) must be done by;
+    /// `None`: it has none.
+    handshake_deadline: Option<Instant>,
     input: Vec<u8>,
     writer: Arc<Writer>,
+}
+
+impl Conn {
+    /// Connected, authenticated, and past the TLS handshake.
+    fn established(&self) -> bool {
+        self.connected && self.handshake == Handshake::Done && !self.writer.tls_handshaking()
+    }
 }
 
 /// Where a connection's authentication stands (see the module's doc).
@@ -411,7 +450,9 @@ struct Conn {
 enum Handshake {
     /// Authenticated, or nothing to prove: requests and responses flow.
     Done,
-    /// Accepted: the peer must answer this challenge first.
+    /// Accepted, and sent this challenge: the peer's HELLO comes first.
+    AwaitingHello(Nonce),
+    /// Accepted: the peer must answer this challenge next.
     AwaitingProof(Nonce),
     /// Outbound: the peer's challenge comes first.
     AwaitingChallenge,
@@ -421,6 +462,15 @@ enum Handshake {
 
 /// Why a connection failed: its status and what happened.
 type Failure = (Status, String);
+
+/// What the I/O thread does when a timer comes up.
+enum Timer {
+    /// Runs a job of [`Agent::schedule`].
+    Job(Box<dyn FnOnce() + Send>),
+    /// Closes the connection with this token if its handshake is not done
+    /// by its deadline.
+    Handshake(Token),
+}
 
 struct PendingRequest {
     promise: Promise,
@@ -437,7 +487,7 @@ struct IoLoop {
     accept_retry: Option<Instant>,
     conns: ConnTable<Conn>,
     timers: BinaryHeap<Reverse<(Instant, u64)>>,
-    timer_jobs: HashMap<u64, Box<dyn FnOnce() + Send>>,
+    timer_jobs: HashMap<u64, Timer>,
     next_timer: u64,
     /// The read buffer of every connection, reused.
     scratch: Vec<u8>,
@@ -516,13 +566,15 @@ impl IoLoop {
                     timeout,
                 } => self.start_send(to, id, frame, promise, timeout),
                 Command::Flush(token) => self.flush(token),
-                Command::At { when, job } => {
-                    self.next_timer += 1;
-                    self.timers.push(Reverse((when, self.next_timer)));
-                    self.timer_jobs.insert(self.next_timer, job);
-                }
+                Command::At { when, job } => self.add_timer(when, Timer::Job(job)),
             }
         }
+    }
+
+    fn add_timer(&mut self, when: Instant, timer: Timer) {
+        self.next_timer += 1;
+        self.timers.push(Reverse((when, self.next_timer)));
+        self.timer_jobs.insert(self.next_timer, timer);
     }
 
     fn expire(&mut self) {
@@ -551,9 +603,27 @@ impl IoLoop {
                 break;
             }
             self.timers.pop();
-            if let Some(job) = self.timer_jobs.remove(&id) {
-                job();
+            match self.timer_jobs.remove(&id) {
+                Some(Timer::Job(job)) => job(),
+                Some(Timer::Handshake(token)) => self.handshake_due(token, now),
+                None => {}
             }
+        }
+    }
+
+    /// Closes the connection `token` if its handshake deadline has passed
+    /// (the token may have gone to a later connection meanwhile) and the
+    /// handshake is not done.
+    fn handshake_due(&mut self, token: Token, now: Instant) {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        if conn.handshake_deadline.is_some_and(|at| at <= now) && !conn.established() {
+            let why = format!(
+                "its handshake (TLS or the group's secret) did not finish within {:?}",
+                self.guard.handshake_timeout
+            );
+            self.close(token, (Status::Timeout, why));
         }
     }
 
@@ -621,15 +691,21 @@ impl IoLoop {
             Some(_) => Handshake::AwaitingChallenge,
             None => Handshake::Done,
         };
+        let guarded = self.guard.secret.is_some() || self.guard.tls_client.is_some();
+        let handshake_deadline = guarded.then(|| Instant::now() + self.guard.handshake_timeout);
         self.conns.insert(Conn {
             stream,
             peer: Some(to),
             addr: peer.addr,
             connected: false,
             handshake,
+            handshake_deadline,
             input: Vec::new(),
             writer: writer.clone(),
         });
+        if let Some(at) = handshake_deadline {
+            self.add_timer(at, Timer::Handshake(token));
+        }
         shared.outbound.lock().insert(to, (token, writer.clone()));
         Ok((token, writer))
     }
@@ -652,8 +728,10 @@ impl IoLoop {
         let registry = self.poll.registry();
         let (conns, guard) = (&mut self.conns, &self.guard);
         let me = self.shared.upgrade().map_or(0, |s| s.me);
-        let mut greet = Vec::new();
-        self.accept_retry = self.acceptor.accept(Instant::now(), |mut stream, peer| {
+        let now = Instant::now();
+        let handshake_deadline = now + guard.handshake_timeout;
+        let (mut greet, mut watch) = (Vec::new(), Vec::new());
+        self.accept_retry = self.acceptor.accept(now, |mut stream, peer| {
             let _ = stream.set_nodelay(true);
             let unusable = |e: &dyn std::fmt::Display| {
                 log::warn!("RPC agent: connection from {peer} unusable: {e}");
@@ -667,6 +745,7 @@ impl IoLoop {
                 Ok(tls) => tls,
                 Err(e) => return unusable(&e),
             };
+            let guarded = tls.is_some() || guard.secret.is_some();
             let writer = match Writer::new(&stream, true, tls) {
                 Ok(writer) => Arc::new(writer),
                 Err(e) => return unusable(&e),
@@ -676,7 +755,7 @@ impl IoLoop {
                 Some(Ok(challenge)) => {
                     let frame = frame(CHALLENGE, 0, me, &challenge).unwrap_or_default();
                     writer.send_handshake(&frame);
-                    Handshake::AwaitingProof(challenge)
+                    Handshake::AwaitingHello(challenge)
                 }
                 Some(Err(e)) => return unusable(&e),
             };
@@ -688,16 +767,23 @@ impl IoLoop {
             if handshake != Handshake::Done {
                 greet.push(token);
             }
+            if guarded {
+                watch.push(token);
+            }
             conns.insert(Conn {
                 stream,
                 peer: None,
                 addr: peer,
                 connected: true,
                 handshake,
+                handshake_deadline: guarded.then_some(handshake_deadline),
                 input: Vec::new(),
                 writer,
             });
         });
+        for token in watch {
+            self.add_timer(handshake_deadline, Timer::Handshake(token));
+        }
         // The challenge goes out at once (over TLS, once the handshake lets
         // it: a flush after each read).
         for token in greet {
@@ -750,47 +836,69 @@ impl IoLoop {
     }
 
     fn on_readable(&mut self, token: Token) {
-        let mut closed = None;
-        if let Some(conn) = self.conns.get_mut(token) {
-            if !conn.connected {
-                return;
-            }
-            let chunk = &mut self.scratch[..];
-            loop {
-                match conn.writer.recv(&mut conn.stream, chunk) {
-                    Ok(0) if conn.handshake != Handshake::Done => {
-                        let why = "the peer closed the connection before authenticating: \
-                                   does it hold the group's secret?";
-                        closed = Some((Status::PermissionDenied, why.to_string()));
-                        break;
-                    }
-                    Ok(0) => {
-                        let why = "the peer closed the connection".to_string();
-                        closed = Some((Status::Network, why));
-                        break;
-                    }
-                    Ok(n) => conn.input.extend_from_slice(&chunk[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        closed = Some(io_failure("read failed", &e));
-                        break;
-                    }
-                }
-            }
+        if !self.conns.get_mut(token).is_some_and(|c| c.connected) {
+            return;
         }
-        if let Err(failure) = self.dispatch_frames(token) {
-            closed = Some(failure);
-        }
-        match closed {
-            Some(failure) => self.close(token, failure),
+        match self.read_frames(token) {
+            Err(failure) => self.close(token, failure),
             // TLS records of the handshake, and frames of ours it let out.
-            None => self.flush(token),
+            Ok(()) => self.flush(token),
         }
     }
 
+    /// Reads what has arrived on `token` and dispatches its frames, until
+    /// the socket has nothing more or the connection fails. Until the
+    /// handshake is done, each read takes at most [`MAX_HANDSHAKE_FRAME`]
+    /// bytes and is dispatched at once, so the input never holds more than
+    /// two handshake frames (the socket and the TLS session buffer the
+    /// rest, within their own limits); after, a scratch buffer at a time,
+    /// dispatched together.
+    fn read_frames(&mut self, token: Token) -> std::result::Result<(), Failure> {
+        loop {
+            let Some((read, handshake)) = self.read_once(token) else {
+                return Ok(());
+            };
+            let authenticating = handshake != Handshake::Done;
+            match read {
+                Ok(0) => {
+                    self.dispatch_frames(token)?;
+                    return Err(closed_by_peer(authenticating));
+                }
+                Ok(_) if authenticating => self.dispatch_frames(token)?,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return self.dispatch_frames(token)
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.dispatch_frames(token)?;
+                    return Err(io_failure("read failed", &e));
+                }
+            }
+        }
+    }
+
+    /// Reads once from connection `token` into its input, as much as a
+    /// scratch buffer holds, or a handshake frame before the handshake is
+    /// done: what the read returned, and the handshake's state. `None`: no
+    /// such connection (any more).
+    fn read_once(&mut self, token: Token) -> Option<(io::Result<usize>, Handshake)> {
+        let conn = self.conns.get_mut(token)?;
+        let limit = match conn.handshake {
+            Handshake::Done => SCRATCH_LEN,
+            _ => MAX_HANDSHAKE_FRAME,
+        };
+        let chunk = &mut self.scratch[..limit];
+        let read = conn.writer.recv(&mut conn.stream, chunk);
+        if let Ok(n) = read {
+            conn.input.extend_from_slice(&chunk[..n]);
+        }
+        Some((read, conn.handshake))
+    }
+
     /// Dispatches every whole frame received on `token`, reading them in
-    /// place, then drops them from the input at once.
+    /// place, then drops them from the input at once. Each frame is
+    /// [`screen`]ed as soon as its length and kind are in.
     fn dispatch_frames(&mut self, token: Token) -> std::result::Result<(), Failure> {
         let Some(conn) = self.conn(token) else {
             return Ok(());
@@ -802,8 +910,9 @@ impl IoLoop {
                 break Ok(());
             };
             let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-            if !(HEADER - 4..=MAX_FRAME - 4).contains(&len) {
-                break Err((Status::Protocol, format!("bad frame length {len}")));
+            let handshake = self.conn(token).map_or(Handshake::Done, |c| c.handshake);
+            if let Err(why) = screen(handshake, len, input.get(at + 4).copied()) {
+                break Err(why);
             }
             let Some(body) = input.get(at + 4..at + 4 + len) else {
                 break Ok(());
@@ -813,25 +922,13 @@ impl IoLoop {
             let id = u64::from_le_bytes(body[1..9].try_into().unwrap_or_default());
             let sender = u16::from_le_bytes([body[9], body[10]]);
             let payload = &body[11..];
-            let handshake = self.conn(token).map_or(Handshake::Done, |c| c.handshake);
-            let dispatched = match (kind, handshake) {
-                (REQUEST, Handshake::Done) => self.on_request(token, id, sender, payload),
-                (RESPONSE, Handshake::Done) => {
+            let dispatched = match kind {
+                REQUEST => self.on_request(token, id, sender, payload),
+                RESPONSE => {
                     self.on_response(id, payload);
                     Ok(())
                 }
-                (HELLO | CHALLENGE | AUTH | PROOF, _) => {
-                    self.on_handshake(token, kind, handshake, payload)
-                }
-                (REQUEST | RESPONSE, Handshake::AwaitingProof(_)) => Err((
-                    Status::PermissionDenied,
-                    "a message before authenticating (this worker has a secret)".into(),
-                )),
-                (REQUEST | RESPONSE, _) => Err((
-                    Status::Protocol,
-                    "a message before the peer authenticated".into(),
-                )),
-                (k, _) => Err((Status::Protocol, format!("bad frame kind {k}"))),
+                _ => self.on_handshake(token, kind, handshake, payload),
             };
             if let Err(why) = dispatched {
                 break Err(why);
@@ -861,7 +958,9 @@ impl IoLoop {
         };
         let me = self.shared.upgrade().map_or(0, |s| s.me);
         let (next, reply) = match (kind, state) {
-            (HELLO, Handshake::AwaitingProof(_)) => return Ok(()),
+            (HELLO, Handshake::AwaitingHello(challenge)) => {
+                (Handshake::AwaitingProof(challenge), None)
+            }
             (CHALLENGE, Handshake::AwaitingChallenge) => {
                 let Some(challenge) = as_nonce(payload) else {
                     return denied("a malformed challenge");
@@ -958,7 +1057,9 @@ impl IoLoop {
         let Some(mut conn) = self.conns.remove(token) else {
             return;
         };
-        if status == Status::PermissionDenied {
+        // Refused, or never finished its handshake (Timeout comes from no
+        // other failure of a connection).
+        if matches!(status, Status::PermissionDenied | Status::Timeout) {
             log::warn!(
                 "RPC agent: closing the connection with {}: {why}",
                 conn.addr
@@ -1011,6 +1112,65 @@ impl IoLoop {
     }
 }
 
+/// Checks a frame of `len` bytes after its length field, and of `kind` once
+/// that has arrived, before its body is waited for. After the handshake any
+/// frame up to [`MAX_FRAME`] of a known kind goes; before it, only frames of
+/// the handshake, up to [`MAX_HANDSHAKE_FRAME`].
+fn screen(handshake: Handshake, len: usize, kind: Option<u8>) -> std::result::Result<(), Failure> {
+    if let Some((status, when)) = before_handshake(handshake) {
+        if len > MAX_HANDSHAKE_FRAME - 4 {
+            let why = format!(
+                "a frame of {} bytes, longer than any of the handshake ({MAX_HANDSHAKE_FRAME}), {when}",
+                len + 4
+            );
+            return Err((status, why));
+        }
+        if let Some(REQUEST | RESPONSE) = kind {
+            return Err((status, format!("a message {when}")));
+        }
+    }
+    if !(HEADER - 4..=MAX_FRAME - 4).contains(&len) {
+        return Err((Status::Protocol, format!("bad frame length {len}")));
+    }
+    match kind {
+        Some(k) if k > PROOF => Err((Status::Protocol, format!("bad frame kind {k}"))),
+        _ => Ok(()),
+    }
+}
+
+/// Until a connection's handshake is done, what a frame it may not read
+/// yet fails it with: the status, and when the frame came (for the
+/// message). `None` once done.
+fn before_handshake(handshake: Handshake) -> Option<(Status, &'static str)> {
+    match handshake {
+        Handshake::Done => None,
+        // From a peer that has not authenticated.
+        Handshake::AwaitingHello(_) | Handshake::AwaitingProof(_) => Some((
+            Status::PermissionDenied,
+            "before authenticating (this worker has a secret)",
+        )),
+        // From a worker that has not proved itself to this one.
+        Handshake::AwaitingChallenge | Handshake::AwaitingServerProof { .. } => {
+            Some((Status::Protocol, "before the peer authenticated"))
+        }
+    }
+}
+
+/// Why a connection the peer closed is gone: before the handshake was
+/// done, most likely for a secret it does not share.
+fn closed_by_peer(authenticating: bool) -> Failure {
+    if authenticating {
+        let why = "the peer closed the connection before authenticating: \
+                   does it hold the group's secret?";
+        (Status::PermissionDenied, why.to_string())
+    } else {
+        (
+            Status::Network,
+            "the peer closed the connection".to_string(),
+        )
+    }
+}
+
 /// A failed read or write: a TLS failure (a certificate refused) is
 /// `PermissionDenied`, anything else the network's.
 fn io_failure(doing: &str, e: &io::Error) -> Failure {
@@ -1037,5 +1197,26 @@ mod tests {
             u32::from_le_bytes(f[..4].try_into().unwrap()) as usize,
             f.len() - 4
         );
+    }
+
+    #[test]
+    fn before_the_handshake_only_its_own_short_frames_are_read() {
+        assert_eq!(MAX_HANDSHAKE_FRAME, 79, "docs/security.md says so");
+        let accepted = Handshake::AwaitingHello([0; NONCE_LEN]);
+        let longest = MAX_HANDSHAKE_FRAME - 4;
+        assert!(screen(accepted, longest, Some(AUTH)).is_ok());
+        assert!(screen(accepted, longest, None).is_ok(), "no kind yet");
+        let (status, why) = screen(accepted, longest + 1, None).unwrap_err();
+        assert_eq!(status, Status::PermissionDenied);
+        assert!(why.contains("a frame of 80 bytes"), "{why}");
+        let (status, _) = screen(accepted, HEADER - 4, Some(REQUEST)).unwrap_err();
+        assert_eq!(status, Status::PermissionDenied);
+        // A worker that has not proved itself to this one.
+        let outbound = Handshake::AwaitingChallenge;
+        let (status, _) = screen(outbound, 256 << 20, Some(CHALLENGE)).unwrap_err();
+        assert_eq!(status, Status::Protocol);
+        assert!(screen(Handshake::Done, 256 << 20, Some(REQUEST)).is_ok());
+        let (_, why) = screen(Handshake::Done, HEADER - 4, Some(PROOF + 1)).unwrap_err();
+        assert!(why.contains("bad frame kind"), "{why}");
     }
 }

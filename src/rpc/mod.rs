@@ -142,6 +142,7 @@ impl Rpc {
             secret: options.secret.clone(),
             tls_server: options.tls_server.clone(),
             tls_client: options.tls_client.clone(),
+            ..Guard::default()
         };
         if guard.tls_server.is_some() != guard.tls_client.is_some() {
             return Err(Error::invalid_argument(

@@ -119,6 +119,16 @@ impl Writer {
         self.state.lock().handshake.extend_from_slice(frame);
     }
 
+    /// Whether the connection's TLS handshake is still going on (false
+    /// without TLS).
+    pub(crate) fn tls_handshaking(&self) -> bool {
+        self.state
+            .lock()
+            .tls
+            .as_ref()
+            .is_some_and(Session::is_handshaking)
+    }
+
     /// The I/O thread: the connection is established (and authenticated):
     /// frames go out from now on.
     pub(crate) fn set_open(&self) {
