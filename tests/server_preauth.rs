@@ -275,3 +275,36 @@ fn a_tls_handshake_never_finished_holds_a_few_kib_until_its_deadline() {
         .unwrap()
         .contains("distcore_connections_refused_total{reason=\"handshake_timeout\"} 128"));
 }
+
+#[test]
+fn a_client_authenticating_into_a_full_server_waits_for_room_and_says_why_it_did_not_get_any() {
+    let file = secret_file();
+    let serve = serve_with_secret(&file, &["--max-connections", "1"]);
+    let first = client(serve.port).unwrap();
+    first.set("k", b"v").unwrap();
+    // No room: retried until the client's timeout, then the server's reason.
+    let started = Instant::now();
+    let e = TcpStore::new(TcpStoreOptions {
+        host: "127.0.0.1".into(),
+        port: serve.port,
+        timeout: Duration::from_secs(1),
+        secret: Some(Secret::new(SECRET.as_bytes().to_vec()).unwrap()),
+        ..TcpStoreOptions::default()
+    })
+    .err()
+    .expect("no room for a second client");
+    assert_eq!(e.status(), distcore::Status::Network, "{e}");
+    assert!(e.message().contains("maximum of 1 connections"), "{e}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    // Room comes while it retries: it gets in (an ADD, on the one
+    // connection the quota leaves it).
+    let port = serve.port;
+    let second = thread::spawn(move || client(port).map(|s| s.add("n", 1)));
+    thread::sleep(Duration::from_millis(300));
+    drop(first);
+    assert_eq!(second.join().unwrap().unwrap().unwrap(), 1);
+}

@@ -142,7 +142,8 @@ impl Conn {
     /// Connects to the endpoint, retrying with exponential backoff and
     /// jitter until `deadline`, then validates the connection, asks for the
     /// distcore extensions and authenticates if it has a secret. A refusal
-    /// to authenticate (either way) is not retried.
+    /// to authenticate (either way) is not retried; a server with no room
+    /// for one more connection is, as one that is not listening yet.
     pub(crate) fn connect(endpoint: &Endpoint, deadline: Deadline) -> Result<Conn> {
         let (host, port) = (endpoint.host.as_str(), endpoint.port);
         let started = Instant::now();
@@ -151,7 +152,12 @@ impl Conn {
         loop {
             match Conn::attempt(endpoint, deadline) {
                 Ok(conn) => return Ok(conn),
-                Err(e) if e.status() == Status::Network => last_error = e,
+                // A server holding its maximum of connections says so when
+                // this one authenticates (others close it at once): room may
+                // come, as for a server not listening yet.
+                Err(e) if matches!(e.status(), Status::Network | Status::QuotaExceeded) => {
+                    last_error = e
+                }
                 Err(e) => return Err(e),
             }
             let jitter = 1.0 + BACKOFF_RANDOMIZATION * (2.0 * fastrand::f64() - 1.0);
