@@ -7,23 +7,14 @@
 
 #![warn(missing_docs)]
 
-pub mod access;
-pub mod auth;
-mod bigbuf;
 pub mod error;
 pub mod ffi;
-mod fork;
-pub mod logging;
-mod outbox;
+pub(crate) mod net;
 pub mod printable;
-pub mod profiler;
-mod reactor;
 pub mod rpc;
-mod sendv;
+pub mod runtime;
+pub mod security;
 pub mod store;
-pub mod timeout;
-mod timer;
-pub mod tls;
 pub mod work;
 
 pub use error::{Error, Result, Status};

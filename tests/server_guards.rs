@@ -7,7 +7,7 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use distcore::auth::Secret;
+use distcore::security::auth::Secret;
 use distcore::store::{Store, TcpStore, TcpStoreOptions};
 use distcore::Status;
 

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use distcore::auth::Secret;
+use distcore::security::auth::Secret;
+use distcore::security::tls::TlsFiles;
 use distcore::store::{Store, TcpStore, TcpStoreOptions};
-use distcore::tls::TlsFiles;
 
 mod common;
 use common::raw::{bytes, SET, VALIDATE};

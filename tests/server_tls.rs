@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use distcore::security::tls::TlsFiles;
 use distcore::store::{Store, TcpStore, TcpStoreOptions};
-use distcore::tls::TlsFiles;
 use distcore::Status;
 
 mod common;

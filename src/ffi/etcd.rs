@@ -10,8 +10,8 @@ use super::{
     write_versioned, Versioned,
 };
 use crate::error::Result;
+use crate::runtime::timeout::DEFAULT_STORE_TIMEOUT;
 use crate::store::{EtcdStore, EtcdStoreOptions};
-use crate::timeout::DEFAULT_STORE_TIMEOUT;
 
 /// Options of `dc_etcd_store_new`. Initialise with
 /// `dc_etcd_store_options_init(&opts, sizeof opts)`, then change what you

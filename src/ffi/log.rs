@@ -4,7 +4,7 @@ use std::ffi::{c_char, c_void, CString};
 
 use super::{boundary, dc_status, UserData};
 use crate::error::Error;
-use crate::logging::{set_sink, LogLevel};
+use crate::runtime::logging::{set_sink, LogLevel};
 
 /// A log level as C passes it: a `dc_log_level` value, checked before use.
 pub type LogLevelCode = i32;
@@ -60,7 +60,7 @@ pub unsafe extern "C" fn dc_set_log_callback(
                 // SAFETY: the caller gave a valid function; the strings live
                 // for the call.
                 unsafe { callback(level as i32, target.as_ptr(), message.as_ptr(), user_data.0) };
-            }) as crate::logging::Sink
+            }) as crate::runtime::logging::Sink
         });
         set_sink(level, sink)
     })

@@ -18,10 +18,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::auth::Secret;
 use crate::error::{Error, Result, Status};
-use crate::fork::Born;
-use crate::tls::TlsFiles;
+use crate::runtime::fork::Born;
+use crate::security::auth::Secret;
+use crate::security::tls::TlsFiles;
 
 pub mod buf;
 pub mod elastic;
@@ -470,7 +470,7 @@ pub(crate) trait Handle {
 }
 
 /// A required handle argument: `DC_ERR_INVALID_STATE` in a child forked
-/// after the handle was made (see [`crate::fork`]).
+/// after the handle was made (see [`crate::runtime::fork`]).
 pub(crate) unsafe fn arg_handle<'a, T: Handle>(ptr: *const T, name: &str) -> Result<&'a T> {
     // SAFETY: forwarded contract.
     let handle = unsafe { arg_ref(ptr, name) }?;
@@ -481,7 +481,7 @@ pub(crate) unsafe fn arg_handle<'a, T: Handle>(ptr: *const T, name: &str) -> Res
 /// Hands a new handle to C through an out-parameter (and, on the first,
 /// installs distcore's logger).
 pub(crate) fn give<T>(out: &mut *mut T, value: T) {
-    crate::logging::init();
+    crate::runtime::logging::init();
     *out = Box::into_raw(Box::new(value));
 }
 

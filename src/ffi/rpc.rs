@@ -14,9 +14,9 @@ use super::{
     tls_args, write_versioned, Handle, UserData, Versioned, DC_OK,
 };
 use crate::error::{Error, Result, Status};
-use crate::fork::Born;
 use crate::rpc::rref::RRef;
 use crate::rpc::{CallArgs, Rpc, RpcFunction, RpcOptions};
+use crate::runtime::fork::Born;
 
 /// A worker of an RPC group. Thread-safe. Shut down with
 /// `dc_rpc_shutdown`, then free with `dc_rpc_free`. Its agent runs threads

@@ -11,7 +11,7 @@ use super::{
     boundary, dc_status, drop_handle, give, to_millis, Handle,
 };
 use crate::error::Result;
-use crate::fork::Born;
+use crate::runtime::fork::Born;
 use crate::store::{FileStore, HashStore, PrefixStore, Store, TimeoutGuard};
 
 /// A handle on a store: HashStore, FileStore, PrefixStore, TCPStore or

@@ -16,12 +16,12 @@ use super::{
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 
-use crate::access::Network;
 use crate::error::{Error, Result};
+use crate::runtime::timeout::DEFAULT_STORE_TIMEOUT;
+use crate::security::access::Network;
 use crate::store::tcp::protocol::DEFAULT_MAX_VALUE_LEN;
 use crate::store::tcp::Quotas;
 use crate::store::{Store, TcpStore, TcpStoreOptions};
-use crate::timeout::DEFAULT_STORE_TIMEOUT;
 
 /// Options of `dc_tcp_store_new`, mirroring torch.distributed.TCPStore's
 /// arguments. Initialise with `dc_tcp_store_options_init(&opts, sizeof

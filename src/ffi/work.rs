@@ -8,10 +8,10 @@ use super::{
     arg_bytes, arg_handle, arg_opt_str, arg_out, arg_timeout, boundary, boundary_str, dc_status,
     drop_handle, give, to_millis, Handle, UserData, DC_OK, DC_TIMEOUT_FOREVER,
 };
-use crate::bigbuf::try_copy;
 use crate::error::{Error, Result, Status};
-use crate::fork::Born;
-use crate::profiler::{set_profiler_hooks, ProfilerHooks};
+use crate::net::bigbuf::try_copy;
+use crate::runtime::fork::Born;
+use crate::work::profiler::{set_profiler_hooks, ProfilerHooks};
 use crate::work::{OpType, Work};
 
 /// The completion handle of an asynchronous operation (c10d's Work).

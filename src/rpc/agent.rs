@@ -8,7 +8,7 @@
 //! `u64 id`, `u16 sender`, payload (an encoded [`Request`] or [`Response`]).
 //!
 //! Workers with a shared secret authenticate each connection before any
-//! request, by the challenge-response of [`crate::auth`]: the connecting
+//! request, by the challenge-response of [`crate::security::auth`]: the connecting
 //! worker announces it will (HELLO, kind 2, empty), the accepting worker
 //! sends a CHALLENGE (kind 3, a fresh 32-byte challenge) as soon as it
 //! accepts, the connecting one answers AUTH (kind 4: its nonce and proof),
@@ -42,10 +42,11 @@ use parking_lot::Mutex;
 
 use super::message::{Request, Response, WorkerId};
 use super::writer::{Sent, Writer};
-use crate::auth::{as_nonce, Nonce, Secret, NONCE_LEN, PROOF_LEN};
 use crate::error::{Error, Result, Status};
-use crate::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
-use crate::tls::{self, TlsClient, TlsServer};
+use crate::net::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
+use crate::net::wire;
+use crate::security::auth::{as_nonce, Nonce, Secret, NONCE_LEN, PROOF_LEN};
+use crate::security::tls::{TlsClient, TlsServer};
 use crate::work::{Promise, Work};
 
 /// Bytes of a frame's header: length, kind, id and sender.
@@ -750,7 +751,11 @@ impl IoLoop {
                 Ok(writer) => Arc::new(writer),
                 Err(e) => return unusable(&e),
             };
-            let handshake = match guard.secret.as_ref().map(|_| crate::auth::nonce()) {
+            let handshake = match guard
+                .secret
+                .as_ref()
+                .map(|_| crate::security::auth::nonce())
+            {
                 None => Handshake::Done,
                 Some(Ok(challenge)) => {
                     let frame = frame(CHALLENGE, 0, me, &challenge).unwrap_or_default();
@@ -965,8 +970,8 @@ impl IoLoop {
                 let Some(challenge) = as_nonce(payload) else {
                     return denied("a malformed challenge");
                 };
-                let nonce =
-                    crate::auth::nonce().map_err(|e| (e.status(), e.message().to_owned()))?;
+                let nonce = crate::security::auth::nonce()
+                    .map_err(|e| (e.status(), e.message().to_owned()))?;
                 let mut answer = nonce.to_vec();
                 answer.extend_from_slice(&secret.client_proof(&challenge, &nonce));
                 let next = Handshake::AwaitingServerProof { challenge, nonce };
@@ -1174,7 +1179,7 @@ fn closed_by_peer(authenticating: bool) -> Failure {
 /// A failed read or write: a TLS failure (a certificate refused) is
 /// `PermissionDenied`, anything else the network's.
 fn io_failure(doing: &str, e: &io::Error) -> Failure {
-    match tls::failure(e) {
+    match wire::failure(e) {
         Some(failure) => (Status::PermissionDenied, format!("TLS failed: {failure}")),
         None => (Status::Network, format!("{doing}: {e}")),
     }

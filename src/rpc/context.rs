@@ -21,7 +21,7 @@ use parking_lot::{Condvar, Mutex};
 use super::message::{ForkData, ForkId, GloballyUniqueId, RRefId, Request, WorkerId};
 use super::rref::{OwnerRRef, RRef, UserRRef, REMOTE_TIMED_OUT};
 use crate::error::{Error, Result, Status};
-use crate::timeout::{deadline_after, wait_until};
+use crate::runtime::timeout::{deadline_after, wait_until};
 use crate::work::Work;
 
 type OwnerCallback = Box<dyn FnOnce(Arc<OwnerRRef>) + Send>;

@@ -23,11 +23,11 @@ use self::context::{Context, DebugInfo};
 use self::message::{ForkData, Request, Response, WorkerId};
 use self::pool::Pool;
 use self::rref::{RRef, UserRRef};
-use crate::auth::Secret;
 use crate::error::{Error, Result, Status};
 use crate::printable::printable;
+use crate::security::auth::Secret;
+use crate::security::tls::{TlsClient, TlsServer};
 use crate::store::{elastic, Store};
-use crate::tls::{TlsClient, TlsServer};
 use crate::work::Work;
 
 /// What a registered function receives.

@@ -1,7 +1,7 @@
 //! A fixed pool of threads that run user functions and RRef handlers, so a
 //! slow function never stalls the network thread. Idle threads sleep on
 //! std's condvar: parking_lot's process-wide table of sleepers would point
-//! a forked child at threads it does not have (see `crate::timer`).
+//! a forked child at threads it does not have (see `crate::runtime::timer`).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};

@@ -17,8 +17,8 @@ use mio::net::TcpStream;
 use mio::{Registry, Token};
 use parking_lot::Mutex;
 
-use crate::outbox::Outbox;
-use crate::tls::{Session, Wire};
+use crate::net::outbox::Outbox;
+use crate::net::wire::{Session, Wire};
 
 /// What became of a frame handed to [`Writer::send`].
 #[derive(Debug, PartialEq, Eq)]

@@ -7,10 +7,10 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::kv::KvTable;
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
-use crate::bigbuf::check_allocatable;
 use crate::error::{Error, Result, Status};
+use crate::net::bigbuf::check_allocatable;
 use crate::printable::printable;
-use crate::timeout::{deadline_after, wait_until, DEFAULT_STORE_TIMEOUT};
+use crate::runtime::timeout::{deadline_after, wait_until, DEFAULT_STORE_TIMEOUT};
 use crate::work::{Promise, Work};
 
 struct Shared {
@@ -63,7 +63,7 @@ struct AsyncWait {
     awaited: Awaited,
     promise: Promise,
     /// Its timeout's job, cancelled when it ends otherwise.
-    timer: Option<crate::timer::TimerId>,
+    timer: Option<crate::runtime::timer::TimerId>,
 }
 
 #[derive(Default)]
@@ -111,7 +111,7 @@ impl AsyncWait {
     /// Ends the call with `outcome` (its timeout job no longer needed).
     fn complete(self, outcome: Result<Option<Vec<u8>>>) {
         if let Some(timer) = self.timer {
-            crate::timer::cancel(timer);
+            crate::runtime::timer::cancel(timer);
         }
         self.promise.complete(outcome);
     }
@@ -184,7 +184,7 @@ impl HashStore {
                         wait.promise.complete(Err(error));
                     }
                 };
-                Some(crate::timer::at(at, Box::new(expire))?)
+                Some(crate::runtime::timer::at(at, Box::new(expire))?)
             }
             None => None,
         };
@@ -192,7 +192,7 @@ impl HashStore {
         promise.on_release(Box::new(move || {
             if let Some(wait) = take_wait(&weak, id) {
                 if let Some(timer) = wait.timer {
-                    crate::timer::cancel(timer);
+                    crate::runtime::timer::cancel(timer);
                 }
             }
         }));

@@ -41,7 +41,7 @@ impl<T: Any> AsAny for T {
 /// PyTorch's `Store`: a key-value store shared by the workers of a job.
 ///
 /// Every implementation is safe to share between threads. Timeouts follow
-/// [`crate::timeout`]: `None` means the store's own timeout, a zero duration
+/// [`crate::runtime::timeout`]: `None` means the store's own timeout, a zero duration
 /// waits forever.
 pub trait Store: AsAny + Send + Sync + 'static {
     /// Sets `key` to `value`, waking the waiters of `key`.

@@ -1,5 +1,5 @@
 use super::*;
-use crate::profiler::{set_profiler_hooks, ProfilerHooks};
+use crate::work::profiler::{set_profiler_hooks, ProfilerHooks};
 use std::collections::HashMap;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Barrier;

@@ -11,9 +11,10 @@ use std::path::PathBuf;
 mod parameter_server;
 
 use clap::{Parser, Subcommand};
-use distcore::access::{AccessPolicy, HandshakeLimits, Network};
-use distcore::auth::Secret;
 use distcore::printable::printable;
+use distcore::security::access::{AccessPolicy, HandshakeLimits, Network};
+use distcore::security::auth::Secret;
+use distcore::security::tls::{TlsClient, TlsFiles};
 use distcore::store::tcp::protocol::Limits;
 use distcore::store::tcp::server::{
     check_tcp_socket, raise_open_files_limit, MetricsEndpoint, ServerBackend,
@@ -23,7 +24,6 @@ use distcore::store::{
     elastic, EtcdStore, EtcdStoreOptions, FileStore, HashStore, PrefixStore, Store, TcpStore,
     TcpStoreOptions,
 };
-use distcore::tls::{TlsClient, TlsFiles};
 use distcore::{Error, OpType, Result, Work};
 
 #[derive(Parser)]

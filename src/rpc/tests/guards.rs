@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use super::*;
 use crate::rpc::agent::{Agent, Guard, WorkerInfo, HEADER};
-use crate::tls::TlsFiles;
+use crate::security::tls::TlsFiles;
 
 fn secret(text: &str) -> Option<Secret> {
     Some(Secret::new(text.as_bytes().to_vec()).unwrap())
@@ -233,7 +233,7 @@ fn an_unauthenticated_peer_announcing_a_huge_frame_is_closed_before_it_is_buffer
     for read_the_challenge in [false, true] {
         let mut s = TcpStream::connect(addr).unwrap();
         let kind = if read_the_challenge {
-            let mut challenge = [0u8; HEADER + crate::auth::NONCE_LEN];
+            let mut challenge = [0u8; HEADER + crate::security::auth::NONCE_LEN];
             s.read_exact(&mut challenge).unwrap();
             assert_eq!(challenge[4], 3, "a CHALLENGE");
             4

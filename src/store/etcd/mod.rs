@@ -33,8 +33,8 @@ use self::guarded::{Committed, Remembered, Target, Write, MAX_KEYS_PER_WRITE};
 pub(crate) use self::requests::{Change, Element, Snapshot};
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
 use crate::error::{Error, Result, Status};
+use crate::runtime::timeout::DEFAULT_STORE_TIMEOUT;
 use crate::store::kv::{appended_len, compare_set_swaps, counter_after};
-use crate::timeout::DEFAULT_STORE_TIMEOUT;
 
 /// How an EtcdStore reaches its cluster.
 #[derive(Debug, Clone)]

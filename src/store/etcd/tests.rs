@@ -81,7 +81,10 @@ fn etcd_store_conformance() {
     let jobs = std::sync::atomic::AtomicUsize::new(0);
     conformance::run_all(&|| {
         let job = jobs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let options = etcd.options(&format!("/job{job}"), crate::timeout::DEFAULT_STORE_TIMEOUT);
+        let options = etcd.options(
+            &format!("/job{job}"),
+            crate::runtime::timeout::DEFAULT_STORE_TIMEOUT,
+        );
         Arc::new(EtcdStore::new(options).unwrap()) as Arc<dyn Store>
     });
 }

@@ -25,10 +25,10 @@ use self::log::{
 use self::watch::Watcher;
 use super::kv::compare_set_swaps;
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
-use crate::bigbuf::{check_allocatable, try_copy};
 use crate::error::{Error, Result, Status};
+use crate::net::bigbuf::{check_allocatable, try_copy};
 use crate::printable::printable;
-use crate::timeout::{deadline_after, DEFAULT_STORE_TIMEOUT};
+use crate::runtime::timeout::{deadline_after, DEFAULT_STORE_TIMEOUT};
 
 /// How long a lock attempt backs off between tries.
 const LOCK_BACKOFF: Duration = Duration::from_millis(1);

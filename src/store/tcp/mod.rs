@@ -11,17 +11,16 @@ use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 
 use super::{check_multi_set_lengths, Store};
-use crate::access::{AccessPolicy, Network};
-use crate::auth::Secret;
 use crate::error::{Error, Result, Status};
-use crate::fork::Born;
-use crate::timeout::DEFAULT_STORE_TIMEOUT;
-use crate::tls::{TlsClient, TlsServer};
+use crate::runtime::fork::Born;
+use crate::runtime::timeout::DEFAULT_STORE_TIMEOUT;
+use crate::security::access::{AccessPolicy, Network};
+use crate::security::auth::Secret;
+use crate::security::tls::{TlsClient, TlsServer};
 use crate::work::Work;
 
 mod client;
 mod counters;
-mod listen;
 pub mod parser;
 pub mod protocol;
 pub mod server;
@@ -388,7 +387,7 @@ impl TcpStore {
 }
 
 fn warn_if_backlog_too_small(world_size: Option<u32>) {
-    if let (Some(world), Some(cap)) = (world_size, listen::somaxconn()) {
+    if let (Some(world), Some(cap)) = (world_size, crate::net::listen::somaxconn()) {
         if world > cap {
             log::warn!(
                 "TCPStore world size {world} exceeds /proc/sys/net/core/somaxconn ({cap}): \

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use super::protocol::{Command, Key, Limits, ProtocolError, Request};
-use crate::bigbuf::{zeroed_shared, LARGE_VALUE_LEN};
+use crate::net::bigbuf::{zeroed_shared, LARGE_VALUE_LEN};
 
 /// A stored value, shared rather than copied.
 type Value = Arc<[u8]>;

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use crate::auth::{Nonce, NONCE_LEN, PROOF_LEN};
+use crate::security::auth::{Nonce, NONCE_LEN, PROOF_LEN};
 
 /// The magic number a connection sends with VALIDATE.
 pub(crate) const VALIDATE_MAGIC: u32 = 0x3C85_F7CE;

@@ -15,10 +15,11 @@ use super::super::protocol::{
     Command, Encoder, Limits, ServerInfo, HELLO_V2_ACK, HELLO_V2_NONCE, VALIDATE_MAGIC,
 };
 use super::reply::{Exchange, Outcome, Reply, Shape, DIRECT_MIN};
-use crate::auth::{Nonce, Secret};
-use crate::bigbuf::LARGE_VALUE_LEN;
 use crate::error::{Error, Result, Status};
-use crate::tls::{self, Session, TlsClient, Wire};
+use crate::net::bigbuf::LARGE_VALUE_LEN;
+use crate::net::wire::{self, Session, Wire};
+use crate::security::auth::{Nonce, Secret};
+use crate::security::tls::TlsClient;
 
 /// When an operation must end; `None`: never (a zero timeout).
 pub(crate) type Deadline = Option<Instant>;
@@ -310,7 +311,7 @@ impl Conn {
         challenge: &Nonce,
         deadline: Deadline,
     ) -> Result<()> {
-        let mine = crate::auth::nonce()?;
+        let mine = crate::security::auth::nonce()?;
         let request = Encoder::request(Command::Auth)
             .bytes(&mine)
             .bytes(&secret.client_proof(challenge, &mine))
@@ -486,11 +487,11 @@ impl Conn {
     /// failure (a certificate refused, or no TLS at the other end) is
     /// `PermissionDenied`: trying again would not help.
     fn io_error(&self, doing: &str, e: std::io::Error) -> Error {
-        match tls::failure(&e) {
+        match wire::failure(&e) {
             Some(failure) => Error::permission_denied(format!(
                 "TLS with the TCPStore at {} failed: {failure}{}",
                 self.peer,
-                tls::hint(failure)
+                wire::hint(failure)
             )),
             None => Error::network(format!("{doing} the TCPStore at {}: {e}", self.peer)),
         }

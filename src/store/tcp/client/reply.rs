@@ -10,8 +10,8 @@ use super::super::protocol::{
     Command, Encoder, HELLO_V2_ACK, REPLY_DEFERRED_ERROR, REPLY_ERROR, REPLY_OK, STOP_WAITING,
     WAIT_CANCELED,
 };
-use crate::bigbuf::try_value_buffer;
 use crate::error::{Error, Result, Status};
+use crate::net::bigbuf::try_value_buffer;
 
 /// Below this many missing bytes a value is filled from the connection's
 /// read buffer; from it on, straight from the socket.

@@ -178,7 +178,7 @@ struct Shared {
     store: EtcdStore,
     max_value_len: usize,
     /// Writes for the workers, who sleep on std's condvar (see
-    /// `crate::timer` on parking_lot's and fork).
+    /// `crate::runtime::timer` on parking_lot's and fork).
     jobs: std::sync::Mutex<VecDeque<Job>>,
     job_ready: std::sync::Condvar,
     view: Mutex<View>,

@@ -25,11 +25,11 @@ use mio::{Events, Interest, Poll, Registry, Token};
 use super::backend::Backend;
 use super::metrics::Refusal;
 use super::state::{Refused, ServerCore, HANDSHAKE_READ};
-use crate::access::{AccessPolicy, Admission};
-use crate::logging::Throttle;
-use crate::outbox::Outbox;
-use crate::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
-use crate::tls::{self, Session, Wire, HANDSHAKE_RECORD};
+use crate::net::outbox::Outbox;
+use crate::net::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
+use crate::net::wire::{self, Session, Wire, HANDSHAKE_RECORD};
+use crate::runtime::logging::Throttle;
+use crate::security::access::{AccessPolicy, Admission};
 
 /// Bytes read from one connection per turn, and the loop's read buffer.
 const READ_CHUNK: usize = 64 << 10;
@@ -202,7 +202,11 @@ impl<B: Backend> EventLoop<B> {
             if let Err(Refused(kind, why)) = core.room_for(admission) {
                 return refuse(core, refusals, kind, peer, &why);
             }
-            let challenge = match access.secret.as_ref().map(|_| crate::auth::nonce()) {
+            let challenge = match access
+                .secret
+                .as_ref()
+                .map(|_| crate::security::auth::nonce())
+            {
                 None => None,
                 Some(Ok(nonce)) => Some(nonce),
                 Some(Err(e)) => {
@@ -333,7 +337,7 @@ impl<B: Backend> EventLoop<B> {
             Err(e) => match e.kind() {
                 io::ErrorKind::WouldBlock => false,
                 io::ErrorKind::Interrupted => true,
-                _ => match tls::failure(&e) {
+                _ => match wire::failure(&e) {
                     Some(failure) => {
                         let why = format!("TLS failed: {failure}");
                         return self.close(token, Close::Refused(Refused(Refusal::TlsFailed, why)));
@@ -464,7 +468,7 @@ fn allow_warning(refusals: &mut Throttle) -> Option<String> {
 fn first_byte(stream: &TcpStream) -> io::Result<Option<u8>> {
     use std::os::fd::AsRawFd;
     let mut byte = [std::mem::MaybeUninit::new(0u8)];
-    match tls::recv(stream.as_raw_fd(), &mut byte, libc::MSG_PEEK) {
+    match wire::recv(stream.as_raw_fd(), &mut byte, libc::MSG_PEEK) {
         // SAFETY: initialised above (and recv writes only bytes).
         Ok(_) => Ok(Some(unsafe { byte[0].assume_init() })),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),

@@ -19,9 +19,9 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::metrics::Metrics;
-use crate::access::Network;
 use crate::error::{Error, Result};
-use crate::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
+use crate::net::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
+use crate::security::access::Network;
 
 /// Largest request head read.
 const MAX_HEAD: usize = 8 << 10;

@@ -20,8 +20,8 @@
 //! [`max_pending`] of them at once (128 by default), each for at most
 //! [`timeout`] (10 s).
 //!
-//! [`max_pending`]: crate::access::HandshakeLimits::max_pending
-//! [`timeout`]: crate::access::HandshakeLimits::timeout
+//! [`max_pending`]: crate::security::access::HandshakeLimits::max_pending
+//! [`timeout`]: crate::security::access::HandshakeLimits::timeout
 //!
 //! Each turn of the loop reads at most 64 KiB from a connection (1 MiB
 //! when receiving a large value straight into place) before serving the
@@ -38,12 +38,12 @@ use std::thread::JoinHandle;
 use mio::net::TcpListener;
 use mio::{Interest, Poll, Waker};
 
-pub use super::listen::check_tcp_socket;
-use super::listen::{listen, listen_error, listen_on_socket, prepare_listener};
 use super::protocol::Limits;
-use crate::access::AccessPolicy;
 use crate::error::{Error, Result};
-use crate::reactor::{Acceptor, LISTENER, WAKER};
+pub use crate::net::listen::check_tcp_socket;
+use crate::net::listen::{listen, listen_error, listen_on_socket, prepare_listener};
+use crate::net::reactor::{Acceptor, LISTENER, WAKER};
+use crate::security::access::AccessPolicy;
 
 pub(crate) mod backend;
 mod etcd_backend;
@@ -53,7 +53,7 @@ mod metrics_http;
 mod state;
 mod waits;
 
-pub use crate::reactor::raise_open_files_limit;
+pub use crate::net::reactor::raise_open_files_limit;
 pub use metrics_http::{MetricsEndpoint, MetricsSource};
 
 /// How a server gets its listening socket.
@@ -159,7 +159,7 @@ pub struct Server {
 impl Server {
     /// Binds (or takes over the listening socket) and starts the event loop.
     pub fn start(options: ServerOptions) -> Result<Server> {
-        crate::logging::init();
+        crate::runtime::logging::init();
         options.access.check()?;
         let std_listener = match options.listen_fd {
             Some(fd) => fd

@@ -38,11 +38,11 @@ use super::waits::{WaitId, WaitReply, Waits};
 use super::Quotas;
 #[cfg(test)]
 use super::ServerStats;
-use crate::access::{Admission, HandshakeLimits};
-use crate::auth::{as_nonce, Nonce, Secret};
 use crate::error::{Error, Result as OpResult};
-use crate::outbox::Outbox;
+use crate::net::outbox::Outbox;
 use crate::printable::printable;
+use crate::security::access::{Admission, HandshakeLimits};
+use crate::security::auth::{as_nonce, Nonce, Secret};
 
 /// A connection's id: dense, chosen by whoever drives the core.
 pub(crate) type ConnId = usize;

@@ -354,7 +354,7 @@ fn large_values_trickling_in_are_stored_whole_and_pipelined_requests_follow() {
     request.extend(
         Encoder::request(Command::QueuePush)
             .bytes(b"/q")
-            .bytes(&value[..crate::bigbuf::LARGE_VALUE_LEN])
+            .bytes(&value[..crate::net::bigbuf::LARGE_VALUE_LEN])
             .finish(),
     );
     request.extend(Encoder::request(Command::Ping).u32(9).finish());
@@ -379,7 +379,7 @@ fn large_values_trickling_in_are_stored_whole_and_pipelined_requests_follow() {
     let len = u64::from_le_bytes(read_n(&mut reader, 8).try_into().unwrap());
     assert_eq!(
         read_n(&mut reader, len as usize),
-        value[..crate::bigbuf::LARGE_VALUE_LEN]
+        value[..crate::net::bigbuf::LARGE_VALUE_LEN]
     );
 }
 

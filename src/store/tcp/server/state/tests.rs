@@ -1,7 +1,7 @@
 //! The server core driven directly: bytes in, replies out, no sockets.
 
 use super::*;
-use crate::bigbuf::LARGE_VALUE_LEN;
+use crate::net::bigbuf::LARGE_VALUE_LEN;
 use crate::store::tcp::protocol::ServerInfo;
 use crate::store::tcp::protocol::{Command, Encoder};
 use crate::store::tcp::server::backend::{MemoryBackend, Usage};

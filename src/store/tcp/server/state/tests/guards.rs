@@ -1,8 +1,8 @@
 //! Authentication, quotas and metrics, driven through the core.
 
 use super::*;
-use crate::access::{Admission, HandshakeLimits};
-use crate::auth::{Nonce, Secret};
+use crate::security::access::{Admission, HandshakeLimits};
+use crate::security::auth::{Nonce, Secret};
 use crate::store::tcp::server::Quotas;
 use crate::Status;
 use std::time::Duration;

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
-use crate::bigbuf::LARGE_VALUE_LEN;
-use crate::tls::Wire;
+use crate::net::bigbuf::LARGE_VALUE_LEN;
+use crate::net::wire::Wire;
 
 /// A buffer larger than this is released once it has been written out.
 const MAX_IDLE_CAPACITY: usize = 1 << 20;

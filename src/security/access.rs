@@ -9,9 +9,9 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::auth::Secret;
 use crate::error::{Error, Result};
-use crate::tls::TlsServer;
+use crate::security::auth::Secret;
+use crate::security::tls::TlsServer;
 
 /// A block of addresses in CIDR notation (`10.0.0.0/8`, `fd00::/8`), or
 /// one address (`192.0.2.7`, a /32 or /128).

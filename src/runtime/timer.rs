@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
-use crate::fork::PerProcess;
+use crate::runtime::fork::PerProcess;
 
 use crate::error::{Error, Result};
 

@@ -12,6 +12,8 @@
 //! promise's release hook tells the driver to let go of what the operation
 //! holds (a connection, a waiter).
 
+pub mod profiler;
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,8 +23,8 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result, Status};
-use crate::profiler::Span;
-use crate::timeout::{deadline_after, wait_until};
+use crate::runtime::timeout::{deadline_after, wait_until};
+use crate::work::profiler::Span;
 
 /// The collective an operation performs: c10d's `OpType`, same numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
