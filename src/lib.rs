@@ -3,13 +3,18 @@
 //! references — as a Rust library with a C ABI (`include/distcore.h`).
 //!
 //! The Rust core knows nothing of C; [`ffi`] is the only module with raw
-//! pointers and `extern "C"` functions.
+//! pointers and `extern "C"` functions. `unsafe` is denied everywhere but
+//! there and in `os`, the safe wrappers over the operating system's calls.
 
 #![warn(missing_docs)]
+#![deny(unsafe_code)]
 
 pub mod error;
+#[allow(unsafe_code)]
 pub mod ffi;
 pub(crate) mod net;
+#[allow(unsafe_code)]
+pub(crate) mod os;
 pub mod printable;
 pub mod rpc;
 pub mod runtime;

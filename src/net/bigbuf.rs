@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::os;
 
 /// Below this, an allocation is not worth probing: its failure is the
 /// process's, not the caller's.
@@ -56,41 +57,22 @@ const HUGE_PAGE_MIN_LEN: usize = 4 << 20;
 pub(crate) fn try_value_buffer(len: usize) -> Option<Vec<u8>> {
     let mut buf = Vec::new();
     buf.try_reserve_exact(len.checked_add(1)?).ok()?;
-    advise_huge_pages(buf.as_mut_ptr(), buf.capacity());
+    if buf.capacity() >= HUGE_PAGE_MIN_LEN {
+        os::advise_huge_pages_capacity(&mut buf);
+    }
     Some(buf)
 }
 
 /// A zero-filled shared value of `len` bytes, still unshared so that it can
 /// be filled through `Arc::get_mut`.
 pub(crate) fn zeroed_shared(len: usize) -> Arc<[u8]> {
-    // SAFETY: zero bytes are valid `u8`s.
-    let mut value: Arc<[u8]> = unsafe { Arc::new_zeroed_slice(len).assume_init() };
-    if let Some(buf) = Arc::get_mut(&mut value) {
-        advise_huge_pages(buf.as_mut_ptr(), buf.len());
-    }
-    value
-}
-
-/// Asks for transparent huge pages behind the whole pages of the `len`
-/// bytes at `ptr`, an allocation of ours (Linux; elsewhere, and when the
-/// kernel says no, nothing changes).
-fn advise_huge_pages(ptr: *mut u8, len: usize) {
-    if len < HUGE_PAGE_MIN_LEN {
-        return;
-    }
-    #[cfg(target_os = "linux")]
-    {
-        const PAGE: usize = 4096;
-        let start = (ptr as usize).next_multiple_of(PAGE);
-        let end = (ptr as usize + len) & !(PAGE - 1);
-        if end > start {
-            // SAFETY: the range lies inside the allocation; the advice
-            // changes how pages are backed, never their contents.
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-            }
+    let mut value = os::zeroed_shared(len);
+    if len >= HUGE_PAGE_MIN_LEN {
+        if let Some(buf) = Arc::get_mut(&mut value) {
+            os::advise_huge_pages(buf);
         }
     }
+    value
 }
 
 #[cfg(test)]

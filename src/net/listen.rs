@@ -3,9 +3,10 @@
 //! with SO_REUSEADDR (as PyTorch) and the kernel's full accept backlog.
 
 use std::io;
-use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::error::Error;
 
@@ -38,12 +39,13 @@ pub fn listen(address: Option<IpAddr>, port: u16) -> io::Result<TcpListener> {
 
 /// Checks that `fd` is a TCP socket (IPv4 or IPv6, stream), the kind a
 /// server can be handed over to serve on, before it is taken over.
-pub fn check_tcp_socket(fd: RawFd) -> io::Result<()> {
+pub fn check_tcp_socket(fd: BorrowedFd<'_>) -> io::Result<()> {
     let not_tcp = || io::Error::new(io::ErrorKind::InvalidInput, "not a TCP socket");
-    let domain = int_option(fd, libc::SOL_SOCKET, libc::SO_DOMAIN).map_err(|_| not_tcp())?;
-    let kind = int_option(fd, libc::SOL_SOCKET, libc::SO_TYPE).map_err(|_| not_tcp())?;
+    let socket = SockRef::from(&fd);
+    let domain = socket.domain().map_err(|_| not_tcp())?;
+    let kind = socket.r#type().map_err(|_| not_tcp())?;
     match (domain, kind) {
-        (libc::AF_INET | libc::AF_INET6, libc::SOCK_STREAM) => Ok(()),
+        (Domain::IPV4 | Domain::IPV6, Type::STREAM) => Ok(()),
         _ => Err(not_tcp()),
     }
 }
@@ -53,14 +55,15 @@ pub fn check_tcp_socket(fd: RawFd) -> io::Result<()> {
 /// bound and not yet listening, which PyTorch's server accepts too (it
 /// listens on it; on a listening socket, listen(2) only sets the backlog).
 pub fn listen_on_socket(fd: OwnedFd) -> io::Result<TcpListener> {
-    check_tcp_socket(fd.as_raw_fd())?;
-    // SAFETY: listen(2) on a TCP socket the server now owns.
-    check(unsafe { libc::listen(fd.as_raw_fd(), backlog()) })?;
-    Ok(TcpListener::from(fd))
+    use std::os::fd::AsFd;
+    check_tcp_socket(fd.as_fd())?;
+    let socket = Socket::from(fd);
+    socket.listen(backlog())?;
+    Ok(socket.into())
 }
 
 /// The listen backlog: the kernel's cap.
-fn backlog() -> libc::c_int {
+fn backlog() -> i32 {
     somaxconn().map_or(libc::SOMAXCONN, |n| n.min(i32::MAX as u32) as i32)
 }
 
@@ -68,12 +71,7 @@ fn backlog() -> libc::c_int {
 /// connections it accepts (Linux copies it to them: no call per client).
 pub fn prepare_listener(listener: &TcpListener) -> io::Result<()> {
     listener.set_nonblocking(true)?;
-    set_int_option(
-        listener.as_raw_fd(),
-        libc::IPPROTO_TCP,
-        libc::TCP_NODELAY,
-        1,
-    )
+    SockRef::from(listener).set_tcp_nodelay(true)
 }
 
 /// PyTorch's error for a server that cannot listen (launchers match on its
@@ -104,110 +102,17 @@ fn uv_error(errno: i32) -> Option<(&'static str, &'static str)> {
     })
 }
 
-fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
-}
-
-fn int_option(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: reads an int option into a live c_int of `len` bytes; any
-    // descriptor number is safe to ask about (a bad one fails).
-    check(unsafe {
-        libc::getsockopt(
-            fd,
-            level,
-            name,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    })?;
-    Ok(value)
-}
-
-fn set_int_option(
-    fd: libc::c_int,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: libc::c_int,
-) -> io::Result<()> {
-    // SAFETY: passes a pointer to a live c_int and its size.
-    check(unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&value as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
+/// A listening socket at `addr` with SO_REUSEADDR (close-on-exec, as
+/// every socket socket2 makes); IPv6 only unless `dual_stack`.
 fn listen_on(addr: SocketAddr, dual_stack: bool) -> io::Result<TcpListener> {
-    let domain = if addr.is_ipv6() {
-        libc::AF_INET6
-    } else {
-        libc::AF_INET
-    };
-    // SAFETY: plain socket(2); the result is checked and then owned.
-    let raw = check(unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: `raw` is a fresh descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    set_int_option(raw, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
-        set_int_option(
-            raw,
-            libc::IPPROTO_IPV6,
-            libc::IPV6_V6ONLY,
-            i32::from(!dual_stack),
-        )?;
+        socket.set_only_v6(!dual_stack)?;
     }
-    let (storage, len) = to_sockaddr(addr);
-    // SAFETY: `storage` holds a sockaddr of `len` bytes.
-    check(unsafe { libc::bind(raw, (&storage as *const libc::sockaddr_storage).cast(), len) })?;
-    // SAFETY: listen(2) on our bound socket.
-    check(unsafe { libc::listen(raw, backlog()) })?;
-    Ok(TcpListener::from(fd))
-}
-
-fn to_sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let len = match addr {
-        SocketAddr::V4(v4) => {
-            let sin = libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
-            size_of::<libc::sockaddr_in>()
-        }
-        SocketAddr::V6(v6) => {
-            let sin6 = libc::sockaddr_in6 {
-                sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                sin6_port: v6.port().to_be(),
-                sin6_flowinfo: v6.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: v6.ip().octets(),
-                },
-                sin6_scope_id: v6.scope_id(),
-            };
-            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
-            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
-            size_of::<libc::sockaddr_in6>()
-        }
-    };
-    (storage, len as libc::socklen_t)
+    socket.bind(&addr.into())?;
+    socket.listen(backlog())?;
+    Ok(socket.into())
 }
 
 #[cfg(test)]

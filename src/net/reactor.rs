@@ -233,24 +233,7 @@ fn open_reserve() -> Option<File> {
 /// Raises this process's soft limit on open files to its hard limit (a
 /// server holds one descriptor per client); returns the limit now in force.
 pub fn raise_open_files_limit() -> io::Result<u64> {
-    // SAFETY: getrlimit/setrlimit with a pointer to a live struct.
-    unsafe {
-        let mut limit: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            limit = raised;
-        }
-        Ok(limit.rlim_cur as u64)
-    }
+    crate::os::raise_open_files_limit()
 }
 
 #[cfg(test)]

@@ -8,41 +8,21 @@
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
 
+use crate::os;
+
 /// Writes as much of `bufs`, in order, as the socket takes in one call; a
 /// closed peer is `EPIPE`, never a signal.
 pub(crate) fn send_vectored(socket: &impl AsRawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-    if let [one] = bufs {
-        return send_bytes(socket, one);
+    match bufs {
+        [one] => os::send(socket.as_raw_fd(), one),
+        _ => os::send_vectored(socket.as_raw_fd(), bufs),
     }
-    // SAFETY: a zeroed msghdr is valid (no name, no control data).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    // IoSlice is ABI-compatible with iovec on Unix; sendmsg only reads it.
-    msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-    msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
-    // SAFETY: `msg` points at live buffers for the duration of the call.
-    result(unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) })
 }
 
 /// Writes as much of `buf` as the socket takes in one call (a plain
 /// `send`, `MSG_NOSIGNAL`).
 pub(crate) fn send_bytes(socket: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: the buffer is live for the duration of the call.
-    result(unsafe {
-        libc::send(
-            socket.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            libc::MSG_NOSIGNAL,
-        )
-    })
-}
-
-fn result(n: isize) -> io::Result<usize> {
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    os::send(socket.as_raw_fd(), buf)
 }
 
 #[cfg(test)]

@@ -7,12 +7,12 @@
 //! bounds what it holds of records received.
 
 use std::io::{self, IoSlice, Read, Write};
-use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, RawFd};
 
 use rustls::Connection;
 
-use crate::net::sendv::send_bytes;
+use crate::net::sendv::{send_bytes, send_vectored};
+use crate::os;
 
 /// Bytes of TLS records a session holds before its socket takes them; a
 /// write beyond it waits for the socket (see [`Wire::send`]).
@@ -46,9 +46,7 @@ struct Fd(RawFd);
 
 impl Read for Fd {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        // SAFETY: recv writes only initialised bytes into it.
-        let target = unsafe { &mut *(buf as *mut [u8] as *mut [MaybeUninit<u8>]) };
-        recv(self.0, target, 0)
+        os::recv(self.0, buf, 0)
     }
 }
 
@@ -59,7 +57,7 @@ impl Write for Fd {
 
     /// rustls hands over its queued records together: one `sendmsg`.
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        crate::net::sendv::send_vectored(&self.0, bufs)
+        send_vectored(&self.0, bufs)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -158,50 +156,55 @@ impl<'a> Wire<'a> {
     /// socket has nothing more: how many bytes (0: the peer closed). With
     /// nothing there, `WouldBlock`; so a caller woken by an edge-triggered
     /// poller reads on while `target` comes back full.
-    pub(crate) fn recv(&mut self, target: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
+    pub(crate) fn recv_into(&mut self, target: &mut [u8]) -> io::Result<usize> {
         match self.tls.as_deref_mut() {
-            None => recv(self.fd, target, 0),
-            Some(session) => recv_tls(self.fd, session, target, 0),
+            None => os::recv(self.fd, target, 0),
+            Some(session) => recv_tls(self.fd, session, target),
         }
     }
 
-    /// [`Wire::recv`] into initialised memory.
-    pub(crate) fn recv_into(&mut self, target: &mut [u8]) -> io::Result<usize> {
-        let len = target.len();
-        // SAFETY: only initialised bytes are written into it.
-        let target = unsafe { &mut *(target as *mut [u8] as *mut [MaybeUninit<u8>]) };
-        match self.tls.as_deref_mut() {
-            None => recv(self.fd, target, 0),
-            Some(session) => recv_tls(self.fd, session, target, len),
+    /// [`Wire::recv_into`] appending at most `max` bytes to `buf`: in
+    /// clear straight into its spare capacity, through TLS into zeroes a
+    /// record's worth at a time (rustls writes only into initialised
+    /// memory), so a large value's buffer is never zeroed ahead of its
+    /// bytes.
+    pub(crate) fn recv_append(&mut self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+        let Some(session) = self.tls.as_deref_mut() else {
+            return os::recv_append(self.fd, buf, max);
+        };
+        const STEP: usize = 16 << 10;
+        let start = buf.len();
+        while buf.len() - start < max {
+            let before = buf.len();
+            let step = STEP.min(max - (before - start));
+            buf.resize(before + step, 0);
+            match recv_tls(self.fd, session, &mut buf[before..]) {
+                Ok(n) => {
+                    buf.truncate(before + n);
+                    if n < step {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    buf.truncate(before);
+                    if before == start {
+                        return Err(e);
+                    }
+                    break;
+                }
+            }
         }
+        Ok(buf.len() - start)
     }
 }
 
-/// One non-blocking `recv` with `flags` into `target` (0: the peer
-/// closed), retried when interrupted; `WouldBlock` when nothing is there.
+/// One non-blocking `recv` with `flags` into `target` (see [`os::recv`]).
 pub(crate) fn recv(
-    fd: RawFd,
-    target: &mut [MaybeUninit<u8>],
+    socket: &impl AsRawFd,
+    target: &mut [u8],
     flags: libc::c_int,
 ) -> io::Result<usize> {
-    loop {
-        // SAFETY: `target` is writable for its length.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                target.as_mut_ptr().cast(),
-                target.len(),
-                flags | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    os::recv(socket.as_raw_fd(), target, flags)
 }
 
 fn flush_records(fd: RawFd, session: &mut Session) -> io::Result<()> {
@@ -217,31 +220,12 @@ fn flush_records(fd: RawFd, session: &mut Session) -> io::Result<()> {
 }
 
 /// Reads plaintext until `target` is full or the socket has nothing more,
-/// feeding rustls records and sending what the handshake answers. The
-/// first `initialised` bytes of `target` are; rustls writes only into
-/// initialised memory, so the rest is zeroed a record's worth at a time,
-/// as it is needed (a large value's buffer is not zeroed ahead of its
-/// bytes).
-fn recv_tls(
-    fd: RawFd,
-    session: &mut Session,
-    target: &mut [MaybeUninit<u8>],
-    mut initialised: usize,
-) -> io::Result<usize> {
-    const STEP: usize = 16 << 10;
+/// feeding rustls records and sending what the handshake answers.
+fn recv_tls(fd: RawFd, session: &mut Session, target: &mut [u8]) -> io::Result<usize> {
     let mut filled = 0;
     let mut eof = false;
     while filled < target.len() {
-        let end = target.len().min(filled.max(initialised) + STEP);
-        if initialised < end {
-            target[initialised..end].fill(MaybeUninit::new(0));
-            initialised = end;
-        }
-        // SAFETY: target[..initialised] is initialised.
-        let ready = unsafe {
-            &mut *(&mut target[filled..initialised] as *mut [MaybeUninit<u8>] as *mut [u8])
-        };
-        match session.conn.reader().read(ready) {
+        match session.conn.reader().read(&mut target[filled..]) {
             Ok(0) => return Ok(filled), // close_notify: the end, after what was read
             Ok(n) => {
                 filled += n;

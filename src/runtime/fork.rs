@@ -16,10 +16,11 @@
 //! the first time a handle is made, which only bumps an atomic counter
 //! (async-signal-safe).
 
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 
 use crate::error::{Error, Result, Status};
+use crate::os::StaticRef;
 
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 static REGISTER: Once = Once::new();
@@ -32,9 +33,9 @@ extern "C" fn on_fork_child() {
 /// distcore, one more in a child after each fork().
 pub(crate) fn generation() -> u64 {
     REGISTER.call_once(|| {
-        // SAFETY: registers a handler that only touches an atomic. A
-        // failure (ENOMEM) leaves fork() undetected, as without the guard.
-        unsafe { libc::pthread_atfork(None, None, Some(on_fork_child)) };
+        // The handler only touches an atomic. A failure (ENOMEM) leaves
+        // fork() undetected, as without the guard.
+        let _ = crate::os::on_fork_child(on_fork_child);
     });
     GENERATION.load(Ordering::Acquire)
 }
@@ -73,7 +74,7 @@ impl Born {
 /// A process-wide value built on first use in each process: after fork(),
 /// the child builds its own (the parent's is left as it was, unused).
 pub(crate) struct PerProcess<T: 'static> {
-    current: AtomicPtr<Slot<T>>,
+    current: StaticRef<Slot<T>>,
     /// The generation of the thread building the value; `u64::MAX` when
     /// none is. A spin lock rather than a mutex: a lock held by a parent's
     /// thread at fork() would never be released in the child, while an
@@ -99,7 +100,7 @@ impl<T: Send + Sync + 'static> PerProcess<T> {
     /// An empty cell.
     pub(crate) const fn new() -> Self {
         PerProcess {
-            current: AtomicPtr::new(std::ptr::null_mut()),
+            current: StaticRef::new(),
             building: AtomicU64::new(u64::MAX),
         }
     }
@@ -121,18 +122,14 @@ impl<T: Send + Sync + 'static> PerProcess<T> {
         match self.load(generation) {
             Some(value) => Ok(value),
             None => build().map(|value| {
-                let slot: &'static Slot<T> = Box::leak(Box::new(Slot { generation, value }));
-                self.current
-                    .store(slot as *const Slot<T> as *mut Slot<T>, Ordering::Release);
+                let slot = self.current.store(Slot { generation, value });
                 &slot.value
             }),
         }
     }
 
     fn load(&self, generation: u64) -> Option<&'static T> {
-        let slot = self.current.load(Ordering::Acquire);
-        // SAFETY: slots are leaked boxes, never freed.
-        let slot = unsafe { slot.as_ref() }?;
+        let slot = self.current.load()?;
         (slot.generation == generation).then_some(&slot.value)
     }
 

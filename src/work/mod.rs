@@ -14,7 +14,7 @@
 
 pub mod profiler;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -517,17 +517,8 @@ impl Work {
         if let Some(fd) = &state.ready_fd {
             return Ok(fd.as_raw_fd());
         }
-        // SAFETY: eventfd has no memory-safety preconditions; its result is
-        // checked before being owned.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(Error::new(
-                Status::Io,
-                format!("eventfd: {}", std::io::Error::last_os_error()),
-            ));
-        }
-        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd =
+            crate::os::eventfd().map_err(|e| Error::new(Status::Io, format!("eventfd: {e}")))?;
         if matches!(state.phase, Phase::Completed) {
             signal(&fd);
         }
@@ -600,14 +591,8 @@ fn complete(
 
 /// Makes an eventfd readable (adds 1 to its counter).
 fn signal(fd: &OwnedFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live u64 to a descriptor we own.
-    let written = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    if written != 8 {
-        log::error!(
-            "signalling a Work's ready fd failed: {}",
-            std::io::Error::last_os_error()
-        );
+    if let Err(e) = crate::os::eventfd_signal(fd.as_fd()) {
+        log::error!("signalling a Work's ready fd failed: {e}");
     }
 }
 

@@ -147,13 +147,14 @@ fn callbacks_run_once_in_order_and_late_ones_at_once() {
 }
 
 fn readable(fd: RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, 0) == 1 }
+    let mut poll = mio::Poll::new().unwrap();
+    let mut source = mio::unix::SourceFd(&fd);
+    poll.registry()
+        .register(&mut source, mio::Token(0), mio::Interest::READABLE)
+        .unwrap();
+    let mut events = mio::Events::with_capacity(1);
+    poll.poll(&mut events, Some(Duration::ZERO)).unwrap();
+    !events.is_empty()
 }
 
 #[test]

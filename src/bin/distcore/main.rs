@@ -75,7 +75,10 @@ fn parse_listen_fd(text: &str) -> std::result::Result<std::os::fd::RawFd, String
         .ok()
         .filter(|fd| *fd >= 0)
         .ok_or_else(|| format!("'{text}': expected a descriptor number (0 or more)"))?;
-    check_tcp_socket(fd).map_err(|_| format!("descriptor {fd} is not a TCP socket"))?;
+    // SAFETY: only asked about, for the duration of the call; a number
+    // that is no open descriptor fails the check.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    check_tcp_socket(borrowed).map_err(|_| format!("descriptor {fd} is not a TCP socket"))?;
     Ok(fd)
 }
 

@@ -11,7 +11,7 @@ mod watch;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,8 +25,10 @@ use self::log::{
 use self::watch::Watcher;
 use super::kv::compare_set_swaps;
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
+
 use crate::error::{Error, Result, Status};
 use crate::net::bigbuf::{check_allocatable, try_copy};
+use crate::os;
 use crate::printable::printable;
 use crate::runtime::timeout::{deadline_after, DEFAULT_STORE_TIMEOUT};
 
@@ -44,7 +46,8 @@ pub struct FileStore {
 }
 
 struct State {
-    file: File,
+    /// Shared with the lock held on it ([`FileLock`]).
+    file: Arc<File>,
     /// Bytes of the log already replayed.
     pos: u64,
     replay: Replay,
@@ -79,18 +82,22 @@ fn parse_counter(key: &[u8], value: Option<&Vec<u8>>) -> Result<i64> {
 
 /// An exclusive or shared flock on the store file, released on drop.
 struct FileLock {
-    fd: RawFd,
+    file: Arc<File>,
 }
 
 impl Drop for FileLock {
     fn drop(&mut self) {
-        // SAFETY: unlocking a descriptor that outlives the lock.
-        unsafe { libc::flock(self.fd, libc::LOCK_UN) };
+        let _ = os::flock(self.file.as_fd(), libc::LOCK_UN);
     }
 }
 
 /// Takes `flock` on `fd`, retrying until `timeout` (zero: forever).
-fn lock_file(path: &Path, fd: RawFd, exclusive: bool, timeout: Duration) -> Result<FileLock> {
+fn lock_file(
+    path: &Path,
+    file: &Arc<File>,
+    exclusive: bool,
+    timeout: Duration,
+) -> Result<FileLock> {
     let op = if exclusive {
         libc::LOCK_EX
     } else {
@@ -98,14 +105,10 @@ fn lock_file(path: &Path, fd: RawFd, exclusive: bool, timeout: Duration) -> Resu
     } | libc::LOCK_NB;
     let deadline = deadline_after(timeout);
     loop {
-        // SAFETY: flock on a descriptor the caller owns.
-        if unsafe { libc::flock(fd, op) } == 0 {
-            return Ok(FileLock { fd });
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::Interrupted
-        {
-            return Err(io_error(path, "flock", e));
+        match os::flock(file.as_fd(), op) {
+            Ok(()) => return Ok(FileLock { file: file.clone() }),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(io_error(path, "flock", e)),
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(Error::timeout(format!(
@@ -123,11 +126,10 @@ impl State {
     /// an incomplete record.
     fn refresh(&mut self, path: &Path) -> Result<bool> {
         let mut fresh = Vec::new();
-        self.file
-            .seek(SeekFrom::Start(self.pos))
+        let mut file = &*self.file;
+        file.seek(SeekFrom::Start(self.pos))
             .map_err(|e| io_error(path, "seek", e))?;
-        self.file
-            .read_to_end(&mut fresh)
+        file.read_to_end(&mut fresh)
             .map_err(|e| io_error(path, "read", e))?;
         let parsed = self.replay.apply(&fresh);
         self.pos += parsed.consumed as u64;
@@ -151,11 +153,10 @@ impl State {
         for (key, value) in records {
             bytes.extend(record(key, value));
         }
-        self.file
-            .seek(SeekFrom::Start(self.pos))
+        let mut file = &*self.file;
+        file.seek(SeekFrom::Start(self.pos))
             .map_err(|e| io_error(path, "seek", e))?;
-        self.file
-            .write_all(&bytes)
+        file.write_all(&bytes)
             .map_err(|e| io_error(path, "write", e))?;
         // Our own records replay like anyone's.
         let parsed = self.replay.apply(&bytes);
@@ -197,7 +198,7 @@ impl FileStore {
         let store = FileStore {
             world_size,
             state: Mutex::new(State {
-                file,
+                file: Arc::new(file),
                 pos: 0,
                 replay: Replay::default(),
                 watcher: Watcher::new(&path),
@@ -218,7 +219,7 @@ impl FileStore {
     fn read<T>(&self, f: impl FnOnce(&State) -> T) -> Result<T> {
         let mut state = self.state.lock();
         {
-            let _lock = lock_file(&self.path, state.file.as_raw_fd(), false, self.timeout())?;
+            let _lock = lock_file(&self.path, &state.file, false, self.timeout())?;
             state.refresh(&self.path)?;
         }
         Ok(f(&state))
@@ -232,7 +233,7 @@ impl FileStore {
         decide: impl FnOnce(&State) -> Result<(Vec<(Vec<u8>, Vec<u8>)>, T)>,
     ) -> Result<T> {
         let mut state = self.state.lock();
-        let _lock = lock_file(&self.path, state.file.as_raw_fd(), true, self.timeout())?;
+        let _lock = lock_file(&self.path, &state.file, true, self.timeout())?;
         state.refresh(&self.path)?;
         let (records, result) = decide(&state)?;
         if !records.is_empty() {

@@ -6,7 +6,6 @@
 //! the same, through the connection's session (see [`Wire`]).
 
 use std::io::{ErrorKind, IoSlice};
-use std::mem::MaybeUninit;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
@@ -18,6 +17,7 @@ use super::reply::{Exchange, Outcome, Reply, Shape, DIRECT_MIN};
 use crate::error::{Error, Result, Status};
 use crate::net::bigbuf::LARGE_VALUE_LEN;
 use crate::net::wire::{self, Session, Wire};
+use crate::os;
 use crate::security::auth::{Nonce, Secret};
 use crate::security::tls::TlsClient;
 
@@ -120,21 +120,11 @@ fn wait_ready(fd: RawFd, events: libc::c_short, deadline: Deadline) -> std::io::
             // Rounded up, so a wait never ends before its deadline.
             Some(left) => left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
         };
-        let mut pfd = libc::pollfd {
-            fd,
-            events,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        if n > 0 {
-            return Ok(true);
-        }
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != ErrorKind::Interrupted {
-                return Err(e);
-            }
+        match os::poll_one(fd, events, timeout_ms) {
+            Ok(0) => {}
+            Ok(_) => return Ok(true),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
 }
@@ -517,17 +507,15 @@ impl Conn {
             }
             self.start = 0;
             self.end = 0;
-            if let Some(target) = exchange.direct_target() {
-                debug_assert!(target.len() >= DIRECT_MIN);
-                match self.recv(target)? {
-                    Some(n) => {
-                        // SAFETY: recv initialised the first n bytes.
-                        unsafe { exchange.direct_filled(n) }?;
-                        if let Some(outcome) = exchange.take_outcome() {
-                            return Ok(Some(outcome));
-                        }
-                    }
-                    None => return Ok(None),
+            if let Some((value, missing)) = exchange.direct_target() {
+                debug_assert!(missing >= DIRECT_MIN);
+                let got = self.wire().recv_append(value, missing);
+                if self.received(got)?.is_none() {
+                    return Ok(None);
+                }
+                exchange.direct_appended()?;
+                if let Some(outcome) = exchange.take_outcome() {
+                    return Ok(Some(outcome));
                 }
                 continue;
             }
@@ -535,13 +523,6 @@ impl Conn {
                 return Ok(None);
             }
         }
-    }
-
-    /// One non-blocking read into `target`: `Some(n)` bytes, `None` if none
-    /// are there yet; the peer closing is an error.
-    fn recv(&mut self, target: &mut [MaybeUninit<u8>]) -> Result<Option<usize>> {
-        let got = self.wire().recv(target);
-        self.received(got)
     }
 
     /// Reads what has arrived into the (empty) read buffer: `Some(n)`
@@ -698,21 +679,16 @@ impl Conn {
     /// without a reply since the last reply (read before the next one);
     /// anything else breaks it.
     pub(crate) fn check_open(&mut self) -> Result<()> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd(),
-            events: libc::POLLIN | libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; a zero timeout never blocks.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        // A failed poll (a signal) says nothing: as if nothing came.
+        let revents = os::poll_one(self.fd(), libc::POLLIN | libc::POLLRDHUP, 0).unwrap_or(0);
         let closed = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR;
-        if n > 0 && pfd.revents & closed != 0 {
+        if revents & closed != 0 {
             return Err(self.break_with(Error::network(format!(
                 "the TCPStore at {} closed the connection",
                 self.peer
             ))));
         }
-        let mut arrived = n > 0 && pfd.revents & libc::POLLIN != 0;
+        let mut arrived = revents & libc::POLLIN != 0;
         if arrived && self.tls.is_some() && self.start == self.end {
             // Records that carry no bytes for us (a TLS key update) are
             // no sign of anything.

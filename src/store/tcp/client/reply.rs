@@ -4,8 +4,6 @@
 //! reply, and for the waiting commands the CANCEL_WAIT handshake that ends a
 //! wait whose time ran out.
 
-use std::mem::MaybeUninit;
-
 use super::super::protocol::{
     Command, Encoder, HELLO_V2_ACK, REPLY_DEFERRED_ERROR, REPLY_ERROR, REPLY_OK, STOP_WAITING,
     WAIT_CANCELED,
@@ -364,27 +362,23 @@ impl Decoder {
         Ok(())
     }
 
-    /// The unfilled part of a large value being received, for a read
-    /// straight from the socket (at least [`DIRECT_MIN`] bytes), if any.
-    pub(crate) fn direct_target(&mut self) -> Option<&mut [MaybeUninit<u8>]> {
+    /// A large value being received, for a read straight from the socket
+    /// appended to it, and how many bytes it still misses (at least
+    /// [`DIRECT_MIN`]), if any.
+    pub(crate) fn direct_target(&mut self) -> Option<(&mut Vec<u8>, usize)> {
         let partial = self.bytes.as_mut()?;
         let missing = partial.len - partial.value.len();
-        (missing >= DIRECT_MIN).then(|| &mut partial.value.spare_capacity_mut()[..missing])
+        (missing >= DIRECT_MIN).then_some((&mut partial.value, missing))
     }
 
-    /// Records that `n` bytes were written at the start of the
-    /// [`Decoder::direct_target`].
-    ///
-    /// # Safety
-    /// The first `n` bytes of the last direct target were initialised.
-    pub(crate) unsafe fn direct_filled(&mut self, n: usize) -> Result<()> {
+    /// Bytes were appended to the [`Decoder::direct_target`]: completes
+    /// the value if they were its last.
+    pub(crate) fn direct_appended(&mut self) -> Result<()> {
         if let Some(partial) = &mut self.bytes {
-            let len = partial.value.len() + n;
+            let len = partial.value.len();
             if len > partial.len {
                 return Err(Error::internal("a direct read filled past its value"));
             }
-            // SAFETY: the caller initialised these bytes of the spare capacity.
-            unsafe { partial.value.set_len(len) };
             if len == partial.len {
                 let value = self.bytes.take().map(|p| p.value).unwrap_or_default();
                 self.push(Field::Bytes(value))?;
@@ -559,17 +553,13 @@ impl Exchange {
     }
 
     /// See [`Decoder::direct_target`].
-    pub(crate) fn direct_target(&mut self) -> Option<&mut [MaybeUninit<u8>]> {
+    pub(crate) fn direct_target(&mut self) -> Option<(&mut Vec<u8>, usize)> {
         self.decoder.direct_target()
     }
 
-    /// Records a direct fill and completes the reply if it was its end.
-    ///
-    /// # Safety
-    /// As [`Decoder::direct_filled`].
-    pub(crate) unsafe fn direct_filled(&mut self, n: usize) -> Result<()> {
-        // SAFETY: forwarded contract.
-        unsafe { self.decoder.direct_filled(n) }?;
+    /// Records a direct read and completes the reply if it was its end.
+    pub(crate) fn direct_appended(&mut self) -> Result<()> {
+        self.decoder.direct_appended()?;
         if let Some(reply) = self.decoder.take() {
             self.on_reply(reply)?;
         }

@@ -466,11 +466,9 @@ fn allow_warning(refusals: &mut Throttle) -> Option<String> {
 /// The first byte a connection sent, left unread: `None` until one comes
 /// (or, on a connection closed without sending any, 0).
 fn first_byte(stream: &TcpStream) -> io::Result<Option<u8>> {
-    use std::os::fd::AsRawFd;
-    let mut byte = [std::mem::MaybeUninit::new(0u8)];
-    match wire::recv(stream.as_raw_fd(), &mut byte, libc::MSG_PEEK) {
-        // SAFETY: initialised above (and recv writes only bytes).
-        Ok(_) => Ok(Some(unsafe { byte[0].assume_init() })),
+    let mut byte = [0u8];
+    match wire::recv(stream, &mut byte, libc::MSG_PEEK) {
+        Ok(_) => Ok(Some(byte[0])),
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
         Err(e) => Err(e),
     }

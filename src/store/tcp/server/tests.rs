@@ -268,23 +268,11 @@ fn takes_over_a_listening_socket() {
 
 #[test]
 fn listens_on_a_bound_socket_handed_over_before_it_listens() {
-    use std::os::fd::FromRawFd;
     // PyTorch's own test_take_over_listen_socket hands over such a socket.
-    // SAFETY: socket(2), checked, then owned.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
-    assert!(raw >= 0);
-    // SAFETY: a fresh descriptor nothing else owns.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
-    // SAFETY: all-zero is a valid sockaddr_in.
-    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    addr.sin_family = libc::AF_INET as libc::sa_family_t;
-    addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: binds to a live sockaddr_in of `len` bytes.
-    assert_eq!(
-        unsafe { libc::bind(raw, (&addr as *const libc::sockaddr_in).cast(), len) },
-        0
-    );
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let loopback = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+    socket.bind(&loopback.into()).unwrap();
+    let fd = std::os::fd::OwnedFd::from(socket);
     let srv = Server::start(ServerOptions {
         listen_fd: Some(std::sync::Arc::new(fd)),
         ..ServerOptions::default()

@@ -118,13 +118,11 @@ fn a_large_value_can_be_received_in_place() {
     let head = (value.len() as u64).to_le_bytes();
     assert_eq!(exchange.feed(&head).unwrap(), 8);
     let mut filled = 0;
-    while let Some(target) = exchange.direct_target() {
-        let n = target.len().min(DIRECT_MIN + 1);
-        for (slot, byte) in target.iter_mut().zip(&value[filled..filled + n]) {
-            slot.write(*byte);
-        }
-        // SAFETY: the first n bytes were just written.
-        unsafe { exchange.direct_filled(n) }.unwrap();
+    while let Some((target, missing)) = exchange.direct_target() {
+        assert_eq!(missing, value.len() - filled);
+        let n = missing.min(DIRECT_MIN + 1);
+        target.extend_from_slice(&value[filled..filled + n]);
+        exchange.direct_appended().unwrap();
         filled += n;
     }
     exchange.feed(&value[filled..]).unwrap();
