@@ -46,7 +46,6 @@ use crate::net::reactor::{Acceptor, LISTENER, WAKER};
 use crate::security::access::AccessPolicy;
 
 pub(crate) mod backend;
-mod etcd_backend;
 mod event_loop;
 mod metrics;
 mod metrics_http;
@@ -218,7 +217,7 @@ impl Server {
             ServerBackend::Etcd(etcd) => {
                 limits.max_value_len = limits.max_value_len.min(ETCD_MAX_VALUE_LEN);
                 let backend =
-                    etcd_backend::EtcdBackend::start(etcd, limits.max_value_len, waker.clone())?;
+                    backend::etcd::EtcdBackend::start(etcd, limits.max_value_len, waker.clone())?;
                 run.spawn(backend, limits, options.extensions)?
             }
         };

@@ -33,13 +33,13 @@ use once_cell::sync::OnceCell;
 use parking_lot::Mutex;
 
 use self::mirror::{is_read, Mirror};
-use super::super::protocol::{Key, Request};
-use super::backend::{Backend, Outcome, Present, Report, Ticket, Usage};
-use super::state::ConnId;
-use super::waits::WaitId;
+use super::{Backend, Outcome, Present, Report, Ticket, Usage};
 use crate::error::{Error, Result, Status};
 use crate::printable::printable;
 use crate::store::etcd::{EtcdStore, EtcdStoreOptions, Seen, WatchEnd};
+use crate::store::tcp::protocol::{Key, Request};
+use crate::store::tcp::server::state::ConnId;
+use crate::store::tcp::server::waits::WaitId;
 use crate::store::Store as _;
 
 /// Threads making etcd requests.
