@@ -26,9 +26,14 @@ use std::time::Duration;
 use parking_lot::{Mutex, MutexGuard};
 
 mod conn;
+mod counters;
 mod plan;
 mod reply;
+mod store;
 mod waiter;
+
+pub use counters::OpCounter;
+pub use store::{TcpStore, TcpStoreOptions};
 
 pub(crate) use conn::{deadline_of, Conn, Deadline, Dialect, Endpoint};
 pub(crate) use plan::Plan;

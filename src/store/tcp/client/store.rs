@@ -1,0 +1,624 @@
+//! The TCPStore handle (`torch.distributed.TCPStore`): a client of a
+//! server over its [`Connections`], with the server itself when it is the
+//! one that hosts it (`is_server`), shared between handles of a process
+//! when `multi_tenant`.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use once_cell::sync::Lazy;
+use parking_lot::Mutex;
+
+use super::counters::Counters;
+use super::{
+    check_request, deadline_of, Connections, Deadline, Dialect, Endpoint, Plan, Reply, Shape,
+};
+use crate::error::{Error, Result, Status};
+use crate::runtime::fork::Born;
+use crate::runtime::timeout::DEFAULT_STORE_TIMEOUT;
+use crate::security::access::{AccessPolicy, Network};
+use crate::security::auth::Secret;
+use crate::security::tls::{TlsClient, TlsServer};
+use crate::store::tcp::protocol::{self, Command, Encoder, Limits, READY};
+use crate::store::tcp::server::{Quotas, Server, ServerOptions};
+use crate::store::tcp::OpCounter;
+use crate::store::{check_multi_set_lengths, Store};
+use crate::work::Work;
+
+/// The worker-count key, sent without the `/` prefix (PyTorch's `initKey_`).
+const INIT_KEY: &str = "init/";
+
+/// How to create a [`TcpStore`]; mirrors `torch.distributed.TCPStore(...)`.
+#[derive(Debug, Clone)]
+pub struct TcpStoreOptions {
+    /// The host to connect to (the server's address; for the server itself, where clients reach it).
+    pub host: String,
+    /// The port; for a server, 0 picks a free one.
+    pub port: u16,
+    /// Start a server in this process (PyTorch's `is_master`).
+    pub is_server: bool,
+    /// The number of store handles in the job (server included), if known.
+    pub world_size: Option<u32>,
+    /// Count this handle in `init/` and, on the server, wait for the world.
+    pub wait_for_workers: bool,
+    /// Timeout of connecting and of blocking operations (zero: forever).
+    pub timeout: Duration,
+    /// Share one server between handles of this process asking for the same port.
+    pub multi_tenant: bool,
+    /// Serve on this socket, listening or only bound (PyTorch's
+    /// `master_listen_fd`; see [`ServerOptions::listen_fd`]).
+    pub master_listen_fd: Option<Arc<OwnedFd>>,
+    /// Listen only on this address (default: every interface, dual-stack,
+    /// as PyTorch: anyone who can reach the port can read, write and
+    /// delete every key unless `allow` or `secret` say otherwise).
+    pub bind_address: Option<IpAddr>,
+    /// Largest value the server accepts.
+    pub max_value_len: usize,
+    /// The shared secret: a server requires its clients to prove they
+    /// hold it (except those from `allow_unauthenticated`); a client
+    /// proves it does and requires the server to prove it too. It never
+    /// travels. `None`: no authentication (PyTorch's protocol).
+    pub secret: Option<Secret>,
+    /// Server: networks clients may connect from (empty: any).
+    pub allow: Vec<Network>,
+    /// Server with a secret or TLS: networks whose clients need not
+    /// authenticate nor use TLS (PyTorch's clients can do neither).
+    pub allow_unauthenticated: Vec<Network>,
+    /// Server: serve TLS with this certificate (and, if it has a client
+    /// CA, require client certificates). Connections in clear are then
+    /// served only from `allow_unauthenticated`. `None`: in clear, as
+    /// PyTorch.
+    pub tls_server: Option<TlsServer>,
+    /// Client (the server's own handle included): connect over TLS,
+    /// trusting these CA certificates. `None`: in clear.
+    pub tls_client: Option<TlsClient>,
+    /// Server: what all clients together may make it hold.
+    pub quotas: Quotas,
+}
+
+impl Default for TcpStoreOptions {
+    fn default() -> Self {
+        TcpStoreOptions {
+            host: "127.0.0.1".into(),
+            port: 0,
+            is_server: false,
+            world_size: None,
+            wait_for_workers: true,
+            timeout: DEFAULT_STORE_TIMEOUT,
+            multi_tenant: false,
+            master_listen_fd: None,
+            bind_address: None,
+            max_value_len: protocol::DEFAULT_MAX_VALUE_LEN,
+            secret: None,
+            allow: Vec::new(),
+            allow_unauthenticated: Vec::new(),
+            tls_server: None,
+            tls_client: None,
+            quotas: Quotas::default(),
+        }
+    }
+}
+
+/// Servers shared by multi-tenant handles, by port, with the process
+/// generation that started them: a forked child does not share its
+/// parent's servers (their threads stayed in the parent).
+static TENANT_SERVERS: Lazy<Mutex<HashMap<u16, TenantServer>>> = Lazy::new(Default::default);
+
+/// A multi-tenant server and the process generation that started it.
+type TenantServer = (Born, Weak<Server>);
+
+fn start_server(options: &TcpStoreOptions) -> Result<Arc<Server>> {
+    let server_options = ServerOptions {
+        port: options.port,
+        bind_address: options.bind_address,
+        listen_fd: options.master_listen_fd.clone(),
+        limits: Limits::with_max_value_len(options.max_value_len),
+        access: AccessPolicy {
+            allow: options.allow.clone(),
+            secret: options.secret.clone(),
+            allow_unauthenticated: options.allow_unauthenticated.clone(),
+            tls: options.tls_server.clone(),
+            ..AccessPolicy::default()
+        },
+        quotas: options.quotas,
+        ..ServerOptions::default()
+    };
+    if !options.multi_tenant {
+        return Server::start(server_options).map(Arc::new);
+    }
+    let mut servers = TENANT_SERVERS.lock();
+    servers.retain(|_, (born, s)| born.is_current() && s.strong_count() > 0);
+    if let Some(server) = servers.get(&options.port).and_then(|(_, s)| s.upgrade()) {
+        return Ok(server);
+    }
+    let server = Arc::new(Server::start(server_options)?);
+    servers.insert(server.port(), (Born::now(), Arc::downgrade(&server)));
+    Ok(server)
+}
+
+/// A TCPStore handle: connections to a server (see `client/`), and the
+/// server itself when this handle started one. Thread-safe: a waiting
+/// operation in one thread never holds up another thread's operations.
+pub struct TcpStore {
+    /// The server this handle hosts, kept alive with it (visible to the
+    /// server's tests, which attach one to a handle).
+    pub(in crate::store::tcp) server: Option<Arc<Server>>,
+    host: String,
+    port: u16,
+    world_size: Option<u32>,
+    conns: Connections,
+    timeout: Mutex<Duration>,
+    counters: Counters,
+}
+
+fn user_key(key: &str) -> String {
+    format!("/{key}")
+}
+
+fn user_keys(keys: &[&str]) -> Vec<String> {
+    keys.iter().map(|k| user_key(k)).collect()
+}
+
+fn as_bytes(keys: &[String]) -> Vec<&[u8]> {
+    keys.iter().map(|k| k.as_bytes()).collect()
+}
+
+impl TcpStore {
+    /// Creates the store: starts the server if asked, connects (with
+    /// retries until the timeout), and with a world size and
+    /// `wait_for_workers`, counts itself in and (on the server) waits for
+    /// every worker.
+    pub fn new(options: TcpStoreOptions) -> Result<TcpStore> {
+        if options.is_server {
+            warn_if_backlog_too_small(options.world_size);
+        }
+        let server = options
+            .is_server
+            .then(|| start_server(&options))
+            .transpose()?;
+        let port = server.as_ref().map_or(options.port, |s| s.port());
+        let endpoint = Endpoint {
+            host: options.host.clone(),
+            port,
+            secret: options.secret.clone(),
+            tls: options.tls_client.clone(),
+        };
+        let conns = Connections::connect(endpoint, deadline_of(options.timeout))?;
+        let store = TcpStore {
+            server,
+            host: options.host.clone(),
+            port,
+            world_size: options.world_size,
+            conns,
+            timeout: Mutex::new(options.timeout),
+            counters: Counters::default(),
+        };
+        if options.world_size.is_some() && options.wait_for_workers {
+            store.wait_for_workers()?;
+        }
+        Ok(store)
+    }
+
+    /// The port of the server this handle talks to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The host this handle connected to.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The server this handle runs (or shares), if any.
+    pub fn server(&self) -> Option<&Server> {
+        self.server.as_deref()
+    }
+
+    /// Whether the server is a distcore server (one-round-trip gets, its
+    /// limits known, errors answered rather than connections closed).
+    pub fn peer_is_distcore(&self) -> bool {
+        self.conns.dialect() == Dialect::Distcore
+    }
+
+    /// The server's metrics in Prometheus's text format, asked over the
+    /// connection (the STATS extension): what `distcore inspect` shows.
+    /// NotSupported from a PyTorch server.
+    pub fn server_metrics(&self) -> Result<String> {
+        if !self.peer_is_distcore() {
+            return Err(Error::not_supported(
+                "the server is not a distcore server: it has no metrics to give",
+            ));
+        }
+        let request = || Encoder::request(Command::Stats).finish();
+        let text = self
+            .call("server_metrics", &[], &[], request, Shape::Values(1))?
+            .into_value();
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    }
+
+    /// Counts this handle in `init/`; on the server, then blocks until the
+    /// count reaches the world size or fails with PyTorch's "Timed out after
+    /// N seconds waiting for clients. x/y clients joined.".
+    pub fn wait_for_workers(&self) -> Result<()> {
+        let Some(world_size) = self.world_size else {
+            return Ok(());
+        };
+        self.add_raw(INIT_KEY, 1)?;
+        if self.server.is_none() {
+            return Ok(());
+        }
+        let timeout = self.timeout();
+        let start = Instant::now();
+        loop {
+            let joined = self.joined_workers()?;
+            if joined >= i64::from(world_size) {
+                return Ok(());
+            }
+            let elapsed = start.elapsed();
+            if !timeout.is_zero() && elapsed > timeout {
+                return Err(Error::timeout(format!(
+                    "Timed out after {} seconds waiting for clients. {joined}/{world_size} clients joined.",
+                    elapsed.as_secs_f64().ceil() as u64
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The number of handles counted in `init/` so far.
+    pub fn joined_workers(&self) -> Result<i64> {
+        let joined = self.get_raw(INIT_KEY)?;
+        Ok(String::from_utf8_lossy(&joined).parse().unwrap_or(0))
+    }
+
+    /// The value of `key` if it exists, without waiting for it.
+    pub fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        if !self.check(&[key])? {
+            return Ok(None);
+        }
+        self.get_raw(&user_key(key)).map(Some)
+    }
+
+    /// Latency counters of this handle's operations (PyTorch's
+    /// `collectClientCounters`): per operation, count, mean and sample
+    /// variance in milliseconds.
+    pub fn counters(&self) -> Vec<OpCounter> {
+        self.counters.snapshot()
+    }
+
+    /// Times `f` under `op`.
+    fn timed<T>(&self, op: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let start = Instant::now();
+        let result = f();
+        self.counters.record(op, start.elapsed());
+        result
+    }
+
+    /// Sends a request on the primary connection and reads its reply of
+    /// `shape`, within the handle's timeout, after checking `keys` and the
+    /// `values` lengths against the server's limits.
+    fn call(
+        &self,
+        op: &'static str,
+        keys: &[&[u8]],
+        values: &[usize],
+        request: impl FnOnce() -> Vec<u8>,
+        shape: Shape,
+    ) -> Result<Reply> {
+        let deadline = self.deadline();
+        self.timed(op, || {
+            self.conns.with_primary(deadline, |c| {
+                check_request(c.limits(), keys, values)?;
+                c.call(&[&request()], shape, deadline)
+            })
+        })
+    }
+
+    fn deadline(&self) -> Deadline {
+        deadline_of(self.timeout())
+    }
+
+    fn add_raw(&self, key: &str, delta: i64) -> Result<i64> {
+        let request = || {
+            Encoder::request(Command::Add)
+                .bytes(key.as_bytes())
+                .u64(delta as u64)
+                .finish()
+        };
+        self.call("add", &[key.as_bytes()], &[], request, Shape::I64)?
+            .i64(0)
+    }
+
+    /// GET without waiting: empty when the key is missing.
+    fn get_raw(&self, key: &str) -> Result<Vec<u8>> {
+        let request = || {
+            Encoder::request(Command::Get)
+                .bytes(key.as_bytes())
+                .finish()
+        };
+        self.call("get", &[key.as_bytes()], &[], request, Shape::Values(1))
+            .map(Reply::into_value)
+    }
+
+    /// Sends a reply-less `command key value` (SET, APPEND, QUEUE_PUSH); the
+    /// value goes out from the caller's buffer. APPEND waits for the
+    /// acknowledgement of a distcore server: the server may refuse it.
+    fn send_keyed_value(
+        &self,
+        op: &'static str,
+        command: Command,
+        key: &str,
+        value: &[u8],
+    ) -> Result<()> {
+        let wire = user_key(key);
+        let deadline = self.deadline();
+        self.timed(op, || {
+            self.conns.with_primary(deadline, |c| {
+                check_request(c.limits(), &[wire.as_bytes()], &[value.len()])?;
+                let head = Encoder::request(command)
+                    .bytes(wire.as_bytes())
+                    .u64(value.len() as u64)
+                    .finish();
+                if command == Command::Append && c.dialect() == Dialect::Distcore {
+                    c.call(&[&head, value], Shape::Ack, deadline).map(drop)
+                } else {
+                    c.post(&[&head, value], deadline)
+                }
+            })
+        })
+    }
+
+    /// Runs a waiting operation on a connection of its own.
+    fn run_plan(
+        &self,
+        op: &'static str,
+        plan: Plan,
+        timeout: Duration,
+        fence: bool,
+    ) -> Result<Vec<Vec<u8>>> {
+        self.timed(op, || self.conns.run(plan, timeout, fence))
+    }
+}
+
+fn warn_if_backlog_too_small(world_size: Option<u32>) {
+    if let (Some(world), Some(cap)) = (world_size, crate::net::listen::somaxconn()) {
+        if world > cap {
+            log::warn!(
+                "TCPStore world size {world} exceeds /proc/sys/net/core/somaxconn ({cap}): \
+                 connections may be refused and retried during rendezvous"
+            );
+        }
+    }
+}
+
+/// The first value read, as a work's result.
+fn first_value(values: Vec<Vec<u8>>) -> Option<Vec<u8>> {
+    Some(values.into_iter().next().unwrap_or_default())
+}
+
+/// No result (a wait, a barrier).
+fn no_result(_: Vec<Vec<u8>>) -> Option<Vec<u8>> {
+    None
+}
+
+impl Store for TcpStore {
+    fn set(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.send_keyed_value("set", Command::Set, key, value)
+    }
+
+    fn get(&self, key: &str) -> Result<Vec<u8>> {
+        let plan = Plan::get(vec![user_key(key)]);
+        let mut values = self.run_plan("get", plan, self.timeout(), true)?;
+        Ok(values.pop().unwrap_or_default())
+    }
+
+    fn add(&self, key: &str, delta: i64) -> Result<i64> {
+        self.add_raw(&user_key(key), delta)
+    }
+
+    fn compare_set(&self, key: &str, expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
+        let wire = user_key(key);
+        let request = || {
+            Encoder::request(Command::CompareSet)
+                .bytes(wire.as_bytes())
+                .bytes(expected)
+                .bytes(desired)
+                .finish()
+        };
+        let lengths = [expected.len(), desired.len()];
+        self.call(
+            "compare_set",
+            &[wire.as_bytes()],
+            &lengths,
+            request,
+            Shape::Values(1),
+        )
+        .map(Reply::into_value)
+    }
+
+    fn delete_key(&self, key: &str) -> Result<bool> {
+        let wire = user_key(key);
+        let request = || {
+            Encoder::request(Command::DeleteKey)
+                .bytes(wire.as_bytes())
+                .finish()
+        };
+        Ok(self
+            .call("delete_key", &[wire.as_bytes()], &[], request, Shape::I64)?
+            .i64(0)?
+            == 1)
+    }
+
+    fn check(&self, keys: &[&str]) -> Result<bool> {
+        let wire = user_keys(keys);
+        let request = || Encoder::request(Command::Check).keys(&wire).finish();
+        Ok(self
+            .call("check", &as_bytes(&wire), &[], request, Shape::U8)?
+            .u8(0)?
+            == READY)
+    }
+
+    fn wait(&self, keys: &[&str], timeout: Option<Duration>) -> Result<()> {
+        let timeout = timeout.unwrap_or_else(|| self.timeout());
+        let plan = Plan::Wait {
+            keys: user_keys(keys),
+        };
+        self.run_plan("wait", plan, timeout, false).map(drop)
+    }
+
+    fn num_keys(&self) -> Result<i64> {
+        let request = || Encoder::request(Command::GetNumKeys).finish();
+        self.call("num_keys", &[], &[], request, Shape::I64)?.i64(0)
+    }
+
+    fn append(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.send_keyed_value("append", Command::Append, key, value)
+    }
+
+    fn multi_get(&self, keys: &[&str]) -> Result<Vec<Vec<u8>>> {
+        let plan = Plan::get(user_keys(keys));
+        self.run_plan("multi_get", plan, self.timeout(), true)
+    }
+
+    fn multi_set(&self, keys: &[&str], values: &[&[u8]]) -> Result<()> {
+        check_multi_set_lengths(keys, values)?;
+        let wire = user_keys(keys);
+        let lengths: Vec<usize> = values.iter().map(|v| v.len()).collect();
+        let deadline = self.deadline();
+        self.timed("multi_set", || {
+            self.conns.with_primary(deadline, |c| {
+                check_request(c.limits(), &as_bytes(&wire), &lengths)?;
+                let mut e = Encoder::request(Command::MultiSet).u64(keys.len() as u64);
+                for (key, value) in wire.iter().zip(values) {
+                    e = e.bytes(key.as_bytes()).bytes(value);
+                }
+                c.post(&[&e.finish()], deadline)
+            })
+        })
+    }
+
+    fn queue_push(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.send_keyed_value("queue_push", Command::QueuePush, key, value)
+    }
+
+    fn queue_pop(&self, key: &str, block: bool) -> Result<Vec<u8>> {
+        let wire = user_key(key);
+        if block {
+            let plan = Plan::queue_pop(wire);
+            return self
+                .run_plan("queue_pop", plan, self.timeout(), false)
+                .map(|values| values.into_iter().next().unwrap_or_default());
+        }
+        let request = || {
+            Encoder::request(Command::QueuePop)
+                .bytes(wire.as_bytes())
+                .finish()
+        };
+        let reply = self.call(
+            "queue_pop",
+            &[wire.as_bytes()],
+            &[],
+            request,
+            Shape::QueuePop,
+        )?;
+        if reply.i64(0)? > 0 {
+            Ok(reply.into_value())
+        } else {
+            Err(Error::new(Status::QueueEmpty, "queue is empty"))
+        }
+    }
+
+    fn queue_len(&self, key: &str) -> Result<i64> {
+        let wire = user_key(key);
+        let request = || {
+            Encoder::request(Command::QueueLen)
+                .bytes(wire.as_bytes())
+                .finish()
+        };
+        self.call("queue_len", &[wire.as_bytes()], &[], request, Shape::I64)?
+            .i64(0)
+    }
+
+    fn list_keys(&self) -> Result<Vec<String>> {
+        let request = || Encoder::request(Command::ListKeys).finish();
+        let keys = self.call("list_keys", &[], &[], request, Shape::Counted)?;
+        Ok(keys
+            .into_values()
+            .into_iter()
+            .filter_map(|k| {
+                k.strip_prefix(b"/")
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+            })
+            .collect())
+    }
+
+    fn barrier(&self, key: &str, world_size: i64, timeout: Option<Duration>) -> Result<()> {
+        let timeout = timeout.unwrap_or_else(|| self.timeout());
+        let plan = Plan::Barrier {
+            key: user_key(key),
+            world_size,
+        };
+        self.run_plan("barrier", plan, timeout, false).map(drop)
+    }
+
+    fn get_async(self: Arc<Self>, key: String) -> Result<Work> {
+        let plan = Plan::get(vec![user_key(&key)]);
+        self.conns.start(plan, self.timeout(), true, first_value)
+    }
+
+    fn wait_async(self: Arc<Self>, keys: Vec<String>, timeout: Option<Duration>) -> Result<Work> {
+        let timeout = timeout.unwrap_or_else(|| self.timeout());
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let plan = Plan::Wait {
+            keys: user_keys(&keys),
+        };
+        self.conns.start(plan, timeout, false, no_result)
+    }
+
+    fn queue_pop_async(self: Arc<Self>, key: String) -> Result<Work> {
+        let plan = Plan::queue_pop(user_key(&key));
+        self.conns.start(plan, self.timeout(), false, first_value)
+    }
+
+    fn barrier_async(
+        self: Arc<Self>,
+        key: String,
+        world_size: i64,
+        timeout: Option<Duration>,
+    ) -> Result<Work> {
+        let timeout = timeout.unwrap_or_else(|| self.timeout());
+        let plan = Plan::Barrier {
+            key: user_key(&key),
+            world_size,
+        };
+        self.conns.start(plan, timeout, false, no_result)
+    }
+
+    fn timeout(&self) -> Duration {
+        *self.timeout.lock()
+    }
+
+    fn set_timeout(&self, timeout: Duration) {
+        *self.timeout.lock() = timeout;
+    }
+
+    fn clone_store(&self) -> Result<Arc<dyn Store>> {
+        let timeout = self.timeout();
+        let conns = Connections::connect(self.conns.endpoint().clone(), deadline_of(timeout))?;
+        Ok(Arc::new(TcpStore {
+            server: self.server.clone(),
+            host: self.host.clone(),
+            port: self.port,
+            world_size: self.world_size,
+            conns,
+            timeout: Mutex::new(timeout),
+            counters: Counters::default(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests;
