@@ -2,9 +2,16 @@
  * does: it must define and declare nothing outside dc_ / DC_ / DISTCORE_.
  * Compiled as C99 and as C++17 with -Wall -Wextra -pedantic -Werror; the
  * C++ build also includes the C++ wrapper, whose names live in namespace
- * distcore (its only macros are DISTCORE_ ones). */
+ * distcore (its only macros are DISTCORE_ ones) and which includes no POSIX
+ * header. */
 #include <distcore.h>
 #include <distcore.hpp>
+
+/* The wrapper is standard C++ only: no POSIX header comes with it (its
+ * macros and names, read, write, close..., would be the user's problem). */
+#if defined(__cplusplus) && (defined(_UNISTD_H) || defined(_FCNTL_H) || defined(_SYS_SOCKET_H))
+#error "distcore.hpp includes a POSIX header"
+#endif
 
 enum state { READY, NOT_READY, RUNNING, STOP_WAITING, WAIT_CANCELED };
 enum { VALIDATE_MAGIC = 1, HELLO_NONCE = 2, HELLO_ACK = 3, DEFAULT_MAX_VALUE_LEN = 4 };

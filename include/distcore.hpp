@@ -36,8 +36,6 @@
 #include <utility>
 #include <vector>
 
-#include <unistd.h>
-
 static_assert(DC_VERSION_MAJOR == 1, "distcore.hpp wraps major version 1 of distcore.h");
 
 namespace distcore {
@@ -956,8 +954,17 @@ class TCPStore : public Store {
     try {
       o = options.to_c();
     } catch (...) {
-      // The fd is distcore's whatever the outcome: closed on this one too.
-      if (options.is_server && options.master_listen_fd >= 0) ::close(options.master_listen_fd);
+      // The fd is distcore's whatever the outcome: closed on this one too,
+      // by the library (dc_tcp_store_new takes it before refusing the NULL
+      // out pointer), so this header needs no POSIX declaration.
+      if (options.is_server && options.master_listen_fd >= 0) {
+        dc_tcp_store_options closing;
+        if (dc_tcp_store_options_init(&closing, sizeof closing) == DC_OK) {
+          closing.is_server = true;
+          closing.master_listen_fd = options.master_listen_fd;
+          (void)dc_tcp_store_new(&closing, nullptr);
+        }
+      }
       throw;
     }
     dc_store* s = nullptr;

@@ -8,9 +8,9 @@ RRefs) over libdistcore's C ABI, without torch.
 
 The bundled libdistcore.so is used, or the library $DISTCORE_LIB names.
 """
-import ctypes
-import logging
-import threading
+import ctypes as _ctypes
+import logging as _logging
+import threading as _threading
 
 from . import _lib
 from ._errors import (DistAbortedError, DistError, DistInternalError, DistIOError, DistNetworkError,
@@ -18,7 +18,8 @@ from ._errors import (DistAbortedError, DistError, DistInternalError, DistIOErro
                       DistQueueEmptyError, DistRemoteError,
                       DistShutdownError, DistStateError, DistStoreError, DistTimeoutError, DistValueError,
                       QueueEmptyError, Status)
-from ._lib import HEADER_VERSION, LIB_PATH, PROFILER_BEGIN, PROFILER_END, LOG_FN, check, lib
+from ._lib import (HEADER_VERSION as _HEADER_VERSION, LIB_PATH as _LIB_PATH, PROFILER_BEGIN as _PROFILER_BEGIN,
+                   PROFILER_END as _PROFILER_END, LOG_FN as _LOG_FN, check as _check, lib as _c)
 from .store import EtcdStore, FileStore, HashStore, PrefixStore, Store, TCPStore
 from .work import Future, OpType, Work
 from . import elastic, rpc  # noqa: E402
@@ -26,7 +27,7 @@ from . import elastic, rpc  # noqa: E402
 try:
     from ._build_info import __version__  # written by the package build
 except ImportError:  # a source checkout
-    __version__ = ".".join(map(str, HEADER_VERSION))
+    __version__ = ".".join(map(str, _HEADER_VERSION))
 
 __all__ = [
     "Store", "TCPStore", "FileStore", "HashStore", "PrefixStore", "EtcdStore", "Work", "Future", "OpType",
@@ -50,12 +51,12 @@ TIMEOUT_FOREVER = _lib.TIMEOUT_FOREVER
 
 def library_version():
     """The running library's version, "major.minor.patch" (dc_version)."""
-    return lib.dc_version().decode()
+    return _c.dc_version().decode()
 
 
 def library_path():
     """The path of the loaded libdistcore.so."""
-    return LIB_PATH
+    return _LIB_PATH
 
 
 def status_str(status):
@@ -65,7 +66,7 @@ def status_str(status):
 
 def op_type_name(op_type):
     """c10d's name of an op type ("ALLREDUCE", ...), None for a number that is not one."""
-    name = lib.dc_op_type_name(int(op_type))
+    name = _c.dc_op_type_name(int(op_type))
     return None if name is None else name.decode()
 
 
@@ -74,11 +75,11 @@ class LogLevel:
     OFF, ERROR, WARN, INFO, DEBUG, TRACE = range(6)
 
 
-_log_lock = threading.Lock()
+_log_lock = _threading.Lock()
 _log_keep = None  # the installed callback, kept alive while distcore may call it
 
-_PY_LEVELS = {LogLevel.ERROR: logging.ERROR, LogLevel.WARN: logging.WARNING, LogLevel.INFO: logging.INFO,
-              LogLevel.DEBUG: logging.DEBUG, LogLevel.TRACE: 5}
+_PY_LEVELS = {LogLevel.ERROR: _logging.ERROR, LogLevel.WARN: _logging.WARNING, LogLevel.INFO: _logging.INFO,
+              LogLevel.DEBUG: _logging.DEBUG, LogLevel.TRACE: 5}
 
 
 def set_log_callback(callback, level=LogLevel.WARN):
@@ -89,7 +90,7 @@ def set_log_callback(callback, level=LogLevel.WARN):
     global _log_keep
     with _log_lock:
         if callback is None:
-            check(lib.dc_set_log_callback(int(level), ctypes.cast(None, LOG_FN), None))
+            _check(_c.dc_set_log_callback(int(level), _ctypes.cast(None, _LOG_FN), None))
             _log_keep = None
             return
 
@@ -98,8 +99,8 @@ def set_log_callback(callback, level=LogLevel.WARN):
                 callback(lvl, target.decode("utf-8", "replace"), message.decode("utf-8", "replace"))
             except Exception:  # noqa: BLE001 - a C callback must not raise
                 pass
-        fn = LOG_FN(deliver)
-        check(lib.dc_set_log_callback(int(level), fn, None))
+        fn = _LOG_FN(deliver)
+        _check(_c.dc_set_log_callback(int(level), fn, None))
         _log_keep = fn  # the previous one is no longer running once the call returned
 
 
@@ -107,7 +108,7 @@ def log_to_python(level=LogLevel.WARN):
     """Sends distcore's log lines to the `logging` module, each to the
     logger named by its target ("distcore.store.tcp.server", ...)."""
     def emit(lvl, target, message):
-        logging.getLogger(target.replace("::", ".")).log(_PY_LEVELS.get(lvl, logging.INFO), "%s", message)
+        _logging.getLogger(target.replace("::", ".")).log(_PY_LEVELS.get(lvl, _logging.INFO), "%s", message)
     set_log_callback(emit, level)
 
 
@@ -120,7 +121,7 @@ def set_profiler_hooks(begin, end):
     it finishes. Both None removes them."""
     global _profiler_keep
     if begin is None and end is None:
-        check(lib.dc_set_profiler_hooks(ctypes.cast(None, PROFILER_BEGIN), ctypes.cast(None, PROFILER_END),
+        _check(_c.dc_set_profiler_hooks(_ctypes.cast(None, _PROFILER_BEGIN), _ctypes.cast(None, _PROFILER_END),
                                         None))
         return  # spans already begun end on the old hooks: they stay alive
     if begin is None or end is None:
@@ -137,7 +138,7 @@ def set_profiler_hooks(begin, end):
             end(title.decode(), token)
         except Exception:  # noqa: BLE001
             pass
-    hooks = (PROFILER_BEGIN(b), PROFILER_END(e))
-    check(lib.dc_set_profiler_hooks(hooks[0], hooks[1], None))
+    hooks = (_PROFILER_BEGIN(b), _PROFILER_END(e))
+    _check(_c.dc_set_profiler_hooks(hooks[0], hooks[1], None))
     # Spans begun on earlier hooks end on them: keep every set ever installed.
     _profiler_keep = (hooks, _profiler_keep)

@@ -65,6 +65,13 @@ def test_another_major_version_is_refused(tmp_path):
 
 
 @in_repo
+def test_the_package_exports_its_api_and_nothing_else():
+    public = {name for name in dir(distcore) if not name.startswith("_")}
+    assert set(distcore.__all__) <= public
+    # Beside __all__, only its own submodules (imported by the package).
+    assert public - set(distcore.__all__) <= {"store", "work"}, public - set(distcore.__all__)
+
+
 def test_header_version_matches_the_header():
     text = open(HEADER).read()
     version = tuple(int(re.search(rf"#define DC_VERSION_{p} (\d+)", text).group(1))

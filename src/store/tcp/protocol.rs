@@ -1,6 +1,7 @@
-//! PyTorch's TCPStore wire protocol (shared/spec/tcpstore-wire.md): command
-//! bytes, limits, an incremental request parser for the server and request
-//! encoders for the client.
+//! PyTorch's TCPStore wire protocol (docs/wire-protocol.md): command bytes,
+//! limits, requests as values, request encoders for the client, and the
+//! server info of distcore's extensions (the server's incremental parser
+//! is [`super::parser`]).
 
 use std::fmt;
 use std::sync::Arc;
