@@ -2,6 +2,7 @@
 import math
 import os
 import threading
+import weakref
 from ctypes import c_char_p, c_size_t
 from datetime import timedelta
 
@@ -139,28 +140,34 @@ _take_lock = threading.Lock()
 
 
 class Closable:
-    """A handle owner freed by `close()`: also when garbage-collected, and
-    at the end of a `with` block."""
+    """A handle owner freed by `close()`, at the end of a `with` block, or
+    when garbage-collected: a `weakref.finalize` frees the handle then, at
+    most once whoever comes first, without resurrecting the object (as a
+    `__del__` could) and without touching the object's other state."""
+
+    _h = None
+    _finalizer = None
+
+    def _own(self, handle, release, *args):
+        """Holds `handle`, released by `release(handle, *args)` once: by
+        `_release()` or when this object is collected (nothing for None)."""
+        self._h = handle
+        self._finalizer = weakref.finalize(self, release, handle, *args) if handle else None
+
+    def _release(self):
+        """Releases the handle now if this object still holds it
+        (idempotent and thread-safe: one caller releases it)."""
+        with _take_lock:
+            self._h = None
+            finalizer, self._finalizer = self._finalizer, None
+        if finalizer is not None:
+            finalizer()
 
     def close(self):
         raise NotImplementedError
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
-
-
-def take_handle(obj, attr="_h"):
-    """Takes obj's handle for freeing, at most once across threads."""
-    with _take_lock:
-        h = getattr(obj, attr, None)
-        setattr(obj, attr, None)
-    return h

@@ -24,7 +24,7 @@ from ctypes import c_bool, c_int32, c_void_p
 
 from ._errors import DistError, Status
 from ._lib import RPC_FUNCTION, Buf, RpcFunctionEntry, RpcOptions, RRefDebugInfo, check, lib, take_buf
-from ._util import Closable, int32_arg, key_arg, rpc_timeout_ms, set_guards, take_handle, value_arg
+from ._util import Closable, int32_arg, key_arg, rpc_timeout_ms, set_guards, value_arg
 from .work import Future
 
 __all__ = ["init_rpc", "shutdown", "rpc_sync", "rpc_async", "remote", "get_worker_info", "RpcAgent",
@@ -72,6 +72,20 @@ def _trampoline(args, length, rrefs, num_rrefs, caller_id, reply, user_data):
     finally:
         for v in views:
             v._h = None  # borrowed: valid during the call only
+
+
+def _unregister_functions(tokens):
+    """Forgets the functions an agent registered under `tokens`."""
+    with _functions_lock:
+        for t in tokens:
+            _functions.pop(t, None)
+
+
+def _free_agent(handle, tokens):
+    """Frees an agent's handle and forgets its functions (on close, or when
+    the agent is collected)."""
+    lib.dc_rpc_free(handle)
+    _unregister_functions(tokens)
 
 
 def _to_name(to):
@@ -136,7 +150,7 @@ class RpcAgent(Closable):
             self._unregister()
             raise
         self._store = store  # the agent's store stays open as long as it
-        self._h = h.value
+        self._own(h.value, _free_agent, self._tokens)
 
     def _register(self, fn):
         token = next(_tokens)
@@ -146,9 +160,7 @@ class RpcAgent(Closable):
         return token
 
     def _unregister(self):
-        with _functions_lock:
-            for t in self._tokens:
-                _functions.pop(t, None)
+        _unregister_functions(self._tokens)
         self._tokens = []
 
     @property
@@ -251,9 +263,7 @@ class RpcAgent(Closable):
     def close(self):
         """Stops this worker if it runs, and frees it (idempotent)."""
         global _current
-        h = take_handle(self)
-        if h:
-            lib.dc_rpc_free(h)
+        self._release()
         self._unregister()
         if _current is self:
             _current = None
@@ -281,18 +291,21 @@ class RRef(Closable):
         data = value_arg(value)
         h = c_void_p()
         check(lib.dc_rref_new(agent._handle, data, len(data), ctypes.byref(h)))
-        self._h, self._agent, self._borrowed_view = h.value, agent, False
+        self._agent, self._borrowed_view = agent, False
+        self._own(h.value, lib.dc_rref_free)
 
     @classmethod
     def _from_handle(cls, handle, agent):
         obj = cls.__new__(cls)
-        obj._h, obj._agent, obj._borrowed_view = handle, agent, False
+        obj._agent, obj._borrowed_view = agent, False
+        obj._own(handle, lib.dc_rref_free)
         return obj
 
     @classmethod
     def _borrowed(cls, handle, agent):
-        obj = cls._from_handle(handle, agent)
-        obj._borrowed_view = True
+        obj = cls.__new__(cls)
+        obj._agent, obj._borrowed_view = agent, True
+        obj._h = handle  # the caller's: never freed here
         return obj
 
     @property
@@ -306,9 +319,7 @@ class RRef(Closable):
 
     def close(self):
         """Releases this handle (idempotent)."""
-        h = take_handle(self)
-        if h and not self._borrowed_view:
-            lib.dc_rref_free(h)
+        self._release()
 
     def clone(self):
         """A new handle on the same reference (to keep an RRef argument)."""

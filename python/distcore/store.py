@@ -14,7 +14,7 @@ from ctypes import c_bool, c_int64, c_size_t, c_uint16, c_void_p
 
 from ._lib import (Buf, BufArray, ClientCounter, EtcdStoreOptions, ServerStats, TcpStoreOptions, check, lib, take_array,
                    take_buf)
-from ._util import (Closable, int32_arg, key_arg, keys_arg, ms_to_timedelta, set_guards, store_timeout_ms, take_handle,
+from ._util import (Closable, int32_arg, key_arg, keys_arg, ms_to_timedelta, set_guards, store_timeout_ms,
                     value_arg, values_arg)
 from .work import Work
 
@@ -36,7 +36,7 @@ class Store(Closable):
         raise TypeError("distcore.Store is abstract: use TCPStore, FileStore, HashStore or PrefixStore")
 
     def _adopt(self, handle):
-        self._h = handle
+        self._own(handle, lib.dc_store_free)
 
     @property
     def _handle(self):
@@ -50,9 +50,7 @@ class Store(Closable):
     def close(self):
         """Frees the handle now (idempotent). Matters for stores whose
         closing has effects: a FileStore's refcount, a TCPStore server."""
-        h = take_handle(self)
-        if h:
-            lib.dc_store_free(h)
+        self._release()
 
     def clone(self):
         """A new handle on the same store (c10d's Store::clone; for a

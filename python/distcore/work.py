@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from ._errors import DistError, Status, error_for
 from ._lib import WORK_CALLBACK, Buf, check, lib, take_buf
-from ._util import Closable, int32_arg, store_timeout_ms, take_handle, value_arg
+from ._util import Closable, int32_arg, store_timeout_ms, value_arg
 
 __all__ = ["OpType", "Work", "Future"]
 
@@ -98,7 +98,8 @@ class Work(Closable):
         self._init(h.value)
 
     def _init(self, handle, owner=None):
-        self._h = handle
+        if owner is None:
+            self._own(handle, lib.dc_work_free)
         self._owner = owner  # a work whose handle this object borrows
         self._py_error = None  # a Python exception to raise instead of the C error
 
@@ -126,9 +127,7 @@ class Work(Closable):
         """Frees the handle (idempotent). A pending operation goes on; an
         async store operation with no callback registered is released."""
         self._owner = None
-        h = take_handle(self)
-        if h:
-            lib.dc_work_free(h)
+        self._release()
 
     def _bool(self, fn):
         out = c_bool()

@@ -141,6 +141,24 @@ def test_context_manager_and_close(store):
     assert "closed" in repr(c)
 
 
+def test_a_store_nobody_closed_is_freed_when_collected():
+    import gc
+    server = distcore.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    port = server.port
+    server.set("k", "v")
+    view = distcore.PrefixStore("p", server)
+    del server
+    gc.collect()
+    # A store built on it keeps the server alive...
+    view.set("x", "1")
+    assert view.get("x") == b"1"
+    del view
+    gc.collect()
+    # ...and once neither is referenced, the server is gone.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
 def test_store_is_abstract():
     with pytest.raises(TypeError):
         distcore.Store()
