@@ -59,6 +59,52 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// Success.
+#define DC_OK 0
+
+// A NULL pointer, a bad length, an invalid UTF-8 key, an out-of-range value.
+#define DC_ERR_INVALID_ARGUMENT 1
+
+// A wait, a get or a barrier did not finish within its timeout.
+#define DC_ERR_TIMEOUT 2
+
+// A connection failed, closed, or the peer is unreachable.
+#define DC_ERR_NETWORK 3
+
+// A non-blocking queue pop found the queue empty.
+#define DC_ERR_QUEUE_EMPTY 4
+
+// The operation is not supported by this object.
+#define DC_ERR_NOT_SUPPORTED 5
+
+// A remote peer reported an error.
+#define DC_ERR_REMOTE 6
+
+// The component has been shut down.
+#define DC_ERR_SHUT_DOWN 7
+
+// The operation was aborted.
+#define DC_ERR_ABORTED 8
+
+// A peer broke the wire protocol.
+#define DC_ERR_PROTOCOL 9
+
+// A local I/O error (files).
+#define DC_ERR_IO 10
+
+// The object is not in a state that allows the call (e.g. not completed yet).
+#define DC_ERR_INVALID_STATE 11
+
+// A bug inside distcore, including a caught panic.
+#define DC_ERR_INTERNAL 12
+
+// The peer would not let this caller in: a wrong or missing secret, an
+// address outside the server's allow-list.
+#define DC_ERR_PERMISSION_DENIED 13
+
+// The server refused to hold more: its quota of keys or stored bytes.
+#define DC_ERR_QUOTA_EXCEEDED 14
+
 // The major version of the header: programs built against one major
 // version run with any library of that major version
 // (`libdistcore.so.MAJOR`) at least as new as the header.
@@ -487,52 +533,6 @@ typedef uint64_t (*dc_profiler_begin_fn)(const char *title, void *user_data);
 typedef void (*dc_profiler_end_fn)(const char *title, uint64_t token, void *user_data);
 
 
-
-// Success.
-#define DC_OK 0
-
-// A NULL pointer, a bad length, a key that is not UTF-8, an out-of-range value.
-#define DC_ERR_INVALID_ARGUMENT 1
-
-// A wait, get or barrier did not finish within its timeout.
-#define DC_ERR_TIMEOUT 2
-
-// A connection failed or closed, or the peer is unreachable.
-#define DC_ERR_NETWORK 3
-
-// A non-blocking queue pop found the queue empty.
-#define DC_ERR_QUEUE_EMPTY 4
-
-// The object does not support the operation.
-#define DC_ERR_NOT_SUPPORTED 5
-
-// A remote peer reported an error.
-#define DC_ERR_REMOTE 6
-
-// The component has been shut down.
-#define DC_ERR_SHUT_DOWN 7
-
-// The operation was aborted.
-#define DC_ERR_ABORTED 8
-
-// A peer broke the wire protocol.
-#define DC_ERR_PROTOCOL 9
-
-// A local I/O error.
-#define DC_ERR_IO 10
-
-// The object is not in a state that allows the call (e.g. not completed yet).
-#define DC_ERR_INVALID_STATE 11
-
-// A bug inside distcore, including a caught panic.
-#define DC_ERR_INTERNAL 12
-
-// The peer would not let the caller in: a wrong or missing secret, an
-// address outside the server's allow-list.
-#define DC_ERR_PERMISSION_DENIED 13
-
-// The server refused to hold more: its quota of keys or stored bytes.
-#define DC_ERR_QUOTA_EXCEEDED 14
 
 #ifdef __cplusplus
 extern "C" {
