@@ -848,30 +848,46 @@ void set_guards(Options& o, const std::string& secret, const std::string& cert, 
 
 /// Options of a TCPStore (torch.distributed.TCPStore's arguments); the
 /// defaults are those of dc_tcp_store_options_init.
+namespace detail {
+/// The C defaults of an options struct, read once from its _init function
+/// (the one place the numbers live).
+template <class Options>
+const Options& c_defaults(dc_status (*init)(Options*, size_t)) {
+  static const Options defaults = [init] {
+    Options o;
+    distcore::check(init(&o, sizeof o));
+    return o;
+  }();
+  return defaults;
+}
+inline const dc_tcp_store_options& tcp_defaults() { return c_defaults(dc_tcp_store_options_init); }
+inline const dc_rpc_options& rpc_defaults() { return c_defaults(dc_rpc_options_init); }
+}  // namespace detail
+
 struct TCPStoreOptions {
   /// Host to connect to (a name, an IPv4 or IPv6 literal).
-  std::string host = "127.0.0.1";
+  std::string host = detail::tcp_defaults().host;
   /// Port; for a server 0 picks a free one (TCPStore::port()).
-  uint16_t port = 0;
+  uint16_t port = detail::tcp_defaults().port;
   /// Start a server in this process (PyTorch's is_master).
-  bool is_server = false;
+  bool is_server = detail::tcp_defaults().is_server;
   /// Number of store handles in the job, server included; -1: unknown.
-  int32_t world_size = -1;
+  int32_t world_size = detail::tcp_defaults().world_size;
   /// Count this handle in `init/`; the server then waits for world_size.
-  bool wait_for_workers = true;
+  bool wait_for_workers = detail::tcp_defaults().wait_for_workers;
   /// Timeout of connecting and of every call (kForever: none; kDefault: the
   /// library's default, 300 s).
-  Timeout timeout = std::chrono::seconds(300);
+  Timeout timeout = Timeout::from_c(detail::tcp_defaults().timeout_ms);
   /// Share one server among handles of this process on the same port.
-  bool multi_tenant = false;
+  bool multi_tenant = detail::tcp_defaults().multi_tenant;
   /// Serve on this already-listening socket; -1: bind a new one. With
   /// is_server, distcore owns the fd from the TCPStore constructor on,
   /// whatever its outcome. Ignored by clients.
-  int master_listen_fd = -1;
+  int master_listen_fd = detail::tcp_defaults().master_listen_fd;
   /// Listen only on this IP address; empty: every interface.
   std::string bind_address;
   /// Largest value the server accepts, in bytes; 0: 64 MiB.
-  uint64_t max_value_size = 0;
+  uint64_t max_value_size = detail::tcp_defaults().max_value_size;
   /// The shared secret (any bytes); empty: no authentication. A server
   /// requires clients to prove they hold it, a client proves it and
   /// requires the server to (PermissionDenied otherwise). Never sent.
@@ -884,9 +900,9 @@ struct TCPStoreOptions {
   /// set, multi_set and queue_push, which have no reply: their refusal
   /// throws QuotaExceeded from a later call of the handle (the next one
   /// that only reads, or the one after a write), and the write is not made.
-  uint64_t max_connections = 0;
-  uint64_t max_keys = 0;
-  uint64_t max_stored_bytes = 0;
+  uint64_t max_connections = detail::tcp_defaults().max_connections;
+  uint64_t max_keys = detail::tcp_defaults().max_keys;
+  uint64_t max_stored_bytes = detail::tcp_defaults().max_stored_bytes;
   /// TLS, as paths of PEM files; empty: none (files that do not go
   /// together, or cannot be read, are InvalidArgument). A certificate chain
   /// (its own certificate first) and its private key, given together: a
@@ -1185,15 +1201,15 @@ using RpcFunction =
 /// Options of an Rpc; the defaults are those of dc_rpc_options_init.
 struct RpcOptions {
   /// Threads running functions and RRef handlers.
-  uint32_t num_worker_threads = 4;
+  uint32_t num_worker_threads = detail::rpc_defaults().num_worker_threads;
   /// Default timeout of calls, remote(), to_here and control messages
   /// (kDefault: the library's, 60 s; kForever: none).
-  Timeout rpc_timeout = std::chrono::seconds(60);
+  Timeout rpc_timeout = Timeout::from_c(detail::rpc_defaults().rpc_timeout_ms);
   /// Address to listen on and advertise.
-  std::string listen_address = "127.0.0.1";
+  std::string listen_address = detail::rpc_defaults().listen_address;
   /// Report leaked RRefs at graceful shutdown as a warning (true) or fail
   /// the shutdown with InvalidState listing them.
-  bool ignore_rref_leak = true;
+  bool ignore_rref_leak = detail::rpc_defaults().ignore_rref_leak;
   /// Functions registered before this worker becomes reachable (name, function).
   std::vector<std::pair<std::string, RpcFunction>> functions;
   /// The group's shared secret (any bytes; empty: none): every connection

@@ -31,7 +31,16 @@ __all__ = ["init_rpc", "shutdown", "rpc_sync", "rpc_async", "remote", "get_worke
            "RRef", "WorkerInfo", "UNSET_RPC_TIMEOUT", "DEFAULT_RPC_TIMEOUT_SEC"]
 
 UNSET_RPC_TIMEOUT = -1.0
-DEFAULT_RPC_TIMEOUT_SEC = 60.0
+
+
+def _default_options():
+    """dc_rpc_options_init's defaults: the library holds the numbers."""
+    opts = RpcOptions()
+    check(lib.dc_rpc_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
+    return opts
+
+
+DEFAULT_RPC_TIMEOUT_SEC = _default_options().rpc_timeout_ms / 1000
 
 WorkerInfo = collections.namedtuple("WorkerInfo", ["name", "id"])
 WorkerInfo.__doc__ = "A worker of the group: its name and id (rank)."
@@ -115,7 +124,7 @@ class RpcAgent(Closable):
     """A worker of an RPC group (see :func:`init_rpc`). Thread-safe."""
 
     def __init__(self, name, rank, world_size, store, functions=None, rpc_timeout=DEFAULT_RPC_TIMEOUT_SEC,
-                 num_worker_threads=4, listen_address="127.0.0.1", ignore_rref_leak=True, **guards):
+                 num_worker_threads=None, listen_address=None, ignore_rref_leak=None, **guards):
         from .store import Store
         if not isinstance(store, Store):
             raise TypeError(f"store must be a distcore.Store, not {type(store).__name__}")
@@ -132,13 +141,17 @@ class RpcAgent(Closable):
             entries[i] = RpcFunctionEntry(names[-1], _trampoline, self._register(fn))
         opts = RpcOptions()
         check(lib.dc_rpc_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
-        opts.num_worker_threads = int(num_worker_threads)
+        # None: dc_rpc_options_init's default.
+        if num_worker_threads is not None:
+            opts.num_worker_threads = int(num_worker_threads)
         timeout_ms = rpc_timeout_ms(rpc_timeout)
         if timeout_ms >= 0:
             opts.rpc_timeout_ms = timeout_ms
-        address = listen_address.encode()
-        opts.listen_address = address
-        opts.ignore_rref_leak = bool(ignore_rref_leak)
+        address = None if listen_address is None else listen_address.encode()  # alive for the call
+        if address is not None:
+            opts.listen_address = address
+        if ignore_rref_leak is not None:
+            opts.ignore_rref_leak = bool(ignore_rref_leak)
         opts.functions, opts.num_functions = entries, len(functions)
         set_guards(opts, **guards)
         h = c_void_p()
@@ -382,7 +395,7 @@ def _require_current():
 
 
 def init_rpc(name, rank, world_size, store, functions=None, rpc_timeout=DEFAULT_RPC_TIMEOUT_SEC,
-             num_worker_threads=4, listen_address="127.0.0.1", ignore_rref_leak=True, *, secret=None, tls_cert=None,
+             num_worker_threads=None, listen_address=None, ignore_rref_leak=None, *, secret=None, tls_cert=None,
              tls_key=None, tls_ca=None, tls_client_ca=None, tls_server_name=None):
     """Joins an RPC group of `world_size` workers through `store` (any
     distcore Store the workers share: a TCPStore, a FileStore, a HashStore
@@ -392,7 +405,10 @@ def init_rpc(name, rank, world_size, store, functions=None, rpc_timeout=DEFAULT_
 
     `functions` maps names to callables ``fn(args, rrefs, caller_id)``;
     `rpc_timeout` is the default timeout of calls, remote(), to_here and
-    control messages (seconds or timedelta, default 60 s).
+    control messages (seconds or timedelta, default 60 s);
+    `num_worker_threads` (4), `listen_address` ("127.0.0.1") and
+    `ignore_rref_leak` (True): None takes the library's default (given in
+    parentheses, from dc_rpc_options_init).
 
     Guards, the same on every worker of the group: `secret` (bytes or str)
     authenticates every connection between workers (challenge-response; it

@@ -257,7 +257,7 @@ class EtcdStore(Store):
     that is down is skipped. Atomic operations are etcd transactions; waits
     are etcd watches."""
 
-    def __init__(self, endpoints=("127.0.0.1:2379",), prefix="/distcore", timeout=timedelta(seconds=300)):
+    def __init__(self, endpoints=("127.0.0.1:2379",), prefix="/distcore", timeout=None):
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e]
         opts = EtcdStoreOptions()
@@ -267,7 +267,8 @@ class EtcdStore(Store):
         self._prefix = str(prefix)
         prefix_bytes = self._prefix.encode()  # alive for the call
         opts.prefix = prefix_bytes
-        opts.timeout_ms = store_timeout_ms(timeout, allow_none=False)
+        if timeout is not None:  # None: dc_etcd_store_options_init's default
+            opts.timeout_ms = store_timeout_ms(timeout, allow_none=False)
         h = c_void_p()
         check(lib.dc_etcd_store_new(ctypes.byref(opts), ctypes.byref(h)))
         self._adopt(h.value)
@@ -322,7 +323,8 @@ class TCPStore(Store):
     (libuv and legacy).
 
     Arguments as PyTorch's: `world_size` None for an unknown number of
-    handles; `timeout` for connecting and for every call; `master_listen_fd`
+    handles; `timeout` for connecting and for every call (None: the
+    library's default, 300 s); `master_listen_fd`
     an already-listening socket to serve on; `use_libuv` is accepted and
     ignored (the server is distcore's own). distcore's own, keyword-only:
     `bind_address` (listen only on that IP; None: every interface, as
@@ -353,7 +355,7 @@ class TCPStore(Store):
     cannot be read raise DistValueError.
     """
 
-    def __init__(self, host_name, port, world_size=None, is_master=False, timeout=timedelta(seconds=300),
+    def __init__(self, host_name, port, world_size=None, is_master=False, timeout=None,
                  wait_for_workers=True, multi_tenant=False, master_listen_fd=None, use_libuv=True, *,
                  bind_address=None, max_value_size=None, secret=None, allow=None, allow_unauthenticated=None,
                  max_connections=None, max_keys=None, max_stored_bytes=None, tls_cert=None, tls_key=None,
@@ -369,7 +371,8 @@ class TCPStore(Store):
         opts.host, opts.port, opts.is_server = host, port, bool(is_master)
         opts.world_size = -1 if world_size is None else int32_arg(world_size, "world_size")
         opts.wait_for_workers = bool(wait_for_workers)
-        opts.timeout_ms = store_timeout_ms(timeout, allow_none=False)
+        if timeout is not None:  # None: dc_tcp_store_options_init's default (300 s)
+            opts.timeout_ms = store_timeout_ms(timeout, allow_none=False)
         opts.multi_tenant = bool(multi_tenant)
         opts.master_listen_fd = -1 if master_listen_fd is None else int(master_listen_fd)
         opts.bind_address = bind
