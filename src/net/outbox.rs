@@ -1,7 +1,7 @@
-//! The outgoing bytes of one non-blocking mio connection, shared by the
-//! TCPStore server and the RPC agent: written as far as the socket takes
-//! them, with the connection's WRITABLE interest kept in step with what is
-//! left.
+//! The outgoing bytes of one connection, shared by the TCPStore server and
+//! the RPC agent: a plain queue, written as far as a [`Sink`] (the
+//! connection's wire) takes them; the event loops keep the socket's
+//! WRITABLE interest in step with what is left.
 //!
 //! Small replies are appended to an owned buffer; large shared values are
 //! queued by reference and written from where they are stored, so a value
@@ -13,11 +13,18 @@ use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 
-use mio::event::Source;
-use mio::{Interest, Registry, Token};
-
 use crate::net::bigbuf::LARGE_VALUE_LEN;
-use crate::net::wire::Wire;
+
+/// Where an outbox's bytes go: a connection's wire, which takes what it
+/// can now and may hold some of its own (TLS records) for later.
+pub(crate) trait Sink {
+    /// Takes what it can of `bytes` now: how many; `WouldBlock` for none.
+    fn send(&mut self, bytes: &[u8]) -> io::Result<usize>;
+    /// Sends what it holds of its own; `WouldBlock` while some is left.
+    fn flush(&mut self) -> io::Result<()>;
+    /// Whether it holds bytes of its own still to send.
+    fn wants_write(&self) -> bool;
+}
 
 /// A buffer larger than this is released once it has been written out.
 const MAX_IDLE_CAPACITY: usize = 1 << 20;
@@ -61,19 +68,16 @@ pub(crate) struct Outbox {
     spare: Vec<u8>,
     /// Bytes queued and not yet written.
     queued: usize,
-    wants_writable: bool,
 }
 
 impl Outbox {
-    /// An empty outbox; `wants_writable` is the interest the connection was
-    /// registered with (an outbound connect waits for WRITABLE).
-    pub(crate) fn new(wants_writable: bool) -> Outbox {
+    /// An empty outbox.
+    pub(crate) fn new() -> Outbox {
         Outbox {
             segments: VecDeque::new(),
             written: 0,
             spare: Vec::new(),
             queued: 0,
-            wants_writable,
         }
     }
 
@@ -174,19 +178,12 @@ impl Outbox {
         }
     }
 
-    /// Writes what `wire` accepts now, a segment per call (a large value
+    /// Writes what `sink` accepts now, a segment per call (a large value
     /// sent behind a few bytes of header would be copied into the socket
-    /// at an odd offset, markedly slower); registers `stream` (the wire's
-    /// socket) for WRITABLE while bytes are left, TLS records included,
-    /// and drops that interest once they are gone.
-    pub(crate) fn flush(
-        &mut self,
-        wire: &mut Wire<'_>,
-        stream: &mut impl Source,
-        registry: &Registry,
-        token: Token,
-    ) -> io::Result<()> {
-        let mut blocked = match wire.flush() {
+    /// at an odd offset, markedly slower); returns whether bytes are left
+    /// for later (the sink's own included: TLS records).
+    pub(crate) fn write_to(&mut self, sink: &mut impl Sink) -> io::Result<bool> {
+        let mut blocked = match sink.flush() {
             Ok(()) => false,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
             Err(e) => return Err(e),
@@ -201,7 +198,7 @@ impl Outbox {
                 self.pop_front();
                 continue;
             }
-            match wire.send(rest) {
+            match sink.send(rest) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => blocked = true,
@@ -209,29 +206,7 @@ impl Outbox {
                 Err(e) => return Err(e),
             }
         }
-        let pending = !self.is_empty() || wire.wants_write();
-        self.keep_interest(pending, stream, registry, token)
-    }
-
-    /// Registers `stream` for WRITABLE if `pending` (bytes wait for the
-    /// socket), for READABLE only otherwise, unless it already is.
-    pub(crate) fn keep_interest(
-        &mut self,
-        pending: bool,
-        stream: &mut impl Source,
-        registry: &Registry,
-        token: Token,
-    ) -> io::Result<()> {
-        if pending != self.wants_writable {
-            let interest = if pending {
-                Interest::READABLE | Interest::WRITABLE
-            } else {
-                Interest::READABLE
-            };
-            registry.reregister(stream, token, interest)?;
-            self.wants_writable = pending;
-        }
-        Ok(())
+        Ok(!self.is_empty() || sink.wants_write())
     }
 
     /// `n` bytes of the front segment were written.
@@ -265,28 +240,40 @@ impl Outbox {
 }
 
 /// Test helpers: the outbox as a socket would see it.
+/// A sink taking at most `step` bytes per send, for tests.
+#[cfg(test)]
+struct Stepped {
+    out: Vec<u8>,
+    step: usize,
+}
+
+#[cfg(test)]
+impl Sink for Stepped {
+    fn send(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        let n = bytes.len().min(self.step);
+        self.out.extend_from_slice(&bytes[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn wants_write(&self) -> bool {
+        false
+    }
+}
+
 #[cfg(test)]
 impl Outbox {
-    /// Takes everything queued, `step` bytes at a time, encoding value
-    /// lists as a flush would.
+    /// Takes everything queued, written `step` bytes a call.
     pub(crate) fn drain(&mut self, step: usize) -> Vec<u8> {
-        let mut all = Vec::new();
-        loop {
-            match self.segments.front() {
-                None => return all,
-                Some(Segment::Values { .. }) => self.encode_front(),
-                Some(front) => {
-                    let rest = &front.bytes()[self.written..];
-                    if rest.is_empty() {
-                        self.pop_front();
-                        continue;
-                    }
-                    let n = rest.len().min(step);
-                    all.extend_from_slice(&rest[..n]);
-                    self.advance(n);
-                }
-            }
-        }
+        let mut sink = Stepped {
+            out: Vec::new(),
+            step,
+        };
+        while self.write_to(&mut sink).unwrap_or(false) {}
+        sink.out
     }
 
     /// Bytes of encoded replies held in memory (not counting values held
@@ -318,7 +305,7 @@ mod tests {
 
     #[test]
     fn large_values_are_queued_by_reference_in_order() {
-        let mut outbox = Outbox::new(false);
+        let mut outbox = Outbox::new();
         let big: Arc<[u8]> = vec![7u8; LARGE_VALUE_LEN].into();
         outbox.put(&[1]);
         outbox.put_value(&big);
@@ -346,7 +333,7 @@ mod tests {
         for v in &values {
             expected.extend(byte_string(v.as_deref().unwrap_or_default()));
         }
-        let mut outbox = Outbox::new(false);
+        let mut outbox = Outbox::new();
         outbox.put(&[0]);
         outbox.put_values(values);
         assert_eq!(outbox.queued(), expected.len());

@@ -99,6 +99,41 @@ impl<C> ConnTable<C> {
     }
 }
 
+/// Whether a connection's socket is registered for WRITABLE (as well as
+/// READABLE): kept in step with whether bytes wait for the socket, with a
+/// system call only when that changes.
+#[derive(Debug, Default)]
+pub(crate) struct WritableInterest(bool);
+
+impl WritableInterest {
+    /// The interest a socket was registered with: WRITABLE too if `on`
+    /// (an outbound connect waits for WRITABLE).
+    pub(crate) fn new(on: bool) -> WritableInterest {
+        WritableInterest(on)
+    }
+
+    /// Registers `socket` for WRITABLE if `pending` (bytes wait for it),
+    /// for READABLE only otherwise, unless it already is.
+    pub(crate) fn keep(
+        &mut self,
+        pending: bool,
+        socket: &mut impl mio::event::Source,
+        registry: &mio::Registry,
+        token: Token,
+    ) -> io::Result<()> {
+        if pending != self.0 {
+            let interest = if pending {
+                mio::Interest::READABLE | mio::Interest::WRITABLE
+            } else {
+                mio::Interest::READABLE
+            };
+            registry.reregister(socket, token, interest)?;
+            self.0 = pending;
+        }
+        Ok(())
+    }
+}
+
 /// A listening socket that accepts until its queue is empty, whatever the
 /// descriptor limits.
 pub(crate) struct Acceptor {

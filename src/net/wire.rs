@@ -11,6 +11,7 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use rustls::Connection;
 
+use crate::net::outbox::Sink;
 use crate::net::sendv::{send_bytes, send_vectored};
 use crate::os;
 
@@ -195,6 +196,20 @@ impl<'a> Wire<'a> {
             }
         }
         Ok(buf.len() - start)
+    }
+}
+
+impl Sink for Wire<'_> {
+    fn send(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        Wire::send(self, bytes)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Wire::flush(self)
+    }
+
+    fn wants_write(&self) -> bool {
+        Wire::wants_write(self)
     }
 }
 

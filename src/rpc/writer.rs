@@ -18,6 +18,7 @@ use mio::{Registry, Token};
 use parking_lot::Mutex;
 
 use crate::net::outbox::Outbox;
+use crate::net::reactor::WritableInterest;
 use crate::net::wire::{Session, Wire};
 
 /// What became of a frame handed to [`Writer::send`].
@@ -36,6 +37,8 @@ pub(crate) enum Sent {
 
 struct State {
     output: Outbox,
+    /// The socket is registered for WRITABLE (bytes wait for it).
+    writable: WritableInterest,
     /// The connection's TLS session, over TLS.
     tls: Option<Session>,
     /// Handshake frames the socket has not taken yet: before `output`.
@@ -72,7 +75,8 @@ impl Writer {
             socket: std::net::TcpStream::from(fd),
             tls: tls.is_some(),
             state: Mutex::new(State {
-                output: Outbox::new(!open),
+                output: Outbox::new(),
+                writable: WritableInterest::new(!open),
                 tls,
                 handshake: Vec::new(),
                 open,
@@ -159,15 +163,16 @@ impl Writer {
                 Err(e) => return Err(e),
             }
         }
-        if state.handshake.is_empty() && state.open {
-            return state.output.flush(&mut wire, stream, registry, token);
-        }
-        match wire.flush() {
-            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
-            _ => {}
-        }
-        let pending = !state.handshake.is_empty() || wire.wants_write();
-        state.output.keep_interest(pending, stream, registry, token)
+        let pending = if state.handshake.is_empty() && state.open {
+            state.output.write_to(&mut wire)?
+        } else {
+            match wire.flush() {
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Err(e),
+                _ => {}
+            }
+            !state.handshake.is_empty() || wire.wants_write()
+        };
+        state.writable.keep(pending, stream, registry, token)
     }
 
     /// The I/O thread: reads what has arrived (see [`Wire::recv_into`]),
@@ -185,7 +190,7 @@ impl Writer {
     pub(crate) fn close(&self) {
         let mut state = self.state.lock();
         state.closed = true;
-        state.output = Outbox::new(false);
+        state.output = Outbox::new();
         state.handshake = Vec::new();
     }
 }

@@ -26,7 +26,7 @@ use super::backend::Backend;
 use super::metrics::Refusal;
 use super::state::{Refused, ServerCore, HANDSHAKE_READ};
 use crate::net::outbox::Outbox;
-use crate::net::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
+use crate::net::reactor::{Acceptor, ConnTable, WritableInterest, LISTENER, WAKER};
 use crate::net::wire::{self, Session, Wire, HANDSHAKE_RECORD};
 use crate::runtime::logging::Throttle;
 use crate::security::access::{AccessPolicy, Admission};
@@ -60,6 +60,8 @@ struct Conn {
     queued: bool,
     /// Input was left unread because the core paused the connection.
     paused: bool,
+    /// Registered for WRITABLE while replies wait for the socket.
+    writable: WritableInterest,
 }
 
 impl Conn {
@@ -69,10 +71,12 @@ impl Conn {
     }
 
     /// Writes what `output` holds for this connection as far as the socket
-    /// takes it (see [`Outbox::flush`]).
+    /// takes it, registered for WRITABLE while some is left.
     fn flush(&mut self, output: &mut Outbox, registry: &Registry, token: Token) -> io::Result<()> {
         let mut wire = Wire::new(&self.stream, self.security.session());
-        output.flush(&mut wire, &mut self.stream, registry, token)
+        let pending = output.write_to(&mut wire)?;
+        self.writable
+            .keep(pending, &mut self.stream, registry, token)
     }
 }
 
@@ -230,6 +234,7 @@ impl<B: Backend> EventLoop<B> {
                 peer_closed: false,
                 queued: false,
                 paused: false,
+                writable: WritableInterest::default(),
             });
             if let Some(id) = ConnTable::<Conn>::index(token) {
                 core.connect_as(id, admission, challenge, now);

@@ -281,7 +281,7 @@ impl<B: Backend> ServerCore<B> {
         let previous = self.sessions[id].replace(Session {
             parser: RequestParser::default(),
             stash: Vec::new(),
-            output: Outbox::new(false),
+            output: Outbox::new(),
             validated: false,
             extended: false,
             status_replies: false,
