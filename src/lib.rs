@@ -27,3 +27,51 @@ pub use work::{OpType, Work};
 
 /// The version of distcore, as `major.minor.patch`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The architecture's rules that the compiler does not check.
+#[cfg(test)]
+mod architecture {
+    /// The socket-free cores: protocol logic that takes bytes and messages
+    /// in and gives them out, with time passed in.
+    const CORES: [(&str, &str); 8] = [
+        ("server core", include_str!("store/tcp/server/state.rs")),
+        ("waits", include_str!("store/tcp/server/waits.rs")),
+        ("request parser", include_str!("store/tcp/parser.rs")),
+        ("protocol", include_str!("store/tcp/protocol.rs")),
+        ("reply decoding", include_str!("store/tcp/client/reply.rs")),
+        ("plans", include_str!("store/tcp/client/plan.rs")),
+        ("RRef context", include_str!("rpc/context.rs")),
+        ("handshake proofs", include_str!("security/auth.rs")),
+    ];
+
+    /// What a core may not use: sockets and event loops, the OS, threads,
+    /// the clock.
+    const FORBIDDEN: [&str; 9] = [
+        "mio::",
+        "libc::",
+        "std::net",
+        "std::thread",
+        "thread::spawn",
+        "Instant::now",
+        "SystemTime::now",
+        ".elapsed()",
+        "crate::os",
+    ];
+
+    #[test]
+    fn cores_touch_no_socket_thread_or_clock() {
+        let mut found = Vec::new();
+        for (core, source) in CORES {
+            let code = source
+                .lines()
+                .enumerate()
+                .filter(|(_, line)| !line.trim_start().starts_with("//"));
+            for (number, line) in code {
+                for forbidden in FORBIDDEN.iter().filter(|f| line.contains(*f)) {
+                    found.push(format!("{core}, line {}: {forbidden}", number + 1));
+                }
+            }
+        }
+        assert!(found.is_empty(), "{found:#?}");
+    }
+}

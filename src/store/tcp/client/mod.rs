@@ -21,7 +21,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
 
@@ -37,6 +37,7 @@ pub use store::{TcpStore, TcpStoreOptions};
 
 pub(crate) use conn::{deadline_of, Conn, Deadline, Dialect, Endpoint};
 pub(crate) use plan::Plan;
+use plan::{grace_deadline, Next};
 pub(crate) use reply::{Reply, Shape};
 
 use super::protocol::Limits;
@@ -220,7 +221,7 @@ impl Connections {
             self.fence(deadline)?;
         }
         let mut conn = self.take_spare(deadline)?;
-        let result = plan::run(&mut conn, &mut plan, deadline, timeout);
+        let result = run_plan(&mut conn, &mut plan, deadline, timeout);
         give_back(&self.spares, conn);
         result
     }
@@ -300,4 +301,43 @@ pub(crate) fn check_request(limits: &Limits, keys: &[&[u8]], values: &[usize]) -
         )));
     }
     Ok(())
+}
+
+/// Runs `plan` on `conn` from the calling thread, by `deadline` (that of
+/// an operation of `timeout`, zero: forever) plus at most the cancel grace. When the time runs out the wait
+/// is cancelled; a connection the server does not answer in the grace is
+/// broken (to be dropped), never waited on longer.
+fn run_plan(
+    conn: &mut Conn,
+    plan: &mut Plan,
+    mut deadline: Deadline,
+    timeout: Duration,
+) -> Result<Vec<Vec<u8>>> {
+    let mut cancelled = false;
+    let mut step = plan.first(conn);
+    loop {
+        conn.send(&[&step.request], deadline)?;
+        let outcome = loop {
+            match conn.receive(&mut step.exchange, deadline) {
+                Ok(outcome) => break outcome,
+                Err(e) if e.status() != Status::Timeout => return Err(e),
+                Err(_) => {}
+            }
+            match (cancelled, step.exchange.expire()) {
+                (false, Some(cancel)) => {
+                    cancelled = true;
+                    deadline = grace_deadline(Instant::now(), timeout);
+                    conn.send(&[&cancel], deadline)?;
+                }
+                _ => {
+                    conn.mark_broken();
+                    return Err(plan.timeout_error(timeout));
+                }
+            }
+        };
+        match plan.next(outcome, conn, timeout) {
+            Next::Send(next) => step = next,
+            Next::Done(result) => return result,
+        }
+    }
 }

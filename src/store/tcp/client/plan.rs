@@ -1,14 +1,15 @@
 //! The operations that wait on the server (get, wait, a blocking queue pop,
-//! barrier) as a sequence of requests and replies, with no sockets: the
-//! blocking driver here runs one on the caller's thread, the async waiter
-//! (`waiter.rs`) runs the same plan from its event loop.
+//! barrier) as a sequence of requests and replies, with no sockets and no
+//! clock: the blocking driver (`Connections::run`, in `mod.rs`) runs one
+//! on the caller's thread, the async waiter (`waiter.rs`) runs the same
+//! plan from its event loop.
 
 use std::time::{Duration, Instant};
 
 use super::super::protocol::{Command, Encoder};
 use super::conn::{Conn, Deadline, Dialect, CANCEL_GRACE};
 use super::reply::{Exchange, Outcome, Shape};
-use crate::error::{Error, Result, Status};
+use crate::error::{Error, Result};
 use crate::store::wait_timeout_error;
 
 /// A waiting operation on wire keys (with their `/`).
@@ -154,47 +155,8 @@ impl Plan {
     }
 }
 
-/// The deadline of a cancelled wait's confirmation: the grace, bounded by
-/// the operation's own timeout.
-pub(crate) fn grace_deadline(timeout: Duration) -> Deadline {
-    Some(Instant::now() + CANCEL_GRACE.min(timeout))
-}
-
-/// Runs `plan` on `conn` from the calling thread, by `deadline` (that of
-/// an operation of `timeout`, zero: forever) plus at most the cancel grace. When the time runs out the wait
-/// is cancelled; a connection the server does not answer in the grace is
-/// broken (to be dropped), never waited on longer.
-pub(crate) fn run(
-    conn: &mut Conn,
-    plan: &mut Plan,
-    mut deadline: Deadline,
-    timeout: Duration,
-) -> Result<Vec<Vec<u8>>> {
-    let mut cancelled = false;
-    let mut step = plan.first(conn);
-    loop {
-        conn.send(&[&step.request], deadline)?;
-        let outcome = loop {
-            match conn.receive(&mut step.exchange, deadline) {
-                Ok(outcome) => break outcome,
-                Err(e) if e.status() != Status::Timeout => return Err(e),
-                Err(_) => {}
-            }
-            match (cancelled, step.exchange.expire()) {
-                (false, Some(cancel)) => {
-                    cancelled = true;
-                    deadline = grace_deadline(timeout);
-                    conn.send(&[&cancel], deadline)?;
-                }
-                _ => {
-                    conn.mark_broken();
-                    return Err(plan.timeout_error(timeout));
-                }
-            }
-        };
-        match plan.next(outcome, conn, timeout) {
-            Next::Send(next) => step = next,
-            Next::Done(result) => return result,
-        }
-    }
+/// The deadline of a cancelled wait's confirmation, cancelled at `now`:
+/// the grace, bounded by the operation's own timeout.
+pub(crate) fn grace_deadline(now: Instant, timeout: Duration) -> Deadline {
+    Some(now + CANCEL_GRACE.min(timeout))
 }

@@ -225,7 +225,7 @@ impl EventLoop {
                 Some(cancel) => {
                     running.cancelled = true;
                     running.out = cancel;
-                    running.deadline = grace_deadline(running.op.timeout);
+                    running.deadline = grace_deadline(Instant::now(), running.op.timeout);
                     self.running.insert(id, running);
                     self.progress(id);
                 }

@@ -251,6 +251,7 @@ impl<B: Backend> EventLoop<B> {
     /// completed requests, looks, writes. Their replies are flushed with
     /// the woken connections.
     fn take_backend_reports(&mut self) {
+        self.core.set_time(Instant::now());
         for (id, refused) in self.core.take_backend_reports() {
             self.close(conn_token(id), Close::Refused(refused));
         }
@@ -275,6 +276,7 @@ impl<B: Backend> EventLoop<B> {
             return;
         };
         conn.queued = false;
+        self.core.set_time(Instant::now());
         if !self.core.wants_input(id) {
             conn.paused = true;
             return;
@@ -398,6 +400,7 @@ impl<B: Backend> EventLoop<B> {
                 return self.close(token, Close::Io(e));
             }
             let before = output.queued();
+            self.core.set_time(Instant::now());
             if let Err(refused) = self.core.resume(id) {
                 return self.close(token, Close::Refused(refused));
             }

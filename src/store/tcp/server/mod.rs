@@ -34,6 +34,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use mio::net::TcpListener;
 use mio::{Interest, Poll, Waker};
@@ -295,7 +296,7 @@ impl Running {
         limits: Limits,
         extensions: bool,
     ) -> Result<JoinHandle<()>> {
-        let core = state::ServerCore::new(backend, limits, extensions)
+        let core = state::ServerCore::new(backend, limits, extensions, Instant::now())
             .with_secret(self.access.secret.clone())
             .with_quotas(self.quotas)
             .with_handshake_limits(self.access.handshakes)

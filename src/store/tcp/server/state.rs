@@ -161,6 +161,9 @@ pub(crate) struct ServerCore<B> {
     deadlines: VecDeque<(Instant, ConnId, u64)>,
     /// The last connection serial handed out.
     serials: u64,
+    /// The time of the events being handled, as the driver last said
+    /// ([`ServerCore::set_time`]); the core reads no clock.
+    now: Instant,
     waits: Waits,
     /// Connections given output by another connection's request (woken
     /// waits) or by a backend, to flush.
@@ -170,9 +173,10 @@ pub(crate) struct ServerCore<B> {
 }
 
 impl<B: Backend> ServerCore<B> {
-    /// A core over `backend`, enforcing `limits`; `extensions`: answer
-    /// distcore's HELLO (off: behave exactly as PyTorch's server).
-    pub(crate) fn new(backend: B, limits: Limits, extensions: bool) -> ServerCore<B> {
+    /// A core over `backend`, enforcing `limits`, started at `now`;
+    /// `extensions`: answer distcore's HELLO (off: behave exactly as
+    /// PyTorch's server).
+    pub(crate) fn new(backend: B, limits: Limits, extensions: bool, now: Instant) -> ServerCore<B> {
         ServerCore {
             limits,
             extensions,
@@ -186,6 +190,7 @@ impl<B: Backend> ServerCore<B> {
             in_handshake: 0,
             deadlines: VecDeque::new(),
             serials: 0,
+            now,
             waits: Waits::default(),
             woken: Vec::new(),
             tickets: 0,
@@ -216,11 +221,17 @@ impl<B: Backend> ServerCore<B> {
         self
     }
 
+    /// The events that follow happen at `now` (requests arriving, backend
+    /// reports): what request durations are measured with.
+    pub(crate) fn set_time(&mut self, now: Instant) {
+        self.now = now;
+    }
+
     /// A new connection `id` (not in use) that need not authenticate, with
-    /// no challenge to authenticate against.
+    /// no challenge to authenticate against, at the core's time.
     #[cfg(test)]
     pub(crate) fn connect(&mut self, id: ConnId) {
-        self.connect_as(id, Admission::Open, None, Instant::now());
+        self.connect_as(id, Admission::Open, None, self.now);
     }
 
     /// Whether a connection admitted as `admission` may be accepted now:
@@ -276,6 +287,7 @@ impl<B: Backend> ServerCore<B> {
             self.sessions.resize_with(id + 1, || None);
         }
         self.disconnect(id);
+        self.set_time(now);
         self.serials += 1;
         let serial = self.serials;
         let previous = self.sessions[id].replace(Session {
@@ -336,6 +348,7 @@ impl<B: Backend> ServerCore<B> {
     /// The connections still in their handshake past their deadline, by
     /// `now`: to close.
     pub(crate) fn expire_handshakes(&mut self, now: Instant) -> Vec<(ConnId, Refused)> {
+        self.set_time(now);
         let mut expired = Vec::new();
         while let Some(&(at, id, serial)) = self.deadlines.front() {
             if at > now {
@@ -611,7 +624,7 @@ impl<B: Backend> ServerCore<B> {
     }
 
     fn execute(&mut self, id: ConnId, request: Request) -> std::result::Result<(), Refused> {
-        let started = Instant::now();
+        let started = self.now;
         let (extensions, limits) = (self.extensions, self.limits);
         let Some(session) = self.session(id) else {
             return Ok(());
@@ -724,7 +737,8 @@ impl<B: Backend> ServerCore<B> {
     /// Counts a request of `command` that arrived at `started` and has
     /// been answered.
     fn served(&self, command: Command, started: Instant, failed: bool) {
-        self.metrics.served(command, started.elapsed(), failed);
+        let took = self.now.saturating_duration_since(started);
+        self.metrics.served(command, took, failed);
     }
 
     /// AUTH: checks the proof of `id` against its challenge; on success

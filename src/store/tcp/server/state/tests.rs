@@ -13,7 +13,12 @@ fn limits() -> Limits {
 }
 
 fn core() -> ServerCore<MemoryBackend> {
-    ServerCore::new(MemoryBackend::new(VALUE_LIMIT), limits(), true)
+    ServerCore::new(
+        MemoryBackend::new(VALUE_LIMIT),
+        limits(),
+        true,
+        Instant::now(),
+    )
 }
 
 /// Opens validated connection `id`.

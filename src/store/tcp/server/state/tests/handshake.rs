@@ -34,7 +34,12 @@ fn hello_turns_on_extensions_only_when_the_server_offers_them() {
     open(&mut c, 1);
     send(&mut c, 1, &hello);
     assert_eq!(replies(&mut c, 1), HELLO_ACK.to_le_bytes());
-    let mut plain = ServerCore::new(MemoryBackend::new(VALUE_LIMIT), limits(), false);
+    let mut plain = ServerCore::new(
+        MemoryBackend::new(VALUE_LIMIT),
+        limits(),
+        false,
+        Instant::now(),
+    );
     open(&mut plain, 0);
     send(&mut plain, 0, &hello);
     assert_eq!(replies(&mut plain, 0), HELLO_NONCE.to_le_bytes());

@@ -53,7 +53,7 @@ pub(super) fn deferring_core() -> ServerCore<Deferring> {
         inner: MemoryBackend::new(VALUE_LIMIT),
         deferred: Vec::new(),
     };
-    ServerCore::new(backend, limits(), true)
+    ServerCore::new(backend, limits(), true, Instant::now())
 }
 
 #[test]
@@ -79,7 +79,7 @@ fn a_request_completed_later_holds_back_only_its_own_connection() {
         inner: MemoryBackend::new(VALUE_LIMIT),
         deferred: Vec::new(),
     };
-    let mut c = ServerCore::new(backend, limits(), true);
+    let mut c = ServerCore::new(backend, limits(), true, Instant::now());
     open(&mut c, 0);
     open(&mut c, 1);
     send(&mut c, 1, &wait(&["/k"]));
@@ -157,7 +157,7 @@ impl Backend for Scripted {
 }
 
 fn scripted() -> ServerCore<Scripted> {
-    ServerCore::new(Scripted::default(), limits(), true)
+    ServerCore::new(Scripted::default(), limits(), true, Instant::now())
 }
 
 fn written(key: &str, value: &[u8]) -> Report {
