@@ -317,14 +317,26 @@ def _networks(value):
     return value.encode()
 
 
+def _tcp_defaults():
+    """dc_tcp_store_options_init's defaults: the library holds the numbers."""
+    opts = TcpStoreOptions()
+    check(lib.dc_tcp_store_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
+    return opts
+
+
+# PyTorch's signature shows the value (timedelta(seconds=300)); the number
+# is the library's.
+_DEFAULT_TCP_TIMEOUT = ms_to_timedelta(_tcp_defaults().timeout_ms)
+
+
 class TCPStore(Store):
     """A TCP key-value store (torch.distributed.TCPStore): a client, plus
     the server when `is_master`. Talks to distcore servers and PyTorch's
     (libuv and legacy).
 
     Arguments as PyTorch's: `world_size` None for an unknown number of
-    handles; `timeout` for connecting and for every call (None: the
-    library's default, 300 s); `master_listen_fd`
+    handles; `timeout` for connecting and for every call (default: the
+    library's, 300 s, as PyTorch's); `master_listen_fd`
     an already-listening socket to serve on; `use_libuv` is accepted and
     ignored (the server is distcore's own). distcore's own, keyword-only:
     `bind_address` (listen only on that IP; None: every interface, as
@@ -355,7 +367,7 @@ class TCPStore(Store):
     cannot be read raise DistValueError.
     """
 
-    def __init__(self, host_name, port, world_size=None, is_master=False, timeout=None,
+    def __init__(self, host_name, port, world_size=None, is_master=False, timeout=_DEFAULT_TCP_TIMEOUT,
                  wait_for_workers=True, multi_tenant=False, master_listen_fd=None, use_libuv=True, *,
                  bind_address=None, max_value_size=None, secret=None, allow=None, allow_unauthenticated=None,
                  max_connections=None, max_keys=None, max_stored_bytes=None, tls_cert=None, tls_key=None,
@@ -371,8 +383,7 @@ class TCPStore(Store):
         opts.host, opts.port, opts.is_server = host, port, bool(is_master)
         opts.world_size = -1 if world_size is None else int32_arg(world_size, "world_size")
         opts.wait_for_workers = bool(wait_for_workers)
-        if timeout is not None:  # None: dc_tcp_store_options_init's default (300 s)
-            opts.timeout_ms = store_timeout_ms(timeout, allow_none=False)
+        opts.timeout_ms = store_timeout_ms(timeout, allow_none=False)
         opts.multi_tenant = bool(multi_tenant)
         opts.master_listen_fd = -1 if master_listen_fd is None else int(master_listen_fd)
         opts.bind_address = bind
