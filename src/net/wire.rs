@@ -124,7 +124,7 @@ impl<'a> Wire<'a> {
     /// [`Wire::send`] for several runs of bytes, in order.
     pub(crate) fn send_vectored(&mut self, parts: &[IoSlice<'_>]) -> io::Result<usize> {
         let Some(session) = self.tls.as_deref_mut() else {
-            return crate::net::sendv::send_vectored(&self.fd, parts);
+            return send_vectored(&self.fd, parts);
         };
         flush_records(self.fd, session)?;
         let taken = session.conn.writer().write_vectored(parts)?;

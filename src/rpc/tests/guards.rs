@@ -243,8 +243,10 @@ fn an_unauthenticated_peer_announcing_a_huge_frame_is_closed_before_it_is_buffer
         let (grown, closed) = announce_a_huge_frame(&mut s, kind);
         assert!(grown < 16 << 20, "kind {kind}: grew by {grown} bytes");
         let closed = closed.unwrap_or_else(|| panic!("kind {kind}: still open"));
+        // Closed once the header came (the old agent never closed it);
+        // the bound leaves a loaded machine slack.
         assert!(
-            closed < Duration::from_secs(2),
+            closed < Duration::from_secs(5),
             "kind {kind}: closed after {closed:?}"
         );
     }

@@ -153,6 +153,9 @@ impl<B: Backend> EventLoop<B> {
                 log::error!("TCPStore server: poll failed, stopping: {e}");
                 return;
             }
+            // The time of everything this turn handles: one clock read.
+            let now = Instant::now();
+            self.core.set_time(now);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),
@@ -170,7 +173,6 @@ impl<B: Backend> EventLoop<B> {
                     }
                 }
             }
-            let now = Instant::now();
             if self.accept_retry.is_some_and(|at| at <= now) {
                 self.accept();
             }
@@ -251,7 +253,6 @@ impl<B: Backend> EventLoop<B> {
     /// completed requests, looks, writes. Their replies are flushed with
     /// the woken connections.
     fn take_backend_reports(&mut self) {
-        self.core.set_time(Instant::now());
         for (id, refused) in self.core.take_backend_reports() {
             self.close(conn_token(id), Close::Refused(refused));
         }
@@ -276,7 +277,6 @@ impl<B: Backend> EventLoop<B> {
             return;
         };
         conn.queued = false;
-        self.core.set_time(Instant::now());
         if !self.core.wants_input(id) {
             conn.paused = true;
             return;
@@ -365,15 +365,15 @@ impl<B: Backend> EventLoop<B> {
         let Some(conn) = self.conns.get_mut(token) else {
             return Ok(());
         };
-        let through = match &conn.security {
-            Security::TlsHandshake(session) => !session.is_handshaking(),
-            _ => false,
+        let Security::TlsHandshake(session) = &conn.security else {
+            return Ok(());
         };
-        if !through {
+        if session.is_handshaking() {
             return Ok(());
         }
-        let security = std::mem::replace(&mut conn.security, Security::Clear);
-        if let Security::TlsHandshake(session) = security {
+        if let Security::TlsHandshake(session) =
+            std::mem::replace(&mut conn.security, Security::Clear)
+        {
             conn.security = Security::Tls(session);
         }
         self.core
@@ -400,7 +400,6 @@ impl<B: Backend> EventLoop<B> {
                 return self.close(token, Close::Io(e));
             }
             let before = output.queued();
-            self.core.set_time(Instant::now());
             if let Err(refused) = self.core.resume(id) {
                 return self.close(token, Close::Refused(refused));
             }

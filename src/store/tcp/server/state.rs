@@ -506,14 +506,17 @@ impl<B: Backend> ServerCore<B> {
             let limits = if session.admitted() {
                 self.limits
             } else {
-                Limits::HANDSHAKE
-            };
-            if !session.admitted() && session.parser.is_idle() {
-                if let Some((kind, message)) = before_admission(session.admission, data[0]) {
+                let refusal = session
+                    .parser
+                    .is_idle()
+                    .then(|| before_admission(session.admission, data[0]))
+                    .flatten();
+                if let Some((kind, message)) = refusal {
                     self.tell(id, &Error::permission_denied(message.clone()));
                     return Err(Refused(kind, message));
                 }
-            }
+                Limits::HANDSHAKE
+            };
             let (n, request) = session
                 .parser
                 .parse(data, &limits)
