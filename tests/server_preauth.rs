@@ -170,7 +170,12 @@ fn strangers_in_their_handshake_neither_lock_clients_out_nor_stay() {
     // Until the server has taken them all in (however loaded the machine).
     let deadline = Instant::now() + Duration::from_secs(10);
     let refused = "distcore_quota_refusals_total{quota=\"handshakes\"} 6";
-    while !store.server_metrics().unwrap().lines().any(|l| l == refused) {
+    while !store
+        .server_metrics()
+        .unwrap()
+        .lines()
+        .any(|l| l == refused)
+    {
         assert!(Instant::now() < deadline, "the strangers were not all seen");
         thread::sleep(Duration::from_millis(20));
     }
