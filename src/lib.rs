@@ -74,4 +74,79 @@ mod architecture {
         }
         assert!(found.is_empty(), "{found:#?}");
     }
+
+    /// The layers, lowest first: a module may use its own layer and those
+    /// below it, never one above (tests aside).
+    const LAYERS: [&[&str]; 6] = [
+        &["error.rs", "printable.rs", "os.rs"],
+        &["net", "runtime", "security"],
+        &["work"],
+        &["store"],
+        &["rpc"],
+        &["ffi"],
+    ];
+
+    /// Every `.rs` file under `path` (a file or a folder), tests left out.
+    fn sources(path: &std::path::Path, found: &mut Vec<std::path::PathBuf>) {
+        let is_test = |p: &std::path::Path| {
+            p.file_name()
+                .is_some_and(|n| n == "tests.rs" || n == "tests")
+        };
+        if is_test(path) {
+            return;
+        }
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).unwrap() {
+                sources(&entry.unwrap().path(), found);
+            }
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            found.push(path.to_owned());
+        }
+    }
+
+    /// The code of a source file: no comments, no tests.
+    fn code_of(file: &std::path::Path) -> String {
+        let text = std::fs::read_to_string(file).unwrap();
+        let before_tests = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let code = before_tests
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("//"));
+        code.collect::<Vec<_>>().join("\n")
+    }
+
+    #[test]
+    fn no_layer_uses_one_above_it() {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let module = |entry: &str| entry.trim_end_matches(".rs").to_owned();
+        let mut found = Vec::new();
+        for (level, layer) in LAYERS.iter().enumerate() {
+            let above: Vec<String> = LAYERS[level + 1..]
+                .iter()
+                .flat_map(|l| l.iter())
+                .map(|entry| format!("crate::{}", module(entry)))
+                .collect();
+            for entry in layer.iter() {
+                let mut files = Vec::new();
+                sources(&src.join(entry), &mut files);
+                for file in files {
+                    let code = code_of(&file);
+                    for upper in above.iter().filter(|u| code.contains(u.as_str())) {
+                        found.push(format!("{} uses {upper}", file.display()));
+                    }
+                }
+            }
+        }
+        // Within the store: the EtcdStore and the TCPStore's parts below
+        // its server know nothing of the server.
+        for lower in ["store/etcd", "store/tcp/protocol.rs", "store/tcp/parser.rs"] {
+            let mut files = Vec::new();
+            sources(&src.join(lower), &mut files);
+            for file in files {
+                if code_of(&file).contains("tcp::server") {
+                    found.push(format!("{} uses the TCPStore server", file.display()));
+                }
+            }
+        }
+        assert!(found.is_empty(), "{found:#?}");
+    }
 }

@@ -11,8 +11,7 @@ use super::client::{Read, Resend, WatchEnd};
 use super::{EtcdStore, Seen, CLOCKS, QUEUES, VALUES};
 use crate::error::{Error, Result};
 use crate::store::kv::Value;
-use crate::store::tcp::protocol::{Key, Request};
-use crate::store::tcp::server::backend::Outcome;
+use crate::store::tcp::protocol::{Key, Outcome, Request};
 
 /// A change to the job's keys.
 #[derive(Debug, Clone, PartialEq, Eq)]

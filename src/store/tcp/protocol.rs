@@ -7,6 +7,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::security::auth::{Nonce, NONCE_LEN, PROOF_LEN};
+use crate::store::kv::Value;
 
 /// The magic number a connection sends with VALIDATE.
 pub(crate) const VALIDATE_MAGIC: u32 = 0x3C85_F7CE;
@@ -380,6 +381,25 @@ pub enum Request {
         proof: Vec<u8>,
     },
     Stats,
+}
+
+/// What a data request produced, before it is encoded as a reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// No reply (SET, APPEND, MULTI_SET, QUEUE_PUSH).
+    Silent,
+    /// A byte string (COMPARE_SET).
+    Value(Value),
+    /// A byte string per key, empty where missing (GET, MULTI_GET).
+    Values(Vec<Option<Value>>),
+    /// An `i64` (ADD, GETNUMKEYS, DELETE_KEY, QUEUE_LEN).
+    Int(i64),
+    /// CHECK's answer: every key exists.
+    Ready(bool),
+    /// QUEUE_POP: the length before the pop, and the value if there was one.
+    Popped { before: i64, value: Option<Value> },
+    /// LIST_KEYS.
+    Keys(Vec<Key>),
 }
 
 impl Request {

@@ -28,11 +28,11 @@ use std::time::Instant;
 
 use super::super::parser::RequestParser;
 use super::super::protocol::{
-    put_bytes, Command, Key, Limits, Request, ServerInfo, HELLO_ACK, HELLO_NONCE, HELLO_V2_ACK,
-    HELLO_V2_NONCE, NOT_READY, READY, REPLY_DEFERRED_ERROR, REPLY_ERROR, REPLY_OK, STOP_WAITING,
-    VALIDATE_MAGIC, WAIT_CANCELED,
+    put_bytes, Command, Key, Limits, Outcome, Request, ServerInfo, HELLO_ACK, HELLO_NONCE,
+    HELLO_V2_ACK, HELLO_V2_NONCE, NOT_READY, READY, REPLY_DEFERRED_ERROR, REPLY_ERROR, REPLY_OK,
+    STOP_WAITING, VALIDATE_MAGIC, WAIT_CANCELED,
 };
-use super::backend::{Backend, Outcome, Present, Report, Ticket};
+use super::backend::{Backend, Present, Report, Ticket};
 use super::metrics::{ConnKind, Gauges, Metrics, Quota, Refusal};
 use super::waits::{WaitId, WaitReply, Waits};
 use super::Quotas;

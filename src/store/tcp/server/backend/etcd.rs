@@ -33,11 +33,11 @@ use once_cell::sync::OnceCell;
 use parking_lot::Mutex;
 
 use self::mirror::{is_read, Mirror};
-use super::{Backend, Outcome, Present, Report, Ticket, Usage};
+use super::{Backend, Present, Report, Ticket, Usage};
 use crate::error::{Error, Result, Status};
 use crate::printable::printable;
 use crate::store::etcd::{EtcdStore, EtcdStoreOptions, Seen, WatchEnd};
-use crate::store::tcp::protocol::{Key, Request};
+use crate::store::tcp::protocol::{Key, Outcome, Request};
 use crate::store::tcp::server::state::ConnId;
 use crate::store::tcp::server::waits::WaitId;
 use crate::store::Store as _;

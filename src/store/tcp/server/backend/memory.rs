@@ -1,10 +1,10 @@
 //! The keys in this process's memory (PyTorch's TCPStore server): every
 //! request completes at once.
 
-use super::{Backend, Outcome, Present, Report, Ticket, Usage};
+use super::{Backend, Present, Report, Ticket, Usage};
 use crate::error::{Error, Result};
 use crate::store::kv::KvTable;
-use crate::store::tcp::protocol::{Key, Request};
+use crate::store::tcp::protocol::{Key, Outcome, Request};
 use crate::store::tcp::server::state::ConnId;
 use crate::store::tcp::server::waits::WaitId;
 

@@ -1,9 +1,9 @@
 //! Where a server keeps its keys: the backend behind the protocol core.
 //!
 //! The core hands a backend the requests that read or write data and gets
-//! back an [`Outcome`] to encode as the reply. Waits and barriers are the
-//! core's own, resolved from what the backend says of the keys they are
-//! on. Two kinds of backend fit behind it:
+//! back an [`Outcome`](super::super::protocol::Outcome) to encode as the
+//! reply. Waits and barriers are the core's own, resolved from what the
+//! backend says of the keys they are on. Two kinds of backend fit behind it:
 //! - **local** (the keys in this process: [`MemoryBackend`]): every request
 //!   completes at once; the core wakes waits after the writes it made;
 //! - **remote** (a store other servers write too, such as etcd): a request
@@ -18,7 +18,7 @@
 //! says so ([`Report::Missed`]) and the core asks it to look again at the
 //! keys of every pending wait.
 
-use super::super::protocol::{Key, Request};
+use super::super::protocol::{Key, Outcome, Request};
 use super::state::ConnId;
 use super::waits::WaitId;
 use crate::error::Result;
@@ -33,25 +33,6 @@ pub(crate) use memory::MemoryBackend;
 /// core's lifetime, so a late answer never reaches a connection that
 /// reused the id).
 pub(crate) type Ticket = u64;
-
-/// What a data request produced, before it is encoded as a reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    /// No reply (SET, APPEND, MULTI_SET, QUEUE_PUSH).
-    Silent,
-    /// A byte string (COMPARE_SET).
-    Value(Value),
-    /// A byte string per key, empty where missing (GET, MULTI_GET).
-    Values(Vec<Option<Value>>),
-    /// An `i64` (ADD, GETNUMKEYS, DELETE_KEY, QUEUE_LEN).
-    Int(i64),
-    /// CHECK's answer: every key exists.
-    Ready(bool),
-    /// QUEUE_POP: the length before the pop, and the value if there was one.
-    Popped { before: i64, value: Option<Value> },
-    /// LIST_KEYS.
-    Keys(Vec<Key>),
-}
 
 /// A key that exists, as a wait sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use crate::store::etcd::{Change, Element, Seen, Snapshot};
 use crate::store::kv::Value;
-use crate::store::tcp::protocol::{Key, Request};
-use crate::store::tcp::server::backend::{Outcome, Present, Usage};
+use crate::store::tcp::protocol::{Key, Outcome, Request};
+use crate::store::tcp::server::backend::{Present, Usage};
 
 /// The job's keys as of `revision`, as etcd holds them: queues are the
 /// elements etcd holds (by their ids), never a count of the changes seen,
