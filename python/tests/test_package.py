@@ -91,12 +91,21 @@ def test_every_declared_function_is_exported_with_the_headers_arity():
         assert len(params) == len(argtypes), name
 
 
+# The C structures the package declares, by their name in distcore.h.
+STRUCTS = {"dc_buf": _lib.Buf, "dc_buf_array": _lib.BufArray, "dc_tcp_store_options": _lib.TcpStoreOptions,
+           "dc_server_stats": _lib.ServerStats, "dc_client_counter": _lib.ClientCounter,
+           "dc_rpc_function_entry": _lib.RpcFunctionEntry, "dc_rpc_options": _lib.RpcOptions,
+           "dc_rref_debug_info": _lib.RRefDebugInfo, "dc_etcd_store_options": _lib.EtcdStoreOptions}
+
+
+def test_struct_annotations_name_every_field():
+    # The annotations type the fields for mypy: one for each field, no other.
+    for cname, cls in STRUCTS.items():
+        assert list(cls.__annotations__) == [field for field, _ in cls._fields_], cname
+
+
 @in_repo
 def test_struct_layouts_match_the_abi_records():
-    structs = {"dc_buf": _lib.Buf, "dc_buf_array": _lib.BufArray, "dc_tcp_store_options": _lib.TcpStoreOptions,
-               "dc_server_stats": _lib.ServerStats, "dc_client_counter": _lib.ClientCounter,
-               "dc_rpc_function_entry": _lib.RpcFunctionEntry, "dc_rpc_options": _lib.RpcOptions,
-               "dc_rref_debug_info": _lib.RRefDebugInfo, "dc_etcd_store_options": _lib.EtcdStoreOptions}
     records = {}
     for line in open(ABI_TYPES):
         parts = line.split()
@@ -104,7 +113,7 @@ def test_struct_layouts_match_the_abi_records():
             records[parts[0]] = int(parts[2])
         elif len(parts) == 3 and "." in parts[0]:
             records[parts[0]] = (int(parts[1]), int(parts[2]))
-    for cname, cls in structs.items():
+    for cname, cls in STRUCTS.items():
         assert ctypes.sizeof(cls) == records[cname], cname
         for field, _ in cls._fields_:
             desc = getattr(cls, field)
