@@ -2,9 +2,10 @@
 # The one test command: builds everything and runs every test on a fresh
 # machine — formatting and lints, the Rust tests, the header freshness
 # check, the C/C++ tests (CMake + ctest, also under valgrind), the Python
-# package (python/, pip-installed into build/venv) with its tests and the FFI
-# tests, and the interop tests against PyTorch itself. Installs the system
-# packages and the Python packages (pytest, torch, in build/venv) it needs.
+# package (python/, type-checked with mypy --strict and pip-installed into
+# build/venv) with its tests and the FFI tests, and the interop tests against
+# PyTorch itself. Installs the system packages and the Python packages
+# (pytest, mypy, torch, in build/venv) it needs.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -52,13 +53,15 @@ cmake -S c-tests -B build/c-tests -DCMAKE_PREFIX_PATH="$root/build/prefix" -DCMA
 cmake --build build/c-tests -j "$(nproc)"
 (cd build/c-tests && ctest --output-on-failure -j "$(nproc)")
 
-step "Python package (pip install ./python into build/venv) and its tests"
-# The package's own build runs cargo and bundles the library; the tests load
-# the installed build/prefix library instead (DISTCORE_LIB), so that is what
-# is tested.
+step "Python package (mypy --strict, pip install ./python into build/venv) and its tests"
+# The package ships py.typed: its source is type-checked (python/pyproject.toml
+# has the settings). The package's own build runs cargo and bundles the
+# library; the tests load the installed build/prefix library instead
+# (DISTCORE_LIB), so that is what is tested.
 venv="$root/build/venv"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q --disable-pip-version-check pytest prometheus_client
+"$venv/bin/pip" install -q --disable-pip-version-check pytest prometheus_client mypy
+"$venv/bin/python" -m mypy --strict --config-file python/pyproject.toml python/distcore
 "$venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps ./python
 DISTCORE_LIB="$root/build/prefix/lib/libdistcore.so" \
   "$venv/bin/python" -m pytest -v -p no:cacheprovider --rootdir "$root" python/tests interop/test_ffi_*.py

@@ -12,6 +12,8 @@ Every exception raised for a failed distcore call is a :class:`DistError`
 carrying ``status`` (the ``dc_status`` code, a :class:`Status`) and
 ``message`` (``dc_last_error_message()``, also ``str(exc)``).
 """
+from __future__ import annotations
+
 import enum
 
 
@@ -38,9 +40,14 @@ class Status(enum.IntEnum):
 class DistError(RuntimeError):
     """A failed distcore call (torch.distributed.DistError)."""
 
+    #: The status of an instance created without one (each subclass has its own).
     default_status = Status.INTERNAL
 
-    def __init__(self, message="", status=None):
+    #: The dc_status code: a :class:`Status`, or the plain int of a code this
+    #: package does not know.
+    status: Status | int
+
+    def __init__(self, message: str = "", status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         if status is None:
@@ -51,10 +58,10 @@ class DistError(RuntimeError):
             pass
         self.status = status
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.message
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[DistError], tuple[str, int]]:
         return (type(self), (self.message, int(self.status)))
 
 
@@ -161,7 +168,7 @@ class DistQuotaError(DistStoreError):
     default_status = Status.QUOTA_EXCEEDED
 
 
-_BY_STATUS = {
+_BY_STATUS: dict[int, type[DistError]] = {
     Status.INVALID_ARGUMENT: DistValueError,
     Status.TIMEOUT: DistTimeoutError,
     Status.NETWORK: DistNetworkError,
@@ -179,7 +186,7 @@ _BY_STATUS = {
 }
 
 
-def error_for(status, message):
+def error_for(status: int, message: str) -> DistError:
     """The exception for a dc_status and its message."""
     cls = _BY_STATUS.get(status, DistError)
     return cls(message, status)

@@ -6,12 +6,22 @@ Struct layouts and signatures mirror include/distcore.h of version
 ``HEADER_VERSION``; the running library must have the same major version
 and at least that minor version.
 """
+from __future__ import annotations
+
 import ctypes
 import os
 from ctypes import (CFUNCTYPE, POINTER, Structure, c_bool, c_char_p, c_double, c_int, c_int32,
                     c_int64, c_size_t, c_uint16, c_uint32, c_uint64, c_uint8, c_void_p)
+from typing import TYPE_CHECKING
 
 from ._errors import DistError, Status, error_for
+
+if TYPE_CHECKING:
+    from _ctypes import CFuncPtr
+    from ctypes import Array, _CDataType, _Pointer
+
+    #: A ctypes type, as argtypes and restype take.
+    _CType = type[_CDataType]
 
 # The version of include/distcore.h these declarations mirror
 # (DC_VERSION_MAJOR, DC_VERSION_MINOR, DC_VERSION_PATCH).
@@ -23,14 +33,21 @@ TIMEOUT_FOREVER = 0  # DC_TIMEOUT_FOREVER
 BUNDLED_LIB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_libdistcore.so")
 
 
+# Each structure annotates its fields with the Python types ctypes reads
+# (and, for pointers the package fills with arrays, writes) them as.
+
 class Buf(Structure):
     """dc_buf"""
     _fields_ = [("data", POINTER(c_uint8)), ("len", c_size_t)]
+    data: _Pointer[c_uint8]
+    len: int
 
 
 class BufArray(Structure):
     """dc_buf_array"""
     _fields_ = [("items", POINTER(Buf)), ("len", c_size_t)]
+    items: _Pointer[Buf]
+    len: int
 
 
 class TcpStoreOptions(Structure):
@@ -46,23 +63,59 @@ class TcpStoreOptions(Structure):
                 # since 1.3
                 ("tls_cert_file", c_char_p), ("tls_key_file", c_char_p), ("tls_ca_file", c_char_p),
                 ("tls_client_ca_file", c_char_p), ("tls_server_name", c_char_p)]
+    struct_size: int
+    host: bytes | None
+    port: int
+    is_server: bool
+    world_size: int
+    wait_for_workers: bool
+    timeout_ms: int
+    multi_tenant: bool
+    master_listen_fd: int
+    bind_address: bytes | None
+    max_value_size: int
+    secret: bytes | None
+    secret_len: int
+    allow: bytes | None
+    allow_unauthenticated: bytes | None
+    max_connections: int
+    max_keys: int
+    max_stored_bytes: int
+    tls_cert_file: bytes | None
+    tls_key_file: bytes | None
+    tls_ca_file: bytes | None
+    tls_client_ca_file: bytes | None
+    tls_server_name: bytes | None
 
 
 class EtcdStoreOptions(Structure):
     """dc_etcd_store_options"""
     _fields_ = [("struct_size", c_size_t), ("endpoints", POINTER(c_char_p)), ("num_endpoints", c_size_t),
                 ("prefix", c_char_p), ("timeout_ms", c_int64)]
+    struct_size: int
+    endpoints: _Pointer[c_char_p] | Array[c_char_p]
+    num_endpoints: int
+    prefix: bytes | None
+    timeout_ms: int
 
 
 class ServerStats(Structure):
     """dc_server_stats"""
     _fields_ = [("struct_size", c_size_t), ("connections", c_uint64), ("pending_waits", c_uint64),
                 ("keys", c_uint64)]
+    struct_size: int
+    connections: int
+    pending_waits: int
+    keys: int
 
 
 class ClientCounter(Structure):
     """dc_client_counter"""
     _fields_ = [("op", c_char_p), ("count", c_uint64), ("mean_ms", c_double), ("variance_ms", c_double)]
+    op: bytes  # a static string, never NULL
+    count: int
+    mean_ms: float
+    variance_ms: float
 
 
 # dc_rpc_function: (args, len, rrefs, num_rrefs, caller_id, reply, user_data) -> dc_status
@@ -73,6 +126,9 @@ RPC_FUNCTION = CFUNCTYPE(c_int32, POINTER(c_uint8), c_size_t, POINTER(c_void_p),
 class RpcFunctionEntry(Structure):
     """dc_rpc_function_entry"""
     _fields_ = [("name", c_char_p), ("function", RPC_FUNCTION), ("user_data", c_void_p)]
+    name: bytes | None
+    function: CFuncPtr
+    user_data: int | None
 
 
 class RpcOptions(Structure):
@@ -83,12 +139,31 @@ class RpcOptions(Structure):
                 ("secret", c_char_p), ("secret_len", c_size_t), ("tls_cert_file", c_char_p),
                 ("tls_key_file", c_char_p), ("tls_ca_file", c_char_p), ("tls_client_ca_file", c_char_p),
                 ("tls_server_name", c_char_p)]
+    struct_size: int
+    num_worker_threads: int
+    rpc_timeout_ms: int
+    listen_address: bytes | None
+    ignore_rref_leak: bool
+    functions: _Pointer[RpcFunctionEntry] | Array[RpcFunctionEntry]
+    num_functions: int
+    secret: bytes | None
+    secret_len: int
+    tls_cert_file: bytes | None
+    tls_key_file: bytes | None
+    tls_ca_file: bytes | None
+    tls_client_ca_file: bytes | None
+    tls_server_name: bytes | None
 
 
 class RRefDebugInfo(Structure):
     """dc_rref_debug_info"""
     _fields_ = [("struct_size", c_size_t), ("num_owner_rrefs", c_uint64), ("num_pending_futures", c_uint64),
                 ("num_pending_users", c_uint64), ("num_forks", c_uint64)]
+    struct_size: int
+    num_owner_rrefs: int
+    num_pending_futures: int
+    num_pending_users: int
+    num_forks: int
 
 
 WORK_CALLBACK = CFUNCTYPE(None, c_void_p, c_void_p)  # dc_work_callback
@@ -104,7 +179,7 @@ _keys = POINTER(c_char_p)
 _bytes = c_char_p  # const uint8_t * (bytes with their length passed alongside)
 
 # Every function this package calls: name -> (argtypes, restype).
-SIGNATURES = {
+SIGNATURES: dict[str, tuple[list[_CType], _CType | None]] = {
     "dc_last_error_message": ([], c_char_p),
     "dc_status_str": ([c_int32], c_char_p),
     "dc_version": ([], c_char_p),
@@ -209,7 +284,7 @@ SIGNATURES = {
 }
 
 
-def _parse_version(text):
+def _parse_version(text: str) -> tuple[int, int, int]:
     try:
         major, minor, patch = (int(p) for p in text.split(".")[:3])
     except ValueError:
@@ -217,7 +292,7 @@ def _parse_version(text):
     return major, minor, patch
 
 
-def load(path=None):
+def load(path: str | None = None) -> tuple[ctypes.CDLL, str, tuple[int, int, int]]:
     """Loads the library at `path` (default: $DISTCORE_LIB, else the bundled
     one), declares every function and checks its version."""
     path = path or os.environ.get("DISTCORE_LIB") or BUNDLED_LIB
@@ -244,23 +319,24 @@ def load(path=None):
     return lib, path, version
 
 
-def _version_of(lib):
+def _version_of(lib: ctypes.CDLL) -> str:
     fn = lib.dc_version
     fn.argtypes, fn.restype = [], c_char_p
-    return fn().decode()
+    version: bytes = fn()
+    return version.decode()
 
 
 lib, LIB_PATH, LIB_VERSION = load()
 
 
-def check(status):
+def check(status: int) -> None:
     """Raises the exception for a non-OK dc_status (with the calling
     thread's last error message)."""
     if status != 0:
         raise error_for(status, lib.dc_last_error_message().decode("utf-8", "replace"))
 
 
-def take_buf(buf):
+def take_buf(buf: Buf) -> bytes:
     """The bytes of a dc_buf, which is then freed."""
     try:
         return ctypes.string_at(buf.data, buf.len) if buf.len else b""
@@ -268,7 +344,7 @@ def take_buf(buf):
         lib.dc_buf_free(ctypes.byref(buf))
 
 
-def take_array(arr):
+def take_array(arr: BufArray) -> list[bytes]:
     """The bytes of every buffer of a dc_buf_array, which is then freed."""
     try:
         return [ctypes.string_at(arr.items[i].data, arr.items[i].len) if arr.items[i].len else b""
@@ -277,9 +353,10 @@ def take_array(arr):
         lib.dc_buf_array_free(ctypes.byref(arr))
 
 
-def status_str(status):
+def status_str(status: int) -> str:
     """dc_status_str: a status code's description."""
-    return lib.dc_status_str(int(status)).decode()
+    text: bytes = lib.dc_status_str(int(status))
+    return text.decode()
 
 
 __all__ = ["lib", "check", "take_buf", "take_array", "DistError", "Status", "HEADER_VERSION"]

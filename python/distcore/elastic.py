@@ -3,18 +3,25 @@ barrier, synchronize, get_all, store_timeout), same names, arguments and
 keys, run by distcore's dc_elastic_* functions: ranks using these and ranks
 using torchelastic's meet on one store. Timeouts are float seconds, as
 torchelastic takes them."""
+from __future__ import annotations
+
 import contextlib
 import ctypes
 import re
+from datetime import timedelta
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from ._errors import DistStoreError
 from ._lib import BufArray, check, lib, take_array
-from ._util import int32_arg, key_arg, store_timeout_ms, value_arg
+from ._util import Timeout, Value, int32_arg, key_arg, store_timeout_ms, value_arg
+
+if TYPE_CHECKING:
+    from .store import Store
 
 __all__ = ["store_timeout", "get_all", "synchronize", "barrier"]
 
 
-def _store_handle(store):
+def _store_handle(store: Store) -> int:
     from .store import Store
     if not isinstance(store, Store):
         raise TypeError(f"store must be a distcore.Store, not {type(store).__name__}")
@@ -22,14 +29,14 @@ def _store_handle(store):
 
 
 @contextlib.contextmanager
-def store_timeout(store, timeout):
+def store_timeout(store: Store, timeout: timedelta | float) -> Iterator[None]:
     """Sets the store's timeout to `timeout` seconds for the block, then
     restores the previous one."""
     with store.timeout_guard(timeout):
         yield
 
 
-def get_all(store, rank, prefix, world_size):
+def get_all(store: Store, rank: int, prefix: str, world_size: int) -> list[bytes]:
     """The values of ``{prefix}0`` .. ``{prefix}{world_size-1}`` (waiting for
     each), then checks in to ``{prefix}/finished``; rank 0 waits for every
     rank to check in."""
@@ -39,7 +46,8 @@ def get_all(store, rank, prefix, world_size):
     return take_array(arr)
 
 
-def synchronize(store, data, rank, world_size, key_prefix, timeout=300):
+def synchronize(store: Store, data: Value, rank: int, world_size: int, key_prefix: str,
+                timeout: Timeout = 300) -> list[bytes]:
     """Publishes `data` as ``{key_prefix}{rank}`` and returns every rank's
     data in rank order, with the store's timeout `timeout` seconds meanwhile."""
     data = value_arg(data, "data")
@@ -54,8 +62,8 @@ def synchronize(store, data, rank, world_size, key_prefix, timeout=300):
 _MISSING = re.compile(r"missing_ranks=\[([^\]]*)\]")
 
 
-def barrier(store, world_size, key_prefix, barrier_timeout=300, rank=None, rank_tracing_decoder=None,
-            trace_timeout=10):
+def barrier(store: Store, world_size: int, key_prefix: str, barrier_timeout: Timeout = 300, rank: int | None = None,
+            rank_tracing_decoder: Callable[[int], str] | None = None, trace_timeout: Timeout = 10) -> None:
     """Blocks until `world_size` members entered the barrier `key_prefix`
     (usable once per prefix), with the store's timeout `barrier_timeout`
     seconds meanwhile. With `rank`, a timeout finds the ranks that never
@@ -79,7 +87,7 @@ def barrier(store, world_size, key_prefix, barrier_timeout=300, rank=None, rank_
         if rank_tracing_decoder is None or not _MISSING.search(e.message):
             raise
 
-        def decode(match):
+        def decode(match: re.Match[str]) -> str:
             ranks = [r.strip() for r in match.group(1).split(",") if r.strip()]
             return "missing_ranks=[" + ", ".join(
                 rank_tracing_decoder(int(r)) if r.isdigit() else r for r in ranks) + "]"

@@ -13,7 +13,8 @@ exception's text.
 Timeouts are float seconds as in torch.distributed.rpc (a negative value,
 UNSET_RPC_TIMEOUT, uses the agent's rpc_timeout; 0: none) or timedeltas.
 """
-import collections
+from __future__ import annotations
+
 import ctypes
 import itertools
 import sys
@@ -21,11 +22,20 @@ import threading
 import traceback
 import weakref
 from ctypes import c_bool, c_int32, c_void_p
+from types import TracebackType
+from typing import TYPE_CHECKING, Callable, Iterable, List, Mapping, NamedTuple, Optional, TypedDict
 
 from ._errors import DistError, Status
 from ._lib import RPC_FUNCTION, Buf, RpcFunctionEntry, RpcOptions, RRefDebugInfo, check, lib, take_buf
-from ._util import Closable, int32_arg, key_arg, rpc_timeout_ms, set_guards, value_arg
+from ._util import Closable, FilePath, Timeout, Value, int32_arg, key_arg, rpc_timeout_ms, set_guards, value_arg
 from .work import Future
+
+if TYPE_CHECKING:
+    from ctypes import Array, _Pointer
+
+    from typing_extensions import Unpack
+
+    from .store import Store
 
 __all__ = ["init_rpc", "shutdown", "rpc_sync", "rpc_async", "remote", "get_worker_info", "RpcAgent",
            "RRef", "WorkerInfo", "UNSET_RPC_TIMEOUT", "DEFAULT_RPC_TIMEOUT_SEC"]
@@ -33,7 +43,7 @@ __all__ = ["init_rpc", "shutdown", "rpc_sync", "rpc_async", "remote", "get_worke
 UNSET_RPC_TIMEOUT = -1.0
 
 
-def _default_options():
+def _default_options() -> RpcOptions:
     """dc_rpc_options_init's defaults: the library holds the numbers."""
     opts = RpcOptions()
     check(lib.dc_rpc_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
@@ -42,24 +52,46 @@ def _default_options():
 
 DEFAULT_RPC_TIMEOUT_SEC = _default_options().rpc_timeout_ms / 1000
 
-WorkerInfo = collections.namedtuple("WorkerInfo", ["name", "id"])
-WorkerInfo.__doc__ = "A worker of the group: its name and id (rank)."
+
+class WorkerInfo(NamedTuple):
+    """A worker of the group: its name and id (rank)."""
+
+    name: str
+    id: int
+
+
+#: A registered function: ``fn(args, rrefs, caller_id)`` returning the reply
+#: (bytes, str, or None for none).
+RpcFunction = Callable[[bytes, List["RRef"], int], Optional[Value]]
+
+
+class _Guards(TypedDict, total=False):
+    """The guards RpcAgent passes on to the options (see init_rpc)."""
+
+    secret: Value | None
+    tls_cert: FilePath | None
+    tls_key: FilePath | None
+    tls_ca: FilePath | None
+    tls_client_ca: FilePath | None
+    tls_server_name: str | None
+
 
 # Registered functions: one C trampoline for all, the function found by the
 # token passed as user_data. Entries live until their agent is freed.
-_functions = {}
+_functions: dict[int, tuple[weakref.ref[RpcAgent], RpcFunction]] = {}
 _functions_lock = threading.Lock()
 _tokens = itertools.count(1)
 
 
-def _reply_bytes(result):
+def _reply_bytes(result: Value | None) -> bytes:
     if result is None:
         return b""
     return value_arg(result, "an RPC function's result")
 
 
-@RPC_FUNCTION
-def _trampoline(args, length, rrefs, num_rrefs, caller_id, reply, user_data):
+@RPC_FUNCTION  # type: ignore[untyped-decorator]  # ctypes' prototypes take any callable
+def _trampoline(args: _Pointer[ctypes.c_uint8], length: int, rrefs: _Pointer[c_void_p], num_rrefs: int,
+                caller_id: int, reply: int | None, user_data: int | None) -> int:
     with _functions_lock:
         entry = _functions.get(user_data or 0)
     if entry is None:
@@ -71,7 +103,8 @@ def _trampoline(args, length, rrefs, num_rrefs, caller_id, reply, user_data):
     try:
         data = ctypes.string_at(args, length) if length else b""
         result = _reply_bytes(fn(data, views, caller_id))
-        return lib.dc_rpc_reply_set(reply, result, len(result))
+        status: int = lib.dc_rpc_reply_set(reply, result, len(result))
+        return status
     except BaseException as e:  # noqa: BLE001 - becomes the caller's DistRemoteError
         message = str(e) or type(e).__name__
         lib.dc_rpc_reply_set_error(reply, message.encode("utf-8", "replace"))
@@ -83,21 +116,21 @@ def _trampoline(args, length, rrefs, num_rrefs, caller_id, reply, user_data):
             v._h = None  # borrowed: valid during the call only
 
 
-def _unregister_functions(tokens):
+def _unregister_functions(tokens: Iterable[int]) -> None:
     """Forgets the functions an agent registered under `tokens`."""
     with _functions_lock:
         for t in tokens:
             _functions.pop(t, None)
 
 
-def _free_agent(handle, tokens):
+def _free_agent(handle: int, tokens: Iterable[int]) -> None:
     """Frees an agent's handle and forgets its functions (on close, or when
     the agent is collected)."""
     lib.dc_rpc_free(handle)
     _unregister_functions(tokens)
 
 
-def _to_name(to):
+def _to_name(to: str | WorkerInfo) -> bytes:
     if isinstance(to, WorkerInfo):
         return to.name.encode()
     if isinstance(to, str):
@@ -105,13 +138,13 @@ def _to_name(to):
     raise TypeError(f"to must be a worker name or WorkerInfo, not {type(to).__name__}")
 
 
-def _func_name(func):
+def _func_name(func: str) -> bytes:
     if isinstance(func, str):
         return func.encode()
     raise TypeError(f"func must be the name of a registered function, not {type(func).__name__}")
 
 
-def _rref_array(rrefs):
+def _rref_array(rrefs: Iterable[RRef] | None) -> tuple[Array[c_void_p], int]:
     rrefs = list(rrefs or ())
     for r in rrefs:
         if not isinstance(r, RRef):
@@ -123,14 +156,16 @@ def _rref_array(rrefs):
 class RpcAgent(Closable):
     """A worker of an RPC group (see :func:`init_rpc`). Thread-safe."""
 
-    def __init__(self, name, rank, world_size, store, functions=None, rpc_timeout=DEFAULT_RPC_TIMEOUT_SEC,
-                 num_worker_threads=None, listen_address=None, ignore_rref_leak=None, **guards):
+    def __init__(self, name: str, rank: int, world_size: int, store: Store,
+                 functions: Mapping[str, RpcFunction] | None = None, rpc_timeout: Timeout = DEFAULT_RPC_TIMEOUT_SEC,
+                 num_worker_threads: int | None = None, listen_address: str | None = None,
+                 ignore_rref_leak: bool | None = None, **guards: Unpack[_Guards]) -> None:
         from .store import Store
         if not isinstance(store, Store):
             raise TypeError(f"store must be a distcore.Store, not {type(store).__name__}")
         functions = dict(functions or {})
         self._h = None
-        self._tokens = []
+        self._tokens: list[int] = []
         self._name = name
         entries = (RpcFunctionEntry * max(len(functions), 1))()
         names = []
@@ -165,25 +200,25 @@ class RpcAgent(Closable):
         self._store = store  # the agent's store stays open as long as it
         self._own(h.value, _free_agent, self._tokens)
 
-    def _register(self, fn):
+    def _register(self, fn: RpcFunction) -> int:
         token = next(_tokens)
         with _functions_lock:
             _functions[token] = (weakref.ref(self), fn)  # the agent may be collected
         self._tokens.append(token)
         return token
 
-    def _unregister(self):
+    def _unregister(self) -> None:
         _unregister_functions(self._tokens)
         self._tokens = []
 
     @property
-    def _handle(self):
+    def _handle(self) -> int:
         h = self._h
         if not h:
             raise ValueError("operation on a closed RpcAgent")
         return h
 
-    def register_function(self, name, fn):
+    def register_function(self, name: str, fn: RpcFunction) -> None:
         """Registers (or replaces) `fn` as `name` after init (calls from
         other workers may arrive before this returns on their side: prefer
         init's `functions`)."""
@@ -194,7 +229,8 @@ class RpcAgent(Closable):
 
     # -- calls ------------------------------------------------------------
 
-    def rpc_sync(self, to, func, args=b"", rrefs=None, timeout=UNSET_RPC_TIMEOUT):
+    def rpc_sync(self, to: str | WorkerInfo, func: str, args: Value = b"", rrefs: Iterable[RRef] | None = None,
+                 timeout: Timeout = UNSET_RPC_TIMEOUT) -> bytes:
         """Calls `func` on worker `to` with `args` (bytes or str) and
         `rrefs`, and returns the reply bytes. DistRemoteError when the
         function fails there, DistTimeoutError, DistNetworkError when the
@@ -206,7 +242,8 @@ class RpcAgent(Closable):
                               rpc_timeout_ms(timeout), ctypes.byref(buf)))
         return take_buf(buf)
 
-    def rpc_async(self, to, func, args=b"", rrefs=None, timeout=UNSET_RPC_TIMEOUT):
+    def rpc_async(self, to: str | WorkerInfo, func: str, args: Value = b"", rrefs: Iterable[RRef] | None = None,
+                  timeout: Timeout = UNSET_RPC_TIMEOUT) -> Future:
         """rpc_sync without waiting: a Future whose value is the reply."""
         data = value_arg(args, "args")
         arr, n = _rref_array(rrefs)
@@ -215,7 +252,8 @@ class RpcAgent(Closable):
                                rpc_timeout_ms(timeout), ctypes.byref(h)))
         return Future._from_handle(h.value)
 
-    def remote(self, to, func, args=b"", rrefs=None, timeout=UNSET_RPC_TIMEOUT):
+    def remote(self, to: str | WorkerInfo, func: str, args: Value = b"", rrefs: Iterable[RRef] | None = None,
+               timeout: Timeout = UNSET_RPC_TIMEOUT) -> RRef:
         """Runs `func` on worker `to`, keeping the result there: an RRef to
         it. A failure (or a timeout) is carried by the RRef: to_here()
         raises it."""
@@ -226,32 +264,32 @@ class RpcAgent(Closable):
                                 rpc_timeout_ms(timeout), ctypes.byref(h)))
         return RRef._from_handle(h.value, self)
 
-    def rref(self, value):
+    def rref(self, value: Value) -> RRef:
         """An RRef owned by this worker holding `value` (PyTorch's RRef(value))."""
         return RRef(value, agent=self)
 
     # -- workers ----------------------------------------------------------
 
     @property
-    def name(self):
+    def name(self) -> str:
         """This worker's name."""
         buf = Buf()
         check(lib.dc_rpc_self_name(self._handle, ctypes.byref(buf)))
         return take_buf(buf).decode()
 
     @property
-    def id(self):
+    def id(self) -> int:
         """This worker's id (rank)."""
         return self.get_worker_info().id
 
-    def get_worker_info(self, worker_name=None):
+    def get_worker_info(self, worker_name: str | None = None) -> WorkerInfo:
         """WorkerInfo(name, id) of `worker_name`, or of this worker."""
         name = self.name if worker_name is None else worker_name
         out = c_int32()
         check(lib.dc_rpc_worker_id(self._handle, key_arg(name, "worker_name"), ctypes.byref(out)))
         return WorkerInfo(name, out.value)
 
-    def get_debug_info(self):
+    def get_debug_info(self) -> dict[str, int]:
         """This worker's RRef counters (PyTorch's names): num_owner_rrefs,
         num_pending_futures, num_pending_users, num_forks."""
         info = RRefDebugInfo(struct_size=ctypes.sizeof(RRefDebugInfo))
@@ -261,7 +299,7 @@ class RpcAgent(Closable):
 
     # -- lifetime ---------------------------------------------------------
 
-    def shutdown(self, graceful=True, timeout=UNSET_RPC_TIMEOUT):
+    def shutdown(self, graceful: bool = True, timeout: Timeout = UNSET_RPC_TIMEOUT) -> None:
         """Stops this worker. Graceful: waits for every worker, settles and
         deletes every RRef, waits again (a leaked RRef is a warning, or
         DistStateError with ignore_rref_leak=False). Not graceful: stops at
@@ -273,7 +311,7 @@ class RpcAgent(Closable):
             if _current is self:
                 _current = None
 
-    def close(self):
+    def close(self) -> None:
         """Stops this worker if it runs, and frees it (idempotent)."""
         global _current
         self._release()
@@ -281,14 +319,15 @@ class RpcAgent(Closable):
         if _current is self:
             _current = None
 
-    def __exit__(self, exc_type, *exc):
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         try:
             if self._h:
                 self.shutdown(graceful=exc_type is None)
         finally:
             self.close()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"<distcore.rpc.RpcAgent {self._name!r}{'' if self._h else ' closed'}>"
 
 
@@ -299,7 +338,10 @@ class RRef(Closable):
     Thread-safe; ``close()`` (or garbage collection) releases this handle,
     and the last handle of a user's fork tells the owner."""
 
-    def __init__(self, value, *, agent=None):
+    _agent: RpcAgent | None  # None: a borrowed view whose agent is gone
+    _borrowed_view: bool
+
+    def __init__(self, value: Value, *, agent: RpcAgent | None = None) -> None:
         agent = agent or _require_current()
         data = value_arg(value)
         h = c_void_p()
@@ -308,21 +350,21 @@ class RRef(Closable):
         self._own(h.value, lib.dc_rref_free)
 
     @classmethod
-    def _from_handle(cls, handle, agent):
+    def _from_handle(cls, handle: int | None, agent: RpcAgent | None) -> RRef:
         obj = cls.__new__(cls)
         obj._agent, obj._borrowed_view = agent, False
         obj._own(handle, lib.dc_rref_free)
         return obj
 
     @classmethod
-    def _borrowed(cls, handle, agent):
+    def _borrowed(cls, handle: int | None, agent: RpcAgent | None) -> RRef:
         obj = cls.__new__(cls)
         obj._agent, obj._borrowed_view = agent, True
         obj._h = handle  # the caller's: never freed here
         return obj
 
     @property
-    def _handle(self):
+    def _handle(self) -> int:
         h = self._h
         if not h:
             if self._borrowed_view:
@@ -330,54 +372,54 @@ class RRef(Closable):
             raise ValueError("operation on a closed RRef")
         return h
 
-    def close(self):
+    def close(self) -> None:
         """Releases this handle (idempotent)."""
         self._release()
 
-    def clone(self):
+    def clone(self) -> RRef:
         """A new handle on the same reference (to keep an RRef argument)."""
         h = c_void_p()
         check(lib.dc_rref_clone(self._handle, ctypes.byref(h)))
         return RRef._from_handle(h.value, self._agent)
 
-    def to_here(self, timeout=UNSET_RPC_TIMEOUT):
+    def to_here(self, timeout: Timeout = UNSET_RPC_TIMEOUT) -> bytes:
         """The value: fetched from the owner (waiting up to `timeout`), or
         local on the owner. Raises the RRef's creation error, if any."""
         buf = Buf()
         check(lib.dc_rref_to_here(self._handle, rpc_timeout_ms(timeout), ctypes.byref(buf)))
         return take_buf(buf)
 
-    def local_value(self):
+    def local_value(self) -> bytes:
         """The value of an RRef this worker owns (DistStateError on a user)."""
         buf = Buf()
         check(lib.dc_rref_local_value(self._handle, ctypes.byref(buf)))
         return take_buf(buf)
 
-    def owner(self):
+    def owner(self) -> WorkerInfo:
         """WorkerInfo of the owner."""
         out = c_int32()
         check(lib.dc_rref_owner_id(self._handle, ctypes.byref(out)))
         return WorkerInfo(self.owner_name(), out.value)
 
-    def owner_name(self):
+    def owner_name(self) -> str:
         """The owner's worker name."""
         buf = Buf()
         check(lib.dc_rref_owner_name(self._handle, ctypes.byref(buf)))
         return take_buf(buf).decode()
 
-    def is_owner(self):
+    def is_owner(self) -> bool:
         """Whether this handle is on the owner."""
         out = c_bool()
         check(lib.dc_rref_is_owner(self._handle, ctypes.byref(out)))
         return out.value
 
-    def confirmed_by_owner(self):
+    def confirmed_by_owner(self) -> bool:
         """Whether the owner has confirmed this reference (True on the owner)."""
         out = c_bool()
         check(lib.dc_rref_confirmed_by_owner(self._handle, ctypes.byref(out)))
         return out.value
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         if not self._h:
             return "<distcore.rpc.RRef closed>"
         return f"<distcore.rpc.RRef owner={self.owner_name()!r}>"
@@ -385,18 +427,20 @@ class RRef(Closable):
 
 # -- the module-level API (one current agent, as torch.distributed.rpc) ----
 
-_current = None
+_current: RpcAgent | None = None
 
 
-def _require_current():
+def _require_current() -> RpcAgent:
     if _current is None:
         raise DistError("RPC has not been initialized: call distcore.rpc.init_rpc first", Status.INVALID_STATE)
     return _current
 
 
-def init_rpc(name, rank, world_size, store, functions=None, rpc_timeout=DEFAULT_RPC_TIMEOUT_SEC,
-             num_worker_threads=None, listen_address=None, ignore_rref_leak=None, *, secret=None, tls_cert=None,
-             tls_key=None, tls_ca=None, tls_client_ca=None, tls_server_name=None):
+def init_rpc(name: str, rank: int, world_size: int, store: Store, functions: Mapping[str, RpcFunction] | None = None,
+             rpc_timeout: Timeout = DEFAULT_RPC_TIMEOUT_SEC, num_worker_threads: int | None = None,
+             listen_address: str | None = None, ignore_rref_leak: bool | None = None, *, secret: Value | None = None,
+             tls_cert: FilePath | None = None, tls_key: FilePath | None = None, tls_ca: FilePath | None = None,
+             tls_client_ca: FilePath | None = None, tls_server_name: str | None = None) -> RpcAgent:
     """Joins an RPC group of `world_size` workers through `store` (any
     distcore Store the workers share: a TCPStore, a FileStore, a HashStore
     for threads of one process) and returns the agent, which also becomes
@@ -426,27 +470,30 @@ def init_rpc(name, rank, world_size, store, functions=None, rpc_timeout=DEFAULT_
     return agent
 
 
-def rpc_sync(to, func, args=b"", rrefs=None, timeout=UNSET_RPC_TIMEOUT):
+def rpc_sync(to: str | WorkerInfo, func: str, args: Value = b"", rrefs: Iterable[RRef] | None = None,
+             timeout: Timeout = UNSET_RPC_TIMEOUT) -> bytes:
     """rpc_sync on the current agent."""
     return _require_current().rpc_sync(to, func, args, rrefs, timeout)
 
 
-def rpc_async(to, func, args=b"", rrefs=None, timeout=UNSET_RPC_TIMEOUT):
+def rpc_async(to: str | WorkerInfo, func: str, args: Value = b"", rrefs: Iterable[RRef] | None = None,
+              timeout: Timeout = UNSET_RPC_TIMEOUT) -> Future:
     """rpc_async on the current agent."""
     return _require_current().rpc_async(to, func, args, rrefs, timeout)
 
 
-def remote(to, func, args=b"", rrefs=None, timeout=UNSET_RPC_TIMEOUT):
+def remote(to: str | WorkerInfo, func: str, args: Value = b"", rrefs: Iterable[RRef] | None = None,
+           timeout: Timeout = UNSET_RPC_TIMEOUT) -> RRef:
     """remote on the current agent."""
     return _require_current().remote(to, func, args, rrefs, timeout)
 
 
-def get_worker_info(worker_name=None):
+def get_worker_info(worker_name: str | None = None) -> WorkerInfo:
     """WorkerInfo from the current agent."""
     return _require_current().get_worker_info(worker_name)
 
 
-def shutdown(graceful=True, timeout=UNSET_RPC_TIMEOUT):
+def shutdown(graceful: bool = True, timeout: Timeout = UNSET_RPC_TIMEOUT) -> None:
     """Shuts the current agent down and frees it."""
     agent = _require_current()
     try:

@@ -7,18 +7,24 @@ does) or bytes; values come back as bytes. Timeouts are datetime.timedelta
 (timedelta(0): no timeout, PyTorch's kNoTimeout); numbers of seconds are
 accepted too.
 """
+from __future__ import annotations
+
 import contextlib
 import ctypes
+import os
 from datetime import timedelta
 from ctypes import c_bool, c_int64, c_size_t, c_uint16, c_void_p
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from ._lib import (Buf, BufArray, ClientCounter, EtcdStoreOptions, ServerStats, TcpStoreOptions, check, lib, take_array,
                    take_buf)
-from ._util import (Closable, int32_arg, key_arg, keys_arg, ms_to_timedelta, set_guards, store_timeout_ms,
-                    value_arg, values_arg)
+from ._util import (Closable, FilePath, Timeout, Value, int32_arg, key_arg, keys_arg, ms_to_timedelta, set_guards,
+                    store_timeout_ms, value_arg, values_arg)
 from .work import Work
 
 __all__ = ["Store", "TCPStore", "FileStore", "HashStore", "PrefixStore", "EtcdStore"]
+
+_S = TypeVar("_S", bound="Store")
 
 
 class Store(Closable):
@@ -32,27 +38,27 @@ class Store(Closable):
     a new one there.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         raise TypeError("distcore.Store is abstract: use TCPStore, FileStore, HashStore or PrefixStore")
 
-    def _adopt(self, handle):
+    def _adopt(self, handle: int | None) -> None:
         self._own(handle, lib.dc_store_free)
 
     @property
-    def _handle(self):
-        h = getattr(self, "_h", None)
+    def _handle(self) -> int:
+        h = self._h
         if not h:
             raise ValueError(f"operation on a closed {type(self).__name__}")
         return h
 
     # -- lifetime ---------------------------------------------------------
 
-    def close(self):
+    def close(self) -> None:
         """Frees the handle now (idempotent). Matters for stores whose
         closing has effects: a FileStore's refcount, a TCPStore server."""
         self._release()
 
-    def clone(self):
+    def clone(self: _S) -> _S:
         """A new handle on the same store (c10d's Store::clone; for a
         TCPStore, a new connection), of the same class."""
         h = c_void_p()
@@ -64,19 +70,19 @@ class Store(Closable):
 
     # -- the Store API ----------------------------------------------------
 
-    def set(self, key, value):
+    def set(self, key: str, value: Value) -> None:
         """Sets `key` to `value` (str or bytes)."""
         value = value_arg(value)
         check(lib.dc_store_set(self._handle, key_arg(key), value, len(value)))
 
-    def get(self, key):
+    def get(self, key: str) -> bytes:
         """The value of `key`, waiting up to the store's timeout for it
         (DistTimeoutError, a DistStoreError)."""
         buf = Buf()
         check(lib.dc_store_get(self._handle, key_arg(key), ctypes.byref(buf)))
         return take_buf(buf)
 
-    def add(self, key, amount):
+    def add(self, key: str, amount: int) -> int:
         """Adds `amount` to the integer at `key` (missing: 0); returns the new value."""
         if not isinstance(amount, int):
             raise TypeError(f"amount must be int, not {type(amount).__name__}")
@@ -84,7 +90,7 @@ class Store(Closable):
         check(lib.dc_store_add(self._handle, key_arg(key), amount, ctypes.byref(out)))
         return out.value
 
-    def compare_set(self, key, expected_value, desired_value):
+    def compare_set(self, key: str, expected_value: Value, desired_value: Value) -> bytes:
         """Sets `key` to `desired_value` if it holds `expected_value` (a
         missing key matches ""); returns the value now stored."""
         expected, desired = value_arg(expected_value, "expected_value"), value_arg(desired_value, "desired_value")
@@ -93,43 +99,43 @@ class Store(Closable):
                                        len(desired), ctypes.byref(buf)))
         return take_buf(buf)
 
-    def delete_key(self, key):
+    def delete_key(self, key: str) -> bool:
         """Deletes `key`; returns whether it existed."""
         out = c_bool()
         check(lib.dc_store_delete_key(self._handle, key_arg(key), ctypes.byref(out)))
         return out.value
 
-    def check(self, keys):
+    def check(self, keys: Iterable[str]) -> bool:
         """Whether every key exists, without waiting."""
         arr, n = keys_arg(keys)
         out = c_bool()
         check(lib.dc_store_check(self._handle, arr, n, ctypes.byref(out)))
         return out.value
 
-    def wait(self, keys, timeout=None):
+    def wait(self, keys: Iterable[str], timeout: Timeout = None) -> None:
         """Waits until every key exists, for `timeout` (default: the store's)."""
         arr, n = keys_arg(keys)
         check(lib.dc_store_wait(self._handle, arr, n, store_timeout_ms(timeout)))
 
-    def num_keys(self):
+    def num_keys(self) -> int:
         """The number of keys holding values."""
         out = c_int64()
         check(lib.dc_store_num_keys(self._handle, ctypes.byref(out)))
         return out.value
 
-    def append(self, key, value):
+    def append(self, key: str, value: Value) -> None:
         """Appends `value` to the value of `key` (creating it)."""
         value = value_arg(value)
         check(lib.dc_store_append(self._handle, key_arg(key), value, len(value)))
 
-    def multi_get(self, keys):
+    def multi_get(self, keys: Iterable[str]) -> list[bytes]:
         """The values of `keys`, waiting up to the store's timeout for them."""
         arr, n = keys_arg(keys)
         bufs = (Buf * max(n, 1))()
         check(lib.dc_store_multi_get(self._handle, arr, n, bufs))
         return [take_buf(bufs[i]) for i in range(n)]
 
-    def multi_set(self, keys, values):
+    def multi_set(self, keys: Iterable[str], values: Iterable[Value]) -> None:
         """Sets each key to the value at the same position."""
         arr, n = keys_arg(keys)
         vals, lens, m = values_arg(values)
@@ -137,53 +143,53 @@ class Store(Closable):
             raise ValueError(f"multi_set: {n} keys but {m} values")
         check(lib.dc_store_multi_set(self._handle, arr, vals, lens, n))
 
-    def queue_push(self, key, value):
+    def queue_push(self, key: str, value: Value) -> None:
         """Pushes `value` onto the back of the queue `key`."""
         value = value_arg(value)
         check(lib.dc_store_queue_push(self._handle, key_arg(key), value, len(value)))
 
-    def queue_pop(self, key, block=True):
+    def queue_pop(self, key: str, block: bool = True) -> bytes:
         """Pops the front of the queue `key`: waiting up to the store's
         timeout with `block`, else QueueEmptyError when it is empty."""
         buf = Buf()
         check(lib.dc_store_queue_pop(self._handle, key_arg(key), bool(block), ctypes.byref(buf)))
         return take_buf(buf)
 
-    def queue_len(self, key):
+    def queue_len(self, key: str) -> int:
         """The number of elements in the queue `key`."""
         out = c_int64()
         check(lib.dc_store_queue_len(self._handle, key_arg(key), ctypes.byref(out)))
         return out.value
 
-    def list_keys(self):
+    def list_keys(self) -> list[str]:
         """Every key holding a value."""
         arr = BufArray()
         check(lib.dc_store_list_keys(self._handle, ctypes.byref(arr)))
         return [k.decode("utf-8") for k in take_array(arr)]
 
-    def barrier(self, key, world_size, timeout=None):
+    def barrier(self, key: str, world_size: int, timeout: Timeout = None) -> None:
         """Waits until `world_size` callers entered the barrier `key`."""
         world_size = int32_arg(world_size, "world_size")
         check(lib.dc_store_barrier(self._handle, key_arg(key), world_size, store_timeout_ms(timeout)))
 
-    def has_extended_api(self):
+    def has_extended_api(self) -> bool:
         """True: every distcore store has append, multi_get/multi_set,
         queues and list_keys."""
         return True
 
     @property
-    def timeout(self):
+    def timeout(self) -> timedelta:
         """The store's default timeout (timedelta; timedelta(0): none)."""
         out = c_int64()
         check(lib.dc_store_get_timeout(self._handle, ctypes.byref(out)))
         return ms_to_timedelta(out.value)
 
-    def set_timeout(self, timeout):
+    def set_timeout(self, timeout: timedelta | float) -> None:
         """Sets the store's default timeout (timedelta; timedelta(0): none)."""
         check(lib.dc_store_set_timeout(self._handle, store_timeout_ms(timeout, allow_none=False)))
 
     @contextlib.contextmanager
-    def timeout_guard(self, timeout):
+    def timeout_guard(self: _S, timeout: timedelta | float) -> Iterator[_S]:
         """Sets the timeout for the block, then restores the previous one
         (c10d's StoreTimeoutGuard)."""
         g = c_void_p()
@@ -196,37 +202,37 @@ class Store(Closable):
 
     # -- asynchronous calls (distcore's) ----------------------------------
 
-    def _work(self, fn, *args):
+    def _work(self, fn: Callable[..., int], *args: object) -> Work:
         h = c_void_p()
         check(fn(self._handle, *args, ctypes.byref(h)))
         return Work._from_handle(h.value)
 
-    def get_async(self, key):
+    def get_async(self, key: str) -> Work:
         """Starts a get: the Work's result() is the value."""
         return self._work(lib.dc_store_get_async, key_arg(key))
 
-    def wait_async(self, keys, timeout=None):
+    def wait_async(self, keys: Iterable[str], timeout: Timeout = None) -> Work:
         """Starts a wait: the Work completes when the keys exist."""
         arr, n = keys_arg(keys)
         return self._work(lib.dc_store_wait_async, arr, n, store_timeout_ms(timeout))
 
-    def queue_pop_async(self, key):
+    def queue_pop_async(self, key: str) -> Work:
         """Starts a blocking queue_pop: the Work's result() is the element."""
         return self._work(lib.dc_store_queue_pop_async, key_arg(key))
 
-    def barrier_async(self, key, world_size, timeout=None):
+    def barrier_async(self, key: str, world_size: int, timeout: Timeout = None) -> Work:
         """Starts a barrier: the Work completes when it releases."""
         world_size = int32_arg(world_size, "world_size")
         return self._work(lib.dc_store_barrier_async, key_arg(key), world_size, store_timeout_ms(timeout))
 
-    def __repr__(self):
-        return f"<distcore.{type(self).__name__}{'' if getattr(self, '_h', None) else ' closed'}>"
+    def __repr__(self) -> str:
+        return f"<distcore.{type(self).__name__}{'' if self._h else ' closed'}>"
 
 
 class HashStore(Store):
     """An in-process store (c10d's HashStore), shared by its clones. Default timeout 300 s."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         h = c_void_p()
         check(lib.dc_hash_store_new(ctypes.byref(h)))
         self._adopt(h.value)
@@ -237,7 +243,7 @@ class FileStore(Store):
     format: torch.distributed.FileStore can use the file at once). With a
     `world_size`, the file is removed when `world_size` handles have closed."""
 
-    def __init__(self, file_name, world_size=-1):
+    def __init__(self, file_name: str | os.PathLike[str], world_size: int | None = -1) -> None:
         self._path = str(file_name)
         h = c_void_p()
         world_size = -1 if world_size is None else int32_arg(world_size, "world_size")
@@ -245,7 +251,7 @@ class FileStore(Store):
         self._adopt(h.value)
 
     @property
-    def path(self):
+    def path(self) -> str:
         """The path of the file."""
         return self._path
 
@@ -257,7 +263,8 @@ class EtcdStore(Store):
     that is down is skipped. Atomic operations are etcd transactions; waits
     are etcd watches."""
 
-    def __init__(self, endpoints=("127.0.0.1:2379",), prefix="/distcore", timeout=None):
+    def __init__(self, endpoints: str | Iterable[str] = ("127.0.0.1:2379",), prefix: str = "/distcore",
+                 timeout: timedelta | float | None = None) -> None:
         if isinstance(endpoints, str):
             endpoints = [e for e in endpoints.split(",") if e]
         opts = EtcdStoreOptions()
@@ -274,7 +281,7 @@ class EtcdStore(Store):
         self._adopt(h.value)
 
     @property
-    def prefix(self):
+    def prefix(self) -> str:
         """The job's prefix in the cluster."""
         return self._prefix
 
@@ -282,7 +289,7 @@ class EtcdStore(Store):
 class PrefixStore(Store):
     """A view of `store` where every key k is ``prefix + "/" + k`` (c10d's PrefixStore)."""
 
-    def __init__(self, prefix, store):
+    def __init__(self, prefix: str, store: Store) -> None:
         if not isinstance(store, Store):
             raise TypeError(f"store must be a distcore.Store, not {type(store).__name__}")
         self._underlying = store
@@ -292,23 +299,23 @@ class PrefixStore(Store):
         self._adopt(h.value)
 
     @property
-    def underlying_store(self):
+    def underlying_store(self) -> Store:
         """The store this PrefixStore wraps."""
         return self._underlying
 
     @property
-    def _underlying_non_prefix_store(self):
+    def _underlying_non_prefix_store(self) -> Store:
         s = self._underlying
         while isinstance(s, PrefixStore):
             s = s.underlying_store
         return s
 
     @property
-    def prefix(self):
+    def prefix(self) -> str:
         return self._prefix
 
 
-def _networks(value):
+def _networks(value: str | Iterable[str] | None) -> bytes | None:
     """A list of CIDR networks (or one "a,b" string) as the C option."""
     if value is None:
         return None
@@ -317,7 +324,7 @@ def _networks(value):
     return value.encode()
 
 
-def _tcp_defaults():
+def _tcp_defaults() -> TcpStoreOptions:
     """dc_tcp_store_options_init's defaults: the library holds the numbers."""
     opts = TcpStoreOptions()
     check(lib.dc_tcp_store_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
@@ -367,11 +374,14 @@ class TCPStore(Store):
     cannot be read raise DistValueError.
     """
 
-    def __init__(self, host_name, port, world_size=None, is_master=False, timeout=_DEFAULT_TCP_TIMEOUT,
-                 wait_for_workers=True, multi_tenant=False, master_listen_fd=None, use_libuv=True, *,
-                 bind_address=None, max_value_size=None, secret=None, allow=None, allow_unauthenticated=None,
-                 max_connections=None, max_keys=None, max_stored_bytes=None, tls_cert=None, tls_key=None,
-                 tls_ca=None, tls_client_ca=None, tls_server_name=None):
+    def __init__(self, host_name: str, port: int, world_size: int | None = None, is_master: bool = False,
+                 timeout: timedelta | float = _DEFAULT_TCP_TIMEOUT, wait_for_workers: bool = True,
+                 multi_tenant: bool = False, master_listen_fd: int | None = None, use_libuv: bool = True, *,
+                 bind_address: str | None = None, max_value_size: int | None = None, secret: Value | None = None,
+                 allow: str | Iterable[str] | None = None, allow_unauthenticated: str | Iterable[str] | None = None,
+                 max_connections: int | None = None, max_keys: int | None = None, max_stored_bytes: int | None = None,
+                 tls_cert: FilePath | None = None, tls_key: FilePath | None = None, tls_ca: FilePath | None = None,
+                 tls_client_ca: FilePath | None = None, tls_server_name: str | None = None) -> None:
         if not isinstance(host_name, str):
             raise TypeError(f"host_name must be str, not {type(host_name).__name__}")
         if not isinstance(port, int) or not 0 <= port <= 65535:
@@ -389,8 +399,7 @@ class TCPStore(Store):
         opts.bind_address = bind
         if max_value_size is not None:
             opts.max_value_size = int(max_value_size)
-        allow, allow_unauthenticated = _networks(allow), _networks(allow_unauthenticated)
-        opts.allow, opts.allow_unauthenticated = allow, allow_unauthenticated
+        opts.allow, opts.allow_unauthenticated = _networks(allow), _networks(allow_unauthenticated)
         for name, value in (("max_connections", max_connections), ("max_keys", max_keys),
                             ("max_stored_bytes", max_stored_bytes)):
             if value is not None:
@@ -404,28 +413,28 @@ class TCPStore(Store):
         self._adopt(h.value)
 
     @property
-    def host(self):
+    def host(self) -> str:
         """The host the store connects to."""
         return self._host
 
     @property
-    def port(self):
+    def port(self) -> int:
         """The server's port (the chosen one when a server asked for port 0)."""
         out = c_uint16()
         check(lib.dc_tcp_store_port(self._handle, ctypes.byref(out)))
         return out.value
 
     @property
-    def libuvBackend(self):  # noqa: N802 - PyTorch's name
+    def libuvBackend(self) -> bool:  # noqa: N802 - PyTorch's name
         """False: distcore's server is its own, not PyTorch's libuv backend."""
         return False
 
-    def wait_for_workers(self):
+    def wait_for_workers(self) -> None:
         """Counts this handle in and, on the server, waits until the world
         size is reached (PyTorch's TCPStore::waitForWorkers)."""
         check(lib.dc_tcp_store_wait_for_workers(self._handle))
 
-    def collect_client_counters(self):
+    def collect_client_counters(self) -> dict[str, dict[str, float]]:
         """Per-operation latency counters of this handle: {op: {"count",
         "mean_ms", "variance_ms"}} (PyTorch's collectClientCounters)."""
         n = c_size_t()
@@ -435,14 +444,14 @@ class TCPStore(Store):
         return {c.op.decode(): {"count": c.count, "mean_ms": c.mean_ms, "variance_ms": c.variance_ms}
                 for c in arr[:min(n.value, len(arr))]}
 
-    def server_metrics(self):
+    def server_metrics(self) -> str:
         """The metrics of the server this handle runs, in Prometheus's text
         format (DistValueError for a client-only handle)."""
         buf = Buf()
         check(lib.dc_tcp_store_server_metrics(self._handle, ctypes.byref(buf)))
         return take_buf(buf).decode()
 
-    def server_stats(self):
+    def server_stats(self) -> dict[str, int]:
         """The load of the server this handle runs: {"connections",
         "pending_waits", "keys"} (DistValueError for a client-only handle)."""
         stats = ServerStats(struct_size=ctypes.sizeof(ServerStats))
