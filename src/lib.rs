@@ -33,15 +33,20 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 mod architecture {
     /// The socket-free cores: protocol logic that takes bytes and messages
     /// in and gives them out, with time passed in.
-    const CORES: [(&str, &str); 8] = [
+    const CORES: [(&str, &str); 13] = [
         ("server core", include_str!("store/tcp/server/state.rs")),
         ("waits", include_str!("store/tcp/server/waits.rs")),
         ("request parser", include_str!("store/tcp/parser.rs")),
         ("protocol", include_str!("store/tcp/protocol.rs")),
+        ("TCPStore handshake", include_str!("store/tcp/handshake.rs")),
         ("reply decoding", include_str!("store/tcp/client/reply.rs")),
         ("plans", include_str!("store/tcp/client/plan.rs")),
         ("RRef context", include_str!("rpc/context.rs")),
+        ("RPC frames", include_str!("rpc/frame.rs")),
+        ("RPC handshake", include_str!("rpc/handshake.rs")),
+        ("RPC pending requests", include_str!("rpc/pending.rs")),
         ("handshake proofs", include_str!("security/auth.rs")),
+        ("challenge-response", include_str!("security/handshake.rs")),
     ];
 
     /// What a core may not use: sockets and event loops, the OS, threads,
@@ -62,7 +67,8 @@ mod architecture {
     fn cores_touch_no_socket_thread_or_clock() {
         let mut found = Vec::new();
         for (core, source) in CORES {
-            let code = source
+            let before_tests = source.split("#[cfg(test)]").next().unwrap_or_default();
+            let code = before_tests
                 .lines()
                 .enumerate()
                 .filter(|(_, line)| !line.trim_start().starts_with("//"));

@@ -5,7 +5,11 @@
 pub mod agent;
 pub mod context;
 mod control;
+mod frame;
+mod handshake;
+mod io_loop;
 pub mod message;
+mod pending;
 mod pool;
 pub mod rref;
 mod writer;

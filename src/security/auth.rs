@@ -6,7 +6,7 @@
 //! proof is bound to its role, so neither can be replayed as the other, and
 //! to the connection's nonces, so none can be replayed on another.
 //!
-//! Used by the TCPStore's extension handshake and by the RPC agent.
+//! The exchange itself is [`super::handshake`]'s.
 
 use std::fmt;
 use std::path::Path;
@@ -86,14 +86,14 @@ impl Secret {
     }
 
     /// The client's proof for `challenge`, with its own `client_nonce`.
-    pub(crate) fn client_proof(&self, challenge: &Nonce, client_nonce: &Nonce) -> Vec<u8> {
+    pub(super) fn client_proof(&self, challenge: &Nonce, client_nonce: &Nonce) -> Vec<u8> {
         self.sign(Role::Client, challenge, client_nonce)
             .as_ref()
             .to_vec()
     }
 
     /// Whether `proof` is the client's proof for these nonces.
-    pub(crate) fn check_client(
+    pub(super) fn check_client(
         &self,
         challenge: &Nonce,
         client_nonce: &Nonce,
@@ -103,14 +103,14 @@ impl Secret {
     }
 
     /// The server's proof, sent once the client's checked out.
-    pub(crate) fn server_proof(&self, challenge: &Nonce, client_nonce: &Nonce) -> Vec<u8> {
+    pub(super) fn server_proof(&self, challenge: &Nonce, client_nonce: &Nonce) -> Vec<u8> {
         self.sign(Role::Server, challenge, client_nonce)
             .as_ref()
             .to_vec()
     }
 
     /// Whether `proof` is the server's proof for these nonces.
-    pub(crate) fn check_server(
+    pub(super) fn check_server(
         &self,
         challenge: &Nonce,
         client_nonce: &Nonce,

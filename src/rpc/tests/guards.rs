@@ -7,7 +7,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 
 use super::*;
-use crate::rpc::agent::{Agent, Guard, WorkerInfo, HEADER};
+use crate::rpc::agent::{Agent, Guard, WorkerInfo};
+use crate::rpc::frame::{frame, HEADER};
 use crate::security::tls::TlsFiles;
 
 fn secret(text: &str) -> Option<Secret> {
@@ -66,7 +67,7 @@ fn intruder_answered(to: &WorkerInfo) -> bool {
         args: b"x".to_vec(),
         rrefs: Vec::new(),
     };
-    let frame = crate::rpc::agent::frame(0, 1, 9, &request.encode()).unwrap();
+    let frame = frame(0, 1, 9, &request.encode()).unwrap();
     let _ = s.write_all(&frame);
     let mut reply = Vec::new();
     let _ = s.read_to_end(&mut reply);

@@ -2,6 +2,7 @@
 //! with `torch.distributed.TCPStore` (both its libuv and legacy servers).
 
 mod client;
+mod handshake;
 pub mod parser;
 pub mod protocol;
 pub mod server;

@@ -10,15 +10,14 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
-use super::super::protocol::{
-    Command, Encoder, Limits, ServerInfo, HELLO_V2_ACK, HELLO_V2_NONCE, VALIDATE_MAGIC,
-};
+use super::super::handshake::{self, Greeted};
+use super::super::protocol::{Command, Encoder, Limits};
 use super::reply::{Exchange, Outcome, Reply, Shape, DIRECT_MIN};
 use crate::error::{Error, Result, Status};
 use crate::net::bigbuf::LARGE_VALUE_LEN;
 use crate::net::wire::{self, Session, Wire};
 use crate::os;
-use crate::security::auth::{Nonce, Secret};
+use crate::security::auth::{nonce, Nonce, Secret};
 use crate::security::tls::TlsClient;
 
 /// When an operation must end; `None`: never (a zero timeout).
@@ -224,73 +223,33 @@ impl Conn {
         Err(last)
     }
 
-    /// VALIDATE, PING with our pid as PyTorch's client does, then the HELLO
-    /// probe: a distcore server answers with its limits and from then on
-    /// prefixes every reply with a status; a PyTorch server echoes it.
-    /// With a secret, then AUTH, and the server's proof checked.
+    /// The handshake of [`handshake`]: VALIDATE, PING with our pid as
+    /// PyTorch's client does, then the HELLO probe; with a secret, then
+    /// AUTH, and the server's proof checked. The decisions are
+    /// [`handshake`]'s; this moves the bytes.
     fn handshake(&mut self, secret: Option<&Secret>, deadline: Deadline) -> Result<()> {
-        let nonce = std::process::id();
-        let mut hello = Encoder::request(Command::Validate)
-            .u32(VALIDATE_MAGIC)
-            .finish();
-        hello.extend(Encoder::request(Command::Ping).u32(nonce).finish());
-        hello.extend(Encoder::request(Command::Ping).u32(HELLO_V2_NONCE).finish());
-        self.send(&[&hello], deadline)?;
+        let pid = std::process::id();
+        self.send(&[&handshake::opening(pid)], deadline)?;
         let pong = self.receive_reply(Shape::U32, false, deadline)?;
-        if pong.u32(0)? != nonce {
+        if pong.u32(0)? != pid {
             return Err(Error::network(
                 "the server answered PING with a different nonce",
             ));
         }
         let hello = self.receive_reply(Shape::Hello, false, deadline)?;
-        match hello.u32(0)? {
-            HELLO_V2_NONCE if secret.is_some() => {
-                return Err(Error::permission_denied(format!(
-                    "the TCPStore at {} cannot authenticate (a PyTorch server, or distcore's with extensions off): \
-                     a client with a secret talks only to a server that proves it holds it",
-                    self.peer
-                )))
-            }
-            HELLO_V2_NONCE => {}
-            HELLO_V2_ACK => {
-                let info = hello.into_value();
-                let info = ServerInfo::decode(&info).ok_or_else(|| {
-                    Error::new(Status::Protocol, "the server's info is not one we know")
-                })?;
-                self.dialect = Dialect::Distcore;
-                self.limits = info.limits;
-                if info.tls_required {
-                    return Err(Error::permission_denied(format!(
-                        "the TCPStore at {} serves this client's address only over TLS: \
-                         give the client the CA certificate that signed the server's (tls_ca)",
-                        self.peer
-                    )));
-                }
-                match (secret, info.challenge) {
-                    (Some(secret), Some(challenge)) => self.authenticate(secret, &challenge, deadline)?,
-                    (Some(_), None) => {
-                        return Err(Error::permission_denied(format!(
-                            "the TCPStore at {} has no secret, so it cannot prove it is the server meant: \
-                             start it with the same secret as its clients",
-                            self.peer
-                        )))
-                    }
-                    (None, _) if info.auth_required => {
-                        return Err(Error::permission_denied(format!(
-                            "the TCPStore at {} requires authentication: give this client the server's secret",
-                            self.peer
-                        )))
-                    }
-                    (None, _) => {}
-                }
-            }
-            other => {
-                return Err(Error::network(format!(
-                    "unexpected PING answer 0x{other:08x}"
-                )))
-            }
+        let answer = hello.u32(0)?;
+        let info = hello.into_value();
+        let Greeted::Distcore { limits, challenge } =
+            handshake::greeted(&self.peer, answer, &info, secret)?
+        else {
+            return Ok(());
+        };
+        self.dialect = Dialect::Distcore;
+        self.limits = limits;
+        match (secret, challenge) {
+            (Some(secret), Some(challenge)) => self.authenticate(secret, &challenge, deadline),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// AUTH: proves we hold `secret` by answering `challenge`, then checks
@@ -301,29 +260,11 @@ impl Conn {
         challenge: &Nonce,
         deadline: Deadline,
     ) -> Result<()> {
-        let mine = crate::security::auth::nonce()?;
-        let request = Encoder::request(Command::Auth)
-            .bytes(&mine)
-            .bytes(&secret.client_proof(challenge, &mine))
-            .finish();
-        let peer = self.peer.clone();
-        let proof = self
+        let (answered, request) = handshake::auth_request(secret, challenge, nonce()?);
+        let reply = self
             .call(&[&request], Shape::Values(1), deadline)
-            .map_err(|e| match e.status() {
-                Status::PermissionDenied => Error::permission_denied(format!(
-                    "the TCPStore at {peer} refused this client: {}",
-                    e.message()
-                )),
-                _ => e,
-            })?
-            .into_value();
-        if !secret.check_server(challenge, &mine, &proof) {
-            return Err(self.break_with(Error::permission_denied(format!(
-                "the TCPStore at {} does not hold this client's secret (its proof is wrong)",
-                self.peer
-            ))));
-        }
-        Ok(())
+            .map(Reply::into_value);
+        handshake::authenticated(&self.peer, secret, &answered, reply)
     }
 
     /// The protocol the server speaks.

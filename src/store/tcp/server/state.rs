@@ -26,11 +26,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::super::handshake;
 use super::super::parser::RequestParser;
 use super::super::protocol::{
-    put_bytes, Command, Key, Limits, Outcome, Request, ServerInfo, HELLO_ACK, HELLO_NONCE,
-    HELLO_V2_ACK, HELLO_V2_NONCE, NOT_READY, READY, REPLY_DEFERRED_ERROR, REPLY_ERROR, REPLY_OK,
-    STOP_WAITING, VALIDATE_MAGIC, WAIT_CANCELED,
+    put_bytes, Command, Key, Limits, Outcome, Request, HELLO_ACK, HELLO_NONCE, HELLO_V2_ACK,
+    HELLO_V2_NONCE, NOT_READY, READY, REPLY_DEFERRED_ERROR, REPLY_ERROR, REPLY_OK, STOP_WAITING,
+    VALIDATE_MAGIC, WAIT_CANCELED,
 };
 use super::backend::{Backend, Present, Report, Ticket};
 use super::metrics::{ConnKind, Gauges, Metrics, Quota, Refusal};
@@ -42,7 +43,8 @@ use crate::error::{Error, Result as OpResult};
 use crate::net::outbox::Outbox;
 use crate::printable::printable;
 use crate::security::access::{Admission, HandshakeLimits};
-use crate::security::auth::{as_nonce, Nonce, Secret};
+use crate::security::auth::{Nonce, Secret};
+use crate::security::handshake::Challenged;
 
 /// A connection's id: dense, chosen by whoever drives the core.
 pub(crate) type ConnId = usize;
@@ -93,8 +95,8 @@ struct Session {
     /// What it must do before any request but the handshake's (`Open`
     /// once it has authenticated).
     admission: Admission,
-    /// The challenge it authenticates against (the server has a secret).
-    challenge: Option<Nonce>,
+    /// The challenge it was sent (the server has a secret).
+    challenge: Option<Challenged>,
     /// Paused because its unsent replies passed [`OUTPUT_CAP`].
     throttled: bool,
     /// Tells this connection from an earlier one with the same id.
@@ -301,7 +303,7 @@ impl<B: Backend> ServerCore<B> {
             in_flight: None,
             kind: ConnKind::Handshake,
             admission,
-            challenge,
+            challenge: challenge.map(Challenged::new),
             throttled: false,
             serial,
         });
@@ -668,12 +670,8 @@ impl<B: Backend> ServerCore<B> {
                 session.extended = true;
                 session.status_replies = true;
                 session.output.put(&HELLO_V2_ACK.to_le_bytes());
-                let info = ServerInfo {
-                    limits,
-                    auth_required: session.admission == Admission::MustAuthenticate,
-                    tls_required: session.admission == Admission::MustUseTls,
-                    challenge: session.challenge,
-                };
+                let info =
+                    handshake::server_info(limits, session.admission, session.challenge.as_ref());
                 self.put(id, &info.encode());
                 self.set_kind(id, ConnKind::Distcore);
             }
@@ -758,19 +756,19 @@ impl<B: Backend> ServerCore<B> {
         let Some(session) = self.session(id) else {
             return Ok(());
         };
-        let (Some(secret), Some(challenge)) = (secret, session.challenge) else {
-            let message = "the server has no secret to authenticate with";
-            self.tell(id, &Error::permission_denied(message));
-            self.served(Command::Auth, started, true);
-            return Err(Refused(Refusal::AuthenticationFailed, message.into()));
-        };
-        let checked =
-            as_nonce(client_nonce).filter(|nonce| secret.check_client(&challenge, nonce, proof));
-        let Some(client_nonce) = checked else {
-            let message = "authentication failed: wrong secret";
-            self.tell(id, &Error::permission_denied(message));
-            self.served(Command::Auth, started, true);
-            return Err(Refused(Refusal::AuthenticationFailed, message.into()));
+        let answered = handshake::answer_auth(
+            secret.as_ref(),
+            session.challenge.as_ref(),
+            client_nonce,
+            proof,
+        );
+        let reply = match answered {
+            Ok(reply) => reply,
+            Err(message) => {
+                self.tell(id, &Error::permission_denied(message));
+                self.served(Command::Auth, started, true);
+                return Err(Refused(Refusal::AuthenticationFailed, message.into()));
+            }
         };
         if let Err(refused) = self.room_to_admit() {
             self.tell(id, &Error::quota_exceeded(refused.1.clone()));
@@ -778,8 +776,6 @@ impl<B: Backend> ServerCore<B> {
             return Err(refused);
         }
         self.update(id, |session| session.admission = Admission::Open);
-        let mut reply = vec![REPLY_OK];
-        put_bytes(&mut reply, &secret.server_proof(&challenge, &client_nonce));
         self.put(id, &reply);
         self.served(Command::Auth, started, false);
         Ok(())

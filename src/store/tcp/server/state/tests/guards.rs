@@ -3,6 +3,7 @@
 use super::*;
 use crate::security::access::{Admission, HandshakeLimits};
 use crate::security::auth::{Nonce, Secret};
+use crate::security::handshake::Answered;
 use crate::store::tcp::server::Quotas;
 use crate::Status;
 use std::time::Duration;
@@ -29,6 +30,13 @@ fn hello(c: &mut ServerCore<MemoryBackend>, id: ConnId) -> ServerInfo {
     );
     validate(c, id);
     hello_v2(c, id)
+}
+
+/// What a client holding `secret` answers to `challenge` with
+/// [`CLIENT_NONCE`]: what checks the server's proof, and its own proof.
+fn answer(secret: &Secret, challenge: &Nonce) -> (Answered, Vec<u8>) {
+    let (answered, answer) = Answered::answer(secret, challenge, CLIENT_NONCE);
+    (answered, answer.proof)
 }
 
 fn auth(proof: &[u8]) -> Vec<u8> {
@@ -78,7 +86,7 @@ fn a_connection_in_clear_where_tls_is_required_is_told_so_and_served_nothing() {
     validate(&mut c, 1);
     let info = hello_v2(&mut c, 1);
     assert!(info.auth_required && !info.tls_required);
-    let proof = secret().client_proof(&CHALLENGE, &CLIENT_NONCE);
+    let proof = answer(&secret(), &CHALLENGE).1;
     send(&mut c, 1, &auth(&proof));
     assert_eq!(replies(&mut c, 1)[0], REPLY_OK);
     send(&mut c, 1, &set("/k", b"v"));
@@ -95,7 +103,7 @@ fn a_wrong_proof_is_refused_without_a_word_of_the_secret() {
     hello(&mut c, 0);
     let wrong = Secret::new(b"a-guess".to_vec()).unwrap();
     let refused = c
-        .receive(0, &auth(&wrong.client_proof(&CHALLENGE, &CLIENT_NONCE)))
+        .receive(0, &auth(&answer(&wrong, &CHALLENGE).1))
         .unwrap_err();
     assert_eq!(refused.0, Refusal::AuthenticationFailed);
     assert!(!refused.1.contains("the-shared-secret"));
@@ -104,7 +112,7 @@ fn a_wrong_proof_is_refused_without_a_word_of_the_secret() {
     assert_eq!(message, "authentication failed: wrong secret");
     // A proof for another challenge (a replay from another connection).
     hello(&mut c, 1);
-    let replayed = secret().client_proof(&[8; 32], &CLIENT_NONCE);
+    let replayed = answer(&secret(), &[8; 32]).1;
     assert!(c.receive(1, &auth(&replayed)).is_err());
     hello(&mut c, 2);
     assert!(c.receive(2, &auth(b"short")).is_err());
@@ -114,14 +122,12 @@ fn a_wrong_proof_is_refused_without_a_word_of_the_secret() {
 fn the_right_proof_opens_the_connection_and_the_server_proves_itself() {
     let mut c = guarded();
     hello(&mut c, 0);
-    send(
-        &mut c,
-        0,
-        &auth(&secret().client_proof(&CHALLENGE, &CLIENT_NONCE)),
-    );
+    send(&mut c, 0, &auth(&answer(&secret(), &CHALLENGE).1));
     let reply = replies(&mut c, 0);
     assert_eq!(reply[0], REPLY_OK);
-    assert!(secret().check_server(&CHALLENGE, &CLIENT_NONCE, &reply[9..]));
+    assert!(answer(&secret(), &CHALLENGE)
+        .0
+        .server_proved(&secret(), &reply[9..]));
     send(&mut c, 0, &set("/k", b"v"));
     send(&mut c, 0, &get("/k"));
     let mut expected = vec![REPLY_OK];
@@ -202,7 +208,7 @@ fn before_authenticating_a_request_is_refused_at_its_first_byte() {
     assert_eq!(refused.0, Refusal::Malformed, "{}", refused.1);
     // Once authenticated, the server's own limits apply.
     hello(&mut c, 3);
-    let proof = secret().client_proof(&CHALLENGE, &CLIENT_NONCE);
+    let proof = answer(&secret(), &CHALLENGE).1;
     send(&mut c, 3, &auth(&proof));
     send(&mut c, 3, &set("/big", &vec![1; 1 << 20]));
     assert_eq!(c.stats().keys, 1);
@@ -261,7 +267,7 @@ fn connections_in_their_handshake_have_a_budget_of_their_own() {
     // ...and a client that authenticates once it is full is told why.
     validate(&mut c, 0);
     hello_v2(&mut c, 0);
-    let proof = secret().client_proof(&CHALLENGE, &CLIENT_NONCE);
+    let proof = answer(&secret(), &CHALLENGE).1;
     let refused = c.receive(0, &auth(&proof)).unwrap_err();
     assert_eq!(refused.0, Refusal::ConnectionQuota);
     let (status, message) = error_of(&replies(&mut c, 0));
@@ -301,7 +307,7 @@ fn a_handshake_not_finished_in_time_ends_the_connection() {
     hello_v2(&mut c, 0);
     validate(&mut c, 1);
     hello_v2(&mut c, 1);
-    let proof = secret().client_proof(&CHALLENGE, &CLIENT_NONCE);
+    let proof = answer(&secret(), &CHALLENGE).1;
     send(&mut c, 1, &auth(&proof));
     let just_before = t0 + limits.timeout - Duration::from_millis(1);
     assert!(c.expire_handshakes(just_before).is_empty());
