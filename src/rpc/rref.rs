@@ -7,7 +7,6 @@ use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
-use super::context::Context;
 use super::message::{ForkId, RRefId, WorkerId};
 use crate::error::{Error, Result};
 use crate::work::Work;
@@ -15,6 +14,14 @@ use crate::work::Work;
 /// The message of an RRef whose creation timed out (PyTorch's).
 pub const REMOTE_TIMED_OUT: &str =
     "RRef creation via rpc.remote() timed out, and it is possible that the RRef on the owner node does not exist.";
+
+/// Where a UserRRef reports that it is gone, for the owner to forget its
+/// fork (PyTorch's `RRefContext::delUser`): its worker's context, or a test
+/// driving the context's state machine directly.
+pub(crate) trait DelUser: Send + Sync {
+    /// Fork `fork_id` of `owner`'s RRef `rref_id` is deleted.
+    fn del_user(&self, owner: WorkerId, rref_id: RRefId, fork_id: ForkId);
+}
 
 /// The owner's RRef: the value (or the error that produced it), completed
 /// once the function that creates it has run.
@@ -57,7 +64,7 @@ pub struct UserRRef {
     /// Why the RRef is unusable: its creation failed or timed out.
     error: Mutex<Option<Error>>,
     deleted_on_owner: AtomicBool,
-    ctx: Weak<Context>,
+    ctx: Weak<dyn DelUser>,
 }
 
 impl UserRRef {
@@ -65,7 +72,7 @@ impl UserRRef {
         owner: WorkerId,
         rref_id: RRefId,
         fork_id: ForkId,
-        ctx: Weak<Context>,
+        ctx: Weak<dyn DelUser>,
     ) -> Arc<UserRRef> {
         Arc::new(UserRRef {
             owner,
