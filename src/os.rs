@@ -171,6 +171,59 @@ pub(crate) fn raise_open_files_limit() -> io::Result<u64> {
     Ok(limit.rlim_cur)
 }
 
+/// Takes ownership of `fd`, a descriptor this process inherited from its
+/// launcher to own (`serve --listen-fd`), if it is open and `expected`
+/// accepts it; otherwise leaves it alone. The caller takes each number at
+/// most once (see [`crate::net::listen::take_inherited_socket`]).
+pub(crate) fn adopt_inherited(
+    fd: RawFd,
+    expected: impl FnOnce(BorrowedFd<'_>) -> io::Result<()>,
+) -> io::Result<OwnedFd> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: asks about a number; no memory is involved.
+    result(unsafe { libc::fcntl(fd, libc::F_GETFD) } as isize)?;
+    // SAFETY: open (just checked), and only borrowed for the check.
+    expected(unsafe { BorrowedFd::borrow_raw(fd) })?;
+    // SAFETY: the launcher handed this descriptor over for this process to
+    // own, and the caller takes it once.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Signals blocked in the thread that blocked them (and in the threads it
+/// starts afterwards), for [`wait_signal`] to receive.
+#[derive(Clone, Copy)]
+pub(crate) struct BlockedSignals(libc::sigset_t);
+
+/// Blocks `signals` in the calling thread; threads it starts later inherit
+/// the mask, so none of them is interrupted by one.
+pub(crate) fn block_signals(signals: &[libc::c_int]) -> io::Result<BlockedSignals> {
+    // SAFETY: an all-zero sigset_t is a valid value to initialise.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a pointer to a live sigset_t.
+    unsafe { libc::sigemptyset(&mut set) };
+    for &signal in signals {
+        // SAFETY: a pointer to a live sigset_t.
+        result(unsafe { libc::sigaddset(&mut set, signal) } as isize)?;
+    }
+    // SAFETY: pointers to a live set and to no old set.
+    match unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) } {
+        0 => Ok(BlockedSignals(set)),
+        error => Err(io::Error::from_raw_os_error(error)),
+    }
+}
+
+/// Waits for one of `blocked`'s signals: its number.
+pub(crate) fn wait_signal(blocked: &BlockedSignals) -> io::Result<libc::c_int> {
+    let mut signal = 0;
+    // SAFETY: pointers to a live set and a live int.
+    match unsafe { libc::sigwait(&blocked.0, &mut signal) } {
+        0 => Ok(signal),
+        error => Err(io::Error::from_raw_os_error(error)),
+    }
+}
+
 /// Runs `handler` in the child after every fork() (it must only touch
 /// atomics: it runs where only async-signal-safe code may). A failure
 /// (ENOMEM) is returned.

@@ -2,10 +2,12 @@
 //! host has IPv6, `0.0.0.0` otherwise, or an explicit bind address; always
 //! with SO_REUSEADDR (as PyTorch) and the kernel's full accept backlog.
 
+use std::collections::BTreeSet;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 
+use parking_lot::Mutex;
 use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::error::Error;
@@ -40,7 +42,14 @@ pub fn listen(address: Option<IpAddr>, port: u16) -> io::Result<TcpListener> {
 /// Checks that `fd` is a TCP socket (IPv4 or IPv6, stream), the kind a
 /// server can be handed over to serve on, before it is taken over.
 pub fn check_tcp_socket(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let not_tcp = || io::Error::new(io::ErrorKind::InvalidInput, "not a TCP socket");
+    use std::os::fd::AsRawFd;
+    let not_tcp = || {
+        let fd = fd.as_raw_fd();
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("descriptor {fd} is not a TCP socket"),
+        )
+    };
     let socket = SockRef::from(&fd);
     let domain = socket.domain().map_err(|_| not_tcp())?;
     let kind = socket.r#type().map_err(|_| not_tcp())?;
@@ -48,6 +57,31 @@ pub fn check_tcp_socket(fd: BorrowedFd<'_>) -> io::Result<()> {
         (Domain::IPV4 | Domain::IPV6, Type::STREAM) => Ok(()),
         _ => Err(not_tcp()),
     }
+}
+
+/// Takes over descriptor `fd`, a TCP socket this process inherited to
+/// serve on (`serve --listen-fd`, a launcher's listening socket): it must
+/// be open and a TCP socket ([`check_tcp_socket`]), and is then owned by
+/// the result (closed when that is dropped). A descriptor that is not one
+/// is left alone. Each number is taken at most once in the process's life,
+/// so two owners never close it twice: a second take fails.
+pub fn take_inherited_socket(fd: RawFd) -> io::Result<OwnedFd> {
+    static TAKEN: Mutex<BTreeSet<RawFd>> = Mutex::new(BTreeSet::new());
+    let mut taken = TAKEN.lock();
+    if taken.contains(&fd) {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("descriptor {fd} was taken over already"),
+        ));
+    }
+    let owned = crate::os::adopt_inherited(fd, check_tcp_socket).map_err(|e| {
+        match e.raw_os_error() == Some(libc::EBADF) {
+            true => io::Error::new(e.kind(), format!("descriptor {fd} is not open")),
+            false => e,
+        }
+    })?;
+    taken.insert(fd);
+    Ok(owned)
 }
 
 /// Serves on `fd`, a TCP socket handed over by the caller (PyTorch's
@@ -171,5 +205,25 @@ mod tests {
             l.local_addr().unwrap().ip(),
             IpAddr::V4(Ipv4Addr::LOCALHOST)
         );
+    }
+
+    #[test]
+    fn an_inherited_socket_is_taken_once_and_anything_else_is_left_alone() {
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        let listener = listen(Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), 0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // As a launcher hands it over: a bare number this process owns.
+        let fd = listener.into_raw_fd();
+        let taken = take_inherited_socket(fd).unwrap();
+        assert_eq!(taken.as_raw_fd(), fd);
+        let again = take_inherited_socket(fd).unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
+        let served = listen_on_socket(taken).unwrap();
+        assert_eq!(served.local_addr().unwrap(), addr);
+        // A file is no TCP socket: refused, and still open afterwards.
+        let file = tempfile::tempfile().unwrap();
+        assert!(take_inherited_socket(file.as_raw_fd()).is_err());
+        assert!(file.metadata().is_ok(), "left alone");
+        assert!(take_inherited_socket(-1).is_err());
     }
 }

@@ -124,10 +124,24 @@ impl Shared {
         sent
     }
 
-    /// Records request `id` as awaiting its response; wakes the I/O thread
-    /// when the request's deadline comes before its next wake-up.
-    pub(super) fn expect_response(&self, id: u64, pending: PendingRequest) {
-        if self.pending.lock().insert(id, pending, Instant::now()) {
+    /// Records request `id`, sent to worker `to` on connection `token`, as
+    /// awaiting its response for `timeout` (zero: forever); wakes the I/O
+    /// thread when its deadline comes before the thread's next wake-up.
+    pub(super) fn expect_response(
+        &self,
+        id: u64,
+        promise: Promise,
+        token: Token,
+        to: WorkerId,
+        timeout: Duration,
+    ) {
+        let request = PendingRequest {
+            promise,
+            conn: token.0,
+            to,
+            timeout,
+        };
+        if self.pending.lock().insert(id, request, Instant::now()) {
             self.wake();
         }
     }
@@ -289,15 +303,7 @@ fn send_on(shared: &Arc<Shared>, to: WorkerId, payload: Vec<u8>, timeout: Durati
     let connection = shared.outbound.lock().get(&to).cloned();
     let promise = match connection {
         Some((token, writer)) => {
-            shared.expect_response(
-                id,
-                PendingRequest {
-                    promise,
-                    conn: token.0,
-                    to,
-                    timeout,
-                },
-            );
+            shared.expect_response(id, promise, token, to, timeout);
             if shared.write(token, &writer, &frame) != Sent::Closed {
                 return work;
             }

@@ -27,6 +27,7 @@ use crate::work::Work;
 /// One worker's RRef context: its RRef state machine, shared by the
 /// worker's threads.
 pub struct Context {
+    me: WorkerId,
     /// Given to the UserRRefs this context creates, which tell it when
     /// they go.
     me_weak: Weak<Context>,
@@ -42,6 +43,7 @@ impl Context {
     /// each acknowledgement.
     pub(crate) fn new(me: WorkerId, timeout: Duration) -> Arc<Context> {
         Arc::new_cyclic(|me_weak| Context {
+            me,
             me_weak: me_weak.clone(),
             state: Mutex::new(RRefState::new(me, timeout)),
             changed: Condvar::new(),
@@ -87,7 +89,7 @@ impl Context {
 
     /// This worker's id.
     pub fn worker_id(&self) -> WorkerId {
-        self.state.lock().worker_id()
+        self.me
     }
 
     /// A new id, unique across the group.

@@ -19,7 +19,6 @@ use super::agent::{shut_down, Command, Guard, Replier, Shared};
 use super::frame::{self, kind, Head};
 use super::handshake::{Failure, Handshake};
 use super::message::{Request, Response, WorkerId};
-use super::pending::PendingRequest;
 use super::writer::{Sent, Writer};
 use crate::error::{Error, Result, Status};
 use crate::net::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
@@ -258,15 +257,7 @@ impl IoLoop {
                 }
             },
         };
-        shared.expect_response(
-            id,
-            PendingRequest {
-                promise,
-                conn: token.0,
-                to,
-                timeout,
-            },
-        );
+        shared.expect_response(id, promise, token, to, timeout);
         self.queue_frame(token, &writer, &frame);
     }
 

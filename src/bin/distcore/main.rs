@@ -1,6 +1,8 @@
 //! The `distcore` command line: a standalone store server, an inspector, and
 //! a demo of workers that rendezvous, exchange data and report through Works.
 
+#![deny(unsafe_code)]
+
 use std::process::{Child, Command as Process, ExitCode};
 use std::sync::Arc;
 use std::thread;
@@ -12,12 +14,13 @@ mod parameter_server;
 
 use clap::{Parser, Subcommand};
 use distcore::printable::printable;
+use distcore::runtime::signals::TerminationSignals;
 use distcore::security::access::{AccessPolicy, HandshakeLimits, Network};
 use distcore::security::auth::Secret;
 use distcore::security::tls::{TlsClient, TlsFiles};
 use distcore::store::tcp::protocol::Limits;
 use distcore::store::tcp::server::{
-    check_tcp_socket, raise_open_files_limit, MetricsEndpoint, ServerBackend,
+    raise_open_files_limit, take_inherited_socket, MetricsEndpoint, ServerBackend,
 };
 use distcore::store::tcp::{Quotas, Server, ServerOptions};
 use distcore::store::{
@@ -67,19 +70,17 @@ fn parse_demo_store(text: &str) -> std::result::Result<DemoStore, String> {
 }
 
 /// `--listen-fd`: a descriptor of this process that is a TCP socket,
-/// listening or bound (anything else is refused before the server takes it
-/// over and closes it).
-fn parse_listen_fd(text: &str) -> std::result::Result<std::os::fd::RawFd, String> {
+/// listening or bound, taken over (anything else is refused and left
+/// alone).
+fn parse_listen_fd(text: &str) -> std::result::Result<Arc<std::os::fd::OwnedFd>, String> {
     let fd: std::os::fd::RawFd = text
         .parse()
         .ok()
         .filter(|fd| *fd >= 0)
         .ok_or_else(|| format!("'{text}': expected a descriptor number (0 or more)"))?;
-    // SAFETY: only asked about, for the duration of the call; a number
-    // that is no open descriptor fails the check.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    check_tcp_socket(borrowed).map_err(|_| format!("descriptor {fd} is not a TCP socket"))?;
-    Ok(fd)
+    take_inherited_socket(fd)
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
 }
 
 /// `--backend`: memory, or etcd://HOST:PORT[,HOST:PORT...]/PREFIX.
@@ -165,7 +166,7 @@ enum Command {
         /// socket activation, a launcher that reserved the port) instead
         /// of binding; --host and --port are then ignored.
         #[arg(long, value_parser = parse_listen_fd)]
-        listen_fd: Option<std::os::fd::RawFd>,
+        listen_fd: Option<Arc<std::os::fd::OwnedFd>>,
         /// Where the keys live: memory (this process), or
         /// etcd://HOST:PORT[,HOST:PORT...]/PREFIX (an etcd cluster's v3
         /// API, under PREFIX: any number of servers on the same cluster and
@@ -373,12 +374,7 @@ fn main() -> ExitCode {
                     // `::` is every interface, IPv4 included (dual-stack).
                     bind_address: (host != std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED))
                         .then_some(host),
-                    // SAFETY: the launcher hands this process the socket.
-                    listen_fd: listen_fd.map(|fd| {
-                        std::sync::Arc::new(unsafe {
-                            <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
-                        })
-                    }),
+                    listen_fd,
                     limits: Limits::with_max_value_len(max_value_size),
                     backend: {
                         if let ServerBackend::Etcd(etcd) = &mut backend {
@@ -625,27 +621,6 @@ fn demo(workers: u32, kind: DemoStore, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
-/// Blocks SIGINT and SIGTERM in every thread (call before starting any) and
-/// returns a function that waits for one of them.
-fn block_termination_signals() -> impl FnOnce() -> i32 {
-    // SAFETY: sigset manipulation on a local set, then pthread_sigmask on
-    // the calling thread; threads started later inherit the mask.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    };
-    move || {
-        let mut signal = 0;
-        // SAFETY: waits on the set built above.
-        unsafe { libc::sigwait(&set, &mut signal) };
-        signal
-    }
-}
-
 /// Runs a server until SIGINT or SIGTERM. A server holds a descriptor per
 /// client, so it first raises its soft limit on open files to the hard one.
 fn serve(
@@ -653,7 +628,7 @@ fn serve(
     watch_world: Option<(u32, Option<TlsClient>)>,
     metrics: Option<std::net::SocketAddr>,
 ) -> Result<()> {
-    let wait_for_signal = block_termination_signals();
+    let termination = TerminationSignals::block()?;
     let open_files = raise_open_files_limit();
     let keys_in = match &options.backend {
         ServerBackend::Memory => "memory".to_owned(),
@@ -697,7 +672,7 @@ fn serve(
         let host = server.local_addr().ip();
         thread::spawn(move || report_workers(host, port, secret, tls, world));
     }
-    let signal = wait_for_signal();
+    let signal = termination.wait()?;
     let stats = server.stats();
     drop(server);
     say!(

@@ -179,11 +179,6 @@ impl RRefState {
         }
     }
 
-    /// This worker's id.
-    pub(crate) fn worker_id(&self) -> WorkerId {
-        self.me
-    }
-
     /// What must happen outside, decided since the last call: the owner
     /// carries it out once it has released its lock.
     pub(crate) fn take_effects(&mut self) -> Effects {

@@ -41,7 +41,7 @@ use mio::{Interest, Poll, Waker};
 
 use super::protocol::Limits;
 use crate::error::{Error, Result};
-pub use crate::net::listen::check_tcp_socket;
+pub use crate::net::listen::{check_tcp_socket, take_inherited_socket};
 use crate::net::listen::{listen, listen_error, listen_on_socket, prepare_listener};
 use crate::net::reactor::{Acceptor, LISTENER, WAKER};
 use crate::security::access::AccessPolicy;
