@@ -119,6 +119,28 @@ pub(crate) fn boundary_void(function: &str, body: impl FnOnce()) {
     });
 }
 
+/// The whole body of a function that writes one value into an
+/// out-parameter: checks its arguments with `args` (a handle, usually),
+/// then `out` (named `out_name` in the error), then writes what `read`
+/// makes of the arguments, inside [`boundary`] as `function`.
+///
+/// # Safety
+/// `out` is NULL or valid for writes (the module contract).
+pub(crate) unsafe fn read_into<A, T>(
+    function: &str,
+    args: impl FnOnce() -> Result<A>,
+    (out, out_name): (*mut T, &str),
+    read: impl FnOnce(A) -> Result<T>,
+) -> dc_status {
+    boundary(function, || {
+        let args = args()?;
+        // SAFETY: forwarded contract.
+        let out = unsafe { arg_out(out, out_name) }?;
+        *out = read(args)?;
+        Ok(())
+    })
+}
+
 /// Runs the body of a function returning a C string, containing any panic
 /// (the function then returns `fallback`).
 pub(crate) fn boundary_str(

@@ -11,7 +11,7 @@ use super::work::dc_work;
 use super::{
     arg_bytes, arg_duration, arg_handle, arg_opt_str, arg_out, arg_secret, arg_slice, arg_str,
     arg_timeout, arg_versioned, arg_versioned_out, boundary, dc_status, drop_handle, give,
-    tls_args, write_versioned, Handle, UserData, Versioned, DC_OK,
+    read_into, tls_args, write_versioned, Handle, UserData, Versioned, DC_OK,
 };
 use crate::error::{Error, Result, Status};
 use crate::rpc::rref::RRef;
@@ -730,12 +730,18 @@ pub unsafe extern "C" fn dc_rref_to_here(
     timeout_ms: i64,
     out: *mut dc_buf,
 ) -> dc_status {
-    boundary("dc_rref_to_here", || {
-        let rref = unsafe { arg_handle(rref, "rref") }?;
-        let out = unsafe { arg_out(out, "out") }?;
-        *out = dc_buf::from_bytes(&rref.rpc.to_here(&rref.rref, arg_timeout(timeout_ms)?)?);
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_rref_to_here",
+            || arg_handle(rref, "rref"),
+            (out, "out"),
+            |rref| {
+                Ok(dc_buf::from_bytes(
+                    &rref.rpc.to_here(&rref.rref, arg_timeout(timeout_ms)?)?,
+                ))
+            },
+        )
+    }
 }
 
 /// Writes into `out` the value of an RRef this worker owns.
@@ -743,12 +749,14 @@ pub unsafe extern "C" fn dc_rref_to_here(
 /// Errors: DC_ERR_INVALID_STATE on a user (not the owner). Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_local_value(rref: *const dc_rref, out: *mut dc_buf) -> dc_status {
-    boundary("dc_rref_local_value", || {
-        let rref = unsafe { arg_handle(rref, "rref") }?;
-        let out = unsafe { arg_out(out, "out") }?;
-        *out = dc_buf::from_bytes(&rref.rref.local_value()?);
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_rref_local_value",
+            || arg_handle(rref, "rref"),
+            (out, "out"),
+            |rref| Ok(dc_buf::from_bytes(&rref.rref.local_value()?)),
+        )
+    }
 }
 
 /// Writes into `out_id` the owner's worker id.
@@ -756,12 +764,14 @@ pub unsafe extern "C" fn dc_rref_local_value(rref: *const dc_rref, out: *mut dc_
 /// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_owner_id(rref: *const dc_rref, out_id: *mut i32) -> dc_status {
-    boundary("dc_rref_owner_id", || {
-        let rref = unsafe { arg_handle(rref, "rref") }?;
-        let out = unsafe { arg_out(out_id, "out_id") }?;
-        *out = i32::from(rref.rpc.owner_id(&rref.rref));
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_rref_owner_id",
+            || arg_handle(rref, "rref"),
+            (out_id, "out_id"),
+            |rref| Ok(i32::from(rref.rpc.owner_id(&rref.rref))),
+        )
+    }
 }
 
 /// Writes the owner's worker name into `out`.
@@ -769,12 +779,18 @@ pub unsafe extern "C" fn dc_rref_owner_id(rref: *const dc_rref, out_id: *mut i32
 /// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_owner_name(rref: *const dc_rref, out: *mut dc_buf) -> dc_status {
-    boundary("dc_rref_owner_name", || {
-        let rref = unsafe { arg_handle(rref, "rref") }?;
-        let out = unsafe { arg_out(out, "out") }?;
-        *out = dc_buf::from_bytes(rref.rpc.owner_name(&rref.rref).as_bytes());
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_rref_owner_name",
+            || arg_handle(rref, "rref"),
+            (out, "out"),
+            |rref| {
+                Ok(dc_buf::from_bytes(
+                    rref.rpc.owner_name(&rref.rref).as_bytes(),
+                ))
+            },
+        )
+    }
 }
 
 /// Writes into `out` whether this handle is on the owner.
@@ -782,12 +798,14 @@ pub unsafe extern "C" fn dc_rref_owner_name(rref: *const dc_rref, out: *mut dc_b
 /// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_is_owner(rref: *const dc_rref, out: *mut bool) -> dc_status {
-    boundary("dc_rref_is_owner", || {
-        let rref = unsafe { arg_handle(rref, "rref") }?;
-        let out = unsafe { arg_out(out, "out") }?;
-        *out = rref.rref.is_owner();
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_rref_is_owner",
+            || arg_handle(rref, "rref"),
+            (out, "out"),
+            |rref| Ok(rref.rref.is_owner()),
+        )
+    }
 }
 
 /// Writes into `out` whether the owner has confirmed this reference (true on
@@ -799,10 +817,12 @@ pub unsafe extern "C" fn dc_rref_confirmed_by_owner(
     rref: *const dc_rref,
     out: *mut bool,
 ) -> dc_status {
-    boundary("dc_rref_confirmed_by_owner", || {
-        let rref = unsafe { arg_handle(rref, "rref") }?;
-        let out = unsafe { arg_out(out, "out") }?;
-        *out = rref.rref.confirmed_by_owner();
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_rref_confirmed_by_owner",
+            || arg_handle(rref, "rref"),
+            (out, "out"),
+            |rref| Ok(rref.rref.confirmed_by_owner()),
+        )
+    }
 }

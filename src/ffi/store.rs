@@ -8,7 +8,7 @@ use super::buf::{dc_buf, dc_buf_array};
 use super::work::dc_work;
 use super::{
     arg_bytes, arg_duration, arg_handle, arg_out, arg_slice, arg_str, arg_strs, arg_timeout,
-    boundary, dc_status, drop_handle, give, to_millis, Handle,
+    boundary, dc_status, drop_handle, give, read_into, to_millis, Handle,
 };
 use crate::error::Result;
 use crate::runtime::fork::Born;
@@ -336,12 +336,14 @@ pub unsafe extern "C" fn dc_store_wait(
 /// Errors: only the common ones.
 #[no_mangle]
 pub unsafe extern "C" fn dc_store_num_keys(store: *const dc_store, out: *mut i64) -> dc_status {
-    boundary("dc_store_num_keys", || {
-        let store = unsafe { store_arg(store) }?;
-        let out = unsafe { arg_out(out, "out") }?;
-        *out = store.num_keys()?;
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_store_num_keys",
+            || store_arg(store),
+            (out, "out"),
+            |store| store.num_keys(),
+        )
+    }
 }
 
 /// Appends the `len` bytes at `value` to the value of `key` (creating it).
@@ -486,12 +488,14 @@ pub unsafe extern "C" fn dc_store_list_keys(
     store: *const dc_store,
     out: *mut dc_buf_array,
 ) -> dc_status {
-    boundary("dc_store_list_keys", || {
-        let store = unsafe { store_arg(store) }?;
-        let out = unsafe { arg_out(out, "out") }?;
-        *out = dc_buf_array::from_items(&store.list_keys()?);
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_store_list_keys",
+            || store_arg(store),
+            (out, "out"),
+            |store| Ok(dc_buf_array::from_items(&store.list_keys()?)),
+        )
+    }
 }
 
 /// Blocks until `world_size` callers (this one included) have entered the
@@ -525,12 +529,14 @@ pub unsafe extern "C" fn dc_store_get_timeout(
     store: *const dc_store,
     out_ms: *mut i64,
 ) -> dc_status {
-    boundary("dc_store_get_timeout", || {
-        let store = unsafe { store_arg(store) }?;
-        let out_ms = unsafe { arg_out(out_ms, "out_ms") }?;
-        *out_ms = to_millis(store.timeout());
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_store_get_timeout",
+            || store_arg(store),
+            (out_ms, "out_ms"),
+            |store| Ok(to_millis(store.timeout())),
+        )
+    }
 }
 
 /// Sets the store's default timeout in ms (DC_TIMEOUT_FOREVER, 0: forever),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::buf::dc_buf;
 use super::{
     arg_bytes, arg_handle, arg_opt_str, arg_out, arg_timeout, boundary, boundary_str, dc_status,
-    drop_handle, give, to_millis, Handle, UserData, DC_OK, DC_TIMEOUT_FOREVER,
+    drop_handle, give, read_into, to_millis, Handle, UserData, DC_OK, DC_TIMEOUT_FOREVER,
 };
 use crate::error::{Error, Result, Status};
 use crate::net::bigbuf::try_copy;
@@ -138,12 +138,14 @@ pub unsafe extern "C" fn dc_work_free(work: *mut dc_work) {
 /// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_is_completed(work: *const dc_work, out: *mut bool) -> dc_status {
-    boundary("dc_work_is_completed", || {
-        let work = unsafe { work_arg(work) }?;
-        let out = unsafe { arg_out(out, "out") }?;
-        *out = work.is_completed();
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_work_is_completed",
+            || work_arg(work),
+            (out, "out"),
+            |work| Ok(work.is_completed()),
+        )
+    }
 }
 
 /// Writes into `out` whether the work completed without an error (false
@@ -152,12 +154,14 @@ pub unsafe extern "C" fn dc_work_is_completed(work: *const dc_work, out: *mut bo
 /// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_is_success(work: *const dc_work, out: *mut bool) -> dc_status {
-    boundary("dc_work_is_success", || {
-        let work = unsafe { work_arg(work) }?;
-        let out = unsafe { arg_out(out, "out") }?;
-        *out = work.is_success();
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_work_is_success",
+            || work_arg(work),
+            (out, "out"),
+            |work| Ok(work.is_success()),
+        )
+    }
 }
 
 /// Writes the error of a failed work: its status into `out_status` (DC_OK
@@ -286,12 +290,14 @@ pub unsafe extern "C" fn dc_work_synchronize(work: *const dc_work) -> dc_status 
 /// message); DC_ERR_INVALID_STATE before the source is known. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_source_rank(work: *const dc_work, out: *mut i32) -> dc_status {
-    boundary("dc_work_source_rank", || {
-        let work = unsafe { work_arg(work) }?;
-        let out = unsafe { arg_out(out, "out") }?;
-        *out = work.source_rank()?;
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_work_source_rank",
+            || work_arg(work),
+            (out, "out"),
+            |work| work.source_rank(),
+        )
+    }
 }
 
 /// Records the rank a receive work (op type RECV or RECV_ANY_SOURCE) got its
@@ -313,12 +319,14 @@ pub unsafe extern "C" fn dc_work_set_source_rank(work: *const dc_work, rank: i32
 /// while pending. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_result(work: *const dc_work, out: *mut dc_buf) -> dc_status {
-    boundary("dc_work_result", || {
-        let work = unsafe { work_arg(work) }?;
-        let out = unsafe { arg_out(out, "out") }?;
-        *out = dc_buf::from_bytes(&work.result()?);
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_work_result",
+            || work_arg(work),
+            (out, "out"),
+            |work| Ok(dc_buf::from_bytes(&work.result()?)),
+        )
+    }
 }
 
 /// Writes into `out_seconds` the seconds from the work's creation to its
@@ -330,12 +338,14 @@ pub unsafe extern "C" fn dc_work_duration(
     work: *const dc_work,
     out_seconds: *mut f64,
 ) -> dc_status {
-    boundary("dc_work_duration", || {
-        let work = unsafe { work_arg(work) }?;
-        let out_seconds = unsafe { arg_out(out_seconds, "out_seconds") }?;
-        *out_seconds = work.duration()?;
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_work_duration",
+            || work_arg(work),
+            (out_seconds, "out_seconds"),
+            |work| work.duration(),
+        )
+    }
 }
 
 /// Writes into `out` the work's sequence number: process-wide, increasing
@@ -344,12 +354,14 @@ pub unsafe extern "C" fn dc_work_duration(
 /// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_sequence_number(work: *const dc_work, out: *mut u64) -> dc_status {
-    boundary("dc_work_sequence_number", || {
-        let work = unsafe { work_arg(work) }?;
-        let out = unsafe { arg_out(out, "out") }?;
-        *out = work.sequence_number();
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_work_sequence_number",
+            || work_arg(work),
+            (out, "out"),
+            |work| Ok(work.sequence_number()),
+        )
+    }
 }
 
 /// Writes into `out` the rank the work was created with (-1 for a future
@@ -358,12 +370,14 @@ pub unsafe extern "C" fn dc_work_sequence_number(work: *const dc_work, out: *mut
 /// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_rank(work: *const dc_work, out: *mut i32) -> dc_status {
-    boundary("dc_work_rank", || {
-        let work = unsafe { work_arg(work) }?;
-        let out = unsafe { arg_out(out, "out") }?;
-        *out = work.rank();
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_work_rank",
+            || work_arg(work),
+            (out, "out"),
+            |work| Ok(work.rank()),
+        )
+    }
 }
 
 /// Writes into `out` the work's op type.
@@ -371,12 +385,14 @@ pub unsafe extern "C" fn dc_work_rank(work: *const dc_work, out: *mut i32) -> dc
 /// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_op_type(work: *const dc_work, out: *mut OpTypeCode) -> dc_status {
-    boundary("dc_work_op_type", || {
-        let work = unsafe { work_arg(work) }?;
-        let out = unsafe { arg_out(out, "out") }?;
-        *out = work.op_type() as i32;
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_work_op_type",
+            || work_arg(work),
+            (out, "out"),
+            |work| Ok(work.op_type() as i32),
+        )
+    }
 }
 
 /// Writes into `out_ms` the timeout the work was created with, in ms
@@ -385,12 +401,14 @@ pub unsafe extern "C" fn dc_work_op_type(work: *const dc_work, out: *mut OpTypeC
 /// Errors: only the common ones. Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_timeout(work: *const dc_work, out_ms: *mut i64) -> dc_status {
-    boundary("dc_work_timeout", || {
-        let work = unsafe { work_arg(work) }?;
-        let out_ms = unsafe { arg_out(out_ms, "out_ms") }?;
-        *out_ms = work.timeout().map_or(DC_TIMEOUT_FOREVER, to_millis);
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_work_timeout",
+            || work_arg(work),
+            (out_ms, "out_ms"),
+            |work| Ok(work.timeout().map_or(DC_TIMEOUT_FOREVER, to_millis)),
+        )
+    }
 }
 
 /// c10d's name of an op type ("ALLREDUCE", "_ALLGATHER_BASE", ...), static;
@@ -453,12 +471,14 @@ pub unsafe extern "C" fn dc_work_add_done_callback(
 /// Never blocks.
 #[no_mangle]
 pub unsafe extern "C" fn dc_work_fd(work: *const dc_work, out_fd: *mut c_int) -> dc_status {
-    boundary("dc_work_fd", || {
-        let work = unsafe { work_arg(work) }?;
-        let out_fd = unsafe { arg_out(out_fd, "out_fd") }?;
-        *out_fd = work.ready_fd()?;
-        Ok(())
-    })
+    unsafe {
+        read_into(
+            "dc_work_fd",
+            || work_arg(work),
+            (out_fd, "out_fd"),
+            |work| work.ready_fd(),
+        )
+    }
 }
 
 struct CProfilerHooks {
