@@ -76,7 +76,7 @@ impl Refused {
 }
 
 /// One connection's state.
-struct Session {
+struct Connection {
     parser: RequestParser,
     /// Bytes received while paused, to process when it resumes.
     stash: Vec<u8>,
@@ -113,7 +113,7 @@ struct InFlight {
     barrier: Option<WaitId>,
 }
 
-impl Session {
+impl Connection {
     fn paused(&self) -> bool {
         self.in_flight.is_some() || self.output.queued() > self.output_cap()
     }
@@ -143,7 +143,7 @@ impl Session {
     }
 }
 
-/// The server's state: sessions, waits, and the backend holding the keys.
+/// The server's state: connections, waits, and the backend holding the keys.
 pub(crate) struct ServerCore<B> {
     limits: Limits,
     extensions: bool,
@@ -153,7 +153,7 @@ pub(crate) struct ServerCore<B> {
     handshakes: HandshakeLimits,
     metrics: Arc<Metrics>,
     backend: B,
-    sessions: Vec<Option<Session>>,
+    connections: Vec<Option<Connection>>,
     /// Open connections by kind, and those throttled now.
     gauges: Gauges,
     /// Connections in their handshake.
@@ -187,7 +187,7 @@ impl<B: Backend> ServerCore<B> {
             handshakes: HandshakeLimits::default(),
             metrics: Arc::new(Metrics::new(Quotas::default(), None)),
             backend,
-            sessions: Vec::new(),
+            connections: Vec::new(),
             gauges: Gauges::default(),
             in_handshake: 0,
             deadlines: VecDeque::new(),
@@ -285,14 +285,14 @@ impl<B: Backend> ServerCore<B> {
         challenge: Option<Nonce>,
         now: Instant,
     ) {
-        if self.sessions.len() <= id {
-            self.sessions.resize_with(id + 1, || None);
+        if self.connections.len() <= id {
+            self.connections.resize_with(id + 1, || None);
         }
         self.disconnect(id);
         self.set_time(now);
         self.serials += 1;
         let serial = self.serials;
-        let previous = self.sessions[id].replace(Session {
+        let previous = self.connections[id].replace(Connection {
             parser: RequestParser::default(),
             stash: Vec::new(),
             output: Outbox::new(),
@@ -328,14 +328,14 @@ impl<B: Backend> ServerCore<B> {
         if admission == Admission::Open {
             self.room_to_admit()?;
         }
-        self.update(id, |session| session.admission = admission);
+        self.update(id, |conn| conn.admission = admission);
         Ok(())
     }
 
     /// Whether connection `id` is in its handshake (read
     /// [`HANDSHAKE_READ`] bytes at a time).
     pub(crate) fn in_handshake(&self, id: ConnId) -> bool {
-        self.sessions
+        self.connections
             .get(id)
             .and_then(Option::as_ref)
             .is_some_and(|s| !s.admitted())
@@ -357,7 +357,7 @@ impl<B: Backend> ServerCore<B> {
                 break;
             }
             self.deadlines.pop_front();
-            let late = self.sessions.get(id).and_then(Option::as_ref);
+            let late = self.connections.get(id).and_then(Option::as_ref);
             if late.is_some_and(|s| s.serial == serial && !s.admitted()) {
                 let why = format!(
                     "it did not finish its handshake within {:?} (--handshake-timeout)",
@@ -373,34 +373,34 @@ impl<B: Backend> ServerCore<B> {
     /// dropped.
     pub(crate) fn disconnect(&mut self, id: ConnId) {
         self.cancel_waits(id);
-        let Some(session) = self.sessions.get_mut(id).and_then(Option::take) else {
+        let Some(conn) = self.connections.get_mut(id).and_then(Option::take) else {
             return;
         };
-        *self.gauges.connections_of(session.counted_kind()) -= 1;
-        if !session.admitted() {
+        *self.gauges.connections_of(conn.counted_kind()) -= 1;
+        if !conn.admitted() {
             self.in_handshake -= 1;
         }
-        if session.throttled {
+        if conn.throttled {
             self.gauges.throttled -= 1;
         }
     }
 
     /// Connection `id` is now of `kind`.
     fn set_kind(&mut self, id: ConnId, kind: ConnKind) {
-        self.update(id, |session| session.kind = kind);
+        self.update(id, |conn| conn.kind = kind);
     }
 
-    /// Changes the session of `id` by `change`, keeping the count of
+    /// Changes the connection `id` by `change`, keeping the count of
     /// connections by kind and of those in their handshake.
-    fn update(&mut self, id: ConnId, change: impl FnOnce(&mut Session)) {
-        let Some(session) = self.sessions.get_mut(id).and_then(Option::as_mut) else {
+    fn update(&mut self, id: ConnId, change: impl FnOnce(&mut Connection)) {
+        let Some(conn) = self.connections.get_mut(id).and_then(Option::as_mut) else {
             return;
         };
-        let (kind, admitted) = (session.counted_kind(), session.admitted());
-        change(session);
+        let (kind, admitted) = (conn.counted_kind(), conn.admitted());
+        change(conn);
         *self.gauges.connections_of(kind) -= 1;
-        *self.gauges.connections_of(session.counted_kind()) += 1;
-        match (admitted, session.admitted()) {
+        *self.gauges.connections_of(conn.counted_kind()) += 1;
+        match (admitted, conn.admitted()) {
             (false, true) => self.in_handshake -= 1,
             (true, false) => self.in_handshake += 1,
             _ => {}
@@ -428,14 +428,14 @@ impl<B: Backend> ServerCore<B> {
         });
     }
 
-    fn session(&mut self, id: ConnId) -> Option<&mut Session> {
-        self.sessions.get_mut(id)?.as_mut()
+    fn connection(&mut self, id: ConnId) -> Option<&mut Connection> {
+        self.connections.get_mut(id)?.as_mut()
     }
 
     /// Whether to read more of `id`'s requests now (false while it is
     /// paused or holds received bytes not yet processed).
     pub(crate) fn wants_input(&self, id: ConnId) -> bool {
-        self.sessions
+        self.connections
             .get(id)
             .and_then(Option::as_ref)
             .is_some_and(|s| s.stash.is_empty() && !s.paused())
@@ -443,7 +443,7 @@ impl<B: Backend> ServerCore<B> {
 
     /// The unsent replies of `id`, for the event loop to write.
     pub(crate) fn output(&mut self, id: ConnId) -> Option<&mut Outbox> {
-        Some(&mut self.session(id)?.output)
+        Some(&mut self.connection(id)?.output)
     }
 
     /// Connections that got replies from other connections' requests
@@ -455,11 +455,11 @@ impl<B: Backend> ServerCore<B> {
     /// Bytes `data` arrived on `id`: handles every request they complete,
     /// keeping the rest while the connection is paused.
     pub(crate) fn receive(&mut self, id: ConnId, data: &[u8]) -> std::result::Result<(), Refused> {
-        let Some(session) = self.session(id) else {
+        let Some(conn) = self.connection(id) else {
             return Ok(());
         };
-        if !session.stash.is_empty() || session.paused() {
-            session.stash.extend_from_slice(data);
+        if !conn.stash.is_empty() || conn.paused() {
+            conn.stash.extend_from_slice(data);
             self.note_throttled(id);
             return self.resume(id);
         }
@@ -469,11 +469,11 @@ impl<B: Backend> ServerCore<B> {
     /// Counts `id` as throttled if what holds back its input is its unsent
     /// replies (once per episode).
     fn note_throttled(&mut self, id: ConnId) {
-        let Some(session) = self.sessions.get_mut(id).and_then(Option::as_mut) else {
+        let Some(conn) = self.connections.get_mut(id).and_then(Option::as_mut) else {
             return;
         };
-        if session.output.queued() > OUTPUT_CAP && !session.throttled {
-            session.throttled = true;
+        if conn.output.queued() > OUTPUT_CAP && !conn.throttled {
+            conn.throttled = true;
             self.gauges.throttled += 1;
             self.metrics.throttled();
         }
@@ -482,36 +482,36 @@ impl<B: Backend> ServerCore<B> {
     /// Processes what `id` received while paused, if it no longer is
     /// (call after its output drained).
     pub(crate) fn resume(&mut self, id: ConnId) -> std::result::Result<(), Refused> {
-        let Some(session) = self.sessions.get_mut(id).and_then(Option::as_mut) else {
+        let Some(conn) = self.connections.get_mut(id).and_then(Option::as_mut) else {
             return Ok(());
         };
-        if session.stash.is_empty() || session.paused() {
+        if conn.stash.is_empty() || conn.paused() {
             return Ok(());
         }
-        if std::mem::take(&mut session.throttled) {
+        if std::mem::take(&mut conn.throttled) {
             self.gauges.throttled -= 1;
         }
-        let stash = std::mem::take(&mut session.stash);
+        let stash = std::mem::take(&mut conn.stash);
         self.process(id, &stash)
     }
 
     fn process(&mut self, id: ConnId, mut data: &[u8]) -> std::result::Result<(), Refused> {
         while !data.is_empty() {
-            let Some(session) = self.sessions.get_mut(id).and_then(Option::as_mut) else {
+            let Some(conn) = self.connections.get_mut(id).and_then(Option::as_mut) else {
                 return Ok(());
             };
-            if session.paused() {
-                session.stash.extend_from_slice(data);
+            if conn.paused() {
+                conn.stash.extend_from_slice(data);
                 self.note_throttled(id);
                 return Ok(());
             }
-            let limits = if session.admitted() {
+            let limits = if conn.admitted() {
                 self.limits
             } else {
-                let refusal = session
+                let refusal = conn
                     .parser
                     .is_idle()
-                    .then(|| before_admission(session.admission, data[0]))
+                    .then(|| before_admission(conn.admission, data[0]))
                     .flatten();
                 if let Some((kind, message)) = refusal {
                     self.tell(id, &Error::permission_denied(message.clone()));
@@ -519,7 +519,7 @@ impl<B: Backend> ServerCore<B> {
                 }
                 Limits::HANDSHAKE
             };
-            let (n, request) = session
+            let (n, request) = conn
                 .parser
                 .parse(data, &limits)
                 .map_err(|e| Refused::malformed(e.to_string()))?;
@@ -534,11 +534,11 @@ impl<B: Backend> ServerCore<B> {
     /// Where the rest of a large value of `id` can be received directly
     /// (see [`RequestParser::direct_target`]).
     pub(crate) fn direct_target(&mut self, id: ConnId) -> Option<&mut [u8]> {
-        let session = self.session(id)?;
-        if !session.stash.is_empty() || session.paused() {
+        let conn = self.connection(id)?;
+        if !conn.stash.is_empty() || conn.paused() {
             return None;
         }
-        session.parser.direct_target()
+        conn.parser.direct_target()
     }
 
     /// `n` bytes were received into [`ServerCore::direct_target`].
@@ -548,10 +548,10 @@ impl<B: Backend> ServerCore<B> {
         n: usize,
     ) -> std::result::Result<(), Refused> {
         let limits = self.limits;
-        let Some(session) = self.session(id) else {
+        let Some(conn) = self.connection(id) else {
             return Ok(());
         };
-        match session.parser.direct_filled(n, &limits) {
+        match conn.parser.direct_filled(n, &limits) {
             Ok(Some(request)) => self.execute(id, request),
             Ok(None) => Ok(()),
             Err(e) => Err(Refused::malformed(e.to_string())),
@@ -603,7 +603,7 @@ impl<B: Backend> ServerCore<B> {
         outcome: OpResult<Outcome>,
     ) -> std::result::Result<(), Refused> {
         let Some(in_flight) = self
-            .session(id)
+            .connection(id)
             .and_then(|s| s.in_flight.take_if(|f| f.ticket == ticket))
         else {
             return Ok(());
@@ -631,15 +631,15 @@ impl<B: Backend> ServerCore<B> {
     fn execute(&mut self, id: ConnId, request: Request) -> std::result::Result<(), Refused> {
         let started = self.now;
         let (extensions, limits) = (self.extensions, self.limits);
-        let Some(session) = self.session(id) else {
+        let Some(conn) = self.connection(id) else {
             return Ok(());
         };
-        if !session.validated {
+        if !conn.validated {
             return match request {
                 Request::Validate {
                     magic: VALIDATE_MAGIC,
                 } => {
-                    session.validated = true;
+                    conn.validated = true;
                     self.set_kind(id, ConnKind::PyTorch);
                     self.served(Command::Validate, started, false);
                     Ok(())
@@ -653,7 +653,7 @@ impl<B: Backend> ServerCore<B> {
         }
         let command = request.command();
         let extension = matches!(command, Command::WaitGet | Command::Auth | Command::Stats);
-        if extension && !session.extended {
+        if extension && !conn.extended {
             return Err(Refused::malformed(format!(
                 "extension command {} before HELLO",
                 command.name()
@@ -662,16 +662,15 @@ impl<B: Backend> ServerCore<B> {
         match request {
             Request::Validate { .. } => {}
             Request::Ping { nonce } if extensions && nonce == HELLO_NONCE => {
-                session.extended = true;
-                session.output.put(&HELLO_ACK.to_le_bytes());
+                conn.extended = true;
+                conn.output.put(&HELLO_ACK.to_le_bytes());
                 self.set_kind(id, ConnKind::Distcore);
             }
             Request::Ping { nonce } if extensions && nonce == HELLO_V2_NONCE => {
-                session.extended = true;
-                session.status_replies = true;
-                session.output.put(&HELLO_V2_ACK.to_le_bytes());
-                let info =
-                    handshake::server_info(limits, session.admission, session.challenge.as_ref());
+                conn.extended = true;
+                conn.status_replies = true;
+                conn.output.put(&HELLO_V2_ACK.to_le_bytes());
+                let info = handshake::server_info(limits, conn.admission, conn.challenge.as_ref());
                 self.put(id, &info.encode());
                 self.set_kind(id, ConnKind::Distcore);
             }
@@ -711,8 +710,8 @@ impl<B: Backend> ServerCore<B> {
                     WaitReply::Barrier { world_size },
                     started,
                 );
-                if let Some(session) = self.session(id) {
-                    session.waits.push(wait);
+                if let Some(conn) = self.connection(id) {
+                    conn.waits.push(wait);
                 }
                 let arrive = Request::Add {
                     key: key.clone(),
@@ -753,12 +752,12 @@ impl<B: Backend> ServerCore<B> {
         proof: &[u8],
     ) -> std::result::Result<(), Refused> {
         let secret = self.secret.clone();
-        let Some(session) = self.session(id) else {
+        let Some(conn) = self.connection(id) else {
             return Ok(());
         };
         let answered = handshake::answer_auth(
             secret.as_ref(),
-            session.challenge.as_ref(),
+            conn.challenge.as_ref(),
             client_nonce,
             proof,
         );
@@ -775,7 +774,7 @@ impl<B: Backend> ServerCore<B> {
             self.served(Command::Auth, started, true);
             return Err(refused);
         }
-        self.update(id, |session| session.admission = Admission::Open);
+        self.update(id, |conn| conn.admission = Admission::Open);
         self.put(id, &reply);
         self.served(Command::Auth, started, false);
         Ok(())
@@ -784,9 +783,9 @@ impl<B: Backend> ServerCore<B> {
     /// Sends `error` to `id` if its client reads errors (version 2), as
     /// an answer to the request it made.
     fn tell(&mut self, id: ConnId, error: &Error) {
-        if let Some(session) = self.session(id) {
-            if session.status_replies {
-                session.output.put(&error_reply(REPLY_ERROR, error));
+        if let Some(conn) = self.connection(id) {
+            if conn.status_replies {
+                conn.output.put(&error_reply(REPLY_ERROR, error));
             }
         }
     }
@@ -897,8 +896,8 @@ impl<B: Backend> ServerCore<B> {
         match applied {
             Ok(Some(outcome)) => self.finish(id, started, request, outcome),
             Ok(None) => {
-                if let Some(session) = self.session(id) {
-                    session.in_flight = Some(Box::new(InFlight {
+                if let Some(conn) = self.connection(id) {
+                    conn.in_flight = Some(Box::new(InFlight {
                         ticket,
                         started,
                         request,
@@ -927,10 +926,10 @@ impl<B: Backend> ServerCore<B> {
         error: &crate::Error,
     ) -> std::result::Result<(), Refused> {
         self.served(request.command(), started, true);
-        let Some(session) = self.session(id) else {
+        let Some(conn) = self.connection(id) else {
             return Ok(());
         };
-        if !session.status_replies {
+        if !conn.status_replies {
             return Err(Refused(Refusal::RequestFailed, error.message().to_string()));
         }
         let status = match request {
@@ -939,7 +938,7 @@ impl<B: Backend> ServerCore<B> {
             }
             _ => REPLY_ERROR,
         };
-        session.output.put(&error_reply(status, error));
+        conn.output.put(&error_reply(status, error));
         Ok(())
     }
 
@@ -992,10 +991,10 @@ impl<B: Backend> ServerCore<B> {
 
     /// Encodes `outcome` as PyTorch's reply on `id`.
     fn reply(&mut self, id: ConnId, outcome: Outcome) {
-        let Some(session) = self.session(id) else {
+        let Some(conn) = self.connection(id) else {
             return;
         };
-        let out = &mut session.output;
+        let out = &mut conn.output;
         if matches!(outcome, Outcome::Silent) {
             // SET, MULTI_SET, QUEUE_PUSH: no reply when they succeed, even
             // on a version 2 connection, so a client that closes right
@@ -1003,7 +1002,7 @@ impl<B: Backend> ServerCore<B> {
             // connection and could lose them).
             return;
         }
-        if session.status_replies {
+        if conn.status_replies {
             out.put(&[REPLY_OK]);
         }
         match outcome {
@@ -1027,18 +1026,18 @@ impl<B: Backend> ServerCore<B> {
 
     /// Queues plain bytes on `id`.
     fn put(&mut self, id: ConnId, bytes: &[u8]) {
-        if let Some(session) = self.session(id) {
-            session.output.put(bytes);
+        if let Some(conn) = self.connection(id) {
+            conn.output.put(bytes);
         }
     }
 
     /// Queues a reply on `id`, after the status byte where it has them.
     fn put_reply(&mut self, id: ConnId, bytes: &[u8]) {
-        if let Some(session) = self.session(id) {
-            if session.status_replies {
-                session.output.put(&[REPLY_OK]);
+        if let Some(conn) = self.connection(id) {
+            if conn.status_replies {
+                conn.output.put(&[REPLY_OK]);
             }
-            session.output.put(bytes);
+            conn.output.put(bytes);
         }
     }
 
@@ -1066,8 +1065,8 @@ impl<B: Backend> ServerCore<B> {
             return;
         }
         let wait = self.waits.register(id, keys, reply, started);
-        if let Some(session) = self.session(id) {
-            session.waits.push(wait);
+        if let Some(conn) = self.connection(id) {
+            conn.waits.push(wait);
         }
     }
 
@@ -1104,8 +1103,8 @@ impl<B: Backend> ServerCore<B> {
             if let Some(wait) = self.waits.remove(id) {
                 self.served(wait.reply.command(), wait.started, false);
                 let conn = wait.conn;
-                if let Some(session) = self.session(conn) {
-                    session.waits.retain(|w| *w != id);
+                if let Some(conn) = self.connection(conn) {
+                    conn.waits.retain(|w| *w != id);
                 }
                 self.send_wait_reply(conn, &wait.reply);
                 self.woken.push(conn);
@@ -1116,8 +1115,8 @@ impl<B: Backend> ServerCore<B> {
     /// Takes back the wait `wait` of `id`, unanswered.
     fn drop_wait(&mut self, id: ConnId, wait: WaitId) {
         self.waits.remove(wait);
-        if let Some(session) = self.session(id) {
-            session.waits.retain(|w| *w != wait);
+        if let Some(conn) = self.connection(id) {
+            conn.waits.retain(|w| *w != wait);
         }
     }
 
@@ -1136,8 +1135,8 @@ impl<B: Backend> ServerCore<B> {
                     })
                     .collect();
                 self.put_reply(id, &[STOP_WAITING]);
-                if let Some(session) = self.session(id) {
-                    session.output.put_values(values);
+                if let Some(conn) = self.connection(id) {
+                    conn.output.put_values(values);
                 }
             }
         }
@@ -1145,7 +1144,7 @@ impl<B: Backend> ServerCore<B> {
 
     fn cancel_waits(&mut self, id: ConnId) {
         let waits = self
-            .session(id)
+            .connection(id)
             .map(|s| std::mem::take(&mut s.waits))
             .unwrap_or_default();
         for wait in waits {
