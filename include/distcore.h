@@ -105,6 +105,11 @@
 // The server refused to hold more: its quota of keys or stored bytes.
 #define DC_ERR_QUOTA_EXCEEDED 14
 
+// A member of this caller's group failed (its process crashed, went
+// silent past its TTL, reported an error, or was replaced): the message
+// names it, why, and when it was last heard from.
+#define DC_ERR_PEER_FAILED 15
+
 // The major version of the header: programs built against one major
 // version run with any library of that major version
 // (`libdistcore.so.MAJOR`) at least as new as the header.
@@ -112,7 +117,7 @@
 
 // The minor version of the header: grows when functions, constants or
 // struct fields are added.
-#define DC_VERSION_MINOR 3
+#define DC_VERSION_MINOR 4
 
 // The patch version of the header: grows with fixes that change no
 // declaration.

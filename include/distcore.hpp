@@ -124,6 +124,7 @@ DISTCORE_HPP_ERROR_CLASS(InvalidState, DC_ERR_INVALID_STATE)
 DISTCORE_HPP_ERROR_CLASS(InternalError, DC_ERR_INTERNAL)
 DISTCORE_HPP_ERROR_CLASS(PermissionDenied, DC_ERR_PERMISSION_DENIED)
 DISTCORE_HPP_ERROR_CLASS(QuotaExceeded, DC_ERR_QUOTA_EXCEEDED)
+DISTCORE_HPP_ERROR_CLASS(PeerFailedError, DC_ERR_PEER_FAILED)
 #undef DISTCORE_HPP_ERROR_CLASS
 
 /// Throws the Error subclass of `status` (distcore::Error for a code
@@ -144,6 +145,7 @@ DISTCORE_HPP_ERROR_CLASS(QuotaExceeded, DC_ERR_QUOTA_EXCEEDED)
     case DC_ERR_INTERNAL: throw InternalError(message);
     case DC_ERR_PERMISSION_DENIED: throw PermissionDenied(message);
     case DC_ERR_QUOTA_EXCEEDED: throw QuotaExceeded(message);
+    case DC_ERR_PEER_FAILED: throw PeerFailedError(message);
     default: throw Error(status, message);
   }
 }

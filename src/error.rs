@@ -41,11 +41,15 @@ pub enum Status {
     PermissionDenied = 13,
     /// The server refused to hold more: its quota of keys or stored bytes.
     QuotaExceeded = 14,
+    /// A member of this caller's group failed (its process crashed, went
+    /// silent past its TTL, reported an error, or was replaced): the message
+    /// names it, why, and when it was last heard from.
+    PeerFailed = 15,
 }
 
 impl Status {
     /// Every status, in numeric order.
-    pub const ALL: [Status; 15] = [
+    pub const ALL: [Status; 16] = [
         Status::Ok,
         Status::InvalidArgument,
         Status::Timeout,
@@ -61,6 +65,7 @@ impl Status {
         Status::Internal,
         Status::PermissionDenied,
         Status::QuotaExceeded,
+        Status::PeerFailed,
     ];
 
     /// The status with this numeric code, if there is one.
@@ -91,6 +96,7 @@ impl Status {
             Status::Internal => c"internal error",
             Status::PermissionDenied => c"permission denied",
             Status::QuotaExceeded => c"quota exceeded",
+            Status::PeerFailed => c"peer failed",
         }
     }
 

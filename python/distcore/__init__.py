@@ -17,7 +17,7 @@ import typing as _t
 
 from . import _lib
 from ._errors import (DistAbortedError, DistError, DistInternalError, DistIOError, DistNetworkError,
-                      DistNotSupportedError, DistPermissionError, DistProtocolError, DistQuotaError,
+                      DistNotSupportedError, DistPeerError, DistPermissionError, DistProtocolError, DistQuotaError,
                       DistQueueEmptyError, DistRemoteError,
                       DistShutdownError, DistStateError, DistStoreError, DistTimeoutError, DistValueError,
                       QueueEmptyError, Status)
@@ -37,7 +37,7 @@ __all__ = [
     "DistError", "DistStoreError", "DistNetworkError", "QueueEmptyError", "DistQueueEmptyError",
     "DistTimeoutError", "DistValueError", "DistNotSupportedError", "DistRemoteError", "DistShutdownError",
     "DistAbortedError", "DistProtocolError", "DistIOError", "DistStateError", "DistInternalError",
-    "DistPermissionError", "DistQuotaError", "Status",
+    "DistPermissionError", "DistQuotaError", "DistPeerError", "Status",
     "elastic", "rpc", "library_version", "library_path", "status_str", "op_type_name", "set_log_callback",
     "log_to_python", "set_profiler_hooks", "LogLevel", "TIMEOUT_DEFAULT", "TIMEOUT_FOREVER",
 ]

@@ -35,6 +35,7 @@ class Status(enum.IntEnum):
     INTERNAL = 12
     PERMISSION_DENIED = 13
     QUOTA_EXCEEDED = 14
+    PEER_FAILED = 15
 
 
 class DistError(RuntimeError):
@@ -168,6 +169,14 @@ class DistQuotaError(DistStoreError):
     default_status = Status.QUOTA_EXCEEDED
 
 
+class DistPeerError(DistError):
+    """A member of this caller's group failed (crashed, went silent past its
+    TTL, reported an error, or was replaced); the message names it, why, and
+    when it was last heard from. DC_ERR_PEER_FAILED."""
+
+    default_status = Status.PEER_FAILED
+
+
 _BY_STATUS: dict[int, type[DistError]] = {
     Status.INVALID_ARGUMENT: DistValueError,
     Status.TIMEOUT: DistTimeoutError,
@@ -183,6 +192,7 @@ _BY_STATUS: dict[int, type[DistError]] = {
     Status.INTERNAL: DistInternalError,
     Status.PERMISSION_DENIED: DistPermissionError,
     Status.QUOTA_EXCEEDED: DistQuotaError,
+    Status.PEER_FAILED: DistPeerError,
 }
 
 

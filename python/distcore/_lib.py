@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 # The version of include/distcore.h these declarations mirror
 # (DC_VERSION_MAJOR, DC_VERSION_MINOR, DC_VERSION_PATCH).
-HEADER_VERSION = (1, 3, 0)
+HEADER_VERSION = (1, 4, 0)
 
 TIMEOUT_DEFAULT = -1  # DC_TIMEOUT_DEFAULT: the handle's own timeout
 TIMEOUT_FOREVER = 0  # DC_TIMEOUT_FOREVER

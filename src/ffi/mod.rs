@@ -45,7 +45,7 @@ include!(concat!(env!("OUT_DIR"), "/status_codes.rs"));
 pub const DC_VERSION_MAJOR: u32 = 1;
 /// The minor version of the header: grows when functions, constants or
 /// struct fields are added.
-pub const DC_VERSION_MINOR: u32 = 3;
+pub const DC_VERSION_MINOR: u32 = 4;
 /// The patch version of the header: grows with fixes that change no
 /// declaration.
 pub const DC_VERSION_PATCH: u32 = 0;

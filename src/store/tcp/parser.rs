@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use super::protocol::{Command, Key, Limits, ProtocolError, Request};
+use super::protocol::{Command, Key, Limits, ProtocolError, Request, SessionRequest};
 use crate::net::bigbuf::{zeroed_shared, LARGE_VALUE_LEN};
 
 /// A stored value, shared rather than copied.
@@ -48,7 +48,9 @@ fn layout(command: Command) -> &'static [Field] {
         Check | Wait | MultiGet | WaitGet => &[F::Keys],
         MultiSet => &[F::Pairs],
         Auth => &[F::Key, F::Key],
-        GetNumKeys | CancelWait | ListKeys | Stats => &[],
+        SessionOpen | SessionReport => &[F::Value],
+        SessionAttach => &[F::U64],
+        GetNumKeys | CancelWait | ListKeys | Stats | SessionKeepAlive | SessionClose => &[],
     }
 }
 
@@ -347,6 +349,11 @@ impl Partial {
                 }
             }
             Command::Stats => Request::Stats,
+            Command::SessionOpen => Request::Session(SessionRequest::Open { spec: value() }),
+            Command::SessionAttach => Request::Session(SessionRequest::Attach { id: int }),
+            Command::SessionKeepAlive => Request::Session(SessionRequest::KeepAlive),
+            Command::SessionClose => Request::Session(SessionRequest::Close),
+            Command::SessionReport => Request::Session(SessionRequest::Report { message: value() }),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::security::auth::{Nonce, NONCE_LEN, PROOF_LEN};
 use crate::store::kv::Value;
@@ -153,6 +154,96 @@ impl ServerInfo {
     }
 }
 
+/// What SESSION_OPEN asks for (docs/extensions.md, "Sessions"): carried
+/// as one byte string — a `u32` version (1), `u32` rank, `u32` world size
+/// (0: not given), `u64` incarnation, `u64` TTL in milliseconds (0: none,
+/// only the connection), `u32` pid, then the group and the host as byte
+/// strings (`u64` length + bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSpec {
+    /// The group: the job's key prefix.
+    pub group: Vec<u8>,
+    /// The member's rank in it.
+    pub rank: u32,
+    /// How many members the group has, if known.
+    pub world_size: Option<u32>,
+    /// New for every start of the process: a newer one fences an older.
+    pub incarnation: u64,
+    /// Ended when nothing arrives from the member for this long.
+    pub ttl: Option<Duration>,
+    /// The member's host, for messages (at most [`SessionSpec::MAX_HOST_LEN`] bytes).
+    pub host: String,
+    /// The member's process id, for messages.
+    pub pid: u32,
+}
+
+impl SessionSpec {
+    const VERSION: u32 = 1;
+    /// The longest host name carried.
+    pub const MAX_HOST_LEN: usize = 255;
+
+    /// The byte string SESSION_OPEN carries.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut spec = Self::VERSION.to_le_bytes().to_vec();
+        spec.extend_from_slice(&self.rank.to_le_bytes());
+        spec.extend_from_slice(&self.world_size.unwrap_or(0).to_le_bytes());
+        spec.extend_from_slice(&self.incarnation.to_le_bytes());
+        let ttl_ms = self
+            .ttl
+            .map_or(0, |t| t.as_millis().clamp(1, u64::MAX as u128) as u64);
+        spec.extend_from_slice(&ttl_ms.to_le_bytes());
+        spec.extend_from_slice(&self.pid.to_le_bytes());
+        put_bytes(&mut spec, &self.group);
+        put_bytes(&mut spec, self.host.as_bytes());
+        spec
+    }
+
+    /// The spec in `bytes`, if it is one (a group of at most
+    /// `max_group_len` bytes, a host of at most [`Self::MAX_HOST_LEN`]).
+    pub fn decode(bytes: &[u8], max_group_len: usize) -> Option<SessionSpec> {
+        let mut at: usize = 0;
+        let mut take = |n: usize| -> Option<&[u8]> {
+            let field = bytes.get(at..at.checked_add(n)?)?;
+            at += n;
+            Some(field)
+        };
+        let u32_at = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or_default());
+        let u64_at = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
+        if u32_at(take(4)?) != Self::VERSION {
+            return None;
+        }
+        let rank = u32_at(take(4)?);
+        let world_size = Some(u32_at(take(4)?)).filter(|n| *n > 0);
+        let incarnation = u64_at(take(8)?);
+        let ttl = Some(u64_at(take(8)?))
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis);
+        let pid = u32_at(take(4)?);
+        let group_len = usize::try_from(u64_at(take(8)?)).ok()?;
+        if group_len > max_group_len {
+            return None;
+        }
+        let group = take(group_len)?.to_vec();
+        let host_len = usize::try_from(u64_at(take(8)?)).ok()?;
+        if host_len > Self::MAX_HOST_LEN {
+            return None;
+        }
+        let host = String::from_utf8(take(host_len)?.to_vec()).ok()?;
+        if world_size.is_some_and(|n| rank >= n) {
+            return None;
+        }
+        Some(SessionSpec {
+            group,
+            rank,
+            world_size,
+            incarnation,
+            ttl,
+            host,
+            pid,
+        })
+    }
+}
+
 /// The command byte of a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -187,11 +278,26 @@ pub enum Command {
     /// distcore extension (version 2): the server's metrics, in
     /// Prometheus's text format, as a byte string.
     Stats = 0x82,
+    /// distcore extension (version 2, since 1.4): open a liveness session
+    /// ([`SessionSpec`], a byte string); the reply is its id (`u64`).
+    SessionOpen = 0x83,
+    /// distcore extension (version 2, since 1.4): this connection belongs
+    /// to the session with this id (`u64`).
+    SessionAttach = 0x84,
+    /// distcore extension (version 2, since 1.4): the session's member is
+    /// alive (no fields).
+    SessionKeepAlive = 0x85,
+    /// distcore extension (version 2, since 1.4): end the session
+    /// gracefully (no fields).
+    SessionClose = 0x86,
+    /// distcore extension (version 2, since 1.4): end the session with
+    /// this error of the process's own (a byte string), failing its group.
+    SessionReport = 0x87,
 }
 
 impl Command {
     /// Every command, with its name in metrics and logs: the one table.
-    pub const ALL: [(Command, &'static str); 22] = [
+    pub const ALL: [(Command, &'static str); 27] = [
         (Command::Validate, "validate"),
         (Command::Set, "set"),
         (Command::CompareSet, "compare_set"),
@@ -214,6 +320,11 @@ impl Command {
         (Command::WaitGet, "wait_get"),
         (Command::Auth, "auth"),
         (Command::Stats, "stats"),
+        (Command::SessionOpen, "session_open"),
+        (Command::SessionAttach, "session_attach"),
+        (Command::SessionKeepAlive, "session_keepalive"),
+        (Command::SessionClose, "session_close"),
+        (Command::SessionReport, "session_report"),
     ];
 
     /// The command with this byte, if it is one.
@@ -244,7 +355,17 @@ impl Command {
         use Command::*;
         matches!(
             self,
-            Set | CompareSet | Add | DeleteKey | Append | MultiSet | QueuePush | QueuePop | Barrier
+            Set | CompareSet
+                | Add
+                | DeleteKey
+                | Append
+                | MultiSet
+                | QueuePush
+                | QueuePop
+                | Barrier
+                | SessionOpen
+                | SessionClose
+                | SessionReport
         )
     }
 
@@ -381,6 +502,32 @@ pub enum Request {
         proof: Vec<u8>,
     },
     Stats,
+    /// A request of the liveness sessions.
+    Session(SessionRequest),
+}
+
+/// A request of the liveness sessions (docs/extensions.md, "Sessions").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionRequest {
+    /// SESSION_OPEN.
+    Open {
+        /// An encoded [`SessionSpec`].
+        spec: Value,
+    },
+    /// SESSION_ATTACH.
+    Attach {
+        /// The session this connection belongs to.
+        id: u64,
+    },
+    /// SESSION_KEEPALIVE.
+    KeepAlive,
+    /// SESSION_CLOSE.
+    Close,
+    /// SESSION_REPORT.
+    Report {
+        /// The process's own error.
+        message: Value,
+    },
 }
 
 /// What a data request produced, before it is encoded as a reply.
@@ -428,6 +575,11 @@ impl Request {
             Request::WaitGet { .. } => Command::WaitGet,
             Request::Auth { .. } => Command::Auth,
             Request::Stats => Command::Stats,
+            Request::Session(SessionRequest::Open { .. }) => Command::SessionOpen,
+            Request::Session(SessionRequest::Attach { .. }) => Command::SessionAttach,
+            Request::Session(SessionRequest::KeepAlive) => Command::SessionKeepAlive,
+            Request::Session(SessionRequest::Close) => Command::SessionClose,
+            Request::Session(SessionRequest::Report { .. }) => Command::SessionReport,
         }
     }
 }

@@ -137,8 +137,9 @@ impl<B: Backend> EventLoop<B> {
         let mut events = Events::with_capacity(1024);
         while !self.stop.load(Ordering::SeqCst) {
             let timeout = if self.ready.is_empty() {
-                let deadline = self.core.next_handshake_deadline();
-                [self.accept_retry, deadline]
+                let handshake = self.core.next_handshake_deadline();
+                let session = self.core.next_session_deadline();
+                [self.accept_retry, handshake, session]
                     .into_iter()
                     .flatten()
                     .min()
@@ -155,7 +156,7 @@ impl<B: Backend> EventLoop<B> {
             }
             // The time of everything this turn handles: one clock read.
             let now = Instant::now();
-            self.core.set_time(now);
+            self.core.begin_turn(now);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),
@@ -182,6 +183,8 @@ impl<B: Backend> EventLoop<B> {
             for token in std::mem::take(&mut self.ready) {
                 self.serve(token);
             }
+            // After the turn's input: keep-alives that arrived count.
+            self.core.expire_sessions(now);
             for id in self.core.take_woken() {
                 self.flush(conn_token(id));
             }

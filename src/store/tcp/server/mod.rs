@@ -50,6 +50,7 @@ pub(crate) mod backend;
 mod event_loop;
 mod metrics;
 mod metrics_http;
+mod sessions;
 mod state;
 mod waits;
 

@@ -29,17 +29,18 @@ use std::time::Instant;
 use super::super::handshake;
 use super::super::parser::RequestParser;
 use super::super::protocol::{
-    put_bytes, Command, Key, Limits, Outcome, Request, HELLO_ACK, HELLO_NONCE, HELLO_V2_ACK,
-    HELLO_V2_NONCE, NOT_READY, READY, REPLY_DEFERRED_ERROR, REPLY_ERROR, REPLY_OK, STOP_WAITING,
-    VALIDATE_MAGIC, WAIT_CANCELED,
+    put_bytes, Command, Key, Limits, Outcome, Request, SessionRequest, SessionSpec, HELLO_ACK,
+    HELLO_NONCE, HELLO_V2_ACK, HELLO_V2_NONCE, NOT_READY, READY, REPLY_DEFERRED_ERROR, REPLY_ERROR,
+    REPLY_OK, STOP_WAITING, VALIDATE_MAGIC, WAIT_CANCELED,
 };
 use super::backend::{Backend, Present, Report, Ticket};
 use super::metrics::{ConnKind, Gauges, Metrics, Quota, Refusal};
+use super::sessions::{Delivery, Failure, Sessions};
 use super::waits::{WaitId, WaitReply, Waits};
 use super::Quotas;
 #[cfg(test)]
 use super::ServerStats;
-use crate::error::{Error, Result as OpResult};
+use crate::error::{Error, Result as OpResult, Status};
 use crate::net::outbox::Outbox;
 use crate::printable::printable;
 use crate::security::access::{Admission, HandshakeLimits};
@@ -172,6 +173,8 @@ pub(crate) struct ServerCore<B> {
     woken: Vec<ConnId>,
     /// The last ticket handed to the backend.
     tickets: Ticket,
+    /// Liveness sessions, and the groups that lost a member.
+    sessions: Sessions,
 }
 
 impl<B: Backend> ServerCore<B> {
@@ -196,6 +199,7 @@ impl<B: Backend> ServerCore<B> {
             waits: Waits::default(),
             woken: Vec::new(),
             tickets: 0,
+            sessions: Sessions::default(),
         }
     }
 
@@ -227,6 +231,50 @@ impl<B: Backend> ServerCore<B> {
     /// reports): what request durations are measured with.
     pub(crate) fn set_time(&mut self, now: Instant) {
         self.now = now;
+    }
+
+    /// A turn of the event loop begins at `now`, before its input is read:
+    /// the time of what follows, and (if the turn came late) the server's
+    /// stall, which moves the sessions' deadlines
+    /// ([`Sessions::turn`]).
+    pub(crate) fn begin_turn(&mut self, now: Instant) {
+        self.set_time(now);
+        self.sessions.turn(now);
+    }
+
+    /// When the next session's TTL runs out, if any has one: the event
+    /// loop wakes then.
+    pub(crate) fn next_session_deadline(&self) -> Option<Instant> {
+        self.sessions.next_deadline()
+    }
+
+    /// Ends the sessions whose TTL ran out by `now` (call once the turn's
+    /// input was read), failing their groups.
+    pub(crate) fn expire_sessions(&mut self, now: Instant) {
+        self.set_time(now);
+        for delivery in self.sessions.expire(now) {
+            self.deliver(delivery);
+        }
+    }
+
+    /// Tells every connection of `delivery` that a member of its group
+    /// failed: each of its blocked calls fails at once with the failure.
+    fn deliver(&mut self, delivery: Delivery) {
+        let error = delivery.failure.error();
+        log::warn!("TCPStore server: {}", error.message());
+        for id in delivery.tell {
+            let waits = self
+                .connection(id)
+                .map(|conn| std::mem::take(&mut conn.waits))
+                .unwrap_or_default();
+            for wait in waits {
+                if let Some(wait) = self.waits.remove(wait) {
+                    self.served(wait.reply.command(), wait.started, true);
+                    self.put(id, &error_reply(REPLY_ERROR, &error));
+                    self.woken.push(id);
+                }
+            }
+        }
     }
 
     /// A new connection `id` (not in use) that need not authenticate, with
@@ -373,6 +421,9 @@ impl<B: Backend> ServerCore<B> {
     /// dropped.
     pub(crate) fn disconnect(&mut self, id: ConnId) {
         self.cancel_waits(id);
+        if let Some(delivery) = self.sessions.disconnect(id, self.now) {
+            self.deliver(delivery);
+        }
         let Some(conn) = self.connections.get_mut(id).and_then(Option::take) else {
             return;
         };
@@ -630,6 +681,22 @@ impl<B: Backend> ServerCore<B> {
 
     fn execute(&mut self, id: ConnId, request: Request) -> std::result::Result<(), Refused> {
         let started = self.now;
+        // A member of a group that lost one: its calls fail as its
+        // blocked ones did, but for those that cannot block or that leave.
+        self.sessions.heard(id, started);
+        if let Some(error) = self.sessions.failure_for(id).map(Failure::error) {
+            let exempt = matches!(
+                request,
+                Request::Validate { .. }
+                    | Request::Ping { .. }
+                    | Request::Stats
+                    | Request::CancelWait
+                    | Request::Session(SessionRequest::Close | SessionRequest::KeepAlive)
+            );
+            if !exempt {
+                return self.fail(id, started, &request, &error);
+            }
+        }
         let (extensions, limits) = (self.extensions, self.limits);
         let Some(conn) = self.connection(id) else {
             return Ok(());
@@ -658,6 +725,15 @@ impl<B: Backend> ServerCore<B> {
                 "extension command {} before HELLO",
                 command.name()
             )));
+        }
+        if let Request::Session(session) = request {
+            if !conn.status_replies {
+                return Err(Refused::malformed(format!(
+                    "{} before HELLO version 2",
+                    command.name()
+                )));
+            }
+            return self.execute_session(id, started, session);
         }
         match request {
             Request::Validate { .. } => {}
@@ -732,6 +808,69 @@ impl<B: Backend> ServerCore<B> {
         }
         self.served(command, started, false);
         Ok(())
+    }
+
+    /// A request of the liveness sessions (SESSION_OPEN and the others) on
+    /// `id`, a version 2 connection.
+    fn execute_session(
+        &mut self,
+        id: ConnId,
+        started: Instant,
+        session: SessionRequest,
+    ) -> std::result::Result<(), Refused> {
+        let now = self.now;
+        let (reply, delivery) = match &session {
+            SessionRequest::Open { spec } => {
+                match SessionSpec::decode(spec, self.limits.max_key_len) {
+                    None => (
+                        Err(Error::invalid_argument("a malformed session spec")),
+                        None,
+                    ),
+                    Some(spec) => {
+                        let (opened, delivery) = self.sessions.open(id, spec, now);
+                        (opened.map(|sid| sid.to_le_bytes().to_vec()), delivery)
+                    }
+                }
+            }
+            SessionRequest::Attach { id: sid } => (
+                self.sessions.attach(id, *sid, now).map(|()| Vec::new()),
+                None,
+            ),
+            SessionRequest::KeepAlive => {
+                self.sessions.heard(id, now);
+                let failed = self.sessions.failure_for(id).map(Failure::error);
+                let alive = self.sessions.is_member(id);
+                let reply = match (failed, alive) {
+                    (Some(error), _) => Err(error),
+                    (None, true) => Ok(Vec::new()),
+                    (None, false) => Err(Error::new(
+                        Status::InvalidState,
+                        "this connection belongs to no session",
+                    )),
+                };
+                (reply, None)
+            }
+            SessionRequest::Close => (self.sessions.close(id, now).map(|()| Vec::new()), None),
+            SessionRequest::Report { message } => {
+                let message = String::from_utf8_lossy(message).into_owned();
+                match self.sessions.report(id, message, now) {
+                    Ok(delivery) => (Ok(Vec::new()), delivery),
+                    Err(e) => (Err(e), None),
+                }
+            }
+        };
+        if let Some(delivery) = delivery {
+            self.deliver(delivery);
+        }
+        let request = Request::Session(session);
+        match reply {
+            Ok(bytes) => {
+                self.put_reply(id, &bytes);
+                self.served(request.command(), started, false);
+                Ok(())
+            }
+            Err(error) => self.fail(id, started, &request, &error),
+        }
     }
 
     /// Counts a request of `command` that arrived at `started` and has

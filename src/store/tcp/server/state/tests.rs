@@ -96,5 +96,6 @@ mod guards;
 mod handshake;
 mod limits;
 mod remote;
+mod sessions;
 mod version2;
 mod waits;

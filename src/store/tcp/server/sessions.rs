@@ -1,0 +1,365 @@
+//! Liveness sessions (docs/liveness.md), socket-free, time passed in: which
+//! processes are members of which group (a job), on which connections,
+//! when each was last heard from, and which groups have lost a member.
+//!
+//! A session is opened on a connection by one process: a rank of a group,
+//! with its incarnation (new for every process start), host, pid and an
+//! optional TTL. Its other connections (the client's spares, which carry
+//! its waits) attach to it. It ends:
+//! - gracefully, when it is closed: never a failure;
+//! - when the connection it was opened on is lost (a crash, at once);
+//! - when nothing arrives from it within its TTL (a frozen or cut-off
+//!   process), judged against the server's own progress: after a turn
+//!   of the event loop that came late (a stalled or starved server) every
+//!   session has its whole TTL again, so the server never blames a member
+//!   for its own silence;
+//! - when the process reports an error of its own;
+//! - when a newer incarnation of the same rank opens (fenced).
+//!
+//! Groups share fate: the first failure of a member fails the group, and
+//! the core tells every other member's connections (their blocked calls
+//! fail at once with [`Status::PeerFailed`], naming who and why); later
+//! calls fail the same way. The failure is forgotten when the group has no
+//! member left, so the job's next run starts clean.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use super::state::ConnId;
+use crate::error::{Error, Status};
+use crate::printable::printable;
+use crate::store::tcp::protocol::SessionSpec;
+
+/// Identifies a session for the server's lifetime (what attaching names).
+pub(crate) type SessionId = u64;
+
+/// How late a turn of the server's event loop may come (after the
+/// deadline it slept until) before the delay is the server's own stall,
+/// which moves every session's deadline.
+pub(crate) const STALL_GRACE: Duration = Duration::from_millis(100);
+
+/// Why a session ended without being closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Cause {
+    /// The connection it was opened on was lost.
+    ConnectionLost,
+    /// Nothing arrived from it within its TTL.
+    TtlMissed(Duration),
+    /// The process reported this error.
+    Reported(String),
+    /// A newer incarnation of the same rank opened a session.
+    Fenced { by: u64 },
+}
+
+/// A member's failure, as the other members of its group are told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Failure {
+    /// The group (a key prefix: the job).
+    pub(crate) group: Vec<u8>,
+    /// Who failed, as it said when it opened its session.
+    pub(crate) rank: u32,
+    pub(crate) host: String,
+    pub(crate) pid: u32,
+    pub(crate) incarnation: u64,
+    /// Why.
+    pub(crate) cause: Cause,
+    /// How long before the failure it was last heard from.
+    pub(crate) silent_for: Duration,
+}
+
+impl Failure {
+    /// The error every blocked and later call of the group's other members
+    /// fails with: who, why, and when it was last heard from.
+    pub(crate) fn error(&self) -> Error {
+        let why = match &self.cause {
+            Cause::ConnectionLost => "its connection was lost".to_string(),
+            Cause::TtlMissed(ttl) => format!("nothing arrived from it within its TTL of {ttl:?}"),
+            Cause::Reported(message) => format!("it reported: {message}"),
+            Cause::Fenced { by } => format!("a newer incarnation ({by}) of the rank started"),
+        };
+        Error::new(
+            Status::PeerFailed,
+            format!(
+                "rank {} of group '{}' (host {}, pid {}, incarnation {}) failed: {why}; last heard {} ms before",
+                self.rank,
+                printable(&self.group),
+                self.host,
+                self.pid,
+                self.incarnation,
+                self.silent_for.as_millis()
+            ),
+        )
+    }
+}
+
+/// A failure the core must deliver: to these connections (every other
+/// member's), now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Delivery {
+    pub(crate) failure: Failure,
+    pub(crate) tell: Vec<ConnId>,
+}
+
+/// One open session.
+#[derive(Debug)]
+struct Live {
+    spec: SessionSpec,
+    /// The connection it was opened on: losing it ends the session.
+    conn: ConnId,
+    /// Its other connections.
+    attached: Vec<ConnId>,
+    last_heard: Instant,
+}
+
+impl Live {
+    fn deadline(&self) -> Option<Instant> {
+        self.spec.ttl.map(|ttl| self.last_heard + ttl)
+    }
+
+    fn conns(&self) -> impl Iterator<Item = ConnId> + '_ {
+        std::iter::once(self.conn).chain(self.attached.iter().copied())
+    }
+}
+
+/// Every session of a server, and the groups that failed.
+#[derive(Debug, Default)]
+pub(crate) struct Sessions {
+    live: HashMap<SessionId, Live>,
+    /// The session of each (group, rank).
+    by_rank: HashMap<(Vec<u8>, u32), SessionId>,
+    /// The session each connection belongs to (opened on it, or attached).
+    by_conn: HashMap<ConnId, SessionId>,
+    /// The first failure of each group that has one.
+    failed: HashMap<Vec<u8>, Failure>,
+    next_id: SessionId,
+    /// The soonest deadline when the event loop last asked: it sleeps
+    /// until then at the latest.
+    wake_by: Option<Instant>,
+}
+
+impl Sessions {
+    /// A turn of the event loop begins at `now`: a turn later than the
+    /// deadline it slept until, by more than [`STALL_GRACE`], means the
+    /// server stalled (stopped, or starved of CPU) and could not hear its
+    /// members meanwhile, so every session gets its whole TTL again from
+    /// `now`, as etcd extends every lease after a leader change. Call
+    /// before reading the turn's input.
+    pub(crate) fn turn(&mut self, now: Instant) {
+        let Some(wake_by) = self.wake_by.take() else {
+            return;
+        };
+        if now.saturating_duration_since(wake_by) > STALL_GRACE {
+            for live in self.live.values_mut() {
+                live.last_heard = live.last_heard.max(now);
+            }
+        }
+    }
+
+    /// Opens a session on connection `conn` at `now`. Refused when the
+    /// connection belongs to a session already, when the group has failed
+    /// (the failure's error), or when the rank is live with a newer or the
+    /// same incarnation. A rank live with an older incarnation is fenced:
+    /// that fails the group, which refuses this session too; the
+    /// delivery is returned either way.
+    pub(crate) fn open(
+        &mut self,
+        conn: ConnId,
+        spec: SessionSpec,
+        now: Instant,
+    ) -> (Result<SessionId, Error>, Option<Delivery>) {
+        if self.by_conn.contains_key(&conn) {
+            let e = Error::new(
+                Status::InvalidState,
+                "this connection belongs to a session already",
+            );
+            return (Err(e), None);
+        }
+        let rank_key = (spec.group.clone(), spec.rank);
+        let mut delivery = None;
+        if let Some(&old) = self.by_rank.get(&rank_key) {
+            let incarnation = self.live[&old].spec.incarnation;
+            if incarnation >= spec.incarnation {
+                let e = Error::new(
+                    Status::InvalidState,
+                    format!(
+                        "rank {} of group '{}' is live with incarnation {incarnation}, not older than {}",
+                        spec.rank,
+                        printable(&spec.group),
+                        spec.incarnation
+                    ),
+                );
+                return (Err(e), None);
+            }
+            let by = spec.incarnation;
+            delivery = self.end(old, Some(Cause::Fenced { by }), now);
+        }
+        if let Some(failure) = self.failed.get(&spec.group) {
+            return (Err(failure.error()), delivery);
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        self.by_rank.insert(rank_key, id);
+        self.by_conn.insert(conn, id);
+        let live = Live {
+            spec,
+            conn,
+            attached: Vec::new(),
+            last_heard: now,
+        };
+        self.live.insert(id, live);
+        (Ok(id), delivery)
+    }
+
+    /// Attaches connection `conn` to session `id`: its calls are the
+    /// member's (failed with its group), and it keeps the session alive,
+    /// but losing it does not end the session.
+    pub(crate) fn attach(
+        &mut self,
+        conn: ConnId,
+        id: SessionId,
+        now: Instant,
+    ) -> Result<(), Error> {
+        if self.by_conn.contains_key(&conn) {
+            return Err(Error::new(
+                Status::InvalidState,
+                "this connection belongs to a session already",
+            ));
+        }
+        let Some(live) = self.live.get_mut(&id) else {
+            return Err(Error::new(
+                Status::InvalidState,
+                format!("no session {id} (it ended)"),
+            ));
+        };
+        live.attached.push(conn);
+        live.last_heard = now;
+        self.by_conn.insert(conn, id);
+        Ok(())
+    }
+
+    /// Something arrived at `now` on connection `conn`: if it belongs to
+    /// a session, the member is alive.
+    pub(crate) fn heard(&mut self, conn: ConnId, now: Instant) {
+        if let Some(live) = self.by_conn.get(&conn).and_then(|id| self.live.get_mut(id)) {
+            live.last_heard = now;
+        }
+    }
+
+    /// Closes the session of connection `conn` gracefully (its own or an
+    /// attached connection). Refused if it has none.
+    pub(crate) fn close(&mut self, conn: ConnId, now: Instant) -> Result<(), Error> {
+        let id = self.session_of(conn)?;
+        let none = self.end(id, None, now);
+        debug_assert!(none.is_none());
+        Ok(())
+    }
+
+    /// The process of connection `conn`'s session reported `message`: its
+    /// session ends with that error, failing the group.
+    pub(crate) fn report(
+        &mut self,
+        conn: ConnId,
+        message: String,
+        now: Instant,
+    ) -> Result<Option<Delivery>, Error> {
+        let id = self.session_of(conn)?;
+        Ok(self.end(id, Some(Cause::Reported(message)), now))
+    }
+
+    /// Connection `conn` is gone: the end of its session if it was the one
+    /// the session was opened on, else only a detach.
+    pub(crate) fn disconnect(&mut self, conn: ConnId, now: Instant) -> Option<Delivery> {
+        let id = *self.by_conn.get(&conn)?;
+        let live = self.live.get_mut(&id)?;
+        if live.conn == conn {
+            return self.end(id, Some(Cause::ConnectionLost), now);
+        }
+        live.attached.retain(|c| *c != conn);
+        self.by_conn.remove(&conn);
+        None
+    }
+
+    /// Ends every session whose TTL has passed at `now`; call after the
+    /// turn's input was read.
+    pub(crate) fn expire(&mut self, now: Instant) -> Vec<Delivery> {
+        let due: Vec<(SessionId, Duration)> = self
+            .live
+            .iter()
+            .filter(|(_, live)| live.deadline().is_some_and(|at| at <= now))
+            .filter_map(|(id, live)| live.spec.ttl.map(|ttl| (*id, ttl)))
+            .collect();
+        let deliveries = due
+            .into_iter()
+            .filter_map(|(id, ttl)| self.end(id, Some(Cause::TtlMissed(ttl)), now))
+            .collect();
+        self.wake_by = self.next_deadline();
+        deliveries
+    }
+
+    /// The soonest TTL deadline.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.live.values().filter_map(Live::deadline).min()
+    }
+
+    /// The failure that connection `conn`'s calls fail with: its group's,
+    /// if the connection belongs to a member of a failed group.
+    pub(crate) fn failure_for(&self, conn: ConnId) -> Option<&Failure> {
+        let live = self.live.get(self.by_conn.get(&conn)?)?;
+        self.failed.get(&live.spec.group)
+    }
+
+    /// Whether connection `conn` belongs to a session.
+    pub(crate) fn is_member(&self, conn: ConnId) -> bool {
+        self.by_conn.contains_key(&conn)
+    }
+
+    fn session_of(&self, conn: ConnId) -> Result<SessionId, Error> {
+        self.by_conn.get(&conn).copied().ok_or_else(|| {
+            Error::new(
+                Status::InvalidState,
+                "this connection belongs to no session",
+            )
+        })
+    }
+
+    /// Ends session `id` at `now`, for `cause` (`None`: closed). A failure
+    /// fails its group if it had not failed yet: the delivery to make.
+    fn end(&mut self, id: SessionId, cause: Option<Cause>, now: Instant) -> Option<Delivery> {
+        let live = self.live.remove(&id)?;
+        let group = live.spec.group.clone();
+        self.by_rank.remove(&(group.clone(), live.spec.rank));
+        for conn in live.conns() {
+            self.by_conn.remove(&conn);
+        }
+        let members_left = self.live.values().any(|l| l.spec.group == group);
+        let delivery = match cause {
+            Some(cause) if !self.failed.contains_key(&group) => {
+                let failure = Failure {
+                    group: group.clone(),
+                    rank: live.spec.rank,
+                    host: live.spec.host.clone(),
+                    pid: live.spec.pid,
+                    incarnation: live.spec.incarnation,
+                    cause,
+                    silent_for: now.saturating_duration_since(live.last_heard),
+                };
+                let tell = self
+                    .live
+                    .values()
+                    .filter(|l| l.spec.group == group)
+                    .flat_map(Live::conns)
+                    .collect();
+                self.failed.insert(group.clone(), failure.clone());
+                Some(Delivery { failure, tell })
+            }
+            _ => None,
+        };
+        if !members_left {
+            self.failed.remove(&group);
+        }
+        delivery
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,182 @@
+//! Liveness sessions through the core: a member's failure reaches every
+//! other member's blocked calls at once, naming it.
+
+use std::time::Duration;
+
+use super::*;
+use crate::store::tcp::protocol::SessionSpec;
+use crate::Status;
+
+fn spec(rank: u32, ttl: Option<Duration>) -> SessionSpec {
+    SessionSpec {
+        group: b"job/".to_vec(),
+        rank,
+        world_size: Some(2),
+        incarnation: 9,
+        ttl,
+        host: "node7".into(),
+        pid: 4242 + rank,
+    }
+}
+
+fn session_open(spec: &SessionSpec) -> Vec<u8> {
+    Encoder::request(Command::SessionOpen)
+        .bytes(&spec.encode())
+        .finish()
+}
+
+/// Opens a version 2 connection `id` and a session of `rank` on it: the
+/// session's id.
+fn member(c: &mut ServerCore<MemoryBackend>, id: ConnId, rank: u32, ttl: Option<Duration>) -> u64 {
+    open_v2(c, id);
+    send(c, id, &session_open(&spec(rank, ttl)));
+    let reply = replies(c, id);
+    assert_eq!(reply[0], REPLY_OK, "{reply:?}");
+    u64::from_le_bytes(reply[1..9].try_into().unwrap())
+}
+
+/// The status code and message of an ERROR reply.
+fn error_of(reply: &[u8]) -> (u8, String) {
+    assert_eq!(reply[0], REPLY_ERROR, "{reply:?}");
+    let len = u64::from_le_bytes(reply[2..10].try_into().unwrap()) as usize;
+    (
+        reply[1],
+        String::from_utf8(reply[10..10 + len].to_vec()).unwrap(),
+    )
+}
+
+#[test]
+fn a_members_lost_connection_fails_every_other_members_blocked_calls_at_once() {
+    let mut c = core();
+    let zero = member(&mut c, 0, 0, None);
+    member(&mut c, 1, 1, None);
+    // Rank 0's spare connection, blocked in a wait; a PyTorch client's too.
+    open_v2(&mut c, 2);
+    send(
+        &mut c,
+        2,
+        &Encoder::request(Command::SessionAttach).u64(zero).finish(),
+    );
+    assert_eq!(replies(&mut c, 2), [REPLY_OK]);
+    send(&mut c, 2, &wait(&["job/ready"]));
+    open(&mut c, 3);
+    send(&mut c, 3, &wait(&["job/ready"]));
+    c.disconnect(1);
+    let (code, message) = error_of(&replies(&mut c, 2));
+    assert_eq!(i32::from(code), Status::PeerFailed.code());
+    for part in [
+        "rank 1",
+        "node7",
+        "pid 4243",
+        "incarnation 9",
+        "connection was lost",
+    ] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+    assert!(c.take_woken().contains(&2), "flushed this turn");
+    assert!(replies(&mut c, 3).is_empty(), "PyTorch's client waits on");
+    // Later calls of the group fail the same way; leaving does not.
+    send(&mut c, 0, &get("job/ready"));
+    assert_eq!(error_of(&replies(&mut c, 0)).1, message);
+    send(&mut c, 0, &set("job/x", b"1"));
+    assert_eq!(replies(&mut c, 0)[0], REPLY_DEFERRED_ERROR);
+    send(&mut c, 0, &[Command::SessionClose as u8]);
+    assert_eq!(replies(&mut c, 0), [REPLY_OK]);
+    send(&mut c, 0, &get("job/ready"));
+    assert_eq!(replies(&mut c, 0)[0], REPLY_OK, "no longer a member");
+}
+
+#[test]
+fn a_silent_member_fails_at_its_ttl_unless_the_server_itself_stalled() {
+    let ttl = Duration::from_secs(2);
+    let t0 = Instant::now();
+    let mut c = core();
+    c.begin_turn(t0);
+    member(&mut c, 0, 0, Some(ttl));
+    member(&mut c, 1, 1, Some(ttl));
+    send(&mut c, 0, &wait(&["job/never"]));
+    c.expire_sessions(t0);
+    // Rank 0 keeps alive; rank 1 says nothing.
+    c.begin_turn(t0 + Duration::from_millis(1500));
+    send(&mut c, 0, &[Command::SessionKeepAlive as u8]);
+    assert_eq!(replies(&mut c, 0), [REPLY_OK]);
+    c.expire_sessions(t0 + Duration::from_millis(1500));
+    assert!(replies(&mut c, 0).is_empty());
+    // The server stalls past rank 1's deadline: no one is blamed.
+    let resumed = t0 + Duration::from_secs(30);
+    c.begin_turn(resumed);
+    c.expire_sessions(resumed);
+    assert!(replies(&mut c, 0).is_empty());
+    // A TTL after the stall, rank 1 has still said nothing.
+    c.begin_turn(resumed + Duration::from_millis(1900));
+    send(&mut c, 0, &[Command::SessionKeepAlive as u8]);
+    assert_eq!(replies(&mut c, 0), [REPLY_OK]);
+    c.expire_sessions(resumed + Duration::from_millis(1900));
+    c.begin_turn(resumed + ttl);
+    c.expire_sessions(resumed + ttl);
+    let (code, message) = error_of(&replies(&mut c, 0));
+    assert_eq!(i32::from(code), Status::PeerFailed.code());
+    assert!(
+        message.contains("rank 1") && message.contains("TTL"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_reported_error_reaches_the_others_with_its_message() {
+    let mut c = core();
+    member(&mut c, 0, 0, None);
+    member(&mut c, 1, 1, None);
+    send(&mut c, 1, &wait(&["job/never"]));
+    let report = Encoder::request(Command::SessionReport)
+        .bytes(b"loss is NaN at step 812")
+        .finish();
+    send(&mut c, 0, &report);
+    assert_eq!(replies(&mut c, 0), [REPLY_OK]);
+    let (_, message) = error_of(&replies(&mut c, 1));
+    assert!(message.contains("rank 0") && message.contains("loss is NaN at step 812"));
+}
+
+#[test]
+fn sessions_need_version_2_and_a_well_formed_spec() {
+    let mut c = core();
+    open(&mut c, 0);
+    let refused = c.receive(0, &session_open(&spec(0, None))).unwrap_err();
+    assert_eq!(refused.0, Refusal::Malformed);
+    open_v2(&mut c, 1);
+    let garbage = Encoder::request(Command::SessionOpen)
+        .bytes(b"not a spec")
+        .finish();
+    send(&mut c, 1, &garbage);
+    let (code, _) = error_of(&replies(&mut c, 1));
+    assert_eq!(i32::from(code), Status::InvalidArgument.code());
+    let mut out_of_range = spec(5, None);
+    out_of_range.world_size = Some(2);
+    send(&mut c, 1, &session_open(&out_of_range));
+    assert_eq!(error_of(&replies(&mut c, 1)).0, code, "rank 5 of 2");
+    send(&mut c, 1, &[Command::SessionKeepAlive as u8]);
+    let (code, message) = error_of(&replies(&mut c, 1));
+    assert_eq!(i32::from(code), Status::InvalidState.code());
+    assert!(message.contains("no session"), "{message}");
+    // The connection still serves.
+    send(&mut c, 1, &get("job/x"));
+    assert_eq!(replies(&mut c, 1)[0], REPLY_OK);
+}
+
+#[test]
+fn a_spec_round_trips_and_anything_else_is_refused() {
+    let full = spec(1, Some(Duration::from_millis(1500)));
+    assert_eq!(SessionSpec::decode(&full.encode(), 64), Some(full.clone()));
+    assert_eq!(
+        SessionSpec::decode(&full.encode(), 3),
+        None,
+        "group too long"
+    );
+    let bytes = full.encode();
+    for cut in 0..bytes.len() {
+        assert_eq!(SessionSpec::decode(&bytes[..cut], 64), None, "cut at {cut}");
+    }
+    let mut long_host = full;
+    long_host.host = "h".repeat(SessionSpec::MAX_HOST_LEN + 1);
+    assert_eq!(SessionSpec::decode(&long_host.encode(), 64), None);
+}
