@@ -7,5 +7,5 @@ pub mod parser;
 pub mod protocol;
 pub mod server;
 
-pub use client::{OpCounter, TcpStore, TcpStoreOptions};
+pub use client::{OpCounter, SessionOptions, TcpStore, TcpStoreOptions};
 pub use server::{Quotas, Server, ServerBackend, ServerOptions, ServerStats};

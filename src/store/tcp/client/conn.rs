@@ -95,6 +95,8 @@ pub(crate) struct Conn {
     /// that writes told (that request's own outcome was returned): the
     /// next request fails with it before it is sent.
     failed_writes: Option<Error>,
+    /// The liveness session this (spare) connection is attached to.
+    pub(crate) attached: Option<u64>,
 }
 
 fn resolve(host: &str, port: u16) -> Result<Vec<SocketAddr>> {
@@ -213,6 +215,7 @@ impl Conn {
                 unacknowledged: 0,
                 broken: false,
                 failed_writes: None,
+                attached: None,
             };
             match conn.handshake(endpoint.secret.as_ref(), deadline) {
                 Ok(()) => return Ok(conn),

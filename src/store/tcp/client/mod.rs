@@ -29,18 +29,20 @@ mod conn;
 mod counters;
 mod plan;
 mod reply;
+mod session;
 mod store;
 mod waiter;
 
 pub use counters::OpCounter;
-pub use store::{TcpStore, TcpStoreOptions};
+pub use store::{SessionOptions, TcpStore, TcpStoreOptions};
 
 pub(crate) use conn::{deadline_of, Conn, Deadline, Dialect, Endpoint};
 pub(crate) use plan::Plan;
 use plan::{grace_deadline, Next};
 pub(crate) use reply::{Reply, Shape};
 
-use super::protocol::Limits;
+use self::session::Membership;
+use super::protocol::{Limits, SessionSpec};
 use crate::error::{Error, Result, Status};
 use crate::work::{Promise, Work};
 
@@ -58,6 +60,9 @@ pub(crate) struct Connections {
     spares: Arc<Mutex<Vec<Conn>>>,
     /// What the last connection learned of the server.
     dialect: Mutex<(Dialect, Limits)>,
+    /// This handle's liveness session (docs/liveness.md). Never locked
+    /// while waiting for the primary's lock.
+    membership: Mutex<Membership>,
 }
 
 impl Connections {
@@ -71,6 +76,7 @@ impl Connections {
             primary_unfenced: AtomicBool::new(false),
             spares: Arc::default(),
             dialect: Mutex::new(dialect),
+            membership: Mutex::default(),
         })
     }
 
@@ -111,6 +117,7 @@ impl Connections {
         deadline: Deadline,
         f: impl FnOnce(&mut Conn) -> Result<T>,
     ) -> Result<T> {
+        self.membership.lock().check()?;
         let mut slot = self.lock_primary(deadline)?;
         // A connection the server closed while idle (a restart) is replaced
         // before anything is sent on it: that is not a retry. Unless it
@@ -125,6 +132,11 @@ impl Connections {
                     return Err(lost);
                 }
             }
+        }
+        if slot.is_none() {
+            // The session it carried, if any, ended with it.
+            let server = format!("{}:{}", self.endpoint.host, self.endpoint.port);
+            self.membership.lock().primary_lost(&server)?;
         }
         let conn = match &mut *slot {
             Some(conn) => conn,
@@ -178,15 +190,73 @@ impl Connections {
         result
     }
 
+    /// A spare connection, idle or new, attached to the handle's session if
+    /// it has one (so the server fails its waits with the group).
     fn take_spare(&self, deadline: Deadline) -> Result<Conn> {
+        let session = {
+            let membership = self.membership.lock();
+            membership.check()?;
+            membership.id()
+        };
         let idle = self.spares.lock().pop();
-        match idle {
+        let mut conn = match idle {
             Some(mut conn) => match conn.check_open() {
-                Ok(()) => Ok(conn),
+                Ok(()) => conn,
                 // Closed while idle (a restarted server): nothing was sent yet.
-                Err(_) => self.open(deadline),
+                Err(_) => self.open(deadline)?,
             },
-            None => self.open(deadline),
+            None => self.open(deadline)?,
+        };
+        match session::attach(&mut conn, session, deadline) {
+            // The server knows no such session: it ended with the
+            // primary connection (a restarted server, a lost connection).
+            Err(e) if e.status() == Status::InvalidState => {
+                let server = format!("{}:{}", self.endpoint.host, self.endpoint.port);
+                self.membership.lock().primary_lost(&server)?;
+                Err(e)
+            }
+            attached => attached.map(|()| conn),
+        }
+    }
+
+    /// Opens a liveness session of `spec` on the primary connection, by
+    /// `deadline`; spares attach as they are taken.
+    pub(crate) fn open_session(&self, spec: &SessionSpec, deadline: Deadline) -> Result<()> {
+        if !matches!(*self.membership.lock(), Membership::None) {
+            return Err(Error::new(
+                Status::InvalidState,
+                "this handle has a session already: close it first",
+            ));
+        }
+        let id = self.with_primary(deadline, |c| {
+            if c.dialect() != Dialect::Distcore {
+                return Err(Error::not_supported(
+                    "sessions need a distcore server (this one speaks only PyTorch's protocol)",
+                ));
+            }
+            session::open(c, spec, deadline)
+        })?;
+        *self.membership.lock() = Membership::Open {
+            id,
+            group: spec.group.clone(),
+        };
+        Ok(())
+    }
+
+    /// Ends the handle's session: gracefully, or with the process's own
+    /// error `report`, which fails its group. A session lost with its
+    /// connection is only forgotten (the server ended it already).
+    pub(crate) fn end_session(&self, report: Option<&str>, deadline: Deadline) -> Result<()> {
+        let previous = std::mem::take(&mut *self.membership.lock());
+        match previous {
+            Membership::None => Err(Error::new(
+                Status::InvalidState,
+                "this handle has no session",
+            )),
+            Membership::Lost(_) => Ok(()),
+            Membership::Open { .. } => {
+                self.with_primary(deadline, |c| session::end(c, report, deadline))
+            }
         }
     }
 

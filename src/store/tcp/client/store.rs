@@ -22,7 +22,7 @@ use crate::runtime::timeout::DEFAULT_STORE_TIMEOUT;
 use crate::security::access::{AccessPolicy, Network};
 use crate::security::auth::Secret;
 use crate::security::tls::{TlsClient, TlsServer};
-use crate::store::tcp::protocol::{self, Command, Encoder, Limits, READY};
+use crate::store::tcp::protocol::{self, Command, Encoder, Limits, SessionSpec, READY};
 use crate::store::tcp::server::{Quotas, Server, ServerOptions};
 use crate::store::tcp::OpCounter;
 use crate::store::{check_multi_set_lengths, Store};
@@ -77,6 +77,57 @@ pub struct TcpStoreOptions {
     pub tls_client: Option<TlsClient>,
     /// Server: what all clients together may make it hold.
     pub quotas: Quotas,
+}
+
+/// A liveness session of a handle's process (docs/liveness.md): when a
+/// member of its group fails, the blocked and later calls of every other
+/// member fail at once with [`Status::PeerFailed`](crate::Status::PeerFailed),
+/// naming it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// The group: the job (a key prefix, by convention).
+    pub group: String,
+    /// This process's rank in it.
+    pub rank: u32,
+    /// How many members the group has, if known (the rank must be below).
+    pub world_size: Option<u32>,
+    /// New for every start of the process; a newer one of the same rank
+    /// fences an older. Default: the wall clock in nanoseconds.
+    pub incarnation: u64,
+}
+
+impl SessionOptions {
+    /// A session of `rank` in `group`, with a fresh incarnation.
+    pub fn new(group: impl Into<String>, rank: u32) -> SessionOptions {
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |t| t.as_nanos() as u64);
+        SessionOptions {
+            group: group.into(),
+            rank,
+            world_size: None,
+            incarnation,
+        }
+    }
+
+    /// What SESSION_OPEN carries: these options, this process's pid and
+    /// host. No TTL: the connection tells (a crash is seen at once).
+    fn spec(&self) -> SessionSpec {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default();
+        let mut host = host;
+        host.truncate(SessionSpec::MAX_HOST_LEN);
+        SessionSpec {
+            group: self.group.as_bytes().to_vec(),
+            rank: self.rank,
+            world_size: self.world_size,
+            incarnation: self.incarnation,
+            ttl: None,
+            host,
+            pid: std::process::id(),
+        }
+    }
 }
 
 impl Default for TcpStoreOptions {
@@ -237,6 +288,44 @@ impl TcpStore {
             .call("server_metrics", &[], &[], request, Shape::Values(1))?
             .into_value();
         Ok(String::from_utf8_lossy(&text).into_owned())
+    }
+
+    /// Opens a liveness session of this process on the handle
+    /// (docs/liveness.md): from then on, when another member of its group
+    /// fails, every blocked and later call of this handle fails at once
+    /// with [`Status::PeerFailed`](crate::Status::PeerFailed) naming it;
+    /// and when this process dies, the others are told. NotSupported on a
+    /// PyTorch server; InvalidState if the handle has a session; PeerFailed
+    /// if the group has lost a member already.
+    pub fn open_session(&self, options: &SessionOptions) -> Result<()> {
+        let spec = options.spec();
+        if spec.world_size.is_some_and(|n| spec.rank >= n) {
+            return Err(Error::invalid_argument(format!(
+                "rank {} is not below the world size {}",
+                spec.rank,
+                spec.world_size.unwrap_or(0)
+            )));
+        }
+        self.timed("open_session", || {
+            self.conns.open_session(&spec, self.deadline())
+        })
+    }
+
+    /// Closes the handle's session gracefully: the group is not failed.
+    /// InvalidState if it has none.
+    pub fn close_session(&self) -> Result<()> {
+        self.timed("close_session", || {
+            self.conns.end_session(None, self.deadline())
+        })
+    }
+
+    /// Ends the handle's session with this process's own error: every
+    /// other member of the group is told, with `message`, as a failure of
+    /// this rank. InvalidState if it has no session.
+    pub fn report_error(&self, message: &str) -> Result<()> {
+        self.timed("report_error", || {
+            self.conns.end_session(Some(message), self.deadline())
+        })
     }
 
     /// Counts this handle in `init/`; on the server, then blocks until the

@@ -1,0 +1,218 @@
+//! Liveness sessions with real processes (docs/liveness.md): a member
+//! that is killed, or that reports an error, fails every other member's
+//! blocked calls at once — a get or a barrier waiting on it returns
+//! PeerFailed naming it, long before its timeout — and a member that
+//! leaves gracefully fails nobody.
+//!
+//! The members are this test binary run again (`member_process`, which
+//! does nothing unless DISTCORE_TEST_MEMBER is set).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use distcore::store::tcp::SessionOptions;
+use distcore::store::{Store, TcpStore, TcpStoreOptions};
+use distcore::Status;
+
+mod common;
+use common::Serve;
+
+/// Far longer than any of these tests takes: a call that returns an
+/// error other than its timeout returned because of the failure.
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn handle(port: u16) -> TcpStore {
+    TcpStore::new(TcpStoreOptions {
+        port,
+        timeout: TIMEOUT,
+        ..TcpStoreOptions::default()
+    })
+    .unwrap()
+}
+
+fn member(group: &str, rank: u32) -> SessionOptions {
+    SessionOptions {
+        world_size: Some(3),
+        ..SessionOptions::new(group, rank)
+    }
+}
+
+/// Rank 1 of `group` in another process: opens its session on the server
+/// at `port`, says "member ready", then, once told "go" on its standard
+/// input, does what `then` says ("sleep", "report", "close"), says
+/// "member done" and sleeps.
+fn spawn_member(
+    port: u16,
+    group: &str,
+    then: &str,
+) -> (Child, BufReader<std::process::ChildStdout>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "member_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("DISTCORE_TEST_MEMBER", format!("{port} {group} {then}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("member ready") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the member exited");
+    }
+    (child, out)
+}
+
+/// Tells a member to go on.
+fn go(member: &mut Child) {
+    use std::io::Write;
+    writeln!(member.stdin.as_mut().unwrap(), "go").unwrap();
+}
+
+#[test]
+fn member_process() {
+    let Ok(spec) = std::env::var("DISTCORE_TEST_MEMBER") else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split(' ').collect();
+    let store = handle(parts[0].parse().unwrap());
+    store.open_session(&member(parts[1], 1)).unwrap();
+    println!("member ready");
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).unwrap();
+    match parts[2] {
+        "report" => store.report_error("loss is NaN at step 812").unwrap(),
+        "close" => store.close_session().unwrap(),
+        _ => {}
+    }
+    println!("member done");
+    thread::sleep(TIMEOUT);
+}
+
+/// Rank 0's blocked get and rank 2's blocked barrier (the third never
+/// comes) in `group`, each on a handle of its own: their outcomes, once
+/// `fail` has been done to rank 1.
+fn blocked_calls_when(
+    group: &str,
+    then: &str,
+    fail: impl FnOnce(&mut Child),
+) -> Vec<distcore::Error> {
+    let server = Serve::start();
+    let (mut rank1, _out) = spawn_member(server.port, group, then);
+    let mut waiting = Vec::new();
+    for rank in [0, 2] {
+        let store = Arc::new(handle(server.port));
+        store.open_session(&member(group, rank)).unwrap();
+        waiting.push(thread::spawn(move || match rank {
+            0 => store.get("never-set").map(drop),
+            _ => store.barrier("b", 3, Some(TIMEOUT)),
+        }));
+    }
+    // Both calls are blocked by now, or will find the group failed.
+    thread::sleep(Duration::from_millis(200));
+    let failed = std::time::Instant::now();
+    fail(&mut rank1);
+    let outcomes: Vec<distcore::Error> = waiting
+        .into_iter()
+        .map(|t| {
+            t.join()
+                .unwrap()
+                .expect_err("the call returned without the key")
+        })
+        .collect();
+    println!(
+        "{group}: every blocked call returned {:?} after rank 1 failed",
+        failed.elapsed()
+    );
+    let _ = rank1.kill();
+    let _ = rank1.wait();
+    outcomes
+}
+
+#[test]
+fn a_killed_member_fails_every_blocked_call_of_the_others_at_once_naming_it() {
+    let mut pid = 0;
+    let errors = blocked_calls_when("killed/", "sleep", |rank1| {
+        pid = rank1.id();
+        rank1.kill().unwrap();
+    });
+    for e in errors {
+        assert_eq!(e.status(), Status::PeerFailed, "{e}");
+        let message = e.message();
+        for part in [
+            "rank 1".to_string(),
+            "'killed/'".into(),
+            format!("pid {pid}"),
+            "connection was lost".into(),
+        ] {
+            assert!(message.contains(&part), "{part}: {message}");
+        }
+    }
+}
+
+#[test]
+fn a_reported_error_reaches_the_others_with_its_message() {
+    let errors = blocked_calls_when("reported/", "report", go);
+    for e in errors {
+        assert_eq!(e.status(), Status::PeerFailed, "{e}");
+        assert!(
+            e.message().contains("it reported: loss is NaN at step 812"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn a_member_that_leaves_gracefully_fails_nobody() {
+    let server = Serve::start();
+    let (mut rank1, mut out) = spawn_member(server.port, "left/", "close");
+    go(&mut rank1);
+    let mut line = String::new();
+    while !line.contains("member done") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0);
+    }
+    rank1.kill().unwrap();
+    rank1.wait().unwrap();
+    let store = handle(server.port);
+    store.open_session(&member("left/", 0)).unwrap();
+    store.set("k", b"v").unwrap();
+    assert_eq!(store.get("k").unwrap(), b"v");
+    store.close_session().unwrap();
+    assert_eq!(
+        store.close_session().unwrap_err().status(),
+        Status::InvalidState
+    );
+}
+
+#[test]
+fn a_handle_whose_own_connection_was_lost_fails_its_calls_until_it_closes() {
+    let server = Serve::start();
+    let store = handle(server.port);
+    store.open_session(&member("restarted/", 0)).unwrap();
+    store.set("k", b"v").unwrap();
+    assert_eq!(store.get("k").unwrap(), b"v", "the set acknowledged");
+    // The server goes away and comes back on the same port: this
+    // process's session ended with the connection.
+    let port = server.port;
+    drop(server);
+    let again = Serve::start_with(None, &["--port", &port.to_string()]);
+    let lost = store.get("k").unwrap_err();
+    assert_eq!(lost.status(), Status::PeerFailed, "{lost}");
+    assert!(lost.message().contains("this process's session"), "{lost}");
+    assert_eq!(
+        store.check(&["k"]).unwrap_err().status(),
+        Status::PeerFailed
+    );
+    store.close_session().unwrap();
+    assert!(!store.check(&["k"]).unwrap(), "a new server, no keys");
+    store.open_session(&member("restarted/", 0)).unwrap();
+    drop(again);
+}
