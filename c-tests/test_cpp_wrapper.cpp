@@ -435,6 +435,24 @@ void test_tcp_store() {
   EXPECT(no_server.status() == DC_ERR_INVALID_ARGUMENT);
   client.wait_for_workers();  // no world size: nothing to wait for
 
+  // Liveness sessions: a member's reported error reaches another member's
+  // blocked get as PeerFailedError carrying it.
+  {
+    distcore::TCPStore member = client.clone();
+    client.open_session("cpp-job/", 0, 2);
+    member.open_session("cpp-job/", 1, 2);
+    std::thread reporter([&member] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      member.report_error("out of memory on rank 1");
+    });
+    auto failed = EXPECT_THROW(distcore::PeerFailedError, client.get("cpp-job/never-set"));
+    reporter.join();
+    EXPECT(failed.status() == DC_ERR_PEER_FAILED);
+    EXPECT(std::string(failed.what()).find("out of memory on rank 1") != std::string::npos);
+    client.close_session();
+    EXPECT_THROW(distcore::InvalidState, member.close_session());
+  }
+
   // A TCPStore clone is a TCPStore (a new connection).
   distcore::TCPStore clone = client.clone();
   EXPECT(clone.port() == port && clone.get("k") == "w");

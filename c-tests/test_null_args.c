@@ -135,6 +135,17 @@ int main(void) {
   NULL_ARG(dc_tcp_store_counters(NULL, counters, 1, &n_counters));
   NULL_ARG(dc_tcp_store_counters(s, NULL, 1, &n_counters));
   NULL_ARG(dc_tcp_store_counters(s, counters, 1, NULL));
+  dc_session_options session;
+  NULL_ARG(dc_session_options_init(NULL, sizeof(dc_session_options)));
+  CHECK_OK(dc_session_options_init(&session, sizeof session));
+  session.rank = 0;
+  NULL_ARG(dc_tcp_store_open_session(s, &session)); /* group NULL */
+  session.group = "g/";
+  NULL_ARG(dc_tcp_store_open_session(NULL, &session));
+  NULL_ARG(dc_tcp_store_open_session(s, NULL));
+  NULL_ARG(dc_tcp_store_close_session(NULL));
+  NULL_ARG(dc_tcp_store_report_error(NULL, "m"));
+  NULL_ARG(dc_tcp_store_report_error(s, NULL));
 
   /* Elastic helpers. */
   NULL_ARG(dc_elastic_barrier(NULL, 1, "b", 10));

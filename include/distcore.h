@@ -15,7 +15,9 @@
  *   handle made before fork(), DC_ERR_INVALID_STATE (see below). A
  *   TCPStore call that reconnects may return DC_ERR_PERMISSION_DENIED (the
  *   server and this handle do not share a secret), and a write may return
- *   DC_ERR_QUOTA_EXCEEDED (past the server's quota of keys or bytes). Out
+ *   DC_ERR_QUOTA_EXCEEDED (past the server's quota of keys or bytes); a
+ *   TCPStore call of a handle with a liveness session (since 1.4) may
+ *   return DC_ERR_PEER_FAILED (another member of its group failed). Out
  *   parameters are written only on success.
  * - Lifetimes: strings and bytes passed in are read during the call only
  *   (copied when kept): they may be freed when the call returns. Bytes out
@@ -399,6 +401,26 @@ typedef struct {
   // Forks known to this worker as an owner.
   uint64_t num_forks;
 } dc_rref_debug_info;
+
+// Since 1.4. Options of `dc_tcp_store_open_session`. Initialise with
+// `dc_session_options_init(&opts, sizeof opts)`, then set `group` and
+// `rank`. Fields are only ever appended (see `dc_tcp_store_options`).
+typedef struct {
+  // `sizeof(dc_session_options)` in the caller's header; set by
+  // `dc_session_options_init`.
+  size_t struct_size;
+  // The group: the job, by convention its key prefix (NUL-terminated
+  // UTF-8, required; read during the call only).
+  const char *group;
+  // This process's rank in the group (required: 0 or more).
+  int32_t rank;
+  // How many members the group has (the rank must be below it); -1:
+  // unknown.
+  int32_t world_size;
+  // New for every start of the process: a newer one of the same rank
+  // fences an older. 0: a fresh one (the wall clock in nanoseconds).
+  uint64_t incarnation;
+} dc_session_options;
 
 // Options of `dc_tcp_store_new`, mirroring torch.distributed.TCPStore's
 // arguments. Initialise with `dc_tcp_store_options_init(&opts, sizeof
@@ -876,6 +898,52 @@ dc_status dc_rref_is_owner(const dc_rref *rref, bool *out);
 //
 // Errors: only the common ones. Never blocks.
 dc_status dc_rref_confirmed_by_owner(const dc_rref *rref, bool *out);
+
+// Since 1.4. Fills `opts` with the defaults: no group and no rank (both
+// must be set), world size unknown, a fresh incarnation. `struct_size` is
+// `sizeof(dc_session_options)` as the caller's header has it.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a NULL `opts` or a `struct_size`
+// no distcore header had. Never blocks.
+dc_status dc_session_options_init(dc_session_options *opts, size_t struct_size);
+
+// Since 1.4. Opens a liveness session of this process on the TCPStore
+// handle (docs/liveness.md): from then on, when another member of the
+// group fails (its process dies, reports an error, or a newer incarnation
+// of its rank opens), every blocked and later call of this handle fails at
+// once with DC_ERR_PEER_FAILED, its message naming the member (rank,
+// group, host, pid, incarnation), why, and when it was last heard from;
+// and when this process dies, the others are told. If the handle's
+// connection to the server is lost, so is the session: the handle's calls
+// then fail with DC_ERR_PEER_FAILED until dc_tcp_store_close_session.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT for a NULL or wrongly sized `opts`, a
+// NULL group, a negative rank, a world size not above the rank, or a
+// `store` that is not a TCPStore; DC_ERR_NOT_SUPPORTED from a PyTorch
+// server; DC_ERR_INVALID_STATE if the handle has a session already, or
+// the rank is live in the group with the same or a newer incarnation;
+// DC_ERR_PEER_FAILED if the group has lost a member already; those of a
+// call (DC_ERR_TIMEOUT, DC_ERR_NETWORK). Blocks for one round trip, at
+// most the store's timeout.
+dc_status dc_tcp_store_open_session(const dc_store *store, const dc_session_options *opts);
+
+// Since 1.4. Closes the handle's session gracefully: the group is not
+// failed. A session lost with the handle's connection is only forgotten.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` is NULL or not a
+// TCPStore; DC_ERR_INVALID_STATE if the handle has no session; those of a
+// call. Blocks for one round trip, at most the store's timeout.
+dc_status dc_tcp_store_close_session(const dc_store *store);
+
+// Since 1.4. Ends the handle's session with this process's own error:
+// every other member of the group is told, as a failure of this rank
+// carrying `message` (NUL-terminated UTF-8, read during the call only).
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` or `message` is NULL or
+// `store` is not a TCPStore; DC_ERR_INVALID_STATE if the handle has no
+// session; those of a call. Blocks for one round trip, at most the
+// store's timeout.
+dc_status dc_tcp_store_report_error(const dc_store *store, const char *message);
 
 // Creates an empty in-process store (c10d's HashStore), shared by every
 // thread that uses the handle or its clones. Default timeout 300 s.

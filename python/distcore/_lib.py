@@ -88,6 +88,17 @@ class TcpStoreOptions(Structure):
     tls_server_name: bytes | None
 
 
+class SessionOptions(Structure):
+    """dc_session_options (since 1.4)"""
+    _fields_ = [("struct_size", c_size_t), ("group", c_char_p), ("rank", c_int32), ("world_size", c_int32),
+                ("incarnation", c_uint64)]
+    struct_size: int
+    group: bytes | None
+    rank: int
+    world_size: int
+    incarnation: int
+
+
 class EtcdStoreOptions(Structure):
     """dc_etcd_store_options"""
     _fields_ = [("struct_size", c_size_t), ("endpoints", POINTER(c_char_p)), ("num_endpoints", c_size_t),
@@ -232,6 +243,10 @@ SIGNATURES: dict[str, tuple[list[_CType], _CType | None]] = {
     "dc_tcp_store_counters": ([_h, POINTER(ClientCounter), c_size_t, POINTER(c_size_t)], _status),
     "dc_tcp_store_server_stats": ([_h, POINTER(ServerStats)], _status),
     "dc_tcp_store_server_metrics": ([_h, POINTER(Buf)], _status),
+    "dc_session_options_init": ([POINTER(SessionOptions), c_size_t], _status),
+    "dc_tcp_store_open_session": ([_h, POINTER(SessionOptions)], _status),
+    "dc_tcp_store_close_session": ([_h], _status),
+    "dc_tcp_store_report_error": ([_h, c_char_p], _status),
     # works
     "dc_work_new": ([c_int32, c_int32, c_char_p, c_int64, _out_h], _status),
     "dc_work_new_future": ([_out_h], _status),

@@ -16,8 +16,8 @@ from datetime import timedelta
 from ctypes import c_bool, c_int64, c_size_t, c_uint16, c_void_p
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from ._lib import (Buf, BufArray, ClientCounter, EtcdStoreOptions, ServerStats, TcpStoreOptions, check, lib, take_array,
-                   take_buf)
+from ._lib import (Buf, BufArray, ClientCounter, EtcdStoreOptions, ServerStats, SessionOptions, TcpStoreOptions, check,
+                   lib, take_array, take_buf)
 from ._util import (Closable, FilePath, Timeout, Value, int32_arg, key_arg, keys_arg, ms_to_timedelta, set_guards,
                     store_timeout_ms, value_arg, values_arg)
 from .work import Work
@@ -433,6 +433,33 @@ class TCPStore(Store):
         """Counts this handle in and, on the server, waits until the world
         size is reached (PyTorch's TCPStore::waitForWorkers)."""
         check(lib.dc_tcp_store_wait_for_workers(self._handle))
+
+    def open_session(self, group: str, rank: int, world_size: int | None = None,
+                     incarnation: int | None = None) -> None:
+        """Opens a liveness session of this process on the handle
+        (docs/liveness.md): from then on, when another member of `group`
+        fails (its process dies, reports an error, or is replaced by a newer
+        `incarnation` of its rank), every blocked and later call of this
+        handle raises DistPeerError at once, naming it; and when this
+        process dies, the others are told. `incarnation`: new for every start
+        of the process (None: a fresh one)."""
+        opts = SessionOptions()
+        check(lib.dc_session_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
+        opts.group = group.encode()
+        opts.rank = int32_arg(rank, "rank")
+        opts.world_size = -1 if world_size is None else int32_arg(world_size, "world_size")
+        if incarnation is not None:
+            opts.incarnation = incarnation
+        check(lib.dc_tcp_store_open_session(self._handle, ctypes.byref(opts)))
+
+    def close_session(self) -> None:
+        """Closes the handle's session gracefully: its group is not failed."""
+        check(lib.dc_tcp_store_close_session(self._handle))
+
+    def report_error(self, message: str) -> None:
+        """Ends the handle's session with this process's own error: every
+        other member of the group raises DistPeerError carrying `message`."""
+        check(lib.dc_tcp_store_report_error(self._handle, message.encode()))
 
     def collect_client_counters(self) -> dict[str, dict[str, float]]:
         """Per-operation latency counters of this handle: {op: {"count",

@@ -83,7 +83,8 @@ def test_header_version_matches_the_header():
 STRUCTS = {"dc_buf": _lib.Buf, "dc_buf_array": _lib.BufArray, "dc_tcp_store_options": _lib.TcpStoreOptions,
            "dc_server_stats": _lib.ServerStats, "dc_client_counter": _lib.ClientCounter,
            "dc_rpc_function_entry": _lib.RpcFunctionEntry, "dc_rpc_options": _lib.RpcOptions,
-           "dc_rref_debug_info": _lib.RRefDebugInfo, "dc_etcd_store_options": _lib.EtcdStoreOptions}
+           "dc_rref_debug_info": _lib.RRefDebugInfo, "dc_etcd_store_options": _lib.EtcdStoreOptions,
+           "dc_session_options": _lib.SessionOptions}
 
 
 def test_struct_annotations_name_every_field():

@@ -28,6 +28,7 @@ pub mod elastic;
 pub mod etcd;
 pub mod log;
 pub mod rpc;
+pub mod session;
 pub mod store;
 pub mod tcp;
 pub mod work;

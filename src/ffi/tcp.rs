@@ -354,7 +354,7 @@ fn own_server(store: &Arc<dyn Store>) -> Result<&crate::store::tcp::Server> {
         .ok_or_else(|| Error::invalid_argument("this TCPStore handle runs no server"))
 }
 
-fn tcp(store: &Arc<dyn Store>) -> Result<&TcpStore> {
+pub(super) fn tcp(store: &Arc<dyn Store>) -> Result<&TcpStore> {
     (**store)
         .as_any()
         .downcast_ref::<TcpStore>()

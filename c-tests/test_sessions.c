@@ -1,0 +1,109 @@
+/* Liveness sessions from C (docs/liveness.md): a member process that dies
+ * fails the other members' blocked calls at once with DC_ERR_PEER_FAILED,
+ * naming it; one that reports an error reaches them with its message; the
+ * options are checked. The members are fork()ed children with handles of
+ * their own. */
+#include <signal.h>
+#include <stdio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "check.h"
+
+/* Opens rank `rank` of `group` (world size 3) on `store`. */
+static void join(dc_store *store, const char *group, int32_t rank) {
+  dc_session_options opts;
+  CHECK_OK(dc_session_options_init(&opts, sizeof opts));
+  opts.group = group;
+  opts.rank = rank;
+  opts.world_size = 3;
+  CHECK_OK(dc_tcp_store_open_session(store, &opts));
+}
+
+/* Rank 1 in a child: joins `group`, tells the parent on `ready`, then
+ * (once the parent writes a byte on `go`) reports `report` or, with
+ * NULL, kills itself with SIGKILL. */
+static pid_t member(uint16_t port, const char *group, const char *report, int go[2]) {
+  int ready[2];
+  CHECK(pipe(ready) == 0 && pipe(go) == 0);
+  fflush(NULL);
+  pid_t pid = fork();
+  CHECK(pid >= 0);
+  if (pid == 0) {
+    alarm(60);
+    dc_store *store = tcp_store(false, port);
+    join(store, group, 1);
+    CHECK(write(ready[1], "r", 1) == 1);
+    char c;
+    CHECK(read(go[0], &c, 1) == 1);
+    if (report == NULL) {
+      kill(getpid(), SIGKILL);
+    }
+    CHECK_OK(dc_tcp_store_report_error(store, report));
+    pause();
+    _exit(0);
+  }
+  char c;
+  CHECK(read(ready[0], &c, 1) == 1);
+  close(ready[0]);
+  close(ready[1]);
+  return pid;
+}
+
+/* Rank 0 blocks in a get on `group` (a key never set) while rank 1 (a
+ * child) fails as `report` says: the get returns DC_ERR_PEER_FAILED with
+ * a message holding `expect`. */
+static void blocked_get_fails(uint16_t port, const char *group, const char *report,
+                              const char *expect) {
+  dc_store *store = tcp_store(false, port);
+  join(store, group, 0);
+  int go[2];
+  pid_t pid = member(port, group, report, go);
+  CHECK(write(go[1], "g", 1) == 1);
+  dc_buf value = {0};
+  CHECK_STATUS(dc_store_get(store, "never-set", &value), DC_ERR_PEER_FAILED);
+  const char *message = dc_last_error_message();
+  char pid_text[32];
+  snprintf(pid_text, sizeof pid_text, "pid %d", (int)pid);
+  CHECK(strstr(message, "rank 1") != NULL);
+  CHECK(strstr(message, pid_text) != NULL);
+  CHECK(strstr(message, expect) != NULL);
+  /* Later calls of the group fail the same way; closing does not. */
+  CHECK_STATUS(dc_store_set(store, "k", (const uint8_t *)"v", 1), DC_OK);
+  CHECK_STATUS(dc_store_get(store, "k", &value), DC_ERR_PEER_FAILED);
+  CHECK_OK(dc_tcp_store_close_session(store));
+  kill(pid, SIGKILL);
+  waitpid(pid, NULL, 0);
+  close(go[0]);
+  close(go[1]);
+  dc_store_free(store);
+}
+
+int main(void) {
+  dc_store *server = tcp_store(true, 0);
+  uint16_t port = 0;
+  CHECK_OK(dc_tcp_store_port(server, &port));
+
+  blocked_get_fails(port, "killed/", NULL, "connection was lost");
+  blocked_get_fails(port, "reported/", "loss is NaN", "it reported: loss is NaN");
+
+  /* Options are checked before anything is sent. */
+  dc_session_options opts;
+  CHECK_OK(dc_session_options_init(&opts, sizeof opts));
+  CHECK_STATUS(dc_tcp_store_open_session(server, &opts), DC_ERR_INVALID_ARGUMENT);
+  opts.group = "job/";
+  CHECK_STATUS(dc_tcp_store_open_session(server, &opts), DC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(dc_last_error_message(), "rank") != NULL);
+  opts.rank = 3;
+  opts.world_size = 3;
+  CHECK_STATUS(dc_tcp_store_open_session(server, &opts), DC_ERR_INVALID_ARGUMENT);
+  opts.struct_size = 3;
+  CHECK_STATUS(dc_tcp_store_open_session(server, &opts), DC_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(dc_tcp_store_close_session(server), DC_ERR_INVALID_STATE);
+  /* A session that leaves gracefully. */
+  join(server, "job/", 0);
+  CHECK_OK(dc_tcp_store_close_session(server));
+  dc_store_free(server);
+  puts("sessions ok");
+  return 0;
+}

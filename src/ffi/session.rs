@@ -1,0 +1,153 @@
+//! `dc_tcp_store_*_session`: liveness sessions (docs/liveness.md) on a
+//! TCPStore handle, since 1.4.
+
+use std::ffi::c_char;
+
+use super::store::{dc_store, store_arg};
+use super::tcp::tcp;
+use super::{arg_str, arg_versioned, boundary, dc_status, write_versioned, Versioned};
+use crate::error::{Error, Result};
+use crate::store::tcp::SessionOptions;
+
+/// Since 1.4. Options of `dc_tcp_store_open_session`. Initialise with
+/// `dc_session_options_init(&opts, sizeof opts)`, then set `group` and
+/// `rank`. Fields are only ever appended (see `dc_tcp_store_options`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct dc_session_options {
+    /// `sizeof(dc_session_options)` in the caller's header; set by
+    /// `dc_session_options_init`.
+    pub struct_size: usize,
+    /// The group: the job, by convention its key prefix (NUL-terminated
+    /// UTF-8, required; read during the call only).
+    pub group: *const c_char,
+    /// This process's rank in the group (required: 0 or more).
+    pub rank: i32,
+    /// How many members the group has (the rank must be below it); -1:
+    /// unknown.
+    pub world_size: i32,
+    /// New for every start of the process: a newer one of the same rank
+    /// fences an older. 0: a fresh one (the wall clock in nanoseconds).
+    pub incarnation: u64,
+}
+
+// SAFETY: repr(C), `struct_size: usize` first, one size so far.
+unsafe impl Versioned for dc_session_options {
+    const SIZES: &'static [usize] = &[std::mem::size_of::<dc_session_options>()];
+    const HOW_TO_SET: &'static str =
+        "initialise the options with dc_session_options_init(&opts, sizeof opts)";
+}
+
+fn default_options() -> dc_session_options {
+    dc_session_options {
+        struct_size: std::mem::size_of::<dc_session_options>(),
+        group: std::ptr::null(),
+        rank: -1,
+        world_size: -1,
+        incarnation: 0,
+    }
+}
+
+/// Since 1.4. Fills `opts` with the defaults: no group and no rank (both
+/// must be set), world size unknown, a fresh incarnation. `struct_size` is
+/// `sizeof(dc_session_options)` as the caller's header has it.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for a NULL `opts` or a `struct_size`
+/// no distcore header had. Never blocks.
+#[no_mangle]
+pub unsafe extern "C" fn dc_session_options_init(
+    opts: *mut dc_session_options,
+    struct_size: usize,
+) -> dc_status {
+    boundary("dc_session_options_init", || unsafe {
+        write_versioned(opts, "opts", struct_size, default_options())
+    })
+}
+
+unsafe fn options_arg(opts: *const dc_session_options) -> Result<SessionOptions> {
+    let opts = unsafe { arg_versioned(opts, "opts", default_options()) }?;
+    let group = unsafe { arg_str(opts.group, "opts->group") }?;
+    let rank = u32::try_from(opts.rank).map_err(|_| {
+        Error::invalid_argument(format!(
+            "opts->rank {} is not a rank (0 or more)",
+            opts.rank
+        ))
+    })?;
+    let world_size = match opts.world_size {
+        -1 => None,
+        n => Some(u32::try_from(n).ok().filter(|n| *n > rank).ok_or_else(|| {
+            Error::invalid_argument(format!(
+                "opts->world_size {n} is neither -1 nor above the rank {rank}"
+            ))
+        })?),
+    };
+    let mut options = SessionOptions::new(group, rank);
+    options.world_size = world_size;
+    if opts.incarnation != 0 {
+        options.incarnation = opts.incarnation;
+    }
+    Ok(options)
+}
+
+/// Since 1.4. Opens a liveness session of this process on the TCPStore
+/// handle (docs/liveness.md): from then on, when another member of the
+/// group fails (its process dies, reports an error, or a newer incarnation
+/// of its rank opens), every blocked and later call of this handle fails at
+/// once with DC_ERR_PEER_FAILED, its message naming the member (rank,
+/// group, host, pid, incarnation), why, and when it was last heard from;
+/// and when this process dies, the others are told. If the handle's
+/// connection to the server is lost, so is the session: the handle's calls
+/// then fail with DC_ERR_PEER_FAILED until dc_tcp_store_close_session.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT for a NULL or wrongly sized `opts`, a
+/// NULL group, a negative rank, a world size not above the rank, or a
+/// `store` that is not a TCPStore; DC_ERR_NOT_SUPPORTED from a PyTorch
+/// server; DC_ERR_INVALID_STATE if the handle has a session already, or
+/// the rank is live in the group with the same or a newer incarnation;
+/// DC_ERR_PEER_FAILED if the group has lost a member already; those of a
+/// call (DC_ERR_TIMEOUT, DC_ERR_NETWORK). Blocks for one round trip, at
+/// most the store's timeout.
+#[no_mangle]
+pub unsafe extern "C" fn dc_tcp_store_open_session(
+    store: *const dc_store,
+    opts: *const dc_session_options,
+) -> dc_status {
+    boundary("dc_tcp_store_open_session", || {
+        let store = unsafe { store_arg(store) }?;
+        let options = unsafe { options_arg(opts) }?;
+        tcp(&store)?.open_session(&options)
+    })
+}
+
+/// Since 1.4. Closes the handle's session gracefully: the group is not
+/// failed. A session lost with the handle's connection is only forgotten.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when `store` is NULL or not a
+/// TCPStore; DC_ERR_INVALID_STATE if the handle has no session; those of a
+/// call. Blocks for one round trip, at most the store's timeout.
+#[no_mangle]
+pub unsafe extern "C" fn dc_tcp_store_close_session(store: *const dc_store) -> dc_status {
+    boundary("dc_tcp_store_close_session", || {
+        tcp(&unsafe { store_arg(store) }?)?.close_session()
+    })
+}
+
+/// Since 1.4. Ends the handle's session with this process's own error:
+/// every other member of the group is told, as a failure of this rank
+/// carrying `message` (NUL-terminated UTF-8, read during the call only).
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when `store` or `message` is NULL or
+/// `store` is not a TCPStore; DC_ERR_INVALID_STATE if the handle has no
+/// session; those of a call. Blocks for one round trip, at most the
+/// store's timeout.
+#[no_mangle]
+pub unsafe extern "C" fn dc_tcp_store_report_error(
+    store: *const dc_store,
+    message: *const c_char,
+) -> dc_status {
+    boundary("dc_tcp_store_report_error", || {
+        let store = unsafe { store_arg(store) }?;
+        let message = unsafe { arg_str(message, "message") }?;
+        tcp(&store)?.report_error(message)
+    })
+}
