@@ -10,20 +10,23 @@
 
 #include "check.h"
 
-/* Opens rank `rank` of `group` (world size 3) on `store`. */
-static void join(dc_store *store, const char *group, int32_t rank) {
+/* Opens rank `rank` of `group` (world size 3; a TTL of `ttl_ms`, 0: none)
+ * on `store`. */
+static void join(dc_store *store, const char *group, int32_t rank, int64_t ttl_ms) {
   dc_session_options opts;
   CHECK_OK(dc_session_options_init(&opts, sizeof opts));
   opts.group = group;
   opts.rank = rank;
   opts.world_size = 3;
+  opts.ttl_ms = ttl_ms;
   CHECK_OK(dc_tcp_store_open_session(store, &opts));
 }
 
-/* Rank 1 in a child: joins `group`, tells the parent on `ready`, then
- * (once the parent writes a byte on `go`) reports `report` or, with
- * NULL, kills itself with SIGKILL. */
-static pid_t member(uint16_t port, const char *group, const char *report, int go[2]) {
+/* Rank 1 in a child: joins `group` (with a TTL of `ttl_ms`), tells the
+ * parent on `ready`, then (once the parent writes a byte on `go`) reports
+ * `report` or, with NULL, kills itself with SIGKILL. */
+static pid_t member(uint16_t port, const char *group, const char *report, int64_t ttl_ms,
+                    int go[2]) {
   int ready[2];
   CHECK(pipe(ready) == 0 && pipe(go) == 0);
   fflush(NULL);
@@ -32,7 +35,7 @@ static pid_t member(uint16_t port, const char *group, const char *report, int go
   if (pid == 0) {
     alarm(60);
     dc_store *store = tcp_store(false, port);
-    join(store, group, 1);
+    join(store, group, 1, ttl_ms);
     CHECK(write(ready[1], "r", 1) == 1);
     char c;
     CHECK(read(go[0], &c, 1) == 1);
@@ -51,15 +54,19 @@ static pid_t member(uint16_t port, const char *group, const char *report, int go
 }
 
 /* Rank 0 blocks in a get on `group` (a key never set) while rank 1 (a
- * child) fails as `report` says: the get returns DC_ERR_PEER_FAILED with
- * a message holding `expect`. */
+ * child) fails as `report` says, or, with `ttl_ms`, is frozen (SIGSTOP):
+ * the get returns DC_ERR_PEER_FAILED with a message holding `expect`. */
 static void blocked_get_fails(uint16_t port, const char *group, const char *report,
-                              const char *expect) {
+                              int64_t ttl_ms, const char *expect) {
   dc_store *store = tcp_store(false, port);
-  join(store, group, 0);
+  join(store, group, 0, 0);
   int go[2];
-  pid_t pid = member(port, group, report, go);
-  CHECK(write(go[1], "g", 1) == 1);
+  pid_t pid = member(port, group, report, ttl_ms, go);
+  if (ttl_ms > 0) {
+    CHECK(kill(pid, SIGSTOP) == 0);
+  } else {
+    CHECK(write(go[1], "g", 1) == 1);
+  }
   dc_buf value = {0};
   CHECK_STATUS(dc_store_get(store, "never-set", &value), DC_ERR_PEER_FAILED);
   const char *message = dc_last_error_message();
@@ -84,8 +91,9 @@ int main(void) {
   uint16_t port = 0;
   CHECK_OK(dc_tcp_store_port(server, &port));
 
-  blocked_get_fails(port, "killed/", NULL, "connection was lost");
-  blocked_get_fails(port, "reported/", "loss is NaN", "it reported: loss is NaN");
+  blocked_get_fails(port, "killed/", NULL, 0, "connection was lost");
+  blocked_get_fails(port, "reported/", "loss is NaN", 0, "it reported: loss is NaN");
+  blocked_get_fails(port, "frozen/", NULL, 1000, "within its TTL");
 
   /* Options are checked before anything is sent. */
   dc_session_options opts;
@@ -97,11 +105,15 @@ int main(void) {
   opts.rank = 3;
   opts.world_size = 3;
   CHECK_STATUS(dc_tcp_store_open_session(server, &opts), DC_ERR_INVALID_ARGUMENT);
+  opts.rank = 0;
+  opts.ttl_ms = 10;
+  CHECK_STATUS(dc_tcp_store_open_session(server, &opts), DC_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(dc_last_error_message(), "TTL") != NULL);
   opts.struct_size = 3;
   CHECK_STATUS(dc_tcp_store_open_session(server, &opts), DC_ERR_INVALID_ARGUMENT);
   CHECK_STATUS(dc_tcp_store_close_session(server), DC_ERR_INVALID_STATE);
   /* A session that leaves gracefully. */
-  join(server, "job/", 0);
+  join(server, "job/", 0, 0);
   CHECK_OK(dc_tcp_store_close_session(server));
   dc_store_free(server);
   puts("sessions ok");

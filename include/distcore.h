@@ -420,6 +420,11 @@ typedef struct {
   // New for every start of the process: a newer one of the same rank
   // fences an older. 0: a fresh one (the wall clock in nanoseconds).
   uint64_t incarnation;
+  // The member is failed when nothing arrives from it for this many ms
+  // (a frozen or cut-off process); the handle sends three keep-alives
+  // a TTL from the process's async thread. 0: no TTL, only the
+  // connection tells (a crash). At least 300 when set.
+  int64_t ttl_ms;
 } dc_session_options;
 
 // Options of `dc_tcp_store_new`, mirroring torch.distributed.TCPStore's
@@ -900,7 +905,7 @@ dc_status dc_rref_is_owner(const dc_rref *rref, bool *out);
 dc_status dc_rref_confirmed_by_owner(const dc_rref *rref, bool *out);
 
 // Since 1.4. Fills `opts` with the defaults: no group and no rank (both
-// must be set), world size unknown, a fresh incarnation. `struct_size` is
+// must be set), world size unknown, a fresh incarnation, no TTL. `struct_size` is
 // `sizeof(dc_session_options)` as the caller's header has it.
 //
 // Errors: DC_ERR_INVALID_ARGUMENT for a NULL `opts` or a `struct_size`
@@ -918,14 +923,15 @@ dc_status dc_session_options_init(dc_session_options *opts, size_t struct_size);
 // then fail with DC_ERR_PEER_FAILED until dc_tcp_store_close_session.
 //
 // Errors: DC_ERR_INVALID_ARGUMENT for a NULL or wrongly sized `opts`, a
-// NULL group, a negative rank, a world size not above the rank, or a
-// `store` that is not a TCPStore; DC_ERR_NOT_SUPPORTED from a PyTorch
+// NULL group, a negative rank, a world size not above the rank, a TTL
+// under 300 ms or negative, or a `store` that is not a TCPStore; DC_ERR_NOT_SUPPORTED from a PyTorch
 // server; DC_ERR_INVALID_STATE if the handle has a session already, or
 // the rank is live in the group with the same or a newer incarnation;
 // DC_ERR_PEER_FAILED if the group has lost a member already; those of a
 // call (DC_ERR_TIMEOUT, DC_ERR_NETWORK). Blocks for one round trip, at
 // most the store's timeout.
-dc_status dc_tcp_store_open_session(const dc_store *store, const dc_session_options *opts);
+dc_status dc_tcp_store_open_session(const dc_store *store,
+                                    const dc_session_options *opts);
 
 // Since 1.4. Closes the handle's session gracefully: the group is not
 // failed. A session lost with the handle's connection is only forgotten.

@@ -1007,18 +1007,20 @@ class TCPStore : public Store {
   /// world size is reached. Does nothing without a world size.
   void wait_for_workers() const { distcore::check(dc_tcp_store_wait_for_workers(native_handle())); }
   /// Since 1.4. Opens a liveness session of this process (rank `rank` of
-  /// `group`; `world_size` -1: unknown; `incarnation` 0: a fresh one):
+  /// `group`; `world_size` -1: unknown; `incarnation` 0: a fresh one;
+  /// `ttl_ms` 0: no TTL, only the connection tells):
   /// from then on, when another member fails, every blocked and later call
   /// of this handle throws PeerFailedError at once, naming it
   /// (docs/liveness.md). See dc_tcp_store_open_session.
   void open_session(const std::string& group, int32_t rank, int32_t world_size = -1,
-                    uint64_t incarnation = 0) const {
+                    uint64_t incarnation = 0, int64_t ttl_ms = 0) const {
     dc_session_options o;
     distcore::check(dc_session_options_init(&o, sizeof o));
     o.group = group.c_str();
     o.rank = rank;
     o.world_size = world_size;
     o.incarnation = incarnation;
+    o.ttl_ms = ttl_ms;
     distcore::check(dc_tcp_store_open_session(native_handle(), &o));
   }
   /// Since 1.4. Closes the handle's session gracefully.

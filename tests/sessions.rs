@@ -40,6 +40,16 @@ fn member(group: &str, rank: u32) -> SessionOptions {
     }
 }
 
+/// A TTL short enough for a test, long enough for a loaded machine.
+const TTL: Duration = Duration::from_millis(1500);
+
+fn member_with_ttl(group: &str, rank: u32) -> SessionOptions {
+    SessionOptions {
+        ttl: Some(TTL),
+        ..member(group, rank)
+    }
+}
+
 /// Rank 1 of `group` in another process: opens its session on the server
 /// at `port`, says "member ready", then, once told "go" on its standard
 /// input, does what `then` says ("sleep", "report", "close"), says
@@ -83,7 +93,11 @@ fn member_process() {
     };
     let parts: Vec<&str> = spec.split(' ').collect();
     let store = handle(parts[0].parse().unwrap());
-    store.open_session(&member(parts[1], 1)).unwrap();
+    let options = match parts.get(3) {
+        Some(&"ttl") => member_with_ttl(parts[1], 1),
+        _ => member(parts[1], 1),
+    };
+    store.open_session(&options).unwrap();
     println!("member ready");
     let mut go = String::new();
     std::io::stdin().read_line(&mut go).unwrap();
@@ -215,4 +229,41 @@ fn a_handle_whose_own_connection_was_lost_fails_its_calls_until_it_closes() {
     assert!(!store.check(&["k"]).unwrap(), "a new server, no keys");
     store.open_session(&member("restarted/", 0)).unwrap();
     drop(again);
+}
+
+#[test]
+fn a_frozen_member_fails_the_others_once_its_ttl_passes() {
+    let errors = blocked_calls_when("frozen/", "sleep ttl", |rank1| {
+        let pid = rank1.id() as libc::pid_t;
+        // SAFETY: signals a child of this test by its pid.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    });
+    for e in errors {
+        assert_eq!(e.status(), Status::PeerFailed, "{e}");
+        assert!(
+            e.message()
+                .contains("nothing arrived from it within its TTL"),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn keep_alives_keep_an_idle_member_alive_past_many_ttls() {
+    let server = Serve::start();
+    let (zero, one) = (handle(server.port), handle(server.port));
+    zero.open_session(&member_with_ttl("idle/", 0)).unwrap();
+    one.open_session(&member_with_ttl("idle/", 1)).unwrap();
+    // Neither says anything for three TTLs but through its keep-alives.
+    thread::sleep(TTL * 3);
+    one.set("k", b"v").unwrap();
+    assert_eq!(zero.get("k").unwrap(), b"v");
+    zero.close_session().unwrap();
+    one.close_session().unwrap();
+    let too_short = SessionOptions {
+        ttl: Some(Duration::from_millis(10)),
+        ..member("idle/", 2)
+    };
+    let e = zero.open_session(&too_short).unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument, "{e}");
 }

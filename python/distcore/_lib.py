@@ -91,12 +91,13 @@ class TcpStoreOptions(Structure):
 class SessionOptions(Structure):
     """dc_session_options (since 1.4)"""
     _fields_ = [("struct_size", c_size_t), ("group", c_char_p), ("rank", c_int32), ("world_size", c_int32),
-                ("incarnation", c_uint64)]
+                ("incarnation", c_uint64), ("ttl_ms", c_int64)]
     struct_size: int
     group: bytes | None
     rank: int
     world_size: int
     incarnation: int
+    ttl_ms: int
 
 
 class EtcdStoreOptions(Structure):

@@ -435,14 +435,17 @@ class TCPStore(Store):
         check(lib.dc_tcp_store_wait_for_workers(self._handle))
 
     def open_session(self, group: str, rank: int, world_size: int | None = None,
-                     incarnation: int | None = None) -> None:
+                     incarnation: int | None = None, ttl: timedelta | None = None) -> None:
         """Opens a liveness session of this process on the handle
         (docs/liveness.md): from then on, when another member of `group`
         fails (its process dies, reports an error, or is replaced by a newer
         `incarnation` of its rank), every blocked and later call of this
         handle raises DistPeerError at once, naming it; and when this
         process dies, the others are told. `incarnation`: new for every start
-        of the process (None: a fresh one)."""
+        of the process (None: a fresh one). `ttl`: the member is failed when
+        nothing arrives from it for this long (a frozen or cut-off process;
+        the handle keeps itself alive from the library's async thread);
+        None: only the connection tells (a crash)."""
         opts = SessionOptions()
         check(lib.dc_session_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
         opts.group = group.encode()
@@ -450,6 +453,8 @@ class TCPStore(Store):
         opts.world_size = -1 if world_size is None else int32_arg(world_size, "world_size")
         if incarnation is not None:
             opts.incarnation = incarnation
+        if ttl is not None:
+            opts.ttl_ms = int(ttl.total_seconds() * 1000)
         check(lib.dc_tcp_store_open_session(self._handle, ctypes.byref(opts)))
 
     def close_session(self) -> None:

@@ -1,6 +1,8 @@
 """Liveness sessions from Python (docs/liveness.md): a member process that
 dies or reports an error fails the other members' blocked calls at once
 with DistPeerError naming it."""
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -16,9 +18,9 @@ MEMBER = """
 import os, signal, sys
 from datetime import timedelta
 import distcore
-port, group, report = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+port, group, report, ttl_ms = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 store = distcore.TCPStore("127.0.0.1", port, timeout=timedelta(seconds=60))
-store.open_session(group, 1, world_size=2)
+store.open_session(group, 1, world_size=2, ttl=timedelta(milliseconds=ttl_ms) if ttl_ms else None)
 print("ready", flush=True)
 sys.stdin.readline()
 if report:
@@ -35,8 +37,8 @@ def server():
         yield store
 
 
-def member(port, group, report=""):
-    child = subprocess.Popen([sys.executable, "-c", MEMBER, str(port), group, report],
+def member(port, group, report="", ttl_ms=0):
+    child = subprocess.Popen([sys.executable, "-c", MEMBER, str(port), group, report, str(ttl_ms)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
     return child
@@ -87,3 +89,17 @@ def test_sessions_are_checked_and_leaving_fails_nobody(server):
     server.close_session()
     server.set("k", "v")
     assert server.get("k") == b"v"
+
+
+def test_a_frozen_member_fails_the_others_once_its_ttl_passes(server):
+    store = distcore.TCPStore("127.0.0.1", server.port, timeout=timedelta(seconds=60))
+    store.open_session("frozen/", 0, world_size=2, ttl=timedelta(seconds=1))
+    child = member(server.port, "frozen/", ttl_ms=1000)
+    try:
+        os.kill(child.pid, signal.SIGSTOP)
+        with pytest.raises(distcore.DistPeerError, match="within its TTL"):
+            store.get("never-set")
+    finally:
+        child.kill()
+        child.wait()
+        store.close()

@@ -2,6 +2,7 @@
 //! TCPStore handle, since 1.4.
 
 use std::ffi::c_char;
+use std::time::Duration;
 
 use super::store::{dc_store, store_arg};
 use super::tcp::tcp;
@@ -29,6 +30,11 @@ pub struct dc_session_options {
     /// New for every start of the process: a newer one of the same rank
     /// fences an older. 0: a fresh one (the wall clock in nanoseconds).
     pub incarnation: u64,
+    /// The member is failed when nothing arrives from it for this many ms
+    /// (a frozen or cut-off process); the handle sends three keep-alives
+    /// a TTL from the process's async thread. 0: no TTL, only the
+    /// connection tells (a crash). At least 300 when set.
+    pub ttl_ms: i64,
 }
 
 // SAFETY: repr(C), `struct_size: usize` first, one size so far.
@@ -45,11 +51,12 @@ fn default_options() -> dc_session_options {
         rank: -1,
         world_size: -1,
         incarnation: 0,
+        ttl_ms: 0,
     }
 }
 
 /// Since 1.4. Fills `opts` with the defaults: no group and no rank (both
-/// must be set), world size unknown, a fresh incarnation. `struct_size` is
+/// must be set), world size unknown, a fresh incarnation, no TTL. `struct_size` is
 /// `sizeof(dc_session_options)` as the caller's header has it.
 ///
 /// Errors: DC_ERR_INVALID_ARGUMENT for a NULL `opts` or a `struct_size`
@@ -86,6 +93,14 @@ unsafe fn options_arg(opts: *const dc_session_options) -> Result<SessionOptions>
     if opts.incarnation != 0 {
         options.incarnation = opts.incarnation;
     }
+    options.ttl = match opts.ttl_ms {
+        0 => None,
+        ms => Some(
+            u64::try_from(ms)
+                .map(Duration::from_millis)
+                .map_err(|_| Error::invalid_argument(format!("opts->ttl_ms {ms} is negative")))?,
+        ),
+    };
     Ok(options)
 }
 
@@ -100,8 +115,8 @@ unsafe fn options_arg(opts: *const dc_session_options) -> Result<SessionOptions>
 /// then fail with DC_ERR_PEER_FAILED until dc_tcp_store_close_session.
 ///
 /// Errors: DC_ERR_INVALID_ARGUMENT for a NULL or wrongly sized `opts`, a
-/// NULL group, a negative rank, a world size not above the rank, or a
-/// `store` that is not a TCPStore; DC_ERR_NOT_SUPPORTED from a PyTorch
+/// NULL group, a negative rank, a world size not above the rank, a TTL
+/// under 300 ms or negative, or a `store` that is not a TCPStore; DC_ERR_NOT_SUPPORTED from a PyTorch
 /// server; DC_ERR_INVALID_STATE if the handle has a session already, or
 /// the rank is live in the group with the same or a newer incarnation;
 /// DC_ERR_PEER_FAILED if the group has lost a member already; those of a

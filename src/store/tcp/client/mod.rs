@@ -236,10 +236,27 @@ impl Connections {
             }
             session::open(c, spec, deadline)
         })?;
+        let alive = Arc::new(());
         *self.membership.lock() = Membership::Open {
             id,
             group: spec.group.clone(),
+            _alive: alive.clone(),
         };
+        if let Some(ttl) = spec.ttl {
+            // Three keep-alives a TTL, on a spare of their own, from the
+            // process's waiter thread.
+            let kept = self.take_spare(deadline).and_then(|conn| {
+                waiter::keep_alive(waiter::KeepAlive {
+                    conn,
+                    interval: ttl / 3,
+                    session: Arc::downgrade(&alive),
+                })
+            });
+            if let Err(e) = kept {
+                let _ = self.end_session(None, deadline);
+                return Err(e);
+            }
+        }
         Ok(())
     }
 

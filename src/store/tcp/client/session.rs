@@ -4,6 +4,8 @@
 //! attached to it — and what the handle becomes when the primary carrying
 //! it is lost (the server failed the session: so do the handle's calls).
 
+use std::sync::Arc;
+
 use super::super::protocol::{Command, Encoder, SessionSpec};
 use super::{Conn, Deadline, Shape};
 use crate::error::{Error, Result, Status};
@@ -15,8 +17,14 @@ pub(crate) enum Membership {
     /// No session.
     #[default]
     None,
-    /// Open on the primary connection, with this id and group.
-    Open { id: u64, group: Vec<u8> },
+    /// Open on the primary connection, with this id and group; its
+    /// keep-alives (if it has a TTL) run while `_alive` lives (held, never
+    /// read).
+    Open {
+        id: u64,
+        group: Vec<u8>,
+        _alive: Arc<()>,
+    },
     /// Ended with the primary connection it was opened on: the server
     /// failed it, and every call of the handle fails with this until a
     /// new session is opened or the lost one closed.
@@ -40,9 +48,10 @@ impl Membership {
             let error = Error::new(
                 Status::PeerFailed,
                 format!(
-                    "this process's session in group '{}' ended: its connection to the TCPStore at {server} \
-                     was lost, so the server failed it and told the group; close it, or open a new one \
-                     (a new incarnation)",
+                    "this process's session in group '{}' ended: the TCPStore at {server} closed its \
+                     connection or lost it (its TTL passed, a newer incarnation replaced it, or the network \
+                     or the server failed), so the server failed it and told the group; close it, or open \
+                     a new one (a new incarnation)",
                     printable(group)
                 ),
             );

@@ -31,6 +31,10 @@ use crate::work::Work;
 /// The worker-count key, sent without the `/` prefix (PyTorch's `initKey_`).
 const INIT_KEY: &str = "init/";
 
+/// The shortest session TTL: keep-alives go every third of it, and a
+/// server turn late by its stall grace (100 ms) must not miss one.
+pub const MIN_SESSION_TTL: Duration = Duration::from_millis(300);
+
 /// How to create a [`TcpStore`]; mirrors `torch.distributed.TCPStore(...)`.
 #[derive(Debug, Clone)]
 pub struct TcpStoreOptions {
@@ -94,6 +98,11 @@ pub struct SessionOptions {
     /// New for every start of the process; a newer one of the same rank
     /// fences an older. Default: the wall clock in nanoseconds.
     pub incarnation: u64,
+    /// The member is failed when nothing arrives from it for this long (a
+    /// frozen or cut-off process); the handle sends three keep-alives a
+    /// TTL from the process's waiter thread. `None` (the default): only
+    /// the connection tells (a crash).
+    pub ttl: Option<Duration>,
 }
 
 impl SessionOptions {
@@ -107,11 +116,12 @@ impl SessionOptions {
             rank,
             world_size: None,
             incarnation,
+            ttl: None,
         }
     }
 
     /// What SESSION_OPEN carries: these options, this process's pid and
-    /// host. No TTL: the connection tells (a crash is seen at once).
+    /// host.
     fn spec(&self) -> SessionSpec {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
@@ -123,7 +133,7 @@ impl SessionOptions {
             rank: self.rank,
             world_size: self.world_size,
             incarnation: self.incarnation,
-            ttl: None,
+            ttl: self.ttl,
             host,
             pid: std::process::id(),
         }
@@ -299,6 +309,11 @@ impl TcpStore {
     /// if the group has lost a member already.
     pub fn open_session(&self, options: &SessionOptions) -> Result<()> {
         let spec = options.spec();
+        if spec.ttl.is_some_and(|ttl| ttl < MIN_SESSION_TTL) {
+            return Err(Error::invalid_argument(format!(
+                "a session's TTL must be at least {MIN_SESSION_TTL:?}"
+            )));
+        }
         if spec.world_size.is_some_and(|n| spec.rank >= n) {
             return Err(Error::invalid_argument(format!(
                 "rank {} is not below the world size {}",

@@ -4,10 +4,14 @@
 //! cost a thousand sockets and one thread. An operation its observers give
 //! up on (abort, or every handle dropped) is released at once: its
 //! connection closes, which drops its waiter on the server.
+//!
+//! The same thread keeps the process's liveness sessions alive
+//! ([`KeepAlive`]): a SESSION_KEEPALIVE every interval on a connection
+//! attached to the session, until the session's handle lets go.
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crate::runtime::fork::PerProcess;
@@ -15,8 +19,10 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use parking_lot::Mutex;
 
+use super::super::protocol::{Command, Encoder};
 use super::conn::{Conn, Deadline};
 use super::plan::{grace_deadline, Next, Plan, Step};
+use super::reply::{Exchange, Outcome, Shape};
 use crate::error::{Error, Result};
 use crate::work::Promise;
 
@@ -52,11 +58,34 @@ struct Running {
     cancelled: bool,
 }
 
+/// A liveness session to keep alive: a SESSION_KEEPALIVE every `interval`
+/// on `conn`, a spare attached to the session, for as long as `session`
+/// lives (the handle holds it while the session is open). A refusal (the
+/// session ended, its group failed) or a broken connection ends it: the
+/// handle's own calls learn why.
+pub(crate) struct KeepAlive {
+    pub(crate) conn: Conn,
+    pub(crate) interval: Duration,
+    pub(crate) session: Weak<()>,
+}
+
+/// A keep-alive in progress.
+struct Keeping {
+    job: KeepAlive,
+    /// When the next keep-alive goes.
+    next_at: Instant,
+    /// Bytes of the keep-alive not sent yet.
+    out: Vec<u8>,
+    /// Its reply, while awaited.
+    exchange: Option<Exchange>,
+}
+
 #[derive(Default)]
 struct Inbox {
     next_id: usize,
     submitted: Vec<(usize, AsyncOp)>,
     released: Vec<usize>,
+    keep_alive: Vec<(usize, KeepAlive)>,
 }
 
 struct Waiter {
@@ -79,11 +108,30 @@ fn start() -> std::io::Result<Waiter> {
     Ok(Waiter { inbox, waker })
 }
 
+fn waiter() -> Result<&'static Waiter> {
+    WAITER
+        .get_or_try_init(|| start().map_err(|e| e.to_string()))
+        .map_err(|e| Error::internal(format!("starting the store's async thread: {e}")))
+}
+
+/// Hands the keep-alives of a session to the waiter thread.
+pub(crate) fn keep_alive(job: KeepAlive) -> Result<()> {
+    let waiter = waiter()?;
+    {
+        let mut inbox = waiter.inbox.lock();
+        inbox.next_id += 1;
+        let id = inbox.next_id;
+        inbox.keep_alive.push((id, job));
+    }
+    waiter
+        .waker
+        .wake()
+        .map_err(|e| Error::internal(format!("waking the store's async thread: {e}")))
+}
+
 /// Hands `op` to the waiter thread.
 pub(crate) fn submit(op: AsyncOp) -> Result<()> {
-    let waiter = WAITER
-        .get_or_try_init(|| start().map_err(|e| e.to_string()))
-        .map_err(|e| Error::internal(format!("starting the store's async thread: {e}")))?;
+    let waiter = waiter()?;
     let id = {
         let mut inbox = waiter.inbox.lock();
         inbox.next_id += 1;
@@ -105,6 +153,7 @@ struct EventLoop {
     poll: Poll,
     inbox: Arc<Mutex<Inbox>>,
     running: HashMap<usize, Running>,
+    keeping: HashMap<usize, Keeping>,
 }
 
 impl EventLoop {
@@ -113,6 +162,7 @@ impl EventLoop {
             poll,
             inbox,
             running: HashMap::new(),
+            keeping: HashMap::new(),
         }
     }
 
@@ -132,25 +182,32 @@ impl EventLoop {
             for event in events.iter() {
                 match event.token() {
                     WAKER => self.take_inbox(),
+                    Token(id) if self.keeping.contains_key(&id) => self.keep(id),
                     Token(id) => self.progress(id),
                 }
             }
             self.expire_due();
+            self.keep_due();
         }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        self.running.values().filter_map(|r| r.deadline).min()
+        let ops = self.running.values().filter_map(|r| r.deadline);
+        ops.chain(self.keeping.values().map(|k| k.next_at)).min()
     }
 
     fn take_inbox(&mut self) {
-        let (submitted, released) = {
+        let (submitted, released, keep_alive) = {
             let mut inbox = self.inbox.lock();
             (
                 std::mem::take(&mut inbox.submitted),
                 std::mem::take(&mut inbox.released),
+                std::mem::take(&mut inbox.keep_alive),
             )
         };
+        for (id, job) in keep_alive {
+            self.begin_keeping(id, job);
+        }
         for (id, op) in submitted {
             self.begin(id, op);
         }
@@ -234,6 +291,93 @@ impl EventLoop {
                     let error = running.op.plan.timeout_error(running.op.timeout);
                     self.finish(running, Err(error));
                 }
+            }
+        }
+    }
+
+    fn begin_keeping(&mut self, id: usize, job: KeepAlive) {
+        let fd = job.conn.fd();
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Token(id),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            log::warn!("a session's keep-alives cannot start: registering a socket: {e}");
+            return;
+        }
+        let next_at = Instant::now() + job.interval;
+        let keeping = Keeping {
+            job,
+            next_at,
+            out: Vec::new(),
+            exchange: None,
+        };
+        self.keeping.insert(id, keeping);
+    }
+
+    /// Starts the keep-alives that are due (one at a time per session: a
+    /// server slow to answer the last is not sent another).
+    fn keep_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<usize> = self
+            .keeping
+            .iter()
+            .filter(|(_, k)| k.next_at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let Some(keeping) = self.keeping.get_mut(&id) else {
+                continue;
+            };
+            keeping.next_at = now + keeping.job.interval;
+            if keeping.job.session.strong_count() == 0 {
+                self.stop_keeping(id, None);
+                continue;
+            }
+            if keeping.exchange.is_none() {
+                keeping.out = Encoder::request(Command::SessionKeepAlive).finish();
+                keeping.exchange = Some(keeping.job.conn.exchange(Shape::Ack));
+            }
+            self.keep(id);
+        }
+    }
+
+    /// Sends what is pending of session `id`'s keep-alive and reads its
+    /// reply.
+    fn keep(&mut self, id: usize) {
+        let Some(keeping) = self.keeping.get_mut(&id) else {
+            return;
+        };
+        let conn = &mut keeping.job.conn;
+        let progress = (|| -> Result<Option<Outcome>> {
+            while !keeping.out.is_empty() {
+                let sent = conn.send_now(&keeping.out)?;
+                if sent == 0 {
+                    return Ok(None);
+                }
+                keeping.out.drain(..sent);
+            }
+            conn.flush_now()?;
+            match &mut keeping.exchange {
+                Some(exchange) => conn.pump(exchange),
+                None => Ok(None),
+            }
+        })();
+        match progress {
+            Ok(None) => {}
+            Ok(Some(Outcome::Refused(e))) => self.stop_keeping(id, Some(e)),
+            Ok(Some(_)) => keeping.exchange = None,
+            Err(e) => self.stop_keeping(id, Some(e)),
+        }
+    }
+
+    /// Ends the keep-alives of session `id`: its handle let go, or `why`.
+    fn stop_keeping(&mut self, id: usize, why: Option<Error>) {
+        if let Some(keeping) = self.keeping.remove(&id) {
+            let fd = keeping.job.conn.fd();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            if let Some(why) = why.filter(|_| keeping.job.session.strong_count() > 0) {
+                log::warn!("a session's keep-alives stopped: {}", why.message());
             }
         }
     }

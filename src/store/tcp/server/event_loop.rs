@@ -185,6 +185,9 @@ impl<B: Backend> EventLoop<B> {
             }
             // After the turn's input: keep-alives that arrived count.
             self.core.expire_sessions(now);
+            for (id, refused) in self.core.take_closing() {
+                self.close(conn_token(id), Close::Refused(refused));
+            }
             for id in self.core.take_woken() {
                 self.flush(conn_token(id));
             }

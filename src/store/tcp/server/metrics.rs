@@ -54,10 +54,14 @@ pub(crate) enum Refusal {
     /// A request of a PyTorch client failed, which PyTorch's protocol can
     /// only tell by closing the connection (its server does the same).
     RequestFailed,
+    /// It belonged to a liveness session that failed (its TTL passed, a
+    /// newer incarnation fenced it, it reported an error, or its own
+    /// connection was lost): its process learns so.
+    SessionFailed,
 }
 
 impl Refusal {
-    const ALL: [(Refusal, &'static str); 10] = [
+    const ALL: [(Refusal, &'static str); 11] = [
         (Refusal::NotAllowed, "not_allowed"),
         (Refusal::ConnectionQuota, "connection_quota"),
         (Refusal::OutOfDescriptors, "out_of_descriptors"),
@@ -68,6 +72,7 @@ impl Refusal {
         (Refusal::HandshakeTimeout, "handshake_timeout"),
         (Refusal::Malformed, "malformed"),
         (Refusal::RequestFailed, "request_failed"),
+        (Refusal::SessionFailed, "session_failed"),
     ];
 
     /// Its place in `ALL` (the variants are declared in that order).

@@ -92,12 +92,14 @@ impl Failure {
     }
 }
 
-/// A failure the core must deliver: to these connections (every other
-/// member's), now.
+/// A failure the core must deliver, now: to `tell` (every other member's
+/// connections), and by closing `close` (the failed member's own that are
+/// still open, so that its process learns its session is over).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Delivery {
     pub(crate) failure: Failure,
     pub(crate) tell: Vec<ConnId>,
+    pub(crate) close: Vec<ConnId>,
 }
 
 /// One open session.
@@ -323,7 +325,9 @@ impl Sessions {
     }
 
     /// Ends session `id` at `now`, for `cause` (`None`: closed). A failure
-    /// fails its group if it had not failed yet: the delivery to make.
+    /// fails its group if it had not failed yet (whom to tell), and closes
+    /// the failed member's connections that are still open: the delivery
+    /// to make.
     fn end(&mut self, id: SessionId, cause: Option<Cause>, now: Instant) -> Option<Delivery> {
         let live = self.live.remove(&id)?;
         let group = live.spec.group.clone();
@@ -331,30 +335,40 @@ impl Sessions {
         for conn in live.conns() {
             self.by_conn.remove(&conn);
         }
-        let members_left = self.live.values().any(|l| l.spec.group == group);
-        let delivery = match cause {
-            Some(cause) if !self.failed.contains_key(&group) => {
-                let failure = Failure {
-                    group: group.clone(),
-                    rank: live.spec.rank,
-                    host: live.spec.host.clone(),
-                    pid: live.spec.pid,
-                    incarnation: live.spec.incarnation,
-                    cause,
-                    silent_for: now.saturating_duration_since(live.last_heard),
-                };
-                let tell = self
-                    .live
-                    .values()
-                    .filter(|l| l.spec.group == group)
-                    .flat_map(Live::conns)
-                    .collect();
-                self.failed.insert(group.clone(), failure.clone());
-                Some(Delivery { failure, tell })
+        let delivery = cause.map(|cause| {
+            // The failed member's own connections that are still open, so
+            // that its process learns its session is over: all of them but
+            // the one that was lost, none when it reported the error itself.
+            let close = match cause {
+                Cause::ConnectionLost => live.attached.clone(),
+                Cause::Reported(_) => Vec::new(),
+                Cause::TtlMissed(_) | Cause::Fenced { .. } => live.conns().collect(),
+            };
+            let failure = Failure {
+                group: group.clone(),
+                rank: live.spec.rank,
+                host: live.spec.host.clone(),
+                pid: live.spec.pid,
+                incarnation: live.spec.incarnation,
+                cause,
+                silent_for: now.saturating_duration_since(live.last_heard),
+            };
+            // The group's first failure is the one its members are told.
+            let tell = match self.failed.contains_key(&group) {
+                true => Vec::new(),
+                false => {
+                    self.failed.insert(group.clone(), failure.clone());
+                    let members = self.live.values().filter(|l| l.spec.group == group);
+                    members.flat_map(Live::conns).collect()
+                }
+            };
+            Delivery {
+                failure,
+                tell,
+                close,
             }
-            _ => None,
-        };
-        if !members_left {
+        });
+        if !self.live.values().any(|l| l.spec.group == group) {
             self.failed.remove(&group);
         }
         delivery

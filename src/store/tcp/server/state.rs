@@ -175,6 +175,8 @@ pub(crate) struct ServerCore<B> {
     tickets: Ticket,
     /// Liveness sessions, and the groups that lost a member.
     sessions: Sessions,
+    /// Connections of failed sessions, to close.
+    closing: Vec<(ConnId, Refused)>,
 }
 
 impl<B: Backend> ServerCore<B> {
@@ -200,6 +202,7 @@ impl<B: Backend> ServerCore<B> {
             woken: Vec::new(),
             tickets: 0,
             sessions: Sessions::default(),
+            closing: Vec::new(),
         }
     }
 
@@ -258,10 +261,16 @@ impl<B: Backend> ServerCore<B> {
     }
 
     /// Tells every connection of `delivery` that a member of its group
-    /// failed: each of its blocked calls fails at once with the failure.
+    /// failed (each of its blocked calls fails at once with the failure),
+    /// and queues the failed member's own connections to close.
     fn deliver(&mut self, delivery: Delivery) {
         let error = delivery.failure.error();
         log::warn!("TCPStore server: {}", error.message());
+        for id in delivery.close {
+            let why = format!("its session failed: {}", error.message());
+            self.closing
+                .push((id, Refused(Refusal::SessionFailed, why)));
+        }
         for id in delivery.tell {
             let waits = self
                 .connection(id)
@@ -501,6 +510,12 @@ impl<B: Backend> ServerCore<B> {
     /// since the last call.
     pub(crate) fn take_woken(&mut self) -> Vec<ConnId> {
         std::mem::take(&mut self.woken)
+    }
+
+    /// Connections to close since the last call: those of sessions that
+    /// failed (so their processes learn it).
+    pub(crate) fn take_closing(&mut self) -> Vec<(ConnId, Refused)> {
+        std::mem::take(&mut self.closing)
     }
 
     /// Bytes `data` arrived on `id`: handles every request they complete,

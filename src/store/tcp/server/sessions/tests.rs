@@ -51,6 +51,7 @@ fn a_lost_connection_fails_the_group_and_every_other_member_is_told_who() {
         );
     }
     assert!(error.message().contains("connection was lost"));
+    assert!(delivery.close.is_empty(), "rank 1 had no other connection");
     // Later calls of the survivors fail the same way.
     assert_eq!(sessions.failure_for(10), Some(&delivery.failure));
     assert_eq!(sessions.failure_for(20), Some(&delivery.failure));
@@ -85,10 +86,17 @@ fn a_member_silent_past_its_ttl_fails_and_one_heard_from_does_not() {
     let failure = &deliveries[0].failure;
     assert_eq!((failure.rank, &failure.cause), (1, &Cause::TtlMissed(TTL)));
     assert_eq!(deliveries[0].tell.len(), 2);
+    assert_eq!(deliveries[0].close, [11], "its process learns it too");
     // Rank 0's calls fail with rank 1's failure from now on; when it goes
-    // silent too, that fails nobody more (the group has failed already).
+    // silent too, that tells nobody more (the group has failed already),
+    // but its own connections are closed.
     assert!(sessions.failure_for(10).is_some());
-    assert!(sessions.expire(t0 + ms(3500)).is_empty());
+    let late = sessions.expire(t0 + ms(3500));
+    assert_eq!(late.len(), 1);
+    assert!(late[0].tell.is_empty());
+    let mut closed = late[0].close.clone();
+    closed.sort();
+    assert_eq!(closed, [10, 20]);
     assert!(!sessions.is_member(10), "its own TTL ran out");
 }
 
@@ -114,7 +122,13 @@ fn a_stalled_server_blames_nobody_for_its_own_silence() {
     let mut sessions = two_members(t0, Some(TTL));
     assert!(sessions.expire(t0).is_empty());
     sessions.turn(t0 + TTL + STALL_GRACE);
-    assert_eq!(sessions.expire(t0 + TTL + STALL_GRACE).len(), 1);
+    let deliveries = sessions.expire(t0 + TTL + STALL_GRACE);
+    let told = deliveries.iter().filter(|d| !d.tell.is_empty()).count();
+    assert_eq!(
+        (deliveries.len(), told),
+        (2, 1),
+        "both silent, one failure told"
+    );
 }
 
 #[test]
@@ -127,6 +141,7 @@ fn a_reported_error_reaches_the_others_as_the_members_own_message() {
         .unwrap();
     assert_eq!(delivery.failure.rank, 0, "reported on rank 0's spare");
     assert_eq!(delivery.tell, [11]);
+    assert!(delivery.close.is_empty(), "the reporter knows");
     assert!(delivery
         .failure
         .error()
@@ -146,6 +161,7 @@ fn a_newer_incarnation_fences_the_older_and_an_older_is_refused() {
     let fenced = fenced.unwrap();
     assert_eq!(fenced.failure.cause, Cause::Fenced { by: 7 });
     assert_eq!(fenced.failure.incarnation, 1);
+    assert_eq!(fenced.close, [11], "the old process learns it was replaced");
     // The restarted rank joins a group that lost a member: refused too.
     assert_eq!(refused.unwrap_err().status(), Status::PeerFailed);
     assert!(!sessions.is_member(11), "the fenced session is gone");

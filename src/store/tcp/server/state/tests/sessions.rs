@@ -120,6 +120,10 @@ fn a_silent_member_fails_at_its_ttl_unless_the_server_itself_stalled() {
         message.contains("rank 1") && message.contains("TTL"),
         "{message}"
     );
+    // Rank 1's own connection is closed: its process learns it too.
+    let closing = c.take_closing();
+    assert_eq!(closing.len(), 1);
+    assert_eq!((closing[0].0, closing[0].1 .0), (1, Refusal::SessionFailed));
 }
 
 #[test]
