@@ -792,6 +792,64 @@ def scenario_guards(connects, ops, rounds):
                  ["client and server", "serve flags", "connect", "/ torch", "get", "/ torch"], rows), med
 
 
+def liveness_run(kind, port, n, failure, ttl_ms, timeout_s):
+    """`n` members of one job on the server at `port`, each blocked in a
+    get (liveness_member.py); once all are, the last is killed (SIGKILL) or
+    frozen (SIGSTOP): the seconds from then until each survivor's get
+    returned, and what the first survivor got."""
+    import signal
+    group = f"job-{n}-{failure}/"
+    env = dict(ENV, DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so")
+    procs = [subprocess.Popen([sys.executable, f"{HERE}/liveness_member.py", kind, str(port), group, str(rank),
+                               str(n), str(ttl_ms), str(timeout_s)], stdout=subprocess.PIPE, text=True, env=env)
+             for rank in range(n)]
+    try:
+        for p in procs:
+            read_until(p, "ready", 300)
+        time.sleep(0.3)  # every get blocked on the server by now
+        started = time.monotonic_ns()
+        os.kill(procs[-1].pid, signal.SIGKILL if failure == "crash" else signal.SIGSTOP)
+        times, got = [], ""
+        for p in procs[:-1]:
+            words = read_until(p, "done", timeout_s + 60)
+            times.append((int(words[1]) - started) / 1e9)
+            got = got or " ".join(words[2:])
+        return times, got
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def scenario_liveness(sizes, ttl_ms, torch_size, torch_timeout_s):
+    """Time until every survivor knows: N members blocked in a get, one
+    killed or frozen. distcore with liveness sessions (docs/liveness.md);
+    PyTorch's TCPStore, whose survivors learn nothing and wait out their
+    timeout (measured with a short one)."""
+    rows = []
+    for n in sizes:
+        for failure, ttl in [("crash", 0), ("silent", ttl_ms)]:
+            server = Server("distcore")
+            try:
+                times, got = liveness_run("distcore", server.port, n, failure, ttl, 120)
+            finally:
+                server.stop()
+            what = "SIGKILL" if failure == "crash" else f"SIGSTOP, TTL {ttl / 1000:g} s"
+            rows.append([n, "distcore sessions", what, f"{max(times) * 1e3:.1f}",
+                         f"{statistics.median(times) * 1e3:.1f}", got[:90]])
+    server = Server("torch libuv")
+    try:
+        times, got = liveness_run("torch", server.port, torch_size, "crash", 0, torch_timeout_s)
+    finally:
+        server.stop()
+    rows.append([torch_size, f"torch TCPStore (timeout {torch_timeout_s:g} s)", "SIGKILL",
+                 f"{max(times) * 1e3:.1f}", f"{statistics.median(times) * 1e3:.1f}", got[:90]])
+    return table("12. Time until every survivor knows (N members blocked in a get; the last one killed or "
+                 "frozen; ms from the signal until the survivors' gets returned)",
+                 ["members", "store", "failure", "last survivor (ms)", "median (ms)", "what survivors got"], rows,
+                 "PyTorch's survivors learn nothing: they wait out their timeout (30 min by default)."), {}
+
+
 def guarded(name, fn, *args):
     """Runs a scenario; one that cannot run is reported, not fatal."""
     try:
@@ -864,7 +922,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a smoke run well under 2 minutes")
     ap.add_argument("--out", help="write the tables (and the plot beside them) here")
     ap.add_argument("--only", choices=["footprint", "rpc", "fairness", "scale", "latency", "shared", "etcd",
-                                       "guards"],
+                                       "guards", "liveness"],
                     help="run one scenario and print it")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -898,6 +956,9 @@ def main():
         return
     if args.only == "rpc":
         guarded("6. RPC and RRef", scenario_rpc, 100 if q else 2000, 1 if q else 3)
+        return
+    if args.only == "liveness":
+        guarded("12. Liveness", scenario_liveness, [8] if q else [16, 64, 256], 1000, 8 if q else 16, 2 if q else 5)
         return
     if args.only == "guards":
         guarded("11. What guards cost", scenario_guards, 50 if q else 500, 1000 if q else 20000, 1 if q else 3)
@@ -937,6 +998,8 @@ def main():
     sections.append(guarded("10. Stores on etcd", scenario_etcd, *ETCD_SIZES[q])[0])
     sections.append(guarded("11. What guards cost", scenario_guards, 50 if q else 500, 1000 if q else 20000,
                             1 if q else 3)[0])
+    sections.append(guarded("12. Liveness", scenario_liveness, [8] if q else [16, 64, 256], 1000, 8 if q else 16,
+                            2 if q else 5)[0])
     took = time.monotonic() - started
     print(f"all scenarios in {took:.0f} s")
     if args.out:
