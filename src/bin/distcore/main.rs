@@ -22,6 +22,7 @@ use distcore::store::tcp::protocol::Limits;
 use distcore::store::tcp::server::{
     raise_open_files_limit, take_inherited_socket, MetricsEndpoint, ServerBackend,
 };
+use distcore::store::tcp::SessionOptions;
 use distcore::store::tcp::{Quotas, Server, ServerOptions};
 use distcore::store::{
     elastic, EtcdStore, EtcdStoreOptions, FileStore, HashStore, PrefixStore, Store, TcpStore,
@@ -199,6 +200,18 @@ enum Command {
     DemoWorker {
         #[arg(long)]
         connect: String,
+        #[arg(long)]
+        rank: u32,
+        #[arg(long)]
+        world: u32,
+        #[arg(long)]
+        timeout: u64,
+    },
+    /// One member process of `demo`'s liveness act (started by it).
+    #[command(hide = true)]
+    DemoMember {
+        #[arg(long)]
+        port: u16,
         #[arg(long)]
         rank: u32,
         #[arg(long)]
@@ -421,6 +434,12 @@ fn main() -> ExitCode {
             world,
             timeout,
         } => demo_worker_process(&connect, rank, world, Duration::from_secs(timeout)),
+        Command::DemoMember {
+            port,
+            rank,
+            world,
+            timeout,
+        } => demo_member_process(port, rank, world, Duration::from_secs(timeout)),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -457,6 +476,81 @@ fn demo_worker_process(connect: &str, rank: u32, world: u32, timeout: Duration) 
     let total = worker(store.clone(), i64::from(rank), i64::from(world), timeout)?;
     store.set(&format!("demo/result/{rank}"), &total)?;
     parameter_server::serve(store, rank as u16 + 1, world as u16 + 1, timeout)
+}
+
+/// The group of the demo's liveness act.
+const DEMO_GROUP: &str = "demo/liveness/";
+
+/// One member of the liveness act: opens a session, says it is ready, and
+/// blocks in a get of a key nobody sets, until the server tells it that a
+/// member failed (what it prints); anything else fails the demo.
+fn demo_member_process(port: u16, rank: u32, world: u32, timeout: Duration) -> Result<()> {
+    let store = TcpStore::new(TcpStoreOptions {
+        port,
+        timeout,
+        ..TcpStoreOptions::default()
+    })?;
+    store.open_session(&SessionOptions {
+        world_size: Some(world),
+        ..SessionOptions::new(DEMO_GROUP, rank)
+    })?;
+    store.set(&format!("{DEMO_GROUP}ready/{rank}"), b"1")?;
+    match store.get(&format!("{DEMO_GROUP}never-set")) {
+        Err(e) if e.status() == distcore::Status::PeerFailed => {
+            println!("  rank {rank} told: {}", e.message());
+            // Leaving gracefully: this exit is no failure of its own.
+            store.close_session()
+        }
+        Err(e) => Err(e),
+        Ok(_) => Err(Error::internal("a key nobody sets was read")),
+    }
+}
+
+/// The liveness act of the TCP demo: `workers` member processes open
+/// sessions and block; the last is killed (SIGKILL); the others are told
+/// at once, naming it.
+fn liveness_act(store: &Arc<dyn Store>, port: u16, workers: u32, timeout: Duration) -> Result<()> {
+    println!("Liveness: {workers} member processes block in a get; the last is killed (SIGKILL)");
+    let exe = std::env::current_exe().map_err(|e| Error::internal(format!("own path: {e}")))?;
+    let mut members = (0..workers)
+        .map(|rank| {
+            Process::new(&exe)
+                .args(["demo-member", "--port", &port.to_string()])
+                .args(["--rank", &rank.to_string(), "--world", &workers.to_string()])
+                .args(["--timeout", &timeout.as_secs().to_string()])
+                .spawn()
+                .map_err(|e| Error::internal(format!("starting member {rank}: {e}")))
+        })
+        .collect::<Result<Vec<Child>>>()?;
+    let ready: Vec<String> = (0..workers)
+        .map(|r| format!("{DEMO_GROUP}ready/{r}"))
+        .collect();
+    let ready: Vec<&str> = ready.iter().map(String::as_str).collect();
+    store.wait(&ready, Some(timeout))?;
+    // Each member's get is blocked on the server by now (it set its key
+    // just before); one that is not yet finds its group failed.
+    thread::sleep(Duration::from_millis(100));
+    let Some(mut victim) = members.pop() else {
+        return Ok(());
+    };
+    let killed = Instant::now();
+    victim
+        .kill()
+        .map_err(|e| Error::internal(format!("killing the last member: {e}")))?;
+    let _ = victim.wait();
+    for mut member in members {
+        let status = member
+            .wait()
+            .map_err(|e| Error::internal(format!("waiting for a member: {e}")))?;
+        if !status.success() {
+            return Err(Error::internal(format!("a member was not told: {status}")));
+        }
+    }
+    println!(
+        "  every survivor was told within {:.1} ms of the kill (PyTorch's would wait their timeout)",
+        killed.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(())
 }
 
 /// Starts `workers` demo worker processes reaching the store through `connect`.
@@ -609,6 +703,13 @@ fn demo(workers: u32, kind: DemoStore, timeout: Duration) -> Result<()> {
                 "a worker process failed: {status}"
             )));
         }
+    }
+    let tcp_port = (*store)
+        .as_any()
+        .downcast_ref::<TcpStore>()
+        .map(TcpStore::port);
+    if let Some(port) = tcp_port.filter(|_| workers >= 2) {
+        liveness_act(&store, port, workers, timeout)?;
     }
     println!(
         "all {workers} workers agree on {expected}; the store holds {} keys; {:.1} ms in all",

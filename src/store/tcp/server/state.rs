@@ -265,7 +265,12 @@ impl<B: Backend> ServerCore<B> {
     /// and queues the failed member's own connections to close.
     fn deliver(&mut self, delivery: Delivery) {
         let error = delivery.failure.error();
-        log::warn!("TCPStore server: {}", error.message());
+        // The group's first failure is news; a later one in a failed group
+        // tells nobody.
+        match delivery.tell.is_empty() {
+            false => log::warn!("TCPStore server: {}", error.message()),
+            true => log::info!("TCPStore server: {}", error.message()),
+        }
         for id in delivery.close {
             let why = format!("its session failed: {}", error.message());
             self.closing
