@@ -200,25 +200,50 @@ enum Command {
     DemoWorker {
         #[arg(long)]
         connect: String,
-        #[arg(long)]
-        rank: u32,
-        #[arg(long)]
-        world: u32,
-        #[arg(long)]
-        timeout: u64,
+        #[command(flatten)]
+        place: DemoPlace,
     },
     /// One member process of `demo`'s liveness act (started by it).
     #[command(hide = true)]
     DemoMember {
         #[arg(long)]
         port: u16,
-        #[arg(long)]
-        rank: u32,
-        #[arg(long)]
-        world: u32,
-        #[arg(long)]
-        timeout: u64,
+        #[command(flatten)]
+        place: DemoPlace,
     },
+}
+
+/// Where a process `demo` starts stands: its rank, the number of its
+/// kind, and the seconds any step may take.
+#[derive(clap::Args, Clone, Copy)]
+struct DemoPlace {
+    #[arg(long)]
+    rank: u32,
+    #[arg(long)]
+    world: u32,
+    #[arg(long)]
+    timeout: u64,
+}
+
+impl DemoPlace {
+    /// Rank `rank` of `world`, each step within `timeout`.
+    fn new(rank: u32, world: u32, timeout: Duration) -> DemoPlace {
+        DemoPlace {
+            rank,
+            world,
+            timeout: timeout.as_secs(),
+        }
+    }
+
+    /// The arguments that say it.
+    fn args(&self) -> Vec<String> {
+        let values = [self.rank, self.world].map(u64::from);
+        ["--rank", "--world", "--timeout"]
+            .into_iter()
+            .zip(values.into_iter().chain([self.timeout]))
+            .flat_map(|(flag, value)| [flag.to_owned(), value.to_string()])
+            .collect()
+    }
 }
 
 /// Where the shared secret comes from (never from the command line, which
@@ -428,18 +453,8 @@ fn main() -> ExitCode {
             let (_, tls) = tls.files().load(false)?;
             inspect(&address, width, secret, tls)
         }),
-        Command::DemoWorker {
-            connect,
-            rank,
-            world,
-            timeout,
-        } => demo_worker_process(&connect, rank, world, Duration::from_secs(timeout)),
-        Command::DemoMember {
-            port,
-            rank,
-            world,
-            timeout,
-        } => demo_member_process(port, rank, world, Duration::from_secs(timeout)),
+        Command::DemoWorker { connect, place } => demo_worker_process(&connect, place),
+        Command::DemoMember { port, place } => demo_member_process(port, place),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -471,7 +486,9 @@ fn worker(store: Arc<dyn Store>, rank: i64, world: i64, timeout: Duration) -> Re
     Ok(total.to_string().into_bytes())
 }
 
-fn demo_worker_process(connect: &str, rank: u32, world: u32, timeout: Duration) -> Result<()> {
+fn demo_worker_process(connect: &str, place: DemoPlace) -> Result<()> {
+    let DemoPlace { rank, world, .. } = place;
+    let timeout = Duration::from_secs(place.timeout);
     let store = connect_worker_store(connect, world, timeout)?;
     let total = worker(store.clone(), i64::from(rank), i64::from(world), timeout)?;
     store.set(&format!("demo/result/{rank}"), &total)?;
@@ -484,7 +501,9 @@ const DEMO_GROUP: &str = "demo/liveness/";
 /// One member of the liveness act: opens a session, says it is ready, and
 /// blocks in a get of a key nobody sets, until the server tells it that a
 /// member failed (what it prints); anything else fails the demo.
-fn demo_member_process(port: u16, rank: u32, world: u32, timeout: Duration) -> Result<()> {
+fn demo_member_process(port: u16, place: DemoPlace) -> Result<()> {
+    let DemoPlace { rank, world, .. } = place;
+    let timeout = Duration::from_secs(place.timeout);
     let store = TcpStore::new(TcpStoreOptions {
         port,
         timeout,
@@ -516,8 +535,7 @@ fn liveness_act(store: &Arc<dyn Store>, port: u16, workers: u32, timeout: Durati
         .map(|rank| {
             Process::new(&exe)
                 .args(["demo-member", "--port", &port.to_string()])
-                .args(["--rank", &rank.to_string(), "--world", &workers.to_string()])
-                .args(["--timeout", &timeout.as_secs().to_string()])
+                .args(DemoPlace::new(rank, workers, timeout).args())
                 .spawn()
                 .map_err(|e| Error::internal(format!("starting member {rank}: {e}")))
         })
@@ -559,19 +577,8 @@ fn spawn_workers(connect: &str, workers: u32, timeout: Duration) -> Result<Vec<C
     (0..workers)
         .map(|rank| {
             Process::new(&exe)
-                .args([
-                    "demo-worker",
-                    "--connect",
-                    connect,
-                    "--rank",
-                    &rank.to_string(),
-                ])
-                .args([
-                    "--world",
-                    &workers.to_string(),
-                    "--timeout",
-                    &timeout.as_secs().to_string(),
-                ])
+                .args(["demo-worker", "--connect", connect])
+                .args(DemoPlace::new(rank, workers, timeout).args())
                 .spawn()
                 .map_err(|e| Error::internal(format!("starting worker {rank}: {e}")))
         })
