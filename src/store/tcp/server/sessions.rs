@@ -242,6 +242,11 @@ impl Sessions {
     /// Something arrived at `now` on connection `conn`: if it belongs to
     /// a session, the member is alive.
     pub(crate) fn heard(&mut self, conn: ConnId, now: Instant) {
+        // Every request of every connection comes here: no lookup at all
+        // on a server without sessions.
+        if self.by_conn.is_empty() {
+            return;
+        }
         if let Some(live) = self.by_conn.get(&conn).and_then(|id| self.live.get_mut(id)) {
             live.last_heard = now;
         }
@@ -306,6 +311,9 @@ impl Sessions {
     /// The failure that connection `conn`'s calls fail with: its group's,
     /// if the connection belongs to a member of a failed group.
     pub(crate) fn failure_for(&self, conn: ConnId) -> Option<&Failure> {
+        if self.failed.is_empty() {
+            return None;
+        }
         let live = self.live.get(self.by_conn.get(&conn)?)?;
         self.failed.get(&live.spec.group)
     }
