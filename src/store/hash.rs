@@ -334,6 +334,10 @@ impl Store for HashStore {
             .collect())
     }
 
+    fn delete_prefix(&self, prefix: &str) -> Result<i64> {
+        Ok(self.shared.table.lock().delete_prefix(prefix.as_bytes()))
+    }
+
     fn get_async(self: Arc<Self>, key: String) -> Result<Work> {
         self.start(Awaited::Get(key), self.timeout())
     }

@@ -200,6 +200,39 @@ impl KvTable {
     pub(crate) fn keys(&self) -> impl Iterator<Item = &[u8]> {
         self.small.keys().chain(self.large.keys().map(|k| &**k))
     }
+
+    /// Deletes every value and queue whose key starts with `prefix`;
+    /// returns how many values it deleted (as DELETE_KEY counts).
+    pub(crate) fn delete_prefix(&mut self, prefix: &[u8]) -> i64 {
+        let keys: Vec<Vec<u8>> = self
+            .keys()
+            .filter(|key| key.starts_with(prefix))
+            .map(<[u8]>::to_vec)
+            .collect();
+        let queues: Vec<Vec<u8>> = self
+            .queues
+            .keys()
+            .filter(|key| key.starts_with(prefix))
+            .map(|key| key.to_vec())
+            .collect();
+        for key in &queues {
+            self.delete_queue(key);
+        }
+        keys.iter().filter(|key| self.delete(key)).count() as i64
+    }
+
+    /// Deletes the value and the queue of `key`.
+    pub(crate) fn delete_all_of(&mut self, key: &[u8]) {
+        self.delete(key);
+        self.delete_queue(key);
+    }
+
+    fn delete_queue(&mut self, key: &[u8]) {
+        if let Some(queue) = self.queues.remove(key) {
+            let held: usize = queue.iter().map(|v| key.len() + v.len()).sum();
+            self.stored_bytes -= held as u64;
+        }
+    }
 }
 
 /// Whether COMPARE_SET of `expected` stores its desired value over

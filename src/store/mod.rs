@@ -95,6 +95,28 @@ pub trait Store: AsAny + Send + Sync + 'static {
     /// Every key holding a value, as the user named it.
     fn list_keys(&self) -> Result<Vec<String>>;
 
+    /// The keys holding a value that start with `prefix` (since 1.4). The
+    /// default filters [`Store::list_keys`]; a TCPStore asks a distcore
+    /// server for them only.
+    fn list_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut keys = self.list_keys()?;
+        keys.retain(|key| key.starts_with(prefix));
+        Ok(keys)
+    }
+
+    /// Deletes every key starting with `prefix`, values and queues (since
+    /// 1.4); returns how many values it deleted. The default deletes what
+    /// [`Store::list_prefix`] lists, one key at a time (a key written
+    /// under the prefix meanwhile may stay); a distcore server deletes them
+    /// in one step.
+    fn delete_prefix(&self, prefix: &str) -> Result<i64> {
+        let mut deleted = 0;
+        for key in self.list_prefix(prefix)? {
+            deleted += i64::from(self.delete_key(&key)?);
+        }
+        Ok(deleted)
+    }
+
     /// Blocks until `world_size` callers have entered the barrier `key`.
     ///
     /// The default is c10d's `Store::barrier`, which HashStore, FileStore

@@ -107,13 +107,21 @@ impl Store for PrefixStore {
     }
 
     fn list_keys(&self) -> Result<Vec<String>> {
-        let prefix = format!("{}/", self.prefix);
+        self.list_prefix("")
+    }
+
+    fn list_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+        let own = format!("{}/", self.prefix);
         Ok(self
             .store
-            .list_keys()?
+            .list_prefix(&self.join(prefix))?
             .into_iter()
-            .filter_map(|k| k.strip_prefix(&prefix).map(str::to_owned))
+            .filter_map(|k| k.strip_prefix(&own).map(str::to_owned))
             .collect())
+    }
+
+    fn delete_prefix(&self, prefix: &str) -> Result<i64> {
+        self.store.delete_prefix(&self.join(prefix))
     }
 
     fn timeout(&self) -> Duration {

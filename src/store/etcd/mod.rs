@@ -30,6 +30,7 @@ use parking_lot::Mutex;
 pub(crate) use self::client::WatchEnd;
 use self::client::{Client, Compare, Op, Read, Resend, Watched};
 use self::guarded::{Committed, Remembered, Target, Write, MAX_KEYS_PER_WRITE};
+use self::requests::split_element;
 pub(crate) use self::requests::{Change, Element, Snapshot};
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
 use crate::error::{Error, Result, Status};
@@ -498,14 +499,48 @@ impl EtcdStore {
     }
 
     /// The keys holding values.
-    fn value_keys(&self, deadline: Instant) -> Result<Vec<Vec<u8>>> {
-        let values = [&self.prefix[..], VALUES].concat();
-        let range = self.client.range(&values, true, Read::Keys, deadline)?;
+    /// The job's keys under `area` (values or queue elements) that start
+    /// with `prefix`, without the area's own prefix.
+    fn keys_under(&self, area: &[u8], prefix: &[u8], deadline: Instant) -> Result<Vec<Vec<u8>>> {
+        let within = [&self.prefix[..], area].concat();
+        let range = [&within[..], prefix].concat();
+        let range = self.client.range(&range, true, Read::Keys, deadline)?;
         Ok(range
             .kvs
             .into_iter()
-            .filter_map(|kv| Some(kv.key.strip_prefix(&values[..])?.to_vec()))
+            .filter_map(|kv| Some(kv.key.strip_prefix(&within[..])?.to_vec()))
             .collect())
+    }
+
+    /// Deletes every value and queue element whose key starts with
+    /// `prefix`, each exactly once (a guarded delete, a pop): not one
+    /// transaction, so a write made meanwhile under the prefix may stay.
+    /// Returns how many values it deleted and the revision of its last
+    /// change (0: none).
+    fn delete_under(&self, prefix: &[u8]) -> Result<(i64, i64)> {
+        let deadline = self.deadline(None);
+        let (mut deleted, mut revision) = (0, 0);
+        for key in self.keys_under(VALUES, prefix, deadline)? {
+            let (gone, at) = self.delete_value(&key, None)?;
+            deleted += i64::from(gone);
+            revision = revision.max(at);
+        }
+        let mut queues: Vec<Vec<u8>> = self
+            .keys_under(QUEUES, prefix, deadline)?
+            .iter()
+            .map(|element| split_element(element).0)
+            .collect();
+        queues.dedup();
+        for queue in queues {
+            loop {
+                let pop = self.try_pop(&queue, deadline)?;
+                if pop.value.is_none() {
+                    break;
+                }
+                revision = revision.max(pop.written);
+            }
+        }
+        Ok((deleted, revision))
     }
 }
 
@@ -679,11 +714,19 @@ impl Store for EtcdStore {
     }
 
     fn list_keys(&self) -> Result<Vec<String>> {
+        self.list_prefix("")
+    }
+
+    fn list_prefix(&self, prefix: &str) -> Result<Vec<String>> {
         Ok(self
-            .value_keys(self.deadline(None))?
+            .keys_under(VALUES, prefix.as_bytes(), self.deadline(None))?
             .into_iter()
             .map(|key| String::from_utf8_lossy(&key).into_owned())
             .collect())
+    }
+
+    fn delete_prefix(&self, prefix: &str) -> Result<i64> {
+        Ok(self.delete_under(prefix.as_bytes())?.0)
     }
 
     fn timeout(&self) -> Duration {

@@ -42,7 +42,7 @@ pub(crate) struct Snapshot {
 
 impl EtcdStore {
     /// Makes a write (SET, ADD, COMPARE_SET, DELETE_KEY, APPEND, MULTI_SET,
-    /// QUEUE_PUSH, QUEUE_POP), exactly once; values, APPEND's results
+    /// QUEUE_PUSH, QUEUE_POP, DELETE_PREFIX), exactly once; values, APPEND's results
     /// included, stay within `max_value_len`; `guess`: what each key the
     /// write names is believed to hold (saves a read when right, costs one
     /// when wrong). Returns the outcome and a revision at or after the
@@ -85,6 +85,10 @@ impl EtcdStore {
                 (Outcome::Silent, self.write_values(&pairs, guess, deadline)?)
             }
             Request::QueuePush { key, value } => (Outcome::Silent, self.push(key, value)?),
+            Request::DeletePrefix { prefix } => {
+                let (deleted, revision) = self.delete_under(prefix)?;
+                (Outcome::Int(deleted), revision)
+            }
             Request::QueuePop { key } => {
                 let pop = self.try_pop(key, deadline)?;
                 let revision = match pop.value {
@@ -196,7 +200,7 @@ impl EtcdStore {
 }
 
 /// The queue and the id of an element `<key>\xff<id>` (ids have no \xff).
-fn split_element(element: &[u8]) -> (Key, Vec<u8>) {
+pub(super) fn split_element(element: &[u8]) -> (Key, Vec<u8>) {
     let end = element
         .iter()
         .rposition(|b| *b == 0xff)

@@ -43,14 +43,15 @@ fn layout(command: Command) -> &'static [Field] {
         Validate | Ping => &[F::U32],
         Set | Append | QueuePush => &[F::Key, F::Value],
         CompareSet => &[F::Key, F::Value, F::Value],
-        Get | DeleteKey | QueuePop | QueueLen => &[F::Key],
+        Get | DeleteKey | QueuePop | QueueLen | DeletePrefix | ListPrefix => &[F::Key],
         Add | Barrier => &[F::Key, F::U64],
         Check | Wait | MultiGet | WaitGet => &[F::Keys],
         MultiSet => &[F::Pairs],
         Auth => &[F::Key, F::Key],
         SessionOpen | SessionReport => &[F::Value],
         SessionAttach => &[F::U64],
-        GetNumKeys | CancelWait | ListKeys | Stats | SessionKeepAlive | SessionClose => &[],
+        GetNumKeys | CancelWait | ListKeys | Stats | SessionKeepAlive | SessionClose
+        | SessionLease => &[],
     }
 }
 
@@ -354,6 +355,9 @@ impl Partial {
             Command::SessionKeepAlive => Request::Session(SessionRequest::KeepAlive),
             Command::SessionClose => Request::Session(SessionRequest::Close),
             Command::SessionReport => Request::Session(SessionRequest::Report { message: value() }),
+            Command::SessionLease => Request::Session(SessionRequest::Lease),
+            Command::DeletePrefix => Request::DeletePrefix { prefix: key() },
+            Command::ListPrefix => Request::ListPrefix { prefix: key() },
         }
     }
 }

@@ -293,11 +293,22 @@ pub enum Command {
     /// distcore extension (version 2, since 1.4): end the session with
     /// this error of the process's own (a byte string), failing its group.
     SessionReport = 0x87,
+    /// distcore extension (version 2, since 1.4): the request that follows
+    /// on this connection (SET, ADD, COMPARE_SET, APPEND, MULTI_SET,
+    /// QUEUE_PUSH) ties the keys it writes to the connection's session: they
+    /// are deleted when the session ends (no fields, no reply).
+    SessionLease = 0x88,
+    /// distcore extension (since 1.4): delete every key starting with this
+    /// prefix (a key); the reply is how many (`i64`).
+    DeletePrefix = 0x89,
+    /// distcore extension (since 1.4): the keys starting with this prefix
+    /// (a key); the reply is LIST_KEYS's.
+    ListPrefix = 0x8A,
 }
 
 impl Command {
     /// Every command, with its name in metrics and logs: the one table.
-    pub const ALL: [(Command, &'static str); 27] = [
+    pub const ALL: [(Command, &'static str); 30] = [
         (Command::Validate, "validate"),
         (Command::Set, "set"),
         (Command::CompareSet, "compare_set"),
@@ -325,6 +336,9 @@ impl Command {
         (Command::SessionKeepAlive, "session_keepalive"),
         (Command::SessionClose, "session_close"),
         (Command::SessionReport, "session_report"),
+        (Command::SessionLease, "session_lease"),
+        (Command::DeletePrefix, "delete_prefix"),
+        (Command::ListPrefix, "list_prefix"),
     ];
 
     /// The command with this byte, if it is one.
@@ -366,6 +380,8 @@ impl Command {
                 | SessionOpen
                 | SessionClose
                 | SessionReport
+                | SessionLease
+                | DeletePrefix
         )
     }
 
@@ -502,6 +518,12 @@ pub enum Request {
         proof: Vec<u8>,
     },
     Stats,
+    DeletePrefix {
+        prefix: Key,
+    },
+    ListPrefix {
+        prefix: Key,
+    },
     /// A request of the liveness sessions.
     Session(SessionRequest),
 }
@@ -528,6 +550,8 @@ pub enum SessionRequest {
         /// The process's own error.
         message: Value,
     },
+    /// SESSION_LEASE: the next request's keys die with the session.
+    Lease,
 }
 
 /// What a data request produced, before it is encoded as a reply.
@@ -545,7 +569,7 @@ pub(crate) enum Outcome {
     Ready(bool),
     /// QUEUE_POP: the length before the pop, and the value if there was one.
     Popped { before: i64, value: Option<Value> },
-    /// LIST_KEYS.
+    /// LIST_KEYS, LIST_PREFIX.
     Keys(Vec<Key>),
 }
 
@@ -575,11 +599,14 @@ impl Request {
             Request::WaitGet { .. } => Command::WaitGet,
             Request::Auth { .. } => Command::Auth,
             Request::Stats => Command::Stats,
+            Request::DeletePrefix { .. } => Command::DeletePrefix,
+            Request::ListPrefix { .. } => Command::ListPrefix,
             Request::Session(SessionRequest::Open { .. }) => Command::SessionOpen,
             Request::Session(SessionRequest::Attach { .. }) => Command::SessionAttach,
             Request::Session(SessionRequest::KeepAlive) => Command::SessionKeepAlive,
             Request::Session(SessionRequest::Close) => Command::SessionClose,
             Request::Session(SessionRequest::Report { .. }) => Command::SessionReport,
+            Request::Session(SessionRequest::Lease) => Command::SessionLease,
         }
     }
 }

@@ -16,6 +16,9 @@
 //! - when the process reports an error of its own;
 //! - when a newer incarnation of the same rank opens (fenced).
 //!
+//! A session may hold keys ([`leases`]): written through it, they are
+//! deleted when it ends, however it ends.
+//!
 //! Groups share fate: the first failure of a member fails the group, and
 //! the core tells every other member's connections (their blocked calls
 //! fail at once with [`Status::PeerFailed`], naming who and why); later
@@ -28,7 +31,11 @@ use std::time::{Duration, Instant};
 use super::state::ConnId;
 use crate::error::{Error, Status};
 use crate::printable::printable;
-use crate::store::tcp::protocol::SessionSpec;
+use crate::store::tcp::protocol::{Key, SessionSpec};
+
+mod leases;
+
+use leases::Leases;
 
 /// Identifies a session for the server's lifetime (what attaching names).
 pub(crate) type SessionId = u64;
@@ -133,6 +140,10 @@ pub(crate) struct Sessions {
     by_conn: HashMap<ConnId, SessionId>,
     /// The first failure of each group that has one.
     failed: HashMap<Vec<u8>, Failure>,
+    /// The keys each session holds.
+    leases: Leases,
+    /// Keys of sessions that ended, for the core to delete.
+    orphans: Vec<Key>,
     next_id: SessionId,
     /// The soonest deadline when the event loop last asked: it sleeps
     /// until then at the latest.
@@ -323,6 +334,47 @@ impl Sessions {
         self.by_conn.contains_key(&conn)
     }
 
+    /// The session that a leased write on connection `conn` ties its keys
+    /// to: refused if the connection belongs to none.
+    pub(crate) fn lessee(&self, conn: ConnId) -> Result<SessionId, Error> {
+        self.by_conn.get(&conn).copied().ok_or_else(|| {
+            Error::new(
+                Status::InvalidState,
+                "a leased write from a connection in no session (open a session first)",
+            )
+        })
+    }
+
+    /// Ties `key`, just written through session `id`, to it; if the
+    /// session ended meanwhile, the key is an orphan at once.
+    pub(crate) fn tie(&mut self, id: SessionId, key: &[u8]) {
+        match self.live.contains_key(&id) {
+            true => self.leases.tie(key, id),
+            false => self.orphans.push(key.to_vec()),
+        }
+    }
+
+    /// Whether any session holds a key.
+    pub(crate) fn holds_keys(&self) -> bool {
+        !self.leases.is_empty()
+    }
+
+    /// `key` was written without a lease, or deleted: no session holds it.
+    pub(crate) fn untie(&mut self, key: &[u8]) {
+        self.leases.untie(key);
+    }
+
+    /// The keys starting with `prefix` were deleted.
+    pub(crate) fn untie_prefix(&mut self, prefix: &[u8]) {
+        self.leases.untie_prefix(prefix);
+    }
+
+    /// The keys of the sessions that ended since the last call: the core
+    /// deletes them.
+    pub(crate) fn take_orphans(&mut self) -> Vec<Key> {
+        std::mem::take(&mut self.orphans)
+    }
+
     fn session_of(&self, conn: ConnId) -> Result<SessionId, Error> {
         self.by_conn.get(&conn).copied().ok_or_else(|| {
             Error::new(
@@ -338,6 +390,7 @@ impl Sessions {
     /// to make.
     fn end(&mut self, id: SessionId, cause: Option<Cause>, now: Instant) -> Option<Delivery> {
         let live = self.live.remove(&id)?;
+        self.orphans.extend(self.leases.take(id));
         let group = live.spec.group.clone();
         self.by_rank.remove(&(group.clone(), live.spec.rank));
         for conn in live.conns() {

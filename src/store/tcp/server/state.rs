@@ -35,7 +35,7 @@ use super::super::protocol::{
 };
 use super::backend::{Backend, Present, Report, Ticket};
 use super::metrics::{ConnKind, Gauges, Metrics, Quota, Refusal};
-use super::sessions::{Delivery, Failure, Sessions};
+use super::sessions::{Delivery, Failure, SessionId, Sessions};
 use super::waits::{WaitId, WaitReply, Waits};
 use super::Quotas;
 #[cfg(test)]
@@ -102,6 +102,10 @@ struct Connection {
     throttled: bool,
     /// Tells this connection from an earlier one with the same id.
     serial: u64,
+    /// SESSION_LEASE came: the next request's keys are leased.
+    lease_next: bool,
+    /// The session the request being served ties its keys to.
+    leasing: Option<SessionId>,
 }
 
 /// A request a backend completes later.
@@ -258,6 +262,7 @@ impl<B: Backend> ServerCore<B> {
         for delivery in self.sessions.expire(now) {
             self.deliver(delivery);
         }
+        self.delete_orphans();
     }
 
     /// Tells every connection of `delivery` that a member of its group
@@ -368,6 +373,8 @@ impl<B: Backend> ServerCore<B> {
             challenge: challenge.map(Challenged::new),
             throttled: false,
             serial,
+            lease_next: false,
+            leasing: None,
         });
         debug_assert!(previous.is_none());
         *self.gauges.connections_of(ConnKind::Handshake) += 1;
@@ -438,6 +445,7 @@ impl<B: Backend> ServerCore<B> {
         if let Some(delivery) = self.sessions.disconnect(id, self.now) {
             self.deliver(delivery);
         }
+        self.delete_orphans();
         let Some(conn) = self.connections.get_mut(id).and_then(Option::take) else {
             return;
         };
@@ -701,8 +709,14 @@ impl<B: Backend> ServerCore<B> {
 
     fn execute(&mut self, id: ConnId, request: Request) -> std::result::Result<(), Refused> {
         let started = self.now;
+        // SESSION_LEASE applies to this request only, whatever comes of it.
+        let leased = self.connection(id).is_some_and(|conn| {
+            conn.leasing = None;
+            std::mem::take(&mut conn.lease_next)
+        });
         // A member of a group that lost one: its calls fail as its
-        // blocked ones did, but for those that cannot block or that leave.
+        // blocked ones did, but for those that cannot block or that leave
+        // (and SESSION_LEASE, which has no reply: what follows it fails).
         self.sessions.heard(id, started);
         if let Some(error) = self.sessions.failure_for(id).map(Failure::error) {
             let exempt = matches!(
@@ -711,7 +725,9 @@ impl<B: Backend> ServerCore<B> {
                     | Request::Ping { .. }
                     | Request::Stats
                     | Request::CancelWait
-                    | Request::Session(SessionRequest::Close | SessionRequest::KeepAlive)
+                    | Request::Session(
+                        SessionRequest::Close | SessionRequest::KeepAlive | SessionRequest::Lease
+                    )
             );
             if !exempt {
                 return self.fail(id, started, &request, &error);
@@ -739,7 +755,14 @@ impl<B: Backend> ServerCore<B> {
             };
         }
         let command = request.command();
-        let extension = matches!(command, Command::WaitGet | Command::Auth | Command::Stats);
+        let extension = matches!(
+            command,
+            Command::WaitGet
+                | Command::Auth
+                | Command::Stats
+                | Command::DeletePrefix
+                | Command::ListPrefix
+        );
         if extension && !conn.extended {
             return Err(Refused::malformed(format!(
                 "extension command {} before HELLO",
@@ -753,7 +776,16 @@ impl<B: Backend> ServerCore<B> {
                     command.name()
                 )));
             }
+            if leased {
+                return Err(Refused::malformed("SESSION_LEASE before a session request"));
+            }
             return self.execute_session(id, started, session);
+        }
+        if leased && !leasable(&request) {
+            return Err(Refused::malformed(format!(
+                "SESSION_LEASE before {}, which writes no key",
+                command.name()
+            )));
         }
         match request {
             Request::Validate { .. } => {}
@@ -818,7 +850,11 @@ impl<B: Backend> ServerCore<B> {
                 return self.settle(id, ticket, started, applied, request, Some(wait));
             }
             data => {
-                if let Err(e) = self.check_quotas(&data) {
+                let checked = match leased {
+                    true => self.lease(id),
+                    false => Ok(()),
+                };
+                if let Err(e) = checked.and_then(|()| self.check_quotas(&data)) {
                     return self.fail(id, started, &data, &e);
                 }
                 let ticket = self.next_ticket();
@@ -830,6 +866,62 @@ impl<B: Backend> ServerCore<B> {
         Ok(())
     }
 
+    /// The request being served on `id` came after SESSION_LEASE: the
+    /// keys it writes are to be tied to the connection's session, once
+    /// written. An error for the request when the connection has no
+    /// session or the backend cannot hold leased keys.
+    fn lease(&mut self, id: ConnId) -> OpResult<()> {
+        if !self.backend.holds_leased_keys() {
+            return Err(Error::not_supported(
+                "this server's backend cannot tie keys to sessions",
+            ));
+        }
+        let session = self.sessions.lessee(id)?;
+        if let Some(conn) = self.connection(id) {
+            conn.leasing = Some(session);
+        }
+        Ok(())
+    }
+
+    /// Keeps the leases true once `request` of `id` has written: the keys
+    /// it wrote are tied to the session it leased them to, or untied from
+    /// any (the last write of a key decides, as with etcd's leases).
+    fn note_leases(&mut self, id: ConnId, request: &Request, outcome: &Outcome) {
+        let leasing = self.connection(id).and_then(|conn| conn.leasing.take());
+        if leasing.is_none() && !self.sessions.holds_keys() {
+            return;
+        }
+        let mut note = |key: &[u8]| match leasing {
+            Some(session) => self.sessions.tie(session, key),
+            None => self.sessions.untie(key),
+        };
+        match request {
+            Request::Set { key, .. }
+            | Request::Add { key, .. }
+            | Request::Append { key, .. }
+            | Request::QueuePush { key, .. }
+            | Request::DeleteKey { key } => note(key),
+            // Only if it swapped (or the key held its desired value).
+            Request::CompareSet { key, desired, .. } => {
+                if matches!(outcome, Outcome::Value(v) if v[..] == desired[..]) {
+                    note(key);
+                }
+            }
+            Request::MultiSet { pairs } => pairs.iter().for_each(|(key, _)| note(key)),
+            Request::DeletePrefix { prefix } => self.sessions.untie_prefix(prefix),
+            _ => {}
+        }
+    }
+
+    /// Deletes the keys of the sessions that ended: they die with their
+    /// owner, whatever way it ended.
+    fn delete_orphans(&mut self) {
+        let keys = self.sessions.take_orphans();
+        if !keys.is_empty() {
+            self.backend.delete_leased(keys);
+        }
+    }
+
     /// A request of the liveness sessions (SESSION_OPEN and the others) on
     /// `id`, a version 2 connection.
     fn execute_session(
@@ -839,6 +931,14 @@ impl<B: Backend> ServerCore<B> {
         session: SessionRequest,
     ) -> std::result::Result<(), Refused> {
         let now = self.now;
+        if session == SessionRequest::Lease {
+            // A modifier of the next request: no reply of its own.
+            if let Some(conn) = self.connection(id) {
+                conn.lease_next = true;
+            }
+            self.served(Command::SessionLease, started, false);
+            return Ok(());
+        }
         let (reply, delivery) = match &session {
             SessionRequest::Open { spec } => {
                 match SessionSpec::decode(spec, self.limits.max_key_len) {
@@ -878,10 +978,12 @@ impl<B: Backend> ServerCore<B> {
                     Err(e) => (Err(e), None),
                 }
             }
+            SessionRequest::Lease => unreachable!("handled above"),
         };
         if let Some(delivery) = delivery {
             self.deliver(delivery);
         }
+        self.delete_orphans();
         let request = Request::Session(session);
         match reply {
             Ok(bytes) => {
@@ -1121,6 +1223,7 @@ impl<B: Backend> ServerCore<B> {
         if !matches!(request, Request::Barrier { .. }) {
             self.served(request.command(), started, false);
         }
+        self.note_leases(id, &request, &outcome);
         match (&request, outcome) {
             // Its own wait answers (this arrival's count releases it, or a
             // later one).
@@ -1317,6 +1420,19 @@ impl<B: Backend> ServerCore<B> {
 /// and AUTH where it must authenticate, are read before it is admitted;
 /// any other request closes it at its first byte. (An unknown byte is the
 /// parser's to refuse.)
+/// Whether SESSION_LEASE may come before `request`: it writes keys.
+fn leasable(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Set { .. }
+            | Request::Add { .. }
+            | Request::CompareSet { .. }
+            | Request::Append { .. }
+            | Request::MultiSet { .. }
+            | Request::QueuePush { .. }
+    )
+}
+
 fn before_admission(admission: Admission, byte: u8) -> Option<(Refusal, String)> {
     let command = Command::from_byte(byte)?;
     match (admission, command) {

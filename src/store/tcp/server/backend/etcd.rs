@@ -528,6 +528,19 @@ impl Backend for EtcdBackend {
         Ok(None)
     }
 
+    /// Not yet: a key tied to a session of this front-end would outlive
+    /// it if the front-end died (etcd leases will carry them).
+    fn holds_leased_keys(&self) -> bool {
+        false
+    }
+
+    fn delete_leased(&mut self, keys: Vec<Key>) {
+        log::error!(
+            "etcd backend: asked to delete {} leased keys it never held",
+            keys.len()
+        );
+    }
+
     fn peek(&self, key: &[u8]) -> Option<Present> {
         self.shared.view.lock().mirror.peek(key)
     }

@@ -64,10 +64,27 @@ impl Backend for MemoryBackend {
             },
             Request::QueueLen { key } => Outcome::Int(t.queue_len(key)),
             Request::ListKeys => Outcome::Keys(t.keys().map(<[u8]>::to_vec).collect()),
+            Request::ListPrefix { prefix } => Outcome::Keys(
+                t.keys()
+                    .filter(|key| key.starts_with(prefix))
+                    .map(<[u8]>::to_vec)
+                    .collect(),
+            ),
+            Request::DeletePrefix { prefix } => Outcome::Int(t.delete_prefix(prefix)),
             Request::Wait { .. } | Request::WaitGet { .. } => Outcome::Silent,
             _ => return Err(Error::internal("the backend was handed a session request")),
         };
         Ok(Some(outcome))
+    }
+
+    fn holds_leased_keys(&self) -> bool {
+        true
+    }
+
+    fn delete_leased(&mut self, keys: Vec<Key>) {
+        for key in keys {
+            self.table.delete_all_of(&key);
+        }
     }
 
     fn peek(&self, key: &[u8]) -> Option<Present> {

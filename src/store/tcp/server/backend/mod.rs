@@ -93,6 +93,14 @@ pub(crate) trait Backend: Send {
     fn apply(&mut self, conn: ConnId, ticket: Ticket, request: &Request)
         -> Result<Option<Outcome>>;
 
+    /// Whether keys may be tied to liveness sessions: the backend deletes
+    /// them at once when their session ends ([`Backend::delete_leased`]),
+    /// whatever becomes of this server afterwards.
+    fn holds_leased_keys(&self) -> bool;
+
+    /// Deletes `keys`, values and queues: what sessions that ended held.
+    fn delete_leased(&mut self, keys: Vec<Key>);
+
     /// What `key` holds now (None: it does not exist).
     fn peek(&self, key: &[u8]) -> Option<Present>;
 

@@ -201,6 +201,13 @@ impl Mirror {
             Read::NumKeys => Outcome::Int(self.values.len() as i64),
             Read::QueueLen(key) => Outcome::Int(self.queue_len(key) as i64),
             Read::ListKeys => Outcome::Keys(self.values.keys().cloned().collect()),
+            Read::ListPrefix(prefix) => Outcome::Keys(
+                self.values
+                    .keys()
+                    .filter(|key| key.starts_with(prefix))
+                    .cloned()
+                    .collect(),
+            ),
             Read::Wait => Outcome::Silent,
         })
     }
@@ -214,6 +221,7 @@ enum Read<'a> {
     NumKeys,
     QueueLen(&'a Key),
     ListKeys,
+    ListPrefix(&'a Key),
     /// WAIT or WAIT_GET, which the mirror lets start.
     Wait,
 }
@@ -228,6 +236,7 @@ fn read_of(request: &Request) -> Option<Read<'_>> {
         Request::GetNumKeys => Read::NumKeys,
         Request::QueueLen { key } => Read::QueueLen(key),
         Request::ListKeys => Read::ListKeys,
+        Request::ListPrefix { prefix } => Read::ListPrefix(prefix),
         Request::Wait { .. } | Request::WaitGet { .. } => Read::Wait,
         _ => return None,
     })

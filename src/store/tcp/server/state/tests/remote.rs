@@ -21,6 +21,12 @@ impl Backend for Deferring {
         }
         self.inner.apply(conn, ticket, request)
     }
+    fn holds_leased_keys(&self) -> bool {
+        self.inner.holds_leased_keys()
+    }
+    fn delete_leased(&mut self, keys: Vec<Key>) {
+        self.inner.delete_leased(keys)
+    }
     fn peek(&self, key: &[u8]) -> Option<Present> {
         self.inner.peek(key)
     }
@@ -130,6 +136,12 @@ impl Backend for Scripted {
         }
         self.applied.push((conn, ticket, request.clone()));
         Ok(None)
+    }
+    fn holds_leased_keys(&self) -> bool {
+        false
+    }
+    fn delete_leased(&mut self, _: Vec<Key>) {
+        unreachable!("it holds no leased keys")
     }
     fn peek(&self, key: &[u8]) -> Option<Present> {
         self.known.get(key).cloned()

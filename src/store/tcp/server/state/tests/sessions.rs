@@ -184,3 +184,134 @@ fn a_spec_round_trips_and_anything_else_is_refused() {
     long_host.host = "h".repeat(SessionSpec::MAX_HOST_LEN + 1);
     assert_eq!(SessionSpec::decode(&long_host.encode(), 64), None);
 }
+
+fn leased(request: Vec<u8>) -> Vec<u8> {
+    [vec![Command::SessionLease as u8], request].concat()
+}
+
+fn exists(c: &mut ServerCore<MemoryBackend>, id: ConnId, key: &str) -> bool {
+    send(
+        c,
+        id,
+        &Encoder::request(Command::Check).keys(&[key]).finish(),
+    );
+    replies(c, id) == [REPLY_OK, READY]
+}
+
+fn list_prefix(c: &mut ServerCore<MemoryBackend>, id: ConnId, prefix: &str) -> Vec<u8> {
+    send(
+        c,
+        id,
+        &Encoder::request(Command::ListPrefix)
+            .bytes(prefix.as_bytes())
+            .finish(),
+    );
+    replies(c, id)
+}
+
+#[test]
+fn leased_keys_die_with_their_session_however_it_ends_and_the_last_write_decides() {
+    let mut c = core();
+    member(&mut c, 0, 0, None);
+    member(&mut c, 1, 1, None);
+    open_v2(&mut c, 5);
+    send(&mut c, 0, &leased(set("job/addr0", b"10.0.0.1")));
+    let push = Encoder::request(Command::QueuePush)
+        .bytes(b"job/q")
+        .bytes(b"x")
+        .finish();
+    send(&mut c, 0, &leased(push));
+    let add = Encoder::request(Command::Add)
+        .bytes(b"job/count")
+        .u64(2)
+        .finish();
+    send(&mut c, 0, &leased(add));
+    assert_eq!(
+        replies(&mut c, 0),
+        [&[REPLY_OK][..], &2i64.to_le_bytes()].concat()
+    );
+    // Rewritten without a lease by someone else: no longer rank 0's.
+    send(&mut c, 0, &leased(set("job/shared", b"a")));
+    send(&mut c, 5, &set("job/shared", b"b"));
+    // Rank 1's lease moves job/moved from rank 0 to rank 1.
+    send(&mut c, 0, &leased(set("job/moved", b"0")));
+    send(&mut c, 1, &leased(set("job/moved", b"1")));
+    for key in ["job/addr0", "job/q", "job/count", "job/shared", "job/moved"] {
+        assert!(exists(&mut c, 5, key), "{key}");
+    }
+    // Graceful close: rank 0's keys go before the close is answered.
+    send(&mut c, 0, &[Command::SessionClose as u8]);
+    assert_eq!(replies(&mut c, 0), [REPLY_OK]);
+    for key in ["job/addr0", "job/q", "job/count"] {
+        assert!(!exists(&mut c, 5, key), "{key} outlived its session");
+    }
+    assert!(exists(&mut c, 5, "job/shared"));
+    assert!(exists(&mut c, 5, "job/moved"));
+    // A crash: rank 1's keys go with its connection.
+    c.disconnect(1);
+    assert!(!exists(&mut c, 5, "job/moved"));
+    assert!(exists(&mut c, 5, "job/shared"));
+}
+
+#[test]
+fn a_lease_needs_a_session_and_a_write_after_it() {
+    let mut c = core();
+    open_v2(&mut c, 0);
+    // No session: the SET fails (a deferred error), the lease does not
+    // carry over to the next request.
+    send(&mut c, 0, &leased(set("k", b"v")));
+    let reply = replies(&mut c, 0);
+    assert_eq!(reply[0], REPLY_DEFERRED_ERROR, "{reply:?}");
+    assert_eq!(i32::from(reply[1]), Status::InvalidState.code());
+    send(&mut c, 0, &set("k", b"v"));
+    assert!(replies(&mut c, 0).is_empty());
+    assert!(exists(&mut c, 0, "k"));
+    // A lease before a request that writes no key closes the connection.
+    member(&mut c, 1, 0, None);
+    c.receive(1, &leased(get("k"))).unwrap_err();
+}
+
+#[test]
+fn delete_prefix_and_list_prefix_cover_values_queues_and_leases() {
+    let mut c = core();
+    member(&mut c, 0, 0, None);
+    open_v2(&mut c, 1);
+    send(&mut c, 0, &leased(set("job/a", b"1")));
+    send(&mut c, 1, &set("job/b", b"2"));
+    send(&mut c, 1, &set("other/c", b"3"));
+    let push = Encoder::request(Command::QueuePush)
+        .bytes(b"job/q")
+        .bytes(b"x")
+        .finish();
+    send(&mut c, 1, &push);
+    let listed = list_prefix(&mut c, 1, "job/");
+    assert_eq!(
+        &listed[..9],
+        &[&[REPLY_OK][..], &2i64.to_le_bytes()].concat()[..]
+    );
+    let delete = Encoder::request(Command::DeletePrefix)
+        .bytes(b"job/")
+        .finish();
+    send(&mut c, 1, &delete);
+    assert_eq!(
+        replies(&mut c, 1),
+        [&[REPLY_OK][..], &2i64.to_le_bytes()].concat()
+    );
+    for (key, left) in [
+        ("job/a", false),
+        ("job/b", false),
+        ("job/q", false),
+        ("other/c", true),
+    ] {
+        assert_eq!(exists(&mut c, 1, key), left, "{key}");
+    }
+    assert_eq!(
+        list_prefix(&mut c, 1, "job/"),
+        [&[REPLY_OK][..], &0i64.to_le_bytes()].concat()
+    );
+    // job/a is no longer rank 0's: written again unleased, it stays when
+    // rank 0 leaves.
+    send(&mut c, 1, &set("job/a", b"again"));
+    c.disconnect(0);
+    assert!(exists(&mut c, 1, "job/a"));
+}
