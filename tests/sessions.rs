@@ -98,6 +98,12 @@ fn member_process() {
         _ => member(parts[1], 1),
     };
     store.open_session(&options).unwrap();
+    // Its address, on a key that dies with it.
+    let leased = store.leased();
+    leased
+        .set(&format!("{}addr1", parts[1]), b"10.0.0.1:29500")
+        .unwrap();
+    leased.add(&format!("{}alive", parts[1]), 1).unwrap();
     println!("member ready");
     let mut go = String::new();
     std::io::stdin().read_line(&mut go).unwrap();
@@ -181,6 +187,47 @@ fn a_reported_error_reaches_the_others_with_its_message() {
             "{e}"
         );
     }
+}
+
+/// Whether `keys` are gone within two seconds.
+fn gone_soon(store: &TcpStore, keys: &[&str]) -> bool {
+    for _ in 0..200 {
+        if keys.iter().all(|key| !store.check(&[key]).unwrap()) {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+#[test]
+fn a_members_leased_keys_die_with_it_and_the_keys_of_others_stay() {
+    let server = Serve::start();
+    let observer = handle(server.port);
+    observer.set("leased/plain", b"stays").unwrap();
+    let (mut rank1, _out) = spawn_member(server.port, "leased/", "sleep");
+    let keys = ["leased/addr1", "leased/alive"];
+    assert!(
+        observer.check(&keys).unwrap(),
+        "written before it was ready"
+    );
+    assert_eq!(observer.get("leased/addr1").unwrap(), b"10.0.0.1:29500");
+    rank1.kill().unwrap();
+    rank1.wait().unwrap();
+    assert!(gone_soon(&observer, &keys), "a dead member's keys stayed");
+    assert_eq!(observer.get("leased/plain").unwrap(), b"stays");
+    // Closing gracefully deletes them too, before the close returns.
+    let (mut again, mut out) = spawn_member(server.port, "leased-closed/", "close");
+    assert!(observer.check(&["leased-closed/addr1"]).unwrap());
+    go(&mut again);
+    let mut line = String::new();
+    while !line.contains("member done") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0);
+    }
+    assert!(!observer.check(&["leased-closed/addr1"]).unwrap());
+    again.kill().unwrap();
+    again.wait().unwrap();
 }
 
 #[test]

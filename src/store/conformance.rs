@@ -18,6 +18,7 @@ pub(crate) fn run_all(make: MakeStore) {
     append_multi(make());
     queues(make());
     list_and_num_keys(make());
+    prefixes(make());
     barrier_releases_all(make());
     timeouts(make());
     clones_share_data(make());
@@ -123,6 +124,20 @@ fn list_and_num_keys(s: Arc<dyn Store>) {
     let keys = s.list_keys().unwrap();
     assert!(keys.contains(&"l1".to_string()) && keys.contains(&"l2".to_string()));
     assert!(!keys.contains(&"lq".to_string()));
+}
+
+fn prefixes(s: Arc<dyn Store>) {
+    for key in ["job/a", "job/b", "jobx", "other/job/c"] {
+        s.set(key, b"1").unwrap();
+    }
+    let mut listed = s.list_prefix("job/").unwrap();
+    listed.sort();
+    assert_eq!(listed, ["job/a", "job/b"]);
+    assert_eq!(s.list_prefix("").unwrap().len(), 4);
+    assert_eq!(s.delete_prefix("job/").unwrap(), 2);
+    assert!(s.list_prefix("job/").unwrap().is_empty());
+    assert_eq!(s.delete_prefix("job/").unwrap(), 0);
+    assert!(s.check(&["jobx", "other/job/c"]).unwrap());
 }
 
 fn barrier_releases_all(s: Arc<dyn Store>) {

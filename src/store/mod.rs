@@ -99,9 +99,7 @@ pub trait Store: AsAny + Send + Sync + 'static {
     /// default filters [`Store::list_keys`]; a TCPStore asks a distcore
     /// server for them only.
     fn list_prefix(&self, prefix: &str) -> Result<Vec<String>> {
-        let mut keys = self.list_keys()?;
-        keys.retain(|key| key.starts_with(prefix));
-        Ok(keys)
+        list_prefix_by_listing(self, prefix)
     }
 
     /// Deletes every key starting with `prefix`, values and queues (since
@@ -110,11 +108,7 @@ pub trait Store: AsAny + Send + Sync + 'static {
     /// under the prefix meanwhile may stay); a distcore server deletes them
     /// in one step.
     fn delete_prefix(&self, prefix: &str) -> Result<i64> {
-        let mut deleted = 0;
-        for key in self.list_prefix(prefix)? {
-            deleted += i64::from(self.delete_key(&key)?);
-        }
-        Ok(deleted)
+        delete_prefix_one_by_one(self, prefix)
     }
 
     /// Blocks until `world_size` callers have entered the barrier `key`.
@@ -216,6 +210,25 @@ where
     fn drop(&mut self) {
         self.store.set_timeout(self.previous);
     }
+}
+
+/// [`Store::list_prefix`] by filtering every key.
+pub(crate) fn list_prefix_by_listing<S: Store + ?Sized>(
+    store: &S,
+    prefix: &str,
+) -> Result<Vec<String>> {
+    let mut keys = store.list_keys()?;
+    keys.retain(|key| key.starts_with(prefix));
+    Ok(keys)
+}
+
+/// [`Store::delete_prefix`] one listed key at a time.
+pub(crate) fn delete_prefix_one_by_one<S: Store + ?Sized>(store: &S, prefix: &str) -> Result<i64> {
+    let mut deleted = 0;
+    for key in store.list_prefix(prefix)? {
+        deleted += i64::from(store.delete_key(&key)?);
+    }
+    Ok(deleted)
 }
 
 /// The timeout error of a wait on `keys`, in PyTorch's TCPStore wording.

@@ -639,7 +639,7 @@ impl fmt::Display for ProtocolError {
 }
 
 /// Builds the bytes of one request or reply.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Encoder {
     buf: Vec<u8>,
 }

@@ -219,6 +219,20 @@ impl Connections {
         }
     }
 
+    /// Whether the handle has an open session (what a leased write needs):
+    /// InvalidState if it has none, the lost session's error if it was lost.
+    pub(crate) fn check_session(&self) -> Result<()> {
+        let membership = self.membership.lock();
+        membership.check()?;
+        match membership.id() {
+            Some(_) => Ok(()),
+            None => Err(Error::new(
+                Status::InvalidState,
+                "this handle has no session: a leased write needs one (open_session first)",
+            )),
+        }
+    }
+
     /// Opens a liveness session of `spec` on the primary connection, by
     /// `deadline`; spares attach as they are taken.
     pub(crate) fn open_session(&self, spec: &SessionSpec, deadline: Deadline) -> Result<()> {

@@ -25,7 +25,9 @@ use crate::security::tls::{TlsClient, TlsServer};
 use crate::store::tcp::protocol::{self, Command, Encoder, Limits, SessionSpec, READY};
 use crate::store::tcp::server::{Quotas, Server, ServerOptions};
 use crate::store::tcp::OpCounter;
-use crate::store::{check_multi_set_lengths, Store};
+use crate::store::{
+    check_multi_set_lengths, delete_prefix_one_by_one, list_prefix_by_listing, Store,
+};
 use crate::work::Work;
 
 /// The worker-count key, sent without the `/` prefix (PyTorch's `initKey_`).
@@ -210,9 +212,11 @@ pub struct TcpStore {
     host: String,
     port: u16,
     world_size: Option<u32>,
-    conns: Connections,
+    conns: Arc<Connections>,
     timeout: Mutex<Duration>,
     counters: Counters,
+    /// Its writes tie their keys to the session ([`TcpStore::leased`]).
+    leased: bool,
 }
 
 fn user_key(key: &str) -> String {
@@ -221,6 +225,19 @@ fn user_key(key: &str) -> String {
 
 fn user_keys(keys: &[&str]) -> Vec<String> {
     keys.iter().map(|k| user_key(k)).collect()
+}
+
+/// The keys of a LIST_KEYS or LIST_PREFIX reply as the user named them
+/// (those without the `/` are PyTorch's own, such as `init/`: left out).
+fn user_keys_of(reply: Reply) -> Vec<String> {
+    reply
+        .into_values()
+        .into_iter()
+        .filter_map(|k| {
+            k.strip_prefix(b"/")
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+        })
+        .collect()
 }
 
 fn as_bytes(keys: &[String]) -> Vec<&[u8]> {
@@ -253,9 +270,10 @@ impl TcpStore {
             host: options.host.clone(),
             port,
             world_size: options.world_size,
-            conns,
+            conns: Arc::new(conns),
             timeout: Mutex::new(options.timeout),
             counters: Counters::default(),
+            leased: false,
         };
         if options.world_size.is_some() && options.wait_for_workers {
             store.wait_for_workers()?;
@@ -343,6 +361,36 @@ impl TcpStore {
         })
     }
 
+    /// A view of this handle whose writes (set, add, compare_set, append,
+    /// multi_set, queue_push) tie the keys they write to the handle's
+    /// session (docs/liveness.md): when the session ends, however it ends
+    /// (closed, its process dead or frozen past its TTL, an error
+    /// reported, fenced), the server deletes them. As with etcd's leases,
+    /// the last write of a key decides: written again without a lease (or
+    /// through another session), it is no longer this session's. The view
+    /// shares the handle's connections and session, and reads as the
+    /// handle; a clone of it ([`Store::clone_store`]) is a new connection
+    /// with no session, so an ordinary handle. Its writes fail with
+    /// InvalidState while the handle has no session, NotSupported on a
+    /// PyTorch server or an etcd-backed one.
+    pub fn leased(&self) -> TcpStore {
+        TcpStore {
+            server: self.server.clone(),
+            host: self.host.clone(),
+            port: self.port,
+            world_size: self.world_size,
+            conns: self.conns.clone(),
+            timeout: Mutex::new(self.timeout()),
+            counters: Counters::default(),
+            leased: true,
+        }
+    }
+
+    /// Whether this is a [`TcpStore::leased`] view.
+    pub fn is_leased(&self) -> bool {
+        self.leased
+    }
+
     /// Counts this handle in `init/`; on the server, then blocks until the
     /// count reaches the world size or fails with PyTorch's "Timed out after
     /// N seconds waiting for clients. x/y clients joined.".
@@ -425,9 +473,26 @@ impl TcpStore {
         deadline_of(self.timeout())
     }
 
+    /// The encoder of a request of `command` that writes keys: behind
+    /// SESSION_LEASE on a leased view (once the handle's session is
+    /// checked).
+    fn write_request(&self, command: Command) -> Result<Encoder> {
+        if !self.leased {
+            return Ok(Encoder::request(command));
+        }
+        if !self.peer_is_distcore() {
+            return Err(Error::not_supported(
+                "leased keys need a distcore server (this one speaks only PyTorch's protocol)",
+            ));
+        }
+        self.conns.check_session()?;
+        Ok(Encoder::request(Command::SessionLease).u8(command as u8))
+    }
+
     fn add_raw(&self, key: &str, delta: i64) -> Result<i64> {
+        let head = self.write_request(Command::Add)?;
         let request = || {
-            Encoder::request(Command::Add)
+            head.clone()
                 .bytes(key.as_bytes())
                 .u64(delta as u64)
                 .finish()
@@ -459,13 +524,11 @@ impl TcpStore {
     ) -> Result<()> {
         let wire = user_key(key);
         let deadline = self.deadline();
+        let head = self.write_request(command)?;
         self.timed(op, || {
             self.conns.with_primary(deadline, |c| {
                 check_request(c.limits(), &[wire.as_bytes()], &[value.len()])?;
-                let head = Encoder::request(command)
-                    .bytes(wire.as_bytes())
-                    .u64(value.len() as u64)
-                    .finish();
+                let head = head.bytes(wire.as_bytes()).u64(value.len() as u64).finish();
                 if command == Command::Append && c.dialect() == Dialect::Distcore {
                     c.call(&[&head, value], Shape::Ack, deadline).map(drop)
                 } else {
@@ -525,8 +588,9 @@ impl Store for TcpStore {
 
     fn compare_set(&self, key: &str, expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
         let wire = user_key(key);
+        let head = self.write_request(Command::CompareSet)?;
         let request = || {
-            Encoder::request(Command::CompareSet)
+            head.clone()
                 .bytes(wire.as_bytes())
                 .bytes(expected)
                 .bytes(desired)
@@ -592,10 +656,11 @@ impl Store for TcpStore {
         let wire = user_keys(keys);
         let lengths: Vec<usize> = values.iter().map(|v| v.len()).collect();
         let deadline = self.deadline();
+        let head = self.write_request(Command::MultiSet)?;
         self.timed("multi_set", || {
             self.conns.with_primary(deadline, |c| {
                 check_request(c.limits(), &as_bytes(&wire), &lengths)?;
-                let mut e = Encoder::request(Command::MultiSet).u64(keys.len() as u64);
+                let mut e = head.u64(keys.len() as u64);
                 for (key, value) in wire.iter().zip(values) {
                     e = e.bytes(key.as_bytes()).bytes(value);
                 }
@@ -649,14 +714,47 @@ impl Store for TcpStore {
     fn list_keys(&self) -> Result<Vec<String>> {
         let request = || Encoder::request(Command::ListKeys).finish();
         let keys = self.call("list_keys", &[], &[], request, Shape::Counted)?;
-        Ok(keys
-            .into_values()
-            .into_iter()
-            .filter_map(|k| {
-                k.strip_prefix(b"/")
-                    .map(|k| String::from_utf8_lossy(k).into_owned())
-            })
-            .collect())
+        Ok(user_keys_of(keys))
+    }
+
+    fn list_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+        if !self.peer_is_distcore() {
+            return list_prefix_by_listing(self, prefix);
+        }
+        let wire = user_key(prefix);
+        let request = || {
+            Encoder::request(Command::ListPrefix)
+                .bytes(wire.as_bytes())
+                .finish()
+        };
+        let keys = self.call(
+            "list_prefix",
+            &[wire.as_bytes()],
+            &[],
+            request,
+            Shape::Counted,
+        )?;
+        Ok(user_keys_of(keys))
+    }
+
+    fn delete_prefix(&self, prefix: &str) -> Result<i64> {
+        if !self.peer_is_distcore() {
+            return delete_prefix_one_by_one(self, prefix);
+        }
+        let wire = user_key(prefix);
+        let request = || {
+            Encoder::request(Command::DeletePrefix)
+                .bytes(wire.as_bytes())
+                .finish()
+        };
+        self.call(
+            "delete_prefix",
+            &[wire.as_bytes()],
+            &[],
+            request,
+            Shape::I64,
+        )?
+        .i64(0)
     }
 
     fn barrier(&self, key: &str, world_size: i64, timeout: Option<Duration>) -> Result<()> {
@@ -717,9 +815,11 @@ impl Store for TcpStore {
             host: self.host.clone(),
             port: self.port,
             world_size: self.world_size,
-            conns,
+            conns: Arc::new(conns),
             timeout: Mutex::new(timeout),
             counters: Counters::default(),
+            // A new connection has no session.
+            leased: false,
         }))
     }
 }

@@ -31,6 +31,46 @@ fn conforms_against_a_distcore_server() {
 }
 
 #[test]
+fn a_leased_view_needs_a_session_and_a_distcore_server() {
+    let store = server_store();
+    let leased = store.leased();
+    assert!(leased.is_leased() && !store.is_leased());
+    let refused = leased.set("k", b"v").unwrap_err();
+    assert_eq!(refused.status(), Status::InvalidState, "{refused}");
+    assert!(!store.check(&["k"]).unwrap(), "nothing was written");
+    store
+        .open_session(&SessionOptions::new("view/", 0))
+        .unwrap();
+    leased.set("view/k", b"v").unwrap();
+    assert_eq!(
+        leased.get("view/k").unwrap(),
+        b"v",
+        "it reads as the handle"
+    );
+    assert!(!leased
+        .clone_store()
+        .unwrap()
+        .as_any()
+        .downcast_ref::<TcpStore>()
+        .unwrap()
+        .is_leased());
+    store.close_session().unwrap();
+    assert!(
+        !store.check(&["view/k"]).unwrap(),
+        "deleted with the session"
+    );
+
+    let server = Server::start(ServerOptions {
+        extensions: false,
+        ..ServerOptions::default()
+    })
+    .unwrap();
+    let pytorch = client_of(server.port());
+    let refused = pytorch.leased().add("k", 1).unwrap_err();
+    assert_eq!(refused.status(), Status::NotSupported, "{refused}");
+}
+
+#[test]
 fn conforms_in_pytorch_mode() {
     // A server without the extensions answers like PyTorch's: the client
     // falls back to WAIT + GET and never sends a command it would not know.
