@@ -152,6 +152,11 @@ void exercise_store(const distcore::Store& s) {
   bool found = false;
   for (const auto& k : keys) found = found || k == "another";
   EXPECT(found);
+  s.set("sweep/a", "1");
+  s.set("sweep/b", "2");
+  EXPECT(s.list_prefix("sweep/").size() == 2);
+  EXPECT(s.delete_prefix("sweep/") == 2);
+  EXPECT(s.list_prefix("sweep/").empty());
 
   s.queue_push("q", "first");
   s.queue_push("q", std::string("second"));
@@ -451,6 +456,17 @@ void test_tcp_store() {
     EXPECT(std::string(failed.what()).find("out of memory on rank 1") != std::string::npos);
     client.close_session();
     EXPECT_THROW(distcore::InvalidState, member.close_session());
+  }
+  // Keys written through a leased view die with the session.
+  {
+    distcore::TCPStore member = client.clone();
+    distcore::TCPStore leased = member.leased();
+    EXPECT_THROW(distcore::InvalidState, leased.set("cpp-lease/addr", "x"));
+    member.open_session("cpp-lease/", 0);
+    leased.set("cpp-lease/addr", "10.0.0.1");
+    EXPECT(client.get("cpp-lease/addr") == "10.0.0.1");
+    member.close_session();
+    EXPECT(!client.check({"cpp-lease/addr"}));
   }
 
   // A TCPStore clone is a TCPStore (a new connection).

@@ -92,6 +92,13 @@ int main(void) {
   NULL_ARG(dc_store_queue_len(s, key, NULL));
   NULL_ARG(dc_store_list_keys(NULL, &arr));
   NULL_ARG(dc_store_list_keys(s, NULL));
+  int64_t deleted = 0;
+  NULL_ARG(dc_store_list_prefix(NULL, "p", &arr));
+  NULL_ARG(dc_store_list_prefix(s, NULL, &arr));
+  NULL_ARG(dc_store_list_prefix(s, "p", NULL));
+  NULL_ARG(dc_store_delete_prefix(NULL, "p", &deleted));
+  NULL_ARG(dc_store_delete_prefix(s, NULL, &deleted));
+  NULL_ARG(dc_store_delete_prefix(s, "p", NULL));
   NULL_ARG(dc_store_barrier(NULL, key, 1, 10));
   NULL_ARG(dc_store_barrier(s, NULL, 1, 10));
   NULL_ARG(dc_store_get_timeout(NULL, &i64));
@@ -144,6 +151,9 @@ int main(void) {
   NULL_ARG(dc_tcp_store_open_session(NULL, &session));
   NULL_ARG(dc_tcp_store_open_session(s, NULL));
   NULL_ARG(dc_tcp_store_close_session(NULL));
+  dc_store *view = NULL;
+  NULL_ARG(dc_tcp_store_leased(NULL, &view));
+  NULL_ARG(dc_tcp_store_leased(s, NULL));
   NULL_ARG(dc_tcp_store_report_error(NULL, "m"));
   NULL_ARG(dc_tcp_store_report_error(s, NULL));
 

@@ -1,7 +1,8 @@
 /* Liveness sessions from C (docs/liveness.md): a member process that dies
  * fails the other members' blocked calls at once with DC_ERR_PEER_FAILED,
  * naming it; one that reports an error reaches them with its message; the
- * options are checked. The members are fork()ed children with handles of
+ * keys it wrote through its leased view die with it; the options are
+ * checked. The members are fork()ed children with handles of
  * their own. */
 #include <signal.h>
 #include <stdio.h>
@@ -22,8 +23,8 @@ static void join(dc_store *store, const char *group, int32_t rank, int64_t ttl_m
   CHECK_OK(dc_tcp_store_open_session(store, &opts));
 }
 
-/* Rank 1 in a child: joins `group` (with a TTL of `ttl_ms`), tells the
- * parent on `ready`, then (once the parent writes a byte on `go`) reports
+/* Rank 1 in a child: joins `group` (with a TTL of `ttl_ms`), writes
+ * `<group>addr1` through its leased view, tells the parent on `ready`, then (once the parent writes a byte on `go`) reports
  * `report` or, with NULL, kills itself with SIGKILL. */
 static pid_t member(uint16_t port, const char *group, const char *report, int64_t ttl_ms,
                     int go[2]) {
@@ -36,6 +37,11 @@ static pid_t member(uint16_t port, const char *group, const char *report, int64_
     alarm(60);
     dc_store *store = tcp_store(false, port);
     join(store, group, 1, ttl_ms);
+    dc_store *leased = NULL;
+    CHECK_OK(dc_tcp_store_leased(store, &leased));
+    char key[64];
+    snprintf(key, sizeof key, "%saddr1", group);
+    CHECK_OK(dc_store_set(leased, key, (const uint8_t *)"10.0.0.1", 8));
     CHECK(write(ready[1], "r", 1) == 1);
     char c;
     CHECK(read(go[0], &c, 1) == 1);
@@ -86,6 +92,31 @@ static void blocked_get_fails(uint16_t port, const char *group, const char *repo
   dc_store_free(store);
 }
 
+/* The keys a member wrote through its leased view are there while it lives
+ * and gone once it is killed; `observer` is in no session. */
+static void leased_keys_die_with_their_member(dc_store *observer, uint16_t port) {
+  const char *key[] = {"leased/addr1"};
+  int go[2];
+  pid_t pid = member(port, "leased/", NULL, 0, go);
+  bool present = false;
+  CHECK_OK(dc_store_check(observer, key, 1, &present));
+  CHECK(present);
+  CHECK(write(go[1], "g", 1) == 1);
+  waitpid(pid, NULL, 0);
+  for (int i = 0; i < 200 && present; i++) {
+    usleep(10 * 1000);
+    CHECK_OK(dc_store_check(observer, key, 1, &present));
+  }
+  CHECK(!present);
+  /* Writes through a view whose handle has no session are refused. */
+  dc_store *leased = NULL;
+  CHECK_OK(dc_tcp_store_leased(observer, &leased));
+  CHECK_STATUS(dc_store_set(leased, "k", (const uint8_t *)"v", 1), DC_ERR_INVALID_STATE);
+  dc_store_free(leased);
+  close(go[0]);
+  close(go[1]);
+}
+
 int main(void) {
   dc_store *server = tcp_store(true, 0);
   uint16_t port = 0;
@@ -94,6 +125,7 @@ int main(void) {
   blocked_get_fails(port, "killed/", NULL, 0, "connection was lost");
   blocked_get_fails(port, "reported/", "loss is NaN", 0, "it reported: loss is NaN");
   blocked_get_fails(port, "frozen/", NULL, 1000, "within its TTL");
+  leased_keys_die_with_their_member(server, port);
 
   /* Options are checked before anything is sent. */
   dc_session_options opts;

@@ -118,6 +118,30 @@ static bool fd_readable(int fd, int ms) {
   return poll(&p, 1, ms) == 1;
 }
 
+/* list_prefix and delete_prefix, through a PrefixStore too. */
+static void prefixes(dc_store *base) {
+  dc_store *p = NULL;
+  dc_buf_array keys = {0};
+  int64_t deleted = -1;
+  CHECK_OK(dc_prefix_store_new("run", base, &p));
+  CHECK_OK(dc_store_set(p, "rank/0", bytes("a"), 1));
+  CHECK_OK(dc_store_set(p, "rank/1", bytes("b"), 1));
+  CHECK_OK(dc_store_set(p, "rankless", bytes("c"), 1));
+  CHECK_OK(dc_store_list_prefix(p, "rank/", &keys));
+  CHECK(keys.len == 2);
+  dc_buf_array_free(&keys);
+  CHECK_OK(dc_store_list_prefix(base, "run/rank", &keys));
+  CHECK(keys.len == 3);
+  dc_buf_array_free(&keys);
+  CHECK_OK(dc_store_delete_prefix(p, "rank/", &deleted));
+  CHECK(deleted == 2);
+  CHECK_OK(dc_store_list_prefix(p, "", &keys));
+  CHECK(keys.len == 1);
+  CHECK_BUF(keys.items[0], "rankless");
+  dc_buf_array_free(&keys);
+  dc_store_free(p);
+}
+
 static void async_calls(dc_store *s) {
   dc_work *get = NULL, *wait = NULL, *late = NULL;
   dc_buf buf = {0};
@@ -204,6 +228,7 @@ int main(void) {
   CHECK_OK(dc_hash_store_new(&s));
   basic_ops(s);
   prefix_view(s);
+  prefixes(s);
   async_calls(s);
   elastic_helpers(s);
   dc_store_free(s);

@@ -951,6 +951,27 @@ dc_status dc_tcp_store_close_session(const dc_store *store);
 // store's timeout.
 dc_status dc_tcp_store_report_error(const dc_store *store, const char *message);
 
+// Since 1.4. Creates in `*out` a leased view of the TCPStore handle
+// `store` (free it with `dc_store_free`): a store that shares the
+// handle's connections and session, reads as the handle, and whose writes
+// (set, add, compare_set, append, multi_set, queue_push) tie the keys they
+// write to the handle's session: when the session ends, however it ends
+// (closed, its process dead or frozen past its TTL, an error reported,
+// fenced), the server deletes them. The last write of a key decides, as
+// with etcd's leases: written again without a lease, or through another
+// session, it is no longer this session's. The view may be wrapped in a
+// PrefixStore; `dc_store_clone` of it is a new connection with no
+// session, an ordinary handle. The view keeps the connections (and so
+// the session) open until freed, along with the handle.
+//
+// The view's writes fail with DC_ERR_INVALID_STATE while the handle has
+// no session, DC_ERR_NOT_SUPPORTED on PyTorch's server or an
+// etcd-backed one.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` or `out` is NULL or `store`
+// is not a TCPStore. Never blocks.
+dc_status dc_tcp_store_leased(const dc_store *store, dc_store **out);
+
 // Creates an empty in-process store (c10d's HashStore), shared by every
 // thread that uses the handle or its clones. Default timeout 300 s.
 //
@@ -1121,6 +1142,28 @@ dc_status dc_store_queue_len(const dc_store *store, const char *key, int64_t *ou
 //
 // Errors: only the common ones.
 dc_status dc_store_list_keys(const dc_store *store, dc_buf_array *out);
+
+// Since 1.4. Writes the keys holding a value that start with `prefix`
+// (NUL-terminated, read during the call only; "" lists every key) into
+// `out` (free with `dc_buf_array_free`); each buffer is NUL-terminated.
+// A TCPStore asks a distcore server for them only; from PyTorch's server
+// it lists every key and filters.
+//
+// Errors: only the common ones. Blocks for one request, at most the
+// store's timeout.
+dc_status dc_store_list_prefix(const dc_store *store, const char *prefix, dc_buf_array *out);
+
+// Since 1.4. Deletes every key starting with `prefix` (NUL-terminated,
+// read during the call only) and writes how many values it deleted into
+// `out_deleted`. Queues under the prefix are deleted too by a HashStore,
+// an EtcdStore and a TCPStore on a distcore server (which deletes them
+// all in one step); a FileStore, or a TCPStore on PyTorch's server,
+// deletes the listed values one at a time (a key written meanwhile may
+// stay), and no queue.
+//
+// Errors: only the common ones. Blocks for one request (a TCPStore on a
+// distcore server) or one per key, each within the store's timeout.
+dc_status dc_store_delete_prefix(const dc_store *store, const char *prefix, int64_t *out_deleted);
 
 // Blocks until `world_size` callers (this one included) have entered the
 // barrier `key`, for at most `timeout_ms` (DC_TIMEOUT_DEFAULT: the store's

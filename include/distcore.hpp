@@ -733,6 +733,20 @@ class Store {
     distcore::check(dc_store_list_keys(native_handle(), a.out()));
     return a.strings();
   }
+  /// Since 1.4. The keys holding a value that start with `prefix`.
+  std::vector<std::string> list_prefix(std::string_view prefix) const {
+    detail::BufArray a;
+    distcore::check(dc_store_list_prefix(native_handle(), detail::c_string(prefix).c_str(), a.out()));
+    return a.strings();
+  }
+  /// Since 1.4. Deletes every key starting with `prefix`; returns how many
+  /// values it deleted. See dc_store_delete_prefix (which stores delete
+  /// queues too, and which in one step).
+  int64_t delete_prefix(std::string_view prefix) const {
+    int64_t out = 0;
+    distcore::check(dc_store_delete_prefix(native_handle(), detail::c_string(prefix).c_str(), &out));
+    return out;
+  }
   /// Blocks until `world_size` callers have entered the barrier `key`, for
   /// at most `timeout` (kDefault: the store's timeout).
   void barrier(std::string_view key, int32_t world_size, Timeout timeout = kDefault) const {
@@ -1029,6 +1043,15 @@ class TCPStore : public Store {
   /// which the other members receive as PeerFailedError.
   void report_error(const std::string& message) const {
     distcore::check(dc_tcp_store_report_error(native_handle(), message.c_str()));
+  }
+  /// Since 1.4. A view of this handle whose writes tie their keys to the
+  /// handle's session: the server deletes them when the session ends,
+  /// however it ends. It shares the handle's connections and session. See
+  /// dc_tcp_store_leased.
+  TCPStore leased() const {
+    dc_store* s = nullptr;
+    distcore::check(dc_tcp_store_leased(native_handle(), &s));
+    return TCPStore(s);
   }
   /// Per-operation latency counters of this handle.
   std::vector<ClientCounter> counters() const {

@@ -226,6 +226,8 @@ SIGNATURES: dict[str, tuple[list[_CType], _CType | None]] = {
     "dc_store_queue_pop": ([_h, c_char_p, c_bool, POINTER(Buf)], _status),
     "dc_store_queue_len": ([_h, c_char_p, POINTER(c_int64)], _status),
     "dc_store_list_keys": ([_h, POINTER(BufArray)], _status),
+    "dc_store_list_prefix": ([_h, c_char_p, POINTER(BufArray)], _status),
+    "dc_store_delete_prefix": ([_h, c_char_p, POINTER(c_int64)], _status),
     "dc_store_barrier": ([_h, c_char_p, c_int32, c_int64], _status),
     "dc_store_get_timeout": ([_h, POINTER(c_int64)], _status),
     "dc_store_set_timeout": ([_h, c_int64], _status),
@@ -248,6 +250,7 @@ SIGNATURES: dict[str, tuple[list[_CType], _CType | None]] = {
     "dc_tcp_store_open_session": ([_h, POINTER(SessionOptions)], _status),
     "dc_tcp_store_close_session": ([_h], _status),
     "dc_tcp_store_report_error": ([_h, c_char_p], _status),
+    "dc_tcp_store_leased": ([_h, POINTER(c_void_p)], _status),
     # works
     "dc_work_new": ([c_int32, c_int32, c_char_p, c_int64, _out_h], _status),
     "dc_work_new_future": ([_out_h], _status),

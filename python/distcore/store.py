@@ -63,9 +63,13 @@ class Store(Closable):
         TCPStore, a new connection), of the same class."""
         h = c_void_p()
         check(lib.dc_store_clone(self._handle, ctypes.byref(h)))
+        return self._twin(h.value)
+
+    def _twin(self: _S, handle: int | None) -> _S:
+        """A store of the same class and settings as this one, on `handle`."""
         other = type(self).__new__(type(self))
         other.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_h"})
-        other._adopt(h.value)
+        other._adopt(handle)
         return other
 
     # -- the Store API ----------------------------------------------------
@@ -166,6 +170,21 @@ class Store(Closable):
         arr = BufArray()
         check(lib.dc_store_list_keys(self._handle, ctypes.byref(arr)))
         return [k.decode("utf-8") for k in take_array(arr)]
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        """The keys holding a value that start with `prefix` (since 1.4)."""
+        arr = BufArray()
+        check(lib.dc_store_list_prefix(self._handle, key_arg(prefix), ctypes.byref(arr)))
+        return [k.decode("utf-8") for k in take_array(arr)]
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Deletes every key starting with `prefix` (since 1.4); returns how
+        many values it deleted. A HashStore, an EtcdStore and a TCPStore on
+        a distcore server (in one step) delete the queues under it too; see
+        dc_store_delete_prefix."""
+        out = c_int64()
+        check(lib.dc_store_delete_prefix(self._handle, key_arg(prefix), ctypes.byref(out)))
+        return out.value
 
     def barrier(self, key: str, world_size: int, timeout: Timeout = None) -> None:
         """Waits until `world_size` callers entered the barrier `key`."""
@@ -465,6 +484,19 @@ class TCPStore(Store):
         """Ends the handle's session with this process's own error: every
         other member of the group raises DistPeerError carrying `message`."""
         check(lib.dc_tcp_store_report_error(self._handle, message.encode()))
+
+    def leased(self) -> TCPStore:
+        """A view of this handle whose writes (set, add, compare_set,
+        append, multi_set, queue_push) tie the keys they write to the
+        handle's session: when the session ends, however it ends (closed,
+        the process dead or frozen past its TTL, an error reported), the
+        server deletes them (docs/liveness.md). The last write of a key
+        decides, as with etcd's leases. The view shares the handle's
+        connections and session and reads as the handle; its writes raise
+        DistStateError while the handle has no session."""
+        h = c_void_p()
+        check(lib.dc_tcp_store_leased(self._handle, ctypes.byref(h)))
+        return self._twin(h.value)
 
     def collect_client_counters(self) -> dict[str, dict[str, float]]:
         """Per-operation latency counters of this handle: {op: {"count",

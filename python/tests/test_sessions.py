@@ -21,6 +21,7 @@ import distcore
 port, group, report, ttl_ms = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 store = distcore.TCPStore("127.0.0.1", port, timeout=timedelta(seconds=60))
 store.open_session(group, 1, world_size=2, ttl=timedelta(milliseconds=ttl_ms) if ttl_ms else None)
+store.leased().set(group + "addr1", "10.0.0.1:29500")
 print("ready", flush=True)
 sys.stdin.readline()
 if report:
@@ -103,3 +104,30 @@ def test_a_frozen_member_fails_the_others_once_its_ttl_passes(server):
         child.kill()
         child.wait()
         store.close()
+
+
+def test_a_members_leased_keys_die_with_it(server):
+    child = member(server.port, "leased/")
+    assert server.get("leased/addr1") == b"10.0.0.1:29500"
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    child.wait(60)
+    for _ in range(200):
+        if not server.check(["leased/addr1"]):
+            break
+        threading.Event().wait(0.01)
+    assert not server.check(["leased/addr1"])
+
+
+def test_a_leased_view_needs_a_session_and_dies_with_a_graceful_close(server):
+    handle = distcore.TCPStore("127.0.0.1", server.port, timeout=timedelta(seconds=60))
+    leased = handle.leased()
+    assert isinstance(leased, distcore.TCPStore)
+    with pytest.raises(distcore.DistStateError, match="no session"):
+        leased.set("view/k", "v")
+    handle.open_session("view/", 0)
+    leased.set("view/k", "v")
+    assert leased.add("view/n", 2) == 2
+    assert sorted(server.list_prefix("view/")) == ["view/k", "view/n"]
+    handle.close_session()
+    assert server.list_prefix("view/") == []

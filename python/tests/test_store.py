@@ -124,6 +124,15 @@ def test_blocking_calls_are_woken_by_another_thread(store):
     assert store.queue_pop("jobs") == b"job-1"
 
 
+def test_list_and_delete_by_prefix(store):
+    for key in ("sweep/a", "sweep/b", "sweepless"):
+        store.set(key, "1")
+    assert sorted(store.list_prefix("sweep/")) == ["sweep/a", "sweep/b"]
+    assert store.delete_prefix("sweep/") == 2
+    assert store.list_prefix("sweep/") == []
+    assert store.check(["sweepless"])
+
+
 def test_clone_is_the_same_store_and_class(store):
     with store.clone() as c:
         assert type(c) is type(store)

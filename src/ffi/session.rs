@@ -4,9 +4,13 @@
 use std::ffi::c_char;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use super::store::{dc_store, store_arg};
 use super::tcp::tcp;
-use super::{arg_str, arg_versioned, boundary, dc_status, write_versioned, Versioned};
+use super::{
+    arg_out, arg_str, arg_versioned, boundary, dc_status, give, write_versioned, Versioned,
+};
 use crate::error::{Error, Result};
 use crate::store::tcp::SessionOptions;
 
@@ -164,5 +168,38 @@ pub unsafe extern "C" fn dc_tcp_store_report_error(
         let store = unsafe { store_arg(store) }?;
         let message = unsafe { arg_str(message, "message") }?;
         tcp(&store)?.report_error(message)
+    })
+}
+
+/// Since 1.4. Creates in `*out` a leased view of the TCPStore handle
+/// `store` (free it with `dc_store_free`): a store that shares the
+/// handle's connections and session, reads as the handle, and whose writes
+/// (set, add, compare_set, append, multi_set, queue_push) tie the keys they
+/// write to the handle's session: when the session ends, however it ends
+/// (closed, its process dead or frozen past its TTL, an error reported,
+/// fenced), the server deletes them. The last write of a key decides, as
+/// with etcd's leases: written again without a lease, or through another
+/// session, it is no longer this session's. The view may be wrapped in a
+/// PrefixStore; `dc_store_clone` of it is a new connection with no
+/// session, an ordinary handle. The view keeps the connections (and so
+/// the session) open until freed, along with the handle.
+///
+/// The view's writes fail with DC_ERR_INVALID_STATE while the handle has
+/// no session, DC_ERR_NOT_SUPPORTED on PyTorch's server or an
+/// etcd-backed one.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when `store` or `out` is NULL or `store`
+/// is not a TCPStore. Never blocks.
+#[no_mangle]
+pub unsafe extern "C" fn dc_tcp_store_leased(
+    store: *const dc_store,
+    out: *mut *mut dc_store,
+) -> dc_status {
+    boundary("dc_tcp_store_leased", || {
+        let store = unsafe { store_arg(store) }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        let view = tcp(&store)?.leased();
+        give(out, dc_store::new(Arc::new(view)));
+        Ok(())
     })
 }

@@ -498,6 +498,54 @@ pub unsafe extern "C" fn dc_store_list_keys(
     }
 }
 
+/// Since 1.4. Writes the keys holding a value that start with `prefix`
+/// (NUL-terminated, read during the call only; "" lists every key) into
+/// `out` (free with `dc_buf_array_free`); each buffer is NUL-terminated.
+/// A TCPStore asks a distcore server for them only; from PyTorch's server
+/// it lists every key and filters.
+///
+/// Errors: only the common ones. Blocks for one request, at most the
+/// store's timeout.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_list_prefix(
+    store: *const dc_store,
+    prefix: *const c_char,
+    out: *mut dc_buf_array,
+) -> dc_status {
+    boundary("dc_store_list_prefix", || {
+        let store = unsafe { store_arg(store) }?;
+        let prefix = unsafe { arg_str(prefix, "prefix") }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        *out = dc_buf_array::from_items(&store.list_prefix(prefix)?);
+        Ok(())
+    })
+}
+
+/// Since 1.4. Deletes every key starting with `prefix` (NUL-terminated,
+/// read during the call only) and writes how many values it deleted into
+/// `out_deleted`. Queues under the prefix are deleted too by a HashStore,
+/// an EtcdStore and a TCPStore on a distcore server (which deletes them
+/// all in one step); a FileStore, or a TCPStore on PyTorch's server,
+/// deletes the listed values one at a time (a key written meanwhile may
+/// stay), and no queue.
+///
+/// Errors: only the common ones. Blocks for one request (a TCPStore on a
+/// distcore server) or one per key, each within the store's timeout.
+#[no_mangle]
+pub unsafe extern "C" fn dc_store_delete_prefix(
+    store: *const dc_store,
+    prefix: *const c_char,
+    out_deleted: *mut i64,
+) -> dc_status {
+    boundary("dc_store_delete_prefix", || {
+        let store = unsafe { store_arg(store) }?;
+        let prefix = unsafe { arg_str(prefix, "prefix") }?;
+        let out = unsafe { arg_out(out_deleted, "out_deleted") }?;
+        *out = store.delete_prefix(prefix)?;
+        Ok(())
+    })
+}
+
 /// Blocks until `world_size` callers (this one included) have entered the
 /// barrier `key`, for at most `timeout_ms` (DC_TIMEOUT_DEFAULT: the store's
 /// timeout; DC_TIMEOUT_FOREVER: no limit). A key serves one barrier.

@@ -102,11 +102,12 @@ pub trait Store: AsAny + Send + Sync + 'static {
         list_prefix_by_listing(self, prefix)
     }
 
-    /// Deletes every key starting with `prefix`, values and queues (since
-    /// 1.4); returns how many values it deleted. The default deletes what
-    /// [`Store::list_prefix`] lists, one key at a time (a key written
-    /// under the prefix meanwhile may stay); a distcore server deletes them
-    /// in one step.
+    /// Deletes every key starting with `prefix` (since 1.4); returns how
+    /// many values it deleted. A HashStore, an EtcdStore and a TCPStore on
+    /// a distcore server (in one step) delete the queues under it too. The
+    /// default (FileStore, a TCPStore on PyTorch's server) deletes the
+    /// values [`Store::list_prefix`] lists, one key at a time: a key
+    /// written under the prefix meanwhile may stay, and queues do.
     fn delete_prefix(&self, prefix: &str) -> Result<i64> {
         delete_prefix_one_by_one(self, prefix)
     }
