@@ -33,9 +33,13 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 mod architecture {
     /// The socket-free cores: protocol logic that takes bytes and messages
     /// in and gives them out, with time passed in.
-    const CORES: [(&str, &str); 13] = [
+    const CORES: [(&str, &str); 17] = [
         ("server core", include_str!("store/tcp/server/state.rs")),
         ("waits", include_str!("store/tcp/server/waits.rs")),
+        ("sessions", include_str!("store/tcp/server/sessions.rs")),
+        ("leases", include_str!("store/tcp/server/sessions/leases.rs")),
+        ("session listing", include_str!("store/tcp/listing.rs")),
+        ("roll call", include_str!("store/tcp/client/roll_call.rs")),
         ("request parser", include_str!("store/tcp/parser.rs")),
         ("protocol", include_str!("store/tcp/protocol.rs")),
         ("TCPStore handshake", include_str!("store/tcp/handshake.rs")),

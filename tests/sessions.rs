@@ -314,3 +314,32 @@ fn keep_alives_keep_an_idle_member_alive_past_many_ttls() {
     let e = zero.open_session(&too_short).unwrap_err();
     assert_eq!(e.status(), Status::InvalidArgument, "{e}");
 }
+
+#[test]
+fn inspect_lists_each_session_with_what_it_waits_on() {
+    let server = Serve::start();
+    let store = Arc::new(handle(server.port));
+    store.open_session(&member("seen/", 0)).unwrap();
+    let blocked = {
+        let store = store.clone();
+        thread::spawn(move || store.get("seen/step/3"))
+    };
+    thread::sleep(Duration::from_millis(100));
+    let output = Command::new(env!("CARGO_BIN_EXE_distcore"))
+        .args(["inspect", &format!("127.0.0.1:{}", server.port)])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(report.contains("1 sessions"), "{report}");
+    let line = report.lines().find(|l| l.contains("seen/")).unwrap();
+    for part in [
+        "rank     0/3",
+        &format!(":{} ", std::process::id()),
+        "waiting on seen/step/3",
+    ] {
+        assert!(line.contains(part), "{part}: {line}");
+    }
+    store.set("seen/step/3", b"go").unwrap();
+    blocked.join().unwrap().unwrap();
+    store.close_session().unwrap();
+}

@@ -22,8 +22,8 @@ use distcore::store::tcp::protocol::Limits;
 use distcore::store::tcp::server::{
     raise_open_files_limit, take_inherited_socket, MetricsEndpoint, ServerBackend,
 };
-use distcore::store::tcp::SessionOptions;
 use distcore::store::tcp::{Quotas, Server, ServerOptions};
+use distcore::store::tcp::{SessionListing, SessionOptions};
 use distcore::store::{
     elastic, EtcdStore, EtcdStoreOptions, FileStore, HashStore, PrefixStore, Store, TcpStore,
     TcpStoreOptions,
@@ -182,8 +182,8 @@ enum Command {
         #[command(flatten)]
         guards: Box<Guards>,
     },
-    /// Show a TCPStore server's stats (a distcore server's), then its keys
-    /// with their sizes and values.
+    /// Show a TCPStore server's stats and liveness sessions (a distcore
+    /// server's), then its keys with their sizes and values.
     Inspect {
         /// The server, as HOST:PORT ([::1]:29500 for IPv6).
         address: String,
@@ -851,6 +851,7 @@ fn inspect(
     })?;
     if store.peer_is_distcore() {
         print_stats(&store.server_metrics()?);
+        print_sessions(&store.sessions("")?);
     }
     let mut keys = store.list_keys()?;
     keys.sort();
@@ -887,6 +888,43 @@ fn print_stats(metrics: &str) {
         if value != "0" || !name.contains("_total") {
             println!("  {:<64} {value}", name.trim_start_matches("distcore_"));
         }
+    }
+}
+
+/// The server's liveness sessions (who, how long silent, blocked on what)
+/// and its groups' failures.
+fn print_sessions(listing: &SessionListing) {
+    println!("{} sessions", listing.sessions.len());
+    for s in &listing.sessions {
+        let world = s.world_size.map_or("?".to_string(), |n| n.to_string());
+        let waiting: Vec<String> = s
+            .waiting_on
+            .iter()
+            .map(|k| printable(k.strip_prefix('/').unwrap_or(k).as_bytes()))
+            .collect();
+        println!(
+            "  {:<16} rank {:>5}/{world:<5} {}:{} incarnation {} heard {} ms ago{}",
+            printable(s.group.as_bytes()),
+            s.rank,
+            printable(s.host.as_bytes()),
+            s.pid,
+            s.incarnation,
+            s.silent_for.as_millis(),
+            match waiting.is_empty() {
+                true => String::new(),
+                false => format!(", waiting on {}", waiting.join(" ")),
+            }
+        );
+    }
+    if listing.truncated {
+        println!("  (more sessions than one answer holds: the rest left out)");
+    }
+    for failure in &listing.failures {
+        println!(
+            "  group {} FAILED: {}",
+            printable(failure.group.as_bytes()),
+            printable(failure.message.as_bytes())
+        );
     }
 }
 

@@ -41,6 +41,8 @@ pub(crate) enum Greeted {
     Distcore {
         limits: Limits,
         challenge: Option<Nonce>,
+        /// Keys may be leased to sessions.
+        leases: bool,
     },
 }
 
@@ -88,6 +90,7 @@ pub(crate) fn greeted(
             Ok(Greeted::Distcore {
                 limits: info.limits,
                 challenge,
+                leases: info.leases,
             })
         }
         other => Err(Error::network(format!(
@@ -140,12 +143,14 @@ pub(crate) fn server_info(
     limits: Limits,
     admission: Admission,
     challenge: Option<&Challenged>,
+    leases: bool,
 ) -> ServerInfo {
     ServerInfo {
         limits,
         auth_required: admission == Admission::MustAuthenticate,
         tls_required: admission == Admission::MustUseTls,
         challenge: challenge.map(|c| *c.challenge()),
+        leases,
     }
 }
 

@@ -3,9 +3,11 @@
 
 mod client;
 mod handshake;
+pub mod listing;
 pub mod parser;
 pub mod protocol;
 pub mod server;
 
 pub use client::{OpCounter, SessionOptions, TcpStore, TcpStoreOptions};
+pub use listing::{GroupFailure, SessionInfo, SessionListing};
 pub use server::{Quotas, Server, ServerBackend, ServerOptions, ServerStats};

@@ -43,7 +43,9 @@ fn layout(command: Command) -> &'static [Field] {
         Validate | Ping => &[F::U32],
         Set | Append | QueuePush => &[F::Key, F::Value],
         CompareSet => &[F::Key, F::Value, F::Value],
-        Get | DeleteKey | QueuePop | QueueLen | DeletePrefix | ListPrefix => &[F::Key],
+        Get | DeleteKey | QueuePop | QueueLen | DeletePrefix | ListPrefix | SessionList => {
+            &[F::Key]
+        }
         Add | Barrier => &[F::Key, F::U64],
         Check | Wait | MultiGet | WaitGet => &[F::Keys],
         MultiSet => &[F::Pairs],
@@ -358,6 +360,7 @@ impl Partial {
             Command::SessionLease => Request::Session(SessionRequest::Lease),
             Command::DeletePrefix => Request::DeletePrefix { prefix: key() },
             Command::ListPrefix => Request::ListPrefix { prefix: key() },
+            Command::SessionList => Request::Session(SessionRequest::List { prefix: key() }),
         }
     }
 }

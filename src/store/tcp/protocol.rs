@@ -7,6 +7,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::listing::Fields;
 use crate::security::auth::{Nonce, NONCE_LEN, PROOF_LEN};
 use crate::store::kv::Value;
 
@@ -59,7 +60,7 @@ pub(crate) const REPLY_DEFERRED_ERROR: u8 = 2;
 /// What a distcore server tells a version 2 client after [`HELLO_V2_ACK`]:
 /// a `u32` version (1) and its limits as `u64`s (key, value, keys per
 /// request, request); then a `u32` of flags ([`INFO_AUTH_REQUIRED`],
-/// [`INFO_CHALLENGE`], [`INFO_TLS_REQUIRED`]) and, with the latter, the 32-byte challenge to
+/// [`INFO_CHALLENGE`], [`INFO_TLS_REQUIRED`], [`INFO_LEASES`]) and, with the latter, the 32-byte challenge to
 /// authenticate with (see [`Command::Auth`]). Carried as a byte string, so
 /// later versions can append fields an older client skips; a server from
 /// before authentication sends no flags (read as none).
@@ -75,6 +76,9 @@ pub(crate) struct ServerInfo {
     pub(crate) tls_required: bool,
     /// The challenge to authenticate with, if the server has a secret.
     pub(crate) challenge: Option<Nonce>,
+    /// Keys may be tied to sessions (SESSION_LEASE; since 1.4): its
+    /// backend deletes them when their session ends.
+    pub(crate) leases: bool,
 }
 
 /// [`ServerInfo`] flag: authenticate before any other request.
@@ -83,6 +87,8 @@ pub(crate) const INFO_AUTH_REQUIRED: u32 = 1;
 pub(crate) const INFO_CHALLENGE: u32 = 2;
 /// [`ServerInfo`] flag: connect again over TLS; nothing is served in clear.
 pub(crate) const INFO_TLS_REQUIRED: u32 = 4;
+/// [`ServerInfo`] flag (since 1.4): keys may be leased to sessions.
+pub(crate) const INFO_LEASES: u32 = 8;
 
 impl ServerInfo {
     const VERSION: u32 = 1;
@@ -108,6 +114,9 @@ impl ServerInfo {
         }
         if self.tls_required {
             flags |= INFO_TLS_REQUIRED;
+        }
+        if self.leases {
+            flags |= INFO_LEASES;
         }
         info.extend_from_slice(&flags.to_le_bytes());
         if let Some(challenge) = &self.challenge {
@@ -150,6 +159,7 @@ impl ServerInfo {
             auth_required: flags & INFO_AUTH_REQUIRED != 0,
             tls_required: flags & INFO_TLS_REQUIRED != 0,
             challenge,
+            leases: flags & INFO_LEASES != 0,
         })
     }
 }
@@ -201,34 +211,19 @@ impl SessionSpec {
     /// The spec in `bytes`, if it is one (a group of at most
     /// `max_group_len` bytes, a host of at most [`Self::MAX_HOST_LEN`]).
     pub fn decode(bytes: &[u8], max_group_len: usize) -> Option<SessionSpec> {
-        let mut at: usize = 0;
-        let mut take = |n: usize| -> Option<&[u8]> {
-            let field = bytes.get(at..at.checked_add(n)?)?;
-            at += n;
-            Some(field)
-        };
-        let u32_at = |b: &[u8]| u32::from_le_bytes(b.try_into().unwrap_or_default());
-        let u64_at = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
-        if u32_at(take(4)?) != Self::VERSION {
+        let mut f = Fields::new(bytes);
+        if f.u32()? != Self::VERSION {
             return None;
         }
-        let rank = u32_at(take(4)?);
-        let world_size = Some(u32_at(take(4)?)).filter(|n| *n > 0);
-        let incarnation = u64_at(take(8)?);
-        let ttl = Some(u64_at(take(8)?))
+        let rank = f.u32()?;
+        let world_size = Some(f.u32()?).filter(|n| *n > 0);
+        let incarnation = f.u64()?;
+        let ttl = Some(f.u64()?)
             .filter(|ms| *ms > 0)
             .map(Duration::from_millis);
-        let pid = u32_at(take(4)?);
-        let group_len = usize::try_from(u64_at(take(8)?)).ok()?;
-        if group_len > max_group_len {
-            return None;
-        }
-        let group = take(group_len)?.to_vec();
-        let host_len = usize::try_from(u64_at(take(8)?)).ok()?;
-        if host_len > Self::MAX_HOST_LEN {
-            return None;
-        }
-        let host = String::from_utf8(take(host_len)?.to_vec()).ok()?;
+        let pid = f.u32()?;
+        let group = f.bytes(max_group_len)?.to_vec();
+        let host = String::from_utf8(f.bytes(Self::MAX_HOST_LEN)?.to_vec()).ok()?;
         if world_size.is_some_and(|n| rank >= n) {
             return None;
         }
@@ -304,11 +299,15 @@ pub enum Command {
     /// distcore extension (since 1.4): the keys starting with this prefix
     /// (a key); the reply is LIST_KEYS's.
     ListPrefix = 0x8A,
+    /// distcore extension (version 2, since 1.4): the live sessions of the
+    /// groups starting with this prefix (a key) and their failures; the
+    /// reply is a byte string, a [`SessionListing`](super::listing::SessionListing).
+    SessionList = 0x8B,
 }
 
 impl Command {
     /// Every command, with its name in metrics and logs: the one table.
-    pub const ALL: [(Command, &'static str); 30] = [
+    pub const ALL: [(Command, &'static str); 31] = [
         (Command::Validate, "validate"),
         (Command::Set, "set"),
         (Command::CompareSet, "compare_set"),
@@ -339,6 +338,7 @@ impl Command {
         (Command::SessionLease, "session_lease"),
         (Command::DeletePrefix, "delete_prefix"),
         (Command::ListPrefix, "list_prefix"),
+        (Command::SessionList, "session_list"),
     ];
 
     /// The command with this byte, if it is one.
@@ -552,6 +552,11 @@ pub enum SessionRequest {
     },
     /// SESSION_LEASE: the next request's keys die with the session.
     Lease,
+    /// SESSION_LIST.
+    List {
+        /// The groups listed start with it.
+        prefix: Key,
+    },
 }
 
 /// What a data request produced, before it is encoded as a reply.
@@ -607,6 +612,7 @@ impl Request {
             Request::Session(SessionRequest::Close) => Command::SessionClose,
             Request::Session(SessionRequest::Report { .. }) => Command::SessionReport,
             Request::Session(SessionRequest::Lease) => Command::SessionLease,
+            Request::Session(SessionRequest::List { .. }) => Command::SessionList,
         }
     }
 }
@@ -721,6 +727,7 @@ mod tests {
             auth_required: false,
             tls_required: false,
             challenge: None,
+            leases: false,
         };
         let encoded = info.encode();
         let len = u64::from_le_bytes(encoded[..8].try_into().unwrap()) as usize;
@@ -743,6 +750,7 @@ mod tests {
             auth_required: true,
             tls_required: true,
             challenge: Some([7; NONCE_LEN]),
+            leases: true,
             ..info
         };
         assert_eq!(

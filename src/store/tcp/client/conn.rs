@@ -82,6 +82,8 @@ pub(crate) struct Conn {
     peer: String,
     dialect: Dialect,
     limits: Limits,
+    /// The server lets keys be leased to sessions.
+    leases: bool,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -209,6 +211,7 @@ impl Conn {
                 peer: addr.to_string(),
                 dialect: Dialect::PyTorch,
                 limits: pytorch_limits(),
+                leases: false,
                 buf: vec![0; READ_BUFFER_LEN].into_boxed_slice(),
                 start: 0,
                 end: 0,
@@ -242,13 +245,17 @@ impl Conn {
         let hello = self.receive_reply(Shape::Hello, false, deadline)?;
         let answer = hello.u32(0)?;
         let info = hello.into_value();
-        let Greeted::Distcore { limits, challenge } =
-            handshake::greeted(&self.peer, answer, &info, secret)?
+        let Greeted::Distcore {
+            limits,
+            challenge,
+            leases,
+        } = handshake::greeted(&self.peer, answer, &info, secret)?
         else {
             return Ok(());
         };
         self.dialect = Dialect::Distcore;
         self.limits = limits;
+        self.leases = leases;
         match (secret, challenge) {
             (Some(secret), Some(challenge)) => self.authenticate(secret, &challenge, deadline),
             _ => Ok(()),
@@ -273,6 +280,11 @@ impl Conn {
     /// The protocol the server speaks.
     pub(crate) fn dialect(&self) -> Dialect {
         self.dialect
+    }
+
+    /// Whether the server lets keys be leased to sessions.
+    pub(crate) fn holds_leases(&self) -> bool {
+        self.leases
     }
 
     /// The limits requests are checked against (the server's own, or

@@ -29,6 +29,7 @@ mod conn;
 mod counters;
 mod plan;
 mod reply;
+mod roll_call;
 mod session;
 mod store;
 mod waiter;
@@ -59,23 +60,40 @@ pub(crate) struct Connections {
     primary_unfenced: AtomicBool,
     spares: Arc<Mutex<Vec<Conn>>>,
     /// What the last connection learned of the server.
-    dialect: Mutex<(Dialect, Limits)>,
+    learned: Mutex<Learned>,
     /// This handle's liveness session (docs/liveness.md). Never locked
     /// while waiting for the primary's lock.
     membership: Mutex<Membership>,
+}
+
+/// What a connection learned of the server in its handshake.
+struct Learned {
+    dialect: Dialect,
+    limits: Limits,
+    leases: bool,
+}
+
+impl From<&Conn> for Learned {
+    fn from(conn: &Conn) -> Learned {
+        Learned {
+            dialect: conn.dialect(),
+            limits: *conn.limits(),
+            leases: conn.holds_leases(),
+        }
+    }
 }
 
 impl Connections {
     /// Connects the primary connection to `endpoint` by `deadline`.
     pub(crate) fn connect(endpoint: Endpoint, deadline: Deadline) -> Result<Connections> {
         let primary = Conn::connect(&endpoint, deadline)?;
-        let dialect = (primary.dialect(), *primary.limits());
+        let learned = Learned::from(&primary);
         Ok(Connections {
             endpoint,
             primary: Mutex::new(Some(primary)),
             primary_unfenced: AtomicBool::new(false),
             spares: Arc::default(),
-            dialect: Mutex::new(dialect),
+            learned: Mutex::new(learned),
             membership: Mutex::default(),
         })
     }
@@ -83,7 +101,13 @@ impl Connections {
     /// Whether the server speaks distcore's extensions (as of the last
     /// connection made).
     pub(crate) fn dialect(&self) -> Dialect {
-        self.dialect.lock().0
+        self.learned.lock().dialect
+    }
+
+    /// Whether the server lets keys be leased to sessions (as of the last
+    /// connection made).
+    pub(crate) fn holds_leases(&self) -> bool {
+        self.learned.lock().leases
     }
 
     /// The server these connections go to.
@@ -93,7 +117,7 @@ impl Connections {
 
     fn open(&self, deadline: Deadline) -> Result<Conn> {
         let conn = Conn::connect(&self.endpoint, deadline)?;
-        *self.dialect.lock() = (conn.dialect(), *conn.limits());
+        *self.learned.lock() = Learned::from(&conn);
         Ok(conn)
     }
 
@@ -233,6 +257,11 @@ impl Connections {
         }
     }
 
+    /// The open session's group and rank, if the handle has one.
+    pub(crate) fn member(&self) -> Option<(String, u32)> {
+        self.membership.lock().member()
+    }
+
     /// Opens a liveness session of `spec` on the primary connection, by
     /// `deadline`; spares attach as they are taken.
     pub(crate) fn open_session(&self, spec: &SessionSpec, deadline: Deadline) -> Result<()> {
@@ -254,6 +283,7 @@ impl Connections {
         *self.membership.lock() = Membership::Open {
             id,
             group: spec.group.clone(),
+            rank: spec.rank,
             _alive: alive.clone(),
         };
         if let Some(ttl) = spec.ttl {
@@ -302,7 +332,7 @@ impl Connections {
 
     /// Checks a plan's keys against the server's limits.
     fn check_plan(&self, plan: &Plan) -> Result<()> {
-        let limits = self.dialect.lock().1;
+        let limits = self.learned.lock().limits;
         let keys: Vec<&[u8]> = plan.keys().iter().map(|k| k.as_bytes()).collect();
         check_request(&limits, &keys, &[])
     }

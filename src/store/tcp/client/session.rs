@@ -17,12 +17,13 @@ pub(crate) enum Membership {
     /// No session.
     #[default]
     None,
-    /// Open on the primary connection, with this id and group; its
+    /// Open on the primary connection, with this id, group and rank; its
     /// keep-alives (if it has a TTL) run while `_alive` lives (held, never
     /// read).
     Open {
         id: u64,
         group: Vec<u8>,
+        rank: u32,
         _alive: Arc<()>,
     },
     /// Ended with the primary connection it was opened on: the server
@@ -65,6 +66,16 @@ impl Membership {
     pub(crate) fn id(&self) -> Option<u64> {
         match self {
             Membership::Open { id, .. } => Some(*id),
+            _ => None,
+        }
+    }
+
+    /// The open session's group and rank.
+    pub(crate) fn member(&self) -> Option<(String, u32)> {
+        match self {
+            Membership::Open { group, rank, .. } => {
+                Some((String::from_utf8_lossy(group).into_owned(), *rank))
+            }
             _ => None,
         }
     }

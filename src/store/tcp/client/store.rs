@@ -13,6 +13,7 @@ use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 
 use super::counters::Counters;
+use super::roll_call;
 use super::{
     check_request, deadline_of, Connections, Deadline, Dialect, Endpoint, Plan, Reply, Shape,
 };
@@ -22,6 +23,7 @@ use crate::runtime::timeout::DEFAULT_STORE_TIMEOUT;
 use crate::security::access::{AccessPolicy, Network};
 use crate::security::auth::Secret;
 use crate::security::tls::{TlsClient, TlsServer};
+use crate::store::tcp::listing::SessionListing;
 use crate::store::tcp::protocol::{self, Command, Encoder, Limits, SessionSpec, READY};
 use crate::store::tcp::server::{Quotas, Server, ServerOptions};
 use crate::store::tcp::OpCounter;
@@ -411,19 +413,136 @@ impl TcpStore {
             }
             let elapsed = start.elapsed();
             if !timeout.is_zero() && elapsed > timeout {
-                return Err(Error::timeout(format!(
+                let error = Error::timeout(format!(
                     "Timed out after {} seconds waiting for clients. {joined}/{world_size} clients joined.",
                     elapsed.as_secs_f64().ceil() as u64
-                )));
+                ));
+                return Err(self.name_the_absent(error, world_size));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// `error` (wait_for_workers' timeout) completed, on a handle with a
+    /// session, with the ranks below `world_size` that have no session in
+    /// its group (the handles that never came, if one per rank).
+    fn name_the_absent(&self, error: Error, world_size: u32) -> Error {
+        let Some((group, _)) = self.conns.member() else {
+            return error;
+        };
+        let Ok(listing) = self.sessions(&group) else {
+            return error;
+        };
+        let live: std::collections::BTreeSet<u32> = listing
+            .sessions
+            .iter()
+            .filter(|s| s.group == group)
+            .map(|s| s.rank)
+            .collect();
+        let absent: Vec<u32> = (0..world_size).filter(|r| !live.contains(r)).collect();
+        if absent.is_empty() {
+            return error;
+        }
+        Error::timeout(format!(
+            "{} Ranks with no session in group '{group}': {}.",
+            error.message(),
+            roll_call::ranges(&absent)
+        ))
     }
 
     /// The number of handles counted in `init/` so far.
     pub fn joined_workers(&self) -> Result<i64> {
         let joined = self.get_raw(INIT_KEY)?;
         Ok(String::from_utf8_lossy(&joined).parse().unwrap_or(0))
+    }
+
+    /// The live sessions of the groups starting with `group_prefix` ("":
+    /// every group) and the failures of those groups, as the server sees
+    /// them now: who, how long silent, and what each is blocked on (what
+    /// `distcore inspect` shows). NotSupported from a PyTorch server.
+    pub fn sessions(&self, group_prefix: &str) -> Result<SessionListing> {
+        if !self.peer_is_distcore() {
+            return Err(Error::not_supported(
+                "the server is not a distcore server: it has no sessions",
+            ));
+        }
+        let request = || {
+            Encoder::request(Command::SessionList)
+                .bytes(group_prefix.as_bytes())
+                .finish()
+        };
+        let reply = self.call(
+            "sessions",
+            &[group_prefix.as_bytes()],
+            &[],
+            request,
+            Shape::Values(1),
+        )?;
+        SessionListing::decode(&reply.into_value()).ok_or_else(|| {
+            Error::new(
+                Status::Protocol,
+                "the server's session listing is malformed",
+            )
+        })
+    }
+
+    /// A member of a session arriving at the barrier on `wire_key`: records
+    /// it on a key leased to its session (see `roll_call.rs`), reply-less.
+    fn note_arrival(&self, wire_key: &str) -> Result<()> {
+        let Some((_, rank)) = self.conns.member().filter(|_| self.conns.holds_leases()) else {
+            return Ok(());
+        };
+        let key = roll_call::arrival_key(wire_key, rank);
+        let deadline = self.deadline();
+        self.conns.with_primary(deadline, |c| {
+            check_request(c.limits(), &[key.as_bytes()], &[])?;
+            let request = Encoder::request(Command::SessionLease)
+                .u8(Command::Set as u8)
+                .bytes(key.as_bytes())
+                .bytes(b"")
+                .finish();
+            c.post(&[&request], deadline)
+        })
+    }
+
+    /// `error` (a barrier's timeout on `wire_key`) completed with the ranks
+    /// of the handle's group that never arrived, if it has a session.
+    fn name_the_missing(&self, error: Error, wire_key: &str, world_size: i64) -> Error {
+        let Some((group, _)) = self.conns.member() else {
+            return error;
+        };
+        let Ok(world_size) = u32::try_from(world_size) else {
+            return error;
+        };
+        let prefix = roll_call::arrivals_prefix(wire_key);
+        let described = self.list_raw(&prefix).and_then(|keys| {
+            let arrived = roll_call::arrived(&prefix, &keys);
+            let listing = self.sessions(&group)?;
+            Ok(roll_call::describe_missing(
+                &group, world_size, &arrived, &listing,
+            ))
+        });
+        match described {
+            Ok(Some(missing)) => Error::timeout(format!("{}; {missing}", error.message())),
+            _ => error,
+        }
+    }
+
+    /// LIST_PREFIX of a prefix as it travels (no `/` added).
+    fn list_raw(&self, wire_prefix: &str) -> Result<Vec<Vec<u8>>> {
+        let request = || {
+            Encoder::request(Command::ListPrefix)
+                .bytes(wire_prefix.as_bytes())
+                .finish()
+        };
+        let keys = self.call(
+            "list_prefix",
+            &[wire_prefix.as_bytes()],
+            &[],
+            request,
+            Shape::Counted,
+        )?;
+        Ok(keys.into_values())
     }
 
     /// The value of `key` if it exists, without waiting for it.
@@ -480,9 +599,9 @@ impl TcpStore {
         if !self.leased {
             return Ok(Encoder::request(command));
         }
-        if !self.peer_is_distcore() {
+        if !self.conns.holds_leases() {
             return Err(Error::not_supported(
-                "leased keys need a distcore server (this one speaks only PyTorch's protocol)",
+                "this server cannot tie keys to sessions (PyTorch's, or a distcore server on etcd)",
             ));
         }
         self.conns.check_session()?;
@@ -757,13 +876,22 @@ impl Store for TcpStore {
         .i64(0)
     }
 
+    /// PyTorch's BARRIER. A member of a session records its arrival, so
+    /// that a timeout names every rank of its group that never arrived.
     fn barrier(&self, key: &str, world_size: i64, timeout: Option<Duration>) -> Result<()> {
         let timeout = timeout.unwrap_or_else(|| self.timeout());
+        let wire = user_key(key);
+        self.note_arrival(&wire)?;
         let plan = Plan::Barrier {
-            key: user_key(key),
+            key: wire.clone(),
             world_size,
         };
-        self.run_plan("barrier", plan, timeout, false).map(drop)
+        match self.run_plan("barrier", plan, timeout, false) {
+            Err(e) if e.status() == Status::Timeout => {
+                Err(self.name_the_missing(e, &wire, world_size))
+            }
+            done => done.map(drop),
+        }
     }
 
     fn get_async(self: Arc<Self>, key: String) -> Result<Work> {

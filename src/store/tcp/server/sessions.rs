@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use super::state::ConnId;
 use crate::error::{Error, Status};
 use crate::printable::printable;
+use crate::store::tcp::listing::{GroupFailure, SessionInfo, SessionListing};
 use crate::store::tcp::protocol::{Key, SessionSpec};
 
 mod leases;
@@ -327,6 +328,54 @@ impl Sessions {
         }
         let live = self.live.get(self.by_conn.get(&conn)?)?;
         self.failed.get(&live.spec.group)
+    }
+
+    /// The live sessions of the groups starting with `prefix` and their
+    /// failures, at `now`; `waiting_on` gives the keys a connection's
+    /// blocked calls wait on.
+    pub(crate) fn list<'k>(
+        &self,
+        prefix: &[u8],
+        now: Instant,
+        waiting_on: impl Fn(ConnId) -> Vec<&'k [u8]>,
+    ) -> SessionListing {
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let mut sessions: Vec<SessionInfo> = self
+            .live
+            .values()
+            .filter(|live| live.spec.group.starts_with(prefix))
+            .map(|live| SessionInfo {
+                group: text(&live.spec.group),
+                rank: live.spec.rank,
+                world_size: live.spec.world_size,
+                incarnation: live.spec.incarnation,
+                host: live.spec.host.clone(),
+                pid: live.spec.pid,
+                silent_for: now.saturating_duration_since(live.last_heard),
+                waiting_on: live
+                    .conns()
+                    .flat_map(&waiting_on)
+                    .take(SessionListing::MAX_WAITING)
+                    .map(text)
+                    .collect(),
+            })
+            .collect();
+        sessions.sort_by(|a, b| (&a.group, a.rank).cmp(&(&b.group, b.rank)));
+        let mut failures: Vec<GroupFailure> = self
+            .failed
+            .iter()
+            .filter(|(group, _)| group.starts_with(prefix))
+            .map(|(group, failure)| GroupFailure {
+                group: text(group),
+                message: failure.error().message().to_string(),
+            })
+            .collect();
+        failures.sort_by(|a, b| a.group.cmp(&b.group));
+        SessionListing {
+            sessions,
+            failures,
+            truncated: false,
+        }
     }
 
     /// Whether connection `conn` belongs to a session.

@@ -726,7 +726,10 @@ impl<B: Backend> ServerCore<B> {
                     | Request::Stats
                     | Request::CancelWait
                     | Request::Session(
-                        SessionRequest::Close | SessionRequest::KeepAlive | SessionRequest::Lease
+                        SessionRequest::Close
+                            | SessionRequest::KeepAlive
+                            | SessionRequest::Lease
+                            | SessionRequest::List { .. }
                     )
             );
             if !exempt {
@@ -734,6 +737,7 @@ impl<B: Backend> ServerCore<B> {
             }
         }
         let (extensions, limits) = (self.extensions, self.limits);
+        let leases = self.backend.holds_leased_keys();
         let Some(conn) = self.connection(id) else {
             return Ok(());
         };
@@ -798,7 +802,8 @@ impl<B: Backend> ServerCore<B> {
                 conn.extended = true;
                 conn.status_replies = true;
                 conn.output.put(&HELLO_V2_ACK.to_le_bytes());
-                let info = handshake::server_info(limits, conn.admission, conn.challenge.as_ref());
+                let info =
+                    handshake::server_info(limits, conn.admission, conn.challenge.as_ref(), leases);
                 self.put(id, &info.encode());
                 self.set_kind(id, ConnKind::Distcore);
             }
@@ -979,6 +984,19 @@ impl<B: Backend> ServerCore<B> {
                 }
             }
             SessionRequest::Lease => unreachable!("handled above"),
+            SessionRequest::List { prefix } => {
+                let (connections, waits) = (&self.connections, &self.waits);
+                let waiting_on = |conn: ConnId| -> Vec<&[u8]> {
+                    let Some(Some(conn)) = connections.get(conn) else {
+                        return Vec::new();
+                    };
+                    conn.waits.iter().flat_map(|w| waits.keys_of(*w)).collect()
+                };
+                let listing = self.sessions.list(prefix, now, waiting_on);
+                let mut reply = Vec::new();
+                put_bytes(&mut reply, &listing.encode(self.limits.max_value_len));
+                (Ok(reply), None)
+            }
         };
         if let Some(delivery) = delivery {
             self.deliver(delivery);

@@ -145,6 +145,15 @@ impl Waits {
         Some(wait)
     }
 
+    /// The keys wait `id` still waits for (a barrier: its key).
+    pub(crate) fn keys_of(&self, id: WaitId) -> impl Iterator<Item = &[u8]> {
+        let registrations = self.pending.get(&id).map(|w| &w.registrations[..]);
+        registrations
+            .unwrap_or_default()
+            .iter()
+            .map(|(key, _)| &key[..])
+    }
+
     /// Whether a wait or a barrier is registered on `key`.
     pub(crate) fn is_waited(&self, key: &[u8]) -> bool {
         self.by_key.contains_key(key) || self.barriers.contains_key(key)
