@@ -66,7 +66,15 @@ fn join(port: u16, rank: u16) -> Arc<Rpc> {
         ..RpcOptions::default()
     };
     let store: Arc<dyn Store> = Arc::new(store(port, false));
-    Rpc::init(store, &format!("w{rank}"), rank, WORLD, options, functions()).unwrap()
+    Rpc::init(
+        store,
+        &format!("w{rank}"),
+        rank,
+        WORLD,
+        options,
+        functions(),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -179,7 +187,9 @@ fn a_killed_worker_fails_calls_and_to_here_on_its_rrefs_at_once_naming_it() {
     // The survivors still call each other, both ways.
     assert_eq!(w0.rpc_sync("w2", "echo", b"on", &[], None).unwrap(), b"on");
     assert_eq!(
-        survivors[1].rpc_sync("w0", "echo", b"on", &[], None).unwrap(),
+        survivors[1]
+            .rpc_sync("w0", "echo", b"on", &[], None)
+            .unwrap(),
         b"on"
     );
     drop((earlier, created));

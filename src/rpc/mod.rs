@@ -420,6 +420,7 @@ impl Rpc {
         if !self.ctx.wait_for_pending_futures(timeout) {
             log::error!("Timed out waiting for RRef control messages to be acknowledged.");
         }
+        self.agent.leave();
         elastic::barrier(&*self.store, world, "rpc/shutdown/end", timeout)
     }
 }
@@ -606,6 +607,12 @@ impl RequestHandler for Dispatcher {
                 core.ctx.handle_control(&control);
                 respond(replier, Ok(Vec::new()));
             }
+        }
+    }
+
+    fn worker_lost(&self, worker: WorkerId, error: &Error) {
+        if let Some(core) = self.core.upgrade() {
+            core.ctx.worker_lost(worker, error);
         }
     }
 }
