@@ -1,10 +1,11 @@
 //! The RPC transport: framed messages over TCP between workers
 //! ([`super::frame`]), authenticated by [`super::handshake`], one mio I/O
 //! thread reading every socket ([`super::io_loop`]), replies matched to
-//! requests by id with their deadlines ([`super::pending`]), and retried
-//! sends for the RRef control messages. Senders write to an idle
-//! connection themselves ([`Writer`]); the I/O thread connects, reads, and
-//! flushes what the sockets did not take at once. With TLS, every
+//! requests by id with their deadlines and the workers lost with their
+//! connection ([`super::pending`]), and retried sends for the RRef control
+//! messages. Senders write to an idle connection themselves ([`Writer`]);
+//! the I/O thread connects, reads, and flushes what the sockets did not
+//! take at once. With TLS, every
 //! connection is TLS (workers verify each other's certificates).
 //!
 //! This module is the agent's handle: what the threads that send, and the

@@ -214,7 +214,9 @@ impl Context {
         let pending: Vec<Work> = rrefs
             .iter()
             .filter_map(|r| match r {
-                RRef::User(u) if !u.confirmed_by_owner() => Some(u.confirmation().clone()),
+                // A confirmation that failed (its owner is lost) fails the
+                // wait at once.
+                RRef::User(u) if !u.confirmation().is_success() => Some(u.confirmation().clone()),
                 _ => None,
             })
             .collect();

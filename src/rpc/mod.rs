@@ -252,7 +252,10 @@ impl Rpc {
             .collect()
     }
 
-    /// Calls `func` on worker `to`; the work's result is the reply.
+    /// Calls `func` on worker `to`; the work's result is the reply. Once
+    /// `to` is lost (its connection failed: it died), the work fails at
+    /// once with [`Status::PeerFailed`] naming it, as do later calls to
+    /// it and `to_here` on its RRefs (docs/liveness.md, "RPC").
     pub fn rpc_async(
         &self,
         to: &str,
