@@ -771,9 +771,12 @@ dc_status dc_rpc_shutdown(const dc_rpc *rpc, bool graceful, int64_t timeout_ms);
 // destination worker W"); DC_ERR_REMOTE with the remote message when the
 // function fails there or is not registered ("Unknown function 'F' on
 // worker 'W'"); DC_ERR_TIMEOUT after `timeout_ms` (DC_TIMEOUT_DEFAULT: the
-// RPC timeout; DC_TIMEOUT_FOREVER: none); DC_ERR_NETWORK when the worker is
-// unreachable or dies; DC_ERR_SHUT_DOWN after shutdown. Blocks until the
-// reply, at most `timeout_ms`. Calling from inside a registered function
+// RPC timeout; DC_TIMEOUT_FOREVER: none); DC_ERR_PEER_FAILED, naming the
+// worker, at once when its connection is lost (it died, or cannot be
+// reached), and for every call to it after (docs/liveness.md, "RPC");
+// DC_ERR_NETWORK when this worker cannot open a connection;
+// DC_ERR_SHUT_DOWN after shutdown. Blocks until the reply, at most
+// `timeout_ms`. Calling from inside a registered function
 // occupies one of the worker threads meanwhile: nested calls deeper than
 // `num_worker_threads` can only end by timing out.
 dc_status dc_rpc_sync(const dc_rpc *rpc,
@@ -874,7 +877,7 @@ void dc_rref_free(dc_rref *rref);
 // owner.
 //
 // Errors: the RRef's creation error, if its remote() failed;
-// DC_ERR_TIMEOUT, DC_ERR_NETWORK, DC_ERR_SHUT_DOWN as `dc_rpc_sync`. Blocks
+// DC_ERR_TIMEOUT, DC_ERR_PEER_FAILED, DC_ERR_SHUT_DOWN as `dc_rpc_sync`. Blocks
 // until the owner answers, at most `timeout_ms`.
 dc_status dc_rref_to_here(const dc_rref *rref, int64_t timeout_ms, dc_buf *out);
 

@@ -233,8 +233,9 @@ class RpcAgent(Closable):
                  timeout: Timeout = UNSET_RPC_TIMEOUT) -> bytes:
         """Calls `func` on worker `to` with `args` (bytes or str) and
         `rrefs`, and returns the reply bytes. DistRemoteError when the
-        function fails there, DistTimeoutError, DistNetworkError when the
-        worker is unreachable."""
+        function fails there, DistTimeoutError, DistPeerError naming the
+        worker at once when its connection is lost (it died, or cannot be
+        reached), and for every call to it after."""
         data = value_arg(args, "args")
         arr, n = _rref_array(rrefs)
         buf = Buf()

@@ -211,6 +211,57 @@ def test_across_processes_over_a_tcp_store(tmp_path):
         server.close()
 
 
+def test_a_killed_worker_fails_the_call_and_to_here_waiting_on_it_at_once(tmp_path):
+    """A worker in another process killed (SIGKILL) while a call to it and a
+    to_here on an RRef it owns wait: both raise DistPeerError naming it at
+    once (the RPC timeout is 60 s), and so does a later call."""
+    server = distcore.TCPStore("127.0.0.1", 0, is_master=True)
+    script = tmp_path / "victim.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time, distcore
+        from distcore import rpc
+        store = distcore.TCPStore("127.0.0.1", int(sys.argv[1]))
+        def block(args, rrefs, caller_id):
+            store.add("blocked", 1)
+            time.sleep(120)
+        agent = rpc.RpcAgent("victim", 1, 2, store, {"block": block, "echo": lambda a, r, c: a})
+        print("ready", flush=True)
+        time.sleep(120)
+    """))
+    victim = subprocess.Popen([sys.executable, str(script), str(server.port)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ))
+    agent = None
+    try:
+        store = distcore.TCPStore("127.0.0.1", server.port)
+        agent = rpc.RpcAgent("main", 0, 2, store, {"echo": echo}, rpc_timeout=60)
+        assert victim.stdout.readline().strip() == "ready"
+        call = agent.rpc_async("victim", "block")
+        never = agent.remote("victim", "block")
+        with ThreadPoolExecutor(1) as pool:
+            fetching = pool.submit(never.to_here)
+            while store.add("blocked", 0) < 2:  # both are running on the victim
+                time.sleep(0.01)
+            killed = time.monotonic()
+            victim.kill()
+            with pytest.raises(distcore.DistPeerError) as raised:
+                call.wait()
+            with pytest.raises(distcore.DistPeerError):
+                fetching.result(timeout=10)
+        elapsed = time.monotonic() - killed
+        assert elapsed < 2, elapsed
+        assert "RPC worker 'victim' (id 1, address 127.0.0.1:" in str(raised.value)
+        assert "connection lost" in str(raised.value)
+        with pytest.raises(distcore.DistPeerError, match="RPC worker 'victim'"):
+            agent.rpc_sync("victim", "echo", b"x")
+    finally:
+        victim.kill()
+        victim.wait()
+        if agent is not None:
+            agent.shutdown(False, 10)
+            agent.close()
+        server.close()
+
+
 TLS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests", "tls")
 
 

@@ -490,9 +490,12 @@ unsafe fn rref_args(rrefs: *const *const dc_rref, count: usize) -> Result<Vec<RR
 /// destination worker W"); DC_ERR_REMOTE with the remote message when the
 /// function fails there or is not registered ("Unknown function 'F' on
 /// worker 'W'"); DC_ERR_TIMEOUT after `timeout_ms` (DC_TIMEOUT_DEFAULT: the
-/// RPC timeout; DC_TIMEOUT_FOREVER: none); DC_ERR_NETWORK when the worker is
-/// unreachable or dies; DC_ERR_SHUT_DOWN after shutdown. Blocks until the
-/// reply, at most `timeout_ms`. Calling from inside a registered function
+/// RPC timeout; DC_TIMEOUT_FOREVER: none); DC_ERR_PEER_FAILED, naming the
+/// worker, at once when its connection is lost (it died, or cannot be
+/// reached), and for every call to it after (docs/liveness.md, "RPC");
+/// DC_ERR_NETWORK when this worker cannot open a connection;
+/// DC_ERR_SHUT_DOWN after shutdown. Blocks until the reply, at most
+/// `timeout_ms`. Calling from inside a registered function
 /// occupies one of the worker threads meanwhile: nested calls deeper than
 /// `num_worker_threads` can only end by timing out.
 #[no_mangle]
@@ -722,7 +725,7 @@ pub unsafe extern "C" fn dc_rref_free(rref: *mut dc_rref) {
 /// owner.
 ///
 /// Errors: the RRef's creation error, if its remote() failed;
-/// DC_ERR_TIMEOUT, DC_ERR_NETWORK, DC_ERR_SHUT_DOWN as `dc_rpc_sync`. Blocks
+/// DC_ERR_TIMEOUT, DC_ERR_PEER_FAILED, DC_ERR_SHUT_DOWN as `dc_rpc_sync`. Blocks
 /// until the owner answers, at most `timeout_ms`.
 #[no_mangle]
 pub unsafe extern "C" fn dc_rref_to_here(

@@ -1,10 +1,11 @@
 //! The RPC transport: framed messages over TCP between workers
 //! ([`super::frame`]), authenticated by [`super::handshake`], one mio I/O
 //! thread reading every socket ([`super::io_loop`]), replies matched to
-//! requests by id with their deadlines ([`super::pending`]), and retried
-//! sends for the RRef control messages. Senders write to an idle
-//! connection themselves ([`Writer`]); the I/O thread connects, reads, and
-//! flushes what the sockets did not take at once. With TLS, every
+//! requests by id with their deadlines and the workers lost with their
+//! connection ([`super::pending`]), and retried sends for the RRef control
+//! messages. Senders write to an idle connection themselves ([`Writer`]);
+//! the I/O thread connects, reads, and flushes what the sockets did not
+//! take at once. With TLS, every
 //! connection is TLS (workers verify each other's certificates).
 //!
 //! This module is the agent's handle: what the threads that send, and the
@@ -43,9 +44,14 @@ pub struct WorkerInfo {
     pub addr: SocketAddr,
 }
 
-/// Receives requests on the I/O thread; must hand real work to a pool.
+/// Receives requests, and news of lost workers, on the I/O thread; must
+/// hand real work to a pool.
 pub(crate) trait RequestHandler: Send + Sync {
+    /// A request from worker `from`, answered through `reply`.
     fn handle(&self, from: WorkerId, request: Request, reply: Replier);
+    /// Worker `worker` is lost: its pending requests have failed with
+    /// `error`, and later ones will.
+    fn worker_lost(&self, worker: WorkerId, error: &Error);
 }
 
 /// Sends the one response to a request, on the connection it came from.
@@ -100,6 +106,9 @@ pub(super) struct Shared {
     next_id: AtomicU64,
     pub(super) handler: Mutex<Option<Arc<dyn RequestHandler>>>,
     pub(super) stopping: AtomicBool,
+    /// The group is shutting down gracefully: a worker lost now has most
+    /// likely left, and is not worth a warning.
+    pub(super) leaving: AtomicBool,
 }
 
 impl Shared {
@@ -124,21 +133,19 @@ impl Shared {
         sent
     }
 
-    /// Records request `id`, sent to worker `to` on connection `token`, as
-    /// awaiting its response for `timeout` (zero: forever); wakes the I/O
-    /// thread when its deadline comes before the thread's next wake-up.
+    /// Records request `id`, sent on connection `token`, as awaiting its
+    /// response for `timeout` (zero: forever); wakes the I/O thread when
+    /// its deadline comes before the thread's next wake-up.
     pub(super) fn expect_response(
         &self,
         id: u64,
         promise: Promise,
         token: Token,
-        to: WorkerId,
         timeout: Duration,
     ) {
         let request = PendingRequest {
             promise,
             conn: token.0,
-            to,
             timeout,
         };
         if self.pending.lock().insert(id, request, Instant::now()) {
@@ -146,12 +153,9 @@ impl Shared {
         }
     }
 
-    /// The name of worker `id`, for messages (its id if unknown).
-    pub(super) fn name_of(&self, id: WorkerId) -> String {
-        self.peers
-            .lock()
-            .get(&id)
-            .map_or_else(|| id.to_string(), |w| w.name.clone())
+    /// The worker with id `id`.
+    pub(super) fn worker(&self, id: WorkerId) -> Option<WorkerInfo> {
+        self.peers.lock().get(&id).cloned()
     }
 }
 
@@ -207,6 +211,7 @@ impl Agent {
             next_id: AtomicU64::new(1),
             handler: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
         });
         let mut io = IoLoop::new(Arc::downgrade(&shared), poll, listener, guard)?;
         let thread = std::thread::Builder::new()
@@ -234,7 +239,7 @@ impl Agent {
 
     /// The worker with id `id`.
     pub fn worker(&self, id: WorkerId) -> Option<WorkerInfo> {
-        self.shared.peers.lock().get(&id).cloned()
+        self.shared.worker(id)
     }
 
     /// The worker named `name`.
@@ -255,8 +260,9 @@ impl Agent {
     }
 
     /// Sends `request` to worker `to`; the work completes with the response
-    /// bytes, the remote error ([`Status::Remote`]), a timeout, or a network
-    /// error. `timeout` zero: none.
+    /// bytes, the remote error ([`Status::Remote`]), a timeout, a network
+    /// error, or [`Status::PeerFailed`] once `to` is lost (at once for a
+    /// request already out, and for every later one). `timeout` zero: none.
     pub(crate) fn send(&self, to: WorkerId, request: &Request, timeout: Duration) -> Work {
         send_on(&self.shared, to, request.encode(), timeout)
     }
@@ -264,6 +270,13 @@ impl Agent {
     /// Runs `job` on the I/O thread at `when` (or soon after).
     pub(crate) fn schedule(&self, when: Instant, job: Box<dyn FnOnce() + Send>) {
         self.shared.command(Command::At { when, job });
+    }
+
+    /// The group is about to stop together (the last barrier of a graceful
+    /// shutdown): connections other workers close from now on are logged
+    /// quietly. They still fail what is pending on them.
+    pub(crate) fn leave(&self) {
+        self.shared.leaving.store(true, Ordering::SeqCst);
     }
 
     /// Stops the I/O thread: pending requests fail with [`Status::ShutDown`],
@@ -303,7 +316,7 @@ fn send_on(shared: &Arc<Shared>, to: WorkerId, payload: Vec<u8>, timeout: Durati
     let connection = shared.outbound.lock().get(&to).cloned();
     let promise = match connection {
         Some((token, writer)) => {
-            shared.expect_response(id, promise, token, to, timeout);
+            shared.expect_response(id, promise, token, timeout);
             if shared.write(token, &writer, &frame) != Sent::Closed {
                 return work;
             }

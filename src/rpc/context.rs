@@ -170,6 +170,11 @@ impl Context {
         self.step(|s| s.on_transmit_result(id, attempt, outcome, now));
     }
 
+    /// See [`RRefState::worker_lost`].
+    pub(crate) fn worker_lost(&self, worker: WorkerId, error: &Error) {
+        self.step(|s| s.worker_lost(worker, error));
+    }
+
     /// See [`RRefState::handle_control`].
     pub(crate) fn handle_control(&self, request: &Request) {
         self.step(|s| s.handle_control(request));
@@ -209,7 +214,9 @@ impl Context {
         let pending: Vec<Work> = rrefs
             .iter()
             .filter_map(|r| match r {
-                RRef::User(u) if !u.confirmed_by_owner() => Some(u.confirmation().clone()),
+                // A confirmation that failed (its owner is lost) fails the
+                // wait at once.
+                RRef::User(u) if !u.confirmation().is_success() => Some(u.confirmation().clone()),
                 _ => None,
             })
             .collect();

@@ -44,6 +44,8 @@ struct Conn {
     handshake_deadline: Option<Instant>,
     input: Vec<u8>,
     writer: Arc<Writer>,
+    /// When bytes last arrived on it.
+    last_heard: Option<Instant>,
 }
 
 impl Conn {
@@ -233,7 +235,9 @@ impl IoLoop {
     }
 
     /// Sends a request whose sender found no open connection to `to`:
-    /// connects (unless another request did meanwhile) and queues it.
+    /// fails it if `to` is lost, else connects (unless another request did
+    /// meanwhile) and queues it. A request is never sent again once it may
+    /// have gone out: the one that arrives here went out on no connection.
     fn start_send(
         &mut self,
         to: WorkerId,
@@ -246,6 +250,10 @@ impl IoLoop {
             promise.complete(Err(shut_down()));
             return;
         };
+        if let Some(error) = shared.pending.lock().lost(to) {
+            promise.complete(Err(error));
+            return;
+        }
         let existing = shared.outbound.lock().get(&to).cloned();
         let (token, writer) = match existing {
             Some(connection) => connection,
@@ -257,7 +265,7 @@ impl IoLoop {
                 }
             },
         };
-        shared.expect_response(id, promise, token, to, timeout);
+        shared.expect_response(id, promise, token, timeout);
         self.queue_frame(token, &writer, &frame);
     }
 
@@ -296,6 +304,7 @@ impl IoLoop {
             handshake_deadline,
             input: Vec::new(),
             writer: writer.clone(),
+            last_heard: None,
         });
         if let Some(at) = handshake_deadline {
             self.add_timer(at, Timer::Handshake(token));
@@ -372,6 +381,7 @@ impl IoLoop {
                 handshake_deadline: guarded.then_some(handshake_deadline),
                 input: Vec::new(),
                 writer,
+                last_heard: None,
             });
         });
         for token in watch {
@@ -477,8 +487,9 @@ impl IoLoop {
         let conn = self.conns.get_mut(token)?;
         let chunk = &mut self.scratch[..conn.handshake.read_limit(SCRATCH_LEN)];
         let read = conn.writer.recv(&mut conn.stream, chunk);
-        if let Ok(n) = read {
+        if let Ok(n @ 1..) = read {
             conn.input.extend_from_slice(&chunk[..n]);
+            conn.last_heard = Some(Instant::now());
         }
         Some((read, conn.handshake))
     }
@@ -616,26 +627,51 @@ impl IoLoop {
         // the writer closed and takes itself back.
         conn.writer.close();
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        // Only our own (outbound) connections carry our requests.
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
-        if let Some(peer) = conn.peer {
+        let Some(peer) = conn.peer.and_then(|id| shared.worker(id)) else {
+            return;
+        };
+        {
             let mut outbound = shared.outbound.lock();
-            if outbound.get(&peer).is_some_and(|(t, _)| *t == token) {
-                outbound.remove(&peer);
+            if outbound.get(&peer.id).is_some_and(|(t, _)| *t == token) {
+                outbound.remove(&peer.id);
             }
         }
-        let failed = shared.pending.lock().take_on(token.0);
-        for p in failed {
-            let name = shared.name_of(p.to);
-            p.promise.complete(Err(Error::new(
-                status,
-                format!("connection to worker '{name}' lost: {why}"),
-            )));
+        let closed = shared.pending.lock().close(
+            token.0,
+            &peer,
+            (status, why),
+            conn.last_heard,
+            Instant::now(),
+        );
+        for p in closed.requests {
+            p.promise.complete(Err(closed.error.clone()));
+        }
+        if closed.lost {
+            if shared.leaving.load(Ordering::SeqCst) {
+                log::debug!("RPC agent: {}", closed.error);
+            } else {
+                log::warn!("RPC agent: {}", closed.error);
+            }
+            let handler = shared.handler.lock().clone();
+            if let Some(handler) = handler {
+                handler.worker_lost(peer.id, &closed.error);
+            }
         }
     }
 
+    /// The agent stops: every pending request fails, and every connection
+    /// closes at once, as a crash would close them: shut down, not only
+    /// dropped, since the threads still running the requests it received
+    /// hold duplicates of its socket (their replies never go out).
     fn fail_everything(&mut self) {
+        for (_, conn) in self.conns.iter_mut() {
+            conn.writer.close();
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        }
         if let Some(shared) = self.shared.upgrade() {
             let pending = shared.pending.lock().drain();
             for p in pending {

@@ -252,7 +252,10 @@ impl Rpc {
             .collect()
     }
 
-    /// Calls `func` on worker `to`; the work's result is the reply.
+    /// Calls `func` on worker `to`; the work's result is the reply. Once
+    /// `to` is lost (its connection failed: it died), the work fails at
+    /// once with [`Status::PeerFailed`] naming it, as do later calls to
+    /// it and `to_here` on its RRefs (docs/liveness.md, "RPC").
     pub fn rpc_async(
         &self,
         to: &str,
@@ -420,6 +423,7 @@ impl Rpc {
         if !self.ctx.wait_for_pending_futures(timeout) {
             log::error!("Timed out waiting for RRef control messages to be acknowledged.");
         }
+        self.agent.leave();
         elastic::barrier(&*self.store, world, "rpc/shutdown/end", timeout)
     }
 }
@@ -606,6 +610,12 @@ impl RequestHandler for Dispatcher {
                 core.ctx.handle_control(&control);
                 respond(replier, Ok(Vec::new()));
             }
+        }
+    }
+
+    fn worker_lost(&self, worker: WorkerId, error: &Error) {
+        if let Some(core) = self.core.upgrade() {
+            core.ctx.worker_lost(worker, error);
         }
     }
 }

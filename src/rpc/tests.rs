@@ -369,22 +369,60 @@ fn thousands_of_rrefs_across_three_workers() {
     shutdown_all(ws);
 }
 
+/// Asserts `e` is PeerFailed naming `worker`, or a remote error whose
+/// message does (the failure met on another worker).
+fn assert_names(e: &Error, worker: &WorkerInfo, status: Status) {
+    assert_eq!(e.status(), status, "{e}");
+    let named = format!(
+        "RPC worker '{}' (id {}, address {}) failed: connection lost",
+        worker.name, worker.id, worker.addr
+    );
+    assert!(e.message().contains(&named), "{e}");
+}
+
 #[test]
-fn a_dead_worker_fails_calls_and_the_others_shut_down() {
+fn a_lost_worker_fails_what_waits_on_it_at_once_and_nothing_else() {
     let ws = group(3);
+    let w2 = ws[0].worker("w2").unwrap();
     let rref = ws[0].remote("w2", "echo", b"doomed", &[], None).unwrap();
     ws[0].to_here(&rref, None).unwrap();
-    ws[2].shutdown(false, None).unwrap(); // dies abruptly
-    let e = call(&ws[0], "w2", "echo", b"", &[]).unwrap_err();
+    let pending = ws[0]
+        .rpc_async("w2", "sleep_ms", b"1500", &[], None)
+        .unwrap();
+    thread::sleep(Duration::from_millis(50));
+    let lost = Instant::now();
+    ws[2].shutdown(false, None).unwrap(); // its connections close as a crash's
+    let e = pending.wait(None).unwrap_err();
     assert!(
-        matches!(e.status(), Status::Network | Status::ShutDown),
-        "{e:?}"
+        lost.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        lost.elapsed()
     );
-    assert_eq!(
-        ws[0].to_here(&rref, None).unwrap_err().status(),
-        Status::Network
+    assert_names(&e, &w2, Status::PeerFailed);
+    // Later: a call, to_here, and passing the RRef to w1, whose fork of it
+    // cannot be confirmed by w2 (it learns that w2 is lost by trying).
+    assert_names(
+        &call(&ws[0], "w2", "echo", b"", &[]).unwrap_err(),
+        &w2,
+        Status::PeerFailed,
     );
+    assert_names(
+        &ws[0].to_here(&rref, None).unwrap_err(),
+        &w2,
+        Status::PeerFailed,
+    );
+    let passing = Instant::now();
+    let args = std::slice::from_ref(&rref);
+    let e = call(&ws[0], "w1", "count_confirmed", b"", args).unwrap_err();
+    assert_names(&e, &w2, Status::Remote);
+    assert!(
+        passing.elapsed() < Duration::from_secs(1),
+        "not retried: {:?}",
+        passing.elapsed()
+    );
+    // w0 and w1 go on.
     assert_eq!(call(&ws[0], "w1", "echo", b"alive", &[]).unwrap(), b"alive");
+    assert_eq!(call(&ws[1], "w0", "echo", b"alive", &[]).unwrap(), b"alive");
     drop(rref);
     for w in &ws[..2] {
         w.shutdown(false, None).unwrap();

@@ -374,7 +374,8 @@ impl RRefState {
     }
 
     /// The outcome of attempt `attempt` of control message `id`: an
-    /// acknowledgement ends it; a lost message or acknowledgement (a network
+    /// acknowledgement ends it, and so does a failed worker
+    /// ([`Status::PeerFailed`]); a lost message or acknowledgement (a network
     /// error or a timeout) schedules a retry with exponential backoff, up to
     /// [`MAX_ATTEMPTS`]. Outcomes of stale attempts, and duplicates, are
     /// ignored: receivers are idempotent.
@@ -401,8 +402,18 @@ impl RRefState {
             return;
         }
         let control = entry.remove();
-        if let Err(e) = &outcome {
-            log::warn!("RRef control message {:?} failed: {e}", control.request);
+        self.end_control(control, outcome);
+    }
+
+    /// Control message `control` is acknowledged, or given up on.
+    fn end_control(&mut self, control: Control, outcome: Result<()>) {
+        match &outcome {
+            // The worker's loss itself was logged, once.
+            Err(e) if e.status() == Status::PeerFailed => {
+                log::debug!("RRef control message {:?} failed: {e}", control.request)
+            }
+            Err(e) => log::warn!("RRef control message {:?} failed: {e}", control.request),
+            Ok(()) => {}
         }
         if let Followup::ForkRequest { fork_id, parent } = control.followup {
             match outcome {
@@ -413,6 +424,29 @@ impl RRefState {
                     self.send_control(parent, Request::ChildAccept { fork_id }, Followup::Nothing);
                 }
                 Err(e) => self.fail_pending_user(fork_id, e),
+            }
+        }
+        self.effects.wake_waiters = true;
+    }
+
+    /// Worker `lost` is gone: every request to it fails with `error` (see
+    /// the agent's pending table). What waits on it here fails or is let
+    /// go at once rather than at a timeout: the users of its RRefs awaiting
+    /// its confirmation fail with `error` (and so do their `to_here` and
+    /// forks after), the children forked from its RRefs are let go (their
+    /// acceptance would follow its confirmation), and the control messages
+    /// to it awaiting a retry are given up (one in flight fails with the
+    /// request carrying it).
+    pub(crate) fn worker_lost(&mut self, lost: WorkerId, error: &Error) {
+        for fork_id in keys_where(&self.pending_users, |user| user.owner() == lost) {
+            self.fail_pending_user(fork_id, error.clone());
+        }
+        for fork_id in keys_where(&self.pending_children, |child| child.owner() == lost) {
+            self.del_pending_child(fork_id);
+        }
+        for id in keys_where(&self.controls, |c| c.to == lost && !c.in_flight) {
+            if let Some(control) = self.controls.remove(&id) {
+                self.end_control(control, Err(error.clone()));
             }
         }
         self.effects.wake_waiters = true;
@@ -605,6 +639,14 @@ impl RRefState {
             num_forks: self.forks.values().map(HashSet::len).sum(),
         }
     }
+}
+
+/// The keys of the entries of `map` that `keep` says.
+fn keys_where<K: Copy, V>(map: &HashMap<K, V>, keep: impl Fn(&V) -> bool) -> Vec<K> {
+    map.iter()
+        .filter(|(_, v)| keep(v))
+        .map(|(k, _)| *k)
+        .collect()
 }
 
 #[cfg(test)]

@@ -448,3 +448,61 @@ fn a_fork_request_never_acknowledged_fails_the_pending_user() {
     assert_eq!(sim.states[2].debug_info().num_pending_users, 0);
     assert_eq!(sim.states[2].debug_info().num_pending_futures, 0);
 }
+
+#[test]
+fn a_lost_worker_fails_the_users_waiting_on_it_and_what_else_waits_for_it_at_once() {
+    let mut state = RRefState::new(0, ACK_TIMEOUT);
+    let nobody: Weak<dyn DelUser> = Weak::<DeletedUsers>::new();
+    let mut user_of = |owner: WorkerId| {
+        let (rref_id, fork_id) = (
+            state.gen_globally_unique_id(),
+            state.gen_globally_unique_id(),
+        );
+        UserRRef::new(owner, rref_id, fork_id, nobody.clone())
+    };
+    // Worker 1's RRefs: one being created by remote(), one received from
+    // worker 2 (a ForkRequest to 1, lost once and awaiting its retry), one
+    // forked on to a child; and worker 2's, being created.
+    let (created, received, forked) = (user_of(1), user_of(1), user_of(1));
+    let elsewhere = user_of(2);
+    let now = Instant::now();
+    state.add_pending_user(created.fork_id(), created.clone());
+    state.add_pending_user(elsewhere.fork_id(), elsewhere.clone());
+    let received_rref = RRef::User(received.clone());
+    state.notify_owner_and_parent_of_fork(received.fork_id(), 2, &received_rref);
+    let t = state.poll_transmit(now).expect("the ForkRequest");
+    state.on_transmit_result(t.id, t.attempt, Err(Error::network("reset")), now);
+    assert!(state.next_timeout().is_some(), "a retry waits");
+    state
+        .prepare_child_fork(&RRef::User(forked.clone()))
+        .unwrap();
+    state.del_user(2, elsewhere.rref_id(), elsewhere.fork_id());
+    let _ = state.take_effects();
+    assert_eq!(state.debug_info().num_pending_users, 3);
+
+    let error = Error::new(Status::PeerFailed, "RPC worker 'w1' (id 1) failed");
+    state.worker_lost(1, &error);
+    let effects = state.take_effects();
+    assert!(effects.wake_waiters);
+    for action in effects.actions {
+        action.run();
+    }
+    for user in [&created, &received] {
+        assert_eq!(user.error(), Some(error.clone()));
+        let confirmation = user.confirmation();
+        assert!(confirmation.is_completed());
+        assert_eq!(confirmation.wait(Some(Duration::ZERO)).unwrap_err(), error);
+    }
+    assert_eq!(Arc::strong_count(&forked), 1, "its pending child let go");
+    assert!(forked.error().is_none(), "which is no error of the user");
+    // Worker 2's user and its UserDelete go on; nothing waits for 1.
+    assert!(elsewhere.error().is_none() && !elsewhere.confirmed_by_owner());
+    assert!(!state.users_settled(), "worker 2's user still waits");
+    let info = state.debug_info();
+    assert_eq!((info.num_pending_users, info.num_pending_futures), (1, 1));
+    let t = state.poll_transmit(now).expect("the UserDelete to 2");
+    assert_eq!(t.to, 2);
+    assert!(state
+        .poll_transmit(now + Duration::from_secs(3600))
+        .is_none());
+}
