@@ -866,8 +866,7 @@ def ensure_anchor_packages():
     venv = os.path.join(ROOT, "build", "anchors-venv")
     python = os.path.join(venv, "bin", "python")
     if not os.path.exists(python):
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
-        subprocess.run([python, "-m", "ensurepip", "-q"], check=True)
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
         site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               capture_output=True, text=True, check=True).stdout.strip()
         with open(os.path.join(site, "bench-venv.pth"), "w") as f:
