@@ -33,6 +33,7 @@ CLIENTS = ["distcore", "torch"]
 
 sys.path.insert(0, os.path.join(ROOT, "interop"))
 import harness  # noqa: E402 - the tests' process helpers, from interop/
+from liveness_anchors import strike  # noqa: E402 - SIGKILL or SIGSTOP, timed
 
 # The installed build measured: build/prefix, or DISTCORE_PREFIX (another
 # build, to compare before and after a change in one sitting).
@@ -75,6 +76,8 @@ def build():
          f"-Wl,-rpath,{t}/lib", "-pthread"],
         ["cc", "-O2", "-o", f"{BUILD}/bulk", f"{HERE}/bulk.c", "-pthread"],
         ["cc", "-O2", "-o", f"{BUILD}/ranks", f"{HERE}/ranks.c"],
+        ["cc", "-O2", f"-I{PREFIX}/include", "-o", f"{BUILD}/liveness_ranks", f"{HERE}/liveness_ranks.c",
+         f"-L{PREFIX}/lib", "-ldistcore", f"-Wl,-rpath,{PREFIX}/lib", "-pthread"],
         ["cc", "-O2", f"-I{PREFIX}/include", "-o", f"{BUILD}/rpc_bench", f"{HERE}/rpc_bench.c",
          f"-L{PREFIX}/lib", "-ldistcore", f"-Wl,-rpath,{PREFIX}/lib"],
         ["cc", "-O2", f"-I{PREFIX}/include", f"-I{ROOT}/c-tests", "-o", f"{BUILD}/dc_waiting_server",
@@ -793,11 +796,10 @@ def scenario_guards(connects, ops, rounds):
 
 
 def liveness_run(kind, port, n, failure, ttl_ms, timeout_s):
-    """`n` members of one job on the server at `port`, each blocked in a
-    get (liveness_member.py); once all are, the last is killed (SIGKILL) or
-    frozen (SIGSTOP): the seconds from then until each survivor's get
+    """`n` Python members of one job on the server at `port`, each blocked in
+    a get (liveness_member.py); once all are, the last is killed (SIGKILL)
+    or frozen (SIGSTOP): the seconds from then until each survivor's get
     returned, and what the first survivor got."""
-    import signal
     group = f"job-{n}-{failure}/"
     env = dict(ENV, DISTCORE_LIB=f"{PREFIX}/lib/libdistcore.so")
     procs = [subprocess.Popen([sys.executable, f"{HERE}/liveness_member.py", kind, str(port), group, str(rank),
@@ -807,8 +809,7 @@ def liveness_run(kind, port, n, failure, ttl_ms, timeout_s):
         for p in procs:
             read_until(p, "ready", 300)
         time.sleep(0.3)  # every get blocked on the server by now
-        started = time.monotonic_ns()
-        os.kill(procs[-1].pid, signal.SIGKILL if failure == "crash" else signal.SIGSTOP)
+        started = strike(procs[-1], failure)
         times, got = [], ""
         for p in procs[:-1]:
             words = read_until(p, "done", timeout_s + 60)
@@ -821,33 +822,204 @@ def liveness_run(kind, port, n, failure, ttl_ms, timeout_s):
             p.wait()
 
 
-def scenario_liveness(sizes, ttl_ms, torch_size, torch_timeout_s):
-    """Time until every survivor knows: N members blocked in a get, one
-    killed or frozen. distcore with liveness sessions (docs/liveness.md);
-    PyTorch's TCPStore, whose survivors learn nothing and wait out their
-    timeout (measured with a short one)."""
-    rows = []
-    for n in sizes:
-        for failure, ttl in [("crash", 0), ("silent", ttl_ms)]:
+def liveness_ranks(port, group, n, first, count, ttl_ms, call, timeout_s):
+    return subprocess.Popen([f"{BUILD}/liveness_ranks", str(port), group, str(n), str(first), str(count),
+                             str(ttl_ms), call, str(timeout_s)], stdout=subprocess.PIPE, text=True, env=ENV)
+
+
+def liveness_generated(port, n, failure, ttl_ms, call, timeout_s=120):
+    """`n` members of one job from benches/liveness_ranks.c: ranks 0..n-2 in
+    one process, each with its own handle and session, blocked in `call`
+    (get or barrier); rank n-1 in a process of its own, blocked in a get,
+    killed or frozen once all are waiting. The seconds from the signal
+    until each survivor's call returned, what the first got, how many
+    failures named rank n-1, and the survivors' process's descriptors."""
+    group = f"gen-{n}-{failure}-{call}/"
+    survivors = liveness_ranks(port, group, n, 0, n - 1, ttl_ms, call, timeout_s)
+    victim = liveness_ranks(port, group, n, n - 1, 1, ttl_ms, "get", timeout_s)
+    try:
+        fds = int(read_until(survivors, "ready", 900)[3])
+        read_until(victim, "ready", 60)
+        time.sleep(0.5 + n * 50e-6)  # every call waiting on the server by now
+        started = strike(victim, failure)
+        named = int(read_until(survivors, "done", timeout_s + 60)[3])
+        got = " ".join(read_until(survivors, "first")[1:])
+        times = [(int(t) - started) / 1e9 for t in read_until(survivors, "times")[1:] if int(t)]
+        return times, got, named, fds
+    finally:
+        for p in (survivors, victim):
+            p.kill()
+            p.wait()
+
+
+def percentiles_ms(times):
+    """p50, p99 (nearest rank) and max of `times` (s), in ms."""
+    s = sorted(times)
+    return [s[max(0, -(-len(s) * q // 100) - 1)] * 1e3 for q in (50, 99)] + [s[-1] * 1e3]
+
+
+def ensure_anchor_packages():
+    """build/anchors-venv: JAX (CPU) and torchft from PyPI, apart from the
+    bench's venv (whose packages it sees through a .pth file, torch among
+    them, so torchft brings no second torch). Returns its python."""
+    import sysconfig
+    venv = os.path.join(ROOT, "build", "anchors-venv")
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(python):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        with open(os.path.join(site, "bench-venv.pth"), "w") as f:
+            f.write(sysconfig.get_paths()["purelib"] + "\n")
+    if subprocess.run([python, "-c", "import jax, torchft"], capture_output=True).returncode:
+        subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *ANCHOR_PACKAGES],
+                       check=True)
+    return python
+
+
+ANCHOR_PACKAGES = ["jax[cpu]==0.10.2", "torchft==0.2.0"]
+
+# The anchors measured (issue 26): (system, setting, liveness_anchors.py arguments with N, failure
+# standing for themselves). etcd's N is one holder and one watcher; its TTL is whole seconds, at least
+# 3/2 of the election timeout (default 1 s: 2 s; 1 s with --election-timeout 500).
+LIVENESS_ANCHORS = [
+    ("etcd 3.4 lease + watch", "TTL 2 s (the minimum, defaults)", 2, ["etcd", 2, "FAILURE", 3]),
+    ("etcd 3.4 lease + watch", "TTL 1 s (--election-timeout 500)", 2,
+     ["etcd", 1, "FAILURE", 3, "--election-timeout", "500"]),
+    ("JAX 0.10.2 coordination service", "defaults (heartbeat timeout 100 s)", 4, ["jax", "N", "FAILURE", 100]),
+    ("JAX 0.10.2 coordination service", "heartbeat timeout 1 s", 4, ["jax", "N", "FAILURE", 1]),
+    ("JAX 0.10.2 coordination service", "heartbeat timeout 1 s", 16, ["jax", "N", "FAILURE", 1]),
+    ("torchft 0.2 lighthouse", "defaults (heartbeat timeout 5 s, join timeout 60 s)", 4,
+     ["torchft", "N", "FAILURE", 5000, 60000]),
+    ("torchft 0.2 lighthouse", "heartbeat timeout 1 s, join timeout 60 s", 4, ["torchft", "N", "FAILURE", 1000, 60000]),
+    ("torchft 0.2 lighthouse", "heartbeat timeout 1 s, join timeout 60 s", 16,
+     ["torchft", "N", "FAILURE", 1000, 60000]),
+    ("torchft 0.2 lighthouse", "join timeout 100 ms (LighthouseServer's default): late or dead alike", 4,
+     ["torchft", "N", "FAILURE", 1000, 100]),
+]
+
+
+def liveness_anchor(python, args, n, failure):
+    """One anchor measurement: the seconds from each signal until each
+    survivor learned (those that never did left out), how many did, and
+    what the first got."""
+    args = [str(n) if a == "N" else failure if a == "FAILURE" else str(a) for a in args]
+    out = finished(subprocess.Popen([python, f"{HERE}/liveness_anchors.py", *args], stdout=subprocess.PIPE,
+                                    stderr=subprocess.DEVNULL, text=True, env=ENV), timeout=900)
+    lines = {line.split(" ", 1)[0]: line.split(" ", 1)[1].strip() for line in out.splitlines() if " " in line}
+    kills, seen = [int(k) for k in lines["kill"].split()], [int(t) for t in lines["times"].split()]
+    if len(kills) > 1:  # one watcher a trial
+        pairs = list(zip(kills, seen))
+    else:
+        pairs = [(kills[0], t) for t in seen]
+    times = [(t - k) / 1e9 for k, t in pairs if t]
+    return times, len(times), len(pairs), lines.get("got", "")
+
+
+# scenario_liveness's arguments, full and --quick: C members' N, TTL (ms), Python members' N, PyTorch's N
+# and timeout (s), the anchors.
+LIVENESS_SIZES = {False: ([16, 256, 1024, "max"], 1000, [16, 256], 16, 5, True),
+                  True: ([16, 64], 1000, [8], 8, 2, False)}
+
+
+def largest_n(fds):
+    """The most members the descriptor limit allows: every member holds as
+    many connections as the generator's descriptors grew per member between
+    the first two sizes measured (`fds`: {N: descriptors}), each a
+    descriptor in the server too."""
+    (a, fa), (b, fb) = sorted(fds.items())[:2]
+    per_member = -(-(fb - fa) // (b - a))
+    return (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 100) // per_member, per_member
+
+
+def scenario_liveness(sizes, ttl_ms, python_sizes, torch_size, torch_timeout_s, anchors):
+    """Time until every survivor knows: N members blocked in a get (or the
+    store barrier), one killed or frozen. distcore with liveness sessions
+    (docs/liveness.md), members from the C generator at each of `sizes`
+    ("max": the most the descriptor limit allows) and as Python processes
+    at `python_sizes`; PyTorch's TCPStore, whose survivors wait out their
+    timeout; and with `anchors`, etcd, JAX and torchft measured the same
+    way (benches/liveness_anchors.py)."""
+    rows, ours, held = [], {}, {}
+
+    def row(n, system, what, times, told, got):
+        got = re.sub(r"\(host [^)]*\)", "(host, pid, incarnation)", got)
+        rows.append([f"{n:,}", system, what, *(f"{v:,.1f}" for v in percentiles_ms(times)), told, got[:120]])
+
+    for failure, ttl, calls in [("crash", 0, ["get", "barrier"]), ("silent", ttl_ms, ["get"])]:
+        what = "SIGKILL" if failure == "crash" else f"SIGSTOP, TTL {ttl / 1000:g} s"
+        fds = {}
+        for n in sizes:
+            if n == "max":
+                n, held[what] = largest_n(fds)
+            for call in calls:
+                server = Server("distcore")
+                try:
+                    times, got, named, descriptors = liveness_generated(server.port, n, failure, ttl, call)
+                finally:
+                    server.stop()
+                fds[n - 1] = descriptors
+                ours[(failure, n, call)] = percentiles_ms(times)
+                row(n, f"distcore, C members ({call})", what, times, f"{named:,}/{n - 1:,}", got)
+        for n in python_sizes:
             server = Server("distcore")
             try:
                 times, got = liveness_run("distcore", server.port, n, failure, ttl, 120)
             finally:
                 server.stop()
-            what = "SIGKILL" if failure == "crash" else f"SIGSTOP, TTL {ttl / 1000:g} s"
-            rows.append([n, "distcore sessions", what, f"{max(times) * 1e3:.1f}",
-                         f"{statistics.median(times) * 1e3:.1f}", got[:90]])
+            row(n, "distcore, Python processes (get)", what, times, f"{len(times)}/{n - 1}", got)
     server = Server("torch libuv")
     try:
         times, got = liveness_run("torch", server.port, torch_size, "crash", 0, torch_timeout_s)
     finally:
         server.stop()
-    rows.append([torch_size, f"torch TCPStore (timeout {torch_timeout_s:g} s)", "SIGKILL",
-                 f"{max(times) * 1e3:.1f}", f"{statistics.median(times) * 1e3:.1f}", got[:90]])
-    return table("12. Time until every survivor knows (N members blocked in a get; the last one killed or "
-                 "frozen; ms from the signal until the survivors' gets returned)",
-                 ["members", "store", "failure", "last survivor (ms)", "median (ms)", "what survivors got"], rows,
-                 "PyTorch's survivors learn nothing: they wait out their timeout (30 min by default)."), {}
+    row(torch_size, f"PyTorch TCPStore, Python processes (get, timeout {torch_timeout_s:g} s)", "SIGKILL", times,
+        f"{len(times)}/{torch_size - 1} (timed out)", got)
+    limit = "; ".join(f"{what}: {per} descriptors a member" for what, per in held.items())
+    text = table("12. Time until every survivor knows (N members blocked in a get or the store barrier; the last "
+                 "one killed or frozen; ms from the signal until each survivor's call returned)",
+                 ["N", "system (members, call)", "failure", "p50", "p99", "max", "told (named the rank)",
+                  "what survivors got"], rows,
+                 "C members (benches/liveness_ranks.c): one process holds ranks 0..N-2, each with its own "
+                 "TCPStore handle, session and async call, completions timed by a callback on the library's "
+                 "async thread; rank N-1 is a process of its own, blocked in a get. Python processes: one per "
+                 "member, their wake-up on 2 cores included. The largest N: the descriptor limit "
+                 f"({resource.getrlimit(resource.RLIMIT_NOFILE)[1]:,}) over what a member holds ({limit}).")
+    if anchors:
+        text += "\n" + liveness_anchors_table(ours, sizes[0])
+    return text, ours
+
+
+def liveness_anchors_table(ours, ref_n):
+    """The anchors, each beside distcore's C members at `ref_n` with the same failure."""
+    try:
+        python = ensure_anchor_packages()
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        return f"### 12b. The anchors\n\nCould not install {' and '.join(ANCHOR_PACKAGES)}: {e}\n"
+    rows = []
+    for system, setting, n, args in LIVENESS_ANCHORS:
+        for failure in ("crash", "silent"):
+            if setting.startswith("join timeout 100") and failure == "silent":
+                continue
+            try:
+                times, learned, survivors, got = liveness_anchor(python, args, n, failure)
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                rows.append([n, system, setting, failure, "-", "-", "-", "-", f"could not run: {e}"[:110], "-"])
+                continue
+            ref = ours[(failure, ref_n, "get")][2]
+            cells = [f"{v:,.0f}" for v in percentiles_ms(times)] if times else ["never"] * 3
+            rows.append([n, system, setting, "SIGKILL" if failure == "crash" else "SIGSTOP", *cells,
+                         f"{learned}/{survivors}", got[:110],
+                         f"{percentiles_ms(times)[2] / ref:.1f}×" if times else "-"])
+    return table(f"12b. The anchors, measured the same way in this run (ms from the signal until each survivor "
+                 f"learned; the last column: their slowest over distcore's slowest at N = {ref_n}, same failure)",
+                 ["N", "system", "setting", "failure", "p50", "p99", "max", "learned", "what survivors got",
+                  "slowest / distcore's"], rows,
+                 "etcd: 3 trials a row (N: one holder, one watcher), a holder process keeping a key on a lease, a watcher "
+                 "timing the DELETE. JAX: N processes in jax.distributed.initialize (CPU), each blocked in "
+                 "blocking_key_value_get; a survivor learns when the get raises or JAX aborts the process. "
+                 "torchft: a lighthouse (min_replicas 1) and N replicas heart-beating every 100 ms and asking "
+                 "for quorum in a loop; a survivor learns when its quorum leaves the dead one out.")
 
 
 def guarded(name, fn, *args):
@@ -958,7 +1130,7 @@ def main():
         guarded("6. RPC and RRef", scenario_rpc, 100 if q else 2000, 1 if q else 3)
         return
     if args.only == "liveness":
-        guarded("12. Liveness", scenario_liveness, [8] if q else [16, 64, 256], 1000, 8 if q else 16, 2 if q else 5)
+        guarded("12. Liveness", scenario_liveness, *LIVENESS_SIZES[q])
         return
     if args.only == "guards":
         guarded("11. What guards cost", scenario_guards, 50 if q else 500, 1000 if q else 20000, 1 if q else 3)
@@ -998,8 +1170,7 @@ def main():
     sections.append(guarded("10. Stores on etcd", scenario_etcd, *ETCD_SIZES[q])[0])
     sections.append(guarded("11. What guards cost", scenario_guards, 50 if q else 500, 1000 if q else 20000,
                             1 if q else 3)[0])
-    sections.append(guarded("12. Liveness", scenario_liveness, [8] if q else [16, 64, 256], 1000, 8 if q else 16,
-                            2 if q else 5)[0])
+    sections.append(guarded("12. Liveness", scenario_liveness, *LIVENESS_SIZES[q])[0])
     took = time.monotonic() - started
     print(f"all scenarios in {took:.0f} s")
     if args.out:
