@@ -37,7 +37,10 @@ mod architecture {
         ("server core", include_str!("store/tcp/server/state.rs")),
         ("waits", include_str!("store/tcp/server/waits.rs")),
         ("sessions", include_str!("store/tcp/server/sessions.rs")),
-        ("leases", include_str!("store/tcp/server/sessions/leases.rs")),
+        (
+            "leases",
+            include_str!("store/tcp/server/sessions/leases.rs"),
+        ),
         ("session listing", include_str!("store/tcp/listing.rs")),
         ("roll call", include_str!("store/tcp/client/roll_call.rs")),
         ("request parser", include_str!("store/tcp/parser.rs")),
