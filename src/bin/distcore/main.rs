@@ -160,6 +160,12 @@ enum Command {
         /// it must admit 127.0.0.1; with TLS it needs --tls-ca).
         #[arg(long)]
         world_size: Option<u32>,
+        /// The server serves one job (implied by --world-size): when a
+        /// member of a session group fails, clients without a session that
+        /// are blocked in a wait are told too — PyTorch's clients by
+        /// closing their connection, so they raise at once.
+        #[arg(long)]
+        one_job: bool,
         /// Largest value accepted, in bytes (requests up to twice that).
         #[arg(long, default_value_t = distcore::store::tcp::protocol::Limits::default().max_value_len)]
         max_value_size: usize,
@@ -399,6 +405,7 @@ fn main() -> ExitCode {
             host,
             port,
             world_size,
+            one_job,
             max_value_size,
             listen_fd,
             mut backend,
@@ -438,6 +445,7 @@ fn main() -> ExitCode {
                         max_keys: guards.max_keys,
                         max_stored_bytes: guards.max_stored_bytes,
                     },
+                    one_job: one_job || world_size.is_some(),
                     ..ServerOptions::default()
                 },
                 world_size.map(|world| (world, watcher_tls)),

@@ -81,6 +81,13 @@ pub struct ServerOptions {
     /// What all clients together may make the server hold (default: no
     /// quotas).
     pub quotas: Quotas,
+    /// The server serves one job (docs/liveness.md, "PyTorch's clients"):
+    /// when a member of a session group fails, the connections without a
+    /// session that are blocked in a wait or barrier are told too — a
+    /// distcore client's wait fails with the failure, a PyTorch client's
+    /// connection is closed (its protocol has no way to say more), so
+    /// PyTorch raises at once instead of after its timeout. Default: off.
+    pub one_job: bool,
 }
 
 /// What all clients together may make a server hold; `None`: no limit.
@@ -143,6 +150,7 @@ impl Default for ServerOptions {
             backend: ServerBackend::Memory,
             access: AccessPolicy::default(),
             quotas: Quotas::default(),
+            one_job: false,
         }
     }
 }
@@ -208,6 +216,7 @@ impl Server {
             thread_name: format!("dc-tcpstore-{port}"),
             access: options.access,
             quotas: options.quotas,
+            one_job: options.one_job,
         };
         let mut limits = options.limits;
         let thread = match options.backend {
@@ -287,6 +296,7 @@ struct Running {
     thread_name: String,
     access: AccessPolicy,
     quotas: Quotas,
+    one_job: bool,
 }
 
 impl Running {
@@ -300,6 +310,7 @@ impl Running {
         let core = state::ServerCore::new(backend, limits, extensions, Instant::now())
             .with_secret(self.access.secret.clone())
             .with_quotas(self.quotas)
+            .with_one_job(self.one_job)
             .with_handshake_limits(self.access.handshakes)
             .with_metrics(self.metrics);
         let mut event_loop =

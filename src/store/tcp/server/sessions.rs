@@ -25,7 +25,8 @@
 //! calls fail the same way. The failure is forgotten when the group has no
 //! member left, so the job's next run starts clean.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::time::{Duration, Instant};
 
 use super::state::ConnId;
@@ -106,6 +107,8 @@ impl Failure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Delivery {
     pub(crate) failure: Failure,
+    /// It is its group's first failure (the one its members are told).
+    pub(crate) first: bool,
     pub(crate) tell: Vec<ConnId>,
     pub(crate) close: Vec<ConnId>,
 }
@@ -139,6 +142,14 @@ pub(crate) struct Sessions {
     by_rank: HashMap<(Vec<u8>, u32), SessionId>,
     /// The session each connection belongs to (opened on it, or attached).
     by_conn: HashMap<ConnId, SessionId>,
+    /// The live sessions of each group.
+    groups: HashMap<Vec<u8>, BTreeSet<SessionId>>,
+    /// TTL deadlines, soonest first, as they were when pushed: a session
+    /// heard from since has a later one (checked, and pushed again, when
+    /// this one comes due); one that ended has none. At most one entry per
+    /// live session, so the heap's cost is per deadline that comes due,
+    /// never per request or per turn.
+    deadlines: BinaryHeap<Reverse<(Instant, SessionId)>>,
     /// The first failure of each group that has one.
     failed: HashMap<Vec<u8>, Failure>,
     /// The keys each session holds.
@@ -214,12 +225,19 @@ impl Sessions {
         let id = self.next_id;
         self.by_rank.insert(rank_key, id);
         self.by_conn.insert(conn, id);
+        self.groups
+            .entry(spec.group.clone())
+            .or_default()
+            .insert(id);
         let live = Live {
             spec,
             conn,
             attached: Vec::new(),
             last_heard: now,
         };
+        if let Some(deadline) = live.deadline() {
+            self.deadlines.push(Reverse((deadline, id)));
+        }
         self.live.insert(id, live);
         (Ok(id), delivery)
     }
@@ -299,25 +317,34 @@ impl Sessions {
     }
 
     /// Ends every session whose TTL has passed at `now`; call after the
-    /// turn's input was read.
+    /// turn's input was read. Looks only at the deadlines that came due.
     pub(crate) fn expire(&mut self, now: Instant) -> Vec<Delivery> {
-        let due: Vec<(SessionId, Duration)> = self
-            .live
-            .iter()
-            .filter(|(_, live)| live.deadline().is_some_and(|at| at <= now))
-            .filter_map(|(id, live)| live.spec.ttl.map(|ttl| (*id, ttl)))
-            .collect();
-        let deliveries = due
-            .into_iter()
-            .filter_map(|(id, ttl)| self.end(id, Some(Cause::TtlMissed(ttl)), now))
-            .collect();
+        let mut deliveries = Vec::new();
+        while let Some(&Reverse((due, id))) = self.deadlines.peek() {
+            if due > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(live) = self.live.get(&id) else {
+                continue; // it ended
+            };
+            match (live.deadline(), live.spec.ttl) {
+                (Some(deadline), Some(ttl)) if deadline <= now => {
+                    deliveries.extend(self.end(id, Some(Cause::TtlMissed(ttl)), now));
+                }
+                // Heard from since: its deadline moved.
+                (Some(deadline), _) => self.deadlines.push(Reverse((deadline, id))),
+                _ => {}
+            }
+        }
         self.wake_by = self.next_deadline();
         deliveries
     }
 
-    /// The soonest TTL deadline.
+    /// The soonest TTL deadline (perhaps one that has moved since: the
+    /// event loop then wakes early, once).
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.live.values().filter_map(Live::deadline).min()
+        self.deadlines.peek().map(|Reverse((due, _))| *due)
     }
 
     /// The failure that connection `conn`'s calls fail with: its group's,
@@ -441,6 +468,16 @@ impl Sessions {
         let live = self.live.remove(&id)?;
         self.orphans.extend(self.leases.take(id));
         let group = live.spec.group.clone();
+        let group_left = match self.groups.get_mut(&group) {
+            Some(members) => {
+                members.remove(&id);
+                members.is_empty()
+            }
+            None => true,
+        };
+        if group_left {
+            self.groups.remove(&group);
+        }
         self.by_rank.remove(&(group.clone(), live.spec.rank));
         for conn in live.conns() {
             self.by_conn.remove(&conn);
@@ -464,21 +501,26 @@ impl Sessions {
                 silent_for: now.saturating_duration_since(live.last_heard),
             };
             // The group's first failure is the one its members are told.
-            let tell = match self.failed.contains_key(&group) {
+            let first = !self.failed.contains_key(&group);
+            let tell = match !first {
                 true => Vec::new(),
                 false => {
                     self.failed.insert(group.clone(), failure.clone());
-                    let members = self.live.values().filter(|l| l.spec.group == group);
-                    members.flat_map(Live::conns).collect()
+                    let members = self.groups.get(&group).into_iter().flatten();
+                    members
+                        .filter_map(|id| self.live.get(id))
+                        .flat_map(Live::conns)
+                        .collect()
                 }
             };
             Delivery {
                 failure,
+                first,
                 tell,
                 close,
             }
         });
-        if !self.live.values().any(|l| l.spec.group == group) {
+        if group_left {
             self.failed.remove(&group);
         }
         delivery

@@ -181,6 +181,9 @@ pub(crate) struct ServerCore<B> {
     sessions: Sessions,
     /// Connections of failed sessions, to close.
     closing: Vec<(ConnId, Refused)>,
+    /// Every client serves one job: a group's failure reaches the blocked
+    /// calls of connections without a session too.
+    one_job: bool,
 }
 
 impl<B: Backend> ServerCore<B> {
@@ -207,7 +210,15 @@ impl<B: Backend> ServerCore<B> {
             tickets: 0,
             sessions: Sessions::default(),
             closing: Vec::new(),
+            one_job: false,
         }
+    }
+
+    /// Every client of the server serves one job (see
+    /// [`ServerOptions::one_job`](super::ServerOptions::one_job)).
+    pub(crate) fn with_one_job(mut self, one_job: bool) -> Self {
+        self.one_job = one_job;
+        self
     }
 
     /// Clients authenticate with `secret` (see [`ServerCore::connect_as`]).
@@ -272,28 +283,66 @@ impl<B: Backend> ServerCore<B> {
         let error = delivery.failure.error();
         // The group's first failure is news; a later one in a failed group
         // tells nobody.
-        match delivery.tell.is_empty() {
-            false => log::warn!("TCPStore server: {}", error.message()),
-            true => log::info!("TCPStore server: {}", error.message()),
+        match delivery.first {
+            true => log::warn!("TCPStore server: {}", error.message()),
+            false => log::info!("TCPStore server: {}", error.message()),
         }
         for id in delivery.close {
             let why = format!("its session failed: {}", error.message());
             self.closing
                 .push((id, Refused(Refusal::SessionFailed, why)));
         }
+        let bystanders = match self.one_job && delivery.first {
+            true => self.blocked_bystanders(),
+            false => Vec::new(),
+        };
         for id in delivery.tell {
-            let waits = self
-                .connection(id)
-                .map(|conn| std::mem::take(&mut conn.waits))
-                .unwrap_or_default();
-            for wait in waits {
-                if let Some(wait) = self.waits.remove(wait) {
-                    self.served(wait.reply.command(), wait.started, true);
-                    self.put(id, &error_reply(REPLY_ERROR, &error));
-                    self.woken.push(id);
+            self.fail_waits(id, &error);
+        }
+        // One job: the blocked calls of connections without a session are
+        // the job's too. PyTorch's protocol has no error reply: closing
+        // the connection is the one way to end its wait now.
+        for (id, status_replies) in bystanders {
+            match status_replies {
+                true => self.fail_waits(id, &error),
+                false => {
+                    let why = format!("the job failed: {}", error.message());
+                    self.closing
+                        .push((id, Refused(Refusal::SessionFailed, why)));
                 }
             }
         }
+    }
+
+    /// Fails every blocked call of connection `id` with `error`.
+    fn fail_waits(&mut self, id: ConnId, error: &Error) {
+        let waits = self
+            .connection(id)
+            .map(|conn| std::mem::take(&mut conn.waits))
+            .unwrap_or_default();
+        for wait in waits {
+            if let Some(wait) = self.waits.remove(wait) {
+                self.served(wait.reply.command(), wait.started, true);
+                self.put(id, &error_reply(REPLY_ERROR, error));
+                self.woken.push(id);
+            }
+        }
+    }
+
+    /// The connections in no session that are blocked in a wait or a
+    /// barrier, with whether they take error replies (version 2).
+    fn blocked_bystanders(&self) -> Vec<(ConnId, bool)> {
+        let blocked = self
+            .connections
+            .iter()
+            .enumerate()
+            .filter_map(|(id, conn)| {
+                let conn = conn.as_ref()?;
+                (!conn.waits.is_empty()).then_some((id, conn.status_replies))
+            });
+        blocked
+            .filter(|(id, _)| !self.sessions.is_member(*id))
+            .collect()
     }
 
     /// A new connection `id` (not in use) that need not authenticate, with

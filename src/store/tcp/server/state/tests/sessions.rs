@@ -315,3 +315,31 @@ fn delete_prefix_and_list_prefix_cover_values_queues_and_leases() {
     c.disconnect(0);
     assert!(exists(&mut c, 1, "job/a"));
 }
+
+#[test]
+fn a_one_job_server_tells_blocked_connections_without_a_session_too() {
+    // The group's only member with a session is rank 1: its failure is
+    // the job's all the same.
+    let mut c = core().with_one_job(true);
+    member(&mut c, 1, 1, None);
+    // A PyTorch client and a distcore client without a session, each
+    // blocked in a wait; another PyTorch client idle.
+    open(&mut c, 3);
+    send(&mut c, 3, &wait(&["job/ready"]));
+    open_v2(&mut c, 4);
+    send(&mut c, 4, &wait(&["job/ready"]));
+    open(&mut c, 5);
+    c.disconnect(1);
+    let (code, message) = error_of(&replies(&mut c, 4));
+    assert_eq!(i32::from(code), Status::PeerFailed.code());
+    assert!(message.contains("rank 1"), "{message}");
+    let closing = c.take_closing();
+    assert_eq!(closing.len(), 1, "{closing:?}");
+    let (id, Refused(reason, why)) = &closing[0];
+    assert_eq!((*id, *reason), (3, Refusal::SessionFailed));
+    assert!(why.starts_with("the job failed: rank 1"), "{why}");
+    // A later request of a client without a session is served as ever.
+    send(&mut c, 5, &set("job/x", b"1"));
+    send(&mut c, 4, &get("job/x"));
+    assert_eq!(replies(&mut c, 4)[0], REPLY_OK);
+}

@@ -1,0 +1,81 @@
+"""PyTorch's own clients on a distcore server that serves one job
+(`distcore serve --one-job`, implied by --world-size; docs/liveness.md,
+"PyTorch's clients"): when a member of a session group dies, a PyTorch
+client blocked in a get raises at once — its connection is closed, the one
+way PyTorch's protocol allows — instead of after its timeout. Without
+--one-job it waits its timeout out, as on PyTorch's own server."""
+import datetime
+import subprocess
+import sys
+import threading
+import time
+import unittest
+import warnings
+
+warnings.filterwarnings("ignore")
+import torch.distributed as dist  # noqa: E402
+
+import harness  # noqa: E402
+
+T = datetime.timedelta
+
+# Rank 1 of group job/ in a process of its own, killed by the test.
+MEMBER = """
+import sys, datetime, distcore
+store = distcore.TCPStore("127.0.0.1", int(sys.argv[1]), timeout=datetime.timedelta(seconds=60))
+store.open_session("job/", 1, world_size=2)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def tearDownModule():
+    harness.kill_all()
+
+
+class PyTorchClientsOfOneJob(unittest.TestCase):
+    def blocked_get_when_a_member_dies(self, args, timeout_s):
+        """A PyTorch client's get, blocked when the member is killed: what
+        it raised and how long after the kill."""
+        server = harness.CliServer(args=args)
+        try:
+            member = harness.track(subprocess.Popen([sys.executable, "-c", MEMBER, str(server.port)],
+                                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+            harness._read_line(member, "ready")
+            client = dist.TCPStore("127.0.0.1", server.port, None, False, wait_for_workers=False,
+                                   timeout=T(seconds=timeout_s))
+            outcome = {}
+
+            def get():
+                try:
+                    client.get("job/never-set")
+                except Exception as e:  # noqa: BLE001 - what PyTorch raises is the point
+                    outcome["error"] = e
+                outcome["done"] = time.monotonic()
+
+            blocked = threading.Thread(target=get)
+            blocked.start()
+            time.sleep(0.5)
+            killed = time.monotonic()
+            member.kill()
+            member.wait(30)
+            blocked.join(timeout_s + 30)
+            return outcome["error"], outcome["done"] - killed
+        finally:
+            server.stop()
+
+    def test_a_blocked_pytorch_client_raises_at_once_when_a_member_dies(self):
+        error, after = self.blocked_get_when_a_member_dies(["--one-job"], 60)
+        self.assertIsInstance(error, dist.DistNetworkError, repr(error))
+        self.assertLess(after, 5, f"{after:.2f} s after the kill: {error}")
+        print(f"\nPyTorch raised {type(error).__name__} {after * 1000:.0f} ms after the kill: {error}")
+
+    def test_without_one_job_it_waits_its_timeout(self):
+        error, after = self.blocked_get_when_a_member_dies([], 3)
+        self.assertIsInstance(error, dist.DistStoreError, repr(error))
+        self.assertNotIsInstance(error, dist.DistNetworkError, repr(error))
+        self.assertGreater(after, 2)
+
+
+if __name__ == "__main__":
+    unittest.main()
