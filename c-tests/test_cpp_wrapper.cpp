@@ -457,6 +457,21 @@ void test_tcp_store() {
     client.close_session();
     EXPECT_THROW(distcore::InvalidState, member.close_session());
   }
+  // A recoverable group: a member's failure changes the membership.
+  {
+    distcore::TCPStore member = client.clone();
+    client.open_session("cpp-recover/", 0, -1, 0, 0, true);
+    member.open_session("cpp-recover/", 1, -1, 0, 0, true);
+    distcore::TCPStore::Members before = client.members();
+    EXPECT(before.members.size() == 2 && before.members[1].rank == 1);
+    distcore::Work watch = client.watch_members(before.epoch);
+    member.report_error("rank 1 leaves the quorum");
+    watch.wait(std::chrono::milliseconds(10000));
+    distcore::TCPStore::Members after = client.members();
+    EXPECT(after.epoch > before.epoch && after.members.size() == 1);
+    client.set("cpp-recover/k", "v");  // the survivor goes on
+    client.close_session();
+  }
   // Keys written through a leased view die with the session.
   {
     distcore::TCPStore member = client.clone();

@@ -154,6 +154,16 @@ int main(void) {
   dc_store *view = NULL;
   NULL_ARG(dc_tcp_store_leased(NULL, &view));
   NULL_ARG(dc_tcp_store_leased(s, NULL));
+  uint64_t epoch = 0;
+  size_t n_members = 0;
+  dc_member member;
+  NULL_ARG(dc_tcp_store_members(NULL, &epoch, NULL, 0, &n_members));
+  NULL_ARG(dc_tcp_store_members(s, NULL, NULL, 0, &n_members));
+  NULL_ARG(dc_tcp_store_members(s, &epoch, NULL, 1, &n_members));
+  NULL_ARG(dc_tcp_store_members(s, &epoch, &member, 1, NULL));
+  dc_work *watch = NULL;
+  NULL_ARG(dc_tcp_store_watch_members(NULL, 0, &watch));
+  NULL_ARG(dc_tcp_store_watch_members(s, 0, NULL));
   NULL_ARG(dc_tcp_store_report_error(NULL, "m"));
   NULL_ARG(dc_tcp_store_report_error(s, NULL));
 

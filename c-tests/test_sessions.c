@@ -11,8 +11,11 @@
 
 #include "check.h"
 
-/* Opens rank `rank` of `group` (world size 3; a TTL of `ttl_ms`, 0: none)
- * on `store`. */
+/* Groups named so are recoverable. */
+static bool is_recoverable(const char *group) { return strncmp(group, "recover", 7) == 0; }
+
+/* Opens rank `rank` of `group` (world size 3; a TTL of `ttl_ms`, 0: none;
+ * recoverable if the group's name says so) on `store`. */
 static void join(dc_store *store, const char *group, int32_t rank, int64_t ttl_ms) {
   dc_session_options opts;
   CHECK_OK(dc_session_options_init(&opts, sizeof opts));
@@ -20,6 +23,7 @@ static void join(dc_store *store, const char *group, int32_t rank, int64_t ttl_m
   opts.rank = rank;
   opts.world_size = 3;
   opts.ttl_ms = ttl_ms;
+  opts.recoverable = is_recoverable(group);
   CHECK_OK(dc_tcp_store_open_session(store, &opts));
 }
 
@@ -117,6 +121,43 @@ static void leased_keys_die_with_their_member(dc_store *observer, uint16_t port)
   close(go[1]);
 }
 
+/* A recoverable group goes on without a killed member: the survivor's
+ * watch completes, the membership shows it alone at a later epoch. */
+static void recoverable_group_goes_on(uint16_t port) {
+  dc_store *store = tcp_store(false, port);
+  join(store, "recover/", 0, 0);
+  int go[2];
+  pid_t pid = member(port, "recover/", NULL, 0, go);
+  uint64_t epoch = 0;
+  dc_member members[4];
+  size_t n = 0;
+  CHECK_OK(dc_tcp_store_members(store, &epoch, members, 4, &n));
+  CHECK(n == 2 && members[0].rank == 0 && members[1].rank == 1);
+  CHECK(members[1].pid == (uint32_t)pid);
+  dc_work *watch = NULL;
+  CHECK_OK(dc_tcp_store_watch_members(store, epoch, &watch));
+  CHECK(write(go[1], "g", 1) == 1);
+  waitpid(pid, NULL, 0);
+  CHECK_OK(dc_work_wait(watch, 10000));
+  dc_work_free(watch);
+  uint64_t later = 0;
+  CHECK_OK(dc_tcp_store_members(store, &later, NULL, 0, &n));
+  CHECK(later > epoch && n == 1);
+  /* The survivor's calls go on. */
+  CHECK_OK(dc_store_set(store, "recover/k", (const uint8_t *)"v", 1));
+  dc_buf value = {0};
+  CHECK_OK(dc_store_get(store, "recover/k", &value));
+  dc_buf_free(&value);
+  /* A fate-sharing group has no membership to read. */
+  CHECK_OK(dc_tcp_store_close_session(store));
+  join(store, "plain/", 0, 0);
+  CHECK_STATUS(dc_tcp_store_members(store, &epoch, NULL, 0, &n), DC_ERR_INVALID_STATE);
+  CHECK_OK(dc_tcp_store_close_session(store));
+  close(go[0]);
+  close(go[1]);
+  dc_store_free(store);
+}
+
 int main(void) {
   dc_store *server = tcp_store(true, 0);
   uint16_t port = 0;
@@ -126,6 +167,7 @@ int main(void) {
   blocked_get_fails(port, "reported/", "loss is NaN", 0, "it reported: loss is NaN");
   blocked_get_fails(port, "frozen/", NULL, 1000, "within its TTL");
   leased_keys_die_with_their_member(server, port);
+  recoverable_group_goes_on(port);
 
   /* Options are checked before anything is sent. */
   dc_session_options opts;

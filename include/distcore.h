@@ -425,7 +425,23 @@ typedef struct {
   // a TTL from the process's async thread. 0: no TTL, only the
   // connection tells (a crash). At least 300 when set.
   int64_t ttl_ms;
+  // Since 1.4's recoverable groups. The group is recoverable
+  // (docs/liveness.md): a member's failure fails no other member's
+  // calls; it changes the membership, which `dc_tcp_store_members`
+  // reads and `dc_tcp_store_watch_members` waits for. Every member of a
+  // group must agree. Default false: fate-sharing.
+  bool recoverable;
 } dc_session_options;
+
+// Since 1.4. One member of a recoverable group (`dc_tcp_store_members`).
+typedef struct {
+  // Its rank.
+  uint32_t rank;
+  // Its process id.
+  uint32_t pid;
+  // Its incarnation.
+  uint64_t incarnation;
+} dc_member;
 
 // Options of `dc_tcp_store_new`, mirroring torch.distributed.TCPStore's
 // arguments. Initialise with `dc_tcp_store_options_init(&opts, sizeof
@@ -974,6 +990,36 @@ dc_status dc_tcp_store_report_error(const dc_store *store, const char *message);
 // Errors: DC_ERR_INVALID_ARGUMENT when `store` or `out` is NULL or `store`
 // is not a TCPStore. Never blocks.
 dc_status dc_tcp_store_leased(const dc_store *store, dc_store **out);
+
+// Since 1.4. Reads the membership of the handle's recoverable group: the
+// epoch (counting the membership's changes; every member reads the same
+// set at the same epoch) into `out_epoch`, up to `capacity` members, by
+// rank, into `out`, and how many there are into `out_len` (call with
+// capacity 0 and `out` NULL to size the array).
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store`, `out_epoch` or `out_len`
+// is NULL, `out` is NULL with a capacity, or `store` is not a TCPStore;
+// DC_ERR_INVALID_STATE if the handle has no session or its group is not
+// recoverable; those of a call. Blocks for one round trip, at most the
+// store's timeout.
+dc_status dc_tcp_store_members(const dc_store *store,
+                               uint64_t *out_epoch,
+                               dc_member *out,
+                               size_t capacity,
+                               size_t *out_len);
+
+// Since 1.4. Creates in `*out` a work that completes once the membership
+// of the handle's recoverable group has passed `epoch` (at once if it has
+// already); its result is the new epoch in decimal, and
+// `dc_tcp_store_members` then reads the members. It has no timeout of its
+// own: wait on it with one (`dc_work_wait`), or poll its fd. Free it with
+// `dc_work_free`.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` or `out` is NULL, `store`
+// is not a TCPStore, or `epoch` is UINT64_MAX; DC_ERR_INVALID_STATE if
+// the handle has no session or its group is not recoverable; those of
+// connecting. Does not block beyond taking a connection.
+dc_status dc_tcp_store_watch_members(const dc_store *store, uint64_t epoch, dc_work **out);
 
 // Creates an empty in-process store (c10d's HashStore), shared by every
 // thread that uses the handle or its clones. Default timeout 300 s.

@@ -1027,7 +1027,7 @@ class TCPStore : public Store {
   /// of this handle throws PeerFailedError at once, naming it
   /// (docs/liveness.md). See dc_tcp_store_open_session.
   void open_session(const std::string& group, int32_t rank, int32_t world_size = -1,
-                    uint64_t incarnation = 0, int64_t ttl_ms = 0) const {
+                    uint64_t incarnation = 0, int64_t ttl_ms = 0, bool recoverable = false) const {
     dc_session_options o;
     distcore::check(dc_session_options_init(&o, sizeof o));
     o.group = group.c_str();
@@ -1035,7 +1035,37 @@ class TCPStore : public Store {
     o.world_size = world_size;
     o.incarnation = incarnation;
     o.ttl_ms = ttl_ms;
+    o.recoverable = recoverable;
     distcore::check(dc_tcp_store_open_session(native_handle(), &o));
+  }
+  /// Since 1.4. A recoverable group's membership at one epoch.
+  struct Members {
+    uint64_t epoch = 0;
+    std::vector<dc_member> members;  ///< by rank
+  };
+  /// Since 1.4. The membership of this handle's recoverable group. See
+  /// dc_tcp_store_members.
+  Members members() const {
+    Members out;
+    size_t n = 0;
+    distcore::check(dc_tcp_store_members(native_handle(), &out.epoch, nullptr, 0, &n));
+    for (;;) {
+      out.members.assign(n, dc_member{});
+      size_t total = 0;
+      distcore::check(dc_tcp_store_members(native_handle(), &out.epoch, out.members.data(), out.members.size(), &total));
+      if (total <= out.members.size()) {
+        out.members.resize(total);
+        return out;
+      }
+      n = total;
+    }
+  }
+  /// Since 1.4. A Work that completes once the membership of this handle's
+  /// recoverable group has passed `epoch`. See dc_tcp_store_watch_members.
+  Work watch_members(uint64_t epoch) const {
+    dc_work* w = nullptr;
+    distcore::check(dc_tcp_store_watch_members(native_handle(), epoch, &w));
+    return Work(w);
   }
   /// Since 1.4. Closes the handle's session gracefully.
   void close_session() const { distcore::check(dc_tcp_store_close_session(native_handle())); }

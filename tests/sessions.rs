@@ -95,6 +95,10 @@ fn member_process() {
     let store = handle(parts[0].parse().unwrap());
     let options = match parts.get(3) {
         Some(&"ttl") => member_with_ttl(parts[1], 1),
+        Some(&"recoverable") => SessionOptions {
+            recoverable: true,
+            ..member(parts[1], 1)
+        },
         _ => member(parts[1], 1),
     };
     store.open_session(&options).unwrap();
@@ -342,4 +346,47 @@ fn inspect_lists_each_session_with_what_it_waits_on() {
     store.set("seen/step/3", b"go").unwrap();
     blocked.join().unwrap().unwrap();
     store.close_session().unwrap();
+}
+
+#[test]
+fn a_recoverable_groups_survivors_go_on_and_see_the_membership_change() {
+    let server = Serve::start();
+    let zero = Arc::new(handle(server.port));
+    let options = SessionOptions {
+        recoverable: true,
+        ..member("recover/", 0)
+    };
+    zero.open_session(&options).unwrap();
+    let (mut rank1, _out) = spawn_member(server.port, "recover/", "sleep recoverable");
+    let ranks = |m: &distcore::store::tcp::GroupMembers| {
+        m.members.iter().map(|m| m.rank).collect::<Vec<_>>()
+    };
+    let before = zero.members().unwrap();
+    assert_eq!(ranks(&before), [0, 1]);
+    let watch = zero.watch_members(before.epoch).unwrap();
+    let blocked = {
+        let zero = zero.clone();
+        thread::spawn(move || zero.get("recover/step/1"))
+    };
+    thread::sleep(Duration::from_millis(100));
+    assert!(!watch.is_completed());
+    let killed = std::time::Instant::now();
+    rank1.kill().unwrap();
+    rank1.wait().unwrap();
+    watch.wait(Some(Duration::from_secs(10))).unwrap();
+    let told = killed.elapsed();
+    assert!(told < Duration::from_secs(2), "{told:?}");
+    let epoch: u64 = String::from_utf8_lossy(&watch.result().unwrap())
+        .parse()
+        .unwrap();
+    let after = zero.members().unwrap();
+    assert_eq!((after.epoch, ranks(&after)), (epoch, vec![0]));
+    assert!(after.epoch > before.epoch);
+    // The survivor's blocked call was not failed, and its keys live on;
+    // the dead member's leased keys went with it.
+    assert!(!zero.check(&["recover/addr1"]).unwrap());
+    zero.set("recover/step/1", b"go on").unwrap();
+    assert_eq!(blocked.join().unwrap().unwrap(), b"go on");
+    zero.close_session().unwrap();
+    println!("a recoverable group's survivor saw the membership change {told:?} after the kill");
 }

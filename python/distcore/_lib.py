@@ -91,13 +91,22 @@ class TcpStoreOptions(Structure):
 class SessionOptions(Structure):
     """dc_session_options (since 1.4)"""
     _fields_ = [("struct_size", c_size_t), ("group", c_char_p), ("rank", c_int32), ("world_size", c_int32),
-                ("incarnation", c_uint64), ("ttl_ms", c_int64)]
+                ("incarnation", c_uint64), ("ttl_ms", c_int64), ("recoverable", c_bool)]
     struct_size: int
     group: bytes | None
     rank: int
     world_size: int
     incarnation: int
     ttl_ms: int
+    recoverable: bool
+
+
+class MemberInfo(Structure):
+    """dc_member (since 1.4)"""
+    _fields_ = [("rank", c_uint32), ("pid", c_uint32), ("incarnation", c_uint64)]
+    rank: int
+    pid: int
+    incarnation: int
 
 
 class EtcdStoreOptions(Structure):
@@ -251,6 +260,8 @@ SIGNATURES: dict[str, tuple[list[_CType], _CType | None]] = {
     "dc_tcp_store_close_session": ([_h], _status),
     "dc_tcp_store_report_error": ([_h, c_char_p], _status),
     "dc_tcp_store_leased": ([_h, POINTER(c_void_p)], _status),
+    "dc_tcp_store_members": ([_h, POINTER(c_uint64), POINTER(MemberInfo), c_size_t, POINTER(c_size_t)], _status),
+    "dc_tcp_store_watch_members": ([_h, c_uint64, POINTER(c_void_p)], _status),
     # works
     "dc_work_new": ([c_int32, c_int32, c_char_p, c_int64, _out_h], _status),
     "dc_work_new_future": ([_out_h], _status),

@@ -13,11 +13,11 @@ import contextlib
 import ctypes
 import os
 from datetime import timedelta
-from ctypes import c_bool, c_int64, c_size_t, c_uint16, c_void_p
-from typing import Callable, Iterable, Iterator, TypeVar
+from ctypes import c_bool, c_int64, c_size_t, c_uint16, c_uint64, c_void_p
+from typing import Callable, Iterable, Iterator, NamedTuple, TypeVar
 
-from ._lib import (Buf, BufArray, ClientCounter, EtcdStoreOptions, ServerStats, SessionOptions, TcpStoreOptions, check,
-                   lib, take_array, take_buf)
+from ._lib import (Buf, BufArray, ClientCounter, EtcdStoreOptions, MemberInfo, ServerStats, SessionOptions,
+                   TcpStoreOptions, check, lib, take_array, take_buf)
 from ._util import (Closable, FilePath, Timeout, Value, int32_arg, key_arg, keys_arg, ms_to_timedelta, set_guards,
                     store_timeout_ms, value_arg, values_arg)
 from .work import Work
@@ -355,6 +355,19 @@ def _tcp_defaults() -> TcpStoreOptions:
 _DEFAULT_TCP_TIMEOUT = ms_to_timedelta(_tcp_defaults().timeout_ms)
 
 
+class Member(NamedTuple):
+    """A member of a recoverable group (TCPStore.members())."""
+    rank: int
+    pid: int
+    incarnation: int
+
+
+class Members(NamedTuple):
+    """A recoverable group's membership at one epoch (TCPStore.members())."""
+    epoch: int
+    members: list[Member]
+
+
 class TCPStore(Store):
     """A TCP key-value store (torch.distributed.TCPStore): a client, plus
     the server when `is_master`. Talks to distcore servers and PyTorch's
@@ -454,7 +467,8 @@ class TCPStore(Store):
         check(lib.dc_tcp_store_wait_for_workers(self._handle))
 
     def open_session(self, group: str, rank: int, world_size: int | None = None,
-                     incarnation: int | None = None, ttl: timedelta | None = None) -> None:
+                     incarnation: int | None = None, ttl: timedelta | None = None,
+                     recoverable: bool = False) -> None:
         """Opens a liveness session of this process on the handle
         (docs/liveness.md): from then on, when another member of `group`
         fails (its process dies, reports an error, or is replaced by a newer
@@ -464,7 +478,9 @@ class TCPStore(Store):
         of the process (None: a fresh one). `ttl`: the member is failed when
         nothing arrives from it for this long (a frozen or cut-off process;
         the handle keeps itself alive from the library's async thread);
-        None: only the connection tells (a crash)."""
+        None: only the connection tells (a crash). `recoverable`: a member's
+        failure fails no other member's calls but changes the group's
+        membership (members(), watch_members()); every member must agree."""
         opts = SessionOptions()
         check(lib.dc_session_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
         opts.group = group.encode()
@@ -474,7 +490,32 @@ class TCPStore(Store):
             opts.incarnation = incarnation
         if ttl is not None:
             opts.ttl_ms = int(ttl.total_seconds() * 1000)
+        opts.recoverable = bool(recoverable)
         check(lib.dc_tcp_store_open_session(self._handle, ctypes.byref(opts)))
+
+    def members(self) -> Members:
+        """The membership of this handle's recoverable group: its epoch
+        (counting the changes; every member reads the same set at the same
+        epoch) and the live members by rank. DistStateError without a
+        session in a recoverable group."""
+        epoch, n = c_uint64(), c_size_t()
+        check(lib.dc_tcp_store_members(self._handle, ctypes.byref(epoch), None, 0, ctypes.byref(n)))
+        while True:
+            arr = (MemberInfo * max(n.value, 1))()
+            capacity = n.value
+            check(lib.dc_tcp_store_members(self._handle, ctypes.byref(epoch), arr, capacity, ctypes.byref(n)))
+            if n.value <= capacity:
+                break
+        return Members(epoch.value, [Member(m.rank, m.pid, m.incarnation) for m in arr[:n.value]])
+
+    def watch_members(self, epoch: int) -> Work:
+        """A Work that completes once the membership of this handle's
+        recoverable group has passed `epoch` (at once if it has): its value
+        is the new epoch (bytes, decimal); members() then reads the members.
+        No timeout of its own: wait on it with one, or poll its fd."""
+        h = c_void_p()
+        check(lib.dc_tcp_store_watch_members(self._handle, int(epoch), ctypes.byref(h)))
+        return Work._from_handle(h.value)
 
     def close_session(self) -> None:
         """Closes the handle's session gracefully: its group is not failed."""

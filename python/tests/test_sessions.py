@@ -131,3 +131,27 @@ def test_a_leased_view_needs_a_session_and_dies_with_a_graceful_close(server):
     assert sorted(server.list_prefix("view/")) == ["view/k", "view/n"]
     handle.close_session()
     assert server.list_prefix("view/") == []
+
+
+def test_a_recoverable_group_goes_on_without_a_dead_member(server):
+    handle = distcore.TCPStore("127.0.0.1", server.port, timeout=timedelta(seconds=60))
+    handle.open_session("recover/", 0, recoverable=True)
+    child = subprocess.Popen([sys.executable, "-c", MEMBER.replace("world_size=2,", "world_size=2, recoverable=True,"),
+                              str(server.port), "recover/", "", "0"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    before = handle.members()
+    assert [m.rank for m in before.members] == [0, 1]
+    assert before.members[1].pid == child.pid
+    watch = handle.watch_members(before.epoch)
+    child.stdin.write("go\n")
+    child.stdin.flush()
+    child.wait(60)
+    watch.wait(timedelta(seconds=10))
+    after = handle.members()
+    assert int(watch.result()) == after.epoch > before.epoch
+    assert [m.rank for m in after.members] == [0]
+    handle.set("recover/k", "v")  # the survivor goes on
+    handle.close_session()
+    with pytest.raises(distcore.DistStateError):
+        handle.members()

@@ -8,8 +8,10 @@ use std::sync::Arc;
 
 use super::store::{dc_store, store_arg};
 use super::tcp::tcp;
+use super::work::dc_work;
 use super::{
-    arg_out, arg_str, arg_versioned, boundary, dc_status, give, write_versioned, Versioned,
+    arg_out, arg_slice, arg_str, arg_versioned, boundary, dc_status, give, write_versioned,
+    Versioned,
 };
 use crate::error::{Error, Result};
 use crate::store::tcp::SessionOptions;
@@ -39,11 +41,21 @@ pub struct dc_session_options {
     /// a TTL from the process's async thread. 0: no TTL, only the
     /// connection tells (a crash). At least 300 when set.
     pub ttl_ms: i64,
+    /// Since 1.4's recoverable groups. The group is recoverable
+    /// (docs/liveness.md): a member's failure fails no other member's
+    /// calls; it changes the membership, which `dc_tcp_store_members`
+    /// reads and `dc_tcp_store_watch_members` waits for. Every member of a
+    /// group must agree. Default false: fate-sharing.
+    pub recoverable: bool,
 }
 
-// SAFETY: repr(C), `struct_size: usize` first, one size so far.
+// SAFETY: repr(C), `struct_size: usize` first; the first 1.4 layout ended
+// with ttl_ms (8-aligned, so its size is where `recoverable` starts).
 unsafe impl Versioned for dc_session_options {
-    const SIZES: &'static [usize] = &[std::mem::size_of::<dc_session_options>()];
+    const SIZES: &'static [usize] = &[
+        std::mem::offset_of!(dc_session_options, recoverable),
+        std::mem::size_of::<dc_session_options>(),
+    ];
     const HOW_TO_SET: &'static str =
         "initialise the options with dc_session_options_init(&opts, sizeof opts)";
 }
@@ -56,6 +68,7 @@ fn default_options() -> dc_session_options {
         world_size: -1,
         incarnation: 0,
         ttl_ms: 0,
+        recoverable: false,
     }
 }
 
@@ -94,6 +107,7 @@ unsafe fn options_arg(opts: *const dc_session_options) -> Result<SessionOptions>
     };
     let mut options = SessionOptions::new(group, rank);
     options.world_size = world_size;
+    options.recoverable = opts.recoverable;
     if opts.incarnation != 0 {
         options.incarnation = opts.incarnation;
     }
@@ -200,6 +214,84 @@ pub unsafe extern "C" fn dc_tcp_store_leased(
         let out = unsafe { arg_out(out, "out") }?;
         let view = tcp(&store)?.leased();
         give(out, dc_store::new(Arc::new(view)));
+        Ok(())
+    })
+}
+
+/// Since 1.4. One member of a recoverable group (`dc_tcp_store_members`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct dc_member {
+    /// Its rank.
+    pub rank: u32,
+    /// Its process id.
+    pub pid: u32,
+    /// Its incarnation.
+    pub incarnation: u64,
+}
+
+/// Since 1.4. Reads the membership of the handle's recoverable group: the
+/// epoch (counting the membership's changes; every member reads the same
+/// set at the same epoch) into `out_epoch`, up to `capacity` members, by
+/// rank, into `out`, and how many there are into `out_len` (call with
+/// capacity 0 and `out` NULL to size the array).
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when `store`, `out_epoch` or `out_len`
+/// is NULL, `out` is NULL with a capacity, or `store` is not a TCPStore;
+/// DC_ERR_INVALID_STATE if the handle has no session or its group is not
+/// recoverable; those of a call. Blocks for one round trip, at most the
+/// store's timeout.
+#[no_mangle]
+pub unsafe extern "C" fn dc_tcp_store_members(
+    store: *const dc_store,
+    out_epoch: *mut u64,
+    out: *mut dc_member,
+    capacity: usize,
+    out_len: *mut usize,
+) -> dc_status {
+    boundary("dc_tcp_store_members", || {
+        let store = unsafe { store_arg(store) }?;
+        let out_epoch = unsafe { arg_out(out_epoch, "out_epoch") }?;
+        unsafe { arg_slice(out.cast_const(), capacity, "out") }?;
+        let out_len = unsafe { arg_out(out_len, "out_len") }?;
+        let members = tcp(&store)?.members()?;
+        *out_epoch = members.epoch;
+        *out_len = members.members.len();
+        for (i, m) in members.members.iter().take(capacity).enumerate() {
+            // SAFETY: `out` has `capacity` elements and `i < capacity`.
+            unsafe {
+                out.add(i).write(dc_member {
+                    rank: m.rank,
+                    pid: m.pid,
+                    incarnation: m.incarnation,
+                })
+            };
+        }
+        Ok(())
+    })
+}
+
+/// Since 1.4. Creates in `*out` a work that completes once the membership
+/// of the handle's recoverable group has passed `epoch` (at once if it has
+/// already); its result is the new epoch in decimal, and
+/// `dc_tcp_store_members` then reads the members. It has no timeout of its
+/// own: wait on it with one (`dc_work_wait`), or poll its fd. Free it with
+/// `dc_work_free`.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when `store` or `out` is NULL, `store`
+/// is not a TCPStore, or `epoch` is UINT64_MAX; DC_ERR_INVALID_STATE if
+/// the handle has no session or its group is not recoverable; those of
+/// connecting. Does not block beyond taking a connection.
+#[no_mangle]
+pub unsafe extern "C" fn dc_tcp_store_watch_members(
+    store: *const dc_store,
+    epoch: u64,
+    out: *mut *mut dc_work,
+) -> dc_status {
+    boundary("dc_tcp_store_watch_members", || {
+        let store = unsafe { store_arg(store) }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        give(out, dc_work::new(tcp(&store)?.watch_members(epoch)?));
         Ok(())
     })
 }

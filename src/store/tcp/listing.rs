@@ -26,6 +26,11 @@ impl<'a> Fields<'a> {
         Some(field)
     }
 
+    /// Whether every byte was read.
+    pub(crate) fn is_done(&self) -> bool {
+        self.at == self.bytes.len()
+    }
+
     pub(crate) fn u32(&mut self) -> Option<u32> {
         Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
     }
@@ -221,5 +226,117 @@ mod tests {
         assert!(cut.truncated && cut.sessions.len() < 4);
         assert_eq!(cut.failures, listing.failures);
         assert_eq!(SessionListing::decode(&bytes[..bytes.len() - 1]), None);
+    }
+}
+
+/// One member of a recoverable group, as its membership record shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    /// Its rank.
+    pub rank: u32,
+    /// Its incarnation.
+    pub incarnation: u64,
+    /// Its process id.
+    pub pid: u32,
+    /// Its host.
+    pub host: String,
+}
+
+/// A recoverable group's membership at one epoch: the live set every
+/// member reads alike. Kept by the server on the key
+/// `distcore/members/<N>:<group>` (N: the group's length in bytes, so no
+/// group's keys start with another's) as text — `epoch E` then a line per
+/// member, `RANK INCARNATION PID HOST`, by rank — and announced by the key
+/// `distcore/members/<N>:<group>#<E>` (holding `E`), written once per
+/// epoch. Both go when the group has no member left.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupMembers {
+    /// Counts the membership's changes: 1 for the first member's arrival.
+    pub epoch: u64,
+    /// The live members, by rank.
+    pub members: Vec<Member>,
+}
+
+impl GroupMembers {
+    /// The key holding `group`'s membership.
+    pub fn key(group: &str) -> String {
+        format!("distcore/members/{}:{group}", group.len())
+    }
+
+    /// The prefix of the keys announcing `group`'s epochs.
+    pub fn epochs_prefix(group: &str) -> String {
+        format!("{}#", Self::key(group))
+    }
+
+    /// The key written when `group`'s membership reaches `epoch`.
+    pub fn epoch_key(group: &str, epoch: u64) -> String {
+        format!("{}{epoch}", Self::epochs_prefix(group))
+    }
+
+    /// The record's text.
+    pub fn encode(&self) -> String {
+        let mut text = format!("epoch {}\n", self.epoch);
+        for m in &self.members {
+            // A host has no newline or space in it that could break a line.
+            let host: String = m.host.chars().filter(|c| !c.is_whitespace()).collect();
+            text.push_str(&format!("{} {} {} {host}\n", m.rank, m.incarnation, m.pid));
+        }
+        text
+    }
+
+    /// The membership in `text`, if it is a record.
+    pub fn decode(text: &[u8]) -> Option<GroupMembers> {
+        let text = std::str::from_utf8(text).ok()?;
+        let mut lines = text.lines();
+        let epoch = lines.next()?.strip_prefix("epoch ")?.parse().ok()?;
+        let members = lines
+            .map(|line| {
+                let mut fields = line.splitn(4, ' ');
+                Some(Member {
+                    rank: fields.next()?.parse().ok()?,
+                    incarnation: fields.next()?.parse().ok()?,
+                    pid: fields.next()?.parse().ok()?,
+                    host: fields.next().unwrap_or_default().to_string(),
+                })
+            })
+            .collect::<Option<Vec<Member>>>()?;
+        Some(GroupMembers { epoch, members })
+    }
+}
+
+#[cfg(test)]
+mod members_tests {
+    use super::*;
+
+    #[test]
+    fn a_membership_record_round_trips() {
+        let members = GroupMembers {
+            epoch: 3,
+            members: vec![
+                Member {
+                    rank: 0,
+                    incarnation: 11,
+                    pid: 7,
+                    host: "node 1".into(),
+                },
+                Member {
+                    rank: 2,
+                    incarnation: 12,
+                    pid: 8,
+                    host: String::new(),
+                },
+            ],
+        };
+        let text = members.encode();
+        assert_eq!(text, "epoch 3\n0 11 7 node1\n2 12 8 \n");
+        let mut expected = members.clone();
+        expected.members[0].host = "node1".into();
+        assert_eq!(GroupMembers::decode(text.as_bytes()), Some(expected));
+        assert_eq!(GroupMembers::decode(b"epoch x\n"), None);
+        assert_eq!(GroupMembers::key("job/"), "distcore/members/4:job/");
+        assert_eq!(
+            GroupMembers::epoch_key("job/", 4),
+            "distcore/members/4:job/#4"
+        );
     }
 }

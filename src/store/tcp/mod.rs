@@ -9,5 +9,5 @@ pub mod protocol;
 pub mod server;
 
 pub use client::{OpCounter, SessionOptions, TcpStore, TcpStoreOptions};
-pub use listing::{GroupFailure, SessionInfo, SessionListing};
+pub use listing::{GroupFailure, GroupMembers, Member, SessionInfo, SessionListing};
 pub use server::{Quotas, Server, ServerBackend, ServerOptions, ServerStats};

@@ -168,7 +168,9 @@ impl ServerInfo {
 /// as one byte string — a `u32` version (1), `u32` rank, `u32` world size
 /// (0: not given), `u64` incarnation, `u64` TTL in milliseconds (0: none,
 /// only the connection), `u32` pid, then the group and the host as byte
-/// strings (`u64` length + bytes).
+/// strings (`u64` length + bytes), then (since 1.4's recoverable groups)
+/// a `u32` of flags, 1: the group is recoverable (a spec without them:
+/// none).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionSpec {
     /// The group: the job's key prefix.
@@ -185,6 +187,9 @@ pub struct SessionSpec {
     pub host: String,
     /// The member's process id, for messages.
     pub pid: u32,
+    /// The group is recoverable: a member's failure fails no other
+    /// member's calls; the membership changes instead.
+    pub recoverable: bool,
 }
 
 impl SessionSpec {
@@ -205,6 +210,7 @@ impl SessionSpec {
         spec.extend_from_slice(&self.pid.to_le_bytes());
         put_bytes(&mut spec, &self.group);
         put_bytes(&mut spec, self.host.as_bytes());
+        spec.extend_from_slice(&u32::from(self.recoverable).to_le_bytes());
         spec
     }
 
@@ -224,6 +230,8 @@ impl SessionSpec {
         let pid = f.u32()?;
         let group = f.bytes(max_group_len)?.to_vec();
         let host = String::from_utf8(f.bytes(Self::MAX_HOST_LEN)?.to_vec()).ok()?;
+        // Flags came later: a spec may end before them.
+        let flags = if f.is_done() { 0 } else { f.u32()? };
         if world_size.is_some_and(|n| rank >= n) {
             return None;
         }
@@ -235,6 +243,7 @@ impl SessionSpec {
             ttl,
             host,
             pid,
+            recoverable: flags & 1 != 0,
         })
     }
 }

@@ -257,6 +257,11 @@ impl Connections {
         }
     }
 
+    /// Whether the handle's session is in a recoverable group.
+    pub(crate) fn recoverable(&self) -> bool {
+        self.membership.lock().recoverable()
+    }
+
     /// The open session's group and rank, if the handle has one.
     pub(crate) fn member(&self) -> Option<(String, u32)> {
         self.membership.lock().member()
@@ -284,6 +289,7 @@ impl Connections {
             id,
             group: spec.group.clone(),
             rank: spec.rank,
+            recoverable: spec.recoverable,
             _alive: alive.clone(),
         };
         if let Some(ttl) = spec.ttl {

@@ -24,6 +24,7 @@ pub(crate) enum Membership {
         id: u64,
         group: Vec<u8>,
         rank: u32,
+        recoverable: bool,
         _alive: Arc<()>,
     },
     /// Ended with the primary connection it was opened on: the server
@@ -68,6 +69,17 @@ impl Membership {
             Membership::Open { id, .. } => Some(*id),
             _ => None,
         }
+    }
+
+    /// Whether the open session's group is recoverable.
+    pub(crate) fn recoverable(&self) -> bool {
+        matches!(
+            self,
+            Membership::Open {
+                recoverable: true,
+                ..
+            }
+        )
     }
 
     /// The open session's group and rank.

@@ -23,7 +23,7 @@ use crate::runtime::timeout::DEFAULT_STORE_TIMEOUT;
 use crate::security::access::{AccessPolicy, Network};
 use crate::security::auth::Secret;
 use crate::security::tls::{TlsClient, TlsServer};
-use crate::store::tcp::listing::SessionListing;
+use crate::store::tcp::listing::{GroupMembers, SessionListing};
 use crate::store::tcp::protocol::{self, Command, Encoder, Limits, SessionSpec, READY};
 use crate::store::tcp::server::{Quotas, Server, ServerOptions};
 use crate::store::tcp::OpCounter;
@@ -107,6 +107,11 @@ pub struct SessionOptions {
     /// TTL from the process's waiter thread. `None` (the default): only
     /// the connection tells (a crash).
     pub ttl: Option<Duration>,
+    /// The group is recoverable (docs/liveness.md): a member's failure
+    /// fails no other member's calls; it changes the membership, which
+    /// [`TcpStore::members`] gives and [`TcpStore::watch_members`] waits
+    /// for. Every member of a group must agree. Default: fate-sharing.
+    pub recoverable: bool,
 }
 
 impl SessionOptions {
@@ -121,6 +126,7 @@ impl SessionOptions {
             world_size: None,
             incarnation,
             ttl: None,
+            recoverable: false,
         }
     }
 
@@ -140,6 +146,7 @@ impl SessionOptions {
             ttl: self.ttl,
             host,
             pid: std::process::id(),
+            recoverable: self.recoverable,
         }
     }
 }
@@ -484,6 +491,59 @@ impl TcpStore {
                 "the server's session listing is malformed",
             )
         })
+    }
+
+    /// The membership of this handle's recoverable group (docs/liveness.md,
+    /// "Recoverable groups"): the live members with their incarnations,
+    /// and the epoch, which counts the membership's changes. Every member
+    /// reads the same set at the same epoch. InvalidState if the handle
+    /// has no session or its group is not recoverable.
+    pub fn members(&self) -> Result<GroupMembers> {
+        let group = self.recoverable_group()?;
+        let record = self.get_raw(&GroupMembers::key(&group))?;
+        if record.is_empty() {
+            return Err(Error::new(
+                Status::InvalidState,
+                format!("group '{group}' has no membership record: it is not recoverable"),
+            ));
+        }
+        GroupMembers::decode(&record).ok_or_else(|| {
+            Error::new(
+                Status::Protocol,
+                format!("group '{group}''s membership record is malformed"),
+            )
+        })
+    }
+
+    /// A Work that completes once the membership of this handle's
+    /// recoverable group has passed `epoch` (at once if it has): its result
+    /// is the new epoch, in decimal; [`TcpStore::members`] then reads the
+    /// members. Waits on the process's async thread, with no timeout of
+    /// its own (a Work can be waited on with one, and its fd polled).
+    /// InvalidState if the handle has no session or its group is not
+    /// recoverable.
+    pub fn watch_members(&self, epoch: u64) -> Result<Work> {
+        let group = self.recoverable_group()?;
+        let next = epoch
+            .checked_add(1)
+            .ok_or_else(|| Error::invalid_argument("no epoch comes after u64::MAX"))?;
+        let plan = Plan::get(vec![GroupMembers::epoch_key(&group, next)]);
+        self.conns.start(plan, Duration::ZERO, false, first_value)
+    }
+
+    /// The group of this handle's session, if it is recoverable.
+    fn recoverable_group(&self) -> Result<String> {
+        match self.conns.member() {
+            Some((group, _)) if self.conns.recoverable() => Ok(group),
+            Some((group, _)) => Err(Error::new(
+                Status::InvalidState,
+                format!("group '{group}' is not recoverable: it has no membership to watch"),
+            )),
+            None => Err(Error::new(
+                Status::InvalidState,
+                "this handle has no session",
+            )),
+        }
     }
 
     /// A member of a session arriving at the barrier on `wire_key`: records

@@ -185,6 +185,7 @@ impl<B: Backend> EventLoop<B> {
             }
             // After the turn's input: keep-alives that arrived count.
             self.core.expire_sessions(now);
+            self.core.publish_memberships();
             for (id, refused) in self.core.take_closing() {
                 self.close(conn_token(id), Close::Refused(refused));
             }

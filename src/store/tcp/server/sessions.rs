@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use super::state::ConnId;
 use crate::error::{Error, Status};
 use crate::printable::printable;
-use crate::store::tcp::listing::{GroupFailure, SessionInfo, SessionListing};
+use crate::store::tcp::listing::{GroupFailure, GroupMembers, Member, SessionInfo, SessionListing};
 use crate::store::tcp::protocol::{Key, SessionSpec};
 
 mod leases;
@@ -107,8 +107,12 @@ impl Failure {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Delivery {
     pub(crate) failure: Failure,
-    /// It is its group's first failure (the one its members are told).
+    /// It fails its group: a fate-sharing group's first failure (the one
+    /// its members are told).
     pub(crate) first: bool,
+    /// It is news: the group's first failure, or any in a recoverable
+    /// group (whose membership it changes).
+    pub(crate) news: bool,
     pub(crate) tell: Vec<ConnId>,
     pub(crate) close: Vec<ConnId>,
 }
@@ -134,6 +138,29 @@ impl Live {
     }
 }
 
+/// A group with live sessions.
+#[derive(Debug, Default)]
+struct Group {
+    members: BTreeSet<SessionId>,
+    /// A member's failure changes the membership rather than failing the
+    /// group.
+    recoverable: bool,
+    /// The last epoch of its membership published.
+    epoch: u64,
+}
+
+/// A recoverable group's membership to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum MembershipChange {
+    /// Its members now.
+    Now {
+        group: Vec<u8>,
+        members: GroupMembers,
+    },
+    /// It has no member left.
+    Gone { group: Vec<u8> },
+}
+
 /// Every session of a server, and the groups that failed.
 #[derive(Debug, Default)]
 pub(crate) struct Sessions {
@@ -143,7 +170,10 @@ pub(crate) struct Sessions {
     /// The session each connection belongs to (opened on it, or attached).
     by_conn: HashMap<ConnId, SessionId>,
     /// The live sessions of each group.
-    groups: HashMap<Vec<u8>, BTreeSet<SessionId>>,
+    groups: HashMap<Vec<u8>, Group>,
+    /// Recoverable groups whose membership changed since it was last
+    /// published.
+    changed: BTreeSet<Vec<u8>>,
     /// TTL deadlines, soonest first, as they were when pushed: a session
     /// heard from since has a later one (checked, and pushed again, when
     /// this one comes due); one that ended has none. At most one entry per
@@ -199,6 +229,22 @@ impl Sessions {
             );
             return (Err(e), None);
         }
+        if let Some(group) = self.groups.get(&spec.group) {
+            if group.recoverable != spec.recoverable {
+                let e = Error::new(
+                    Status::InvalidState,
+                    format!(
+                        "group '{}' is {}: every member must open its session so",
+                        printable(&spec.group),
+                        match group.recoverable {
+                            true => "recoverable",
+                            false => "fate-sharing (not recoverable)",
+                        }
+                    ),
+                );
+                return (Err(e), None);
+            }
+        }
         let rank_key = (spec.group.clone(), spec.rank);
         let mut delivery = None;
         if let Some(&old) = self.by_rank.get(&rank_key) {
@@ -225,10 +271,12 @@ impl Sessions {
         let id = self.next_id;
         self.by_rank.insert(rank_key, id);
         self.by_conn.insert(conn, id);
-        self.groups
-            .entry(spec.group.clone())
-            .or_default()
-            .insert(id);
+        let group = self.groups.entry(spec.group.clone()).or_default();
+        group.members.insert(id);
+        group.recoverable = spec.recoverable;
+        if spec.recoverable {
+            self.changed.insert(spec.group.clone());
+        }
         let live = Live {
             spec,
             conn,
@@ -445,6 +493,42 @@ impl Sessions {
         self.leases.untie_prefix(prefix);
     }
 
+    /// The memberships of the recoverable groups that changed since the
+    /// last call, each a new epoch: the core publishes them.
+    pub(crate) fn take_changes(&mut self) -> Vec<MembershipChange> {
+        let changed = std::mem::take(&mut self.changed);
+        let mut changes = Vec::with_capacity(changed.len());
+        for name in changed {
+            let Some(group) = self.groups.get_mut(&name) else {
+                continue;
+            };
+            if group.members.is_empty() {
+                self.groups.remove(&name);
+                changes.push(MembershipChange::Gone { group: name });
+                continue;
+            }
+            group.epoch += 1;
+            let epoch = group.epoch;
+            let mut members: Vec<Member> = group
+                .members
+                .iter()
+                .filter_map(|id| self.live.get(id))
+                .map(|live| Member {
+                    rank: live.spec.rank,
+                    incarnation: live.spec.incarnation,
+                    pid: live.spec.pid,
+                    host: live.spec.host.clone(),
+                })
+                .collect();
+            members.sort_by_key(|m| m.rank);
+            changes.push(MembershipChange::Now {
+                group: name,
+                members: GroupMembers { epoch, members },
+            });
+        }
+        changes
+    }
+
     /// The keys of the sessions that ended since the last call: the core
     /// deletes them.
     pub(crate) fn take_orphans(&mut self) -> Vec<Key> {
@@ -468,14 +552,17 @@ impl Sessions {
         let live = self.live.remove(&id)?;
         self.orphans.extend(self.leases.take(id));
         let group = live.spec.group.clone();
-        let group_left = match self.groups.get_mut(&group) {
-            Some(members) => {
-                members.remove(&id);
-                members.is_empty()
+        let (group_left, recoverable) = match self.groups.get_mut(&group) {
+            Some(g) => {
+                g.members.remove(&id);
+                (g.members.is_empty(), g.recoverable)
             }
-            None => true,
+            None => (true, false),
         };
-        if group_left {
+        if recoverable {
+            // Published (and forgotten once empty) by take_changes.
+            self.changed.insert(group.clone());
+        } else if group_left {
             self.groups.remove(&group);
         }
         self.by_rank.remove(&(group.clone(), live.spec.rank));
@@ -500,13 +587,15 @@ impl Sessions {
                 cause,
                 silent_for: now.saturating_duration_since(live.last_heard),
             };
-            // The group's first failure is the one its members are told.
-            let first = !self.failed.contains_key(&group);
+            // The group's first failure is the one its members are told;
+            // a recoverable group is not failed: its membership changes.
+            let first = !recoverable && !self.failed.contains_key(&group);
             let tell = match !first {
                 true => Vec::new(),
                 false => {
                     self.failed.insert(group.clone(), failure.clone());
-                    let members = self.groups.get(&group).into_iter().flatten();
+                    let members = self.groups.get(&group).into_iter();
+                    let members = members.flat_map(|g| g.members.iter());
                     members
                         .filter_map(|id| self.live.get(id))
                         .flat_map(Live::conns)
@@ -516,6 +605,7 @@ impl Sessions {
             Delivery {
                 failure,
                 first,
+                news: first || recoverable,
                 tell,
                 close,
             }

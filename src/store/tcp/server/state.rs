@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::super::handshake;
+use super::super::listing::GroupMembers;
 use super::super::parser::RequestParser;
 use super::super::protocol::{
     put_bytes, Command, Key, Limits, Outcome, Request, SessionRequest, SessionSpec, HELLO_ACK,
@@ -35,7 +36,7 @@ use super::super::protocol::{
 };
 use super::backend::{Backend, Present, Report, Ticket};
 use super::metrics::{ConnKind, Gauges, Metrics, Quota, Refusal};
-use super::sessions::{Delivery, Failure, SessionId, Sessions};
+use super::sessions::{Delivery, Failure, MembershipChange, SessionId, Sessions};
 use super::waits::{WaitId, WaitReply, Waits};
 use super::Quotas;
 #[cfg(test)]
@@ -283,7 +284,7 @@ impl<B: Backend> ServerCore<B> {
         let error = delivery.failure.error();
         // The group's first failure is news; a later one in a failed group
         // tells nobody.
-        match delivery.first {
+        match delivery.news {
             true => log::warn!("TCPStore server: {}", error.message()),
             false => log::info!("TCPStore server: {}", error.message()),
         }
@@ -964,6 +965,50 @@ impl<B: Backend> ServerCore<B> {
             Request::MultiSet { pairs } => pairs.iter().for_each(|(key, _)| note(key)),
             Request::DeletePrefix { prefix } => self.sessions.untie_prefix(prefix),
             _ => {}
+        }
+    }
+
+    /// Publishes the memberships of the recoverable groups that changed
+    /// this turn (call once the turn's input was served): each new epoch
+    /// is written to the group's membership key and announced on its
+    /// epoch key, waking [`watch_members`](crate::store::tcp::TcpStore::watch_members);
+    /// a group with no member left loses both.
+    pub(crate) fn publish_memberships(&mut self) {
+        for change in self.sessions.take_changes() {
+            match change {
+                MembershipChange::Now { group, members } => {
+                    let group = String::from_utf8_lossy(&group).into_owned();
+                    let epoch = members.epoch;
+                    let record = members.encode().into_bytes();
+                    self.write_internal(GroupMembers::key(&group), record);
+                    let announced = epoch.to_string().into_bytes();
+                    self.write_internal(GroupMembers::epoch_key(&group, epoch), announced);
+                }
+                MembershipChange::Gone { group } => {
+                    let group = String::from_utf8_lossy(&group).into_owned();
+                    let prefix = GroupMembers::key(&group).into_bytes();
+                    let ticket = self.next_ticket();
+                    let gone = Request::DeletePrefix { prefix };
+                    if let Err(e) = self.backend.apply(ConnId::MAX, ticket, &gone) {
+                        log::warn!("TCPStore server: deleting group '{group}''s membership: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sets `key` to `value` for the server itself (no connection asked),
+    /// waking its waits.
+    fn write_internal(&mut self, key: String, value: Vec<u8>) {
+        let key = key.into_bytes();
+        let ticket = self.next_ticket();
+        let set = Request::Set {
+            key: key.clone(),
+            value: value.into(),
+        };
+        match self.backend.apply(ConnId::MAX, ticket, &set) {
+            Ok(_) => self.wake(&key, false),
+            Err(e) => log::warn!("TCPStore server: writing '{}': {e}", printable(&key)),
         }
     }
 

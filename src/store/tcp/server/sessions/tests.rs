@@ -13,6 +13,7 @@ fn spec(rank: u32, incarnation: u64, ttl: Option<Duration>) -> SessionSpec {
         ttl,
         host: format!("host{rank}"),
         pid: 100 + rank,
+        recoverable: false,
     }
 }
 

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::store::tcp::listing::GroupMembers;
 use crate::store::tcp::protocol::SessionSpec;
 use crate::Status;
 
@@ -16,6 +17,7 @@ fn spec(rank: u32, ttl: Option<Duration>) -> SessionSpec {
         ttl,
         host: "node7".into(),
         pid: 4242 + rank,
+        recoverable: false,
     }
 }
 
@@ -177,9 +179,21 @@ fn a_spec_round_trips_and_anything_else_is_refused() {
         "group too long"
     );
     let bytes = full.encode();
-    for cut in 0..bytes.len() {
+    // Cut before its flags, it is an older client's spec: not recoverable.
+    let flags_at = bytes.len() - 4;
+    for cut in (0..bytes.len()).filter(|cut| *cut != flags_at) {
         assert_eq!(SessionSpec::decode(&bytes[..cut], 64), None, "cut at {cut}");
     }
+    let recoverable = SessionSpec {
+        recoverable: true,
+        ..full.clone()
+    };
+    let older = SessionSpec::decode(&recoverable.encode()[..flags_at], 64);
+    assert_eq!(older, Some(full.clone()));
+    assert_eq!(
+        SessionSpec::decode(&recoverable.encode(), 64),
+        Some(recoverable)
+    );
     let mut long_host = full;
     long_host.host = "h".repeat(SessionSpec::MAX_HOST_LEN + 1);
     assert_eq!(SessionSpec::decode(&long_host.encode(), 64), None);
@@ -342,4 +356,78 @@ fn a_one_job_server_tells_blocked_connections_without_a_session_too() {
     send(&mut c, 5, &set("job/x", b"1"));
     send(&mut c, 4, &get("job/x"));
     assert_eq!(replies(&mut c, 4)[0], REPLY_OK);
+}
+
+/// Opens a version 2 connection `id` and a session of `rank` in the
+/// recoverable group `job/` on it.
+fn recoverable_member(c: &mut ServerCore<MemoryBackend>, id: ConnId, rank: u32) {
+    open_v2(c, id);
+    let spec = SessionSpec {
+        recoverable: true,
+        world_size: Some(4),
+        ..spec(rank, None)
+    };
+    send(c, id, &session_open(&spec));
+    assert_eq!(replies(c, id)[0], REPLY_OK);
+}
+
+/// The membership record of `job/`, read on connection `id`.
+fn membership(c: &mut ServerCore<MemoryBackend>, id: ConnId) -> Option<GroupMembers> {
+    send(c, id, &get(&GroupMembers::key("job/")));
+    let reply = replies(c, id);
+    assert_eq!(reply[0], REPLY_OK);
+    GroupMembers::decode(&reply[9..])
+}
+
+#[test]
+fn a_recoverable_group_changes_its_membership_instead_of_failing() {
+    let mut c = core();
+    for rank in 0..3 {
+        recoverable_member(&mut c, rank as ConnId, rank);
+    }
+    c.publish_memberships();
+    let first = membership(&mut c, 0).unwrap();
+    assert_eq!(first.epoch, 1, "three arrivals in one turn: one epoch");
+    let ranks = |m: &GroupMembers| m.members.iter().map(|m| m.rank).collect::<Vec<_>>();
+    assert_eq!(ranks(&first), [0, 1, 2]);
+    assert_eq!(first.members[1].pid, 4243);
+    // Rank 0 watches for the next epoch; rank 2 waits on rank 1's data.
+    let watch = Encoder::request(Command::WaitGet)
+        .keys(&[GroupMembers::epoch_key("job/", 2)])
+        .finish();
+    send(&mut c, 0, &watch);
+    send(&mut c, 2, &wait(&["job/data1"]));
+    c.disconnect(1);
+    assert!(replies(&mut c, 2).is_empty(), "nobody's call fails");
+    assert!(
+        replies(&mut c, 0).is_empty(),
+        "published once the turn is served"
+    );
+    c.publish_memberships();
+    let woken = replies(&mut c, 0);
+    assert_eq!(woken[..2], [REPLY_OK, STOP_WAITING], "{woken:?}");
+    assert!(woken.ends_with(b"2"), "{woken:?}");
+    let second = membership(&mut c, 0).unwrap();
+    assert_eq!((second.epoch, ranks(&second)), (2, vec![0, 2]));
+    // Later calls of the survivors are served.
+    send(&mut c, 0, &set("job/data1", b"again"));
+    assert_eq!(replies(&mut c, 2), [REPLY_OK, STOP_WAITING]);
+    // Every member must agree on the mode.
+    open_v2(&mut c, 5);
+    let fate_sharing = SessionSpec {
+        world_size: None,
+        ..spec(3, None)
+    };
+    send(&mut c, 5, &session_open(&fate_sharing));
+    let (code, message) = error_of(&replies(&mut c, 5));
+    assert_eq!(i32::from(code), Status::InvalidState.code());
+    assert!(message.contains("is recoverable"), "{message}");
+    // The last to leave takes the record with it.
+    for id in [0, 2] {
+        send(&mut c, id, &[Command::SessionClose as u8]);
+        assert_eq!(replies(&mut c, id), [REPLY_OK]);
+    }
+    c.publish_memberships();
+    assert_eq!(membership(&mut c, 5), None);
+    assert!(!exists(&mut c, 5, &GroupMembers::epoch_key("job/", 2)));
 }
