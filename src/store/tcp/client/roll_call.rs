@@ -1,32 +1,42 @@
 //! Who never came to a barrier (docs/liveness.md, "The missing are
-//! named"): a member of a session records its arrival at a barrier on a
-//! key of its own, leased to its session; when the barrier times out, the
-//! arrivals and the group's live sessions name every rank that never
-//! arrived, telling the live-but-late from those with no session.
+//! named"): a member of a session records the barrier it last entered on
+//! one key of its own, leased to its session; when a barrier times out,
+//! the ranks whose record names it, and the group's live sessions, name
+//! every rank that never arrived, telling the live-but-late from those
+//! with no session. One key per member, however many barriers it enters.
 //!
 //! Arrival keys live outside the user's keys (no leading `/`, like
 //! PyTorch's `init/`), so `list_keys` does not show them:
-//! `distcore/arrived/<barrier's wire key>/<rank>`.
+//! `distcore/arrived/<N>:<group>/<rank>` (N: the group's length, so no
+//! group's keys start with another's), holding the barrier's wire key.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::printable::printable;
 use crate::store::tcp::listing::SessionListing;
 
-/// The prefix of the arrival keys of the barrier on `wire_key`.
-pub(crate) fn arrivals_prefix(wire_key: &str) -> String {
-    format!("distcore/arrived/{wire_key}/")
+/// The prefix of the arrival keys of `group`'s members.
+pub(crate) fn arrivals_prefix(group: &str) -> String {
+    format!("distcore/arrived/{}:{group}/", group.len())
 }
 
-/// The key recording that `rank` arrived at the barrier on `wire_key`.
-pub(crate) fn arrival_key(wire_key: &str, rank: u32) -> String {
-    format!("{}{rank}", arrivals_prefix(wire_key))
+/// The key recording which barrier `rank` of `group` last entered.
+pub(crate) fn arrival_key(group: &str, rank: u32) -> String {
+    format!("{}{rank}", arrivals_prefix(group))
 }
 
-/// The ranks whose arrival keys (under [`arrivals_prefix`]) were listed.
-pub(crate) fn arrived(prefix: &str, keys: &[Vec<u8>]) -> BTreeSet<u32> {
+/// The ranks whose arrival keys (`keys`, under `prefix`, holding
+/// `values`) name the barrier on `wire_key`.
+pub(crate) fn arrived(
+    prefix: &str,
+    keys: &[Vec<u8>],
+    values: &[Vec<u8>],
+    wire_key: &str,
+) -> BTreeSet<u32> {
     keys.iter()
-        .filter_map(|key| key.strip_prefix(prefix.as_bytes()))
+        .zip(values)
+        .filter(|(_, value)| value[..] == *wire_key.as_bytes())
+        .filter_map(|(key, _)| key.strip_prefix(prefix.as_bytes()))
         .filter_map(|rank| std::str::from_utf8(rank).ok()?.parse().ok())
         .collect()
 }
@@ -122,13 +132,19 @@ mod tests {
 
     #[test]
     fn the_missing_are_named_late_apart_from_absent() {
-        let prefix = arrivals_prefix("/b");
-        let keys: Vec<Vec<u8>> = [0, 2, 3]
+        let prefix = arrivals_prefix("job/");
+        assert_eq!(prefix, "distcore/arrived/4:job//");
+        let keys: Vec<Vec<u8>> = [0, 2, 3, 4]
             .iter()
-            .map(|r| arrival_key("/b", *r).into_bytes())
+            .map(|r| arrival_key("job/", *r).into_bytes())
             .chain([b"distcore/arrived/x".to_vec()])
             .collect();
-        let arrived = arrived(&prefix, &keys);
+        // Rank 4 last entered another barrier.
+        let values: Vec<Vec<u8>> = ["/b", "/b", "/b", "/a", "/b"]
+            .iter()
+            .map(|v| v.as_bytes().to_vec())
+            .collect();
+        let arrived = arrived(&prefix, &keys, &values, "/b");
         assert_eq!(arrived, BTreeSet::from([0, 2, 3]));
         let session = |rank: u32, waiting: &[&str]| SessionInfo {
             group: "job/".into(),

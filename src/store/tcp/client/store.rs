@@ -547,19 +547,20 @@ impl TcpStore {
     }
 
     /// A member of a session arriving at the barrier on `wire_key`: records
-    /// it on a key leased to its session (see `roll_call.rs`), reply-less.
+    /// it on its arrival key, leased to its session (see `roll_call.rs`),
+    /// reply-less.
     fn note_arrival(&self, wire_key: &str) -> Result<()> {
-        let Some((_, rank)) = self.conns.member().filter(|_| self.conns.holds_leases()) else {
+        let Some((group, rank)) = self.conns.member().filter(|_| self.conns.holds_leases()) else {
             return Ok(());
         };
-        let key = roll_call::arrival_key(wire_key, rank);
+        let key = roll_call::arrival_key(&group, rank);
         let deadline = self.deadline();
         self.conns.with_primary(deadline, |c| {
-            check_request(c.limits(), &[key.as_bytes()], &[])?;
+            check_request(c.limits(), &[key.as_bytes()], &[wire_key.len()])?;
             let request = Encoder::request(Command::SessionLease)
                 .u8(Command::Set as u8)
                 .bytes(key.as_bytes())
-                .bytes(b"")
+                .bytes(wire_key.as_bytes())
                 .finish();
             c.post(&[&request], deadline)
         })
@@ -574,9 +575,10 @@ impl TcpStore {
         let Ok(world_size) = u32::try_from(world_size) else {
             return error;
         };
-        let prefix = roll_call::arrivals_prefix(wire_key);
+        let prefix = roll_call::arrivals_prefix(&group);
         let described = self.list_raw(&prefix).and_then(|keys| {
-            let arrived = roll_call::arrived(&prefix, &keys);
+            let values = self.multi_get_raw(&keys)?;
+            let arrived = roll_call::arrived(&prefix, &keys, &values, wire_key);
             let listing = self.sessions(&group)?;
             Ok(roll_call::describe_missing(
                 &group, world_size, &arrived, &listing,
@@ -586,6 +588,17 @@ impl TcpStore {
             Ok(Some(missing)) => Error::timeout(format!("{}; {missing}", error.message())),
             _ => error,
         }
+    }
+
+    /// MULTI_GET of keys as they travel (no `/` added).
+    fn multi_get_raw(&self, keys: &[Vec<u8>]) -> Result<Vec<Vec<u8>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wire: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let request = || Encoder::request(Command::MultiGet).keys(keys).finish();
+        let values = self.call("multi_get", &wire, &[], request, Shape::Values(keys.len()))?;
+        Ok(values.into_values())
     }
 
     /// LIST_PREFIX of a prefix as it travels (no `/` added).
