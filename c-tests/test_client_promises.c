@@ -4,6 +4,7 @@
  * absurd lengths on every function that takes bytes, requests over the
  * server's limits, ADD on text, remote() to oneself. Run under valgrind too. */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <unistd.h>
 
@@ -79,31 +80,44 @@ struct waiter {
   dc_work *work;
   int64_t timeout_ms;
   dc_status status;
+  atomic_int started;
 };
 
 static void *wait_thread(void *arg) {
   struct waiter *w = arg;
+  atomic_store(&w->started, 1);
   w->status = dc_work_wait(w->work, w->timeout_ms);
   return NULL;
+}
+
+/* Returns once `w`'s thread is about to call dc_work_wait, and a while
+ * after (its call holds the work from its first instructions): on a loaded
+ * machine, or under valgrind, a thread may start long after it was
+ * created. */
+static void until_waiting(struct waiter *w) {
+  while (!atomic_load(&w->started)) {
+    usleep(1000);
+  }
+  usleep(100 * 1000);
 }
 
 /* The handle is freed while another thread is inside dc_work_wait on it:
  * that waiter is unaffected. */
 static void free_during_wait(dc_store *s) {
-  struct waiter w = {NULL, 30000, -1};
+  struct waiter w = {NULL, 30000, -1, 0};
   pthread_t t;
   CHECK_OK(dc_store_get_async(s, "fdw/k", &w.work));
   CHECK(pthread_create(&t, NULL, wait_thread, &w) == 0);
-  usleep(100 * 1000);
+  until_waiting(&w);
   dc_work_free(w.work);
   CHECK_OK(dc_store_set(s, "fdw/k", bytes("v"), 1));
   CHECK(pthread_join(t, NULL) == 0);
   CHECK(w.status == DC_OK);
 
-  struct waiter u = {NULL, 300, -1};
+  struct waiter u = {NULL, 1000, -1, 0};
   CHECK_OK(dc_work_new_future(&u.work));
   CHECK(pthread_create(&t, NULL, wait_thread, &u) == 0);
-  usleep(50 * 1000);
+  until_waiting(&u);
   dc_work_free(u.work);
   CHECK(pthread_join(t, NULL) == 0);
   CHECK(u.status == DC_ERR_TIMEOUT);
