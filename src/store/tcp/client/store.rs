@@ -49,6 +49,9 @@ pub struct TcpStoreOptions {
     /// Start a server in this process (PyTorch's `is_master`).
     pub is_server: bool,
     /// The number of store handles in the job (server included), if known.
+    /// A server started with one serves that one job: a session group's
+    /// failure also ends the waits of clients without a session
+    /// ([`ServerOptions::one_job`]).
     pub world_size: Option<u32>,
     /// Count this handle in `init/` and, on the server, wait for the world.
     pub wait_for_workers: bool,
@@ -196,6 +199,9 @@ fn start_server(options: &TcpStoreOptions) -> Result<Arc<Server>> {
             ..AccessPolicy::default()
         },
         quotas: options.quotas,
+        // A store that knows its job's size serves that one job, as
+        // `distcore serve --world-size` does.
+        one_job: options.world_size.is_some(),
         ..ServerOptions::default()
     };
     if !options.multi_tenant {
