@@ -63,9 +63,11 @@ NUMERIC_NAMES = os.path.join(BUILD, "numeric_names.so")
 ENV = dict(os.environ, LD_PRELOAD=NUMERIC_NAMES)
 
 
-def build():
+def build(only=None):
+    """Builds the drivers (`only`: those whose output has one of these names; then without torch's if
+    bench_torch is not among them)."""
     os.makedirs(BUILD, exist_ok=True)
-    t = torch_dir()
+    t = torch_dir() if not only or "bench_torch" in only else ""
     jobs = [
         ["cc", "-O2", "-shared", "-fPIC", "-o", NUMERIC_NAMES, f"{HERE}/numeric_names.c", "-ldl"],
         ["cc", "-O2", "-o", f"{BUILD}/pingpong", f"{HERE}/pingpong.c", "-pthread"],
@@ -83,6 +85,8 @@ def build():
         ["cc", "-O2", f"-I{PREFIX}/include", f"-I{ROOT}/c-tests", "-o", f"{BUILD}/dc_waiting_server",
          f"{ROOT}/c-tests/tcp_server_main.c", f"-L{PREFIX}/lib", "-ldistcore", f"-Wl,-rpath,{PREFIX}/lib"],
     ]
+    if only:
+        jobs = [j for j in jobs if os.path.basename(j[j.index("-o") + 1]).split(".")[0] in only]
     procs = [subprocess.Popen(j) for j in jobs]
     if any(p.wait() for p in procs):
         sys.exit("building the benchmark drivers failed")
@@ -109,11 +113,12 @@ def read_until(proc, prefix, timeout=900):
 class Server:
     """A server in its own process: `distcore serve`, or a PyTorch master."""
 
-    def __init__(self, kind, world=None, port=0, extra=()):
+    def __init__(self, kind, world=None, port=0, extra=(), stderr=None):
         self.kind = kind
         if kind == "distcore" and world is None:
             self.proc = subprocess.Popen([CLI, "serve", "--host", "127.0.0.1", "--port", str(port), *extra],
-                                         stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True, env=ENV)
+                                         stdout=subprocess.PIPE, stdin=subprocess.PIPE, stderr=stderr, text=True,
+                                         env=ENV)
             self.port = int(read_until(self.proc, "distcore TCPStore")[5].rsplit(":", 1)[1])
             self.pid = self.proc.pid
         elif kind == "distcore":
@@ -822,9 +827,10 @@ def liveness_run(kind, port, n, failure, ttl_ms, timeout_s):
             p.wait()
 
 
-def liveness_ranks(port, group, n, first, count, ttl_ms, call, timeout_s):
+def liveness_ranks(port, group, n, first, count, ttl_ms, call, timeout_s, stderr=None):
     return subprocess.Popen([f"{BUILD}/liveness_ranks", str(port), group, str(n), str(first), str(count),
-                             str(ttl_ms), call, str(timeout_s)], stdout=subprocess.PIPE, text=True, env=ENV)
+                             str(ttl_ms), call, str(timeout_s)], stdout=subprocess.PIPE, text=True, env=ENV,
+                            stdin=subprocess.PIPE if call == "hold" else None, stderr=stderr)
 
 
 def liveness_generated(port, n, failure, ttl_ms, call, timeout_s=120):
@@ -1022,6 +1028,206 @@ def liveness_anchors_table(ours, ref_n):
                  "for quorum in a loop; a survivor learns when its quorum leaves the dead one out.")
 
 
+BURNER = "while True: pass"
+
+
+class Held:
+    """`n` members of one group from benches/liveness_ranks.c, all in one
+    process, each with its own handle and session (TTL `ttl_ms`) and blocked
+    in a get of a key nobody sets, held until `end`."""
+
+    def __init__(self, port, group, n, ttl_ms, timeout_s):
+        self.n = n
+        # The library's warnings (a keep-alive stopped: one a member once a group failed) to a file.
+        self.log = os.path.join(BUILD, f"hold-{group.strip('/')}.log")
+        with open(self.log, "w") as log:
+            self.proc = liveness_ranks(port, group, n, 0, n, ttl_ms, "hold", timeout_s, stderr=log)
+        self.fds = int(read_until(self.proc, "ready", 900)[3])
+        self.pid = self.proc.pid
+
+    def end(self):
+        """Ends the hold: the calls that returned meanwhile ("early" lines:
+        member, rank, CLOCK_MONOTONIC ns, status, message), and how many
+        sessions closed cleanly."""
+        self.proc.stdin.write("end\n")
+        self.proc.stdin.flush()
+        out, _ = self.proc.communicate(timeout=300 + self.n / 50)
+        lines = {}
+        early = []
+        for line in out.splitlines():
+            word, _, rest = line.partition(" ")
+            if word == "early":
+                member, rank, ns, rest = rest.split(" ", 3)
+                early.append((int(member), int(rank), int(ns), rest))
+            else:
+                lines[word] = rest
+        held = lines["held"].split()
+        closed = lines["closed"].split(" ", 4)
+        return dict(completed=int(held[2]), early=early, first=lines.get("first", ""), closed=int(closed[0]),
+                    close_failed=int(closed[2]), close_first=closed[4] if len(closed) > 4 else "")
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+def inspect_sessions(port):
+    """From `distcore inspect`: the sessions listed, the groups' failures,
+    whether the listing was cut, and the server's count of connections it
+    closed because their session failed
+    (connections_refused_total{reason="session_failed"}; inspect prints
+    only counters that are not zero)."""
+    out = subprocess.run([CLI, "inspect", f"127.0.0.1:{port}", "--width", "8"], capture_output=True, text=True,
+                         timeout=120, env=ENV).stdout
+    listed = next((int(l.split()[0]) for l in out.splitlines() if re.match(r"^\d+ sessions$", l)), None)
+    failed = [l.strip() for l in out.splitlines() if " FAILED: " in l]
+    metric = re.search(r'connections_refused_total\{reason="session_failed"\}\s+(\d+)', out)
+    if "server stats:" not in out:
+        raise RuntimeError(f"distcore inspect printed no stats: {out[:200]}")
+    return listed, failed, "(more sessions than one answer holds" in out, int(metric.group(1)) if metric else 0
+
+
+def flood_run(n, ttl_ms, seconds, conns, big_mib):
+    """`n` live members (TTL `ttl_ms`) blocked in a get for `seconds` while
+    benches/liveness_flood.py floods the server and one CPU burner per core
+    runs: what returned early (false failures), what the server failed, and
+    what each process used."""
+    log = []
+    server = Server("distcore", stderr=subprocess.PIPE)
+    import threading
+    threading.Thread(target=lambda: [log.append((time.monotonic_ns(), l.rstrip())) for l in server.proc.stderr],
+                     daemon=True).start()
+    procs = []
+    held = None
+    try:
+        held = Held(server.port, f"flood-{n}-{ttl_ms}/", n, ttl_ms, seconds + 600)
+        time.sleep(3 * ttl_ms / 1000)  # a few keep-alives each before the load
+        burners = [subprocess.Popen([sys.executable, "-c", BURNER]) for _ in range(os.cpu_count())]
+        procs += burners
+        flood = subprocess.Popen([sys.executable, f"{HERE}/liveness_flood.py", str(server.port), str(seconds),
+                                  str(conns), str(big_mib)], stdout=subprocess.PIPE, text=True, env=ENV)
+        procs.append(flood)
+        read_until(flood, "flooding", 60)
+        started = time.monotonic_ns()
+        before = {p: cpu_seconds(p) for p in [server.pid, held.pid] + [b.pid for b in burners]}
+        ops, took, moved, flood_cpu = read_until(flood, "flood", seconds + 120)[1:]
+        after = {p: cpu_seconds(p) for p in before}
+        wall = (time.monotonic_ns() - started) / 1e9
+        for b in burners:
+            b.kill()
+            b.wait()
+        listed, failed, truncated, metric = inspect_sessions(server.port)
+        got = held.end()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        if held:
+            held.kill()
+        server.stop()
+    share = {p: (after[p] - before[p]) / wall * 100 for p in before}
+    return dict(got, listed=listed, failed=failed, truncated=truncated, metric=metric, wall=wall,
+                ops=int(ops) / float(took), mbs=int(moved) / float(took) / 1e6, flood_cpu=float(flood_cpu) / wall * 100,
+                server_cpu=share[server.pid], gen_cpu=share[held.pid],
+                burner_cpu=sum(share[b.pid] for b in burners), started=started,
+                log=[(t, l) for t, l in log if "WARN" in l or "ERROR" in l or "failed" in l])
+
+
+def keepalive_cost(n, ttl_ms, window_s):
+    """`n` idle members (blocked in a get nobody answers) with TTL `ttl_ms`:
+    the server's and the generator's CPU over `window_s`, as % of one core."""
+    server = Server("distcore")
+    held = None
+    try:
+        held = Held(server.port, f"cost-{n}-{ttl_ms}/", n, ttl_ms, window_s + 600)
+        time.sleep(2 + 2 * ttl_ms / 1000)  # past the joins, keep-alives in their stride
+        t0, s0, g0 = time.monotonic(), cpu_seconds(server.pid), cpu_seconds(held.pid)
+        time.sleep(window_s)
+        t1, s1, g1 = time.monotonic(), cpu_seconds(server.pid), cpu_seconds(held.pid)
+        got = held.end()
+        fds = held.fds
+    finally:
+        if held:
+            held.kill()
+        server.stop()
+    return dict(got, server_cpu=(s1 - s0) / (t1 - t0) * 100, gen_cpu=(g1 - g0) / (t1 - t0) * 100, fds=fds)
+
+
+# scenario_liveness_flood's arguments, full and --quick: the flood runs (N, TTL ms, seconds), the flood's
+# small-request connections and large value (MiB), the keep-alive cost's N ("max": the descriptor limit),
+# TTLs (ms) and window (s).
+LIVENESS_FLOOD = {False: ([(1024, 2000, 600), (1024, 500, 600)], 3, 4, [1024, "max"], [2000, 500], 30),
+                  True: ([(128, 2000, 20)], 3, 4, [128], [2000], 5)}
+
+
+def false_failures(r):
+    """Live members the server failed: the ranks named by the calls that
+    returned early and by the groups inspect lists as failed (a group's
+    first failure fails every member's call, and stops their keep-alives:
+    one false failure ends the whole group), at least 1 if anything
+    returned or the server closed a connection for a failed session."""
+    named = {m.group(1) for m in re.finditer(r"(rank \d+ of group '[^']*')", " ".join(
+        [e[3] for e in r["early"]] + r["failed"]))}
+    return len(named) or int(r["completed"] > 0 or r["metric"] > 0)
+
+
+def scenario_liveness_flood(runs, conns, big_mib, cost_sizes, cost_ttls, window_s):
+    """Issue 26's two remaining targets: no false failure among live members
+    while another client floods the server and CPU burners load the
+    machine (12c), and what keep-alives cost (12d)."""
+    rows, results = [], {}
+    for n, ttl_ms, seconds in runs:
+        r = results[("flood", n, ttl_ms)] = flood_run(n, ttl_ms, seconds, conns, big_mib)
+        for member, rank, ns, what in r["early"][:5]:
+            print(f"  FALSE FAILURE? member {member} (rank {rank}) returned {(ns - r['started']) / 1e9:+.3f} s "
+                  f"after the flood started: {what}")
+        for t, line in r["log"][:20]:
+            print(f"  server log {(t - r['started']) / 1e9:+.3f} s: {line}")
+        listed = f"{r['listed']:,}" + ("+" if r["truncated"] else "") if r["listed"] is not None else "?"
+        rows.append([f"{n:,}", f"{ttl_ms / 1000:g} s", f"{seconds:,} s", f"{false_failures(r)}",
+                     f"{r['completed']} / {len(r['failed'])} / {r['metric']}", f"{listed} / {r['closed']:,}",
+                     f"{r['ops']:,.0f}", f"{r['mbs']:,.0f}", f"{r['server_cpu']:.0f}", f"{r['gen_cpu']:.1f}",
+                     f"{r['flood_cpu']:.0f}", f"{r['burner_cpu']:.0f}", f"{len(r['log'])}"])
+    text = table(f"12c. False failures under load (N live members blocked in a get, TTL as given, while {conns} "
+                 f"connections pipeline SET/GET/ADD, one sets and gets {big_mib} MiB values, and "
+                 f"{os.cpu_count()} CPU burners run)",
+                 ["N", "TTL", "for", "false failures (members failed while live)",
+                  "calls returned / groups failed / conns closed for a failed session", "sessions listed / closed cleanly", "flood: small requests/s", "flood: large MB/s",
+                  "server CPU (% of a core)", "generator CPU (%)", "flood CPU (%)", "burners CPU (%)",
+                  "server warnings"], rows,
+                 "Members: benches/liveness_ranks.c `hold` (one process, each member its own handle, session and "
+                 "keep-alives, 3 a TTL, from the library's one async thread). Flood: benches/liveness_flood.py "
+                 "(PyTorch's protocol, another process). Burners: `python -c 'while True: pass'`, one per core, "
+                 "normal priority. A false failure: a member's call that returned, a group `distcore inspect` "
+                 "lists as failed, or a connection the server closed for a failed session "
+                 "(connections_refused_total{reason=\"session_failed\"}); every session is then closed "
+                 "gracefully. CPU: /proc/PID/stat over the flood.")
+    rows, fds = [], {}
+    for n in cost_sizes:
+        for ttl_ms in cost_ttls:
+            if n == "max":
+                n, per = largest_n(fds)
+            r = results[("cost", n, ttl_ms)] = keepalive_cost(n, ttl_ms, window_s)
+            fds.setdefault(n, r["fds"])
+            if len(fds) == 1 and "max" in cost_sizes:  # a second, small size: the descriptors a member holds
+                fds[16] = keepalive_cost(16, ttl_ms, 1)["fds"]
+            rate = 3 * n / (ttl_ms / 1000)
+            rows.append([f"{n:,}", f"{ttl_ms / 1000:g} s", f"{rate:,.0f}", f"{r['server_cpu']:.2f}",
+                         f"{r['server_cpu'] / 100 / rate * 1e6:.1f}", f"{r['gen_cpu']:.2f}",
+                         "yes" if r["server_cpu"] <= 5 else "no", f"{r['completed']}"])
+    text += "\n" + table(f"12d. What keep-alives cost (N idle members blocked in a get, {window_s} s measured)",
+                         ["N", "TTL", "keep-alives/s (3 a TTL)", "server CPU (% of one core)",
+                          "server CPU µs per keep-alive", "generator CPU (% of one core)",
+                          "server ≤ 5% of a core", "calls returned"], rows,
+                         "CPU from /proc/PID/stat (utime + stime) over the window, after the joins and two TTLs. "
+                         "The largest N: the descriptor limit "
+                         f"({resource.getrlimit(resource.RLIMIT_NOFILE)[1]:,}) over the descriptors a member "
+                         "holds (3 with a TTL: primary, the get's spare, the keep-alives' spare).")
+    return text, results
+
+
 def guarded(name, fn, *args):
     """Runs a scenario; one that cannot run is reported, not fatal."""
     try:
@@ -1094,14 +1300,19 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a smoke run well under 2 minutes")
     ap.add_argument("--out", help="write the tables (and the plot beside them) here")
     ap.add_argument("--only", choices=["footprint", "rpc", "fairness", "scale", "latency", "shared", "etcd",
-                                       "guards", "liveness"],
+                                       "guards", "liveness", "liveness-flood"],
                     help="run one scenario and print it")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    q = args.quick
+    if args.only == "liveness-flood":
+        # Tables 12c and 12d alone: C members, a Python flood, no torch.
+        build({"numeric_names", "liveness_ranks"})
+        guarded("12c. Liveness under load", scenario_liveness_flood, *LIVENESS_FLOOD[q])
+        return
     ensure_python_packages(full=not args.quick)
     build()
-    q = args.quick
     if args.only == "footprint":
         guarded("5. Footprint", scenario_footprint, 500 if q else 10000, 5000 if q else 100000)
         return
@@ -1131,6 +1342,7 @@ def main():
         return
     if args.only == "liveness":
         guarded("12. Liveness", scenario_liveness, *LIVENESS_SIZES[q])
+        guarded("12c. Liveness under load", scenario_liveness_flood, *LIVENESS_FLOOD[q])
         return
     if args.only == "guards":
         guarded("11. What guards cost", scenario_guards, 50 if q else 500, 1000 if q else 20000, 1 if q else 3)
@@ -1171,6 +1383,7 @@ def main():
     sections.append(guarded("11. What guards cost", scenario_guards, 50 if q else 500, 1000 if q else 20000,
                             1 if q else 3)[0])
     sections.append(guarded("12. Liveness", scenario_liveness, *LIVENESS_SIZES[q])[0])
+    sections.append(guarded("12c. Liveness under load", scenario_liveness_flood, *LIVENESS_FLOOD[q])[0])
     took = time.monotonic() - started
     print(f"all scenarios in {took:.0f} s")
     if args.out:

@@ -14,8 +14,22 @@
 //     -> "done COUNT named K" (K: failed with DC_ERR_PEER_FAILED naming rank
 //        WORLD-1), "first <status> <message>", and "times NS NS ..." (each
 //        member's completion, CLOCK_MONOTONIC ns; 0: never completed)
+//
+// With the call `hold` (bench.py's flood and keep-alive cost, table 12c)
+// every member is blocked in a get of a key nobody sets, as with `get`,
+// but the process holds them until a line (or EOF) on its standard input,
+// reporting any call that returns meanwhile at once (none should: each is
+// a false failure while every member is alive):
+//     -> "ready COUNT fds F", then for each call that returned early
+//        "early MEMBER RANK NS <status> <message>"
+//     on a line (or EOF) on stdin:
+//     -> "held COUNT completed K" (K: calls that returned, 0 expected) and
+//        "first <status> <message>", then closes every session gracefully
+//        (the group is not failed) and prints
+//        "closed COUNT failed F first <status> <message>".
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <poll.h>
 #include <distcore.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -27,6 +41,7 @@
 
 struct member {
   dc_store* store;
+  int rank;
   dc_work* work;
   _Atomic long long done_ns;
   dc_status status;
@@ -70,6 +85,7 @@ static void die(const char* what, long i) {
 // Connects member `i` as `rank`, opens its session, and starts its call.
 static void join(struct member* m, long i, int port, const char* group, int world, int rank, long ttl_ms,
                  int barrier, long timeout_s) {
+  m->rank = rank;
   dc_tcp_store_options opts;
   dc_tcp_store_options_init(&opts, sizeof opts);
   opts.host = "127.0.0.1";
@@ -95,9 +111,54 @@ static void join(struct member* m, long i, int port, const char* group, int worl
   if (s || dc_work_add_done_callback(m->work, on_done, m)) die("start the call", i);
 }
 
+// `hold`: reports early completions until a line (or EOF) on stdin, then
+// how many returned, and closes every session gracefully.
+static void hold(struct member* members, long count) {
+  char* reported = calloc(count, 1);
+  char line[64];
+  for (;;) {
+    struct pollfd in = {.fd = 0, .events = POLLIN};
+    int ready = poll(&in, 1, 200);
+    for (long i = 0; i < count; i++) {
+      struct member* m = &members[i];
+      long long t = atomic_load(&m->done_ns);
+      if (t && !reported[i]) {
+        reported[i] = 1;
+        printf("early %ld %d %lld %s %s\n", i, m->rank, t, dc_status_str(m->status), m->message);
+        fflush(stdout);
+      }
+    }
+    if (ready > 0) break;
+  }
+  if (!fgets(line, sizeof line, stdin)) line[0] = 0;
+  long completed_now = atomic_load(&completed);
+  struct member* first_done = NULL;
+  for (long i = 0; i < count; i++)
+    if (atomic_load(&members[i].done_ns) && (!first_done || members[i].done_ns < first_done->done_ns))
+      first_done = &members[i];
+  printf("held %ld completed %ld\n", count, completed_now);
+  printf("first %s %s\n", first_done ? dc_status_str(first_done->status) : "-",
+         first_done ? first_done->message : "none completed");
+  fflush(stdout);
+  long failed = 0;
+  dc_status first_status = DC_OK;
+  char first_message[160] = "";
+  for (long i = 0; i < count; i++) {
+    dc_status s = dc_tcp_store_close_session(members[i].store);
+    if (s != DC_OK && failed++ == 0) {
+      first_status = s;
+      snprintf(first_message, sizeof first_message, "member %ld: %s", i, dc_last_error_message());
+    }
+  }
+  printf("closed %ld failed %ld first %s %s\n", count - failed, failed, failed ? dc_status_str(first_status) : "-",
+         failed ? first_message : "none failed");
+  fflush(stdout);
+  free(reported);
+}
+
 int main(int argc, char** argv) {
   if (argc < 9) {
-    fprintf(stderr, "usage: liveness_ranks PORT GROUP WORLD FIRST COUNT TTL_MS get|barrier TIMEOUT_S\n");
+    fprintf(stderr, "usage: liveness_ranks PORT GROUP WORLD FIRST COUNT TTL_MS get|barrier|hold TIMEOUT_S\n");
     return 2;
   }
   struct rlimit lim;
@@ -114,6 +175,10 @@ int main(int argc, char** argv) {
   for (long i = 0; i < count; i++) join(&members[i], i, port, group, world, first + (int)i, ttl_ms, barrier, timeout_s);
   printf("ready %ld fds %d\n", count, open_fds());
   fflush(stdout);
+  if (strcmp(argv[7], "hold") == 0) {
+    hold(members, count);
+    _exit(0);
+  }
   long long deadline = now_ns() + (timeout_s + 10) * 1000000000LL;
   while (atomic_load(&completed) < count && now_ns() < deadline) usleep(1000);
   long named = 0;
