@@ -73,6 +73,17 @@ pub(crate) fn recv_append(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> io::Resul
     Ok(n)
 }
 
+/// How many bytes `fd`'s socket has received and not yet been read
+/// (FIONREAD).
+pub(crate) fn unread_bytes(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer.
+    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// Writes as much of `buf` as the socket takes in one call (`send` with
 /// `MSG_NOSIGNAL`: a closed peer is `EPIPE`, never SIGPIPE).
 pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {

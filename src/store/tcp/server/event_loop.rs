@@ -15,6 +15,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -183,7 +184,13 @@ impl<B: Backend> EventLoop<B> {
             for token in std::mem::take(&mut self.ready) {
                 self.serve(token);
             }
-            // After the turn's input: keep-alives that arrived count.
+            // After the turn's input: keep-alives that arrived count, read or
+            // not (a turn reads a bounded batch of events and of input).
+            for id in self.core.sessions_due(now) {
+                if self.has_unread_input(conn_token(id)) {
+                    self.core.heard_unread(id, now);
+                }
+            }
             self.core.expire_sessions(now);
             self.core.publish_memberships();
             for (id, refused) in self.core.take_closing() {
@@ -263,6 +270,15 @@ impl<B: Backend> EventLoop<B> {
         for (id, refused) in self.core.take_backend_reports() {
             self.close(conn_token(id), Close::Refused(refused));
         }
+    }
+
+    /// Whether the connection has input this loop has not read: queued for
+    /// a later turn, or still in its socket.
+    fn has_unread_input(&mut self, token: Token) -> bool {
+        let Some(conn) = self.conns.get_mut(token) else {
+            return false;
+        };
+        conn.queued || crate::os::unread_bytes(conn.stream.as_raw_fd()).is_ok_and(|n| n > 0)
     }
 
     fn mark_ready(&mut self, token: Token) {

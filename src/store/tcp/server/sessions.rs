@@ -364,6 +364,21 @@ impl Sessions {
         None
     }
 
+    /// The connections of the sessions whose TTL has passed at `now`, to
+    /// look at before [`Sessions::expire`]: one with input not read yet
+    /// (a turn reads a bounded batch) was heard from. Costs nothing while
+    /// no deadline is due.
+    pub(crate) fn due(&self, now: Instant) -> Vec<ConnId> {
+        if self.next_deadline().is_none_or(|at| at > now) {
+            return Vec::new();
+        }
+        let due = self.deadlines.iter().filter(|Reverse((at, _))| *at <= now);
+        due.filter_map(|Reverse((_, id))| self.live.get(id))
+            .filter(|live| live.deadline().is_some_and(|at| at <= now))
+            .flat_map(Live::conns)
+            .collect()
+    }
+
     /// Ends every session whose TTL has passed at `now`; call after the
     /// turn's input was read. Looks only at the deadlines that came due.
     pub(crate) fn expire(&mut self, now: Instant) -> Vec<Delivery> {

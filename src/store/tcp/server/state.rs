@@ -267,6 +267,19 @@ impl<B: Backend> ServerCore<B> {
         self.sessions.next_deadline()
     }
 
+    /// The connections of the sessions whose TTL has run out by `now`: the
+    /// event loop tells, with [`ServerCore::heard_unread`], which of them
+    /// have input it has not read yet before [`ServerCore::expire_sessions`].
+    pub(crate) fn sessions_due(&self, now: Instant) -> Vec<ConnId> {
+        self.sessions.due(now)
+    }
+
+    /// Connection `id` has input not read yet at `now` (a turn reads a
+    /// bounded batch): its member is not silent.
+    pub(crate) fn heard_unread(&mut self, id: ConnId, now: Instant) {
+        self.sessions.heard(id, now);
+    }
+
     /// Ends the sessions whose TTL ran out by `now` (call once the turn's
     /// input was read), failing their groups.
     pub(crate) fn expire_sessions(&mut self, now: Instant) {

@@ -431,3 +431,31 @@ fn a_recoverable_group_changes_its_membership_instead_of_failing() {
     assert_eq!(membership(&mut c, 5), None);
     assert!(!exists(&mut c, 5, &GroupMembers::epoch_key("job/", 2)));
 }
+
+#[test]
+fn a_member_whose_input_is_still_unread_at_its_deadline_is_not_silent() {
+    let ttl = Duration::from_secs(1);
+    let t0 = Instant::now();
+    let mut c = core();
+    c.begin_turn(t0);
+    member(&mut c, 0, 0, Some(ttl));
+    member(&mut c, 1, 1, Some(ttl));
+    c.expire_sessions(t0);
+    let due = t0 + ttl;
+    assert!(c.sessions_due(t0).is_empty(), "nothing is due before");
+    let mut connections = c.sessions_due(due);
+    connections.sort();
+    assert_eq!(connections, [0, 1]);
+    // Rank 1's keep-alive is in its socket, not read this turn (a turn
+    // reads a bounded batch): it was heard, and stays.
+    c.heard_unread(1, due);
+    c.expire_sessions(due);
+    let listing = c.sessions.list(b"", due, |_| Vec::new());
+    let live: Vec<u32> = listing.sessions.iter().map(|s| s.rank).collect();
+    assert_eq!(live, [1], "rank 0 was silent, rank 1 was not");
+    assert!(
+        listing.failures[0].message.contains("rank 0"),
+        "{listing:?}"
+    );
+    assert!(c.sessions_due(due + ttl / 2).is_empty());
+}
