@@ -334,16 +334,22 @@ impl EventLoop {
                 self.stop_keeping(id, None);
                 continue;
             }
-            if keeping.exchange.is_none() {
+            // Reply-less while the session lives: one request a period,
+            // unless the last has not left yet; an error is read whenever
+            // it comes.
+            if keeping.out.is_empty() {
                 keeping.out = Encoder::request(Command::SessionKeepAlive).finish();
+            }
+            if keeping.exchange.is_none() {
                 keeping.exchange = Some(keeping.job.conn.exchange(Shape::Ack));
             }
             self.keep(id);
         }
     }
 
-    /// Sends what is pending of session `id`'s keep-alive and reads its
-    /// reply.
+    /// Sends what is pending of session `id`'s keep-alive and reads what
+    /// the server said: nothing while the session lives, an error when it
+    /// ends.
     fn keep(&mut self, id: usize) {
         let Some(keeping) = self.keeping.get_mut(&id) else {
             return;
@@ -366,6 +372,7 @@ impl EventLoop {
         match progress {
             Ok(None) => {}
             Ok(Some(Outcome::Refused(e))) => self.stop_keeping(id, Some(e)),
+            // A server from before reply-less keep-alives answers each.
             Ok(Some(_)) => keeping.exchange = None,
             Err(e) => self.stop_keeping(id, Some(e)),
         }

@@ -1074,7 +1074,12 @@ impl<B: Backend> ServerCore<B> {
                 let alive = self.sessions.is_member(id);
                 let reply = match (failed, alive) {
                     (Some(error), _) => Err(error),
-                    (None, true) => Ok(Vec::new()),
+                    // No reply: a keep-alive's reply would cost a send (and
+                    // its loopback delivery) per keep-alive, on both sides.
+                    (None, true) => {
+                        self.served(Command::SessionKeepAlive, started, false);
+                        return Ok(());
+                    }
                     (None, false) => Err(Error::new(
                         Status::InvalidState,
                         "this connection belongs to no session",

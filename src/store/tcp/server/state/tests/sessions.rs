@@ -101,7 +101,10 @@ fn a_silent_member_fails_at_its_ttl_unless_the_server_itself_stalled() {
     // Rank 0 keeps alive; rank 1 says nothing.
     c.begin_turn(t0 + Duration::from_millis(1500));
     send(&mut c, 0, &[Command::SessionKeepAlive as u8]);
-    assert_eq!(replies(&mut c, 0), [REPLY_OK]);
+    assert!(
+        replies(&mut c, 0).is_empty(),
+        "a keep-alive that succeeds has no reply"
+    );
     c.expire_sessions(t0 + Duration::from_millis(1500));
     assert!(replies(&mut c, 0).is_empty());
     // The server stalls past rank 1's deadline: no one is blamed.
@@ -112,7 +115,10 @@ fn a_silent_member_fails_at_its_ttl_unless_the_server_itself_stalled() {
     // A TTL after the stall, rank 1 has still said nothing.
     c.begin_turn(resumed + Duration::from_millis(1900));
     send(&mut c, 0, &[Command::SessionKeepAlive as u8]);
-    assert_eq!(replies(&mut c, 0), [REPLY_OK]);
+    assert!(
+        replies(&mut c, 0).is_empty(),
+        "a keep-alive that succeeds has no reply"
+    );
     c.expire_sessions(resumed + Duration::from_millis(1900));
     c.begin_turn(resumed + ttl);
     c.expire_sessions(resumed + ttl);
