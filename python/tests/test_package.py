@@ -84,7 +84,7 @@ STRUCTS = {"dc_buf": _lib.Buf, "dc_buf_array": _lib.BufArray, "dc_tcp_store_opti
            "dc_server_stats": _lib.ServerStats, "dc_client_counter": _lib.ClientCounter,
            "dc_rpc_function_entry": _lib.RpcFunctionEntry, "dc_rpc_options": _lib.RpcOptions,
            "dc_rref_debug_info": _lib.RRefDebugInfo, "dc_etcd_store_options": _lib.EtcdStoreOptions,
-           "dc_session_options": _lib.SessionOptions}
+           "dc_session_options": _lib.SessionOptions, "dc_member": _lib.MemberInfo}
 
 
 def test_struct_annotations_name_every_field():
