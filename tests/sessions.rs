@@ -25,7 +25,12 @@ use common::Serve;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 fn handle(port: u16) -> TcpStore {
+    handle_at("127.0.0.1", port)
+}
+
+fn handle_at(host: &str, port: u16) -> TcpStore {
     TcpStore::new(TcpStoreOptions {
+        host: host.into(),
         port,
         timeout: TIMEOUT,
         ..TcpStoreOptions::default()
@@ -92,7 +97,9 @@ fn member_process() {
         return;
     };
     let parts: Vec<&str> = spec.split(' ').collect();
-    let store = handle(parts[0].parse().unwrap());
+    // A member in a network namespace reaches the server at its address.
+    let host = std::env::var("DISTCORE_TEST_HOST").unwrap_or_else(|_| "127.0.0.1".into());
+    let store = handle_at(&host, parts[0].parse().unwrap());
     let options = match parts.get(3) {
         Some(&"ttl") => member_with_ttl(parts[1], 1),
         Some(&"recoverable") => SessionOptions {
@@ -389,4 +396,69 @@ fn a_recoverable_groups_survivors_go_on_and_see_the_membership_change() {
     assert_eq!(blocked.join().unwrap().unwrap(), b"go on");
     zero.close_session().unwrap();
     println!("a recoverable group's survivor saw the membership change {told:?} after the kill");
+}
+
+#[test]
+fn a_member_cut_off_by_a_partition_fails_the_others_once_its_ttl_passes() {
+    let netns = match common::Netns::create() {
+        Ok(netns) => netns,
+        Err(why) => panic!("this test needs root, iproute2 and iptables: {why}"),
+    };
+    // The server listens on this namespace's end of the veth pair; rank 1
+    // runs inside the other namespace, rank 0 here.
+    let server = Serve::start_on(&netns.outside);
+    let exe = std::env::current_exe().unwrap();
+    let mut rank1 = Command::new("ip")
+        .args(["netns", "exec", &netns.name])
+        .arg(&exe)
+        .args([
+            "--exact",
+            "member_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            "DISTCORE_TEST_MEMBER",
+            format!("{} cut/ sleep ttl", server.port),
+        )
+        .env("DISTCORE_TEST_HOST", &netns.outside)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(rank1.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("member ready") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "the member exited");
+    }
+    let zero = Arc::new(handle_at(&netns.outside, server.port));
+    zero.open_session(&member("cut/", 0)).unwrap();
+    let blocked = {
+        let zero = zero.clone();
+        thread::spawn(move || zero.get("cut/never-set"))
+    };
+    thread::sleep(Duration::from_millis(200));
+    // Nothing in or out of the namespace: rank 1 is alive but silent.
+    netns
+        .exec(&["iptables", "-A", "INPUT", "-j", "DROP"])
+        .unwrap();
+    netns
+        .exec(&["iptables", "-A", "OUTPUT", "-j", "DROP"])
+        .unwrap();
+    let cut = std::time::Instant::now();
+    let error = blocked.join().unwrap().unwrap_err();
+    let told = cut.elapsed();
+    assert_eq!(error.status(), Status::PeerFailed, "{error}");
+    assert!(
+        error.message().contains("rank 1")
+            && error
+                .message()
+                .contains("nothing arrived from it within its TTL"),
+        "{error}"
+    );
+    assert!(told < TTL + Duration::from_secs(1), "{told:?}");
+    println!("a partitioned member's peers were told {told:?} after the cut (TTL {TTL:?})");
+    rank1.kill().unwrap();
+    rank1.wait().unwrap();
 }

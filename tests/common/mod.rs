@@ -32,6 +32,13 @@ impl Serve {
         Serve::spawn(command, open_files)
     }
 
+    /// Listening on `host` (an address of this namespace), on a free port.
+    pub fn start_on(host: &str) -> Serve {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_distcore"));
+        command.args(["serve", "--host", host, "--port", "0"]);
+        Serve::spawn(command, None)
+    }
+
     /// In the network namespace `netns`, on a free port, with `args` after
     /// `serve`.
     pub fn start_in(netns: &str, args: &[&str]) -> Serve {
