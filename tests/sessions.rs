@@ -76,13 +76,19 @@ fn spawn_member(
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let out = until_ready(&mut child);
+    (child, out)
+}
+
+/// Waits until `member` says it is ready; its output, to read on.
+fn until_ready(member: &mut Child) -> BufReader<std::process::ChildStdout> {
+    let mut out = BufReader::new(member.stdout.take().unwrap());
     let mut line = String::new();
     while !line.contains("member ready") {
         line.clear();
         assert!(out.read_line(&mut line).unwrap() > 0, "the member exited");
     }
-    (child, out)
+    out
 }
 
 /// Tells a member to go on.
@@ -426,12 +432,7 @@ fn a_member_cut_off_by_a_partition_fails_the_others_once_its_ttl_passes() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = BufReader::new(rank1.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("member ready") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "the member exited");
-    }
+    let _out = until_ready(&mut rank1);
     let zero = Arc::new(handle_at(&netns.outside, server.port));
     zero.open_session(&member("cut/", 0)).unwrap();
     let blocked = {

@@ -244,10 +244,8 @@ fn user_keys(keys: &[&str]) -> Vec<String> {
 
 /// The keys of a LIST_KEYS or LIST_PREFIX reply as the user named them
 /// (those without the `/` are PyTorch's own, such as `init/`: left out).
-fn user_keys_of(reply: Reply) -> Vec<String> {
-    reply
-        .into_values()
-        .into_iter()
+fn user_keys_of(keys: Vec<Vec<u8>>) -> Vec<String> {
+    keys.into_iter()
         .filter_map(|k| {
             k.strip_prefix(b"/")
                 .map(|k| String::from_utf8_lossy(k).into_owned())
@@ -912,27 +910,14 @@ impl Store for TcpStore {
     fn list_keys(&self) -> Result<Vec<String>> {
         let request = || Encoder::request(Command::ListKeys).finish();
         let keys = self.call("list_keys", &[], &[], request, Shape::Counted)?;
-        Ok(user_keys_of(keys))
+        Ok(user_keys_of(keys.into_values()))
     }
 
     fn list_prefix(&self, prefix: &str) -> Result<Vec<String>> {
         if !self.peer_is_distcore() {
             return list_prefix_by_listing(self, prefix);
         }
-        let wire = user_key(prefix);
-        let request = || {
-            Encoder::request(Command::ListPrefix)
-                .bytes(wire.as_bytes())
-                .finish()
-        };
-        let keys = self.call(
-            "list_prefix",
-            &[wire.as_bytes()],
-            &[],
-            request,
-            Shape::Counted,
-        )?;
-        Ok(user_keys_of(keys))
+        Ok(user_keys_of(self.list_raw(&user_key(prefix))?))
     }
 
     fn delete_prefix(&self, prefix: &str) -> Result<i64> {
