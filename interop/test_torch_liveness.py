@@ -5,6 +5,7 @@ client blocked in a get raises at once — its connection is closed, the one
 way PyTorch's protocol allows — instead of after its timeout. Without
 --one-job it waits its timeout out, as on PyTorch's own server."""
 import datetime
+import re
 import subprocess
 import sys
 import threading
@@ -33,6 +34,20 @@ def tearDownModule():
     harness.kill_all()
 
 
+def until_waiting(port, timeout_s=30):
+    """Returns once the server at `port` holds a blocked call (its
+    `waiters` gauge, as `distcore inspect` shows it): a get started on a
+    thread may take a while to reach it on a loaded machine."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        report = subprocess.run([harness.CLI, "inspect", f"127.0.0.1:{port}"], capture_output=True,
+                                text=True, check=True).stdout
+        if re.search(r"^\s*waiters\s+[1-9]", report, re.M):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no blocked call on the server within {timeout_s} s")
+
+
 class PyTorchClientsOfOneJob(unittest.TestCase):
     def blocked_get_when_a_member_dies(self, args, timeout_s):
         """A PyTorch client's get, blocked when the member is killed: what
@@ -55,7 +70,7 @@ class PyTorchClientsOfOneJob(unittest.TestCase):
 
             blocked = threading.Thread(target=get)
             blocked.start()
-            time.sleep(0.5)
+            until_waiting(server.port)
             killed = time.monotonic()
             member.kill()
             member.wait(30)

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use distcore::store::{Store, TcpStore, TcpStoreOptions};
+use distcore::store::{Store, TcpStore};
 use distcore::Status;
 
 mod common;
@@ -19,13 +19,7 @@ const TIMEOUT: Duration = Duration::from_secs(3);
 const SLACK: Duration = Duration::from_millis(1500);
 
 fn client(host: &str, port: u16) -> TcpStore {
-    TcpStore::new(TcpStoreOptions {
-        host: host.into(),
-        port,
-        timeout: TIMEOUT,
-        ..TcpStoreOptions::default()
-    })
-    .unwrap()
+    common::client(host, port, TIMEOUT)
 }
 
 /// Runs `op`, asserts it failed (timeout or network) within the timeout

@@ -14,7 +14,7 @@ use std::thread;
 use std::time::Duration;
 
 use distcore::store::tcp::SessionOptions;
-use distcore::store::{Store, TcpStore, TcpStoreOptions};
+use distcore::store::{Store, TcpStore};
 use distcore::Status;
 
 mod common;
@@ -29,13 +29,7 @@ fn handle(port: u16) -> TcpStore {
 }
 
 fn handle_at(host: &str, port: u16) -> TcpStore {
-    TcpStore::new(TcpStoreOptions {
-        host: host.into(),
-        port,
-        timeout: TIMEOUT,
-        ..TcpStoreOptions::default()
-    })
-    .unwrap()
+    common::client(host, port, TIMEOUT)
 }
 
 fn member(group: &str, rank: u32) -> SessionOptions {
@@ -206,6 +200,21 @@ fn a_reported_error_reaches_the_others_with_its_message() {
     }
 }
 
+/// Returns once `rank` of `group` is blocked on `wire_key`, as the server
+/// lists it (a call started on a thread may take a while to get there on a
+/// loaded machine).
+fn until_waiting_on(store: &TcpStore, group: &str, rank: u32, wire_key: &str) {
+    for _ in 0..3000 {
+        let listing = store.sessions(group).unwrap();
+        let member = listing.sessions.iter().find(|s| s.rank == rank);
+        if member.is_some_and(|s| s.waiting_on.iter().any(|k| k == wire_key)) {
+            return;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+    panic!("rank {rank} of {group} never blocked on {wire_key}");
+}
+
 /// Whether `keys` are gone within two seconds.
 fn gone_soon(store: &TcpStore, keys: &[&str]) -> bool {
     for _ in 0..200 {
@@ -341,7 +350,7 @@ fn inspect_lists_each_session_with_what_it_waits_on() {
         let store = store.clone();
         thread::spawn(move || store.get("seen/step/3"))
     };
-    thread::sleep(Duration::from_millis(100));
+    until_waiting_on(&store, "seen/", 0, "/seen/step/3");
     let output = Command::new(env!("CARGO_BIN_EXE_distcore"))
         .args(["inspect", &format!("127.0.0.1:{}", server.port)])
         .output()
@@ -462,4 +471,68 @@ fn a_member_cut_off_by_a_partition_fails_the_others_once_its_ttl_passes() {
     println!("a partitioned member's peers were told {told:?} after the cut (TTL {TTL:?})");
     rank1.kill().unwrap();
     rank1.wait().unwrap();
+}
+
+#[test]
+fn a_barrier_that_times_out_names_the_ranks_that_never_arrived() {
+    let server = Serve::start();
+    let member = |rank: u32| {
+        let store = handle(server.port);
+        let options = SessionOptions {
+            world_size: Some(4),
+            ..SessionOptions::new("roll/", rank)
+        };
+        store.open_session(&options).unwrap();
+        Arc::new(store)
+    };
+    // Ranks 0 and 1 arrive; rank 2 is live but blocked elsewhere; rank 3
+    // never joins.
+    let early = member(1);
+    let arrived = {
+        let early = early.clone();
+        thread::spawn(move || {
+            let outcome = early.barrier("roll/b", 4, Some(Duration::from_secs(5)));
+            early.close_session().unwrap();
+            outcome
+        })
+    };
+    let late = member(2);
+    let elsewhere = {
+        let late = late.clone();
+        thread::spawn(move || late.get("roll/step/9"))
+    };
+    until_waiting_on(&early, "roll/", 1, "/roll/b");
+    until_waiting_on(&late, "roll/", 2, "/roll/step/9");
+    let zero = member(0);
+    let error = zero
+        .barrier("roll/b", 4, Some(Duration::from_millis(500)))
+        .unwrap_err();
+    assert_eq!(error.status(), Status::Timeout, "{error}");
+    let message = error.message();
+    for part in [
+        "barrier timeout after 500ms, key: roll/b; ",
+        "2 of 4 ranks never arrived (2-3)",
+        "2 live but late (rank 2 waiting on 'roll/step/9')",
+        "3 with no session in group 'roll/'",
+    ] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+    // The arrival records are not the user's keys.
+    assert!(zero
+        .list_keys()
+        .unwrap()
+        .iter()
+        .all(|k| !k.contains("arrived")));
+    assert_eq!(
+        arrived.join().unwrap().unwrap_err().status(),
+        Status::Timeout
+    );
+    late.set("roll/step/9", b"x").unwrap();
+    elsewhere.join().unwrap().unwrap();
+    let listing = zero.sessions("roll/").unwrap();
+    assert_eq!(
+        listing.sessions.iter().map(|s| s.rank).collect::<Vec<_>>(),
+        [0, 2],
+        "rank 1 closed its session"
+    );
 }

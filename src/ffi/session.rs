@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use super::store::{dc_store, store_arg};
+use super::store::{dc_store, give_work, store_arg};
 use super::tcp::tcp;
 use super::work::dc_work;
 use super::{
@@ -291,7 +291,6 @@ pub unsafe extern "C" fn dc_tcp_store_watch_members(
     boundary("dc_tcp_store_watch_members", || {
         let store = unsafe { store_arg(store) }?;
         let out = unsafe { arg_out(out, "out") }?;
-        give(out, dc_work::new(tcp(&store)?.watch_members(epoch)?));
-        Ok(())
+        give_work(out, tcp(&store)?.watch_members(epoch))
     })
 }

@@ -643,7 +643,7 @@ fn arg_world_size(world_size: i32) -> Result<i64> {
 }
 
 /// Gives the caller a new work for a background operation.
-fn give_work(out: &mut *mut dc_work, work: Result<crate::work::Work>) -> Result<()> {
+pub(super) fn give_work(out: &mut *mut dc_work, work: Result<crate::work::Work>) -> Result<()> {
     give(out, dc_work::new(work?));
     Ok(())
 }

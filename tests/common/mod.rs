@@ -5,6 +5,17 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 
+/// A TCPStore handle on the server at `host:port`, with `timeout`.
+pub fn client(host: &str, port: u16, timeout: std::time::Duration) -> distcore::store::TcpStore {
+    distcore::store::TcpStore::new(distcore::store::TcpStoreOptions {
+        host: host.into(),
+        port,
+        timeout,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 /// Tells apart the namespaces one test process creates.
 static NEXT_NETNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 

@@ -159,8 +159,7 @@ impl Connections {
         }
         if slot.is_none() {
             // The session it carried, if any, ended with it.
-            let server = format!("{}:{}", self.endpoint.host, self.endpoint.port);
-            self.membership.lock().primary_lost(&server)?;
+            self.session_lost()?;
         }
         let conn = match &mut *slot {
             Some(conn) => conn,
@@ -235,12 +234,19 @@ impl Connections {
             // The server knows no such session: it ended with the
             // primary connection (a restarted server, a lost connection).
             Err(e) if e.status() == Status::InvalidState => {
-                let server = format!("{}:{}", self.endpoint.host, self.endpoint.port);
-                self.membership.lock().primary_lost(&server)?;
+                self.session_lost()?;
                 Err(e)
             }
             attached => attached.map(|()| conn),
         }
+    }
+
+    /// The session's primary connection is gone, and with it the session
+    /// (the server ended it): the error of the call that found out, if
+    /// there was a session.
+    fn session_lost(&self) -> Result<()> {
+        let server = format!("{}:{}", self.endpoint.host, self.endpoint.port);
+        self.membership.lock().primary_lost(&server)
     }
 
     /// Whether the handle has an open session (what a leased write needs):

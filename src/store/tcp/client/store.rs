@@ -136,11 +136,16 @@ impl SessionOptions {
     /// What SESSION_OPEN carries: these options, this process's pid and
     /// host.
     fn spec(&self) -> SessionSpec {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        let mut host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_default();
-        let mut host = host;
-        host.truncate(SessionSpec::MAX_HOST_LEN);
+        // Within the limit, on a character's boundary (truncate panics
+        // inside one).
+        let mut end = host.len().min(SessionSpec::MAX_HOST_LEN);
+        while !host.is_char_boundary(end) {
+            end -= 1;
+        }
+        host.truncate(end);
         SessionSpec {
             group: self.group.as_bytes().to_vec(),
             rank: self.rank,

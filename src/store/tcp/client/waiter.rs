@@ -315,8 +315,8 @@ impl EventLoop {
         self.keeping.insert(id, keeping);
     }
 
-    /// Starts the keep-alives that are due (one at a time per session: a
-    /// server slow to answer the last is not sent another).
+    /// Sends the keep-alives that are due: one a period per session, never
+    /// a second while the last is still unsent (a server not reading).
     fn keep_due(&mut self) {
         let now = Instant::now();
         let due: Vec<usize> = self

@@ -180,6 +180,9 @@ pub(crate) struct Sessions {
     /// live session, so the heap's cost is per deadline that comes due,
     /// never per request or per turn.
     deadlines: BinaryHeap<Reverse<(Instant, SessionId)>>,
+    /// Sessions whose deadline came due this turn, taken off the heap
+    /// until [`Sessions::expire`] ends them (or finds them heard from).
+    expiring: Vec<SessionId>,
     /// The first failure of each group that has one.
     failed: HashMap<Vec<u8>, Failure>,
     /// The keys each session holds.
@@ -229,8 +232,10 @@ impl Sessions {
             );
             return (Err(e), None);
         }
+        // A group whose last member left (its end not yet published) takes
+        // whichever mode its next member says.
         if let Some(group) = self.groups.get(&spec.group) {
-            if group.recoverable != spec.recoverable {
+            if !group.members.is_empty() && group.recoverable != spec.recoverable {
                 let e = Error::new(
                     Status::InvalidState,
                     format!(
@@ -366,28 +371,37 @@ impl Sessions {
 
     /// The connections of the sessions whose TTL has passed at `now`, to
     /// look at before [`Sessions::expire`]: one with input not read yet
-    /// (a turn reads a bounded batch) was heard from. Costs nothing while
-    /// no deadline is due.
-    pub(crate) fn due(&self, now: Instant) -> Vec<ConnId> {
-        if self.next_deadline().is_none_or(|at| at > now) {
-            return Vec::new();
+    /// (a turn reads a bounded batch) was heard from.
+    pub(crate) fn due(&mut self, now: Instant) -> Vec<ConnId> {
+        self.take_due(now);
+        let expiring = self.expiring.iter().filter_map(|id| self.live.get(id));
+        expiring.flat_map(Live::conns).collect()
+    }
+
+    /// Takes the deadlines that came due by `now` out of the heap: a
+    /// session heard from since gets its later one back, the others wait
+    /// in `expiring` for [`Sessions::expire`]. A heap operation per
+    /// deadline that came due, nothing while none has.
+    fn take_due(&mut self, now: Instant) {
+        while let Some(&Reverse((at, id))) = self.deadlines.peek() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            match self.live.get(&id).and_then(Live::deadline) {
+                Some(deadline) if deadline <= now => self.expiring.push(id),
+                Some(deadline) => self.deadlines.push(Reverse((deadline, id))),
+                None => {} // it ended
+            }
         }
-        let due = self.deadlines.iter().filter(|Reverse((at, _))| *at <= now);
-        due.filter_map(|Reverse((_, id))| self.live.get(id))
-            .filter(|live| live.deadline().is_some_and(|at| at <= now))
-            .flat_map(Live::conns)
-            .collect()
     }
 
     /// Ends every session whose TTL has passed at `now`; call after the
     /// turn's input was read. Looks only at the deadlines that came due.
     pub(crate) fn expire(&mut self, now: Instant) -> Vec<Delivery> {
+        self.take_due(now);
         let mut deliveries = Vec::new();
-        while let Some(&Reverse((due, id))) = self.deadlines.peek() {
-            if due > now {
-                break;
-            }
-            self.deadlines.pop();
+        for id in std::mem::take(&mut self.expiring) {
             let Some(live) = self.live.get(&id) else {
                 continue; // it ended
             };
@@ -395,7 +409,7 @@ impl Sessions {
                 (Some(deadline), Some(ttl)) if deadline <= now => {
                     deliveries.extend(self.end(id, Some(Cause::TtlMissed(ttl)), now));
                 }
-                // Heard from since: its deadline moved.
+                // Heard from since it came due (input it had not read).
                 (Some(deadline), _) => self.deadlines.push(Reverse((deadline, id))),
                 _ => {}
             }
@@ -517,8 +531,11 @@ impl Sessions {
             let Some(group) = self.groups.get_mut(&name) else {
                 continue;
             };
-            if group.members.is_empty() {
-                self.groups.remove(&name);
+            if group.members.is_empty() || !group.recoverable {
+                // Gone, or now fate-sharing: no membership to show.
+                if group.members.is_empty() {
+                    self.groups.remove(&name);
+                }
                 changes.push(MembershipChange::Gone { group: name });
                 continue;
             }

@@ -270,7 +270,7 @@ impl<B: Backend> ServerCore<B> {
     /// The connections of the sessions whose TTL has run out by `now`: the
     /// event loop tells, with [`ServerCore::heard_unread`], which of them
     /// have input it has not read yet before [`ServerCore::expire_sessions`].
-    pub(crate) fn sessions_due(&self, now: Instant) -> Vec<ConnId> {
+    pub(crate) fn sessions_due(&mut self, now: Instant) -> Vec<ConnId> {
         self.sessions.due(now)
     }
 
@@ -1068,8 +1068,8 @@ impl<B: Backend> ServerCore<B> {
                 self.sessions.attach(id, *sid, now).map(|()| Vec::new()),
                 None,
             ),
+            // Heard already, as every request is (see `execute`).
             SessionRequest::KeepAlive => {
-                self.sessions.heard(id, now);
                 let failed = self.sessions.failure_for(id).map(Failure::error);
                 let alive = self.sessions.is_member(id);
                 let reply = match (failed, alive) {
@@ -1545,11 +1545,6 @@ impl<B: Backend> ServerCore<B> {
     }
 }
 
-/// Why a connection in its handshake, admitted as `admission`, may not
-/// make the request whose first byte is `byte`: only VALIDATE and PING,
-/// and AUTH where it must authenticate, are read before it is admitted;
-/// any other request closes it at its first byte. (An unknown byte is the
-/// parser's to refuse.)
 /// Whether SESSION_LEASE may come before `request`: it writes keys.
 fn leasable(request: &Request) -> bool {
     matches!(
@@ -1563,6 +1558,11 @@ fn leasable(request: &Request) -> bool {
     )
 }
 
+/// Why a connection in its handshake, admitted as `admission`, may not
+/// make the request whose first byte is `byte`: only VALIDATE and PING,
+/// and AUTH where it must authenticate, are read before it is admitted;
+/// any other request closes it at its first byte. (An unknown byte is the
+/// parser's to refuse.)
 fn before_admission(admission: Admission, byte: u8) -> Option<(Refusal, String)> {
     let command = Command::from_byte(byte)?;
     match (admission, command) {

@@ -71,66 +71,6 @@ fn a_leased_view_needs_a_session_and_a_distcore_server() {
 }
 
 #[test]
-fn a_barrier_that_times_out_names_the_ranks_that_never_arrived() {
-    let server = server_store();
-    let member = |rank: u32| {
-        let store = client_of(server.port());
-        let options = SessionOptions {
-            world_size: Some(4),
-            ..SessionOptions::new("roll/", rank)
-        };
-        store.open_session(&options).unwrap();
-        Arc::new(store)
-    };
-    // Ranks 0 and 1 arrive; rank 2 is live but blocked elsewhere; rank 3
-    // never joins.
-    let early = member(1);
-    let arrived = thread::spawn(move || {
-        let outcome = early.barrier("roll/b", 4, Some(Duration::from_secs(2)));
-        early.close_session().unwrap();
-        outcome
-    });
-    let late = member(2);
-    let elsewhere = {
-        let late = late.clone();
-        thread::spawn(move || late.get("roll/step/9"))
-    };
-    thread::sleep(Duration::from_millis(100));
-    let zero = member(0);
-    let error = zero
-        .barrier("roll/b", 4, Some(Duration::from_millis(500)))
-        .unwrap_err();
-    assert_eq!(error.status(), Status::Timeout, "{error}");
-    let message = error.message();
-    for part in [
-        "barrier timeout after 500ms, key: roll/b; ",
-        "2 of 4 ranks never arrived (2-3)",
-        "2 live but late (rank 2 waiting on 'roll/step/9')",
-        "3 with no session in group 'roll/'",
-    ] {
-        assert!(message.contains(part), "{part}: {message}");
-    }
-    // The arrival records are not the user's keys.
-    assert!(zero
-        .list_keys()
-        .unwrap()
-        .iter()
-        .all(|k| !k.contains("arrived")));
-    assert_eq!(
-        arrived.join().unwrap().unwrap_err().status(),
-        Status::Timeout
-    );
-    late.set("roll/step/9", b"x").unwrap();
-    elsewhere.join().unwrap().unwrap();
-    let listing = zero.sessions("roll/").unwrap();
-    assert_eq!(
-        listing.sessions.iter().map(|s| s.rank).collect::<Vec<_>>(),
-        [0, 2],
-        "rank 1 closed its session"
-    );
-}
-
-#[test]
 fn wait_for_workers_on_a_member_names_the_ranks_with_no_session() {
     let server = TcpStore::new(TcpStoreOptions {
         is_server: true,
