@@ -85,8 +85,13 @@ pub(crate) enum Read {
 
 /// A request inside a transaction.
 pub(crate) enum Op {
-    /// Sets a key.
-    Put { key: Vec<u8>, value: Vec<u8> },
+    /// Sets a key, attached to the lease `lease` (0: none; a key written
+    /// again without one is no longer attached).
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        lease: i64,
+    },
     /// Reads a key (or the keys with the prefix `key`).
     Range {
         key: Vec<u8>,
@@ -103,6 +108,9 @@ pub(crate) enum Compare {
     ModRevision { key: Vec<u8>, revision: i64 },
     /// The key was created at this revision.
     CreateRevision { key: Vec<u8>, revision: i64 },
+    /// No key starts with `prefix` (etcd compares every key of the range,
+    /// and an empty range as one missing key).
+    NoneUnder { prefix: Vec<u8> },
 }
 
 /// How a watch ended.
@@ -254,6 +262,64 @@ impl Client {
             ranges,
             revision: int_field(&reply["header"], "revision"),
         })
+    }
+
+    /// Grants the lease `id` (chosen by the caller, so that granting again
+    /// is harmless: sent again whenever its outcome is unknown) for `ttl`
+    /// seconds (etcd raises a shorter one to its minimum); a lease `id`
+    /// that exists already counts as granted.
+    pub(crate) fn lease_grant(&self, id: i64, ttl: i64, deadline: Instant) -> Result<()> {
+        let request = json!({"ID": id.to_string(), "TTL": ttl.to_string()});
+        match self.post("/v3/lease/grant", &request, Resend::Safe, deadline) {
+            Err(e) if e.message().contains("lease already exists") => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// Revokes the lease `id`, deleting every key attached to it; a lease
+    /// that is gone already (revoked, expired) is no error. Safe to send
+    /// again.
+    pub(crate) fn lease_revoke(&self, id: i64, deadline: Instant) -> Result<()> {
+        let request = json!({"ID": id.to_string()});
+        match self.post("/v3/lease/revoke", &request, Resend::Safe, deadline) {
+            Err(e) if e.message().contains("lease not found") => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
+    /// Renews the leases `ids` (one request for all: the gateway's
+    /// keep-alive stream takes one message per lease); returns the ones
+    /// etcd no longer has (expired or revoked). Safe to send again.
+    pub(crate) fn lease_keep_alive(&self, ids: &[i64], deadline: Instant) -> Result<Vec<i64>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let body: String = ids
+            .iter()
+            .map(|id| json!({"ID": id.to_string()}).to_string() + "\n")
+            .collect();
+        let reply = self.post_raw("/v3/lease/keepalive", &body, Resend::Safe, deadline)?;
+        let mut gone = Vec::new();
+        let mut answered = 0;
+        for line in reply.lines().filter(|l| !l.trim().is_empty()) {
+            let json: Json = serde_json::from_str(line)
+                .map_err(|e| protocol_error(format!("etcd lease keep-alive: {e}")))?;
+            if json.get("error").is_some() {
+                return Err(grpc_error(&json["error"]));
+            }
+            let result = &json["result"];
+            answered += 1;
+            if int_field(result, "TTL") <= 0 {
+                gone.push(int_field(result, "ID"));
+            }
+        }
+        if answered != ids.len() {
+            return Err(protocol_error(format!(
+                "etcd answered {answered} of {} lease keep-alives",
+                ids.len()
+            )));
+        }
+        Ok(gone)
     }
 
     /// Watches the ranges `(key, prefix)` from `start_revision` on, until
@@ -416,12 +482,24 @@ impl Client {
     /// POSTs `request` to `path`, retrying on another member when one is
     /// unreachable or unavailable, as `resend` allows, until `deadline`.
     fn post(&self, path: &str, request: &Json, resend: Resend, deadline: Instant) -> Result<Json> {
+        let reply = self.post_raw(path, &request.to_string(), resend, deadline)?;
+        serde_json::from_str(&reply)
+            .map_err(|e| protocol_error(format!("etcd {path}: an answer that is not JSON: {e}")))
+    }
+
+    /// POSTs `body` to `path` as [`Client::post`] does; the answer's text.
+    fn post_raw(
+        &self,
+        path: &str,
+        body: &str,
+        resend: Resend,
+        deadline: Instant,
+    ) -> Result<String> {
         let mut backoff = Duration::from_millis(10);
-        let body = request.to_string();
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             let endpoint = self.endpoint();
-            let failure = match self.post_once(&endpoint, path, &body, remaining) {
+            let failure = match self.post_once(&endpoint, path, body, remaining) {
                 Ok(Ok(reply)) => return Ok(reply),
                 Ok(Err(e)) => return Err(e),
                 Err(Failed { error, sent }) if sent && resend == Resend::IfUnsent => {
@@ -452,15 +530,15 @@ impl Client {
     }
 
     /// One attempt: `Ok(answer)` when the member answered (with the
-    /// request's outcome, an error included), `Err` when another attempt
-    /// may succeed.
+    /// request's outcome, an error included: the answer's text when it is
+    /// no error), `Err` when another attempt may succeed.
     fn post_once(
         &self,
         endpoint: &str,
         path: &str,
         body: &str,
         remaining: Duration,
-    ) -> std::result::Result<Result<Json>, Failed> {
+    ) -> std::result::Result<Result<String>, Failed> {
         if remaining.is_zero() {
             return Ok(Err(Error::timeout(format!(
                 "etcd {path}: no member answered before the deadline"
@@ -486,13 +564,13 @@ impl Client {
             }
         };
         let status = response.status();
-        let reply: Json = match response
+        let text = match response
             .body_mut()
             .with_config()
             .limit(MAX_REPLY_LEN)
-            .read_json()
+            .read_to_string()
         {
-            Ok(reply) => reply,
+            Ok(text) => text,
             // The member went silent mid-answer: its outcome is unknown.
             Err(e) if is_timeout(&e) => {
                 return Err(Failed::sent(Error::timeout(format!(
@@ -502,6 +580,22 @@ impl Client {
             Err(e) if status.is_server_error() => {
                 return Err(Failed::sent(Error::network(format!(
                     "etcd {path} on {endpoint}: HTTP {status}: {e}"
+                ))))
+            }
+            Err(e) => {
+                return Ok(Err(protocol_error(format!(
+                    "etcd {path} on {endpoint}: HTTP {status}: {e}"
+                ))))
+            }
+        };
+        // An error is one JSON object with a code and a message (a
+        // stream's answer is one object per line: its first tells).
+        let first_line = text.lines().next().unwrap_or_default();
+        let reply: Json = match serde_json::from_str(first_line) {
+            Ok(reply) => reply,
+            Err(_) if status.is_server_error() => {
+                return Err(Failed::sent(Error::network(format!(
+                    "etcd {path} on {endpoint}: HTTP {status}"
                 ))))
             }
             Err(e) => {
@@ -520,7 +614,7 @@ impl Client {
             }
             return Ok(Err(grpc_error(&reply)));
         }
-        Ok(Ok(reply))
+        Ok(Ok(text))
     }
 
     /// The member the next request goes to.
@@ -629,8 +723,12 @@ fn read_request(key: &[u8], prefix: bool, read: Read) -> Json {
 
 fn op_json(op: &Op) -> Json {
     match op {
-        Op::Put { key, value } => {
-            json!({"request_put": {"key": BASE64.encode(key), "value": BASE64.encode(value)}})
+        Op::Put { key, value, lease } => {
+            let mut put = json!({"key": BASE64.encode(key), "value": BASE64.encode(value)});
+            if *lease != 0 {
+                put["lease"] = json!(lease.to_string());
+            }
+            json!({ "request_put": put })
         }
         Op::Range { key, prefix, read } => {
             json!({ "request_range": read_request(key, *prefix, *read) })
@@ -648,6 +746,10 @@ fn compare_json(compare: &Compare) -> Json {
         Compare::CreateRevision { key, revision } => json!({
             "key": BASE64.encode(key), "target": "CREATE", "result": "EQUAL",
             "create_revision": revision.to_string(),
+        }),
+        Compare::NoneUnder { prefix } => json!({
+            "key": BASE64.encode(prefix), "range_end": BASE64.encode(prefix_end(prefix)),
+            "target": "CREATE", "result": "EQUAL", "create_revision": "0",
         }),
     }
 }

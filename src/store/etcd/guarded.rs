@@ -56,6 +56,8 @@ pub(super) struct Target {
     /// Whether the change needs the keys' values (a read-modify-write),
     /// or only whether they exist and since when (a blind write).
     pub values: bool,
+    /// The etcd lease the keys it puts are attached to (0: none).
+    pub lease: i64,
 }
 
 /// Whether [`EtcdStore::commit`] ran its change.
@@ -187,6 +189,7 @@ impl EtcdStore {
                 Write::Put(value) => Op::Put {
                     key: key.clone(),
                     value,
+                    lease: target.lease,
                 },
                 Write::Delete => {
                     deletes = true;
@@ -204,6 +207,7 @@ impl EtcdStore {
             ops.push(Op::Put {
                 key: target.clock.clone(),
                 value: Vec::new(),
+                lease: 0,
             });
         }
         (compares, ops)
@@ -294,6 +298,7 @@ impl EtcdStore {
         let put_token = Op::Put {
             key: token.clone(),
             value: Vec::new(),
+            lease: 0,
         };
         let success: Vec<Op> = ops
             .into_iter()

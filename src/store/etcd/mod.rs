@@ -20,6 +20,7 @@
 mod client;
 mod guarded;
 mod requests;
+mod sessions;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use self::client::{Client, Compare, Op, Read, Resend, Watched};
 use self::guarded::{Committed, Remembered, Target, Write, MAX_KEYS_PER_WRITE};
 use self::requests::split_element;
 pub(crate) use self::requests::{Change, Element, Snapshot};
+pub(crate) use self::sessions::{HeldSession, MemberRecord, SessionChange};
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
 use crate::error::{Error, Result, Status};
 use crate::runtime::timeout::DEFAULT_STORE_TIMEOUT;
@@ -96,10 +98,14 @@ pub struct EtcdStore {
     prefix: Vec<u8>,
     timeout: Mutex<Duration>,
     /// Commit tokens no longer needed, deleted by the next transaction
-    /// (see [`EtcdStore::commit`]); never held across a request.
-    stale_tokens: Mutex<Vec<Vec<u8>>>,
+    /// (see [`EtcdStore::commit`]); never held across a request. Shared
+    /// with the handle's leased views.
+    stale_tokens: Arc<Mutex<Vec<Vec<u8>>>>,
     /// The revisions of values and clocks last seen: guesses for writes.
-    remembered: Remembered,
+    remembered: Arc<Remembered>,
+    /// The etcd lease its writes attach the keys they put to (0: none):
+    /// see [`EtcdStore::with_lease`].
+    lease: i64,
 }
 
 /// A key's value and the revision it last changed at (0: missing), as
@@ -187,8 +193,23 @@ impl EtcdStore {
             client,
             prefix,
             timeout: Mutex::new(timeout),
-            stale_tokens: Mutex::new(Vec::new()),
-            remembered: Remembered::default(),
+            stale_tokens: Arc::default(),
+            remembered: Arc::default(),
+            lease: 0,
+        }
+    }
+
+    /// A view of this handle whose writes attach the keys they put
+    /// (values, queue elements) to the etcd lease `lease`: etcd deletes
+    /// them when the lease ends. Shares the handle's client and guesses.
+    pub(crate) fn with_lease(&self, lease: i64) -> EtcdStore {
+        EtcdStore {
+            client: self.client.clone(),
+            prefix: self.prefix.clone(),
+            timeout: Mutex::new(*self.timeout.lock()),
+            stale_tokens: self.stale_tokens.clone(),
+            remembered: self.remembered.clone(),
+            lease,
         }
     }
 
@@ -221,6 +242,7 @@ impl EtcdStore {
             keys: keys.iter().map(|key| self.value_key(key)).collect(),
             clock: [&self.prefix[..], CLOCKS, b"v"].concat(),
             values,
+            lease: self.lease,
         }
     }
 
@@ -452,6 +474,7 @@ impl EtcdStore {
             keys: vec![[self.queue_prefix(key), element_id()].concat()],
             clock: self.queue_clock(key),
             values: false,
+            lease: self.lease,
         };
         let pushed = self.guarded_write(&target, None, self.deadline(None), |_| {
             Ok((vec![Some(Write::Put(value.to_vec()))], ()))
@@ -484,6 +507,7 @@ impl EtcdStore {
                 Op::Put {
                     key: clock.clone(),
                     value: Vec::new(),
+                    lease: 0,
                 },
             ];
             if let Committed::Yes(written) = self.commit(vec![compare], pop, vec![], deadline)? {
@@ -548,6 +572,9 @@ impl Drop for EtcdStore {
     /// Deletes the last commit tokens (best effort, within a second: a
     /// token left behind is a few bytes under the job's prefix).
     fn drop(&mut self) {
+        if Arc::strong_count(&self.stale_tokens) > 1 {
+            return; // a leased view, or the handle it views: the last goes
+        }
         let stale = std::mem::take(&mut *self.stale_tokens.lock());
         if stale.is_empty() {
             return;

@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use super::client::{Read, Resend, WatchEnd};
+use super::sessions::SessionChange;
 use super::{EtcdStore, Seen, CLOCKS, QUEUES, VALUES};
 use crate::error::{Error, Result};
 use crate::store::kv::Value;
@@ -25,6 +26,8 @@ pub(crate) enum Change {
         id: Vec<u8>,
         created: Option<i64>,
     },
+    /// A liveness session's key changed (`super::sessions`).
+    Session(SessionChange),
 }
 
 /// A queue element: its queue, its id and the revision it was created at.
@@ -37,6 +40,8 @@ pub(crate) struct Snapshot {
     pub values: Vec<(Key, Value, i64)>,
     /// Every queue element.
     pub elements: Vec<Element>,
+    /// Every liveness session's key, as changes from nothing.
+    pub sessions: Vec<SessionChange>,
     pub revision: i64,
 }
 
@@ -119,14 +124,16 @@ impl EtcdStore {
             prefix: true,
             read,
         };
-        let ops = [read(&values, Read::Values), read(&queues, Read::Keys)];
+        let mut ops = vec![read(&values, Read::Values), read(&queues, Read::Keys)];
+        ops.extend(self.session_reads());
         let result = self.client.txn(&[], &ops, &[], Resend::Safe, deadline)?;
-        let [stored, elements] = &result.ranges[..] else {
+        let [stored, elements, sessions @ ..] = &result.ranges[..] else {
             return Err(Error::new(
                 crate::error::Status::Protocol,
-                "etcd answered a transaction of two reads with fewer",
+                "etcd answered a transaction of reads with fewer",
             ));
         };
+        let sessions = sessions.iter().flat_map(|range| &range.kvs);
         Ok(Snapshot {
             // Keys outside the range asked for (etcd never sends them) are
             // skipped rather than trusted.
@@ -145,6 +152,9 @@ impl EtcdStore {
                     let (key, id) = split_element(kv.key.strip_prefix(&queues[..])?);
                     Some((key, id, kv.create_revision))
                 })
+                .collect(),
+            sessions: sessions
+                .filter_map(|kv| self.session_change(kv, false))
                 .collect(),
             revision: result.revision,
         })
@@ -186,6 +196,8 @@ impl EtcdStore {
                             id,
                             created: (!event.deleted).then_some(event.kv.create_revision),
                         }
+                    } else if let Some(change) = self.session_change(&event.kv, event.deleted) {
+                        Change::Session(change)
                     } else {
                         if key.starts_with(&clocks) && !event.deleted {
                             self.remembered.set(key, revision, true);

@@ -144,6 +144,7 @@ pub(crate) fn server_info(
     admission: Admission,
     challenge: Option<&Challenged>,
     leases: bool,
+    sessions_outlive: bool,
 ) -> ServerInfo {
     ServerInfo {
         limits,
@@ -151,6 +152,7 @@ pub(crate) fn server_info(
         tls_required: admission == Admission::MustUseTls,
         challenge: challenge.map(|c| *c.challenge()),
         leases,
+        sessions_outlive,
     }
 }
 

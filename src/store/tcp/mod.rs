@@ -2,6 +2,7 @@
 //! with `torch.distributed.TCPStore` (both its libuv and legacy servers).
 
 mod client;
+pub(crate) mod failure;
 mod handshake;
 pub mod listing;
 pub mod parser;

@@ -60,7 +60,8 @@ pub(crate) const REPLY_DEFERRED_ERROR: u8 = 2;
 /// What a distcore server tells a version 2 client after [`HELLO_V2_ACK`]:
 /// a `u32` version (1) and its limits as `u64`s (key, value, keys per
 /// request, request); then a `u32` of flags ([`INFO_AUTH_REQUIRED`],
-/// [`INFO_CHALLENGE`], [`INFO_TLS_REQUIRED`], [`INFO_LEASES`]) and, with the latter, the 32-byte challenge to
+/// [`INFO_CHALLENGE`], [`INFO_TLS_REQUIRED`], [`INFO_LEASES`],
+/// [`INFO_SESSIONS_OUTLIVE`]) and, with [`INFO_CHALLENGE`], the 32-byte challenge to
 /// authenticate with (see [`Command::Auth`]). Carried as a byte string, so
 /// later versions can append fields an older client skips; a server from
 /// before authentication sends no flags (read as none).
@@ -79,6 +80,10 @@ pub(crate) struct ServerInfo {
     /// Keys may be tied to sessions (SESSION_LEASE; since 1.4): its
     /// backend deletes them when their session ends.
     pub(crate) leases: bool,
+    /// Sessions outlive this server (since 1.4: a server on etcd): one
+    /// whose connection to it broke may be resumed on another server of
+    /// the same store ([`SessionSpec::resume`]) within its TTL.
+    pub(crate) sessions_outlive: bool,
 }
 
 /// [`ServerInfo`] flag: authenticate before any other request.
@@ -89,6 +94,8 @@ pub(crate) const INFO_CHALLENGE: u32 = 2;
 pub(crate) const INFO_TLS_REQUIRED: u32 = 4;
 /// [`ServerInfo`] flag (since 1.4): keys may be leased to sessions.
 pub(crate) const INFO_LEASES: u32 = 8;
+/// [`ServerInfo`] flag (since 1.4): sessions outlive this server.
+pub(crate) const INFO_SESSIONS_OUTLIVE: u32 = 16;
 
 impl ServerInfo {
     const VERSION: u32 = 1;
@@ -117,6 +124,9 @@ impl ServerInfo {
         }
         if self.leases {
             flags |= INFO_LEASES;
+        }
+        if self.sessions_outlive {
+            flags |= INFO_SESSIONS_OUTLIVE;
         }
         info.extend_from_slice(&flags.to_le_bytes());
         if let Some(challenge) = &self.challenge {
@@ -160,6 +170,7 @@ impl ServerInfo {
             tls_required: flags & INFO_TLS_REQUIRED != 0,
             challenge,
             leases: flags & INFO_LEASES != 0,
+            sessions_outlive: flags & INFO_SESSIONS_OUTLIVE != 0,
         })
     }
 }
@@ -190,6 +201,11 @@ pub struct SessionSpec {
     /// The group is recoverable: a member's failure fails no other
     /// member's calls; the membership changes instead.
     pub recoverable: bool,
+    /// The session is this incarnation's, opened before on another server
+    /// of the same store (its server died): it is taken over, not opened
+    /// again, if it still lives (a server on etcd, whose sessions outlive
+    /// it; see [`ServerInfo`](crate::store::tcp::protocol)'s flags).
+    pub resume: bool,
 }
 
 impl SessionSpec {
@@ -210,7 +226,8 @@ impl SessionSpec {
         spec.extend_from_slice(&self.pid.to_le_bytes());
         put_bytes(&mut spec, &self.group);
         put_bytes(&mut spec, self.host.as_bytes());
-        spec.extend_from_slice(&u32::from(self.recoverable).to_le_bytes());
+        let flags = u32::from(self.recoverable) | u32::from(self.resume) << 1;
+        spec.extend_from_slice(&flags.to_le_bytes());
         spec
     }
 
@@ -244,6 +261,7 @@ impl SessionSpec {
             host,
             pid,
             recoverable: flags & 1 != 0,
+            resume: flags & 2 != 0,
         })
     }
 }
@@ -737,6 +755,7 @@ mod tests {
             tls_required: false,
             challenge: None,
             leases: false,
+            sessions_outlive: false,
         };
         let encoded = info.encode();
         let len = u64::from_le_bytes(encoded[..8].try_into().unwrap()) as usize;

@@ -155,6 +155,7 @@ impl SessionOptions {
             host,
             pid: std::process::id(),
             recoverable: self.recoverable,
+            resume: false,
         }
     }
 }

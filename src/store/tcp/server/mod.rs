@@ -50,7 +50,7 @@ pub(crate) mod backend;
 mod event_loop;
 mod metrics;
 mod metrics_http;
-mod sessions;
+pub(crate) mod sessions;
 mod state;
 mod waits;
 

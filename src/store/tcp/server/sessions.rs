@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use super::state::ConnId;
 use crate::error::{Error, Status};
 use crate::printable::printable;
+use crate::store::tcp::failure::{Cause, Failure};
 use crate::store::tcp::listing::{GroupFailure, GroupMembers, Member, SessionInfo, SessionListing};
 use crate::store::tcp::protocol::{Key, SessionSpec};
 
@@ -47,65 +48,15 @@ pub(crate) type SessionId = u64;
 /// which moves every session's deadline.
 pub(crate) const STALL_GRACE: Duration = Duration::from_millis(100);
 
-/// Why a session ended without being closed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Cause {
-    /// The connection it was opened on was lost.
-    ConnectionLost,
-    /// Nothing arrived from it within its TTL.
-    TtlMissed(Duration),
-    /// The process reported this error.
-    Reported(String),
-    /// A newer incarnation of the same rank opened a session.
-    Fenced { by: u64 },
-}
-
-/// A member's failure, as the other members of its group are told.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Failure {
-    /// The group (a key prefix: the job).
-    pub(crate) group: Vec<u8>,
-    /// Who failed, as it said when it opened its session.
-    pub(crate) rank: u32,
-    pub(crate) host: String,
-    pub(crate) pid: u32,
-    pub(crate) incarnation: u64,
-    /// Why.
-    pub(crate) cause: Cause,
-    /// How long before the failure it was last heard from.
-    pub(crate) silent_for: Duration,
-}
-
-impl Failure {
-    /// The error every blocked and later call of the group's other members
-    /// fails with: who, why, and when it was last heard from.
-    pub(crate) fn error(&self) -> Error {
-        let why = match &self.cause {
-            Cause::ConnectionLost => "its connection was lost".to_string(),
-            Cause::TtlMissed(ttl) => format!("nothing arrived from it within its TTL of {ttl:?}"),
-            Cause::Reported(message) => format!("it reported: {message}"),
-            Cause::Fenced { by } => format!("a newer incarnation ({by}) of the rank started"),
-        };
-        Error::new(
-            Status::PeerFailed,
-            format!(
-                "rank {} of group '{}' (host {}, pid {}, incarnation {}) failed: {why}; last heard {} ms before",
-                self.rank,
-                printable(&self.group),
-                self.host,
-                self.pid,
-                self.incarnation,
-                self.silent_for.as_millis()
-            ),
-        )
-    }
-}
-
 /// A failure the core must deliver, now: to `tell` (every other member's
 /// connections), and by closing `close` (the failed member's own that are
 /// still open, so that its process learns its session is over).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Delivery {
+    /// The session that failed (0: not one of this server's).
+    pub(crate) session: SessionId,
+    /// The failure was decided here (not reported by the backend).
+    pub(crate) decided_here: bool,
     pub(crate) failure: Failure,
     /// It fails its group: a fate-sharing group's first failure (the one
     /// its members are told).
@@ -193,9 +144,23 @@ pub(crate) struct Sessions {
     /// The soonest deadline when the event loop last asked: it sleeps
     /// until then at the latest.
     wake_by: Option<Instant>,
+    /// Failures are decided elsewhere (a server on etcd, one of several):
+    /// a member's failure here is only published ([`Delivery`] with no one
+    /// to tell), and each group's first failure, wherever it was decided,
+    /// comes back through [`Sessions::group_failed`].
+    decided_elsewhere: bool,
 }
 
 impl Sessions {
+    /// Sessions whose groups' failures are decided elsewhere (see
+    /// `decided_elsewhere`).
+    pub(crate) fn decided_elsewhere() -> Sessions {
+        Sessions {
+            decided_elsewhere: true,
+            ..Sessions::default()
+        }
+    }
+
     /// A turn of the event loop begins at `now`: a turn later than the
     /// deadline it slept until, by more than [`STALL_GRACE`], means the
     /// server stalled (stopped, or starved of CPU) and could not hear its
@@ -567,6 +532,71 @@ impl Sessions {
         std::mem::take(&mut self.orphans)
     }
 
+    /// The first failure of `failure.group`, decided elsewhere (or here,
+    /// and published): the delivery to its members here, once. The failed
+    /// member's session, if it lives here (fenced, or its lease ran out
+    /// while this server could not renew it), ends, and its connections
+    /// close. None when the group has no member here or was told already.
+    pub(crate) fn group_failed(&mut self, failure: Failure, now: Instant) -> Option<Delivery> {
+        if self.failed.contains_key(&failure.group) {
+            return None;
+        }
+        let rank_key = (failure.group.clone(), failure.rank);
+        let failed_here = self.by_rank.get(&rank_key).copied().filter(|id| {
+            self.live
+                .get(id)
+                .is_some_and(|live| live.spec.incarnation == failure.incarnation)
+        });
+        let (session, close) = match failed_here.and_then(|id| Some((id, self.live.get(&id)?))) {
+            Some((id, live)) => (id, live.conns().collect()),
+            None => (0, Vec::new()),
+        };
+        if failed_here.is_some() {
+            self.end(session, None, now);
+        }
+        let members = self.groups.get(&failure.group);
+        let members = members.filter(|g| !g.recoverable && !g.members.is_empty());
+        let Some(members) = members else {
+            // No one here to tell; the failed member's connections close.
+            return (!close.is_empty()).then(|| Delivery {
+                session,
+                decided_here: false,
+                failure,
+                first: false,
+                news: false,
+                tell: Vec::new(),
+                close,
+            });
+        };
+        let tell = members
+            .members
+            .iter()
+            .filter_map(|id| self.live.get(id))
+            .flat_map(Live::conns)
+            .collect();
+        self.failed.insert(failure.group.clone(), failure.clone());
+        Some(Delivery {
+            session,
+            decided_here: false,
+            failure,
+            first: true,
+            news: true,
+            tell,
+            close,
+        })
+    }
+
+    /// Takes back session `id`, opened here but refused where failures
+    /// are decided: it ends as if it had never been.
+    pub(crate) fn discard(&mut self, id: SessionId, now: Instant) {
+        self.end(id, None, now);
+    }
+
+    /// The session connection `conn` belongs to, if any.
+    pub(crate) fn session_id(&self, conn: ConnId) -> Option<SessionId> {
+        self.by_conn.get(&conn).copied()
+    }
+
     fn session_of(&self, conn: ConnId) -> Result<SessionId, Error> {
         self.by_conn.get(&conn).copied().ok_or_else(|| {
             Error::new(
@@ -608,7 +638,9 @@ impl Sessions {
             let close = match cause {
                 Cause::ConnectionLost => live.attached.clone(),
                 Cause::Reported(_) => Vec::new(),
-                Cause::TtlMissed(_) | Cause::Fenced { .. } => live.conns().collect(),
+                Cause::TtlMissed(_) | Cause::Fenced { .. } | Cause::LeaseExpired(_) => {
+                    live.conns().collect()
+                }
             };
             let failure = Failure {
                 group: group.clone(),
@@ -617,11 +649,13 @@ impl Sessions {
                 pid: live.spec.pid,
                 incarnation: live.spec.incarnation,
                 cause,
-                silent_for: now.saturating_duration_since(live.last_heard),
+                silent_for: Some(now.saturating_duration_since(live.last_heard)),
             };
             // The group's first failure is the one its members are told;
             // a recoverable group is not failed: its membership changes.
-            let first = !recoverable && !self.failed.contains_key(&group);
+            // Decided elsewhere, the first is the one that comes back.
+            let first =
+                !recoverable && !self.decided_elsewhere && !self.failed.contains_key(&group);
             let tell = match !first {
                 true => Vec::new(),
                 false => {
@@ -635,9 +669,11 @@ impl Sessions {
                 }
             };
             Delivery {
+                session: id,
+                decided_here: true,
                 failure,
                 first,
-                news: first || recoverable,
+                news: first || recoverable || self.decided_elsewhere,
                 tell,
                 close,
             }

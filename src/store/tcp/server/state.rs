@@ -34,9 +34,9 @@ use super::super::protocol::{
     HELLO_NONCE, HELLO_V2_ACK, HELLO_V2_NONCE, NOT_READY, READY, REPLY_DEFERRED_ERROR, REPLY_ERROR,
     REPLY_OK, STOP_WAITING, VALIDATE_MAGIC, WAIT_CANCELED,
 };
-use super::backend::{Backend, Present, Report, Ticket};
+use super::backend::{Backend, Present, Report, SessionEvent, Ticket};
 use super::metrics::{ConnKind, Gauges, Metrics, Quota, Refusal};
-use super::sessions::{Delivery, Failure, MembershipChange, SessionId, Sessions};
+use super::sessions::{Delivery, MembershipChange, SessionId, Sessions};
 use super::waits::{WaitId, WaitReply, Waits};
 use super::Quotas;
 #[cfg(test)]
@@ -47,6 +47,7 @@ use crate::printable::printable;
 use crate::security::access::{Admission, HandshakeLimits};
 use crate::security::auth::{Nonce, Secret};
 use crate::security::handshake::Challenged;
+use crate::store::tcp::failure::Failure;
 
 /// A connection's id: dense, chosen by whoever drives the core.
 pub(crate) type ConnId = usize;
@@ -192,6 +193,10 @@ impl<B: Backend> ServerCore<B> {
     /// `extensions`: answer distcore's HELLO (off: behave exactly as
     /// PyTorch's server).
     pub(crate) fn new(backend: B, limits: Limits, extensions: bool, now: Instant) -> ServerCore<B> {
+        let sessions = match backend.keeps_sessions() {
+            true => Sessions::decided_elsewhere(),
+            false => Sessions::default(),
+        };
         ServerCore {
             limits,
             extensions,
@@ -209,7 +214,7 @@ impl<B: Backend> ServerCore<B> {
             waits: Waits::default(),
             woken: Vec::new(),
             tickets: 0,
-            sessions: Sessions::default(),
+            sessions,
             closing: Vec::new(),
             one_job: false,
         }
@@ -295,6 +300,19 @@ impl<B: Backend> ServerCore<B> {
     /// and queues the failed member's own connections to close.
     fn deliver(&mut self, delivery: Delivery) {
         let error = delivery.failure.error();
+        // Decided here, for a backend that decides for every server: it
+        // records the failure, and the group's first comes back
+        // (take_backend_reports) to tell the members.
+        if delivery.decided_here && self.backend.keeps_sessions() {
+            let ticket = self.next_ticket();
+            let failed = SessionEvent::Failed {
+                session: delivery.session,
+                failure: &delivery.failure,
+            };
+            if let Err(e) = self.backend.session(ConnId::MAX, ticket, failed) {
+                log::error!("TCPStore server: recording a failure: {e}");
+            }
+        }
         // The group's first failure is news; a later one in a failed group
         // tells nobody.
         match delivery.news {
@@ -726,6 +744,11 @@ impl<B: Backend> ServerCore<B> {
                     }
                 }
                 Report::Written { key, present } => self.written(&key, &present),
+                Report::GroupFailed(failure) => {
+                    if let Some(delivery) = self.sessions.group_failed(failure, self.now) {
+                        self.deliver(delivery);
+                    }
+                }
                 Report::Missed => {
                     for (wait, keys) in self.waits.outstanding() {
                         self.backend.look(wait, keys);
@@ -756,6 +779,12 @@ impl<B: Backend> ServerCore<B> {
             started,
             ..
         } = *in_flight;
+        // A session the backend refused to open is taken back here.
+        if let (Request::Session(SessionRequest::Open { .. }), Err(_)) = (&request, &outcome) {
+            if let Some(session) = self.sessions.session_id(id) {
+                self.sessions.discard(session, self.now);
+            }
+        }
         self.settle(id, ticket, started, outcome.map(Some), request, barrier)?;
         self.resume(id)
     }
@@ -801,6 +830,7 @@ impl<B: Backend> ServerCore<B> {
         }
         let (extensions, limits) = (self.extensions, self.limits);
         let leases = self.backend.holds_leased_keys();
+        let outlive = self.backend.keeps_sessions();
         let Some(conn) = self.connection(id) else {
             return Ok(());
         };
@@ -865,8 +895,13 @@ impl<B: Backend> ServerCore<B> {
                 conn.extended = true;
                 conn.status_replies = true;
                 conn.output.put(&HELLO_V2_ACK.to_le_bytes());
-                let info =
-                    handshake::server_info(limits, conn.admission, conn.challenge.as_ref(), leases);
+                let info = handshake::server_info(
+                    limits,
+                    conn.admission,
+                    conn.challenge.as_ref(),
+                    leases,
+                    outlive,
+                );
                 self.put(id, &info.encode());
                 self.set_kind(id, ConnKind::Distcore);
             }
@@ -926,7 +961,13 @@ impl<B: Backend> ServerCore<B> {
                     return self.fail(id, started, &data, &e);
                 }
                 let ticket = self.next_ticket();
-                let applied = self.backend.apply(id, ticket, &data);
+                let leasing = self.connection(id).and_then(|conn| conn.leasing);
+                let applied = match leasing {
+                    Some(session) if self.backend.keeps_sessions() => {
+                        self.backend.apply_leased(id, ticket, &data, session)
+                    }
+                    _ => self.backend.apply(id, ticket, &data),
+                };
                 return self.settle(id, ticket, started, applied, data, None);
             }
         }
@@ -956,7 +997,8 @@ impl<B: Backend> ServerCore<B> {
     /// any (the last write of a key decides, as with etcd's leases).
     fn note_leases(&mut self, id: ConnId, request: &Request, outcome: &Outcome) {
         let leasing = self.connection(id).and_then(|conn| conn.leasing.take());
-        if leasing.is_none() && !self.sessions.holds_keys() {
+        // A backend that keeps sessions keeps their keys too.
+        if leasing.is_none() && !self.sessions.holds_keys() || self.backend.keeps_sessions() {
             return;
         }
         let mut note = |key: &[u8]| match leasing {
@@ -1058,9 +1100,24 @@ impl<B: Backend> ServerCore<B> {
                         Err(Error::invalid_argument("a malformed session spec")),
                         None,
                     ),
+                    Some(spec) if spec.resume && !self.backend.keeps_sessions() => (
+                        Err(Error::new(
+                            Status::InvalidState,
+                            "this server's sessions do not outlive it: nothing to resume",
+                        )),
+                        None,
+                    ),
                     Some(spec) => {
-                        let (opened, delivery) = self.sessions.open(id, spec, now);
-                        (opened.map(|sid| sid.to_le_bytes().to_vec()), delivery)
+                        let (opened, delivery) = self.sessions.open(id, spec.clone(), now);
+                        if let Some(delivery) = delivery {
+                            self.deliver(delivery);
+                        }
+                        match opened {
+                            Ok(sid) if self.backend.keeps_sessions() => {
+                                return self.keep_session(id, started, session, sid, &spec);
+                            }
+                            opened => (opened.map(|sid| sid.to_le_bytes().to_vec()), None),
+                        }
                     }
                 }
             }
@@ -1087,7 +1144,20 @@ impl<B: Backend> ServerCore<B> {
                 };
                 (reply, None)
             }
-            SessionRequest::Close => (self.sessions.close(id, now).map(|()| Vec::new()), None),
+            SessionRequest::Close => {
+                let closing = self.sessions.session_id(id);
+                let closed = self.sessions.close(id, now);
+                if let (Ok(()), Some(sid)) = (&closed, closing) {
+                    if self.backend.keeps_sessions() {
+                        let ticket = self.next_ticket();
+                        let event = SessionEvent::Closed { session: sid };
+                        let applied = self.backend.session(id, ticket, event);
+                        let request = Request::Session(session);
+                        return self.settle(id, ticket, started, applied, request, None);
+                    }
+                }
+                (closed.map(|()| Vec::new()), None)
+            }
             SessionRequest::Report { message } => {
                 let message = String::from_utf8_lossy(message).into_owned();
                 match self.sessions.report(id, message, now) {
@@ -1123,6 +1193,33 @@ impl<B: Backend> ServerCore<B> {
             }
             Err(error) => self.fail(id, started, &request, &error),
         }
+    }
+
+    /// Session `sid`, just opened here on `id` for `spec`, is to be kept
+    /// by the backend: its answer waits for the backend's (which may
+    /// refuse it: see `complete`).
+    fn keep_session(
+        &mut self,
+        id: ConnId,
+        started: Instant,
+        request: SessionRequest,
+        sid: SessionId,
+        spec: &SessionSpec,
+    ) -> std::result::Result<(), Refused> {
+        let ticket = self.next_ticket();
+        let event = SessionEvent::Opened { session: sid, spec };
+        let applied = self.backend.session(id, ticket, event);
+        if applied.is_err() {
+            self.sessions.discard(sid, self.now);
+        }
+        self.settle(
+            id,
+            ticket,
+            started,
+            applied,
+            Request::Session(request),
+            None,
+        )
     }
 
     /// Counts a request of `command` that arrived at `started` and has
@@ -1363,6 +1460,12 @@ impl<B: Backend> ServerCore<B> {
             }
             // Acknowledged on a version 2 connection: it may be refused.
             (Request::Append { .. }, Outcome::Silent) => self.put_reply(id, &[]),
+            // Kept by the backend (its open or close completed).
+            (Request::Session(SessionRequest::Open { .. }), _) => {
+                let session = self.sessions.session_id(id).unwrap_or_default();
+                self.put_reply(id, &session.to_le_bytes());
+            }
+            (Request::Session(_), _) => self.put_reply(id, &[]),
             (_, outcome) => self.reply(id, outcome),
         }
         match &request {

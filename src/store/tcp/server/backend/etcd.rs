@@ -21,6 +21,7 @@
 //! joined; the watcher exits on its own within [`WATCH_SLICE`].
 
 mod mirror;
+mod sessions;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -33,11 +34,16 @@ use once_cell::sync::OnceCell;
 use parking_lot::Mutex;
 
 use self::mirror::{is_read, Mirror};
-use super::{Backend, Present, Report, Ticket, Usage};
+use self::sessions::{lease_ttl, Ending, HeldSessions, Noticed, SessionView, RENEW_EVERY};
+use super::{Backend, Present, Report, SessionEvent, Ticket, Usage};
 use crate::error::{Error, Result, Status};
 use crate::printable::printable;
-use crate::store::etcd::{EtcdStore, EtcdStoreOptions, Seen, WatchEnd};
-use crate::store::tcp::protocol::{Key, Outcome, Request};
+use crate::store::etcd::{
+    Change, EtcdStore, EtcdStoreOptions, HeldSession, MemberRecord, Seen, WatchEnd,
+};
+use crate::store::tcp::failure::Failure;
+use crate::store::tcp::protocol::{Key, Outcome, Request, SessionSpec};
+use crate::store::tcp::server::sessions::SessionId;
 use crate::store::tcp::server::state::ConnId;
 use crate::store::tcp::server::waits::WaitId;
 use crate::store::Store as _;
@@ -61,6 +67,36 @@ struct Job {
     request: Request,
     /// What the mirror says each key the write names holds.
     guess: Option<Vec<Seen>>,
+    /// The session whose lease the keys it puts are attached to.
+    leased_to: Option<SessionId>,
+}
+
+/// Work on the liveness sessions kept in etcd, for a worker.
+enum SessionTask {
+    /// Opens (or resumes) the core's session `session` for connection
+    /// `conn`, answering `ticket`.
+    Open {
+        conn: ConnId,
+        ticket: Ticket,
+        session: SessionId,
+        spec: SessionSpec,
+    },
+    /// Ends it: closed (`conn` waits for `ticket`), or failed.
+    End {
+        reply_to: Option<(ConnId, Ticket)>,
+        session: SessionId,
+        failure: Option<Failure>,
+    },
+    /// Records that the member's lease ran out.
+    Expired { record: MemberRecord, revision: i64 },
+}
+
+/// What the workers take: session work first (failures are urgent, and
+/// there is at most one per session), then writes in arrival order.
+#[derive(Default)]
+struct Queue {
+    sessions: VecDeque<SessionTask>,
+    writes: VecDeque<Job>,
 }
 
 /// The mirror, and the requests waiting for it to catch up.
@@ -71,6 +107,8 @@ struct View {
     /// which is fence order (only the event loop adds, and acknowledged
     /// writes only grow), with when each arrived.
     fenced: VecDeque<(Job, i64, Instant)>,
+    /// The liveness sessions kept in etcd.
+    sessions: SessionView,
 }
 
 /// What the mirror catching up released: answers, and read-modify-writes
@@ -140,7 +178,10 @@ fn with_same_adds(job: Job, queue: &mut VecDeque<Job>) -> Vec<Job> {
     let Request::Add { key, .. } = &job.request else {
         return vec![job];
     };
-    let same = |j: &Job| matches!(&j.request, Request::Add { key: k, .. } if k == key);
+    let lease = job.leased_to;
+    let same = |j: &Job| {
+        j.leased_to == lease && matches!(&j.request, Request::Add { key: k, .. } if k == key)
+    };
     if !queue.iter().any(same) {
         return vec![job];
     }
@@ -179,12 +220,14 @@ struct Shared {
     max_value_len: usize,
     /// Writes for the workers, who sleep on std's condvar (see
     /// `crate::runtime::timer` on parking_lot's and fork).
-    jobs: std::sync::Mutex<VecDeque<Job>>,
+    jobs: std::sync::Mutex<Queue>,
     job_ready: std::sync::Condvar,
     view: Mutex<View>,
     /// The revision of the latest write this server acknowledged.
     written: AtomicI64,
     reports: Mutex<Vec<Report>>,
+    /// The sessions this server holds in etcd.
+    held: Mutex<HeldSessions>,
     waker: Arc<Waker>,
     stop: AtomicBool,
     /// Once stopped: writes still queued after this are not made (etcd
@@ -194,7 +237,7 @@ struct Shared {
 
 impl Shared {
     /// The writes queued.
-    fn lock_jobs(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+    fn lock_jobs(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.jobs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -206,12 +249,36 @@ impl Shared {
             return;
         }
         let one = jobs.len() == 1;
-        self.lock_jobs().extend(jobs);
+        self.lock_jobs().writes.extend(jobs);
         if one {
             self.job_ready.notify_one();
         } else {
             self.job_ready.notify_all();
         }
+    }
+
+    /// Queues work on sessions for the workers.
+    fn queue_sessions(&self, tasks: impl IntoIterator<Item = SessionTask>) {
+        let mut queue = self.lock_jobs();
+        let before = queue.sessions.len();
+        queue.sessions.extend(tasks);
+        let added = queue.sessions.len() - before;
+        drop(queue);
+        match added {
+            0 => {}
+            1 => self.job_ready.notify_one(),
+            _ => self.job_ready.notify_all(),
+        }
+    }
+
+    /// Acts on what the session keys' changes showed: tells the core of
+    /// the failures recorded, and records the expiries.
+    fn act_on(&self, noticed: Noticed) {
+        self.report(noticed.failed.into_iter().map(Report::GroupFailed));
+        let expired = noticed.expired.into_iter();
+        self.queue_sessions(
+            expired.map(|(record, revision)| SessionTask::Expired { record, revision }),
+        );
     }
 
     /// Sends on what the mirror catching up released.
@@ -244,17 +311,23 @@ impl Shared {
                         .get()
                         .is_some_and(|at| Instant::now() >= *at)
                     {
-                        if !jobs.is_empty() {
+                        let left = jobs.writes.len() + jobs.sessions.len();
+                        if left > 0 {
                             log::warn!(
-                                "etcd backend: stopped with {} writes not made (etcd did not answer in time)",
-                                jobs.len()
+                                "etcd backend: stopped with {left} writes not made (etcd did not answer in time)",
                             );
-                            jobs.clear();
+                            *jobs = Queue::default();
                         }
                         return;
                     }
-                    if let Some(job) = jobs.pop_front() {
-                        break with_same_adds(job, &mut jobs);
+                    if let Some(task) = jobs.sessions.pop_front() {
+                        drop(jobs);
+                        self.run(task);
+                        jobs = self.lock_jobs();
+                        continue;
+                    }
+                    if let Some(job) = jobs.writes.pop_front() {
+                        break with_same_adds(job, &mut jobs.writes);
                     }
                     if self.stop.load(Ordering::SeqCst) {
                         return;
@@ -266,7 +339,7 @@ impl Shared {
                 }
             };
             let answers = match &batch[..] {
-                [job] => vec![self.write(&job.request, job.guess.clone())],
+                [job] => vec![self.write(job, job.guess.clone())],
                 _ => self.add_all(&batch),
             };
             self.report(
@@ -282,9 +355,31 @@ impl Shared {
         }
     }
 
-    /// Makes one write in etcd.
-    fn write(&self, request: &Request, guess: Option<Vec<Seen>>) -> Result<Outcome> {
-        let (outcome, revision) = self.store.write(request, self.max_value_len, guess)?;
+    /// Makes the write of `job` in etcd (with `guess`), its keys attached
+    /// to its session's lease if it is leased.
+    fn write(&self, job: &Job, guess: Option<Vec<Seen>>) -> Result<Outcome> {
+        self.write_request(&job.request, job.leased_to, guess)
+    }
+
+    fn write_request(
+        &self,
+        request: &Request,
+        leased_to: Option<SessionId>,
+        guess: Option<Vec<Seen>>,
+    ) -> Result<Outcome> {
+        let (outcome, revision) = match leased_to {
+            None => self.store.write(request, self.max_value_len, guess)?,
+            Some(session) => {
+                let lease = self.held.lock().lease_of(session).ok_or_else(|| {
+                    Error::new(
+                        Status::PeerFailed,
+                        "the session this write's keys were leased to has ended",
+                    )
+                })?;
+                let leased = self.store.with_lease(lease);
+                leased.write(request, self.max_value_len, guess)?
+            }
+        };
         match (request, &outcome) {
             // The queue was empty at that revision: the mirror forgets the
             // elements created until then (a revision that is not a write
@@ -315,7 +410,7 @@ impl Shared {
     fn add_all(&self, adds: &[Job]) -> Vec<Result<Outcome>> {
         let one_by_one = || {
             adds.iter()
-                .map(|job| self.write(&job.request, job.guess.clone()))
+                .map(|job| self.write(job, job.guess.clone()))
                 .collect()
         };
         let deltas: Option<Vec<i64>> = adds
@@ -338,7 +433,7 @@ impl Shared {
             key: key.clone(),
             delta: total,
         };
-        match self.write(&sum, first.guess.clone()) {
+        match self.write_request(&sum, first.leased_to, first.guess.clone()) {
             Ok(Outcome::Int(after)) => {
                 let mut value = after.checked_sub(total);
                 deltas
@@ -370,11 +465,17 @@ impl Shared {
             let watched = self.store.watch_changes(&mut next, deadline, |changes| {
                 // A revision is applied whole before any read waiting
                 // for it is let go: it never sees half a transaction.
-                let (written, released) = {
+                let (written, released, noticed) = {
                     let mut view = self.view.lock();
                     let written = view.mirror.apply(&changes);
-                    (written, view.caught_up())
+                    let sessions = changes.into_iter().filter_map(|(change, _)| match change {
+                        Change::Session(change) => Some(change),
+                        _ => None,
+                    });
+                    let noticed = view.sessions.apply(sessions.collect());
+                    (written, view.caught_up(), noticed)
                 };
+                self.act_on(noticed);
                 let written = written
                     .into_iter()
                     .map(|(key, present)| Report::Written { key, present });
@@ -388,15 +489,20 @@ impl Shared {
                 // snapshot, and let every wait look again.
                 Ok(WatchEnd::Canceled) => {
                     match self.store.snapshot() {
-                        Ok(snapshot) => {
+                        Ok(mut snapshot) => {
                             log::warn!("etcd backend: the watch fell behind a compaction; reloading the keys");
                             next = snapshot.revision + 1;
+                            let (sessions, mut noticed) =
+                                SessionView::new(std::mem::take(&mut snapshot.sessions));
                             let released = {
                                 let mut view = self.view.lock();
                                 view.mirror = Mirror::new(snapshot);
+                                noticed.failed = sessions.failures_since(&view.sessions);
+                                view.sessions = sessions;
                                 view.caught_up()
                             };
                             self.release(released);
+                            self.act_on(noticed);
                             self.report([Report::Missed]);
                         }
                         Err(e) => self.watch_failed(&e),
@@ -407,6 +513,107 @@ impl Shared {
             let timeout = self.store.timeout();
             let expired = self.view.lock().expire(Instant::now(), timeout);
             self.report(expired);
+        }
+    }
+
+    /// Does `task` in etcd, and reports what the core waits for.
+    fn run(&self, task: SessionTask) {
+        match task {
+            SessionTask::Open {
+                conn,
+                ticket,
+                session,
+                spec,
+            } => {
+                let opened = self.store.open_session(&spec, lease_ttl(&spec));
+                let ended = self
+                    .held
+                    .lock()
+                    .opened(session, opened.as_ref().ok().cloned());
+                if let Some((held, failure)) = ended {
+                    let _ = self.end(&held, failure.as_ref()); // logged
+                }
+                let outcome = opened.map(|_| Outcome::Silent);
+                self.report([Report::Completed {
+                    conn,
+                    ticket,
+                    outcome,
+                }]);
+            }
+            SessionTask::End {
+                reply_to,
+                session,
+                failure,
+            } => {
+                let ending = self.held.lock().end(session, failure.clone());
+                let outcome = match ending {
+                    Ending::Now(held) => self.end(&held, failure.as_ref()),
+                    Ending::Later | Ending::Nothing => Ok(()),
+                };
+                if let Some((conn, ticket)) = reply_to {
+                    let outcome = outcome.map(|()| Outcome::Silent);
+                    self.report([Report::Completed {
+                        conn,
+                        ticket,
+                        outcome,
+                    }]);
+                }
+            }
+            SessionTask::Expired { record, revision } => {
+                if let Err(e) = self.store.record_expiry(&record, revision) {
+                    log::warn!(
+                        "etcd backend: recording that rank {} of group '{}' lost its lease: {}",
+                        record.spec.rank,
+                        printable(&record.spec.group),
+                        e.message()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Ends `held` in etcd: closed, or failed for `failure`.
+    fn end(&self, held: &HeldSession, failure: Option<&Failure>) -> Result<()> {
+        let ended = match failure {
+            None => self.store.close_session(held),
+            Some(failure) => self.store.fail_session(held, failure),
+        };
+        match &ended {
+            Ok(false) => log::info!(
+                "etcd backend: rank {} of group '{}' was ended or taken over elsewhere",
+                held.rank,
+                printable(&held.group)
+            ),
+            Err(e) => log::warn!(
+                "etcd backend: ending the session of rank {} of group '{}': {} (its lease runs out \
+                 unrenewed)",
+                held.rank,
+                printable(&held.group),
+                e.message()
+            ),
+            Ok(true) => {}
+        }
+        ended.map(drop)
+    }
+
+    /// Renews the leases of the sessions this server holds, every
+    /// [`RENEW_EVERY`], in one request, until the backend goes.
+    fn keeper(&self) {
+        loop {
+            std::thread::sleep(RENEW_EVERY);
+            if self.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            let leases = self.held.lock().leases();
+            match self.store.keep_leases_alive(&leases) {
+                Ok(gone) if gone.is_empty() => {}
+                // The watcher sees their liveness keys go: failures.
+                Ok(gone) => log::warn!(
+                    "etcd backend: {} session leases ran out before they were renewed",
+                    gone.len()
+                ),
+                Err(e) => log::warn!("etcd backend: renewing session leases: {}", e.message()),
+            }
         }
     }
 
@@ -439,19 +646,22 @@ impl EtcdBackend {
             ));
         }
         let store = EtcdStore::new(options)?;
-        let snapshot = store.snapshot()?;
+        let mut snapshot = store.snapshot()?;
         let next = snapshot.revision + 1;
+        let (sessions, noticed) = SessionView::new(std::mem::take(&mut snapshot.sessions));
         let shared = Arc::new(Shared {
             store,
             max_value_len,
-            jobs: std::sync::Mutex::new(VecDeque::new()),
+            jobs: std::sync::Mutex::new(Queue::default()),
             job_ready: std::sync::Condvar::new(),
             view: Mutex::new(View {
                 mirror: Mirror::new(snapshot),
                 fenced: VecDeque::new(),
+                sessions,
             }),
             written: AtomicI64::new(0),
             reports: Mutex::new(Vec::new()),
+            held: Mutex::default(),
             waker,
             stop: AtomicBool::new(false),
             give_up_at: OnceCell::new(),
@@ -465,6 +675,9 @@ impl EtcdBackend {
             let worker = spawn(format!("dc-etcd-work-{i}"), move || shared.worker())?;
             backend.workers.push(worker);
         }
+        shared.act_on(noticed);
+        let keeper = shared.clone();
+        spawn("dc-etcd-leases".into(), move || keeper.keeper())?;
         spawn("dc-etcd-watch".into(), move || shared.watcher(next))?;
         Ok(backend)
     }
@@ -494,18 +707,22 @@ impl Drop for EtcdBackend {
     }
 }
 
-impl Backend for EtcdBackend {
-    fn apply(
+impl EtcdBackend {
+    /// Applies `request` of `conn` (see [`Backend::apply`]), its keys
+    /// attached to the lease of session `leased_to` if it is leased.
+    fn apply_to(
         &mut self,
         conn: ConnId,
         ticket: Ticket,
         request: &Request,
+        leased_to: Option<SessionId>,
     ) -> Result<Option<Outcome>> {
         let job = |guess| Job {
             conn,
             ticket,
             request: request.clone(),
             guess,
+            leased_to,
         };
         let read = is_read(request);
         let modified = named_keys(request);
@@ -527,16 +744,78 @@ impl Backend for EtcdBackend {
         self.shared.queue(vec![job(guess)]);
         Ok(None)
     }
+}
 
-    /// Not yet: a key tied to a session of this front-end would outlive
-    /// it if the front-end died (etcd leases will carry them).
+impl Backend for EtcdBackend {
+    fn apply(
+        &mut self,
+        conn: ConnId,
+        ticket: Ticket,
+        request: &Request,
+    ) -> Result<Option<Outcome>> {
+        self.apply_to(conn, ticket, request, None)
+    }
+
+    fn apply_leased(
+        &mut self,
+        conn: ConnId,
+        ticket: Ticket,
+        request: &Request,
+        session: SessionId,
+    ) -> Result<Option<Outcome>> {
+        self.apply_to(conn, ticket, request, Some(session))
+    }
+
+    fn keeps_sessions(&self) -> bool {
+        true
+    }
+
+    fn session(
+        &mut self,
+        conn: ConnId,
+        ticket: Ticket,
+        event: SessionEvent,
+    ) -> Result<Option<Outcome>> {
+        let task = match event {
+            SessionEvent::Opened { session, spec } => {
+                if spec.recoverable {
+                    return Err(Error::not_supported(
+                        "recoverable groups on a server on etcd (not yet: its sessions are \
+                         fate-sharing)",
+                    ));
+                }
+                self.shared.held.lock().opening(session);
+                SessionTask::Open {
+                    conn,
+                    ticket,
+                    session,
+                    spec: spec.clone(),
+                }
+            }
+            SessionEvent::Closed { session } => SessionTask::End {
+                reply_to: Some((conn, ticket)),
+                session,
+                failure: None,
+            },
+            SessionEvent::Failed { session, failure } => SessionTask::End {
+                reply_to: None,
+                session,
+                failure: Some(failure.clone()),
+            },
+        };
+        self.shared.queue_sessions([task]);
+        Ok(None)
+    }
+
+    /// Leased keys are attached to their session's etcd lease: they go
+    /// when it ends, or runs out with the server that renewed it.
     fn holds_leased_keys(&self) -> bool {
-        false
+        true
     }
 
     fn delete_leased(&mut self, keys: Vec<Key>) {
         log::error!(
-            "etcd backend: asked to delete {} leased keys it never held",
+            "etcd backend: asked to delete {} leased keys (their leases carry them)",
             keys.len()
         );
     }
@@ -590,6 +869,7 @@ mod batching {
             ticket,
             request,
             guess: None,
+            leased_to: None,
         }
     }
 
@@ -633,6 +913,7 @@ mod fences {
         let mut view = View {
             mirror: Mirror::default(),
             fenced: VecDeque::new(),
+            sessions: SessionView::default(),
         };
         let start = Instant::now();
         for (ticket, arrived) in [(1, start), (2, start + Duration::from_secs(2))] {
@@ -641,6 +922,7 @@ mod fences {
                 ticket,
                 request: Request::GetNumKeys,
                 guess: None,
+                leased_to: None,
             };
             view.fenced.push_back((job, 5, arrived));
         }

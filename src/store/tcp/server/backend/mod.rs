@@ -18,11 +18,13 @@
 //! says so ([`Report::Missed`]) and the core asks it to look again at the
 //! keys of every pending wait.
 
-use super::super::protocol::{Key, Outcome, Request};
+use super::super::protocol::{Key, Outcome, Request, SessionSpec};
+use super::sessions::SessionId;
 use super::state::ConnId;
 use super::waits::WaitId;
 use crate::error::Result;
 use crate::store::kv::Value;
+use crate::store::tcp::failure::Failure;
 
 pub(crate) mod etcd;
 mod memory;
@@ -80,6 +82,30 @@ pub(crate) enum Report {
     /// Writes may have gone unreported (the backend lost track of them):
     /// every pending wait is to look again.
     Missed,
+    /// A group's first failure, wherever it was decided (a backend that
+    /// [keeps sessions](Backend::keeps_sessions)): its members here are
+    /// told.
+    GroupFailed(Failure),
+}
+
+/// What the core did to a liveness session, for a backend that
+/// [keeps sessions](Backend::keeps_sessions).
+#[derive(Debug)]
+pub(crate) enum SessionEvent<'a> {
+    /// Opened here (tentatively: the backend may refuse it), or resumed
+    /// (`spec.resume`).
+    Opened {
+        session: SessionId,
+        spec: &'a SessionSpec,
+    },
+    /// Closed gracefully.
+    Closed { session: SessionId },
+    /// Failed, as decided here: the backend records it, and reports the
+    /// group's first failure ([`Report::GroupFailed`]).
+    Failed {
+        session: SessionId,
+        failure: &'a Failure,
+    },
 }
 
 /// A store of keys for the protocol core.
@@ -92,6 +118,40 @@ pub(crate) trait Backend: Send {
     /// the backend has acknowledged (a remote backend's view may lag).
     fn apply(&mut self, conn: ConnId, ticket: Ticket, request: &Request)
         -> Result<Option<Outcome>>;
+
+    /// [`Backend::apply`] for a write whose keys are tied to `session`
+    /// (SESSION_LEASE), on a backend that [keeps sessions](Backend::keeps_sessions);
+    /// any other backend's leases are the core's.
+    fn apply_leased(
+        &mut self,
+        conn: ConnId,
+        ticket: Ticket,
+        request: &Request,
+        _session: SessionId,
+    ) -> Result<Option<Outcome>> {
+        self.apply(conn, ticket, request)
+    }
+
+    /// Whether liveness sessions are kept in the backend, shared by every
+    /// server of the same store (etcd): a session's failure is decided
+    /// there once for all of them, its leased keys are the backend's, and
+    /// it may outlive this server (resumed on another). Then the core
+    /// hands the backend every [`SessionEvent`].
+    fn keeps_sessions(&self) -> bool {
+        false
+    }
+
+    /// Applies a session event (only called when [`Backend::keeps_sessions`]):
+    /// `Ok(None)`: it completes later, reported with `ticket` for `conn`
+    /// (an open or a close, which its connection waits for).
+    fn session(
+        &mut self,
+        _conn: ConnId,
+        _ticket: Ticket,
+        _event: SessionEvent,
+    ) -> Result<Option<Outcome>> {
+        Ok(Some(Outcome::Silent))
+    }
 
     /// Whether keys may be tied to liveness sessions: the backend deletes
     /// them at once when their session ends ([`Backend::delete_leased`]),

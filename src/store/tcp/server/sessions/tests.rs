@@ -14,6 +14,7 @@ fn spec(rank: u32, incarnation: u64, ttl: Option<Duration>) -> SessionSpec {
         host: format!("host{rank}"),
         pid: 100 + rank,
         recoverable: false,
+        resume: false,
     }
 }
 
@@ -38,7 +39,7 @@ fn a_lost_connection_fails_the_group_and_every_other_member_is_told_who() {
     let mut sessions = two_members(t0, None);
     let delivery = sessions.disconnect(11, t0 + ms(30)).unwrap();
     assert_eq!(delivery.failure.cause, Cause::ConnectionLost);
-    assert_eq!(delivery.failure.silent_for, ms(30));
+    assert_eq!(delivery.failure.silent_for, Some(ms(30)));
     let mut told = delivery.tell.clone();
     told.sort();
     assert_eq!(told, [10, 20], "rank 0's own and attached connections");

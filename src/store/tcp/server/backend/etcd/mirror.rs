@@ -104,6 +104,8 @@ impl Mirror {
                     }
                     self.forget_if_empty(key);
                 }
+                // The backend's session view takes these.
+                Change::Session(_) => {}
             }
         }
         written

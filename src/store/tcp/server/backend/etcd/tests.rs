@@ -7,7 +7,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::store::etcd::tests::Etcd;
-use crate::store::tcp::{Server, ServerBackend, ServerOptions, TcpStore, TcpStoreOptions};
+use crate::store::etcd::EtcdStore;
+use crate::store::tcp::{
+    Server, ServerBackend, ServerOptions, SessionOptions, TcpStore, TcpStoreOptions,
+};
 use crate::store::{conformance, Store};
 
 /// A server whose keys live under `prefix` in `etcd`.
@@ -206,4 +209,136 @@ fn a_server_stops_within_its_timeout_when_etcd_does_not_answer_its_writes() {
     // The writes under way end within the timeout, the queued ones are
     // given up after it (one by one, they would take 10 timeouts).
     assert!(stopping.elapsed() < 5 * timeout, "{:?}", stopping.elapsed());
+}
+
+/// A member of `group` on `server`, with a session of rank `rank`.
+fn member(server: &Server, group: &str, rank: u32, ttl: Option<Duration>) -> TcpStore {
+    let store = client(server);
+    let options = SessionOptions {
+        ttl,
+        world_size: Some(3),
+        ..SessionOptions::new(group, rank)
+    };
+    store.open_session(&options).unwrap();
+    store
+}
+
+/// Waits (bounded) until `server` serves `n` blocked waits.
+fn until_waits(server: &Server, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.stats().pending_waits < n {
+        assert!(Instant::now() < deadline, "the waits never blocked");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_member_lost_on_one_server_fails_the_blocked_calls_of_members_on_another_naming_it() {
+    let etcd = Etcd::start();
+    let (a, b) = (
+        front_end(&etcd, "/job", true),
+        front_end(&etcd, "/job", true),
+    );
+    let dying = member(&a, "g/", 0, None);
+    let (on_a, on_b) = (member(&a, "g/", 1, None), member(&b, "g/", 2, None));
+    let waiters: Vec<_> = [on_a, on_b]
+        .into_iter()
+        .map(|store| {
+            thread::spawn(move || {
+                let error = store.get("g/never").unwrap_err();
+                (store, error) // still members: the group keeps its failure
+            })
+        })
+        .collect();
+    until_waits(&a, 1);
+    until_waits(&b, 1);
+    let killed = Instant::now();
+    drop(dying); // its connection closes: as a crash, to its server
+    let mut survivors = Vec::new();
+    for waiter in waiters {
+        let (survivor, error) = waiter.join().unwrap();
+        survivors.push(survivor);
+        assert_eq!(error.status(), crate::Status::PeerFailed, "{error}");
+        assert!(
+            error.message().contains("rank 0 of group 'g/'")
+                && error.message().contains("its connection was lost"),
+            "{error}"
+        );
+    }
+    assert!(killed.elapsed() < Duration::from_secs(5), "told at once");
+    // A later member of the group is refused while members remain.
+    let late = client(&b);
+    let refused = late
+        .open_session(&SessionOptions::new("g/", 0))
+        .unwrap_err();
+    assert_eq!(refused.status(), crate::Status::PeerFailed, "{refused}");
+}
+
+#[test]
+fn leased_keys_live_in_etcd_until_their_session_ends_on_any_server() {
+    let etcd = Etcd::start();
+    let (a, b) = (
+        front_end(&etcd, "/job", true),
+        front_end(&etcd, "/job", true),
+    );
+    let owner = member(&a, "k/", 0, None);
+    owner.leased().set("k/addr/0", b"10.0.0.1:7").unwrap();
+    owner.leased().queue_push("k/q", b"element").unwrap();
+    owner.set("k/plain", b"stays").unwrap();
+    let reader = client(&b);
+    assert_eq!(reader.get("k/addr/0").unwrap(), b"10.0.0.1:7");
+    // In etcd (a TCPStore client's keys start with '/', as PyTorch's do).
+    let direct = EtcdStore::new(etcd.options("/job", Duration::from_secs(10))).unwrap();
+    assert_eq!(direct.get("/k/addr/0").unwrap(), b"10.0.0.1:7");
+    owner.close_session().unwrap();
+    // Deleted before the close returned: etcd no longer has them.
+    assert!(!direct.check(&["/k/addr/0"]).unwrap());
+    assert_eq!(direct.queue_len("/k/q").unwrap(), 0);
+    assert_eq!(direct.get("/k/plain").unwrap(), b"stays");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while reader.check(&["k/addr/0"]).unwrap() {
+        assert!(Instant::now() < deadline, "b never saw the key go");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_session_outlives_a_killed_server_for_its_lease_then_fails_once_for_every_server() {
+    let etcd = Etcd::start();
+    let survivor_server = front_end(&etcd, "/job", true);
+    let watcher = member(&survivor_server, "x/", 1, None);
+    // (The handle comes back: a group whose last member left forgets its
+    // failure.)
+    let blocked = thread::spawn(move || {
+        let error = watcher.get("x/never").unwrap_err();
+        (watcher, error)
+    });
+    until_waits(&survivor_server, 1);
+    // A server whose members' process and server both die: nobody renews
+    // rank 0's lease, which runs out (its TTL: 2 s, the least).
+    let doomed = front_end(&etcd, "/job", true);
+    let orphan = member(&doomed, "x/", 0, Some(Duration::from_millis(500)));
+    let started = Instant::now();
+    // The member's process is gone with its server: neither ends the
+    // session, nobody renews its lease.
+    std::mem::forget(orphan);
+    drop(doomed); // its event loop and backend stop; its sessions are not ended
+    let (_watcher, error) = blocked.join().unwrap();
+    let waited = started.elapsed();
+    assert_eq!(error.status(), crate::Status::PeerFailed, "{error}");
+    assert!(error.message().contains("etcd lease ran out"), "{error}");
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10),
+        "the lease's TTL, not before: {waited:?}"
+    );
+    // One failure record, which a server started afterwards agrees on.
+    let late_server = front_end(&etcd, "/job", true);
+    let late = client(&late_server);
+    let refused = late
+        .open_session(&SessionOptions::new("x/", 2))
+        .unwrap_err();
+    assert!(
+        refused.message().contains("rank 0 of group 'x/'"),
+        "{refused}"
+    );
 }

@@ -18,6 +18,7 @@ fn spec(rank: u32, ttl: Option<Duration>) -> SessionSpec {
         host: "node7".into(),
         pid: 4242 + rank,
         recoverable: false,
+        resume: false,
     }
 }
 

@@ -25,6 +25,7 @@ fn follows_values_and_queue_elements() {
             (b"q".to_vec(), b"1".to_vec(), 2),
             (b"q".to_vec(), b"2".to_vec(), 3),
         ],
+        sessions: Vec::new(),
         revision: 5,
     });
     assert_eq!(m.peek(b"q"), Some(Present::Queued));
@@ -209,6 +210,7 @@ fn snapshot_of(state: &State, revision: i64) -> Snapshot {
             .iter()
             .map(|((q, id), created)| (q.clone(), id.clone(), *created))
             .collect(),
+        sessions: Vec::new(),
         revision,
     }
 }
