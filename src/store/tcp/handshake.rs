@@ -43,6 +43,8 @@ pub(crate) enum Greeted {
         challenge: Option<Nonce>,
         /// Keys may be leased to sessions.
         leases: bool,
+        /// Sessions outlive the server: resumed on another of the store.
+        sessions_outlive: bool,
     },
 }
 
@@ -91,6 +93,7 @@ pub(crate) fn greeted(
                 limits: info.limits,
                 challenge,
                 leases: info.leases,
+                sessions_outlive: info.sessions_outlive,
             })
         }
         other => Err(Error::network(format!(

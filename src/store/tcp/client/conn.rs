@@ -84,6 +84,8 @@ pub(crate) struct Conn {
     limits: Limits,
     /// The server lets keys be leased to sessions.
     leases: bool,
+    /// The server's sessions outlive it (resumed on another server).
+    sessions_outlive: bool,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -212,6 +214,7 @@ impl Conn {
                 dialect: Dialect::PyTorch,
                 limits: pytorch_limits(),
                 leases: false,
+                sessions_outlive: false,
                 buf: vec![0; READ_BUFFER_LEN].into_boxed_slice(),
                 start: 0,
                 end: 0,
@@ -249,6 +252,7 @@ impl Conn {
             limits,
             challenge,
             leases,
+            sessions_outlive,
         } = handshake::greeted(&self.peer, answer, &info, secret)?
         else {
             return Ok(());
@@ -256,6 +260,7 @@ impl Conn {
         self.dialect = Dialect::Distcore;
         self.limits = limits;
         self.leases = leases;
+        self.sessions_outlive = sessions_outlive;
         match (secret, challenge) {
             (Some(secret), Some(challenge)) => self.authenticate(secret, &challenge, deadline),
             _ => Ok(()),
@@ -285,6 +290,12 @@ impl Conn {
     /// Whether the server lets keys be leased to sessions.
     pub(crate) fn holds_leases(&self) -> bool {
         self.leases
+    }
+
+    /// Whether the server's sessions outlive it: one whose connection
+    /// broke is resumed on the next server at the same address.
+    pub(crate) fn sessions_outlive(&self) -> bool {
+        self.sessions_outlive
     }
 
     /// The limits requests are checked against (the server's own, or

@@ -158,8 +158,11 @@ impl Connections {
             }
         }
         if slot.is_none() {
-            // The session it carried, if any, ended with it.
-            self.session_lost()?;
+            // The session it carried, if any, ended with it, or is resumed
+            // on the connection that replaces it.
+            if let Some(conn) = self.primary_gone(deadline)? {
+                *slot = Some(conn);
+            }
         }
         let conn = match &mut *slot {
             Some(conn) => conn,
@@ -232,13 +235,60 @@ impl Connections {
         };
         match session::attach(&mut conn, session, deadline) {
             // The server knows no such session: it ended with the
-            // primary connection (a restarted server, a lost connection).
+            // primary connection (a restarted server, a lost connection),
+            // or lives on where the primary has yet to resume it.
             Err(e) if e.status() == Status::InvalidState => {
-                self.session_lost()?;
-                Err(e)
+                if self.membership.lock().resumable().is_none() {
+                    self.session_lost()?;
+                    return Err(e);
+                }
+                self.with_primary(deadline, |_| Ok(()))?;
+                let resumed = self.membership.lock().id();
+                session::attach(&mut conn, resumed, deadline).map(|()| conn)
             }
             attached => attached.map(|()| conn),
         }
+    }
+
+    /// The primary connection is gone (its slot empty, its lock held): a
+    /// session the server keeps beyond itself is resumed on a new
+    /// connection, returned to become the primary (a network error leaves
+    /// it to the next call, within its TTL; a refusal loses it); any other
+    /// session is lost (its error); without one, None.
+    fn primary_gone(&self, deadline: Deadline) -> Result<Option<Conn>> {
+        let Some(spec) = self.membership.lock().resumable() else {
+            self.session_lost()?;
+            return Ok(None);
+        };
+        let mut conn = self.open(deadline)?;
+        let id = match session::open(&mut conn, &spec, deadline) {
+            Ok(id) => id,
+            Err(e) if matches!(e.status(), Status::PeerFailed | Status::InvalidState) => {
+                *self.membership.lock() = Membership::Lost(e.clone());
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        let alive = self.membership.lock().resumed(id);
+        log::info!(
+            "resumed the session of rank {} in group '{}' on {}:{}",
+            spec.rank,
+            String::from_utf8_lossy(&spec.group),
+            self.endpoint.host,
+            self.endpoint.port
+        );
+        // Its keep-alives stopped with the connection they ran on.
+        // (A spare of its own, not take_spare: the primary's lock is held.)
+        if let (Some(ttl), Some(alive)) = (spec.ttl, alive) {
+            let mut spare = self.open(deadline)?;
+            session::attach(&mut spare, Some(id), deadline)?;
+            waiter::keep_alive(waiter::KeepAlive {
+                conn: spare,
+                interval: ttl / 3,
+                session: alive,
+            })?;
+        }
+        Ok(Some(conn))
     }
 
     /// The session's primary connection is gone, and with it the session
@@ -282,13 +332,13 @@ impl Connections {
                 "this handle has a session already: close it first",
             ));
         }
-        let id = self.with_primary(deadline, |c| {
+        let (id, outlives) = self.with_primary(deadline, |c| {
             if c.dialect() != Dialect::Distcore {
                 return Err(Error::not_supported(
                     "sessions need a distcore server (this one speaks only PyTorch's protocol)",
                 ));
             }
-            session::open(c, spec, deadline)
+            Ok((session::open(c, spec, deadline)?, c.sessions_outlive()))
         })?;
         let alive = Arc::new(());
         *self.membership.lock() = Membership::Open {
@@ -296,7 +346,11 @@ impl Connections {
             group: spec.group.clone(),
             rank: spec.rank,
             recoverable: spec.recoverable,
-            _alive: alive.clone(),
+            alive: alive.clone(),
+            resumable: outlives.then(|| SessionSpec {
+                resume: true,
+                ..spec.clone()
+            }),
         };
         if let Some(ttl) = spec.ttl {
             // Three keep-alives a TTL, on a spare of their own, from the

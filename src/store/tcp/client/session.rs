@@ -2,9 +2,11 @@
 //! handle's connections must do because its process is a member of a
 //! group — the session opened on the primary connection, every spare
 //! attached to it — and what the handle becomes when the primary carrying
-//! it is lost (the server failed the session: so do the handle's calls).
+//! it is lost: the server failed the session, so do the handle's calls;
+//! unless the server's sessions outlive it (a server on etcd), when the
+//! session is resumed on a new connection.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use super::super::protocol::{Command, Encoder, SessionSpec};
 use super::{Conn, Deadline, Shape};
@@ -18,14 +20,16 @@ pub(crate) enum Membership {
     #[default]
     None,
     /// Open on the primary connection, with this id, group and rank; its
-    /// keep-alives (if it has a TTL) run while `_alive` lives (held, never
-    /// read).
+    /// keep-alives (if it has a TTL) run while `alive` lives.
     Open {
         id: u64,
         group: Vec<u8>,
         rank: u32,
         recoverable: bool,
-        _alive: Arc<()>,
+        alive: Arc<()>,
+        /// The spec to resume it with when its connection breaks, where the
+        /// server's sessions outlive it.
+        resumable: Option<SessionSpec>,
     },
     /// Ended with the primary connection it was opened on: the server
     /// failed it, and every call of the handle fails with this until a
@@ -61,6 +65,26 @@ impl Membership {
             return Err(error);
         }
         Ok(())
+    }
+
+    /// The spec to resume the open session with, if it may be resumed.
+    pub(crate) fn resumable(&self) -> Option<SessionSpec> {
+        match self {
+            Membership::Open { resumable, .. } => resumable.clone(),
+            _ => None,
+        }
+    }
+
+    /// The open session was resumed as session `id` (on a new
+    /// connection): what its keep-alives hold on to.
+    pub(crate) fn resumed(&mut self, new_id: u64) -> Option<Weak<()>> {
+        match self {
+            Membership::Open { id, alive, .. } => {
+                *id = new_id;
+                Some(Arc::downgrade(alive))
+            }
+            _ => None,
+        }
     }
 
     /// The open session's id.

@@ -15,10 +15,16 @@ use crate::store::{conformance, Store};
 
 /// A server whose keys live under `prefix` in `etcd`.
 fn front_end(etcd: &Etcd, prefix: &str, extensions: bool) -> Arc<Server> {
+    front_end_on(etcd, prefix, extensions, 0)
+}
+
+/// A server whose keys live under `prefix` in `etcd`, on `port` (0: any).
+fn front_end_on(etcd: &Etcd, prefix: &str, extensions: bool, port: u16) -> Arc<Server> {
     let options = etcd.options(prefix, Duration::from_secs(30));
     Arc::new(
         Server::start(ServerOptions {
             bind_address: Some([127, 0, 0, 1].into()),
+            port,
             extensions,
             backend: ServerBackend::Etcd(options),
             ..ServerOptions::default()
@@ -341,4 +347,48 @@ fn a_session_outlives_a_killed_server_for_its_lease_then_fails_once_for_every_se
         refused.message().contains("rank 0 of group 'x/'"),
         "{refused}"
     );
+}
+
+#[test]
+fn a_member_resumes_its_session_on_a_server_restarted_within_its_ttl_and_nobody_is_failed() {
+    let etcd = Etcd::start();
+    let b = front_end(&etcd, "/job", true);
+    let a = front_end(&etcd, "/job", true);
+    let port = a.port();
+    let ttl = Some(Duration::from_secs(2)); // its lease: 2 s
+    let other = member(&b, "r/", 1, ttl);
+    let blocked = thread::spawn(move || {
+        let got = other.get("r/go");
+        (other, got)
+    });
+    until_waits(&b, 1);
+    let moving = member(&a, "r/", 0, ttl);
+    moving.leased().set("r/addr/0", b"here").unwrap();
+    assert!(moving.check(&["r/addr/0"]).unwrap()); // acknowledged
+    drop(a); // the server dies: the member's connections break
+    let _a = front_end_on(&etcd, "/job", true, port);
+    // The member's next call resumes its session on the new server.
+    assert_eq!(moving.add("r/go-count", 1).unwrap(), 1);
+    moving.set("r/go", b"1").unwrap();
+    let (other, got) = blocked.join().unwrap();
+    assert_eq!(got.unwrap(), b"1", "nobody was failed");
+    // Its keep-alives resumed too: alive past its lease's TTL, with the
+    // key leased to it.
+    thread::sleep(Duration::from_secs(4));
+    assert_eq!(other.get("r/addr/0").unwrap(), b"here");
+    assert_eq!(
+        other.add("r/after", 1).unwrap(),
+        1,
+        "the group has not failed"
+    );
+    moving.close_session().unwrap();
+    // b sees the leased key go within the stream's delay.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while other.check(&["r/addr/0"]).unwrap() {
+        assert!(
+            Instant::now() < deadline,
+            "the leased key outlived its session"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
 }
