@@ -43,6 +43,16 @@ impl Serve {
         Serve::spawn(command, open_files)
     }
 
+    /// With `args` after `serve --host 127.0.0.1` (a port at least), its
+    /// log going to `log` rather than to a pipe nobody reads (a server
+    /// that logs much would fill it, and block).
+    pub fn start_logging(log: std::fs::File, args: &[&str]) -> Serve {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_distcore"));
+        command.args(["serve", "--host", "127.0.0.1"]).args(args);
+        command.stdout(Stdio::piped()).stderr(log);
+        Serve::started(command.spawn().expect("distcore serve"))
+    }
+
     /// Listening on `host` (an address of this namespace), on a free port.
     pub fn start_on(host: &str) -> Serve {
         let mut command = Command::new(env!("CARGO_BIN_EXE_distcore"));
@@ -76,7 +86,11 @@ impl Serve {
                 });
             }
         }
-        let mut child = command.spawn().expect("distcore serve");
+        Serve::started(command.spawn().expect("distcore serve"))
+    }
+
+    /// The server `child`, once it says where it listens.
+    fn started(mut child: Child) -> Serve {
         let mut line = String::new();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         stdout.read_line(&mut line).unwrap();

@@ -288,9 +288,16 @@ impl Client {
     }
 
     /// Renews the leases `ids` (one request for all: the gateway's
-    /// keep-alive stream takes one message per lease); returns the ones
-    /// etcd no longer has (expired or revoked). Safe to send again.
-    pub(crate) fn lease_keep_alive(&self, ids: &[i64], deadline: Instant) -> Result<Vec<i64>> {
+    /// keep-alive stream takes one message per lease) by `deadline`, each
+    /// member given at most `per_member` (a silent one must not take a
+    /// renewal's whole time); returns the ones etcd no longer has (expired
+    /// or revoked). Safe to send again.
+    pub(crate) fn lease_keep_alive(
+        &self,
+        ids: &[i64],
+        deadline: Instant,
+        per_member: Duration,
+    ) -> Result<Vec<i64>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -298,7 +305,8 @@ impl Client {
             .iter()
             .map(|id| json!({"ID": id.to_string()}).to_string() + "\n")
             .collect();
-        let reply = self.post_raw("/v3/lease/keepalive", &body, Resend::Safe, deadline)?;
+        let path = "/v3/lease/keepalive";
+        let reply = self.post_raw(path, &body, Resend::Safe, deadline, Some(per_member))?;
         let mut gone = Vec::new();
         let mut answered = 0;
         for line in reply.lines().filter(|l| !l.trim().is_empty()) {
@@ -482,24 +490,27 @@ impl Client {
     /// POSTs `request` to `path`, retrying on another member when one is
     /// unreachable or unavailable, as `resend` allows, until `deadline`.
     fn post(&self, path: &str, request: &Json, resend: Resend, deadline: Instant) -> Result<Json> {
-        let reply = self.post_raw(path, &request.to_string(), resend, deadline)?;
+        let reply = self.post_raw(path, &request.to_string(), resend, deadline, None)?;
         serde_json::from_str(&reply)
             .map_err(|e| protocol_error(format!("etcd {path}: an answer that is not JSON: {e}")))
     }
 
-    /// POSTs `body` to `path` as [`Client::post`] does; the answer's text.
+    /// POSTs `body` to `path` as [`Client::post`] does, each attempt
+    /// given at most `per_attempt` (None: what remains); the answer's text.
     fn post_raw(
         &self,
         path: &str,
         body: &str,
         resend: Resend,
         deadline: Instant,
+        per_attempt: Option<Duration>,
     ) -> Result<String> {
         let mut backoff = Duration::from_millis(10);
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
+            let attempt = per_attempt.map_or(remaining, |cap| cap.min(remaining));
             let endpoint = self.endpoint();
-            let failure = match self.post_once(&endpoint, path, body, remaining) {
+            let failure = match self.post_once(&endpoint, path, body, attempt) {
                 Ok(Ok(reply)) => return Ok(reply),
                 Ok(Err(e)) => return Err(e),
                 Err(Failed { error, sent }) if sent && resend == Resend::IfUnsent => {

@@ -576,9 +576,16 @@ impl EtcdStore {
         Ok(())
     }
 
-    /// Renews the leases `leases`; the ones etcd no longer has.
-    pub(crate) fn keep_leases_alive(&self, leases: &[i64]) -> Result<Vec<i64>> {
-        self.client.lease_keep_alive(leases, self.deadline(None))
+    /// Renews the leases `leases` within `timeout`, each member given at
+    /// most `per_member`; the ones etcd no longer has.
+    pub(crate) fn keep_leases_alive(
+        &self,
+        leases: &[i64],
+        timeout: Duration,
+        per_member: Duration,
+    ) -> Result<Vec<i64>> {
+        let deadline = Instant::now() + timeout;
+        self.client.lease_keep_alive(leases, deadline, per_member)
     }
 }
 

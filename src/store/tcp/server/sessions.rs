@@ -53,10 +53,8 @@ pub(crate) const STALL_GRACE: Duration = Duration::from_millis(100);
 /// still open, so that its process learns its session is over).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Delivery {
-    /// The session that failed (0: not one of this server's).
+    /// The session of this server's that failed (0: none here).
     pub(crate) session: SessionId,
-    /// The failure was decided here (not reported by the backend).
-    pub(crate) decided_here: bool,
     pub(crate) failure: Failure,
     /// It fails its group: a fate-sharing group's first failure (the one
     /// its members are told).
@@ -140,6 +138,10 @@ pub(crate) struct Sessions {
     leases: Leases,
     /// Keys of sessions that ended, for the core to delete.
     orphans: Vec<Key>,
+    /// The last id given (the first is random: a client attaching with
+    /// the id of a session of an earlier server on the same address —
+    /// restarted, or replaced by another server of an etcd store — must
+    /// not find another session of this one's).
     next_id: SessionId,
     /// The soonest deadline when the event loop last asked: it sleeps
     /// until then at the latest.
@@ -236,6 +238,9 @@ impl Sessions {
         }
         if let Some(failure) = self.failed.get(&spec.group) {
             return (Err(failure.error()), delivery);
+        }
+        if self.next_id == 0 {
+            self.next_id = fastrand::u64(1..u64::MAX / 2);
         }
         self.next_id += 1;
         let id = self.next_id;
@@ -560,7 +565,6 @@ impl Sessions {
             // No one here to tell; the failed member's connections close.
             return (!close.is_empty()).then(|| Delivery {
                 session,
-                decided_here: false,
                 failure,
                 first: false,
                 news: false,
@@ -577,7 +581,6 @@ impl Sessions {
         self.failed.insert(failure.group.clone(), failure.clone());
         Some(Delivery {
             session,
-            decided_here: false,
             failure,
             first: true,
             news: true,
@@ -670,7 +673,6 @@ impl Sessions {
             };
             Delivery {
                 session: id,
-                decided_here: true,
                 failure,
                 first,
                 news: first || recoverable || self.decided_elsewhere,

@@ -300,10 +300,11 @@ impl<B: Backend> ServerCore<B> {
     /// and queues the failed member's own connections to close.
     fn deliver(&mut self, delivery: Delivery) {
         let error = delivery.failure.error();
-        // Decided here, for a backend that decides for every server: it
-        // records the failure, and the group's first comes back
-        // (take_backend_reports) to tell the members.
-        if delivery.decided_here && self.backend.keeps_sessions() {
+        // A session of this server's ended, for a backend that decides for
+        // every server: it records the failure (unless recorded already),
+        // and the group's first comes back (take_backend_reports) to tell
+        // the members.
+        if delivery.session != 0 && self.backend.keeps_sessions() {
             let ticket = self.next_ticket();
             let failed = SessionEvent::Failed {
                 session: delivery.session,

@@ -34,7 +34,10 @@ use once_cell::sync::OnceCell;
 use parking_lot::Mutex;
 
 use self::mirror::{is_read, Mirror};
-use self::sessions::{lease_ttl, Ending, HeldSessions, Noticed, SessionView, RENEW_EVERY};
+use self::sessions::{
+    lease_ttl, Ending, HeldSessions, Noticed, SessionView, RENEW_EVERY, RENEW_PER_MEMBER,
+    RENEW_TIMEOUT,
+};
 use super::{Backend, Present, Report, SessionEvent, Ticket, Usage};
 use crate::error::{Error, Result, Status};
 use crate::printable::printable;
@@ -605,8 +608,16 @@ impl Shared {
                 return;
             }
             let leases = self.held.lock().leases();
-            match self.store.keep_leases_alive(&leases) {
-                Ok(gone) if gone.is_empty() => {}
+            let started = Instant::now();
+            match self
+                .store
+                .keep_leases_alive(&leases, RENEW_TIMEOUT, RENEW_PER_MEMBER)
+            {
+                Ok(gone) if gone.is_empty() => log::trace!(
+                    "etcd backend: renewed {} session leases in {:?}",
+                    leases.len(),
+                    started.elapsed()
+                ),
                 // The watcher sees their liveness keys go: failures.
                 Ok(gone) => log::warn!(
                     "etcd backend: {} session leases ran out before they were renewed",

@@ -14,9 +14,12 @@ use crate::store::tcp::failure::Failure;
 use crate::store::tcp::protocol::SessionSpec;
 use crate::store::tcp::server::sessions::SessionId;
 
-/// The shortest lease a session gets (etcd's own minimum with its default
-/// election timeout is about 2 s).
-pub(super) const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
+/// The shortest lease a session gets: long enough to ride out a leader
+/// election and a member that goes silent (the client gives a member
+/// [`RENEW_TIMEOUT`] before the next renewal tries another), short enough
+/// that a server's death with its members' fails them soon. (etcd's own
+/// minimum is about 2 s; its Go client's sessions default to 60 s.)
+pub(super) const MIN_LEASE_TTL: Duration = Duration::from_secs(5);
 
 /// The lease of a session without a TTL: how long it outlives its server.
 pub(super) const LEASE_TTL_WITHOUT_TTL: Duration = Duration::from_secs(10);
@@ -24,6 +27,13 @@ pub(super) const LEASE_TTL_WITHOUT_TTL: Duration = Duration::from_secs(10);
 /// How often a server renews the leases of the sessions it holds: well
 /// within the shortest lease.
 pub(super) const RENEW_EVERY: Duration = Duration::from_millis(500);
+
+/// How long one renewal may take, trying member after member.
+pub(super) const RENEW_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long one member is given to renew (one frozen or cut off: the
+/// renewal goes on to another).
+pub(super) const RENEW_PER_MEMBER: Duration = Duration::from_millis(400);
 
 /// The TTL of the etcd lease of a session of `spec`: at least its own TTL
 /// (so that it may resume on another server within it), in whole seconds.

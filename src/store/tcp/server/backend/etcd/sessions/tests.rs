@@ -137,6 +137,6 @@ fn a_lease_covers_the_session_ttl_in_whole_seconds_and_at_least_the_minimum() {
     assert_eq!(lease_ttl(&spec), LEASE_TTL_WITHOUT_TTL);
     spec.ttl = Some(Duration::from_millis(500));
     assert_eq!(lease_ttl(&spec), MIN_LEASE_TTL);
-    spec.ttl = Some(Duration::from_millis(3200));
-    assert_eq!(lease_ttl(&spec), Duration::from_secs(4));
+    spec.ttl = Some(Duration::from_millis(7200));
+    assert_eq!(lease_ttl(&spec), Duration::from_secs(8));
 }
