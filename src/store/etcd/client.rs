@@ -103,6 +103,7 @@ pub(crate) enum Op {
 }
 
 /// A condition of a transaction.
+#[derive(Clone)]
 pub(crate) enum Compare {
     /// The key was last modified at this revision (0: the key is missing).
     ModRevision { key: Vec<u8>, revision: i64 },

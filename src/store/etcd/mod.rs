@@ -33,7 +33,7 @@ use self::client::{Client, Compare, Op, Read, Resend, Watched};
 use self::guarded::{Committed, Remembered, Target, Write, MAX_KEYS_PER_WRITE};
 use self::requests::split_element;
 pub(crate) use self::requests::{Change, Element, Snapshot};
-pub(crate) use self::sessions::{HeldSession, MemberRecord, SessionChange};
+pub(crate) use self::sessions::{Ended, HeldSession, MemberRecord, SessionChange};
 use super::{check_multi_set_lengths, wait_timeout_error, Store};
 use crate::error::{Error, Result, Status};
 use crate::runtime::timeout::DEFAULT_STORE_TIMEOUT;

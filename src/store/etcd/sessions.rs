@@ -90,6 +90,19 @@ pub(crate) struct HeldSession {
     pub revision: i64,
 }
 
+/// What [`EtcdStore::end_session`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// Ended, its failure recorded as its group's first, by this call.
+    Recorded,
+    /// Ended (closed, or its failure recorded already) by this call.
+    Now,
+    /// Ended already (an earlier attempt, or another server).
+    Already,
+    /// Taken over by another server (resumed there): it lives on.
+    Elsewhere,
+}
+
 /// A change to the session keys, as a watch or a snapshot shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum SessionChange {
@@ -432,30 +445,22 @@ impl EtcdStore {
             revision: kv.mod_revision,
         };
         let record_failure = failure.is_none();
-        self.end_session(&held, record_failure.then_some(&fenced), deadline)
-            .map(drop)
+        if self.end_session(&held, record_failure.then_some(&fenced))? != Ended::Elsewhere {
+            self.client.lease_revoke(record.lease, deadline)?;
+        }
+        Ok(())
     }
 
-    /// Closes `held` gracefully: its keys deleted, then its lease revoked
-    /// (the keys written through it go). Whether it was still this
-    /// server's to close (not ended, or taken over, elsewhere).
-    pub(crate) fn close_session(&self, held: &HeldSession) -> Result<bool> {
-        self.end_session(held, None, self.deadline(None))
-    }
-
-    /// Ends `held` for `failure`: the group's failure recorded unless it
-    /// has one, its keys deleted, then its lease revoked. Whether it was
-    /// still this server's to end.
-    pub(crate) fn fail_session(&self, held: &HeldSession, failure: &Failure) -> Result<bool> {
-        self.end_session(held, Some(failure), self.deadline(None))
-    }
-
-    fn end_session(
+    /// Ends `held` in etcd, gracefully (`failure` None) or for `failure`
+    /// (the group's failure recorded unless it has one): its keys
+    /// deleted. Its lease is the caller's to revoke next
+    /// ([`EtcdStore::revoke_lease`]) unless the session lives on elsewhere.
+    pub(crate) fn end_session(
         &self,
         held: &HeldSession,
         failure: Option<&Failure>,
-        deadline: Instant,
-    ) -> Result<bool> {
+    ) -> Result<Ended> {
+        let deadline = self.deadline(None);
         let member_key = self.member_key(&held.group, held.rank);
         let unchanged = Compare::ModRevision {
             key: member_key.clone(),
@@ -463,14 +468,10 @@ impl EtcdStore {
         };
         let alive_key = self.alive_key(&held.group, held.rank);
         let deletes = || [&member_key, &alive_key].map(|key| Op::Delete { key: key.clone() });
-        let mut ended = false;
         if let Some(failure) = failure {
             let failure_key = self.failure_key(&held.group);
             let compares = [
-                Compare::ModRevision {
-                    key: member_key.clone(),
-                    revision: held.revision,
-                },
+                unchanged.clone(),
                 Compare::CreateRevision {
                     key: failure_key.clone(),
                     revision: 0,
@@ -482,34 +483,40 @@ impl EtcdStore {
                 lease: 0,
             }];
             ops.extend(deletes());
-            ended = self
+            let txn = self
                 .client
-                .txn(&compares, &ops, &[], Resend::Safe, deadline)?
-                .succeeded;
+                .txn(&compares, &ops, &[], Resend::Safe, deadline)?;
+            if txn.succeeded {
+                return Ok(Ended::Recorded);
+            }
         }
-        if !ended {
-            ended = self
-                .client
-                .txn(&[unchanged], &deletes(), &[], Resend::Safe, deadline)?
-                .succeeded;
+        let txn = self
+            .client
+            .txn(&[unchanged], &deletes(), &[], Resend::Safe, deadline)?;
+        if txn.succeeded {
+            return Ok(Ended::Now);
         }
         // Not ended by this call: ended already (an earlier attempt whose
         // answer was lost, or another server), or taken over elsewhere
         // (its record written again, still on the same lease: keep it).
-        if !ended {
-            let now = self
-                .client
-                .range(&member_key, false, Read::Values, deadline)?;
-            let taken_over = now
-                .kvs
-                .first()
-                .and_then(|kv| MemberRecord::decode(&kv.value));
-            if taken_over.is_some_and(|record| record.lease == held.lease) {
-                return Ok(false);
-            }
-        }
-        self.client.lease_revoke(held.lease, deadline)?;
-        Ok(ended)
+        let now = self
+            .client
+            .range(&member_key, false, Read::Values, deadline)?;
+        let record = now
+            .kvs
+            .first()
+            .and_then(|kv| MemberRecord::decode(&kv.value));
+        Ok(
+            match record.is_some_and(|record| record.lease == held.lease) {
+                true => Ended::Elsewhere,
+                false => Ended::Already,
+            },
+        )
+    }
+
+    /// Revokes the lease `lease`: etcd deletes every key on it.
+    pub(crate) fn revoke_lease(&self, lease: i64) -> Result<()> {
+        self.client.lease_revoke(lease, self.deadline(None))
     }
 
     /// Records that the session in `record` (its member record at

@@ -42,7 +42,7 @@ use super::{Backend, Present, Report, SessionEvent, Ticket, Usage};
 use crate::error::{Error, Result, Status};
 use crate::printable::printable;
 use crate::store::etcd::{
-    Change, EtcdStore, EtcdStoreOptions, HeldSession, MemberRecord, Seen, WatchEnd,
+    Change, Ended, EtcdStore, EtcdStoreOptions, HeldSession, MemberRecord, Seen, WatchEnd,
 };
 use crate::store::tcp::failure::Failure;
 use crate::store::tcp::protocol::{Key, Outcome, Request, SessionSpec};
@@ -575,28 +575,31 @@ impl Shared {
         }
     }
 
-    /// Ends `held` in etcd: closed, or failed for `failure`.
+    /// Ends `held` in etcd: closed, or failed for `failure`. A failure it
+    /// recorded as its group's first is told here at once (other servers
+    /// learn it from the watch); then the lease is revoked, its keys gone.
     fn end(&self, held: &HeldSession, failure: Option<&Failure>) -> Result<()> {
-        let ended = match failure {
-            None => self.store.close_session(held),
-            Some(failure) => self.store.fail_session(held, failure),
-        };
+        let ended = self.store.end_session(held, failure);
+        let (group, rank) = (printable(&held.group), held.rank);
         match &ended {
-            Ok(false) => log::info!(
-                "etcd backend: rank {} of group '{}' was ended or taken over elsewhere",
-                held.rank,
-                printable(&held.group)
-            ),
-            Err(e) => log::warn!(
-                "etcd backend: ending the session of rank {} of group '{}': {} (its lease runs out \
-                 unrenewed)",
-                held.rank,
-                printable(&held.group),
-                e.message()
-            ),
-            Ok(true) => {}
+            Ok(Ended::Recorded) => {
+                self.report(failure.cloned().map(Report::GroupFailed));
+            }
+            Ok(Ended::Elsewhere) => {
+                log::info!("etcd backend: rank {rank} of group '{group}' lives on another server");
+                return Ok(());
+            }
+            Ok(Ended::Now | Ended::Already) => {}
+            Err(e) => {
+                log::warn!(
+                    "etcd backend: ending the session of rank {rank} of group '{group}': {} (its \
+                     lease runs out unrenewed)",
+                    e.message()
+                );
+            }
         }
-        ended.map(drop)
+        ended?;
+        self.store.revoke_lease(held.lease)
     }
 
     /// Renews the leases of the sessions this server holds, every
