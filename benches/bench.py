@@ -924,8 +924,8 @@ def liveness_anchor(python, args, n, failure):
 
 # scenario_liveness's arguments, full and --quick: C members' N, TTL (ms), Python members' N, PyTorch's N
 # and timeout (s), the anchors.
-LIVENESS_SIZES = {False: ([16, 256, 1024, "max"], 1000, [16, 256], 16, 5, True),
-                  True: ([16, 64], 1000, [8], 8, 2, False)}
+LIVENESS_SIZES = {False: ([16, 256, 1024, "max"], 1000, [16, 256], 16, 5, True, [16, 256, 1024]),
+                  True: ([16, 64], 1000, [8], 8, 2, False, [16])}
 
 
 def largest_n(fds):
@@ -938,14 +938,16 @@ def largest_n(fds):
     return (resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 100) // per_member, per_member
 
 
-def scenario_liveness(sizes, ttl_ms, python_sizes, torch_size, torch_timeout_s, anchors):
+def scenario_liveness(sizes, ttl_ms, python_sizes, torch_size, torch_timeout_s, anchors, etcd_sizes):
     """Time until every survivor knows: N members blocked in a get (or the
     store barrier), one killed or frozen. distcore with liveness sessions
     (docs/liveness.md), members from the C generator at each of `sizes`
     ("max": the most the descriptor limit allows) and as Python processes
     at `python_sizes`; PyTorch's TCPStore, whose survivors wait out their
     timeout; and with `anchors`, etcd, JAX and torchft measured the same
-    way (benches/liveness_anchors.py)."""
+    way (benches/liveness_anchors.py); and at `etcd_sizes`, the C members
+    on `distcore serve --backend etcd` (one etcd member), beside the memory
+    backend's figures of the same run."""
     rows, ours, held = [], {}, {}
 
     def row(n, system, what, times, told, got):
@@ -991,9 +993,51 @@ def scenario_liveness(sizes, ttl_ms, python_sizes, torch_size, torch_timeout_s, 
                  "async thread; rank N-1 is a process of its own, blocked in a get. Python processes: one per "
                  "member, their wake-up on 2 cores included. The largest N: the descriptor limit "
                  f"({resource.getrlimit(resource.RLIMIT_NOFILE)[1]:,}) over what a member holds ({limit}).")
+    if etcd_sizes:
+        text += "\n" + liveness_on_etcd(etcd_sizes, ttl_ms, ours)
     if anchors:
         text += "\n" + liveness_anchors_table(ours, sizes[0])
     return text, ours
+
+
+def liveness_on_etcd(sizes, ttl_ms, ours):
+    """Table 12e: scenario 12's C members on `distcore serve --backend etcd`
+    (sessions kept in etcd: docs/liveness.md, "On etcd"), each p99 beside
+    the memory backend's in `ours`."""
+    rows = []
+    cluster = harness.EtcdCluster()
+    try:
+        # Discarded: a new etcd member's first commits also pay for its log
+        # files (measured up to 200 ms once).
+        server = Server("distcore", extra=["--backend", f"etcd://{cluster.endpoints[0]}/liveness-warm-up"])
+        try:
+            liveness_generated(server.port, 4, "crash", 0, "get")
+        finally:
+            server.stop()
+        for failure, ttl, calls in [("crash", 0, ["get", "barrier"]), ("silent", ttl_ms, ["get"])]:
+            what = "SIGKILL" if failure == "crash" else f"SIGSTOP, TTL {ttl / 1000:g} s"
+            for n in sizes:
+                for call in calls:
+                    prefix = f"liveness-{failure}-{n}-{call}"
+                    server = Server("distcore", extra=["--backend", f"etcd://{cluster.endpoints[0]}/{prefix}"])
+                    try:
+                        times, got, named, _ = liveness_generated(server.port, n, failure, ttl, call)
+                    finally:
+                        server.stop()
+                    p50, p99, worst = percentiles_ms(times)
+                    memory = ours.get((failure, n, call))
+                    rows.append([f"{n:,}", call, what, f"{p50:,.1f}", f"{p99:,.1f}", f"{worst:,.1f}",
+                                 f"{memory[1]:,.1f}" if memory else "-", ratio(p99, memory[1]) if memory else "-",
+                                 f"{named:,}/{n - 1:,}"])
+    finally:
+        cluster.stop()
+    return table("12e. The same on `distcore serve --backend etcd` (one etcd member; sessions kept in etcd; "
+                 "ms from the signal until each survivor's call returned)",
+                 ["N", "call", "failure", "p50", "p99", "max", "memory backend p99", "etcd / memory",
+                  "told (named the rank)"], rows,
+                 "A crash is decided by the front-end that loses the connection: one etcd transaction records "
+                 "the group's failure (its commit is most of the time at small N); that front-end then tells "
+                 "its members, the others learn it from their watch.")
 
 
 def liveness_anchors_table(ours, ref_n):
