@@ -19,6 +19,7 @@
 
 mod client;
 mod guarded;
+mod membership;
 mod requests;
 mod sessions;
 
@@ -106,6 +107,8 @@ pub struct EtcdStore {
     /// The etcd lease its writes attach the keys they put to (0: none):
     /// see [`EtcdStore::with_lease`].
     lease: i64,
+    /// Its liveness session, if it has one (shared with its leased views).
+    session: membership::SessionSlot,
 }
 
 /// A key's value and the revision it last changed at (0: missing), as
@@ -196,6 +199,7 @@ impl EtcdStore {
             stale_tokens: Arc::default(),
             remembered: Arc::default(),
             lease: 0,
+            session: Arc::default(),
         }
     }
 
@@ -210,6 +214,7 @@ impl EtcdStore {
             stale_tokens: self.stale_tokens.clone(),
             remembered: self.remembered.clone(),
             lease,
+            session: self.session.clone(),
         }
     }
 
@@ -335,10 +340,7 @@ impl EtcdStore {
                 (self.value_key(first), false),
                 (self.queue_prefix(first), true),
             ];
-            if let Watched::Deadline =
-                self.client
-                    .watch_first_put(&ranges, revision + 1, deadline)?
-            {
+            if let Watched::Deadline = self.watch_for_put(&ranges, revision + 1, deadline)? {
                 return Err(wait_timeout_error(timeout, keys));
             }
         }
@@ -609,10 +611,12 @@ fn element_id() -> Vec<u8> {
 
 impl Store for EtcdStore {
     fn set(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.check_session()?;
         self.set_value(key.as_bytes(), value, None).map(drop)
     }
 
     fn get(&self, key: &str) -> Result<Vec<u8>> {
+        self.check_session()?;
         let deadline = self.deadline(None);
         let k = self.value_key(key.as_bytes());
         loop {
@@ -621,11 +625,7 @@ impl Store for EtcdStore {
                 self.remember(&k, kv.mod_revision);
                 return Ok(kv.value);
             }
-            match self.client.watch_first_put(
-                &[(k.clone(), false)],
-                range.revision + 1,
-                deadline,
-            )? {
+            match self.watch_for_put(&[(k.clone(), false)], range.revision + 1, deadline)? {
                 Watched::Put(kv) => return Ok(kv.value),
                 Watched::Canceled => {}
                 Watched::Deadline => return Err(wait_timeout_error(self.timeout(), &[key])),
@@ -634,31 +634,37 @@ impl Store for EtcdStore {
     }
 
     fn add(&self, key: &str, delta: i64) -> Result<i64> {
+        self.check_session()?;
         Ok(self.add_to(key.as_bytes(), delta, None)?.0)
     }
 
     fn compare_set(&self, key: &str, expected: &[u8], desired: &[u8]) -> Result<Vec<u8>> {
+        self.check_session()?;
         Ok(self
             .compare_and_set(key.as_bytes(), expected, desired, None)?
             .0)
     }
 
     fn delete_key(&self, key: &str) -> Result<bool> {
+        self.check_session()?;
         Ok(self.delete_value(key.as_bytes(), None)?.0)
     }
 
     fn check(&self, keys: &[&str]) -> Result<bool> {
+        self.check_session()?;
         let keys: Vec<&[u8]> = keys.iter().map(|k| k.as_bytes()).collect();
         let (present, _) = self.presence(&keys, self.deadline(None))?;
         Ok(present.into_iter().all(|p| p))
     }
 
     fn wait(&self, keys: &[&str], timeout: Option<Duration>) -> Result<()> {
+        self.check_session()?;
         let timeout = timeout.unwrap_or_else(|| self.timeout());
         self.wait_for(keys, self.deadline(Some(timeout)), timeout)
     }
 
     fn num_keys(&self) -> Result<i64> {
+        self.check_session()?;
         let values = [&self.prefix[..], VALUES].concat();
         Ok(self
             .client
@@ -667,11 +673,13 @@ impl Store for EtcdStore {
     }
 
     fn append(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.check_session()?;
         self.append_to(key.as_bytes(), value, usize::MAX, None)
             .map(drop)
     }
 
     fn multi_get(&self, keys: &[&str]) -> Result<Vec<Vec<u8>>> {
+        self.check_session()?;
         let deadline = self.deadline(None);
         loop {
             self.wait_for(keys, deadline, self.timeout())?;
@@ -691,6 +699,7 @@ impl Store for EtcdStore {
     /// One transaction per [`MAX_KEYS_PER_WRITE`] keys: atomic up to that
     /// many.
     fn multi_set(&self, keys: &[&str], values: &[&[u8]]) -> Result<()> {
+        self.check_session()?;
         check_multi_set_lengths(keys, values)?;
         let pairs: Vec<(&[u8], &[u8])> = keys
             .iter()
@@ -702,10 +711,12 @@ impl Store for EtcdStore {
     }
 
     fn queue_push(&self, key: &str, value: &[u8]) -> Result<()> {
+        self.check_session()?;
         self.push(key.as_bytes(), value).map(drop)
     }
 
     fn queue_pop(&self, key: &str, block: bool) -> Result<Vec<u8>> {
+        self.check_session()?;
         let deadline = self.deadline(None);
         loop {
             let pop = self.try_pop(key.as_bytes(), deadline)?;
@@ -719,9 +730,7 @@ impl Store for EtcdStore {
                 ));
             }
             let queue = self.queue_prefix(key.as_bytes());
-            let watched =
-                self.client
-                    .watch_first_put(&[(queue, true)], pop.revision + 1, deadline)?;
+            let watched = self.watch_for_put(&[(queue, true)], pop.revision + 1, deadline)?;
             if let Watched::Deadline = watched {
                 return Err(wait_timeout_error(self.timeout(), &[key]));
             }
@@ -729,6 +738,7 @@ impl Store for EtcdStore {
     }
 
     fn queue_len(&self, key: &str) -> Result<i64> {
+        self.check_session()?;
         Ok(self
             .client
             .range(
@@ -741,10 +751,12 @@ impl Store for EtcdStore {
     }
 
     fn list_keys(&self) -> Result<Vec<String>> {
+        self.check_session()?;
         self.list_prefix("")
     }
 
     fn list_prefix(&self, prefix: &str) -> Result<Vec<String>> {
+        self.check_session()?;
         Ok(self
             .keys_under(VALUES, prefix.as_bytes(), self.deadline(None))?
             .into_iter()
@@ -753,6 +765,7 @@ impl Store for EtcdStore {
     }
 
     fn delete_prefix(&self, prefix: &str) -> Result<i64> {
+        self.check_session()?;
         Ok(self.delete_under(prefix.as_bytes())?.0)
     }
 

@@ -68,7 +68,7 @@ impl MemberRecord {
         .concat()
     }
 
-    fn decode(value: &[u8]) -> Option<MemberRecord> {
+    pub(super) fn decode(value: &[u8]) -> Option<MemberRecord> {
         let (lease, rest) = value.split_first_chunk::<8>()?;
         let (ttl_ms, spec) = rest.split_first_chunk::<8>()?;
         Some(MemberRecord {
@@ -147,7 +147,7 @@ fn group_and_rank(key: &[u8]) -> Option<(Vec<u8>, u32)> {
 }
 
 impl EtcdStore {
-    fn member_key(&self, group: &[u8], rank: u32) -> Vec<u8> {
+    pub(super) fn member_key(&self, group: &[u8], rank: u32) -> Vec<u8> {
         let rank = format!("/{rank}");
         [
             &self.prefix[..],
@@ -162,12 +162,18 @@ impl EtcdStore {
         [&self.prefix[..], MEMBERS, &group_part(group), b"/"].concat()
     }
 
+    /// The prefix of the liveness keys of `group`'s members (each then
+    /// ends with its rank).
+    pub(super) fn alive_prefix(&self, group: &[u8]) -> Vec<u8> {
+        [&self.prefix[..], ALIVE, &group_part(group), b"/"].concat()
+    }
+
     fn alive_key(&self, group: &[u8], rank: u32) -> Vec<u8> {
         let rank = format!("/{rank}");
         [&self.prefix[..], ALIVE, &group_part(group), rank.as_bytes()].concat()
     }
 
-    fn failure_key(&self, group: &[u8]) -> Vec<u8> {
+    pub(super) fn failure_key(&self, group: &[u8]) -> Vec<u8> {
         [&self.prefix[..], FAILURES, &group_part(group)].concat()
     }
 
@@ -224,7 +230,7 @@ impl EtcdStore {
     /// ([`Status::PeerFailed`]) while it has one and members, and
     /// [`Status::InvalidState`] when the rank is live with an incarnation
     /// not older (or, to resume, no longer live).
-    pub(crate) fn open_session(
+    pub(crate) fn open_member(
         &self,
         spec: &SessionSpec,
         lease_ttl: Duration,

@@ -535,3 +535,4 @@ fn a_wrong_guess_costs_a_retry_never_a_wrong_answer() {
 }
 
 mod held;
+mod sessions;

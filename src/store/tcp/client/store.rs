@@ -135,6 +135,25 @@ impl SessionOptions {
 
     /// What SESSION_OPEN carries: these options, this process's pid and
     /// host.
+    /// The spec these options open a session with, once checked: a TTL of
+    /// at least [`MIN_SESSION_TTL`], a rank below the world size.
+    pub(crate) fn checked_spec(&self) -> Result<SessionSpec> {
+        let spec = self.spec();
+        if spec.ttl.is_some_and(|ttl| ttl < MIN_SESSION_TTL) {
+            return Err(Error::invalid_argument(format!(
+                "a session's TTL must be at least {MIN_SESSION_TTL:?}"
+            )));
+        }
+        if spec.world_size.is_some_and(|n| spec.rank >= n) {
+            return Err(Error::invalid_argument(format!(
+                "rank {} is not below the world size {}",
+                spec.rank,
+                spec.world_size.unwrap_or(0)
+            )));
+        }
+        Ok(spec)
+    }
+
     fn spec(&self) -> SessionSpec {
         let mut host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
@@ -345,19 +364,7 @@ impl TcpStore {
     /// PyTorch server; InvalidState if the handle has a session; PeerFailed
     /// if the group has lost a member already.
     pub fn open_session(&self, options: &SessionOptions) -> Result<()> {
-        let spec = options.spec();
-        if spec.ttl.is_some_and(|ttl| ttl < MIN_SESSION_TTL) {
-            return Err(Error::invalid_argument(format!(
-                "a session's TTL must be at least {MIN_SESSION_TTL:?}"
-            )));
-        }
-        if spec.world_size.is_some_and(|n| spec.rank >= n) {
-            return Err(Error::invalid_argument(format!(
-                "rank {} is not below the world size {}",
-                spec.rank,
-                spec.world_size.unwrap_or(0)
-            )));
-        }
+        let spec = options.checked_spec()?;
         self.timed("open_session", || {
             self.conns.open_session(&spec, self.deadline())
         })

@@ -528,7 +528,7 @@ impl Shared {
                 session,
                 spec,
             } => {
-                let opened = self.store.open_session(&spec, lease_ttl(&spec));
+                let opened = self.store.open_member(&spec, lease_ttl(&spec));
                 let ended = self
                     .held
                     .lock()

@@ -1,0 +1,406 @@
+//! An EtcdStore handle's own liveness session (docs/liveness.md, "On
+//! etcd"), for programs that use etcd without a front-end: the session is
+//! an etcd lease this process renews (from one process-wide thread, for
+//! every handle), kept in the same records as the front-ends' sessions
+//! (`super::sessions`), so both kinds of member may share a group.
+//!
+//! There is no server connection to break, so a member is failed when its
+//! lease runs out (its TTL: a crash, a freeze or a partition alike), when
+//! it reports an error, or when a newer incarnation of its rank opens. The
+//! members told are those blocked in a call (their watch also watches the
+//! group's failure record and its members' liveness keys, and the first to
+//! see a lease run out records the failure) and, within a renewal period,
+//! every member through its renewals, which read the group's failure.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use once_cell::sync::Lazy;
+use parking_lot::Mutex;
+
+use super::client::{Client, Event, Read, WatchEnd, Watched};
+use super::sessions::{Ended, HeldSession, MemberRecord};
+use super::EtcdStore;
+use crate::error::{Error, Result, Status};
+use crate::printable::printable;
+use crate::store::tcp::failure::Failure;
+use crate::store::tcp::protocol::SessionSpec;
+use crate::store::tcp::SessionOptions;
+
+/// The shortest lease an EtcdStore session gets: etcd's own minimum with
+/// its default election timeout.
+const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
+
+/// The lease of a session without a TTL.
+const LEASE_TTL_WITHOUT_TTL: Duration = Duration::from_secs(10);
+
+/// How often the renewal thread looks for renewals due.
+const RENEWAL_TICK: Duration = Duration::from_millis(100);
+
+/// A handle's session, shared with its leased views.
+pub(super) type SessionSlot = Arc<Mutex<Option<Session>>>;
+
+/// An open session of a handle.
+pub(super) struct Session {
+    held: HeldSession,
+    /// The group's failure (or this session's end), once seen: every
+    /// later call fails with it.
+    failure: Option<Error>,
+    /// Renewed while this lives.
+    _renewal: Arc<Renewal>,
+}
+
+/// A lease the renewal thread keeps alive, and the group whose failure
+/// its renewals look for.
+struct Renewal {
+    client: Arc<Client>,
+    lease: i64,
+    every: Duration,
+    next: Mutex<Instant>,
+    failure_key: Vec<u8>,
+    group: Vec<u8>,
+    session: Weak<Mutex<Option<Session>>>,
+}
+
+/// Every renewal of the process.
+static RENEWALS: Lazy<Mutex<Vec<Weak<Renewal>>>> = Lazy::new(|| {
+    let spawned = std::thread::Builder::new()
+        .name("dc-etcd-renew".into())
+        .spawn(renew_forever);
+    if let Err(e) = spawned {
+        log::error!("etcd sessions: spawning the renewal thread: {e}");
+    }
+    Mutex::new(Vec::new())
+});
+
+fn renew_forever() {
+    loop {
+        std::thread::sleep(RENEWAL_TICK);
+        let due: Vec<Arc<Renewal>> = {
+            let mut renewals = RENEWALS.lock();
+            renewals.retain(|r| r.strong_count() > 0);
+            let now = Instant::now();
+            renewals
+                .iter()
+                .filter_map(Weak::upgrade)
+                .filter(|r| *r.next.lock() <= now)
+                .collect()
+        };
+        for renewal in due {
+            renewal.renew();
+        }
+    }
+}
+
+impl Renewal {
+    /// Renews the lease within its period, and reads the group's failure:
+    /// a lease gone, or a failure recorded, is the session's error.
+    fn renew(&self) {
+        *self.next.lock() = Instant::now() + self.every;
+        let deadline = Instant::now() + self.every;
+        let ended = match self.client.lease_keep_alive(&[self.lease], deadline, self.every / 2) {
+            Ok(gone) if !gone.is_empty() => Some(Error::new(
+                Status::PeerFailed,
+                format!(
+                    "this process's session in group '{}' ended: its etcd lease ran out (the process \
+                     was frozen or cut off from etcd for longer than its TTL)",
+                    printable(&self.group)
+                ),
+            )),
+            Ok(_) => self.recorded_failure(deadline),
+            Err(e) => {
+                log::warn!("etcd sessions: renewing a lease: {}", e.message());
+                None
+            }
+        };
+        if let (Some(error), Some(session)) = (ended, self.session.upgrade()) {
+            if let Some(session) = session.lock().as_mut() {
+                session.failure.get_or_insert(error);
+            }
+        }
+    }
+
+    fn recorded_failure(&self, deadline: Instant) -> Option<Error> {
+        let range = self
+            .client
+            .range(&self.failure_key, false, Read::Values, deadline);
+        let kv = range.ok()?.kvs.into_iter().next()?;
+        Some(Failure::decode(&self.group, &kv.value)?.error())
+    }
+}
+
+/// What a watch in a session saw first.
+enum Seen {
+    /// A write to one of the caller's keys.
+    Put(super::client::Kv),
+    /// The group's failure.
+    Failed(Error),
+    /// A member's liveness key went (at this revision): perhaps its lease
+    /// ran out.
+    Lost { key: Vec<u8>, revision: i64 },
+}
+
+impl EtcdStore {
+    /// Opens a liveness session of this process on the handle
+    /// (docs/liveness.md, "On etcd"): an etcd lease of the session's TTL
+    /// (at least 2 s, whole seconds; 10 s without one) that a process-wide
+    /// thread renews three times a TTL. From then on, when another member
+    /// of the group fails — its lease runs out (a crash, a freeze, a
+    /// partition), it reports an error, a newer incarnation of its rank
+    /// opens — this handle's blocked calls fail at once with
+    /// [`Status::PeerFailed`] naming it, and its later calls too (within a
+    /// renewal period). Members on `distcore serve --backend etcd`
+    /// front-ends of the same prefix share the group. InvalidState if the
+    /// handle has a session, or the rank is live with an incarnation not
+    /// older; PeerFailed if the group has failed; NotSupported for a
+    /// recoverable group.
+    pub fn open_session(&self, options: &SessionOptions) -> Result<()> {
+        let spec = options.checked_spec()?;
+        if spec.recoverable {
+            return Err(Error::not_supported(
+                "recoverable groups on etcd (not yet: sessions on etcd are fate-sharing)",
+            ));
+        }
+        if self.session.lock().is_some() {
+            return Err(Error::new(
+                Status::InvalidState,
+                "this handle has a session already: close it first",
+            ));
+        }
+        let ttl = spec.ttl.unwrap_or(LEASE_TTL_WITHOUT_TTL).max(MIN_LEASE_TTL);
+        let held = self.open_member(&spec, ttl)?;
+        let renewal = Arc::new(Renewal {
+            client: self.client.clone(),
+            lease: held.lease,
+            every: Duration::from_secs(ttl.as_secs().max(1)) / 3,
+            next: Mutex::new(Instant::now()),
+            failure_key: self.failure_key(&spec.group),
+            group: spec.group.clone(),
+            session: Arc::downgrade(&self.session),
+        });
+        RENEWALS.lock().push(Arc::downgrade(&renewal));
+        *self.session.lock() = Some(Session {
+            held,
+            failure: None,
+            _renewal: renewal,
+        });
+        Ok(())
+    }
+
+    /// Closes the handle's session gracefully: its keys deleted, its lease
+    /// revoked (the keys leased to it go), the group not failed.
+    /// InvalidState if it has none. A session that ended already (its
+    /// lease ran out) is only forgotten.
+    pub fn close_session(&self) -> Result<()> {
+        self.end_own(None)
+    }
+
+    /// Ends the handle's session with this process's own error: the
+    /// group fails with `message`, naming this rank. InvalidState if it
+    /// has no session.
+    pub fn report_error(&self, message: &str) -> Result<()> {
+        self.end_own(Some(message))
+    }
+
+    /// A view of this handle whose writes (set, add, compare_set, append,
+    /// multi_set, queue_push) put the keys they write on the session's
+    /// etcd lease: they go when the session ends, however it ends. Shares
+    /// the handle's session. InvalidState without one.
+    pub fn leased(&self) -> Result<EtcdStore> {
+        let lease = match &*self.session.lock() {
+            Some(session) => session.held.lease,
+            None => {
+                return Err(Error::new(
+                    Status::InvalidState,
+                    "this handle has no session: a leased write needs one (open_session first)",
+                ))
+            }
+        };
+        Ok(self.with_lease(lease))
+    }
+
+    fn end_own(&self, report: Option<&str>) -> Result<()> {
+        let Some(session) = self.session.lock().take() else {
+            return Err(Error::new(
+                Status::InvalidState,
+                "this handle has no session",
+            ));
+        };
+        if session.failure.is_some() && report.is_none() {
+            return Ok(()); // ended already
+        }
+        let held = session.held;
+        let failure = report.map(|message| self.reported(&held, message));
+        if self.end_session(&held, failure.as_ref())? != Ended::Elsewhere {
+            self.revoke_lease(held.lease)?;
+        }
+        Ok(())
+    }
+
+    /// The failure of `held` reporting `message`.
+    fn reported(&self, held: &HeldSession, message: &str) -> Failure {
+        let spec = self.own_spec(held);
+        Failure {
+            group: held.group.clone(),
+            rank: held.rank,
+            host: spec.as_ref().map(|s| s.host.clone()).unwrap_or_default(),
+            pid: std::process::id(),
+            incarnation: spec.map_or(0, |s| s.incarnation),
+            cause: crate::store::tcp::failure::Cause::Reported(message.to_string()),
+            silent_for: Some(Duration::ZERO),
+        }
+    }
+
+    /// The spec `held` was opened with, as its member record holds it.
+    fn own_spec(&self, held: &HeldSession) -> Option<SessionSpec> {
+        let key = self.member_key(&held.group, held.rank);
+        let range = self
+            .client
+            .range(&key, false, Read::Values, self.deadline(None));
+        let kv = range.ok()?.kvs.into_iter().next()?;
+        MemberRecord::decode(&kv.value).map(|record| record.spec)
+    }
+
+    /// The error every call of a handle in a failed group fails with.
+    pub(super) fn check_session(&self) -> Result<()> {
+        match self.session.lock().as_ref().and_then(|s| s.failure.clone()) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    /// Watches `ranges` from `start` for a put, as
+    /// [`Client::watch_first_put`] does; in a session, also for the
+    /// group's failure (an error) and for members whose lease runs out
+    /// (their failure recorded here if no one has).
+    pub(super) fn watch_for_put(
+        &self,
+        ranges: &[(Vec<u8>, bool)],
+        start: i64,
+        deadline: Instant,
+    ) -> Result<Watched> {
+        let group = self.session.lock().as_ref().map(|s| s.held.group.clone());
+        let Some(group) = group else {
+            return self.client.watch_first_put(ranges, start, deadline);
+        };
+        let failure_key = self.failure_key(&group);
+        let alive = self.alive_prefix(&group);
+        let mut watched = ranges.to_vec();
+        watched.push((failure_key.clone(), false));
+        watched.push((alive.clone(), true));
+        // A failure recorded before the watch starts.
+        let recorded = self
+            .client
+            .range(&failure_key, false, Read::Values, deadline)?;
+        if let Some(kv) = recorded.kvs.first() {
+            return Err(self.group_failed(&group, &kv.value));
+        }
+        let mut next = start.min(recorded.revision + 1);
+        // Liveness keys seen gone (key, revision): a watch started again
+        // at that revision (another range's events of it may follow)
+        // skips them.
+        let mut lost: Vec<(Vec<u8>, i64)> = Vec::new();
+        loop {
+            let mut seen = None;
+            let end = self
+                .client
+                .watch(&watched, next, true, deadline, |events| {
+                    let mut events = events.into_iter();
+                    seen = events.find_map(|event| {
+                        let seen = classify(event, &group, &failure_key, &alive);
+                        match &seen {
+                            Some(Seen::Lost { key, revision })
+                                if lost.iter().any(|(k, r)| k == key && r == revision) =>
+                            {
+                                None
+                            }
+                            _ => seen,
+                        }
+                    });
+                    seen.is_none()
+                })?;
+            match seen {
+                Some(Seen::Put(kv)) => return Ok(Watched::Put(kv)),
+                Some(Seen::Failed(error)) => {
+                    self.note_failure(&error);
+                    return Err(error);
+                }
+                Some(Seen::Lost { key, revision }) => {
+                    self.lease_ran_out(&group, &key, &alive)?;
+                    lost.push((key, revision));
+                    next = revision;
+                }
+                None => {
+                    return Ok(match end {
+                        WatchEnd::Canceled => Watched::Canceled,
+                        WatchEnd::Stopped | WatchEnd::Deadline => Watched::Deadline,
+                    })
+                }
+            }
+        }
+    }
+
+    /// The error of `group`'s failure in `record`, remembered.
+    fn group_failed(&self, group: &[u8], record: &[u8]) -> Error {
+        let error = Failure::decode(group, record).map_or_else(
+            || {
+                Error::new(
+                    Status::PeerFailed,
+                    "the group failed (its record is malformed)",
+                )
+            },
+            |failure| failure.error(),
+        );
+        self.note_failure(&error);
+        error
+    }
+
+    fn note_failure(&self, error: &Error) {
+        if let Some(session) = self.session.lock().as_mut() {
+            session.failure.get_or_insert_with(|| error.clone());
+        }
+    }
+
+    /// The liveness key `key` of a member of `group` went: if its member
+    /// record stays, its lease ran out, and its failure is recorded (once,
+    /// whoever comes first).
+    fn lease_ran_out(&self, group: &[u8], key: &[u8], alive: &[u8]) -> Result<()> {
+        let Some(rank) = key
+            .strip_prefix(alive)
+            .and_then(|rank| std::str::from_utf8(rank).ok()?.parse().ok())
+        else {
+            return Ok(());
+        };
+        let member_key = self.member_key(group, rank);
+        let range = self
+            .client
+            .range(&member_key, false, Read::Values, self.deadline(None))?;
+        let Some(kv) = range.kvs.first() else {
+            return Ok(()); // it ended: closed, or its failure recorded
+        };
+        match MemberRecord::decode(&kv.value) {
+            Some(record) => self.record_expiry(&record, kv.mod_revision),
+            None => Ok(()),
+        }
+    }
+}
+
+/// What `event` is to a watch in a session, if anything.
+fn classify(event: Event, group: &[u8], failure_key: &[u8], alive: &[u8]) -> Option<Seen> {
+    if event.kv.key == failure_key {
+        return (!event.deleted).then(|| {
+            let group_failed = Failure::decode(group, &event.kv.value);
+            Seen::Failed(group_failed.map_or_else(
+                || Error::new(Status::PeerFailed, "the group failed"),
+                |f| f.error(),
+            ))
+        });
+    }
+    if event.kv.key.starts_with(alive) {
+        return event.deleted.then_some(Seen::Lost {
+            revision: event.kv.mod_revision,
+            key: event.kv.key,
+        });
+    }
+    (!event.deleted).then_some(Seen::Put(event.kv))
+}
