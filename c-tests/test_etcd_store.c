@@ -1,46 +1,13 @@
 /* EtcdStore through the C API, against a real etcd member this test starts
  * (etcd from the Debian package etcd-server; the test fails without it) on
  * loopback ports, in a temporary directory, and kills by PID at the end. */
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <signal.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "check.h"
-
-static uint16_t free_port(void) {
-  int fd = socket(AF_INET, SOCK_STREAM, 0);
-  struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-  socklen_t len = sizeof addr;
-  CHECK(fd >= 0 && bind(fd, (struct sockaddr *)&addr, sizeof addr) == 0);
-  CHECK(getsockname(fd, (struct sockaddr *)&addr, &len) == 0);
-  close(fd);
-  return ntohs(addr.sin_port);
-}
-
-static pid_t start_etcd(const char *dir, char *endpoint, size_t size) {
-  uint16_t client = free_port(), peer = free_port();
-  char client_url[64], peer_url[64], cluster[80], data[512];
-  snprintf(client_url, sizeof client_url, "http://127.0.0.1:%u", client);
-  snprintf(peer_url, sizeof peer_url, "http://127.0.0.1:%u", peer);
-  snprintf(cluster, sizeof cluster, "t=%s", peer_url);
-  snprintf(data, sizeof data, "%s/data", dir);
-  snprintf(endpoint, size, "127.0.0.1:%u", client);
-  pid_t pid = fork();
-  CHECK(pid >= 0);
-  if (pid == 0) {
-    freopen("/dev/null", "w", stdout);
-    freopen("/dev/null", "w", stderr);
-    execlp("etcd", "etcd", "--name", "t", "--data-dir", data, "--listen-client-urls", client_url,
-           "--advertise-client-urls", client_url, "--listen-peer-urls", peer_url,
-           "--initial-advertise-peer-urls", peer_url, "--initial-cluster", cluster, (char *)NULL);
-    _exit(127); /* etcd is not installed */
-  }
-  return pid;
-}
+#include "etcd_member.h"
 
 static dc_store *etcd_store(const char *endpoint, const char *prefix, int64_t timeout_ms) {
   const char *endpoints[1] = {endpoint};
@@ -106,6 +73,41 @@ int main(void) {
   CHECK_OK(dc_rpc_init(s, "only", 0, 1, NULL, &rpc));
   CHECK_OK(dc_rpc_shutdown(rpc, true, 30000));
   dc_rpc_free(rpc);
+  /* Liveness sessions on the EtcdStore (docs/liveness.md, "On etcd"): a
+   * member's reported error fails another's blocked wait, naming it; a
+   * closed member's leased key goes with its session. */
+  dc_session_options so;
+  CHECK_OK(dc_session_options_init(&so, sizeof so));
+  so.group = "c/";
+  so.rank = 2;
+  CHECK_STATUS(dc_etcd_store_leased(s, NULL), DC_ERR_INVALID_ARGUMENT);
+  dc_store *view = NULL;
+  CHECK_STATUS(dc_etcd_store_leased(s, &view), DC_ERR_INVALID_STATE);
+  CHECK_OK(dc_etcd_store_open_session(s, &so));
+  CHECK_OK(dc_etcd_store_leased(s, &view));
+  CHECK_OK(dc_store_set(view, "c/addr/2", (const uint8_t *)"x", 1));
+  dc_store_free(view);
+  CHECK_OK(dc_etcd_store_close_session(s));
+  bool present = true;
+  const char *addr[1] = {"c/addr/2"};
+  CHECK_OK(dc_store_check(s, addr, 1, &present));
+  CHECK(!present);
+  CHECK_STATUS(dc_etcd_store_close_session(s), DC_ERR_INVALID_STATE);
+  CHECK_STATUS(dc_tcp_store_open_session(s, &so), DC_ERR_INVALID_ARGUMENT); /* not a TCPStore */
+  so.rank = 0;
+  CHECK_OK(dc_etcd_store_open_session(s, &so));
+  so.rank = 1;
+  CHECK_OK(dc_etcd_store_open_session(other, &so));
+  CHECK_OK(dc_store_wait_async(s, missing, 1, 30000, &w));
+  usleep(300 * 1000);
+  CHECK_OK(dc_etcd_store_report_error(other, "loss is NaN"));
+  CHECK_STATUS(dc_work_wait(w, 30000), DC_ERR_PEER_FAILED);
+  CHECK(strstr(dc_last_error_message(), "rank 1 of group 'c/'") != NULL);
+  CHECK(strstr(dc_last_error_message(), "loss is NaN") != NULL);
+  dc_work_free(w);
+  CHECK_STATUS(dc_store_add(s, "n", 1, &n), DC_ERR_PEER_FAILED); /* later calls too */
+  CHECK_OK(dc_etcd_store_close_session(s));
+
   dc_store_free(other);
   dc_store_free(s);
 

@@ -166,6 +166,15 @@ int main(void) {
   NULL_ARG(dc_tcp_store_watch_members(s, 0, NULL));
   NULL_ARG(dc_tcp_store_report_error(NULL, "m"));
   NULL_ARG(dc_tcp_store_report_error(s, NULL));
+  /* EtcdStore sessions: NULL, or a store that is not an EtcdStore. */
+  NULL_ARG(dc_etcd_store_open_session(NULL, &session));
+  NULL_ARG(dc_etcd_store_open_session(s, NULL));
+  CHECK_STATUS(dc_etcd_store_open_session(s, &session), DC_ERR_INVALID_ARGUMENT); /* a TCPStore */
+  NULL_ARG(dc_etcd_store_close_session(NULL));
+  NULL_ARG(dc_etcd_store_report_error(NULL, "m"));
+  NULL_ARG(dc_etcd_store_report_error(s, NULL));
+  NULL_ARG(dc_etcd_store_leased(NULL, &view));
+  CHECK_STATUS(dc_etcd_store_leased(s, &view), DC_ERR_INVALID_ARGUMENT); /* a TCPStore */
 
   /* Elastic helpers. */
   NULL_ARG(dc_elastic_barrier(NULL, 1, "b", 10));

@@ -984,8 +984,8 @@ dc_status dc_tcp_store_report_error(const dc_store *store, const char *message);
 // the session) open until freed, along with the handle.
 //
 // The view's writes fail with DC_ERR_INVALID_STATE while the handle has
-// no session, DC_ERR_NOT_SUPPORTED on PyTorch's server or an
-// etcd-backed one.
+// no session, DC_ERR_NOT_SUPPORTED on PyTorch's server. (On an
+// etcd-backed server the keys are put on the session's etcd lease.)
 //
 // Errors: DC_ERR_INVALID_ARGUMENT when `store` or `out` is NULL or `store`
 // is not a TCPStore. Never blocks.
@@ -1020,6 +1020,63 @@ dc_status dc_tcp_store_members(const dc_store *store,
 // the handle has no session or its group is not recoverable; those of
 // connecting. Does not block beyond taking a connection.
 dc_status dc_tcp_store_watch_members(const dc_store *store, uint64_t epoch, dc_work **out);
+
+// Since 1.4. Opens a liveness session of this process on the EtcdStore
+// handle (docs/liveness.md, "On etcd"): an etcd lease of the session's
+// TTL (`opts->ttl_ms`, rounded up to whole seconds, at least 2 s; 10 s
+// without one) that one process-wide thread renews three times a TTL.
+// From then on, when another member of the group fails — its lease runs
+// out (its process died, froze or was cut off), it reports an error, a
+// newer incarnation of its rank opens — every blocked call of this handle
+// (a get, wait, blocking queue pop or barrier) fails at once with
+// DC_ERR_PEER_FAILED naming it, and its later calls too (within a third
+// of a TTL). Members on `distcore serve --backend etcd` servers of the
+// same prefix share the group. `opts->recoverable` is not supported on
+// etcd.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT as `dc_tcp_store_open_session`, or a
+// `store` that is not an EtcdStore; DC_ERR_NOT_SUPPORTED for a
+// recoverable group; DC_ERR_INVALID_STATE if the handle has a session
+// already, or the rank is live with the same or a newer incarnation;
+// DC_ERR_PEER_FAILED if the group has failed while it has members; those
+// of an etcd request (DC_ERR_TIMEOUT, DC_ERR_NETWORK). Blocks for a few
+// etcd requests, at most the store's timeout.
+dc_status dc_etcd_store_open_session(const dc_store *store, const dc_session_options *opts);
+
+// Since 1.4. Closes the EtcdStore handle's session gracefully: its
+// records deleted and its lease revoked (the keys leased to it go before
+// this returns); the group is not failed. A session that ended already
+// (its lease ran out) is only forgotten.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` is NULL or not an
+// EtcdStore; DC_ERR_INVALID_STATE if the handle has no session; those of
+// an etcd request. Blocks for a few etcd requests, at most the store's
+// timeout.
+dc_status dc_etcd_store_close_session(const dc_store *store);
+
+// Since 1.4. Ends the EtcdStore handle's session with this process's own
+// error: the group fails, every other member told with `message`
+// (NUL-terminated UTF-8, read during the call only) as a failure of this
+// rank.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` or `message` is NULL or
+// `store` is not an EtcdStore; DC_ERR_INVALID_STATE if the handle has no
+// session; those of an etcd request. Blocks for a few etcd requests, at
+// most the store's timeout.
+dc_status dc_etcd_store_report_error(const dc_store *store, const char *message);
+
+// Since 1.4. Creates in `*out` a leased view of the EtcdStore handle
+// `store` (free it with `dc_store_free`): a store sharing the handle's
+// etcd client and session, whose writes (set, add, compare_set, append,
+// multi_set, queue_push) put the keys they write on the session's etcd
+// lease: they go when the session ends, however it ends. As with etcd's
+// leases, the last write of a key decides. `dc_store_clone` of the view
+// is a handle with no session.
+//
+// Errors: DC_ERR_INVALID_ARGUMENT when `store` or `out` is NULL or
+// `store` is not an EtcdStore; DC_ERR_INVALID_STATE if the handle has no
+// session. Never blocks.
+dc_status dc_etcd_store_leased(const dc_store *store, dc_store **out);
 
 // Creates an empty in-process store (c10d's HashStore), shared by every
 // thread that uses the handle or its clones. Default timeout 300 s.

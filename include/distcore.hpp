@@ -841,6 +841,59 @@ class PrefixStore : public Store {
   }
 };
 
+/// A store whose keys live in an etcd v3 cluster (3.4 or newer), under a
+/// job's prefix. See dc_etcd_store_new.
+class EtcdStore : public Store {
+ public:
+  /// On the members `endpoints` ("host:port"), under `prefix`, every call
+  /// bounded by `timeout_ms` (none: the library's default; 0: forever).
+  explicit EtcdStore(const std::vector<std::string>& endpoints, std::string_view prefix = "/distcore",
+                     std::optional<int64_t> timeout_ms = std::nullopt) {
+    dc_etcd_store_options o;
+    distcore::check(dc_etcd_store_options_init(&o, sizeof o));
+    std::vector<const char*> hosts;
+    for (const std::string& e : endpoints) hosts.push_back(e.c_str());
+    std::string p(prefix);
+    o.endpoints = hosts.data();
+    o.num_endpoints = hosts.size();
+    o.prefix = p.c_str();
+    if (timeout_ms) o.timeout_ms = *timeout_ms;
+    dc_store* s = nullptr;
+    distcore::check(dc_etcd_store_new(&o, &s));
+    handle_.reset(s);
+  }
+  /// Takes ownership of an EtcdStore handle.
+  explicit EtcdStore(dc_store* store) noexcept : Store(store) {}
+  /// Since 1.4. Opens a liveness session of this process, an etcd lease
+  /// the library renews (docs/liveness.md, "On etcd"): when another member
+  /// of `group` fails, blocked and later calls throw PeerFailedError
+  /// naming it. See dc_etcd_store_open_session.
+  void open_session(const std::string& group, int32_t rank, int32_t world_size = -1,
+                    uint64_t incarnation = 0, int64_t ttl_ms = 0) const {
+    dc_session_options o;
+    distcore::check(dc_session_options_init(&o, sizeof o));
+    o.group = group.c_str();
+    o.rank = rank;
+    o.world_size = world_size;
+    o.incarnation = incarnation;
+    o.ttl_ms = ttl_ms;
+    distcore::check(dc_etcd_store_open_session(native_handle(), &o));
+  }
+  /// Since 1.4. Closes the handle's session gracefully.
+  void close_session() const { distcore::check(dc_etcd_store_close_session(native_handle())); }
+  /// Since 1.4. Ends the handle's session with this process's own error.
+  void report_error(const std::string& message) const {
+    distcore::check(dc_etcd_store_report_error(native_handle(), message.c_str()));
+  }
+  /// Since 1.4. A view whose writes put their keys on the session's etcd
+  /// lease. See dc_etcd_store_leased.
+  EtcdStore leased() const {
+    dc_store* s = nullptr;
+    distcore::check(dc_etcd_store_leased(native_handle(), &s));
+    return EtcdStore(s);
+  }
+};
+
 namespace detail {
 
 /// Points an options struct's secret and TLS fields (dc_tcp_store_options,

@@ -262,6 +262,10 @@ SIGNATURES: dict[str, tuple[list[_CType], _CType | None]] = {
     "dc_tcp_store_leased": ([_h, POINTER(c_void_p)], _status),
     "dc_tcp_store_members": ([_h, POINTER(c_uint64), POINTER(MemberInfo), c_size_t, POINTER(c_size_t)], _status),
     "dc_tcp_store_watch_members": ([_h, c_uint64, POINTER(c_void_p)], _status),
+    "dc_etcd_store_open_session": ([_h, POINTER(SessionOptions)], _status),
+    "dc_etcd_store_close_session": ([_h], _status),
+    "dc_etcd_store_report_error": ([_h, c_char_p], _status),
+    "dc_etcd_store_leased": ([_h, POINTER(c_void_p)], _status),
     # works
     "dc_work_new": ([c_int32, c_int32, c_char_p, c_int64, _out_h], _status),
     "dc_work_new_future": ([_out_h], _status),

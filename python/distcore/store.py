@@ -305,6 +305,56 @@ class EtcdStore(Store):
         return self._prefix
 
 
+    def open_session(self, group: str, rank: int, world_size: int | None = None,
+                     incarnation: int | None = None, ttl: timedelta | None = None) -> None:
+        """Opens a liveness session of this process on the handle
+        (docs/liveness.md, "On etcd"): an etcd lease of `ttl` (whole
+        seconds, at least 2 s; None: 10 s) that the library renews three
+        times a TTL. From then on, when another member of `group` fails —
+        its lease runs out (its process died, froze or was cut off), it
+        reports an error, a newer `incarnation` of its rank opens — this
+        handle's blocked calls raise DistPeerError at once, naming it, and
+        its later calls too. Members on `distcore serve --backend etcd`
+        servers of the same prefix share the group."""
+        opts = _session_options(group, rank, world_size, incarnation, ttl, False)
+        check(lib.dc_etcd_store_open_session(self._handle, ctypes.byref(opts)))
+
+    def close_session(self) -> None:
+        """Closes the handle's session gracefully: its leased keys go, its
+        group is not failed."""
+        check(lib.dc_etcd_store_close_session(self._handle))
+
+    def report_error(self, message: str) -> None:
+        """Ends the handle's session with this process's own error: every
+        other member of the group raises DistPeerError carrying `message`."""
+        check(lib.dc_etcd_store_report_error(self._handle, message.encode()))
+
+    def leased(self) -> EtcdStore:
+        """A view of this handle whose writes (set, add, compare_set,
+        append, multi_set, queue_push) put the keys they write on the
+        session's etcd lease: they go when the session ends, however it
+        ends. DistStateError without a session."""
+        h = c_void_p()
+        check(lib.dc_etcd_store_leased(self._handle, ctypes.byref(h)))
+        return self._twin(h.value)
+
+
+def _session_options(group: str, rank: int, world_size: int | None, incarnation: int | None,
+                     ttl: timedelta | None, recoverable: bool) -> SessionOptions:
+    """dc_session_options for open_session."""
+    opts = SessionOptions()
+    check(lib.dc_session_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
+    opts.group = group.encode()
+    opts.rank = int32_arg(rank, "rank")
+    opts.world_size = -1 if world_size is None else int32_arg(world_size, "world_size")
+    if incarnation is not None:
+        opts.incarnation = incarnation
+    if ttl is not None:
+        opts.ttl_ms = int(ttl.total_seconds() * 1000)
+    opts.recoverable = bool(recoverable)
+    return opts
+
+
 class PrefixStore(Store):
     """A view of `store` where every key k is ``prefix + "/" + k`` (c10d's PrefixStore)."""
 
@@ -481,16 +531,7 @@ class TCPStore(Store):
         None: only the connection tells (a crash). `recoverable`: a member's
         failure fails no other member's calls but changes the group's
         membership (members(), watch_members()); every member must agree."""
-        opts = SessionOptions()
-        check(lib.dc_session_options_init(ctypes.byref(opts), ctypes.sizeof(opts)))
-        opts.group = group.encode()
-        opts.rank = int32_arg(rank, "rank")
-        opts.world_size = -1 if world_size is None else int32_arg(world_size, "world_size")
-        if incarnation is not None:
-            opts.incarnation = incarnation
-        if ttl is not None:
-            opts.ttl_ms = int(ttl.total_seconds() * 1000)
-        opts.recoverable = bool(recoverable)
+        opts = _session_options(group, rank, world_size, incarnation, ttl, recoverable)
         check(lib.dc_tcp_store_open_session(self._handle, ctypes.byref(opts)))
 
     def members(self) -> Members:

@@ -1,5 +1,6 @@
-//! `dc_tcp_store_*_session`: liveness sessions (docs/liveness.md) on a
-//! TCPStore handle, since 1.4.
+//! `dc_tcp_store_*_session` and `dc_etcd_store_*_session`: liveness
+//! sessions (docs/liveness.md) on a TCPStore or EtcdStore handle, since
+//! 1.4.
 
 use std::ffi::c_char;
 use std::time::Duration;
@@ -15,6 +16,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::store::tcp::SessionOptions;
+use crate::store::{EtcdStore, Store};
 
 /// Since 1.4. Options of `dc_tcp_store_open_session`. Initialise with
 /// `dc_session_options_init(&opts, sizeof opts)`, then set `group` and
@@ -199,8 +201,8 @@ pub unsafe extern "C" fn dc_tcp_store_report_error(
 /// the session) open until freed, along with the handle.
 ///
 /// The view's writes fail with DC_ERR_INVALID_STATE while the handle has
-/// no session, DC_ERR_NOT_SUPPORTED on PyTorch's server or an
-/// etcd-backed one.
+/// no session, DC_ERR_NOT_SUPPORTED on PyTorch's server. (On an
+/// etcd-backed server the keys are put on the session's etcd lease.)
 ///
 /// Errors: DC_ERR_INVALID_ARGUMENT when `store` or `out` is NULL or `store`
 /// is not a TCPStore. Never blocks.
@@ -292,5 +294,107 @@ pub unsafe extern "C" fn dc_tcp_store_watch_members(
         let store = unsafe { store_arg(store) }?;
         let out = unsafe { arg_out(out, "out") }?;
         give_work(out, tcp(&store)?.watch_members(epoch))
+    })
+}
+
+/// The EtcdStore a `dc_store` is.
+fn etcd(store: &Arc<dyn Store>) -> Result<&EtcdStore> {
+    (**store)
+        .as_any()
+        .downcast_ref::<EtcdStore>()
+        .ok_or_else(|| Error::invalid_argument("store is not an EtcdStore"))
+}
+
+/// Since 1.4. Opens a liveness session of this process on the EtcdStore
+/// handle (docs/liveness.md, "On etcd"): an etcd lease of the session's
+/// TTL (`opts->ttl_ms`, rounded up to whole seconds, at least 2 s; 10 s
+/// without one) that one process-wide thread renews three times a TTL.
+/// From then on, when another member of the group fails — its lease runs
+/// out (its process died, froze or was cut off), it reports an error, a
+/// newer incarnation of its rank opens — every blocked call of this handle
+/// (a get, wait, blocking queue pop or barrier) fails at once with
+/// DC_ERR_PEER_FAILED naming it, and its later calls too (within a third
+/// of a TTL). Members on `distcore serve --backend etcd` servers of the
+/// same prefix share the group. `opts->recoverable` is not supported on
+/// etcd.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT as `dc_tcp_store_open_session`, or a
+/// `store` that is not an EtcdStore; DC_ERR_NOT_SUPPORTED for a
+/// recoverable group; DC_ERR_INVALID_STATE if the handle has a session
+/// already, or the rank is live with the same or a newer incarnation;
+/// DC_ERR_PEER_FAILED if the group has failed while it has members; those
+/// of an etcd request (DC_ERR_TIMEOUT, DC_ERR_NETWORK). Blocks for a few
+/// etcd requests, at most the store's timeout.
+#[no_mangle]
+pub unsafe extern "C" fn dc_etcd_store_open_session(
+    store: *const dc_store,
+    opts: *const dc_session_options,
+) -> dc_status {
+    boundary("dc_etcd_store_open_session", || {
+        let store = unsafe { store_arg(store) }?;
+        let options = unsafe { options_arg(opts) }?;
+        etcd(&store)?.open_session(&options)
+    })
+}
+
+/// Since 1.4. Closes the EtcdStore handle's session gracefully: its
+/// records deleted and its lease revoked (the keys leased to it go before
+/// this returns); the group is not failed. A session that ended already
+/// (its lease ran out) is only forgotten.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when `store` is NULL or not an
+/// EtcdStore; DC_ERR_INVALID_STATE if the handle has no session; those of
+/// an etcd request. Blocks for a few etcd requests, at most the store's
+/// timeout.
+#[no_mangle]
+pub unsafe extern "C" fn dc_etcd_store_close_session(store: *const dc_store) -> dc_status {
+    boundary("dc_etcd_store_close_session", || {
+        etcd(&unsafe { store_arg(store) }?)?.close_session()
+    })
+}
+
+/// Since 1.4. Ends the EtcdStore handle's session with this process's own
+/// error: the group fails, every other member told with `message`
+/// (NUL-terminated UTF-8, read during the call only) as a failure of this
+/// rank.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when `store` or `message` is NULL or
+/// `store` is not an EtcdStore; DC_ERR_INVALID_STATE if the handle has no
+/// session; those of an etcd request. Blocks for a few etcd requests, at
+/// most the store's timeout.
+#[no_mangle]
+pub unsafe extern "C" fn dc_etcd_store_report_error(
+    store: *const dc_store,
+    message: *const c_char,
+) -> dc_status {
+    boundary("dc_etcd_store_report_error", || {
+        let store = unsafe { store_arg(store) }?;
+        let message = unsafe { arg_str(message, "message") }?;
+        etcd(&store)?.report_error(message)
+    })
+}
+
+/// Since 1.4. Creates in `*out` a leased view of the EtcdStore handle
+/// `store` (free it with `dc_store_free`): a store sharing the handle's
+/// etcd client and session, whose writes (set, add, compare_set, append,
+/// multi_set, queue_push) put the keys they write on the session's etcd
+/// lease: they go when the session ends, however it ends. As with etcd's
+/// leases, the last write of a key decides. `dc_store_clone` of the view
+/// is a handle with no session.
+///
+/// Errors: DC_ERR_INVALID_ARGUMENT when `store` or `out` is NULL or
+/// `store` is not an EtcdStore; DC_ERR_INVALID_STATE if the handle has no
+/// session. Never blocks.
+#[no_mangle]
+pub unsafe extern "C" fn dc_etcd_store_leased(
+    store: *const dc_store,
+    out: *mut *mut dc_store,
+) -> dc_status {
+    boundary("dc_etcd_store_leased", || {
+        let store = unsafe { store_arg(store) }?;
+        let out = unsafe { arg_out(out, "out") }?;
+        let view = etcd(&store)?.leased()?;
+        give(out, dc_store::new(Arc::new(view)));
+        Ok(())
     })
 }

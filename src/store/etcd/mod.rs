@@ -8,7 +8,9 @@
 //!   queue's range holds no other queue's elements);
 //! - `P/c/v`, `P/c/q/<key>`: clocks whose revision every deletion of a
 //!   value, and every pop of the queue `key`, moves;
-//! - `P/t/<id>`: commit tokens.
+//! - `P/t/<id>`: commit tokens;
+//! - `P/m/...`, `P/s/...`, `P/f/...`: liveness sessions, the front-ends'
+//!   and the handles' own (`sessions.rs`, `membership.rs`).
 //!
 //! Every write is a transaction comparing the revisions of what it writes
 //! (and, when it creates a key, of the clock), so that it applies exactly
