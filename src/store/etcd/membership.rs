@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 
-use super::client::{Client, Event, Read, WatchEnd, Watched};
+use super::client::{Client, Event, Op, Read, Resend, WatchEnd, Watched};
 use super::sessions::{Ended, HeldSession, MemberRecord};
 use super::EtcdStore;
 use crate::error::{Error, Result, Status};
@@ -288,14 +288,8 @@ impl EtcdStore {
         let mut watched = ranges.to_vec();
         watched.push((failure_key.clone(), false));
         watched.push((alive.clone(), true));
-        // A failure recorded before the watch starts.
-        let recorded = self
-            .client
-            .range(&failure_key, false, Read::Values, deadline)?;
-        if let Some(kv) = recorded.kvs.first() {
-            return Err(self.group_failed(&group, &kv.value));
-        }
-        let mut next = start.min(recorded.revision + 1);
+        let revision = self.failed_before(&group, &failure_key, &alive, deadline)?;
+        let mut next = start.min(revision + 1);
         // Liveness keys seen gone (key, revision): a watch started again
         // at that revision (another range's events of it may follow)
         // skips them.
@@ -338,6 +332,71 @@ impl EtcdStore {
                 }
             }
         }
+    }
+
+    /// Before a watch in a session: the group's failure if it has one, and
+    /// the failures of members whose lease ran out while nobody watched
+    /// (their record without its liveness key: recorded here, then the
+    /// group's failure). Else the revision it read at.
+    fn failed_before(
+        &self,
+        group: &[u8],
+        failure_key: &[u8],
+        alive: &[u8],
+        deadline: Instant,
+    ) -> Result<i64> {
+        let members = self.members_prefix(group);
+        let read = |key: &[u8], prefix, read| Op::Range {
+            key: key.to_vec(),
+            prefix,
+            read,
+        };
+        let reads = [
+            read(failure_key, false, Read::Values),
+            read(&members, true, Read::Keys),
+            read(alive, true, Read::Keys),
+        ];
+        let result = self.client.txn(&[], &reads, &[], Resend::Safe, deadline)?;
+        let [failure, members_now, alive_now] = &result.ranges[..] else {
+            return Err(Error::new(
+                Status::Protocol,
+                "etcd answered a transaction of three reads with fewer",
+            ));
+        };
+        if let Some(kv) = failure.kvs.first() {
+            return Err(self.group_failed(group, &kv.value));
+        }
+        let rank_of = |key: &[u8], prefix: &[u8]| -> Option<u32> {
+            std::str::from_utf8(key.strip_prefix(prefix)?)
+                .ok()?
+                .parse()
+                .ok()
+        };
+        let living: std::collections::HashSet<u32> = alive_now
+            .kvs
+            .iter()
+            .filter_map(|kv| rank_of(&kv.key, alive))
+            .collect();
+        let lost = members_now
+            .kvs
+            .iter()
+            .filter_map(|kv| rank_of(&kv.key, &members))
+            .filter(|rank| !living.contains(rank));
+        let mut expired = false;
+        for rank in lost {
+            let key = [alive, rank.to_string().as_bytes()].concat();
+            self.lease_ran_out(group, &key, alive)?;
+            expired = true;
+        }
+        if expired {
+            let recorded = self
+                .client
+                .range(failure_key, false, Read::Values, deadline)?;
+            if let Some(kv) = recorded.kvs.first() {
+                return Err(self.group_failed(group, &kv.value));
+            }
+        }
+        Ok(result.revision)
     }
 
     /// The error of `group`'s failure in `record`, remembered.

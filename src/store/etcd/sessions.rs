@@ -158,7 +158,7 @@ impl EtcdStore {
         .concat()
     }
 
-    fn members_prefix(&self, group: &[u8]) -> Vec<u8> {
+    pub(super) fn members_prefix(&self, group: &[u8]) -> Vec<u8> {
         [&self.prefix[..], MEMBERS, &group_part(group), b"/"].concat()
     }
 

@@ -126,3 +126,24 @@ fn a_session_needs_no_second_open_and_a_leased_view_needs_a_session() {
     );
     store.close_session().unwrap();
 }
+
+#[test]
+fn a_lease_that_ran_out_while_nobody_watched_fails_the_next_blocking_call_at_once() {
+    let etcd = Etcd::start();
+    let ttl = Some(Duration::from_secs(2));
+    let survivor = member(&etcd, "w/", 1, ttl);
+    drop(member(&etcd, "w/", 0, ttl)); // gone unclosed, nobody blocked
+    thread::sleep(Duration::from_secs(4)); // its lease ran out meanwhile
+    let asked = Instant::now();
+    let error = survivor.get("w/never").unwrap_err();
+    assert_eq!(error.status(), Status::PeerFailed, "{error}");
+    assert!(
+        error.message().contains("rank 0 of group 'w/'")
+            && error.message().contains("lease ran out"),
+        "{error}"
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "at once, not at its timeout"
+    );
+}
