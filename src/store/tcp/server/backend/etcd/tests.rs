@@ -392,3 +392,29 @@ fn a_member_resumes_its_session_on_a_server_restarted_within_its_ttl_and_nobody_
         thread::sleep(Duration::from_millis(5));
     }
 }
+
+#[test]
+fn a_one_job_server_on_etcd_ends_the_waits_of_clients_without_a_session_when_a_member_elsewhere_fails(
+) {
+    let etcd = Etcd::start();
+    let a = front_end(&etcd, "/job", true);
+    let b = Arc::new(
+        Server::start(ServerOptions {
+            bind_address: Some([127, 0, 0, 1].into()),
+            one_job: true,
+            backend: ServerBackend::Etcd(etcd.options("/job", Duration::from_secs(30))),
+            ..ServerOptions::default()
+        })
+        .unwrap(),
+    );
+    let dying = member(&a, "o/", 0, None);
+    let _other = member(&b, "o/", 1, None);
+    // A client of b's with no session (as PyTorch's are), blocked.
+    let bystander = client(&b);
+    let blocked = thread::spawn(move || bystander.get("o/never").unwrap_err());
+    until_waits(&b, 1);
+    drop(dying);
+    let error = blocked.join().unwrap();
+    assert_eq!(error.status(), crate::Status::PeerFailed, "{error}");
+    assert!(error.message().contains("rank 0 of group 'o/'"), "{error}");
+}
