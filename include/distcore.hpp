@@ -841,6 +841,22 @@ class PrefixStore : public Store {
   }
 };
 
+namespace detail {
+/// The options of open_session (`group` must outlive them).
+inline dc_session_options session_options(const std::string& group, int32_t rank, int32_t world_size,
+                                          uint64_t incarnation, int64_t ttl_ms, bool recoverable) {
+  dc_session_options o;
+  distcore::check(dc_session_options_init(&o, sizeof o));
+  o.group = group.c_str();
+  o.rank = rank;
+  o.world_size = world_size;
+  o.incarnation = incarnation;
+  o.ttl_ms = ttl_ms;
+  o.recoverable = recoverable;
+  return o;
+}
+}  // namespace detail
+
 /// A store whose keys live in an etcd v3 cluster (3.4 or newer), under a
 /// job's prefix. See dc_etcd_store_new.
 class EtcdStore : public Store {
@@ -870,13 +886,7 @@ class EtcdStore : public Store {
   /// naming it. See dc_etcd_store_open_session.
   void open_session(const std::string& group, int32_t rank, int32_t world_size = -1,
                     uint64_t incarnation = 0, int64_t ttl_ms = 0) const {
-    dc_session_options o;
-    distcore::check(dc_session_options_init(&o, sizeof o));
-    o.group = group.c_str();
-    o.rank = rank;
-    o.world_size = world_size;
-    o.incarnation = incarnation;
-    o.ttl_ms = ttl_ms;
+    dc_session_options o = detail::session_options(group, rank, world_size, incarnation, ttl_ms, false);
     distcore::check(dc_etcd_store_open_session(native_handle(), &o));
   }
   /// Since 1.4. Closes the handle's session gracefully.
@@ -1081,14 +1091,7 @@ class TCPStore : public Store {
   /// (docs/liveness.md). See dc_tcp_store_open_session.
   void open_session(const std::string& group, int32_t rank, int32_t world_size = -1,
                     uint64_t incarnation = 0, int64_t ttl_ms = 0, bool recoverable = false) const {
-    dc_session_options o;
-    distcore::check(dc_session_options_init(&o, sizeof o));
-    o.group = group.c_str();
-    o.rank = rank;
-    o.world_size = world_size;
-    o.incarnation = incarnation;
-    o.ttl_ms = ttl_ms;
-    o.recoverable = recoverable;
+    dc_session_options o = detail::session_options(group, rank, world_size, incarnation, ttl_ms, recoverable);
     distcore::check(dc_tcp_store_open_session(native_handle(), &o));
   }
   /// Since 1.4. A recoverable group's membership at one epoch.
