@@ -485,13 +485,17 @@ fn a_barrier_that_times_out_names_the_ranks_that_never_arrived() {
         store.open_session(&options).unwrap();
         Arc::new(store)
     };
-    // Ranks 0 and 1 arrive; rank 2 is live but blocked elsewhere; rank 3
-    // never joins.
+    // Ranks 0 and 1 arrive (rank 1 through the async barrier); rank 2 is
+    // live but blocked elsewhere; rank 3 never joins.
     let early = member(1);
     let arrived = {
         let early = early.clone();
+        let work = early
+            .clone()
+            .barrier_async("roll/b".into(), 4, Some(Duration::from_secs(5)))
+            .unwrap();
         thread::spawn(move || {
-            let outcome = early.barrier("roll/b", 4, Some(Duration::from_secs(5)));
+            let outcome = work.wait(None);
             early.close_session().unwrap();
             outcome
         })
@@ -523,9 +527,12 @@ fn a_barrier_that_times_out_names_the_ranks_that_never_arrived() {
         .unwrap()
         .iter()
         .all(|k| !k.contains("arrived")));
-    assert_eq!(
-        arrived.join().unwrap().unwrap_err().status(),
-        Status::Timeout
+    // The async barrier's timeout names them too.
+    let error = arrived.join().unwrap().unwrap_err();
+    assert_eq!(error.status(), Status::Timeout, "{error}");
+    assert!(
+        error.message().contains("2 of 4 ranks never arrived (2-3)"),
+        "{error}"
     );
     late.set("roll/step/9", b"x").unwrap();
     elsewhere.join().unwrap().unwrap();

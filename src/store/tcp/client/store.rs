@@ -30,7 +30,7 @@ use crate::store::tcp::OpCounter;
 use crate::store::{
     check_multi_set_lengths, delete_prefix_one_by_one, list_prefix_by_listing, Store,
 };
-use crate::work::Work;
+use crate::work::{Promise, Work};
 
 /// The worker-count key, sent without the `/` prefix (PyTorch's `initKey_`).
 const INIT_KEY: &str = "init/";
@@ -990,6 +990,10 @@ impl Store for TcpStore {
         self.conns.start(plan, self.timeout(), false, first_value)
     }
 
+    /// PyTorch's BARRIER, async. A member of a session records its
+    /// arrival, and its work's timeout names the ranks that never arrived,
+    /// as [`Store::barrier`]'s does (read on a thread of its own, once it
+    /// timed out: the async thread never blocks).
     fn barrier_async(
         self: Arc<Self>,
         key: String,
@@ -997,11 +1001,38 @@ impl Store for TcpStore {
         timeout: Option<Duration>,
     ) -> Result<Work> {
         let timeout = timeout.unwrap_or_else(|| self.timeout());
+        let wire = user_key(&key);
+        self.note_arrival(&wire)?;
         let plan = Plan::Barrier {
-            key: user_key(&key),
+            key: wire.clone(),
             world_size,
         };
-        self.conns.start(plan, timeout, false, no_result)
+        let barrier = self.conns.start(plan, timeout, false, no_result)?;
+        if self.conns.member().is_none() {
+            return Ok(barrier);
+        }
+        let (promise, work) = Promise::new();
+        let abandoned = barrier.clone();
+        promise.on_release(Box::new(move || abandoned.abort()));
+        let promise = Arc::new(promise);
+        barrier.add_done_callback(Box::new(move |done: &Work| match done.error() {
+            Some(e) if e.status() == Status::Timeout => {
+                let named = {
+                    let promise = promise.clone();
+                    move || promise.complete(Err(self.name_the_missing(e, &wire, world_size)))
+                };
+                let spawned = std::thread::Builder::new()
+                    .name("dc-roll-call".into())
+                    .spawn(named);
+                if let Err(spawn) = spawned {
+                    let why = format!("barrier timeout; naming the missing: {spawn}");
+                    promise.complete(Err(Error::timeout(why)));
+                }
+            }
+            Some(e) => promise.complete(Err(e)),
+            None => promise.complete(Ok(None)),
+        }));
+        Ok(work)
     }
 
     fn timeout(&self) -> Duration {
