@@ -1350,7 +1350,9 @@ dc_status dc_store_queue_pop_async(const dc_store *store, const char *key, dc_wo
 
 // Starts `dc_store_barrier` in the background and writes its work into
 // `out`: the work completes when the barrier releases (no result) or with
-// its error. Threads, blocking and release as `dc_store_get_async`.
+// its error. Threads, blocking and release as `dc_store_get_async`. On a
+// TCPStore handle with a session (since 1.4), a timeout's message names
+// the ranks of its group that never arrived, as `dc_store_barrier`'s.
 //
 // Errors: DC_ERR_INVALID_ARGUMENT for a `world_size` below 1; those of
 // opening a connection.
