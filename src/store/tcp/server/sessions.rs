@@ -74,17 +74,24 @@ struct Live {
     conn: ConnId,
     /// Its other connections.
     attached: Vec<ConnId>,
-    last_heard: Instant,
+    /// When it was last heard from as of its opening, its last attach, a
+    /// connection of its leaving, or a stall: its connections' own later
+    /// times are in [`Sessions::by_conn`] ([`Sessions::last_heard`]).
+    heard: Instant,
 }
 
 impl Live {
-    fn deadline(&self) -> Option<Instant> {
-        self.spec.ttl.map(|ttl| self.last_heard + ttl)
-    }
-
     fn conns(&self) -> impl Iterator<Item = ConnId> + '_ {
         std::iter::once(self.conn).chain(self.attached.iter().copied())
     }
+}
+
+/// A connection of a session: which, and when something last arrived on
+/// it.
+#[derive(Debug, Clone, Copy)]
+struct Membership {
+    session: SessionId,
+    heard: Instant,
 }
 
 /// A group with live sessions.
@@ -116,8 +123,10 @@ pub(crate) struct Sessions {
     live: HashMap<SessionId, Live>,
     /// The session of each (group, rank).
     by_rank: HashMap<(Vec<u8>, u32), SessionId>,
-    /// The session each connection belongs to (opened on it, or attached).
-    by_conn: HashMap<ConnId, SessionId>,
+    /// The session each connection belongs to (opened on it, or attached),
+    /// by connection id (dense, as the core's are): hearing from a member,
+    /// which every request does, is one store, no lookup.
+    by_conn: Vec<Option<Membership>>,
     /// The live sessions of each group.
     groups: HashMap<Vec<u8>, Group>,
     /// Recoverable groups whose membership changed since it was last
@@ -175,7 +184,7 @@ impl Sessions {
         };
         if now.saturating_duration_since(wake_by) > STALL_GRACE {
             for live in self.live.values_mut() {
-                live.last_heard = live.last_heard.max(now);
+                live.heard = live.heard.max(now);
             }
         }
     }
@@ -192,7 +201,7 @@ impl Sessions {
         spec: SessionSpec,
         now: Instant,
     ) -> (Result<SessionId, Error>, Option<Delivery>) {
-        if self.by_conn.contains_key(&conn) {
+        if self.is_member(conn) {
             let e = Error::new(
                 Status::InvalidState,
                 "this connection belongs to a session already",
@@ -245,7 +254,7 @@ impl Sessions {
         self.next_id += 1;
         let id = self.next_id;
         self.by_rank.insert(rank_key, id);
-        self.by_conn.insert(conn, id);
+        self.join(conn, id, now);
         let group = self.groups.entry(spec.group.clone()).or_default();
         group.members.insert(id);
         group.recoverable = spec.recoverable;
@@ -256,9 +265,9 @@ impl Sessions {
             spec,
             conn,
             attached: Vec::new(),
-            last_heard: now,
+            heard: now,
         };
-        if let Some(deadline) = live.deadline() {
+        if let Some(deadline) = self.deadline(&live) {
             self.deadlines.push(Reverse((deadline, id)));
         }
         self.live.insert(id, live);
@@ -274,7 +283,7 @@ impl Sessions {
         id: SessionId,
         now: Instant,
     ) -> Result<(), Error> {
-        if self.by_conn.contains_key(&conn) {
+        if self.is_member(conn) {
             return Err(Error::new(
                 Status::InvalidState,
                 "this connection belongs to a session already",
@@ -287,22 +296,42 @@ impl Sessions {
             ));
         };
         live.attached.push(conn);
-        live.last_heard = now;
-        self.by_conn.insert(conn, id);
+        live.heard = now;
+        self.join(conn, id, now);
         Ok(())
     }
 
     /// Something arrived at `now` on connection `conn`: if it belongs to
     /// a session, the member is alive.
     pub(crate) fn heard(&mut self, conn: ConnId, now: Instant) {
-        // Every request of every connection comes here: no lookup at all
-        // on a server without sessions.
-        if self.by_conn.is_empty() {
-            return;
+        // Every request of every connection comes here: a store.
+        if let Some(Some(membership)) = self.by_conn.get_mut(conn) {
+            membership.heard = now;
         }
-        if let Some(live) = self.by_conn.get(&conn).and_then(|id| self.live.get_mut(id)) {
-            live.last_heard = now;
+    }
+
+    /// Connection `conn` belongs to session `id` from `now`.
+    fn join(&mut self, conn: ConnId, id: SessionId, now: Instant) {
+        if self.by_conn.len() <= conn {
+            self.by_conn.resize(conn + 1, None);
         }
+        self.by_conn[conn] = Some(Membership {
+            session: id,
+            heard: now,
+        });
+    }
+
+    /// When session `live` was last heard from, on any of its connections.
+    fn last_heard(&self, live: &Live) -> Instant {
+        let conns = live
+            .conns()
+            .filter_map(|conn| self.by_conn.get(conn)?.as_ref());
+        conns.map(|m| m.heard).fold(live.heard, Instant::max)
+    }
+
+    /// When session `live`'s TTL runs out, if it has one.
+    fn deadline(&self, live: &Live) -> Option<Instant> {
+        live.spec.ttl.map(|ttl| self.last_heard(live) + ttl)
     }
 
     /// Closes the session of connection `conn` gracefully (its own or an
@@ -329,13 +358,16 @@ impl Sessions {
     /// Connection `conn` is gone: the end of its session if it was the one
     /// the session was opened on, else only a detach.
     pub(crate) fn disconnect(&mut self, conn: ConnId, now: Instant) -> Option<Delivery> {
-        let id = *self.by_conn.get(&conn)?;
+        let id = self.session_id(conn)?;
         let live = self.live.get_mut(&id)?;
         if live.conn == conn {
             return self.end(id, Some(Cause::ConnectionLost), now);
         }
         live.attached.retain(|c| *c != conn);
-        self.by_conn.remove(&conn);
+        // What was heard on it still counts.
+        if let Some(left) = self.by_conn[conn].take() {
+            live.heard = live.heard.max(left.heard);
+        }
         None
     }
 
@@ -358,7 +390,7 @@ impl Sessions {
                 break;
             }
             self.deadlines.pop();
-            match self.live.get(&id).and_then(Live::deadline) {
+            match self.live.get(&id).and_then(|live| self.deadline(live)) {
                 Some(deadline) if deadline <= now => self.expiring.push(id),
                 Some(deadline) => self.deadlines.push(Reverse((deadline, id))),
                 None => {} // it ended
@@ -375,7 +407,7 @@ impl Sessions {
             let Some(live) = self.live.get(&id) else {
                 continue; // it ended
             };
-            match (live.deadline(), live.spec.ttl) {
+            match (self.deadline(live), live.spec.ttl) {
                 (Some(deadline), Some(ttl)) if deadline <= now => {
                     deliveries.extend(self.end(id, Some(Cause::TtlMissed(ttl)), now));
                 }
@@ -400,7 +432,7 @@ impl Sessions {
         if self.failed.is_empty() {
             return None;
         }
-        let live = self.live.get(self.by_conn.get(&conn)?)?;
+        let live = self.live.get(&self.session_id(conn)?)?;
         self.failed.get(&live.spec.group)
     }
 
@@ -425,7 +457,7 @@ impl Sessions {
                 incarnation: live.spec.incarnation,
                 host: live.spec.host.clone(),
                 pid: live.spec.pid,
-                silent_for: now.saturating_duration_since(live.last_heard),
+                silent_for: now.saturating_duration_since(self.last_heard(live)),
                 waiting_on: live
                     .conns()
                     .flat_map(&waiting_on)
@@ -454,13 +486,13 @@ impl Sessions {
 
     /// Whether connection `conn` belongs to a session.
     pub(crate) fn is_member(&self, conn: ConnId) -> bool {
-        self.by_conn.contains_key(&conn)
+        self.session_id(conn).is_some()
     }
 
     /// The session that a leased write on connection `conn` ties its keys
     /// to: refused if the connection belongs to none.
     pub(crate) fn lessee(&self, conn: ConnId) -> Result<SessionId, Error> {
-        self.by_conn.get(&conn).copied().ok_or_else(|| {
+        self.session_id(conn).ok_or_else(|| {
             Error::new(
                 Status::InvalidState,
                 "a leased write from a connection in no session (open a session first)",
@@ -597,11 +629,11 @@ impl Sessions {
 
     /// The session connection `conn` belongs to, if any.
     pub(crate) fn session_id(&self, conn: ConnId) -> Option<SessionId> {
-        self.by_conn.get(&conn).copied()
+        Some(self.by_conn.get(conn)?.as_ref()?.session)
     }
 
     fn session_of(&self, conn: ConnId) -> Result<SessionId, Error> {
-        self.by_conn.get(&conn).copied().ok_or_else(|| {
+        self.session_id(conn).ok_or_else(|| {
             Error::new(
                 Status::InvalidState,
                 "this connection belongs to no session",
@@ -615,6 +647,7 @@ impl Sessions {
     /// to make.
     fn end(&mut self, id: SessionId, cause: Option<Cause>, now: Instant) -> Option<Delivery> {
         let live = self.live.remove(&id)?;
+        let last_heard = self.last_heard(&live);
         self.orphans.extend(self.leases.take(id));
         let group = live.spec.group.clone();
         let (group_left, recoverable) = match self.groups.get_mut(&group) {
@@ -632,7 +665,7 @@ impl Sessions {
         }
         self.by_rank.remove(&(group.clone(), live.spec.rank));
         for conn in live.conns() {
-            self.by_conn.remove(&conn);
+            self.by_conn[conn] = None;
         }
         let delivery = cause.map(|cause| {
             // The failed member's own connections that are still open, so
@@ -652,7 +685,7 @@ impl Sessions {
                 pid: live.spec.pid,
                 incarnation: live.spec.incarnation,
                 cause,
-                silent_for: Some(now.saturating_duration_since(live.last_heard)),
+                silent_for: Some(now.saturating_duration_since(last_heard)),
             };
             // The group's first failure is the one its members are told;
             // a recoverable group is not failed: its membership changes.

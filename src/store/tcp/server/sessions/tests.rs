@@ -103,6 +103,23 @@ fn a_member_silent_past_its_ttl_fails_and_one_heard_from_does_not() {
 }
 
 #[test]
+fn what_was_heard_on_a_spare_connection_counts_after_it_closed() {
+    let t0 = Instant::now();
+    let mut sessions = two_members(t0, Some(TTL));
+    sessions.heard(11, t0 + ms(1500));
+    sessions.heard(20, t0 + ms(1500)); // rank 0, on its spare connection
+    assert_eq!(sessions.disconnect(20, t0 + ms(1600)), None);
+    assert!(sessions.expire(t0 + ms(3499)).is_empty(), "heard at 1.5 s");
+    let deliveries = sessions.expire(t0 + ms(3500));
+    let failed = deliveries
+        .iter()
+        .map(|d| d.failure.rank)
+        .collect::<Vec<_>>();
+    assert_eq!(failed, [0, 1]);
+    assert_eq!(deliveries[0].failure.silent_for, Some(TTL));
+}
+
+#[test]
 fn a_stalled_server_blames_nobody_for_its_own_silence() {
     let t0 = Instant::now();
     let mut sessions = two_members(t0, Some(TTL));
