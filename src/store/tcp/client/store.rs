@@ -398,7 +398,8 @@ impl TcpStore {
     /// handle; a clone of it ([`Store::clone_store`]) is a new connection
     /// with no session, so an ordinary handle. Its writes fail with
     /// InvalidState while the handle has no session, NotSupported on a
-    /// PyTorch server or an etcd-backed one.
+    /// PyTorch server (or a distcore server from before 1.4). On an
+    /// etcd-backed server the keys are put on the session's etcd lease.
     pub fn leased(&self) -> TcpStore {
         TcpStore {
             server: self.server.clone(),
@@ -691,7 +692,7 @@ impl TcpStore {
         }
         if !self.conns.holds_leases() {
             return Err(Error::not_supported(
-                "this server cannot tie keys to sessions (PyTorch's, or a distcore server on etcd)",
+                "this server cannot tie keys to sessions (PyTorch's, or a distcore server before 1.4)",
             ));
         }
         self.conns.check_session()?;
