@@ -570,10 +570,12 @@ impl Sessions {
     }
 
     /// The first failure of `failure.group`, decided elsewhere (or here,
-    /// and published): the delivery to its members here, once. The failed
-    /// member's session, if it lives here (fenced, or its lease ran out
-    /// while this server could not renew it), ends, and its connections
-    /// close. None when the group has no member here or was told already.
+    /// and published), reported once: the delivery to its members here.
+    /// The failed member's session, if it lives here (fenced, or its lease
+    /// ran out while this server could not renew it), ends, and its
+    /// connections close. With no member here it is still the group's
+    /// first failure, for a server that serves one job (its clients
+    /// without a session); None when the group was told already.
     pub(crate) fn group_failed(&mut self, failure: Failure, now: Instant) -> Option<Delivery> {
         if self.failed.contains_key(&failure.group) {
             return None;
@@ -594,12 +596,14 @@ impl Sessions {
         let members = self.groups.get(&failure.group);
         let members = members.filter(|g| !g.recoverable && !g.members.is_empty());
         let Some(members) = members else {
-            // No one here to tell; the failed member's connections close.
-            return (!close.is_empty()).then(|| Delivery {
+            // No member here to tell; the failed member's connections
+            // close, and a one-job server's clients without a session are
+            // told.
+            return Some(Delivery {
                 session,
                 failure,
-                first: false,
-                news: false,
+                first: true,
+                news: true,
                 tell: Vec::new(),
                 close,
             });

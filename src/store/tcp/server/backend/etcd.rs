@@ -582,8 +582,13 @@ impl Shared {
         let ended = self.store.end_session(held, failure);
         let (group, rank) = (printable(&held.group), held.rank);
         match &ended {
+            // Told here at once; the watch, bringing it back, finds it
+            // known: each failure is reported once.
             Ok(Ended::Recorded) => {
-                self.report(failure.cloned().map(Report::GroupFailed));
+                let failure = failure
+                    .cloned()
+                    .filter(|f| self.view.lock().sessions.learn(f));
+                self.report(failure.map(Report::GroupFailed));
             }
             Ok(Ended::Elsewhere) => {
                 log::info!("etcd backend: rank {rank} of group '{group}' lives on another server");

@@ -92,6 +92,14 @@ impl SessionView {
         news.map(|(_, failure)| failure.clone()).collect()
     }
 
+    /// Notes `failure` as its group's, recorded by this server: whether
+    /// it is news (the watch may have brought it already).
+    pub(super) fn learn(&mut self, failure: &Failure) -> bool {
+        let known = self.failures.get(&failure.group) == Some(failure);
+        self.failures.insert(failure.group.clone(), failure.clone());
+        !known
+    }
+
     /// Applies whole revisions of changes; what they show to act on.
     pub(super) fn apply(&mut self, changes: Vec<SessionChange>) -> Noticed {
         let mut noticed = Noticed::default();

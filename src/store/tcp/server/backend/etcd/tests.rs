@@ -407,8 +407,9 @@ fn a_one_job_server_on_etcd_ends_the_waits_of_clients_without_a_session_when_a_m
         })
         .unwrap(),
     );
+    // The group's members are all on a: b has none, but serves the job.
     let dying = member(&a, "o/", 0, None);
-    let _other = member(&b, "o/", 1, None);
+    let _other = member(&a, "o/", 1, None);
     // A client of b's with no session (as PyTorch's are), blocked.
     let bystander = client(&b);
     let blocked = thread::spawn(move || bystander.get("o/never").unwrap_err());

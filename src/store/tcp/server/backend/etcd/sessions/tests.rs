@@ -140,3 +140,15 @@ fn a_lease_covers_the_session_ttl_in_whole_seconds_and_at_least_the_minimum() {
     spec.ttl = Some(Duration::from_millis(7200));
     assert_eq!(lease_ttl(&spec), Duration::from_secs(8));
 }
+
+#[test]
+fn a_failure_recorded_here_is_not_news_when_the_watch_brings_it_back() {
+    let (mut view, _) = SessionView::new(Vec::new());
+    assert!(view.learn(&failure(3)), "recorded here: news");
+    let echo = SessionChange::Failure {
+        group: b"g/".to_vec(),
+        failure: Some(failure(3)),
+    };
+    assert!(view.apply(vec![echo]).failed.is_empty(), "the watch's echo");
+    assert!(!view.learn(&failure(3)), "known");
+}
