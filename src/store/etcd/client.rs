@@ -84,6 +84,7 @@ pub(crate) enum Read {
 }
 
 /// A request inside a transaction.
+#[derive(Clone)]
 pub(crate) enum Op {
     /// Sets a key, attached to the lease `lease` (0: none; a key written
     /// again without one is no longer attached).

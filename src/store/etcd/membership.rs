@@ -15,15 +15,15 @@
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 
 use super::client::{Client, Event, Op, Read, Resend, WatchEnd, Watched};
-use super::sessions::{Ended, HeldSession, MemberRecord};
+use super::sessions::{failure_error, HeldSession, MemberRecord};
 use super::EtcdStore;
 use crate::error::{Error, Result, Status};
 use crate::printable::printable;
-use crate::store::tcp::failure::Failure;
+use crate::runtime::fork::PerProcess;
+use crate::store::tcp::failure::{Cause, Failure};
 use crate::store::tcp::protocol::SessionSpec;
 use crate::store::tcp::SessionOptions;
 
@@ -43,6 +43,8 @@ pub(super) type SessionSlot = Arc<Mutex<Option<Session>>>;
 /// An open session of a handle.
 pub(super) struct Session {
     held: HeldSession,
+    /// What it was opened with (who it is, for a report of its own).
+    spec: SessionSpec,
     /// The group's failure (or this session's end), once seen: every
     /// later call fails with it.
     failure: Option<Error>,
@@ -62,22 +64,32 @@ struct Renewal {
     session: Weak<Mutex<Option<Session>>>,
 }
 
-/// Every renewal of the process.
-static RENEWALS: Lazy<Mutex<Vec<Weak<Renewal>>>> = Lazy::new(|| {
-    let spawned = std::thread::Builder::new()
-        .name("dc-etcd-renew".into())
-        .spawn(renew_forever);
-    if let Err(e) = spawned {
-        log::error!("etcd sessions: spawning the renewal thread: {e}");
-    }
-    Mutex::new(Vec::new())
-});
+/// Every renewal of the process, renewed by one thread of its own (a
+/// child process after fork() starts its own: see `runtime::fork`).
+type Renewals = Arc<Mutex<Vec<Weak<Renewal>>>>;
 
-fn renew_forever() {
+static RENEWALS: PerProcess<Renewals> = PerProcess::new();
+
+/// This process's renewals, its renewal thread started on first use.
+fn renewals() -> Result<&'static Renewals> {
+    RENEWALS
+        .get_or_try_init(|| {
+            let renewals = Renewals::default();
+            let renewed = renewals.clone();
+            std::thread::Builder::new()
+                .name("dc-etcd-renew".into())
+                .spawn(move || renew_forever(&renewed))
+                .map_err(|e| e.to_string())?;
+            Ok(renewals)
+        })
+        .map_err(|e| Error::internal(format!("starting the etcd lease renewal thread: {e}")))
+}
+
+fn renew_forever(renewals: &Mutex<Vec<Weak<Renewal>>>) {
     loop {
         std::thread::sleep(RENEWAL_TICK);
         let due: Vec<Arc<Renewal>> = {
-            let mut renewals = RENEWALS.lock();
+            let mut renewals = renewals.lock();
             renewals.retain(|r| r.strong_count() > 0);
             let now = Instant::now();
             renewals
@@ -125,7 +137,7 @@ impl Renewal {
             .client
             .range(&self.failure_key, false, Read::Values, deadline);
         let kv = range.ok()?.kvs.into_iter().next()?;
-        Some(Failure::decode(&self.group, &kv.value)?.error())
+        Some(failure_error(&self.group, &kv.value))
     }
 }
 
@@ -168,6 +180,7 @@ impl EtcdStore {
             ));
         }
         let ttl = spec.ttl.unwrap_or(LEASE_TTL_WITHOUT_TTL).max(MIN_LEASE_TTL);
+        let renewals = renewals()?;
         let held = self.open_member(&spec, ttl)?;
         let renewal = Arc::new(Renewal {
             client: self.client.clone(),
@@ -178,9 +191,10 @@ impl EtcdStore {
             group: spec.group.clone(),
             session: Arc::downgrade(&self.session),
         });
-        RENEWALS.lock().push(Arc::downgrade(&renewal));
+        renewals.lock().push(Arc::downgrade(&renewal));
         *self.session.lock() = Some(Session {
             held,
+            spec,
             failure: None,
             _renewal: renewal,
         });
@@ -229,36 +243,17 @@ impl EtcdStore {
         if session.failure.is_some() && report.is_none() {
             return Ok(()); // ended already
         }
-        let held = session.held;
-        let failure = report.map(|message| self.reported(&held, message));
-        if self.end_session(&held, failure.as_ref())? != Ended::Elsewhere {
-            self.revoke_lease(held.lease)?;
-        }
-        Ok(())
-    }
-
-    /// The failure of `held` reporting `message`.
-    fn reported(&self, held: &HeldSession, message: &str) -> Failure {
-        let spec = self.own_spec(held);
-        Failure {
-            group: held.group.clone(),
-            rank: held.rank,
-            host: spec.as_ref().map(|s| s.host.clone()).unwrap_or_default(),
-            pid: std::process::id(),
-            incarnation: spec.map_or(0, |s| s.incarnation),
-            cause: crate::store::tcp::failure::Cause::Reported(message.to_string()),
+        let failure = report.map(|message| Failure {
+            group: session.spec.group.clone(),
+            rank: session.spec.rank,
+            host: session.spec.host.clone(),
+            pid: session.spec.pid,
+            incarnation: session.spec.incarnation,
+            cause: Cause::Reported(message.to_string()),
             silent_for: Some(Duration::ZERO),
-        }
-    }
-
-    /// The spec `held` was opened with, as its member record holds it.
-    fn own_spec(&self, held: &HeldSession) -> Option<SessionSpec> {
-        let key = self.member_key(&held.group, held.rank);
-        let range = self
-            .client
-            .range(&key, false, Read::Values, self.deadline(None));
-        let kv = range.ok()?.kvs.into_iter().next()?;
-        MemberRecord::decode(&kv.value).map(|record| record.spec)
+        });
+        self.end_and_revoke(&session.held, failure.as_ref())
+            .map(drop)
     }
 
     /// The error every call of a handle in a failed group fails with.
@@ -320,7 +315,9 @@ impl EtcdStore {
                     return Err(error);
                 }
                 Some(Seen::Lost { key, revision }) => {
-                    self.lease_ran_out(&group, &key, &alive)?;
+                    if let Some(rank) = rank_under(&key, &alive) {
+                        self.lease_ran_out(&group, rank)?;
+                    }
                     lost.push((key, revision));
                     next = revision;
                 }
@@ -337,7 +334,8 @@ impl EtcdStore {
     /// Before a watch in a session: the group's failure if it has one, and
     /// the failures of members whose lease ran out while nobody watched
     /// (their record without its liveness key: recorded here, then the
-    /// group's failure). Else the revision it read at.
+    /// group's failure). Else the revision it read at. Counts first: the
+    /// keys are read only when records outnumber liveness keys.
     fn failed_before(
         &self,
         group: &[u8],
@@ -346,70 +344,65 @@ impl EtcdStore {
         deadline: Instant,
     ) -> Result<i64> {
         let members = self.members_prefix(group);
-        let read = |key: &[u8], prefix, read| Op::Range {
-            key: key.to_vec(),
-            prefix,
-            read,
+        let reads = |read| {
+            [
+                Op::Range {
+                    key: failure_key.to_vec(),
+                    prefix: false,
+                    read: Read::Values,
+                },
+                Op::Range {
+                    key: members.clone(),
+                    prefix: true,
+                    read,
+                },
+                Op::Range {
+                    key: alive.to_vec(),
+                    prefix: true,
+                    read,
+                },
+            ]
         };
-        let reads = [
-            read(failure_key, false, Read::Values),
-            read(&members, true, Read::Keys),
-            read(alive, true, Read::Keys),
-        ];
-        let result = self.client.txn(&[], &reads, &[], Resend::Safe, deadline)?;
-        let [failure, members_now, alive_now] = &result.ranges[..] else {
-            return Err(Error::new(
-                Status::Protocol,
-                "etcd answered a transaction of three reads with fewer",
-            ));
-        };
-        if let Some(kv) = failure.kvs.first() {
-            return Err(self.group_failed(group, &kv.value));
-        }
-        let rank_of = |key: &[u8], prefix: &[u8]| -> Option<u32> {
-            std::str::from_utf8(key.strip_prefix(prefix)?)
-                .ok()?
-                .parse()
-                .ok()
-        };
-        let living: std::collections::HashSet<u32> = alive_now
-            .kvs
-            .iter()
-            .filter_map(|kv| rank_of(&kv.key, alive))
-            .collect();
-        let lost = members_now
-            .kvs
-            .iter()
-            .filter_map(|kv| rank_of(&kv.key, &members))
-            .filter(|rank| !living.contains(rank));
-        let mut expired = false;
-        for rank in lost {
-            let key = [alive, rank.to_string().as_bytes()].concat();
-            self.lease_ran_out(group, &key, alive)?;
-            expired = true;
-        }
-        if expired {
-            let recorded = self
+        // Counts; if need be, the keys (and the expiries recorded); then
+        // counts once more, at most: a record that cannot be ended (a
+        // malformed one) does not hold the call.
+        let mut revision = 0;
+        for read in [Read::Count, Read::Keys, Read::Count] {
+            let result = self
                 .client
-                .range(failure_key, false, Read::Values, deadline)?;
-            if let Some(kv) = recorded.kvs.first() {
+                .txn(&[], &reads(read), &[], Resend::Safe, deadline)?;
+            let [failure, members_now, alive_now] = &result.ranges[..] else {
+                return Err(Error::new(
+                    Status::Protocol,
+                    "etcd answered a transaction of three reads with fewer",
+                ));
+            };
+            if let Some(kv) = failure.kvs.first() {
                 return Err(self.group_failed(group, &kv.value));
             }
+            revision = result.revision;
+            if members_now.count <= alive_now.count {
+                break;
+            }
+            if read == Read::Keys {
+                let living: std::collections::HashSet<u32> = alive_now
+                    .kvs
+                    .iter()
+                    .filter_map(|kv| rank_under(&kv.key, alive))
+                    .collect();
+                let ranks = members_now.kvs.iter();
+                let ranks = ranks.filter_map(|kv| rank_under(&kv.key, &members));
+                for rank in ranks.filter(|rank| !living.contains(rank)) {
+                    self.lease_ran_out(group, rank)?;
+                }
+            }
         }
-        Ok(result.revision)
+        Ok(revision)
     }
 
     /// The error of `group`'s failure in `record`, remembered.
     fn group_failed(&self, group: &[u8], record: &[u8]) -> Error {
-        let error = Failure::decode(group, record).map_or_else(
-            || {
-                Error::new(
-                    Status::PeerFailed,
-                    "the group failed (its record is malformed)",
-                )
-            },
-            |failure| failure.error(),
-        );
+        let error = failure_error(group, record);
         self.note_failure(&error);
         error
     }
@@ -420,16 +413,10 @@ impl EtcdStore {
         }
     }
 
-    /// The liveness key `key` of a member of `group` went: if its member
+    /// The liveness key of rank `rank` of `group` went: if its member
     /// record stays, its lease ran out, and its failure is recorded (once,
     /// whoever comes first).
-    fn lease_ran_out(&self, group: &[u8], key: &[u8], alive: &[u8]) -> Result<()> {
-        let Some(rank) = key
-            .strip_prefix(alive)
-            .and_then(|rank| std::str::from_utf8(rank).ok()?.parse().ok())
-        else {
-            return Ok(());
-        };
+    fn lease_ran_out(&self, group: &[u8], rank: u32) -> Result<()> {
         let member_key = self.member_key(group, rank);
         let range = self
             .client
@@ -444,16 +431,19 @@ impl EtcdStore {
     }
 }
 
+/// The rank a key under `prefix` (a group's member records or liveness
+/// keys) names.
+fn rank_under(key: &[u8], prefix: &[u8]) -> Option<u32> {
+    std::str::from_utf8(key.strip_prefix(prefix)?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// What `event` is to a watch in a session, if anything.
 fn classify(event: Event, group: &[u8], failure_key: &[u8], alive: &[u8]) -> Option<Seen> {
     if event.kv.key == failure_key {
-        return (!event.deleted).then(|| {
-            let group_failed = Failure::decode(group, &event.kv.value);
-            Seen::Failed(group_failed.map_or_else(
-                || Error::new(Status::PeerFailed, "the group failed"),
-                |f| f.error(),
-            ))
-        });
+        return (!event.deleted).then(|| Seen::Failed(failure_error(group, &event.kv.value)));
     }
     if event.kv.key.starts_with(alive) {
         return event.deleted.then_some(Seen::Lost {

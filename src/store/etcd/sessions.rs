@@ -126,6 +126,20 @@ pub(crate) enum SessionChange {
     },
 }
 
+/// The error of the failure of a member of `group` that `record` holds
+/// (a record that is no failure still fails the group, saying so).
+pub(super) fn failure_error(group: &[u8], record: &[u8]) -> Error {
+    Failure::decode(group, record).map_or_else(
+        || {
+            Error::new(
+                Status::PeerFailed,
+                "the group failed (its record is malformed)",
+            )
+        },
+        |failure| failure.error(),
+    )
+}
+
 /// `<len>:<group>`.
 fn group_part(group: &[u8]) -> Vec<u8> {
     [format!("{}:", group.len()).as_bytes(), group].concat()
@@ -235,14 +249,34 @@ impl EtcdStore {
         spec: &SessionSpec,
         lease_ttl: Duration,
     ) -> Result<HeldSession> {
-        let deadline = self.deadline(None);
-        let (group, rank) = (&spec.group[..], spec.rank);
-        let (member_key, alive_key) = (self.member_key(group, rank), self.alive_key(group, rank));
-        let failure_key = self.failure_key(group);
         // Chosen here, so that granting it again is harmless; it tells this
         // open's record from any other's after an unanswered attempt.
         let lease = fastrand::i64(1..i64::MAX);
         let mut granted = false;
+        let opened = self.open_on_lease(spec, lease, lease_ttl, &mut granted);
+        // A lease granted for an open that did not take it holds nothing:
+        // revoked rather than left to run out (best effort).
+        if granted && opened.as_ref().map_or(true, |held| held.lease != lease) {
+            if let Err(e) = self.revoke_lease(lease) {
+                log::debug!("etcd: revoking an unused session lease: {}", e.message());
+            }
+        }
+        opened
+    }
+
+    /// [`EtcdStore::open_member`], granting the lease `lease` (`granted`
+    /// says whether it did) if it creates the session.
+    fn open_on_lease(
+        &self,
+        spec: &SessionSpec,
+        lease: i64,
+        lease_ttl: Duration,
+        granted: &mut bool,
+    ) -> Result<HeldSession> {
+        let deadline = self.deadline(None);
+        let (group, rank) = (&spec.group[..], spec.rank);
+        let (member_key, alive_key) = (self.member_key(group, rank), self.alive_key(group, rank));
+        let failure_key = self.failure_key(group);
         loop {
             let [member, alive, failure, members] = self.read_session(spec, deadline)?;
             let failure = failure.kvs.into_iter().next();
@@ -255,7 +289,7 @@ impl EtcdStore {
                 }
                 let theirs = record.spec.incarnation;
                 if theirs < spec.incarnation {
-                    self.fence(spec, &kv, &record, failure.as_ref(), deadline)?;
+                    self.fence(spec, &kv, &record, failure.as_ref())?;
                     continue;
                 }
                 let live = alive.kvs.into_iter().next();
@@ -322,16 +356,7 @@ impl EtcdStore {
             }];
             let mut ops = Vec::new();
             match &failure {
-                Some(kv) if members.count > 0 => {
-                    return Err(Failure::decode(group, &kv.value)
-                        .map(|f| f.error())
-                        .unwrap_or_else(|| {
-                            Error::new(
-                                Status::PeerFailed,
-                                "the group failed (its record is malformed)",
-                            )
-                        }))
-                }
+                Some(kv) if members.count > 0 => return Err(failure_error(group, &kv.value)),
                 // Its last members are gone: forgotten, as the job's next
                 // run opens.
                 Some(kv) => {
@@ -352,9 +377,9 @@ impl EtcdStore {
                 }),
             }
             let seconds = lease_ttl.as_secs_f64().ceil().max(1.0) as i64;
-            if !granted {
+            if !*granted {
                 self.client.lease_grant(lease, seconds, deadline)?;
-                granted = true;
+                *granted = true;
             }
             let record = MemberRecord {
                 lease,
@@ -431,7 +456,6 @@ impl EtcdStore {
         kv: &Kv,
         record: &MemberRecord,
         failure: Option<&Kv>,
-        deadline: Instant,
     ) -> Result<()> {
         let fenced = Failure {
             group: spec.group.clone(),
@@ -451,10 +475,22 @@ impl EtcdStore {
             revision: kv.mod_revision,
         };
         let record_failure = failure.is_none();
-        if self.end_session(&held, record_failure.then_some(&fenced))? != Ended::Elsewhere {
-            self.client.lease_revoke(record.lease, deadline)?;
+        self.end_and_revoke(&held, record_failure.then_some(&fenced))
+            .map(drop)
+    }
+
+    /// [`EtcdStore::end_session`], then the lease revoked (its keys go)
+    /// unless the session lives on elsewhere.
+    pub(crate) fn end_and_revoke(
+        &self,
+        held: &HeldSession,
+        failure: Option<&Failure>,
+    ) -> Result<Ended> {
+        let ended = self.end_session(held, failure)?;
+        if ended != Ended::Elsewhere {
+            self.revoke_lease(held.lease)?;
         }
-        Ok(())
+        Ok(ended)
     }
 
     /// Ends `held` in etcd, gracefully (`failure` None) or for `failure`
@@ -466,45 +502,20 @@ impl EtcdStore {
         held: &HeldSession,
         failure: Option<&Failure>,
     ) -> Result<Ended> {
-        let deadline = self.deadline(None);
         let member_key = self.member_key(&held.group, held.rank);
         let unchanged = Compare::ModRevision {
             key: member_key.clone(),
             revision: held.revision,
         };
         let alive_key = self.alive_key(&held.group, held.rank);
-        let deletes = || [&member_key, &alive_key].map(|key| Op::Delete { key: key.clone() });
-        if let Some(failure) = failure {
-            let failure_key = self.failure_key(&held.group);
-            let compares = [
-                unchanged.clone(),
-                Compare::CreateRevision {
-                    key: failure_key.clone(),
-                    revision: 0,
-                },
-            ];
-            let mut ops = vec![Op::Put {
-                key: failure_key,
-                value: failure.encode(),
-                lease: 0,
-            }];
-            ops.extend(deletes());
-            let txn = self
-                .client
-                .txn(&compares, &ops, &[], Resend::Safe, deadline)?;
-            if txn.succeeded {
-                return Ok(Ended::Recorded);
-            }
-        }
-        let txn = self
-            .client
-            .txn(&[unchanged], &deletes(), &[], Resend::Safe, deadline)?;
-        if txn.succeeded {
-            return Ok(Ended::Now);
+        let deletes = [&member_key, &alive_key].map(|key| Op::Delete { key: key.clone() });
+        if let Some(ended) = self.end_if(&held.group, vec![unchanged], &deletes, failure)? {
+            return Ok(ended);
         }
         // Not ended by this call: ended already (an earlier attempt whose
         // answer was lost, or another server), or taken over elsewhere
         // (its record written again, still on the same lease: keep it).
+        let deadline = self.deadline(None);
         let now = self
             .client
             .range(&member_key, false, Read::Values, deadline)?;
@@ -520,6 +531,46 @@ impl EtcdStore {
         )
     }
 
+    /// Makes `deletes` if every one of `unchanged` holds, with `failure`
+    /// written in the same transaction as `group`'s if it has none:
+    /// [`Ended::Recorded`] then, [`Ended::Now`] when it had one (or there
+    /// is no failure to write), None when `unchanged` no longer holds.
+    fn end_if(
+        &self,
+        group: &[u8],
+        unchanged: Vec<Compare>,
+        deletes: &[Op],
+        failure: Option<&Failure>,
+    ) -> Result<Option<Ended>> {
+        let deadline = self.deadline(None);
+        let copy = || deletes.iter().map(Op::clone);
+        if let Some(failure) = failure {
+            let failure_key = self.failure_key(group);
+            let mut compares = unchanged.clone();
+            compares.push(Compare::CreateRevision {
+                key: failure_key.clone(),
+                revision: 0,
+            });
+            let put = Op::Put {
+                key: failure_key,
+                value: failure.encode(),
+                lease: 0,
+            };
+            let ops: Vec<Op> = std::iter::once(put).chain(copy()).collect();
+            let txn = self
+                .client
+                .txn(&compares, &ops, &[], Resend::Safe, deadline)?;
+            if txn.succeeded {
+                return Ok(Some(Ended::Recorded));
+            }
+        }
+        let ops: Vec<Op> = copy().collect();
+        let txn = self
+            .client
+            .txn(&unchanged, &ops, &[], Resend::Safe, deadline)?;
+        Ok(txn.succeeded.then_some(Ended::Now))
+    }
+
     /// Revokes the lease `lease`: etcd deletes every key on it.
     pub(crate) fn revoke_lease(&self, lease: i64) -> Result<()> {
         self.client.lease_revoke(lease, self.deadline(None))
@@ -531,24 +582,18 @@ impl EtcdStore {
     /// it has one, and the record deleted. Any server may call it; one
     /// does it.
     pub(crate) fn record_expiry(&self, record: &MemberRecord, revision: i64) -> Result<()> {
-        let deadline = self.deadline(None);
         let (group, rank) = (&record.spec.group[..], record.spec.rank);
         let member_key = self.member_key(group, rank);
-        let failure_key = self.failure_key(group);
-        let still = |more: Option<Compare>| {
-            let mut compares = vec![
-                Compare::ModRevision {
-                    key: member_key.clone(),
-                    revision,
-                },
-                Compare::CreateRevision {
-                    key: self.alive_key(group, rank),
-                    revision: 0,
-                },
-            ];
-            compares.extend(more);
-            compares
-        };
+        let unchanged = vec![
+            Compare::ModRevision {
+                key: member_key.clone(),
+                revision,
+            },
+            Compare::CreateRevision {
+                key: self.alive_key(group, rank),
+                revision: 0,
+            },
+        ];
         let failure = Failure {
             group: group.to_vec(),
             rank,
@@ -558,35 +603,9 @@ impl EtcdStore {
             cause: Cause::LeaseExpired(record.lease_ttl),
             silent_for: None,
         };
-        let delete = Op::Delete {
-            key: member_key.clone(),
-        };
-        let put = Op::Put {
-            key: failure_key.clone(),
-            value: failure.encode(),
-            lease: 0,
-        };
-        let absent = Compare::CreateRevision {
-            key: failure_key.clone(),
-            revision: 0,
-        };
-        let recorded = self.client.txn(
-            &still(Some(absent)),
-            &[
-                put,
-                Op::Delete {
-                    key: member_key.clone(),
-                },
-            ],
-            &[],
-            Resend::Safe,
-            deadline,
-        )?;
-        if !recorded.succeeded {
-            self.client
-                .txn(&still(None), &[delete], &[], Resend::Safe, deadline)?;
-        }
-        Ok(())
+        let delete = [Op::Delete { key: member_key }];
+        self.end_if(group, unchanged, &delete, Some(&failure))
+            .map(drop)
     }
 
     /// Renews the leases `leases` within `timeout`, each member given at
