@@ -263,6 +263,27 @@ impl Drop for Cluster {
     }
 }
 
+/// Waits (bounded) until the front-end on `port` holds the sessions of
+/// `members` (group, rank): they resumed there.
+fn until_resumed(port: u16, members: &[(&str, u32)]) {
+    let inspector = common::client("127.0.0.1", port, TIMEOUT);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listing = inspector.sessions("").unwrap();
+        let held = |(group, rank): &(&str, u32)| {
+            listing
+                .sessions
+                .iter()
+                .any(|s| s.group == *group && s.rank == *rank)
+        };
+        if members.iter().all(held) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not resumed: {listing:?}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A front-end on `port` (0: any), logging to `log` (kept for a failure).
 fn front_end(url: &str, port: u16, log: &std::path::Path) -> Serve {
     let port = port.to_string();
@@ -326,19 +347,24 @@ fn sessions_survive_etcd_faults_and_a_front_end_restart_and_a_failure_is_told_on
     f1.child.wait().unwrap();
     drop(f1);
     let _f1 = front_end(&url, f1_port, &f1_log);
-    thread::sleep(Duration::from_secs(2));
+    until_resumed(
+        f1_port,
+        &[("job/", 0), ("job/", 1), ("doomed/", 0), ("doomed/", 2)],
+    );
 
     // Rank 0 of the other group dies: both front-ends' members are told.
     let killed = Instant::now();
     doomed.child.kill().unwrap();
-    for member in &mut told {
-        let line = member.next_line();
+    let lines: Vec<String> = told.iter_mut().map(Member::next_line).collect();
+    for line in &lines {
         assert!(
             line.starts_with("failed rank 0 of group 'doomed/'"),
             "told who failed: {line}\n{}",
             logs_of()
         );
     }
+    // Both front-ends told the same failure (the one etcd recorded).
+    assert_eq!(lines[0], lines[1], "the front-ends agree");
     let telling = killed.elapsed();
     assert!(
         telling < Duration::from_secs(5),
