@@ -101,6 +101,8 @@ pub(crate) enum Op {
     },
     /// Deletes a key.
     Delete { key: Vec<u8> },
+    /// Deletes every key starting with `prefix`.
+    DeleteUnder { prefix: Vec<u8> },
 }
 
 /// A condition of a transaction.
@@ -747,6 +749,9 @@ fn op_json(op: &Op) -> Json {
             json!({ "request_range": read_request(key, *prefix, *read) })
         }
         Op::Delete { key } => json!({"request_delete_range": {"key": BASE64.encode(key)}}),
+        Op::DeleteUnder { prefix } => {
+            json!({ "request_delete_range": range_request(prefix, true) })
+        }
     }
 }
 

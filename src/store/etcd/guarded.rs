@@ -142,7 +142,7 @@ impl EtcdStore {
                 .filter_map(|op| match op {
                     Op::Put { key, .. } => Some((key.clone(), false)),
                     Op::Delete { key } => Some((key.clone(), true)),
-                    Op::Range { .. } => None,
+                    Op::Range { .. } | Op::DeleteUnder { .. } => None,
                 })
                 .collect();
             let read_back = self.read_back_ops(target);

@@ -165,12 +165,14 @@ impl EtcdStore {
     /// front-ends of the same prefix share the group. InvalidState if the
     /// handle has a session, or the rank is live with an incarnation not
     /// older; PeerFailed if the group has failed; NotSupported for a
-    /// recoverable group.
+    /// recoverable group (a front-end's members may open one).
     pub fn open_session(&self, options: &SessionOptions) -> Result<()> {
         let spec = options.checked_spec()?;
         if spec.recoverable {
             return Err(Error::not_supported(
-                "recoverable groups on etcd (not yet: sessions on etcd are fate-sharing)",
+                "a recoverable group on the EtcdStore itself (with no front-end watching, nobody \
+                 would notice its members' leases run out): open it through a `distcore serve \
+                 --backend etcd` front-end",
             ));
         }
         if self.session.lock().is_some() {

@@ -22,6 +22,7 @@
 mod client;
 mod guarded;
 mod membership;
+mod recoverable;
 mod requests;
 mod sessions;
 

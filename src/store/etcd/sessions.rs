@@ -11,6 +11,7 @@
 //! | `P/m/G/R` | the member record: its session's etcd lease and spec (no lease of its own: it outlives the session until its end is recorded) |
 //! | `P/s/G/R` | the member's liveness key, attached to its lease: etcd deletes it when the lease runs out |
 //! | `P/f/G` | the group's first failure, written once |
+//! | `P/r/G` | the group is recoverable (`super::recoverable`: its mode, and its membership published) |
 //!
 //! Every change is a transaction comparing what it was decided on, so a
 //! copy applied late (a member that held it, then resumed) does nothing,
@@ -31,6 +32,10 @@
 //! - **expiry**: a liveness key gone while its member record stays means
 //!   the lease ran out; any server that sees it records the failure
 //!   ([`EtcdStore::record_expiry`]), exactly once between them.
+//!
+//! In a recoverable group nothing records a failure: an end, a fencing or
+//! an expiry only deletes the member's keys, and the group's membership
+//! is published again (`super::recoverable`).
 
 use std::time::{Duration, Instant};
 
@@ -88,6 +93,8 @@ pub(crate) struct HeldSession {
     pub lease: i64,
     /// The revision its member record was last written at.
     pub revision: i64,
+    /// Its group is recoverable: its end records no failure.
+    pub recoverable: bool,
 }
 
 /// What [`EtcdStore::end_session`] found.
@@ -141,7 +148,7 @@ pub(super) fn failure_error(group: &[u8], record: &[u8]) -> Error {
 }
 
 /// `<len>:<group>`.
-fn group_part(group: &[u8]) -> Vec<u8> {
+pub(super) fn group_part(group: &[u8]) -> Vec<u8> {
     [format!("{}:", group.len()).as_bytes(), group].concat()
 }
 
@@ -278,8 +285,9 @@ impl EtcdStore {
         let (member_key, alive_key) = (self.member_key(group, rank), self.alive_key(group, rank));
         let failure_key = self.failure_key(group);
         loop {
-            let [member, alive, failure, members] = self.read_session(spec, deadline)?;
+            let [member, alive, failure, members, mode] = self.read_session(spec, deadline)?;
             let failure = failure.kvs.into_iter().next();
+            let mode = self.mode_guard(spec, mode.kvs.first(), members.count)?;
             if let Some(kv) = member.kvs.into_iter().next() {
                 let record = MemberRecord::decode(&kv.value).ok_or_else(|| {
                     Error::new(Status::Protocol, "etcd holds a malformed member record")
@@ -354,7 +362,8 @@ impl EtcdStore {
                 key: member_key.clone(),
                 revision: 0,
             }];
-            let mut ops = Vec::new();
+            compares.extend(mode.compares);
+            let mut ops = mode.ops;
             match &failure {
                 Some(kv) if members.count > 0 => return Err(failure_error(group, &kv.value)),
                 // Its last members are gone: forgotten, as the job's next
@@ -420,16 +429,18 @@ impl EtcdStore {
             rank: spec.rank,
             lease,
             revision,
+            recoverable: spec.recoverable,
         }
     }
 
     /// Reads, at one revision, the rank's member record and liveness key,
-    /// its group's failure, and how many members the group has.
+    /// its group's failure, how many members the group has, and its mode
+    /// key.
     fn read_session(
         &self,
         spec: &SessionSpec,
         deadline: Instant,
-    ) -> Result<[super::client::Range; 4]> {
+    ) -> Result<[super::client::Range; 5]> {
         let (group, rank) = (&spec.group[..], spec.rank);
         let read = |key: Vec<u8>, prefix, read| Op::Range { key, prefix, read };
         let reads = [
@@ -437,19 +448,20 @@ impl EtcdStore {
             read(self.alive_key(group, rank), false, Read::Keys),
             read(self.failure_key(group), false, Read::Values),
             read(self.members_prefix(group), true, Read::Count),
+            self.mode_read(group),
         ];
         let result = self.client.txn(&[], &reads, &[], Resend::Safe, deadline)?;
         result.ranges.try_into().map_err(|_| {
             Error::new(
                 Status::Protocol,
-                "etcd answered a transaction of four reads with fewer",
+                "etcd answered a transaction of five reads with fewer",
             )
         })
     }
 
     /// Fences the older incarnation in `kv` (its `record`) for `spec`'s:
-    /// its failure recorded if the group has none, its keys deleted, its
-    /// lease revoked.
+    /// its failure recorded if the group has none (and is not
+    /// recoverable), its keys deleted, its lease revoked.
     fn fence(
         &self,
         spec: &SessionSpec,
@@ -473,6 +485,7 @@ impl EtcdStore {
             rank: spec.rank,
             lease: record.lease,
             revision: kv.mod_revision,
+            recoverable: record.spec.recoverable,
         };
         let record_failure = failure.is_none();
         self.end_and_revoke(&held, record_failure.then_some(&fenced))
@@ -494,14 +507,17 @@ impl EtcdStore {
     }
 
     /// Ends `held` in etcd, gracefully (`failure` None) or for `failure`
-    /// (the group's failure recorded unless it has one): its keys
-    /// deleted. Its lease is the caller's to revoke next
-    /// ([`EtcdStore::revoke_lease`]) unless the session lives on elsewhere.
+    /// (the group's failure recorded unless it has one, or is
+    /// recoverable): its keys deleted. Its lease is the caller's to revoke
+    /// next ([`EtcdStore::revoke_lease`]) unless the session lives on
+    /// elsewhere; a recoverable group's membership is the caller's to
+    /// publish ([`EtcdStore::publish_members`]).
     pub(crate) fn end_session(
         &self,
         held: &HeldSession,
         failure: Option<&Failure>,
     ) -> Result<Ended> {
+        let failure = failure.filter(|_| !held.recoverable);
         let member_key = self.member_key(&held.group, held.rank);
         let unchanged = Compare::ModRevision {
             key: member_key.clone(),
@@ -579,8 +595,8 @@ impl EtcdStore {
     /// Records that the session in `record` (its member record at
     /// `revision`) ended because its lease ran out, if its liveness key
     /// is still gone and the record unchanged: the group's failure unless
-    /// it has one, and the record deleted. Any server may call it; one
-    /// does it.
+    /// it has one (or is recoverable), and the record deleted. Any server
+    /// may call it; one does it.
     pub(crate) fn record_expiry(&self, record: &MemberRecord, revision: i64) -> Result<()> {
         let (group, rank) = (&record.spec.group[..], record.spec.rank);
         let member_key = self.member_key(group, rank);
@@ -604,8 +620,8 @@ impl EtcdStore {
             silent_for: None,
         };
         let delete = [Op::Delete { key: member_key }];
-        self.end_if(group, unchanged, &delete, Some(&failure))
-            .map(drop)
+        let failure = Some(&failure).filter(|_| !record.spec.recoverable);
+        self.end_if(group, unchanged, &delete, failure).map(drop)
     }
 
     /// Renews the leases `leases` within `timeout`, each member given at

@@ -158,7 +158,8 @@ pub(crate) struct Sessions {
     /// Failures are decided elsewhere (a server on etcd, one of several):
     /// a member's failure here is only published ([`Delivery`] with no one
     /// to tell), and each group's first failure, wherever it was decided,
-    /// comes back through [`Sessions::group_failed`].
+    /// comes back through [`Sessions::group_failed`]; recoverable groups'
+    /// memberships are published there too, not by [`Sessions::take_changes`].
     decided_elsewhere: bool,
 }
 
@@ -258,7 +259,7 @@ impl Sessions {
         let group = self.groups.entry(spec.group.clone()).or_default();
         group.members.insert(id);
         group.recoverable = spec.recoverable;
-        if spec.recoverable {
+        if spec.recoverable && !self.decided_elsewhere {
             self.changed.insert(spec.group.clone());
         }
         let live = Live {
@@ -661,7 +662,7 @@ impl Sessions {
             }
             None => (true, false),
         };
-        if recoverable {
+        if recoverable && !self.decided_elsewhere {
             // Published (and forgotten once empty) by take_changes.
             self.changed.insert(group.clone());
         } else if group_left {

@@ -23,7 +23,7 @@
 mod mirror;
 mod sessions;
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -92,6 +92,9 @@ enum SessionTask {
     },
     /// Records that the member's lease ran out.
     Expired { record: MemberRecord, revision: i64 },
+    /// Publishes the membership of a recoverable group whose members
+    /// changed.
+    Publish { group: Vec<u8> },
 }
 
 /// What the workers take: session work first (failures are urgent, and
@@ -99,6 +102,10 @@ enum SessionTask {
 #[derive(Default)]
 struct Queue {
     sessions: VecDeque<SessionTask>,
+    /// The groups with a [`SessionTask::Publish`] queued: one publication
+    /// covers every change before it, so a change shown while one is
+    /// queued needs no other.
+    publishing: HashSet<Vec<u8>>,
     writes: VecDeque<Job>,
 }
 
@@ -275,13 +282,19 @@ impl Shared {
     }
 
     /// Acts on what the session keys' changes showed: tells the core of
-    /// the failures recorded, and records the expiries.
+    /// the failures recorded, records the expiries, publishes the
+    /// memberships that changed.
     fn act_on(&self, noticed: Noticed) {
         self.report(noticed.failed.into_iter().map(Report::GroupFailed));
         let expired = noticed.expired.into_iter();
-        self.queue_sessions(
-            expired.map(|(record, revision)| SessionTask::Expired { record, revision }),
-        );
+        let expired = expired.map(|(record, revision)| SessionTask::Expired { record, revision });
+        let publish: Vec<SessionTask> = {
+            let mut queue = self.lock_jobs();
+            let changed = noticed.changed.into_iter();
+            let news = changed.filter(|group| queue.publishing.insert(group.clone()));
+            news.map(|group| SessionTask::Publish { group }).collect()
+        };
+        self.queue_sessions(expired.chain(publish));
     }
 
     /// Sends on what the mirror catching up released.
@@ -324,6 +337,9 @@ impl Shared {
                         return;
                     }
                     if let Some(task) = jobs.sessions.pop_front() {
+                        if let SessionTask::Publish { group } = &task {
+                            jobs.publishing.remove(group);
+                        }
                         drop(jobs);
                         self.run(task);
                         jobs = self.lock_jobs();
@@ -529,6 +545,9 @@ impl Shared {
                 spec,
             } => {
                 let opened = self.store.open_member(&spec, lease_ttl(&spec));
+                if opened.is_ok() && spec.recoverable {
+                    self.publish_holding(&spec);
+                }
                 let ended = self
                     .held
                     .lock()
@@ -572,6 +591,34 @@ impl Shared {
                     );
                 }
             }
+            SessionTask::Publish { group } => {
+                if let Err(e) = self.store.publish_members(&group, None) {
+                    log::warn!(
+                        "etcd backend: publishing the membership of group '{}': {}",
+                        printable(&group),
+                        e.message()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Publishes the membership of the recoverable group of `spec`, just
+    /// opened, until it holds the member, before its open is answered: a
+    /// `members()` that follows shows it (a read waits for the mirror to
+    /// show the publication). A failure is logged: the publications that
+    /// follow the change the watch shows make up for it.
+    fn publish_holding(&self, spec: &SessionSpec) {
+        let member = (spec.rank, spec.incarnation);
+        match self.store.publish_members(&spec.group, Some(member)) {
+            Ok(revision) => {
+                self.written.fetch_max(revision, Ordering::SeqCst);
+            }
+            Err(e) => log::warn!(
+                "etcd backend: publishing the membership of group '{}': {}",
+                printable(&spec.group),
+                e.message()
+            ),
         }
     }
 
@@ -797,12 +844,6 @@ impl Backend for EtcdBackend {
     ) -> Result<Option<Outcome>> {
         let task = match event {
             SessionEvent::Opened { session, spec } => {
-                if spec.recoverable {
-                    return Err(Error::not_supported(
-                        "recoverable groups on a server on etcd (not yet: its sessions are \
-                         fate-sharing)",
-                    ));
-                }
                 self.shared.held.lock().opening(session);
                 SessionTask::Open {
                     conn,

@@ -3,10 +3,11 @@
 //! members every server of the store has, which are alive, and which
 //! groups failed. The watcher feeds it every change; it notices what the
 //! servers must act on: a group's failure recorded (its members here are
-//! told), and a member whose lease ran out (its failure is to be
-//! recorded, by whichever server comes first).
+//! told), a member whose lease ran out (its failure is to be recorded, by
+//! whichever server comes first), and a recoverable group whose members
+//! changed (its membership is to be published, by whichever comes first).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use crate::store::etcd::{HeldSession, MemberRecord, SessionChange};
@@ -53,6 +54,9 @@ pub(super) struct Noticed {
     /// Members whose lease ran out (record and its revision): their
     /// failure is to be recorded.
     pub expired: Vec<(MemberRecord, i64)>,
+    /// Recoverable groups whose members changed: their membership is to
+    /// be published.
+    pub changed: BTreeSet<Vec<u8>>,
 }
 
 /// The session keys of the store, as the changes streamed show them.
@@ -67,10 +71,11 @@ impl SessionView {
     /// The view of a snapshot's session keys, and the members it shows
     /// without their liveness key: their leases ran out while no server
     /// watched (failures found at start are not news: their groups have
-    /// no member here yet).
+    /// no member here yet), and its recoverable groups (whose membership
+    /// may not have been published when the last server watching went).
     pub(super) fn new(snapshot: Vec<SessionChange>) -> (SessionView, Noticed) {
         let mut view = SessionView::default();
-        view.apply(snapshot);
+        let changed = view.apply(snapshot).changed;
         let expired = view
             .members
             .iter()
@@ -80,6 +85,7 @@ impl SessionView {
         let noticed = Noticed {
             failed: Vec::new(),
             expired,
+            changed,
         };
         (view, noticed)
     }
@@ -111,10 +117,16 @@ impl SessionView {
                     rank,
                     record: Some(record),
                 } => {
+                    if record.0.spec.recoverable {
+                        noticed.changed.insert(group.clone());
+                    }
                     self.members.insert((group, rank), record);
                 }
                 SessionChange::Member { group, rank, .. } => {
-                    self.members.remove(&(group, rank));
+                    let gone = self.members.remove(&(group.clone(), rank));
+                    if gone.is_some_and(|(record, _)| record.spec.recoverable) {
+                        noticed.changed.insert(group);
+                    }
                 }
                 SessionChange::Alive { group, rank, alive } => match alive {
                     true => {

@@ -419,3 +419,128 @@ fn a_one_job_server_on_etcd_ends_the_waits_of_clients_without_a_session_when_a_m
     assert_eq!(error.status(), crate::Status::PeerFailed, "{error}");
     assert!(error.message().contains("rank 0 of group 'o/'"), "{error}");
 }
+
+/// A member of recoverable group `group` on `server`, of rank `rank`.
+fn recoverable_member(server: &Server, group: &str, rank: u32, ttl: Option<Duration>) -> TcpStore {
+    let store = client(server);
+    let options = SessionOptions {
+        ttl,
+        recoverable: true,
+        ..SessionOptions::new(group, rank)
+    };
+    store.open_session(&options).unwrap();
+    store
+}
+
+/// The ranks `store` reads in its group's membership, and the epoch.
+fn ranks(store: &TcpStore) -> (u64, Vec<u32>) {
+    let members = store.members().unwrap();
+    (
+        members.epoch,
+        members.members.iter().map(|m| m.rank).collect(),
+    )
+}
+
+/// Waits (bounded) until `store` reads `ranks` in its group's
+/// membership; the epoch then.
+fn until_members(store: &TcpStore, expected: &[u32]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (epoch, now) = ranks(store);
+        if now == expected {
+            return epoch;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "members {now:?}, never {expected:?}"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_recoverable_group_on_two_servers_fails_nobody_and_every_member_reads_one_membership() {
+    let etcd = Etcd::start();
+    let (a, b) = (
+        front_end(&etcd, "/job", true),
+        front_end(&etcd, "/job", true),
+    );
+    let first = recoverable_member(&a, "e/", 0, None);
+    assert_eq!(ranks(&first).1, [0], "an open is answered once published");
+    let on_b = recoverable_member(&b, "e/", 1, None);
+    let dying = recoverable_member(&a, "e/", 2, None);
+    let (epoch, all) = ranks(&dying);
+    assert_eq!(all, [0, 1, 2]);
+    // Every member reads the same set at the same epoch, on either server.
+    assert_eq!(until_members(&on_b, &[0, 1, 2]), epoch);
+    assert_eq!(until_members(&first, &[0, 1, 2]), epoch);
+    // Every member agrees on the mode, across servers.
+    let refused = client(&b)
+        .open_session(&SessionOptions::new("e/", 3))
+        .unwrap_err();
+    assert_eq!(refused.status(), crate::Status::InvalidState, "{refused}");
+    assert!(refused.message().contains("recoverable"), "{refused}");
+    // A survivor blocked in a get, and one watching the membership.
+    let blocked = thread::spawn(move || {
+        let got = on_b.get("e/go");
+        (on_b, got)
+    });
+    until_waits(&b, 1);
+    let changed = first.watch_members(epoch).unwrap();
+    let killed = Instant::now();
+    drop(dying); // its connection closes: as a crash, to its server
+    changed.wait(Some(Duration::from_secs(20))).unwrap();
+    let told = killed.elapsed();
+    let (after, left) = ranks(&first);
+    assert_eq!(left, [0, 1]);
+    assert!(after > epoch);
+    first.set("e/go", b"1").unwrap();
+    let (on_b, got) = blocked.join().unwrap();
+    assert_eq!(got.unwrap(), b"1", "the survivor's call was not failed");
+    assert_eq!(until_members(&on_b, &[0, 1]), after);
+    println!(
+        "a recoverable group's survivor on etcd saw the membership change {told:?} after the kill"
+    );
+    // No failure record: a new member joins the group as it goes on.
+    let joined = recoverable_member(&b, "e/", 2, None);
+    assert_eq!(ranks(&joined).1, [0, 1, 2]);
+    // The group's last members leave: its membership goes with them, and
+    // the group may start again in the other mode.
+    for store in [first, on_b, joined] {
+        store.close_session().unwrap();
+    }
+    let direct = EtcdStore::new(etcd.options("/job", Duration::from_secs(10))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !direct.list_prefix("distcore/members/").unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the membership outlived the group"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let _again = member(&a, "e/", 0, None);
+}
+
+#[test]
+fn a_recoverable_member_whose_server_died_with_it_leaves_the_membership_when_its_lease_runs_out() {
+    let etcd = Etcd::start();
+    let survivor_server = front_end(&etcd, "/job", true);
+    let survivor = recoverable_member(&survivor_server, "x/", 1, None);
+    let doomed = front_end(&etcd, "/job", true);
+    let orphan = recoverable_member(&doomed, "x/", 0, Some(Duration::from_millis(500)));
+    let epoch = until_members(&survivor, &[0, 1]);
+    let changed = survivor.watch_members(epoch).unwrap();
+    let started = Instant::now();
+    // The member's process is gone with its server: neither ends the
+    // session, nobody renews its lease (5 s, the least).
+    std::mem::forget(orphan);
+    drop(doomed);
+    changed.wait(Some(Duration::from_secs(30))).unwrap();
+    let waited = started.elapsed();
+    assert_eq!(ranks(&survivor).1, [1]);
+    assert!(
+        waited >= Duration::from_millis(4500) && waited < Duration::from_secs(15),
+        "the lease's TTL, not before: {waited:?}"
+    );
+    assert_eq!(survivor.add("x/after", 1).unwrap(), 1, "nobody failed");
+}

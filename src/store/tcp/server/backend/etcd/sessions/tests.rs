@@ -111,6 +111,7 @@ fn leases_are_renewed_while_held_and_ended_once_open() {
         rank: 0,
         lease,
         revision: 3,
+        recoverable: false,
     };
     held.opening(1);
     assert_eq!(held.end(1, Some(failure(0))), Ending::Later);
