@@ -1032,7 +1032,8 @@ dc_status dc_tcp_store_watch_members(const dc_store *store, uint64_t epoch, dc_w
 // DC_ERR_PEER_FAILED naming it, and its later calls too (within a third
 // of a TTL). Members on `distcore serve --backend etcd` servers of the
 // same prefix share the group. `opts->recoverable` is not supported on
-// etcd.
+// an EtcdStore's own session (members on such servers may open
+// recoverable groups).
 //
 // Errors: DC_ERR_INVALID_ARGUMENT as `dc_tcp_store_open_session`, or a
 // `store` that is not an EtcdStore; DC_ERR_NOT_SUPPORTED for a

@@ -7,7 +7,9 @@
 //! live member was failed (each of the job's members sees its blocked get
 //! answered, having resumed its session where its front-end died), the
 //! killed one was reported to the members on both front-ends, naming it,
-//! and its group's failure was recorded in etcd once.
+//! and its group's failure was recorded in etcd once. In a recoverable
+//! group beside them, a member killed fails nobody, and the members on
+//! both front-ends read the same membership without it at the same epoch.
 //!
 //! The members are this test binary run again (`etcd_member_process`,
 //! which does nothing unless DISTCORE_ETCD_MEMBER is set).
@@ -32,7 +34,8 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 /// The members' TTL (their leases: 5 s, the least).
 const TTL: Duration = Duration::from_millis(1500);
 
-/// Rank `rank` of `group` on the server at `port`: says "ready", then
+/// Rank `rank` of `group` (recoverable if a fourth word says so) on the
+/// server at `port`: says "ready", then
 /// waits for `<group>done`, resuming its session through every front-end
 /// death (a network error: the next call resumes it), and says "done", or
 /// "failed <message>" when told a member failed.
@@ -50,6 +53,7 @@ fn etcd_member_process() {
     let store = common::client("127.0.0.1", port, TIMEOUT);
     let options = SessionOptions {
         ttl: Some(TTL),
+        recoverable: parts.get(3) == Some(&"recoverable"),
         ..SessionOptions::new(group, rank)
     };
     store.open_session(&options).unwrap();
@@ -84,6 +88,15 @@ struct Member {
 
 impl Member {
     fn spawn(port: u16, group: &str, rank: u32) -> Member {
+        Member::spawn_as(port, &format!("{group} {rank}"))
+    }
+
+    /// A member of a recoverable group.
+    fn spawn_recoverable(port: u16, group: &str, rank: u32) -> Member {
+        Member::spawn_as(port, &format!("{group} {rank} recoverable"))
+    }
+
+    fn spawn_as(port: u16, who: &str) -> Member {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -91,7 +104,7 @@ impl Member {
                 "--nocapture",
                 "--test-threads=1",
             ])
-            .env("DISTCORE_ETCD_MEMBER", format!("{port} {group} {rank}"))
+            .env("DISTCORE_ETCD_MEMBER", format!("{port} {who}"))
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -326,6 +339,14 @@ fn sessions_survive_etcd_faults_and_a_front_end_restart_and_a_failure_is_told_on
         Member::spawn(f2.port, "doomed/", 1),
         Member::spawn(f1_port, "doomed/", 2),
     ];
+    // A recoverable group: ranks 0 and 2 on f1, 1 on f2, and two of this
+    // test's handles watching its membership, one on each front-end.
+    let mut elastic: Vec<Member> = (0..3)
+        .map(|rank| {
+            Member::spawn_recoverable(if rank == 1 { f2.port } else { f1_port }, "elastic/", rank)
+        })
+        .collect();
+    let elastic_lost = elastic.pop().unwrap();
 
     // A follower frozen for longer than the client gives a silent member
     // (5 s), then thawed.
@@ -349,7 +370,14 @@ fn sessions_survive_etcd_faults_and_a_front_end_restart_and_a_failure_is_told_on
     let _f1 = front_end(&url, f1_port, &f1_log);
     until_resumed(
         f1_port,
-        &[("job/", 0), ("job/", 1), ("doomed/", 0), ("doomed/", 2)],
+        &[
+            ("job/", 0),
+            ("job/", 1),
+            ("doomed/", 0),
+            ("doomed/", 2),
+            ("elastic/", 0),
+            ("elastic/", 2),
+        ],
     );
 
     // Rank 0 of the other group dies: both front-ends' members are told.
@@ -382,4 +410,63 @@ fn sessions_survive_etcd_faults_and_a_front_end_restart_and_a_failure_is_told_on
         let line = member.next_line();
         assert_eq!(line, "done", "a live member was failed\n{}", logs_of());
     }
+
+    // The recoverable group: rank 2 killed changes its membership, read
+    // alike on both front-ends, and fails nobody.
+    let watchers: Vec<_> = [(f1_port, 3), (f2.port, 4)]
+        .into_iter()
+        .map(|(port, rank)| {
+            let store = common::client("127.0.0.1", port, TIMEOUT);
+            let options = SessionOptions {
+                recoverable: true,
+                ..SessionOptions::new("elastic/", rank)
+            };
+            store.open_session(&options).unwrap();
+            store
+        })
+        .collect();
+    let ranks = |store: &distcore::store::tcp::TcpStore| {
+        let members = store.members().unwrap();
+        let ranks: Vec<u32> = members.members.iter().map(|m| m.rank).collect();
+        (members.epoch, ranks)
+    };
+    let (epoch, all) = ranks(&watchers[1]);
+    assert_eq!(all, [0, 1, 2, 3, 4], "{}", logs_of());
+    let changes: Vec<_> = watchers
+        .iter()
+        .map(|w| w.watch_members(epoch).unwrap())
+        .collect();
+    drop(elastic_lost); // SIGKILL
+    for change in &changes {
+        change.wait(Some(Duration::from_secs(30))).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let seen = loop {
+        let seen: Vec<_> = watchers.iter().map(ranks).collect();
+        if seen.iter().all(|(_, r)| r == &[0, 1, 3, 4]) {
+            break seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "membership {seen:?}\n{}",
+            logs_of()
+        );
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(seen[0].0, seen[1].0, "one epoch on both front-ends");
+    assert!(seen[0].0 > epoch);
+    release.set("elastic/done", b"1").unwrap();
+    for member in &mut elastic {
+        let line = member.next_line();
+        assert_eq!(
+            line,
+            "done",
+            "a recoverable member was failed\n{}",
+            logs_of()
+        );
+    }
+    assert!(
+        cluster.keys("/job/f/7:doomed/").len() == 1 && cluster.keys("/job/f/8:elastic/").is_empty(),
+        "no failure recorded in a recoverable group"
+    );
 }
