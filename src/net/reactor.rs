@@ -112,6 +112,14 @@ impl WritableInterest {
         WritableInterest(on)
     }
 
+    /// The interest the socket is registered with.
+    pub(crate) fn interest(&self) -> mio::Interest {
+        match self.0 {
+            true => mio::Interest::READABLE | mio::Interest::WRITABLE,
+            false => mio::Interest::READABLE,
+        }
+    }
+
     /// Registers `socket` for WRITABLE if `pending` (bytes wait for it),
     /// for READABLE only otherwise, unless it already is.
     pub(crate) fn keep(
@@ -122,12 +130,7 @@ impl WritableInterest {
         token: Token,
     ) -> io::Result<()> {
         if pending != self.0 {
-            let interest = if pending {
-                mio::Interest::READABLE | mio::Interest::WRITABLE
-            } else {
-                mio::Interest::READABLE
-            };
-            registry.reregister(socket, token, interest)?;
+            registry.reregister(socket, token, WritableInterest(pending).interest())?;
             self.0 = pending;
         }
         Ok(())

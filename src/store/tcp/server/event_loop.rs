@@ -12,6 +12,13 @@
 //! TLS handshake is through. Connections in their handshake are read a
 //! little at a time and closed at their deadline, which the loop wakes
 //! for (see the core).
+//!
+//! Connections that only keep a liveness session alive (the core says
+//! which: [`ServerCore::reads_late`]) move to a second poller, read every
+//! [`LATE_READ_EVERY`]: the loop does not wake for each keep-alive (at
+//! thousands of members, waking for each was most of what keep-alives
+//! cost). Any other request on one moves it back, served that much late
+//! once.
 
 use std::io;
 use std::net::SocketAddr;
@@ -25,7 +32,7 @@ use mio::{Events, Interest, Poll, Registry, Token};
 
 use super::backend::Backend;
 use super::metrics::Refusal;
-use super::state::{Refused, ServerCore, HANDSHAKE_READ};
+use super::state::{Refused, ServerCore, HANDSHAKE_READ, LATE_READ_EVERY};
 use crate::net::outbox::Outbox;
 use crate::net::reactor::{Acceptor, ConnTable, WritableInterest, LISTENER, WAKER};
 use crate::net::wire::{self, Session, Wire, HANDSHAKE_RECORD};
@@ -63,6 +70,8 @@ struct Conn {
     paused: bool,
     /// Registered for WRITABLE while replies wait for the socket.
     writable: WritableInterest,
+    /// Registered with the late poller ([`Polls::late`]).
+    late: bool,
 }
 
 impl Conn {
@@ -97,8 +106,31 @@ enum Close {
     Io(io::Error),
 }
 
+/// The loop's pollers.
+pub(super) struct Polls {
+    /// Everything read as it arrives: the listener, the waker, most
+    /// connections.
+    pub(super) now: Poll,
+    /// Connections read every [`LATE_READ_EVERY`].
+    pub(super) late: Poll,
+}
+
+impl Polls {
+    /// The registry of a connection read late, or not.
+    fn registry(&self, late: bool) -> &Registry {
+        match late {
+            true => self.late.registry(),
+            false => self.now.registry(),
+        }
+    }
+}
+
 pub(super) struct EventLoop<B> {
-    poll: Poll,
+    polls: Polls,
+    /// Connections registered with the late poller.
+    late_conns: usize,
+    /// When the late poller is read next (while it has connections).
+    next_late_read: Option<Instant>,
     acceptor: Acceptor,
     /// When to accept again after running out of descriptors.
     accept_retry: Option<Instant>,
@@ -114,14 +146,16 @@ pub(super) struct EventLoop<B> {
 
 impl<B: Backend> EventLoop<B> {
     pub(super) fn new(
-        poll: Poll,
+        polls: Polls,
         acceptor: Acceptor,
         core: ServerCore<B>,
         stop: Arc<AtomicBool>,
         access: AccessPolicy,
     ) -> EventLoop<B> {
         EventLoop {
-            poll,
+            polls,
+            late_conns: 0,
+            next_late_read: None,
             acceptor,
             accept_retry: None,
             conns: ConnTable::default(),
@@ -136,11 +170,12 @@ impl<B: Backend> EventLoop<B> {
 
     pub(super) fn run(&mut self) {
         let mut events = Events::with_capacity(1024);
+        let mut late_events = Events::with_capacity(1024);
         while !self.stop.load(Ordering::SeqCst) {
             let timeout = if self.ready.is_empty() {
                 let handshake = self.core.next_handshake_deadline();
                 let session = self.core.next_session_deadline();
-                [self.accept_retry, handshake, session]
+                [self.accept_retry, handshake, session, self.next_late_read]
                     .into_iter()
                     .flatten()
                     .min()
@@ -148,7 +183,7 @@ impl<B: Backend> EventLoop<B> {
             } else {
                 Some(Duration::ZERO)
             };
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            if let Err(e) = self.polls.now.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -162,16 +197,21 @@ impl<B: Backend> EventLoop<B> {
                 match event.token() {
                     LISTENER => self.accept(),
                     WAKER => self.take_backend_reports(),
-                    token => {
-                        if let Some(conn) = self.conns.get_mut(token) {
-                            conn.peer_closed |= event.is_read_closed() || event.is_error();
+                    token => self.on_event(token, event),
+                }
+            }
+            if self.next_late_read.is_some_and(|at| at <= now) {
+                self.next_late_read = Some(now + LATE_READ_EVERY);
+                match self.polls.late.poll(&mut late_events, Some(Duration::ZERO)) {
+                    Ok(()) => {
+                        for event in late_events.iter() {
+                            self.on_event(event.token(), event);
                         }
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.mark_ready(token);
-                        }
-                        if event.is_writable() {
-                            self.flush(token);
-                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        log::error!("TCPStore server: poll failed, stopping: {e}");
+                        return;
                     }
                 }
             }
@@ -203,8 +243,64 @@ impl<B: Backend> EventLoop<B> {
         }
     }
 
+    /// What `event` says of connection `token`: input to read, room to
+    /// write.
+    fn on_event(&mut self, token: Token, event: &mio::event::Event) {
+        if let Some(conn) = self.conns.get_mut(token) {
+            conn.peer_closed |= event.is_read_closed() || event.is_error();
+        }
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            self.mark_ready(token);
+        }
+        if event.is_writable() {
+            self.flush(token);
+        }
+    }
+
+    /// Moves connection `token` to the poller it belongs with now: the
+    /// late one while the core says it may be read late.
+    fn place(&mut self, token: Token, id: usize) {
+        let late = self.core.reads_late(id);
+        let Some(conn) = self.conns.get_mut(token) else {
+            return;
+        };
+        if conn.late == late {
+            return;
+        }
+        let interest = conn.writable.interest();
+        let moved = self
+            .polls
+            .registry(conn.late)
+            .deregister(&mut conn.stream)
+            .and_then(|()| {
+                self.polls
+                    .registry(late)
+                    .register(&mut conn.stream, token, interest)
+            });
+        if let Err(e) = moved {
+            return self.close(token, Close::Io(e));
+        }
+        conn.late = late;
+        self.count_late(late);
+    }
+
+    /// One more connection is read late (`true`), or one fewer.
+    fn count_late(&mut self, more: bool) {
+        match more {
+            true => self.late_conns += 1,
+            false => self.late_conns -= 1,
+        }
+        match self.late_conns {
+            0 => self.next_late_read = None,
+            _ => {
+                let next = Instant::now() + LATE_READ_EVERY;
+                self.next_late_read.get_or_insert(next);
+            }
+        }
+    }
+
     fn accept(&mut self) {
-        let registry = self.poll.registry();
+        let registry = self.polls.now.registry();
         let (conns, core) = (&mut self.conns, &mut self.core);
         let access = &self.access;
         let refusals = &mut self.refusals;
@@ -251,6 +347,7 @@ impl<B: Backend> EventLoop<B> {
                 queued: false,
                 paused: false,
                 writable: WritableInterest::default(),
+                late: false,
             });
             if let Some(id) = ConnTable::<Conn>::index(token) {
                 core.connect_as(id, admission, challenge, now);
@@ -380,6 +477,7 @@ impl<B: Backend> EventLoop<B> {
         if more {
             self.mark_ready(token);
         }
+        self.place(token, id);
     }
 
     /// Admits connection `id` as its TLS handshake allows, once that is
@@ -419,7 +517,7 @@ impl<B: Backend> EventLoop<B> {
             else {
                 return;
             };
-            if let Err(e) = conn.flush(output, self.poll.registry(), token) {
+            if let Err(e) = conn.flush(output, self.polls.registry(conn.late), token) {
                 return self.close(token, Close::Io(e));
             }
             let before = output.queued();
@@ -445,12 +543,15 @@ impl<B: Backend> EventLoop<B> {
         };
         // Replies produced before the close still go out, as far as they can.
         if let (Some(conn), Some(output)) = (self.conns.get_mut(token), self.core.output(id)) {
-            let _ = conn.flush(output, self.poll.registry(), token);
+            let _ = conn.flush(output, self.polls.registry(conn.late), token);
         }
         self.core.disconnect(id);
         let Some(conn) = self.conns.remove(token) else {
             return;
         };
+        if conn.late {
+            self.count_late(false);
+        }
         let peer = conn.peer;
         match reason {
             Close::PeerClosed => log::debug!("TCPStore server: {peer} disconnected"),

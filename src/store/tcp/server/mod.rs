@@ -313,8 +313,12 @@ impl Running {
             .with_one_job(self.one_job)
             .with_handshake_limits(self.access.handshakes)
             .with_metrics(self.metrics);
+        let polls = event_loop::Polls {
+            now: self.poll,
+            late: Poll::new().map_err(io_error)?,
+        };
         let mut event_loop =
-            event_loop::EventLoop::new(self.poll, self.acceptor, core, self.stop, self.access);
+            event_loop::EventLoop::new(polls, self.acceptor, core, self.stop, self.access);
         std::thread::Builder::new()
             .name(self.thread_name)
             .spawn(move || event_loop.run())

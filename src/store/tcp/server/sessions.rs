@@ -92,6 +92,8 @@ impl Live {
 struct Membership {
     session: SessionId,
     heard: Instant,
+    /// The session was opened on it (else attached).
+    opener: bool,
 }
 
 /// A group with live sessions.
@@ -255,7 +257,7 @@ impl Sessions {
         self.next_id += 1;
         let id = self.next_id;
         self.by_rank.insert(rank_key, id);
-        self.join(conn, id, now);
+        self.join(conn, id, now, true);
         let group = self.groups.entry(spec.group.clone()).or_default();
         group.members.insert(id);
         group.recoverable = spec.recoverable;
@@ -298,7 +300,7 @@ impl Sessions {
         };
         live.attached.push(conn);
         live.heard = now;
-        self.join(conn, id, now);
+        self.join(conn, id, now, false);
         Ok(())
     }
 
@@ -311,14 +313,16 @@ impl Sessions {
         }
     }
 
-    /// Connection `conn` belongs to session `id` from `now`.
-    fn join(&mut self, conn: ConnId, id: SessionId, now: Instant) {
+    /// Connection `conn` belongs to session `id` from `now` (opened on it,
+    /// or attached).
+    fn join(&mut self, conn: ConnId, id: SessionId, now: Instant, opener: bool) {
         if self.by_conn.len() <= conn {
             self.by_conn.resize(conn + 1, None);
         }
         self.by_conn[conn] = Some(Membership {
             session: id,
             heard: now,
+            opener,
         });
     }
 
@@ -483,6 +487,11 @@ impl Sessions {
             failures,
             truncated: false,
         }
+    }
+
+    /// Whether connection `conn` is the one a session was opened on.
+    pub(crate) fn is_opener(&self, conn: ConnId) -> bool {
+        matches!(self.by_conn.get(conn), Some(Some(m)) if m.opener)
     }
 
     /// Whether connection `conn` belongs to a session.

@@ -24,7 +24,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::super::handshake;
 use super::super::listing::GroupMembers;
@@ -63,6 +63,13 @@ pub(crate) const HANDSHAKE_OUTPUT_CAP: usize = 4 << 10;
 /// Bytes to read at a time from a connection in its handshake: more than
 /// its requests (VALIDATE, HELLO and AUTH: 91 bytes) need.
 pub(crate) const HANDSHAKE_READ: usize = 256;
+
+/// How often the event loop reads the connections that only keep a
+/// session alive ([`ServerCore::reads_late`]): it does not wake for each
+/// keep-alive. A TTL is still judged from what arrived (see
+/// `Sessions::due`), so a silent member is found no later; what was read
+/// late counts as heard when read, up to this much after it came.
+pub(crate) const LATE_READ_EVERY: Duration = Duration::from_millis(50);
 
 /// The longest value a counter can hold (`i64::MIN` in decimal), which
 /// quotas charge an ADD or BARRIER for.
@@ -108,6 +115,10 @@ struct Connection {
     lease_next: bool,
     /// The session the request being served ties its keys to.
     leasing: Option<SessionId>,
+    /// Its requests since the last of another kind were keep-alives of a
+    /// session it is attached to (not the connection the session was
+    /// opened on): see [`ServerCore::reads_late`].
+    keeps_alive_only: bool,
 }
 
 /// A request a backend completes later.
@@ -457,6 +468,7 @@ impl<B: Backend> ServerCore<B> {
             serial,
             lease_next: false,
             leasing: None,
+            keeps_alive_only: false,
         });
         debug_assert!(previous.is_none());
         *self.gauges.connections_of(ConnKind::Handshake) += 1;
@@ -589,6 +601,22 @@ impl<B: Backend> ServerCore<B> {
 
     /// Whether to read more of `id`'s requests now (false while it is
     /// paused or holds received bytes not yet processed).
+    /// Whether connection `id` may be read late (the event loop reads such
+    /// connections every [`LATE_READ_EVERY`], not at each arrival): it
+    /// only keeps a session alive — its requests since the last of another
+    /// kind were SESSION_KEEPALIVEs, it is attached to the session rather
+    /// than the connection the session was opened on (whose loss ends it),
+    /// and nothing of its waits, is in flight or is held back. A request
+    /// of another kind on it is served up to that much late, once.
+    pub(crate) fn reads_late(&self, id: ConnId) -> bool {
+        self.connections
+            .get(id)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| {
+                c.keeps_alive_only && c.waits.is_empty() && c.stash.is_empty() && !c.paused()
+            })
+    }
+
     pub(crate) fn wants_input(&self, id: ConnId) -> bool {
         self.connections
             .get(id)
@@ -803,8 +831,10 @@ impl<B: Backend> ServerCore<B> {
     fn execute(&mut self, id: ConnId, request: Request) -> std::result::Result<(), Refused> {
         let started = self.now;
         // SESSION_LEASE applies to this request only, whatever comes of it.
+        let keep_alive = request == Request::Session(SessionRequest::KeepAlive);
         let leased = self.connection(id).is_some_and(|conn| {
             conn.leasing = None;
+            conn.keeps_alive_only &= keep_alive;
             std::mem::take(&mut conn.lease_next)
         });
         // A member of a group that lost one: its calls fail as its
@@ -1135,6 +1165,10 @@ impl<B: Backend> ServerCore<B> {
                     // No reply: a keep-alive's reply would cost a send (and
                     // its loopback delivery) per keep-alive, on both sides.
                     (None, true) => {
+                        let attached = !self.sessions.is_opener(id);
+                        if let Some(conn) = self.connection(id) {
+                            conn.keeps_alive_only = attached;
+                        }
                         self.served(Command::SessionKeepAlive, started, false);
                         return Ok(());
                     }

@@ -418,3 +418,32 @@ fn a_pipelining_client_held_back_by_the_output_cap_gets_every_reply() {
     sender.join().unwrap();
     assert_eq!(ping(&mut s, 3), 3);
 }
+
+#[test]
+fn members_with_the_shortest_ttl_stay_alive_while_their_keep_alives_are_read_late() {
+    use crate::store::tcp::{SessionOptions, TcpStore, TcpStoreOptions};
+    use crate::store::Store as _;
+    // The shortest a session may have: keep-alives every 100 ms.
+    let ttl = Duration::from_millis(300);
+    let server = server();
+    let members: Vec<TcpStore> = (0..2)
+        .map(|rank| {
+            let store = TcpStore::new(TcpStoreOptions {
+                port: server.port(),
+                timeout: Duration::from_secs(10),
+                ..TcpStoreOptions::default()
+            })
+            .unwrap();
+            let options = SessionOptions {
+                ttl: Some(ttl),
+                ..SessionOptions::new("late/", rank)
+            };
+            store.open_session(&options).unwrap();
+            store
+        })
+        .collect();
+    // Ten TTLs idle: only the keep-alives (a spare each, read late) speak.
+    std::thread::sleep(10 * ttl);
+    assert_eq!(members[0].add("late/n", 1).unwrap(), 1, "nobody failed");
+    assert_eq!(members[1].sessions("late/").unwrap().sessions.len(), 2);
+}

@@ -466,3 +466,39 @@ fn a_member_whose_input_is_still_unread_at_its_deadline_is_not_silent() {
     );
     assert!(c.sessions_due(due + ttl / 2).is_empty());
 }
+
+#[test]
+fn a_connection_that_only_keeps_a_session_alive_may_be_read_late_until_it_asks_for_more() {
+    let mut c = core();
+    let id = member(&mut c, 0, 0, Some(Duration::from_secs(2)));
+    let keep_alive = Encoder::request(Command::SessionKeepAlive).finish();
+    // The connection the session was opened on is read at once: losing it
+    // ends the session, and it carries the member's calls.
+    send(&mut c, 0, &keep_alive);
+    assert!(!c.reads_late(0));
+    // An attached connection, once it sends keep-alives only.
+    open_v2(&mut c, 1);
+    send(
+        &mut c,
+        1,
+        &Encoder::request(Command::SessionAttach).u64(id).finish(),
+    );
+    assert_eq!(replies(&mut c, 1), [REPLY_OK]);
+    assert!(!c.reads_late(1), "attached, no keep-alive yet");
+    send(&mut c, 1, &keep_alive);
+    assert!(replies(&mut c, 1).is_empty(), "keep-alives have no reply");
+    assert!(c.reads_late(1));
+    // Any other request moves it back; a blocked call keeps it there.
+    send(&mut c, 1, &wait(&["job/k"]));
+    assert!(!c.reads_late(1));
+    send(&mut c, 1, &keep_alive);
+    assert!(!c.reads_late(1), "a call of its waits");
+    send(&mut c, 0, &set("job/k", b"v"));
+    assert_eq!(replies(&mut c, 1), [REPLY_OK, STOP_WAITING]);
+    send(&mut c, 1, &keep_alive);
+    assert!(c.reads_late(1));
+    // A connection in no session is never read late.
+    open_v2(&mut c, 2);
+    send(&mut c, 2, &keep_alive);
+    assert!(!c.reads_late(2));
+}
