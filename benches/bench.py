@@ -1272,6 +1272,52 @@ def scenario_liveness_flood(runs, conns, big_mib, cost_sizes, cost_ttls, window_
     return text, results
 
 
+# scenario_torch_adapter's arguments, full and --quick: ops per round, rounds, gloo group sizes.
+TORCH_ADAPTER = {False: (3000, 5, [16, 64]), True: (300, 1, [4])}
+
+
+def scenario_torch_adapter(ops, rounds, group_sizes):
+    """Issue 27: PyTorch's own TCPStore client against distcore.torch's
+    adapter from Python, on `distcore serve` and on PyTorch's libuv server
+    (benches/torch_adapter.py), and the time a gloo group of N processes
+    takes from its store's creation to its first barrier with each store
+    (rank 0 hosting the server)."""
+    rows = []
+    for server_kind in ["distcore", "torch libuv"]:
+        server = Server(server_kind)
+        try:
+            out = subprocess.run([sys.executable, f"{HERE}/torch_adapter.py", "latency", str(server.port),
+                                  str(ops), str(rounds)], capture_output=True, text=True, check=True, env=ENV).stdout
+        finally:
+            server.stop()
+        got = {(c, op): float(m) for c, op, m in (line.split() for line in out.splitlines())}
+        for op in ["set", "get", "add", "check", "wait"]:
+            torch_us, ours_us = got[("torch", op)], got[("distcore", op)]
+            rows.append([server_kind, op, f"{torch_us:.1f}", f"{ours_us:.1f}", ratio(ours_us, torch_us)])
+    text = table(f"13. PyTorch jobs on distcore: store ops from Python ({ops} sequential ops, median of {rounds} "
+                 "alternating rounds, µs)", ["server", "op", "PyTorch's TCPStore client", "distcore.torch.TCPStore",
+                                            "adapter / PyTorch"], rows,
+                 "Target (issue 27): the adapter no slower than PyTorch's client on get, within 1.3× on the rest.")
+    rows = []
+    for n in group_sizes:
+        took = {}
+        for kind in ["torch", "distcore"]:
+            port = harness.free_port()
+            env = dict(ENV, GLOO_SOCKET_IFNAME="lo")
+            procs = [subprocess.Popen([sys.executable, f"{HERE}/torch_adapter.py", "rank", kind, str(port), str(r),
+                                       str(n)], stdout=subprocess.PIPE, text=True, env=env) for r in range(n)]
+            times = [float(read_until(p, "took", 600)[1]) for p in procs]
+            for p in procs:
+                p.wait(timeout=120)
+            took[kind] = max(times)
+        rows.append([n, f"{took['torch'] * 1000:.0f}", f"{took['distcore'] * 1000:.0f}",
+                     ratio(took["distcore"], took["torch"])])
+    text += table("13b. init_process_group (gloo) with each store: ms from the store's creation to the end of the "
+                  "first barrier, slowest rank", ["processes", "PyTorch's TCPStore", "distcore.torch.TCPStore",
+                                                  "distcore / PyTorch"], rows)
+    return text, {}
+
+
 def guarded(name, fn, *args):
     """Runs a scenario; one that cannot run is reported, not fatal."""
     try:
@@ -1344,7 +1390,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="a smoke run well under 2 minutes")
     ap.add_argument("--out", help="write the tables (and the plot beside them) here")
     ap.add_argument("--only", choices=["footprint", "rpc", "fairness", "scale", "latency", "shared", "etcd",
-                                       "guards", "liveness", "liveness-flood"],
+                                       "guards", "liveness", "liveness-flood", "torch-adapter"],
                     help="run one scenario and print it")
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1391,6 +1437,9 @@ def main():
     if args.only == "guards":
         guarded("11. What guards cost", scenario_guards, 50 if q else 500, 1000 if q else 20000, 1 if q else 3)
         return
+    if args.only == "torch-adapter":
+        guarded("13. PyTorch jobs on distcore", scenario_torch_adapter, *TORCH_ADAPTER[q])
+        return
     started = time.monotonic()
     command = "build/venv/bin/python benches/bench.py" + (" --quick" if q else "") + (f" --out {args.out}" if args.out else "")
     head = (f"Run on {platform.node()} ({os.cpu_count()} cores, {platform.release()}), "
@@ -1428,6 +1477,7 @@ def main():
                             1 if q else 3)[0])
     sections.append(guarded("12. Liveness", scenario_liveness, *LIVENESS_SIZES[q])[0])
     sections.append(guarded("12c. Liveness under load", scenario_liveness_flood, *LIVENESS_FLOOD[q])[0])
+    sections.append(guarded("13. PyTorch jobs on distcore", scenario_torch_adapter, *TORCH_ADAPTER[q])[0])
     took = time.monotonic() - started
     print(f"all scenarios in {took:.0f} s")
     if args.out:

@@ -7,6 +7,8 @@ RRefs) over libdistcore's C ABI, without torch.
     store.set("key", "value"); store.get("key")  # b"value"
 
 The bundled libdistcore.so is used, or the library $DISTCORE_LIB names.
+Where torch is installed, ``distcore.torch`` has these stores as
+``torch.distributed.Store`` objects, for ``init_process_group(store=...)``.
 """
 import ctypes as _ctypes
 import logging as _logging

@@ -219,12 +219,19 @@ fn a_server_stops_within_its_timeout_when_etcd_does_not_answer_its_writes() {
 
 /// A member of `group` on `server`, with a session of rank `rank`.
 fn member(server: &Server, group: &str, rank: u32, ttl: Option<Duration>) -> TcpStore {
+    member_with(
+        server,
+        SessionOptions {
+            ttl,
+            world_size: Some(3),
+            ..SessionOptions::new(group, rank)
+        },
+    )
+}
+
+/// A client of `server` with a session of `options`.
+fn member_with(server: &Server, options: SessionOptions) -> TcpStore {
     let store = client(server);
-    let options = SessionOptions {
-        ttl,
-        world_size: Some(3),
-        ..SessionOptions::new(group, rank)
-    };
     store.open_session(&options).unwrap();
     store
 }
@@ -422,14 +429,14 @@ fn a_one_job_server_on_etcd_ends_the_waits_of_clients_without_a_session_when_a_m
 
 /// A member of recoverable group `group` on `server`, of rank `rank`.
 fn recoverable_member(server: &Server, group: &str, rank: u32, ttl: Option<Duration>) -> TcpStore {
-    let store = client(server);
-    let options = SessionOptions {
-        ttl,
-        recoverable: true,
-        ..SessionOptions::new(group, rank)
-    };
-    store.open_session(&options).unwrap();
-    store
+    member_with(
+        server,
+        SessionOptions {
+            ttl,
+            recoverable: true,
+            ..SessionOptions::new(group, rank)
+        },
+    )
 }
 
 /// The ranks `store` reads in its group's membership, and the epoch.
