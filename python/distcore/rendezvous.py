@@ -94,9 +94,22 @@ class DistcoreRendezvousBackend(C10dRendezvousBackend):
         return "distcore"
 
 
+#: torch's opt-out of sharing the rendezvous's TCP store with the workers.
+_NO_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
 def create_rendezvous_handler(params: RendezvousParameters) -> RendezvousHandler:
     """torch's DynamicRendezvousHandler over a distcore store for `params`
-    (torchrun's --rdzv-* options)."""
+    (torchrun's --rdzv-* options).
+
+    Turns off torch's sharing of one TCP store between the rounds' workers
+    (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in the agent, unless set):
+    with it, a job cannot grow — a node joining a later round at a rank
+    other than 0 waits for the workers' store address, which the earlier
+    rank 0 never writes again (torch 2.15's own c10d backend fails the same
+    way). Without it, each round's rank 0 publishes a new address and its
+    first worker hosts the workers' store, as torch did before 2.4."""
+    os.environ.setdefault(_NO_SHARED_STORE, "1")
     store = _store(params)
     backend = DistcoreRendezvousBackend(store, params.run_id)
     return create_handler(store, backend, params)
