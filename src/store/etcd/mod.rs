@@ -754,7 +754,6 @@ impl Store for EtcdStore {
     }
 
     fn list_keys(&self) -> Result<Vec<String>> {
-        self.check_session()?;
         self.list_prefix("")
     }
 

@@ -155,7 +155,10 @@ impl EtcdStore {
     /// shows them — or, with `holding` (a rank and incarnation), until it
     /// holds that member. A group with no member left (or no longer
     /// recoverable) loses its record, its announcements and its mode key.
-    /// Returns the revision from which the store shows the record.
+    /// Returns the revision from which the store shows the record. After a
+    /// lost race (another publisher wrote first), an open looks at the
+    /// record alone before reading every member again: the winner's
+    /// publication usually holds it.
     pub(crate) fn publish_members(&self, group: &[u8], holding: Option<(u32, u64)>) -> Result<i64> {
         let deadline = self.deadline(None);
         let (record_key, mode_key) = (self.membership_key(group), self.mode_key(group));
@@ -169,7 +172,13 @@ impl EtcdStore {
             range(&record_key, false, Read::Values),
             range(&mode_key, false, Read::Keys),
         ];
+        let mut raced = false;
         loop {
+            if let (true, Some(member)) = (raced, holding) {
+                if let Some(revision) = self.published_with(&record_key, member, deadline)? {
+                    return Ok(revision);
+                }
+            }
             let read = self.client.txn(&[], &reads, &[], Resend::Safe, deadline)?;
             let [members, record, mode] = &read.ranges[..] else {
                 return Err(Error::new(
@@ -223,10 +232,7 @@ impl EtcdStore {
                 }
                 (Some(mode), published) => {
                     let covered = published.as_ref().is_some_and(|p| match holding {
-                        Some((rank, incarnation)) => p
-                            .members
-                            .iter()
-                            .any(|m| m.rank == rank && m.incarnation == incarnation),
+                        Some(member) => holds(p, member),
                         // As decoding the record shows them (a host loses
                         // its spaces).
                         None => {
@@ -273,6 +279,7 @@ impl EtcdStore {
             if done.succeeded {
                 return Ok(done.revision);
             }
+            raced = true;
             if Instant::now() >= deadline {
                 return Err(Error::timeout(format!(
                     "etcd: publishing the membership of group '{}': others kept changing it",
@@ -280,6 +287,25 @@ impl EtcdStore {
                 )));
             }
         }
+    }
+
+    /// The revision of a read showing the membership record at
+    /// `record_key` holding `member` (rank, incarnation), if it does.
+    fn published_with(
+        &self,
+        record_key: &[u8],
+        member: (u32, u64),
+        deadline: Instant,
+    ) -> Result<Option<i64>> {
+        let read = self
+            .client
+            .range(record_key, false, Read::Values, deadline)?;
+        let published = read
+            .kvs
+            .first()
+            .and_then(|kv| GroupMembers::decode(&kv.value));
+        let held = published.is_some_and(|p| holds(&p, member));
+        Ok(held.then_some(read.revision))
     }
 
     /// The deletes of `group`'s published membership (and of its mode key
@@ -300,4 +326,12 @@ impl EtcdStore {
         }
         ops
     }
+}
+
+/// Whether `published` holds `member` (rank, incarnation).
+fn holds(published: &GroupMembers, (rank, incarnation): (u32, u64)) -> bool {
+    published
+        .members
+        .iter()
+        .any(|m| m.rank == rank && m.incarnation == incarnation)
 }

@@ -202,17 +202,9 @@ impl<B: Backend> EventLoop<B> {
             }
             if self.next_late_read.is_some_and(|at| at <= now) {
                 self.next_late_read = Some(now + LATE_READ_EVERY);
-                match self.polls.late.poll(&mut late_events, Some(Duration::ZERO)) {
-                    Ok(()) => {
-                        for event in late_events.iter() {
-                            self.on_event(event.token(), event);
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        log::error!("TCPStore server: poll failed, stopping: {e}");
-                        return;
-                    }
+                if let Err(e) = self.take_late_events(&mut late_events) {
+                    log::error!("TCPStore server: poll failed, stopping: {e}");
+                    return;
                 }
             }
             if self.accept_retry.is_some_and(|at| at <= now) {
@@ -240,6 +232,27 @@ impl<B: Backend> EventLoop<B> {
                 self.flush(conn_token(id));
             }
             self.core.publish();
+        }
+    }
+
+    /// Takes every event of the connections read late (batch after batch
+    /// while a batch fills `events`: one sweep reads them all, however
+    /// many are ready).
+    fn take_late_events(&mut self, events: &mut Events) -> io::Result<()> {
+        loop {
+            match self.polls.late.poll(events, Some(Duration::ZERO)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            let mut taken = 0;
+            for event in events.iter() {
+                self.on_event(event.token(), event);
+                taken += 1;
+            }
+            if taken < events.capacity() {
+                return Ok(());
+            }
         }
     }
 

@@ -599,8 +599,6 @@ impl<B: Backend> ServerCore<B> {
         self.connections.get_mut(id)?.as_mut()
     }
 
-    /// Whether to read more of `id`'s requests now (false while it is
-    /// paused or holds received bytes not yet processed).
     /// Whether connection `id` may be read late (the event loop reads such
     /// connections every [`LATE_READ_EVERY`], not at each arrival): it
     /// only keeps a session alive — its requests since the last of another
@@ -617,6 +615,8 @@ impl<B: Backend> ServerCore<B> {
             })
     }
 
+    /// Whether to read more of `id`'s requests now (false while it is
+    /// paused or holds received bytes not yet processed).
     pub(crate) fn wants_input(&self, id: ConnId) -> bool {
         self.connections
             .get(id)

@@ -153,3 +153,38 @@ fn a_failure_recorded_here_is_not_news_when_the_watch_brings_it_back() {
     assert!(view.apply(vec![echo]).failed.is_empty(), "the watch's echo");
     assert!(!view.learn(&failure(3)), "known");
 }
+
+#[test]
+fn a_recoverable_groups_member_coming_or_going_is_a_membership_to_publish() {
+    let recoverable = |rank| {
+        let (mut member, revision) = record(rank, 5);
+        member.spec.group = b"r/".to_vec();
+        member.spec.recoverable = true;
+        SessionChange::Member {
+            group: b"r/".to_vec(),
+            rank,
+            record: Some((member, revision)),
+        }
+    };
+    // At start: every recoverable group (its publication may have been
+    // lost with the last server watching), not the fate-sharing ones.
+    let (mut view, noticed) = SessionView::new([vec![recoverable(0)], opened(1)].concat());
+    assert_eq!(noticed.changed, BTreeSet::from([b"r/".to_vec()]));
+    assert_eq!(view.apply(opened(2)).changed, BTreeSet::new());
+    assert_eq!(
+        view.apply(vec![recoverable(1)]).changed,
+        BTreeSet::from([b"r/".to_vec()])
+    );
+    let gone = |group: &[u8], rank| SessionChange::Member {
+        group: group.to_vec(),
+        rank,
+        record: None,
+    };
+    assert_eq!(
+        view.apply(vec![gone(b"r/", 0)]).changed,
+        BTreeSet::from([b"r/".to_vec()])
+    );
+    assert_eq!(view.apply(vec![gone(b"g/", 2)]).changed, BTreeSet::new());
+    // A record the view never had (deleted twice) changes nothing.
+    assert_eq!(view.apply(vec![gone(b"r/", 0)]).changed, BTreeSet::new());
+}
