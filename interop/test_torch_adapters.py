@@ -355,7 +355,10 @@ class Liveness(unittest.TestCase):
         failed = []
         waiter = threading.Thread(target=lambda: failed.append(self.blocked_get(store)))
         waiter.start()
-        time.sleep(0.3)  # blocked by now (its timeout: 60 s)
+        deadline = time.monotonic() + 30
+        while store.distcore_store.server_stats()["pending_waits"] < 1:  # blocked (its timeout: 60 s)
+            self.assertLess(time.monotonic(), deadline, "the get never blocked")
+            time.sleep(0.01)
         killed = time.monotonic()
         os.kill(member.pid, signal.SIGKILL)
         waiter.join(timeout=30)

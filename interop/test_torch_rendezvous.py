@@ -5,11 +5,12 @@ through the package's entry point, with no patch to torch."""
 import os
 import pathlib
 import re
-import select
+import queue
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import unittest
 import warnings
@@ -33,18 +34,27 @@ dist.destroy_process_group()
 """
 
 
-# A longer job: STEPS all-reduces a quarter second apart, each printed;
-# then "done" with the world size and torchrun's restart count.
+# A job that runs until the test says stop: all-reduces a tenth of a
+# second apart (the first of each start printed) until rank 0 finds the
+# file argv[1] (all ranks stop at the same step: rank 0's finding is
+# all-reduced); then "done" with the world size and torchrun's restart
+# count.
 STEPS = r"""
 import os, sys, time, torch, torch.distributed as dist
 dist.init_process_group("gloo")
 restart = os.environ["TORCHELASTIC_RESTART_COUNT"]
-for step in range(int(sys.argv[1])):
-    t = torch.ones(1)
-    dist.all_reduce(t)
-    print(f"step {step} rank={dist.get_rank()} world={dist.get_world_size()} restart={restart}", flush=True)
-    time.sleep(0.25)
-print(f"done rank={dist.get_rank()} world={dist.get_world_size()} restart={restart}", flush=True)
+rank, world = dist.get_rank(), dist.get_world_size()
+step = 0
+while True:
+    stop = torch.tensor([1.0 if rank == 0 and os.path.exists(sys.argv[1]) else 0.0])
+    dist.all_reduce(stop)
+    if step == 0:  # once a start: the test reads it; more could fill the pipe
+        print(f"step {step} rank={rank} world={world} restart={restart}", flush=True)
+    if stop.item() > 0:
+        break
+    step += 1
+    time.sleep(0.1)
+print(f"done rank={rank} world={world} restart={restart}", flush=True)
 dist.destroy_process_group()
 """
 
@@ -69,6 +79,13 @@ def descendants(pid):
     return found
 
 
+def forward_lines(proc):
+    """Puts each line `proc` writes on `proc.lines`, then None."""
+    for line in proc.stdout:
+        proc.lines.put(line)
+    proc.lines.put(None)
+
+
 def setUpModule():
     global ETCD
     ETCD = harness.EtcdCluster()
@@ -82,11 +99,21 @@ def tearDownModule():
 class TorchrunJobs(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.TemporaryDirectory()
+        self.started = []
         self.script = os.path.join(self.dir.name, "train.py")
         with open(self.script, "w") as f:
             f.write(TRAIN)
 
     def tearDown(self):
+        # Agents a failed test left, and their workers (in sessions of their
+        # own, which killing an agent does not end), killed by PID.
+        for agent in self.started:
+            for pid in [*descendants(agent.pid), agent.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            agent.wait(timeout=30)
         self.dir.cleanup()
 
     def agents(self, endpoint, run_id, env=None, conf=None, nodes=2, per_node=2):
@@ -102,53 +129,76 @@ class TorchrunJobs(unittest.TestCase):
         procs = [harness.track(subprocess.Popen(command + [self.script], stdout=subprocess.PIPE,
                                                 stderr=subprocess.PIPE, text=True, env=environment))
                  for _ in range(nodes)]
+        self.started += procs
         lines = []
         for proc in procs:
             # The workers of an agent share its output: their lines may interleave.
             lines += re.findall(r"worker rank=\d+ world=\d+ sum=\d+", harness.finish(proc, timeout=300))
         return sorted(lines)
 
-    def agent(self, endpoint, run_id, nnodes, steps, restarts):
-        """One torchrun agent of one worker running STEPS."""
+    def agent(self, endpoint, run_id, nnodes, restarts=3):
+        """One torchrun agent of one worker running STEPS until
+        :meth:`stop` (its log in the test's directory)."""
         script = os.path.join(self.dir.name, "steps.py")
         with open(script, "w") as f:
             f.write(STEPS)
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", nnodes, "--nproc-per-node", "1",
                    "--rdzv-backend", "distcore", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id,
                    "--rdzv-conf", "last_call_timeout=1,join_timeout=120", "--local-addr", "127.0.0.1",
-                   "--max-restarts", str(restarts), "--monitor-interval", "0.5", script, str(steps)]
+                   "--max-restarts", str(restarts), "--monitor-interval", "0.5", script, self.stop_file()]
         environment = dict(os.environ, LD_PRELOAD=harness.numeric_names(), GLOO_SOCKET_IFNAME="lo")
-        return harness.track(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        log = tempfile.NamedTemporaryFile("w+", dir=self.dir.name, suffix=".log", delete=False)
+        proc = harness.track(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
                                               env=environment))
+        proc.log = log.name
+        log.close()
+        # Its lines, as they come (None: it closed its output), read by a
+        # thread: a select() on the pipe misses lines already buffered.
+        proc.lines = queue.Queue()
+        threading.Thread(target=forward_lines, args=(proc,), daemon=True).start()
+        self.started.append(proc)
+        return proc
+
+    def stop_file(self):
+        return os.path.join(self.dir.name, "stop")
+
+    def stop(self):
+        """Every STEPS job stops at its next step."""
+        with open(self.stop_file(), "w"):
+            pass
 
     @staticmethod
     def read_until(proc, pattern, timeout=240):
         """Lines of `proc` until one matches `pattern` (that line's match)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], 1)
-            if ready:
-                line = proc.stdout.readline()
-                if not line:
-                    raise AssertionError(f"the agent exited before {pattern!r}: {proc.stderr.read()[-3000:]}")
-                found = re.search(pattern, line)
-                if found:
-                    return found
-        raise AssertionError(f"no {pattern!r} within {timeout} s")
+        while True:
+            try:
+                line = proc.lines.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                raise AssertionError(f"no {pattern!r} within {timeout} s") from None
+            if line is None:
+                with open(proc.log) as log:
+                    raise AssertionError(f"the agent exited before {pattern!r}: {log.read()[-3000:]}")
+            found = re.search(pattern, line)
+            if found:
+                return found
 
     def test_an_agent_killed_mid_run_and_the_job_rendezvouses_again_with_the_survivor(self):
         server = harness.CliServer()
         try:
             endpoint = f"127.0.0.1:{server.port}"
-            survivor = self.agent(endpoint, "killed", "1:2", 40, restarts=3)
-            doomed = self.agent(endpoint, "killed", "1:2", 40, restarts=3)
-            self.read_until(survivor, r"step 2 rank=\d world=2 restart=0")
+            survivor = self.agent(endpoint, "killed", "1:2")
+            doomed = self.agent(endpoint, "killed", "1:2")
+            # Both in the job (after a restart, if one agent came up more
+            # than the last call's second after the other).
+            before = int(self.read_until(survivor, r"step \d+ rank=\d world=2 restart=(\d)").group(1))
             for pid in [doomed.pid, *descendants(doomed.pid)]:  # the node: its agent and its worker
                 os.kill(pid, signal.SIGKILL)
             doomed.wait(timeout=30)
-            done = self.read_until(survivor, r"done rank=0 world=(\d) restart=(\d)")
-            self.assertEqual(done.group(1), "1", "the survivor's job went on alone")
-            self.assertGreaterEqual(int(done.group(2)), 1, "after a restart")
+            alone = self.read_until(survivor, r"step \d+ rank=0 world=1 restart=(\d)")
+            self.assertGreater(int(alone.group(1)), before, "the survivor went on alone after a restart")
+            self.stop()
+            self.read_until(survivor, r"done rank=0 world=1 ")
             self.assertEqual(survivor.wait(timeout=120), 0)
         finally:
             server.stop()
@@ -157,13 +207,14 @@ class TorchrunJobs(unittest.TestCase):
         server = harness.CliServer()
         try:
             endpoint = f"127.0.0.1:{server.port}"
-            first = [self.agent(endpoint, "grow", "2:3", 60, restarts=3) for _ in range(2)]
-            self.read_until(first[0], r"step 2 rank=\d world=2 restart=0")
-            third = self.agent(endpoint, "grow", "2:3", 60, restarts=3)
+            first = [self.agent(endpoint, "grow", "2:3") for _ in range(2)]
+            self.read_until(first[0], r"step \d+ rank=\d world=2 ")
+            third = self.agent(endpoint, "grow", "2:3")
             for agent in [*first, third]:
-                done = self.read_until(agent, r"done rank=\d world=(\d) restart=(\d)")
-                self.assertEqual(done.group(1), "3", "every agent ends in the grown job")
+                self.read_until(agent, r"step \d+ rank=\d world=3 ")
+            self.stop()
             for agent in [*first, third]:
+                self.read_until(agent, r"done rank=\d world=3 ")
                 self.assertEqual(agent.wait(timeout=120), 0)
         finally:
             server.stop()

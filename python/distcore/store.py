@@ -304,7 +304,6 @@ class EtcdStore(Store):
         """The job's prefix in the cluster."""
         return self._prefix
 
-
     def open_session(self, group: str, rank: int, world_size: int | None = None,
                      incarnation: int | None = None, ttl: timedelta | None = None) -> None:
         """Opens a liveness session of this process on the handle
