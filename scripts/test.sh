@@ -61,15 +61,17 @@ step "Python package (mypy --strict, pip install ./python into build/venv) and i
 venv="$root/build/venv"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q --disable-pip-version-check pytest prometheus_client mypy
+# distcore.torch and distcore.rendezvous are checked against torch's own types:
+# torch is installed before mypy runs, not only for the interop step below.
+if ! "$venv/bin/python" -c "import torch.distributed" 2>/dev/null; then
+  "$venv/bin/pip" install -q --disable-pip-version-check torch
+fi
 "$venv/bin/python" -m mypy --strict --config-file python/pyproject.toml python/distcore
 "$venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps ./python
 DISTCORE_LIB="$root/build/prefix/lib/libdistcore.so" \
   "$venv/bin/python" -m pytest -v -p no:cacheprovider --rootdir "$root" python/tests interop/test_ffi_*.py
 
-step "PyTorch interop (torch from pip, CPU, in build/venv)"
-if ! "$venv/bin/python" -c "import torch.distributed" 2>/dev/null; then
-  "$venv/bin/pip" install -q --disable-pip-version-check torch
-fi
+step "PyTorch interop (torch from pip, CPU, in build/venv, installed above)"
 DISTCORE_LIB="$root/build/prefix/lib/libdistcore.so" \
   "$venv/bin/python" -m pytest -v -p no:cacheprovider --rootdir "$root" interop/test_torch_*.py
 
