@@ -62,9 +62,10 @@ venv="$root/build/venv"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/pip" install -q --disable-pip-version-check pytest prometheus_client mypy
 # distcore.torch and distcore.rendezvous are checked against torch's own types:
-# torch is installed before mypy runs, not only for the interop step below.
-if ! "$venv/bin/python" -c "import torch.distributed" 2>/dev/null; then
-  "$venv/bin/pip" install -q --disable-pip-version-check torch
+# torch is installed before mypy runs, not only for the interop step below
+# (with numpy, which torch's all_gather_object needs and does not install).
+if ! "$venv/bin/python" -c "import torch.distributed, numpy" 2>/dev/null; then
+  "$venv/bin/pip" install -q --disable-pip-version-check torch numpy
 fi
 "$venv/bin/python" -m mypy --strict --config-file python/pyproject.toml python/distcore
 "$venv/bin/pip" install -q --disable-pip-version-check --force-reinstall --no-deps ./python

@@ -33,7 +33,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 mod architecture {
     /// The socket-free cores: protocol logic that takes bytes and messages
     /// in and gives them out, with time passed in.
-    const CORES: [(&str, &str); 17] = [
+    const CORES: [(&str, &str); 18] = [
         ("server core", include_str!("store/tcp/server/state.rs")),
         ("waits", include_str!("store/tcp/server/waits.rs")),
         ("sessions", include_str!("store/tcp/server/sessions.rs")),
@@ -47,6 +47,7 @@ mod architecture {
         ("protocol", include_str!("store/tcp/protocol.rs")),
         ("TCPStore handshake", include_str!("store/tcp/handshake.rs")),
         ("reply decoding", include_str!("store/tcp/client/reply.rs")),
+        ("proxy relay", include_str!("store/tcp/proxy/relay.rs")),
         ("plans", include_str!("store/tcp/client/plan.rs")),
         ("RRef state", include_str!("rpc/context/state.rs")),
         ("RPC frames", include_str!("rpc/frame.rs")),

@@ -36,6 +36,12 @@ impl Session {
         Session { conn }
     }
 
+    /// Queues a close_notify alert: the end of what this side sends (sent
+    /// by the next [`Wire::flush`]).
+    pub(crate) fn close_notify(&mut self) {
+        self.conn.send_close_notify();
+    }
+
     /// Whether the handshake is still going on.
     pub(crate) fn is_handshaking(&self) -> bool {
         self.conn.is_handshaking()

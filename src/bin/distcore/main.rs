@@ -22,7 +22,7 @@ use distcore::store::tcp::protocol::Limits;
 use distcore::store::tcp::server::{
     raise_open_files_limit, take_inherited_socket, MetricsEndpoint, ServerBackend,
 };
-use distcore::store::tcp::{Quotas, Server, ServerOptions};
+use distcore::store::tcp::{Proxy, ProxyOptions, Quotas, Server, ServerOptions};
 use distcore::store::tcp::{SessionListing, SessionOptions};
 use distcore::store::{
     elastic, EtcdStore, EtcdStoreOptions, FileStore, HashStore, PrefixStore, Store, TcpStore,
@@ -187,6 +187,33 @@ enum Command {
         backend_timeout: u64,
         #[command(flatten)]
         guards: Box<Guards>,
+    },
+    /// Serve PyTorch's TCPStore protocol on loopback and relay every
+    /// connection to a distcore server over TLS and the shared secret
+    /// (a sidecar for clients that can do neither), until SIGINT or SIGTERM.
+    Proxy {
+        /// The distcore server relayed to, as HOST:PORT ([::1]:29500 for IPv6).
+        #[arg(long)]
+        upstream: String,
+        /// Address local clients connect to (loopback unless told otherwise:
+        /// what they send travels in clear to the proxy).
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Port local clients connect to (0 picks a free one).
+        #[arg(long, default_value_t = 29500)]
+        port: u16,
+        /// Seconds an upstream connection may take, retries included,
+        /// before its local connection is closed.
+        #[arg(long, value_parser = parse_seconds, default_value = "30")]
+        connect_timeout: Duration,
+        /// Most local connections served at once (further ones are closed
+        /// at once).
+        #[arg(long, default_value_t = ProxyOptions::default().max_connections)]
+        max_connections: usize,
+        #[command(flatten)]
+        secret: SecretArgs,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Show a TCPStore server's stats and liveness sessions (a distcore
     /// server's), then its keys with their sizes and values.
@@ -451,6 +478,29 @@ fn main() -> ExitCode {
                 world_size.map(|world| (world, watcher_tls)),
                 guards.metrics,
             )
+        }),
+        Command::Proxy {
+            upstream,
+            host,
+            port,
+            connect_timeout,
+            max_connections,
+            secret,
+            tls,
+        } => secret.secret().and_then(|secret| {
+            let (_, tls) = tls.files().load(false)?;
+            let (upstream_host, upstream_port) = split_address(&upstream)?;
+            proxy(ProxyOptions {
+                bind_address: host,
+                port,
+                upstream_host,
+                upstream_port,
+                secret,
+                tls_client: tls,
+                connect_timeout,
+                max_connections,
+                ..ProxyOptions::default()
+            })
         }),
         Command::Inspect {
             address,
@@ -799,6 +849,39 @@ fn serve(
     Ok(())
 }
 
+/// Relays until SIGINT or SIGTERM.
+fn proxy(options: ProxyOptions) -> Result<()> {
+    let termination = TerminationSignals::block()?;
+    let open_files = raise_open_files_limit();
+    let upstream = format!(
+        "{}:{}{}{}",
+        options.upstream_host,
+        options.upstream_port,
+        if options.tls_client.is_some() {
+            " over TLS"
+        } else {
+            " in clear"
+        },
+        if options.secret.is_some() {
+            ", authenticated with the secret"
+        } else {
+            ""
+        }
+    );
+    let proxy = Proxy::start(options)?;
+    say!(
+        "distcore proxy listening on {} (PyTorch's protocol), relaying to {upstream} (SIGINT or SIGTERM stops it)",
+        proxy.local_addr()
+    );
+    if let Err(e) = open_files {
+        say_err!("distcore: cannot raise the open files limit: {e}");
+    }
+    let signal = termination.wait()?;
+    drop(proxy);
+    say!("distcore proxy: signal {signal}: stopped");
+    Ok(())
+}
+
 /// Prints once `world` clients have counted themselves in `init/`.
 fn report_workers(
     host: std::net::IpAddr,
@@ -839,16 +922,21 @@ fn report_workers(
     }
 }
 
+/// HOST:PORT (`[::1]:29500` for IPv6) as its host and port.
+fn split_address(address: &str) -> Result<(String, u16)> {
+    address
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
+        .ok_or_else(|| Error::invalid_argument(format!("'{address}' is not HOST:PORT")))
+}
+
 fn inspect(
     address: &str,
     width: usize,
     secret: Option<Secret>,
     tls: Option<TlsClient>,
 ) -> Result<()> {
-    let (host, port) = address
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h.to_string(), p.parse::<u16>().ok()?)))
-        .ok_or_else(|| Error::invalid_argument(format!("'{address}' is not HOST:PORT")))?;
+    let (host, port) = split_address(address)?;
     let store = TcpStore::new(TcpStoreOptions {
         host,
         port,

@@ -7,6 +7,10 @@
 //! A value whose remaining part is large can be received straight into the
 //! buffer that will store it ([`RequestParser::direct_target`]).
 //!
+//! A relay frames requests with the same parser without keeping their keys
+//! and values ([`RequestParser::framing`]): it passes their bytes on as
+//! they arrive and learns where each request ends and what it asks.
+//!
 //! Every length is checked against the [`Limits`] when it is read, before
 //! anything is allocated for it, and so is the size of the whole request.
 
@@ -83,6 +87,8 @@ enum Atom {
         len: usize,
         filled: usize,
     },
+    /// The bytes of a key or value only counted (a framing parser's).
+    Skipped { len: usize, got: usize },
 }
 
 impl Atom {
@@ -100,6 +106,7 @@ impl Atom {
             Atom::Int { have, need, .. } => have == need,
             Atom::Key { key, need } => key.len() == *need,
             Atom::Value { len, filled, .. } => filled == len,
+            Atom::Skipped { len, got } => got == len,
         }
     }
 
@@ -135,6 +142,11 @@ impl Atom {
                 *filled += n;
                 n
             }
+            Atom::Skipped { len, got } => {
+                let n = (*len - *got).min(data.len());
+                *got += n;
+                n
+            }
         }
     }
 }
@@ -153,6 +165,9 @@ struct Partial {
     items_left: u64,
     /// In a pair list: the value of the pair comes next.
     pair_value: bool,
+    /// Keys and values are kept (else counted only: empty ones stand for
+    /// them).
+    keep: bool,
     keys: Vec<Key>,
     values: Vec<Value>,
     int: u64,
@@ -244,19 +259,25 @@ impl Partial {
                     IntRole::KeyLen => {
                         let len = check_len("key", v, limits.max_key_len)?;
                         self.grow(v, limits)?;
-                        let atom = Atom::Key {
-                            key: Vec::with_capacity(len),
-                            need: len,
+                        let atom = match self.keep {
+                            true => Atom::Key {
+                                key: Vec::with_capacity(len),
+                                need: len,
+                            },
+                            false => Atom::Skipped { len, got: 0 },
                         };
                         return self.skip_if_empty(atom, limits);
                     }
                     IntRole::ValueLen => {
                         let len = check_len("value", v, limits.max_value_len)?;
                         self.grow(v, limits)?;
-                        let atom = Atom::Value {
-                            value: None,
-                            len,
-                            filled: 0,
+                        let atom = match self.keep {
+                            true => Atom::Value {
+                                value: None,
+                                len,
+                                filled: 0,
+                            },
+                            false => Atom::Skipped { len, got: 0 },
                         };
                         return self.skip_if_empty(atom, limits);
                     }
@@ -269,6 +290,16 @@ impl Partial {
             Atom::Value { value, .. } => {
                 self.values
                     .push(value.unwrap_or_else(|| Arc::from(&[][..])));
+                self.item_done();
+            }
+            Atom::Skipped { .. } => {
+                // Which of a key or a value it stood for: what the field
+                // reads next says (a pair's value follows its key).
+                match self.fields[self.next] {
+                    Field::Value => self.values.push(Arc::from(&[][..])),
+                    Field::Pairs if self.pair_value => self.values.push(Arc::from(&[][..])),
+                    _ => self.keys.push(Vec::new()),
+                }
                 self.item_done();
             }
         }
@@ -373,13 +404,34 @@ fn check_len(what: &'static str, len: u64, limit: usize) -> Result<usize, Protoc
 }
 
 /// Parses the requests of one connection from the pieces it sends. Idle,
-/// it is one pointer; the limits are the caller's, passed in.
-#[derive(Default)]
+/// it is a pointer and a flag; the limits are the caller's, passed in.
 pub struct RequestParser {
     partial: Option<Box<Partial>>,
+    /// Keys and values are kept (see [`RequestParser::framing`]).
+    keep: bool,
+}
+
+impl Default for RequestParser {
+    fn default() -> Self {
+        RequestParser {
+            partial: None,
+            keep: true,
+        }
+    }
 }
 
 impl RequestParser {
+    /// A parser that checks and frames requests without keeping their keys
+    /// and values: its requests carry empty ones in their place (as many,
+    /// so a MULTI_GET still counts its keys). What it holds does not grow
+    /// with a key or value, only by a few bytes per key of a list.
+    pub(crate) fn framing() -> RequestParser {
+        RequestParser {
+            partial: None,
+            keep: false,
+        }
+    }
+
     /// Reads from the start of `data` up to the end of the first complete
     /// request. Returns the bytes it took and the request, if one was
     /// completed (then call again with the rest of `data`); without a
@@ -462,6 +514,7 @@ impl RequestParser {
             counted: false,
             items_left: 0,
             pair_value: false,
+            keep: self.keep,
             keys: Vec::new(),
             values: Vec::new(),
             int: 0,

@@ -477,10 +477,10 @@ impl Conn {
             if let Some((value, missing)) = exchange.direct_target() {
                 debug_assert!(missing >= DIRECT_MIN);
                 let got = self.wire().recv_append(value, missing);
-                if self.received(got)?.is_none() {
+                let Some(n) = self.received(got)? else {
                     return Ok(None);
-                }
-                exchange.direct_appended()?;
+                };
+                exchange.direct_appended(n)?;
                 if let Some(outcome) = exchange.take_outcome() {
                     return Ok(Some(outcome));
                 }
@@ -679,6 +679,29 @@ impl Conn {
             Ok(got) => Ok(got.is_some()),
             Err(e) => Err(self.break_with(e)),
         }
+    }
+
+    /// The socket (non-blocking) and TLS session of a connection just
+    /// through its handshake, with the limits the server announced, for a
+    /// relay that moves its bytes itself. Only a distcore server's
+    /// (version 2, whose replies a relay frames), with nothing read ahead.
+    pub(crate) fn into_relayed(self) -> Result<(TcpStream, Option<Session>, Limits)> {
+        if self.dialect != Dialect::Distcore {
+            return Err(Error::new(
+                Status::NotSupported,
+                format!(
+                    "the TCPStore at {} is not a distcore server (or serves without extensions): \
+                     there is nothing to proxy to",
+                    self.peer
+                ),
+            ));
+        }
+        if !self.is_idle() || self.is_unfenced() {
+            return Err(Error::internal(
+                "a connection handed to a relay was not idle",
+            ));
+        }
+        Ok((self.stream, self.tls, self.limits))
     }
 
     /// Whether the connection is idle and in step: nothing unread, not

@@ -40,7 +40,7 @@ pub use store::{SessionOptions, TcpStore, TcpStoreOptions};
 pub(crate) use conn::{deadline_of, Conn, Deadline, Dialect, Endpoint};
 pub(crate) use plan::Plan;
 use plan::{grace_deadline, Next};
-pub(crate) use reply::{Reply, Shape};
+pub(crate) use reply::{Decoder, Reply, Shape};
 
 use self::session::Membership;
 use super::protocol::{Limits, SessionSpec};

@@ -136,8 +136,10 @@ fn mismatch(wanted: &str, got: &Field) -> Error {
 
 /// A byte string being received.
 struct Partial {
+    /// Its bytes so far (none when the decoder only counts them).
     value: Vec<u8>,
-    len: usize,
+    /// How many of its bytes are still to arrive.
+    missing: usize,
 }
 
 /// Decodes one reply incrementally.
@@ -147,6 +149,9 @@ pub(crate) struct Decoder {
     status_byte: bool,
     /// The longest byte string accepted (the value limit).
     max_value_len: usize,
+    /// Byte strings are kept (a client's); a relay's decoder only counts
+    /// them, and their fields are empty.
+    keep_values: bool,
     status: Option<u8>,
     fields: Vec<Field>,
     fixed: [u8; 8],
@@ -165,6 +170,7 @@ impl Decoder {
             shape,
             status_byte,
             max_value_len,
+            keep_values: true,
             status: None,
             fields: Vec::new(),
             fixed: [0; 8],
@@ -173,6 +179,22 @@ impl Decoder {
             done: false,
             deferred: None,
         }
+    }
+
+    /// A decoder that checks and frames a version 2 reply of `shape`
+    /// without keeping its byte strings (a relay passes them on as they
+    /// arrive): what it holds does not grow with the reply.
+    pub(crate) fn framing(shape: Shape, max_value_len: usize) -> Decoder {
+        Decoder {
+            keep_values: false,
+            ..Decoder::new(shape, true, max_value_len)
+        }
+    }
+
+    /// Whether the byte string being read is kept: always but in a
+    /// framing decoder, which keeps only an error's message.
+    fn keeps_bytes(&self) -> bool {
+        self.keep_values || matches!(self.status, Some(REPLY_ERROR | REPLY_DEFERRED_ERROR))
     }
 
     /// Whether any byte of the reply has arrived.
@@ -262,11 +284,15 @@ impl Decoder {
     pub(crate) fn feed(&mut self, input: &[u8]) -> Result<usize> {
         let mut used = 0;
         while !self.done {
+            let keeps = self.keeps_bytes();
             if let Some(partial) = &mut self.bytes {
-                let take = (partial.len - partial.value.len()).min(input.len() - used);
-                partial.value.extend_from_slice(&input[used..used + take]);
+                let take = partial.missing.min(input.len() - used);
+                if keeps {
+                    partial.value.extend_from_slice(&input[used..used + take]);
+                }
+                partial.missing -= take;
                 used += take;
-                if partial.value.len() < partial.len {
+                if partial.missing > 0 {
                     return Ok(used);
                 }
                 let value = self.bytes.take().map(|p| p.value).unwrap_or_default();
@@ -352,13 +378,19 @@ impl Decoder {
                     ),
                 )
             })?;
-        let value = try_value_buffer(len).ok_or_else(|| {
-            Error::new(
-                Status::Protocol,
-                format!("cannot allocate {len} bytes for a reply"),
-            )
-        })?;
-        self.bytes = Some(Partial { value, len });
+        let value = match self.keeps_bytes() {
+            true => try_value_buffer(len).ok_or_else(|| {
+                Error::new(
+                    Status::Protocol,
+                    format!("cannot allocate {len} bytes for a reply"),
+                )
+            })?,
+            false => Vec::new(),
+        };
+        self.bytes = Some(Partial {
+            value,
+            missing: len,
+        });
         Ok(())
     }
 
@@ -366,20 +398,21 @@ impl Decoder {
     /// appended to it, and how many bytes it still misses (at least
     /// [`DIRECT_MIN`]), if any.
     pub(crate) fn direct_target(&mut self) -> Option<(&mut Vec<u8>, usize)> {
-        let partial = self.bytes.as_mut()?;
-        let missing = partial.len - partial.value.len();
+        let keeps = self.keeps_bytes();
+        let partial = self.bytes.as_mut().filter(|_| keeps)?;
+        let missing = partial.missing;
         (missing >= DIRECT_MIN).then_some((&mut partial.value, missing))
     }
 
-    /// Bytes were appended to the [`Decoder::direct_target`]: completes
-    /// the value if they were its last.
-    pub(crate) fn direct_appended(&mut self) -> Result<()> {
+    /// `n` bytes were appended to the [`Decoder::direct_target`]:
+    /// completes the value if they were its last.
+    pub(crate) fn direct_appended(&mut self, n: usize) -> Result<()> {
         if let Some(partial) = &mut self.bytes {
-            let len = partial.value.len();
-            if len > partial.len {
+            if n > partial.missing {
                 return Err(Error::internal("a direct read filled past its value"));
             }
-            if len == partial.len {
+            partial.missing -= n;
+            if partial.missing == 0 {
                 let value = self.bytes.take().map(|p| p.value).unwrap_or_default();
                 self.push(Field::Bytes(value))?;
                 if self.next_kind()?.is_none() {
@@ -388,6 +421,12 @@ impl Decoder {
             }
         }
         Ok(())
+    }
+
+    /// The failures of reply-less writes the server reported before this
+    /// reply (DEFERRED ERROR): the first, and how many.
+    pub(crate) fn take_deferred(&mut self) -> Option<(Error, usize)> {
+        self.deferred.take()
     }
 
     /// The decoded reply once complete: its fields, or the error the server
@@ -529,7 +568,7 @@ impl Exchange {
     /// The failure of the reply-less writes the server reported before
     /// this reply (DEFERRED ERROR), if any: its status, saying how many.
     pub(crate) fn take_deferred(&mut self) -> Option<Error> {
-        let (first, count) = self.decoder.deferred.take()?;
+        let (first, count) = self.decoder.take_deferred()?;
         Some(Error::new(
             first.status(),
             format!(
@@ -557,9 +596,10 @@ impl Exchange {
         self.decoder.direct_target()
     }
 
-    /// Records a direct read and completes the reply if it was its end.
-    pub(crate) fn direct_appended(&mut self) -> Result<()> {
-        self.decoder.direct_appended()?;
+    /// Records a direct read of `n` bytes and completes the reply if it
+    /// was its end.
+    pub(crate) fn direct_appended(&mut self, n: usize) -> Result<()> {
+        self.decoder.direct_appended(n)?;
         if let Some(reply) = self.decoder.take() {
             self.on_reply(reply)?;
         }

@@ -122,7 +122,7 @@ fn a_large_value_can_be_received_in_place() {
         assert_eq!(missing, value.len() - filled);
         let n = missing.min(DIRECT_MIN + 1);
         target.extend_from_slice(&value[filled..filled + n]);
-        exchange.direct_appended().unwrap();
+        exchange.direct_appended(n).unwrap();
         filled += n;
     }
     exchange.feed(&value[filled..]).unwrap();
