@@ -18,10 +18,12 @@ import os
 import platform
 import re
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1276,6 +1278,10 @@ def scenario_liveness_flood(runs, conns, big_mib, cost_sizes, cost_ttls, window_
 TORCH_ADAPTER = {False: (3000, 5, [16, 64]), True: (300, 1, [4])}
 
 
+# scenario_proxy's arguments, full and --quick: ops per round, rounds.
+PROXY = {False: (3000, 5), True: (300, 1)}
+
+
 def scenario_torch_adapter(ops, rounds, group_sizes):
     """Issue 27: PyTorch's own TCPStore client against distcore.torch's
     adapter from Python, on `distcore serve` and on PyTorch's libuv server
@@ -1315,6 +1321,62 @@ def scenario_torch_adapter(ops, rounds, group_sizes):
     text += table("13b. init_process_group (gloo) with each store: ms from the store's creation to the end of the "
                   "first barrier, slowest rank", ["processes", "PyTorch's TCPStore", "distcore.torch.TCPStore",
                                                   "distcore / PyTorch"], rows)
+    return text, {}
+
+
+def scenario_proxy(ops, rounds):
+    """Issue 27: what `distcore proxy` costs PyTorch's own TCPStore client
+    per operation: the client on `distcore serve` directly, through a proxy
+    to that server, and through a proxy to a server that requires TLS and
+    the secret (which the client could not reach by itself), in
+    alternating rounds (benches/torch_adapter.py paths); the floor is
+    socat relaying the bytes to the same server (one more hop, no
+    protocol)."""
+    tls = os.path.join(ROOT, "tests", "tls")
+    secret_dir = tempfile.mkdtemp()
+    secret = os.path.join(secret_dir, "secret")
+    with open(secret, "w") as f:
+        f.write("the proxy benchmark's secret\n")
+    plain = Server("distcore")
+    secured = Server("distcore", extra=["--secret-file", secret, "--tls-cert", f"{tls}/server.pem", "--tls-key",
+                                        f"{tls}/server.key"])
+    proxies = []
+    try:
+        for upstream, extra in [(plain, []), (secured, ["--secret-file", secret, "--tls-ca", f"{tls}/ca.pem",
+                                                        "--tls-server-name", "localhost"])]:
+            proc = subprocess.Popen([CLI, "proxy", "--port", "0", "--upstream", f"127.0.0.1:{upstream.port}",
+                                     *extra], stdout=subprocess.PIPE, text=True, env=ENV)
+            proxies.append(proc)
+            proc.port = int(read_until(proc, "distcore proxy listening on")[4].rsplit(":", 1)[1])
+        relay_port = harness.free_port()
+        proxies.append(subprocess.Popen(["socat", f"TCP-LISTEN:{relay_port},bind=127.0.0.1,fork,reuseaddr,nodelay",
+                                         f"TCP:127.0.0.1:{plain.port},nodelay"]))
+        wait_listening(relay_port)
+        paths = {"direct": plain.port, "socat": relay_port, "proxy": proxies[0].port,
+                 "proxy+TLS+secret": proxies[1].port}
+        out = subprocess.run([sys.executable, f"{HERE}/torch_adapter.py", "paths", str(ops), str(rounds),
+                              *(f"{name}={port}" for name, port in paths.items())],
+                             capture_output=True, text=True, check=True, env=ENV).stdout
+    finally:
+        for proc in proxies:
+            proc.terminate()
+            proc.wait(30)
+        plain.stop()
+        secured.stop()
+        shutil.rmtree(secret_dir, ignore_errors=True)
+    got = {(name, op): float(m) for name, op, m in (line.split() for line in out.splitlines())}
+    rows = []
+    for op in ["set", "get", "add", "check", "wait"]:
+        direct = got[("direct", op)]
+        rows.append([op, f"{direct:.1f}", f"{got[('socat', op)]:.1f}", f"{got[('proxy', op)]:.1f}",
+                     ratio(got[("proxy", op)], got[("socat", op)]), f"{got[('proxy+TLS+secret', op)]:.1f}",
+                     ratio(got[("proxy+TLS+secret", op)], got[("socat", op)])])
+    text = table(f"13c. `distcore proxy`: PyTorch's TCPStore client directly on `distcore serve` and through a "
+                 f"proxy ({ops} sequential ops, median of {rounds} alternating rounds, µs)",
+                 ["op", "direct", "socat relay (floor)", "through the proxy", "proxy / floor",
+                  "proxy to a TLS+secret server", "TLS proxy / floor"], rows,
+                 "The floor is one more loopback hop each way: socat relaying bytes, knowing no protocol. "
+                 "SET has no reply: its time is the client's send.")
     return text, {}
 
 
@@ -1439,6 +1501,7 @@ def main():
         return
     if args.only == "torch-adapter":
         guarded("13. PyTorch jobs on distcore", scenario_torch_adapter, *TORCH_ADAPTER[q])
+        guarded("13c. distcore proxy", scenario_proxy, *PROXY[q])
         return
     started = time.monotonic()
     command = "build/venv/bin/python benches/bench.py" + (" --quick" if q else "") + (f" --out {args.out}" if args.out else "")
@@ -1478,6 +1541,7 @@ def main():
     sections.append(guarded("12. Liveness", scenario_liveness, *LIVENESS_SIZES[q])[0])
     sections.append(guarded("12c. Liveness under load", scenario_liveness_flood, *LIVENESS_FLOOD[q])[0])
     sections.append(guarded("13. PyTorch jobs on distcore", scenario_torch_adapter, *TORCH_ADAPTER[q])[0])
+    sections.append(guarded("13c. distcore proxy", scenario_proxy, *PROXY[q])[0])
     took = time.monotonic() - started
     print(f"all scenarios in {took:.0f} s")
     if args.out:

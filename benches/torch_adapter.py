@@ -3,6 +3,10 @@ client against distcore.torch's adapter, from Python.
 
     torch_adapter.py latency PORT OPS ROUNDS   medians of set/get/add/check/wait (µs), both clients
                                                in alternating rounds: lines "CLIENT OP MEDIAN"
+    torch_adapter.py paths OPS ROUNDS NAME=PORT...
+                                               the same for PyTorch's client alone on each PORT (a
+                                               server directly, or through `distcore proxy`): lines
+                                               "NAME OP MEDIAN"
     torch_adapter.py rank KIND PORT RANK WORLD one rank of a gloo group whose store is KIND ("torch":
                                                PyTorch's TCPStore, "distcore": distcore.torch's;
                                                rank 0 hosts the server): "took SECONDS" from the
@@ -25,8 +29,8 @@ def client(kind, port, world=None, is_master=False):
     return cls("127.0.0.1", port, world, is_master, timeout=T(seconds=120))
 
 
-def latency(port, ops, rounds):
-    stores = {kind: client(kind, port) for kind in ("torch", "distcore")}
+def latency(stores, ops, rounds):
+    """Medians of each op on each of `stores` (by name), in alternating rounds."""
     for store in stores.values():
         store.set("k", b"v" * 16)
     calls = {
@@ -65,6 +69,11 @@ def rank(kind, port, rank_, world):
 
 if __name__ == "__main__":
     if sys.argv[1] == "latency":
-        latency(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        port = int(sys.argv[2])
+        latency({kind: client(kind, port) for kind in ("torch", "distcore")}, int(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1] == "paths":
+        paths = dict(arg.split("=") for arg in sys.argv[4:])
+        latency({name: client("torch", int(port)) for name, port in paths.items()}, int(sys.argv[2]),
+                int(sys.argv[3]))
     else:
         rank(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

@@ -4,6 +4,7 @@ Everything listens on 127.0.0.1 with ephemeral ports and is killed at the end.""
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -105,6 +106,57 @@ class CliServer:
         self.proc.kill()
         self.proc.wait(timeout=30)
         self.proc.stdout.close()
+
+
+class CliProxy:
+    """`distcore proxy` on an ephemeral loopback port, relaying to the
+    `distcore serve` at `upstream_port` with `args` (its secret, TLS)."""
+
+    def __init__(self, upstream_port, args=()):
+        command = [CLI, "proxy", "--port", "0", "--upstream", f"127.0.0.1:{upstream_port}", *args]
+        self.proc = track(subprocess.Popen(command, stdout=subprocess.PIPE, text=True))
+        line = _read_line(self.proc, "distcore proxy listening on")
+        self.port = int(line.split()[4].rsplit(":", 1)[1])
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=30) == 0
+        self.proc.stdout.close()
+
+
+# A torchrun job's worker: a gloo group over the whole job; prints its
+# rank, the world size and the sum every rank contributed to.
+TRAIN = r"""
+import os, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+print(f"worker rank={dist.get_rank()} world={dist.get_world_size()} sum={int(t.item())}", flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def torchrun_job(backend, endpoint, run_id, script, started, env=None, conf=None, nodes=2, per_node=2):
+    """`nodes` torchrun agents of `per_node` workers each running `script`
+    (TRAIN) with rendezvous `backend` on `endpoint`, no restarts: what their
+    workers printed, sorted. Each agent is added to `started` (the caller
+    kills what is left of them)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node",
+               str(per_node), "--rdzv-backend", backend, "--rdzv-endpoint", endpoint, "--rdzv-id", run_id,
+               "--local-addr", "127.0.0.1", "--max-restarts", "0", "--monitor-interval", "0.5"]
+    if conf:
+        command += ["--rdzv-conf", conf]
+    environment = dict(os.environ, LD_PRELOAD=numeric_names(), GLOO_SOCKET_IFNAME="lo", **(env or {}))
+    procs = [track(subprocess.Popen(command + [script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=environment))
+             for _ in range(nodes)]
+    started += procs
+    lines = []
+    for proc in procs:
+        # The workers of an agent share its output: their lines may interleave.
+        lines += re.findall(r"worker rank=\d+ world=\d+ sum=\d+", finish(proc, timeout=300))
+    return sorted(lines)
 
 
 def numeric_names():

@@ -21,19 +21,6 @@ import harness  # noqa: E402
 TLS = pathlib.Path(harness.ROOT) / "tests" / "tls"
 ETCD = None
 
-# Each worker: a gloo group over the whole job; prints its rank, the world
-# size and the sum every rank contributed to.
-TRAIN = r"""
-import os, torch, torch.distributed as dist
-dist.init_process_group("gloo")
-t = torch.tensor([float(dist.get_rank() + 1)])
-dist.all_reduce(t)
-print(f"worker rank={dist.get_rank()} world={dist.get_world_size()} sum={int(t.item())}", flush=True)
-dist.barrier()
-dist.destroy_process_group()
-"""
-
-
 # A job that runs until the test says stop: all-reduces a tenth of a
 # second apart (the first of each start printed) until rank 0 finds the
 # file argv[1] (all ranks stop at the same step: rank 0's finding is
@@ -102,7 +89,7 @@ class TorchrunJobs(unittest.TestCase):
         self.started = []
         self.script = os.path.join(self.dir.name, "train.py")
         with open(self.script, "w") as f:
-            f.write(TRAIN)
+            f.write(harness.TRAIN)
 
     def tearDown(self):
         # Agents a failed test left, and their workers (in sessions of their
@@ -119,22 +106,8 @@ class TorchrunJobs(unittest.TestCase):
     def agents(self, endpoint, run_id, env=None, conf=None, nodes=2, per_node=2):
         """`nodes` torchrun agents of `per_node` workers each on `endpoint`:
         what their workers printed."""
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes), "--nproc-per-node",
-                   str(per_node), "--rdzv-backend", "distcore", "--rdzv-endpoint", endpoint, "--rdzv-id", run_id,
-                   "--local-addr", "127.0.0.1", "--max-restarts", "0", "--monitor-interval", "0.5"]
-        if conf:
-            command += ["--rdzv-conf", conf]
-        environment = dict(os.environ, LD_PRELOAD=harness.numeric_names(), GLOO_SOCKET_IFNAME="lo",
-                           **(env or {}))
-        procs = [harness.track(subprocess.Popen(command + [self.script], stdout=subprocess.PIPE,
-                                                stderr=subprocess.PIPE, text=True, env=environment))
-                 for _ in range(nodes)]
-        self.started += procs
-        lines = []
-        for proc in procs:
-            # The workers of an agent share its output: their lines may interleave.
-            lines += re.findall(r"worker rank=\d+ world=\d+ sum=\d+", harness.finish(proc, timeout=300))
-        return sorted(lines)
+        return harness.torchrun_job("distcore", endpoint, run_id, self.script, self.started, env=env, conf=conf,
+                                    nodes=nodes, per_node=per_node)
 
     def agent(self, endpoint, run_id, nnodes, restarts=3):
         """One torchrun agent of one worker running STEPS until

@@ -16,8 +16,9 @@ step "system packages"
 missing=()
 # ip and iptables: the client fault tests cut a network namespace off.
 # etcd: the EtcdStore tests start real etcd members (they fail without it).
+# socat: the benchmark's floor for the proxy (a plain byte relay).
 for tool in cmake:cmake pkg-config:pkg-config valgrind:valgrind g++:g++ python3:python3 \
-            ip:iproute2 iptables:iptables etcd:etcd-server; do
+            ip:iproute2 iptables:iptables etcd:etcd-server socat:socat; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 if ((${#missing[@]})); then

@@ -2,6 +2,8 @@
 //! an upstream one (made by the [`Connector`]), and moves bytes between
 //! them through their [`Relay`]. It decides nothing about the protocol.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -149,6 +151,9 @@ pub(super) struct EventLoop {
     next_serial: u64,
     /// Pairs with bytes left to read after their turn.
     again: Vec<Token>,
+    /// When ending pairs are to be dropped, soonest first (a pair's
+    /// serial tells an entry for a slot reused since from its own).
+    lingering: BinaryHeap<Reverse<(Instant, Token, u64)>>,
     buf: Box<[u8]>,
     /// Scratch for what the relay gives out.
     to_upstream: Vec<u8>,
@@ -175,6 +180,7 @@ impl EventLoop {
             open: 0,
             next_serial: 0,
             again: Vec::new(),
+            lingering: BinaryHeap::new(),
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
             to_upstream: Vec::new(),
             to_local: Vec::new(),
@@ -232,12 +238,15 @@ impl EventLoop {
                 }
             }
             // Pairs past their linger time are served once more, and dropped.
-            touched.extend(
-                self.pairs
-                    .iter_mut()
-                    .filter(|(_, p)| p.ending.is_some_and(|(_, at)| at <= now))
-                    .map(|(token, _)| token),
-            );
+            while let Some(Reverse((at, pair, serial))) = self.lingering.peek().copied() {
+                if at > now {
+                    break;
+                }
+                self.lingering.pop();
+                if self.pairs.get_mut(pair).is_some_and(|p| p.serial == serial) {
+                    touched.push(pair);
+                }
+            }
             touched.sort_unstable();
             touched.dedup();
             for pair in touched {
@@ -247,12 +256,9 @@ impl EventLoop {
     }
 
     /// The earliest time something is due: a retried accept, a pair's end.
-    fn next_deadline(&mut self, accept_retry: Option<Instant>) -> Option<Instant> {
-        self.pairs
-            .iter_mut()
-            .filter_map(|(_, p)| p.ending.map(|(_, at)| at))
-            .chain(accept_retry)
-            .min()
+    fn next_deadline(&self, accept_retry: Option<Instant>) -> Option<Instant> {
+        let linger = self.lingering.peek().map(|Reverse((at, _, _))| *at);
+        linger.into_iter().chain(accept_retry).min()
     }
 
     /// Accepts what is queued: each connection waits for its upstream
@@ -349,6 +355,7 @@ impl EventLoop {
         let Some(p) = self.pairs.get_mut(pair) else {
             return;
         };
+        let was_ending = p.ending.is_some();
         let served = serve_pair(
             p,
             &mut self.buf,
@@ -356,6 +363,9 @@ impl EventLoop {
             &mut self.to_local,
             now,
         );
+        if let (false, Some((_, at))) = (was_ending, p.ending) {
+            self.lingering.push(Reverse((at, pair, p.serial)));
+        }
         let kept = match served {
             Ok(Served::Keep { again }) => {
                 let interests = p
