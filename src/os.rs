@@ -14,6 +14,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// `n` from a call that returns -1 on failure, or the OS's error.
 fn result(n: isize) -> io::Result<usize> {
@@ -84,15 +85,52 @@ pub(crate) fn unread_bytes(fd: RawFd) -> io::Result<usize> {
     Ok(usize::try_from(n).unwrap_or(0))
 }
 
-/// Writes as much of `buf` as the socket takes in one call (`send` with
-/// `MSG_NOSIGNAL`: a closed peer is `EPIPE`, never SIGPIPE).
-pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
-    // SAFETY: the buffer is live and readable for its length.
-    result(unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) })
+/// One `recv` into `buf` that waits, on a socket in blocking mode, until
+/// bytes arrive or the socket's receive timeout ([`set_recv_timeout`])
+/// passes (`WouldBlock`); `Interrupted` when a signal came first. 0: the
+/// peer closed.
+pub(crate) fn recv_waiting(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is writable for its length.
+    result(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) })
 }
 
-/// Writes as much of `bufs`, in order, as the socket takes in one
-/// `sendmsg` (`MSG_NOSIGNAL`).
+/// Sets the socket's receive timeout: how long [`recv_waiting`] waits
+/// (`None`: without limit). A timeout below a microsecond is one.
+pub(crate) fn set_recv_timeout(fd: RawFd, timeout: Option<Duration>) -> io::Result<()> {
+    let tv = match timeout {
+        None => libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        Some(t) => libc::timeval {
+            tv_sec: t.as_secs().min(i32::MAX as u64) as libc::time_t,
+            tv_usec: t.subsec_micros().max(u32::from(t.as_secs() == 0)) as libc::suseconds_t,
+        },
+    };
+    // SAFETY: one live timeval, and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    result(rc as isize).map(drop)
+}
+
+/// Writes as much of `buf` as the socket takes now, in one call, whatever
+/// the socket's mode (`send` with `MSG_DONTWAIT` and `MSG_NOSIGNAL`: a
+/// closed peer is `EPIPE`, never SIGPIPE).
+pub(crate) fn send(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
+    // SAFETY: the buffer is live and readable for its length.
+    result(unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) })
+}
+
+/// Writes as much of `bufs`, in order, as the socket takes now, in one
+/// `sendmsg` (`MSG_DONTWAIT`, `MSG_NOSIGNAL`).
 pub(crate) fn send_vectored(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
     // SAFETY: a zeroed msghdr is valid (no name, no control data).
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -100,7 +138,7 @@ pub(crate) fn send_vectored(fd: RawFd, bufs: &[IoSlice<'_>]) -> io::Result<usize
     msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
     msg.msg_iovlen = bufs.len().min(libc::UIO_MAXIOV as usize) as _;
     // SAFETY: `msg` points at live buffers for the duration of the call.
-    result(unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL) })
+    result(unsafe { libc::sendmsg(fd, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) })
 }
 
 /// `poll` on one descriptor for `events`, up to `timeout_ms` (-1: no

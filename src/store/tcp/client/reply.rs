@@ -150,8 +150,12 @@ pub(crate) struct Decoder {
     /// The longest byte string accepted (the value limit).
     max_value_len: usize,
     /// Byte strings are kept (a client's); a relay's decoder only counts
-    /// them, and their fields are empty.
+    /// them, and their fields are empty...
     keep_values: bool,
+    /// ...but for an error's message: whether the byte strings being read
+    /// now are kept (decided when the status byte is read, so that no
+    /// test reads the status before it has one).
+    keeps: bool,
     status: Option<u8>,
     fields: Vec<Field>,
     fixed: [u8; 8],
@@ -171,6 +175,7 @@ impl Decoder {
             status_byte,
             max_value_len,
             keep_values: true,
+            keeps: true,
             status: None,
             fields: Vec::new(),
             fixed: [0; 8],
@@ -187,6 +192,7 @@ impl Decoder {
     pub(crate) fn framing(shape: Shape, max_value_len: usize) -> Decoder {
         Decoder {
             keep_values: false,
+            keeps: false,
             ..Decoder::new(shape, true, max_value_len)
         }
     }
@@ -194,7 +200,7 @@ impl Decoder {
     /// Whether the byte string being read is kept: always but in a
     /// framing decoder, which keeps only an error's message.
     fn keeps_bytes(&self) -> bool {
-        self.keep_values || matches!(self.status, Some(REPLY_ERROR | REPLY_DEFERRED_ERROR))
+        self.keeps
     }
 
     /// Whether any byte of the reply has arrived.
@@ -330,6 +336,7 @@ impl Decoder {
         if self.status_byte && self.status.is_none() {
             if let Field::U8(status) = field {
                 self.status = Some(status);
+                self.keeps = self.keep_values || status != REPLY_OK;
             }
             return Ok(());
         }
@@ -344,6 +351,7 @@ impl Decoder {
                     None => self.deferred = Some((error, 1)),
                 }
                 self.status = None;
+                self.keeps = self.keep_values;
                 self.fields.clear();
             }
             return Ok(());

@@ -438,9 +438,10 @@ fn async_operations_share_one_thread() {
         .map(|i| s.clone().get_async(format!("a{i}")).unwrap())
         .collect();
     eventually("200 gets waiting", || pending_waits(&s) == 200);
-    // Other tests run threads of their own meanwhile: a thread per get would add 200.
+    // Other tests run threads of their own meanwhile (50 were seen once): a
+    // thread per get would add 200.
     assert!(
-        threads() < before + 50,
+        threads() < before + 150,
         "{} threads, {before} before",
         threads()
     );
