@@ -320,3 +320,47 @@ fn a_large_value_is_received_straight_into_its_buffer() {
     );
     assert!(parser.direct_target().is_none());
 }
+
+#[test]
+fn a_framing_parser_ends_every_request_where_the_parser_does_keeping_nothing() {
+    let mut rng = fastrand::Rng::with_seed(0xF4A3);
+    let data = sample_stream(&mut rng);
+    let whole = parse_in_pieces(&data, &[], false);
+    let shape = |r: &Request| match r {
+        Request::MultiGet { keys } | Request::Check { keys } | Request::Wait { keys } => {
+            (r.command(), keys.len())
+        }
+        Request::MultiSet { pairs } => (r.command(), pairs.len()),
+        other => (other.command(), 0),
+    };
+    let expected: Vec<_> = whole.iter().map(shape).collect();
+    for _ in 0..100 {
+        let mut cuts: Vec<usize> = (0..rng.usize(1..64))
+            .map(|_| rng.usize(..data.len()))
+            .collect();
+        cuts.sort_unstable();
+        let mut parser = RequestParser::framing();
+        let mut framed = Vec::new();
+        let mut start = 0;
+        for end in cuts.into_iter().chain(std::iter::once(data.len())) {
+            let mut piece = &data[start..end.max(start)];
+            start = end.max(start);
+            while !piece.is_empty() {
+                assert!(
+                    parser.direct_target().is_none(),
+                    "nothing is received into place"
+                );
+                let (n, request) = parser.parse(piece, &Limits::default()).unwrap();
+                piece = &piece[n..];
+                if let Some(request) = request {
+                    if let Request::Set { key, value } = &request {
+                        assert!(key.is_empty() && value.is_empty(), "nothing is kept");
+                    }
+                    framed.push(shape(&request));
+                }
+            }
+        }
+        assert!(parser.is_idle());
+        assert_eq!(framed, expected);
+    }
+}

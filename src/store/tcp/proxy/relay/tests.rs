@@ -260,3 +260,157 @@ fn every_shape_pytorch_uses_is_framed() {
     assert_eq!(local, bodies.concat());
     assert_eq!(relay.owed(), 0);
 }
+
+/// One PyTorch request, and what answers it: the server's reply on a
+/// version 2 connection and PyTorch's protocol's (None: answered by the
+/// proxy, which then sends `v1` itself).
+struct Exchange {
+    request: Vec<u8>,
+    v2: Option<Vec<u8>>,
+    v1: Vec<u8>,
+}
+
+fn random_exchange(rng: &mut fastrand::Rng) -> Vec<Exchange> {
+    let mut bytes = |len: usize| -> Vec<u8> { (0..len).map(|_| rng.u8(..)).collect() };
+    let key = bytes(5);
+    let short = bytes(30);
+    let long = bytes(70_000);
+    let i64_reply = |v: i64| v.to_le_bytes().to_vec();
+    let plain = |request: Vec<u8>, body: Vec<u8>| Exchange {
+        request,
+        v2: Some(ok(&body)),
+        v1: body,
+    };
+    let silent = |request: Vec<u8>| Exchange {
+        request,
+        v2: Some(Vec::new()),
+        v1: Vec::new(),
+    };
+    let n = key.len() as u64;
+    match rng.usize(0..14) {
+        0 => vec![silent(set("k", &long))],
+        1 => vec![plain(get("k"), value(&short))],
+        2 => vec![plain(
+            Encoder::request(Command::Add).bytes(&key).u64(n).finish(),
+            i64_reply(-3),
+        )],
+        3 => vec![plain(
+            Encoder::request(Command::Check)
+                .keys(&[&key, &key])
+                .finish(),
+            vec![0],
+        )],
+        4 => vec![plain(wait("k"), vec![STOP_WAITING])],
+        5 => vec![
+            Exchange {
+                request: wait("k"),
+                v2: Some(ok(&[WAIT_CANCELED])),
+                v1: vec![WAIT_CANCELED],
+            },
+            Exchange {
+                request: cancel_wait(),
+                v2: Some(Vec::new()),
+                v1: Vec::new(),
+            },
+        ],
+        6 => vec![
+            plain(wait("k"), vec![STOP_WAITING]),
+            plain(cancel_wait(), vec![WAIT_CANCELED]),
+        ],
+        7 => vec![Exchange {
+            request: Encoder::request(Command::Append)
+                .bytes(&key)
+                .bytes(&short)
+                .finish(),
+            v2: Some(ok(&[])),
+            v1: Vec::new(),
+        }],
+        8 => vec![plain(
+            Encoder::request(Command::MultiGet)
+                .keys(&[&key, &key, &key])
+                .finish(),
+            [value(&long), value(b""), value(&short)].concat(),
+        )],
+        9 => vec![silent(
+            Encoder::request(Command::MultiSet)
+                .u64(2)
+                .bytes(&key)
+                .bytes(&long)
+                .bytes(b"")
+                .bytes(b"")
+                .finish(),
+        )],
+        10 => vec![plain(
+            Encoder::request(Command::QueuePop).bytes(&key).finish(),
+            [i64_reply(2), value(&long)].concat(),
+        )],
+        11 => vec![plain(
+            Encoder::request(Command::ListKeys).finish(),
+            [i64_reply(2), value(&key), value(&short)].concat(),
+        )],
+        12 => vec![Exchange {
+            request: ping(0xDC0D_E5A3),
+            v2: None,
+            v1: 0xDC0D_E5A3u32.to_le_bytes().to_vec(),
+        }],
+        _ => vec![plain(
+            Encoder::request(Command::CompareSet)
+                .bytes(&key)
+                .bytes(b"")
+                .bytes(&short)
+                .finish(),
+            value(&short),
+        )],
+    }
+}
+
+/// Cuts `data` at random places.
+fn pieces<'a>(rng: &mut fastrand::Rng, data: &'a [u8]) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    let mut rest = data;
+    while !rest.is_empty() {
+        let n = match rng.usize(0..4) {
+            0 => 1,
+            1 => rng.usize(1..16),
+            _ => rng.usize(1..20_000),
+        }
+        .min(rest.len());
+        out.push(&rest[..n]);
+        rest = &rest[n..];
+    }
+    out
+}
+
+#[test]
+fn random_streams_split_anywhere_relay_exactly_pytorchs_bytes() {
+    let mut rng = fastrand::Rng::with_seed(0x9E1A);
+    for round in 0..200 {
+        let exchanges: Vec<Exchange> = (0..rng.usize(1..40))
+            .flat_map(|_| random_exchange(&mut rng))
+            .collect();
+        let requests: Vec<u8> = exchanges.iter().flat_map(|e| e.request.clone()).collect();
+        let relayed: Vec<u8> = exchanges
+            .iter()
+            .filter(|e| e.v2.is_some())
+            .flat_map(|e| e.request.clone())
+            .collect();
+        let replies: Vec<u8> = exchanges
+            .iter()
+            .flat_map(|e| e.v2.clone().unwrap_or_default())
+            .collect();
+        let expected: Vec<u8> = exchanges.iter().flat_map(|e| e.v1.clone()).collect();
+
+        let mut relay = Relay::new(limits());
+        let (mut up, mut local) = (Vec::new(), Vec::new());
+        for piece in pieces(&mut rng, &requests) {
+            relay.on_local(piece, &mut up, &mut local).unwrap();
+        }
+        assert_eq!(up, relayed, "round {round}: what went upstream");
+        for piece in pieces(&mut rng, &replies) {
+            relay.on_upstream(piece, &mut local).unwrap();
+        }
+        assert_eq!(local.len(), expected.len(), "round {round}");
+        assert!(local == expected, "round {round}: what the client got");
+        assert_eq!(relay.owed(), 0, "round {round}");
+    }
+}
