@@ -1,6 +1,7 @@
-//! What the TCPStore server and the RPC agent share of an event loop: the
-//! table of connections by mio token, and a listener that keeps accepting
-//! when the process runs out of file descriptors.
+//! What the TCPStore server, the proxy and the RPC agent share of an event
+//! loop: the table of connections by mio token, a listener that keeps
+//! accepting when the process runs out of file descriptors, and the
+//! loop's thread, stopped when dropped.
 //!
 //! Out of descriptors (EMFILE/ENFILE), `accept` fails and the connection
 //! stays queued; with an edge-triggered listener nothing would report it
@@ -16,10 +17,13 @@
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
-use mio::Token;
+use mio::{Token, Waker};
 
 /// The listener's token.
 pub(crate) const LISTENER: Token = Token(0);
@@ -266,6 +270,58 @@ fn out_of_descriptors(e: &io::Error) -> bool {
 
 fn open_reserve() -> Option<File> {
     File::open("/dev/null").ok()
+}
+
+/// An event loop's thread: dropping it (or [`LoopThread::stop`]) raises
+/// the loop's stop flag, wakes it and waits for the thread to end.
+pub(crate) struct LoopThread {
+    /// What runs, for log lines ("the proxy").
+    what: &'static str,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl LoopThread {
+    /// Starts `run` on a thread named `name`; it runs until `stop` is
+    /// raised, and `waker` wakes its poll.
+    pub(crate) fn spawn(
+        what: &'static str,
+        name: String,
+        stop: Arc<AtomicBool>,
+        waker: Arc<Waker>,
+        run: impl FnOnce() + Send + 'static,
+    ) -> crate::Result<LoopThread> {
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(run)
+            .map_err(|e| crate::Error::internal(format!("spawning the {what} thread: {e}")))?;
+        Ok(LoopThread {
+            what,
+            stop,
+            waker,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the loop and waits for its thread (once: later calls return
+    /// at once).
+    pub(crate) fn stop(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.stop.store(true, Ordering::SeqCst);
+        if let Err(e) = self.waker.wake() {
+            log::error!("waking the {} to stop it: {e}", self.what);
+        }
+        let _ = thread.join();
+    }
+}
+
+impl Drop for LoopThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// Raises this process's soft limit on open files to its hard limit (a

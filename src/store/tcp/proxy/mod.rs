@@ -34,9 +34,8 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use mio::net::TcpListener;
@@ -45,7 +44,7 @@ use mio::{Interest, Poll, Waker};
 use super::client::{deadline_of, Conn, Endpoint};
 use crate::error::{Error, Result, Status};
 use crate::net::listen::{listen, listen_error, prepare_listener};
-use crate::net::reactor::{Acceptor, LISTENER, WAKER};
+use crate::net::reactor::{Acceptor, LoopThread, LISTENER, WAKER};
 use crate::security::auth::Secret;
 use crate::security::tls::TlsClient;
 
@@ -110,9 +109,7 @@ impl Default for ProxyOptions {
 /// A running proxy; dropping it stops it (local connections are closed).
 pub struct Proxy {
     local_addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    waker: Arc<Waker>,
-    thread: Option<JoinHandle<()>>,
+    _running: LoopThread,
 }
 
 /// How long the probe at start may take.
@@ -171,10 +168,13 @@ impl Proxy {
             stop.clone(),
             options.max_connections,
         );
-        let thread = std::thread::Builder::new()
-            .name(format!("dc-proxy-{}", local_addr.port()))
-            .spawn(move || event_loop.run())
-            .map_err(|e| Error::internal(format!("spawning the proxy thread: {e}")))?;
+        let running = LoopThread::spawn(
+            "proxy",
+            format!("dc-proxy-{}", local_addr.port()),
+            stop,
+            waker,
+            move || event_loop.run(),
+        )?;
         log::info!(
             "proxy on {local_addr} relaying to {}:{}{}{}",
             options.upstream_host,
@@ -192,9 +192,7 @@ impl Proxy {
         );
         Ok(Proxy {
             local_addr,
-            stop,
-            waker,
-            thread: Some(thread),
+            _running: running,
         })
     }
 
@@ -206,18 +204,6 @@ impl Proxy {
     /// The port local clients connect to.
     pub fn port(&self) -> u16 {
         self.local_addr.port()
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Err(e) = self.waker.wake() {
-            log::error!("waking the proxy to stop it: {e}");
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -12,7 +12,6 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
@@ -20,7 +19,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use super::metrics::Metrics;
 use crate::error::{Error, Result};
-use crate::net::reactor::{Acceptor, ConnTable, LISTENER, WAKER};
+use crate::net::reactor::{Acceptor, ConnTable, LoopThread, LISTENER, WAKER};
 use crate::security::access::Network;
 
 /// Largest request head read.
@@ -45,9 +44,7 @@ impl MetricsSource {
 /// An HTTP endpoint serving `GET /metrics`. Dropping it stops it.
 pub struct MetricsEndpoint {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    waker: Arc<Waker>,
-    thread: Option<JoinHandle<()>>,
+    _running: LoopThread,
 }
 
 impl MetricsEndpoint {
@@ -80,33 +77,22 @@ impl MetricsEndpoint {
             allow: allow.to_vec(),
             stop: stop.clone(),
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("dc-metrics-{}", addr.port()))
-            .spawn(move || endpoint.run())
-            .map_err(|e| Error::internal(format!("spawning the metrics thread: {e}")))?;
-        Ok(MetricsEndpoint {
-            addr,
+        let running = LoopThread::spawn(
+            "metrics endpoint",
+            format!("dc-metrics-{}", addr.port()),
             stop,
             waker,
-            thread: Some(thread),
+            move || endpoint.run(),
+        )?;
+        Ok(MetricsEndpoint {
+            addr,
+            _running: running,
         })
     }
 
     /// Where it listens.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
-    }
-}
-
-impl Drop for MetricsEndpoint {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Err(e) = self.waker.wake() {
-            log::error!("waking the metrics endpoint to stop it: {e}");
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -31,9 +31,8 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use mio::net::TcpListener;
@@ -43,7 +42,7 @@ use super::protocol::Limits;
 use crate::error::{Error, Result};
 pub use crate::net::listen::{check_tcp_socket, take_inherited_socket};
 use crate::net::listen::{listen, listen_error, listen_on_socket, prepare_listener};
-use crate::net::reactor::{Acceptor, LISTENER, WAKER};
+use crate::net::reactor::{Acceptor, LoopThread, LISTENER, WAKER};
 use crate::security::access::AccessPolicy;
 
 pub(crate) mod backend;
@@ -160,9 +159,7 @@ impl Default for ServerOptions {
 pub struct Server {
     local_addr: SocketAddr,
     metrics: Arc<metrics::Metrics>,
-    stop: Arc<AtomicBool>,
-    waker: Arc<Waker>,
-    thread: Option<JoinHandle<()>>,
+    running: LoopThread,
 }
 
 impl Server {
@@ -212,14 +209,15 @@ impl Server {
             poll,
             acceptor,
             metrics: metrics.clone(),
-            stop: stop.clone(),
+            stop,
+            waker: waker.clone(),
             thread_name: format!("dc-tcpstore-{port}"),
             access: options.access,
             quotas: options.quotas,
             one_job: options.one_job,
         };
         let mut limits = options.limits;
-        let thread = match options.backend {
+        let running = match options.backend {
             ServerBackend::Memory => run.spawn(
                 backend::MemoryBackend::new(limits.max_value_len),
                 limits,
@@ -235,9 +233,7 @@ impl Server {
         Ok(Server {
             local_addr,
             metrics,
-            stop,
-            waker,
-            thread: Some(thread),
+            running,
         })
     }
 
@@ -276,13 +272,7 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Err(e) = self.waker.wake() {
-            log::error!("waking the TCPStore server to stop it: {e}");
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.running.stop();
         log::info!("TCPStore server on {} stopped", self.local_addr);
     }
 }
@@ -293,6 +283,7 @@ struct Running {
     acceptor: Acceptor,
     metrics: Arc<metrics::Metrics>,
     stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
     thread_name: String,
     access: AccessPolicy,
     quotas: Quotas,
@@ -306,7 +297,7 @@ impl Running {
         backend: B,
         limits: Limits,
         extensions: bool,
-    ) -> Result<JoinHandle<()>> {
+    ) -> Result<LoopThread> {
         let core = state::ServerCore::new(backend, limits, extensions, Instant::now())
             .with_secret(self.access.secret.clone())
             .with_quotas(self.quotas)
@@ -318,11 +309,14 @@ impl Running {
             late: Poll::new().map_err(io_error)?,
         };
         let mut event_loop =
-            event_loop::EventLoop::new(polls, self.acceptor, core, self.stop, self.access);
-        std::thread::Builder::new()
-            .name(self.thread_name)
-            .spawn(move || event_loop.run())
-            .map_err(|e| Error::internal(format!("spawning the server thread: {e}")))
+            event_loop::EventLoop::new(polls, self.acceptor, core, self.stop.clone(), self.access);
+        LoopThread::spawn(
+            "TCPStore server",
+            self.thread_name,
+            self.stop,
+            self.waker,
+            move || event_loop.run(),
+        )
     }
 }
 
