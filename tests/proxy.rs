@@ -205,3 +205,42 @@ fn a_wrong_secret_stops_the_proxy_at_start() {
     let e = proxy(server.port, "not the secret").err().unwrap();
     assert_eq!(e.status(), Status::PermissionDenied, "{e}");
 }
+
+/// CPU time this process has used.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage writes one rusage.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) }, 0);
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+#[test]
+fn a_client_with_more_waits_pending_than_the_proxy_relays_is_not_spun_on() {
+    let secret = secret_file();
+    let server = secured_server(&secret);
+    let proxy = proxy(server.port, SECRET).unwrap();
+    // 6,000 WAITs on a key nobody sets, more than the 4,096 requests the
+    // proxy relays before their replies: the rest wait in the socket.
+    let mut wait = vec![0x06];
+    wait.extend_from_slice(&1u64.to_le_bytes());
+    wait.extend_from_slice(&6u64.to_le_bytes());
+    wait.extend_from_slice(b"/never");
+    let mut raw = TcpStream::connect(("127.0.0.1", proxy.port())).unwrap();
+    raw.write_all(&wait.repeat(6000)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_time();
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu_time() - before;
+    assert!(
+        spent < Duration::from_millis(300),
+        "the proxy spent {spent:?} of CPU in a second of waiting"
+    );
+    // The waits are pending, not lost: the key's arrival ends them all.
+    let store = client(proxy.port(), Duration::from_secs(10)).unwrap();
+    store.set("never", b"now").unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut stops = vec![0u8; 6000];
+    raw.read_exact(&mut stops).unwrap();
+    assert!(stops.iter().all(|&b| b == 0), "6,000 STOP_WAITINGs");
+}

@@ -413,6 +413,12 @@ impl EventLoop {
     }
 }
 
+/// Whether a pair's local side may be read: its requests have room on
+/// their way upstream, and not too many await their replies.
+fn may_read_local(up: &Side, relay: &Relay) -> bool {
+    up.outbox.queued() < OUTBOX_LIMIT && relay.owed() < MAX_OWED
+}
+
 /// Moves a pair's bytes as far as its sockets and bounds allow, one read
 /// per side. Errors close the pair at once (the local client sent what
 /// cannot be relayed, or a socket failed).
@@ -468,8 +474,7 @@ fn serve_pair(
     }
 
     // Local to upstream: requests, within the bounds.
-    let local_room = up.outbox.queued() < OUTBOX_LIMIT && relay.owed() < MAX_OWED;
-    if p.ending.is_none() && local_room {
+    if p.ending.is_none() && may_read_local(up, relay) {
         match p.local.read(buf).map_err(|e| net("reading", e))? {
             Some(0) => p.ending = Some((Ending::LocalClosed, now + LINGER)),
             Some(n) => {
@@ -489,7 +494,10 @@ fn serve_pair(
         None => {
             upstream_left?;
             local_left.map_err(|e| net("writing", e))?;
-            let again = (p.local.readable && up.outbox.queued() < OUTBOX_LIMIT)
+            // Served again next turn only if it could read then: not
+            // while a bound holds the reading back (a reply, a write to the
+            // socket or an event will).
+            let again = (p.local.readable && may_read_local(up, relay))
                 || (up.readable && p.local.outbox.queued() < OUTBOX_LIMIT);
             Ok(Served::Keep { again })
         }
