@@ -197,12 +197,6 @@ impl Decoder {
         }
     }
 
-    /// Whether the byte string being read is kept: always but in a
-    /// framing decoder, which keeps only an error's message.
-    fn keeps_bytes(&self) -> bool {
-        self.keeps
-    }
-
     /// Whether any byte of the reply has arrived.
     pub(crate) fn started(&self) -> bool {
         self.status.is_some()
@@ -290,10 +284,9 @@ impl Decoder {
     pub(crate) fn feed(&mut self, input: &[u8]) -> Result<usize> {
         let mut used = 0;
         while !self.done {
-            let keeps = self.keeps_bytes();
             if let Some(partial) = &mut self.bytes {
                 let take = partial.missing.min(input.len() - used);
-                if keeps {
+                if self.keeps {
                     partial.value.extend_from_slice(&input[used..used + take]);
                 }
                 partial.missing -= take;
@@ -386,7 +379,7 @@ impl Decoder {
                     ),
                 )
             })?;
-        let value = match self.keeps_bytes() {
+        let value = match self.keeps {
             true => try_value_buffer(len).ok_or_else(|| {
                 Error::new(
                     Status::Protocol,
@@ -406,8 +399,7 @@ impl Decoder {
     /// appended to it, and how many bytes it still misses (at least
     /// [`DIRECT_MIN`]), if any.
     pub(crate) fn direct_target(&mut self) -> Option<(&mut Vec<u8>, usize)> {
-        let keeps = self.keeps_bytes();
-        let partial = self.bytes.as_mut().filter(|_| keeps)?;
+        let partial = self.bytes.as_mut().filter(|_| self.keeps)?;
         let missing = partial.missing;
         (missing >= DIRECT_MIN).then_some((&mut partial.value, missing))
     }

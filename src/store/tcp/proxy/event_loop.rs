@@ -122,9 +122,9 @@ struct Pair {
     serial: u64,
     peer: SocketAddr,
     local: Side,
-    /// None until the connector has made it.
-    upstream: Option<Side>,
-    relay: Option<Relay>,
+    /// The upstream connection and the relay over it: none until the
+    /// connector has made it.
+    upstream: Option<(Side, Relay)>,
     ending: Option<(Ending, Instant)>,
     /// The end of what goes upstream (a local client that closed) was
     /// queued to TLS (close_notify)...
@@ -155,9 +155,6 @@ pub(super) struct EventLoop {
     /// serial tells an entry for a slot reused since from its own).
     lingering: BinaryHeap<Reverse<(Instant, Token, u64)>>,
     buf: Box<[u8]>,
-    /// Scratch for what the relay gives out.
-    to_upstream: Vec<u8>,
-    to_local: Vec<u8>,
     /// Connections refused for the connection limit since it was last logged.
     refused: u64,
 }
@@ -182,8 +179,6 @@ impl EventLoop {
             again: Vec::new(),
             lingering: BinaryHeap::new(),
             buf: vec![0; READ_CHUNK].into_boxed_slice(),
-            to_upstream: Vec::new(),
-            to_local: Vec::new(),
             refused: 0,
         }
     }
@@ -216,7 +211,7 @@ impl EventLoop {
                         let (pair, upstream) = pair_of(token);
                         if let Some(p) = self.pairs.get_mut(pair) {
                             let side = match upstream {
-                                true => p.upstream.as_mut(),
+                                true => p.upstream.as_mut().map(|(side, _)| side),
                                 false => Some(&mut p.local),
                             };
                             if let Some(side) = side {
@@ -300,7 +295,6 @@ impl EventLoop {
                 peer,
                 local,
                 upstream: None,
-                relay: None,
                 ending: None,
                 notified_upstream: false,
                 shut_upstream: false,
@@ -335,8 +329,7 @@ impl EventLoop {
                     self.remove(pair);
                     return None;
                 }
-                p.upstream = Some(side);
-                p.relay = Some(Relay::new(limits));
+                p.upstream = Some((side, Relay::new(limits)));
                 Some(pair)
             }
             Err(e) => {
@@ -356,13 +349,7 @@ impl EventLoop {
             return;
         };
         let was_ending = p.ending.is_some();
-        let served = serve_pair(
-            p,
-            &mut self.buf,
-            &mut self.to_upstream,
-            &mut self.to_local,
-            now,
-        );
+        let served = serve_pair(p, &mut self.buf, now);
         if let (false, Some((_, at))) = (was_ending, p.ending) {
             self.lingering.push(Reverse((at, pair, p.serial)));
         }
@@ -372,7 +359,7 @@ impl EventLoop {
                     .local
                     .keep_interest(!p.local.outbox.is_empty(), &self.poll, local_token(pair))
                     .and_then(|()| match p.upstream.as_mut() {
-                        Some(up) => {
+                        Some((up, _)) => {
                             let pending = !up.outbox.is_empty() || up.wire().wants_write();
                             up.keep_interest(pending, &self.poll, upstream_token(pair))
                         }
@@ -406,7 +393,7 @@ impl EventLoop {
         if let Some(mut p) = self.pairs.remove(pair) {
             self.open -= 1;
             let _ = self.poll.registry().deregister(&mut p.local.socket);
-            if let Some(up) = p.upstream.as_mut() {
+            if let Some((up, _)) = p.upstream.as_mut() {
                 let _ = self.poll.registry().deregister(&mut up.socket);
             }
         }
@@ -422,15 +409,9 @@ fn may_read_local(up: &Side, relay: &Relay) -> bool {
 /// Moves a pair's bytes as far as its sockets and bounds allow, one read
 /// per side. Errors close the pair at once (the local client sent what
 /// cannot be relayed, or a socket failed).
-fn serve_pair(
-    p: &mut Pair,
-    buf: &mut [u8],
-    to_upstream: &mut Vec<u8>,
-    to_local: &mut Vec<u8>,
-    now: Instant,
-) -> crate::Result<Served> {
+fn serve_pair(p: &mut Pair, buf: &mut [u8], now: Instant) -> crate::Result<Served> {
     let net = |what: &str, e: io::Error| crate::Error::network(format!("{what}: {e}"));
-    let (Some(up), Some(relay)) = (p.upstream.as_mut(), p.relay.as_mut()) else {
+    let Some((up, relay)) = p.upstream.as_mut() else {
         // Still connecting: nothing is read until the upstream side is there.
         return Ok(Served::Keep { again: false });
     };
@@ -452,12 +433,11 @@ fn serve_pair(
                 }
             }
             Ok(Some(n)) if p.ending.is_none() => {
-                to_local.clear();
-                if let Err(e) = relay.on_upstream(&buf[..n], to_local) {
+                // The replies before an error still go to the client.
+                if let Err(e) = relay.on_upstream(&buf[..n], &mut p.local.outbox) {
                     log::info!("proxy: the connection from {}: {e}", p.peer);
                     p.ending = Some((Ending::UpstreamGone, now + LINGER));
                 }
-                p.local.outbox.put(to_local);
             }
             Ok(_) => {}
             Err(e) => {
@@ -477,13 +457,7 @@ fn serve_pair(
     if p.ending.is_none() && may_read_local(up, relay) {
         match p.local.read(buf).map_err(|e| net("reading", e))? {
             Some(0) => p.ending = Some((Ending::LocalClosed, now + LINGER)),
-            Some(n) => {
-                to_upstream.clear();
-                to_local.clear();
-                relay.on_local(&buf[..n], to_upstream, to_local)?;
-                up.outbox.put(to_upstream);
-                p.local.outbox.put(to_local);
-            }
+            Some(n) => relay.on_local(&buf[..n], &mut up.outbox, &mut p.local.outbox)?,
             None => {}
         }
     }

@@ -21,6 +21,7 @@ use super::super::client::{Decoder, Shape};
 use super::super::parser::RequestParser;
 use super::super::protocol::{Command, Limits, Request, REPLY_OK, VALIDATE_MAGIC, WAIT_CANCELED};
 use crate::error::{Error, Result, Status};
+use crate::net::outbox::Outbox;
 
 /// A reply the local client is owed, in the order of its requests.
 #[derive(Debug)]
@@ -32,14 +33,24 @@ enum Owed {
     Local([u8; 4]),
 }
 
-/// The reply PyTorch's protocol gives a request with `command` (on a
-/// version 2 connection, after its status byte), and whether that reply
-/// is a CANCEL_WAIT's; `None`: no reply. The one table of it for the
-/// relay; `keys` is the request's key count.
-fn owed_reply(command: Command, keys: usize) -> Result<Option<Owed>> {
+/// What becomes of a request.
+enum Route {
+    /// Answered here (VALIDATE, PING): the upstream connection made its own.
+    Local,
+    /// Relayed upstream; the client is owed this reply (`None`: none).
+    Upstream(Option<Owed>),
+}
+
+/// The route of a request with `command` and, for one relayed, the reply
+/// PyTorch's protocol gives it (on a version 2 connection, after its
+/// status byte); `keys` is the request's key count. distcore's extensions
+/// are refused, known from the command byte before any byte of them goes
+/// upstream. The one table of it for the relay.
+fn route(command: Command, keys: usize) -> Result<Route> {
     use Command::*;
     let shape = match command {
-        Set | MultiSet | QueuePush => return Ok(None),
+        Validate | Ping => return Ok(Route::Local),
+        Set | MultiSet | QueuePush => return Ok(Route::Upstream(None)),
         Append => Shape::Ack,
         Get | CompareSet => Shape::Values(1),
         MultiGet => Shape::Values(keys),
@@ -47,14 +58,13 @@ fn owed_reply(command: Command, keys: usize) -> Result<Option<Owed>> {
         Check => Shape::U8,
         Wait | Barrier => Shape::Stop(0),
         CancelWait => {
-            return Ok(Some(Owed::Upstream {
+            return Ok(Route::Upstream(Some(Owed::Upstream {
                 shape: Shape::U8,
                 cancel: true,
-            }))
+            })))
         }
         QueuePop => Shape::QueuePop,
         ListKeys => Shape::Counted,
-        Validate | Ping => return Err(Error::internal("VALIDATE and PING are answered locally")),
         WaitGet | Auth | Stats | SessionOpen | SessionAttach | SessionKeepAlive | SessionClose
         | SessionReport | SessionLease | DeletePrefix | ListPrefix | SessionList => {
             return Err(Error::new(
@@ -66,16 +76,10 @@ fn owed_reply(command: Command, keys: usize) -> Result<Option<Owed>> {
             ))
         }
     };
-    Ok(Some(Owed::Upstream {
+    Ok(Route::Upstream(Some(Owed::Upstream {
         shape,
         cancel: false,
-    }))
-}
-
-/// Whether a request with this first byte goes upstream (its bytes are
-/// forwarded as they arrive) rather than being answered here.
-fn relayed(command: Command) -> bool {
-    !matches!(command, Command::Validate | Command::Ping)
+    })))
 }
 
 /// One local connection relayed over one upstream connection.
@@ -115,8 +119,8 @@ impl Relay {
     pub(crate) fn on_local(
         &mut self,
         mut input: &[u8],
-        upstream: &mut Vec<u8>,
-        local: &mut Vec<u8>,
+        upstream: &mut Outbox,
+        local: &mut Outbox,
     ) -> Result<()> {
         while let Some(&first) = input.first() {
             if self.requests.is_idle() {
@@ -126,14 +130,14 @@ impl Relay {
                         format!("unknown command byte 0x{first:02x}"),
                     )
                 })?;
-                self.relaying = relayed(command);
+                self.relaying = matches!(route(command, 0)?, Route::Upstream(_));
             }
             let (used, request) = self
                 .requests
                 .parse(input, &self.limits)
                 .map_err(|e| Error::new(Status::Protocol, e.to_string()))?;
             if self.relaying {
-                upstream.extend_from_slice(&input[..used]);
+                upstream.put(&input[..used]);
             }
             input = &input[used..];
             if let Some(request) = request {
@@ -155,17 +159,26 @@ impl Relay {
                 ))
             }
             Request::Ping { nonce } => Some(Owed::Local(nonce.to_le_bytes())),
-            Request::MultiGet { keys } => owed_reply(Command::MultiGet, keys.len())?,
-            other => owed_reply(other.command(), 0)?,
+            other => {
+                let keys = match other {
+                    Request::MultiGet { keys } => keys.len(),
+                    _ => 0,
+                };
+                match route(other.command(), keys)? {
+                    Route::Upstream(owed) => owed,
+                    // VALIDATE and PING, matched above.
+                    Route::Local => None,
+                }
+            }
         };
         self.owed.extend(owed);
         Ok(())
     }
 
     /// Sends the proxy's own answers at the front of what is owed.
-    fn answer_local(&mut self, local: &mut Vec<u8>) {
+    fn answer_local(&mut self, local: &mut Outbox) {
         while let Some(Owed::Local(bytes)) = self.owed.front() {
-            local.extend_from_slice(bytes);
+            local.put(bytes);
             self.owed.pop_front();
         }
     }
@@ -174,7 +187,7 @@ impl Relay {
     /// status bytes, are appended to `local`. An error ends the relay: the
     /// server refused a request or failed a write, or sent what no request
     /// asked for.
-    pub(crate) fn on_upstream(&mut self, mut input: &[u8], local: &mut Vec<u8>) -> Result<()> {
+    pub(crate) fn on_upstream(&mut self, mut input: &[u8], local: &mut Outbox) -> Result<()> {
         while let Some(&first) = input.first() {
             let (decoder, ok) = match &mut self.reply {
                 Some(reply) => reply,
@@ -201,7 +214,7 @@ impl Relay {
             }
             if *ok {
                 let skip = usize::from(!started);
-                local.extend_from_slice(&input[skip.min(used)..used]);
+                local.put(&input[skip.min(used)..used]);
             }
             input = &input[used..];
             let Some(reply) = decoder.take() else {

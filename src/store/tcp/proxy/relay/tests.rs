@@ -2,6 +2,7 @@
 //! version 2 replies back, split at every byte.
 
 use super::*;
+use crate::net::outbox::Outbox;
 use crate::store::tcp::protocol::{Encoder, REPLY_DEFERRED_ERROR, REPLY_ERROR, STOP_WAITING};
 
 fn limits() -> Limits {
@@ -44,12 +45,34 @@ fn value(v: &[u8]) -> Vec<u8> {
     out
 }
 
+/// [`Relay::on_local`], its outputs as plain bytes.
+fn on_local(
+    relay: &mut Relay,
+    input: &[u8],
+    upstream: &mut Vec<u8>,
+    local: &mut Vec<u8>,
+) -> Result<()> {
+    let (mut up, mut answers) = (Outbox::new(), Outbox::new());
+    let relayed = relay.on_local(input, &mut up, &mut answers);
+    upstream.extend(up.drain(usize::MAX));
+    local.extend(answers.drain(usize::MAX));
+    relayed
+}
+
+/// [`Relay::on_upstream`], its output as plain bytes.
+fn on_upstream(relay: &mut Relay, input: &[u8], local: &mut Vec<u8>) -> Result<()> {
+    let mut replies = Outbox::new();
+    let relayed = relay.on_upstream(input, &mut replies);
+    local.extend(replies.drain(usize::MAX));
+    relayed
+}
+
 /// Feeds `input` to the relay from the local side, one byte at a time:
 /// what went upstream and what was answered locally.
 fn local_bytewise(relay: &mut Relay, input: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
     let (mut up, mut local) = (Vec::new(), Vec::new());
     for byte in input.chunks(1) {
-        relay.on_local(byte, &mut up, &mut local)?;
+        on_local(relay, byte, &mut up, &mut local)?;
     }
     Ok((up, local))
 }
@@ -58,7 +81,7 @@ fn local_bytewise(relay: &mut Relay, input: &[u8]) -> Result<(Vec<u8>, Vec<u8>)>
 fn upstream_bytewise(relay: &mut Relay, input: &[u8]) -> Result<Vec<u8>> {
     let mut local = Vec::new();
     for byte in input.chunks(1) {
-        relay.on_upstream(byte, &mut local)?;
+        on_upstream(relay, byte, &mut local)?;
     }
     Ok(local)
 }
@@ -152,7 +175,7 @@ fn a_refused_request_ends_the_relay_after_the_replies_before_it() {
     let mut error = vec![REPLY_ERROR, 1];
     error.extend(value(b"add: the value of key 's' is not an integer"));
     let mut local = Vec::new();
-    let failed = relay.on_upstream(&[ok(&value(b"v")), error].concat(), &mut local);
+    let failed = on_upstream(&mut relay, &[ok(&value(b"v")), error].concat(), &mut local);
     assert_eq!(
         local,
         value(b"v"),
@@ -172,7 +195,7 @@ fn a_write_that_failed_after_it_was_sent_ends_the_relay_never_hidden() {
     local_bytewise(&mut relay, &[set("k", b"v"), get("k")].concat()).unwrap();
     let input = [deferred.clone(), ok(&value(b"old"))].concat();
     let mut local = Vec::new();
-    let e = relay.on_upstream(&input, &mut local).unwrap_err();
+    let e = on_upstream(&mut relay, &input, &mut local).unwrap_err();
     assert_eq!(e.status(), Status::QuotaExceeded);
     assert!(local.is_empty(), "no reply is relayed past a lost write");
     // ...or with nothing asked since.
@@ -222,14 +245,14 @@ fn large_values_pass_through_in_pieces_both_ways() {
     let request = set("big", &big);
     let (mut up, mut local) = (Vec::new(), Vec::new());
     for piece in request.chunks(4093) {
-        relay.on_local(piece, &mut up, &mut local).unwrap();
+        on_local(&mut relay, piece, &mut up, &mut local).unwrap();
     }
     assert_eq!(up, request);
     local_bytewise(&mut relay, &get("big")).unwrap();
     let reply = ok(&value(&big));
     let mut local = Vec::new();
     for piece in reply.chunks(4093) {
-        relay.on_upstream(piece, &mut local).unwrap();
+        on_upstream(&mut relay, piece, &mut local).unwrap();
     }
     assert_eq!(local, value(&big));
 }
@@ -403,14 +426,25 @@ fn random_streams_split_anywhere_relay_exactly_pytorchs_bytes() {
         let mut relay = Relay::new(limits());
         let (mut up, mut local) = (Vec::new(), Vec::new());
         for piece in pieces(&mut rng, &requests) {
-            relay.on_local(piece, &mut up, &mut local).unwrap();
+            on_local(&mut relay, piece, &mut up, &mut local).unwrap();
         }
         assert_eq!(up, relayed, "round {round}: what went upstream");
         for piece in pieces(&mut rng, &replies) {
-            relay.on_upstream(piece, &mut local).unwrap();
+            on_upstream(&mut relay, piece, &mut local).unwrap();
         }
         assert_eq!(local.len(), expected.len(), "round {round}");
         assert!(local == expected, "round {round}: what the client got");
         assert_eq!(relay.owed(), 0, "round {round}");
     }
+}
+
+#[test]
+fn an_extension_is_refused_at_its_command_byte_before_anything_goes_upstream() {
+    let request = Encoder::request(Command::SessionOpen)
+        .bytes(b"a session spec")
+        .finish();
+    let mut relay = Relay::new(limits());
+    let (mut up, mut local) = (Vec::new(), Vec::new());
+    assert!(on_local(&mut relay, &request[..1], &mut up, &mut local).is_err());
+    assert!(up.is_empty() && local.is_empty());
 }
