@@ -6,9 +6,10 @@ dead server, and hostile local clients."""
 import datetime
 import os
 import pathlib
-import signal
+import re
 import socket
 import struct
+import subprocess
 import tempfile
 import threading
 import time
@@ -18,6 +19,7 @@ import warnings
 warnings.filterwarnings("ignore")
 import torch.distributed as dist  # noqa: E402
 
+import distcore  # noqa: E402
 import harness  # noqa: E402
 from test_torch_interop import TorchClientsOnDistcoreServer, torch_client  # noqa: E402
 
@@ -53,6 +55,26 @@ class SecuredServerBehindProxy:
                                                          str(TLS / "ca.pem"), "--tls-server-name", "localhost",
                                                          *proxy_args])
         self.port = self.proxy.port
+
+    def direct(self):
+        """A distcore client of the server itself, with the secret and TLS."""
+        return distcore.TCPStore("127.0.0.1", self.server.port, timeout=T(seconds=10),
+                                 secret=SECRET.rstrip("\n").encode(), tls_ca=TLS / "ca.pem",
+                                 tls_server_name="localhost")
+
+    def until_a_wait_is_pending(self, timeout=30):
+        """Returns once a client's blocking call has reached the server (its
+        waiters, as `distcore inspect` shows them)."""
+        command = [harness.CLI, "inspect", f"127.0.0.1:{self.server.port}", "--secret-file", self.secret,
+                   "--tls-ca", str(TLS / "ca.pem"), "--tls-server-name", "localhost"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            shown = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+            waiters = re.search(r"^\s+waiters\s+(\S+)$", shown, re.M)
+            if waiters and float(waiters.group(1)) >= 1:
+                return
+            time.sleep(0.05)
+        raise AssertionError("no wait reached the server")
 
     def stop(self):
         self.proxy.stop()
@@ -111,7 +133,7 @@ class ProxyFaults(unittest.TestCase):
 
         t = threading.Thread(target=waiter)
         t.start()
-        time.sleep(0.5)
+        self.secured.until_a_wait_is_pending()
         self.secured.server.kill()
         t.join(60)
         self.assertIsInstance(outcome.get("error"), dist.DistNetworkError)
@@ -154,8 +176,11 @@ class ProxyFaults(unittest.TestCase):
                     sent += hog.send(data[sent:])
                 except BlockingIOError:
                     time.sleep(0.01)
-            time.sleep(1)
-            grown = rss_kib(self.secured.proxy.proc.pid) - before
+            # The proxy's size, sampled for 2 s while it relays what the bounds let it.
+            grown = 0
+            for _ in range(40):
+                grown = max(grown, rss_kib(self.secured.proxy.proc.pid) - before)
+                time.sleep(0.05)
             self.assertLess(grown, 32 << 10, f"the proxy grew by {grown} KiB for one client that never reads")
             # Everyone else is served meanwhile.
             start = time.monotonic()
@@ -186,14 +211,8 @@ class TorchrunThroughProxy(unittest.TestCase):
         lines = harness.torchrun_job("c10d", f"127.0.0.1:{self.secured.port}", "proxied", script, self.started,
                                      conf="is_host=false")
         self.assertEqual(lines, [f"worker rank={r} world=4 sum=10" for r in range(4)])
-        stats = harness.python(
-            "import sys, distcore, datetime\n"
-            "s = distcore.TCPStore('127.0.0.1', int(sys.argv[1]), timeout=datetime.timedelta(seconds=10),\n"
-            "                      secret=open(sys.argv[2], 'rb').read().rstrip(b'\\n'), tls_ca=sys.argv[3],\n"
-            "                      tls_server_name='localhost')\n"
-            "print(len(s.list_keys()))\n",
-            self.secured.server.port, self.secured.secret, TLS / "ca.pem")
-        self.assertGreater(int(harness.finish(stats)), 0, "the job's keys are on the secured server")
+        with self.secured.direct() as direct:
+            self.assertTrue(direct.list_keys(), "the job's keys are on the secured server")
 
 
 if __name__ == "__main__":

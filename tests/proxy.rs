@@ -70,6 +70,45 @@ fn proxy(port: u16, secret: &str) -> distcore::Result<Proxy> {
     })
 }
 
+/// A client of the secured server itself, with the secret and TLS.
+fn direct(port: u16) -> TcpStore {
+    TcpStore::new(TcpStoreOptions {
+        host: "127.0.0.1".into(),
+        port,
+        timeout: Duration::from_secs(10),
+        secret: Some(Secret::new(SECRET.as_bytes().to_vec()).unwrap()),
+        tls_client: TlsFiles {
+            ca: Some(pem("ca.pem")),
+            server_name: Some("localhost".into()),
+            ..TlsFiles::default()
+        }
+        .load(false)
+        .unwrap()
+        .1,
+        ..TcpStoreOptions::default()
+    })
+    .unwrap()
+}
+
+/// Waits (up to 30 s) until the server `direct` talks to has a wait
+/// pending: a client's blocking call has reached it.
+fn until_a_wait_is_pending(direct: &TcpStore) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = direct.server_metrics().unwrap();
+        let waiters = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("distcore_waiters "))
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if waiters >= 1.0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no wait reached the server");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn client(port: u16, timeout: Duration) -> distcore::Result<TcpStore> {
     TcpStore::new(TcpStoreOptions {
         host: "127.0.0.1".into(),
@@ -119,23 +158,7 @@ fn a_pytorch_protocol_client_gets_the_secured_store_through_the_proxy() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(store.get("k").unwrap(), b"w");
     // The writes are on the secured server itself.
-    let direct = TcpStore::new(TcpStoreOptions {
-        host: "127.0.0.1".into(),
-        port: server.port,
-        timeout: Duration::from_secs(10),
-        secret: Some(Secret::new(SECRET.as_bytes().to_vec()).unwrap()),
-        tls_client: TlsFiles {
-            ca: Some(pem("ca.pem")),
-            server_name: Some("localhost".into()),
-            ..TlsFiles::default()
-        }
-        .load(false)
-        .unwrap()
-        .1,
-        ..TcpStoreOptions::default()
-    })
-    .unwrap();
-    assert_eq!(direct.add("n", 0).unwrap(), 5);
+    assert_eq!(direct(server.port).add("n", 0).unwrap(), 5);
 }
 
 #[test]
@@ -190,7 +213,7 @@ fn a_dead_server_fails_the_blocked_clients_at_once() {
         let started = Instant::now();
         (store.get("never"), started.elapsed())
     });
-    std::thread::sleep(Duration::from_millis(300));
+    until_a_wait_is_pending(&direct(server.port));
     server.child.kill().unwrap();
     server.child.wait().unwrap();
     let (got, took) = waiting.join().unwrap();
@@ -206,13 +229,31 @@ fn a_wrong_secret_stops_the_proxy_at_start() {
     assert_eq!(e.status(), Status::PermissionDenied, "{e}");
 }
 
-/// CPU time this process has used.
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage writes one rusage.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    assert_eq!(unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) }, 0);
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(usage.ru_utime) + tv(usage.ru_stime)
+/// CPU time the proxy on `port` has used: its event loop thread's, so
+/// that the other tests running in this process meanwhile do not count.
+fn proxy_cpu_time(port: u16) -> Duration {
+    let name = format!("dc-proxy-{port}");
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.join("stat")).unwrap();
+        // After the command's closing parenthesis: fields 3 on; utime and
+        // stime are fields 14 and 15, in clock ticks.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf reads a constant of the system.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        return Duration::from_millis(ticks * 1000 / per_second);
+    }
+    panic!("no thread named {name}");
 }
 
 #[test]
@@ -228,10 +269,12 @@ fn a_client_with_more_waits_pending_than_the_proxy_relays_is_not_spun_on() {
     wait.extend_from_slice(b"/never");
     let mut raw = TcpStream::connect(("127.0.0.1", proxy.port())).unwrap();
     raw.write_all(&wait.repeat(6000)).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let before = cpu_time();
+    until_a_wait_is_pending(&direct(server.port));
+    // Relaying 4,096 of them takes milliseconds: a spin would fill most of
+    // the second that follows.
+    let before = proxy_cpu_time(proxy.port());
     std::thread::sleep(Duration::from_secs(1));
-    let spent = cpu_time() - before;
+    let spent = proxy_cpu_time(proxy.port()) - before;
     assert!(
         spent < Duration::from_millis(300),
         "the proxy spent {spent:?} of CPU in a second of waiting"
